@@ -1,0 +1,56 @@
+"""Single-process emulator of the patch-parallel runtime: N strips as N threads of one process,
+connected by in-process mailboxes instead of a process group.
+
+Every rank runs the real `Runtime` - the same patch layers, the same exchange engine, the same
+stale buffers - over a `ThreadTransport`. Asynchronous modes are deterministic (step t always
+uses what was sent during step t-1), so a distributed run must equal this emulator to float
+tolerance; that is what makes the approximate modes testable without GPUs.
+"""
+from __future__ import annotations
+
+import copy
+import threading
+
+import torch.nn as nn
+
+from parafuse.parallel.distributed import ParallelLayout
+from parafuse.parallel.transport import ThreadHub, ThreadTransport
+
+
+def emulate(model: nn.Module, world_size: int, parallel, requests, device: str = "cpu",
+            on_rank=None):
+    """Run `requests` (one Request or a list) on `world_size` emulated ranks.
+
+    Returns (runtimes, results): per rank, its Runtime and its list of Results (in request order).
+    `on_rank(runtime)` is called in each rank's thread after set-up (tests use it to add hooks)."""
+    from parafuse.runtime import Runtime
+
+    requests = requests if isinstance(requests, (list, tuple)) else [requests]
+    hub = ThreadHub(world_size)
+    cfg_degree = 2 if parallel.cfg_parallel else 1
+    runtimes: list = [None] * world_size
+    results: list = [None] * world_size
+    errors: list = []
+
+    def run(rank: int):
+        try:
+            rt = Runtime(copy.deepcopy(model), parallel, device, layout=ParallelLayout(rank, world_size, cfg_degree),
+                         transport=ThreadTransport(rank, hub))
+            runtimes[rank] = rt
+            if on_rank is not None:
+                on_rank(rt)
+            results[rank] = [rt.generate(r) for r in requests]
+            rt.close()
+        except BaseException as e:     # noqa: BLE001 - reported below, after every thread stopped
+            hub.failed = hub.failed or f"rank {rank} failed: {type(e).__name__}: {e}"
+            errors.append((rank, e))
+
+    threads = [threading.Thread(target=run, args=(r,), name=f"emulated-rank-{r}") for r in range(world_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        rank, err = min(errors, key=lambda e: isinstance(e[1], RuntimeError) and "stopped" in str(e[1]))
+        raise RuntimeError(f"emulated rank {rank} failed: {type(err).__name__}: {err}") from err
+    return runtimes, results

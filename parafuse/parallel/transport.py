@@ -1,0 +1,118 @@
+"""Moving tensors between ranks, and counting every byte that moves.
+
+One primitive, `start(sends, recvs, kind, tag)`: post point-to-point sends and receives as one
+batch and return a handle whose `wait()` completes them. All byte accounting happens here, per
+layer kind and per peer, so `sent(i->j) == received(j<-i)` can be checked.
+
+`TorchTransport` posts through torch.distributed (NCCL on GPUs, gloo on CPU). `ThreadTransport`
+connects N threads of one process through queues: the single-process emulator runs the same
+exchange logic over it, so distributed runs can be checked against it.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from collections import defaultdict
+
+import torch
+
+KINDS = ("latent_halo", "conv_halo", "attn_kv", "norm_stats", "cfg", "gather", "reduce")
+
+
+class Pending:
+    """Handle of posted operations; `wait()` is idempotent."""
+
+    def __init__(self, waits=()):
+        self._waits = list(waits)
+
+    def wait(self) -> None:
+        waits, self._waits = self._waits, []
+        for w in waits:
+            w()
+
+
+class Transport:
+    def __init__(self, rank: int, world_size: int):
+        self.rank = rank
+        self.world_size = world_size
+        self.bytes_sent: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+        self.bytes_received: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+
+    def start(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]],
+              kind: str, tag: int = 0) -> Pending:
+        """Post `sends` (tensor, peer) and `recvs` (buffer to fill, peer); peers are global ranks."""
+        assert kind in KINDS, kind
+        for t, peer in sends:
+            self.bytes_sent[kind][peer] += t.numel() * t.element_size()
+        for t, peer in recvs:
+            self.bytes_received[kind][peer] += t.numel() * t.element_size()
+        if not sends and not recvs:
+            return Pending()
+        return self._post(sends, recvs, tag)
+
+    def _post(self, sends, recvs, tag) -> Pending:
+        raise NotImplementedError
+
+    def reset_counts(self) -> None:
+        self.bytes_sent.clear()
+        self.bytes_received.clear()
+
+    def totals(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Bytes sent and received per kind, summed over peers."""
+        return ({k: sum(v.values()) for k, v in self.bytes_sent.items()},
+                {k: sum(v.values()) for k, v in self.bytes_received.items()})
+
+
+class TorchTransport(Transport):
+    def _post(self, sends, recvs, tag) -> Pending:
+        import torch.distributed as dist
+
+        ops = [dist.P2POp(dist.isend, t, peer, tag=tag) for t, peer in sends]
+        ops += [dist.P2POp(dist.irecv, t, peer, tag=tag) for t, peer in recvs]
+        works = dist.batch_isend_irecv(ops)
+        return Pending([w.wait for w in works])
+
+
+class ThreadHub:
+    """Mailboxes between the N threads of the emulator, one FIFO per (source, destination, tag)."""
+
+    def __init__(self, world_size: int, timeout: float = 300.0):
+        self.world_size = world_size
+        self.timeout = timeout
+        self.failed: str | None = None
+        self._boxes: dict[tuple[int, int, int], queue.Queue] = defaultdict(queue.Queue)
+        self._lock = threading.Lock()
+
+    def box(self, src: int, dst: int, tag: int) -> queue.Queue:
+        with self._lock:
+            return self._boxes[(src, dst, tag)]
+
+
+class ThreadTransport(Transport):
+    def __init__(self, rank: int, hub: ThreadHub):
+        super().__init__(rank, hub.world_size)
+        self.hub = hub
+
+    def _post(self, sends, recvs, tag) -> Pending:
+        for t, peer in sends:
+            # a copy: the sender may overwrite its buffer before the receiver reads it, as with a real send
+            self.hub.box(self.rank, peer, tag).put(t.detach().clone())
+        return Pending([self._receiver(buf, peer, tag) for buf, peer in recvs])
+
+    def _receiver(self, buf: torch.Tensor, peer: int, tag: int):
+        box = self.hub.box(peer, self.rank, tag)
+
+        def wait():
+            waited = 0.0
+            while True:
+                if self.hub.failed:
+                    raise RuntimeError(f"emulated rank {self.rank} stopped: {self.hub.failed}")
+                try:
+                    buf.copy_(box.get(timeout=0.5))
+                    return
+                except queue.Empty:
+                    waited += 0.5
+                    if waited > self.hub.timeout:
+                        raise RuntimeError(f"emulated rank {self.rank} waited {waited:.0f} s for rank {peer} "
+                                           f"(tag {tag}): a rank is stuck or exchanges are mismatched") from None
+        return wait

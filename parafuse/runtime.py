@@ -1,0 +1,254 @@
+"""The runtime session: one parallelized model, many images.
+
+`Runtime` loads (or takes) a denoiser, joins torchrun's process group when launched by torchrun,
+swaps patch layers into the model once, and then generates any number of images - at different
+sizes, seeds and batch sizes - without rebuilding anything. Each rank denoises only its strip of
+the latent; the image is gathered once, at the end, on rank 0.
+"""
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from parafuse.models import ModelSpec, load_model
+from parafuse.parallel.distributed import ParallelLayout, init_distributed, launched_by_torchrun, pick_device
+from parafuse.parallel.engine import MODES, ExchangeEngine
+from parafuse.parallel.geometry import StripGeometry
+from parafuse.parallel.parallelize import parallelize
+from parafuse.parallel.reduce import StripReduce
+from parafuse.parallel.transport import KINDS, TorchTransport, Transport
+from parafuse.profile import ModelProfile
+from parafuse.sampling import denoise, guided
+from parafuse.solvers import SOLVERS, LocalReduce, cfg, make_schedule, make_solver
+
+
+class RequestError(ValueError):
+    """A generation request that cannot run; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    mode: str = "sync"
+    warmup_steps: int = 4
+    halo_portion: float = 0.3
+    norm_mode: str | None = None      # GroupNorm across strips; None: exact for sync, corrected otherwise
+    cfg_parallel: bool = False
+
+
+@dataclass(frozen=True)
+class Request:
+    height: int                       # image pixels
+    width: int
+    steps: int = 20
+    solver: str = "dpmpp-2m"
+    guidance: float = 1.0
+    seed: int = 0
+    label: int | None = None          # class label for class-conditional models
+    batch: int = 1
+    context: torch.Tensor | None = None   # [1, L, context_dim] text embedding for cross-attention models
+
+
+@dataclass
+class Result:
+    image: torch.Tensor | None        # [B, 3, H, W] in [-1, 1] on CPU, rank 0 only
+    latent: torch.Tensor | None       # [B, C, h, w] on CPU, rank 0 only
+    rank_stats: dict                  # this rank's rows, bytes and memory
+    timing: dict = field(default_factory=dict)
+
+
+def initial_noise(seed: int, shape: tuple[int, ...], rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """Noise for the whole latent from `seed`, then the strip's rows: the same numbers for any N."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(shape, generator=g)
+    return noise if rows is None else noise[:, :, rows[0]:rows[1]].contiguous()
+
+
+class Runtime:
+    def __init__(self, model: str | nn.Module = "default", parallel: ParallelConfig = ParallelConfig(),
+                 device: str | None = None, weights: str | None = None, layout: ParallelLayout | None = None,
+                 transport: Transport | None = None):
+        if parallel.mode not in MODES:
+            raise RequestError(f"unknown mode {parallel.mode!r}; valid modes: {', '.join(MODES)}")
+        self.parallel = parallel
+        self.device = pick_device(device)
+        if layout is None:
+            if launched_by_torchrun():
+                rank, world = init_distributed(self.device)
+            else:
+                rank, world = 0, 1
+            layout = ParallelLayout(rank, world, 2 if parallel.cfg_parallel else 1)
+        self.layout = layout
+        if isinstance(model, str):
+            model = load_model(model, weights)
+        self.spec: ModelSpec = model.spec
+        if parallel.cfg_parallel and not self.conditional:
+            raise RequestError(f"--cfg-parallel needs a conditional model; {self.spec.name!r} is unconditional")
+        self.model = model.to(self.device)
+        self.profile = ModelProfile.trace(self.model, self.spec.latent_channels, self.spec.downsample_factor,
+                                          self._example_cond())
+        self.transport = transport
+        if self.transport is None and layout.world_size > 1:
+            self.transport = TorchTransport(layout.rank, layout.world_size)
+        self.engine = None
+        if layout.patch_degree > 1:
+            self.engine = ExchangeEngine(self.transport, layout.patch_ranks, parallel.mode, parallel.halo_portion,
+                                         parallel.warmup_steps, parallel.norm_mode)
+            self.swapped = parallelize(self.model, self.engine)
+
+    @property
+    def conditional(self) -> bool:
+        return bool(self.spec.num_classes or self.spec.context_dim)
+
+    def _example_cond(self) -> dict:
+        if self.spec.context_dim:
+            return {"context": torch.zeros(1, 4, self.spec.context_dim, device=self.device)}
+        return {}
+
+    # ---- validation: everything a user can get wrong, before any model work ----------------
+    def check(self, req: Request) -> StripGeometry:
+        spec = self.spec
+        f = spec.pixel_factor
+        if req.height <= 0 or req.width <= 0 or req.height % f or req.width % f:
+            raise RequestError(f"height and width must be positive multiples of {f} for model {spec.name!r} "
+                               f"(got {req.height}x{req.width}); try {max(f, round(req.height / f) * f)}x"
+                               f"{max(f, round(req.width / f) * f)}")
+        if req.steps < 1:
+            raise RequestError(f"steps must be at least 1, got {req.steps}")
+        if req.solver not in SOLVERS:
+            raise RequestError(f"unknown solver {req.solver!r}; valid solvers: {', '.join(SOLVERS)}")
+        if req.batch < 1:
+            raise RequestError(f"batch must be at least 1, got {req.batch}")
+        if req.guidance < 1.0:
+            raise RequestError(f"guidance must be >= 1 (1 disables classifier-free guidance), got {req.guidance}")
+        if req.guidance != 1.0 and not self.conditional:
+            raise RequestError(f"model {spec.name!r} is unconditional: guidance {req.guidance} has nothing to "
+                               f"guide by; use a class- or text-conditional model or guidance 1")
+        if self.parallel.cfg_parallel and req.guidance == 1.0:
+            raise RequestError("--cfg-parallel splits the two guidance branches across ranks; it needs guidance > 1")
+        if req.label is not None and not 0 <= req.label < spec.num_classes:
+            raise RequestError(f"model {spec.name!r} has {spec.num_classes} classes; label {req.label} is out of range"
+                               if spec.num_classes else f"model {spec.name!r} takes no class label")
+        if spec.context_dim and req.context is not None and req.context.shape[-1] != spec.context_dim:
+            raise RequestError(f"context must be [1, L, {spec.context_dim}] for model {spec.name!r}, "
+                               f"got {tuple(req.context.shape)}")
+        geometry = StripGeometry(req.height // spec.codec_factor, req.width // spec.codec_factor,
+                                 self.layout.patch_degree, spec.downsample_factor)
+        self.profile.check_strips(geometry)
+        return geometry
+
+    def make_solver(self, req: Request):
+        sched = dict(self.spec.schedule)
+        kind = sched.pop("kind")
+        return make_solver(req.solver, make_schedule(kind, **sched), num_steps=req.steps)
+
+    def _branches(self, req: Request) -> tuple[dict, dict | None]:
+        """Model keyword arguments of the conditional and unconditional branch, batched."""
+        b, dev, spec = req.batch, self.device, self.spec
+        if spec.num_classes:
+            label = 0 if req.label is None else req.label
+            return ({"class_labels": torch.full((b,), label, dtype=torch.long, device=dev)},
+                    {"class_labels": torch.full((b,), spec.num_classes, dtype=torch.long, device=dev)})
+        if spec.context_dim:
+            ctx = req.context if req.context is not None else torch.zeros(1, 1, spec.context_dim)
+            ctx = ctx.to(dev).expand(b, -1, -1)
+            return {"context": ctx}, {"context": torch.zeros_like(ctx)}
+        return {}, None
+
+    def _model_fn(self, req: Request):
+        cond, uncond = self._branches(req)
+        if not self.parallel.cfg_parallel:
+            return guided(self.model, req.guidance, cond, uncond)
+        mine = cond if self.layout.branch == 0 else uncond
+        peer = self.layout.cfg_peer
+
+        def fn(x, t):
+            out = self.model(x, t, **mine)
+            other = torch.empty_like(out)
+            self.transport.start([(out, peer)], [(other, peer)], "cfg", tag=5).wait()
+            c, u = (out, other) if self.layout.branch == 0 else (other, out)
+            return cfg(c, u, req.guidance)
+        return fn
+
+    # ---- generation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, req: Request, progress: bool = False) -> Result:
+        geometry = self.check(req)
+        solver = self.make_solver(req)
+        spec, lay = self.spec, self.layout
+        rows = geometry.row_range(lay.patch_index)
+        shape = (req.batch, spec.latent_channels, geometry.height, geometry.width)
+        x = solver.init_noise_sigma * initial_noise(req.seed, shape, rows).to(self.device)
+        if self.transport is not None:
+            self.transport.reset_counts()
+        if self.engine is not None:
+            self.engine.configure(geometry)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        reduce = StripReduce(self.engine) if self.engine is not None else LocalReduce()
+
+        bar = None
+        if progress and lay.rank == 0:
+            from tqdm import tqdm
+            bar = tqdm(total=solver.num_evals, desc=f"denoising {req.height}x{req.width}", unit="step")
+        step_seconds, clock = [], [0.0]
+
+        def before(k):
+            if self.engine is not None:
+                self.engine.begin_step(k)
+            clock[0] = time.perf_counter()
+
+        def after(k):
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            step_seconds.append(time.perf_counter() - clock[0])
+            if bar is not None:
+                bar.update(1)
+
+        start = time.perf_counter()
+        x = denoise(self._model_fn(req), x, solver, reduce, before, after)
+        if self.engine is not None:
+            self.engine.drain()
+            if lay.branch == 0:     # both CFG branches hold the same strips; one gather suffices
+                x = self.engine.gather_rows(x, 2, geometry.rows, dst=0)
+        total = time.perf_counter() - start
+        if bar is not None:
+            bar.close()
+
+        image = latent = None
+        if lay.rank == 0:
+            latent = x.float().cpu()
+            image = spec.codec().decode(latent).clamp(-1, 1)
+        # both guidance branches count, whether batched on one rank or split across a CFG pair
+        flops = self.profile.flops(geometry.height, geometry.width, req.batch) * (2 if req.guidance != 1.0 else 1)
+        timing = {"total_seconds": total, "step_seconds": step_seconds,
+                  "flops": {"total": flops * solver.num_evals, "full_schedule": flops * req.steps}}
+        return Result(image, latent, self._rank_stats(geometry), timing)
+
+    def _rank_stats(self, geometry: StripGeometry) -> dict:
+        sent, received = self.transport.totals() if self.transport is not None else ({}, {})
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:   # CPU: the process's peak resident memory (shared by all ranks of an emulator)
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return {"rank": self.layout.rank, "rows": geometry.rows[self.layout.patch_index],
+                "bytes_sent": {k: sent.get(k, 0) for k in KINDS}, "bytes_received": {k: received.get(k, 0) for k in KINDS},
+                "bytes_sent_per_peer": {k: dict(v) for k, v in self.transport.bytes_sent.items()} if self.transport else {},
+                "bytes_received_per_peer": {k: dict(v) for k, v in self.transport.bytes_received.items()} if self.transport else {},
+                "peak_memory_bytes": peak}
+
+    def gather_rank_stats(self, result: Result) -> list[dict] | None:
+        """Every rank's stats on rank 0 (torch.distributed runs); None elsewhere."""
+        if self.layout.world_size == 1:
+            return [result.rank_stats]
+        import torch.distributed as dist
+        out = [None] * self.layout.world_size if self.layout.rank == 0 else None
+        dist.gather_object(result.rank_stats, out, dst=0)
+        return out
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.drain()
