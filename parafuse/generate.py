@@ -135,20 +135,16 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
+    from parafuse.parallel.distributed import run_guarded
+
     args = parse_args(argv)
     try:
-        code = run(args)
+        code = run_guarded(run, args, user_errors=(ValueError,))
     except ValueError as e:
-        rank = int(os.environ.get("RANK", 0))
-        if rank == 0:
+        # the same message on every rank: only rank 0 prints it
+        if int(os.environ.get("RANK", 0)) == 0:
             print(f"parafuse.generate: error: {e}", file=sys.stderr)
         code = 2
-    except Exception as e:
-        # A failing rank says which and why, then leaves at once: torchrun stops the others
-        # instead of letting them wait forever in the next exchange.
-        print(f"parafuse.generate: rank {os.environ.get('RANK', 0)} failed: {type(e).__name__}: {e}",
-              file=sys.stderr, flush=True)
-        os._exit(1)
     _shutdown()
     return code
 

@@ -75,3 +75,22 @@ def init_distributed(device: torch.device, timeout_s: float = 600.0) -> tuple[in
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     return dist.get_rank(), dist.get_world_size()
+
+
+def run_guarded(fn, *args, user_errors: tuple = (), **kwargs):
+    """Run `fn`; if it raises on this rank, say which rank failed and why, and leave at once.
+    Exceptions of the types in `user_errors` (bad input, raised alike on every rank) pass through.
+
+    A rank that dies quietly leaves its neighbours waiting forever in their next exchange; exiting
+    with status 1 lets torchrun stop every other rank, so the whole job fails instead of hanging."""
+    import sys
+    import traceback
+
+    try:
+        return fn(*args, **kwargs)
+    except user_errors:
+        raise
+    except Exception as e:
+        traceback.print_exc()
+        print(f"parafuse: rank {os.environ.get('RANK', 0)} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        os._exit(1)

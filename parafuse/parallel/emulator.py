@@ -42,7 +42,7 @@ def emulate(model: nn.Module, world_size: int, parallel, requests, device: str =
             results[rank] = [rt.generate(r) for r in requests]
             rt.close()
         except BaseException as e:     # noqa: BLE001 - reported below, after every thread stopped
-            hub.failed = hub.failed or f"rank {rank} failed: {type(e).__name__}: {e}"
+            hub.fail(f"rank {rank} failed: {type(e).__name__}: {e}")
             errors.append((rank, e))
 
     threads = [threading.Thread(target=run, args=(r,), name=f"emulated-rank-{r}") for r in range(world_size)]

@@ -10,7 +10,6 @@ exchange logic over it, so distributed runs can be checked against it.
 """
 from __future__ import annotations
 
-import queue
 import threading
 from collections import defaultdict
 
@@ -74,18 +73,51 @@ class TorchTransport(Transport):
 
 
 class ThreadHub:
-    """Mailboxes between the N threads of the emulator, one FIFO per (source, destination, tag)."""
+    """Mailboxes between the N threads of the emulator.
+
+    Messages between a (source, destination, tag) are matched in the order the operations were
+    *posted*, like a real process group: a receive posted early (for next step) gets the message
+    sent first, even if a receive posted later is waited on first."""
 
     def __init__(self, world_size: int, timeout: float = 300.0):
         self.world_size = world_size
         self.timeout = timeout
         self.failed: str | None = None
-        self._boxes: dict[tuple[int, int, int], queue.Queue] = defaultdict(queue.Queue)
-        self._lock = threading.Lock()
+        self._messages: dict[tuple[int, int, int, int], torch.Tensor] = {}
+        self._sent: dict[tuple[int, int, int], int] = defaultdict(int)
+        self._posted: dict[tuple[int, int, int], int] = defaultdict(int)
+        self._cond = threading.Condition()
 
-    def box(self, src: int, dst: int, tag: int) -> queue.Queue:
-        with self._lock:
-            return self._boxes[(src, dst, tag)]
+    def put(self, src: int, dst: int, tag: int, t: torch.Tensor) -> None:
+        with self._cond:
+            seq = self._sent[(src, dst, tag)]
+            self._sent[(src, dst, tag)] += 1
+            self._messages[(src, dst, tag, seq)] = t
+            self._cond.notify_all()
+
+    def post_recv(self, src: int, dst: int, tag: int) -> int:
+        with self._cond:
+            seq = self._posted[(src, dst, tag)]
+            self._posted[(src, dst, tag)] += 1
+            return seq
+
+    def take(self, src: int, dst: int, tag: int, seq: int) -> torch.Tensor:
+        key, waited = (src, dst, tag, seq), 0.0
+        with self._cond:
+            while key not in self._messages:
+                if self.failed:
+                    raise RuntimeError(f"emulated rank {dst} stopped: {self.failed}")
+                if waited > self.timeout:
+                    raise RuntimeError(f"emulated rank {dst} waited {waited:.0f} s for rank {src} (tag {tag}): "
+                                       f"a rank is stuck or exchanges are mismatched")
+                self._cond.wait(timeout=0.5)
+                waited += 0.5
+            return self._messages.pop(key)
+
+    def fail(self, message: str) -> None:
+        with self._cond:
+            self.failed = self.failed or message
+            self._cond.notify_all()
 
 
 class ThreadTransport(Transport):
@@ -96,23 +128,9 @@ class ThreadTransport(Transport):
     def _post(self, sends, recvs, tag) -> Pending:
         for t, peer in sends:
             # a copy: the sender may overwrite its buffer before the receiver reads it, as with a real send
-            self.hub.box(self.rank, peer, tag).put(t.detach().clone())
-        return Pending([self._receiver(buf, peer, tag) for buf, peer in recvs])
-
-    def _receiver(self, buf: torch.Tensor, peer: int, tag: int):
-        box = self.hub.box(peer, self.rank, tag)
-
-        def wait():
-            waited = 0.0
-            while True:
-                if self.hub.failed:
-                    raise RuntimeError(f"emulated rank {self.rank} stopped: {self.hub.failed}")
-                try:
-                    buf.copy_(box.get(timeout=0.5))
-                    return
-                except queue.Empty:
-                    waited += 0.5
-                    if waited > self.hub.timeout:
-                        raise RuntimeError(f"emulated rank {self.rank} waited {waited:.0f} s for rank {peer} "
-                                           f"(tag {tag}): a rank is stuck or exchanges are mismatched") from None
-        return wait
+            self.hub.put(self.rank, peer, tag, t.detach().clone())
+        waits = []
+        for buf, peer in recvs:
+            seq = self.hub.post_recv(peer, self.rank, tag)
+            waits.append(lambda buf=buf, peer=peer, seq=seq: buf.copy_(self.hub.take(peer, self.rank, tag, seq)))
+        return Pending(waits)

@@ -1,0 +1,93 @@
+"""`python -m parafuse.generate` end to end, and every bad input: exit status 2, one clear line
+on stderr (no traceback), nothing written."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from parafuse.generate import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPORT_KEYS = {"model", "height", "width", "steps", "solver", "guidance", "seed", "device", "torch", "world_size",
+               "mode", "warmup_steps", "halo_portion", "cfg_parallel", "attention_backend", "stages",
+               "total_seconds", "step_seconds", "flops", "ranks", "bytes_sent_per_step", "compare"}
+
+
+def test_generate_end_to_end(tmp_path):
+    out, rep = tmp_path / "a.png", tmp_path / "a.json"
+    proc = subprocess.run([sys.executable, "-m", "parafuse.generate", "--model", "unet-small", "--height", "64",
+                           "--width", "96", "--steps", "4", "--out", str(out), "--report", str(rep)],
+                          capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 0, proc.stderr
+    from PIL import Image
+    img = Image.open(out)
+    assert img.size == (96, 64) and img.mode == "RGB"
+    report = json.loads(rep.read_text())
+    assert REPORT_KEYS <= set(report)
+    assert report["world_size"] == 1 and len(report["step_seconds"]) == 4
+    assert report["flops"]["total"] == report["flops"]["full_schedule"] > 0
+    assert report["stages"] == [{"height": 16, "width": 24, "steps": 4, "shift": report["stages"][0]["shift"],
+                                 "strength": 1.0}]
+    assert report["ranks"][0]["rows"] == 16
+
+
+def bad(tmp_path, capsys, *args, match):
+    out = tmp_path / "x.png"
+    before = set(os.listdir(tmp_path))
+    code = main(["--model", "dit-small", "--height", "32", "--width", "32", "--steps", "2", "--no-progress",
+                 "--out", str(out), *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert match in err, err
+    assert set(os.listdir(tmp_path)) == before        # nothing written, not even a temporary file
+
+
+def test_height_not_a_multiple(tmp_path, capsys):
+    bad(tmp_path, capsys, "--height", "33", match="multiples of 8")
+
+
+def test_unknown_model_lists_valid(tmp_path, capsys):
+    bad(tmp_path, capsys, "--model", "sdxl", match="valid models: default, unet-small")
+
+
+def test_unknown_solver_lists_valid(tmp_path, capsys):
+    bad(tmp_path, capsys, "--solver", "heun9", match="valid solvers: ")
+
+
+def test_missing_weights(tmp_path, capsys):
+    bad(tmp_path, capsys, "--weights", str(tmp_path / "nope.safetensors"), match="does not exist")
+
+
+def test_corrupt_weights(tmp_path, capsys):
+    w = tmp_path / "w.safetensors"
+    w.write_bytes(b"\x00garbage")
+    bad(tmp_path, capsys, "--weights", str(w), match="not a readable safetensors file")
+
+
+def test_steps_below_one(tmp_path, capsys):
+    bad(tmp_path, capsys, "--steps", "0", match="--steps must be at least 1")
+
+
+def test_unwritable_output(tmp_path, capsys):
+    bad(tmp_path, capsys, "--out", str(tmp_path / "no" / "such" / "dir.png"), match="does not exist")
+
+
+def test_existing_output_kept_without_overwrite(tmp_path, capsys):
+    out = tmp_path / "x.png"
+    out.write_bytes(b"keep me")
+    bad(tmp_path, capsys, match="pass --overwrite")
+    assert out.read_bytes() == b"keep me"
+
+
+def test_guidance_on_unconditional_model(tmp_path, capsys):
+    bad(tmp_path, capsys, "--model", "unet-small-text", "--height", "64", "--width", "64", "--guidance", "0.5",
+        match="guidance must be >= 1")
+
+
+def test_too_many_strips_is_rejected_before_compute(tmp_path, capsys):
+    from parafuse.parallel.geometry import GeometryError, StripGeometry
+    with pytest.raises(GeometryError, match="fewer than the 5 strips"):
+        StripGeometry(16, 16, 5, 4)

@@ -1,0 +1,272 @@
+"""Patch parallelism under torchrun (gloo, CPU) against the serial model and the single-process
+emulator. One torchrun launch per N runs the whole case matrix (tests/parallel_cases.py)."""
+import copy
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from parallel_cases import HEIGHT, LINEAR_HEIGHT, STEPS, WARMUP, WIDTH, cases  # noqa: E402
+
+from parafuse.models import load_model  # noqa: E402
+from parafuse.models.layers import Attention  # noqa: E402
+from parafuse.parallel.emulator import emulate  # noqa: E402
+from parafuse.parallel.engine import ExchangeEngine  # noqa: E402
+from parafuse.parallel.geometry import StripGeometry  # noqa: E402
+from parafuse.runtime import ParallelConfig, Request, Runtime  # noqa: E402
+
+WORLD_SIZES = (2, 3, 4)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def torchrun(n: int, script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
+           "--master_port", str(29500 + n + 10 * (os.getpid() % 500)), script, *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda n: f"N{n}")
+def dist_run(request, tmp_path_factory):
+    n = request.param
+    out = tmp_path_factory.mktemp(f"dist{n}")
+    proc = torchrun(n, os.path.join(ROOT, "tests", "dist_worker.py"), str(out))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = {name: [torch.load(out / f"{name}.rank{r}.pt", weights_only=False) for r in range(n)]
+               for name in cases(n)}
+    return n, results
+
+
+_cache = {}
+
+
+def serial(model: str, req: Request) -> torch.Tensor:
+    key = (model, req)
+    if key not in _cache:
+        _cache[key] = Runtime(load_model(model), ParallelConfig()).generate(req).latent
+    return _cache[key]
+
+
+def emulated(n: int, name: str):
+    key = ("emu", n, name)
+    if key not in _cache:
+        model, cfg, req = cases(n)[name]
+        _, results = emulate(load_model(model), n, cfg, req)
+        _cache[key] = [r[0] for r in results]
+    return _cache[key]
+
+
+def latent(results) -> torch.Tensor:
+    return results[0]["image"]
+
+
+def test_sync_equals_serial_and_activations_are_strips(dist_run):
+    n, results = dist_run
+    for model in ("unet-small", "dit-small"):
+        _, cfg, req = cases(n)[f"{model}-sync"]
+        ref = Runtime(load_model(model), ParallelConfig()).generate(req)
+        got = results[f"{model}-sync"]
+        assert (got[0]["image"] - ref.image).abs().max() <= 2e-4
+        # every conv on rank r saw only its strip's rows at that conv's level, never the whole image
+        spec = load_model(model).spec
+        geo = StripGeometry(HEIGHT // spec.codec_factor, WIDTH // spec.codec_factor, n, spec.downsample_factor)
+        plain = load_model(model)
+        widths = {}
+        for name, mod in plain.named_modules():
+            if isinstance(mod, torch.nn.Conv2d):
+                mod.register_forward_hook(lambda m, a, o, name=name: widths.setdefault(name, a[0].shape[-1]) and None)
+        plain(torch.randn(1, spec.latent_channels, geo.height, geo.width), 1.0)
+        for r in range(n):
+            for conv, rows in got[r]["conv_rows"].items():
+                level = geo.level_of_width(widths[conv])
+                assert rows == level.rows[r], (model, r, conv, rows, level.rows)
+
+
+def test_cfg_parallel_sync_equals_serial_guidance(dist_run):
+    n, results = dist_run
+    if n % 2:
+        pytest.skip("CFG parallel needs an even number of ranks")
+    model, _, req = cases(n)["cfgpar-sync"]
+    ref = Runtime(load_model(model), ParallelConfig()).generate(req)
+    assert (results["cfgpar-sync"][0]["image"] - ref.image).abs().max() <= 2e-4
+
+
+@pytest.mark.parametrize("case", ["full", "partial", "guided-full"])
+@pytest.mark.parametrize("model", ["unet-small", "dit-small"])
+def test_async_modes_equal_emulator_and_differ_from_serial(dist_run, model, case):
+    n, results = dist_run
+    name = f"{model}-{case}"
+    got = results[name]
+    emu = emulated(n, name)
+    assert (got[0]["image"] - emu[0].image).abs().max() <= 1e-5
+    for r in range(n):
+        assert got[r]["rank_stats"]["bytes_sent_per_peer"] == emu[r].rank_stats["bytes_sent_per_peer"]
+    _, cfg, req = cases(n)[name]
+    ref = Runtime(load_model(model), ParallelConfig()).generate(req).image
+    assert (got[0]["image"] - ref).abs().max() > 1e-3, "a stale mode that equals the serial run exchanged too much"
+
+
+def test_cfg_parallel_async_equals_emulator(dist_run):
+    n, results = dist_run
+    if n % 2:
+        pytest.skip("CFG parallel needs an even number of ranks")
+    emu = emulated(n, "cfgpar-full")
+    assert (results["cfgpar-full"][0]["image"] - emu[0].image).abs().max() <= 1e-5
+
+
+def test_partial_with_zero_portion_equals_none(dist_run):
+    _, results = dist_run
+    for model in ("unet-small", "dit-small"):
+        a, b = results[f"{model}-partial0"][0]["image"], results[f"{model}-none"][0]["image"]
+        assert torch.equal(a, b)
+        assert sum(results[f"{model}-none"][0]["rank_stats"]["bytes_sent"].values()) == \
+            results[f"{model}-none"][0]["rank_stats"]["bytes_sent"]["gather"]
+
+
+def test_sent_equals_received_per_peer(dist_run):
+    n, results = dist_run
+    for name, per_rank in results.items():
+        for i in range(n):
+            for kind, peers in per_rank[i]["rank_stats"]["bytes_sent_per_peer"].items():
+                for j, nbytes in peers.items():
+                    assert per_rank[j]["rank_stats"]["bytes_received_per_peer"][kind][i] == nbytes, (name, kind, i, j)
+
+
+# ---- bytes: a closed form from the model's layer shapes ----------------------------------------
+def layer_table(model_name: str, height: int, width: int):
+    """(convs, groupnorms, self-attentions) of the serial model at a latent size, from hooks."""
+    model = load_model(model_name)
+    convs, norms, attns = [], [], []
+
+    def conv_hook(name):
+        def fn(m, a, o):
+            k, s, p = m.kernel_size[0], m.stride[0], m.padding[0]
+            top, bottom = p, max(0, (k - 1) - p - s + 1)
+            if top or bottom:
+                convs.append((name, m.in_channels, a[0].shape[-1], width // a[0].shape[-1], top, bottom))
+        return fn
+
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(conv_hook(name))
+        elif isinstance(m, torch.nn.GroupNorm):
+            m.register_forward_hook(lambda m, a, o: norms.append(m.num_groups))
+        elif isinstance(m, Attention) and not m.is_cross:
+            m.register_forward_hook(lambda m, a, o: attns.append((int(math.sqrt(height * width / a[0].shape[1])),
+                                                                  a[0].shape[-1])))
+    with torch.no_grad():
+        model(torch.randn(1, model.spec.latent_channels, height, width), 1.0)
+    return model.spec, convs, norms, attns
+
+
+def expected_bytes(n: int, model_name: str, cfg: ParallelConfig, req: Request) -> list[dict]:
+    """Bytes each rank sends to each peer, per kind, over the whole generation (float32)."""
+    spec0 = load_model(model_name).spec
+    h, w = req.height // spec0.codec_factor, req.width // spec0.codec_factor
+    spec, convs, norms, attns = layer_table(model_name, h, w)
+    geo = StripGeometry(h, w, n // (2 if cfg.cfg_parallel else 1), spec.downsample_factor)
+    p_deg = geo.n
+    batch = req.batch * (2 if req.guidance != 1.0 and not cfg.cfg_parallel else 1)
+    exchanges = cfg.mode != "none" and not (cfg.mode == "partial" and cfg.halo_portion == 0)
+    out = []
+    for g in range(n):
+        i, base = g % p_deg, g - g % p_deg
+        sent = {}
+
+        def add(kind, peer, nbytes):
+            if nbytes:
+                sent.setdefault(kind, {}).setdefault(base + peer, 0)
+                sent[kind][base + peer] += nbytes
+
+        for step in range(req.steps):
+            sync = cfg.mode == "sync" or step < max(1, cfg.warmup_steps)
+            if exchanges:
+                for name, c, width_in, f, top, bottom in convs:
+                    kind = "latent_halo" if name == "conv_in" else "conv_halo"
+                    if i > 0:
+                        add(kind, i - 1, 4 * batch * c * bottom * width_in)
+                    if i < p_deg - 1:
+                        add(kind, i + 1, 4 * batch * c * top * width_in)
+                for groups in norms:
+                    for j in range(p_deg):
+                        if j != i:
+                            add("norm_stats", j, 4 * 3 * batch * groups)
+                for f, d in attns:
+                    lv = geo.level(f)
+                    if sync or cfg.mode == "full":
+                        for j in range(p_deg):
+                            if j != i:
+                                add("attn_kv", j, 4 * batch * 2 * d * lv.rows[i] * lv.width)
+                    else:
+                        rows = min(lv.rows[i], max(1, math.ceil(cfg.halo_portion * lv.rows[i])))
+                        for j in (i - 1, i + 1):
+                            if 0 <= j < p_deg:
+                                add("attn_kv", j, 4 * batch * 2 * d * rows * lv.width)
+            if cfg.cfg_parallel:
+                peer = (g + p_deg) % n
+                sent.setdefault("cfg", {}).setdefault(peer, 0)
+                sent["cfg"][peer] += 4 * batch * spec.latent_channels * geo.rows[i] * w
+        if i > 0 and base == 0:
+            add("gather", 0, 4 * req.batch * spec.latent_channels * geo.rows[i] * w)
+        out.append(sent)
+    return out
+
+
+def test_bytes_match_closed_form(dist_run):
+    n, results = dist_run
+    for name, (model, cfg, req) in cases(n).items():
+        want = expected_bytes(n, model, cfg, req)
+        for r in range(n):
+            got = {k: v for k, v in results[name][r]["rank_stats"]["bytes_sent_per_peer"].items() if any(v.values())}
+            got = {k: {int(p): b for p, b in v.items() if b} for k, v in got.items()}
+            assert got == want[r], (name, r)
+
+
+def test_attention_bytes_linear_in_portion(dist_run):
+    n, results = dist_run
+    if n != 2:
+        pytest.skip("linearity geometry is laid out for N = 2")
+    kv = [results[f"linear-{p}"][0]["rank_stats"]["bytes_sent"]["attn_kv"] for p in (0.25, 0.5, 1.0)]
+    assert kv[0] < kv[1] < kv[2]
+    assert kv[2] - kv[1] == 2 * (kv[1] - kv[0])
+
+
+# ---- single-process properties -------------------------------------------------------------------
+def test_switching_halo_exchange_off_breaks_sync(monkeypatch):
+    req = Request(HEIGHT, WIDTH, STEPS, "ddim", 1.0, 7, 3)
+    ref = serial("unet-small", req)
+    _, res = emulate(load_model("unet-small"), 2, ParallelConfig("sync"), req)
+    assert (res[0][0].latent - ref).abs().max() <= 2e-4
+    original = ExchangeEngine.conv_input
+
+    def no_halo(self, key, x, top, bottom):
+        exchanges, self.exchanges = self.exchanges, False
+        try:
+            return original(self, key, x, top, bottom)
+        finally:
+            self.exchanges = exchanges
+
+    monkeypatch.setattr(ExchangeEngine, "conv_input", no_halo)
+    _, res = emulate(load_model("unet-small"), 2, ParallelConfig("sync"), req)
+    assert (res[0][0].latent - ref).abs().max() > 1e-2
+
+
+def test_rank_failure_stops_every_rank(tmp_path):
+    script = tmp_path / "fail.py"
+    script.write_text(
+        "import torch\n"
+        "from parafuse.parallel.distributed import run_guarded\n"
+        "from parafuse.runtime import Runtime, ParallelConfig, Request\n"
+        "def main():\n"
+        "    rt = Runtime('dit-small', ParallelConfig('full', 1))\n"
+        "    if rt.layout.rank == 1:\n"
+        "        rt.model.blocks[0].register_forward_hook(lambda *a: 1 / 0)\n"
+        "    rt.generate(Request(64, 64, 3, 'ddim'))\n"
+        "run_guarded(main)\n")
+    proc = torchrun(3, str(script), timeout=300)
+    assert proc.returncode != 0
+    assert "rank 1 failed: ZeroDivisionError" in proc.stderr
