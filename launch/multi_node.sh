@@ -8,7 +8,7 @@
 set -euo pipefail
 nproc=${1:?usage: multi_node.sh NPROC_PER_NODE [parafuse.generate args...]}
 shift
-: "${MASTER_ADDR:?set MASTER_ADDR to the first node's address}"
+: "${MASTER_ADDR:?set MASTER_ADDR to the address of node 0}"
 : "${NNODES:?set NNODES}"
 : "${NODE_RANK:?set NODE_RANK (0 .. NNODES-1)}"
 exec "${PYTHON:-python3}" -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK" \
