@@ -50,6 +50,7 @@ class Request:
     label: int | None = None          # class label for class-conditional models
     batch: int = 1
     context: torch.Tensor | None = None   # [1, L, context_dim] text embedding for cross-attention models
+    solver_options: dict = field(default_factory=dict, compare=False)   # e.g. {"thresholding": True}
 
 
 @dataclass
@@ -143,7 +144,7 @@ class Runtime:
     def make_solver(self, req: Request):
         sched = dict(self.spec.schedule)
         kind = sched.pop("kind")
-        return make_solver(req.solver, make_schedule(kind, **sched), num_steps=req.steps)
+        return make_solver(req.solver, make_schedule(kind, **sched), num_steps=req.steps, **req.solver_options)
 
     def _branches(self, req: Request) -> tuple[dict, dict | None]:
         """Model keyword arguments of the conditional and unconditional branch, batched."""
@@ -197,8 +198,8 @@ class Runtime:
         step_seconds, clock = [], [0.0]
 
         def before(k):
-            if self.engine is not None:
-                self.engine.begin_step(k)
+            if self.engine is not None:     # warmup counts steps, not model evaluations (2S takes two)
+                self.engine.begin_step(k // solver.evals_per_step)
             clock[0] = time.perf_counter()
 
         def after(k):

@@ -31,3 +31,16 @@ def test_parallel_session_resets_between_images():
     _, both = emulate(load_model("unet-small"), 2, cfg, [r1, r2])
     _, alone = emulate(load_model("unet-small"), 2, cfg, r2)
     assert torch.allclose(both[0][1].image, alone[0][0].image, atol=1e-6)
+
+
+def test_global_solver_operations_reduce_exactly_across_strips():
+    """Dynamic thresholding takes a quantile over the whole image: on 3 strips (sync) it must give
+    the serial result, which it only can if the quantile is computed over every strip."""
+    req = Request(80, 48, 3, "dpmpp-2m", seed=3, label=1,
+                  solver_options={"thresholding": True, "dynamic_thresholding_ratio": 0.9, "sample_max_value": 0.5})
+    ref = Runtime(load_model("unet-small"), ParallelConfig()).generate(req).latent
+    plain = Runtime(load_model("unet-small"), ParallelConfig()).generate(
+        Request(80, 48, 3, "dpmpp-2m", seed=3, label=1)).latent
+    assert (ref - plain).abs().max() > 1e-3          # thresholding does act at these settings
+    _, res = emulate(load_model("unet-small"), 3, ParallelConfig("sync"), req)
+    assert (res[0][0].latent - ref).abs().max() <= 2e-4
