@@ -74,6 +74,9 @@ def init_distributed(device: torch.device, timeout_s: float = 600.0) -> tuple[in
             torch.cuda.set_device(device)
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+        # A first collective that every rank joins: NCCL then sets up its communicator here,
+        # not inside the first point-to-point batch, which only neighbours take part in.
+        dist.barrier()
     return dist.get_rank(), dist.get_world_size()
 
 
