@@ -91,3 +91,16 @@ def test_too_many_strips_is_rejected_before_compute(tmp_path, capsys):
     from parafuse.parallel.geometry import GeometryError, StripGeometry
     with pytest.raises(GeometryError, match="fewer than the 5 strips"):
         StripGeometry(16, 16, 5, 4)
+
+
+def test_reference_comparison_in_report(tmp_path, capsys):
+    args = ["--model", "dit-small", "--height", "32", "--width", "48", "--steps", "2", "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "a.png")]) == 0
+    assert main(args + ["--seed", "1", "--out", str(tmp_path / "b.png"), "--reference", str(tmp_path / "a.png"),
+                        "--report", str(tmp_path / "b.json")]) == 0
+    cmp = json.loads((tmp_path / "b.json").read_text())["compare"]
+    assert cmp["reference"] == str(tmp_path / "a.png")
+    assert 5 < cmp["psnr_db"] < 60 and cmp["max_abs_diff"] > 0     # another seed: a different image
+    assert main(args + ["--out", str(tmp_path / "c.png"), "--reference", str(tmp_path / "a.png"),
+                        "--report", str(tmp_path / "c.json")]) == 0
+    assert json.loads((tmp_path / "c.json").read_text())["compare"]["psnr_db"] > 50   # same seed: 8-bit rounding only
