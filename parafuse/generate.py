@@ -26,6 +26,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=512, help="image width in pixels")
     p.add_argument("--steps", type=int, default=20, help="denoising steps")
     p.add_argument("--solver", default="dpmpp-2m", help=f"one of: {', '.join(SOLVERS)}")
+    p.add_argument("--spacing", default=None, choices=("linspace", "leading", "trailing", "karras"),
+                   help="timestep spacing (default: the schedule's own, linspace)")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: off)")
     p.add_argument("--label", type=int, default=None, help="class label for class-conditional models")
     p.add_argument("--seed", type=int, default=0)
@@ -98,7 +100,8 @@ def run(args) -> int:
 
     check_args(args)
     parallel = ParallelConfig(args.mode, args.warmup_steps, args.halo_portion, args.norm, args.cfg_parallel)
-    req = Request(args.height, args.width, args.steps, args.solver, args.guidance, args.seed, args.label, args.batch)
+    req = Request(args.height, args.width, args.steps, args.solver, args.guidance, args.seed, args.label, args.batch,
+                  solver_options={"spacing": args.spacing} if args.spacing else {})
     try:
         runtime = Runtime(args.model, parallel, device=args.device, weights=args.weights)
         runtime.check(req)
