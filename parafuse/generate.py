@@ -71,17 +71,8 @@ def check_writable(path: str, overwrite: bool) -> None:
 
 
 def check_args(args) -> None:
-    """Checks that need no model (the runtime checks the rest before denoising)."""
-    if args.model not in MODELS:
-        raise ValueError(f"unknown model {args.model!r}; valid models: {', '.join(MODELS)}")
-    if args.solver not in SOLVERS:
-        raise ValueError(f"unknown solver {args.solver!r}; valid solvers: {', '.join(SOLVERS)}")
-    if args.steps < 1:
-        raise ValueError(f"--steps must be at least 1, got {args.steps}")
-    if args.warmup_steps < 0:
-        raise ValueError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
-    if not 0.0 <= args.halo_portion <= 1.0:
-        raise ValueError(f"--halo-portion must lie in [0, 1], got {args.halo_portion}")
+    """Checks of files and paths; the model, solver and parallel settings are checked by the
+    runtime (ParallelConfig, Runtime.check), before any denoising."""
     if args.weights is not None and not os.path.isfile(args.weights):
         raise ValueError(f"weights file {args.weights!r} does not exist")
     if args.reference is not None and not os.path.isfile(args.reference):

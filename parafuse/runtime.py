@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from parafuse.models import ModelSpec, load_model
 from parafuse.parallel.distributed import ParallelLayout, init_distributed, launched_by_torchrun, pick_device
-from parafuse.parallel.engine import MODES, ExchangeEngine
+from parafuse.parallel.engine import ExchangeEngine, check_settings
 from parafuse.parallel.geometry import StripGeometry
 from parafuse.parallel.parallelize import parallelize
 from parafuse.parallel.reduce import StripReduce
@@ -37,6 +37,9 @@ class ParallelConfig:
     halo_portion: float = 0.3
     norm_mode: str | None = None      # GroupNorm across strips; None: exact for sync, corrected otherwise
     cfg_parallel: bool = False
+
+    def __post_init__(self):
+        check_settings(self.mode, self.halo_portion, self.warmup_steps, self.norm_mode)
 
 
 @dataclass(frozen=True)
@@ -72,8 +75,6 @@ class Runtime:
     def __init__(self, model: str | nn.Module = "default", parallel: ParallelConfig = ParallelConfig(),
                  device: str | None = None, weights: str | None = None, layout: ParallelLayout | None = None,
                  transport: Transport | None = None):
-        if parallel.mode not in MODES:
-            raise RequestError(f"unknown mode {parallel.mode!r}; valid modes: {', '.join(MODES)}")
         self.parallel = parallel
         self.device = pick_device(device)
         if layout is None:

@@ -68,7 +68,7 @@ def test_corrupt_weights(tmp_path, capsys):
 
 
 def test_steps_below_one(tmp_path, capsys):
-    bad(tmp_path, capsys, "--steps", "0", match="--steps must be at least 1")
+    bad(tmp_path, capsys, "--steps", "0", match="steps must be at least 1")
 
 
 def test_unwritable_output(tmp_path, capsys):
@@ -80,6 +80,10 @@ def test_existing_output_kept_without_overwrite(tmp_path, capsys):
     out.write_bytes(b"keep me")
     bad(tmp_path, capsys, match="pass --overwrite")
     assert out.read_bytes() == b"keep me"
+
+
+def test_bad_parallel_settings(tmp_path, capsys):
+    bad(tmp_path, capsys, "--halo-portion", "1.5", match="halo portion must lie in [0, 1]")
 
 
 def test_guidance_on_unconditional_model(tmp_path, capsys):

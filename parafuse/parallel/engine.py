@@ -25,6 +25,18 @@ MODES = ("sync", "full", "partial", "none")
 NORM_MODES = ("exact", "corrected", "stale", "local")
 
 
+def check_settings(mode: str, halo_portion: float, warmup_steps: int, norm_mode: str | None) -> None:
+    """Raise ValueError, saying what is allowed, for settings the engine cannot run."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
+    if not 0.0 <= halo_portion <= 1.0:
+        raise ValueError(f"halo portion must lie in [0, 1], got {halo_portion}")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup steps must be >= 0, got {warmup_steps}")
+    if norm_mode is not None and norm_mode not in NORM_MODES:
+        raise ValueError(f"unknown GroupNorm mode {norm_mode!r}; valid: {', '.join(NORM_MODES)}")
+
+
 @dataclass
 class LayerState:
     pending: Pending = field(default_factory=Pending)
@@ -34,15 +46,8 @@ class LayerState:
 class ExchangeEngine:
     def __init__(self, transport: Transport, patch_ranks: list[int], mode: str = "sync",
                  halo_portion: float = 0.3, warmup_steps: int = 4, norm_mode: str | None = None):
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
-        if not 0.0 <= halo_portion <= 1.0:
-            raise ValueError(f"halo portion must lie in [0, 1], got {halo_portion}")
-        if warmup_steps < 0:
-            raise ValueError(f"warmup steps must be >= 0, got {warmup_steps}")
+        check_settings(mode, halo_portion, warmup_steps, norm_mode)
         norm_mode = norm_mode or {"sync": "exact", "none": "local"}.get(mode, "corrected")
-        if norm_mode not in NORM_MODES:
-            raise ValueError(f"unknown GroupNorm mode {norm_mode!r}; valid: {', '.join(NORM_MODES)}")
         self.transport = transport
         self.patch_ranks = list(patch_ranks)          # global rank of each strip, top to bottom
         self.index = self.patch_ranks.index(transport.rank)
