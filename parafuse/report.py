@@ -49,7 +49,7 @@ def build_report(runtime, req, result, ranks: list[dict], comparison: dict | Non
         "norm_mode": runtime.engine.norm_mode if runtime.engine is not None else None,
         "attention_backend": attention.get_backend(),
         "stages": [{"height": req.height // f, "width": req.width // f, "steps": req.steps,
-                    "shift": getattr(solver, "shift", runtime.spec.schedule.get("shift")), "strength": 1.0}],
+                    "shift": getattr(solver.schedule, "shift", None), "strength": 1.0}],
         "total_seconds": result.timing["total_seconds"], "step_seconds": steps,
         "flops": result.timing["flops"],
         "ranks": [{k: r[k] for k in ("rank", "rows", "bytes_sent", "bytes_received", "bytes_sent_per_peer",

@@ -19,15 +19,18 @@ KINDS = ("latent_halo", "conv_halo", "attn_kv", "norm_stats", "cfg", "gather", "
 
 
 class Pending:
-    """Handle of posted operations; `wait()` is idempotent."""
+    """Handle of posted operations; `wait()` is idempotent. Holds the tensors in flight, so that
+    a temporary send buffer cannot be freed (and its memory reused) before the send completes."""
 
-    def __init__(self, waits=()):
+    def __init__(self, waits=(), tensors=()):
         self._waits = list(waits)
+        self._tensors = list(tensors)
 
     def wait(self) -> None:
         waits, self._waits = self._waits, []
         for w in waits:
             w()
+        self._tensors = []
 
 
 class Transport:
@@ -69,7 +72,7 @@ class TorchTransport(Transport):
         ops = [dist.P2POp(dist.isend, t, peer, tag=tag) for t, peer in sends]
         ops += [dist.P2POp(dist.irecv, t, peer, tag=tag) for t, peer in recvs]
         works = dist.batch_isend_irecv(ops)
-        return Pending([w.wait for w in works])
+        return Pending([w.wait for w in works], [t for t, _ in sends + recvs])
 
 
 class ThreadHub:
