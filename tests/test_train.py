@@ -76,6 +76,8 @@ def test_training_reduces_loss_quickly(tmp_path):
     (["--steps", "3", "--threads", "0"], "--threads must be >= 1"),
     (["--steps", "-1"], "--steps must be >= 0"),
     (["--steps", "3", "--resume", "/nonexistent/ckpt.safetensors"], "does not exist"),
+    (["--steps", "3", "--cooldown", "5:3"], "--cooldown needs 0 <= START < END"),
+    (["--steps", "9", "--cooldown", "0:5"], "past the cooldown's end 5"),
 ])
 def test_bad_args_give_one_line_errors(tmp_path, capsys, argv, needle):
     assert train.main(argv + ["--out", str(tmp_path / "x"), "--no-progress"]) == 2
