@@ -172,27 +172,14 @@ def evaluate(spec: ModelSpec, trained: nn.Module, held_out, train_names, seed: i
 @torch.no_grad()
 def sample_image(model: nn.Module, spec: ModelSpec, height: int, width: int, steps: int = 20, seed: int = 0,
                  solver: str = "dpmpp-2m") -> torch.Tensor:
-    """One image [3, H, W] in [-1, 1] from the project's solvers and sampling loop, serial (no
-    parallelism): for the sample PNG and the model's own checks."""
-    from parafuse.sampling import denoise
-    from parafuse.solvers import make_schedule, make_solver
+    """One image [3, H, W] in [-1, 1], serial, through the runtime that `parafuse.generate` uses."""
+    from parafuse.parallel.distributed import ParallelLayout
+    from parafuse.runtime import ParallelConfig, Request, Runtime
 
-    sched = dict(spec.schedule)
-    sol = make_solver(solver, make_schedule(sched.pop("kind"), **sched), num_steps=steps)
-    f = spec.codec_factor
-    g = torch.Generator().manual_seed(seed)
-    x = sol.init_noise_sigma * torch.randn(1, spec.latent_channels, height // f, width // f, generator=g)
-    x = denoise(lambda x, t: model(x, t), x, sol)
-    return spec.codec().decode(x)[0].clamp(-1, 1)
+    model.spec = spec
+    runtime = Runtime(model, ParallelConfig(), device="cpu", layout=ParallelLayout(0, 1))
+    return runtime.generate(Request(height, width, steps, solver, seed=seed)).image[0]
 
-
-def save_png(img: torch.Tensor, path: str) -> None:
-    from PIL import Image
-    arr = ((img.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-    Image.fromarray(arr).save(path, optimize=True)
-
-
-# ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path: str, model, ema, opt, gen: torch.Generator, step: int, run: dict, elapsed: float) -> None:
     from safetensors.torch import save_file
@@ -294,8 +281,11 @@ def resolve_run(args, ckpt_meta: dict | None) -> dict:
     given = {k: getattr(args, k) for k in RUN_KEYS}
     if ckpt_meta is not None:
         run = json.loads(ckpt_meta["run"])
-        if args.cooldown is not None and run.get("cooldown") is None:
+        finished = run.get("cooldown") is not None and int(ckpt_meta["step"]) >= run["cooldown"][1]
+        if args.cooldown is not None and (run.get("cooldown") is None or finished):
             # the one setting a run may gain on resume: a cooldown that starts at or after the checkpoint
+            # (a run whose cooldown has ended may be extended with another: the LR re-warms to the
+            # inverse-sqrt value at START and anneals again)
             cd = _parse_cooldown(args.cooldown)
             if cd[0] < int(ckpt_meta["step"]):
                 raise TrainError(f"--cooldown must start at or after the checkpoint's step {ckpt_meta['step']}, got {cd[0]}")
