@@ -79,6 +79,8 @@ class PatchAttention(Attention):
         b, tokens, dim = x.shape
         level = self.engine.geometry.level_of_tokens(tokens, self.engine.rank)
         buf, start, end = self.engine.kv_buffer(self.key, level, b, 2 * dim, x.dtype, x.device)
+        # one fused K|V projection; concatenated per call (a [2*dim, dim] copy, small next to the
+        # attention itself) so that weights loaded after parallelize() are the ones used
         weight = torch.cat([self.to_k.weight, self.to_v.weight])
         torch.matmul(x.transpose(0, 1), weight.t(), out=buf[start:end])
         buf[start:end] += torch.cat([self.to_k.bias, self.to_v.bias])
