@@ -86,6 +86,7 @@ def run(args) -> int:
 
     from parafuse import report as rep
     from parafuse.models import ModelError, load_model
+    from parafuse.parallel.distributed import ParallelLayout
     from parafuse.parallel.geometry import GeometryError
     from parafuse.runtime import ParallelConfig, Request, RequestError, Runtime
 
@@ -110,7 +111,7 @@ def run(args) -> int:
     comparison = None
     if args.compare_serial and runtime.layout.rank == 0:
         serial = Runtime(load_model(args.model, args.weights), ParallelConfig(), device=args.device,
-                         layout=runtime.layout.__class__(0, 1))
+                         layout=ParallelLayout(0, 1))
         comparison = rep.compare(result.image, serial.generate(req).image, "serial")
     elif reference is not None and runtime.layout.rank == 0:
         comparison = rep.compare(result.image[0], reference, args.reference)

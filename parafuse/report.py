@@ -37,9 +37,7 @@ def device_name(device: torch.device) -> str:
 
 def build_report(runtime, req, result, ranks: list[dict], comparison: dict | None = None) -> dict:
     par, steps = runtime.parallel, result.timing["step_seconds"]
-    solver = runtime.make_solver(req)
     total_sent = sum(sum(r["bytes_sent"].values()) for r in ranks)
-    f = runtime.spec.codec_factor
     return {
         "model": runtime.spec.name, "height": req.height, "width": req.width, "steps": req.steps,
         "solver": req.solver, "guidance": req.guidance, "seed": req.seed, "batch": req.batch,
@@ -48,8 +46,7 @@ def build_report(runtime, req, result, ranks: list[dict], comparison: dict | Non
         "warmup_steps": par.warmup_steps, "halo_portion": par.halo_portion, "cfg_parallel": par.cfg_parallel,
         "norm_mode": runtime.engine.norm_mode if runtime.engine is not None else None,
         "attention_backend": attention.get_backend(),
-        "stages": [{"height": req.height // f, "width": req.width // f, "steps": req.steps,
-                    "shift": getattr(solver.schedule, "shift", None), "strength": 1.0}],
+        "stages": result.timing["stages"],
         "total_seconds": result.timing["total_seconds"], "step_seconds": steps,
         "flops": result.timing["flops"],
         "ranks": [{k: r[k] for k in ("rank", "rows", "bytes_sent", "bytes_received", "bytes_sent_per_peer",

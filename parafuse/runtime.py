@@ -99,7 +99,7 @@ class Runtime:
         if layout.patch_degree > 1:
             self.engine = ExchangeEngine(self.transport, layout.patch_ranks, parallel.mode, parallel.halo_portion,
                                          parallel.warmup_steps, parallel.norm_mode)
-            self.swapped = parallelize(self.model, self.engine)
+            parallelize(self.model, self.engine)
 
     @property
     def conditional(self) -> bool:
@@ -227,7 +227,9 @@ class Runtime:
         # both guidance branches count, whether batched on one rank or split across a CFG pair
         flops = self.profile.flops(geometry.height, geometry.width, req.batch) * (2 if req.guidance != 1.0 else 1)
         timing = {"total_seconds": total, "step_seconds": step_seconds,
-                  "flops": {"total": flops * solver.num_evals, "full_schedule": flops * req.steps}}
+                  "flops": {"total": flops * solver.num_evals, "full_schedule": flops * req.steps},
+                  "stages": [{"height": geometry.height, "width": geometry.width, "steps": solver.num_steps,
+                              "shift": getattr(solver.schedule, "shift", None), "strength": 1.0}]}
         return Result(image, latent, self._rank_stats(geometry), timing)
 
     def _rank_stats(self, geometry: StripGeometry) -> dict:

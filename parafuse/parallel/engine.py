@@ -187,11 +187,11 @@ class ExchangeEngine:
         whole = self.sync or self.mode == "full"
         name = "whole" if whole else "window"
         buf = st.buffers[name]
-        first_use = st.buffers.pop("fresh_" + name, False)
-        do_now = before and (self.sync or first_use)
-        if before and not do_now:
-            return
-        if not before and (self.sync or first_use):
+        # fresh (a synchronous step, or a buffer with nothing stale in it yet): exchange before
+        # attention and wait; stale: post after attention, for the next step to use
+        first_use = st.buffers.pop("fresh_" + name, False)     # popped on every call: once per buffer
+        fresh = self.sync or first_use
+        if before != fresh:
             return
         w, i = level.width, self.index
         local_rows = level.rows[i]
@@ -216,7 +216,7 @@ class ExchangeEngine:
                 sends.append((buf[end - mine_rows * w: end], self.down))
                 recvs.append((buf[end:], self.down))
         pending = self.transport.start(sends, recvs, "attn_kv", tag=2)
-        if do_now:
+        if fresh:
             pending.wait()
             if self.mode == "partial" and whole:
                 self._window_from_whole(st, level, buf)
