@@ -47,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compare-serial", action="store_true", help="also run the serial model and report PSNR")
     p.add_argument("--reference", default=None, help="PNG to compare the output with (PSNR in the report)")
     p.add_argument("--device", default=None, help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
+    p.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
+                   help="compute dtype of the model, halos and K/V (default: bf16 on CUDA, fp32 on CPU); "
+                        "statistics and the solver stay float32")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -95,7 +98,7 @@ def run(args) -> int:
     req = Request(args.height, args.width, args.steps, args.solver, args.guidance, args.seed, args.label, args.batch,
                   solver_options={"spacing": args.spacing} if args.spacing else {})
     try:
-        runtime = Runtime(args.model, parallel, device=args.device, weights=args.weights)
+        runtime = Runtime(args.model, parallel, device=args.device, weights=args.weights, dtype=args.dtype)
         runtime.check(req)
         reference = None
         if args.reference is not None:
@@ -106,12 +109,15 @@ def run(args) -> int:
     except (RequestError, ModelError, GeometryError) as e:
         raise ValueError(str(e)) from None
 
+    if runtime.spec.untrained and runtime.layout.rank == 0:
+        print(f"parafuse.generate: note: model {args.model!r} is untrained (random weights, for benchmarks): "
+              f"its images are noise, its timings real", file=sys.stderr)
     result = runtime.generate(req, progress=not args.no_progress)
     ranks = runtime.gather_rank_stats(result)
     comparison = None
     if args.compare_serial and runtime.layout.rank == 0:
         serial = Runtime(load_model(args.model, args.weights), ParallelConfig(), device=args.device,
-                         layout=ParallelLayout(0, 1))
+                         layout=ParallelLayout(0, 1), dtype=runtime.dtype)
         comparison = rep.compare(result.image, serial.generate(req).image, "serial")
     elif reference is not None and runtime.layout.rank == 0:
         comparison = rep.compare(result.image[0], reference, args.reference)

@@ -36,6 +36,8 @@ def device_name(device: torch.device) -> str:
 
 
 def build_report(runtime, req, result, ranks: list[dict], comparison: dict | None = None) -> dict:
+    from parafuse.runtime import dtype_name
+
     par, steps = runtime.parallel, result.timing["step_seconds"]
     total_sent = sum(sum(r["bytes_sent"].values()) for r in ranks)
     return {
@@ -45,12 +47,13 @@ def build_report(runtime, req, result, ranks: list[dict], comparison: dict | Non
         "world_size": runtime.layout.world_size, "mode": par.mode if runtime.layout.patch_degree > 1 else "serial",
         "warmup_steps": par.warmup_steps, "halo_portion": par.halo_portion, "cfg_parallel": par.cfg_parallel,
         "norm_mode": runtime.engine.norm_mode if runtime.engine is not None else None,
-        "attention_backend": attention.get_backend(),
+        "attention_backend": attention.get_backend(), "dtype": dtype_name(runtime.dtype), "cuda_graphs": False,
         "stages": result.timing["stages"],
         "total_seconds": result.timing["total_seconds"], "step_seconds": steps,
         "flops": result.timing["flops"],
         "ranks": [{k: r[k] for k in ("rank", "rows", "bytes_sent", "bytes_received", "bytes_sent_per_peer",
-                                      "bytes_received_per_peer", "peak_memory_bytes")} for r in ranks],
+                                      "bytes_received_per_peer", "peak_memory_bytes", "state_bytes")}
+                  for r in ranks],
         "bytes_sent_per_step": total_sent / max(1, len(steps)),
         "compare": comparison,
     }

@@ -15,10 +15,12 @@ import torch
 import torch.nn as nn
 
 from parafuse.models import ModelSpec, load_model
+from parafuse.parallel.adapter import BUILTIN
 from parafuse.parallel.distributed import ParallelLayout, init_distributed, launched_by_torchrun, pick_device
 from parafuse.parallel.engine import ExchangeEngine, check_settings
 from parafuse.parallel.geometry import StripGeometry
 from parafuse.parallel.parallelize import parallelize
+from parafuse.parallel.plan import PatchPlan
 from parafuse.parallel.reduce import StripReduce
 from parafuse.parallel.transport import KINDS, TorchTransport, Transport
 from parafuse.profile import ModelProfile
@@ -28,6 +30,24 @@ from parafuse.solvers import SOLVERS, LocalReduce, cfg, make_schedule, make_solv
 
 class RequestError(ValueError):
     """A generation request that cannot run; the message says what to change."""
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """The compute dtype: bf16 on CUDA and fp32 elsewhere unless asked for."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if dtype in DTYPES:
+        return DTYPES[dtype]
+    raise RequestError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(k for k, v in DTYPES.items() if v == dtype)
 
 
 @dataclass(frozen=True)
@@ -72,11 +92,20 @@ def initial_noise(seed: int, shape: tuple[int, ...], rows: tuple[int, int] | Non
 
 
 class Runtime:
+    """One parallelized model, many images.
+
+    `dtype` (fp32 | bf16 | fp16; default bf16 on CUDA, fp32 elsewhere) is the dtype the model runs
+    in natively and every halo and K/V travels in; GroupNorm statistics, the solver's combination
+    and its history stay float32."""
+
     def __init__(self, model: str | nn.Module = "default", parallel: ParallelConfig = ParallelConfig(),
                  device: str | None = None, weights: str | None = None, layout: ParallelLayout | None = None,
-                 transport: Transport | None = None):
+                 transport: Transport | None = None, dtype: str | torch.dtype | None = None):
         self.parallel = parallel
+        if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise RequestError(f"device {device!r} asked for, but this machine has no CUDA device; use --device cpu")
         self.device = pick_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
         if layout is None:
             if launched_by_torchrun():
                 rank, world = init_distributed(self.device)
@@ -85,16 +114,18 @@ class Runtime:
             layout = ParallelLayout(rank, world, 2 if parallel.cfg_parallel else 1)
         self.layout = layout
         if isinstance(model, str):
-            model = load_model(model, weights)
+            model = load_model(model, weights, device=self.device)
         self.spec: ModelSpec = model.spec
         if parallel.cfg_parallel and not self.conditional:
             raise RequestError(f"--cfg-parallel needs a conditional model; {self.spec.name!r} is unconditional")
-        self.model = model.to(self.device)
+        self.model = model.to(device=self.device, dtype=self.dtype)
         self.profile = ModelProfile.trace(self.model, self.spec.latent_channels, self.spec.downsample_factor,
-                                          self._example_cond())
+                                          BUILTIN.example_kwargs(self.spec, self.device, self.dtype))
         self.transport = transport
         if self.transport is None and layout.world_size > 1:
-            self.transport = TorchTransport(layout.rank, layout.world_size)
+            groups = [list(range(b * layout.patch_degree, (b + 1) * layout.patch_degree))
+                      for b in range(layout.cfg_degree)]
+            self.transport = TorchTransport(layout.rank, layout.world_size, groups)
         self.engine = None
         if layout.patch_degree > 1:
             self.engine = ExchangeEngine(self.transport, layout.patch_ranks, parallel.mode, parallel.halo_portion,
@@ -104,11 +135,6 @@ class Runtime:
     @property
     def conditional(self) -> bool:
         return bool(self.spec.num_classes or self.spec.context_dim)
-
-    def _example_cond(self) -> dict:
-        if self.spec.context_dim:
-            return {"context": torch.zeros(1, 4, self.spec.context_dim, device=self.device)}
-        return {}
 
     # ---- validation: everything a user can get wrong, before any model work ----------------
     def check(self, req: Request) -> StripGeometry:
@@ -156,24 +182,39 @@ class Runtime:
                     {"class_labels": torch.full((b,), spec.num_classes, dtype=torch.long, device=dev)})
         if spec.context_dim:
             ctx = req.context if req.context is not None else torch.zeros(1, 1, spec.context_dim)
-            ctx = ctx.to(dev).expand(b, -1, -1)
+            ctx = ctx.to(dev, self.dtype).expand(b, -1, -1)
             return {"context": ctx}, {"context": torch.zeros_like(ctx)}
         return {}, None
 
     def _model_fn(self, req: Request):
+        """The denoiser as the solver sees it: float32 in and out, the model in its own dtype."""
         cond, uncond = self._branches(req)
+        model, dt = self.model, self.dtype
+
+        def denoiser(x, t, **kw):
+            return model(x.to(dt), t, **kw).float()
+
         if not self.parallel.cfg_parallel:
-            return guided(self.model, req.guidance, cond, uncond)
+            return guided(denoiser, req.guidance, cond, uncond)
         mine = cond if self.layout.branch == 0 else uncond
         peer = self.layout.cfg_peer
 
         def fn(x, t):
-            out = self.model(x, t, **mine)
+            out = model(x.to(dt), t, **mine)          # the other branch's strip travels in the compute dtype
             other = torch.empty_like(out)
-            self.transport.start([(out, peer)], [(other, peer)], "cfg", tag=5).wait()
+            self.transport.start([(out, peer)], [(other, peer)], "cfg").wait()
             c, u = (out, other) if self.layout.branch == 0 else (other, out)
-            return cfg(c, u, req.guidance)
+            return cfg(c.float(), u.float(), req.guidance)
         return fn
+
+    def model_batch(self, req: Request) -> int:
+        """Samples per model evaluation on this rank: both guidance branches unless CFG-parallel."""
+        both = req.guidance != 1.0 and not self.parallel.cfg_parallel
+        return req.batch * (2 if both else 1)
+
+    def plan(self, geometry: StripGeometry, batch: int) -> PatchPlan:
+        return PatchPlan(self.profile.sites, geometry, self.layout.patch_index, batch, self.dtype,
+                         self.engine.settings)
 
     # ---- generation --------------------------------------------------------------------------
     @torch.no_grad()
@@ -187,7 +228,7 @@ class Runtime:
         if self.transport is not None:
             self.transport.reset_counts()
         if self.engine is not None:
-            self.engine.configure(geometry)
+            self.engine.configure(self.plan(geometry, self.model_batch(req)), self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         reduce = StripReduce(self.engine) if self.engine is not None else LocalReduce()
@@ -196,26 +237,26 @@ class Runtime:
         if progress and lay.rank == 0:
             from tqdm import tqdm
             bar = tqdm(total=solver.num_evals, desc=f"denoising {req.height}x{req.width}", unit="step")
-        step_seconds, clock = [], [0.0]
+        clock = StepClock(self.device)
 
         def before(k):
             if self.engine is not None:     # warmup counts steps, not model evaluations (2S takes two)
                 self.engine.begin_step(k // solver.evals_per_step)
-            clock[0] = time.perf_counter()
+            clock.start()
 
         def after(k):
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            step_seconds.append(time.perf_counter() - clock[0])
+            clock.stop()
             if bar is not None:
                 bar.update(1)
 
         start = time.perf_counter()
         x = denoise(self._model_fn(req), x, solver, reduce, before, after)
+        state_bytes = self.engine.state_bytes() if self.engine is not None else 0
         if self.engine is not None:
             self.engine.drain()
             if lay.branch == 0:     # both CFG branches hold the same strips; one gather suffices
                 x = self.engine.gather_rows(x, 2, geometry.rows, dst=0)
+        step_seconds = clock.seconds()        # waits for the device once, at the end
         total = time.perf_counter() - start
         if bar is not None:
             bar.close()
@@ -230,9 +271,35 @@ class Runtime:
                   "flops": {"total": flops * solver.num_evals, "full_schedule": flops * req.steps},
                   "stages": [{"height": geometry.height, "width": geometry.width, "steps": solver.num_steps,
                               "shift": getattr(solver.schedule, "shift", None), "strength": 1.0}]}
-        return Result(image, latent, self._rank_stats(geometry), timing)
+        return Result(image, latent, self._rank_stats(geometry, state_bytes), timing)
 
-    def _rank_stats(self, geometry: StripGeometry) -> dict:
+    @torch.no_grad()
+    def rank_step(self, req: Request):
+        """This rank's model evaluation in the steady state, for measuring: runs the synchronous
+        steps of `req` once (filling the stale buffers), then returns a function that runs one
+        evaluation under the stale step plan (the sync plan in `sync` mode) each time it is called.
+        With a `NullTransport` it measures one rank's compute alone."""
+        geometry = self.check(req)
+        solver = self.make_solver(req)
+        rows = geometry.row_range(self.layout.patch_index)
+        shape = (req.batch, self.spec.latent_channels, geometry.height, geometry.width)
+        x = (solver.init_noise_sigma * initial_noise(req.seed, shape, rows)).to(self.device)
+        fn, t = self._model_fn(req), solver.model_time(0)
+        if self.engine is not None:
+            self.engine.configure(self.plan(geometry, self.model_batch(req)), self.device)
+            for step in range(max(1, self.parallel.warmup_steps)):
+                self.engine.begin_step(step)
+                fn(x, t)
+            self.engine.begin_step(max(1, self.parallel.warmup_steps))
+
+        @torch.no_grad()
+        def step():
+            if self.engine is not None:
+                self.engine.begin_step(max(1, self.parallel.warmup_steps))
+            return fn(x, t)
+        return step
+
+    def _rank_stats(self, geometry: StripGeometry, state_bytes: int) -> dict:
         sent, received = self.transport.totals() if self.transport is not None else ({}, {})
         if self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device)
@@ -242,7 +309,7 @@ class Runtime:
                 "bytes_sent": {k: sent.get(k, 0) for k in KINDS}, "bytes_received": {k: received.get(k, 0) for k in KINDS},
                 "bytes_sent_per_peer": {k: dict(v) for k, v in self.transport.bytes_sent.items()} if self.transport else {},
                 "bytes_received_per_peer": {k: dict(v) for k, v in self.transport.bytes_received.items()} if self.transport else {},
-                "peak_memory_bytes": peak}
+                "peak_memory_bytes": peak, "state_bytes": state_bytes}
 
     def gather_rank_stats(self, result: Result) -> list[dict] | None:
         """Every rank's stats on rank 0 (torch.distributed runs); None elsewhere."""
@@ -256,3 +323,32 @@ class Runtime:
     def close(self) -> None:
         if self.engine is not None:
             self.engine.drain()
+
+
+class StepClock:
+    """Seconds per step. On CUDA, events recorded around each step and read once at the end: a
+    synchronisation after every step would wait for the exchanges in flight and remove the overlap
+    that the stale modes exist for."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def start(self) -> None:
+        self.marks.append([self._now(), None])
+
+    def stop(self) -> None:
+        self.marks[-1][1] = self._now()
+
+    def _now(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def seconds(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) / 1000 for a, b in self.marks]
+        return [b - a for a, b in self.marks]

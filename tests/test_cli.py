@@ -12,7 +12,8 @@ from parafuse.generate import main
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPORT_KEYS = {"model", "height", "width", "steps", "solver", "guidance", "seed", "device", "torch", "world_size",
                "mode", "warmup_steps", "halo_portion", "cfg_parallel", "attention_backend", "stages",
-               "total_seconds", "step_seconds", "flops", "ranks", "bytes_sent_per_step", "compare"}
+               "total_seconds", "step_seconds", "flops", "ranks", "bytes_sent_per_step", "compare", "dtype",
+               "cuda_graphs"}
 
 
 def test_generate_end_to_end(tmp_path):
@@ -31,6 +32,7 @@ def test_generate_end_to_end(tmp_path):
     assert report["stages"] == [{"height": 16, "width": 24, "steps": 4, "shift": report["stages"][0]["shift"],
                                  "strength": 1.0}]
     assert report["ranks"][0]["rows"] == 16
+    assert report["dtype"] == "fp32" and report["ranks"][0]["state_bytes"] == 0
 
 
 def bad(tmp_path, capsys, *args, match):
@@ -108,3 +110,15 @@ def test_reference_comparison_in_report(tmp_path, capsys):
     assert main(args + ["--out", str(tmp_path / "c.png"), "--reference", str(tmp_path / "a.png"),
                         "--report", str(tmp_path / "c.json")]) == 0
     assert json.loads((tmp_path / "c.json").read_text())["compare"]["psnr_db"] > 50   # same seed: 8-bit rounding only
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_device_without_cuda(tmp_path, capsys):
+    bad(tmp_path, capsys, "--device", "cuda", match="has no CUDA device")
+
+
+def test_bf16_run_reports_its_dtype(tmp_path):
+    rep = tmp_path / "b.json"
+    assert main(["--model", "dit-small", "--height", "32", "--width", "32", "--steps", "2", "--no-progress",
+                 "--dtype", "bf16", "--out", str(tmp_path / "b.png"), "--report", str(rep)]) == 0
+    assert json.loads(rep.read_text())["dtype"] == "bf16"

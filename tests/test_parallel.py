@@ -1,6 +1,7 @@
 """Patch parallelism under torchrun (gloo, CPU) against the serial model and the single-process
 emulator. One torchrun launch per N runs the whole case matrix (tests/parallel_cases.py)."""
 import copy
+import dataclasses
 import math
 import os
 import subprocess
@@ -17,6 +18,7 @@ from parafuse.models.layers import Attention  # noqa: E402
 from parafuse.parallel.emulator import emulate  # noqa: E402
 from parafuse.parallel.engine import ExchangeEngine  # noqa: E402
 from parafuse.parallel.geometry import StripGeometry  # noqa: E402
+from parafuse.parallel.transport import COLLECTIVE, ring_bytes  # noqa: E402
 from parafuse.runtime import ParallelConfig, Request, Runtime  # noqa: E402
 
 WORLD_SIZES = (2, 3, 4)
@@ -133,6 +135,9 @@ def test_sent_equals_received_per_peer(dist_run):
         for i in range(n):
             for kind, peers in per_rank[i]["rank_stats"]["bytes_sent_per_peer"].items():
                 for j, nbytes in peers.items():
+                    if j == COLLECTIVE:   # an all-reduce: every rank sends and receives the ring volume
+                        assert per_rank[i]["rank_stats"]["bytes_received_per_peer"][kind][j] == nbytes
+                        continue
                     assert per_rank[j]["rank_stats"]["bytes_received_per_peer"][kind][i] == nbytes, (name, kind, i, j)
 
 
@@ -179,8 +184,9 @@ def expected_bytes(n: int, model_name: str, cfg: ParallelConfig, req: Request) -
 
         def add(kind, peer, nbytes):
             if nbytes:
-                sent.setdefault(kind, {}).setdefault(base + peer, 0)
-                sent[kind][base + peer] += nbytes
+                peer = peer if peer == COLLECTIVE else base + peer
+                sent.setdefault(kind, {}).setdefault(peer, 0)
+                sent[kind][peer] += nbytes
 
         for step in range(req.steps):
             sync = cfg.mode == "sync" or step < max(1, cfg.warmup_steps)
@@ -191,10 +197,8 @@ def expected_bytes(n: int, model_name: str, cfg: ParallelConfig, req: Request) -
                         add(kind, i - 1, 4 * batch * c * bottom * width_in)
                     if i < p_deg - 1:
                         add(kind, i + 1, 4 * batch * c * top * width_in)
-                for groups in norms:
-                    for j in range(p_deg):
-                        if j != i:
-                            add("norm_stats", j, 4 * 3 * batch * groups)
+                for groups in norms:          # (Σx, Σx²) per sample and group, float32, one all-reduce
+                    add("norm_stats", COLLECTIVE, ring_bytes(4 * 2 * batch * groups, p_deg))
                 for f, d in attns:
                     lv = geo.level(f)
                     if sync or cfg.mode == "full":
@@ -243,12 +247,12 @@ def test_switching_halo_exchange_off_breaks_sync(monkeypatch):
     assert (res[0][0].latent - ref).abs().max() <= 2e-4
     original = ExchangeEngine.conv_input
 
-    def no_halo(self, key, x, top, bottom):
-        exchanges, self.exchanges = self.exchanges, False
+    def no_halo(self, key, x):
+        step, self.step = self.step, dataclasses.replace(self.step, halos="zeros")
         try:
-            return original(self, key, x, top, bottom)
+            return original(self, key, x)
         finally:
-            self.exchanges = exchanges
+            self.step = step
 
     monkeypatch.setattr(ExchangeEngine, "conv_input", no_halo)
     _, res = emulate(load_model("unet-small"), 2, ParallelConfig("sync"), req)

@@ -33,6 +33,7 @@ class ModelSpec:
     schedule: dict = field(default_factory=lambda: {"kind": "flow", "shift": 1.0})
     weights: str | None = None     # file name in parafuse/models/weights, or None for a seeded random init
     description: str = ""
+    untrained: bool = False        # benchmark-scale random weights: its images are noise, its timings real
 
     @property
     def latent_channels(self) -> int:
@@ -63,13 +64,16 @@ class ModelSpec:
     def weights_path(self) -> str | None:
         return os.path.join(WEIGHTS_DIR, self.weights) if self.weights else None
 
-    def build(self, seed: int = 0) -> nn.Module:
-        """The architecture with a seeded, non-zero random initialisation."""
+    def build(self, seed: int = 0, device: str | torch.device = "cpu") -> nn.Module:
+        """The architecture with a seeded, non-zero random initialisation, built on `device` (a
+        benchmark-scale model is initialised on the GPU it runs on; `meta` allocates nothing)."""
         cls = {"unet": UNet, "dit": DiT}[self.arch]
-        with torch.random.fork_rng(devices=[]):
+        device = torch.device(device)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
             torch.manual_seed(seed)
             model = cls(self.latent_channels, **self.config)
-            nonzero_init_(model)
+            if device.type != "meta":
+                nonzero_init_(model)
         return model
 
 
@@ -91,6 +95,17 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in [
               description="random-initialised DiT of PixArt/SD3's shape, 10 classes (for CFG), flow matching"),
     ModelSpec("dit-small-text", "dit", dict(_DIT_SMALL, context_dim=64), codec_factor=4,
               description="random-initialised DiT with cross-attention to a text-embedding tensor [B, L, 64]"),
+    # Benchmark-scale, random-initialised (for measuring only). The 8x codec makes 2048 px a 256² latent, the
+    # token counts of SDXL's and PixArt's VAE latents at the same image size.
+    ModelSpec("unet-xl", "unet", dict(channels=320, channel_mult=(1, 2, 4), blocks_per_level=2, attention_levels=(1, 2),
+                                      transformer_depth=(0, 2, 10), head_dim=64, groups=32, context_dim=2048),
+              codec_factor=8, untrained=True,
+              description="UNTRAINED, for benchmarks: a U-Net of SDXL's widths 320/640/1280, transformer depth 2/10, "
+                          "2048-d text context"),
+    ModelSpec("dit-xl", "dit", dict(patch_size=2, dim=1152, depth=28, heads=16, context_dim=4096), codec_factor=8,
+              untrained=True,
+              description="UNTRAINED, for benchmarks: a DiT of PixArt-alpha's size (1152 x 28, 16 heads), "
+                          "4096-d text context"),
 ]}
 
 
@@ -111,7 +126,7 @@ def check_weights(spec: ModelSpec, path: str) -> dict[str, torch.Tensor]:
         state = load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
         raise ModelError(f"weights file {path!r} is not a readable safetensors file ({e})") from None
-    expected = {k: v.shape for k, v in spec.build().state_dict().items()}
+    expected = {k: v.shape for k, v in spec.build(device="meta").state_dict().items()}
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k]))
@@ -122,14 +137,14 @@ def check_weights(spec: ModelSpec, path: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_model(name: str, weights: str | None = None, seed: int = 0) -> nn.Module:
+def load_model(name: str, weights: str | None = None, seed: int = 0, device: str | torch.device = "cpu") -> nn.Module:
     """Build model `name` and load its weights (`weights` overrides the spec's file).
 
-    A spec without a weights file gets a seeded random initialisation. The returned module is in
-    eval mode and carries its spec as `model.spec`.
+    A spec without a weights file gets a seeded random initialisation (built on `device`). The
+    returned module is in eval mode and carries its spec as `model.spec`.
     """
     spec = get_spec(name)
-    model = spec.build(seed)
+    model = spec.build(seed, device if weights is None and spec.weights is None else "cpu")
     path = weights or spec.weights_path()
     if path is not None:
         model.load_state_dict(check_weights(spec, path))

@@ -29,7 +29,8 @@ class TimestepMLP(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_embedding(t, self.freq_dim))
+        # the sinusoids are computed in float32, then run in the model's own dtype
+        return self.mlp(timestep_embedding(t, self.freq_dim).to(self.mlp[0].weight.dtype))
 
 
 class Attention(nn.Module):

@@ -27,35 +27,52 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
-class TransformerBlock(nn.Module):
-    """GroupNorm -> 1x1 in -> [self-attn, cross-attn?, MLP] on tokens -> 1x1 out, residual."""
+class TransformerLayer(nn.Module):
+    """Self-attention, optional cross-attention and MLP on tokens, each pre-normed and residual."""
 
-    def __init__(self, ch: int, heads: int, groups: int, context_dim: int | None):
+    def __init__(self, ch: int, heads: int, context_dim: int | None):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, ch)
-        self.proj_in = nn.Conv2d(ch, ch, 1)
         self.norm1 = nn.LayerNorm(ch)
         self.attn1 = Attention(ch, heads)
         self.norm2 = nn.LayerNorm(ch) if context_dim else None
         self.attn2 = Attention(ch, heads, context_dim) if context_dim else None
         self.norm3 = nn.LayerNorm(ch)
         self.ff = nn.Sequential(nn.Linear(ch, 4 * ch), nn.GELU(), nn.Linear(4 * ch, ch))
+
+    def layer_forward(self, t: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        t = t + self.attn1(self.norm1(t))
+        if self.attn2 is not None and context is not None:
+            t = t + self.attn2(self.norm2(t), context)
+        return t + self.ff(self.norm3(t))
+
+
+class TransformerBlock(TransformerLayer):
+    """GroupNorm -> 1x1 in -> `depth` transformer layers on tokens -> 1x1 out, residual (SDXL's
+    Transformer2D). The first layer's modules sit on the block itself, the others in `layers`."""
+
+    def __init__(self, ch: int, heads: int, groups: int, context_dim: int | None, depth: int = 1):
+        super().__init__(ch, heads, context_dim)
+        self.norm = nn.GroupNorm(groups, ch)
+        self.proj_in = nn.Conv2d(ch, ch, 1)
+        self.layers = nn.ModuleList(TransformerLayer(ch, heads, context_dim) for _ in range(depth - 1))
         self.proj_out = nn.Conv2d(ch, ch, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         b, c, h, w = x.shape
         t = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)        # [B, h*w, C], row-major
-        t = t + self.attn1(self.norm1(t))
-        if self.attn2 is not None and context is not None:
-            t = t + self.attn2(self.norm2(t), context)
-        t = t + self.ff(self.norm3(t))
+        t = self.layer_forward(t, context)
+        for layer in self.layers:
+            t = layer.layer_forward(t, context)
         return x + self.proj_out(t.transpose(1, 2).reshape(b, c, h, w))
 
 
 class UNet(nn.Module):
     def __init__(self, in_channels: int, channels: int = 64, channel_mult=(1, 2, 2), blocks_per_level: int = 1,
                  attention_levels=(2,), heads: int = 4, groups: int = 16, num_classes: int = 0,
-                 context_dim: int | None = None):
+                 context_dim: int | None = None, transformer_depth=None, head_dim: int | None = None):
+        """`transformer_depth`: layers per transformer block at each level (default 1; the middle
+        block takes the last level's); `head_dim`: attention heads of width head_dim (SDXL: 64)
+        instead of a fixed `heads` at every level."""
         super().__init__()
         self.in_channels = in_channels
         self.downsample_factor = 2 ** (len(channel_mult) - 1)
@@ -67,8 +84,15 @@ class UNet(nn.Module):
         self.label_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
 
+        depth = tuple(transformer_depth) if transformer_depth is not None else (1,) * len(channel_mult)
+
+        def n_heads(ch):
+            return ch // head_dim if head_dim else heads
+
         def attn(level, ch):
-            return TransformerBlock(ch, heads, groups, context_dim) if level in attention_levels else None
+            if level not in attention_levels:
+                return None
+            return TransformerBlock(ch, n_heads(ch), groups, context_dim, depth[level])
 
         self.down = nn.ModuleList()
         skips, ch = [channels], channels
@@ -84,7 +108,7 @@ class UNet(nn.Module):
                 self.down.append(nn.ModuleDict({"downsample": nn.Conv2d(ch, ch, 3, stride=2, padding=1)}))
                 skips.append(ch)
         self.mid_res1 = ResBlock(ch, ch, emb_dim, groups)
-        self.mid_attn = TransformerBlock(ch, heads, groups, context_dim)
+        self.mid_attn = TransformerBlock(ch, n_heads(ch), groups, context_dim, depth[-1])
         self.mid_res2 = ResBlock(ch, ch, emb_dim, groups)
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):

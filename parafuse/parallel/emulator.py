@@ -18,15 +18,16 @@ from parafuse.parallel.transport import ThreadHub, ThreadTransport
 
 
 def emulate(model: nn.Module, world_size: int, parallel, requests, device: str = "cpu",
-            on_rank=None):
+            on_rank=None, dtype=None, strict: bool = True):
     """Run `requests` (one Request or a list) on `world_size` emulated ranks.
 
     Returns (runtimes, results): per rank, its Runtime and its list of Results (in request order).
-    `on_rank(runtime)` is called in each rank's thread after set-up (tests use it to add hooks)."""
+    `on_rank(runtime)` is called in each rank's thread after set-up (tests use it to add hooks).
+    `strict`: the transport enforces NCCL's rules (see ThreadHub) and poisons receive buffers."""
     from parafuse.runtime import Runtime
 
     requests = requests if isinstance(requests, (list, tuple)) else [requests]
-    hub = ThreadHub(world_size)
+    hub = ThreadHub(world_size, strict=strict)
     cfg_degree = 2 if parallel.cfg_parallel else 1
     runtimes: list = [None] * world_size
     results: list = [None] * world_size
@@ -34,8 +35,9 @@ def emulate(model: nn.Module, world_size: int, parallel, requests, device: str =
 
     def run(rank: int):
         try:
-            rt = Runtime(copy.deepcopy(model), parallel, device, layout=ParallelLayout(rank, world_size, cfg_degree),
-                         transport=ThreadTransport(rank, hub))
+            layout = ParallelLayout(rank, world_size, cfg_degree)
+            rt = Runtime(copy.deepcopy(model), parallel, device, layout=layout,
+                         transport=ThreadTransport(rank, hub, layout.patch_ranks), dtype=dtype)
             runtimes[rank] = rt
             if on_rank is not None:
                 on_rank(rt)

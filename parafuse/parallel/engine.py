@@ -1,24 +1,29 @@
 """The exchange engine: every line of neighbour-exchange logic, shared by all patch layers.
 
 Patch layers ask the engine for what their strip lacks: halo rows for a conv, a K/V buffer for
-self-attention, global GroupNorm statistics. The engine decides, per step, whether the answer is
-fresh (synchronous exchange, then wait) or stale (what the neighbours sent during the previous
-step, while the exchange for the next step is posted and runs behind compute). It sits on a
-`Transport`, so the distributed runtime and the single-process emulator run this same code.
+self-attention, global GroupNorm statistics. What each answer is - fresh (exchange, then wait),
+stale (what the neighbours sent during the previous step, while this step's exchange is posted
+and runs behind compute) or local - is fixed by the step plan that `begin_step` picks from the
+patch plan (`parafuse.parallel.plan`); the buffers are allocated by `configure`, once per plan.
+The engine sits on a `Transport`, so the distributed runtime and the single-process emulator run
+this same code.
 
 Modes: sync (every exchange fresh and complete: equals the serial model), full (stale K/V of the
 whole image, DistriFusion), partial (stale K/V of a window of ceil(p * rows) rows of each
 neighbour, at least one; PCPP), none (no exchange at all). Steps before `warmup_steps`, and the
-first step after `configure`, are synchronous in every mode but none.
+first step of every image, are synchronous in every mode but none.
+
+Between steps a rank holds only the exchange state of its mode: halo rows, GroupNorm sums, and
+K/V of the whole image (`full`) or of the windows (`partial`). The whole-image K/V that the
+synchronous steps of `sync` and `partial` need is one scratch buffer per K/V shape, shared by all
+attention sites of that shape (a synchronous attention is complete before the next one starts),
+and dropped when the stale steps begin.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-
 import torch
 
-from parafuse.parallel.geometry import Level, StripGeometry
+from parafuse.parallel.plan import PatchPlan, Settings, Site, StepPlan
 from parafuse.parallel.transport import Pending, Transport
 
 MODES = ("sync", "full", "partial", "none")
@@ -37,261 +42,277 @@ def check_settings(mode: str, halo_portion: float, warmup_steps: int, norm_mode:
         raise ValueError(f"unknown GroupNorm mode {norm_mode!r}; valid: {', '.join(NORM_MODES)}")
 
 
-@dataclass
-class LayerState:
-    pending: Pending = field(default_factory=Pending)
-    buffers: dict = field(default_factory=dict)
-
-
 class ExchangeEngine:
     def __init__(self, transport: Transport, patch_ranks: list[int], mode: str = "sync",
                  halo_portion: float = 0.3, warmup_steps: int = 4, norm_mode: str | None = None):
         check_settings(mode, halo_portion, warmup_steps, norm_mode)
         norm_mode = norm_mode or {"sync": "exact", "none": "local"}.get(mode, "corrected")
+        self.settings = Settings(mode, halo_portion, warmup_steps, norm_mode)
         self.transport = transport
         self.patch_ranks = list(patch_ranks)          # global rank of each strip, top to bottom
-        self.index = self.patch_ranks.index(transport.rank)
+        self.strip = self.patch_ranks.index(transport.rank)
         self.n = len(self.patch_ranks)
-        self.mode = mode
-        self.halo_portion = halo_portion
-        self.warmup_steps = warmup_steps
-        self.norm_mode = norm_mode
-        # partial with p = 0 conditions a strip on nothing of its neighbours: that is `none`.
-        self.exchanges = mode != "none" and not (mode == "partial" and halo_portion == 0.0)
-        self.geometry: StripGeometry | None = None
-        self.sync = True
-        self.model_input: torch.Tensor | None = None
-        self.state: dict[str, LayerState] = {}
-        self._fresh_after_configure = True
+        self.plan: PatchPlan | None = None
+        self.step: StepPlan | None = None
+        self.buffers: dict[str, dict[str, torch.Tensor]] = {}
+        self.pending: dict[str, Pending] = {}
+        self.scratch: dict[tuple, torch.Tensor] = {}
+        self.device: torch.device | None = None
+        self._first_step = True
+
+    @property
+    def mode(self) -> str:
+        return self.settings.mode
+
+    @property
+    def norm_mode(self) -> str:
+        return self.settings.norm_mode
+
+    @property
+    def geometry(self):
+        return self.plan.geometry
 
     # ---- lifecycle -------------------------------------------------------------------------
-    def configure(self, geometry: StripGeometry) -> None:
-        """Start a new image or resolution: stale state from another geometry is meaningless."""
-        if geometry.n != self.n:
-            raise ValueError(f"geometry has {geometry.n} strips, the patch group {self.n}")
+    def configure(self, plan: PatchPlan, device: torch.device) -> None:
+        """Start a new image: buffers for `plan` (kept if the plan is unchanged: everything the
+        first, synchronous step reads is written by it first), no stale state is used."""
+        if plan.n != self.n or plan.strip != self.strip:
+            raise ValueError(f"plan for strip {plan.strip} of {plan.n}, engine is strip {self.strip} of {self.n}")
         self.drain()
-        self.geometry = geometry
-        self.state.clear()
-        self._fresh_after_configure = True
+        if self.plan is None or self.plan.key != plan.key:
+            self.buffers = {key: self._allocate(plan, site, device) for key, site in plan.sites.items()}
+            self.scratch.clear()
+        self.plan = plan
+        self.device = device
+        self._first_step = True
+
+    def _allocate(self, plan: PatchPlan, site: Site, device) -> dict[str, torch.Tensor]:
+        dt, stale = plan.dtype, plan.stale_step
+        if site.kind == "conv":
+            top, bottom = plan.halo_shapes(site)
+            bufs = {"top": torch.zeros(top, dtype=dt, device=device),
+                    "bottom": torch.zeros(bottom, dtype=dt, device=device)}
+            if plan.settings.exchanges:
+                # what the neighbours need of this strip: its first `bottom` rows go up, its last
+                # `top` rows go down; one [2, ...] buffer when both have the same shape
+                if site.top == site.bottom and plan.up is not None and plan.down is not None:
+                    bufs["sends"] = torch.empty((2,) + top, dtype=dt, device=device)
+                else:
+                    if plan.up is not None and site.bottom:
+                        bufs["to_up"] = torch.empty(bottom, dtype=dt, device=device)
+                    if plan.down is not None and site.top:
+                        bufs["to_down"] = torch.empty(top, dtype=dt, device=device)
+            return bufs
+        if site.kind == "norm":
+            shape = (2, plan.batch, site.groups)
+            bufs = {"sums": torch.zeros(shape, dtype=torch.float32, device=device)}
+            if stale.norm in ("corrected", "stale"):
+                bufs["local"] = torch.zeros(shape, dtype=torch.float32, device=device)
+            if stale.norm == "corrected":
+                bufs["previous"] = torch.zeros(shape, dtype=torch.float32, device=device)
+            return bufs
+        if site.kind == "attn":
+            if stale.kv == "whole":      # sync mode: every step uses the shared scratch
+                return {}
+            return {"kv": torch.zeros(plan.kv_shape(site, stale.kv), dtype=dt, device=device)}
+        return {}
 
     def begin_step(self, step: int) -> None:
         """Called by the sampling loop before each denoising step of a stage."""
-        self.sync = self.mode == "sync" or step < self.warmup_steps or self._fresh_after_configure
-        self._fresh_after_configure = False
-
-    def begin_forward(self, x: torch.Tensor) -> None:
-        """Model pre-hook: remember the model input, whose halo the first conv takes fresh."""
-        self.model_input = x
+        self.step = self.plan.step_plan(step, self._first_step)
+        self._first_step = False
+        if self.step.stale:
+            self.scratch.clear()
 
     def drain(self) -> None:
         """Complete every posted exchange (before reconfiguring or shutting down)."""
-        for st in self.state.values():
-            st.pending.wait()
+        for p in self.pending.values():
+            p.wait()
+        self.pending.clear()
 
-    def layer(self, key: str) -> LayerState:
-        st = self.state.get(key)
-        if st is None:
-            st = self.state[key] = LayerState()
-        return st
+    def _wait(self, key: str) -> None:
+        p = self.pending.pop(key, None)
+        if p is not None:
+            p.wait()
 
-    @property
-    def rank(self) -> int:
-        return self.index
+    def peer(self, strip: int) -> int:
+        return self.patch_ranks[strip]
 
-    @property
-    def up(self) -> int | None:
-        return self.patch_ranks[self.index - 1] if self.index > 0 else None
-
-    @property
-    def down(self) -> int | None:
-        return self.patch_ranks[self.index + 1] if self.index < self.n - 1 else None
+    def state_bytes(self) -> int:
+        """Bytes of the exchange buffers this rank holds between steps, by walking the storages
+        (each counted once)."""
+        seen, total = set(), 0
+        tensors = [t for bufs in self.buffers.values() for t in bufs.values()] + list(self.scratch.values())
+        tensors += [t for p in self.pending.values() for t in p.tensors]
+        for t in tensors:
+            s = t.untyped_storage()
+            if s.data_ptr() not in seen:
+                seen.add(s.data_ptr())
+                total += s.nbytes()
+        return total
 
     # ---- conv halos ------------------------------------------------------------------------
-    def conv_input(self, key: str, x: torch.Tensor, top: int, bottom: int) -> torch.Tensor:
-        """`x` [B, C, h, W] with `top` rows of the strip above and `bottom` rows of the strip below
-        attached (zeros at the image edge, as the conv's own zero padding would give)."""
-        if top == 0 and bottom == 0:
-            return x
-        b, c, _, w = x.shape
-        st = self.layer(key)
-        fresh = x is self.model_input
-        kind = "latent_halo" if fresh else "conv_halo"
-        if not self.exchanges:
-            halos = (x.new_zeros(b, c, top, w), x.new_zeros(b, c, bottom, w))
-            return torch.cat([halos[0], x, halos[1]], dim=2)
-        st.pending.wait()
-        if "top" not in st.buffers:
-            st.buffers["top"] = x.new_zeros(b, c, top, w)
-            st.buffers["bottom"] = x.new_zeros(b, c, bottom, w)
-            fresh = True                               # nothing stale to use yet
-        top_buf, bottom_buf = st.buffers["top"], st.buffers["bottom"]
+    def conv_input(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        """`x` [B, C, h, W] with the halo rows of the strips above and below attached (zeros at the
+        image edge, as the conv's own zero padding would give)."""
+        site, bufs = self.plan.sites[key], self.buffers[key]
+        halos = self.step.halos
+        if site.first and halos == "stale":
+            halos = "fresh"           # the latent rows exist before the step starts: never stale
+        if halos == "zeros":
+            return torch.cat([bufs["top"], x, bufs["bottom"]], dim=2)
+        self._wait(key)
         sends, recvs = [], []
-        if self.up is not None:
-            if bottom:
-                sends.append((x[:, :, :bottom].contiguous(), self.up))
-            if top:
-                recvs.append((top_buf, self.up))
-        if self.down is not None:
-            if top:
-                sends.append((x[:, :, -top:].contiguous(), self.down))
-            if bottom:
-                recvs.append((bottom_buf, self.down))
-        if fresh or self.sync:
-            self.transport.start(sends, recvs, kind, tag=1).wait()
-            return torch.cat([top_buf, x, bottom_buf], dim=2)
-        out = torch.cat([top_buf, x, bottom_buf], dim=2)   # the stale halos, copied before the receive lands
-        st.pending = self.transport.start(sends, recvs, kind, tag=1)
+        up, down = self.plan.up, self.plan.down
+        if "sends" in bufs:
+            torch.stack([x[:, :, :site.bottom], x[:, :, x.shape[2] - site.top:]], out=bufs["sends"])
+            sends = [(bufs["sends"][0], self.peer(up)), (bufs["sends"][1], self.peer(down))]
+        else:
+            if "to_up" in bufs:
+                sends.append((bufs["to_up"].copy_(x[:, :, :site.bottom]), self.peer(up)))
+            if "to_down" in bufs:
+                sends.append((bufs["to_down"].copy_(x[:, :, x.shape[2] - site.top:]), self.peer(down)))
+        if up is not None and site.top:
+            recvs.append((bufs["top"], self.peer(up)))
+        if down is not None and site.bottom:
+            recvs.append((bufs["bottom"], self.peer(down)))
+        kind = "latent_halo" if site.first else "conv_halo"
+        if halos == "fresh":
+            self.transport.start(sends, recvs, kind).wait()
+            return torch.cat([bufs["top"], x, bufs["bottom"]], dim=2)
+        out = torch.cat([bufs["top"], x, bufs["bottom"]], dim=2)   # the stale rows, read before the receive lands
+        self.pending[key] = self.transport.start(sends, recvs, kind)
         return out
 
     # ---- attention K/V ---------------------------------------------------------------------
-    def kv_window_rows(self, level: Level) -> tuple[int, int]:
-        """Rows of K/V taken from the strip above and below in `partial` mode."""
-        def take(neighbour):
-            if neighbour is None:
-                return 0
-            return min(level.rows[neighbour], max(1, math.ceil(self.halo_portion * level.rows[neighbour])))
-        i = self.index
-        return take(i - 1 if i > 0 else None), take(i + 1 if i < self.n - 1 else None)
-
-    def kv_buffer(self, key: str, level: Level, batch: int, width: int, dtype, device):
-        """The layer's K/V buffer [tokens, B, 2*dim] laid out [from above | local | from below], and
-        the token range of the local rows in it. Waits for last step's receives into it first."""
-        st = self.layer(key)
-        st.pending.wait()
-        whole = self.sync or self.mode == "full"
-        name = "whole" if whole else "window"
-        w = level.width
-        if whole:
-            above_rows, below_rows = level.offsets[self.index], level.height - level.offsets[self.index] - level.rows[self.index]
-        elif self.exchanges:
-            above_rows, below_rows = self.kv_window_rows(level)
+    def kv_buffer(self, key: str) -> tuple[torch.Tensor, int, int]:
+        """The K/V buffer [tokens, B, 2*dim] of `key` for this step, laid out [from above | local |
+        from below], and the token range of the local rows in it. Waits for last step's receives
+        into it first."""
+        site, kv = self.plan.sites[key], self.step.kv
+        if kv == "whole" and self.mode != "full":
+            shape = self.plan.kv_shape(site, "whole")
+            buf = self.scratch.get(shape)
+            if buf is None:
+                buf = self.scratch[shape] = torch.empty(shape, dtype=self.plan.dtype, device=self.device)
         else:
-            above_rows = below_rows = 0
-        local = level.rows[self.index] * w
-        total = (above_rows + below_rows) * w + local
-        buf = st.buffers.get(name)
-        if buf is None or buf.shape != (total, batch, width) or buf.dtype != dtype:
-            buf = st.buffers[name] = torch.zeros(total, batch, width, dtype=dtype, device=device)
-            st.buffers["fresh_" + name] = True
-        return buf, above_rows * w, above_rows * w + local
+            self._wait(key)
+            buf = self.buffers[key]["kv"]
+        above, _ = self.plan.kv_rows(site, kv)
+        lv = self.plan.level(site)
+        start = above * lv.width
+        return buf, start, start + lv.rows[self.strip] * lv.width
 
-    def exchange_kv(self, key: str, level: Level, before: bool) -> None:
-        """Exchange the K/V buffer written by `kv_buffer`'s caller.
+    def exchange_kv(self, key: str, buf: torch.Tensor, before: bool) -> None:
+        """Exchange the K/V buffer returned by `kv_buffer`, whose local rows the caller has written.
 
-        Called twice per attention: `before=True` after the local K/V are written (a synchronous
-        step exchanges here and waits), `before=False` after attention has read the buffer (an
-        asynchronous step posts here the exchange whose data the next step will use)."""
-        if not self.exchanges:
+        Called twice per attention: `before=True` before attention reads the buffer (a synchronous
+        step exchanges here and waits), `before=False` after (a stale step posts here the exchange
+        whose data the next step will use)."""
+        kv = self.step.kv
+        if kv == "local" or before != (kv == "whole"):
             return
-        st = self.layer(key)
-        whole = self.sync or self.mode == "full"
-        name = "whole" if whole else "window"
-        buf = st.buffers[name]
-        # fresh (a synchronous step, or a buffer with nothing stale in it yet): exchange before
-        # attention and wait; stale: post after attention, for the next step to use
-        first_use = st.buffers.pop("fresh_" + name, False)     # popped on every call: once per buffer
-        fresh = self.sync or first_use
-        if before != fresh:
-            return
-        w, i = level.width, self.index
-        local_rows = level.rows[i]
+        site, lv, i = self.plan.sites[key], self.plan.level(self.plan.sites[key]), self.strip
+        w = lv.width
+        above, _ = self.plan.kv_rows(site, kv)
+        start, end = above * w, (above + lv.rows[i]) * w
         sends, recvs = [], []
-        if whole:
-            off = level.offsets[i] * w
-            mine = buf[off: off + local_rows * w]
-            for j, g in enumerate(self.patch_ranks):
+        if kv in ("whole", "stale-whole"):
+            for j in range(self.n):
                 if j != i:
-                    sends.append((mine, g))
-                    recvs.append((buf[level.offsets[j] * w: (level.offsets[j] + level.rows[j]) * w], g))
+                    sends.append((buf[start:end], self.peer(j)))
+                    recvs.append((buf[lv.offsets[j] * w: (lv.offsets[j] + lv.rows[j]) * w], self.peer(j)))
         else:
-            above, below = self.kv_window_rows(level)
-            start = above * w
-            mine_rows = max(1, math.ceil(self.halo_portion * local_rows))
-            mine_rows = min(local_rows, mine_rows)
-            if self.up is not None:
-                sends.append((buf[start: start + mine_rows * w], self.up))
-                recvs.append((buf[:start], self.up))
-            if self.down is not None:
-                end = start + local_rows * w
-                sends.append((buf[end - mine_rows * w: end], self.down))
-                recvs.append((buf[end:], self.down))
-        pending = self.transport.start(sends, recvs, "attn_kv", tag=2)
-        if fresh:
-            pending.wait()
-            if self.mode == "partial" and whole:
-                self._window_from_whole(st, level, buf)
-        else:
-            st.pending = pending
+            mine = self.plan.window_rows(lv, i) * w
+            if self.plan.up is not None:
+                sends.append((buf[start: start + mine], self.peer(i - 1)))
+                recvs.append((buf[:start], self.peer(i - 1)))
+            if self.plan.down is not None:
+                sends.append((buf[end - mine: end], self.peer(i + 1)))
+                recvs.append((buf[end:], self.peer(i + 1)))
+        pending = self.transport.start(sends, recvs, "attn_kv")
+        if kv != "whole":
+            self.pending[key] = pending
+            return
+        pending.wait()
+        if self.plan.stale_step.kv == "stale-window":
+            self._seed_window(key, buf, start, end)
 
-    def _window_from_whole(self, st: LayerState, level: Level, whole: torch.Tensor) -> None:
-        """After a synchronous step in partial mode, seed the window buffer's neighbour rows with the
-        rows just received, so that the first asynchronous step has a stale window to use."""
-        above, below = self.kv_window_rows(level)
-        w, i = level.width, self.index
-        local = level.rows[i] * w
-        off = level.offsets[i] * w
-        win = st.buffers.get("window")
-        shape = ((above + below) * w + local, whole.shape[1], whole.shape[2])
-        if win is None or win.shape != shape:
-            win = st.buffers["window"] = whole.new_zeros(shape)
-        win[: above * w] = whole[off - above * w: off]
-        win[above * w + local:] = whole[off + local: off + local + below * w]
+    def _seed_window(self, key: str, whole: torch.Tensor, start: int, end: int) -> None:
+        """After a synchronous step in partial mode, copy the neighbours' rows that the window keeps,
+        so that the first stale step has a stale window to use."""
+        site = self.plan.sites[key]
+        above, below = self.plan.kv_rows(site, "stale-window")
+        w = self.plan.level(site).width
+        win = self.buffers[key]["kv"]
+        win[: above * w].copy_(whole[start - above * w: start])
+        win[win.shape[0] - below * w:].copy_(whole[end: end + below * w])
 
     # ---- GroupNorm statistics --------------------------------------------------------------
-    def norm_stats(self, key: str, local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Global (count, sum, sum of squares) per sample and group, float32 [3, B, G].
+    def norm_sums(self, key: str) -> torch.Tensor:
+        """The float32 [2, B, G] buffer into which the layer writes this strip's Σx and Σx²."""
+        self._wait(key)
+        bufs = self.buffers[key]
+        return bufs.get("local", bufs["sums"])
 
-        Returns (stats, fallback): `fallback` are the local stats where the mode may need them
-        (corrected mode falls back to local where its estimate of the variance is negative)."""
-        if not self.exchanges or self.norm_mode == "local":
-            return local, None
-        st = self.layer(key)
-        st.pending.wait()
-        peers = [g for j, g in enumerate(self.patch_ranks) if j != self.index]
-        has_stale = "gathered" in st.buffers and st.buffers["gathered"].shape[1:] == local.shape
+    def norm_moments(self, key: str) -> torch.Tensor:
+        """Mean and (biased) variance [2, B, G] of each group over the whole image, or the mode's
+        estimate of them, from the sums written into `norm_sums(key)`.
 
-        def post(now: bool):
-            gathered = local.new_empty((self.n,) + tuple(local.shape))
-            gathered[self.index] = local
-            recvs = [(gathered[j], g) for j, g in enumerate(self.patch_ranks) if j != self.index]
-            pending = self.transport.start([(local, g) for g in peers], recvs, "norm_stats", tag=3)
-            st.buffers["gathered"] = gathered
-            st.buffers["local"] = local
-            if now:
-                pending.wait()
-            else:
-                st.pending = pending
-            return gathered
-
-        if self.sync or self.norm_mode == "exact" or not has_stale:
-            return post(now=True).sum(0), None     # summed in rank order: every rank gets the same bits
-        stale_global = st.buffers["gathered"].sum(0)
-        stale_local = st.buffers["local"]
-        post(now=False)
-        if self.norm_mode == "stale":
-            return stale_global, None
-        return stale_global - stale_local + local, local   # corrected: swap in this strip's fresh part
+        Buffers: `local` (this step's sums, when stale steps follow), `previous` (last step's
+        local sums, corrected mode) and `sums`, reduced in place: after a stale step's reduction
+        completes it holds last step's global sums."""
+        site, bufs, norm = self.plan.sites[key], self.buffers[key], self.step.norm
+        n_local, n_total = self.plan.norm_counts(site)
+        local, sums = bufs.get("local", bufs["sums"]), bufs["sums"]
+        if norm == "local":
+            return _moments(local, n_local)
+        if norm == "exact":
+            if "local" in bufs:                # stale steps follow: keep this step's local sums
+                sums.copy_(local)
+            if "previous" in bufs:
+                bufs["previous"].copy_(local)
+            self.transport.all_reduce(sums, "norm_stats").wait()
+            return _moments(sums, n_total)
+        if norm == "stale":
+            moments = _moments(sums, n_total)
+        else:   # corrected (DistriFusion): last step's global sums with this strip's part made fresh
+            previous = bufs["previous"]
+            moments = _moments(torch.sub(sums, previous).add_(local), n_total)
+            # the estimated variance can come out negative: there, this strip's own statistics
+            moments = torch.where(moments[1] < 0, _moments(local, n_local), moments)
+            previous.copy_(local)
+        sums.copy_(local)
+        self.pending[key] = self.transport.all_reduce(sums, "norm_stats")
+        return moments
 
     # ---- whole-tensor collectives ----------------------------------------------------------
     def gather_rows(self, x: torch.Tensor, dim: int, rows: tuple[int, ...], dst: int | None = None,
                     kind: str = "gather") -> torch.Tensor | None:
         """Concatenate every strip's `x` along `dim` (strip j has rows[j] there), on every rank
-        (dst None) or only on patch index `dst` (others get None)."""
+        (dst None) or only on strip `dst` (others get None)."""
         shape = list(x.shape)
         parts = []
         for j, r in enumerate(rows):
             shape[dim] = r
-            parts.append(x if j == self.index else x.new_empty(shape))
+            parts.append(x if j == self.strip else x.new_empty(shape))
         x = x.contiguous()
         sends, recvs = [], []
-        for j, g in enumerate(self.patch_ranks):
-            if j == self.index:
+        for j in range(self.n):
+            if j == self.strip:
                 continue
             if dst is None or j == dst:
-                sends.append((x, g))
-            if dst is None or self.index == dst:
-                recvs.append((parts[j], g))
-        self.transport.start(sends, recvs, kind, tag=4).wait()
-        if dst is not None and self.index != dst:
+                sends.append((x, self.peer(j)))
+            if dst is None or self.strip == dst:
+                recvs.append((parts[j], self.peer(j)))
+        self.transport.start(sends, recvs, kind).wait()
+        if dst is not None and self.strip != dst:
             return None
         return torch.cat(parts, dim=dim)
+
+
+def _moments(sums: torch.Tensor, count: float) -> torch.Tensor:
+    """[mean, biased variance] from [Σx, Σx²] over `count` elements."""
+    m = sums * (1.0 / count)
+    m[1].addcmul_(m[0], m[0], value=-1.0)
+    return m

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from parafuse.attention import attention
 from parafuse.models.layers import Attention, GridPositions
 from parafuse.parallel.engine import ExchangeEngine
-from parafuse.parallel.geometry import conv_halo
 
 
 def _adopt(cls, module: nn.Module, engine: ExchangeEngine, key: str):
@@ -29,68 +28,101 @@ def _adopt(cls, module: nn.Module, engine: ExchangeEngine, key: str):
 class PatchConv2d(nn.Conv2d):
     """Conv2d on a strip: attaches the neighbours' halo rows, then convolves without row padding."""
 
-    @property
-    def halo(self) -> tuple[int, int]:
-        return conv_halo(self.kernel_size[0], self.stride[0], self.padding[0], self.dilation[0])
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        top, bottom = self.halo
-        x = self.engine.conv_input(self.key, x, top, bottom)
+        if self.engine.step.halos == "zeros":     # no exchange: the strip is padded like an image
+            return super().forward(x)
+        x = self.engine.conv_input(self.key, x)
         return F.conv2d(x, self.weight, self.bias, self.stride, (0, self.padding[1]), self.dilation, self.groups)
 
 
 class PatchGroupNorm(nn.GroupNorm):
     """GroupNorm over the whole image: count-weighted float32 sums across strips, biased variance,
-    exactly as torch.nn.GroupNorm (uneven strips included)."""
+    exactly as torch.nn.GroupNorm (uneven strips included).
+
+    The strip's Σx and Σx² are reduced straight from the activation into a float32 buffer (no
+    float copy of the activation). The normalisation is one native inference-mode batch norm over
+    the (sample, channel) rows with the global statistics as its running statistics: one pass
+    that computes in float32 and rounds once, as the native GroupNorm does in bf16 and fp16."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = x.shape[0]
-        g = x.float().reshape(b, self.num_groups, -1)
-        count = torch.full((b, self.num_groups), float(g.shape[-1]), device=x.device)
-        local = torch.stack([count, g.sum(-1), (g * g).sum(-1)])
-        stats, fallback = self.engine.norm_stats(self.key, local)
+        if self.engine.step.norm == "local":      # this strip's own statistics: the plain layer
+            return super().forward(x)
+        b, c, g = x.shape[0], self.num_channels, self.num_groups
+        grouped = x.reshape(b, g, -1)
+        sums = self.engine.norm_sums(self.key)
+        torch.sum(grouped, -1, dtype=torch.float32, out=sums[0])
+        torch.linalg.vector_norm(grouped, 2, -1, dtype=torch.float32, out=sums[1])
+        sums[1].square_()
+        moments = self.engine.norm_moments(self.key)             # [mean, variance] x [B, G], float32
+        moments[1].clamp_min_(0)                                  # one-pass variance: rounding can go below 0
+        mean, var = moments[..., None].expand(2, b, g, c // g).contiguous().view(2, b * c)
+        weight, bias = self._affine(b)
+        y = F.batch_norm(x.reshape(1, b * c, -1), mean, var, weight, bias, False, 0.0, self.eps)
+        return y.view(x.shape)
 
-        def moments(s):
-            mean = s[1] / s[0]
-            return mean, s[2] / s[0] - mean * mean
+    def _affine(self, batch: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Weight and bias in float32, repeated for every sample; cached until the parameters change
+        (an in-place load bumps their version)."""
+        if not self.affine:
+            return None, None
+        key = (batch, self.weight.data_ptr(), self.weight._version, self.bias.data_ptr(), self.bias._version)
+        if getattr(self, "_affine_key", None) != key:
+            self._affine_cache = (self.weight.detach().float().repeat(batch), self.bias.detach().float().repeat(batch))
+            self._affine_key = key
+        return self._affine_cache
 
-        mean, var = moments(stats)
-        if fallback is not None:   # a stale-corrected variance can come out negative: use this strip's own
-            lmean, lvar = moments(fallback)
-            bad = var < 0
-            mean, var = torch.where(bad, lmean, mean), torch.where(bad, lvar, var)
-        y = (g - mean[..., None]) * torch.rsqrt(var.clamp_min(0)[..., None] + self.eps)
-        y = y.reshape(x.shape).to(x.dtype)
-        if self.affine:
-            shape = (1, -1) + (1,) * (x.dim() - 2)
-            y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y
+
+def _views(t: torch.Tensor, base: torch.Tensor, offset: int) -> bool:
+    return (t.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+            and t.data_ptr() == base.data_ptr() + offset * base.element_size())
 
 
 class PatchAttention(Attention):
     """Self-attention of a strip's queries over the engine's K/V buffer.
 
-    The local K/V projection is written straight into the middle of the buffer, neighbours'
-    rows land around it, and attention reads the buffer as strided views: no concatenation."""
+    The local K/V projection is one GEMM with the fused K|V weight, written straight into the
+    middle of the buffer; neighbours' rows land around it, and attention reads the buffer as
+    strided views: no concatenation."""
+
+    def fused_kv(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The [2*dim, dim] K|V weight (and bias). `to_k` and `to_v` are made views of it, so that
+        weights loaded in place later (load_state_dict) are the ones used; if a conversion gave
+        them new storage (`.to(dtype)`), they are fused again."""
+        k, v = self.to_k, self.to_v
+        w = getattr(self, "_kv_weight", None)
+        if w is None or not (_views(k.weight, w, 0) and _views(v.weight, w, k.weight.numel())
+                             and (k.bias is None or _views(k.bias, self._kv_bias, 0)
+                                  and _views(v.bias, self._kv_bias, k.bias.numel()))):
+            with torch.no_grad():
+                w = torch.cat([k.weight, v.weight])
+                k.weight.data, v.weight.data = w[: k.out_features], w[k.out_features:]
+                b = None
+                if k.bias is not None:
+                    b = torch.cat([k.bias, v.bias])
+                    k.bias.data, v.bias.data = b[: k.out_features], b[k.out_features:]
+            self._kv_weight, self._kv_bias = w, b
+        return self._kv_weight, self._kv_bias
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         if context is not None:
             return super().forward(x, context)
         b, tokens, dim = x.shape
-        level = self.engine.geometry.level_of_tokens(tokens, self.engine.rank)
-        buf, start, end = self.engine.kv_buffer(self.key, level, b, 2 * dim, x.dtype, x.device)
-        # one fused K|V projection; concatenated per call (a [2*dim, dim] copy, small next to the
-        # attention itself) so that weights loaded after parallelize() are the ones used
-        weight = torch.cat([self.to_k.weight, self.to_v.weight])
-        torch.matmul(x.transpose(0, 1), weight.t(), out=buf[start:end])
-        buf[start:end] += torch.cat([self.to_k.bias, self.to_v.bias])
-        self.engine.exchange_kv(self.key, level, before=True)
+        buf, start, end = self.engine.kv_buffer(self.key)
+        weight, bias = self.fused_kv()
+        if b == 1:      # the buffer's local rows are one contiguous [tokens, 2*dim] matrix
+            if bias is None:
+                torch.mm(x[0], weight.t(), out=buf[start:end, 0])
+            else:
+                torch.addmm(bias, x[0], weight.t(), out=buf[start:end, 0])
+        else:           # one GEMM over all B*tokens rows, then into the token-major buffer
+            buf[start:end].copy_(F.linear(x, weight, bias).transpose(0, 1))
+        self.engine.exchange_kv(self.key, buf, before=True)
 
         def heads(t):                                   # [T, B, dim] view -> [B, heads, T, d] view
             return t.permute(1, 0, 2).unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
         out = attention(self.split_heads(self.to_q(x)), heads(buf[..., :dim]), heads(buf[..., dim:]))
-        self.engine.exchange_kv(self.key, level, before=False)
+        self.engine.exchange_kv(self.key, buf, before=False)
         return self.to_out(out.transpose(1, 2).reshape(x.shape))
 
 
@@ -100,5 +132,5 @@ class PatchGridPositions(GridPositions):
 
     def forward(self, h: int, w: int, device=None) -> torch.Tensor:
         level = self.engine.geometry.level_of_width(w)
-        off = level.offsets[self.engine.rank]
+        off = level.offsets[self.engine.strip]
         return self.grid(level.height, w, 0, device)[off * w: (off + h) * w]

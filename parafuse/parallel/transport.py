@@ -1,21 +1,36 @@
 """Moving tensors between ranks, and counting every byte that moves.
 
-One primitive, `start(sends, recvs, kind, tag)`: post point-to-point sends and receives as one
-batch and return a handle whose `wait()` completes them. All byte accounting happens here, per
-layer kind and per peer, so `sent(i->j) == received(j<-i)` can be checked.
+Two primitives:
+- `start(sends, recvs, kind)`: post point-to-point sends and receives as one batch;
+- `all_reduce(t, kind)`: sum `t` in place over the patch group (GroupNorm statistics);
+both return a handle whose `wait()` completes them. All byte accounting happens here, per layer
+kind and per peer, so `sent(i->j) == received(j<-i)` can be checked. An all-reduce is counted
+under the peer `COLLECTIVE` with the volume a ring all-reduce moves: 2(n-1)/n of the tensor,
+sent and received by every rank.
+
+Messages carry no tag: NCCL ignores point-to-point tags and matches the operations between two
+ranks in the order they were posted, so every rank must post its exchanges in the same order.
 
 `TorchTransport` posts through torch.distributed (NCCL on GPUs, gloo on CPU). `ThreadTransport`
-connects N threads of one process through queues: the single-process emulator runs the same
-exchange logic over it, so distributed runs can be checked against it.
+connects N threads of one process and behaves like NCCL where it matters for correctness (see
+`ThreadHub`): the single-process emulator runs the same exchange logic over it. `NullTransport`
+counts bytes and moves nothing: one process measures one rank's compute with it.
 """
 from __future__ import annotations
 
+import math
 import threading
 from collections import defaultdict
 
 import torch
 
 KINDS = ("latent_halo", "conv_halo", "attn_kv", "norm_stats", "cfg", "gather", "reduce")
+COLLECTIVE = -1      # the peer key under which all-reduce bytes are counted
+
+
+class ExchangeMismatch(RuntimeError):
+    """Two ranks posted operations that do not pair up (another kind or size): on NCCL this would
+    hang or silently deliver the wrong bytes."""
 
 
 class Pending:
@@ -32,16 +47,26 @@ class Pending:
             w()
         self._tensors = []
 
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return self._tensors
+
+
+def ring_bytes(nbytes: int, n: int) -> int:
+    """Bytes one rank sends (and receives) in a ring all-reduce of `nbytes` over `n` ranks."""
+    return math.ceil(2 * (n - 1) * nbytes / n)
+
 
 class Transport:
-    def __init__(self, rank: int, world_size: int):
+    def __init__(self, rank: int, world_size: int, group: list[int] | None = None):
         self.rank = rank
         self.world_size = world_size
+        self.group = list(group) if group is not None else list(range(world_size))   # the patch group
         self.bytes_sent: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
         self.bytes_received: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
 
     def start(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]],
-              kind: str, tag: int = 0) -> Pending:
+              kind: str) -> Pending:
         """Post `sends` (tensor, peer) and `recvs` (buffer to fill, peer); peers are global ranks."""
         assert kind in KINDS, kind
         for t, peer in sends:
@@ -50,9 +75,22 @@ class Transport:
             self.bytes_received[kind][peer] += t.numel() * t.element_size()
         if not sends and not recvs:
             return Pending()
-        return self._post(sends, recvs, tag)
+        return self._post(sends, recvs, kind)
 
-    def _post(self, sends, recvs, tag) -> Pending:
+    def all_reduce(self, t: torch.Tensor, kind: str) -> Pending:
+        """Sum `t` in place over the patch group; every rank gets the same bits."""
+        assert kind in KINDS, kind
+        if len(self.group) == 1:
+            return Pending()
+        nbytes = ring_bytes(t.numel() * t.element_size(), len(self.group))
+        self.bytes_sent[kind][COLLECTIVE] += nbytes
+        self.bytes_received[kind][COLLECTIVE] += nbytes
+        return self._all_reduce(t, kind)
+
+    def _post(self, sends, recvs, kind) -> Pending:
+        raise NotImplementedError
+
+    def _all_reduce(self, t, kind) -> Pending:
         raise NotImplementedError
 
     def reset_counts(self) -> None:
@@ -66,56 +104,141 @@ class Transport:
 
 
 class TorchTransport(Transport):
-    def _post(self, sends, recvs, tag) -> Pending:
+    """torch.distributed: point-to-point on the world group, all-reduce on the patch group."""
+
+    def __init__(self, rank: int, world_size: int, groups: list[list[int]]):
         import torch.distributed as dist
 
-        ops = [dist.P2POp(dist.isend, t, peer, tag=tag) for t, peer in sends]
-        ops += [dist.P2POp(dist.irecv, t, peer, tag=tag) for t, peer in recvs]
+        mine = next(g for g in groups if rank in g)
+        super().__init__(rank, world_size, mine)
+        self._group = None
+        for g in groups:                 # every rank creates every group, in the same order
+            pg = dist.new_group(g) if len(groups) > 1 else dist.group.WORLD
+            if g is mine:
+                self._group = pg
+
+    def _post(self, sends, recvs, kind) -> Pending:
+        import torch.distributed as dist
+
+        ops = [dist.P2POp(dist.isend, t, peer) for t, peer in sends]
+        ops += [dist.P2POp(dist.irecv, t, peer) for t, peer in recvs]
         works = dist.batch_isend_irecv(ops)
         return Pending([w.wait for w in works], [t for t, _ in sends + recvs])
 
+    def _all_reduce(self, t, kind) -> Pending:
+        import torch.distributed as dist
+
+        work = dist.all_reduce(t, group=self._group, async_op=True)
+        return Pending([work.wait], [t])
+
+
+class NullTransport(Transport):
+    """Counts every byte that would move and moves nothing: receive buffers keep what they hold and
+    an all-reduce leaves the local values. One process then runs exactly one rank's compute."""
+
+    def _post(self, sends, recvs, kind) -> Pending:
+        return Pending()
+
+    def _all_reduce(self, t, kind) -> Pending:
+        return Pending()
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().reshape(-1).view(torch.uint8)
+
 
 class ThreadHub:
-    """Mailboxes between the N threads of the emulator.
+    """Mailboxes between the N threads of the emulator, with NCCL's rules made strict.
 
-    Messages between a (source, destination, tag) are matched in the order the operations were
-    *posted*, like a real process group: a receive posted early (for next step) gets the message
-    sent first, even if a receive posted later is waited on first."""
+    - Matching: the operations between a (source, destination) pair are matched in the order they
+      were posted, whatever their kind (NCCL has no tags). A pair whose kinds or sizes differ raises
+      `ExchangeMismatch` instead of delivering the wrong bytes.
+    - Send buffers are read when the send is posted; if a send buffer has changed by the time its
+      send is waited on (a race NCCL would expose), the sender raises.
+    - Receive buffers are filled with NaN when posted (strict), so code that reads a buffer before
+      its receive completes produces NaN instead of silently reading stale data.
+    - All-reduces of a group are matched in posting order and summed in rank order, so every rank
+      gets the same bits.
+    """
 
-    def __init__(self, world_size: int, timeout: float = 300.0):
+    def __init__(self, world_size: int, timeout: float = 300.0, strict: bool = True):
         self.world_size = world_size
         self.timeout = timeout
+        self.strict = strict
         self.failed: str | None = None
-        self._messages: dict[tuple[int, int, int, int], torch.Tensor] = {}
-        self._sent: dict[tuple[int, int, int], int] = defaultdict(int)
-        self._posted: dict[tuple[int, int, int], int] = defaultdict(int)
+        self._messages: dict[tuple[int, int, int], tuple[str, torch.Tensor]] = {}
+        self._sent: dict[tuple[int, int], int] = defaultdict(int)
+        self._posted: dict[tuple[int, int], int] = defaultdict(int)
+        self._reduce_posted: dict[tuple[tuple[int, ...], int], int] = defaultdict(int)
+        self._reductions: dict[tuple[tuple[int, ...], int], dict[int, tuple[str, torch.Tensor]]] = {}
+        self._reduce_taken: dict[tuple[tuple[int, ...], int], int] = defaultdict(int)
         self._cond = threading.Condition()
 
-    def put(self, src: int, dst: int, tag: int, t: torch.Tensor) -> None:
+    def _wait_for(self, ready, dst: int, what: str):
+        waited = 0.0
+        while not ready():
+            if self.failed:
+                raise RuntimeError(f"emulated rank {dst} stopped: {self.failed}")
+            if waited > self.timeout:
+                raise RuntimeError(f"emulated rank {dst} waited {waited:.0f} s for {what}: "
+                                   f"a rank is stuck or exchanges are mismatched")
+            self._cond.wait(timeout=0.5)
+            waited += 0.5
+
+    # ---- point to point ------------------------------------------------------------------
+    def put(self, src: int, dst: int, kind: str, t: torch.Tensor) -> None:
         with self._cond:
-            seq = self._sent[(src, dst, tag)]
-            self._sent[(src, dst, tag)] += 1
-            self._messages[(src, dst, tag, seq)] = t
+            seq = self._sent[(src, dst)]
+            self._sent[(src, dst)] += 1
+            self._messages[(src, dst, seq)] = (kind, t)
             self._cond.notify_all()
 
-    def post_recv(self, src: int, dst: int, tag: int) -> int:
+    def post_recv(self, src: int, dst: int) -> int:
         with self._cond:
-            seq = self._posted[(src, dst, tag)]
-            self._posted[(src, dst, tag)] += 1
+            seq = self._posted[(src, dst)]
+            self._posted[(src, dst)] += 1
             return seq
 
-    def take(self, src: int, dst: int, tag: int, seq: int) -> torch.Tensor:
-        key, waited = (src, dst, tag, seq), 0.0
+    def take(self, src: int, dst: int, seq: int, kind: str, buf: torch.Tensor) -> None:
+        key = (src, dst, seq)
         with self._cond:
-            while key not in self._messages:
-                if self.failed:
-                    raise RuntimeError(f"emulated rank {dst} stopped: {self.failed}")
-                if waited > self.timeout:
-                    raise RuntimeError(f"emulated rank {dst} waited {waited:.0f} s for rank {src} (tag {tag}): "
-                                       f"a rank is stuck or exchanges are mismatched")
-                self._cond.wait(timeout=0.5)
-                waited += 0.5
-            return self._messages.pop(key)
+            self._wait_for(lambda: key in self._messages, dst, f"message {seq} from rank {src}")
+            got_kind, t = self._messages.pop(key)
+        if got_kind != kind or t.numel() * t.element_size() != buf.numel() * buf.element_size():
+            raise ExchangeMismatch(
+                f"rank {dst}'s receive #{seq} from rank {src} expects {kind} of {buf.numel() * buf.element_size()} "
+                f"bytes, but rank {src}'s send #{seq} to it is {got_kind} of {t.numel() * t.element_size()} bytes: "
+                f"the two ranks posted their exchanges in different orders")
+        buf.copy_(t.view(buf.shape))
+
+    # ---- all-reduce ----------------------------------------------------------------------
+    def contribute(self, group: tuple[int, ...], rank: int, kind: str, t: torch.Tensor) -> int:
+        with self._cond:
+            seq = self._reduce_posted[(group, rank)]
+            self._reduce_posted[(group, rank)] += 1
+            self._reductions.setdefault((group, seq), {})[rank] = (kind, t)
+            self._cond.notify_all()
+            return seq
+
+    def reduced(self, group: tuple[int, ...], rank: int, seq: int, out: torch.Tensor) -> None:
+        key = (group, seq)
+        with self._cond:
+            self._wait_for(lambda: len(self._reductions.get(key, {})) == len(group), rank,
+                           f"all-reduce #{seq} of group {list(group)}")
+            parts = self._reductions[key]
+            self._reduce_taken[key] += 1
+            if self._reduce_taken[key] == len(group):
+                del self._reductions[key], self._reduce_taken[key]
+        mine_kind, mine = parts[rank]
+        for r, (kind, t) in parts.items():
+            if kind != mine_kind or t.shape != mine.shape:
+                raise ExchangeMismatch(
+                    f"all-reduce #{seq} of group {list(group)}: rank {rank} posted {mine_kind} {tuple(mine.shape)}, "
+                    f"rank {r} posted {kind} {tuple(t.shape)}: the ranks posted their collectives in different orders")
+        total = parts[group[0]][1].clone()
+        for r in group[1:]:
+            total += parts[r][1]
+        out.copy_(total)
 
     def fail(self, message: str) -> None:
         with self._cond:
@@ -124,16 +247,34 @@ class ThreadHub:
 
 
 class ThreadTransport(Transport):
-    def __init__(self, rank: int, hub: ThreadHub):
-        super().__init__(rank, hub.world_size)
+    def __init__(self, rank: int, hub: ThreadHub, group: list[int] | None = None):
+        super().__init__(rank, hub.world_size, group)
         self.hub = hub
 
-    def _post(self, sends, recvs, tag) -> Pending:
-        for t, peer in sends:
-            # a copy: the sender may overwrite its buffer before the receiver reads it, as with a real send
-            self.hub.put(self.rank, peer, tag, t.detach().clone())
+    def _post(self, sends, recvs, kind) -> Pending:
         waits = []
+        for t, peer in sends:
+            # the bytes are taken now (a real send reads its buffer while in flight); strict mode
+            # checks at the wait that the buffer was left alone meanwhile
+            sent = t.detach().clone()
+            self.hub.put(self.rank, peer, kind, sent)
+            if self.hub.strict:
+                waits.append(lambda t=t, sent=sent, peer=peer: self._check_unchanged(t, sent, peer, kind))
         for buf, peer in recvs:
-            seq = self.hub.post_recv(peer, self.rank, tag)
-            waits.append(lambda buf=buf, peer=peer, seq=seq: buf.copy_(self.hub.take(peer, self.rank, tag, seq)))
-        return Pending(waits)
+            seq = self.hub.post_recv(peer, self.rank)
+            if self.hub.strict and buf.is_floating_point():
+                buf.fill_(float("nan"))
+            waits.append(lambda buf=buf, peer=peer, seq=seq: self.hub.take(peer, self.rank, seq, kind, buf))
+        return Pending(waits, [t for t, _ in sends + recvs])
+
+    def _check_unchanged(self, t: torch.Tensor, sent: torch.Tensor, peer: int, kind: str) -> None:
+        if not torch.equal(_bits(t), _bits(sent)):
+            raise RuntimeError(f"rank {self.rank} changed a {kind} send buffer (to rank {peer}) before the send "
+                               f"completed: on NCCL the peer would receive partly overwritten data")
+
+    def _all_reduce(self, t, kind) -> Pending:
+        group = tuple(self.group)
+        seq = self.hub.contribute(group, self.rank, kind, t.detach().clone())
+        if self.hub.strict and t.is_floating_point():
+            t.fill_(float("nan"))
+        return Pending([lambda: self.hub.reduced(group, self.rank, seq, t)], [t])

@@ -1,0 +1,218 @@
+"""Everything only a GPU can show, in one command of under 5 minutes on one H100/H200.
+
+    PYTHONPATH=.:kernels python benchmarks/gpu_check.py            # every section
+    PYTHONPATH=.:kernels python benchmarks/gpu_check.py --only scaling
+    python benchmarks/gpu_check.py --device cpu --smoke            # the same logic on CPU, tiny (CI)
+
+Sections (each with a time budget; the JSON is rewritten after each, so a run cut short still
+reports):
+    cli        `python -m parafuse.generate` on the device in fp32 and bf16
+    nccl       `torchrun --nproc_per_node 1 -m parafuse.generate` (NCCL on CUDA)
+    sync       the emulator's `sync` against the serial run on the device: fp32 with TF32 off, and
+               bf16 (whose gap to serial bf16 must not exceed serial bf16's gap to fp32)
+    scaling    per-rank compute speedup of unet-xl and dit-xl at 2048² and 4096², N = 1, 2, 4, 8
+               (benchmarks/scaling.py: one process, NullTransport, the slowest strip)
+    bandwidth  the solver update `combine` against a device-to-device copy, fp32 and bf16
+
+The JSON goes to benchmarks/results/gpu_check_<device>.json; a table is printed last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import RESULTS, hardware, table  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SECTIONS = ("cli", "nccl", "sync", "scaling", "bandwidth")
+BUDGETS = {"cli": 60, "nccl": 45, "sync": 45, "scaling": 150, "bandwidth": 15}   # seconds; 315 in all
+
+
+def run_cli(args: list[str], torchrun: bool, timeout: float) -> dict:
+    """One CLI run; its exit code, the report's device and seconds, and stderr's last line."""
+    with tempfile.TemporaryDirectory() as tmp:
+        rep = os.path.join(tmp, "r.json")
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"] \
+            if torchrun else [sys.executable]
+        cmd = launcher + ["-m", "parafuse.generate", "--no-progress", "--out", os.path.join(tmp, "x.png"),
+                          "--report", rep, *args]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "kernels"),
+                                                           os.environ.get("PYTHONPATH", "")]))
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+        out = {"args": " ".join(args), "exit": proc.returncode, "wall_s": time.perf_counter() - t0}
+        if proc.returncode == 0:
+            r = json.load(open(rep))
+            out.update(device=r["device"], dtype=r["dtype"], denoise_s=r["total_seconds"],
+                       step_ms=1e3 * sum(r["step_seconds"][1:]) / max(1, len(r["step_seconds"]) - 1))
+        else:
+            out["error"] = (proc.stderr.strip().splitlines() or [""])[-1][-400:]
+        return out
+
+
+def section_cli(a) -> dict:
+    size = "128" if a.smoke else "1024"
+    return {dt: run_cli(["--device", a.device, "--dtype", dt, "--height", size, "--width", size, "--steps", "8"],
+                        False, BUDGETS["cli"]) for dt in ("fp32", "bf16")}
+
+
+def section_nccl(a) -> dict:
+    size = "128" if a.smoke else "1024"
+    return run_cli(["--dtype", "bf16" if a.device != "cpu" else "fp32", "--height", size, "--width", size,
+                    "--steps", "8"], True, BUDGETS["nccl"])
+
+
+def section_sync(a) -> dict:
+    """sync equals serial: fp32 (TF32 off) to float tolerance; bf16 within bf16's own noise, judged
+    by RMS: a bf16 run's 1-ulp rounding flips (a GroupNorm applied in another order, a fused K|V
+    GEMM) propagate through the network, so the max difference is noisy."""
+    from parafuse.models import load_model
+    from parafuse.parallel.emulator import emulate
+    from parafuse.runtime import ParallelConfig, Request, Runtime
+
+    def diff(x, y):
+        return {"max": (x - y).abs().max().item(), "rms": (x - y).pow(2).mean().sqrt().item()}
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    out = {}
+    req = Request(96, 64, 4, "dpmpp-2m", seed=7, label=3)
+    try:
+        for name in ("unet-small", "dit-small"):
+            serial = {dt: Runtime(load_model(name), ParallelConfig(), device=a.device, dtype=dt).generate(req).latent
+                      for dt in ("fp32", "bf16")}
+            r = {"bf16_vs_fp32_serial": diff(serial["bf16"], serial["fp32"])}
+            for n in (2, 4):
+                for dt in ("fp32", "bf16"):
+                    _, res = emulate(load_model(name), n, ParallelConfig("sync"), req, device=a.device, dtype=dt)
+                    r[f"N{n}_{dt}_sync_vs_serial"] = diff(res[0][0].latent, serial[dt])
+            r["fp32_ok"] = all(r[f"N{n}_fp32_sync_vs_serial"]["max"] <= 1e-4 for n in (2, 4))
+            r["bf16_ok"] = all(r[f"N{n}_bf16_sync_vs_serial"]["rms"] <= 1.25 * r["bf16_vs_fp32_serial"]["rms"]
+                               for n in (2, 4))
+            out[name] = r
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return out
+
+
+def section_scaling(a) -> dict:
+    import scaling
+
+    device = torch.device(a.device)
+    deadline = time.perf_counter() + BUDGETS["scaling"]
+    if a.smoke:
+        plan = [("default", [128]), ("dit-small", [128])]
+    else:   # most informative first: the budget may cut the end
+        plan = [("dit-xl", [2048]), ("unet-xl", [2048]), ("dit-xl", [4096]), ("unet-xl", [4096])]
+    rows = []
+    for model, sizes in plan:
+        if time.perf_counter() > deadline:
+            rows.append({"model": model, "size": sizes[0], "skipped": "time budget"})
+            continue
+        rows += scaling.scaling_rows(model, sizes, [1, 2, 8, 4], ["full", "partial"], device, None,
+                                     repeat=3, deadline=deadline)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"rows": rows}
+
+
+def section_bandwidth(a) -> dict:
+    import scaling
+    from parafuse.solvers import combine
+
+    device = torch.device(a.device)
+    numel = 1 << (20 if a.smoke else 26)
+    out = {}
+    for dt in (torch.float32, torch.bfloat16):
+        x, m0, m1 = (torch.randn(numel, device=device).to(dt) for _ in range(3))
+        dst = torch.empty_like(x)
+        size = x.element_size() * numel
+        copy_s = scaling.time_step(lambda: dst.copy_(x), device, repeat=20)
+        comb_s = scaling.time_step(lambda: combine(0.9, x, [0.3, -0.1], [m0, m1]), device, repeat=20)
+        key = str(dt).replace("torch.", "")
+        out[key] = {"copy_GBps": 2 * size / copy_s / 1e9, "combine_GBps": 4 * size / comb_s / 1e9}
+        out[key]["combine_fraction_of_copy"] = out[key]["combine_GBps"] / out[key]["copy_GBps"]
+    return out
+
+
+def summary(results: dict) -> list[dict]:
+    rows = []
+    for name, sec in results["sections"].items():
+        if "error" in sec:
+            rows.append({"section": name, "result": f"ERROR {sec['error'][:120]}"})
+        elif name == "cli":
+            for dt, r in sec["result"].items():
+                rows.append({"section": f"cli {dt}", "result": f"exit {r['exit']}" + (
+                    f", {r['step_ms']:.1f} ms/step on {r['device']}" if r["exit"] == 0 else f": {r['error']}")})
+        elif name == "nccl":
+            r = sec["result"]
+            rows.append({"section": "torchrun x1", "result": f"exit {r['exit']}" + (
+                f", {r['step_ms']:.1f} ms/step" if r["exit"] == 0 else f": {r['error']}")})
+        elif name == "sync":
+            for model, r in sec["result"].items():
+                rows.append({"section": f"sync {model}", "result": (
+                    f"fp32 {'ok' if r['fp32_ok'] else 'FAIL'}, bf16 {'ok' if r['bf16_ok'] else 'FAIL'}; max/rms: " +
+                    ", ".join(f"{k} {v['max']:.2g}/{v['rms']:.2g}" for k, v in r.items() if isinstance(v, dict)))})
+        elif name == "scaling":
+            for r in sec["result"]["rows"]:
+                if "skipped" in r:
+                    rows.append({"section": f"scaling {r['model']} {r['size']}", "result": "skipped (time budget)"})
+                elif r["mode"] != "serial":
+                    rows.append({"section": f"scaling {r['model']} {r['size']} N={r['n']} {r['mode']}",
+                                 "result": f"{r['speedup']:.2f}x ({r['seconds'] * 1e3:.1f} vs "
+                                           f"{r['serial_seconds'] * 1e3:.1f} ms), peak "
+                                           f"{(r['peak_memory_bytes'] or 0) / 1e9:.1f} vs "
+                                           f"{(r['serial_peak_memory_bytes'] or 0) / 1e9:.1f} GB"})
+        elif name == "bandwidth":
+            for dt, r in sec["result"].items():
+                rows.append({"section": f"combine {dt}", "result": f"{r['combine_GBps']:.0f} GB/s = "
+                             f"{100 * r['combine_fraction_of_copy']:.0f}% of copy ({r['copy_GBps']:.0f} GB/s)"})
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", choices=SECTIONS, nargs="+", default=list(SECTIONS))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--smoke", action="store_true", help="tiny models and sizes: checks this script's logic on CPU")
+    p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/gpu_check_<device>.json)")
+    a = p.parse_args(argv)
+    hw = hardware() if a.device != "cpu" else {**hardware(), "device": "cpu"}
+    slug = re.sub(r"[^a-z0-9]+", "_", (torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu").lower())
+    path = a.out or os.path.join(RESULTS, f"gpu_check_{slug.strip('_')}.json")
+    results = {"hardware": hardware(), "smoke": a.smoke, "sections": {}}
+    if os.path.exists(path) and a.only != list(SECTIONS):      # --only: keep the other sections' results
+        results["sections"] = json.load(open(path)).get("sections", {})
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    for name in a.only:
+        t0 = time.perf_counter()
+        print(f"== {name} (budget {BUDGETS[name]} s)", flush=True)
+        try:
+            sec = {"result": globals()[f"section_{name}"](a)}
+        except Exception as e:      # noqa: BLE001 - a failed section is a result; the next still runs
+            sec = {"error": f"{type(e).__name__}: {e}"}
+        sec["seconds"] = time.perf_counter() - t0
+        results["sections"][name] = sec
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=2)
+        os.replace(tmp, path)
+        print(json.dumps(sec, default=str)[:2000], flush=True)
+    print(f"\n{hw['device']}, torch {torch.__version__}\n")
+    print(table(summary(results), [("section", "section"), ("result", "result")]))
+    print(f"\nwrote {path}")
+    return 0 if all("error" not in s for s in results["sections"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""Per-rank compute scaling: how much faster one rank's strip step is than the whole image.
+
+For each model, image size, N and mode, one process runs the steady-state step of one strip (the
+stale step plan after the synchronous warmup) over a NullTransport, which counts every byte the
+step would send and moves nothing: the time is compute alone, what N GPUs would each spend if
+communication hid perfectly behind it. The slowest of the first strip (the most rows, one
+neighbour) and a middle strip (two neighbours) counts. The serial baseline runs in the same
+dtype and attention backend. Also per row: bytes per step by kind, exchange state held between
+steps, ATen ops per step and peak memory.
+
+On CPU it also times real `torchrun` runs (gloo) for N up to the core count: mean seconds of the
+steady-state steps from the run report, against the serial run.
+
+    python benchmarks/scaling.py                                    # CPU: default + dit-small
+    python benchmarks/scaling.py --models unet-xl dit-xl --sizes 2048 4096 --device cuda --dtype bf16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import RESULTS, hardware, table, write_json  # noqa: E402
+
+from parafuse.models import load_model  # noqa: E402
+from parafuse.parallel.distributed import ParallelLayout  # noqa: E402
+from parafuse.parallel.parallelize import unparallelize  # noqa: E402
+from parafuse.parallel.transport import NullTransport  # noqa: E402
+from parafuse.profile import OpCounter  # noqa: E402
+from parafuse.runtime import ParallelConfig, Request, Runtime  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def time_step(step, device: torch.device, warmup: int = 2, repeat: int = 5, max_seconds: float = 20.0) -> float:
+    """Median seconds of `step()`; CUDA time from events, without a synchronisation per call
+    beyond the one that reads them."""
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    times, begin = [], time.perf_counter()
+    for _ in range(repeat):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            step()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1000)
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        if time.perf_counter() - begin > max_seconds:
+            break
+    return statistics.median(times)
+
+
+def measure(model, req: Request, device, dtype, mode: str | None, n: int, strip: int, warmup_steps: int = 1,
+            repeat: int = 5) -> dict:
+    """One strip's steady-state step (or the serial step, mode None): seconds, bytes per step by
+    kind, state bytes, ATen ops, peak memory. Leaves `model` plain again."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    if mode is None:
+        rt = Runtime(model, ParallelConfig(), device=str(device), dtype=dtype)
+    else:
+        rt = Runtime(model, ParallelConfig(mode, warmup_steps), device=str(device), dtype=dtype,
+                     layout=ParallelLayout(strip, n), transport=NullTransport(strip, n))
+    try:
+        step = rt.rank_step(req)
+        seconds = time_step(step, device, repeat=repeat)
+        with OpCounter() as ops:
+            step()
+        if rt.transport is not None:
+            rt.transport.reset_counts()
+        step()
+        sent = rt.transport.totals()[0] if rt.transport is not None else {}
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        return {"seconds": seconds, "bytes_per_step": {k: v for k, v in sent.items() if v},
+                "state_bytes": rt.engine.state_bytes() if rt.engine is not None else 0,
+                "aten_ops": ops.total, "peak_memory_bytes": peak}
+    finally:
+        if rt.engine is not None:
+            rt.engine.drain()
+        unparallelize(model)
+
+
+def scaling_rows(model_name: str, sizes, ranks, modes, device, dtype, repeat: int = 5,
+                 deadline: float | None = None, log=print) -> list[dict]:
+    """Rows of (model, size, mode, N): the slowest strip's step against the serial step."""
+    model = load_model(model_name, device=device)
+    rows = []
+    for size in sizes:
+        req = Request(size, size, steps=8, solver="ddim", seed=0,
+                      context=None, label=0 if model.spec.num_classes else None)
+        serial = measure(model, req, device, dtype, None, 1, 0, repeat=repeat)
+        log(f"{model_name} {size}² serial: {serial['seconds'] * 1e3:.1f} ms")
+        rows.append({"model": model_name, "size": size, "mode": "serial", "n": 1, **serial,
+                     "serial_seconds": serial["seconds"], "speedup": 1.0})
+        for n in ranks:
+            if n == 1:
+                continue
+            for mode in modes:
+                if deadline is not None and time.perf_counter() > deadline:
+                    rows.append({"model": model_name, "size": size, "mode": mode, "n": n, "skipped": "time budget"})
+                    continue
+                strips = sorted({0, n // 2})
+                per = {s: measure(model, req, device, dtype, mode, n, s, repeat=repeat) for s in strips}
+                slow = max(per, key=lambda s: per[s]["seconds"])
+                r = {"model": model_name, "size": size, "mode": mode, "n": n, "strip": slow, **per[slow],
+                     "strip_seconds": {str(s): per[s]["seconds"] for s in strips},
+                     "serial_seconds": serial["seconds"], "serial_aten_ops": serial["aten_ops"],
+                     "serial_peak_memory_bytes": serial["peak_memory_bytes"],
+                     "speedup": serial["seconds"] / per[slow]["seconds"]}
+                rows.append(r)
+                log(f"{model_name} {size}² N={n} {mode}: {r['seconds'] * 1e3:.1f} ms (strip {slow}), "
+                    f"speedup {r['speedup']:.2f}x, {sum(r['bytes_per_step'].values()) / 1e6:.2f} MB/step, "
+                    f"{r['aten_ops']} ops vs {serial['aten_ops']}")
+    del model
+    return rows
+
+
+def torchrun_rows(model_name: str, size: int, ranks, modes, steps: int, warmup: int, dtype: str | None) -> list[dict]:
+    """Real gloo runs on this machine: mean seconds of the steady-state steps from the run report."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        def run(n, mode):
+            rep = os.path.join(tmp, f"{n}-{mode}.json")
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+                   "-m", "parafuse.generate", "--model", model_name, "--height", str(size), "--width", str(size),
+                   "--steps", str(steps), "--solver", "ddim", "--mode", mode, "--warmup-steps", str(warmup),
+                   "--no-progress", "--out", os.path.join(tmp, "x.png"), "--report", rep, "--overwrite"]
+            if dtype:
+                cmd += ["--dtype", dtype]
+            env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // n)), PYTHONPATH=ROOT)
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+            if proc.returncode:
+                raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+            steady = json.load(open(rep))["step_seconds"][warmup:]
+            return sum(steady) / len(steady)
+        serial = run(1, "sync")
+        rows.append({"model": model_name, "size": size, "mode": "serial", "n": 1, "seconds": serial, "speedup": 1.0})
+        for n in ranks:
+            if 1 < n <= (os.cpu_count() or 1):
+                for mode in modes:
+                    s = run(n, mode)
+                    rows.append({"model": model_name, "size": size, "mode": mode, "n": n, "seconds": s,
+                                 "speedup": serial / s})
+    return rows
+
+
+COLUMNS = [("model", "model"), ("size", "px"), ("mode", "mode"), ("n", "N"), ("seconds", "step s"),
+           ("speedup", "speedup"), ("mb_per_step", "MB/step"), ("state_mb", "state MB"), ("aten_ops", "ATen ops"),
+           ("peak_gb", "peak GB")]
+
+
+def printable(rows: list[dict]) -> list[dict]:
+    out = []
+    for r in rows:
+        r = dict(r)
+        r["mb_per_step"] = sum(r.get("bytes_per_step", {}).values()) / 1e6
+        r["state_mb"] = r.get("state_bytes", 0) / 1e6
+        r["peak_gb"] = r["peak_memory_bytes"] / 1e9 if r.get("peak_memory_bytes") else ""
+        out.append(r)
+    return out
+
+
+def plot(rows: list[dict], path: str, title: str) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    keys = sorted({(r["model"], r["size"], r["mode"]) for r in rows if r["mode"] != "serial" and "speedup" in r})
+    top = 1
+    for model, size, mode in keys:
+        pts = [(1, 1.0)] + [(r["n"], r["speedup"]) for r in rows if (r["model"], r["size"], r["mode"]) == (model, size, mode)
+                            and "speedup" in r]
+        ax.plot(*zip(*pts), "o-", label=f"{model} {size}² {mode}")
+        top = max(top, max(n for n, _ in pts))
+    ax.plot([1, top], [1, top], "k:", label="ideal")
+    ax.set(xlabel="N (strips)", ylabel="compute speedup of the slowest strip", title=title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return True
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["default", "dit-small"])
+    p.add_argument("--sizes", nargs="+", type=int, default=[256, 512])
+    p.add_argument("--ranks", nargs="+", type=int, default=[1, 2, 4, 8])
+    p.add_argument("--modes", nargs="+", default=["full", "partial"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--budget", type=float, default=None, help="seconds; configurations past it are skipped")
+    p.add_argument("--torchrun-size", type=int, default=256, help="CPU: image size of the real torchrun runs (0: none)")
+    p.add_argument("--name", default=None, help="output name under benchmarks/results (default: scaling_<device>)")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    deadline = time.perf_counter() + args.budget if args.budget else None
+    rows = []
+    for m in args.models:
+        rows += scaling_rows(m, args.sizes, args.ranks, args.modes, device, args.dtype, args.repeat, deadline)
+    real = []
+    if device.type == "cpu" and args.torchrun_size:
+        for m in args.models:
+            real += torchrun_rows(m, args.torchrun_size, args.ranks, args.modes, steps=6, warmup=2, dtype=args.dtype)
+    hw = hardware()
+    name = args.name or f"scaling_{device.type}"
+    print(f"\nper-rank compute (one process, NullTransport), {hw['device']}, torch {hw['torch']}\n")
+    print(table(printable([r for r in rows if "skipped" not in r]), COLUMNS))
+    if real:
+        print("\nreal torchrun (gloo) runs, mean steady-state step\n")
+        print(table(real, [("model", "model"), ("size", "px"), ("mode", "mode"), ("n", "N"), ("seconds", "step s"),
+                           ("speedup", "speedup")]))
+    path = write_json(f"{name}.json", {"hardware": hw, "args": vars(args), "rows": rows, "torchrun": real})
+    png = os.path.join(RESULTS, f"{name}.png")
+    print(f"wrote {path}" + (f" and {png}" if plot(rows, png, f"per-rank compute — {hw['device']}") else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Model adapters: what the patch runtime needs to know of a model family.
+
+An adapter names, by module type and behaviour (never by class name strings that a library
+release can rename), which modules are parallel sites and of what kind:
+
+    conv       a Conv2d whose kernel reaches across rows: needs halo rows of its neighbours
+    norm       a GroupNorm: needs statistics over the whole image
+    attn       a self-attention: needs keys/values of other strips
+    positions  a grid position embedding: computed for the whole grid, sliced to the strip
+
+and what example conditioning a shape trace needs. Everything else (1x1 convs, linear layers,
+LayerNorm, cross-attention, nearest upsampling) is row-local and runs unchanged on a strip. The
+built-in models are the first family; the diffusers families add adapters of their own.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from parafuse.models.layers import Attention, GridPositions
+from parafuse.parallel.geometry import conv_halo
+
+
+class BuiltinAdapter:
+    name = "builtin"
+
+    def site_kind(self, module: nn.Module) -> str | None:
+        if isinstance(module, nn.Conv2d):
+            if module.padding_mode != "zeros" or isinstance(module.padding, str):
+                raise ValueError(f"conv with padding {module.padding!r}/{module.padding_mode!r} is not supported "
+                                 f"by the patch runtime (only explicit zero padding)")
+            top, bottom = conv_halo(module.kernel_size[0], module.stride[0], module.padding[0], module.dilation[0])
+            return "conv" if top or bottom else None
+        if isinstance(module, nn.GroupNorm):
+            return "norm"
+        if isinstance(module, Attention) and not module.is_cross:
+            return "attn"
+        if isinstance(module, GridPositions):
+            return "positions"
+        return None
+
+    def example_kwargs(self, spec, device: torch.device, dtype: torch.dtype) -> dict:
+        """Conditioning for a shape trace: a short text context for cross-attention models."""
+        if spec.context_dim:
+            return {"context": torch.zeros(1, 4, spec.context_dim, device=device, dtype=dtype)}
+        return {}
+
+
+BUILTIN = BuiltinAdapter()

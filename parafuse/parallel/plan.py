@@ -1,0 +1,145 @@
+"""The patch plan: every parallel site of a model at one geometry, fixed before the first step.
+
+A model's sites (which convolutions need halo rows, which GroupNorms need global statistics,
+which self-attentions need neighbours' keys/values, and at which resolution level each runs) are
+read once from a shape-only trace of the plain model (`parafuse.profile`). When a request's
+geometry is known, `PatchPlan` fixes for this strip every site's rows, halos, K/V window and the
+shapes of its exchange buffers, and the two step plans that the engine switches between:
+
+    sync   every exchange complete before its layer runs (warmup steps, `sync` mode)
+    stale  layers use what the neighbours sent during the previous step while this step's
+           exchange runs behind compute (`full`, `partial`); the latent halo stays fresh
+    local  no exchange at all (`none`, and `partial` with p = 0)
+
+Nothing here touches tensors: the plan is a pure function of (sites, geometry, strip, settings).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from parafuse.parallel.geometry import Level, StripGeometry
+
+
+@dataclass(frozen=True)
+class Site:
+    key: str              # module path in the model
+    kind: str             # "conv" | "norm" | "attn" | "positions"
+    factor: int           # latent rows per row at this site's level
+    channels: int = 0     # conv input channels / GroupNorm channels / attention width
+    groups: int = 0       # GroupNorm groups
+    top: int = 0          # conv halo rows taken from the strip above / below
+    bottom: int = 0
+    first: bool = False   # a conv that reads the model input: its halo is the latent's, always fresh
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    name: str             # "sync" | "stale" | "local"
+    halos: str            # "fresh" | "stale" | "zeros"
+    kv: str               # "whole" (complete, exchanged before attention) | "stale-whole" | "stale-window" | "local"
+    norm: str             # "exact" | "corrected" | "stale" | "local"
+
+    @property
+    def stale(self) -> bool:
+        return self.name == "stale"
+
+
+SYNC = StepPlan("sync", "fresh", "whole", "exact")
+LOCAL = StepPlan("local", "zeros", "local", "local")
+
+
+@dataclass(frozen=True)
+class Settings:
+    mode: str             # sync | full | partial | none
+    halo_portion: float
+    warmup_steps: int
+    norm_mode: str        # exact | corrected | stale | local
+
+    @property
+    def exchanges(self) -> bool:
+        # partial with p = 0 conditions a strip on nothing of its neighbours: that is `none`
+        return self.mode != "none" and not (self.mode == "partial" and self.halo_portion == 0.0)
+
+
+class PatchPlan:
+    """Sites and buffer shapes of one strip of one geometry, batch and dtype."""
+
+    def __init__(self, sites: list[Site], geometry: StripGeometry, strip: int, batch: int, dtype: torch.dtype,
+                 settings: Settings):
+        self.sites = {s.key: s for s in sites}
+        self.geometry = geometry
+        self.strip = strip
+        self.batch = batch
+        self.dtype = dtype
+        self.settings = settings
+        self.n = geometry.n
+        if not settings.exchanges:
+            self.sync_step = self.stale_step = LOCAL
+        else:
+            self.sync_step = SYNC
+            kv = {"sync": "whole", "full": "stale-whole", "partial": "stale-window"}[settings.mode]
+            halos = "fresh" if settings.mode == "sync" else "stale"
+            norm = "exact" if settings.mode == "sync" else settings.norm_mode
+            self.stale_step = SYNC if settings.mode == "sync" else StepPlan("stale", halos, kv, norm)
+
+    @property
+    def key(self) -> tuple:
+        return (self.geometry, self.strip, self.batch, self.dtype, self.settings)
+
+    def step_plan(self, step: int, first_of_image: bool) -> StepPlan:
+        """The first step of an image and the warmup steps run synchronously."""
+        if first_of_image or step < self.settings.warmup_steps:
+            return self.sync_step
+        return self.stale_step
+
+    def level(self, site: Site) -> Level:
+        return self.geometry.level(site.factor)
+
+    def rows(self, site: Site) -> int:
+        return self.level(site).rows[self.strip]
+
+    @property
+    def up(self) -> int | None:
+        return self.strip - 1 if self.strip > 0 else None
+
+    @property
+    def down(self) -> int | None:
+        return self.strip + 1 if self.strip < self.n - 1 else None
+
+    # ---- attention -----------------------------------------------------------------------
+    def window_rows(self, level: Level, strip: int) -> int:
+        """Rows of strip `strip` that its neighbours attend to in `partial` mode: ceil(p * rows),
+        at least one (partial never silently degenerates to none), at most the whole strip."""
+        rows = level.rows[strip]
+        return min(rows, max(1, math.ceil(self.settings.halo_portion * rows)))
+
+    def kv_rows(self, site: Site, kv: str) -> tuple[int, int]:
+        """Rows from above and below in the K/V buffer of `site` for the step plan's `kv`."""
+        lv, i = self.level(site), self.strip
+        if kv in ("whole", "stale-whole"):
+            return lv.offsets[i], lv.height - lv.offsets[i] - lv.rows[i]
+        if kv == "stale-window":
+            return (self.window_rows(lv, i - 1) if self.up is not None else 0,
+                    self.window_rows(lv, i + 1) if self.down is not None else 0)
+        return 0, 0
+
+    def kv_shape(self, site: Site, kv: str) -> tuple[int, int, int]:
+        above, below = self.kv_rows(site, kv)
+        lv = self.level(site)
+        return ((above + lv.rows[self.strip] + below) * lv.width, self.batch, 2 * site.channels)
+
+    # ---- conv halos ----------------------------------------------------------------------
+    def halo_shapes(self, site: Site) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of the rows attached above (`top`) and below (`bottom`) the strip: received from
+        the neighbour, or zeros at the image edge (what the conv's own zero padding would give)."""
+        w = self.level(site).width
+        return (self.batch, site.channels, site.top, w), (self.batch, site.channels, site.bottom, w)
+
+    def norm_counts(self, site: Site) -> tuple[float, float]:
+        """Elements per (sample, group): in this strip, and in the whole image."""
+        lv = self.level(site)
+        per_row = site.channels // site.groups * lv.width
+        return float(per_row * lv.rows[self.strip]), float(per_row * lv.height)
