@@ -12,6 +12,8 @@ reports):
                bf16 (whose gap to serial bf16 must not exceed serial bf16's gap to fp32)
     scaling    per-rank compute speedup of unet-xl and dit-xl at 2048² and 4096², N = 1, 2, 4, 8
                (benchmarks/scaling.py: one process, NullTransport, the slowest strip)
+    graphs     CUDA graphs: replayed evaluations equal eager ones (a serial run, a strip's steady
+               steps), and unet-xl 2048² per-rank speedup with the serial and strip steps graphed
     bandwidth  the solver update `combine` against a device-to-device copy, fp32 and bf16
 
 The JSON goes to benchmarks/results/gpu_check_<device>.json; a table is printed last.
@@ -33,8 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import RESULTS, hardware, table  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ("cli", "nccl", "sync", "scaling", "bandwidth")
-BUDGETS = {"cli": 60, "nccl": 45, "sync": 45, "scaling": 150, "bandwidth": 15}   # seconds; 315 in all
+SECTIONS = ("cli", "nccl", "sync", "scaling", "graphs", "bandwidth")
+BUDGETS = {"cli": 45, "nccl": 30, "sync": 30, "scaling": 120, "graphs": 60, "bandwidth": 10}   # seconds; 295 in all
 
 
 def run_cli(args: list[str], torchrun: bool, timeout: float) -> dict:
@@ -126,6 +128,34 @@ def section_scaling(a) -> dict:
     return {"rows": rows}
 
 
+def section_graphs(a) -> dict:
+    """Replay equals eager, then the launch-bound case graphed (serial baseline graphed too)."""
+    import scaling
+    from parafuse.models import load_model
+    from parafuse.parallel.distributed import ParallelLayout
+    from parafuse.parallel.transport import NullTransport
+    from parafuse.runtime import ParallelConfig, Request, Runtime
+
+    if not a.device.startswith("cuda"):
+        return {"skipped": "CUDA graphs need a CUDA device"}
+    device = torch.device(a.device)
+    deadline = time.perf_counter() + BUDGETS["graphs"]
+    req = Request(256, 256, 8, "dpmpp-2m", seed=1, label=2)
+    eager = Runtime(load_model("unet-small"), ParallelConfig(), device=a.device).generate(req).latent
+    graphed = Runtime(load_model("unet-small"), ParallelConfig(), device=a.device, cuda_graphs=True).generate(req).latent
+    out = {"serial_replay_vs_eager_max": (graphed - eager).abs().max().item()}
+    strips = {}
+    for graphs in (False, True):
+        rt = Runtime(load_model("unet-small"), ParallelConfig("full", 1), device=a.device,
+                     layout=ParallelLayout(1, 3), transport=NullTransport(1, 3), cuda_graphs=graphs)
+        step = rt.rank_step(req)
+        strips[graphs] = [step(t).clone() for t in (900.0, 700.0, 500.0, 300.0)]
+    out["strip_replay_vs_eager_max"] = max((g - e).abs().max().item() for g, e in zip(strips[True], strips[False]))
+    out["rows"] = scaling.scaling_rows("unet-xl", [2048], [1, 2, 8, 4], ["full"], device, None, repeat=5,
+                                       deadline=deadline, cuda_graphs=True)
+    return out
+
+
 def section_bandwidth(a) -> dict:
     import scaling
     from parafuse.solvers import combine
@@ -173,6 +203,18 @@ def summary(results: dict) -> list[dict]:
                                            f"{r['serial_seconds'] * 1e3:.1f} ms), peak "
                                            f"{(r['peak_memory_bytes'] or 0) / 1e9:.1f} vs "
                                            f"{(r['serial_peak_memory_bytes'] or 0) / 1e9:.1f} GB"})
+        elif name == "graphs":
+            r = sec["result"]
+            if "skipped" in r:
+                rows.append({"section": "graphs", "result": f"skipped: {r['skipped']}"})
+                continue
+            rows.append({"section": "graphs replay = eager", "result": f"serial max diff {r['serial_replay_vs_eager_max']:.2g}, "
+                         f"strip max diff {r['strip_replay_vs_eager_max']:.2g}"})
+            for x in r["rows"]:
+                if x.get("mode") not in (None, "serial") and "speedup" in x:
+                    rows.append({"section": f"graphs {x['model']} {x['size']} N={x['n']} {x['mode']}",
+                                 "result": f"{x['speedup']:.2f}x ({x['seconds'] * 1e3:.1f} vs "
+                                           f"{x['serial_seconds'] * 1e3:.1f} ms, both graphed)"})
         elif name == "bandwidth":
             for dt, r in sec["result"].items():
                 rows.append({"section": f"combine {dt}", "result": f"{r['combine_GBps']:.0f} GB/s = "

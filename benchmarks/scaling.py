@@ -66,28 +66,31 @@ def time_step(step, device: torch.device, warmup: int = 2, repeat: int = 5, max_
 
 
 def measure(model, req: Request, device, dtype, mode: str | None, n: int, strip: int, warmup_steps: int = 1,
-            repeat: int = 5) -> dict:
+            repeat: int = 5, cuda_graphs: bool = False) -> dict:
     """One strip's steady-state step (or the serial step, mode None): seconds, bytes per step by
     kind, state bytes, ATen ops, peak memory. Leaves `model` plain again."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     if mode is None:
-        rt = Runtime(model, ParallelConfig(), device=str(device), dtype=dtype)
+        rt = Runtime(model, ParallelConfig(), device=str(device), dtype=dtype, cuda_graphs=cuda_graphs)
     else:
         rt = Runtime(model, ParallelConfig(mode, warmup_steps), device=str(device), dtype=dtype,
-                     layout=ParallelLayout(strip, n), transport=NullTransport(strip, n))
+                     layout=ParallelLayout(strip, n), transport=NullTransport(strip, n), cuda_graphs=cuda_graphs)
     try:
         step = rt.rank_step(req)
         seconds = time_step(step, device, repeat=repeat)
-        with OpCounter() as ops:
-            step()
+        eager = rt.rank_step(req) if cuda_graphs else step     # its first call runs eagerly
+        with OpCounter() as ops:       # a replayed graph dispatches no ATen ops: count the eager step
+            eager()
         if rt.transport is not None:
             rt.transport.reset_counts()
         step()
         sent = rt.transport.totals()[0] if rt.transport is not None else {}
+        messages = dict(rt.transport.messages_sent) if rt.transport is not None else {}
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         return {"seconds": seconds, "bytes_per_step": {k: v for k, v in sent.items() if v},
+                "messages_per_step": {k: v for k, v in messages.items() if v},
                 "state_bytes": rt.engine.state_bytes() if rt.engine is not None else 0,
                 "aten_ops": ops.total, "peak_memory_bytes": peak}
     finally:
@@ -97,16 +100,17 @@ def measure(model, req: Request, device, dtype, mode: str | None, n: int, strip:
 
 
 def scaling_rows(model_name: str, sizes, ranks, modes, device, dtype, repeat: int = 5,
-                 deadline: float | None = None, log=print) -> list[dict]:
-    """Rows of (model, size, mode, N): the slowest strip's step against the serial step."""
+                 deadline: float | None = None, log=print, cuda_graphs: bool = False) -> list[dict]:
+    """Rows of (model, size, mode, N): the slowest strip's step against the serial step, both
+    graphed or both eager (like with like)."""
     model = load_model(model_name, device=device)
     rows = []
     for size in sizes:
         req = Request(size, size, steps=8, solver="ddim", seed=0,
                       context=None, label=0 if model.spec.num_classes else None)
-        serial = measure(model, req, device, dtype, None, 1, 0, repeat=repeat)
+        serial = measure(model, req, device, dtype, None, 1, 0, repeat=repeat, cuda_graphs=cuda_graphs)
         log(f"{model_name} {size}² serial: {serial['seconds'] * 1e3:.1f} ms")
-        rows.append({"model": model_name, "size": size, "mode": "serial", "n": 1, **serial,
+        rows.append({"model": model_name, "size": size, "mode": "serial", "n": 1, "cuda_graphs": cuda_graphs, **serial,
                      "serial_seconds": serial["seconds"], "speedup": 1.0})
         for n in ranks:
             if n == 1:
@@ -116,9 +120,11 @@ def scaling_rows(model_name: str, sizes, ranks, modes, device, dtype, repeat: in
                     rows.append({"model": model_name, "size": size, "mode": mode, "n": n, "skipped": "time budget"})
                     continue
                 strips = sorted({0, n // 2})
-                per = {s: measure(model, req, device, dtype, mode, n, s, repeat=repeat) for s in strips}
+                per = {s: measure(model, req, device, dtype, mode, n, s, repeat=repeat, cuda_graphs=cuda_graphs)
+                       for s in strips}
                 slow = max(per, key=lambda s: per[s]["seconds"])
-                r = {"model": model_name, "size": size, "mode": mode, "n": n, "strip": slow, **per[slow],
+                r = {"model": model_name, "size": size, "mode": mode, "n": n, "strip": slow, "cuda_graphs": cuda_graphs,
+                     **per[slow],
                      "strip_seconds": {str(s): per[s]["seconds"] for s in strips},
                      "serial_seconds": serial["seconds"], "serial_aten_ops": serial["aten_ops"],
                      "serial_peak_memory_bytes": serial["peak_memory_bytes"],
@@ -208,6 +214,7 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--cuda-graphs", action="store_true", help="graph the serial and the strip steps (CUDA)")
     p.add_argument("--budget", type=float, default=None, help="seconds; configurations past it are skipped")
     p.add_argument("--torchrun-size", type=int, default=256, help="CPU: image size of the real torchrun runs (0: none)")
     p.add_argument("--name", default=None, help="output name under benchmarks/results (default: scaling_<device>)")
@@ -216,7 +223,8 @@ def main(argv=None) -> None:
     deadline = time.perf_counter() + args.budget if args.budget else None
     rows = []
     for m in args.models:
-        rows += scaling_rows(m, args.sizes, args.ranks, args.modes, device, args.dtype, args.repeat, deadline)
+        rows += scaling_rows(m, args.sizes, args.ranks, args.modes, device, args.dtype, args.repeat, deadline,
+                             cuda_graphs=args.cuda_graphs)
     real = []
     if device.type == "cpu" and args.torchrun_size:
         for m in args.models:

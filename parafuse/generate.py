@@ -47,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compare-serial", action="store_true", help="also run the serial model and report PSNR")
     p.add_argument("--reference", default=None, help="PNG to compare the output with (PSNR in the report)")
     p.add_argument("--device", default=None, help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="capture the steady-state step as a CUDA graph and replay it (CUDA only; not yet "
+                        "verified on GPUs, see the README)")
     p.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
                    help="compute dtype of the model, halos and K/V (default: bf16 on CUDA, fp32 on CPU); "
                         "statistics and the solver stay float32")
@@ -98,7 +101,8 @@ def run(args) -> int:
     req = Request(args.height, args.width, args.steps, args.solver, args.guidance, args.seed, args.label, args.batch,
                   solver_options={"spacing": args.spacing} if args.spacing else {})
     try:
-        runtime = Runtime(args.model, parallel, device=args.device, weights=args.weights, dtype=args.dtype)
+        runtime = Runtime(args.model, parallel, device=args.device, weights=args.weights, dtype=args.dtype,
+                          cuda_graphs=args.cuda_graphs)
         runtime.check(req)
         reference = None
         if args.reference is not None:
@@ -152,8 +156,11 @@ def main(argv=None) -> int:
 
 def _shutdown() -> None:
     try:
+        import gc
+
         import torch.distributed as dist
         if dist.is_initialized():
+            gc.collect()        # drop what still refers to the process group, so destroying it joins its threads
             dist.destroy_process_group()
     except Exception:
         pass

@@ -47,7 +47,7 @@ def build_report(runtime, req, result, ranks: list[dict], comparison: dict | Non
         "world_size": runtime.layout.world_size, "mode": par.mode if runtime.layout.patch_degree > 1 else "serial",
         "warmup_steps": par.warmup_steps, "halo_portion": par.halo_portion, "cfg_parallel": par.cfg_parallel,
         "norm_mode": runtime.engine.norm_mode if runtime.engine is not None else None,
-        "attention_backend": attention.get_backend(), "dtype": dtype_name(runtime.dtype), "cuda_graphs": False,
+        "attention_backend": attention.get_backend(), "dtype": dtype_name(runtime.dtype), "cuda_graphs": runtime.cuda_graphs,
         "stages": result.timing["stages"],
         "total_seconds": result.timing["total_seconds"], "step_seconds": steps,
         "flops": result.timing["flops"],

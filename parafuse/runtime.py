@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from parafuse.graphs import GraphedEvaluations
 from parafuse.models import ModelSpec, load_model
 from parafuse.parallel.adapter import BUILTIN
 from parafuse.parallel.distributed import ParallelLayout, init_distributed, launched_by_torchrun, pick_device
@@ -96,16 +97,21 @@ class Runtime:
 
     `dtype` (fp32 | bf16 | fp16; default bf16 on CUDA, fp32 elsewhere) is the dtype the model runs
     in natively and every halo and K/V travels in; GroupNorm statistics, the solver's combination
-    and its history stay float32."""
+    and its history stay float32. `cuda_graphs`: capture the evaluation of the steady step plan
+    once per request and replay it (CUDA only; see parafuse.graphs)."""
 
     def __init__(self, model: str | nn.Module = "default", parallel: ParallelConfig = ParallelConfig(),
                  device: str | None = None, weights: str | None = None, layout: ParallelLayout | None = None,
-                 transport: Transport | None = None, dtype: str | torch.dtype | None = None):
+                 transport: Transport | None = None, dtype: str | torch.dtype | None = None,
+                 cuda_graphs: bool = False):
         self.parallel = parallel
         if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
             raise RequestError(f"device {device!r} asked for, but this machine has no CUDA device; use --device cpu")
         self.device = pick_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        if cuda_graphs and self.device.type != "cuda":
+            raise RequestError(f"--cuda-graphs needs a CUDA device; this run is on {self.device.type}")
+        self.cuda_graphs = cuda_graphs
         if layout is None:
             if launched_by_torchrun():
                 rank, world = init_distributed(self.device)
@@ -187,24 +193,46 @@ class Runtime:
         return {}, None
 
     def _model_fn(self, req: Request):
-        """The denoiser as the solver sees it: float32 in and out, the model in its own dtype."""
+        """The denoiser as the solver sees it: float32 in and out, the model in its own dtype.
+
+        The timestep reaches the model as a device tensor updated in place before each evaluation,
+        so that the evaluation itself reads no host value and takes no new input tensor: two
+        evaluations differ only in the data in their (fixed) input tensors - what a CUDA graph of
+        the evaluation needs (`parafuse.graphs`)."""
         cond, uncond = self._branches(req)
         model, dt = self.model, self.dtype
-
-        def denoiser(x, t, **kw):
-            return model(x.to(dt), t, **kw).float()
+        timestep = torch.zeros((), dtype=torch.float32, device=self.device)
 
         if not self.parallel.cfg_parallel:
-            return guided(denoiser, req.guidance, cond, uncond)
-        mine = cond if self.layout.branch == 0 else uncond
-        peer = self.layout.cfg_peer
+            both = guided(lambda x, t, **kw: model(x.to(dt), t, **kw).float(), req.guidance, cond, uncond)
+
+            def evaluate(x):
+                return both(x, timestep)
+        else:
+            mine = cond if self.layout.branch == 0 else uncond
+            peer = self.layout.cfg_peer
+
+            def evaluate(x):
+                out = model(x.to(dt), timestep, **mine)   # the other branch's strip travels in the compute dtype
+                other = torch.empty_like(out)
+                self.transport.start([(out, peer)], [(other, peer)], "cfg").wait()
+                c, u = (out, other) if self.layout.branch == 0 else (other, out)
+                return cfg(c.float(), u.float(), req.guidance)
+
+        run = evaluate
+        if self.cuda_graphs:
+            graphs = GraphedEvaluations(evaluate, self.engine, self.transport)
+
+            def run(x):
+                if self.engine is None:
+                    return graphs("serial", x)
+                if self.engine.step is not self.engine.plan.stale_step:
+                    return evaluate(x)          # warmup steps run once each: not worth a graph
+                return graphs(self.engine.step.name, x)
 
         def fn(x, t):
-            out = model(x.to(dt), t, **mine)          # the other branch's strip travels in the compute dtype
-            other = torch.empty_like(out)
-            self.transport.start([(out, peer)], [(other, peer)], "cfg").wait()
-            c, u = (out, other) if self.layout.branch == 0 else (other, out)
-            return cfg(c.float(), u.float(), req.guidance)
+            timestep.fill_(t)
+            return run(x)
         return fn
 
     def model_batch(self, req: Request) -> int:
@@ -277,7 +305,8 @@ class Runtime:
     def rank_step(self, req: Request):
         """This rank's model evaluation in the steady state, for measuring: runs the synchronous
         steps of `req` once (filling the stale buffers), then returns a function that runs one
-        evaluation under the stale step plan (the sync plan in `sync` mode) each time it is called.
+        evaluation under the stale step plan (the sync plan in `sync` mode) each time it is called
+        (at the request's first timestep, or the one it is given).
         With a `NullTransport` it measures one rank's compute alone."""
         geometry = self.check(req)
         solver = self.make_solver(req)
@@ -293,10 +322,10 @@ class Runtime:
             self.engine.begin_step(max(1, self.parallel.warmup_steps))
 
         @torch.no_grad()
-        def step():
+        def step(timestep: float | None = None):
             if self.engine is not None:
                 self.engine.begin_step(max(1, self.parallel.warmup_steps))
-            return fn(x, t)
+            return fn(x, t if timestep is None else timestep)
         return step
 
     def _rank_stats(self, geometry: StripGeometry, state_bytes: int) -> dict:
@@ -323,6 +352,8 @@ class Runtime:
     def close(self) -> None:
         if self.engine is not None:
             self.engine.drain()
+        if isinstance(self.transport, TorchTransport):
+            self.transport.close()          # no reference to the process group outlives the run
 
 
 class StepClock:

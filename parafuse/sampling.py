@@ -29,12 +29,13 @@ class Stage:
 def guided(model: torch.nn.Module, guidance: float, cond: dict, uncond: dict | None) -> ModelFn:
     """Model output with classifier-free guidance; both branches in one batch.
 
-    `cond` / `uncond` are keyword arguments of the model (class_labels, context) for one sample."""
+    `cond` / `uncond` are keyword arguments of the model (class_labels, context) for one sample;
+    their batched form is built once, so every evaluation passes the same conditioning tensors."""
     if uncond is None or guidance == 1.0:
         return lambda x, t: model(x, t, **cond)
+    both = {k: torch.cat([cond[k], uncond[k]]) for k in cond}
 
     def fn(x, t):
-        both = {k: torch.cat([cond[k], uncond[k]]) for k in cond}
         out_cond, out_uncond = model(torch.cat([x, x]), t, **both).chunk(2)
         return cfg(out_cond, out_uncond, guidance)
     return fn

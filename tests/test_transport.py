@@ -113,3 +113,4 @@ def test_null_transport_counts_and_moves_nothing():
     assert torch.equal(buf, torch.full((2, 5), 7.0))
     assert tr.bytes_sent["attn_kv"] == {0: 12} and tr.bytes_received["attn_kv"] == {2: 40}
     assert tr.bytes_sent["norm_stats"] == {COLLECTIVE: ring_bytes(40, 3)}
+    assert dict(tr.messages_sent) == {"attn_kv": 1, "norm_stats": 1}

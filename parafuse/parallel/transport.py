@@ -64,6 +64,7 @@ class Transport:
         self.group = list(group) if group is not None else list(range(world_size))   # the patch group
         self.bytes_sent: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
         self.bytes_received: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+        self.messages_sent: dict[str, int] = defaultdict(int)      # sends and all-reduces, per kind
 
     def start(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]],
               kind: str) -> Pending:
@@ -71,6 +72,7 @@ class Transport:
         assert kind in KINDS, kind
         for t, peer in sends:
             self.bytes_sent[kind][peer] += t.numel() * t.element_size()
+            self.messages_sent[kind] += 1
         for t, peer in recvs:
             self.bytes_received[kind][peer] += t.numel() * t.element_size()
         if not sends and not recvs:
@@ -85,6 +87,7 @@ class Transport:
         nbytes = ring_bytes(t.numel() * t.element_size(), len(self.group))
         self.bytes_sent[kind][COLLECTIVE] += nbytes
         self.bytes_received[kind][COLLECTIVE] += nbytes
+        self.messages_sent[kind] += 1
         return self._all_reduce(t, kind)
 
     def _post(self, sends, recvs, kind) -> Pending:
@@ -96,6 +99,7 @@ class Transport:
     def reset_counts(self) -> None:
         self.bytes_sent.clear()
         self.bytes_received.clear()
+        self.messages_sent.clear()
 
     def totals(self) -> tuple[dict[str, int], dict[str, int]]:
         """Bytes sent and received per kind, summed over peers."""
@@ -103,8 +107,22 @@ class Transport:
                 {k: sum(v.values()) for k, v in self.bytes_received.items()})
 
 
+def sum_in_rank_order(parts) -> torch.Tensor:
+    """parts[0] + parts[1] + ..., left to right: the same bits wherever it is computed."""
+    total = parts[0].clone()
+    for p in parts[1:]:
+        total += p
+    return total
+
+
 class TorchTransport(Transport):
-    """torch.distributed: point-to-point on the world group, all-reduce on the patch group."""
+    """torch.distributed: point-to-point on the world group, all-reduce on the patch group.
+
+    On gloo (CPU) the all-reduce is made of point-to-point sends to every peer and a sum in rank
+    order: gloo runs its collectives on worker threads that can still hold the last reference to
+    a finished collective's tensors when the main thread reaches interpreter shutdown, which aborts
+    the process (seen here as an occasional SIGABRT at exit); its point-to-point operations do not.
+    The bytes are counted as the all-reduce they stand for."""
 
     def __init__(self, rank: int, world_size: int, groups: list[list[int]]):
         import torch.distributed as dist
@@ -116,6 +134,7 @@ class TorchTransport(Transport):
             pg = dist.new_group(g) if len(groups) > 1 else dist.group.WORLD
             if g is mine:
                 self._group = pg
+        self._p2p_all_reduce = dist.get_backend() == "gloo"
 
     def _post(self, sends, recvs, kind) -> Pending:
         import torch.distributed as dist
@@ -128,8 +147,19 @@ class TorchTransport(Transport):
     def _all_reduce(self, t, kind) -> Pending:
         import torch.distributed as dist
 
-        work = dist.all_reduce(t, group=self._group, async_op=True)
-        return Pending([work.wait], [t])
+        if not self._p2p_all_reduce:
+            work = dist.all_reduce(t, group=self._group, async_op=True)
+            return Pending([work.wait], [t])
+        parts = [t if r == self.rank else torch.empty_like(t) for r in self.group]
+        peers = [r for r in self.group if r != self.rank]
+        ops = [dist.P2POp(dist.isend, t, r) for r in peers]
+        ops += [dist.P2POp(dist.irecv, parts[self.group.index(r)], r) for r in peers]
+        works = dist.batch_isend_irecv(ops)
+        # the sum overwrites t only once every send of it has completed
+        return Pending([w.wait for w in works] + [lambda: t.copy_(sum_in_rank_order(parts))], [t] + parts)
+
+    def close(self) -> None:
+        self._group = None
 
 
 class NullTransport(Transport):
@@ -235,10 +265,7 @@ class ThreadHub:
                 raise ExchangeMismatch(
                     f"all-reduce #{seq} of group {list(group)}: rank {rank} posted {mine_kind} {tuple(mine.shape)}, "
                     f"rank {r} posted {kind} {tuple(t.shape)}: the ranks posted their collectives in different orders")
-        total = parts[group[0]][1].clone()
-        for r in group[1:]:
-            total += parts[r][1]
-        out.copy_(total)
+        out.copy_(sum_in_rank_order([parts[r][1] for r in group]))
 
     def fail(self, message: str) -> None:
         with self._cond:

@@ -1,0 +1,100 @@
+"""The steady-state model evaluation is capturable (what a CUDA graph of it needs), checked on CPU:
+two consecutive evaluations at different timesteps issue the same operations with the same scalar
+arguments on the same persistent tensors (parameters, exchange buffers, the input), read no device
+value on the host, and leave no tensor behind that they allocated (state is preallocated by the
+patch plan; everything else is a temporary)."""
+import gc
+import weakref
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from parafuse.models import load_model
+from parafuse.parallel.distributed import ParallelLayout
+from parafuse.parallel.transport import NullTransport
+from parafuse.runtime import ParallelConfig, Request, Runtime
+
+HOST_READS = {"_local_scalar_dense", "item", "equal", "is_nonzero"}
+
+
+class Trace(TorchDispatchMode):
+    """Every op as (name, scalars, persistent tensor addresses); new allocations as weakrefs."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.new, self.produced = [], [], set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        flat, _ = tree_flatten((args, kwargs))
+        inputs = {t.untyped_storage().data_ptr() for t in flat if isinstance(t, torch.Tensor)}
+        scalars, persistent = [], []
+        for a in flat:
+            if isinstance(a, torch.Tensor):
+                ptr = a.untyped_storage().data_ptr()
+                persistent.append(None if ptr in self.produced else (ptr, a.data_ptr(), tuple(a.shape)))
+            else:
+                scalars.append(a)
+        self.ops.append((func.overloadpacket.__name__, tuple(map(repr, scalars)), tuple(persistent)))
+        for o in tree_flatten(out)[0]:
+            if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in inputs:
+                self.produced.add(o.untyped_storage().data_ptr())
+                self.new.append(weakref.ref(o))
+        return out
+
+
+def traced_forward(rt, step, timestep):
+    """Trace only the model's forward (the region a graph would capture), not the eager update of
+    the timestep tensor before it."""
+    trace = Trace()
+
+    def start(module, args):
+        trace.produced.add(args[0].untyped_storage().data_ptr())   # the graph's input: a static buffer there
+        trace.__enter__()
+
+    def stop(*_):
+        trace.__exit__(None, None, None)
+
+    pre = rt.model.register_forward_pre_hook(start)
+    post = rt.model.register_forward_hook(stop)
+    try:
+        out = step(timestep)
+    finally:
+        pre.remove()
+        post.remove()
+    out_ptr = out.untyped_storage().data_ptr()
+    del out
+    gc.collect()
+    leaked = [r() for r in trace.new if r() is not None and r().untyped_storage().data_ptr() != out_ptr]
+    return trace, leaked
+
+
+@pytest.mark.parametrize("name", ["unet-small", "dit-small"])
+@pytest.mark.parametrize("mode", ["full", "partial"])
+def test_steady_state_evaluation_is_capturable(name, mode):
+    rt = Runtime(load_model(name), ParallelConfig(mode, warmup_steps=1), layout=ParallelLayout(1, 3),
+                 transport=NullTransport(1, 3))
+    step = rt.rank_step(Request(96, 64, 4, "ddim", guidance=2.0, label=3))
+    first, leaked1 = traced_forward(rt, step, 700.0)
+    second, leaked2 = traced_forward(rt, step, 300.0)
+    assert len(first.ops) > 50
+    assert first.ops == second.ops            # names, scalars and persistent addresses, op by op
+    names = {op[0] for op in first.ops}
+    assert not names & HOST_READS, names & HOST_READS
+    assert not leaked1 and not leaked2, [tuple(t.shape) for t in leaked1 + leaked2]
+
+
+def test_a_python_timestep_would_not_be_capturable():
+    """The check has teeth: a model called with a float timestep builds a new tensor from it."""
+    rt = Runtime(load_model("dit-small"), ParallelConfig())
+    x = torch.randn(1, rt.spec.latent_channels, 16, 16)
+    traces = []
+    for t in (700.0, 300.0):
+        trace = Trace()
+        with trace, torch.no_grad():
+            rt.model(x, t, class_labels=torch.tensor([1]))
+        traces.append(trace.ops)
+    assert traces[0] != traces[1]
