@@ -14,7 +14,10 @@ reports):
                (benchmarks/scaling.py: one process, NullTransport, the slowest strip)
     graphs     CUDA graphs: replayed evaluations equal eager ones (a serial run, a strip's steady
                steps), and unet-xl 2048² per-rank speedup with the serial and strip steps graphed
+               (compute alone, and at N = 8 with the communication as device copies in the graph)
     bandwidth  the solver update `combine` against a device-to-device copy, fp32 and bf16
+    projection the scaling section's rows projected to N = 1..16 over NVLink 4, PCIe 4 and 400 Gb/s
+               InfiniBand (benchmarks/project.py; labelled projections, not measurements)
 
 The JSON goes to benchmarks/results/gpu_check_<device>.json; a table is printed last.
 """
@@ -35,8 +38,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import RESULTS, hardware, table  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ("cli", "nccl", "sync", "scaling", "graphs", "bandwidth")
-BUDGETS = {"cli": 45, "nccl": 30, "sync": 30, "scaling": 120, "graphs": 60, "bandwidth": 10}   # seconds; 295 in all
+SECTIONS = ("cli", "nccl", "sync", "scaling", "graphs", "bandwidth", "projection")
+BUDGETS = {"cli": 45, "nccl": 30, "sync": 30, "scaling": 120, "graphs": 60, "bandwidth": 10,
+           "projection": 5}   # seconds; 300 in all
 
 
 def run_cli(args: list[str], torchrun: bool, timeout: float) -> dict:
@@ -153,6 +157,10 @@ def section_graphs(a) -> dict:
     out["strip_replay_vs_eager_max"] = max((g - e).abs().max().item() for g, e in zip(strips[True], strips[False]))
     out["rows"] = scaling.scaling_rows("unet-xl", [2048], [1, 2, 8, 4], ["full"], device, None, repeat=5,
                                        deadline=deadline, cuda_graphs=True)
+    # the same graphed strip step with its communication inside the graph (device copies on a side stream)
+    out["rows"] += [r for r in scaling.scaling_rows("unet-xl", [2048], [8], ["full"], device, None, repeat=5,
+                                                    deadline=deadline, cuda_graphs=True, transport="loopback")
+                    if r["mode"] != "serial"]
     return out
 
 
@@ -172,6 +180,21 @@ def section_bandwidth(a) -> dict:
         key = str(dt).replace("torch.", "")
         out[key] = {"copy_GBps": 2 * size / copy_s / 1e9, "combine_GBps": 4 * size / comb_s / 1e9}
         out[key]["combine_fraction_of_copy"] = out[key]["combine_GBps"] / out[key]["copy_GBps"]
+    return out
+
+
+def section_projection(a, results: dict) -> dict:
+    """The projected speedup at N = 8 and 16 of every measured (model, size, mode), per link."""
+    import project
+
+    scaling = results["sections"].get("scaling", {}).get("result")
+    if not scaling:
+        return {"skipped": "no scaling rows (run the scaling section first)"}
+    out = {}
+    for name in ("nvlink4", "pcie4", "ib400"):
+        rows = project.project_rows(scaling["rows"], project.LINKS[name], max_n=16)
+        out[name] = [{k: r[k] for k in ("model", "size", "mode", "n", "projected_speedup", "projected_bound")}
+                     for r in rows if r["n"] in (8, 16)]
     return out
 
 
@@ -212,9 +235,19 @@ def summary(results: dict) -> list[dict]:
                          f"strip max diff {r['strip_replay_vs_eager_max']:.2g}"})
             for x in r["rows"]:
                 if x.get("mode") not in (None, "serial") and "speedup" in x:
-                    rows.append({"section": f"graphs {x['model']} {x['size']} N={x['n']} {x['mode']}",
+                    rows.append({"section": f"graphs {x['model']} {x['size']} N={x['n']} {x['mode']} "
+                                            f"{x.get('transport', 'null')}",
                                  "result": f"{x['speedup']:.2f}x ({x['seconds'] * 1e3:.1f} vs "
                                            f"{x['serial_seconds'] * 1e3:.1f} ms, both graphed)"})
+        elif name == "projection":
+            r = sec["result"]
+            if "skipped" in r:
+                rows.append({"section": "projection", "result": f"skipped: {r['skipped']}"})
+                continue
+            for x in r["nvlink4"]:
+                if x["n"] == 8:
+                    rows.append({"section": f"PROJECTED nvlink4 {x['model']} {x['size']} N=8 {x['mode']}",
+                                 "result": f"{x['projected_speedup']:.2f}x ({x['projected_bound']}-bound)"})
         elif name == "bandwidth":
             for dt, r in sec["result"].items():
                 rows.append({"section": f"combine {dt}", "result": f"{r['combine_GBps']:.0f} GB/s = "
@@ -240,7 +273,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         print(f"== {name} (budget {BUDGETS[name]} s)", flush=True)
         try:
-            sec = {"result": globals()[f"section_{name}"](a)}
+            fn = globals()[f"section_{name}"]
+            sec = {"result": fn(a, results) if name == "projection" else fn(a)}
         except Exception as e:      # noqa: BLE001 - a failed section is a result; the next still runs
             sec = {"error": f"{type(e).__name__}: {e}"}
         sec["seconds"] = time.perf_counter() - t0

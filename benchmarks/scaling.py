@@ -5,11 +5,13 @@ stale step plan after the synchronous warmup) over a NullTransport, which counts
 step would send and moves nothing: the time is compute alone, what N GPUs would each spend if
 communication hid perfectly behind it. The slowest of the first strip (the most rows, one
 neighbour) and a middle strip (two neighbours) counts. The serial baseline runs in the same
-dtype and attention backend. Also per row: bytes per step by kind, exchange state held between
-steps, ATen ops per step and peak memory.
+dtype and attention backend. Also per row: bytes and messages per step by kind (of the busiest of
+the two strips), exchange state held between steps, ATen ops per step and peak memory.
 
-On CPU it also times real `torchrun` runs (gloo) for N up to the core count: mean seconds of the
-steady-state steps from the run report, against the serial run.
+With `--transport loopback` the step also does its communication, as device-to-device copies on
+a side stream (`LoopbackTransport`), which overlap compute as NCCL's would. On CPU it also times
+real `torchrun` runs (gloo) for N up to the core count: mean seconds of the steady-state steps
+from the run report, against the serial run.
 
     python benchmarks/scaling.py                                    # CPU: default + dit-small
     python benchmarks/scaling.py --models unet-xl dit-xl --sizes 2048 4096 --device cuda --dtype bf16
@@ -33,7 +35,7 @@ from common import RESULTS, hardware, table, write_json  # noqa: E402
 from parafuse.models import load_model  # noqa: E402
 from parafuse.parallel.distributed import ParallelLayout  # noqa: E402
 from parafuse.parallel.parallelize import unparallelize  # noqa: E402
-from parafuse.parallel.transport import NullTransport  # noqa: E402
+from parafuse.parallel.transport import LoopbackTransport, NullTransport  # noqa: E402
 from parafuse.profile import OpCounter  # noqa: E402
 from parafuse.runtime import ParallelConfig, Request, Runtime  # noqa: E402
 
@@ -66,9 +68,10 @@ def time_step(step, device: torch.device, warmup: int = 2, repeat: int = 5, max_
 
 
 def measure(model, req: Request, device, dtype, mode: str | None, n: int, strip: int, warmup_steps: int = 1,
-            repeat: int = 5, cuda_graphs: bool = False) -> dict:
+            repeat: int = 5, cuda_graphs: bool = False, transport: str = "null") -> dict:
     """One strip's steady-state step (or the serial step, mode None): seconds, bytes per step by
-    kind, state bytes, ATen ops, peak memory. Leaves `model` plain again."""
+    kind, state bytes, ATen ops, peak memory. `transport`: "null" (compute alone) or "loopback"
+    (the step's communication done as device copies on a side stream). Leaves `model` plain."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -76,7 +79,8 @@ def measure(model, req: Request, device, dtype, mode: str | None, n: int, strip:
         rt = Runtime(model, ParallelConfig(), device=str(device), dtype=dtype, cuda_graphs=cuda_graphs)
     else:
         rt = Runtime(model, ParallelConfig(mode, warmup_steps), device=str(device), dtype=dtype,
-                     layout=ParallelLayout(strip, n), transport=NullTransport(strip, n), cuda_graphs=cuda_graphs)
+                     layout=ParallelLayout(strip, n), cuda_graphs=cuda_graphs,
+                     transport=(LoopbackTransport if transport == "loopback" else NullTransport)(strip, n))
     try:
         step = rt.rank_step(req)
         seconds = time_step(step, device, repeat=repeat)
@@ -100,12 +104,16 @@ def measure(model, req: Request, device, dtype, mode: str | None, n: int, strip:
 
 
 def scaling_rows(model_name: str, sizes, ranks, modes, device, dtype, repeat: int = 5,
-                 deadline: float | None = None, log=print, cuda_graphs: bool = False) -> list[dict]:
+                 deadline: float | None = None, log=print, cuda_graphs: bool = False,
+                 transport: str = "null") -> list[dict]:
     """Rows of (model, size, mode, N): the slowest strip's step against the serial step, both
     graphed or both eager (like with like)."""
     model = load_model(model_name, device=device)
     rows = []
     for size in sizes:
+        if deadline is not None and time.perf_counter() > deadline:
+            rows.append({"model": model_name, "size": size, "mode": "serial", "n": 1, "skipped": "time budget"})
+            continue
         req = Request(size, size, steps=8, solver="ddim", seed=0,
                       context=None, label=0 if model.spec.num_classes else None)
         serial = measure(model, req, device, dtype, None, 1, 0, repeat=repeat, cuda_graphs=cuda_graphs)
@@ -120,11 +128,16 @@ def scaling_rows(model_name: str, sizes, ranks, modes, device, dtype, repeat: in
                     rows.append({"model": model_name, "size": size, "mode": mode, "n": n, "skipped": "time budget"})
                     continue
                 strips = sorted({0, n // 2})
-                per = {s: measure(model, req, device, dtype, mode, n, s, repeat=repeat, cuda_graphs=cuda_graphs)
-                       for s in strips}
+                per = {s: measure(model, req, device, dtype, mode, n, s, repeat=repeat, cuda_graphs=cuda_graphs,
+                                  transport=transport) for s in strips}
                 slow = max(per, key=lambda s: per[s]["seconds"])
+                # traffic of the busiest strip, per kind: the slowest can be the first strip, with one
+                # neighbour and half the neighbour traffic of a middle one
+                busiest = {key: {k: max(per[s][key].get(k, 0) for s in per) for k in {k for s in per for k in per[s][key]}}
+                           for key in ("bytes_per_step", "messages_per_step")}
                 r = {"model": model_name, "size": size, "mode": mode, "n": n, "strip": slow, "cuda_graphs": cuda_graphs,
-                     **per[slow],
+                     "transport": transport,
+                     **per[slow], **busiest,
                      "strip_seconds": {str(s): per[s]["seconds"] for s in strips},
                      "serial_seconds": serial["seconds"], "serial_aten_ops": serial["aten_ops"],
                      "serial_peak_memory_bytes": serial["peak_memory_bytes"],
@@ -215,6 +228,8 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--cuda-graphs", action="store_true", help="graph the serial and the strip steps (CUDA)")
+    p.add_argument("--transport", choices=("null", "loopback"), default="null",
+                   help="null: compute alone; loopback: with the step's communication as device copies")
     p.add_argument("--budget", type=float, default=None, help="seconds; configurations past it are skipped")
     p.add_argument("--torchrun-size", type=int, default=256, help="CPU: image size of the real torchrun runs (0: none)")
     p.add_argument("--name", default=None, help="output name under benchmarks/results (default: scaling_<device>)")
@@ -224,7 +239,7 @@ def main(argv=None) -> None:
     rows = []
     for m in args.models:
         rows += scaling_rows(m, args.sizes, args.ranks, args.modes, device, args.dtype, args.repeat, deadline,
-                             cuda_graphs=args.cuda_graphs)
+                             cuda_graphs=args.cuda_graphs, transport=args.transport)
     real = []
     if device.type == "cpu" and args.torchrun_size:
         for m in args.models:

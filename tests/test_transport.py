@@ -6,8 +6,8 @@ import threading
 import pytest
 import torch
 
-from parafuse.parallel.transport import COLLECTIVE, ExchangeMismatch, NullTransport, ThreadHub, ThreadTransport, \
-    ring_bytes
+from parafuse.parallel.transport import COLLECTIVE, ExchangeMismatch, LoopbackTransport, NullTransport, ThreadHub, \
+    ThreadTransport, ring_bytes
 
 
 def run_ranks(n, fn, hub=None):
@@ -114,3 +114,30 @@ def test_null_transport_counts_and_moves_nothing():
     assert tr.bytes_sent["attn_kv"] == {0: 12} and tr.bytes_received["attn_kv"] == {2: 40}
     assert tr.bytes_sent["norm_stats"] == {COLLECTIVE: ring_bytes(40, 3)}
     assert dict(tr.messages_sent) == {"attn_kv": 1, "norm_stats": 1}
+
+
+def test_loopback_transport_moves_bytes_through_mailboxes_and_counts_them():
+    tr = LoopbackTransport(1, 3)
+    sent = torch.arange(6.0).view(2, 3)
+    recv = torch.full((2, 3), 7.0)
+    tr.start([(sent, 0)], [(recv, 2)], "attn_kv").wait()
+    assert torch.equal(recv, sent)                 # the mailbox of its size holds this rank's last send
+    other = torch.full((5,), 3.0)
+    tr.start([], [(other, 0)], "conv_halo").wait()
+    assert torch.equal(other, torch.zeros(5))      # nothing of that size sent yet
+    stats = torch.tensor([1.0, 2.0])
+    tr.all_reduce(stats, "norm_stats").wait()
+    assert torch.equal(stats, torch.tensor([1.0, 2.0]))
+    assert tr.bytes_sent["attn_kv"] == {0: 24} and tr.bytes_received["attn_kv"] == {2: 24}
+    assert dict(tr.messages_sent) == {"attn_kv": 1, "norm_stats": 1}
+
+
+def test_a_strip_step_runs_over_the_loopback_transport():
+    from parafuse.models import load_model
+    from parafuse.parallel.distributed import ParallelLayout
+    from parafuse.runtime import ParallelConfig, Request, Runtime
+
+    rt = Runtime(load_model("unet-small"), ParallelConfig("full", 1), layout=ParallelLayout(1, 3),
+                 transport=LoopbackTransport(1, 3))
+    out = rt.rank_step(Request(96, 64, 3, "ddim", label=1))()
+    assert torch.isfinite(out).all() and rt.transport.bytes_sent["attn_kv"]

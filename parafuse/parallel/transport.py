@@ -15,6 +15,7 @@ ranks in the order they were posted, so every rank must post its exchanges in th
 connects N threads of one process and behaves like NCCL where it matters for correctness (see
 `ThreadHub`): the single-process emulator runs the same exchange logic over it. `NullTransport`
 counts bytes and moves nothing: one process measures one rank's compute with it.
+`LoopbackTransport` measures one rank with its communication work: copies on a side stream.
 """
 from __future__ import annotations
 
@@ -171,6 +172,60 @@ class NullTransport(Transport):
 
     def _all_reduce(self, t, kind) -> Pending:
         return Pending()
+
+
+class LoopbackTransport(Transport):
+    """One rank's exchanges on one device, without its peers: every send is a copy into a mailbox
+    and every receive a copy out of one, on a side stream ordered as NCCL orders its work (after
+    the work that produced the data; before the work that reads it, through `wait`). Counts like
+    the others. Unlike the NullTransport it moves the bytes, so a measured step - and its CUDA
+    graph - contains the communication work, and its overlap with compute shows in a profile.
+
+    What a receive delivers is a mailbox of its size, holding this rank's last send of that size
+    (zeros before any): for timing and graph checks, not for images. An all-reduce copies the
+    tensor out and back (about a ring all-reduce's volume) and leaves its values."""
+
+    def __init__(self, rank: int, world_size: int, group: list[int] | None = None):
+        super().__init__(rank, world_size, group)
+        self._mailboxes: dict[tuple, torch.Tensor] = {}
+        self._streams: dict[torch.device, object] = {}
+
+    def _mailbox(self, t: torch.Tensor) -> torch.Tensor:
+        key = (t.device, t.dtype, t.numel())
+        if key not in self._mailboxes:
+            self._mailboxes[key] = torch.zeros(t.numel(), dtype=t.dtype, device=t.device)
+        return self._mailboxes[key].view(t.shape)
+
+    def _copies(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Pending:
+        """`dst.copy_(src)` for each pair: on CUDA on the side stream, after the current stream's
+        work; waiting makes the current stream wait for them."""
+        device = pairs[0][0].device
+        if device.type != "cuda":
+            for dst, src in pairs:
+                dst.copy_(src)
+            return Pending()
+        stream = self._streams.get(device)
+        if stream is None:
+            stream = self._streams[device] = torch.cuda.Stream(device)
+        current = torch.cuda.current_stream(device)
+        stream.wait_stream(current)
+        with torch.cuda.stream(stream):
+            for dst, src in pairs:
+                dst.copy_(src)
+        for dst, src in pairs:         # the allocator must not reuse them before the side stream is done
+            dst.record_stream(stream)
+            src.record_stream(stream)
+        done = torch.cuda.Event()
+        done.record(stream)
+        return Pending([lambda: current.wait_event(done)], [t for pair in pairs for t in pair])
+
+    def _post(self, sends, recvs, kind) -> Pending:
+        pairs = [(self._mailbox(t), t) for t, _ in sends] + [(b, self._mailbox(b)) for b, _ in recvs]
+        return self._copies(pairs)
+
+    def _all_reduce(self, t, kind) -> Pending:
+        box = self._mailbox(t)
+        return self._copies([(box, t), (t, box)])
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
