@@ -198,6 +198,40 @@ def section_projection(a, results: dict) -> dict:
     return out
 
 
+# The GPU issues' targets (bf16, per-rank compute speedup like with like): (what, section, model,
+# size, mode, N, at least)
+TARGETS = [
+    ("dit-xl 4096² full, N = 8", "scaling", "dit-xl", 4096, "full", 8, 7.5),
+    ("dit-xl 2048² full, N = 2", "scaling", "dit-xl", 2048, "full", 2, 1.8),
+    ("unet-xl 4096² full, N = 8", "scaling", "unet-xl", 4096, "full", 8, 6.0),
+    ("unet-xl 2048² graphed, N = 4", "graphs", "unet-xl", 2048, "full", 4, 3.0),
+    ("unet-xl 2048² graphed, N = 8", "graphs", "unet-xl", 2048, "full", 8, 5.0),
+]
+
+
+def target_rows(results: dict) -> list[dict]:
+    """Each target: met, missed, or not measured (section not run, skipped by its budget)."""
+    out = []
+    for what, section, model, size, mode, n, least in TARGETS:
+        rows = results["sections"].get(section, {}).get("result", {})
+        rows = rows.get("rows", []) if isinstance(rows, dict) else []
+        hit = [r for r in rows if (r.get("model"), r.get("size"), r.get("mode"), r.get("n")) == (model, size, mode, n)
+               and "speedup" in r and r.get("transport", "null") == "null"]
+        if not hit:
+            out.append({"section": f"target {what} >= {least}x", "result": "not measured"})
+        else:
+            got = hit[0]["speedup"]
+            out.append({"section": f"target {what} >= {least}x", "result": f"{'met' if got >= least else 'MISSED'}: {got:.2f}x"})
+    for name in ("scaling",):
+        for r in results["sections"].get(name, {}).get("result", {}).get("rows", []):
+            if r.get("mode") == "partial" and r.get("n") == 8 and r.get("peak_memory_bytes"):
+                below = r["peak_memory_bytes"] < r["serial_peak_memory_bytes"]
+                out.append({"section": f"target {r['model']} {r['size']}² partial N = 8 peak < serial's",
+                            "result": f"{'met' if below else 'MISSED'}: {r['peak_memory_bytes'] / 1e9:.1f} vs "
+                                      f"{r['serial_peak_memory_bytes'] / 1e9:.1f} GB"})
+    return out
+
+
 def summary(results: dict) -> list[dict]:
     rows = []
     for name, sec in results["sections"].items():
@@ -285,7 +319,7 @@ def main(argv=None) -> int:
         os.replace(tmp, path)
         print(json.dumps(sec, default=str)[:2000], flush=True)
     print(f"\n{hw['device']}, torch {torch.__version__}\n")
-    print(table(summary(results), [("section", "section"), ("result", "result")]))
+    print(table(summary(results) + target_rows(results), [("section", "section"), ("result", "result")]))
     print(f"\nwrote {path}")
     return 0 if all("error" not in s for s in results["sections"].values()) else 1
 
