@@ -57,7 +57,8 @@ class PatchGroupNorm(nn.GroupNorm):
         moments[1].clamp_min_(0)                                  # one-pass variance: rounding can go below 0
         mean, var = moments[..., None].expand(2, b, g, c // g).contiguous().view(2, b * c)
         weight, bias = self._affine(b)
-        y = F.batch_norm(x.reshape(1, b * c, -1), mean, var, weight, bias, False, 0.0, self.eps)
+        # (sample, channel) pairs as the channels of one sample, spatial dims kept (cuDNN's layouts)
+        y = F.batch_norm(x.reshape((1, b * c) + tuple(x.shape[2:])), mean, var, weight, bias, False, 0.0, self.eps)
         return y.view(x.shape)
 
     def _affine(self, batch: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
