@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, hardware, table, write_json  # noqa: E402
+from common import hardware, table, write_json  # noqa: E402
 
 from parafuse.models import load_model  # noqa: E402
 from parafuse.parallel.distributed import ParallelLayout, init_distributed, pick_device, run_guarded  # noqa: E402

@@ -9,7 +9,6 @@ import platform
 import torch
 
 from parafuse import attention
-from parafuse.parallel.transport import KINDS
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:

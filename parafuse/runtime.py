@@ -219,8 +219,9 @@ class Runtime:
                 c, u = (out, other) if self.layout.branch == 0 else (other, out)
                 return cfg(c.float(), u.float(), req.guidance)
 
-        run = evaluate
-        if self.cuda_graphs:
+        if not self.cuda_graphs:
+            run = evaluate
+        else:
             graphs = GraphedEvaluations(evaluate, self.engine, self.transport)
 
             def run(x):

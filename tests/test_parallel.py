@@ -1,6 +1,5 @@
 """Patch parallelism under torchrun (gloo, CPU) against the serial model and the single-process
 emulator. One torchrun launch per N runs the whole case matrix (tests/parallel_cases.py)."""
-import copy
 import dataclasses
 import math
 import os
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from parallel_cases import HEIGHT, LINEAR_HEIGHT, STEPS, WARMUP, WIDTH, cases  # noqa: E402
+from parallel_cases import HEIGHT, STEPS, WIDTH, cases  # noqa: E402
 
 from parafuse.models import load_model  # noqa: E402
 from parafuse.models.layers import Attention  # noqa: E402

@@ -2,7 +2,6 @@
 import math
 
 import pytest
-import torch
 
 from parafuse.models import load_model
 from parafuse.parallel.distributed import ParallelLayout

@@ -7,7 +7,6 @@ spread as evenly as possible: the first `units % n` strips get one more, so any 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 
@@ -84,15 +83,6 @@ class StripGeometry:
         if width <= 0 or self.width % width:
             raise GeometryError(f"activation width {width} is not a level of a {self.width}-wide latent")
         return self.level(self.width // width)
-
-    def level_of_tokens(self, tokens: int, rank: int) -> Level:
-        """The level at which strip `rank` has `tokens` = rows * width tokens."""
-        f2 = self.units[rank] * self.unit * self.width / tokens
-        f = round(math.sqrt(f2))
-        if f < 1 or f * f * tokens != self.units[rank] * self.unit * self.width:
-            raise GeometryError(f"{tokens} tokens on strip {rank} match no level of a "
-                                f"{self.height}x{self.width} latent")
-        return self.level(f)
 
     def check_halo(self, factor: int, top: int, bottom: int, what: str) -> None:
         """Raise before any compute if a neighbour strip is thinner than the halo taken from it."""

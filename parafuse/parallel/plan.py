@@ -98,9 +98,6 @@ class PatchPlan:
     def level(self, site: Site) -> Level:
         return self.geometry.level(site.factor)
 
-    def rows(self, site: Site) -> int:
-        return self.level(site).rows[self.strip]
-
     @property
     def up(self) -> int | None:
         return self.strip - 1 if self.strip > 0 else None
