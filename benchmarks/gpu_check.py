@@ -16,6 +16,9 @@ reports):
                steps), and unet-xl 2048² per-rank speedup with the serial and strip steps graphed
                (compute alone, and at N = 8 with the communication as device copies in the graph)
     bandwidth  the solver update `combine` against a device-to-device copy, fp32 and bf16
+    kernels    the Triton GroupNorm kernels against their references and the native GroupNorm on the
+               device (bf16, an SDXL-size activation), their time against the PyTorch patched path,
+               and `sync` with `--kernels triton` against the serial run
     projection the scaling section's rows projected to N = 1..16 over NVLink 4, PCIe 4 and 400 Gb/s
                InfiniBand (benchmarks/project.py; labelled projections, not measurements)
 
@@ -38,8 +41,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import RESULTS, hardware, table  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ("cli", "nccl", "sync", "scaling", "graphs", "bandwidth", "projection")
-BUDGETS = {"cli": 45, "nccl": 30, "sync": 30, "scaling": 120, "graphs": 60, "bandwidth": 10,
+SECTIONS = ("cli", "nccl", "sync", "scaling", "graphs", "bandwidth", "kernels", "projection")
+BUDGETS = {"cli": 45, "nccl": 30, "sync": 30, "scaling": 110, "graphs": 55, "bandwidth": 10, "kernels": 15,
            "projection": 5}   # seconds; 300 in all
 
 
@@ -183,6 +186,59 @@ def section_bandwidth(a) -> dict:
     return out
 
 
+def section_kernels(a) -> dict:
+    """Triton GroupNorm (parafuse_kernels.groupnorm): correct against references, timed against the
+    PyTorch path of PatchGroupNorm, and a `sync` run on the kernels against the serial run."""
+    import scaling
+    from parafuse.models import load_model
+    from parafuse.parallel.emulator import emulate
+    from parafuse.runtime import ParallelConfig, Request, Runtime
+
+    if not a.device.startswith("cuda"):
+        return {"skipped": "Triton kernels need a CUDA device here (CPU tests run them through the interpreter)"}
+    from parafuse_kernels import groupnorm as gn
+
+    device = torch.device(a.device)
+    b, c, groups, h = 2, 640, 32, (32 if a.smoke else 128)
+    x = (torch.randn(b, c, h, h, device=device) * 2 + 3).to(torch.bfloat16)
+    w, bias = torch.randn(c, device=device).bfloat16(), torch.randn(c, device=device).bfloat16()
+    sums = torch.empty(2, b, groups, device=device)
+    gn.group_sums(x, groups, sums)
+    ref = gn.group_sums_reference(x, groups)
+    count = x[0, : c // groups].numel()
+    y = gn.group_norm_apply(x, sums, count, w, bias, 1e-5)
+    native = torch.nn.functional.group_norm(x.float(), groups, w.float(), bias.float(), 1e-5)
+    out = {"sums_max_rel_err": ((sums - ref).abs() / ref.abs().clamp_min(1)).max().item(),
+           "apply_vs_native_max_abs": (y.float() - native).abs().max().item()}
+
+    def torch_path():                   # what PatchGroupNorm does without the kernels
+        g = x.reshape(b, groups, -1)
+        torch.sum(g, -1, dtype=torch.float32, out=sums[0])
+        torch.linalg.vector_norm(g, 2, -1, dtype=torch.float32, out=sums[1])
+        sums[1].square_()
+        m = sums * (1.0 / count)
+        m[1].addcmul_(m[0], m[0], value=-1.0)
+        m[1].clamp_min_(0)
+        mean, var = m[..., None].expand(2, b, groups, c // groups).contiguous().view(2, b * c)
+        return torch.nn.functional.batch_norm(x.reshape(1, b * c, h, h), mean, var, w.float().repeat(b),
+                                              bias.float().repeat(b), False, 0.0, 1e-5)
+
+    def triton_path():
+        gn.group_sums(x, groups, sums)
+        return gn.group_norm_apply(x, sums, count, w, bias, 1e-5)
+
+    out["torch_path_us"] = scaling.time_step(torch_path, device, repeat=50) * 1e6
+    out["triton_path_us"] = scaling.time_step(triton_path, device, repeat=50) * 1e6
+    out["native_group_norm_us"] = scaling.time_step(
+        lambda: torch.nn.functional.group_norm(x, groups, w, bias, 1e-5), device, repeat=50) * 1e6
+    req = Request(96, 64, 4, "ddim", seed=7, label=3)
+    serial = Runtime(load_model("unet-small"), ParallelConfig(), device=a.device, dtype="fp32").generate(req).latent
+    _, res = emulate(load_model("unet-small"), 2, ParallelConfig("sync"), req, device=a.device, dtype="fp32",
+                     kernels="triton")
+    out["sync_triton_vs_serial_max"] = (res[0][0].latent - serial).abs().max().item()
+    return out
+
+
 def section_projection(a, results: dict) -> dict:
     """The projected speedup at N = 8 and 16 of every measured (model, size, mode), per link."""
     import project
@@ -273,6 +329,16 @@ def summary(results: dict) -> list[dict]:
                                             f"{x.get('transport', 'null')}",
                                  "result": f"{x['speedup']:.2f}x ({x['seconds'] * 1e3:.1f} vs "
                                            f"{x['serial_seconds'] * 1e3:.1f} ms, both graphed)"})
+        elif name == "kernels":
+            r = sec["result"]
+            if "skipped" in r:
+                rows.append({"section": "kernels", "result": f"skipped: {r['skipped']}"})
+                continue
+            rows.append({"section": "GroupNorm kernels", "result": (
+                f"sums rel err {r['sums_max_rel_err']:.1e}, apply vs native {r['apply_vs_native_max_abs']:.2g}; "
+                f"triton {r['triton_path_us']:.0f} us vs torch path {r['torch_path_us']:.0f} us "
+                f"(native unpatched {r['native_group_norm_us']:.0f} us); sync on kernels vs serial "
+                f"{r['sync_triton_vs_serial_max']:.1e}")})
         elif name == "projection":
             r = sec["result"]
             if "skipped" in r:

@@ -50,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cuda-graphs", action="store_true",
                    help="capture the steady-state step as a CUDA graph and replay it (CUDA only; not yet "
                         "verified on GPUs, see the README)")
+    p.add_argument("--kernels", default="torch", choices=("torch", "triton"),
+                   help="patch layers' kernels: PyTorch ops, or parafuse's Triton kernels (GroupNorm in two "
+                        "launches; CUDA; not yet verified on GPUs, see the README)")
     p.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
                    help="compute dtype of the model, halos and K/V (default: bf16 on CUDA, fp32 on CPU); "
                         "statistics and the solver stay float32")
@@ -102,7 +105,7 @@ def run(args) -> int:
                   solver_options={"spacing": args.spacing} if args.spacing else {})
     try:
         runtime = Runtime(args.model, parallel, device=args.device, weights=args.weights, dtype=args.dtype,
-                          cuda_graphs=args.cuda_graphs)
+                          cuda_graphs=args.cuda_graphs, kernels=args.kernels)
         runtime.check(req)
         reference = None
         if args.reference is not None:

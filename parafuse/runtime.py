@@ -7,6 +7,7 @@ the latent; the image is gathered once, at the end, on rank 0.
 """
 from __future__ import annotations
 
+import os
 import resource
 import time
 from dataclasses import dataclass, field
@@ -45,6 +46,25 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if dtype in DTYPES:
         return DTYPES[dtype]
     raise RequestError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+
+
+KERNELS = ("torch", "triton")
+
+
+def check_kernels(kernels: str, device: torch.device) -> str:
+    """The patch layers' kernels: PyTorch ops, or the Triton kernels of parafuse_kernels (GroupNorm
+    today). Triton needs a CUDA device, or TRITON_INTERPRET=1 (CPU testing); never a silent fallback."""
+    if kernels not in KERNELS:
+        raise RequestError(f"unknown kernels {kernels!r}; valid: {', '.join(KERNELS)}")
+    if kernels == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            raise RequestError("--kernels triton needs the triton package; install it or use --kernels torch") from None
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RequestError(f"--kernels triton needs a CUDA device (this run is on {device.type}), or "
+                               f"TRITON_INTERPRET=1 to run them through Triton's interpreter")
+    return kernels
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -98,12 +118,13 @@ class Runtime:
     `dtype` (fp32 | bf16 | fp16; default bf16 on CUDA, fp32 elsewhere) is the dtype the model runs
     in natively and every halo and K/V travels in; GroupNorm statistics, the solver's combination
     and its history stay float32. `cuda_graphs`: capture the evaluation of the steady step plan
-    once per request and replay it (CUDA only; see parafuse.graphs)."""
+    once per request and replay it (CUDA only; see parafuse.graphs). `kernels`: "torch", or
+    "triton" for the patch layers' Triton kernels (GroupNorm: two launches plus the exchange)."""
 
     def __init__(self, model: str | nn.Module = "default", parallel: ParallelConfig = ParallelConfig(),
                  device: str | None = None, weights: str | None = None, layout: ParallelLayout | None = None,
                  transport: Transport | None = None, dtype: str | torch.dtype | None = None,
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, kernels: str = "torch"):
         self.parallel = parallel
         if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
             raise RequestError(f"device {device!r} asked for, but this machine has no CUDA device; use --device cpu")
@@ -112,6 +133,7 @@ class Runtime:
         if cuda_graphs and self.device.type != "cuda":
             raise RequestError(f"--cuda-graphs needs a CUDA device; this run is on {self.device.type}")
         self.cuda_graphs = cuda_graphs
+        self.kernels = check_kernels(kernels, self.device)
         if layout is None:
             if launched_by_torchrun():
                 rank, world = init_distributed(self.device)
@@ -136,6 +158,7 @@ class Runtime:
         if layout.patch_degree > 1:
             self.engine = ExchangeEngine(self.transport, layout.patch_ranks, parallel.mode, parallel.halo_portion,
                                          parallel.warmup_steps, parallel.norm_mode)
+            self.engine.kernels = self.kernels
             parallelize(self.model, self.engine)
 
     @property

@@ -18,7 +18,7 @@ from parafuse.parallel.transport import ThreadHub, ThreadTransport
 
 
 def emulate(model: nn.Module, world_size: int, parallel, requests, device: str = "cpu",
-            on_rank=None, dtype=None, strict: bool = True):
+            on_rank=None, dtype=None, strict: bool = True, kernels: str = "torch"):
     """Run `requests` (one Request or a list) on `world_size` emulated ranks.
 
     Returns (runtimes, results): per rank, its Runtime and its list of Results (in request order).
@@ -37,7 +37,7 @@ def emulate(model: nn.Module, world_size: int, parallel, requests, device: str =
         try:
             layout = ParallelLayout(rank, world_size, cfg_degree)
             rt = Runtime(copy.deepcopy(model), parallel, device, layout=layout,
-                         transport=ThreadTransport(rank, hub, layout.patch_ranks), dtype=dtype)
+                         transport=ThreadTransport(rank, hub, layout.patch_ranks), dtype=dtype, kernels=kernels)
             runtimes[rank] = rt
             if on_rank is not None:
                 on_rank(rt)

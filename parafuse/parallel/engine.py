@@ -58,6 +58,7 @@ class ExchangeEngine:
         self.pending: dict[str, Pending] = {}
         self.scratch: dict[tuple, torch.Tensor] = {}
         self.device: torch.device | None = None
+        self.kernels = "torch"                       # or "triton": the patch layers' kernels
         self._first_step = True
 
     @property
@@ -255,9 +256,12 @@ class ExchangeEngine:
         bufs = self.buffers[key]
         return bufs.get("local", bufs["sums"])
 
-    def norm_moments(self, key: str) -> torch.Tensor:
-        """Mean and (biased) variance [2, B, G] of each group over the whole image, or the mode's
-        estimate of them, from the sums written into `norm_sums(key)`.
+    def norm_statistics(self, key: str) -> tuple[torch.Tensor, float, torch.Tensor | None, float]:
+        """(sums, count, fallback, fallback_count): [Σx, Σx²] per (sample, group) over `count`
+        elements - of the whole image, or the mode's estimate of it - from the sums written into
+        `norm_sums(key)`; where `fallback` is given (corrected mode), the variance of `sums` can
+        come out negative and `fallback` (this strip's own sums) is to be used there. Call
+        `norm_done(key)` once the layer has read them.
 
         Buffers: `local` (this step's sums, when stale steps follow), `previous` (last step's
         local sums, corrected mode) and `sums`, reduced in place: after a stale step's reduction
@@ -266,24 +270,36 @@ class ExchangeEngine:
         n_local, n_total = self.plan.norm_counts(site)
         local, sums = bufs.get("local", bufs["sums"]), bufs["sums"]
         if norm == "local":
-            return _moments(local, n_local)
+            return local, n_local, None, 1.0
         if norm == "exact":
             if "local" in bufs:                # stale steps follow: keep this step's local sums
                 sums.copy_(local)
             if "previous" in bufs:
                 bufs["previous"].copy_(local)
             self.transport.all_reduce(sums, "norm_stats").wait()
-            return _moments(sums, n_total)
+            return sums, n_total, None, 1.0
         if norm == "stale":
-            moments = _moments(sums, n_total)
-        else:   # corrected (DistriFusion): last step's global sums with this strip's part made fresh
-            previous = bufs["previous"]
-            moments = _moments(torch.sub(sums, previous).add_(local), n_total)
-            # the estimated variance can come out negative: there, this strip's own statistics
-            moments = torch.where(moments[1] < 0, _moments(local, n_local), moments)
-            previous.copy_(local)
-        sums.copy_(local)
-        self.pending[key] = self.transport.all_reduce(sums, "norm_stats")
+            return sums, n_total, None, 1.0
+        # corrected (DistriFusion): last step's global sums with this strip's part made fresh
+        return torch.sub(sums, bufs["previous"]).add_(local), n_total, local, n_local
+
+    def norm_done(self, key: str) -> None:
+        """After the layer has used this step's statistics: a stale step posts the reduction of
+        this step's local sums, for the next step to use."""
+        bufs, norm = self.buffers[key], self.step.norm
+        if norm not in ("stale", "corrected"):
+            return
+        if norm == "corrected":
+            bufs["previous"].copy_(bufs["local"])
+        bufs["sums"].copy_(bufs["local"])
+        self.pending[key] = self.transport.all_reduce(bufs["sums"], "norm_stats")
+
+    def norm_moments(self, key: str) -> torch.Tensor:
+        """[mean, biased variance] [2, B, G] of `norm_statistics(key)`, with its fallback applied."""
+        sums, count, fallback, fallback_count = self.norm_statistics(key)
+        moments = _moments(sums, count)
+        if fallback is not None:
+            moments = torch.where(moments[1] < 0, _moments(fallback, fallback_count), moments)
         return moments
 
     # ---- whole-tensor collectives ----------------------------------------------------------

@@ -47,6 +47,8 @@ class PatchGroupNorm(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.engine.step.norm == "local":      # this strip's own statistics: the plain layer
             return super().forward(x)
+        if self.engine.kernels == "triton":
+            return self._forward_triton(x)
         b, c, g = x.shape[0], self.num_channels, self.num_groups
         grouped = x.reshape(b, g, -1)
         sums = self.engine.norm_sums(self.key)
@@ -59,7 +61,20 @@ class PatchGroupNorm(nn.GroupNorm):
         weight, bias = self._affine(b)
         # (sample, channel) pairs as the channels of one sample, spatial dims kept (cuDNN's layouts)
         y = F.batch_norm(x.reshape((1, b * c) + tuple(x.shape[2:])), mean, var, weight, bias, False, 0.0, self.eps)
+        self.engine.norm_done(self.key)
         return y.view(x.shape)
+
+    def _forward_triton(self, x: torch.Tensor) -> torch.Tensor:
+        """Two kernels (parafuse_kernels.groupnorm): the strip's sums, then normalise + affine with
+        the exchanged statistics, fallback included."""
+        from parafuse_kernels.groupnorm import group_norm_apply, group_sums
+
+        x = x.contiguous()
+        group_sums(x, self.num_groups, self.engine.norm_sums(self.key))
+        sums, count, fallback, fallback_count = self.engine.norm_statistics(self.key)
+        y = group_norm_apply(x, sums, count, self.weight, self.bias, self.eps, fallback, fallback_count)
+        self.engine.norm_done(self.key)
+        return y
 
     def _affine(self, batch: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Weight and bias in float32, repeated for every sample; cached until the parameters change
