@@ -7,6 +7,7 @@ the latent; the image is gathered once, at the end, on rank 0.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import resource
 import time
@@ -57,10 +58,8 @@ def check_kernels(kernels: str, device: torch.device) -> str:
     if kernels not in KERNELS:
         raise RequestError(f"unknown kernels {kernels!r}; valid: {', '.join(KERNELS)}")
     if kernels == "triton":
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            raise RequestError("--kernels triton needs the triton package; install it or use --kernels torch") from None
+        if importlib.util.find_spec("triton") is None:
+            raise RequestError("--kernels triton needs the triton package; install it or use --kernels torch")
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise RequestError(f"--kernels triton needs a CUDA device (this run is on {device.type}), or "
                                f"TRITON_INTERPRET=1 to run them through Triton's interpreter")
