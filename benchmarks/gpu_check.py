@@ -192,6 +192,8 @@ def section_kernels(a) -> dict:
     import scaling
     from parafuse.models import load_model
     from parafuse.parallel.emulator import emulate
+    from parafuse.parallel.engine import moments_from_sums
+    from parafuse.parallel.layers import normalize, strip_sums
     from parafuse.runtime import ParallelConfig, Request, Runtime
 
     if not a.device.startswith("cuda"):
@@ -212,16 +214,8 @@ def section_kernels(a) -> dict:
            "apply_vs_native_max_abs": (y.float() - native).abs().max().item()}
 
     def torch_path():                   # what PatchGroupNorm does without the kernels
-        g = x.reshape(b, groups, -1)
-        torch.sum(g, -1, dtype=torch.float32, out=sums[0])
-        torch.linalg.vector_norm(g, 2, -1, dtype=torch.float32, out=sums[1])
-        sums[1].square_()
-        m = sums * (1.0 / count)
-        m[1].addcmul_(m[0], m[0], value=-1.0)
-        m[1].clamp_min_(0)
-        mean, var = m[..., None].expand(2, b, groups, c // groups).contiguous().view(2, b * c)
-        return torch.nn.functional.batch_norm(x.reshape(1, b * c, h, h), mean, var, w.float().repeat(b),
-                                              bias.float().repeat(b), False, 0.0, 1e-5)
+        strip_sums(x, groups, sums)
+        return normalize(x, moments_from_sums(sums, count), w.float().repeat(b), bias.float().repeat(b), 1e-5)
 
     def triton_path():
         gn.group_sums(x, groups, sums)
@@ -291,8 +285,11 @@ def target_rows(results: dict) -> list[dict]:
 def summary(results: dict) -> list[dict]:
     rows = []
     for name, sec in results["sections"].items():
+        skipped = isinstance(sec.get("result"), dict) and sec["result"].get("skipped")
         if "error" in sec:
             rows.append({"section": name, "result": f"ERROR {sec['error'][:120]}"})
+        elif skipped:
+            rows.append({"section": name, "result": f"skipped: {skipped}"})
         elif name == "cli":
             for dt, r in sec["result"].items():
                 rows.append({"section": f"cli {dt}", "result": f"exit {r['exit']}" + (
@@ -318,9 +315,6 @@ def summary(results: dict) -> list[dict]:
                                            f"{(r['serial_peak_memory_bytes'] or 0) / 1e9:.1f} GB"})
         elif name == "graphs":
             r = sec["result"]
-            if "skipped" in r:
-                rows.append({"section": "graphs", "result": f"skipped: {r['skipped']}"})
-                continue
             rows.append({"section": "graphs replay = eager", "result": f"serial max diff {r['serial_replay_vs_eager_max']:.2g}, "
                          f"strip max diff {r['strip_replay_vs_eager_max']:.2g}"})
             for x in r["rows"]:
@@ -331,9 +325,6 @@ def summary(results: dict) -> list[dict]:
                                            f"{x['serial_seconds'] * 1e3:.1f} ms, both graphed)"})
         elif name == "kernels":
             r = sec["result"]
-            if "skipped" in r:
-                rows.append({"section": "kernels", "result": f"skipped: {r['skipped']}"})
-                continue
             rows.append({"section": "GroupNorm kernels", "result": (
                 f"sums rel err {r['sums_max_rel_err']:.1e}, apply vs native {r['apply_vs_native_max_abs']:.2g}; "
                 f"triton {r['triton_path_us']:.0f} us vs torch path {r['torch_path_us']:.0f} us "
@@ -341,9 +332,6 @@ def summary(results: dict) -> list[dict]:
                 f"{r['sync_triton_vs_serial_max']:.1e}")})
         elif name == "projection":
             r = sec["result"]
-            if "skipped" in r:
-                rows.append({"section": "projection", "result": f"skipped: {r['skipped']}"})
-                continue
             for x in r["nvlink4"]:
                 if x["n"] == 8:
                     rows.append({"section": f"PROJECTED nvlink4 {x['model']} {x['size']} N=8 {x['mode']}",

@@ -283,28 +283,6 @@ def fit_link(one_way: dict[int, float], name: str = "measured", source: str = ""
 
 
 # ---- validation against real torchrun runs -------------------------------------------------------
-def torchrun_steps(model: str, size: int, n: int, mode: str, steps: int, warmup: int) -> list[float]:
-    """Seconds of the steady-state steps (after `warmup`) of one real gloo run on this machine:
-    `torchrun --nproc_per_node n -m parafuse.generate`, OMP_NUM_THREADS = cores // n, as
-    `scaling.torchrun_rows` runs it, but every step kept (torchrun_rows keeps only the mean)."""
-    import subprocess
-    import tempfile
-
-    import scaling
-
-    with tempfile.TemporaryDirectory() as tmp:
-        report = os.path.join(tmp, "report.json")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
-               "-m", "parafuse.generate", "--model", model, "--height", str(size), "--width", str(size),
-               "--steps", str(steps), "--solver", "ddim", "--mode", mode, "--warmup-steps", str(warmup),
-               "--no-progress", "--out", os.path.join(tmp, "x.png"), "--report", report, "--overwrite"]
-        env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // n)), PYTHONPATH=scaling.ROOT)
-        proc = subprocess.run(cmd, cwd=scaling.ROOT, capture_output=True, text=True, env=env)
-        if proc.returncode:
-            raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-        return json.load(open(report))["step_seconds"][warmup:]
-
-
 def validate(model: str, size: int, modes: list[str], links: list[Link], steps: int = 20, warmup: int = 2,
              repeat: int = 5, log=print) -> dict:
     """Projected (with each of `links`) against real gloo `torchrun` step seconds (the median
@@ -312,6 +290,8 @@ def validate(model: str, size: int, modes: list[str], links: list[Link], steps: 
 
     torchrun gives each of N ranks OMP_NUM_THREADS = cores // N, so the per-rank compute of N is
     measured here with torch.set_num_threads(cores // N), and the serial step with all cores."""
+    import scaling
+
     cores = os.cpu_count() or 1
     ranks = list(range(2, cores + 1))
     before = torch.get_num_threads()
@@ -327,8 +307,8 @@ def validate(model: str, size: int, modes: list[str], links: list[Link], steps: 
         torch.set_num_threads(before)
     # the steady state, which the projection is of: the median step (the mean is kept too; the
     # first stale steps after the switch from the synchronous warmup run slower)
-    real = {("serial", 1): torchrun_steps(model, size, 1, "sync", steps, warmup)}
-    real.update({(mode, n): torchrun_steps(model, size, n, mode, steps, warmup) for n in ranks for mode in modes})
+    real = {("serial", 1): scaling.torchrun_steps(model, size, 1, "sync", steps, warmup)}
+    real.update({(mode, n): scaling.torchrun_steps(model, size, n, mode, steps, warmup) for n in ranks for mode in modes})
     real_s = {key: statistics.median(v) for key, v in real.items()}
     checks = []
     for link in links:

@@ -150,32 +150,38 @@ def scaling_rows(model_name: str, sizes, ranks, modes, device, dtype, repeat: in
     return rows
 
 
-def torchrun_rows(model_name: str, size: int, ranks, modes, steps: int, warmup: int, dtype: str | None) -> list[dict]:
-    """Real gloo runs on this machine: mean seconds of the steady-state steps from the run report."""
-    rows = []
+def torchrun_steps(model_name: str, size: int, n: int, mode: str, steps: int, warmup: int,
+                   dtype: str | None = None) -> list[float]:
+    """Seconds of the steady-state steps (after `warmup`) of one real gloo run on this machine:
+    `torchrun --nproc_per_node n -m parafuse.generate`, each rank with OMP_NUM_THREADS = cores // n."""
     with tempfile.TemporaryDirectory() as tmp:
-        def run(n, mode):
-            rep = os.path.join(tmp, f"{n}-{mode}.json")
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
-                   "-m", "parafuse.generate", "--model", model_name, "--height", str(size), "--width", str(size),
-                   "--steps", str(steps), "--solver", "ddim", "--mode", mode, "--warmup-steps", str(warmup),
-                   "--no-progress", "--out", os.path.join(tmp, "x.png"), "--report", rep, "--overwrite"]
-            if dtype:
-                cmd += ["--dtype", dtype]
-            env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // n)), PYTHONPATH=ROOT)
-            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
-            if proc.returncode:
-                raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-            steady = json.load(open(rep))["step_seconds"][warmup:]
-            return sum(steady) / len(steady)
-        serial = run(1, "sync")
-        rows.append({"model": model_name, "size": size, "mode": "serial", "n": 1, "seconds": serial, "speedup": 1.0})
-        for n in ranks:
-            if 1 < n <= (os.cpu_count() or 1):
-                for mode in modes:
-                    s = run(n, mode)
-                    rows.append({"model": model_name, "size": size, "mode": mode, "n": n, "seconds": s,
-                                 "speedup": serial / s})
+        rep = os.path.join(tmp, "report.json")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+               "-m", "parafuse.generate", "--model", model_name, "--height", str(size), "--width", str(size),
+               "--steps", str(steps), "--solver", "ddim", "--mode", mode, "--warmup-steps", str(warmup),
+               "--no-progress", "--out", os.path.join(tmp, "x.png"), "--report", rep, "--overwrite"]
+        if dtype:
+            cmd += ["--dtype", dtype]
+        env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // n)), PYTHONPATH=ROOT)
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+        if proc.returncode:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+        return json.load(open(rep))["step_seconds"][warmup:]
+
+
+def torchrun_rows(model_name: str, size: int, ranks, modes, steps: int, warmup: int, dtype: str | None) -> list[dict]:
+    """Real gloo runs on this machine: mean seconds of the steady-state steps, against the serial run."""
+    def run(n, mode):
+        steady = torchrun_steps(model_name, size, n, mode, steps, warmup, dtype)
+        return sum(steady) / len(steady)
+
+    serial = run(1, "sync")
+    rows = [{"model": model_name, "size": size, "mode": "serial", "n": 1, "seconds": serial, "speedup": 1.0}]
+    for n in ranks:
+        if 1 < n <= (os.cpu_count() or 1):
+            for mode in modes:
+                s = run(n, mode)
+                rows.append({"model": model_name, "size": size, "mode": mode, "n": n, "seconds": s, "speedup": serial / s})
     return rows
 
 

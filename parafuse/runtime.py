@@ -156,8 +156,7 @@ class Runtime:
         self.engine = None
         if layout.patch_degree > 1:
             self.engine = ExchangeEngine(self.transport, layout.patch_ranks, parallel.mode, parallel.halo_portion,
-                                         parallel.warmup_steps, parallel.norm_mode)
-            self.engine.kernels = self.kernels
+                                         parallel.warmup_steps, parallel.norm_mode, self.kernels)
             parallelize(self.model, self.engine)
 
     @property

@@ -44,7 +44,8 @@ def check_settings(mode: str, halo_portion: float, warmup_steps: int, norm_mode:
 
 class ExchangeEngine:
     def __init__(self, transport: Transport, patch_ranks: list[int], mode: str = "sync",
-                 halo_portion: float = 0.3, warmup_steps: int = 4, norm_mode: str | None = None):
+                 halo_portion: float = 0.3, warmup_steps: int = 4, norm_mode: str | None = None,
+                 kernels: str = "torch"):
         check_settings(mode, halo_portion, warmup_steps, norm_mode)
         norm_mode = norm_mode or {"sync": "exact", "none": "local"}.get(mode, "corrected")
         self.settings = Settings(mode, halo_portion, warmup_steps, norm_mode)
@@ -58,7 +59,7 @@ class ExchangeEngine:
         self.pending: dict[str, Pending] = {}
         self.scratch: dict[tuple, torch.Tensor] = {}
         self.device: torch.device | None = None
-        self.kernels = "torch"                       # or "triton": the patch layers' kernels
+        self.kernels = kernels                       # "torch" or "triton": the patch layers' kernels
         self._first_step = True
 
     @property
@@ -297,9 +298,9 @@ class ExchangeEngine:
     def norm_moments(self, key: str) -> torch.Tensor:
         """[mean, biased variance] [2, B, G] of `norm_statistics(key)`, with its fallback applied."""
         sums, count, fallback, fallback_count = self.norm_statistics(key)
-        moments = _moments(sums, count)
+        moments = moments_from_sums(sums, count)
         if fallback is not None:
-            moments = torch.where(moments[1] < 0, _moments(fallback, fallback_count), moments)
+            moments = torch.where(moments[1] < 0, moments_from_sums(fallback, fallback_count), moments)
         return moments
 
     # ---- whole-tensor collectives ----------------------------------------------------------
@@ -327,7 +328,7 @@ class ExchangeEngine:
         return torch.cat(parts, dim=dim)
 
 
-def _moments(sums: torch.Tensor, count: float) -> torch.Tensor:
+def moments_from_sums(sums: torch.Tensor, count: float) -> torch.Tensor:
     """[mean, biased variance] from [Σx, Σx²] over `count` elements."""
     m = sums * (1.0 / count)
     m[1].addcmul_(m[0], m[0], value=-1.0)

@@ -35,6 +35,29 @@ class PatchConv2d(nn.Conv2d):
         return F.conv2d(x, self.weight, self.bias, self.stride, (0, self.padding[1]), self.dilation, self.groups)
 
 
+def strip_sums(x: torch.Tensor, groups: int, out: torch.Tensor) -> torch.Tensor:
+    """[Σx, Σx²] of every (sample, group) of `x`, accumulated in float32 into `out` [2, B, G],
+    straight from the activation (no float copy of it)."""
+    grouped = x.reshape(x.shape[0], groups, -1)
+    torch.sum(grouped, -1, dtype=torch.float32, out=out[0])
+    torch.linalg.vector_norm(grouped, 2, -1, dtype=torch.float32, out=out[1])
+    out[1].square_()
+    return out
+
+
+def normalize(x: torch.Tensor, moments: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+              eps: float) -> torch.Tensor:
+    """GroupNorm of `x` [B, C, ...] with given [mean, biased variance] [2, B, G] (float32) and
+    float32 `weight`/`bias` repeated for every sample [B * C]: one native inference-mode batch norm
+    over the (sample, channel) rows, which computes in float32 and rounds once."""
+    b, c, g = x.shape[0], x.shape[1], moments.shape[-1]
+    moments[1].clamp_min_(0)                                  # one-pass variance: rounding can go below 0
+    mean, var = moments[..., None].expand(2, b, g, c // g).contiguous().view(2, b * c)
+    # (sample, channel) pairs as the channels of one sample, spatial dims kept (cuDNN's layouts)
+    y = F.batch_norm(x.reshape((1, b * c) + tuple(x.shape[2:])), mean, var, weight, bias, False, 0.0, eps)
+    return y.view(x.shape)
+
+
 class PatchGroupNorm(nn.GroupNorm):
     """GroupNorm over the whole image: count-weighted float32 sums across strips, biased variance,
     exactly as torch.nn.GroupNorm (uneven strips included).
@@ -49,20 +72,11 @@ class PatchGroupNorm(nn.GroupNorm):
             return super().forward(x)
         if self.engine.kernels == "triton":
             return self._forward_triton(x)
-        b, c, g = x.shape[0], self.num_channels, self.num_groups
-        grouped = x.reshape(b, g, -1)
-        sums = self.engine.norm_sums(self.key)
-        torch.sum(grouped, -1, dtype=torch.float32, out=sums[0])
-        torch.linalg.vector_norm(grouped, 2, -1, dtype=torch.float32, out=sums[1])
-        sums[1].square_()
-        moments = self.engine.norm_moments(self.key)             # [mean, variance] x [B, G], float32
-        moments[1].clamp_min_(0)                                  # one-pass variance: rounding can go below 0
-        mean, var = moments[..., None].expand(2, b, g, c // g).contiguous().view(2, b * c)
-        weight, bias = self._affine(b)
-        # (sample, channel) pairs as the channels of one sample, spatial dims kept (cuDNN's layouts)
-        y = F.batch_norm(x.reshape((1, b * c) + tuple(x.shape[2:])), mean, var, weight, bias, False, 0.0, self.eps)
+        strip_sums(x, self.num_groups, self.engine.norm_sums(self.key))
+        weight, bias = self._affine(x.shape[0])
+        y = normalize(x, self.engine.norm_moments(self.key), weight, bias, self.eps)
         self.engine.norm_done(self.key)
-        return y.view(x.shape)
+        return y
 
     def _forward_triton(self, x: torch.Tensor) -> torch.Tensor:
         """Two kernels (parafuse_kernels.groupnorm): the strip's sums, then normalise + affine with
