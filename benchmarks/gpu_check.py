@@ -9,7 +9,9 @@ reports):
     cli        `python -m parafuse.generate` on the device in fp32 and bf16
     nccl       `torchrun --nproc_per_node 1 -m parafuse.generate` (NCCL on CUDA)
     sync       the emulator's `sync` against the serial run on the device: fp32 with TF32 off, and
-               bf16 (whose gap to serial bf16 must not exceed serial bf16's gap to fp32)
+               bf16 (whose gap to serial bf16 must not exceed serial bf16's gap to fp32); and `full`
+               at N = 4 on the device (ranks as threads on their own streams, exchanges as
+               event-ordered copies) against the same emulation on the CPU
     scaling    per-rank compute speedup of unet-xl and dit-xl at 2048² and 4096², N = 1, 2, 4, 8
                (benchmarks/scaling.py: one process, NullTransport, the slowest strip)
     graphs     CUDA graphs: replayed evaluations equal eager ones (a serial run, a strip's steady
@@ -104,7 +106,14 @@ def section_sync(a) -> dict:
                 for dt in ("fp32", "bf16"):
                     _, res = emulate(load_model(name), n, ParallelConfig("sync"), req, device=a.device, dtype=dt)
                     r[f"N{n}_{dt}_sync_vs_serial"] = diff(res[0][0].latent, serial[dt])
-            r["fp32_ok"] = all(r[f"N{n}_fp32_sync_vs_serial"]["max"] <= 1e-4 for n in (2, 4))
+            # the stale modes' data path on one GPU: 4 ranks as threads on their own streams, every
+            # exchange an event-ordered device copy, against the same emulation on the CPU
+            _, gpu = emulate(load_model(name), 4, ParallelConfig("full", 1), req, device=a.device, dtype="fp32",
+                             strict=False)
+            _, cpu = emulate(load_model(name), 4, ParallelConfig("full", 1), req, device="cpu", dtype="fp32")
+            r["N4_fp32_full_vs_cpu_emulator"] = diff(gpu[0][0].latent.cpu(), cpu[0][0].latent)
+            r["fp32_ok"] = all(r[f"N{n}_fp32_sync_vs_serial"]["max"] <= 1e-4 for n in (2, 4)) \
+                and r["N4_fp32_full_vs_cpu_emulator"]["max"] <= 1e-4
             r["bf16_ok"] = all(r[f"N{n}_bf16_sync_vs_serial"]["rms"] <= 1.25 * r["bf16_vs_fp32_serial"]["rms"]
                                for n in (2, 4))
             out[name] = r

@@ -25,7 +25,7 @@ from parafuse.parallel.geometry import StripGeometry
 from parafuse.parallel.parallelize import parallelize
 from parafuse.parallel.plan import PatchPlan
 from parafuse.parallel.reduce import StripReduce
-from parafuse.parallel.transport import KINDS, TorchTransport, Transport
+from parafuse.parallel.transport import KINDS, ThreadTransport, TorchTransport, Transport
 from parafuse.profile import ModelProfile
 from parafuse.sampling import denoise, guided
 from parafuse.solvers import SOLVERS, LocalReduce, cfg, make_schedule, make_solver
@@ -125,6 +125,9 @@ class Runtime:
                  transport: Transport | None = None, dtype: str | torch.dtype | None = None,
                  cuda_graphs: bool = False, kernels: str = "torch"):
         self.parallel = parallel
+        if cuda_graphs and isinstance(transport, ThreadTransport):
+            raise RequestError("--cuda-graphs cannot capture emulated ranks (threads sharing one GPU): a graph "
+                               "cannot wait on another thread's capture; run the emulator eagerly")
         if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
             raise RequestError(f"device {device!r} asked for, but this machine has no CUDA device; use --device cpu")
         self.device = pick_device(device)

@@ -141,3 +141,56 @@ def test_a_strip_step_runs_over_the_loopback_transport():
                  transport=LoopbackTransport(1, 3))
     out = rt.rank_step(Request(96, 64, 3, "ddim", label=1))()
     assert torch.isfinite(out).all() and rt.transport.bytes_sent["attn_kv"]
+
+
+class RecordedOrder:
+    """Stands in for CUDA events: `mark` hands out a token naming the message and the thread that
+    produced it; `wait` records which thread waited on which token for which tensor."""
+
+    def __init__(self):
+        self.marks, self.waits = [], []
+
+    def mark(self, t):
+        token = (threading.current_thread().name, t.data_ptr())
+        self.marks.append(token)
+        return token
+
+    def wait(self, token, used):
+        self.waits.append((threading.current_thread().name, token, used.data_ptr()))
+
+
+def test_each_copy_out_of_a_mailbox_waits_for_the_work_that_filled_it():
+    """On one GPU the ranks are threads on their own streams: a receive (and an all-reduce) may
+    only copy a message after the sender's stream produced it, and must do so on the receiver's."""
+    order = RecordedOrder()
+    hub = ThreadHub(3, timeout=5.0, order=order)
+
+    def fn(rank, tr):
+        threading.current_thread().name = f"rank-{rank}"
+        got = torch.empty(2)
+        tr.start([(torch.full((2,), float(rank)), (rank + 1) % 3)], [(got, (rank - 1) % 3)], "conv_halo").wait()
+        stats = torch.full((3,), float(rank))
+        tr.all_reduce(stats, "norm_stats").wait()
+        return got, stats
+    out = run_ranks(3, fn, hub)
+    for rank, (got, stats) in enumerate(out):
+        assert torch.equal(got, torch.full((2,), float((rank - 1) % 3)))
+        assert torch.equal(stats, torch.full((3,), 3.0))
+    assert len(order.marks) == 6          # 3 messages + 3 contributions, each marked by its producer
+    # each rank waited on the one message sent to it (by its left neighbour) and on all 3 contributions
+    for rank in range(3):
+        waited = [(token, ptr) for thread, token, ptr in order.waits if thread == f"rank-{rank}"]
+        assert len(waited) == 4
+        producers = sorted(token[0] for token, _ in waited)
+        assert producers == sorted([f"rank-{(rank - 1) % 3}", "rank-0", "rank-1", "rank-2"])
+        assert all(token[1] == ptr for token, ptr in waited)   # the token is the message's own
+
+
+def test_emulated_ranks_cannot_be_graph_captured():
+    from parafuse.models import load_model
+    from parafuse.parallel.distributed import ParallelLayout
+    from parafuse.runtime import ParallelConfig, RequestError, Runtime
+
+    with pytest.raises(RequestError, match="cannot capture emulated ranks"):
+        Runtime(load_model("unet-small"), ParallelConfig("full", 1), layout=ParallelLayout(0, 2),
+                transport=ThreadTransport(0, ThreadHub(2)), cuda_graphs=True)

@@ -5,12 +5,19 @@ Every rank runs the real `Runtime` - the same patch layers, the same exchange en
 stale buffers - over a `ThreadTransport`. Asynchronous modes are deterministic (step t always
 uses what was sent during step t-1), so a distributed run must equal this emulator to float
 tolerance; that is what makes the approximate modes testable without GPUs.
+
+With `device="cuda"` the N ranks share one GPU, each thread issuing its work on its own stream and
+every exchange a device copy ordered by events as NCCL orders it (`StreamOrder`): the real
+multi-rank exchange, its data and its overlap, where NCCL refuses two ranks on one device.
+(CUDA graphs are not available there: a graph cannot wait on another thread's capture.)
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 
+import torch
 import torch.nn as nn
 
 from parafuse.parallel.distributed import ParallelLayout
@@ -33,16 +40,24 @@ def emulate(model: nn.Module, world_size: int, parallel, requests, device: str =
     results: list = [None] * world_size
     errors: list = []
 
+    def rank_stream():
+        if torch.device(device).type != "cuda":
+            return contextlib.nullcontext()
+        return torch.cuda.stream(torch.cuda.Stream(device))
+
     def run(rank: int):
         try:
-            layout = ParallelLayout(rank, world_size, cfg_degree)
-            rt = Runtime(copy.deepcopy(model), parallel, device, layout=layout,
-                         transport=ThreadTransport(rank, hub, layout.patch_ranks), dtype=dtype, kernels=kernels)
-            runtimes[rank] = rt
-            if on_rank is not None:
-                on_rank(rt)
-            results[rank] = [rt.generate(r) for r in requests]
-            rt.close()
+            with rank_stream():
+                layout = ParallelLayout(rank, world_size, cfg_degree)
+                rt = Runtime(copy.deepcopy(model), parallel, device, layout=layout,
+                             transport=ThreadTransport(rank, hub, layout.patch_ranks), dtype=dtype, kernels=kernels)
+                runtimes[rank] = rt
+                if on_rank is not None:
+                    on_rank(rt)
+                results[rank] = [rt.generate(r) for r in requests]
+                rt.close()
+                if torch.device(device).type == "cuda":
+                    torch.cuda.current_stream().synchronize()    # results are read on other streams
         except BaseException as e:     # noqa: BLE001 - reported below, after every thread stopped
             hub.fail(f"rank {rank} failed: {type(e).__name__}: {e}")
             errors.append((rank, e))

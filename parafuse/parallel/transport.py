@@ -13,7 +13,8 @@ ranks in the order they were posted, so every rank must post its exchanges in th
 
 `TorchTransport` posts through torch.distributed (NCCL on GPUs, gloo on CPU). `ThreadTransport`
 connects N threads of one process and behaves like NCCL where it matters for correctness (see
-`ThreadHub`): the single-process emulator runs the same exchange logic over it. `NullTransport`
+`ThreadHub`): the single-process emulator runs the same exchange logic over it, on CPU or with N
+ranks on one GPU (each thread on its own stream, messages ordered by CUDA events: `StreamOrder`). `NullTransport`
 counts bytes and moves nothing: one process measures one rank's compute with it.
 `LoopbackTransport` measures one rank with its communication work: copies on a side stream.
 """
@@ -232,6 +233,33 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.detach().reshape(-1).view(torch.uint8)
 
 
+class StreamOrder:
+    """The stream dependencies NCCL imposes, for ranks that are threads of one process on one GPU,
+    each issuing its work on its own current stream:
+
+    - a message is ready once the sender's stream has produced it: `mark` records an event there
+      when the send is posted;
+    - the receiver's copy runs on the receiver's stream after that event: `wait` makes the
+      receiver's current stream wait for it, and tells the caching allocator that the message is
+      also used on the receiver's stream (so its memory is not reused before the copy ran).
+
+    On CPU tensors both are no-ops: work is synchronous."""
+
+    def mark(self, t: torch.Tensor):
+        if t.device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(t.device))
+        return event
+
+    def wait(self, token, used: torch.Tensor) -> None:
+        if token is None:
+            return
+        stream = torch.cuda.current_stream(used.device)
+        stream.wait_event(token)
+        used.record_stream(stream)
+
+
 class ThreadHub:
     """Mailboxes between the N threads of the emulator, with NCCL's rules made strict.
 
@@ -244,18 +272,21 @@ class ThreadHub:
       its receive completes produces NaN instead of silently reading stale data.
     - All-reduces of a group are matched in posting order and summed in rank order, so every rank
       gets the same bits.
+    - On one GPU, each copy out of a mailbox is ordered after the work that filled it (`order`).
     """
 
-    def __init__(self, world_size: int, timeout: float = 300.0, strict: bool = True):
+    def __init__(self, world_size: int, timeout: float = 300.0, strict: bool = True,
+                 order: StreamOrder | None = None):
         self.world_size = world_size
         self.timeout = timeout
         self.strict = strict
+        self.order = order or StreamOrder()
         self.failed: str | None = None
-        self._messages: dict[tuple[int, int, int], tuple[str, torch.Tensor]] = {}
+        self._messages: dict[tuple[int, int, int], tuple[str, torch.Tensor, object]] = {}
         self._sent: dict[tuple[int, int], int] = defaultdict(int)
         self._posted: dict[tuple[int, int], int] = defaultdict(int)
         self._reduce_posted: dict[tuple[tuple[int, ...], int], int] = defaultdict(int)
-        self._reductions: dict[tuple[tuple[int, ...], int], dict[int, tuple[str, torch.Tensor]]] = {}
+        self._reductions: dict[tuple[tuple[int, ...], int], dict[int, tuple[str, torch.Tensor, object]]] = {}
         self._reduce_taken: dict[tuple[tuple[int, ...], int], int] = defaultdict(int)
         self._cond = threading.Condition()
 
@@ -272,10 +303,12 @@ class ThreadHub:
 
     # ---- point to point ------------------------------------------------------------------
     def put(self, src: int, dst: int, kind: str, t: torch.Tensor) -> None:
+        """`t` is the message itself (the sender's copy), produced on the caller's stream."""
+        ready = self.order.mark(t)
         with self._cond:
             seq = self._sent[(src, dst)]
             self._sent[(src, dst)] += 1
-            self._messages[(src, dst, seq)] = (kind, t)
+            self._messages[(src, dst, seq)] = (kind, t, ready)
             self._cond.notify_all()
 
     def post_recv(self, src: int, dst: int) -> int:
@@ -288,20 +321,22 @@ class ThreadHub:
         key = (src, dst, seq)
         with self._cond:
             self._wait_for(lambda: key in self._messages, dst, f"message {seq} from rank {src}")
-            got_kind, t = self._messages.pop(key)
+            got_kind, t, ready = self._messages.pop(key)
         if got_kind != kind or t.numel() * t.element_size() != buf.numel() * buf.element_size():
             raise ExchangeMismatch(
                 f"rank {dst}'s receive #{seq} from rank {src} expects {kind} of {buf.numel() * buf.element_size()} "
                 f"bytes, but rank {src}'s send #{seq} to it is {got_kind} of {t.numel() * t.element_size()} bytes: "
                 f"the two ranks posted their exchanges in different orders")
+        self.order.wait(ready, t)
         buf.copy_(t.view(buf.shape))
 
     # ---- all-reduce ----------------------------------------------------------------------
     def contribute(self, group: tuple[int, ...], rank: int, kind: str, t: torch.Tensor) -> int:
+        ready = self.order.mark(t)
         with self._cond:
             seq = self._reduce_posted[(group, rank)]
             self._reduce_posted[(group, rank)] += 1
-            self._reductions.setdefault((group, seq), {})[rank] = (kind, t)
+            self._reductions.setdefault((group, seq), {})[rank] = (kind, t, ready)
             self._cond.notify_all()
             return seq
 
@@ -314,12 +349,13 @@ class ThreadHub:
             self._reduce_taken[key] += 1
             if self._reduce_taken[key] == len(group):
                 del self._reductions[key], self._reduce_taken[key]
-        mine_kind, mine = parts[rank]
-        for r, (kind, t) in parts.items():
+        mine_kind, mine, _ = parts[rank]
+        for r, (kind, t, ready) in parts.items():
             if kind != mine_kind or t.shape != mine.shape:
                 raise ExchangeMismatch(
                     f"all-reduce #{seq} of group {list(group)}: rank {rank} posted {mine_kind} {tuple(mine.shape)}, "
                     f"rank {r} posted {kind} {tuple(t.shape)}: the ranks posted their collectives in different orders")
+            self.order.wait(ready, t)
         out.copy_(sum_in_rank_order([parts[r][1] for r in group]))
 
     def fail(self, message: str) -> None:
