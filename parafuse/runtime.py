@@ -224,11 +224,17 @@ class Runtime:
         evaluations differ only in the data in their (fixed) input tensors - what a CUDA graph of
         the evaluation needs (`parafuse.graphs`)."""
         cond, uncond = self._branches(req)
-        model, dt = self.model, self.dtype
+        dt, engine = self.dtype, self.engine
         timestep = torch.zeros((), dtype=torch.float32, device=self.device)
 
+        def model(x, t, **kw):
+            out = self.model(x.to(dt), t, **kw)
+            if engine is not None:
+                engine.gather_output(out)     # the baselines' per-step all-gather; nothing in parafuse's modes
+            return out
+
         if not self.parallel.cfg_parallel:
-            both = guided(lambda x, t, **kw: model(x.to(dt), t, **kw).float(), req.guidance, cond, uncond)
+            both = guided(lambda x, t, **kw: model(x, t, **kw).float(), req.guidance, cond, uncond)
 
             def evaluate(x):
                 return both(x, timestep)
@@ -237,7 +243,7 @@ class Runtime:
             peer = self.layout.cfg_peer
 
             def evaluate(x):
-                out = model(x.to(dt), timestep, **mine)   # the other branch's strip travels in the compute dtype
+                out = model(x, timestep, **mine)   # the other branch's strip travels in the compute dtype
                 other = torch.empty_like(out)
                 self.transport.start([(out, peer)], [(other, peer)], "cfg").wait()
                 c, u = (out, other) if self.layout.branch == 0 else (other, out)

@@ -15,7 +15,7 @@ from parallel_cases import HEIGHT, STEPS, WIDTH, cases  # noqa: E402
 from parafuse.models import load_model  # noqa: E402
 from parafuse.models.layers import Attention  # noqa: E402
 from parafuse.parallel.emulator import emulate  # noqa: E402
-from parafuse.parallel.engine import ExchangeEngine  # noqa: E402
+from parafuse.parallel.engine import BASELINES, ExchangeEngine  # noqa: E402
 from parafuse.parallel.geometry import StripGeometry  # noqa: E402
 from parafuse.parallel.transport import COLLECTIVE, ring_bytes  # noqa: E402
 from parafuse.runtime import ParallelConfig, Request, Runtime  # noqa: E402
@@ -111,6 +111,18 @@ def test_async_modes_equal_emulator_and_differ_from_serial(dist_run, model, case
     assert (got[0]["image"] - ref).abs().max() > 1e-3, "a stale mode that equals the serial run exchanged too much"
 
 
+@pytest.mark.parametrize("baseline", sorted(BASELINES))
+@pytest.mark.parametrize("model", ["unet-small", "dit-small"])
+def test_baselines_compute_their_modes_values_with_their_own_traffic(dist_run, model, baseline):
+    """DistriFusion and PCPP as comparison modes: the values of `full` / `partial` (bit for bit:
+    the same data reaches every layer), moved the way those systems move it - more bytes."""
+    n, results = dist_run
+    got, ours = results[f"{model}-{baseline}"], results[f"{model}-{BASELINES[baseline]}"]
+    assert torch.equal(got[0]["image"], ours[0]["image"])
+    for r in range(n):
+        assert sum(got[r]["rank_stats"]["bytes_sent"].values()) > sum(ours[r]["rank_stats"]["bytes_sent"].values())
+
+
 def test_cfg_parallel_async_equals_emulator(dist_run):
     n, results = dist_run
     if n % 2:
@@ -175,7 +187,9 @@ def expected_bytes(n: int, model_name: str, cfg: ParallelConfig, req: Request) -
     geo = StripGeometry(h, w, n // (2 if cfg.cfg_parallel else 1), spec.downsample_factor)
     p_deg = geo.n
     batch = req.batch * (2 if req.guidance != 1.0 and not cfg.cfg_parallel else 1)
-    exchanges = cfg.mode != "none" and not (cfg.mode == "partial" and cfg.halo_portion == 0)
+    baseline = cfg.mode in BASELINES        # all-gather halos, statistics and the model output
+    mode = BASELINES.get(cfg.mode, cfg.mode)
+    exchanges = mode != "none" and not (mode == "partial" and cfg.halo_portion == 0)
     out = []
     for g in range(n):
         i, base = g % p_deg, g - g % p_deg
@@ -187,20 +201,32 @@ def expected_bytes(n: int, model_name: str, cfg: ParallelConfig, req: Request) -
                 sent.setdefault(kind, {}).setdefault(peer, 0)
                 sent[kind][peer] += nbytes
 
+        others = [j for j in range(p_deg) if j != i]
         for step in range(req.steps):
-            sync = cfg.mode == "sync" or step < max(1, cfg.warmup_steps)
+            sync = mode == "sync" or step < max(1, cfg.warmup_steps)
             if exchanges:
                 for name, c, width_in, f, top, bottom in convs:
                     kind = "latent_halo" if name == "conv_in" else "conv_halo"
+                    if baseline and name != "conv_in":     # both boundaries, to every rank
+                        for j in others:
+                            add(kind, j, 4 * batch * c * (top + bottom) * width_in)
+                        continue
                     if i > 0:
                         add(kind, i - 1, 4 * batch * c * bottom * width_in)
                     if i < p_deg - 1:
                         add(kind, i + 1, 4 * batch * c * top * width_in)
                 for groups in norms:          # (Σx, Σx²) per sample and group, float32, one all-reduce
-                    add("norm_stats", COLLECTIVE, ring_bytes(4 * 2 * batch * groups, p_deg))
+                    if baseline:
+                        for j in others:
+                            add("norm_stats", j, 4 * 2 * batch * groups)
+                    else:
+                        add("norm_stats", COLLECTIVE, ring_bytes(4 * 2 * batch * groups, p_deg))
+                if baseline:                  # the model output, every step, to every rank
+                    for j in others:
+                        add("gather", j, 4 * batch * spec.latent_channels * geo.rows[i] * w)
                 for f, d in attns:
                     lv = geo.level(f)
-                    if sync or cfg.mode == "full":
+                    if sync or mode == "full":
                         for j in range(p_deg):
                             if j != i:
                                 add("attn_kv", j, 4 * batch * 2 * d * lv.rows[i] * lv.width)

@@ -13,6 +13,17 @@ whole image, DistriFusion), partial (stale K/V of a window of ceil(p * rows) row
 neighbour, at least one; PCPP), none (no exchange at all). Steps before `warmup_steps`, and the
 first step of every image, are synchronous in every mode but none.
 
+The published systems' own communication, for comparison on the same model and geometry
+(`BASELINES`): `distrifusion` computes what `full` computes and `pcpp` what `partial` computes,
+but they move data the way those systems do (the `all-gather` pattern): conv halo rows and
+GroupNorm sums go to every rank (only the neighbours use the halos), and every step the model
+output is all-gathered (DistriFusion runs its scheduler redundantly on the whole latent; the
+scheduler is elementwise, so running it on the strip gives the same values, and the gathered
+output's compute is not repeated here, only its bytes). `distrifusion` all-gathers K/V like `full`;
+`pcpp` sends its windows to the two neighbours like `partial`. Two differences, both small and
+in the baselines' favour or neutral: the first conv's latent rows still come from the neighbours
+(DistriFusion reads them from its redundant whole latent), and the final gather to rank 0 stays.
+
 Between steps a rank holds only the exchange state of its mode: halo rows, GroupNorm sums, and
 K/V of the whole image (`full`) or of the windows (`partial`). The whole-image K/V that the
 synchronous steps of `sync` and `partial` need is one scratch buffer per K/V shape, shared by all
@@ -24,9 +35,10 @@ from __future__ import annotations
 import torch
 
 from parafuse.parallel.plan import PatchPlan, Settings, Site, StepPlan
-from parafuse.parallel.transport import Pending, Transport
+from parafuse.parallel.transport import Pending, Transport, sum_in_rank_order
 
-MODES = ("sync", "full", "partial", "none")
+BASELINES = {"distrifusion": "full", "pcpp": "partial"}     # baseline -> the mode whose values it computes
+MODES = ("sync", "full", "partial", "none") + tuple(BASELINES)
 NORM_MODES = ("exact", "corrected", "stale", "local")
 
 
@@ -47,8 +59,10 @@ class ExchangeEngine:
                  halo_portion: float = 0.3, warmup_steps: int = 4, norm_mode: str | None = None,
                  kernels: str = "torch"):
         check_settings(mode, halo_portion, warmup_steps, norm_mode)
+        pattern = "all-gather" if mode in BASELINES else "neighbours"
+        mode = BASELINES.get(mode, mode)
         norm_mode = norm_mode or {"sync": "exact", "none": "local"}.get(mode, "corrected")
-        self.settings = Settings(mode, halo_portion, warmup_steps, norm_mode)
+        self.settings = Settings(mode, halo_portion, warmup_steps, norm_mode, pattern)
         self.transport = transport
         self.patch_ranks = list(patch_ranks)          # global rank of each strip, top to bottom
         self.strip = self.patch_ranks.index(transport.rank)
@@ -90,11 +104,17 @@ class ExchangeEngine:
 
     def _allocate(self, plan: PatchPlan, site: Site, device) -> dict[str, torch.Tensor]:
         dt, stale = plan.dtype, plan.stale_step
+        all_gather = plan.settings.exchanges and plan.settings.pattern == "all-gather"
         if site.kind == "conv":
             top, bottom = plan.halo_shapes(site)
             bufs = {"top": torch.zeros(top, dtype=dt, device=device),
                     "bottom": torch.zeros(bottom, dtype=dt, device=device)}
-            if plan.settings.exchanges:
+            if all_gather and not site.first:
+                # what this strip gives every rank: its first `bottom` rows, then its last `top` rows
+                b, c, _, w = top
+                bufs["payload"] = torch.empty((b, c, site.top + site.bottom, w), dtype=dt, device=device)
+                bufs["gathered"] = torch.zeros((self.n,) + bufs["payload"].shape, dtype=dt, device=device)
+            elif plan.settings.exchanges:
                 # what the neighbours need of this strip: its first `bottom` rows go up, its last
                 # `top` rows go down; one [2, ...] buffer when both have the same shape
                 if site.top == site.bottom and plan.up is not None and plan.down is not None:
@@ -112,6 +132,8 @@ class ExchangeEngine:
                 bufs["local"] = torch.zeros(shape, dtype=torch.float32, device=device)
             if stale.norm == "corrected":
                 bufs["previous"] = torch.zeros(shape, dtype=torch.float32, device=device)
+            if all_gather:
+                bufs["gathered"] = torch.zeros((self.n,) + shape, dtype=torch.float32, device=device)
             return bufs
         if site.kind == "attn":
             if stale.kv == "whole":      # sync mode: every step uses the shared scratch
@@ -164,6 +186,8 @@ class ExchangeEngine:
         if halos == "zeros":
             return torch.cat([bufs["top"], x, bufs["bottom"]], dim=2)
         self._wait(key)
+        if "payload" in bufs:
+            return self._conv_input_all_gather(site, bufs, key, x, halos)
         sends, recvs = [], []
         up, down = self.plan.up, self.plan.down
         if "sends" in bufs:
@@ -185,6 +209,30 @@ class ExchangeEngine:
         out = torch.cat([bufs["top"], x, bufs["bottom"]], dim=2)   # the stale rows, read before the receive lands
         self.pending[key] = self.transport.start(sends, recvs, kind)
         return out
+
+    def _conv_input_all_gather(self, site: Site, bufs: dict, key: str, x: torch.Tensor, halos: str) -> torch.Tensor:
+        """The baselines' conv halos: every strip's boundary rows go to every rank; a rank keeps
+        its neighbours' (`_unpack_halos`) once the receives complete."""
+        h = x.shape[2]
+        torch.cat([x[:, :, :site.bottom], x[:, :, h - site.top:]], dim=2, out=bufs["payload"])
+        others = [j for j in range(self.n) if j != self.strip]
+        sends = [(bufs["payload"], self.peer(j)) for j in others]
+        recvs = [(bufs["gathered"][j], self.peer(j)) for j in others]
+        if halos == "fresh":
+            self.transport.start(sends, recvs, "conv_halo").wait()
+            self._unpack_halos(site, bufs)
+            return torch.cat([bufs["top"], x, bufs["bottom"]], dim=2)
+        out = torch.cat([bufs["top"], x, bufs["bottom"]], dim=2)   # the stale rows, read before the receives land
+        posted = self.transport.start(sends, recvs, "conv_halo")
+        self.pending[key] = Pending([posted.wait, lambda: self._unpack_halos(site, bufs)], posted.tensors)
+        return out
+
+    def _unpack_halos(self, site: Site, bufs: dict) -> None:
+        up, down = self.plan.up, self.plan.down
+        if up is not None and site.top:
+            bufs["top"].copy_(bufs["gathered"][up][:, :, site.bottom:])
+        if down is not None and site.bottom:
+            bufs["bottom"].copy_(bufs["gathered"][down][:, :, :site.bottom])
 
     # ---- attention K/V ---------------------------------------------------------------------
     def kv_buffer(self, key: str) -> tuple[torch.Tensor, int, int]:
@@ -277,7 +325,7 @@ class ExchangeEngine:
                 sums.copy_(local)
             if "previous" in bufs:
                 bufs["previous"].copy_(local)
-            self.transport.all_reduce(sums, "norm_stats").wait()
+            self._reduce_sums(bufs).wait()
             return sums, n_total, None, 1.0
         if norm == "stale":
             return sums, n_total, None, 1.0
@@ -293,7 +341,20 @@ class ExchangeEngine:
         if norm == "corrected":
             bufs["previous"].copy_(bufs["local"])
         bufs["sums"].copy_(bufs["local"])
-        self.pending[key] = self.transport.all_reduce(bufs["sums"], "norm_stats")
+        self.pending[key] = self._reduce_sums(bufs)
+
+    def _reduce_sums(self, bufs: dict) -> Pending:
+        """Sum `bufs["sums"]` in place over the strips: one all-reduce, or (the baselines) every
+        strip's sums sent to every rank and added in rank order - the same bits."""
+        sums = bufs["sums"]
+        if "gathered" not in bufs:
+            return self.transport.all_reduce(sums, "norm_stats")
+        parts = bufs["gathered"]
+        parts[self.strip].copy_(sums)
+        others = [j for j in range(self.n) if j != self.strip]
+        posted = self.transport.start([(parts[self.strip], self.peer(j)) for j in others],
+                                      [(parts[j], self.peer(j)) for j in others], "norm_stats")
+        return Pending([posted.wait, lambda: sums.copy_(sum_in_rank_order(parts))], posted.tensors)
 
     def norm_moments(self, key: str) -> torch.Tensor:
         """[mean, biased variance] [2, B, G] of `norm_statistics(key)`, with its fallback applied."""
@@ -304,6 +365,13 @@ class ExchangeEngine:
         return moments
 
     # ---- whole-tensor collectives ----------------------------------------------------------
+    def gather_output(self, out: torch.Tensor) -> None:
+        """The baselines' per-step all-gather of the model output [B, C, rows, W] (what
+        DistriFusion's redundant scheduler consumes; see the module docstring). Parafuse's own
+        modes keep the latent sharded and send nothing here."""
+        if self.settings.pattern == "all-gather" and self.settings.exchanges:
+            self.gather_rows(out, 2, self.plan.geometry.rows)
+
     def gather_rows(self, x: torch.Tensor, dim: int, rows: tuple[int, ...], dst: int | None = None,
                     kind: str = "gather") -> torch.Tensor | None:
         """Concatenate every strip's `x` along `dim` (strip j has rows[j] there), on every rank

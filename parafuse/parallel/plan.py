@@ -57,6 +57,7 @@ class Settings:
     halo_portion: float
     warmup_steps: int
     norm_mode: str        # exact | corrected | stale | local
+    pattern: str = "neighbours"   # "neighbours" (parafuse) | "all-gather" (the published baselines)
 
     @property
     def exchanges(self) -> bool:
