@@ -44,3 +44,46 @@ def test_multi_gpu_check_smoke_on_cpu_with_gloo(tmp_path):
     assert all(r["ok"] for r in res["rows"])
     assert checks["unet-small partial = emulator"]["value"] <= 1e-4
     assert any("speedup at N=2" in c for c in checks)
+
+
+def run_script(args, tmp_path, timeout=600):
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_quality_benchmark_compares_modes_and_baselines(tmp_path):
+    name = str(tmp_path / "q")
+    run_script(["benchmarks/quality.py", "--models", "unet-small", "--sizes", "64", "--steps", "3", "--ranks", "2",
+                "--warmup", "1", "--warmups", "1", "--portions", "0.3", "--seeds", "0", "1", "--name", name], tmp_path)
+    res = json.load(open(name + ".json"))
+    rows = {r["mode"]: r for r in res["rows"]}
+    assert set(rows) == {"full", "partial", "none", "distrifusion", "pcpp"}
+    assert rows["full"]["seeds"] == 2 and rows["full"]["psnr_sd"] >= 0
+    assert 10 < rows["none"]["psnr_db"] < rows["full"]["psnr_db"] < 99 and 0 < rows["full"]["ssim"] <= 1
+    # the baselines: their counterparts' quality, more bytes
+    assert rows["distrifusion"]["psnr_db"] == rows["full"]["psnr_db"]
+    assert rows["distrifusion"]["bytes_per_step_busiest_rank"] > rows["full"]["bytes_per_step_busiest_rank"]
+    assert rows["pcpp"]["bytes_per_step_busiest_rank"] > rows["partial"]["bytes_per_step_busiest_rank"]
+    (target,) = res["targets"]
+    assert target["bytes_share"] == rows["partial"]["bytes_per_step_busiest_rank"] / \
+        rows["distrifusion"]["bytes_per_step_busiest_rank"]
+    assert os.path.exists(name + ".png")
+
+
+def test_throughput_benchmark_times_cold_and_warm(tmp_path):
+    name = str(tmp_path / "t")
+    run_script(["benchmarks/throughput.py", "--model", "unet-small", "--size", "64", "--steps", "2", "--warmup", "1",
+                "--ranks", "1", "2", "--name", name], tmp_path)
+    res = json.load(open(name + ".json"))
+    one, two = res["rows"]
+    assert one["n"] == 1 and two["n"] == 2 and one["latency_speedup"] == 1.0
+    for r in res["rows"]:
+        assert 0 < r["patch_warm_s"] < r["patch_cold_s"] and 0 < r["solo_warm_s"] < r["solo_cold_s"]
+    assert two["solo_images_per_s"] > 0 and os.path.exists(name + ".png")
+
+
+def test_readme_performance_section_is_generated_from_the_committed_results():
+    """The README's numbers are the committed JSON's: `python benchmarks/report.py` was run after them."""
+    run_script(["benchmarks/report.py", "--check"], None)

@@ -1,0 +1,277 @@
+"""The README's "Performance" section, from the committed benchmark results.
+
+Reads the JSON under benchmarks/results/ that the benchmark scripts wrote (scaling.py, project.py,
+quality.py, throughput.py, gpu_check.py where a GPU has run it) and rewrites the README between
+the markers `<!-- performance:begin -->` and `<!-- performance:end -->`, with three plots:
+
+    report_speedup.png   speedup vs N per mode: per-rank compute measured on this CPU, end-to-end
+                         torchrun runs on this CPU (N <= cores), per-rank compute measured on a GPU
+                         (where gpu_check results exist), projected to 16 GPUs over NVLink 4
+    report_bytes.png     bytes per step of the busiest rank vs N, parafuse's modes against the
+                         DistriFusion and PCPP baselines on the same model and geometry
+    report_quality.png   PSNR against the serial image vs N, per mode
+
+Every table and figure names the command and the hardware that produced its numbers; nothing is
+measured here.
+
+    python benchmarks/report.py            # rewrite the README section and the plots
+    python benchmarks/report.py --check    # exit 1 if the README section is out of date
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import RESULTS, table  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, "README.md")
+BEGIN, END = "<!-- performance:begin -->", "<!-- performance:end -->"
+MODE_STYLE = {"full": "C0", "partial": "C1", "none": "C7", "sync": "C2", "distrifusion": "C3", "pcpp": "C4"}
+
+
+def load(name: str) -> dict | None:
+    path = os.path.join(RESULTS, name)
+    return json.load(open(path)) if os.path.exists(path) else None
+
+
+def command(res: dict, default: str) -> str:
+    return res.get("command") or default
+
+
+def hw(res: dict) -> str:
+    h = res.get("hardware", {})
+    return f"{h.get('device', 'unknown hardware')}, torch {h.get('torch', '?')}"
+
+
+def gpu_results() -> list[dict]:
+    return [json.load(open(p)) for p in sorted(glob.glob(os.path.join(RESULTS, "gpu_check_*.json")))
+            if not json.load(open(p)).get("smoke")]
+
+
+def pivot(rows: list[dict], keys: tuple[str, ...], value: str) -> str:
+    """A table with one line per `keys` and one column per N."""
+    ns = sorted({r["n"] for r in rows})
+    lines = {}
+    for r in rows:
+        lines.setdefault(tuple(r[k] for k in keys), {})[f"N = {r['n']}"] = r[value]
+    return table([dict(zip(keys, k), **v) for k, v in lines.items()],
+                 [(k, k) for k in keys] + [(f"N = {n}", f"N = {n}") for n in ns])
+
+
+# ---- sections --------------------------------------------------------------------------------------
+def speedup_section(scaling: dict | None, project: dict | None, gpus: list[dict]) -> list[str]:
+    out = ["### Speedup against N", ""]
+    if scaling:
+        rows = [r for r in scaling["rows"] if "skipped" not in r and r["mode"] != "serial"]
+        out += [f"Per-rank compute (the slowest strip's steady-state step against the serial step, compute "
+                f"alone): `{command(scaling, 'python benchmarks/scaling.py')}` on {hw(scaling)}. What N devices "
+                f"would each spend if communication hid behind compute; on this CPU it is not a wall-clock speedup.",
+                "", pivot([{**r, "speedup": r["serial_seconds"] / r["seconds"]} for r in rows],
+                          ("model", "size", "mode"), "speedup"), ""]
+        if scaling.get("torchrun"):
+            out += ["End to end on the same CPU (`torchrun`, gloo, same command): the mean steady-state step from "
+                    "the run reports against the serial run's. The N ranks share the machine's cores, so this "
+                    "measures contention more than scaling.", "",
+                    pivot([r for r in scaling["torchrun"] if r["mode"] != "serial"], ("model", "size", "mode"),
+                          "speedup"), ""]
+    for g in gpus:
+        rows = [r for r in g["sections"].get("scaling", {}).get("result", {}).get("rows", []) if "speedup" in r]
+        if rows:
+            out += [f"Per-rank compute on {hw(g)}: `PYTHONPATH=.:kernels python benchmarks/gpu_check.py`.", "",
+                    pivot([r for r in rows if r["mode"] != "serial"], ("model", "size", "mode"), "speedup"), ""]
+    if not gpus:
+        out += ["**No GPU results are committed yet**: no session has had a GPU to run "
+                "`benchmarks/gpu_check.py`, so every figure here is from a CPU.", ""]
+    if project:
+        err = project.get("validation", {}).get("mean_abs_relative_error", {}).get("measured")
+        rows = [r for r in project["projections"] if r["link"] == "nvlink4" and r["n"] in (1, 2, 4, 8, 16)]
+        out += [f"**Projected** (not measured) over NVLink 4 from per-rank compute measured on {hw(project)} "
+                f"and the counted bytes: `{command(project, 'python benchmarks/project.py --measure --validate')}`"
+                + (f"; its mean absolute error against real CPU torchrun step times (link fitted by ping-pong): "
+                   f"{100 * err:.1f}%." if err else "."),
+                "", pivot(rows, ("model", "size", "mode"), "projected_speedup"), ""]
+    return out
+
+
+def quality_section(quality: dict | None) -> list[str]:
+    if not quality:
+        return ["### Communication and quality against DistriFusion and PCPP", "",
+                "Not yet measured: run `python benchmarks/quality.py`.", ""]
+    a = quality["args"]
+    rows = [r for r in quality["rows"] if r["warmup"] == a["warmup"] and r["portion"] in (None, a["portion"])]
+    out = ["### Communication and quality against DistriFusion and PCPP", "",
+           f"`{quality['command']}` on {hw(quality)}: {len(a['seeds'])} seeds, PSNR and SSIM of each parallel image "
+           f"against the serial image of the same seed (mean ± sd), bytes per step of the busiest rank averaged "
+           f"over the run (warmup included). `distrifusion` and `pcpp` compute the same values as `full` and "
+           f"`partial` (tested bit for bit), so their quality is those modes'; only their traffic differs.", "",
+           table(rows, [("model", "model"), ("size", "size"), ("steps", "steps"), ("n", "N"), ("mode", "mode"),
+                        ("psnr_db", "PSNR dB"), ("psnr_sd", "± sd"), ("ssim", "SSIM"),
+                        ("bytes_per_step_busiest_rank", "bytes/step")]), ""]
+    knobs = [r for r in quality["rows"] if r["mode"] in ("full", "partial") and r["n"] == max(a["ranks"])
+             and not (r["warmup"] == a["warmup"] and r["portion"] in (None, a["portion"]))]
+    if knobs:
+        out += [f"The knobs at N = {max(a['ranks'])}: warmup steps and the partial portion p.", "",
+                table(knobs, [("model", "model"), ("mode", "mode"), ("warmup", "warmup"), ("portion", "p"),
+                              ("psnr_db", "PSNR dB"), ("psnr_sd", "± sd"), ("bytes_per_step_busiest_rank", "bytes/step")]),
+                ""]
+    if quality.get("targets"):
+        out += ["Issue 13's target: `partial`'s bytes against `distrifusion`'s (≤ 20% on a U-Net, ≤ 10% on a DiT) "
+                "with PSNR no more than 1 dB below.", "",
+                table(quality["targets"], [("model", "model"), ("size", "size"), ("n", "N"), ("warmup", "warmup"),
+                                           ("portion", "p"), ("bytes_share", "partial / distrifusion bytes"),
+                                           ("bytes_limit", "limit"), ("psnr_gap_db", "PSNR gap dB"), ("met", "met")]), ""]
+    return out
+
+
+def extra_quality(name: str, title: str) -> list[str]:
+    res = load(name)
+    if not res:
+        return []
+    return [f"### {title}", "", f"`{res['command']}` on {hw(res)}.", "",
+            table(res["rows"], [("model", "model"), ("size", "size"), ("steps", "steps"), ("n", "N"), ("mode", "mode"),
+                                ("warmup", "warmup"), ("seeds", "seeds"), ("psnr_db", "PSNR dB"), ("psnr_sd", "± sd"),
+                                ("ssim", "SSIM"), ("bytes_per_step_busiest_rank", "bytes/step")]), ""]
+
+
+def throughput_section(res: dict | None) -> list[str]:
+    if not res:
+        return []
+    return ["### Latency of one image against throughput of N", "",
+            f"`{res['command']}` on {hw(res)}. One image on N ranks (patch parallel) against N independent "
+            f"single-rank images at once; cold = launch to the first image (imports, load, trace, plan, first "
+            f"denoising), warm = the next image in the same process. On this 2-core CPU, N ranks or N processes "
+            f"share two cores.", "",
+            table(res["rows"], [("n", "N"), ("patch_warm_s", "1 image on N: warm s"), ("latency_speedup", "speedup"),
+                                ("patch_cold_s", "cold s"), ("solo_warm_s", "N images: warm s each"),
+                                ("solo_images_per_s", "N images: images/s"), ("patch_images_per_s", "1 on N: images/s")]),
+            ""]
+
+
+# ---- plots -----------------------------------------------------------------------------------------
+def plots(scaling, project, quality, gpus) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if scaling:
+        top = max(r["size"] for r in scaling["rows"])
+        for model in sorted({r["model"] for r in scaling["rows"]}):
+            for mode in ("full", "partial"):
+                pts = sorted((r for r in scaling["rows"] if r["model"] == model and r["size"] == top
+                              and r["mode"] in (mode, "serial") and "seconds" in r), key=lambda r: r["n"])
+                if len(pts) > 1:
+                    ax.plot([r["n"] for r in pts], [r["serial_seconds"] / r["seconds"] for r in pts], "o-",
+                            color=MODE_STYLE[mode], label=f"{model} {top}² {mode}: per-rank compute, CPU (measured)")
+        for model in sorted({r["model"] for r in scaling.get("torchrun", [])}):
+            pts = sorted((r for r in scaling["torchrun"] if r["model"] == model and r["mode"] == "partial"),
+                         key=lambda r: r["n"])
+            if pts:
+                ax.plot([r["n"] for r in pts], [r["speedup"] for r in pts], "x:", color="k",
+                        label=f"{model} partial: torchrun end to end, CPU (measured)")
+    for g in gpus:
+        rows = [r for r in g["sections"].get("scaling", {}).get("result", {}).get("rows", []) if "speedup" in r]
+        for (model, size, mode) in sorted({(r["model"], r["size"], r["mode"]) for r in rows if r["mode"] != "serial"}):
+            pts = sorted((r for r in rows if (r["model"], r["size"], r["mode"]) == (model, size, mode)), key=lambda r: r["n"])
+            ax.plot([r["n"] for r in pts], [r["speedup"] for r in pts], "s-",
+                    label=f"{model} {size}² {mode}: per-rank compute, {g['hardware']['device']} (measured)")
+    if project:
+        for (model, size, mode) in sorted({(r["model"], r["size"], r["mode"]) for r in project["projections"]}):
+            pts = sorted((r for r in project["projections"] if r["link"] == "nvlink4"
+                          and (r["model"], r["size"], r["mode"]) == (model, size, mode)), key=lambda r: r["n"])
+            ax.plot([r["n"] for r in pts], [r["projected_speedup"] for r in pts], "--", color=MODE_STYLE.get(mode),
+                    alpha=0.6, label=f"{model} {size}² {mode}: PROJECTED, NVLink 4")
+    ax.plot([1, 16], [1, 16], color="0.85", lw=1)
+    ax.set(xlabel="N", ylabel="speedup vs serial", title="speedup (benchmarks/scaling.py, project.py, gpu_check.py)")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    written.append(save(fig, "report_speedup.png"))
+
+    if quality:
+        a = quality["args"]
+        rows = [r for r in quality["rows"] if r["warmup"] == a["warmup"] and r["portion"] in (None, a["portion"])
+                and r["size"] == a["sizes"][0] and r["steps"] == a["steps"][0]]
+        for what, key, fname, ylabel in (("bytes", "bytes_per_step_busiest_rank", "report_bytes.png",
+                                          "MB per step, busiest rank"),
+                                         ("quality", "psnr_db", "report_quality.png", "PSNR vs serial (dB)")):
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            for model in a["models"]:
+                for mode in a["modes"]:
+                    if what == "quality" and mode in ("distrifusion", "pcpp"):
+                        continue          # the values of full / partial
+                    pts = sorted((r for r in rows if r["model"] == model and r["mode"] == mode), key=lambda r: r["n"])
+                    if not pts:
+                        continue
+                    ys = [r[key] / (1e6 if what == "bytes" else 1) for r in pts]
+                    style = "o-" if model == a["models"][0] else "s--"
+                    if what == "quality":
+                        ax.errorbar([r["n"] for r in pts], ys, [r["psnr_sd"] for r in pts], fmt=style, capsize=3,
+                                    color=MODE_STYLE.get(mode), label=f"{model} {mode}")
+                    else:
+                        ax.plot([r["n"] for r in pts], ys, style, color=MODE_STYLE.get(mode), label=f"{model} {mode}")
+            if what == "bytes":
+                ax.set_yscale("log")
+            ax.set(xlabel="N", ylabel=ylabel, title=f"{what}: {a['sizes'][0]}², {a['steps'][0]} steps, warmup "
+                   f"{a['warmup']}, {len(a['seeds'])} seeds — {quality['hardware']['device']}")
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            written.append(save(fig, fname))
+    return written
+
+
+def save(fig, name: str) -> str:
+    fig.savefig(os.path.join(RESULTS, name), dpi=100)
+    return name
+
+
+# ---- the README section ------------------------------------------------------------------------------
+def section() -> tuple[str, tuple]:
+    scaling, project, quality = load("scaling_cpu.json"), load("project_cpu.json"), load("quality_cpu.json")
+    gpus = gpu_results()
+    lines = [BEGIN, "", "## Performance", "",
+             "Generated by `python benchmarks/report.py` from the JSON under `benchmarks/results/`; each table "
+             "names the command and hardware behind it. Figures: `benchmarks/results/report_speedup.png` (speedup "
+             "vs N: measured per-rank compute, measured CPU torchrun runs, GPU rows where a GPU has run "
+             "`gpu_check.py`, and projections labelled as such), `report_bytes.png` (bytes vs N against both "
+             "baselines), `report_quality.png` (PSNR vs N).", ""]
+    lines += speedup_section(scaling, project, gpus)
+    lines += quality_section(quality)
+    lines += extra_quality("quality_1024_cpu.json", "The 1024² quality target")
+    lines += throughput_section(load("throughput_cpu.json"))
+    lines += [END]
+    return "\n".join(lines), (scaling, project, quality, gpus)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--check", action="store_true", help="exit 1 if the README section is out of date")
+    a = p.parse_args(argv)
+    text, sources = section()
+    readme = open(README).read()
+    if BEGIN in readme and END in readme:
+        head, rest = readme.split(BEGIN, 1)
+        new = head + text + rest.split(END, 1)[1]
+    else:
+        new = readme.rstrip("\n") + "\n\n" + text + "\n"
+    if a.check:
+        if new != readme:
+            print("README's Performance section is out of date: run python benchmarks/report.py")
+            return 1
+        return 0
+    written = plots(*sources)
+    tmp = README + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(new)
+    os.replace(tmp, README)
+    print(f"rewrote the Performance section of README.md; plots: {', '.join(written)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
