@@ -443,9 +443,16 @@ def test_img2img_start_index_matches_diffusers():
 def test_vp_spacing_equals_diffusers(n, spacing, final):
     schedule = vp_schedule("eps")
     ours = schedule.grid(n, spacing, final)
-    for cls in (DPMSolverMultistepScheduler, UniPCMultistepScheduler):
-        sched = cls(timestep_spacing="linspace" if spacing == "karras" else spacing,
-                    use_karras_sigmas=spacing == "karras", final_sigmas_type=final, **SD)
+    for cls in (DPMSolverMultistepScheduler, UniPCMultistepScheduler, DEISMultistepScheduler,
+                DPMSolverSinglestepScheduler):
+        if cls is DEISMultistepScheduler and final == "zero":
+            continue  # diffusers' DEIS has no final_sigmas_type: it always ends at σ_min
+        if cls is DPMSolverSinglestepScheduler and spacing in ("leading", "trailing"):
+            continue  # diffusers' singlestep scheduler has no timestep_spacing: always linspace
+        kw = {} if cls is DEISMultistepScheduler else {"final_sigmas_type": final}
+        if cls is not DPMSolverSinglestepScheduler:
+            kw["timestep_spacing"] = "linspace" if spacing == "karras" else spacing
+        sched = cls(use_karras_sigmas=spacing == "karras", **kw, **SD)
         sched.set_timesteps(n)
         np.testing.assert_array_equal(ours.timesteps, sched.timesteps.double().numpy())
         np.testing.assert_allclose(ours.sigmas, to_ours(sched.sigmas, "vp").numpy(), rtol=1e-6, atol=0)

@@ -7,13 +7,13 @@ A grid is a float64 array of σ for every model evaluation plus the final σ, wi
 and the model timesteps: VP → DDPM timestep in [0, T) (float allowed); flow → σ·T.
 
 Spacing names mean what diffusers' `timestep_spacing` means (checked in tests/test_solvers.py):
-  VP   linspace / leading / trailing  DPMSolverMultistep/Singlestep/DEIS/UniPC `timestep_spacing`
-                                      (one table per name, shared by every diffusers scheduler)
+  VP   linspace / leading / trailing  DPMSolverMultistep/DEIS/UniPC `timestep_spacing` (one table
+                                      per name, the same in each; DPMSolverSinglestep: linspace only)
        karras                         `use_karras_sigmas` (ρ = 7; timesteps rounded like diffusers)
   flow linspace                       diffusers' flow schedulers ignore `timestep_spacing` (configured
                                       as "linspace"); each has its own σ table, and the solver says
                                       which (``flow_table``), so the same name reproduces diffusers:
-         "euler"      FlowMatchEulerDiscreteScheduler (SD3/Flux): n points from σ = 1 to shift(1/T)
+         "euler"      FlowMatchEulerDiscreteScheduler (SD3/Flux): n points from σ = 1 to its σ_min
          "dpmsolver"  DPMSolverMultistep/Singlestep/DEIS(use_flow_sigmas): from shift(1 − 1/T)
          "unipc"      UniPCMultistepScheduler(use_flow_sigmas): from σ = 1 (nudged to 1 − 1e-6)
        karras                         FlowMatchEulerDiscreteScheduler(use_karras_sigmas), any solver
