@@ -11,9 +11,9 @@ Gaussian case: data x0 ~ N(μ, diag(s²)) of latent shape [4, 32, 32] (s in 0.3.
 denoiser in closed form, so the reference's own error against the exact ODE solution is reported
 too. Five grids: VP (SD betas, eps) ending at σ = 0 and at σ_min; flow (shift 3) on the σ
 tables of FlowMatchEuler, UniPC and DPM-Solver/DEIS (flow_table "euler" / "unipc" /
-"dpmsolver"), each ending at σ = 0;
-every solver and the reference on the same grid. A call is one model evaluation for every
-solver (dpmpp-2s: ⌊calls/2⌋ two-stage steps, then a first-order step if calls is odd). Writes
+"dpmsolver"), each ending at σ = 0; every solver and the reference on the same grid. A call is
+one model evaluation for every solver (dpmpp-2s: ⌊calls/2⌋ two-stage steps, then a first-order
+step if calls is odd). Writes
 benchmarks/results/solvers_<case>.json and .png (the plot needs matplotlib; --no-plot skips it).
 """
 from __future__ import annotations

@@ -757,6 +757,12 @@ def test_errors_are_clear():
         make_solver("ddim", vp_schedule("eps"), 10, spacing="uniform")
     with pytest.raises(ValueError, match="prediction"):
         make_schedule("flow", prediction="v")
+    with pytest.raises(ValueError, match="flow schedule's prediction must be one of"):
+        make_schedule("flow", prediction_type="epsilon")
+    with pytest.raises(ValueError, match="give either shift= or diffusers' flow_shift="):
+        make_schedule("flow", shift=2.0, flow_shift=3.0)
+    with pytest.raises(ValueError, match="strength 0.05 is too small"):
+        make_solver("dpmpp-2m", vp_schedule("eps"), 10, strength=0.05)
 
 
 def test_diffusers_option_names_map_to_ours():
@@ -798,8 +804,6 @@ def test_diffusers_option_names_map_to_ours():
 def test_diffusers_option_names_refused_clearly(name, opts, match):
     with pytest.raises(ValueError, match=match):
         make_solver(name, vp_schedule("eps"), 10, **opts)
-    with pytest.raises(ValueError, match="flow schedule's prediction must be one of"):
-        make_schedule("flow", prediction_type="epsilon")
 
 
 def test_runtime_steps_are_model_evaluations():

@@ -18,8 +18,8 @@ from .base import Solver
 from .deis import DEIS, DEIS3M
 from .dpmpp import DDIM, DPMSolverPP, DPMSolverPP2S, DPMSolverPP3M, DPMSolverPPHeavyBall, Euler
 from .ghvb import GHVB
-from .options import translate
 from .guidance import cfg, rescale
+from .options import translate
 from .schedules import FlowSchedule, VPSchedule, dynamic_shift, make_schedule
 from .stepper import LocalReduce, combine
 from .threshold import dynamic_threshold
