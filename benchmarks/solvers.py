@@ -9,8 +9,11 @@ Error = ‖x − x_ref‖/‖x_ref‖.
 
 Gaussian case: data x0 ~ N(μ, diag(s²)) of latent shape [4, 32, 32] (s in 0.3..1.3), the ideal
 denoiser in closed form, so the reference's own error against the exact ODE solution is reported
-too. Four grids: VP (SD betas, eps) ending at σ = 0 and at σ_min; flow (shift 3) on
-FlowMatchEuler's grid and on UniPC's ("trailing") grid, both ending at σ = 0. Writes
+too. Five grids: VP (SD betas, eps) ending at σ = 0 and at σ_min; flow (shift 3) on the σ
+tables of FlowMatchEuler, UniPC and DPM-Solver/DEIS (flow_table "euler" / "unipc" /
+"dpmsolver"), each ending at σ = 0; every solver and the reference on the same grid. A call is
+one model evaluation for every solver (dpmpp-2s: ⌊calls/2⌋ two-stage steps, then a first-order
+step if calls is odd). Writes
 benchmarks/results/solvers_<case>.json and .png (the plot needs matplotlib; --no-plot skips it).
 """
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from parafuse.report import device_name  # noqa: E402
 from parafuse.solvers import SOLVERS, make_schedule, make_solver  # noqa: E402
+from parafuse.solvers.schedules import FLOW_TABLES  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CALLS = (5, 8, 10, 15, 20, 25, 50)
@@ -92,8 +96,7 @@ class GaussianDenoiser:
 
 
 def sample(name, opts, schedule, calls, model, noise, grid):
-    per = SOLVERS[name].evals_per_step
-    solver = make_solver(name, schedule, max(1, calls // per), **grid, **opts)
+    solver = make_solver(name, schedule, calls, **grid, **opts)
     x, state = solver.init_noise_sigma * noise, solver.init_state()
     for k in range(solver.num_evals):
         x, state = solver.step(k, x, model(x, solver.model_time(k)), state)
@@ -122,8 +125,13 @@ def run_case(label, schedule, grid, model, noise, solvers, calls, exact=None):
     return result
 
 
+def grid_label(result) -> str:
+    table = f" ({result['flow_table']} σ table)" if result.get("flow_table") else ""
+    return f"{result['spacing']}{table}"
+
+
 def print_table(result, calls):
-    print(f"\n== {result['case']}: {result['schedule']}, spacing {result['spacing']}, "
+    print(f"\n== {result['case']}: {result['schedule']}, spacing {grid_label(result)}, "
           f"final σ = {result['final_sigma']:.4g} ({result['final_sigmas_type']})")
     ref = result["reference"]
     line = f"reference: {ref['solver']} {ref['opts']} with {ref['calls']} calls"
@@ -132,9 +140,7 @@ def print_table(result, calls):
     print(line)
     print(f"{'solver':28s}" + "".join(f"{c:>9d} " for c in calls) + "  (model calls; relative error)")
     for spec, rows in result["solvers"].items():
-        # '*': one call fewer than the column (dpmpp-2s spends two calls per step)
-        cells = "".join(f"{r['error']:9.2e}{'*' if r['calls'] != c else ' '}" for r, c in zip(rows, calls))
-        print(f"{spec:28s}{cells}")
+        print(f"{spec:28s}" + "".join(f"{r['error']:9.2e} " for r in rows))
 
 
 def plot(results, path):
@@ -154,7 +160,7 @@ def plot(results, path):
         for j, (spec, rows) in enumerate(result["solvers"].items()):
             ax.loglog([r["calls"] for r in rows], [r["error"] for r in rows], label=spec, ms=4,
                       color=colors[j % 20], marker="os^vDP*X"[j % 8], ls="-" if j < 10 else "--")
-        ax.set_title(f"{result['case']}: {result['schedule']}, {result['spacing']}, "
+        ax.set_title(f"{result['case']}: {result['schedule']}, {grid_label(result)}, "
                      f"final σ {result['final_sigmas_type']}", fontsize=9)
         ax.set_xlabel("model calls")
         ax.set_ylabel("relative error vs 200-step reference")
@@ -191,6 +197,9 @@ def main(argv=None):
     p.add_argument("--calls", type=int, nargs="+", default=list(CALLS))
     p.add_argument("--latent-size", type=int, default=16, help="--model: latent height = width")
     p.add_argument("--spacing", default="linspace", help="--model: timestep spacing")
+    p.add_argument("--flow-table", default=None, choices=FLOW_TABLES,
+                   help="--model, flow models: one σ table for every solver and the reference (default: each "
+                        "solver its diffusers scheduler's table, the reference UniPC's)")
     p.add_argument("--final", default="zero", choices=("zero", "sigma_min"), help="--model: final σ")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -205,18 +214,20 @@ def main(argv=None):
         shape = (1, 4, 32, 32)
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed), dtype=torch.float64)
         vp, flow = make_schedule("vp", prediction="eps"), make_schedule("flow", shift=3.0)
-        for label, schedule, spacing, final in [
-                ("gaussian-vp", vp, "linspace", "zero"),          # diffusers' defaults
-                ("gaussian-vp", vp, "linspace", "sigma_min"),     # no final jump to σ = 0
-                ("gaussian-flow", flow, "linspace", "zero"),      # FlowMatchEuler's grid (SD3/Flux)
-                ("gaussian-flow", flow, "trailing", "zero")]:     # UniPC's flow grid
+        for label, schedule, table, final in [
+                ("gaussian-vp", vp, None, "zero"),              # diffusers' defaults
+                ("gaussian-vp", vp, None, "sigma_min"),         # no final jump to σ = 0
+                ("gaussian-flow", flow, "euler", "zero"),       # FlowMatchEuler's σ table (SD3/Flux)
+                ("gaussian-flow", flow, "unipc", "zero"),       # UniPC's flow σ table
+                ("gaussian-flow", flow, "dpmsolver", "zero")]:  # DPM-Solver's/DEIS' flow σ table
             model = GaussianDenoiser(schedule, shape[1:], seed=args.seed)
-            grid = {"spacing": spacing, "final_sigmas_type": final}
+            grid = {"spacing": "linspace", "final_sigmas_type": final, **({"flow_table": table} if table else {})}
             results.append(run_case(label, schedule, grid, model, noise, args.solvers, args.calls, exact=model.exact))
         case = "gaussian"
     else:
         schedule, fn, noise = model_case(args.model, args.latent_size, args.batch, args.seed)
-        grid = {"spacing": args.spacing, "final_sigmas_type": args.final}
+        grid = {"spacing": args.spacing, "final_sigmas_type": args.final,
+                **({"flow_table": args.flow_table} if args.flow_table else {})}
         results.append(run_case(f"model {args.model}", schedule, grid, fn, noise, args.solvers, args.calls))
         case = args.model
 

@@ -24,10 +24,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weights", default=None, help="safetensors file overriding the model's own weights")
     p.add_argument("--height", type=int, default=512, help="image height in pixels")
     p.add_argument("--width", type=int, default=512, help="image width in pixels")
-    p.add_argument("--steps", type=int, default=20, help="denoising steps")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps = model evaluations, for every solver")
     p.add_argument("--solver", default="dpmpp-2m", help=f"one of: {', '.join(SOLVERS)}")
     p.add_argument("--spacing", default=None, choices=("linspace", "leading", "trailing", "karras"),
-                   help="timestep spacing (default: the schedule's own, linspace)")
+                   help="timestep spacing, as diffusers' timestep_spacing (default linspace; flow models: the "
+                        "σ table of the solver's diffusers scheduler, leading/trailing refused)")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: off)")
     p.add_argument("--label", type=int, default=None, help="class label for class-conditional models")
     p.add_argument("--seed", type=int, default=0)

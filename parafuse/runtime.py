@@ -299,8 +299,8 @@ class Runtime:
         clock = StepClock(self.device)
 
         def before(k):
-            if self.engine is not None:     # warmup counts steps, not model evaluations (2S takes two)
-                self.engine.begin_step(k // solver.evals_per_step)
+            if self.engine is not None:     # a step is one model evaluation, for every solver
+                self.engine.begin_step(k)
             clock.start()
 
         def after(k):

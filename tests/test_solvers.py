@@ -15,6 +15,7 @@ from diffusers import (
 )
 
 from parafuse.solvers import SOLVERS, LocalReduce, cfg, dynamic_shift, make_schedule, make_solver, rescale
+from parafuse.solvers.schedules import FLOW_TABLES
 from parafuse.solvers.threshold import dynamic_threshold
 
 # diffusers 0.42 hands torch tensors to NumPy 2 functions, which warn on every call
@@ -51,15 +52,35 @@ def rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
+def diffusers_nan_on_last_step(sched) -> bool:
+    """Known difference, pinned: diffusers' UniPC bh1 returns NaN on its last step when it lands
+    on σ = 0. Its predictor is first order there and adds α_t·B(h)·0 with B(h) = h = ∞ (λ = ∞ at
+    σ = 0): ∞·0. Without that term its update is x = x̂0 of the last evaluation; ours is that limit."""
+    return (isinstance(sched, UniPCMultistepScheduler) and sched.config.solver_type == "bh1"
+            and float(sched.sigmas[-1]) == 0.0)
+
+
 def run_pair(sched, n_evals, solver, model, dtype=torch.float32):
-    """Feed both the same model outputs (at diffusers' timestep); return the worst per-step gap."""
+    """Feed both the same model outputs (at diffusers' timestep); return the worst per-step gap.
+    Both trajectories must stay finite at every step (a NaN gap would vanish in max());
+    diffusers' one known NaN (diffusers_nan_on_last_step) must appear, and our last step is
+    compared with its finite limit instead."""
     sched.set_timesteps(n_evals)
     assert solver.num_evals == len(sched.timesteps)
+    nan_last = diffusers_nan_on_last_step(sched)
     xd = xo = latent(dtype)
     state, worst = solver.init_state(), 0.0
     for k, t in enumerate(sched.timesteps):
-        xd = sched.step(model(xd, float(t)), t, xd).prev_sample
+        raw = model(xd, float(t))
+        if nan_last and k == len(sched.timesteps) - 1:
+            limit = sched.convert_model_output(raw, sample=xd)  # x̂0, from the uncorrected sample as in step()
+            assert torch.isnan(sched.step(raw, t, xd).prev_sample).all()
+            xd = limit
+        else:
+            xd = sched.step(raw, t, xd).prev_sample
         xo, state = solver.step(k, xo, model(xo, float(t)), state)
+        assert torch.isfinite(xd).all(), f"diffusers' evaluation {k} of {n_evals} is not finite"
+        assert torch.isfinite(xo).all(), f"our evaluation {k} of {n_evals} is not finite"
         worst = max(worst, rel(xo, xd))
     return worst, xo, xd
 
@@ -140,9 +161,7 @@ ORDER_CASES = [
 
 def fitted_order(name, schedule, ns, **opts):
     lam_min = float(np.log(schedule.alpha(schedule.sigma_min) / schedule.sigma_min))
-    per_step = SOLVERS[name].evals_per_step
-    errs = [gaussian_error(name, schedule, lambda_uniform(schedule, -8.0, lam_min, n * per_step), **opts)
-            for n in ns]
+    errs = [gaussian_error(name, schedule, lambda_uniform(schedule, -8.0, lam_min, n), **opts) for n in ns]
     return -np.polyfit(np.log(ns), np.log(errs), 1)[0], errs
 
 
@@ -151,8 +170,8 @@ def fitted_order(name, schedule, ns, **opts):
 def test_convergence_order(kind, name, opts, order, ns):
     """λ-uniform grid from λ = −8 (SNR 1e-7: x̂0 is constant there to 1e-7, so the lower-order
     warm-up steps of the multistep methods cannot mask their order) to σ_min; ns = number of
-    steps. Tolerance: order − 0.3 ≤ slope ≤ order + 1.25. The lower bound is the claim (at least
-    the nominal order). The upper bound is loose on purpose: on a λ-uniform grid the leading error
+    steps = model evaluations (dpmpp-2s: n/2 two-stage steps). Tolerance: order − 0.3 ≤ slope ≤
+    order + 1.25. The lower bound is the claim (at least the nominal order). The upper bound is loose on purpose: on a λ-uniform grid the leading error
     term of the third-order exponential integrators cancels for this linear problem and they
     converge like h⁴ (measured 3.75–4.00 for DEIS-3M and 3M-taylor); on a non-uniform grid they
     measure ≈ 3 (test_third_order_on_warped_grid)."""
@@ -200,39 +219,46 @@ def test_dpmpp_3m_quadratic_weight():
 
 
 # --------------------------------------------------------------------------------------------
-# 2. Trajectories against diffusers (float32, same model outputs, our own σ grids — which equal
-#    diffusers' tables, see section 3; the model always gets diffusers' timestep)
+# 2. Trajectories against diffusers (float32, same model outputs). Ours is built from the same
+#    diffusers options (make_solver maps their names), so each case also checks that the same
+#    names give the same σ grid and model times; the model always gets diffusers' timestep.
 # --------------------------------------------------------------------------------------------
 VP_CASES = [
-    # (our solver, opts, diffusers class, diffusers kwargs, our grid kwargs)
-    ("ddim", {}, DPMSolverMultistepScheduler, {"solver_order": 1}, {}),
-    ("dpmpp-2m", {}, DPMSolverMultistepScheduler, {"solver_order": 2}, {}),
-    ("dpmpp-3m", {}, DPMSolverMultistepScheduler, {"solver_order": 3}, {}),
-    ("dpmpp-2m", {}, DPMSolverMultistepScheduler,
-     {"timestep_spacing": "trailing", "final_sigmas_type": "sigma_min"}, {"spacing": "trailing", "final_sigmas_type": "sigma_min"}),
-    ("dpmpp-3m", {}, DPMSolverMultistepScheduler,
-     {"solver_order": 3, "use_karras_sigmas": True}, {"spacing": "karras"}),
-    ("dpmpp-2m", {}, DPMSolverMultistepScheduler,
-     {"timestep_spacing": "leading", "steps_offset": 1}, {"spacing": "leading"}),
-    ("unipc-bh1", {}, UniPCMultistepScheduler, {"solver_type": "bh1"}, {}),
-    ("unipc-bh2", {}, UniPCMultistepScheduler, {"solver_type": "bh2"}, {}),
-    ("unipc-bh2", {"order": 3}, UniPCMultistepScheduler, {"solver_type": "bh2", "solver_order": 3}, {}),
-    ("unipc-bh1", {}, UniPCMultistepScheduler,
-     {"solver_type": "bh1", "timestep_spacing": "trailing", "final_sigmas_type": "sigma_min"},
-     {"spacing": "trailing", "final_sigmas_type": "sigma_min"}),
-    ("unipc-bh2", {}, UniPCMultistepScheduler, {"use_karras_sigmas": True}, {"spacing": "karras"}),
-    ("unipc-bh2", {"disable_corrector": [0, 2]}, UniPCMultistepScheduler, {"disable_corrector": [0, 2]}, {}),
+    # (our solver, diffusers class, diffusers kwargs)
+    ("ddim", DPMSolverMultistepScheduler, {"solver_order": 1}),
+    ("dpmpp-2m", DPMSolverMultistepScheduler, {"solver_order": 2}),
+    ("dpmpp-3m", DPMSolverMultistepScheduler, {"solver_order": 3}),
+    ("dpmpp-2m", DPMSolverMultistepScheduler, {"timestep_spacing": "trailing", "final_sigmas_type": "sigma_min"}),
+    ("dpmpp-3m", DPMSolverMultistepScheduler, {"solver_order": 3, "use_karras_sigmas": True}),
+    ("dpmpp-2m", DPMSolverMultistepScheduler, {"timestep_spacing": "leading", "steps_offset": 1}),
+    ("unipc-bh1", UniPCMultistepScheduler, {"solver_type": "bh1"}),
+    ("unipc-bh2", UniPCMultistepScheduler, {"solver_type": "bh2"}),
+    ("unipc-bh2", UniPCMultistepScheduler, {"solver_type": "bh2", "solver_order": 3}),
+    ("unipc-bh1", UniPCMultistepScheduler,
+     {"solver_type": "bh1", "timestep_spacing": "trailing", "final_sigmas_type": "sigma_min"}),
+    ("unipc-bh2", UniPCMultistepScheduler, {"use_karras_sigmas": True}),
+    ("unipc-bh2", UniPCMultistepScheduler, {"disable_corrector": [0, 2]}),
 ]
+
+
+def ours_from_diffusers(name, kind, prediction_type, dkw, n, **schedule_kw):
+    """Our solver from a diffusers scheduler's options; schedule options go to make_schedule."""
+    dkw = dict(dkw)
+    sched_kw = {k: dkw.pop(k) for k in ("steps_offset", "shift", "flow_shift") if k in dkw}
+    dkw.pop("use_flow_sigmas", None)
+    if kind == "vp":
+        schedule = make_schedule("vp", **SD, **sched_kw, **schedule_kw)
+    else:
+        schedule = make_schedule("flow", **sched_kw, **schedule_kw)
+    return make_solver(name, schedule, n, prediction_type=prediction_type, **dkw)
 
 
 @pytest.mark.parametrize("n", STEPS)
 @pytest.mark.parametrize("pred", ["eps", "v"])
-@pytest.mark.parametrize("name,opts,dcls,dkw,grid", VP_CASES,
-                         ids=[f"{c[0]}{c[1]}-{c[2].__name__[:8]}{c[3]}" for c in VP_CASES])
-def test_vp_matches_diffusers(name, opts, dcls, dkw, grid, pred, n):
+@pytest.mark.parametrize("name,dcls,dkw", VP_CASES, ids=[f"{c[0]}-{c[1].__name__[:8]}{c[2]}" for c in VP_CASES])
+def test_vp_matches_diffusers(name, dcls, dkw, pred, n):
     sched = dcls(prediction_type=DIFFUSERS_PRED[pred], **SD, **dkw)
-    offset = dkw.get("steps_offset", 0)
-    solver = make_solver(name, vp_schedule(pred, steps_offset=offset), n, **grid, **opts)
+    solver = ours_from_diffusers(name, "vp", DIFFUSERS_PRED[pred], dkw, n)
     worst, _, _ = run_pair(sched, n, solver, FakeModel())
     assert torch.equal(solver.timesteps, sched.timesteps.double())  # what the model is told
     assert worst <= TOL
@@ -240,50 +266,70 @@ def test_vp_matches_diffusers(name, opts, dcls, dkw, grid, pred, n):
 
 @pytest.mark.parametrize("n", STEPS)
 def test_x0_prediction_and_thresholding_match_diffusers(n):
-    for dkw, opts in [({}, {}), ({"thresholding": True, "sample_max_value": 1.5, "dynamic_thresholding_ratio": 0.9},
-                                 {"thresholding": True, "sample_max_value": 1.5, "dynamic_thresholding_ratio": 0.9})]:
+    for dkw in ({}, {"thresholding": True, "sample_max_value": 1.5, "dynamic_thresholding_ratio": 0.9}):
         sched = DPMSolverMultistepScheduler(prediction_type="sample", **SD, **dkw)
-        solver = make_solver("dpmpp-2m", vp_schedule("x0"), n, **opts)
+        solver = ours_from_diffusers("dpmpp-2m", "vp", "sample", dkw, n)
         worst, _, _ = run_pair(sched, n, solver, FakeModel(scale=1.6))
         assert worst <= TOL
 
 
-@pytest.mark.parametrize("n", STEPS)
+@pytest.mark.parametrize("n", STEPS + (1, 2))
 @pytest.mark.parametrize("pred", ["eps", "v"])
 @pytest.mark.parametrize("lower_order_final", [True, False])
 def test_dpmpp_2s_matches_diffusers_singlestep(pred, n, lower_order_final):
-    """num_steps = n steps of 2S = 2n evaluations = diffusers' num_inference_steps; diffusers'
-    order list [1, 2, 1, 2, …] (ending [1, 1] with lower_order_final, or when landing on σ = 0)."""
+    """n steps = n model evaluations, as diffusers' num_inference_steps: ⌊n/2⌋ two-stage steps and
+    a first-order step if n is odd. The order list is diffusers' [1, 2, 1, 2, …], including its
+    overrides (an odd n switches lower_order_final on; so does a final σ of 0)."""
     final = "zero" if lower_order_final else "sigma_min"
-    sched = DPMSolverSinglestepScheduler(solver_order=2, prediction_type=DIFFUSERS_PRED[pred], **SD,
-                                         lower_order_final=lower_order_final, final_sigmas_type=final)
-    solver = make_solver("dpmpp-2s", vp_schedule(pred), n, final_sigmas_type=final, lower_order_final=lower_order_final)
-    worst, _, _ = run_pair(sched, 2 * n, solver, FakeModel())
+    dkw = dict(solver_order=2, lower_order_final=lower_order_final, final_sigmas_type=final)
+    sched = DPMSolverSinglestepScheduler(prediction_type=DIFFUSERS_PRED[pred], **SD, **dkw)
+    solver = ours_from_diffusers("dpmpp-2s", "vp", DIFFUSERS_PRED[pred], dkw, n)
+    assert solver.num_steps == solver.num_evals == n
+    worst, _, _ = run_pair(sched, n, solver, FakeModel())
     assert solver.order_list == sched.order_list
     assert worst <= TOL
 
 
+@pytest.mark.parametrize("start", [3, 4])
+def test_dpmpp_2s_img2img_matches_diffusers(start):
+    """Starting at the second evaluation of a two-stage step (odd start) has no x̂0 of the step's
+    first point: a first-order step, as in diffusers."""
+    n = 11
+    sched = DPMSolverSinglestepScheduler(solver_order=2, **SD)
+    sched.set_timesteps(n)
+    sched.set_begin_index(start)
+    solver = make_solver("dpmpp-2s", vp_schedule("eps"), n, start_index=start)
+    assert solver.order_list[start] == 1 + start % 2
+    xd = xo = latent()
+    model, state = FakeModel(), solver.init_state()
+    for k, t in enumerate(sched.timesteps[start:]):
+        xd = sched.step(model(xd, float(t)), t, xd).prev_sample
+        xo, state = solver.step(k, xo, model(xo, float(t)), state)
+        assert rel(xo, xd) <= TOL
+
+
 FLOW_CASES = [
-    ("euler", FlowMatchEulerDiscreteScheduler, {"shift": 3.0}, "linspace"),
-    ("ddim", FlowMatchEulerDiscreteScheduler, {"shift": 3.0}, "linspace"),
-    ("dpmpp-2m", DPMSolverMultistepScheduler, {"solver_order": 2}, "leading"),
-    ("dpmpp-3m", DPMSolverMultistepScheduler, {"solver_order": 3}, "leading"),
-    ("dpmpp-2s", DPMSolverSinglestepScheduler, {"solver_order": 2}, "leading"),
-    ("unipc-bh1", UniPCMultistepScheduler, {"solver_type": "bh1"}, "trailing"),
-    ("unipc-bh2", UniPCMultistepScheduler, {"solver_type": "bh2"}, "trailing"),
+    ("euler", FlowMatchEulerDiscreteScheduler, {"shift": 3.0}),
+    ("ddim", FlowMatchEulerDiscreteScheduler, {"shift": 3.0}),
+    ("dpmpp-2m", DPMSolverMultistepScheduler, {"solver_order": 2}),
+    ("dpmpp-3m", DPMSolverMultistepScheduler, {"solver_order": 3}),
+    ("dpmpp-2s", DPMSolverSinglestepScheduler, {"solver_order": 2}),
+    ("unipc-bh1", UniPCMultistepScheduler, {"solver_type": "bh1"}),
+    ("unipc-bh2", UniPCMultistepScheduler, {"solver_type": "bh2"}),
 ]
+FLOW_DIFFUSERS = dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
 
 
 @pytest.mark.parametrize("n", STEPS)
-@pytest.mark.parametrize("name,dcls,dkw,spacing", FLOW_CASES, ids=[f"{c[0]}-{c[1].__name__[:8]}" for c in FLOW_CASES])
-def test_flow_matches_diffusers(name, dcls, dkw, spacing, n):
-    if dcls is FlowMatchEulerDiscreteScheduler:
-        sched = dcls(**dkw)
-    else:
-        sched = dcls(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, **dkw)
-    schedule = make_schedule("flow", shift=3.0)
-    own = make_solver(name, schedule, n, spacing=spacing)
-    sched.set_timesteps(n * own.evals_per_step)
+@pytest.mark.parametrize("name,dcls,dkw", FLOW_CASES, ids=[f"{c[0]}-{c[1].__name__[:8]}" for c in FLOW_CASES])
+def test_flow_matches_diffusers(name, dcls, dkw, n):
+    """Every diffusers flow scheduler is configured with timestep_spacing "linspace" (the default,
+    which they ignore); so is ours, and each solver takes its diffusers scheduler's σ table."""
+    if dcls is not FlowMatchEulerDiscreteScheduler:
+        dkw = {**dkw, **FLOW_DIFFUSERS}
+    sched = dcls(**dkw)
+    own = ours_from_diffusers(name, "flow", "flow_prediction", {k: v for k, v in dkw.items() if k != "prediction_type"}, n)
+    sched.set_timesteps(n)
     assert torch.allclose(own.sigmas, sched.sigmas.double(), atol=1e-6, rtol=0)
     # Model time σ·1000: FlowMatchEuler keeps it as float; DPM/UniPC cast it to int64 (truncation).
     if dcls is FlowMatchEulerDiscreteScheduler:
@@ -293,9 +339,40 @@ def test_flow_matches_diffusers(name, dcls, dkw, spacing, n):
     # Trajectories on diffusers' own (float32) σ table. With our float64 grid, unipc-bh1 differs
     # by up to 2.5e-5 at 5 steps: diffusers stores σ0 = 1 − 1e-6 in float32, i.e. α0 = 1.0133e-6
     # instead of 1e-6, and bh1's first corrector weight B(h) = h ≈ 14 amplifies that (bh2: 3e-7).
-    solver = make_solver(name, schedule, sigmas=sched.sigmas.double(), timesteps=own.timesteps)
+    solver = make_solver(name, own.schedule, sigmas=sched.sigmas.double(), timesteps=own.timesteps)
     worst, _, _ = run_pair(sched, solver.num_evals, solver, FakeModel())
     assert worst <= TOL
+
+
+def test_run_pair_catches_nan():
+    """max(worst, nan) is worst: run_pair must reject a NaN step rather than skip its gap."""
+
+    class NaNAtStep3(DPMSolverMultistepScheduler):
+        def step(self, model_output, timestep, sample, **kw):
+            out = super().step(model_output, timestep, sample, **kw)
+            if self.step_index == 3:
+                out.prev_sample = torch.full_like(out.prev_sample, float("nan"))
+            return out
+
+    with pytest.raises(AssertionError, match="diffusers' evaluation 2 of 6 is not finite"):
+        run_pair(NaNAtStep3(**SD), 6, make_solver("dpmpp-2m", vp_schedule("eps"), 6), FakeModel())
+
+
+@pytest.mark.parametrize("kind", ["vp", "flow"])
+def test_diffusers_unipc_bh1_nan_is_pinned(kind):
+    """diffusers' UniPC bh1 landing on σ = 0 returns NaN (see diffusers_nan_on_last_step); ours
+    returns the finite limit, x̂0 of the last evaluation, and matches every earlier step."""
+    extra = FLOW_DIFFUSERS if kind == "flow" else dict(SD)
+    sched = UniPCMultistepScheduler(solver_type="bh1", **extra)
+    sched.set_timesteps(8)
+    assert diffusers_nan_on_last_step(sched)
+    assert not diffusers_nan_on_last_step(UniPCMultistepScheduler(solver_type="bh2", **extra))
+    solver = ours_from_diffusers("unipc-bh1", kind, "flow_prediction" if kind == "flow" else "epsilon",
+                                 {"solver_type": "bh1"}, 8, **({"shift": 3.0} if kind == "flow" else {}))
+    if kind == "flow":  # diffusers' own float32 table (see test_flow_matches_diffusers)
+        solver = make_solver("unipc-bh1", solver.schedule, sigmas=sched.sigmas.double(), timesteps=solver.timesteps)
+    worst, xo, _ = run_pair(sched, 8, solver, FakeModel())
+    assert worst <= TOL and torch.isfinite(xo).all()
 
 
 class DEIS64(DEISMultistepScheduler):
@@ -366,9 +443,16 @@ def test_img2img_start_index_matches_diffusers():
 def test_vp_spacing_equals_diffusers(n, spacing, final):
     schedule = vp_schedule("eps")
     ours = schedule.grid(n, spacing, final)
-    for cls in (DPMSolverMultistepScheduler, UniPCMultistepScheduler):
-        sched = cls(timestep_spacing="linspace" if spacing == "karras" else spacing,
-                    use_karras_sigmas=spacing == "karras", final_sigmas_type=final, **SD)
+    for cls in (DPMSolverMultistepScheduler, UniPCMultistepScheduler, DEISMultistepScheduler,
+                DPMSolverSinglestepScheduler):
+        if cls is DEISMultistepScheduler and final == "zero":
+            continue  # diffusers' DEIS has no final_sigmas_type: it always ends at σ_min
+        if cls is DPMSolverSinglestepScheduler and spacing in ("leading", "trailing"):
+            continue  # diffusers' singlestep scheduler has no timestep_spacing: always linspace
+        kw = {} if cls is DEISMultistepScheduler else {"final_sigmas_type": final}
+        if cls is not DPMSolverSinglestepScheduler:
+            kw["timestep_spacing"] = "linspace" if spacing == "karras" else spacing
+        sched = cls(use_karras_sigmas=spacing == "karras", **kw, **SD)
         sched.set_timesteps(n)
         np.testing.assert_array_equal(ours.timesteps, sched.timesteps.double().numpy())
         np.testing.assert_allclose(ours.sigmas, to_ours(sched.sigmas, "vp").numpy(), rtol=1e-6, atol=0)
@@ -377,16 +461,43 @@ def test_vp_spacing_equals_diffusers(n, spacing, final):
 @pytest.mark.parametrize("n", (5, 10, 25, 50))
 @pytest.mark.parametrize("shift", (1.0, 3.0))
 def test_flow_spacing_equals_diffusers(n, shift):
+    """On flow schedules diffusers ignores timestep_spacing: each scheduler keeps its own σ table.
+    spacing "linspace" (diffusers' default name) gives each solver its scheduler's table;
+    flow_table picks another; karras is FlowMatchEuler's."""
     schedule = make_schedule("flow", shift=shift)
-    tables = {
-        "linspace": FlowMatchEulerDiscreteScheduler(shift=shift),
-        "karras": FlowMatchEulerDiscreteScheduler(shift=shift, use_karras_sigmas=True),
-        "trailing": UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=shift, prediction_type="flow_prediction"),
-        "leading": DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=shift, prediction_type="flow_prediction"),
+    flow = dict(use_flow_sigmas=True, flow_shift=shift, prediction_type="flow_prediction")
+    tables = {  # (our solver, flow_table, spacing): diffusers scheduler
+        ("euler", None, "linspace"): FlowMatchEulerDiscreteScheduler(shift=shift),
+        ("dpmpp-2m", None, "karras"): FlowMatchEulerDiscreteScheduler(shift=shift, use_karras_sigmas=True),
+        ("unipc-bh2", None, "linspace"): UniPCMultistepScheduler(**flow),
+        ("dpmpp-2m", None, "linspace"): DPMSolverMultistepScheduler(**flow),
+        ("dpmpp-2s", None, "linspace"): DPMSolverSinglestepScheduler(**flow),
+        ("deis-3m", None, "linspace"): DEISMultistepScheduler(**flow),
+        ("dpmpp-2m", "unipc", "linspace"): UniPCMultistepScheduler(**flow, timestep_spacing="trailing"),
+        ("unipc-bh2", "euler", "linspace"): FlowMatchEulerDiscreteScheduler(shift=shift),
+        ("ddim", "dpmsolver", "linspace"): DPMSolverMultistepScheduler(**flow, timestep_spacing="leading"),
     }
-    for spacing, sched in tables.items():
+    for (name, table, spacing), sched in tables.items():
         sched.set_timesteps(n)
-        np.testing.assert_allclose(schedule.grid(n, spacing).sigmas, sched.sigmas.double().numpy(), rtol=0, atol=1e-6)
+        opts = {"flow_table": table} if table else {}
+        ours = make_solver(name, schedule, n, spacing=spacing, **opts).sigmas.numpy()
+        theirs = sched.sigmas.double().numpy()
+        if isinstance(sched, DEISMultistepScheduler):
+            # diffusers' flow DEIS repeats its last σ (a zero-length final step: its sample stays at
+            # that σ); ours ends at final_sigmas_type, σ = 0 by default
+            assert theirs[-1] == theirs[-2] and ours[-1] == 0
+            ours, theirs = ours[:-1], theirs[:-1]
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6, err_msg=f"{name} {table} {spacing}")
+
+
+def test_flow_leading_and_trailing_are_refused():
+    for spacing in ("leading", "trailing"):
+        with pytest.raises(ValueError, match="diffusers' flow schedulers ignore timestep_spacing"):
+            make_solver("dpmpp-2m", make_schedule("flow", shift=3.0), 10, timestep_spacing=spacing)
+    with pytest.raises(ValueError, match="flow_table must be one of"):
+        make_solver("dpmpp-2m", make_schedule("flow"), 10, flow_table="ddim")
+    with pytest.raises(ValueError, match="flow_table applies to flow schedules"):
+        make_solver("dpmpp-2m", vp_schedule("eps"), 10, flow_table="euler")
 
 
 @pytest.mark.parametrize("seq_len", (256, 1024, 2048, 4096))
@@ -464,7 +575,7 @@ def test_ghvb_beta1_order2_is_dpmpp_2m_heun(kind, n):
     else:
         sched = DPMSolverMultistepScheduler(solver_type="heun", prediction_type="flow_prediction",
                                             use_flow_sigmas=True, flow_shift=3.0)
-        solver = make_solver("ghvb", make_schedule("flow", shift=3.0), n, spacing="leading", order=2, beta=1.0)
+        solver = make_solver("ghvb", make_schedule("flow", shift=3.0), n, order=2, beta=1.0)  # DPM-Solver's table
     worst, _, _ = run_pair(sched, n, solver, FakeModel())
     assert worst <= TOL
 
@@ -509,10 +620,11 @@ SCHEDULES = {
 @pytest.mark.parametrize("name", list(SOLVERS))
 def test_sampling_loop_api(name, sched_name):
     schedule = SCHEDULES[sched_name]()
-    for spacing in ("linspace", "trailing", "karras"):
-        solver = make_solver(name, schedule, num_steps=6, spacing=spacing)
-        assert solver.name == name and solver.num_steps == 6
-        assert solver.num_evals == 6 * solver.evals_per_step
+    grids = [{"spacing": s} for s in ("linspace", "trailing", "karras")] if schedule.kind == "vp" else \
+        [{"flow_table": t} for t in FLOW_TABLES] + [{"spacing": "karras"}]
+    for grid in grids:
+        solver = make_solver(name, schedule, num_steps=5, **grid)  # odd: dpmpp-2s ends with a first-order step
+        assert solver.name == name and solver.num_steps == solver.num_evals == 5
         assert len(solver.sigmas) == solver.num_evals + 1 and solver.sigmas[-1] == 0
         assert torch.all(solver.sigmas[:-1] > solver.sigmas[1:])
         x = solver.init_noise_sigma * latent()
@@ -645,3 +757,69 @@ def test_errors_are_clear():
         make_solver("ddim", vp_schedule("eps"), 10, spacing="uniform")
     with pytest.raises(ValueError, match="prediction"):
         make_schedule("flow", prediction="v")
+    with pytest.raises(ValueError, match="flow schedule's prediction must be one of"):
+        make_schedule("flow", prediction_type="epsilon")
+    with pytest.raises(ValueError, match="give either shift= or diffusers' flow_shift="):
+        make_schedule("flow", shift=2.0, flow_shift=3.0)
+    with pytest.raises(ValueError, match="strength 0.05 is too small"):
+        make_solver("dpmpp-2m", vp_schedule("eps"), 10, strength=0.05)
+
+
+def test_diffusers_option_names_map_to_ours():
+    vp_v = vp_schedule("v")
+    pairs = [
+        (make_solver("dpmpp-2m", vp_schedule("eps"), 9, solver_order=2, prediction_type="v_prediction",
+                     timestep_spacing="trailing", algorithm_type="dpmsolver++", solver_type="midpoint"),
+         make_solver("dpmpp-2m", vp_v, 9, spacing="trailing")),
+        (make_solver("unipc-bh1", vp_v, 9, solver_order=3, solver_type="bh1", use_karras_sigmas=True),
+         make_solver("unipc-bh1", vp_v, 9, order=3, spacing="karras")),
+        (make_solver("ghvb", vp_v, 9, solver_order=3), make_solver("ghvb", vp_v, 9, order=3)),
+        (make_solver("deis-3m", make_schedule("flow", flow_shift=3.0, prediction_type="flow_prediction"), 9,
+                     solver_order=3, algorithm_type="deis", prediction_type="sample"),
+         make_solver("deis-3m", make_schedule("flow", shift=3.0, prediction="x0"), 9)),
+    ]
+    x = latent(torch.float64)
+    for theirs, ours in pairs:
+        assert theirs.schedule.prediction == ours.schedule.prediction
+        assert torch.equal(theirs.sigmas, ours.sigmas) and torch.equal(theirs.timesteps, ours.timesteps)
+        assert getattr(theirs, "order") == getattr(ours, "order")
+        assert torch.equal(run_solver(theirs, FakeModel(), x), run_solver(ours, FakeModel(), x))
+    assert vp_v.prediction == "v"  # prediction_type made a new schedule, the given one is unchanged
+
+
+@pytest.mark.parametrize("name,opts,match", [
+    ("dpmpp-2m", {"solver_order": 3}, "order 2; for diffusers' solver_order=3 use 'dpmpp-3m'"),
+    ("deis-3m", {"solver_order": 2}, "use 'deis-2m'"),
+    ("dpmpp-2s", {"solver_order": 3}, "no such variant"),
+    ("dpmpp-2m", {"solver_type": "heun"}, "'ghvb' with order=2, beta=1.0"),
+    ("unipc-bh2", {"solver_type": "bh1"}, "use 'unipc-bh1'"),
+    ("deis-2m", {"solver_type": "logrho"}, "has no solver_type"),
+    ("dpmpp-2m", {"algorithm_type": "sde-dpmsolver++"}, "not diffusers' algorithm_type='sde-dpmsolver\\+\\+'"),
+    ("dpmpp-2m", {"prediction_type": "flow_prediction"}, "VP schedule's prediction must be one of"),
+    ("dpmpp-2m", {"flow_shift": 3.0}, "flow_shift is a schedule option: give it to make_schedule"),
+    ("dpmpp-2m", {"use_lu_lambdas": True}, "dpmpp-2m has no option 'use_lu_lambdas'"),
+    ("dpmpp-2m", {"timestep_spacing": "trailing", "spacing": "leading"}, "disagree"),
+    ("dpmpp-2m", {"use_karras_sigmas": True, "spacing": "trailing"}, "disagree"),
+])
+def test_diffusers_option_names_refused_clearly(name, opts, match):
+    with pytest.raises(ValueError, match=match):
+        make_solver(name, vp_schedule("eps"), 10, **opts)
+
+
+def test_runtime_steps_are_model_evaluations():
+    """--steps 3 with dpmpp-2s is 3 evaluations (one two-stage step, one first-order step): three
+    timed steps, FLOPs of 3 evaluations; the warmup counts evaluations too, so with 2 warmup
+    steps of 4 the last two evaluations run stale ('full' differs from 'sync'), with 4 none do."""
+    from parafuse.models import load_model
+    from parafuse.parallel.emulator import emulate
+    from parafuse.runtime import ParallelConfig, Request, Runtime
+
+    model = load_model("dit-small")
+    timing = Runtime(model, ParallelConfig()).generate(Request(32, 32, 3, "dpmpp-2s", label=1)).timing
+    assert len(timing["step_seconds"]) == 3 and timing["stages"][0]["steps"] == 3
+    assert timing["flops"]["total"] == timing["flops"]["full_schedule"]
+    req = Request(32, 32, 4, "dpmpp-2s", label=1)
+    latents = {w: emulate(model, 2, ParallelConfig("full" if w is not None else "sync", warmup_steps=w or 0), req)[1]
+               [0][0].latent for w in (None, 2, 4)}
+    assert torch.equal(latents[4], latents[None])
+    assert not torch.equal(latents[2], latents[None])

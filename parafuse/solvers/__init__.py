@@ -2,7 +2,7 @@
 
     from parafuse.solvers import make_schedule, make_solver, SOLVERS, LocalReduce
     schedule = make_schedule("flow", shift=3.0)
-    solver = make_solver("dpmpp-2m", schedule, num_steps=20, spacing="trailing")
+    solver = make_solver("dpmpp-2m", schedule, num_steps=20)   # 20 model evaluations
     x = solver.init_noise_sigma * noise
     state = solver.init_state()
     for k in range(solver.num_evals):
@@ -19,6 +19,7 @@ from .deis import DEIS, DEIS3M
 from .dpmpp import DDIM, DPMSolverPP, DPMSolverPP2S, DPMSolverPP3M, DPMSolverPPHeavyBall, Euler
 from .ghvb import GHVB
 from .guidance import cfg, rescale
+from .options import translate
 from .schedules import FlowSchedule, VPSchedule, dynamic_shift, make_schedule
 from .stepper import LocalReduce, combine
 from .threshold import dynamic_threshold
@@ -32,21 +33,25 @@ SOLVERS: dict[str, type[Solver]] = {
 
 
 def make_solver(name: str, schedule, num_steps: int | None = None, **opts) -> Solver:
-    """Build solver ``name`` (a key of SOLVERS) over ``schedule``.
+    """Build solver ``name`` (a key of SOLVERS) over ``schedule``, making ``num_steps`` model
+    evaluations whatever the solver (diffusers' num_inference_steps).
 
-    Common options: spacing ("linspace" | "leading" | "trailing" | "karras"),
-    final_sigmas_type ("zero" | "sigma_min"), sigmas= / timesteps= (custom grid),
-    lower_order_final, thresholding / dynamic_thresholding_ratio / sample_max_value,
-    start_index / strength, round_timesteps.
+    Common options: spacing ("linspace" | "leading" | "trailing" | "karras", as diffusers'
+    timestep_spacing; see schedules.py for flow schedules), flow_table, final_sigmas_type
+    ("zero" | "sigma_min"), sigmas= / timesteps= (custom grid), lower_order_final,
+    thresholding / dynamic_thresholding_ratio / sample_max_value, start_index / strength,
+    round_timesteps.
     Solver options: dpmpp-3m: variant ("diffusers" default | "taylor", see DPMSolverPP);
     unipc-*: order (1..3, default 2; the method has order + 1), disable_corrector (grid indices);
     dpmpp-2m-hb: beta (default 0.8); ghvb: order (1..4, default 2), beta (default 0.8).
-    dpmpp-2s: num_steps counts 2S steps; it makes 2·num_steps model evaluations.
+    diffusers' option names (solver_order, prediction_type, timestep_spacing, use_karras_sigmas,
+    solver_type, algorithm_type) are mapped or refused by ``options.translate``.
     """
     try:
         cls = SOLVERS[name]
     except KeyError:
         raise ValueError(f"unknown solver {name!r}; choose from {sorted(SOLVERS)}") from None
+    schedule, opts = translate(cls, schedule, opts)
     return cls(schedule, num_steps, **opts)
 
 

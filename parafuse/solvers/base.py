@@ -19,22 +19,28 @@ from .threshold import dynamic_threshold
 class Solver:
     name = "base"
     order = 1            # nominal order of accuracy of the update (without lower-order steps)
-    evals_per_step = 1   # model evaluations per step (2 for singlestep DPM-Solver++(2S))
+    flow_table = "dpmsolver"  # on flow schedules, the σ table of the diffusers scheduler of this solver
     init_noise_sigma = 1.0
 
     def __init__(self, schedule, num_steps: int | None = None, spacing: str | None = None,
                  final_sigmas_type: str = "zero", sigmas=None, timesteps=None, lower_order_final: bool = True,
                  thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
                  sample_max_value: float = 1.0, start_index: int = 0, strength: float | None = None,
-                 round_timesteps: bool = True):
-        """``sigmas``: a custom grid (our convention, incl. the final σ; length num_evals + 1),
+                 round_timesteps: bool = True, flow_table: str | None = None):
+        """A step is one model evaluation, for every solver (diffusers' num_inference_steps):
+        ``num_steps`` evaluations on a grid of ``num_steps`` intervals.
+        ``sigmas``: a custom grid (our convention, incl. the final σ; length num_steps + 1),
         overriding ``num_steps``/``spacing``/``final_sigmas_type``; ``timesteps``: the model times
         for it (default: the schedule's time of each σ, unrounded).
+        ``flow_table`` (flow schedules only): another diffusers scheduler's σ table than this
+        solver's own (schedules.FLOW_TABLES).
         ``start_index`` / ``strength`` (img2img, diffusers' rule start = N − int(N·strength)):
-        begin at that grid index (a multiple of evals_per_step); the caller starts from
-        x = α₀·x0 + σ₀·ε (``solver.add_noise``). ``num_steps``/``num_evals``/``sigmas``/``timesteps``
-        then describe what this run does; the order rules still see the full grid, like diffusers."""
+        begin at that grid index; the caller starts from x = α₀·x0 + σ₀·ε (``solver.add_noise``).
+        ``num_steps``/``num_evals``/``sigmas``/``timesteps`` then describe what this run does; the
+        order rules still see the full grid, like diffusers."""
         self.schedule = schedule
+        if flow_table is not None and schedule.kind != "flow":
+            raise ValueError(f"flow_table applies to flow schedules; this one is {schedule.kind!r}")
         if sigmas is not None:
             sig = np.asarray(torch.as_tensor(sigmas, dtype=torch.float64).cpu(), dtype=np.float64)
             if (sig < 0).any() or (sig > 1).any() or (np.diff(sig) > 0).any():
@@ -44,20 +50,19 @@ class Solver:
         else:
             if num_steps is None or num_steps < 1:
                 raise ValueError("num_steps must be >= 1 (or pass sigmas=)")
-            g = schedule.grid(num_steps * self.evals_per_step, spacing, final_sigmas_type, round_timesteps)
+            g = schedule.grid(num_steps, spacing, final_sigmas_type, round_timesteps,
+                              flow_table=flow_table or self.flow_table)
             sig, alp, ts = g.sigmas, g.alphas, g.timesteps
-        if sigmas is not None and num_steps is not None and num_steps * self.evals_per_step != len(sig) - 1:
+        if sigmas is not None and num_steps is not None and num_steps != len(sig) - 1:
             raise ValueError(f"num_steps={num_steps} does not fit {len(sig) - 1} custom grid intervals")
         if len(ts) != len(sig) - 1:
             raise ValueError("need one timestep per evaluation (len(sigmas) - 1)")
         n_grid = len(sig) - 1
-        if n_grid % self.evals_per_step:
-            raise ValueError(f"{self.name} needs a multiple of {self.evals_per_step} grid intervals")
         if strength is not None:
-            n_total = n_grid // self.evals_per_step
-            start_index = (n_total - min(int(n_total * strength), n_total)) * self.evals_per_step
-        if not 0 <= start_index < n_grid or start_index % self.evals_per_step:
-            raise ValueError(f"bad start_index {start_index} for {n_grid} grid intervals")
+            start_index = n_grid - min(int(n_grid * strength), n_grid)
+        if not 0 <= start_index < n_grid:
+            raise ValueError(f"start_index {start_index} leaves no step of {n_grid}"
+                             + (f" (strength {strength} is too small)" if strength is not None else ""))
 
         # Full grid as python floats: every coefficient is computed in float64 on the host.
         self._sig = [float(v) for v in sig]
@@ -73,14 +78,14 @@ class Solver:
         self.sample_max_value = sample_max_value
 
         self.num_evals = n_grid - start_index
-        self.num_steps = self.num_evals // self.evals_per_step
+        self.num_steps = self.num_evals  # a step is one model evaluation
         self.sigmas = torch.tensor(sig[start_index:], dtype=torch.float64)
         self.alphas = torch.tensor(alp[start_index:], dtype=torch.float64)
         self.lambdas = torch.tensor(self._lam[start_index:], dtype=torch.float64)
         self.timesteps = torch.tensor(ts[start_index:], dtype=torch.float64)
 
     def __repr__(self):
-        return f"{type(self).__name__}({self.name!r}, steps={self.num_steps}, evals={self.num_evals}, {self.schedule})"
+        return f"{type(self).__name__}({self.name!r}, steps={self.num_steps}, {self.schedule})"
 
     # -- what the sampling loop asks ---------------------------------------------------------
     def model_time(self, k: int) -> float:

@@ -14,9 +14,10 @@ from .stepper import combine
 
 
 class DDIM(Solver):
-    """DDIM = DPM-Solver++(1); on a flow schedule this is exactly flow Euler x_t = x_s + (σ_t − σ_s)·v."""
+    """DDIM = DPM-Solver++(1); on a flow schedule this is exactly flow Euler x_t = x_s + (σ_t − σ_s)·v,
+    diffusers' FlowMatchEulerDiscreteScheduler, whose σ table it takes there."""
 
-    name, order = "ddim", 1
+    name, order, flow_table = "ddim", 1, "euler"
 
     def _update(self, i, k, x, x0, state):
         a, phi = self._ddim(i, i + 1)
@@ -88,35 +89,35 @@ class DPMSolverPP3M(DPMSolverPP):
 class DPMSolverPP2S(Solver):
     """Singlestep DPM-Solver++(2S) (paper Alg. 1) on the grid's own intermediate points.
 
-    Each step s → t spends two evaluations: at s (first-order move to the grid point u between
-    s and t) and at u; then from the *saved* x_s:
+    A two-stage step s → t spends two of the grid's evaluations: at s (a first-order move to the
+    grid point u between s and t) and at u; then from the *saved* x_s:
         x_t = (σ_t/σ_s)x_s + φ·(D0 + ½·D1),  D0 = x̂0(s), D1 = (x̂0(u) − x̂0(s))/r,  r = (λ_u − λ_s)/h.
-    The grid has 2·num_steps intervals spaced like any other grid, so u is not the λ-midpoint in
-    general (any r gives order 2). The per-evaluation order list is diffusers'
-    DPMSolverSinglestepScheduler.get_order_list for solver_order=2 (lower_order_final: the
-    last step is two first-order moves; landing on σ = 0 is always first order).
+    u is where the grid puts it, not the λ-midpoint in general (any r gives order 2).
+    Like every solver here (and diffusers), N steps are N evaluations: ⌊N/2⌋ two-stage steps,
+    and an odd N ends with a first-order step. The per-evaluation order list is diffusers'
+    DPMSolverSinglestepScheduler.get_order_list for solver_order=2, including the overrides in
+    its set_timesteps: an odd N or a final σ of 0 switch lower_order_final on, with which an even
+    N ends with two first-order steps; landing on σ = 0 is always first order.
     """
 
-    name, order, evals_per_step = "dpmpp-2s", 2, 2
+    name, order = "dpmpp-2s", 2
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
         n = self.n_grid
-        if self.lower_order_final:
-            orders = [1, 2] * (n // 2 - 1) + [1, 1] if n % 2 == 0 else [1, 2] * (n // 2) + [1]
-        else:
-            orders = [1, 2] * (n // 2)
-        if self._sig[n] == 0.0:
+        orders = [1, 2] * (n // 2) + [1] * (n % 2)
+        if (self.lower_order_final or self._sig[n] == 0.0) and n % 2 == 0:
             orders[-1] = 1
         self.order_list = orders
 
     def _update(self, i, k, x, x0, state):
         p = self.order_list[i]
-        if p == 2 and self._finite_depth(i, 2) < 2:
-            p = 1  # block starts at λ = −∞ (flow σ = 1) or the move is zero-length: plain step from here
-        if p == 1:
-            if self.order_list[i] == 1:
-                state["x_block"], state["x0_block"] = x, x0
+        if p == 2 and (k == 0 or self._finite_depth(i, 2) < 2):
+            # a run starting at u (img2img) has no x̂0(s), as in diffusers; a block starting at
+            # λ = −∞ (flow σ = 1) or a zero-length move: a plain step from here
+            p = 1
+        if p == 1:  # starts a block (diffusers: every first-order step saves its sample)
+            state["x_block"], state["x0_block"] = x, x0
             a, phi = self._ddim(i, i + 1)
             return combine(a, x, [phi], [x0]), state
         s, t = i - 1, i + 1

@@ -6,16 +6,22 @@ One convention everywhere: x_t = α_t·x0 + σ_t·ε and λ_t = log(α_t/σ_t).
 A grid is a float64 array of σ for every model evaluation plus the final σ, with the matching α
 and the model timesteps: VP → DDPM timestep in [0, T) (float allowed); flow → σ·T.
 
-Spacings reproduce diffusers' tables (checked in tests/test_solvers.py):
-  VP   linspace / leading / trailing  DPMSolverMultistep/DEIS/UniPC `timestep_spacing`
+Spacing names mean what diffusers' `timestep_spacing` means (checked in tests/test_solvers.py):
+  VP   linspace / leading / trailing  DPMSolverMultistep/DEIS/UniPC `timestep_spacing` (one table
+                                      per name, the same in each; DPMSolverSinglestep: linspace only)
        karras                         `use_karras_sigmas` (ρ = 7; timesteps rounded like diffusers)
-  flow linspace                       FlowMatchEulerDiscreteScheduler (SD3/Flux default)
-       trailing                       UniPCMultistepScheduler(use_flow_sigmas): starts at σ = 1
-       leading                        DPMSolverMultistepScheduler(use_flow_sigmas): starts at 1 − 1/T
-       karras                         FlowMatchEulerDiscreteScheduler(use_karras_sigmas)
+  flow linspace                       diffusers' flow schedulers ignore `timestep_spacing` (configured
+                                      as "linspace"); each has its own σ table, and the solver says
+                                      which (``flow_table``), so the same name reproduces diffusers:
+         "euler"      FlowMatchEulerDiscreteScheduler (SD3/Flux): n points from σ = 1 to its σ_min
+         "dpmsolver"  DPMSolverMultistep/Singlestep/DEIS(use_flow_sigmas): from shift(1 − 1/T)
+         "unipc"      UniPCMultistepScheduler(use_flow_sigmas): from σ = 1 (nudged to 1 − 1e-6)
+       karras                         FlowMatchEulerDiscreteScheduler(use_karras_sigmas), any solver
+       leading / trailing             refused: diffusers ignores them on flow schedules
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -24,6 +30,9 @@ import torch
 
 SPACINGS = ("linspace", "leading", "trailing", "karras")
 FINAL_SIGMAS = ("zero", "sigma_min")
+FLOW_TABLES = ("euler", "dpmsolver", "unipc")
+# diffusers' prediction_type names → ours
+DIFFUSERS_PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "flow"}
 KARRAS_RHO = 7.0
 
 
@@ -47,6 +56,27 @@ def _check(spacing, final):
         raise ValueError(f"final_sigmas_type must be one of {FINAL_SIGMAS}, got {final!r}")
 
 
+def prediction_name(prediction: str, allowed: tuple[str, ...], kind: str) -> str:
+    """Our name of a prediction given by ours or by diffusers' ``prediction_type``; refused when the
+    schedule cannot use it."""
+    ours = DIFFUSERS_PREDICTIONS.get(prediction, prediction)
+    if ours not in allowed:
+        theirs = [k for k, v in DIFFUSERS_PREDICTIONS.items() if v in allowed]
+        raise ValueError(f"a {'VP' if kind == 'vp' else kind} schedule's prediction must be one of {allowed} (diffusers' prediction_type "
+                         f"{tuple(theirs)}), got {prediction!r}")
+    return ours
+
+
+def with_prediction(schedule, prediction: str):
+    """``schedule`` for a model that predicts ``prediction`` (ours or diffusers' name) instead."""
+    ours = prediction_name(prediction, schedule.predictions, schedule.kind)
+    if ours == schedule.prediction:
+        return schedule
+    other = copy.copy(schedule)
+    other.prediction = ours
+    return other
+
+
 class VPSchedule:
     """DDPM discrete schedule (betas → ᾱ_t for t = 0..T−1)."""
 
@@ -56,8 +86,7 @@ class VPSchedule:
 
     def __init__(self, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                  num_train_timesteps=1000, prediction="eps", steps_offset=0):
-        if prediction not in self.predictions:
-            raise ValueError(f"VP prediction must be one of {self.predictions}, got {prediction!r}")
+        prediction = prediction_name(prediction, self.predictions, self.kind)
         T = num_train_timesteps
         # float32 on purpose: these are the exact ᾱ values the models were trained with.
         if beta_schedule == "linear":
@@ -109,7 +138,9 @@ class VPSchedule:
         return float(self._from_ve(self.ve_sigmas[0])[0])
 
     # -- grids ---------------------------------------------------------------------------------
-    def grid(self, n: int, spacing: str | None = None, final: str = "zero", round_timesteps: bool = True) -> Grid:
+    def grid(self, n: int, spacing: str | None = None, final: str = "zero", round_timesteps: bool = True,
+             flow_table: str | None = None) -> Grid:
+        """``flow_table`` is for flow schedules; diffusers' VP schedulers share one table per spacing."""
         spacing = spacing or self.default_spacing
         _check(spacing, final)
         T = self.num_train_timesteps
@@ -171,8 +202,7 @@ class FlowSchedule:
         the ``linspace`` grid ends, exactly as FlowMatchEulerDiscreteScheduler does: with a static
         shift diffusers shifts σ_min = 1/T once when the scheduler is built and again with the
         whole grid; with dynamic shifting only once."""
-        if prediction not in self.predictions:
-            raise ValueError(f"flow prediction must be one of {self.predictions}, got {prediction!r}")
+        prediction = prediction_name(prediction, self.predictions, self.kind)
         if shift <= 0:
             raise ValueError("shift must be > 0")
         self.shift, self.prediction = float(shift), prediction
@@ -201,22 +231,31 @@ class FlowSchedule:
     def sigma_min(self) -> float:
         return float(self.shifted(1.0 / self.num_train_timesteps))
 
-    def grid(self, n: int, spacing: str | None = None, final: str = "zero", round_timesteps: bool = True) -> Grid:
-        """``final="sigma_min"`` ends at shift(1/T), the smallest training σ (a real last step;
-        diffusers' flow UniPC/DEIS instead repeat the last σ, a zero-length step)."""
+    def grid(self, n: int, spacing: str | None = None, final: str = "zero", round_timesteps: bool = True,
+             flow_table: str | None = "euler") -> Grid:
+        """``flow_table``: which diffusers scheduler's σ table ``linspace`` is (see the module
+        docstring). ``final="sigma_min"`` ends at shift(1/T), the smallest training σ (a real last
+        step; diffusers' flow UniPC/DEIS instead repeat the last σ, a zero-length step)."""
         spacing = spacing or self.default_spacing
         _check(spacing, final)
+        if spacing in ("leading", "trailing"):
+            raise ValueError(f"spacing {spacing!r} means nothing on a flow schedule: diffusers' flow schedulers "
+                             f"ignore timestep_spacing, each keeps its own σ table, which spacing 'linspace' (the "
+                             f"default) reproduces for each solver; pick another table with flow_table= "
+                             f"{FLOW_TABLES} or pass sigmas=")
+        if flow_table not in FLOW_TABLES:
+            raise ValueError(f"flow_table must be one of {FLOW_TABLES}, got {flow_table!r}")
         T = self.num_train_timesteps
-        if spacing in ("linspace", "karras"):
+        if spacing == "karras" or flow_table == "euler":
             u_min = 1.0 / T if self.dynamic else float(self.shifted(1.0 / T))
             sig = self.shifted(np.linspace(1.0, u_min, n))
             if spacing == "karras":
                 sig = karras(sig[-1], sig[0], n)
-        elif spacing == "trailing":
+        elif flow_table == "unipc":
             sig = self.shifted(np.linspace(1.0, 1.0 / T, n + 1)[:-1])
             if abs(sig[0] - 1.0) < 1e-6:
                 sig[0] -= 1e-6  # as diffusers' UniPC: keeps λ finite at the first point
-        else:  # leading
+        else:  # dpmsolver
             sig = self.shifted(np.flip(1.0 - np.linspace(1.0, 1.0 / T, n + 1))[:-1])
         sigmas = np.append(sig, 0.0 if final == "zero" else self.sigma_min)
         return Grid(sigmas, self.alpha(sigmas), self.t_from_sigma(sig))
@@ -224,7 +263,14 @@ class FlowSchedule:
 
 def make_schedule(kind: str, **kw):
     """``make_schedule("vp", beta_schedule=..., prediction="eps"|"v"|"x0", ...)`` or
-    ``make_schedule("flow", shift=3.0)`` / ``make_schedule("flow", image_seq_len=4096)``."""
+    ``make_schedule("flow", shift=3.0)`` / ``make_schedule("flow", image_seq_len=4096)``.
+    diffusers' names work too: ``prediction_type=`` ("epsilon", "v_prediction", "sample",
+    "flow_prediction") for ``prediction=``, ``flow_shift=`` for ``shift=``."""
+    for theirs, ours in (("prediction_type", "prediction"), ("flow_shift", "shift")):
+        if theirs in kw:
+            if ours in kw:
+                raise ValueError(f"give either {ours}= or diffusers' {theirs}=, not both")
+            kw[ours] = kw.pop(theirs)
     if kind == "vp":
         return VPSchedule(**kw)
     if kind == "flow":

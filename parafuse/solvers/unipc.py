@@ -19,7 +19,7 @@ from .stepper import combine
 
 
 class UniPC(Solver):
-    name, variant = "unipc-bh2", "bh2"
+    name, variant, flow_table = "unipc-bh2", "bh2", "unipc"
 
     def __init__(self, *args, order: int = 2, disable_corrector=(), **kw):
         if order not in (1, 2, 3):
