@@ -15,10 +15,10 @@ conservative upper bound). A ring all-reduce of N ranks is 2(N−1) sequential h
 
 Per kind, in the steady state of the asynchronous modes (full, partial, none):
 - off the critical path (overlaps compute): conv_halo and attn_kv, which are stale (step t uses
-  what was sent during step t−1), and norm_stats: with the default `corrected` GroupNorm mode the
+  what was sent during step t−1); norm_stats only with `--norm corrected` or `stale` (the
   all-reduce is posted asynchronously and waited for at the same layer of the next step, so it has
-  a whole step to complete. (`project_rows(..., norm_on_critical_path=True)` puts it on the
-  critical path instead, for runs with `--norm exact`.)
+  a whole step to complete: `project_rows(..., norm_on_critical_path=False)`). With the default
+  `exact` GroupNorm statistics the all-reduce is on the critical path.
 - on the critical path: latent_halo (fresh every step, before the first conv), cfg (the CFG
   pair's swap of the strip output), reduce and gather (exact, waited for at once).
     step = max(compute, comm_async) + comm_critical
@@ -110,7 +110,7 @@ def kind_seconds(kind: str, nbytes: float, messages: float | None, n: int, link:
 
 
 def step_seconds(compute: float, bytes_per_step: dict, messages_per_step: dict | None, mode: str, n: int,
-                 link: Link, norm_on_critical_path: bool = False) -> tuple[float, float, float]:
+                 link: Link, norm_on_critical_path: bool = True) -> tuple[float, float, float]:
     """(comm_async, comm_critical, step) seconds of one steady-state step (see the module docstring)."""
     asynchronous = mode in ASYNC_MODES
     comm_async = comm_critical = 0.0
@@ -159,7 +159,7 @@ def compute_at(points: dict[int, float], n: int) -> tuple[float, str]:
 
 
 # ---- the projection ------------------------------------------------------------------------------
-def project_rows(rows: list[dict], link: Link, max_n: int = 16, norm_on_critical_path: bool = False) -> list[dict]:
+def project_rows(rows: list[dict], link: Link, max_n: int = 16, norm_on_critical_path: bool = True) -> list[dict]:
     """Projected steady-state step and speedup for N = 1..max_n, per (model, size, mode) of `rows`.
 
     `rows`: `benchmarks/scaling.py` rows (`scaling_rows`, or the JSON's "rows"): dicts with model,
@@ -525,7 +525,7 @@ def main(argv=None) -> None:
         "load_average_1min": {"before": load_before[0], "after": load_after[0]},
         "model": "step = max(compute, comm_async) + comm_critical (full/partial/none), compute + comm (sync); "
                  "comm = messages x latency + bytes / bandwidth, all-reduce 2(N-1) latency hops; see the docstring",
-        "norm_stats_on_critical_path": False,
+        "norm_stats_on_critical_path": True,
         "links": [asdict(k) for k in links],
         "pingpong_one_way_seconds": {k: {str(b): t for b, t in v.items()} for k, v in one_way.items()},
         "measured_rows": rows, "projections": projections, "validation": validation, "notes": notes})

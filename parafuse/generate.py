@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--halo-portion", type=float, default=0.3,
                    help="partial mode: portion of each neighbour strip whose K/V a strip attends to")
     p.add_argument("--norm", default=None, choices=NORM_MODES,
-                   help="GroupNorm across strips (default: exact in sync, corrected otherwise, local in none)")
+                   help="GroupNorm across strips (default: exact; corrected in distrifusion/pcpp, as published; local in none)")
     p.add_argument("--cfg-parallel", action="store_true", help="split the two guidance branches across rank pairs")
     p.add_argument("--compare-serial", action="store_true", help="also run the serial model and report PSNR")
     p.add_argument("--reference", default=None, help="PNG to compare the output with (PSNR in the report)")

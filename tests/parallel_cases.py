@@ -23,8 +23,9 @@ def cases(world_size: int) -> dict[str, tuple[str, ParallelConfig, Request]]:
             "partial": ParallelConfig("partial", WARMUP, 0.3),
             "partial0": ParallelConfig("partial", WARMUP, 0.0),
             "none": ParallelConfig("none", WARMUP),
-            "distrifusion": ParallelConfig("distrifusion", WARMUP),
-            "pcpp": ParallelConfig("pcpp", WARMUP, 0.3),
+            # the baselines' traffic with parafuse's (exact) statistics: their counterparts' values
+            "distrifusion": ParallelConfig("distrifusion", WARMUP, norm_mode="exact"),
+            "pcpp": ParallelConfig("pcpp", WARMUP, 0.3, norm_mode="exact"),
         }.items():
             out[f"{model}-{name}"] = (model, cfg, req)
         out[f"{model}-guided-full"] = (model, ParallelConfig("full", WARMUP), Request(HEIGHT, WIDTH, STEPS, "ddim", 3.0, 7, 3))

@@ -62,8 +62,8 @@ def test_quality_benchmark_compares_modes_and_baselines(tmp_path):
     assert set(rows) == {"full", "partial", "none", "distrifusion", "pcpp"}
     assert rows["full"]["seeds"] == 2 and rows["full"]["psnr_sd"] >= 0
     assert 10 < rows["none"]["psnr_db"] < rows["full"]["psnr_db"] < 99 and 0 < rows["full"]["ssim"] <= 1
-    # the baselines: their counterparts' quality, more bytes
-    assert rows["distrifusion"]["psnr_db"] == rows["full"]["psnr_db"]
+    # the baselines: more bytes; DistriFusion's corrected statistics cost quality against parafuse's exact ones
+    assert rows["distrifusion"]["psnr_db"] < rows["full"]["psnr_db"]
     assert rows["distrifusion"]["bytes_per_step_busiest_rank"] > rows["full"]["bytes_per_step_busiest_rank"]
     assert rows["pcpp"]["bytes_per_step_busiest_rank"] > rows["partial"]["bytes_per_step_busiest_rank"]
     (target,) = res["targets"]

@@ -114,8 +114,9 @@ def test_async_modes_equal_emulator_and_differ_from_serial(dist_run, model, case
 @pytest.mark.parametrize("baseline", sorted(BASELINES))
 @pytest.mark.parametrize("model", ["unet-small", "dit-small"])
 def test_baselines_compute_their_modes_values_with_their_own_traffic(dist_run, model, baseline):
-    """DistriFusion and PCPP as comparison modes: the values of `full` / `partial` (bit for bit:
-    the same data reaches every layer), moved the way those systems move it - more bytes."""
+    """DistriFusion and PCPP as comparison modes: with the same GroupNorm statistics they compute the
+    values of `full` / `partial` (bit for bit: the same data reaches every layer), moved the way
+    those systems move it - more bytes."""
     n, results = dist_run
     got, ours = results[f"{model}-{baseline}"], results[f"{model}-{BASELINES[baseline]}"]
     assert torch.equal(got[0]["image"], ours[0]["image"])
@@ -265,6 +266,15 @@ def test_attention_bytes_linear_in_portion(dist_run):
 
 
 # ---- single-process properties -------------------------------------------------------------------
+def test_default_groupnorm_statistics_per_mode():
+    """Exact statistics wherever parafuse exchanges; the baselines keep the published corrected-async
+    estimate; `none` has only its own strip."""
+    from parafuse.parallel.transport import NullTransport
+    want = {"sync": "exact", "full": "exact", "partial": "exact", "none": "local",
+            "distrifusion": "corrected", "pcpp": "corrected"}
+    for mode, norm in want.items():
+        assert ExchangeEngine(NullTransport(0, 2), [0, 1], mode).norm_mode == norm, mode
+
 def test_switching_halo_exchange_off_breaks_sync(monkeypatch):
     req = Request(HEIGHT, WIDTH, STEPS, "ddim", 1.0, 7, 3)
     ref = serial("unet-small", req)

@@ -42,11 +42,11 @@ def test_asynchronous_step_is_max_of_compute_and_stale_comm_plus_critical():
     stale = 6e-5 + 3e-3 + 20e-5 + 1e-3 + 5 * 6 * 1e-5 + 100 / 1e9    # attn_kv + conv_halo + norm_stats (async)
     critical = 2e-5 + 1e4 / 1e9
     for compute in (1e-3, 10e-3):          # comm-bound, then compute-bound
-        a, c, step = step_seconds(compute, b, m, "full", n, LINK)
+        a, c, step = step_seconds(compute, b, m, "full", n, LINK, norm_on_critical_path=False)   # --norm corrected
         assert a == pytest.approx(stale) and c == pytest.approx(critical)
         assert step == pytest.approx(max(compute, stale) + critical)
-    # GroupNorm statistics on the critical path (exact norm): moved from the async sum to the critical one
-    a, c, step = step_seconds(1e-3, b, m, "partial", n, LINK, norm_on_critical_path=True)
+    # GroupNorm statistics on the critical path (exact norm, the default): moved from the async sum to the critical one
+    a, c, step = step_seconds(1e-3, b, m, "partial", n, LINK)
     ar = 5 * 6 * 1e-5 + 100 / 1e9
     assert a == pytest.approx(stale - ar) and c == pytest.approx(critical + ar)
     assert step == pytest.approx(max(1e-3, stale - ar) + critical + ar)
@@ -90,7 +90,7 @@ def test_projection_reproduces_measured_points_exactly():
 
 
 def test_projection_of_an_interpolated_n_matches_the_closed_form():
-    out = {r["n"]: r for r in project_rows(rows(), LINK, max_n=16)}
+    out = {r["n"]: r for r in project_rows(rows(), LINK, max_n=16, norm_on_critical_path=False)}   # --norm corrected
     r = out[6]                 # between N=4 and N=8
     w = (1 / 6 - 1 / 4) / (1 / 8 - 1 / 4)
     compute = 0.035 + w * (0.02 - 0.035)
@@ -118,7 +118,8 @@ def test_rows_without_message_counts_leave_latency_out_and_say_so():
     out = project_rows(rows(messages=False), LINK, max_n=4)
     assert all(r["messages_known"] is False and r["projected_messages_per_step"] is None for r in out)
     r = next(r for r in out if r["n"] == 4)
-    assert r["projected_comm_async_seconds"] == pytest.approx((750_000 + 48) / 1e9)
+    assert r["projected_comm_async_seconds"] == pytest.approx(750_000 / 1e9)    # exact statistics: critical
+    assert r["projected_comm_critical_seconds"] == pytest.approx((4096 + 48) / 1e9)
 
 
 def test_skipped_rows_are_ignored():

@@ -61,7 +61,10 @@ class ExchangeEngine:
         check_settings(mode, halo_portion, warmup_steps, norm_mode)
         pattern = "all-gather" if mode in BASELINES else "neighbours"
         mode = BASELINES.get(mode, mode)
-        norm_mode = norm_mode or {"sync": "exact", "none": "local"}.get(mode, "corrected")
+        # exact statistics by default: one tiny all-reduce per GroupNorm on the critical path buys
+        # ~14 dB over DistriFusion's corrected-async estimate on the default U-Net at N = 8
+        # (README, Performance); the baselines keep the published systems' corrected mode
+        norm_mode = norm_mode or ("corrected" if pattern == "all-gather" else "local" if mode == "none" else "exact")
         self.settings = Settings(mode, halo_portion, warmup_steps, norm_mode, pattern)
         self.transport = transport
         self.patch_ranks = list(patch_ranks)          # global rank of each strip, top to bottom
