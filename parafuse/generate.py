@@ -51,8 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="capture the steady-state step as a CUDA graph and replay it (CUDA only; not yet "
                         "verified on GPUs, see the README)")
     p.add_argument("--kernels", default="torch", choices=("torch", "triton"),
-                   help="patch layers' kernels: PyTorch ops, or parafuse's Triton kernels (GroupNorm in two "
-                        "launches; CUDA; not yet verified on GPUs, see the README)")
+                   help="PyTorch ops, or parafuse's Triton kernels: the GroupNorm in two launches and the solver update in one "
+                        "(CUDA; not yet verified on GPUs, see the README)")
     p.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
                    help="compute dtype of the model, halos and K/V (default: bf16 on CUDA, fp32 on CPU); "
                         "statistics and the solver stay float32")

@@ -118,7 +118,8 @@ class Runtime:
     in natively and every halo and K/V travels in; GroupNorm statistics, the solver's combination
     and its history stay float32. `cuda_graphs`: capture the evaluation of the steady step plan
     once per request and replay it (CUDA only; see parafuse.graphs). `kernels`: "torch", or
-    "triton" for the patch layers' Triton kernels (GroupNorm: two launches plus the exchange)."""
+    "triton" for parafuse's Triton kernels (GroupNorm: two launches plus the exchange; the solver
+    update: one fused launch per evaluation)."""
 
     def __init__(self, model: str | nn.Module = "default", parallel: ParallelConfig = ParallelConfig(),
                  device: str | None = None, weights: str | None = None, layout: ParallelLayout | None = None,
@@ -271,6 +272,9 @@ class Runtime:
     def generate(self, req: Request, progress: bool = False) -> Result:
         geometry = self.check(req)
         solver = self.make_solver(req)
+        if self.kernels == "triton":        # the solver update as one fused launch per evaluation
+            from parafuse_kernels.update import FusedUpdate
+            solver = FusedUpdate(solver)
         spec, lay = self.spec, self.layout
         rows = geometry.row_range(lay.patch_index)
         shape = (req.batch, spec.latent_channels, geometry.height, geometry.width)

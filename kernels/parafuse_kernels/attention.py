@@ -35,19 +35,15 @@ Import this module only after TRITON_INTERPRET is set when testing on CPU (see t
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import threading
 
 import torch
 import triton
 import triton.language as tl
 
+from parafuse_kernels import INTERPRETED, INTERPRETER_LOCK
+
 LAUNCHES = {"halo_attention": 0}       # tests check that the kernel ran
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-# the interpreter patches its language module while a kernel runs: the emulator's threads take turns
-_INTERPRETER_LOCK = threading.Lock() if INTERPRETED else contextlib.nullcontext()
 
 
 # ---- reference -----------------------------------------------------------------------------------
@@ -211,7 +207,7 @@ def halo_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
                 QK_NORM=q_norm is not None, ROPE=rope is not None,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                 UPCAST_DOT=INTERPRETED and q.dtype == torch.bfloat16)
-    with _INTERPRETER_LOCK:
+    with INTERPRETER_LOCK:
         if INTERPRETED:
             grid = (triton.cdiv(lq, INTERPRETER_BLOCKS["BLOCK_M"]), b * heads)
             _halo_attention_kernel[grid](*args, **meta, **INTERPRETER_BLOCKS)

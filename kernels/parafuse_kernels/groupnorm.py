@@ -15,13 +15,11 @@ Import this module only after TRITON_INTERPRET is set when testing on CPU (see t
 """
 from __future__ import annotations
 
-import contextlib
-import os
-import threading
-
 import torch
 import triton
 import triton.language as tl
+
+from parafuse_kernels import INTERPRETER_LOCK
 
 LAUNCHES = {"group_sums": 0, "group_norm_apply": 0}     # tests check that the kernels ran
 
@@ -96,9 +94,6 @@ def _group_norm_apply_kernel(x_ptr, y_ptr, sums_ptr, fallback_ptr, w_ptr, b_ptr,
 
 # ---- launchers -----------------------------------------------------------------------------------
 SUMS_BLOCK = 4096
-# Triton's interpreter patches its language module while it runs a kernel: the emulator's rank
-# threads must take turns (compiled kernels need no lock)
-_INTERPRETER_LOCK = threading.Lock() if os.environ.get("TRITON_INTERPRET") == "1" else contextlib.nullcontext()
 APPLY_BLOCK = 1024
 
 
@@ -110,7 +105,7 @@ def group_sums(x: torch.Tensor, groups: int, out: torch.Tensor) -> torch.Tensor:
     b = x.shape[0]
     group_numel = x.numel() // (b * groups)
     out.zero_()
-    with _INTERPRETER_LOCK:
+    with INTERPRETER_LOCK:
         _group_sums_kernel[(b * groups, triton.cdiv(group_numel, SUMS_BLOCK))](x, out, group_numel, b * groups,
                                                                                BLOCK=SUMS_BLOCK)
     LAUNCHES["group_sums"] += 1
@@ -125,7 +120,7 @@ def group_norm_apply(x: torch.Tensor, sums: torch.Tensor, count: float, weight, 
     b, c, groups = x.shape[0], x.shape[1], sums.shape[-1]
     row_numel = x.numel() // (b * c)
     y = torch.empty_like(x)
-    with _INTERPRETER_LOCK:
+    with INTERPRETER_LOCK:
         _group_norm_apply_kernel[(b * c, triton.cdiv(row_numel, APPLY_BLOCK))](
             x, y, sums, fallback if fallback is not None else sums, weight if weight is not None else x,
             bias if bias is not None else x, c, groups, row_numel, b * groups, 1.0 / count, 1.0 / fallback_count,
