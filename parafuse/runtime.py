@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from parafuse import attention
 from parafuse.graphs import GraphedEvaluations
 from parafuse.models import ModelSpec, load_model
 from parafuse.parallel.adapter import BUILTIN
@@ -119,12 +120,13 @@ class Runtime:
     and its history stay float32. `cuda_graphs`: capture the evaluation of the steady step plan
     once per request and replay it (CUDA only; see parafuse.graphs). `kernels`: "torch", or
     "triton" for parafuse's Triton kernels (GroupNorm: two launches plus the exchange; the solver
-    update: one fused launch per evaluation)."""
+    update: one fused launch per evaluation). `attention_backend`: see parafuse.attention (None: the
+    process's, from PARAFUSE_ATTENTION_BACKEND or auto); `self.attention_backend` is the one that runs."""
 
     def __init__(self, model: str | nn.Module = "default", parallel: ParallelConfig = ParallelConfig(),
                  device: str | None = None, weights: str | None = None, layout: ParallelLayout | None = None,
                  transport: Transport | None = None, dtype: str | torch.dtype | None = None,
-                 cuda_graphs: bool = False, kernels: str = "torch"):
+                 cuda_graphs: bool = False, kernels: str = "torch", attention_backend: str | None = None):
         self.parallel = parallel
         if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
             raise RequestError(f"device {device!r} asked for, but this machine has no CUDA device; use --device cpu")
@@ -134,6 +136,10 @@ class Runtime:
             raise RequestError(f"--cuda-graphs needs a CUDA device; this run is on {self.device.type}")
         self.cuda_graphs = cuda_graphs
         self.kernels = check_kernels(kernels, self.device)
+        try:                                # None: the process's backend (PARAFUSE_ATTENTION_BACKEND, else auto)
+            self.attention_backend = attention.use_backend(attention_backend, self.device)
+        except attention.BackendError as e:
+            raise RequestError(str(e)) from None
         if layout is None:
             if launched_by_torchrun():
                 rank, world = init_distributed(self.device)

@@ -108,3 +108,84 @@ def test_bad_inputs_are_refused_before_launch():
         ka.halo_attention(q, k.half(), v.half())
     with pytest.raises(ValueError, match="cos/sin"):
         ka.halo_attention(q, k, v, rope=(torch.ones(4, 8), torch.ones(4, 8)))
+
+
+# ---- the dispatcher (parafuse.attention) ------------------------------------------------------------
+import logging  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from parafuse import attention as dispatch  # noqa: E402
+
+
+@pytest.fixture
+def backend():
+    """Restores the process's attention backend after the test."""
+    saved = dispatch.get_backend()
+    yield dispatch
+    dispatch.set_backend(saved)
+
+
+@pytest.mark.parametrize("name", ["sdpa", "math", "triton"])
+def test_every_backend_returns_output_and_lse(backend, name):
+    q, k, v, _ = buffer_views(1, 2, 16, 3, 11, 4, torch.float32, seed=8)
+    backend.use_backend(name, "cpu")
+    before = ka.LAUNCHES["halo_attention"]
+    out, lse = backend.attention(q, k, v, return_lse=True)
+    assert ka.LAUNCHES["halo_attention"] == before + (name == "triton")
+    ref, ref_lse = ka.halo_attention_reference(q, k, v)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+    torch.testing.assert_close(lse, ref_lse, **TOL[torch.float32])
+
+
+def test_unavailable_backends_are_clear_errors(backend, monkeypatch):
+    with pytest.raises(backend.BackendError, match="unknown attention backend 'flash'"):
+        backend.use_backend("flash", "cpu")
+    with pytest.raises(backend.BackendError, match="xformers"):     # not installed here, or CPU
+        backend.use_backend("xformers", "cpu")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(backend.BackendError, match="needs a CUDA device"):
+        backend.use_backend("triton", "cpu")
+    from parafuse.models import load_model
+    from parafuse.runtime import ParallelConfig, RequestError, Runtime
+    with pytest.raises(RequestError, match="needs a CUDA device .* or use --attention-backend sdpa"):
+        Runtime(load_model("dit-small"), ParallelConfig(), attention_backend="triton")
+
+
+def test_auto_picks_sdpa_on_cpu_and_says_so_once(backend, caplog):
+    backend.use_backend("auto", "cpu")
+    backend._auto_said.discard("cpu")
+    q, k, v, _ = buffer_views(1, 1, 16, 0, 5, 0, torch.float32)
+    with caplog.at_level(logging.INFO, logger="parafuse.attention"):
+        backend.attention(q, k, v)
+        backend.attention(q, k, v)
+    assert [r.getMessage() for r in caplog.records] == ["attention backend auto -> sdpa on cpu (CPU)"]
+    assert backend.backend_for("cpu") == "sdpa"
+
+
+def test_the_environment_variable_sets_the_default():
+    env = dict(os.environ, PARAFUSE_ATTENTION_BACKEND="math")
+    out = subprocess.run([sys.executable, "-c", "from parafuse import attention; print(attention.get_backend())"],
+                         env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "math"
+
+
+def test_patch_attention_on_the_triton_backend_in_the_emulator(backend):
+    """Every attention of a DiT in partial mode on 2 emulated ranks runs the kernel on the K/V
+    buffer's views, and the image equals the SDPA run's to float32 rounding; the report records the
+    backend that ran."""
+    from parafuse.models import load_model
+    from parafuse.parallel.emulator import emulate
+    from parafuse.runtime import ParallelConfig, Request
+
+    req = Request(32, 32, 2, "ddim", seed=1, label=1)
+    cfg = ParallelConfig("partial", warmup_steps=1)
+    backend.use_backend("triton", "cpu")
+    before = ka.LAUNCHES["halo_attention"]
+    rts, tri = emulate(load_model("dit-small"), 2, cfg, req)
+    assert ka.LAUNCHES["halo_attention"] - before == 2 * 2 * 4      # ranks x steps x blocks
+    assert rts[0].attention_backend == "triton"
+    backend.use_backend("sdpa", "cpu")
+    _, ref = emulate(load_model("dit-small"), 2, cfg, req)
+    torch.testing.assert_close(tri[0][0].latent, ref[0][0].latent, rtol=1e-5, atol=1e-5)
