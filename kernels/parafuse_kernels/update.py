@@ -22,6 +22,8 @@ Import this module only after TRITON_INTERPRET is set when testing on CPU (see t
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import triton
 import triton.language as tl
@@ -84,6 +86,22 @@ def linear_update_reference(sources, outputs, rows) -> None:
 
 
 # ---- the step --------------------------------------------------------------------------------------
+_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()     # solver -> {key: LinearStep}
+
+
+def _linear_step(solver, k, state, guidance):
+    """linear_step, cached per solver: the maps depend only on k, the guidance and the state's
+    structure (which slots exist, its python numbers), not on tensor values - so the host probes
+    each evaluation once, not once per image."""
+    shape = tuple((key, len(v) if isinstance(v, list) else "tensor" if torch.is_tensor(v) else v)
+                  for key, v in sorted(state.items()))
+    cache = _STEPS.setdefault(solver, {})
+    key = (k, guidance, shape)
+    if key not in cache:
+        cache[key] = linear_step(solver, k, state, guidance)
+    return cache[key]
+
+
 def fused_step(solver, k, x, raw, state, reduce=LOCAL, uncond=None, guidance=1.0, guidance_rescale=0.0):
     """``solver.step`` with guidance fused (see the module): returns (x_next, new state)."""
     if x.dtype not in STORAGE:
@@ -92,7 +110,7 @@ def fused_step(solver, k, x, raw, state, reduce=LOCAL, uncond=None, guidance=1.0
         raw, uncond = rescale(cfg(raw.float(), uncond.float(), guidance), raw.float(), guidance_rescale, reduce), None
     if uncond is not None and solver.thresholding:  # x̂0 is built in torch: guide in torch as well
         raw, uncond = cfg(raw.float(), uncond.float(), guidance), None
-    step = linear_step(solver, k, state, guidance if uncond is not None else None)
+    step = _linear_step(solver, k, state, guidance if uncond is not None else None)
 
     tensors = {"x": x, "raw": raw, "cond": raw, "uncond": uncond}
     if solver.thresholding:
