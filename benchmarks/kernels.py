@@ -92,7 +92,8 @@ def gemm_peak(device, smoke) -> float:
 
 
 def bench_attention(a, device, peak) -> list[dict]:
-    from parafuse_kernels.attention import halo_attention, rms_norm_reference, rope_reference
+    from parafuse.attention import q_prologue
+    from parafuse_kernels.attention import halo_attention
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     sizes, ns = ((2048, 4096), (1, 2, 4, 8)) if not a.smoke else ((128,), (1, 4))
     models = MODELS if not a.smoke else {"sdxl": (2, 64), "pixart": (1, 72), "flux": (2, 128)}
@@ -119,7 +120,7 @@ def bench_attention(a, device, peak) -> list[dict]:
                         cos, sin = ang.cos(), ang.sin()
 
                         def separate():
-                            qq = rope_reference(rms_norm_reference(q, w, 1e-6), cos, sin).to(dtype)
+                            qq = q_prologue(q, (w, 1e-6), (cos, sin))
                             return F.scaled_dot_product_attention(qq, k, v)
                         s_sep = time_step(separate, device, warmup=1, repeat=1 if a.smoke else 20)
                         s_fused = time_step(lambda: halo_attention(q, k, v, q_norm=(w, 1e-6), rope=(cos, sin)),

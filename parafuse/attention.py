@@ -2,6 +2,7 @@
 
     out = attention(q, k, v)                         # [B, heads, Lq, d]
     out, lse = attention(q, k, v, return_lse=True)   # lse [B, heads, Lq] float32 (natural log)
+    out = attention(q, k, v, scale=s, q_norm=(w, eps), rope=(cos, sin))   # SD3/Flux q prologue
 
 q, k, v are [B, heads, L, d] tensors with any strides: the patch layers pass head views of their
 K/V buffer [tokens, B, 2*dim] (never copied). The log-sum-exp of the scaled scores lets partial
@@ -112,6 +113,33 @@ def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     return (out, lse) if return_lse else out
 
 
+def rms_norm(t: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS norm over the last dim in float32 (SD3/Flux QK-norm)."""
+    t = t.float()
+    return t * torch.rsqrt(t.square().mean(-1, keepdim=True) + eps) * weight.float()
+
+
+def rotate_pairs(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on interleaved pairs (t[..., 2i], t[..., 2i+1]) by angles with cos/sin [L, d/2], in
+    float32 (Flux's rotation; diffusers' [L, d] tables with repeated entries are cos[:, ::2])."""
+    pairs = t.float().unflatten(-1, (-1, 2))
+    a, b = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos.float(), sin.float()
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2)
+
+
+def q_prologue(q: torch.Tensor, q_norm=None, rope=None) -> torch.Tensor:
+    """The q prologue as separate ops, rounded to q's dtype (what the Triton backend fuses)."""
+    if q_norm is None and rope is None:
+        return q
+    t = q.float()
+    if q_norm is not None:
+        t = rms_norm(t, *q_norm)
+    if rope is not None:
+        t = rotate_pairs(t, *rope)
+    return t.to(q.dtype)
+
+
 def _lse(q, k, scale):
     """The log-sum-exp of the scaled scores, for backends that do not return it (one extra pass)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -130,17 +158,22 @@ def _resolve(device: torch.device) -> str:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
-              return_lse: bool = False):
-    """softmax(scale · q kᵀ) v over [B, heads, L, d] views (see the module); with `return_lse`,
-    (out, lse [B, heads, Lq] float32)."""
+              return_lse: bool = False, q_norm: tuple[torch.Tensor, float] | None = None,
+              rope: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """softmax(scale · q' kᵀ) v over [B, heads, L, d] views (see the module); with `return_lse`,
+    (out, lse [B, heads, Lq] float32). q' is q after the optional prologue - RMS QK-norm
+    `q_norm = (weight [d], eps)`, then RoPE `rope = (cos, sin)` [Lq, d/2] on interleaved pairs -
+    fused into the Triton kernel, separate ops (`q_prologue`) on the other backends. Keys are
+    expected normed and rotated already (done once, when they are written to the K/V buffer)."""
     # a shape-only trace (meta or fake tensors: parafuse.profile) runs no kernel: SDPA's shape rule
     backend = "sdpa" if q.device.type == "meta" or isinstance(q, FakeTensor) else _resolve(q.device)
-    if backend == "math":
-        return attention_math(q, k, v, scale, return_lse)
     if backend == "triton":
         from parafuse_kernels.attention import halo_attention
-        out, lse = halo_attention(q, k, v, scale=scale)
+        out, lse = halo_attention(q, k, v, scale=scale, q_norm=q_norm, rope=rope)
         return (out, lse) if return_lse else out
+    q = q_prologue(q, q_norm, rope)
+    if backend == "math":
+        return attention_math(q, k, v, scale, return_lse)
     if backend == "xformers":
         import xformers.ops as xops        # [B, L, heads, d] layout: the transposed views, no copy
         out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),

@@ -128,15 +128,19 @@ def backend():
 
 
 @pytest.mark.parametrize("name", ["sdpa", "math", "triton"])
-def test_every_backend_returns_output_and_lse(backend, name):
+def test_every_backend_returns_output_lse_and_applies_the_prologue(backend, name):
     q, k, v, _ = buffer_views(1, 2, 16, 3, 11, 4, torch.float32, seed=8)
     backend.use_backend(name, "cpu")
-    before = ka.LAUNCHES["halo_attention"]
-    out, lse = backend.attention(q, k, v, return_lse=True)
-    assert ka.LAUNCHES["halo_attention"] == before + (name == "triton")
-    ref, ref_lse = ka.halo_attention_reference(q, k, v)
-    torch.testing.assert_close(out, ref, **TOL[torch.float32])
-    torch.testing.assert_close(lse, ref_lse, **TOL[torch.float32])
+    g = torch.Generator().manual_seed(9)
+    angles = torch.rand(11, 8, generator=g)
+    prologues = [{}, dict(scale=0.2, q_norm=(torch.rand(16, generator=g) + 0.5, 1e-6), rope=(angles.cos(), angles.sin()))]
+    for kw in prologues:
+        before = ka.LAUNCHES["halo_attention"]
+        out, lse = backend.attention(q, k, v, return_lse=True, **kw)
+        assert ka.LAUNCHES["halo_attention"] == before + (name == "triton")
+        ref, ref_lse = ka.halo_attention_reference(q, k, v, **kw)
+        torch.testing.assert_close(out, ref, **TOL[torch.float32])
+        torch.testing.assert_close(lse, ref_lse, **TOL[torch.float32])
 
 
 def test_unavailable_backends_are_clear_errors(backend, monkeypatch):

@@ -41,35 +41,18 @@ import torch
 import triton
 import triton.language as tl
 
+from parafuse.attention import q_prologue       # the prologue's reference: the other backends' own ops
 from parafuse_kernels import INTERPRETED, INTERPRETER_LOCK
 
 LAUNCHES = {"halo_attention": 0}       # tests check that the kernel ran
 
 
 # ---- reference -----------------------------------------------------------------------------------
-def rms_norm_reference(t: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    t = t.float()
-    return t * torch.rsqrt(t.square().mean(-1, keepdim=True) + eps) * weight.float()
-
-
-def rope_reference(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (t[..., 2i], t[..., 2i+1]) by the angle whose cos/sin are [L, D/2]."""
-    pairs = t.float().unflatten(-1, (-1, 2))
-    a, b = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos.float(), sin.float()
-    return torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2)
-
-
 def halo_attention_reference(q, k, v, scale=None, q_norm=None, rope=None):
     """softmax(scale · q' kᵀ) v and its log-sum-exp, in float32; q' = the prologue applied to q,
     rounded to q's dtype as the kernel feeds it to the dot."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    qf = q.float()
-    if q_norm is not None:
-        qf = rms_norm_reference(qf, *q_norm)
-    if rope is not None:
-        qf = rope_reference(qf, *rope)
-    qf = qf.to(q.dtype).float()
+    qf = q_prologue(q, q_norm, rope).float()
     s = (qf @ k.float().transpose(-1, -2)) * scale
     lse = torch.logsumexp(s, -1)
     out = torch.exp(s - lse[..., None]) @ v.float()
