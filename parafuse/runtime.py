@@ -231,7 +231,12 @@ class Runtime:
         model, dt = self.model, self.dtype
         timestep = torch.zeros((), dtype=torch.float32, device=self.device)
 
-        if not self.parallel.cfg_parallel:
+        if self._fused_guidance(req):       # [cond; uncond] as the model made them: the fused update guides
+            stacked = {k: torch.cat([cond[k], uncond[k]]) for k in cond}
+
+            def evaluate(x):
+                return model(torch.cat([x, x]).to(dt), timestep, **stacked)
+        elif not self.parallel.cfg_parallel:
             both = guided(lambda x, t, **kw: model(x.to(dt), t, **kw).float(), req.guidance, cond, uncond)
 
             def evaluate(x):
@@ -264,6 +269,12 @@ class Runtime:
             return run(x)
         return fn
 
+    def _fused_guidance(self, req: Request) -> bool:
+        """Guidance applied by the fused update (--kernels triton): the model function then returns
+        both branches stacked. Not with CFG parallel, where the branches live on two ranks."""
+        return (self.kernels == "triton" and req.guidance != 1.0 and self._branches(req)[1] is not None
+                and not self.parallel.cfg_parallel)
+
     def model_batch(self, req: Request) -> int:
         """Samples per model evaluation on this rank: both guidance branches unless CFG-parallel."""
         both = req.guidance != 1.0 and not self.parallel.cfg_parallel
@@ -278,9 +289,9 @@ class Runtime:
     def generate(self, req: Request, progress: bool = False) -> Result:
         geometry = self.check(req)
         solver = self.make_solver(req)
-        if self.kernels == "triton":        # the solver update as one fused launch per evaluation
+        if self.kernels == "triton":        # the solver update (and guidance) as one fused launch per evaluation
             from parafuse_kernels.update import FusedUpdate
-            solver = FusedUpdate(solver)
+            solver = FusedUpdate(solver, req.guidance if self._fused_guidance(req) else None)
         spec, lay = self.spec, self.layout
         rows = geometry.row_range(lay.patch_index)
         shape = (req.batch, spec.latent_channels, geometry.height, geometry.width)

@@ -120,14 +120,16 @@ def test_linear_update_kernel_against_its_reference():
 
 def test_runtime_with_triton_kernels_runs_the_fused_update():
     """`Runtime(kernels="triton")` steps the solver through the fused kernel (one launch per
-    evaluation) and gives the image of the PyTorch path, guidance included (CFG in the model
-    function, then the fused update)."""
+    evaluation, guidance included: the model function hands it both branches) and gives the image
+    of the PyTorch path."""
     from parafuse.models import load_model
     from parafuse.runtime import ParallelConfig, Request, Runtime
 
     req = Request(32, 32, 3, "dpmpp-2m", seed=1, label=1, guidance=3.0)
     before = ku.LAUNCHES["fused_update"]
-    fused = Runtime(load_model("dit-small"), ParallelConfig(), kernels="triton").generate(req).latent
+    rt = Runtime(load_model("dit-small"), ParallelConfig(), kernels="triton")
+    assert rt._fused_guidance(req)                  # the kernel reads both branches and guides
+    fused = rt.generate(req).latent
     assert ku.LAUNCHES["fused_update"] == before + 3
     eager = Runtime(load_model("dit-small"), ParallelConfig()).generate(req).latent
     torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)

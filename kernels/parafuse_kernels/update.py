@@ -136,13 +136,18 @@ def fused_step(solver, k, x, raw, state, reduce=LOCAL, uncond=None, guidance=1.0
 
 class FusedUpdate:
     """A solver whose ``step`` is ``fused_step``: what the sampling loop sees with ``--kernels triton``.
-    Everything else (grid, model times, state) is the wrapped solver's."""
+    With ``guidance``, the model output it is given is both branches stacked [cond; uncond] along the
+    batch, and the kernel applies the guidance. Everything else (grid, model times, state) is the
+    wrapped solver's."""
 
-    def __init__(self, solver):
-        self.solver = solver
+    def __init__(self, solver, guidance: float | None = None):
+        self.solver, self.guidance = solver, guidance
 
     def __getattr__(self, name):
         return getattr(self.solver, name)
 
     def step(self, k, x, raw, state, reduce=LOCAL):
-        return fused_step(self.solver, k, x, raw, state, reduce)
+        if self.guidance is None:
+            return fused_step(self.solver, k, x, raw, state, reduce)
+        cond, uncond = raw.chunk(2)
+        return fused_step(self.solver, k, x, cond, state, reduce, uncond=uncond, guidance=self.guidance)
