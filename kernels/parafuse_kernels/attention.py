@@ -73,18 +73,19 @@ def _halo_attention_kernel(
     b = (bh // heads).to(tl.int64)
     h = (bh % heads).to(tl.int64)
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows64 = rows.to(tl.int64)          # token offsets times strides can pass 2**31 at 4K, batch > 1
     dims = tl.arange(0, D_PAD)
     row_ok = rows < lq
     dim_ok = dims < HEAD_DIM
     q_mask = row_ok[:, None] & dim_ok[None, :]
     q_base = q_ptr + b * sq_b + h * sq_h
-    q = tl.load(q_base + rows[:, None] * sq_m + dims[None, :] * sq_d, mask=q_mask, other=0.0)
+    q = tl.load(q_base + rows64[:, None] * sq_m + dims[None, :] * sq_d, mask=q_mask, other=0.0)
 
     # prologue on q, in float32: RMS norm over the head dim, then RoPE on interleaved pairs
     if QK_NORM or ROPE:
         qf = q.to(tl.float32)
         if ROPE:     # each element's partner in its pair: index d ^ 1
-            partner = tl.load(q_base + rows[:, None] * sq_m + (dims ^ 1)[None, :] * sq_d, mask=q_mask,
+            partner = tl.load(q_base + rows64[:, None] * sq_m + (dims ^ 1)[None, :] * sq_d, mask=q_mask,
                               other=0.0).to(tl.float32)
         if QK_NORM:
             rstd = 1.0 / tl.sqrt(tl.sum(qf * qf, axis=1) / HEAD_DIM + norm_eps)
@@ -109,7 +110,8 @@ def _halo_attention_kernel(
     for start in range(0, LK_ROUNDED, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < lk
-        kt = tl.load(k_base + cols[None, :] * sk_n + dims[:, None] * sk_d,
+        cols64 = cols.to(tl.int64)
+        kt = tl.load(k_base + cols64[None, :] * sk_n + dims[:, None] * sk_d,
                      mask=dim_ok[:, None] & col_ok[None, :], other=0.0)          # [D_PAD, BLOCK_N]
         if UPCAST_DOT:
             s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
@@ -123,7 +125,7 @@ def _halo_attention_kernel(
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        vb = tl.load(v_base + cols[:, None] * sv_n + dims[None, :] * sv_d,
+        vb = tl.load(v_base + cols64[:, None] * sv_n + dims[None, :] * sv_d,
                      mask=col_ok[:, None] & dim_ok[None, :], other=0.0)          # [BLOCK_N, D_PAD]
         p = p.to(vb.dtype)                       # rounded to the storage dtype, as flash attention does
         if UPCAST_DOT:
@@ -133,7 +135,7 @@ def _halo_attention_kernel(
         m_i = m_new
 
     out = acc / l_i[:, None]
-    tl.store(o_ptr + b * so_b + h * so_h + rows[:, None] * so_m + dims[None, :] * so_d,
+    tl.store(o_ptr + b * so_b + h * so_h + rows64[:, None] * so_m + dims[None, :] * so_d,
              out.to(o_ptr.dtype.element_ty), mask=q_mask)
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453                          # log2 -> natural log
     tl.store(lse_ptr + bh.to(tl.int64) * lq + rows, lse, mask=row_ok)
