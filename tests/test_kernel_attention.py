@@ -113,6 +113,7 @@ def test_bad_inputs_are_refused_before_launch():
 # ---- the dispatcher (parafuse.attention) ------------------------------------------------------------
 import logging  # noqa: E402
 import os  # noqa: E402
+import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
@@ -193,3 +194,24 @@ def test_patch_attention_on_the_triton_backend_in_the_emulator(backend):
     backend.use_backend("sdpa", "cpu")
     _, ref = emulate(load_model("dit-small"), 2, cfg, req)
     torch.testing.assert_close(tri[0][0].latent, ref[0][0].latent, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_attention_backend_flag(tmp_path):
+    """`--attention-backend triton` (through the interpreter) runs and is recorded in the report;
+    without CUDA or the interpreter it exits 2 with one line saying what to do, writing nothing."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.path.join(root, "kernels")]), TRITON_INTERPRET="1")
+    out, rep = tmp_path / "a.png", tmp_path / "a.json"
+    args = [sys.executable, "-m", "parafuse.generate", "--model", "dit-small", "--height", "32", "--width", "32",
+            "--steps", "2", "--no-progress", "--out", str(out), "--report", str(rep)]
+    proc = subprocess.run(args + ["--attention-backend", "triton"], capture_output=True, text=True, cwd=root, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(rep.read_text())["attention_backend"] == "triton"
+    out.unlink()
+    rep.unlink()
+    env.pop("TRITON_INTERPRET")
+    proc = subprocess.run(args + ["--attention-backend", "triton"], capture_output=True, text=True, cwd=root, env=env)
+    assert proc.returncode == 2 and not out.exists() and not rep.exists()
+    assert proc.stderr.strip().splitlines() == [
+        "parafuse.generate: error: attention backend 'triton' needs a CUDA device (this run is on cpu), or "
+        "TRITON_INTERPRET=1 to run it through Triton's interpreter; or use --attention-backend sdpa"]
