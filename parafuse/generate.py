@@ -51,8 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="capture the steady-state step as a CUDA graph and replay it (CUDA only; not yet "
                         "verified on GPUs, see the README)")
     p.add_argument("--kernels", default="torch", choices=("torch", "triton"),
-                   help="PyTorch ops, or parafuse's Triton kernels: the GroupNorm in two launches and the solver update in one "
-                        "(CUDA; not yet verified on GPUs, see the README)")
+                   help="PyTorch ops, or parafuse's Triton kernels: the GroupNorm in two launches, the solver "
+                        "update in one (CUDA; not yet verified on GPUs, see the README)")
     p.add_argument("--attention-backend", default=None, choices=("auto", "triton", "sdpa", "xformers"),
                    help="attention kernels: auto (the fastest measured on this device class: sdpa today), "
                         "triton (parafuse's halo attention; CUDA), sdpa, xformers (CUDA, optional extra); "

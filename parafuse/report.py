@@ -9,7 +9,6 @@ import platform
 import torch
 
 
-
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB of two images in [-1, 1], measured on the [0, 1] scale."""
     mse = ((a.float() - b.float()) / 2).pow(2).mean().item()

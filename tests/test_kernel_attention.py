@@ -134,7 +134,8 @@ def test_every_backend_returns_output_lse_and_applies_the_prologue(backend, name
     backend.use_backend(name, "cpu")
     g = torch.Generator().manual_seed(9)
     angles = torch.rand(11, 8, generator=g)
-    prologues = [{}, dict(scale=0.2, q_norm=(torch.rand(16, generator=g) + 0.5, 1e-6), rope=(angles.cos(), angles.sin()))]
+    prologues = [{}, dict(scale=0.2, q_norm=(torch.rand(16, generator=g) + 0.5, 1e-6),
+                          rope=(angles.cos(), angles.sin()))]
     for kw in prologues:
         before = ka.LAUNCHES["halo_attention"]
         out, lse = backend.attention(q, k, v, return_lse=True, **kw)
