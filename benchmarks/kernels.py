@@ -16,7 +16,7 @@ update     the fused solver update (dpmpp-2m, steady state, CFG fused) against t
            and bf16, on a tensor far larger than L2 and at a real strip latent (SDXL 4K, N = 8);
            GB/s (bytes each path must move at least) and the fraction of a measured device copy.
 groupnorm  a patched GroupNorm (SDXL 640 channels): the Triton pair (+ fused SiLU) vs the PyTorch
-           path of PatchGroupNorm + SiLU.
+           path of PatchGroupNorm + SiLU; the pair's GB/s (3 passes over x at least) against a copy.
 Writes benchmarks/results/kernels_<device>.json and .png and prints the tables. `--smoke` runs
 tiny shapes through Triton's interpreter on CPU: it checks this script, its timings say nothing.
 """
@@ -186,8 +186,12 @@ def bench_groupnorm(a, device) -> list[dict]:
             gn.group_sums(x, groups, sums)
             return gn.group_norm_apply(x, sums, count, w, bias, 1e-5, silu=True)
         reps = 1 if a.smoke else 50
-        rows.append({"shape": f"{b}x{c}x{h}x{4 * h}", "torch_silu_us": time_step(torch_path, device, repeat=reps) * 1e6,
-                     "triton_silu_us": time_step(triton_path, device, repeat=reps) * 1e6})
+        dst = torch.empty_like(x)
+        copy_gbps = 2 * x.nbytes / time_step(lambda: dst.copy_(x), device, repeat=reps) / 1e9
+        torch_s, triton_s = time_step(torch_path, device, repeat=reps), time_step(triton_path, device, repeat=reps)
+        moved = 3 * x.nbytes                      # at least: x read for the sums, read and written by the apply
+        rows.append({"shape": f"{b}x{c}x{h}x{4 * h}", "torch_silu_us": torch_s * 1e6, "triton_silu_us": triton_s * 1e6,
+                     "triton_GBps": moved / triton_s / 1e9, "triton_of_copy": moved / triton_s / 1e9 / copy_gbps})
     return rows
 
 
