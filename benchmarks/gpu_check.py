@@ -1,4 +1,4 @@
-"""Everything only a GPU can show, in one command of under 5 minutes on one H100/H200.
+"""Everything only a GPU can show, in one command of about 5 minutes on one H100/H200.
 
     PYTHONPATH=.:kernels python benchmarks/gpu_check.py            # every section
     PYTHONPATH=.:kernels python benchmarks/gpu_check.py --only scaling
@@ -20,7 +20,9 @@ reports):
     bandwidth  the solver update `combine` against a device-to-device copy, fp32 and bf16
     kernels    the Triton GroupNorm kernels against their references and the native GroupNorm on the
                device (bf16, an SDXL-size activation), their time against the PyTorch patched path,
-               and `sync` with `--kernels triton` against the serial run
+               and `sync` with `--kernels triton` against the serial run; the halo attention against
+               cuDNN SDPA (one PixArt-size strip, d = 64, 72, 128) and the fused update's bandwidth
+               against a copy (benchmarks/kernels.py has the whole sweep)
     projection the scaling section's rows projected to N = 1..16 over NVLink 4, PCIe 4 and 400 Gb/s
                InfiniBand (benchmarks/project.py; labelled projections, not measurements)
 
@@ -44,8 +46,8 @@ from common import RESULTS, hardware, table  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ("cli", "nccl", "sync", "scaling", "graphs", "bandwidth", "kernels", "projection")
-BUDGETS = {"cli": 45, "nccl": 30, "sync": 30, "scaling": 110, "graphs": 55, "bandwidth": 10, "kernels": 15,
-           "projection": 5}   # seconds; 300 in all
+BUDGETS = {"cli": 45, "nccl": 30, "sync": 30, "scaling": 110, "graphs": 55, "bandwidth": 10, "kernels": 45,
+           "projection": 5}   # seconds; 330 in all (kernels: autotuning the attention compiles 8 configs per head dim)
 
 
 def run_cli(args: list[str], torchrun: bool, timeout: float) -> dict:
@@ -239,6 +241,49 @@ def section_kernels(a) -> dict:
     _, res = emulate(load_model("unet-small"), 2, ParallelConfig("sync"), req, device=a.device, dtype="fp32",
                      kernels="triton")
     out["sync_triton_vs_serial_max"] = (res[0][0].latent - serial).abs().max().item()
+    out.update(_attention_and_update_kernels(device, a.smoke))
+    return out
+
+
+def _attention_and_update_kernels(device, smoke) -> dict:
+    """Halo attention against cuDNN SDPA on one PixArt-size partial strip (2048², N = 4) per head
+    dim, and the fused update against the eager step in fp32 and bf16 (benchmarks/kernels.py has
+    the whole sweep)."""
+    import scaling
+    from parafuse.solvers import make_schedule, make_solver
+    from parafuse_kernels.attention import halo_attention
+    from parafuse_kernels.update import fused_step, fused_step_reference
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    out = {"attention": {}, "update": {}}
+    lq, lk, heads = (512, 1024, 2) if smoke else (4096, 6656, 16)
+    for d in (64, 72, 128):
+        q, k, v = (torch.randn(1, heads, n, d, device=device, dtype=torch.bfloat16) for n in (lq, lk, lk))
+        got, _ = halo_attention(q, k, v)
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            want = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            cudnn_s = scaling.time_step(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), device,
+                                        repeat=20)
+        triton_s = scaling.time_step(lambda: halo_attention(q, k, v), device, repeat=20)
+        flops = 4 * heads * lq * lk * d
+        out["attention"][d] = {"max_abs_vs_cudnn": (got.float() - want.float()).abs().max().item(),
+                               "triton_tflops": flops / triton_s / 1e12, "cudnn_tflops": flops / cudnn_s / 1e12}
+    solver = make_solver("dpmpp-2m", make_schedule("flow", shift=3.0), num_steps=20, spacing="trailing")
+    numel = 1 << (20 if smoke else 26)
+    for dt in (torch.float32, torch.bfloat16):
+        x = torch.randn(numel, device=device).to(dt)
+        cond, uncond, hist = (torch.randn(numel, device=device) for _ in range(3))
+        state = {"x0s": [hist]}
+        want, _ = fused_step_reference(solver, 5, x, cond, state, uncond=uncond, guidance=4.0)
+        got, _ = fused_step(solver, 5, x, cond, state, uncond=uncond, guidance=4.0)
+        dst = torch.empty_like(cond)
+        copy_gbps = 8 * numel / scaling.time_step(lambda: dst.copy_(cond), device, repeat=20) / 1e9
+        moved = numel * (2 * x.element_size() + 16)      # read x, cond, uncond, x̂0; write x_next, x̂0
+        fused_s = scaling.time_step(lambda: fused_step(solver, 5, x, cond, state, uncond=uncond, guidance=4.0),
+                                    device, repeat=20)
+        out["update"][str(dt).replace("torch.", "")] = {
+            "max_abs_vs_eager": (got.float() - want.float()).abs().max().item(),
+            "fused_GBps": moved / fused_s / 1e9, "fraction_of_copy": moved / fused_s / 1e9 / copy_gbps}
     return out
 
 
@@ -339,6 +384,15 @@ def summary(results: dict) -> list[dict]:
                 f"triton {r['triton_path_us']:.0f} us vs torch path {r['torch_path_us']:.0f} us "
                 f"(native unpatched {r['native_group_norm_us']:.0f} us); sync on kernels vs serial "
                 f"{r['sync_triton_vs_serial_max']:.1e}")})
+            for d, x in r.get("attention", {}).items():
+                rows.append({"section": f"halo attention d={d}", "result": (
+                    f"{x['triton_tflops']:.0f} vs cuDNN {x['cudnn_tflops']:.0f} TFLOP/s "
+                    f"({x['triton_tflops'] / x['cudnn_tflops']:.2f}x; target >= 0.9 at d=64/128), "
+                    f"max diff {x['max_abs_vs_cudnn']:.1e}")})
+            for dt, x in r.get("update", {}).items():
+                rows.append({"section": f"fused update {dt}", "result": (
+                    f"{x['fused_GBps']:.0f} GB/s = {100 * x['fraction_of_copy']:.0f}% of copy (target 85%), "
+                    f"max diff vs eager {x['max_abs_vs_eager']:.1e}")})
         elif name == "projection":
             r = sec["result"]
             for x in r["nvlink4"]:

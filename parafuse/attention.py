@@ -1,37 +1,183 @@
-"""Scaled dot-product attention behind one function, so backends can be swapped in one place.
+"""Scaled dot-product attention behind one function, so that backends are swapped in one place.
 
-`attention(q, k, v)` takes [B, heads, L, d] tensors (any strides: the patch-parallel K/V buffer is
-a strided view) and returns [B, heads, Lq, d]. The backend is chosen once per process with
-`set_backend`; "sdpa" (PyTorch's scaled_dot_product_attention) is available everywhere.
+    out = attention(q, k, v)                         # [B, heads, Lq, d]
+    out, lse = attention(q, k, v, return_lse=True)   # lse [B, heads, Lq] float32 (natural log)
+    out = attention(q, k, v, scale=s, q_norm=(w, eps), rope=(cos, sin))   # SD3/Flux q prologue
+
+q, k, v are [B, heads, L, d] tensors with any strides: the patch layers pass head views of their
+K/V buffer [tokens, B, 2*dim] (never copied). The log-sum-exp of the scaled scores lets partial
+attentions over disjoint key sets be merged exactly (text queries across ranks). Every model
+attention (plain and patch layers, the diffusers integration) calls this function.
+
+Backends (one per process; `use_backend(name, device)` checks and sets it - the `Runtime` calls it
+with its `attention_backend` argument, the CLI's --attention-backend; the default comes from the
+environment variable PARAFUSE_ATTENTION_BACKEND, else "auto"):
+    sdpa      torch.nn.functional.scaled_dot_product_attention (cuDNN / flash / efficient / CPU
+              kernels, torch picks); its log-sum-exp, when asked for, is one separate pass
+    triton    parafuse_kernels.attention.halo_attention (returns its lse for free); CUDA, or CPU
+              through Triton's interpreter (TRITON_INTERPRET=1, tests)
+    xformers  xformers.ops.memory_efficient_attention (optional: `pip install parafuse[xformers]`;
+              CUDA only); lse as for sdpa
+    math      the float32 reference softmax(q kᵀ / √d) v, for tests
+    auto      the fastest measured on the device class, from AUTO below; says which, once
+An unavailable backend is an error that says what to do, raised before any compute - never a silent
+fallback to another backend.
 """
 from __future__ import annotations
 
+import importlib.util
+import logging
+import os
+
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensor
 
-BACKENDS = ("sdpa", "math")
-_backend = "sdpa"
+BACKENDS = ("auto", "triton", "sdpa", "xformers", "math")
+ENV = "PARAFUSE_ATTENTION_BACKEND"
+# what `auto` picks per device type. cuda: SDPA, which dispatches to cuDNN at strip shapes (360-640
+# TFLOP/s measured on one H200, DESIGN.md §1); the Triton kernel's GPU figures are pending
+# measurement (benchmarks/kernels.py), so it is not picked until they say it is faster.
+AUTO = {"cpu": "sdpa", "cuda": "sdpa"}
+log = logging.getLogger("parafuse.attention")
+
+_backend = os.environ.get(ENV, "auto")
+_auto_said: set[str] = set()
+
+
+class BackendError(ValueError):
+    """An attention backend that does not exist or cannot run here; the message says what to do."""
+
+
+def check_backend(name: str, device: torch.device | str) -> str:
+    """The backend that `name` means on `device` (auto resolved), or BackendError if it cannot run."""
+    device = torch.device(device)
+    if name not in BACKENDS:
+        raise BackendError(f"unknown attention backend {name!r} (from --attention-backend or {ENV}); "
+                           f"valid: {', '.join(BACKENDS)}")
+    if name == "auto":
+        return AUTO.get(device.type, "sdpa")
+    if name == "triton":
+        if importlib.util.find_spec("triton") is None:
+            raise BackendError("attention backend 'triton' needs the triton package; install it or use "
+                               "--attention-backend sdpa")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise BackendError(f"attention backend 'triton' needs a CUDA device (this run is on {device.type}), "
+                               f"or TRITON_INTERPRET=1 to run it through Triton's interpreter; or use "
+                               f"--attention-backend sdpa")
+    if name == "xformers":
+        if importlib.util.find_spec("xformers") is None:
+            raise BackendError("attention backend 'xformers' needs the xformers package: pip install "
+                               "'parafuse[xformers]' (it keeps the installed torch), or use --attention-backend sdpa")
+        if device.type != "cuda":
+            raise BackendError(f"attention backend 'xformers' runs on CUDA only (this run is on {device.type}); "
+                               f"use --attention-backend sdpa")
+    return name
+
+
+def use_backend(name: str | None, device: torch.device | str) -> str:
+    """Check `name` for `device` and make it the process's backend (None: keep the current one - the
+    environment variable's, else auto - and check it); returns the backend that will run."""
+    global _backend
+    resolved = check_backend(_backend if name is None else name, device)
+    if name is not None:
+        _backend = name
+    return resolved
 
 
 def set_backend(name: str) -> None:
+    """Set the backend by name only; `use_backend` also checks that it can run on a device."""
     global _backend
     if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; valid: {', '.join(BACKENDS)}")
+        raise BackendError(f"unknown attention backend {name!r}; valid: {', '.join(BACKENDS)}")
     _backend = name
 
 
 def get_backend() -> str:
+    """The backend as asked for ("auto" included)."""
     return _backend
 
 
-def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Plain reference: softmax(q k^T / sqrt(d)) v, in float32."""
-    scale = q.shape[-1] ** -0.5
-    w = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * scale, dim=-1)
-    return (w @ v.float()).to(q.dtype)
+def backend_for(device: torch.device | str) -> str:
+    """The backend that runs on `device` (auto resolved): what the run report records."""
+    return check_backend(_backend, device)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    if _backend == "math":
-        return attention_math(q, k, v)
-    return F.scaled_dot_product_attention(q, k, v)
+def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                   return_lse: bool = False):
+    """Plain reference: softmax(scale · q kᵀ) v in float32 (scale = d^-1/2 by default)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale
+    lse = torch.logsumexp(s, -1)
+    out = (torch.exp(s - lse[..., None]) @ v.float()).to(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+def rms_norm(t: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS norm over the last dim in float32 (SD3/Flux QK-norm)."""
+    t = t.float()
+    return t * torch.rsqrt(t.square().mean(-1, keepdim=True) + eps) * weight.float()
+
+
+def rotate_pairs(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on interleaved pairs (t[..., 2i], t[..., 2i+1]) by angles with cos/sin [L, d/2], in
+    float32 (Flux's rotation; diffusers' [L, d] tables with repeated entries are cos[:, ::2])."""
+    pairs = t.float().unflatten(-1, (-1, 2))
+    a, b = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos.float(), sin.float()
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2)
+
+
+def q_prologue(q: torch.Tensor, q_norm=None, rope=None) -> torch.Tensor:
+    """The q prologue as separate ops, rounded to q's dtype (what the Triton backend fuses)."""
+    if q_norm is None and rope is None:
+        return q
+    t = q.float()
+    if q_norm is not None:
+        t = rms_norm(t, *q_norm)
+    if rope is not None:
+        t = rotate_pairs(t, *rope)
+    return t.to(q.dtype)
+
+
+def _lse(q, k, scale):
+    """The log-sum-exp of the scaled scores, for backends that do not return it (one extra pass)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return torch.logsumexp((q.float() @ k.float().transpose(-1, -2)) * scale, -1)
+
+
+def _resolve(device: torch.device) -> str:
+    if _backend != "auto":
+        return _backend
+    name = AUTO.get(device.type, "sdpa")
+    if device.type not in _auto_said:
+        _auto_said.add(device.type)
+        log.info("attention backend auto -> %s on %s (%s)", name, device.type,
+                 "measured: cuDNN SDPA; Triton pending GPU measurement" if device.type == "cuda" else "CPU")
+    return name
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+              return_lse: bool = False, q_norm: tuple[torch.Tensor, float] | None = None,
+              rope: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """softmax(scale · q' kᵀ) v over [B, heads, L, d] views (see the module); with `return_lse`,
+    (out, lse [B, heads, Lq] float32). q' is q after the optional prologue - RMS QK-norm
+    `q_norm = (weight [d], eps)`, then RoPE `rope = (cos, sin)` [Lq, d/2] on interleaved pairs -
+    fused into the Triton kernel, separate ops (`q_prologue`) on the other backends. Keys are
+    expected normed and rotated already (done once, when they are written to the K/V buffer)."""
+    # a shape-only trace (meta or fake tensors: parafuse.profile) runs no kernel: SDPA's shape rule
+    backend = "sdpa" if q.device.type == "meta" or isinstance(q, FakeTensor) else _resolve(q.device)
+    if backend == "triton":
+        from parafuse_kernels.attention import halo_attention
+        out, lse = halo_attention(q, k, v, scale=scale, q_norm=q_norm, rope=rope)
+        return (out, lse) if return_lse else out
+    q = q_prologue(q, q_norm, rope)
+    if backend == "math":
+        return attention_math(q, k, v, scale, return_lse)
+    if backend == "xformers":
+        import xformers.ops as xops        # [B, L, heads, d] layout: the transposed views, no copy
+        out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              scale=scale).transpose(1, 2)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return (out, _lse(q, k, scale)) if return_lse else out

@@ -52,8 +52,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="capture the steady-state step as a CUDA graph and replay it (CUDA only; not yet "
                         "verified on GPUs, see the README)")
     p.add_argument("--kernels", default="torch", choices=("torch", "triton"),
-                   help="patch layers' kernels: PyTorch ops, or parafuse's Triton kernels (GroupNorm in two "
-                        "launches; CUDA; not yet verified on GPUs, see the README)")
+                   help="PyTorch ops, or parafuse's Triton kernels: the GroupNorm in two launches, the solver "
+                        "update in one (CUDA; not yet verified on GPUs, see the README)")
+    p.add_argument("--attention-backend", default=None, choices=("auto", "triton", "sdpa", "xformers"),
+                   help="attention kernels: auto (the fastest measured on this device class: sdpa today), "
+                        "triton (parafuse's halo attention; CUDA), sdpa, xformers (CUDA, optional extra); "
+                        "default: $PARAFUSE_ATTENTION_BACKEND, else auto")
     p.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
                    help="compute dtype of the model, halos and K/V (default: bf16 on CUDA, fp32 on CPU); "
                         "statistics and the solver stay float32")
@@ -106,7 +110,8 @@ def run(args) -> int:
                   solver_options={"spacing": args.spacing} if args.spacing else {})
     try:
         runtime = Runtime(args.model, parallel, device=args.device, weights=args.weights, dtype=args.dtype,
-                          cuda_graphs=args.cuda_graphs, kernels=args.kernels)
+                          cuda_graphs=args.cuda_graphs, kernels=args.kernels,
+                          attention_backend=args.attention_backend)
         runtime.check(req)
         reference = None
         if args.reference is not None:

@@ -4,22 +4,46 @@ One shape-only trace (FakeTensor: no memory, no compute) at two small resolution
 own device and dtype, gives
 - the model's parallel sites (`parafuse.parallel.plan.Site`): every conv with a halo, GroupNorm
   and self-attention, with the resolution level it runs at, its channels and halo rows, and which
-  conv reads the model input - what a patch plan is built from;
+  conv reads the model input, and which GroupNorms have a SiLU as the only reader of their output
+  (recorded by a torch-function mode during the trace) - what a patch plan is built from;
 - a FLOP count that extrapolates exactly to any resolution: conv/linear FLOPs are affine in the
   pixel count, self-attention's quadratic.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from parafuse.models.layers import Attention
 from parafuse.parallel.adapter import BUILTIN
 from parafuse.parallel.geometry import StripGeometry, conv_halo
 from parafuse.parallel.plan import Site
+
+
+# calls that read only a tensor's metadata, not its values
+_METADATA = {"size", "dim", "shape", "dtype", "device", "__get__", "is_contiguous", "stride", "numel"}
+
+
+def _value_readers(readers: dict):
+    """A torch-function mode that records, for every tensor registered in `readers` (id -> list),
+    the functions that read its values."""
+    from torch.overrides import TorchFunctionMode
+
+    class Readers(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if getattr(func, "__name__", "") not in _METADATA:
+                for a in list(args) + list(kwargs.values()):
+                    for t in (a if isinstance(a, (list, tuple)) else [a]):
+                        if isinstance(t, torch.Tensor) and id(t) in readers:
+                            readers[id(t)].append(func)
+            return func(*args, **kwargs)
+    return Readers()
 
 
 def _trace(model: nn.Module, channels: int, height: int, width: int, call_kwargs: dict, adapter):
@@ -28,6 +52,7 @@ def _trace(model: nn.Module, channels: int, height: int, width: int, call_kwargs
     p = next(model.parameters())
     sites, affine, attn = {}, {}, {}
     model_input = []
+    norm_outputs, readers = {}, {}        # GroupNorm name -> output (kept alive: ids stay unique), readers
 
     def hook(name):
         def fn(mod, args, kwargs, out):
@@ -48,6 +73,8 @@ def _trace(model: nn.Module, channels: int, height: int, width: int, call_kwargs
                                    first=x is model_input[0])
             elif kind == "norm":
                 sites[name] = Site(name, "norm", width // x.shape[-1], mod.num_channels, groups=mod.num_groups)
+                norm_outputs[name] = out
+                readers[id(out)] = []
             elif kind == "attn":
                 factor = round(math.sqrt(height * width / x.shape[1]))
                 sites[name] = Site(name, "attn", factor, x.shape[-1])
@@ -58,13 +85,16 @@ def _trace(model: nn.Module, channels: int, height: int, width: int, call_kwargs
     handles = [m.register_forward_hook(hook(n), with_kwargs=True) for n, m in model.named_modules()
                if isinstance(m, (nn.Conv2d, nn.Linear, Attention)) or adapter.site_kind(m) is not None]
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True):
+        with FakeTensorMode(allow_non_fake_inputs=True), _value_readers(readers):
             # the input lives where the model lives: a CPU input for a CUDA (or meta) model fails
             model_input.append(torch.empty(1, channels, height, width, device=p.device, dtype=p.dtype))
             model(model_input[0], 500.0, **call_kwargs)
     finally:
         for h in handles:
             h.remove()
+    for name, out in norm_outputs.items():     # SiLU the only reader: the norm may apply it (fused kernels)
+        if readers[id(out)] == [F.silu]:
+            sites[name] = dataclasses.replace(sites[name], silu=True)
     return list(sites.values()), affine, attn
 
 

@@ -8,8 +8,6 @@ import platform
 
 import torch
 
-from parafuse import attention
-
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB of two images in [-1, 1], measured on the [0, 1] scale."""
@@ -46,7 +44,7 @@ def build_report(runtime, req, result, ranks: list[dict], comparison: dict | Non
         "world_size": runtime.layout.world_size, "mode": par.mode if runtime.layout.patch_degree > 1 else "serial",
         "warmup_steps": par.warmup_steps, "halo_portion": par.halo_portion, "cfg_parallel": par.cfg_parallel,
         "norm_mode": runtime.engine.norm_mode if runtime.engine is not None else None,
-        "attention_backend": attention.get_backend(), "dtype": dtype_name(runtime.dtype),
+        "attention_backend": runtime.attention_backend, "dtype": dtype_name(runtime.dtype),
         "cuda_graphs": runtime.cuda_graphs, "kernels": runtime.kernels,
         "stages": result.timing["stages"],
         "total_seconds": result.timing["total_seconds"], "step_seconds": steps,

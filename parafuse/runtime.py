@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from parafuse import attention
 from parafuse.graphs import GraphedEvaluations
 from parafuse.models import ModelSpec, load_model
 from parafuse.parallel.adapter import BUILTIN
@@ -118,12 +119,14 @@ class Runtime:
     in natively and every halo and K/V travels in; GroupNorm statistics, the solver's combination
     and its history stay float32. `cuda_graphs`: capture the evaluation of the steady step plan
     once per request and replay it (CUDA only; see parafuse.graphs). `kernels`: "torch", or
-    "triton" for the patch layers' Triton kernels (GroupNorm: two launches plus the exchange)."""
+    "triton" for parafuse's Triton kernels (GroupNorm: two launches plus the exchange; the solver
+    update: one fused launch per evaluation). `attention_backend`: see parafuse.attention (None: the
+    process's, from PARAFUSE_ATTENTION_BACKEND or auto); `self.attention_backend` is the one that runs."""
 
     def __init__(self, model: str | nn.Module = "default", parallel: ParallelConfig = ParallelConfig(),
                  device: str | None = None, weights: str | None = None, layout: ParallelLayout | None = None,
                  transport: Transport | None = None, dtype: str | torch.dtype | None = None,
-                 cuda_graphs: bool = False, kernels: str = "torch"):
+                 cuda_graphs: bool = False, kernels: str = "torch", attention_backend: str | None = None):
         self.parallel = parallel
         if cuda_graphs and isinstance(transport, ThreadTransport):
             raise RequestError("--cuda-graphs cannot capture emulated ranks (threads sharing one GPU): a graph "
@@ -136,6 +139,10 @@ class Runtime:
             raise RequestError(f"--cuda-graphs needs a CUDA device; this run is on {self.device.type}")
         self.cuda_graphs = cuda_graphs
         self.kernels = check_kernels(kernels, self.device)
+        try:                                # None: the process's backend (PARAFUSE_ATTENTION_BACKEND, else auto)
+            self.attention_backend = attention.use_backend(attention_backend, self.device)
+        except attention.BackendError as e:
+            raise RequestError(str(e)) from None
         if layout is None:
             if launched_by_torchrun():
                 rank, world = init_distributed(self.device)
@@ -233,7 +240,12 @@ class Runtime:
                 engine.gather_output(out)     # the baselines' per-step all-gather; nothing in parafuse's modes
             return out
 
-        if not self.parallel.cfg_parallel:
+        if self._fused_guidance(req):       # [cond; uncond] as the model made them: the fused update guides
+            stacked = {k: torch.cat([cond[k], uncond[k]]) for k in cond}
+
+            def evaluate(x):
+                return model(torch.cat([x, x]), timestep, **stacked)
+        elif not self.parallel.cfg_parallel:
             both = guided(lambda x, t, **kw: model(x, t, **kw).float(), req.guidance, cond, uncond)
 
             def evaluate(x):
@@ -266,6 +278,12 @@ class Runtime:
             return run(x)
         return fn
 
+    def _fused_guidance(self, req: Request) -> bool:
+        """Guidance applied by the fused update (--kernels triton): the model function then returns
+        both branches stacked. Not with CFG parallel, where the branches live on two ranks."""
+        return (self.kernels == "triton" and req.guidance != 1.0 and self._branches(req)[1] is not None
+                and not self.parallel.cfg_parallel)
+
     def model_batch(self, req: Request) -> int:
         """Samples per model evaluation on this rank: both guidance branches unless CFG-parallel."""
         both = req.guidance != 1.0 and not self.parallel.cfg_parallel
@@ -280,6 +298,9 @@ class Runtime:
     def generate(self, req: Request, progress: bool = False) -> Result:
         geometry = self.check(req)
         solver = self.make_solver(req)
+        if self.kernels == "triton":        # the solver update (and guidance) as one fused launch per evaluation
+            from parafuse_kernels.update import FusedUpdate
+            solver = FusedUpdate(solver, req.guidance if self._fused_guidance(req) else None)
         spec, lay = self.spec, self.layout
         rows = geometry.row_range(lay.patch_index)
         shape = (req.batch, spec.latent_channels, geometry.height, geometry.width)

@@ -87,3 +87,21 @@ def test_throughput_benchmark_times_cold_and_warm(tmp_path):
 def test_readme_performance_section_is_generated_from_the_committed_results():
     """The README's numbers are the committed JSON's: `python benchmarks/report.py` was run after them."""
     run_script(["benchmarks/report.py", "--check"], None)
+
+
+def test_kernels_benchmark_smoke_on_cpu(tmp_path):
+    """benchmarks/kernels.py's logic through Triton's interpreter: every section reports, with the
+    attention backends of this machine, the fused update and the GroupNorm pair (no speed figures)."""
+    out = tmp_path / "kernels.json"
+    proc = subprocess.run([sys.executable, "benchmarks/kernels.py", "--smoke", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "kernels")]),
+                                   OMP_NUM_THREADS="1", TRITON_INTERPRET="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["smoke"] and {"attention", "update", "groupnorm"} <= set(res)
+    assert {(r["model"], r["n"], r["mode"]) for r in res["attention"]} >= {("pixart", 4, "partial"), ("flux", 1, "full")}
+    assert all(r["triton_tflops"] > 0 and r["sdpa_tflops"] > 0 for r in res["attention"])
+    assert all(r["prologue_speedup"] > 0 for r in res["attention"] if r["model"] == "flux")
+    assert {(r["shape"], r["dtype"]) for r in res["update"]} >= {("large", "float32"), ("large", "bfloat16")}
+    assert (tmp_path / "kernels.png").exists()

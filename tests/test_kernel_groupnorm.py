@@ -127,3 +127,78 @@ def test_triton_kernels_without_cuda_or_the_interpreter_are_a_clear_error(monkey
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(RequestError, match="needs a CUDA device"):
         Runtime(load_model("dit-small"), ParallelConfig(), kernels="triton")
+
+
+# ---- the SiLU that follows, fused where it is the only reader --------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_norm_apply_with_silu(dtype):
+    x = activation((2, 8, 5, 9), dtype, seed=3)
+    weight, bias = torch.randn(8).to(dtype), torch.randn(8).to(dtype)
+    sums = gn.group_sums_reference(x, 4)
+    count = x[0, :2].numel()
+    y = gn.group_norm_apply(x, sums, count, weight, bias, 1e-5, silu=True)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1 / 128, atol=1 / 64)
+    torch.testing.assert_close(y, gn.group_norm_apply_reference(x, sums, count, weight, bias, 1e-5, silu=True), **tol)
+    want = torch.nn.functional.silu(torch.nn.functional.group_norm(x.float(), 4, weight.float(), bias.float(), 1e-5))
+    torch.testing.assert_close(y, want.to(dtype), **tol)
+
+
+class Readers(torch.nn.Module):
+    """GroupNorms read by F.silu only, by an nn.SiLU module only, by a SiLU and a residual, by a conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.only_f = torch.nn.GroupNorm(2, 4)
+        self.only_module = torch.nn.GroupNorm(2, 4)
+        self.act = torch.nn.SiLU()
+        self.shared = torch.nn.GroupNorm(2, 4)
+        self.to_conv = torch.nn.GroupNorm(2, 4)
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x, t):
+        x = torch.nn.functional.silu(self.only_f(x))
+        x = self.act(self.only_module(x))
+        h = self.shared(x)
+        x = torch.nn.functional.silu(h) + h
+        return self.conv(self.to_conv(x))
+
+
+def test_the_trace_marks_groupnorms_whose_only_reader_is_silu():
+    from parafuse.profile import ModelProfile
+    sites = {s.key: s.silu for s in ModelProfile.trace(Readers(), 4, 1).sites if s.kind == "norm"}
+    assert sites == {"only_f": True, "only_module": True, "shared": False, "to_conv": False}
+    m = load_model("unet-small")
+    unet = {s.key: s.silu for s in ModelProfile.trace(m, m.spec.latent_channels, m.spec.downsample_factor).sites
+            if s.kind == "norm"}
+    assert unet["down.0.res.norm1"] and unet["norm_out"] and not unet["mid_attn.norm"]
+
+
+def test_a_fused_silu_output_refuses_other_readers():
+    from parafuse.parallel.layers import SiLUApplied
+    y = torch.randn(2, 3).as_subclass(SiLUApplied)
+    out = torch.nn.functional.silu(y)
+    assert type(out) is torch.Tensor and torch.equal(out, y.as_subclass(torch.Tensor)) and y.shape == (2, 3)
+    with pytest.raises(RuntimeError, match="only a SiLU"):
+        y + 1
+
+
+def test_fused_silu_groupnorms_leave_no_silu_op(monkeypatch):
+    """In a synchronous U-Net step on the kernels, every GroupNorm that the trace marked launches its
+    two kernels and the model's SiLU after it issues no ATen op: the step has as many `silu` ops
+    fewer than on the PyTorch path as there are marked GroupNorms. (Kernels stubbed as above.)"""
+    class Stub:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(gn, "_group_sums_kernel", Stub())
+    monkeypatch.setattr(gn, "_group_norm_apply_kernel", Stub())
+    counts = {}
+    for kernels in ("torch", "triton"):
+        rt = Runtime(load_model("unet-small"), ParallelConfig("sync"), layout=ParallelLayout(0, 2),
+                     transport=NullTransport(0, 2), kernels=kernels)
+        step = rt.rank_step(REQ)
+        with OpCounter() as counter:
+            step()
+        counts[kernels] = counter.ops.get("silu", 0)
+    marked = sum(s.silu for s in rt.profile.sites if s.kind == "norm")
+    assert marked == 23 and counts["torch"] - counts["triton"] == marked

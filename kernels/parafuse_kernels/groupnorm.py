@@ -3,8 +3,8 @@
     group_sums(x, groups, out)      Σx and Σx² of every (sample, group), float32, reading x once
     group_norm_apply(x, sums, ...)  mean and biased variance from sums over `count` elements (or,
                                     where that variance is negative, from `fallback` sums), then
-                                    normalise + affine in float32 and store in x's dtype: one read,
-                                    one write
+                                    normalise + affine (+ the SiLU that follows, `silu=True`) in
+                                    float32 and store in x's dtype: one read, one write
 
 Between them the patch runtime exchanges the sums (an all-reduce over the strips), so a patched
 GroupNorm is these two launches, the zeroing of the sums and the exchange - against a dozen
@@ -15,13 +15,11 @@ Import this module only after TRITON_INTERPRET is set when testing on CPU (see t
 """
 from __future__ import annotations
 
-import contextlib
-import os
-import threading
-
 import torch
 import triton
 import triton.language as tl
+
+from parafuse_kernels import INTERPRETER_LOCK
 
 LAUNCHES = {"group_sums": 0, "group_norm_apply": 0}     # tests check that the kernels ran
 
@@ -33,7 +31,8 @@ def group_sums_reference(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def group_norm_apply_reference(x: torch.Tensor, sums: torch.Tensor, count: float, weight, bias, eps: float,
-                               fallback: torch.Tensor | None = None, fallback_count: float = 1.0) -> torch.Tensor:
+                               fallback: torch.Tensor | None = None, fallback_count: float = 1.0,
+                               silu: bool = False) -> torch.Tensor:
     b, c, groups = x.shape[0], x.shape[1], sums.shape[-1]
     mean, var = sums[0] / count, sums[1] / count - (sums[0] / count) ** 2
     if fallback is not None:
@@ -46,6 +45,8 @@ def group_norm_apply_reference(x: torch.Tensor, sums: torch.Tensor, count: float
     y = y.reshape(b, c, -1)
     if weight is not None:
         y = y * weight.float()[None, :, None] + bias.float()[None, :, None]
+    if silu:
+        y = torch.nn.functional.silu(y)
     return y.reshape(x.shape).to(x.dtype)
 
 
@@ -63,7 +64,8 @@ def _group_sums_kernel(x_ptr, out_ptr, group_numel, n_groups, BLOCK: tl.constexp
 @triton.jit
 def _group_norm_apply_kernel(x_ptr, y_ptr, sums_ptr, fallback_ptr, w_ptr, b_ptr, channels, groups, row_numel,
                              n_groups, inv_count, inv_fallback_count, eps,
-                             HAS_FALLBACK: tl.constexpr, HAS_AFFINE: tl.constexpr, BLOCK: tl.constexpr):
+                             HAS_FALLBACK: tl.constexpr, HAS_AFFINE: tl.constexpr, SILU: tl.constexpr,
+                             BLOCK: tl.constexpr):
     row = tl.program_id(0)               # sample * C + channel
     block = tl.program_id(1)
     channel = row % channels
@@ -91,14 +93,14 @@ def _group_norm_apply_kernel(x_ptr, y_ptr, sums_ptr, fallback_ptr, w_ptr, b_ptr,
     mask = idx < row_numel
     offset = row.to(tl.int64) * row_numel
     v = tl.load(x_ptr + offset + idx, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offset + idx, (v * scale + shift).to(y_ptr.dtype.element_ty), mask=mask)
+    y = v * scale + shift
+    if SILU:                             # the activation that follows, where it is the only reader
+        y = y / (1.0 + tl.exp(-y))
+    tl.store(y_ptr + offset + idx, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # ---- launchers -----------------------------------------------------------------------------------
 SUMS_BLOCK = 4096
-# Triton's interpreter patches its language module while it runs a kernel: the emulator's rank
-# threads must take turns (compiled kernels need no lock)
-_INTERPRETER_LOCK = threading.Lock() if os.environ.get("TRITON_INTERPRET") == "1" else contextlib.nullcontext()
 APPLY_BLOCK = 1024
 
 
@@ -110,7 +112,7 @@ def group_sums(x: torch.Tensor, groups: int, out: torch.Tensor) -> torch.Tensor:
     b = x.shape[0]
     group_numel = x.numel() // (b * groups)
     out.zero_()
-    with _INTERPRETER_LOCK:
+    with INTERPRETER_LOCK:
         _group_sums_kernel[(b * groups, triton.cdiv(group_numel, SUMS_BLOCK))](x, out, group_numel, b * groups,
                                                                                BLOCK=SUMS_BLOCK)
     LAUNCHES["group_sums"] += 1
@@ -118,17 +120,19 @@ def group_sums(x: torch.Tensor, groups: int, out: torch.Tensor) -> torch.Tensor:
 
 
 def group_norm_apply(x: torch.Tensor, sums: torch.Tensor, count: float, weight, bias, eps: float,
-                     fallback: torch.Tensor | None = None, fallback_count: float = 1.0) -> torch.Tensor:
+                     fallback: torch.Tensor | None = None, fallback_count: float = 1.0,
+                     silu: bool = False) -> torch.Tensor:
     """GroupNorm of contiguous `x` [B, C, ...] with the statistics of `sums` [2, B, G] over `count`
-    elements per group (`fallback` sums over `fallback_count` where that variance is negative)."""
+    elements per group (`fallback` sums over `fallback_count` where that variance is negative), and
+    with `silu` the SiLU of that, computed in float32 before the one rounding to x's dtype."""
     assert x.is_contiguous() and sums.is_contiguous()
     b, c, groups = x.shape[0], x.shape[1], sums.shape[-1]
     row_numel = x.numel() // (b * c)
     y = torch.empty_like(x)
-    with _INTERPRETER_LOCK:
+    with INTERPRETER_LOCK:
         _group_norm_apply_kernel[(b * c, triton.cdiv(row_numel, APPLY_BLOCK))](
             x, y, sums, fallback if fallback is not None else sums, weight if weight is not None else x,
             bias if bias is not None else x, c, groups, row_numel, b * groups, 1.0 / count, 1.0 / fallback_count,
-            eps, HAS_FALLBACK=fallback is not None, HAS_AFFINE=weight is not None, BLOCK=APPLY_BLOCK)
+            eps, HAS_FALLBACK=fallback is not None, HAS_AFFINE=weight is not None, SILU=silu, BLOCK=APPLY_BLOCK)
     LAUNCHES["group_norm_apply"] += 1
     return y

@@ -58,6 +58,24 @@ def normalize(x: torch.Tensor, moments: torch.Tensor, weight: torch.Tensor | Non
     return y.view(x.shape)
 
 
+class SiLUApplied(torch.Tensor):
+    """A GroupNorm output that already carries the SiLU that follows it (the fused kernel applied
+    it). The model's own SiLU call on it - F.silu, or an nn.SiLU module, which calls F.silu - returns
+    it as a plain tensor; the model's code and modules stay untouched. The shape trace found SiLU to
+    be the only reader of this output; any other reader is an error, never a silently wrong value."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.silu:
+            return args[0].as_subclass(torch.Tensor)
+        if getattr(func, "__name__", "") in ("size", "dim", "shape", "dtype", "device", "__get__"):
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        raise RuntimeError(f"a GroupNorm output with its SiLU fused was read by {getattr(func, '__name__', func)}; "
+                           f"the model trace saw only a SiLU reading it. Use --kernels torch and report this model")
+
+
 class PatchGroupNorm(nn.GroupNorm):
     """GroupNorm over the whole image: count-weighted float32 sums across strips, biased variance,
     exactly as torch.nn.GroupNorm (uneven strips included).
@@ -80,15 +98,17 @@ class PatchGroupNorm(nn.GroupNorm):
 
     def _forward_triton(self, x: torch.Tensor) -> torch.Tensor:
         """Two kernels (parafuse_kernels.groupnorm): the strip's sums, then normalise + affine with
-        the exchanged statistics, fallback included."""
+        the exchanged statistics, fallback included - and the SiLU that follows where the patch plan
+        says SiLU is the only reader of the output (see SiLUApplied)."""
         from parafuse_kernels.groupnorm import group_norm_apply, group_sums
 
         x = x.contiguous()
         group_sums(x, self.num_groups, self.engine.norm_sums(self.key))
         sums, count, fallback, fallback_count = self.engine.norm_statistics(self.key)
-        y = group_norm_apply(x, sums, count, self.weight, self.bias, self.eps, fallback, fallback_count)
+        silu = self.engine.plan.sites[self.key].silu      # the trace saw a SiLU as the only reader
+        y = group_norm_apply(x, sums, count, self.weight, self.bias, self.eps, fallback, fallback_count, silu)
         self.engine.norm_done(self.key)
-        return y
+        return y.as_subclass(SiLUApplied) if silu else y
 
     def _affine(self, batch: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Weight and bias in float32, repeated for every sample; cached until the parameters change

@@ -33,6 +33,7 @@ class Site:
     top: int = 0          # conv halo rows taken from the strip above / below
     bottom: int = 0
     first: bool = False   # a conv that reads the model input: its halo is the latent's, always fresh
+    silu: bool = False    # a GroupNorm whose output's only reader is a SiLU (the traced graph says so)
 
 
 @dataclass(frozen=True)
