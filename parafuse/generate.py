@@ -80,13 +80,23 @@ def check_writable(path: str, overwrite: bool) -> None:
 
 
 def check_args(args) -> None:
-    """Checks of files and paths; the model, solver and parallel settings are checked by the
-    runtime (ParallelConfig, Runtime.check), before any denoising."""
+    """Checks of files, paths and the device; the model, solver and parallel settings are checked
+    by the runtime (ParallelConfig, Runtime.check), before any denoising."""
+    from parafuse import checks
+
+    checks.check_device(args.device)
     if args.weights is not None and not os.path.isfile(args.weights):
         raise ValueError(f"weights file {args.weights!r} does not exist")
-    if args.reference is not None and not os.path.isfile(args.reference):
-        raise ValueError(f"reference image {args.reference!r} does not exist")
-    for path in output_paths(args.out, max(1, args.batch)) + ([args.report] if args.report else []):
+    if args.reference is not None:
+        checks.check_reference(args.reference, args.height, args.width)
+    checks.check_image_name(args.out)
+    outputs = {f"--out (image {i})" if args.batch > 1 else "--out": p
+               for i, p in enumerate(output_paths(args.out, max(1, args.batch)))}
+    if args.report:
+        checks.check_output_name(args.report, "--report")
+        outputs["--report"] = args.report
+    checks.check_distinct(outputs)
+    for path in outputs.values():
         check_writable(path, args.overwrite)
 
 
@@ -94,6 +104,8 @@ def run(args) -> int:
     import torch
 
     from parafuse import report as rep
+    from parafuse.checks import CheckError
+    from parafuse.outputs import commit
     from parafuse.models import ModelError, load_model
     from parafuse.parallel.distributed import ParallelLayout
     from parafuse.parallel.geometry import GeometryError
@@ -107,13 +119,8 @@ def run(args) -> int:
         runtime = Runtime(args.model, parallel, device=args.device, weights=args.weights, dtype=args.dtype,
                           cuda_graphs=args.cuda_graphs, kernels=args.kernels)
         runtime.check(req)
-        reference = None
-        if args.reference is not None:
-            reference = rep.load_png(args.reference)
-            if tuple(reference.shape[-2:]) != (args.height, args.width):
-                raise RequestError(f"reference {args.reference!r} is {reference.shape[-1]}x{reference.shape[-2]}, "
-                                   f"the output {args.width}x{args.height}")
-    except (RequestError, ModelError, GeometryError) as e:
+        reference = rep.load_png(args.reference) if args.reference is not None else None
+    except (RequestError, ModelError, GeometryError, CheckError) as e:
         raise ValueError(str(e)) from None
 
     if runtime.spec.untrained and runtime.layout.rank == 0:
@@ -131,11 +138,15 @@ def run(args) -> int:
     if runtime.layout.world_size > 1:
         torch.distributed.barrier()      # the others wait while rank 0 runs the serial reference
     if runtime.layout.rank == 0:
-        for image, path in zip(result.image, output_paths(args.out, args.batch)):
-            rep.save_png_atomic(image, path)
+        # every output rendered first, then all written and renamed together
+        files = {path: rep.png_bytes(image) for image, path in zip(result.image, output_paths(args.out, args.batch))}
         if args.report:
-            rep.write_json_atomic(args.report, rep.build_report(runtime, req, result, ranks, comparison))
-        psnr = f", PSNR vs {comparison['reference']} {comparison['psnr_db']:.2f} dB" if comparison else ""
+            files[args.report] = rep.json_bytes(rep.build_report(runtime, req, result, ranks, comparison))
+        commit(files)
+        psnr = ""
+        if comparison:
+            db = "identical" if comparison["psnr_db"] is None else f"{comparison['psnr_db']:.2f} dB"
+            psnr = f", PSNR vs {comparison['reference']} {db}"
         print(f"wrote {', '.join(output_paths(args.out, args.batch))} "
               f"({result.timing['total_seconds']:.2f} s denoising on {runtime.layout.world_size} rank(s){psnr})")
     runtime.close()

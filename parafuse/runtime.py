@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from parafuse.checks import check_device, check_fits, check_numbers, check_parallel_settings, check_schedule, strip_geometry
 from parafuse.graphs import GraphedEvaluations
 from parafuse.models import ModelSpec, load_model
 from parafuse.parallel.adapter import BUILTIN
@@ -80,6 +81,7 @@ class ParallelConfig:
 
     def __post_init__(self):
         check_settings(self.mode, self.halo_portion, self.warmup_steps, self.norm_mode)
+        check_parallel_settings(self.mode, self.halo_portion, self.norm_mode)
 
 
 @dataclass(frozen=True)
@@ -125,8 +127,7 @@ class Runtime:
                  transport: Transport | None = None, dtype: str | torch.dtype | None = None,
                  cuda_graphs: bool = False, kernels: str = "torch"):
         self.parallel = parallel
-        if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
-            raise RequestError(f"device {device!r} asked for, but this machine has no CUDA device; use --device cpu")
+        check_device(device)
         self.device = pick_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         if cuda_graphs and self.device.type != "cuda":
@@ -167,6 +168,7 @@ class Runtime:
     def check(self, req: Request) -> StripGeometry:
         spec = self.spec
         f = spec.pixel_factor
+        check_numbers(req)
         if req.height <= 0 or req.width <= 0 or req.height % f or req.width % f:
             raise RequestError(f"height and width must be positive multiples of {f} for model {spec.name!r} "
                                f"(got {req.height}x{req.width}); try {max(f, round(req.height / f) * f)}x"
@@ -190,9 +192,9 @@ class Runtime:
         if spec.context_dim and req.context is not None and req.context.shape[-1] != spec.context_dim:
             raise RequestError(f"context must be [1, L, {spec.context_dim}] for model {spec.name!r}, "
                                f"got {tuple(req.context.shape)}")
-        geometry = StripGeometry(req.height // spec.codec_factor, req.width // spec.codec_factor,
-                                 self.layout.patch_degree, spec.downsample_factor)
-        self.profile.check_strips(geometry)
+        geometry = strip_geometry(self, req)
+        check_schedule(self, req)
+        check_fits(self, req, geometry)
         return geometry
 
     def make_solver(self, req: Request):
