@@ -56,6 +56,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
                    help="compute dtype of the model, halos and K/V (default: bf16 on CUDA, fp32 on CPU); "
                         "statistics and the solver stay float32")
+    p.add_argument("--startup-timeout", type=float, default=600.0,
+                   help="seconds a rank may wait for the others while starting (process group, first steps)")
+    p.add_argument("--exchange-timeout", type=float, default=300.0,
+                   help="seconds a rank may wait for a neighbour during denoising before the job stops, "
+                        "naming the rank that stopped answering")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -100,7 +105,16 @@ def check_args(args) -> None:
         check_writable(path, args.overwrite)
 
 
+def check_finite_weights(model, path: str) -> None:
+    import torch
+    bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    if bad is not None:
+        raise ValueError(f"weights file {path!r} holds NaN or infinite values (first in {bad}): it cannot denoise")
+
+
 def run(args) -> int:
+    from contextlib import nullcontext
+
     import torch
 
     from parafuse import report as rep
@@ -112,12 +126,18 @@ def run(args) -> int:
     from parafuse.runtime import ParallelConfig, Request, RequestError, Runtime
 
     check_args(args)
+    for name in ("startup_timeout", "exchange_timeout"):
+        if not 0 < getattr(args, name) < float("inf"):
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive number of seconds, got {getattr(args, name)}")
     parallel = ParallelConfig(args.mode, args.warmup_steps, args.halo_portion, args.norm, args.cfg_parallel)
     req = Request(args.height, args.width, args.steps, args.solver, args.guidance, args.seed, args.label, args.batch,
                   solver_options={"spacing": args.spacing} if args.spacing else {})
     try:
         runtime = Runtime(args.model, parallel, device=args.device, weights=args.weights, dtype=args.dtype,
-                          cuda_graphs=args.cuda_graphs, kernels=args.kernels)
+                          cuda_graphs=args.cuda_graphs, kernels=args.kernels,
+                          startup_timeout=args.startup_timeout, exchange_timeout=args.exchange_timeout)
+        if args.weights is not None:
+            check_finite_weights(runtime.model, args.weights)
         runtime.check(req)
         reference = rep.load_png(args.reference) if args.reference is not None else None
     except (RequestError, ModelError, GeometryError, CheckError) as e:
@@ -127,7 +147,8 @@ def run(args) -> int:
         print(f"parafuse.generate: note: model {args.model!r} is untrained (random weights, for benchmarks): "
               f"its images are noise, its timings real", file=sys.stderr)
     result = runtime.generate(req, progress=not args.no_progress)
-    ranks = runtime.gather_rank_stats(result)
+    with runtime.watchdog.guard("gathering rank statistics") if runtime.watchdog else nullcontext():
+        ranks = runtime.gather_rank_stats(result)
     comparison = None
     if args.compare_serial and runtime.layout.rank == 0:
         serial = Runtime(load_model(args.model, args.weights), ParallelConfig(), device=args.device,
@@ -136,7 +157,9 @@ def run(args) -> int:
     elif reference is not None and runtime.layout.rank == 0:
         comparison = rep.compare(result.image[0], reference, args.reference)
     if runtime.layout.world_size > 1:
-        torch.distributed.barrier()      # the others wait while rank 0 runs the serial reference
+        # the others wait while rank 0 runs the serial reference: no deadline here (its length is the
+        # serial run's); a rank that dies meanwhile still ends the job through torchrun
+        torch.distributed.barrier()
     if runtime.layout.rank == 0:
         # every output rendered first, then all written and renamed together
         files = {path: rep.png_bytes(image) for image, path in zip(result.image, output_paths(args.out, args.batch))}
@@ -154,16 +177,24 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    from parafuse.parallel.distributed import run_guarded
+    from parafuse.health import NonFiniteError
+    from parafuse.parallel.distributed import launched_by_torchrun, run_guarded
+    from parafuse.watchdog import catch_interrupts
 
+    rank = int(os.environ.get("RANK", 0))
+    if launched_by_torchrun():      # before any thread starts: the exchange threads inherit the mask
+        catch_interrupts(rank, "parafuse.generate")
     args = parse_args(argv)
     try:
-        code = run_guarded(run, args, user_errors=(ValueError,))
-    except ValueError as e:
+        code = run_guarded(run, args, user_errors=(ValueError, NonFiniteError))
+    except (ValueError, NonFiniteError) as e:
         # the same message on every rank: only rank 0 prints it
-        if int(os.environ.get("RANK", 0)) == 0:
+        if rank == 0:
             print(f"parafuse.generate: error: {e}", file=sys.stderr)
-        code = 2
+        code = 1 if isinstance(e, NonFiniteError) else 2
+    except KeyboardInterrupt:
+        print("parafuse.generate: interrupted", file=sys.stderr)
+        code = 130
     _shutdown()
     return code
 

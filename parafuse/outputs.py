@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import signal
 
+from parafuse.watchdog import no_exit
+
 
 def temp_name(path: str) -> str:
     """`path` with a suffix of at most `checks.TEMP_SUFFIX_LEN` characters, unique to this process."""
@@ -42,7 +44,7 @@ def commit(files: dict[str, bytes]) -> None:
             written.append(tmp)
             with open(tmp, "wb") as f:
                 f.write(data)
-        with signals_held():
+        with no_exit(), signals_held():
             for path in files:
                 os.replace(temp_name(path), path)
             written = []

@@ -11,6 +11,7 @@ import importlib.util
 import os
 import resource
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +19,8 @@ import torch.nn as nn
 
 from parafuse.checks import check_device, check_fits, check_numbers, check_parallel_settings, check_schedule, strip_geometry
 from parafuse.graphs import GraphedEvaluations
+from parafuse.health import FiniteWatch
+from parafuse import watchdog
 from parafuse.models import ModelSpec, load_model
 from parafuse.parallel.adapter import BUILTIN
 from parafuse.parallel.distributed import ParallelLayout, init_distributed, launched_by_torchrun, pick_device
@@ -125,7 +128,8 @@ class Runtime:
     def __init__(self, model: str | nn.Module = "default", parallel: ParallelConfig = ParallelConfig(),
                  device: str | None = None, weights: str | None = None, layout: ParallelLayout | None = None,
                  transport: Transport | None = None, dtype: str | torch.dtype | None = None,
-                 cuda_graphs: bool = False, kernels: str = "torch"):
+                 cuda_graphs: bool = False, kernels: str = "torch", startup_timeout: float = 600.0,
+                 exchange_timeout: float = 300.0):
         self.parallel = parallel
         check_device(device)
         self.device = pick_device(device)
@@ -136,7 +140,7 @@ class Runtime:
         self.kernels = check_kernels(kernels, self.device)
         if layout is None:
             if launched_by_torchrun():
-                rank, world = init_distributed(self.device)
+                rank, world = init_distributed(self.device, startup_timeout)
             else:
                 rank, world = 0, 1
             layout = ParallelLayout(rank, world, 2 if parallel.cfg_parallel else 1)
@@ -154,6 +158,9 @@ class Runtime:
             groups = [list(range(b * layout.patch_degree, (b + 1) * layout.patch_degree))
                       for b in range(layout.cfg_degree)]
             self.transport = TorchTransport(layout.rank, layout.world_size, groups)
+        # host deadlines on every exchange of a torch.distributed run (parafuse.watchdog)
+        self.watchdog = (watchdog.start(layout.rank, layout.world_size, startup_timeout, exchange_timeout)
+                         if isinstance(self.transport, TorchTransport) else None)
         self.engine = None
         if layout.patch_degree > 1:
             self.engine = ExchangeEngine(self.transport, layout.patch_ranks, parallel.mode, parallel.halo_portion,
@@ -290,8 +297,13 @@ class Runtime:
             from tqdm import tqdm
             bar = tqdm(total=solver.num_evals, desc=f"denoising {req.height}x{req.width}", unit="step")
         clock = StepClock(self.device)
+        watch = FiniteWatch(self.transport, lay.rank, lay.world_size, self.device, solver.num_evals,
+                            solver.evals_per_step)
 
         def before(k):
+            watch.begin(k)
+            if self.watchdog is not None:
+                self.watchdog.progress()
             if self.engine is not None:     # warmup counts steps, not model evaluations (2S takes two)
                 self.engine.begin_step(k // solver.evals_per_step)
             clock.start()
@@ -302,12 +314,16 @@ class Runtime:
                 bar.update(1)
 
         start = time.perf_counter()
-        x = denoise(self._model_fn(req), x, solver, reduce, before, after)
-        state_bytes = self.engine.state_bytes() if self.engine is not None else 0
-        if self.engine is not None:
-            self.engine.drain()
-            if lay.branch == 0:     # both CFG branches hold the same strips; one gather suffices
-                x = self.engine.gather_rows(x, 2, geometry.rows, dst=0)
+        guard = (self.watchdog.guard(f"denoising {req.width}x{req.height}", self.parallel.warmup_steps + 3)
+                 if self.watchdog is not None else nullcontext())
+        with guard:
+            x = denoise(watch.wrap(self._model_fn(req)), x, solver, reduce, before, after)
+            watch.finish(x)         # every rank raises the same NonFiniteError before anything is gathered
+            state_bytes = self.engine.state_bytes() if self.engine is not None else 0
+            if self.engine is not None:
+                self.engine.drain()
+                if lay.branch == 0:     # both CFG branches hold the same strips; one gather suffices
+                    x = self.engine.gather_rows(x, 2, geometry.rows, dst=0)
         step_seconds = clock.seconds()        # waits for the device once, at the end
         total = time.perf_counter() - start
         if bar is not None:
