@@ -32,8 +32,7 @@ def check_numbers(req) -> None:
     """Steps, batch, seed and guidance: plain range checks, before anything is built from them."""
     if req.steps > MAX_STEPS:
         raise CheckError(f"steps must be at most {MAX_STEPS}, got {req.steps}")
-    if req.batch > MAX_BATCH:
-        raise CheckError(f"batch must be at most {MAX_BATCH}, got {req.batch}: run several requests")
+    check_batch(req.batch)
     if not 0 <= req.seed <= MAX_SEED:
         raise CheckError(f"seed must be an integer in [0, 2^64 - 1], got {req.seed}")
     if not math.isfinite(req.guidance):
@@ -41,6 +40,11 @@ def check_numbers(req) -> None:
     if req.guidance > MAX_GUIDANCE:
         raise CheckError(f"guidance {req.guidance:g} is above {MAX_GUIDANCE:g}: the guided prediction would "
                          f"overflow; classifier-free guidance is used at 1 to 20")
+
+
+def check_batch(batch: int) -> None:
+    if batch > MAX_BATCH:
+        raise CheckError(f"batch must be at most {MAX_BATCH}, got {batch}: run several requests")
 
 
 def check_parallel_settings(mode: str, halo_portion: float, norm_mode: str | None) -> None:
@@ -179,7 +183,6 @@ def check_fits(runtime, req, geometry) -> None:
         return
     fixed = need["weights"]
     scaling = need["total"] - fixed            # every other part shrinks with the strip or the image
-    gib = 1 << 30
     hint = "a smaller model"
     if fixed < have:
         share = (have - fixed) / scaling
@@ -189,10 +192,14 @@ def check_fits(runtime, req, geometry) -> None:
         ranks = math.ceil(n / share)
         hint = (f"about {ranks} ranks, or an image of at most {w}x{h} px" if req.batch == 1 else
                 f"about {ranks} ranks, or a batch of at most {max(1, int(req.batch * share))}")
-    raise CheckError(f"{req.width}x{req.height} px (batch {req.batch}) needs at least {need['total'] / gib:.1f} GiB "
-                     f"per rank on {runtime.layout.patch_degree} rank(s) ({need['activations'] / gib:.1f} GiB "
-                     f"activations, {need['weights'] / gib:.1f} GiB weights), but {have / gib:.1f} GiB is available "
-                     f"on {runtime.device}: use {hint}")
+    raise CheckError(f"{req.width}x{req.height} px (batch {req.batch}) needs at least {_size(need['total'])} per rank "
+                     f"on {runtime.layout.patch_degree} rank(s) ({_size(need['activations'])} activations, "
+                     f"{_size(need['weights'])} weights), but {_size(have)} is available on {runtime.device}: "
+                     f"use {hint}")
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
 
 
 # ---- files and devices (CLI) -------------------------------------------------------------------

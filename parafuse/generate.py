@@ -95,6 +95,7 @@ def check_args(args) -> None:
     if args.reference is not None:
         checks.check_reference(args.reference, args.height, args.width)
     checks.check_image_name(args.out)
+    checks.check_batch(args.batch)          # before one name per image is checked
     outputs = {f"--out (image {i})" if args.batch > 1 else "--out": p
                for i, p in enumerate(output_paths(args.out, max(1, args.batch)))}
     if args.report:
