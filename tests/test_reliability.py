@@ -158,6 +158,49 @@ def test_stopped_rank_ends_the_job_naming_it(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+class FakeStore:
+    """torchrun's store as the watchdog uses it; rank 1's heartbeat is frozen or alive at step 2."""
+
+    def __init__(self, peer_alive: bool):
+        self.data, self.peer_alive, self.reads = {}, peer_alive, 0
+
+    def set(self, key, value):
+        self.data[key] = value
+
+    def check(self, keys):
+        return True
+
+    def get(self, key):
+        if key.endswith("/0"):
+            return self.data[key].encode()
+        self.reads += 1
+        beat = self.reads if self.peer_alive else 7
+        return f"{beat} 2 otherhost 1".encode()
+
+
+@pytest.mark.parametrize("peer_alive, named", [(False, "rank 1 stopped answering"),
+                                               (True, "rank 1 is alive but stuck after 2 steps")])
+def test_watchdog_names_the_rank(monkeypatch, peer_alive, named):
+    """The deadline fires only inside a guard, after no progress; it names the peer from its heartbeat."""
+    from parafuse import watchdog
+    fired = threading.Event()
+    messages = []
+    monkeypatch.setattr(watchdog, "HEARTBEAT_SECONDS", 0.05)
+    monkeypatch.setattr(watchdog, "exit_now", lambda code, msg=None: (messages.append((code, msg)), fired.set()))
+    dog = watchdog.Watchdog(0, 2, startup_timeout=0.3, exchange_timeout=0.3, store=FakeStore(peer_alive))
+    try:
+        time.sleep(0.6)
+        assert not fired.is_set()                        # no guard: nothing is watched
+        with dog.guard("denoising 32x32", startup_steps=1):
+            for _ in range(3):
+                dog.progress()
+            assert fired.wait(10)
+    finally:
+        dog.close()
+    code, msg = messages[0]
+    assert code == watchdog.EXIT_FAILED and "rank 0: no progress for" in msg and named in msg, msg
+
+
 # ---- 3. outputs committed together -----------------------------------------------------------
 def test_colliding_outputs_are_refused(tmp_path, capsys):
     bad(tmp_path, capsys, "--report", str(tmp_path / "x.png"), match="--out and --report are the same file")
