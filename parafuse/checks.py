@@ -176,26 +176,20 @@ def estimate_memory(runtime, req, geometry) -> dict:
 
 def check_fits(runtime, req, geometry) -> None:
     """Refuse a request whose lower memory estimate exceeds what this rank has, saying how many
-    ranks or how small an image would fit."""
+    ranks or how small an image would fit. The weights are already loaded when this runs, so the
+    free memory is compared with the rest, which all shrinks with the strip or the image."""
     need = estimate_memory(runtime, req, geometry)
     have = available_memory(runtime.device)
-    if need["total"] <= have:
+    more = need["total"] - need["weights"]
+    if more <= have:
         return
-    fixed = need["weights"]
-    scaling = need["total"] - fixed            # every other part shrinks with the strip or the image
-    hint = "a smaller model"
-    if fixed < have:
-        share = (have - fixed) / scaling
-        n = runtime.layout.patch_degree
-        f = runtime.spec.pixel_factor
-        w, h = (max(f, int(math.sqrt(share) * side) // f * f) for side in (req.width, req.height))
-        ranks = math.ceil(n / share)
-        hint = (f"about {ranks} ranks, or an image of at most {w}x{h} px" if req.batch == 1 else
-                f"about {ranks} ranks, or a batch of at most {max(1, int(req.batch * share))}")
-    raise CheckError(f"{req.width}x{req.height} px (batch {req.batch}) needs at least {_size(need['total'])} per rank "
-                     f"on {runtime.layout.patch_degree} rank(s) ({_size(need['activations'])} activations, "
-                     f"{_size(need['weights'])} weights), but {_size(have)} is available on {runtime.device}: "
-                     f"use {hint}")
+    share = have / more
+    n, f = runtime.layout.patch_degree, runtime.spec.pixel_factor
+    w, h = (max(f, int(math.sqrt(share) * side) // f * f) for side in (req.width, req.height))
+    hint = (f"an image of at most {w}x{h} px" if req.batch == 1 else f"a batch of at most {max(1, int(req.batch * share))}")
+    raise CheckError(f"{req.width}x{req.height} px (batch {req.batch}) needs at least {_size(more)} per rank on {n} "
+                     f"rank(s) besides the weights ({_size(need['activations'])} of it activations), but {_size(have)} "
+                     f"is free on {runtime.device}: use about {math.ceil(n / share)} ranks, or {hint}")
 
 
 def _size(nbytes: float) -> str:

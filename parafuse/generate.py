@@ -201,6 +201,9 @@ def main(argv=None) -> int:
 
 
 def _shutdown() -> None:
+    from parafuse import watchdog
+    if watchdog.current() is not None:
+        watchdog.current().close()      # its thread must not be inside a store call at exit
     try:
         import gc
 

@@ -91,7 +91,13 @@ class Watchdog:
             self._startup_left -= 1
 
     def close(self) -> None:
+        """Stop the thread (it finishes any store call it is in)."""
+        global _current
         self._stop.set()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5)
+        if _current is self:
+            _current = None
 
     # ---- the watchdog thread -------------------------------------------------------------------
     def _key(self, rank: int) -> str:
