@@ -120,11 +120,11 @@ def run(args) -> int:
 
     from parafuse import report as rep
     from parafuse.checks import CheckError
-    from parafuse.outputs import commit
     from parafuse.models import ModelError, load_model
+    from parafuse.outputs import commit
     from parafuse.parallel.distributed import ParallelLayout
     from parafuse.parallel.geometry import GeometryError
-    from parafuse.runtime import ParallelConfig, Request, RequestError, Runtime
+    from parafuse.runtime import ParallelConfig, Request, Runtime
 
     check_args(args)
     for name in ("startup_timeout", "exchange_timeout"):
@@ -141,7 +141,7 @@ def run(args) -> int:
             check_finite_weights(runtime.model, args.weights)
         runtime.check(req)
         reference = rep.load_png(args.reference) if args.reference is not None else None
-    except (RequestError, ModelError, GeometryError, CheckError) as e:
+    except (ModelError, GeometryError, CheckError) as e:
         raise ValueError(str(e)) from None
 
     if runtime.spec.untrained and runtime.layout.rank == 0:

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from parafuse.checks import check_device, check_fits, check_numbers, check_parallel_settings, check_schedule, strip_geometry
+from parafuse import watchdog
+from parafuse.checks import (CheckError, check_device, check_fits, check_numbers, check_parallel_settings,
+                             check_schedule, strip_geometry)
 from parafuse.graphs import GraphedEvaluations
 from parafuse.health import FiniteWatch
-from parafuse import watchdog
 from parafuse.models import ModelSpec, load_model
 from parafuse.parallel.adapter import BUILTIN
 from parafuse.parallel.distributed import ParallelLayout, init_distributed, launched_by_torchrun, pick_device
@@ -35,8 +36,7 @@ from parafuse.sampling import denoise, guided
 from parafuse.solvers import SOLVERS, LocalReduce, cfg, make_schedule, make_solver
 
 
-class RequestError(ValueError):
-    """A generation request that cannot run; the message says what to change."""
+RequestError = CheckError    # a request that cannot run; one type for every refusal (parafuse.checks)
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
