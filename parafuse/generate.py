@@ -17,8 +17,17 @@ from parafuse.parallel.engine import MODES, NORM_MODES
 from parafuse.solvers import SOLVERS
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """Under torchrun every rank parses the same arguments: only rank 0 says what is wrong."""
+        if int(os.environ.get("RANK", 0)) == 0:
+            self.print_usage(sys.stderr)
+            print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="parafuse.generate", description=__doc__.split("\n\n")[0],
+    p = _Parser(prog="parafuse.generate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="default", help=f"built-in model: {', '.join(MODELS)}")
     p.add_argument("--weights", default=None, help="safetensors file overriding the model's own weights")
@@ -180,7 +189,7 @@ def run(args) -> int:
 def main(argv=None) -> int:
     from parafuse.health import NonFiniteError
     from parafuse.parallel.distributed import launched_by_torchrun, run_guarded
-    from parafuse.watchdog import catch_interrupts
+    from parafuse.watchdog import catch_interrupts, close_progress_bars
 
     rank = int(os.environ.get("RANK", 0))
     if launched_by_torchrun():      # before any thread starts: the exchange threads inherit the mask
@@ -190,10 +199,12 @@ def main(argv=None) -> int:
         code = run_guarded(run, args, user_errors=(ValueError, NonFiniteError))
     except (ValueError, NonFiniteError) as e:
         # the same message on every rank: only rank 0 prints it
+        close_progress_bars()
         if rank == 0:
             print(f"parafuse.generate: error: {e}", file=sys.stderr)
         code = 1 if isinstance(e, NonFiniteError) else 2
     except KeyboardInterrupt:
+        close_progress_bars()
         print("parafuse.generate: interrupted", file=sys.stderr)
         code = 130
     _shutdown()

@@ -33,9 +33,20 @@ HEARTBEAT_SECONDS = 1.0
 _exit_lock = threading.RLock()     # held while outputs are renamed: an exit waits for the commit
 
 
+def close_progress_bars() -> None:
+    """End a progress bar's line, so that a message after it starts a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        try:
+            bar.close()
+        except Exception:
+            pass
+
+
 def exit_now(code: int, message: str | None = None) -> None:
     """Print `message` (one line) and end the process at once, never in the middle of a commit."""
     with _exit_lock:
+        close_progress_bars()
         if message:
             print(message, file=sys.stderr, flush=True)
         sys.stdout.flush()

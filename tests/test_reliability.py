@@ -218,6 +218,24 @@ def test_commit_writes_all_or_nothing(tmp_path):
     assert len(os.path.basename(temp_name(good))) - len("a.png") <= checks.TEMP_SUFFIX_LEN
 
 
+def test_interrupted_batch_writes_nothing(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "kernels")]), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "parafuse.generate", *steps_running(tmp_path / "b.png"),
+                             "--batch", "2"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    err = Stderr(proc)
+    try:
+        err.wait_for(r"\| *[1-9]\d*/5000")
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err.thread.join(5)
+    assert proc.returncode == 130
+    assert err.text.rstrip().splitlines()[-1] == "parafuse.generate: interrupted" and "Traceback" not in err.text
+    assert not list(tmp_path.iterdir())
+
+
 def test_interrupted_batch_under_torchrun_writes_nothing(tmp_path):
     proc = torchrun(2, *steps_running(tmp_path / "b.png"), "--batch", "2")
     err = Stderr(proc)
