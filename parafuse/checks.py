@@ -80,8 +80,9 @@ def check_schedule(runtime, req) -> None:
     if k is None:
         return
     spacing = req.solver_options.get("spacing") or "the default"
-    fits = next((n for n in range(req.steps - 1, 0, -1)
-                 if _repeats(runtime.make_solver(_with_steps(req, n))) is None), 1)
+    # a grid of integer timesteps holds at most num_train_timesteps distinct ones: search below that
+    start = min(req.steps - 1, getattr(solver.schedule, "num_train_timesteps", req.steps - 1))
+    fits = next((n for n in range(start, 0, -1) if _repeats(runtime.make_solver(_with_steps(req, n))) is None), 1)
     raise CheckError(f"--steps {req.steps} with {spacing} spacing repeats a timestep at step {k + 1} (model "
                      f"{runtime.spec.name!r} has {runtime.spec.schedule.get('num_train_timesteps', 1000)} training "
                      f"timesteps): use --steps {fits} or fewer, or --spacing karras")
