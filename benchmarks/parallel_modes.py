@@ -80,7 +80,7 @@ def main() -> None:
             pts = [r for r in rows if r["model"] == model and r["mode"] == mode]
             if pts:
                 axes[0].plot([r["ranks"] for r in pts], [r["bytes_per_step_per_rank"] / 1e6 for r in pts], "o-", label=f"{model} {mode}")
-                axes[1].plot([r["ranks"] for r in pts], [min(r["psnr_db"], 99) for r in pts], "o-", label=f"{model} {mode}")
+                axes[1].plot([r["ranks"] for r in pts], [99 if r["psnr_db"] is None else min(r["psnr_db"], 99) for r in pts], "o-", label=f"{model} {mode}")
     axes[0].set(xlabel="ranks", ylabel="MB sent per step per rank", title="communication")
     axes[1].set(xlabel="ranks", ylabel="PSNR vs serial (dB, capped at 99)", title="quality")
     axes[1].legend(fontsize=7)

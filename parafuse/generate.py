@@ -17,8 +17,17 @@ from parafuse.parallel.engine import MODES, NORM_MODES
 from parafuse.solvers import SOLVERS
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """Under torchrun every rank parses the same arguments: only rank 0 says what is wrong."""
+        if int(os.environ.get("RANK", 0)) == 0:
+            self.print_usage(sys.stderr)
+            print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="parafuse.generate", description=__doc__.split("\n\n")[0],
+    p = _Parser(prog="parafuse.generate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="default", help=f"built-in model: {', '.join(MODELS)}")
     p.add_argument("--weights", default=None, help="safetensors file overriding the model's own weights")
@@ -61,6 +70,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
                    help="compute dtype of the model, halos and K/V (default: bf16 on CUDA, fp32 on CPU); "
                         "statistics and the solver stay float32")
+    p.add_argument("--startup-timeout", type=float, default=600.0,
+                   help="seconds a rank may wait for the others while starting (process group, first steps)")
+    p.add_argument("--exchange-timeout", type=float, default=300.0,
+                   help="seconds a rank may wait for a neighbour during denoising before the job stops, "
+                        "naming the rank that stopped answering")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -85,48 +99,72 @@ def check_writable(path: str, overwrite: bool) -> None:
 
 
 def check_args(args) -> None:
-    """Checks of files and paths; the model, solver and parallel settings are checked by the
-    runtime (ParallelConfig, Runtime.check), before any denoising."""
+    """Checks of files, paths and the device; the model, solver and parallel settings are checked
+    by the runtime (ParallelConfig, Runtime.check), before any denoising."""
+    from parafuse import checks
+
+    checks.check_device(args.device)
     if args.weights is not None and not os.path.isfile(args.weights):
         raise ValueError(f"weights file {args.weights!r} does not exist")
-    if args.reference is not None and not os.path.isfile(args.reference):
-        raise ValueError(f"reference image {args.reference!r} does not exist")
-    for path in output_paths(args.out, max(1, args.batch)) + ([args.report] if args.report else []):
+    if args.reference is not None:
+        checks.check_reference(args.reference, args.height, args.width)
+    checks.check_image_name(args.out)
+    checks.check_batch(args.batch)          # before one name per image is checked
+    outputs = {f"--out (image {i})" if args.batch > 1 else "--out": p
+               for i, p in enumerate(output_paths(args.out, max(1, args.batch)))}
+    if args.report:
+        checks.check_output_name(args.report, "--report")
+        outputs["--report"] = args.report
+    checks.check_distinct(outputs)
+    for path in outputs.values():
         check_writable(path, args.overwrite)
 
 
+def check_finite_weights(model, path: str) -> None:
+    import torch
+    bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    if bad is not None:
+        raise ValueError(f"weights file {path!r} holds NaN or infinite values (first in {bad}): it cannot denoise")
+
+
 def run(args) -> int:
+    from contextlib import nullcontext
+
     import torch
 
     from parafuse import report as rep
+    from parafuse.checks import CheckError
     from parafuse.models import ModelError, load_model
+    from parafuse.outputs import commit
     from parafuse.parallel.distributed import ParallelLayout
     from parafuse.parallel.geometry import GeometryError
-    from parafuse.runtime import ParallelConfig, Request, RequestError, Runtime
+    from parafuse.runtime import ParallelConfig, Request, Runtime
 
     check_args(args)
+    for name in ("startup_timeout", "exchange_timeout"):
+        if not 0 < getattr(args, name) < float("inf"):
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive number of seconds, got {getattr(args, name)}")
     parallel = ParallelConfig(args.mode, args.warmup_steps, args.halo_portion, args.norm, args.cfg_parallel)
     req = Request(args.height, args.width, args.steps, args.solver, args.guidance, args.seed, args.label, args.batch,
                   solver_options={"spacing": args.spacing} if args.spacing else {})
     try:
         runtime = Runtime(args.model, parallel, device=args.device, weights=args.weights, dtype=args.dtype,
                           cuda_graphs=args.cuda_graphs, kernels=args.kernels,
-                          attention_backend=args.attention_backend)
+                          attention_backend=args.attention_backend,
+                          startup_timeout=args.startup_timeout, exchange_timeout=args.exchange_timeout)
+        if args.weights is not None:
+            check_finite_weights(runtime.model, args.weights)
         runtime.check(req)
-        reference = None
-        if args.reference is not None:
-            reference = rep.load_png(args.reference)
-            if tuple(reference.shape[-2:]) != (args.height, args.width):
-                raise RequestError(f"reference {args.reference!r} is {reference.shape[-1]}x{reference.shape[-2]}, "
-                                   f"the output {args.width}x{args.height}")
-    except (RequestError, ModelError, GeometryError) as e:
+        reference = rep.load_png(args.reference) if args.reference is not None else None
+    except (ModelError, GeometryError, CheckError) as e:
         raise ValueError(str(e)) from None
 
     if runtime.spec.untrained and runtime.layout.rank == 0:
         print(f"parafuse.generate: note: model {args.model!r} is untrained (random weights, for benchmarks): "
               f"its images are noise, its timings real", file=sys.stderr)
     result = runtime.generate(req, progress=not args.no_progress)
-    ranks = runtime.gather_rank_stats(result)
+    with runtime.watchdog.guard("gathering rank statistics") if runtime.watchdog else nullcontext():
+        ranks = runtime.gather_rank_stats(result)
     comparison = None
     if args.compare_serial and runtime.layout.rank == 0:
         serial = Runtime(load_model(args.model, args.weights), ParallelConfig(), device=args.device,
@@ -135,13 +173,19 @@ def run(args) -> int:
     elif reference is not None and runtime.layout.rank == 0:
         comparison = rep.compare(result.image[0], reference, args.reference)
     if runtime.layout.world_size > 1:
-        torch.distributed.barrier()      # the others wait while rank 0 runs the serial reference
+        # the others wait while rank 0 runs the serial reference: no deadline here (its length is the
+        # serial run's); a rank that dies meanwhile still ends the job through torchrun
+        torch.distributed.barrier()
     if runtime.layout.rank == 0:
-        for image, path in zip(result.image, output_paths(args.out, args.batch)):
-            rep.save_png_atomic(image, path)
+        # every output rendered first, then all written and renamed together
+        files = {path: rep.png_bytes(image) for image, path in zip(result.image, output_paths(args.out, args.batch))}
         if args.report:
-            rep.write_json_atomic(args.report, rep.build_report(runtime, req, result, ranks, comparison))
-        psnr = f", PSNR vs {comparison['reference']} {comparison['psnr_db']:.2f} dB" if comparison else ""
+            files[args.report] = rep.json_bytes(rep.build_report(runtime, req, result, ranks, comparison))
+        commit(files)
+        psnr = ""
+        if comparison:
+            db = "identical" if comparison["psnr_db"] is None else f"{comparison['psnr_db']:.2f} dB"
+            psnr = f", PSNR vs {comparison['reference']} {db}"
         print(f"wrote {', '.join(output_paths(args.out, args.batch))} "
               f"({result.timing['total_seconds']:.2f} s denoising on {runtime.layout.world_size} rank(s){psnr})")
     runtime.close()
@@ -149,21 +193,34 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    from parafuse.parallel.distributed import run_guarded
+    from parafuse.health import NonFiniteError
+    from parafuse.parallel.distributed import launched_by_torchrun, run_guarded
+    from parafuse.watchdog import catch_interrupts, close_progress_bars
 
+    rank = int(os.environ.get("RANK", 0))
+    if launched_by_torchrun():      # before any thread starts: the exchange threads inherit the mask
+        catch_interrupts(rank, "parafuse.generate")
     args = parse_args(argv)
     try:
-        code = run_guarded(run, args, user_errors=(ValueError,))
-    except ValueError as e:
+        code = run_guarded(run, args, user_errors=(ValueError, NonFiniteError))
+    except (ValueError, NonFiniteError) as e:
         # the same message on every rank: only rank 0 prints it
-        if int(os.environ.get("RANK", 0)) == 0:
+        close_progress_bars()
+        if rank == 0:
             print(f"parafuse.generate: error: {e}", file=sys.stderr)
-        code = 2
+        code = 1 if isinstance(e, NonFiniteError) else 2
+    except KeyboardInterrupt:
+        close_progress_bars()
+        print("parafuse.generate: interrupted", file=sys.stderr)
+        code = 130
     _shutdown()
     return code
 
 
 def _shutdown() -> None:
+    from parafuse import watchdog
+    if watchdog.current() is not None:
+        watchdog.current().close()      # its thread must not be inside a store call at exit
     try:
         import gc
 

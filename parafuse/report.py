@@ -10,13 +10,16 @@ import torch
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of two images in [-1, 1], measured on the [0, 1] scale."""
+    """PSNR in dB of two images in [-1, 1], measured on the [0, 1] scale (inf when identical)."""
     mse = ((a.float() - b.float()) / 2).pow(2).mean().item()
     return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
 def compare(image: torch.Tensor, reference: torch.Tensor, name: str) -> dict:
-    return {"reference": name, "psnr_db": psnr(image, reference),
+    """PSNR and max abs difference; identical images have no finite PSNR: psnr_db is then null
+    (strict JSON has no Infinity) and `identical` says why."""
+    db = psnr(image, reference)
+    return {"reference": name, "psnr_db": db if math.isfinite(db) else None, "identical": not math.isfinite(db),
             "max_abs_diff": ((image.float() - reference.float()) / 2).abs().max().item()}
 
 
@@ -57,29 +60,32 @@ def build_report(runtime, req, result, ranks: list[dict], comparison: dict | Non
     }
 
 
+def json_bytes(data: dict) -> bytes:
+    """Strict JSON: a NaN or Infinity raises instead of writing what parsers reject."""
+    return json.dumps(data, indent=2, allow_nan=False).encode()
+
+
+def png_bytes(image: torch.Tensor) -> bytes:
+    """[3, H, W] in [-1, 1] as an 8-bit PNG."""
+    import io
+
+    from PIL import Image
+
+    arr = ((image.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def write_json_atomic(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    from parafuse.outputs import commit
+    commit({path: json_bytes(data)})
 
 
 def save_png_atomic(image: torch.Tensor, path: str) -> None:
     """Save [3, H, W] in [-1, 1] as an 8-bit PNG via a temporary file and a rename."""
-    from PIL import Image
-
-    arr = ((image.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    try:
-        Image.fromarray(arr).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    from parafuse.outputs import commit
+    commit({path: png_bytes(image)})
 
 
 def load_png(path: str) -> torch.Tensor:

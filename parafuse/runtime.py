@@ -11,13 +11,17 @@ import importlib.util
 import os
 import resource
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
-from parafuse import attention
+from parafuse import attention, watchdog
+from parafuse.checks import (CheckError, check_device, check_fits, check_numbers, check_parallel_settings,
+                             check_schedule, strip_geometry)
 from parafuse.graphs import GraphedEvaluations
+from parafuse.health import FiniteWatch
 from parafuse.models import ModelSpec, load_model
 from parafuse.parallel.adapter import BUILTIN
 from parafuse.parallel.distributed import ParallelLayout, init_distributed, launched_by_torchrun, pick_device
@@ -32,8 +36,7 @@ from parafuse.sampling import denoise, guided
 from parafuse.solvers import SOLVERS, LocalReduce, cfg, make_schedule, make_solver
 
 
-class RequestError(ValueError):
-    """A generation request that cannot run; the message says what to change."""
+RequestError = CheckError    # a request that cannot run; one type for every refusal (parafuse.checks)
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -81,6 +84,7 @@ class ParallelConfig:
 
     def __post_init__(self):
         check_settings(self.mode, self.halo_portion, self.warmup_steps, self.norm_mode)
+        check_parallel_settings(self.mode, self.halo_portion, self.norm_mode)
 
 
 @dataclass(frozen=True)
@@ -126,13 +130,13 @@ class Runtime:
     def __init__(self, model: str | nn.Module = "default", parallel: ParallelConfig = ParallelConfig(),
                  device: str | None = None, weights: str | None = None, layout: ParallelLayout | None = None,
                  transport: Transport | None = None, dtype: str | torch.dtype | None = None,
-                 cuda_graphs: bool = False, kernels: str = "torch", attention_backend: str | None = None):
+                 cuda_graphs: bool = False, kernels: str = "torch", attention_backend: str | None = None,
+                 startup_timeout: float = 600.0, exchange_timeout: float = 300.0):
         self.parallel = parallel
         if cuda_graphs and isinstance(transport, ThreadTransport):
             raise RequestError("--cuda-graphs cannot capture emulated ranks (threads sharing one GPU): a graph "
                                "cannot wait on another thread's capture; run the emulator eagerly")
-        if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
-            raise RequestError(f"device {device!r} asked for, but this machine has no CUDA device; use --device cpu")
+        check_device(device)
         self.device = pick_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         if cuda_graphs and self.device.type != "cuda":
@@ -145,7 +149,7 @@ class Runtime:
             raise RequestError(str(e)) from None
         if layout is None:
             if launched_by_torchrun():
-                rank, world = init_distributed(self.device)
+                rank, world = init_distributed(self.device, startup_timeout)
             else:
                 rank, world = 0, 1
             layout = ParallelLayout(rank, world, 2 if parallel.cfg_parallel else 1)
@@ -163,6 +167,9 @@ class Runtime:
             groups = [list(range(b * layout.patch_degree, (b + 1) * layout.patch_degree))
                       for b in range(layout.cfg_degree)]
             self.transport = TorchTransport(layout.rank, layout.world_size, groups)
+        # host deadlines on every exchange of a torch.distributed run (parafuse.watchdog)
+        self.watchdog = (watchdog.start(layout.rank, layout.world_size, startup_timeout, exchange_timeout)
+                         if isinstance(self.transport, TorchTransport) else None)
         self.engine = None
         if layout.patch_degree > 1:
             self.engine = ExchangeEngine(self.transport, layout.patch_ranks, parallel.mode, parallel.halo_portion,
@@ -177,6 +184,7 @@ class Runtime:
     def check(self, req: Request) -> StripGeometry:
         spec = self.spec
         f = spec.pixel_factor
+        check_numbers(req)
         if req.height <= 0 or req.width <= 0 or req.height % f or req.width % f:
             raise RequestError(f"height and width must be positive multiples of {f} for model {spec.name!r} "
                                f"(got {req.height}x{req.width}); try {max(f, round(req.height / f) * f)}x"
@@ -200,9 +208,9 @@ class Runtime:
         if spec.context_dim and req.context is not None and req.context.shape[-1] != spec.context_dim:
             raise RequestError(f"context must be [1, L, {spec.context_dim}] for model {spec.name!r}, "
                                f"got {tuple(req.context.shape)}")
-        geometry = StripGeometry(req.height // spec.codec_factor, req.width // spec.codec_factor,
-                                 self.layout.patch_degree, spec.downsample_factor)
-        self.profile.check_strips(geometry)
+        geometry = strip_geometry(self, req)
+        check_schedule(self, req)
+        check_fits(self, req, geometry)
         return geometry
 
     def make_solver(self, req: Request):
@@ -318,8 +326,12 @@ class Runtime:
             from tqdm import tqdm
             bar = tqdm(total=solver.num_evals, desc=f"denoising {req.height}x{req.width}", unit="step")
         clock = StepClock(self.device)
+        watch = FiniteWatch(self.transport, lay.rank, lay.world_size, self.device, solver.num_evals)
 
         def before(k):
+            watch.begin(k)
+            if self.watchdog is not None:
+                self.watchdog.progress()
             if self.engine is not None:     # a step is one model evaluation, for every solver
                 self.engine.begin_step(k)
             clock.start()
@@ -330,12 +342,16 @@ class Runtime:
                 bar.update(1)
 
         start = time.perf_counter()
-        x = denoise(self._model_fn(req), x, solver, reduce, before, after)
-        state_bytes = self.engine.state_bytes() if self.engine is not None else 0
-        if self.engine is not None:
-            self.engine.drain()
-            if lay.branch == 0:     # both CFG branches hold the same strips; one gather suffices
-                x = self.engine.gather_rows(x, 2, geometry.rows, dst=0)
+        guard = (self.watchdog.guard(f"denoising {req.width}x{req.height}", self.parallel.warmup_steps + 3)
+                 if self.watchdog is not None else nullcontext())
+        with guard:
+            x = denoise(watch.wrap(self._model_fn(req)), x, solver, reduce, before, after)
+            watch.finish(x)         # every rank raises the same NonFiniteError before anything is gathered
+            state_bytes = self.engine.state_bytes() if self.engine is not None else 0
+            if self.engine is not None:
+                self.engine.drain()
+                if lay.branch == 0:     # both CFG branches hold the same strips; one gather suffices
+                    x = self.engine.gather_rows(x, 2, geometry.rows, dst=0)
         step_seconds = clock.seconds()        # waits for the device once, at the end
         total = time.perf_counter() - start
         if bar is not None:

@@ -12,6 +12,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from parallel_cases import HEIGHT, STEPS, WIDTH, cases  # noqa: E402
 
+from parafuse.health import CHECK_EVERY  # noqa: E402
 from parafuse.models import load_model  # noqa: E402
 from parafuse.models.layers import Attention  # noqa: E402
 from parafuse.parallel.emulator import emulate  # noqa: E402
@@ -137,8 +138,8 @@ def test_partial_with_zero_portion_equals_none(dist_run):
     for model in ("unet-small", "dit-small"):
         a, b = results[f"{model}-partial0"][0]["image"], results[f"{model}-none"][0]["image"]
         assert torch.equal(a, b)
-        assert sum(results[f"{model}-none"][0]["rank_stats"]["bytes_sent"].values()) == \
-            results[f"{model}-none"][0]["rank_stats"]["bytes_sent"]["gather"]
+        sent = results[f"{model}-none"][0]["rank_stats"]["bytes_sent"]
+        assert sum(sent.values()) == sent["gather"] + sent["control"]
 
 
 def test_sent_equals_received_per_peer(dist_run):
@@ -242,6 +243,10 @@ def expected_bytes(n: int, model_name: str, cfg: ParallelConfig, req: Request) -
                 sent["cfg"][peer] += 4 * batch * spec.latent_channels * geo.rows[i] * w
         if i > 0 and base == 0:
             add("gather", 0, 4 * req.batch * spec.latent_channels * geo.rows[i] * w)
+        # the health check (parafuse.health): one float per rank summed over the job, every
+        # CHECK_EVERY evaluations and after the last
+        checks = sum(1 for k in range(req.steps - 1) if (k + 1) % CHECK_EVERY == 0) + 1
+        add("control", COLLECTIVE, checks * ring_bytes(4 * n, n))
         out.append(sent)
     return out
 

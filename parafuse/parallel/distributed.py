@@ -56,9 +56,13 @@ def launched_by_torchrun() -> bool:
 
 
 def pick_device(requested: str | None = None) -> torch.device:
-    """CUDA device from LOCAL_RANK (not the global rank, so multi-node works), else CPU."""
+    """CUDA device from LOCAL_RANK (not the global rank, so multi-node works), else CPU. A bare
+    "cuda" means this rank's GPU too."""
     if requested:
-        return torch.device(requested)
+        dev = torch.device(requested)
+        if dev.type == "cuda" and dev.index is None:
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        return dev
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     return torch.device("cpu")

@@ -26,7 +26,7 @@ from collections import defaultdict
 
 import torch
 
-KINDS = ("latent_halo", "conv_halo", "attn_kv", "norm_stats", "cfg", "gather", "reduce")
+KINDS = ("latent_halo", "conv_halo", "attn_kv", "norm_stats", "cfg", "gather", "reduce", "control")
 COLLECTIVE = -1      # the peer key under which all-reduce bytes are counted
 
 
@@ -92,11 +92,26 @@ class Transport:
         self.messages_sent[kind] += 1
         return self._all_reduce(t, kind)
 
+    def agree(self, t: torch.Tensor) -> Pending:
+        """Sum `t` in place over every rank of the job (both CFG branches, not only the patch
+        group): the small health exchange that makes all ranks stop together (`parafuse.health`).
+        Counted under the kind `control`, like an all-reduce."""
+        if self.world_size == 1:
+            return Pending()
+        nbytes = ring_bytes(t.numel() * t.element_size(), self.world_size)
+        self.bytes_sent["control"][COLLECTIVE] += nbytes
+        self.bytes_received["control"][COLLECTIVE] += nbytes
+        self.messages_sent["control"] += 1
+        return self._agree(t)
+
     def _post(self, sends, recvs, kind) -> Pending:
         raise NotImplementedError
 
     def _all_reduce(self, t, kind) -> Pending:
         raise NotImplementedError
+
+    def _agree(self, t) -> Pending:
+        return Pending()      # transports without peers (Null, Loopback): this rank's values
 
     def reset_counts(self) -> None:
         self.bytes_sent.clear()
@@ -152,10 +167,23 @@ class TorchTransport(Transport):
         if not self._p2p_all_reduce:
             work = dist.all_reduce(t, group=self._group, async_op=True)
             return Pending([work.wait], [t])
-        parts = [t if r == self.rank else torch.empty_like(t) for r in self.group]
-        peers = [r for r in self.group if r != self.rank]
+        return self._p2p_sum(t, self.group)
+
+    def _agree(self, t) -> Pending:
+        import torch.distributed as dist
+
+        if not self._p2p_all_reduce:
+            work = dist.all_reduce(t, async_op=True)
+            return Pending([work.wait], [t])
+        return self._p2p_sum(t, list(range(self.world_size)))
+
+    def _p2p_sum(self, t, group: list[int]) -> Pending:
+        import torch.distributed as dist
+
+        parts = [t if r == self.rank else torch.empty_like(t) for r in group]
+        peers = [r for r in group if r != self.rank]
         ops = [dist.P2POp(dist.isend, t, r) for r in peers]
-        ops += [dist.P2POp(dist.irecv, parts[self.group.index(r)], r) for r in peers]
+        ops += [dist.P2POp(dist.irecv, parts[group.index(r)], r) for r in peers]
         works = dist.batch_isend_irecv(ops)
         # the sum overwrites t only once every send of it has completed
         return Pending([w.wait for w in works] + [lambda: t.copy_(sum_in_rank_order(parts))], [t] + parts)
@@ -390,8 +418,13 @@ class ThreadTransport(Transport):
             raise RuntimeError(f"rank {self.rank} changed a {kind} send buffer (to rank {peer}) before the send "
                                f"completed: on NCCL the peer would receive partly overwritten data")
 
+    def _agree(self, t) -> Pending:
+        return self._reduce_over(t, tuple(range(self.world_size)), "control")
+
     def _all_reduce(self, t, kind) -> Pending:
-        group = tuple(self.group)
+        return self._reduce_over(t, tuple(self.group), kind)
+
+    def _reduce_over(self, t, group: tuple[int, ...], kind: str) -> Pending:
         seq = self.hub.contribute(group, self.rank, kind, t.detach().clone())
         if self.hub.strict and t.is_floating_point():
             t.fill_(float("nan"))

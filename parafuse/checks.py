@@ -1,0 +1,275 @@
+"""Checks of a request that a user can get wrong, all before any denoising.
+
+Each raises `CheckError` (a ValueError) with one line that says what was wrong and what to do.
+`Runtime.check` calls the request checks (numbers, schedule, strips, memory); the CLI calls the
+path, device and reference checks before it builds anything.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+
+MAX_STEPS = 10_000          # far beyond any useful schedule; a typo of 1e9 steps must not allocate a grid
+MAX_BATCH = 1024            # images of one request (each a file for the CLI)
+MAX_GUIDANCE = 100.0        # classifier-free guidance is used at 1..20; beyond 100 the image overflows
+MAX_SEED = 2 ** 64 - 1      # torch.Generator seeds are 64-bit
+TEMP_SUFFIX_LEN = 24        # longest suffix `commit.temp_name` adds to a file name
+# Activation memory of one model evaluation, in units of its largest activation (input, output,
+# residual and skip tensors alive at once). A floor, not a fit: the refusal must never refuse a
+# request that fits, so the estimate errs low.
+ACTIVATION_FLOOR = 3
+
+
+class CheckError(ValueError):
+    """A request that cannot run; the message says what to change."""
+
+
+# ---- numbers ---------------------------------------------------------------------------------
+def check_numbers(req) -> None:
+    """Steps, batch, seed and guidance: plain range checks, before anything is built from them."""
+    if req.steps > MAX_STEPS:
+        raise CheckError(f"steps must be at most {MAX_STEPS}, got {req.steps}")
+    check_batch(req.batch)
+    if not 0 <= req.seed <= MAX_SEED:
+        raise CheckError(f"seed must be an integer in [0, 2^64 - 1], got {req.seed}")
+    if not math.isfinite(req.guidance):
+        raise CheckError(f"guidance must be a finite number, got {req.guidance}")
+    if req.guidance > MAX_GUIDANCE:
+        raise CheckError(f"guidance {req.guidance:g} is above {MAX_GUIDANCE:g}: the guided prediction would "
+                         f"overflow; classifier-free guidance is used at 1 to 20")
+
+
+def check_batch(batch: int) -> None:
+    if batch > MAX_BATCH:
+        raise CheckError(f"batch must be at most {MAX_BATCH}, got {batch}: run several requests")
+
+
+def check_parallel_settings(mode: str, halo_portion: float, norm_mode: str | None) -> None:
+    """A GroupNorm mode that the step plans would ignore is refused rather than reported as used."""
+    from parafuse.parallel.engine import BASELINES
+    exchanges = mode != "none" and not (BASELINES.get(mode, mode) == "partial" and halo_portion == 0.0)
+    if norm_mode is None:
+        return
+    if not exchanges and norm_mode != "local":
+        what = "--mode none" if mode == "none" else f"--mode {mode} with --halo-portion 0"
+        raise CheckError(f"--norm {norm_mode} does not apply with {what}: strips exchange nothing, so GroupNorm "
+                         f"is local; drop --norm or use --norm local")
+    if mode == "sync" and norm_mode != "exact":
+        raise CheckError(f"--norm {norm_mode} does not apply with --mode sync: every step is synchronous and "
+                         f"GroupNorm exact; drop --norm or use --norm exact")
+
+
+# ---- schedule --------------------------------------------------------------------------------
+def _repeats(solver) -> int | None:
+    """Grid index of the first evaluation whose σ does not decrease from the previous one."""
+    sig = solver.sigmas.numpy()
+    same = np.nonzero(np.diff(sig) >= 0)[0]
+    return int(same[0]) if len(same) else None
+
+
+def check_schedule(runtime, req) -> None:
+    """A grid that repeats a timestep makes multistep solvers divide by a zero step (NaN or a
+    ZeroDivisionError): refuse it and say how many steps this spacing allows."""
+    try:
+        solver = runtime.make_solver(req)
+    except (ValueError, TypeError) as e:
+        raise CheckError(f"solver {req.solver!r}: {e}") from None
+    k = _repeats(solver)
+    if k is None:
+        return
+    spacing = req.solver_options.get("spacing") or "the default"
+    # a grid of integer timesteps holds at most num_train_timesteps distinct ones: search below that
+    start = min(req.steps - 1, getattr(solver.schedule, "num_train_timesteps", req.steps - 1))
+    fits = next((n for n in range(start, 0, -1) if _repeats(runtime.make_solver(_with_steps(req, n))) is None), 1)
+    raise CheckError(f"--steps {req.steps} with {spacing} spacing repeats a timestep at step {k + 1} (model "
+                     f"{runtime.spec.name!r} has {runtime.spec.schedule.get('num_train_timesteps', 1000)} training "
+                     f"timesteps): use --steps {fits} or fewer, or --spacing karras")
+
+
+def _with_steps(req, steps: int):
+    from dataclasses import replace
+    return replace(req, steps=steps)
+
+
+# ---- strips, in pixels -------------------------------------------------------------------------
+def strip_geometry(runtime, req):
+    """The request's strip geometry; a strip too thin for the model is refused in the pixels the
+    user typed, with the number of ranks that would work and the height that would."""
+    from parafuse.parallel.geometry import GeometryError, StripGeometry
+
+    spec, n = runtime.spec, runtime.layout.patch_degree
+    c, unit = spec.codec_factor, spec.downsample_factor
+
+    def geometry(height_px: int, strips: int):
+        g = StripGeometry(height_px // c, req.width // c, strips, unit)
+        runtime.profile.check_strips(g)
+        return g
+
+    try:
+        return geometry(req.height, n)
+    except GeometryError:
+        pass
+    step = c * unit
+    ranks = next((m for m in range(n - 1, 0, -1) if _fits(geometry, req.height, m)), 1)
+    height = next(h for h in range(req.height + step, req.height + step * (64 * n + 64), step) if _fits(geometry, h, n))
+    raise CheckError(f"height {req.height} px is too short for {n} strips of model {spec.name!r} (each strip needs "
+                     f"enough rows for the model's halos): use at most {ranks} rank(s) at this height, or a height "
+                     f"of at least {height} px")
+
+
+def _fits(geometry, height_px: int, strips: int) -> bool:
+    from parafuse.parallel.geometry import GeometryError
+    try:
+        geometry(height_px, strips)
+        return True
+    except GeometryError:
+        return False
+
+
+# ---- memory ----------------------------------------------------------------------------------
+def available_memory(device: torch.device) -> int:
+    """Bytes one rank can use: free device memory on CUDA; on CPU the host's available memory
+    shared by the ranks of this node."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return 1 << 62         # unknown: do not refuse
+    return avail // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def estimate_memory(runtime, req, geometry) -> dict:
+    """A lower estimate of the bytes one rank needs for `req`, by part:
+    weights; the full-image noise and this strip's latent with the solver history (float32);
+    the exchange buffers of the patch plan; the activations of one evaluation (a floor of
+    ACTIVATION_FLOOR times the largest activation of any site, at the strip's rows); rank 0's
+    decoded image."""
+    spec = runtime.spec
+    batch = runtime.model_batch(req)
+    item = torch.empty((), dtype=runtime.dtype).element_size()
+    weights = sum(p.numel() * p.element_size() for p in runtime.model.parameters())
+    rows = max(geometry.rows)
+    latent = req.batch * spec.latent_channels * geometry.width * 4
+    state = latent * (geometry.height + 6 * rows)          # full noise once; x, x̂0 and up to 4 history tensors
+    largest = 0
+    for s in runtime.profile.sites:
+        lv = geometry.level(s.factor)
+        largest = max(largest, s.channels * max(lv.rows) * lv.width)
+    activations = ACTIVATION_FLOOR * largest * batch * item
+    buffers = 0
+    if runtime.engine is not None:
+        plan = runtime.plan(geometry, batch)
+        for s in plan.sites.values():
+            if s.kind == "conv":
+                buffers += sum(math.prod(sh) for sh in plan.halo_shapes(s)) * item
+            elif s.kind == "attn":
+                buffers += math.prod(plan.kv_shape(s, plan.stale_step.kv)) * item
+    image = req.batch * 3 * req.height * req.width * 4 if runtime.layout.rank == 0 else 0
+    parts = {"weights": weights, "latent_and_solver": state, "exchange_buffers": buffers,
+             "activations": activations, "image": image}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def check_fits(runtime, req, geometry) -> None:
+    """Refuse a request whose lower memory estimate exceeds what this rank has, saying how many
+    ranks or how small an image would fit. The weights are already loaded when this runs, so the
+    free memory is compared with the rest, which all shrinks with the strip or the image."""
+    need = estimate_memory(runtime, req, geometry)
+    have = available_memory(runtime.device)
+    more = need["total"] - need["weights"]
+    if more <= have:
+        return
+    share = have / more
+    n, f = runtime.layout.patch_degree, runtime.spec.pixel_factor
+    w, h = (max(f, int(math.sqrt(share) * side) // f * f) for side in (req.width, req.height))
+    hint = (f"an image of at most {w}x{h} px" if req.batch == 1 else f"a batch of at most {max(1, int(req.batch * share))}")
+    raise CheckError(f"{req.width}x{req.height} px (batch {req.batch}) needs at least {_size(more)} per rank on {n} "
+                     f"rank(s) besides the weights ({_size(need['activations'])} of it activations), but {_size(have)} "
+                     f"is free on {runtime.device}: use about {math.ceil(n / share)} ranks, or {hint}")
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
+
+
+# ---- files and devices (CLI) -------------------------------------------------------------------
+IMAGE_EXTENSIONS = (".png",)
+
+
+def check_output_name(path: str, what: str) -> None:
+    if not path:
+        raise CheckError(f"{what} is empty: give a file name such as image.png")
+    name = os.path.basename(path)
+    if not name:
+        raise CheckError(f"{what} {path!r} names a folder: give a file name such as {os.path.join(path, 'image.png')}")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        name_max = os.pathconf(folder if os.path.isdir(folder) else "/", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    if len(os.fsencode(name)) + TEMP_SUFFIX_LEN > name_max:
+        raise CheckError(f"{what} file name is {len(os.fsencode(name))} bytes long; this file system allows "
+                         f"{name_max} (less {TEMP_SUFFIX_LEN} for the temporary name): use a shorter name")
+
+
+def check_image_name(path: str) -> None:
+    check_output_name(path, "--out")
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in IMAGE_EXTENSIONS:
+        raise CheckError(f"--out {path!r}: parafuse writes lossless 8-bit PNG only; use a name ending in .png"
+                         + (f" (not {ext})" if ext else ""))
+
+
+def check_distinct(paths: dict[str, str]) -> None:
+    """Refuse two outputs of one run that name the same file (one would overwrite the other)."""
+    seen: dict[str, str] = {}
+    for what, path in paths.items():
+        real = os.path.realpath(path)
+        if real in seen:
+            raise CheckError(f"{seen[real]} and {what} are the same file {path!r}: give each output its own name")
+        seen[real] = what
+
+
+def check_reference(path: str, height: int, width: int) -> None:
+    """The reference must be a readable PNG of the output's size (checked from its header)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if os.path.isdir(path):
+        raise CheckError(f"reference {path!r} is a folder; give a PNG file")
+    if not os.path.isfile(path):
+        raise CheckError(f"reference image {path!r} does not exist")
+    try:
+        with Image.open(path) as img:
+            fmt, size = img.format, img.size
+    except (UnidentifiedImageError, OSError) as e:
+        raise CheckError(f"reference {path!r} is not a readable image ({type(e).__name__}); give a PNG file") from None
+    if fmt != "PNG":
+        raise CheckError(f"reference {path!r} is {fmt}, not PNG: give a PNG (a lossy format would lower the PSNR)")
+    if size != (width, height):
+        raise CheckError(f"reference {path!r} is {size[0]}x{size[1]}, the output {width}x{height}")
+
+
+def check_device(requested: str | None) -> None:
+    """A device string the runtime can use: cpu, cuda, cuda:N (N below the device count)."""
+    if requested is None:
+        return
+    try:
+        dev = torch.device(requested)
+    except (RuntimeError, ValueError):
+        raise CheckError(f"unknown device {requested!r}; use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise CheckError(f"device {requested!r} is not supported; use cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CheckError(f"device {requested!r} asked for, but this machine has no CUDA device; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CheckError(f"device {requested!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        if dev.index is not None and int(os.environ.get("LOCAL_WORLD_SIZE", 1)) > 1:
+            raise CheckError(f"--device {requested} would put every rank of this node on one GPU; use --device cuda "
+                             f"(each rank takes the GPU of its LOCAL_RANK)")

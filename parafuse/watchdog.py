@@ -1,0 +1,234 @@
+"""Host-side deadlines for a distributed run, a clean exit on Ctrl-C, and exits that cannot cut an
+output commit in half.
+
+A rank that stops answering (stopped, deadlocked, a hung kernel) leaves its neighbours waiting in
+their next exchange forever: NCCL's own watchdog does not watch work inside a CUDA graph, and a
+gloo wait blocks for the process group's timeout. So the deadline is kept here, on the host, by
+one thread per process:
+
+- the sampling loop calls `progress()` at every step; inside `Watchdog.guard` a rank that makes
+  no progress for `exchange_timeout` seconds (`startup_timeout` during the first steps of a
+  request, which include the first exchange, warmup and CUDA-graph capture) stops waiting;
+- every process publishes a heartbeat (a counter, its step, host and pid) to torchrun's store
+  once a second. When a deadline fires, the rank reads every heartbeat twice, two seconds apart:
+  a rank whose counter did not move has stopped answering and is named (and, on this host,
+  ended, so that torchrun does not wait 30 s for it to take its SIGTERM); if all are alive, the
+  ranks at the lowest step are named as stuck;
+- then it prints one line and exits with status 1; torchrun stops the others.
+
+On NCCL the host blocks only where it reads a device value (the health check every few steps,
+the end of a request), so a stall is seen there: within the timeout plus a few steps.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+EXIT_FAILED, EXIT_INTERRUPTED = 1, 130
+HEARTBEAT_SECONDS = 1.0
+_exit_lock = threading.RLock()     # held while outputs are renamed: an exit waits for the commit
+
+
+def close_progress_bars() -> None:
+    """End a progress bar's line, so that a message after it starts a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        try:
+            bar.close()
+        except Exception:
+            pass
+
+
+def exit_now(code: int, message: str | None = None) -> None:
+    """Print `message` (one line) and end the process at once, never in the middle of a commit."""
+    with _exit_lock:
+        close_progress_bars()
+        if message:
+            print(message, file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(code)
+
+
+def no_exit():
+    """Context manager: exits (deadline, Ctrl-C) wait until the block ends."""
+    return _exit_lock
+
+
+def catch_interrupts(rank: int, prog: str) -> None:
+    """Ctrl-C ends the process with one line (rank 0 prints it) and status 130, also while the
+    main thread is blocked in an exchange: SIGINT is blocked in this thread (and in every thread
+    started after, such as gloo's) and taken by a thread that waits for it."""
+    message = f"{prog}: interrupted" if rank == 0 else None
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+    def wait():
+        signal.sigwait({signal.SIGINT})
+        exit_now(EXIT_INTERRUPTED, message)
+
+    threading.Thread(target=wait, name="parafuse-sigint", daemon=True).start()
+    # a SIGINT that still reaches the main thread (sent to it directly) ends the same way
+    signal.signal(signal.SIGINT, lambda n, frame: exit_now(EXIT_INTERRUPTED, message))
+
+
+class Watchdog:
+    def __init__(self, rank: int, world_size: int, startup_timeout: float, exchange_timeout: float,
+                 store=None, prefix: str = "parafuse"):
+        self.rank, self.world_size = rank, world_size
+        self.startup_timeout, self.exchange_timeout = startup_timeout, exchange_timeout
+        self.store, self.prefix = store, prefix
+        self.step = 0                     # steps done (all requests), published in the heartbeat
+        self._what: str | None = None     # what the guarded block does; None: nothing watched
+        self._since = time.monotonic()
+        self._startup_left = 0
+        self._beat = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="parafuse-watchdog", daemon=True)
+        self._thread.start()
+
+    # ---- the main thread ---------------------------------------------------------------------
+    def guard(self, what: str, startup_steps: int = 0):
+        """Watch the block: it must make progress every exchange_timeout seconds (startup_timeout
+        until `startup_steps` steps have been made)."""
+        return _Guard(self, what, startup_steps)
+
+    def progress(self, step: int | None = None) -> None:
+        self._since = time.monotonic()
+        self.step += 1
+        if self._startup_left:
+            self._startup_left -= 1
+
+    def close(self) -> None:
+        """Stop the thread (it finishes any store call it is in)."""
+        global _current
+        self._stop.set()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5)
+        if _current is self:
+            _current = None
+
+    # ---- the watchdog thread -------------------------------------------------------------------
+    def _key(self, rank: int) -> str:
+        return f"{self.prefix}/beat/{rank}"
+
+    def _publish(self) -> None:
+        self._beat += 1
+        if self.store is not None:
+            try:
+                self.store.set(self._key(self.rank), f"{self._beat} {self.step} {socket.gethostname()} {os.getpid()}")
+            except Exception:
+                pass          # the store is gone (torchrun is ending the job): nothing to tell
+
+    def _read(self) -> dict[int, tuple[int, int, str, int]]:
+        beats = {}
+        for r in range(self.world_size):
+            if r == self.rank:
+                continue
+            try:
+                if self.store.check([self._key(r)]):
+                    beat, step, host, pid = self.store.get(self._key(r)).decode().split()
+                    beats[r] = (int(beat), int(step), host, int(pid))
+            except Exception:
+                pass
+        return beats
+
+    def _run(self) -> None:
+        next_beat = 0.0
+        while not self._stop.wait(0.25):
+            now = time.monotonic()
+            if now >= next_beat:
+                self._publish()
+                next_beat = now + HEARTBEAT_SECONDS
+            what = self._what
+            if what is None:
+                continue
+            limit = self.startup_timeout if self._startup_left else self.exchange_timeout
+            stalled = now - self._since
+            if stalled > limit:
+                exit_now(EXIT_FAILED, f"parafuse: rank {self.rank}: no progress for {stalled:.0f} s while {what} "
+                                      f"(limit {limit:g} s): {self._culprits()}")
+
+    def _culprits(self) -> str:
+        """Which ranks stopped answering: heartbeats read twice, 2 s apart."""
+        if self.store is None or self.world_size == 1:
+            return "a peer rank stopped answering (no store to ask which)"
+        first = self._read()
+        until = time.monotonic() + 2 * HEARTBEAT_SECONDS
+        while time.monotonic() < until:       # keep beating: a peer asking the same about this rank must see it alive
+            self._publish()
+            time.sleep(HEARTBEAT_SECONDS / 4)
+        second = self._read()
+        missing = [r for r in range(self.world_size) if r != self.rank and r not in second]
+        stopped = [r for r in second if r in first and second[r][0] == first[r][0]]
+        if stopped:
+            here = socket.gethostname()
+            for r in stopped:
+                _, _, host, pid = second[r]
+                if host == here:          # it cannot take torchrun's SIGTERM; end it so the job ends now
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except OSError:
+                        pass
+            return (f"rank {', '.join(map(str, stopped))} stopped answering (no heartbeat for "
+                    f"{2 * HEARTBEAT_SECONDS:.0f} s); ended")
+        if missing:
+            return f"rank {', '.join(map(str, missing))} never reported (not started, or died)"
+        low = min(v[1] for v in second.values())
+        stuck = [r for r, v in second.items() if v[1] == low]
+        return (f"rank {', '.join(map(str, stuck))} is alive but stuck after {low} steps "
+                f"(this rank: {self.step})")
+
+
+class _Guard:
+    def __init__(self, dog: Watchdog, what: str, startup_steps: int):
+        self.dog, self.what, self.startup_steps = dog, what, startup_steps
+
+    def __enter__(self):
+        self.dog._startup_left = self.startup_steps
+        self.dog._since = time.monotonic()
+        self.dog._what = self.what
+        return self.dog
+
+    def __exit__(self, *exc):
+        self.dog._what = None
+        return False
+
+
+_current: Watchdog | None = None
+
+
+def start(rank: int, world_size: int, startup_timeout: float, exchange_timeout: float) -> Watchdog:
+    """The process's watchdog (one per process), heartbeating through torchrun's store when
+    MASTER_ADDR/MASTER_PORT name one."""
+    global _current
+    if _current is not None:
+        _current.startup_timeout, _current.exchange_timeout = startup_timeout, exchange_timeout
+        return _current
+    _current = Watchdog(rank, world_size, startup_timeout, exchange_timeout, _store(), _prefix())
+    return _current
+
+
+def current() -> Watchdog | None:
+    return _current
+
+
+def _prefix() -> str:
+    return (f"parafuse/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/"
+            f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}")
+
+
+def _store():
+    import datetime
+
+    import torch.distributed as dist
+
+    host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not host or not port:
+        return None
+    try:
+        return dist.TCPStore(host, int(port), is_master=False, timeout=datetime.timedelta(seconds=10))
+    except Exception:
+        return None
