@@ -1,0 +1,128 @@
+"""parafuse as the patch-parallel backend of diffusers pipelines: tiny random-weight SD, SDXL and
+PixArt pipelines (tests/diffusers_cases.py) loaded by path, against diffusers' own single-process
+output (sync), the thread emulator (full, partial: torchrun must equal it) and closed-form byte
+counts."""
+import math
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers", reason="diffusers' pipeline classes need transformers (the test extra)")
+
+sys.path.insert(0, os.path.dirname(__file__))
+from diffusers_cases import STEPS, TORCHRUN_CASES, call_kwargs, images, pipeline_path  # noqa: E402
+
+import parafuse  # noqa: E402
+from parafuse.diffusers import UnsupportedModelError, load_pipeline  # noqa: E402
+from parafuse.diffusers.emulator import emulate_pipeline  # noqa: E402
+from parafuse.parallel.geometry import StripGeometry  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SYNC_TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("pipelines"))
+
+
+_pipes, _serial = {}, {}
+
+
+def pipe(root, family):
+    if family not in _pipes:
+        _pipes[family] = load_pipeline(pipeline_path(root, family))
+    return _pipes[family]
+
+
+def serial(root, family, **kw):
+    """diffusers' own single-process output (latents)."""
+    key = (family, tuple(sorted(kw.items())))
+    if key not in _serial:
+        _serial[key] = images(pipe(root, family)(**call_kwargs(family, **kw)))
+    return _serial[key]
+
+
+def emulated(root, family, n, guidance=3.0, **settings):
+    return emulate_pipeline(pipe(root, family), n, lambda p: images(p(**call_kwargs(family, guidance))), **settings)
+
+
+def psnr(a, b):
+    return 10 * math.log10((b.max() - b.min()).item() ** 2 / ((a - b) ** 2).mean().item())
+
+
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("family", ["sd", "sdxl", "pixart"])
+def test_sync_equals_diffusers(root, family, n):
+    outs = emulated(root, family, n, mode="sync")
+    ref = serial(root, family)
+    assert ref.abs().max() > 0.1                        # a real output, not an untrained model's zeros
+    assert (outs[0][0] - ref).abs().max() <= SYNC_TOL
+    assert all(out is None for out, _ in outs[1:]), "ranks other than 0 get None"
+    assert [stats["evaluations"] for _, stats in outs] == [STEPS] * n
+
+
+def test_sync_decoded_images_equal_diffusers(root):
+    outs = emulate_pipeline(pipe(root, "sd"), 2, lambda p: p(**call_kwargs("sd", output_type="pt")), mode="sync")
+    ref = pipe(root, "sd")(**call_kwargs("sd", output_type="pt")).images
+    assert outs[0][0].images.shape == ref.shape
+    assert (outs[0][0].images - ref).abs().max() <= SYNC_TOL
+
+
+def test_bytes_closed_form_and_modes(root):
+    """gather: every evaluation, each rank sends its strip of the (CFG-batched) output to every other
+    rank; none: nothing else; partial: fewer K/V bytes than full; sync and full: the same exchanges."""
+    n, fam = 3, "sd"
+    ref = serial(root, fam)
+    runs = {mode: emulated(root, fam, n, mode=mode, warmup_steps=1) for mode in ("sync", "full", "partial", "none")}
+    _, c, h, w = ref.shape
+    geo = StripGeometry(h, w, n, 2)
+    for r in range(n):
+        for mode, outs in runs.items():
+            sent = outs[r][1]["bytes_sent"]
+            assert sent["gather"] == STEPS * 2 * c * geo.rows[r] * w * 4 * (n - 1), (mode, r)
+        assert sum(runs["none"][r][1]["bytes_sent"].values()) == runs["none"][r][1]["bytes_sent"]["gather"]
+        assert runs["partial"][r][1]["bytes_sent"]["attn_kv"] < runs["full"][r][1]["bytes_sent"]["attn_kv"]
+        assert runs["sync"][r][1]["bytes_sent"] == runs["full"][r][1]["bytes_sent"]
+    quality = {mode: psnr(outs[0][0], ref) for mode, outs in runs.items()}
+    assert quality["sync"] > 80
+    for mode in ("full", "partial"):          # stale neighbours, fresh own strip: far better than none
+        assert quality["none"] + 5 < quality[mode] < 80, quality
+
+
+@pytest.fixture(scope="module")
+def torchrun_run(root, tmp_path_factory):
+    for family, _ in TORCHRUN_CASES.values():
+        pipeline_path(root, family)
+    out = tmp_path_factory.mktemp("dist")
+    n = 2
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
+           "--master_port", str(29700 + os.getpid() % 500), os.path.join(ROOT, "tests", "diffusers_worker.py"),
+           root, str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return n, {name: [torch.load(out / f"{name}.rank{r}.pt", weights_only=False) for r in range(n)]
+               for name in TORCHRUN_CASES}
+
+
+def test_torchrun_sync_equals_diffusers(root, torchrun_run):
+    n, got = torchrun_run
+    assert (got["sd-sync"][0]["images"] - serial(root, "sd")).abs().max() <= SYNC_TOL
+    assert got["sd-sync"][1]["images"] is None
+
+
+@pytest.mark.parametrize("case", ["sd-full", "pixart-partial"])
+def test_torchrun_async_modes_equal_emulator(root, torchrun_run, case):
+    n, got = torchrun_run
+    family, settings = TORCHRUN_CASES[case]
+    emu = emulated(root, family, n, **settings)
+    assert (got[case][0]["images"] - emu[0][0]).abs().max() <= 1e-5
+    for r in range(n):
+        assert got[case][r]["rank_stats"]["bytes_sent"] == emu[r][1]["bytes_sent"]
+    assert (emu[0][0] - serial(root, family)).abs().max() > 1e-3, "a stale mode that equals sync exchanged too much"
