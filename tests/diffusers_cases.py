@@ -55,7 +55,7 @@ def build_sd(path: str) -> None:
     _seeded(0)
     unet, vae = _unet(), _vae()
     _wake(unet, 1)
-    StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=DDIMScheduler(prediction_type=V),
+    StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=DDIMScheduler(prediction_type=V, clip_sample=False),
                             safety_checker=None, feature_extractor=None, requires_safety_checker=False
                             ).save_pretrained(path)
 

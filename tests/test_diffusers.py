@@ -126,3 +126,104 @@ def test_torchrun_async_modes_equal_emulator(root, torchrun_run, case):
     for r in range(n):
         assert got[case][r]["rank_stats"]["bytes_sent"] == emu[r][1]["bytes_sent"]
     assert (emu[0][0] - serial(root, family)).abs().max() > 1e-3, "a stale mode that equals sync exchanged too much"
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_cfg_parallel_sync_equals_diffusers(root, n):
+    """The two guidance branches on two groups of n/2 strips each (n = 2: one strip per branch)."""
+    outs = emulated(root, "sd", n, mode="sync", cfg_parallel=True)
+    assert (outs[0][0] - serial(root, "sd")).abs().max() <= SYNC_TOL
+    assert outs[0][1]["bytes_sent"]["cfg"] > 0
+
+
+def test_pixart_positions_come_from_the_whole_grid(root, monkeypatch):
+    """Negative control: PatchEmbed left to compute positions from the strip's own size (every strip
+    restarting at row 0) breaks sync equality - the strip positions are what makes it hold."""
+    from parafuse.diffusers.adapter import DiffusersAdapter
+
+    kind = DiffusersAdapter.site_kind
+    monkeypatch.setattr(DiffusersAdapter, "site_kind", lambda self, m: None if kind(self, m) == "positions" else kind(self, m))
+    outs = emulated(root, "pixart", 2, mode="sync")
+    assert (outs[0][0] - serial(root, "pixart")).abs().max() > 1e-3
+
+
+class LowRank(torch.nn.Module):
+    """What a PEFT LoRA layer does: base(x) + B(A(x)), A and B new modules around the base layer."""
+
+    def __init__(self, base, rank, seed):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.base_layer = base
+        if isinstance(base, torch.nn.Conv2d):
+            self.lora_A = torch.nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, bias=False)
+            self.lora_B = torch.nn.Conv2d(rank, base.out_channels, 1, bias=False)
+        else:
+            self.lora_A = torch.nn.Linear(base.in_features, rank, bias=False)
+            self.lora_B = torch.nn.Linear(rank, base.out_features, bias=False)
+        with torch.no_grad():
+            for p in (self.lora_A.weight, self.lora_B.weight):
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(x))
+
+
+def add_lora(unet):
+    seed = 0
+    for name, m in list(unet.named_modules()):
+        if name.endswith("attn1"):
+            m.to_k, m.to_v = LowRank(m.to_k, 2, seed), LowRank(m.to_v, 2, seed + 1)
+            seed += 2
+    block = unet.down_blocks[0].resnets[0]
+    block.conv1 = LowRank(block.conv1, 2, seed)
+
+
+def test_lora_added_after_parallelize_keeps_working(root):
+    """LoRA-style wrappers put around to_k / to_v (bypassing the fused K|V GEMM) and around a 3x3
+    conv (a new conv that needs halo rows) after parallelize: sync still equals the serial run."""
+    import copy
+
+    plain = copy.deepcopy(pipe(root, "sd"))
+    add_lora(plain.unet)
+    ref = images(plain(**call_kwargs("sd")))
+    assert (ref - serial(root, "sd")).abs().max() > 1e-2          # the LoRA changes the output
+
+    def call(p):
+        add_lora(p.unet)
+        return images(p(**call_kwargs("sd")))
+    outs = emulate_pipeline(pipe(root, "sd"), 2, call, mode="sync")
+    assert (outs[0][0] - ref).abs().max() <= SYNC_TOL
+
+
+def _tiny(cls, **config):
+    torch.manual_seed(0)
+    return cls(**config)
+
+
+def test_unsupported_modules_are_named_before_any_compute(root):
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    sd3 = _tiny(SD3Transformer2DModel, sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16,
+                out_channels=4, pos_embed_max_size=16)
+    with pytest.raises(UnsupportedModelError, match=r"'transformer_blocks\.0\.attn'"):
+        parafuse.parallelize(SimpleNamespace(transformer=sd3))
+    flux = _tiny(FluxTransformer2DModel, patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                 attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16,
+                 axes_dims_rope=(2, 2, 4))
+    with pytest.raises(UnsupportedModelError, match=r"'transformer_blocks\.0\.attn'"):
+        parafuse.parallelize(SimpleNamespace(transformer=flux))
+
+    import copy
+    unet = copy.deepcopy(pipe(root, "sd").unet)
+    unet.conv_in.padding_mode = "reflect"
+    with pytest.raises(UnsupportedModelError, match=r"'conv_in'.*padding mode 'reflect'"):
+        parafuse.parallelize(SimpleNamespace(unet=unet))
+    unet = copy.deepcopy(pipe(root, "sd").unet)
+    unet.mid_block.attentions[0].transformer_blocks[0].attn1.set_processor(lambda attn, x, *a, **k: x)
+    with pytest.raises(UnsupportedModelError, match=r"'mid_block\.attentions\.0\.transformer_blocks\.0\.attn1'"):
+        parafuse.parallelize(SimpleNamespace(unet=unet))
+    with pytest.raises(UnsupportedModelError, match="no denoiser"):
+        parafuse.parallelize(SimpleNamespace(vae=unet))
+    with pytest.raises(ValueError, match="unknown mode"):
+        parafuse.parallelize(pipe(root, "sd"), mode="fast")

@@ -103,6 +103,16 @@ class DiffusersAdapter:
         return strip
 
 
+    def rekey(self, model: nn.Module) -> None:
+        """Name every patch layer and processor by its current path: a wrapper put around a layer
+        (a LoRA layer's `base_layer`) moves it, and the plan's sites are keyed by path."""
+        for name, m in model.named_modules():
+            if isinstance(m, (PatchConv2d, PatchGroupNorm, StripPatchEmbed)):
+                m.key = name
+            elif isinstance(m, Attention) and isinstance(m.processor, StripAttnProcessor):
+                m.processor.key = name
+
+
 class StripAttnProcessor:
     """diffusers' default attention (AttnProcessor2_0's steps) with self-attention over the strip.
 

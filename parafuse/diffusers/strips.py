@@ -71,7 +71,7 @@ def trace_sites(model: nn.Module, adapter: DiffusersAdapter, args: tuple, kwargs
                 context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
                 if context is None:
                     tokens = x.shape[1] if x.ndim == 3 else x.shape[2] * x.shape[3]
-                    sites[name] = Site(name, "attn", factor(name, mod, tokens), mod.to_k.out_features)
+                    sites[name] = Site(name, "attn", factor(name, mod, tokens), mod.inner_kv_dim)   # to_k may be wrapped (LoRA)
             elif kind == "positions":
                 sites[name] = Site(name, "positions", factor(name, mod, out.shape[1]))
         return fn
@@ -128,6 +128,7 @@ class StripDenoiser:
             swap_layers(self.model, self.engine, self.adapter)
             structure = tuple((name, id(m)) for name, m in self.model.named_modules())
             if structure != self._structure:
+                self.adapter.rekey(self.model)
                 self._sites.clear()
                 self._structure = structure
         self.geometry = None
