@@ -227,3 +227,35 @@ def test_unsupported_modules_are_named_before_any_compute(root):
         parafuse.parallelize(SimpleNamespace(vae=unet))
     with pytest.raises(ValueError, match="unknown mode"):
         parafuse.parallelize(pipe(root, "sd"), mode="fast")
+
+
+def test_cli_generates_from_a_pipeline_folder(root, tmp_path, capsys):
+    """`python -m parafuse.generate --model PATH --prompt-embeds FILE`, in process; every bad input
+    exits with status 2 and one line, before anything is written."""
+    from parafuse.generate import main
+
+    path = pipeline_path(root, "pixart")
+    kw = call_kwargs("pixart")
+    embeds = tmp_path / "embeds.pt"
+    torch.save({k: kw[k] for k in ("prompt_embeds", "negative_prompt_embeds", "prompt_attention_mask",
+                                   "negative_prompt_attention_mask")}, embeds)
+    out, report = tmp_path / "a.png", tmp_path / "a.json"
+    size = ["--height", str(kw["height"]), "--width", str(kw["width"]), "--steps", "2", "--guidance", "3"]
+    assert main(["--model", path, "--prompt-embeds", str(embeds), *size, "--out", str(out), "--report", str(report),
+                 "--no-progress"]) == 0
+    from PIL import Image
+    assert Image.open(out).size == (kw["width"], kw["height"])
+    import json
+    rep = json.loads(report.read_text())
+    assert rep["pipeline"] == "PixArtAlphaPipeline" and rep["world_size"] == 1
+
+    bad = tmp_path / "bad.png"
+    for args, message in [([], "needs --prompt or --prompt-embeds"),
+                          (["--prompt", "a cat"], "saved without a text encoder"),
+                          (["--prompt-embeds", str(embeds), "--solver", "ddim"], "--solver: only for parafuse's"),
+                          (["--prompt-embeds", str(tmp_path / "nope.pt")], "does not exist")]:
+        capsys.readouterr()
+        assert main(["--model", path, *size, "--out", str(bad), *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+        assert not bad.exists()
