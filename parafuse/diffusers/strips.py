@@ -167,9 +167,12 @@ class StripDenoiser:
         sample = self._sample(args, kwargs)
         if self.geometry is None:
             self._configure(args, kwargs, sample)
-        elif sample.shape[-2:] != (self.geometry.height, self.geometry.width):
-            raise UnsupportedModelError(f"the denoiser was called with a {tuple(sample.shape[-2:])} latent inside an "
-                                        f"image planned for {self.geometry.height}x{self.geometry.width}")
+        elif (sample.shape[-2:] != (self.geometry.height, self.geometry.width)
+              or sample.shape[0] != self.engine.plan.batch):
+            raise UnsupportedModelError(
+                f"the denoiser was called with a {tuple(sample.shape)} latent inside an image planned for batch "
+                f"{self.engine.plan.batch} at {self.geometry.height}x{self.geometry.width}: parafuse plans one "
+                f"geometry per pipeline call")
         self.engine.begin_step(self.evaluations)
         self.evaluations += 1
         top, bottom = self.geometry.row_range(self.layout.patch_index)
