@@ -83,7 +83,21 @@ def build_pixart(path: str) -> None:
                         scheduler=DPMSolverMultistepScheduler(prediction_type=V)).save_pretrained(path)
 
 
-BUILDERS = {"sd": build_sd, "sdxl": build_sdxl, "pixart": build_pixart}
+def build_sd3(path: str) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    _seeded(0)
+    # the last block is context_pre_only (no text output projection); qk RMS norms as in SD3.5
+    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                        num_attention_heads=2, joint_attention_dim=TEXT_DIM, caption_projection_dim=16,
+                                        pooled_projection_dim=POOLED_DIM, out_channels=4, pos_embed_max_size=32,
+                                        qk_norm="rms_norm")
+    _wake(transformer, 4)
+    StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(),
+                             text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                             text_encoder_3=None, tokenizer_3=None).save_pretrained(path)
+
+
+BUILDERS = {"sd": build_sd, "sdxl": build_sdxl, "pixart": build_pixart, "sd3": build_sd3}
 
 
 def pipeline_path(root: str, family: str) -> str:
@@ -102,7 +116,7 @@ def call_kwargs(family: str, guidance: float = 3.0, seed: int = 0, output_type: 
     kw = dict(height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, guidance_scale=guidance,
               generator=torch.Generator().manual_seed(seed), output_type=output_type,
               prompt_embeds=emb, negative_prompt_embeds=neg)
-    if family == "sdxl":
+    if family in ("sdxl", "sd3"):
         kw.update(pooled_prompt_embeds=torch.randn(1, POOLED_DIM, generator=g),
                   negative_pooled_prompt_embeds=torch.randn(1, POOLED_DIM, generator=g))
     if family == "pixart":
@@ -122,4 +136,5 @@ TORCHRUN_CASES = {
     "sd-sync": ("sd", dict(mode="sync")),
     "sd-full": ("sd", dict(mode="full", warmup_steps=1)),
     "pixart-partial": ("pixart", dict(mode="partial", warmup_steps=1, halo_portion=0.3)),
+    "sd3-partial": ("sd3", dict(mode="partial", warmup_steps=1, halo_portion=0.3)),
 }

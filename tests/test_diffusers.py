@@ -57,7 +57,7 @@ def psnr(a, b):
 
 
 @pytest.mark.parametrize("n", [2, 3])
-@pytest.mark.parametrize("family", ["sd", "sdxl", "pixart"])
+@pytest.mark.parametrize("family", ["sd", "sdxl", "pixart", "sd3"])
 def test_sync_equals_diffusers(root, family, n):
     outs = emulated(root, family, n, mode="sync")
     ref = serial(root, family)
@@ -117,7 +117,7 @@ def test_torchrun_sync_equals_diffusers(root, torchrun_run):
     assert got["sd-sync"][1]["images"] is None
 
 
-@pytest.mark.parametrize("case", ["sd-full", "pixart-partial"])
+@pytest.mark.parametrize("case", ["sd-full", "pixart-partial", "sd3-partial"])
 def test_torchrun_async_modes_equal_emulator(root, torchrun_run, case):
     n, got = torchrun_run
     family, settings = TORCHRUN_CASES[case]
@@ -203,11 +203,11 @@ def _tiny(cls, **config):
 def test_unsupported_modules_are_named_before_any_compute(root):
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
-    sd3 = _tiny(SD3Transformer2DModel, sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
-                num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16,
-                out_channels=4, pos_embed_max_size=16)
-    with pytest.raises(UnsupportedModelError, match=r"'transformer_blocks\.0\.attn'"):
-        parafuse.parallelize(SimpleNamespace(transformer=sd3))
+    sd35 = _tiny(SD3Transformer2DModel, sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                 num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16,
+                 out_channels=4, pos_embed_max_size=16, dual_attention_layers=(0,))
+    with pytest.raises(UnsupportedModelError, match=r"'transformer_blocks\.0\.attn2'.*JointAttnProcessor2_0"):
+        parafuse.parallelize(SimpleNamespace(transformer=sd35))
     flux = _tiny(FluxTransformer2DModel, patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16,
                  axes_dims_rope=(2, 2, 4))
@@ -259,3 +259,32 @@ def test_cli_generates_from_a_pipeline_folder(root, tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
         assert not bad.exists()
+
+
+def test_sd3_text_is_replicated_bitwise_and_merged_in_every_mode(root):
+    """SD3's joint attention: image tokens in strips, text tokens on every rank. The text hidden
+    states leaving every joint block are bitwise equal on all ranks; the text queries' merge is one
+    log-sum-exp all-gather and one all-reduce per joint block and evaluation (kind text_attn)."""
+    from parafuse.parallel.transport import ring_bytes
+
+    n, texts = 3, {}
+
+    def call(p):
+        rank = p.strips.layout.rank
+        for i, block in enumerate(p.transformer.transformer_blocks[:-1]):   # the last one returns no text
+            block.register_forward_hook(lambda m, a, o, i=i: None if p.strips.tracing   # the shape trace's fakes
+                                        else texts.setdefault((rank, i), []).append(o[0].clone()))
+        return images(p(**call_kwargs("sd3")))
+
+    for mode in ("sync", "partial"):
+        texts.clear()
+        outs = emulate_pipeline(pipe(root, "sd3"), n, call, mode=mode, warmup_steps=1)
+        assert len(texts) == n and all(len(got) == STEPS for got in texts.values())
+        for (rank, i), got in texts.items():
+            assert all(torch.equal(a, b) for a, b in zip(got, texts[(0, i)])), (mode, rank, i)
+        blocks, heads, d = 2, 2, 8
+        batch, text_len = 2, call_kwargs("sd3")["prompt_embeds"].shape[1]
+        lse, out = batch * heads * text_len * 4, batch * heads * text_len * d * 4
+        for _, stats in outs:
+            assert stats["bytes_sent"]["text_attn"] == STEPS * blocks * ((n - 1) * lse + ring_bytes(out, n))
+    assert (outs[0][0] - serial(root, "sd3")).abs().max() > 1e-4         # partial: stale image K/V

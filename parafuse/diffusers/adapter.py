@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, JointAttnProcessor2_0
 from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed
 
 from parafuse.attention import attention
@@ -52,6 +52,11 @@ def unsupported(name: str, module: nn.Module, why: str) -> UnsupportedModelError
         f"UNet2DConditionModel (SD 1.x/2.x, SDXL) and PixArtTransformer2DModel denoisers")
 
 
+def is_joint(attn: nn.Module) -> bool:
+    """Joint text+image attention: text gets its own K/V projections beside the image's."""
+    return getattr(attn, "add_k_proj", None) is not None
+
+
 class DiffusersAdapter:
     name = "diffusers"
 
@@ -68,11 +73,12 @@ class DiffusersAdapter:
                 raise unsupported(name, m, "joint / rotary attention of the AttentionModuleMixin families is not "
                                            "supported yet")
             if isinstance(m, Attention):
-                if getattr(m, "add_k_proj", None) is not None or getattr(m, "add_q_proj", None) is not None:
-                    raise unsupported(name, m, "joint text+image attention (added K/V projections, SD3-style) is "
-                                               "not supported yet")
                 inner = m.processor.inner if isinstance(m.processor, StripAttnProcessor) else m.processor
-                if not isinstance(inner, DEFAULT_PROCESSORS):
+                if is_joint(m):
+                    if not isinstance(inner, JointAttnProcessor2_0) or m.add_q_proj is None:
+                        raise unsupported(name, m, f"joint text+image attention with processor {type(inner).__name__} "
+                                                   f"(parafuse splits diffusers' JointAttnProcessor2_0)")
+                elif not isinstance(inner, DEFAULT_PROCESSORS):
                     raise unsupported(name, m, f"attention processor {type(inner).__name__} (parafuse runs "
                                                f"self-attention itself and knows only diffusers' default "
                                                f"processors; call unet.set_default_attn_processor() first)")
@@ -94,7 +100,8 @@ class DiffusersAdapter:
             return _adopt(PatchGroupNorm, module, engine, key)
         if kind == "attn":
             if not isinstance(module.processor, StripAttnProcessor):
-                module.set_processor(StripAttnProcessor(engine, key, module.processor, self))
+                cls = StripJointProcessor if is_joint(module) else StripAttnProcessor
+                module.set_processor(cls(engine, key, module.processor, self))
             return module
         if isinstance(module, StripPatchEmbed):
             return module
@@ -238,3 +245,73 @@ class StripPatchEmbed(PatchEmbed):
                                                output_type="pt").float().unsqueeze(0)
             self._grids[(height, width)] = grid
         return self._grids[(height, width)]
+
+
+class StripJointProcessor(StripAttnProcessor):
+    """Joint text+image attention (SD3's JointAttnProcessor2_0) with image tokens in strips and text
+    tokens replicated on every rank.
+
+    Image queries attend to the mode's image K/V (the engine's buffer) and this step's text K/V
+    (always fresh: every rank computes it). Text queries attend to every image token, so their
+    output is merged across the strips exactly: each rank attends with this step's own image keys
+    (and strip 0 also with the text keys, so that they enter exactly one partial result), then the
+    log-sum-exps are all-gathered and the reweighted partial outputs all-reduced (kind `text_attn`,
+    in every mode: the text hidden states stay bitwise equal on every rank)."""
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, *args, **kwargs):
+        if self.adapter.tracing:
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        if encoder_hidden_states is None or attention_mask is not None:
+            raise UnsupportedModelError(f"joint attention {self.key!r} called without text tokens or with a mask")
+        b, tokens, _ = hidden_states.shape
+        buf, start, end = self.engine.kv_buffer(self.key)
+        if end - start != tokens:
+            raise UnsupportedModelError(f"joint attention {self.key!r} got {tokens} image tokens, but the strip has "
+                                        f"{end - start} at its level")
+        self._project_kv(attn, hidden_states, buf[start:end])
+        self.engine.exchange_kv(self.key, buf, before=True)
+
+        def split(t):                                   # [B, T, inner] -> [B, heads, T, d]
+            return t.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+
+        def heads(t):                                   # [T, B, inner] buffer view -> [B, heads, T, d]
+            return t.permute(1, 0, 2).unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+
+        query = split(attn.to_q(hidden_states))
+        text_q, text_k = split(attn.add_q_proj(encoder_hidden_states)), split(attn.add_k_proj(encoder_hidden_states))
+        text_v = split(attn.add_v_proj(encoder_hidden_states))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_added_q is not None:
+            text_q = attn.norm_added_q(text_q)
+        if attn.norm_added_k is not None:
+            text_k = attn.norm_added_k(text_k)
+        inner = buf.shape[-1] // 2
+        key, value = heads(buf[..., :inner]), heads(buf[..., inner:])
+        image = F.scaled_dot_product_attention(query, torch.cat([key, text_k], 2), torch.cat([value, text_v], 2))
+        local_k, local_v = heads(buf[start:end, :, :inner]), heads(buf[start:end, :, inner:])
+        self.engine.exchange_kv(self.key, buf, before=False)
+        if self.engine.strip == 0:
+            local_k, local_v = torch.cat([local_k, text_k], 2), torch.cat([local_v, text_v], 2)
+        text = self._merged_text_attention(text_q, local_k, local_v)
+
+        image = attn.to_out[1](attn.to_out[0](image.transpose(1, 2).reshape(b, tokens, -1).to(query.dtype)))
+        text = text.transpose(1, 2).reshape(b, text.shape[2], -1).to(query.dtype)
+        if not attn.context_pre_only:
+            text = attn.to_add_out(text)
+        return image, text
+
+    def _merged_text_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """softmax(q K^T / sqrt(d)) V over the keys of every strip, from this strip's keys `k`, `v`:
+        partial output and log-sum-exp here, then lse all-gathered and outputs all-reduced."""
+        scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+        top = scores.amax(-1, keepdim=True)
+        weights = torch.exp(scores - top)
+        total = weights.sum(-1, keepdim=True)
+        partial = (weights @ v.float()) / total
+        lse = (top + total.log()).squeeze(-1)                                   # [B, heads, L]
+        everyone = self.engine.gather_rows(lse[None], 0, (1,) * self.engine.n, kind="text_attn")
+        partial *= torch.exp(lse - torch.logsumexp(everyone, 0))[..., None]
+        self.engine.transport.all_reduce(partial, "text_attn").wait()
+        return partial

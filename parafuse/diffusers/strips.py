@@ -25,7 +25,7 @@ import math
 import torch
 import torch.nn as nn
 
-from parafuse.diffusers.adapter import DiffusersAdapter, UnsupportedModelError
+from parafuse.diffusers.adapter import DiffusersAdapter, UnsupportedModelError, is_joint
 from parafuse.parallel.distributed import ParallelLayout
 from parafuse.parallel.engine import ExchangeEngine
 from parafuse.parallel.geometry import StripGeometry, conv_halo
@@ -69,7 +69,7 @@ def trace_sites(model: nn.Module, adapter: DiffusersAdapter, args: tuple, kwargs
                                    groups=mod.num_groups)
             elif kind == "attn":
                 context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-                if context is None:
+                if context is None or is_joint(mod):          # joint attention: hidden_states are the image
                     tokens = x.shape[1] if x.ndim == 3 else x.shape[2] * x.shape[3]
                     sites[name] = Site(name, "attn", factor(name, mod, tokens), mod.inner_kv_dim)   # to_k may be wrapped (LoRA)
             elif kind == "positions":
