@@ -288,3 +288,36 @@ def test_sd3_text_is_replicated_bitwise_and_merged_in_every_mode(root):
         for _, stats in outs:
             assert stats["bytes_sent"]["text_attn"] == STEPS * blocks * ((n - 1) * lse + ring_bytes(out, n))
     assert (outs[0][0] - serial(root, "sd3")).abs().max() > 1e-4         # partial: stale image K/V
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_vae_decode_by_strips_equals_plain_decode(root, n):
+    """The VAE decoder (convs, GroupNorms, the mid-block attention) runs by strips, always
+    synchronously, whatever the denoiser's mode; strip 0 gathers the image."""
+    vae = pipe(root, "sd").vae
+    z = torch.randn(1, vae.config.latent_channels, 40, 24, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        plain = vae.decode(z).sample
+
+    def decode(p):
+        with torch.no_grad():
+            return p.vae.decode(z).sample, p.strips.transport.totals()
+    outs = [out for out, _ in emulate_pipeline(pipe(root, "sd"), n, decode, mode="full", warmup_steps=1)]
+    assert (outs[0][0] - plain).abs().max() <= SYNC_TOL
+    assert plain.abs().max() > 0.1
+    image_rows = StripGeometry(160, 96, n, 4).rows            # the tiny VAE upsamples 4x
+    (_, received), (sent, _) = outs[0][1], outs[1][1]
+    assert received["gather"] == 3 * 96 * 4 * sum(image_rows[1:])
+    assert sent["conv_halo"] > 0 and sent["norm_stats"] > 0 and sent["attn_kv"] > 0
+
+
+def test_vae_tiling_is_refused(root):
+    import copy
+
+    p = copy.deepcopy(pipe(root, "sd"))
+    p.vae.enable_tiling()
+
+    def call(par):
+        with pytest.raises(UnsupportedModelError, match="disable_tiling"):
+            par(**call_kwargs("sd"))
+    emulate_pipeline(p, 2, call)

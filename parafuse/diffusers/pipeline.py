@@ -5,8 +5,9 @@
 
 Every rank (launched by torchrun) calls the returned pipeline with the same arguments, generator
 seed included. The pipeline's own loop, scheduler and output types are kept: rank 0 gets the
-pipeline's usual output; every other rank skips the VAE decode and gets None. `rank_stats` holds
-this rank's bytes per kind after each call.
+pipeline's usual output, every other rank None. The VAE decoder runs by strips too
+(`parallel_decode`, always synchronous: equal to the plain decode); without it, only rank 0
+decodes. `rank_stats` holds this rank's bytes per kind after each call (the decode's included).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from parafuse.diffusers.adapter import DiffusersAdapter, UnsupportedModelError
-from parafuse.diffusers.strips import StripDenoiser
+from parafuse.diffusers.strips import StripDecoder, StripDenoiser
 from parafuse.parallel.distributed import ParallelLayout, init_distributed, launched_by_torchrun
 from parafuse.parallel.engine import ExchangeEngine
 from parafuse.parallel.parallelize import parallelize as swap_layers
@@ -39,8 +40,9 @@ def denoiser_of(pipe) -> tuple[str, nn.Module]:
 class ParallelPipeline:
     """The pipeline, called as before; its attributes (scheduler, vae, ...) are the pipeline's own."""
 
-    def __init__(self, pipe, strips: StripDenoiser | None, layout: ParallelLayout, config: ParallelConfig):
-        self.pipe, self.strips, self.layout, self.config = pipe, strips, layout, config
+    def __init__(self, pipe, strips: StripDenoiser | None, decoder: StripDecoder | None, layout: ParallelLayout,
+                 config: ParallelConfig):
+        self.pipe, self.strips, self.decoder, self.layout, self.config = pipe, strips, decoder, layout, config
         self.rank_stats: dict = {}
 
     def __getattr__(self, name):
@@ -50,7 +52,10 @@ class ParallelPipeline:
         if self.config.cfg_parallel and kwargs.get("guidance_scale", 2.0) <= 1.0:
             raise UnsupportedModelError("cfg_parallel splits the two guidance branches across ranks; it needs "
                                         "guidance_scale > 1")
-        if self.layout.rank != 0:
+        if self.decoder is not None and getattr(self.pipe.vae, "use_tiling", False):
+            raise UnsupportedModelError("the VAE decodes by strips across the ranks; tiling would cut them again: "
+                                        "call pipe.vae.disable_tiling(), or parallelize with parallel_decode=False")
+        if self.layout.rank != 0 and self.decoder is None:
             kwargs["output_type"] = "latent"         # only rank 0 decodes
         if self.strips is None:
             return self.pipe(*args, **kwargs)
@@ -59,6 +64,8 @@ class ParallelPipeline:
             out = self.pipe(*args, **kwargs)
         finally:
             self.strips.end_image()
+            if self.decoder is not None:
+                self.decoder.end_image()
         transport = self.strips.transport
         sent, received = transport.totals()
         self.rank_stats = {"rank": self.layout.rank, "evaluations": self.strips.evaluations,
@@ -69,6 +76,8 @@ class ParallelPipeline:
         return out if self.layout.rank == 0 else None
 
     def close(self) -> None:
+        if self.decoder is not None:
+            self.decoder.end_image()
         if self.strips is not None:
             self.strips.end_image()
             if isinstance(self.strips.transport, TorchTransport):
@@ -76,28 +85,40 @@ class ParallelPipeline:
 
 
 def parallelize(pipe, mode: str = "sync", halo_portion: float = 0.3, warmup_steps: int = 4,
-                cfg_parallel: bool = False, norm_mode: str | None = None, *,
+                cfg_parallel: bool = False, norm_mode: str | None = None, parallel_decode: bool = True, *,
                 layout: ParallelLayout | None = None, transport: Transport | None = None) -> ParallelPipeline:
-    """Make `pipe`'s denoiser (`pipe.unet` or `pipe.transformer`) patch-parallel across the ranks of
-    torchrun's job (or of `layout`/`transport`: the thread emulator); see the module docstring.
-    Settings are checked and unsupported modules refused before any process group or compute."""
+    """Make `pipe`'s denoiser (`pipe.unet` or `pipe.transformer`) and, with `parallel_decode`, its
+    VAE decoder patch-parallel across the ranks of torchrun's job (or of `layout`/`transport`: the
+    thread emulator); see the module docstring. Settings are checked and unsupported modules
+    refused before any process group or compute."""
     config = ParallelConfig(mode, warmup_steps, halo_portion, norm_mode, cfg_parallel)
     _, model = denoiser_of(pipe)
     adapter = DiffusersAdapter()
     adapter.check(model)
+    vae_decoder = getattr(getattr(pipe, "vae", None), "decoder", None) if parallel_decode else None
+    if vae_decoder is not None:
+        try:
+            DiffusersAdapter().check(vae_decoder)
+        except UnsupportedModelError as e:
+            raise UnsupportedModelError(f"VAE decoder: {e}; parallelize with parallel_decode=False to decode on "
+                                        f"rank 0 alone") from None
     if layout is None:
         rank, world = init_distributed(next(model.parameters()).device) if launched_by_torchrun() else (0, 1)
         layout = ParallelLayout(rank, world, 2 if cfg_parallel else 1)
     if layout.world_size == 1:
-        return ParallelPipeline(pipe, None, layout, config)
+        return ParallelPipeline(pipe, None, None, layout, config)
     if transport is None:
         groups = [list(range(b * layout.patch_degree, (b + 1) * layout.patch_degree)) for b in range(layout.cfg_degree)]
         transport = TorchTransport(layout.rank, layout.world_size, groups)
-    engine = None
+    engine = decoder = None
     if layout.patch_degree > 1:
         engine = ExchangeEngine(transport, layout.patch_ranks, mode, halo_portion, warmup_steps, norm_mode)
         swap_layers(model, engine, adapter)
-    return ParallelPipeline(pipe, StripDenoiser(model, engine, adapter, layout, transport), layout, config)
+        if vae_decoder is not None:
+            decode_engine = ExchangeEngine(transport, layout.patch_ranks, "sync", halo_portion, 0)
+            decoder = StripDecoder(vae_decoder, decode_engine, DiffusersAdapter(), layout, transport)
+            swap_layers(vae_decoder, decode_engine, decoder.adapter)
+    return ParallelPipeline(pipe, StripDenoiser(model, engine, adapter, layout, transport), decoder, layout, config)
 
 
 def load_pipeline(path: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):

@@ -1,14 +1,14 @@
-"""A diffusers denoiser (`pipe.unet` / `pipe.transformer`) that runs on this rank's strip.
+"""A diffusers denoiser (`pipe.unet` / `pipe.transformer`) or VAE decoder that runs on this rank's strip.
 
-The pipeline keeps calling its denoiser with the whole latent; two hooks on the denoiser do the rest:
+The pipeline keeps calling its models with the whole latent; two hooks on each model do the rest:
 
     before   at the first call of an image, a shape-only trace of the plain model with the
              pipeline's own arguments (FakeTensor: no memory, no compute) lists the parallel sites
-             and the model's downsample unit, and fixes the patch plan for this geometry; every
-             call then starts an engine step and hands the model this rank's rows of the latent
-             (and, with CFG parallel, this rank's half of the batch)
-    after    the strips of the model output are gathered on every rank (kind `gather`; the CFG
-             halves are swapped with the peer, kind `cfg`), so the pipeline gets the whole output
+             and the model's unit, and fixes the patch plan for this geometry; every call then
+             starts an engine step and hands the model this rank's rows of its input (and, with
+             CFG parallel, this rank's half of the denoiser's batch)
+    after    the strips of the output are gathered (kind `gather`): the denoiser's on every rank
+             (the CFG halves swapped with the peer, kind `cfg`), the decoder's image on strip 0
 
 Who owns the latents: every rank runs the pipeline's own loop and its scheduler on the whole latent,
 redundantly, after gathering the model output at each step. That is exact for every scheduler
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -34,46 +35,40 @@ from parafuse.parallel.plan import LOCAL, PatchPlan, Site
 from parafuse.parallel.transport import Transport
 
 
+@dataclass(frozen=True)
+class Trace:
+    sites: list[Site]
+    unit: int             # rows of the finest grid per row at the model's coarsest level
+    height: int           # the finest grid the model computes on: the latent for a denoiser,
+    width: int            # the image for a VAE decoder (which upsamples its input)
+
+
 def trace_sites(model: nn.Module, adapter: DiffusersAdapter, args: tuple, kwargs: dict,
-                sample: torch.Tensor) -> tuple[list[Site], int]:
-    """The parallel sites of `model` called as `model(*args, **kwargs)` on the whole latent `sample`
-    [B, C, H, W], and the model's unit (the latent rows of one row at its coarsest level), from one
-    shape-only trace. A self-attention whose tokens are not a grid of the latent is refused."""
+                sample: torch.Tensor) -> Trace:
+    """The parallel sites of `model` called as `model(*args, **kwargs)` on the whole input `sample`
+    [B, C, H, W], from one shape-only trace. Levels are counted from the finest grid the model
+    computes on. A module whose positions are not a grid of it (text tokens joined to image tokens)
+    is refused."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    height, width = sample.shape[-2:]
-    sites: dict[str, Site] = {}
-    factors = {1}
-
-    def factor(name: str, module: nn.Module, positions: int) -> int:
-        f = round(math.sqrt(height * width / positions))
-        if f < 1 or f * f * positions != height * width or height % f or width % f:
-            raise UnsupportedModelError(f"parafuse cannot parallelise module {name!r} ({type(module).__name__}): it "
-                                        f"sees {positions} positions, not a grid of the {height}x{width} latent")
-        factors.add(f)
-        return f
+    seen: dict[str, tuple] = {}             # name -> (kind, module, positions, reads the input)
+    widths = {sample.shape[-1]}
 
     def hook(name: str, kind: str | None):
         def fn(mod, args, kwargs, out):
-            if name in sites:
-                return
             x = args[0] if args else kwargs.get("hidden_states")
             if isinstance(mod, nn.Conv2d):
-                factors.add(width // out.shape[-1])
-            if kind == "conv":
-                top, bottom = conv_halo(mod.kernel_size[0], mod.stride[0], mod.padding[0], mod.dilation[0])
-                sites[name] = Site(name, "conv", width // x.shape[-1], mod.in_channels, top=top, bottom=bottom,
-                                   first=x is sample)
-            elif kind == "norm":
-                sites[name] = Site(name, "norm", factor(name, mod, math.prod(x.shape[2:])), mod.num_channels,
-                                   groups=mod.num_groups)
+                widths.update((x.shape[-1], out.shape[-1]))
+            if name in seen or kind is None:
+                return
+            if kind in ("conv", "norm"):
+                seen[name] = (kind, mod, math.prod(x.shape[2:]), x is sample)
             elif kind == "attn":
                 context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
                 if context is None or is_joint(mod):          # joint attention: hidden_states are the image
-                    tokens = x.shape[1] if x.ndim == 3 else x.shape[2] * x.shape[3]
-                    sites[name] = Site(name, "attn", factor(name, mod, tokens), mod.inner_kv_dim)   # to_k may be wrapped (LoRA)
+                    seen[name] = (kind, mod, x.shape[1] if x.ndim == 3 else x.shape[2] * x.shape[3], False)
             elif kind == "positions":
-                sites[name] = Site(name, "positions", factor(name, mod, out.shape[1]))
+                seen[name] = (kind, mod, out.shape[1], False)
         return fn
 
     handles = []
@@ -89,7 +84,32 @@ def trace_sites(model: nn.Module, adapter: DiffusersAdapter, args: tuple, kwargs
         adapter.tracing = False
         for h in handles:
             h.remove()
-    return list(sites.values()), math.lcm(*factors)
+
+    width = max(widths)
+    height = sample.shape[-2] * width // sample.shape[-1]
+    factors = {width // w for w in widths}
+
+    def factor(name: str, module: nn.Module, positions: int) -> int:
+        f = round(math.sqrt(height * width / positions))
+        if f < 1 or f * f * positions != height * width or height % f or width % f:
+            raise UnsupportedModelError(f"parafuse cannot parallelise module {name!r} ({type(module).__name__}): it "
+                                        f"sees {positions} positions, not a grid of the {height}x{width} latent")
+        factors.add(f)
+        return f
+
+    sites = []
+    for name, (kind, mod, positions, first) in seen.items():
+        f = factor(name, mod, positions)
+        if kind == "conv":
+            top, bottom = conv_halo(mod.kernel_size[0], mod.stride[0], mod.padding[0], mod.dilation[0])
+            sites.append(Site(name, "conv", f, mod.in_channels, top=top, bottom=bottom, first=first))
+        elif kind == "norm":
+            sites.append(Site(name, "norm", f, mod.num_channels, groups=mod.num_groups))
+        elif kind == "attn":
+            sites.append(Site(name, "attn", f, mod.inner_kv_dim))     # not to_k's width: LoRA may wrap it
+        else:
+            sites.append(Site(name, "positions", f))
+    return Trace(sites, math.lcm(*factors), height, width)
 
 
 def _batch_half(obj, batch: int, half: int):
@@ -104,15 +124,19 @@ def _batch_half(obj, batch: int, half: int):
     return obj
 
 
-class StripDenoiser:
-    """Hooks that make a diffusers denoiser compute this rank's strip (see the module docstring)."""
+class StripModel:
+    """Hooks that make a diffusers model compute this rank's strip: the input's rows in, the output's
+    strips gathered out (see the module docstring). Each call of the model is one engine step of
+    the current image; the patch plan is fixed at an image's first call."""
 
-    def __init__(self, model: nn.Module, engine: ExchangeEngine | None, adapter: DiffusersAdapter,
+    gather_to: int | None = None          # gather the output on every strip (None) or on one
+
+    def __init__(self, model: nn.Module, engine: ExchangeEngine, adapter: DiffusersAdapter,
                  layout: ParallelLayout, transport: Transport):
         self.model, self.engine, self.adapter = model, engine, adapter
         self.layout, self.transport = layout, transport
         self.sample_name = next(iter(inspect.signature(model.forward).parameters))
-        self._sites: dict[tuple[int, int], tuple[list[Site], int]] = {}   # per latent size
+        self._traces: dict[tuple[int, ...], Trace] = {}           # per input size
         self._structure = None
         self.geometry: StripGeometry | None = None
         self.evaluations = 0
@@ -121,20 +145,18 @@ class StripDenoiser:
                          model.register_forward_hook(self._after, with_kwargs=True)]
 
     def begin_image(self) -> None:
-        """Before each pipeline call: swap in layers for modules added since (LoRA), forget the sites
-        if the model's structure changed, and start counting evaluations from 0."""
+        """Before each image: swap in layers for modules added since (LoRA), forget the traces if
+        the model's structure changed, and start counting evaluations from 0."""
         if self.engine is not None:
             self.adapter.check(self.model)
             swap_layers(self.model, self.engine, self.adapter)
             structure = tuple((name, id(m)) for name, m in self.model.named_modules())
             if structure != self._structure:
                 self.adapter.rekey(self.model)
-                self._sites.clear()
+                self._traces.clear()
                 self._structure = structure
         self.geometry = None
         self.evaluations = 0
-        if self.transport is not None:
-            self.transport.reset_counts()
 
     def end_image(self) -> None:
         if self.engine is not None:
@@ -154,6 +176,79 @@ class StripDenoiser:
         return args, {**kwargs, self.sample_name: sample}
 
     def _before(self, module, args, kwargs):
+        if self.tracing or self.engine is None:
+            return None
+        if torch.is_grad_enabled():
+            raise UnsupportedModelError(f"parafuse's patch layers are inference-only: call {type(self.model).__name__} "
+                                        f"under torch.no_grad() (diffusers pipelines do)")
+        sample = self._sample(args, kwargs)
+        if self.geometry is None:
+            self._configure(args, kwargs, sample)
+        elif sample.shape != self._input_shape:
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__} was called with a {tuple(sample.shape)} input inside an image planned "
+                f"for {self._input_shape}: parafuse plans one geometry per pipeline call")
+        self.engine.begin_step(self.evaluations)
+        self.evaluations += 1
+        level = self.geometry.level_of_width(sample.shape[-1])
+        top = level.offsets[self.layout.patch_index]
+        return self._with_sample(args, kwargs, sample[:, :, top: top + level.rows[self.layout.patch_index]].contiguous())
+
+    def _configure(self, args: tuple, kwargs: dict, sample: torch.Tensor) -> None:
+        """The patch plan of this image's geometry, from a shape trace (once per input size)."""
+        size = tuple(sample.shape[-2:])
+        if size not in self._traces:
+            saved, self.engine.step = self.engine.step, LOCAL      # the patch layers run as plain layers
+            self.tracing = True
+            try:
+                self._traces[size] = trace_sites(self.model, self.adapter, args, kwargs, sample)
+            finally:
+                self.tracing, self.engine.step = False, saved
+        trace = self._traces[size]
+        geometry = StripGeometry(trace.height, trace.width, self.layout.patch_degree, trace.unit)
+        for s in trace.sites:
+            if s.kind == "conv":
+                geometry.check_halo(s.factor, s.top, s.bottom, f"conv {s.key}")
+        dtype = next(self.model.parameters()).dtype
+        self.engine.configure(PatchPlan(trace.sites, geometry, self.layout.patch_index, sample.shape[0], dtype,
+                                        self.engine.settings), sample.device)
+        self.geometry, self._input_shape = geometry, sample.shape
+
+    def _after(self, module, args, kwargs, output):
+        if self.tracing:
+            return None
+        if isinstance(output, torch.Tensor):
+            out = output
+        else:
+            out = output[0] if isinstance(output, tuple) else next(iter(output.values()))
+        out = self._gather(out)
+        if isinstance(output, torch.Tensor):
+            return out
+        if isinstance(output, tuple):
+            return (out,) + tuple(output[1:])
+        output[next(iter(output.keys()))] = out
+        return output
+
+    def _gather(self, out: torch.Tensor) -> torch.Tensor:
+        if self.engine is None:
+            return out
+        rows = self.geometry.level_of_width(out.shape[-1]).rows
+        full = self.engine.gather_rows(out, 2, rows, dst=self.gather_to, kind="gather")
+        if full is None:        # not the gathering strip: a placeholder of the whole output's shape
+            full = out.new_zeros(out.shape[:2] + (sum(rows),) + out.shape[3:])
+        return full
+
+
+class StripDenoiser(StripModel):
+    """`pipe.unet` / `pipe.transformer`: the output gathered on every rank (each steps the
+    scheduler); with CFG parallel, this rank's guidance branch only, the other branch's output
+    swapped with the CFG peer."""
+
+    def begin_image(self) -> None:
+        super().begin_image()
+        self.transport.reset_counts()
+
+    def _before(self, module, args, kwargs):
         if self.tracing:
             return None
         if self.layout.cfg_degree == 2:
@@ -162,53 +257,25 @@ class StripDenoiser:
                 raise UnsupportedModelError(f"cfg_parallel splits the two guidance branches of the denoiser's batch, "
                                             f"but the pipeline called it with batch {batch}: use guidance_scale > 1")
             args, kwargs = _batch_half((args, kwargs), batch, self.layout.branch)
-        if self.engine is None:
-            return args, kwargs
-        sample = self._sample(args, kwargs)
-        if self.geometry is None:
-            self._configure(args, kwargs, sample)
-        elif (sample.shape[-2:] != (self.geometry.height, self.geometry.width)
-              or sample.shape[0] != self.engine.plan.batch):
-            raise UnsupportedModelError(
-                f"the denoiser was called with a {tuple(sample.shape)} latent inside an image planned for batch "
-                f"{self.engine.plan.batch} at {self.geometry.height}x{self.geometry.width}: parafuse plans one "
-                f"geometry per pipeline call")
-        self.engine.begin_step(self.evaluations)
-        self.evaluations += 1
-        top, bottom = self.geometry.row_range(self.layout.patch_index)
-        return self._with_sample(args, kwargs, sample[:, :, top:bottom].contiguous())
+        return super()._before(module, args, kwargs) or (args, kwargs)
 
-    def _configure(self, args: tuple, kwargs: dict, sample: torch.Tensor) -> None:
-        """The patch plan of this image's geometry, from the sites of a shape trace (once per size)."""
-        size = tuple(sample.shape[-2:])
-        if size not in self._sites:
-            saved, self.engine.step = self.engine.step, LOCAL      # the patch layers run as plain layers
-            self.tracing = True
-            try:
-                self._sites[size] = trace_sites(self.model, self.adapter, args, kwargs, sample)
-            finally:
-                self.tracing, self.engine.step = False, saved
-        sites, unit = self._sites[size]
-        geometry = StripGeometry(size[0], size[1], self.layout.patch_degree, unit)
-        for s in sites:
-            if s.kind == "conv":
-                geometry.check_halo(s.factor, s.top, s.bottom, f"conv {s.key}")
-        dtype = next(self.model.parameters()).dtype
-        self.engine.configure(PatchPlan(sites, geometry, self.layout.patch_index, sample.shape[0], dtype,
-                                        self.engine.settings), sample.device)
-        self.geometry = geometry
-
-    def _after(self, module, args, kwargs, output):
-        if self.tracing:
-            return None
-        out = output[0] if isinstance(output, tuple) else next(iter(output.values()))
-        if self.engine is not None:
-            out = self.engine.gather_rows(out, 2, self.geometry.rows, dst=None, kind="gather")
+    def _gather(self, out: torch.Tensor) -> torch.Tensor:
+        out = super()._gather(out)
         if self.layout.cfg_degree == 2:
             other = torch.empty_like(out)
             self.transport.start([(out, self.layout.cfg_peer)], [(other, self.layout.cfg_peer)], "cfg").wait()
             out = torch.cat([out, other] if self.layout.branch == 0 else [other, out])
-        if isinstance(output, tuple):
-            return (out,) + tuple(output[1:])
-        output[next(iter(output.keys()))] = out
-        return output
+        return out
+
+
+class StripDecoder(StripModel):
+    """A VAE decoder (`pipe.vae.decoder`) decoding this rank's rows of the latent, always
+    synchronous (one pass, equal to the plain decode); every call is a new image. The image is
+    gathered on strip 0; the other strips get zeros of its shape, which their pipeline discards."""
+
+    gather_to = 0
+
+    def _before(self, module, args, kwargs):
+        if not self.tracing:
+            self.begin_image()
+        return super()._before(module, args, kwargs)
