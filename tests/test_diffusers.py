@@ -128,11 +128,12 @@ def test_torchrun_async_modes_equal_emulator(root, torchrun_run, case):
     assert (emu[0][0] - serial(root, family)).abs().max() > 1e-3, "a stale mode that equals sync exchanged too much"
 
 
-@pytest.mark.parametrize("n", [2, 4])
-def test_cfg_parallel_sync_equals_diffusers(root, n):
-    """The two guidance branches on two groups of n/2 strips each (n = 2: one strip per branch)."""
-    outs = emulated(root, "sd", n, mode="sync", cfg_parallel=True)
-    assert (outs[0][0] - serial(root, "sd")).abs().max() <= SYNC_TOL
+@pytest.mark.parametrize("family,n", [("sd", 2), ("sd", 4), ("sdxl", 2)])
+def test_cfg_parallel_sync_equals_diffusers(root, family, n):
+    """The two guidance branches on two groups of n/2 strips each (n = 2: one strip per branch);
+    every batched argument is halved (SDXL: its added text/time conditioning too)."""
+    outs = emulated(root, family, n, mode="sync", cfg_parallel=True)
+    assert (outs[0][0] - serial(root, family)).abs().max() <= SYNC_TOL
     assert outs[0][1]["bytes_sent"]["cfg"] > 0
 
 
