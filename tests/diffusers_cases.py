@@ -97,7 +97,21 @@ def build_sd3(path: str) -> None:
                              text_encoder_3=None, tokenizer_3=None).save_pretrained(path)
 
 
-BUILDERS = {"sd": build_sd, "sdxl": build_sdxl, "pixart": build_pixart, "sd3": build_sd3}
+def build_flux(path: str) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    _seeded(0)
+    # dual-stream blocks with text as encoder_hidden_states, single-stream blocks over [text | image]
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
+                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=TEXT_DIM,
+                                         pooled_projection_dim=POOLED_DIM, axes_dims_rope=(2, 2, 4))
+    _wake(transformer, 5)
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=64,
+                                                max_image_seq_len=1024, base_shift=0.5, max_shift=1.15)
+    FluxPipeline(scheduler=scheduler, vae=_vae(), text_encoder=None, tokenizer=None, text_encoder_2=None,
+                 tokenizer_2=None, transformer=transformer).save_pretrained(path)
+
+
+BUILDERS = {"sd": build_sd, "sdxl": build_sdxl, "pixart": build_pixart, "sd3": build_sd3, "flux": build_flux}
 
 
 def pipeline_path(root: str, family: str) -> str:
@@ -116,6 +130,9 @@ def call_kwargs(family: str, guidance: float = 3.0, seed: int = 0, output_type: 
     kw = dict(height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, guidance_scale=guidance,
               generator=torch.Generator().manual_seed(seed), output_type=output_type,
               prompt_embeds=emb, negative_prompt_embeds=neg)
+    if family == "flux":        # guidance-distilled: no negative branch (true_cfg_scale 1)
+        del kw["negative_prompt_embeds"]
+        kw["pooled_prompt_embeds"] = torch.randn(1, POOLED_DIM, generator=g)
     if family in ("sdxl", "sd3"):
         kw.update(pooled_prompt_embeds=torch.randn(1, POOLED_DIM, generator=g),
                   negative_pooled_prompt_embeds=torch.randn(1, POOLED_DIM, generator=g))
@@ -137,4 +154,5 @@ TORCHRUN_CASES = {
     "sd-full": ("sd", dict(mode="full", warmup_steps=1)),
     "pixart-partial": ("pixart", dict(mode="partial", warmup_steps=1, halo_portion=0.3)),
     "sd3-partial": ("sd3", dict(mode="partial", warmup_steps=1, halo_portion=0.3)),
+    "flux-partial": ("flux", dict(mode="partial", warmup_steps=1, halo_portion=0.3)),
 }

@@ -57,7 +57,7 @@ def psnr(a, b):
 
 
 @pytest.mark.parametrize("n", [2, 3])
-@pytest.mark.parametrize("family", ["sd", "sdxl", "pixart", "sd3"])
+@pytest.mark.parametrize("family", ["sd", "sdxl", "pixart", "sd3", "flux"])
 def test_sync_equals_diffusers(root, family, n):
     outs = emulated(root, family, n, mode="sync")
     ref = serial(root, family)
@@ -117,7 +117,7 @@ def test_torchrun_sync_equals_diffusers(root, torchrun_run):
     assert got["sd-sync"][1]["images"] is None
 
 
-@pytest.mark.parametrize("case", ["sd-full", "pixart-partial", "sd3-partial"])
+@pytest.mark.parametrize("case", ["sd-full", "pixart-partial", "sd3-partial", "flux-partial"])
 def test_torchrun_async_modes_equal_emulator(root, torchrun_run, case):
     n, got = torchrun_run
     family, settings = TORCHRUN_CASES[case]
@@ -212,7 +212,8 @@ def test_unsupported_modules_are_named_before_any_compute(root):
     flux = _tiny(FluxTransformer2DModel, patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16,
                  axes_dims_rope=(2, 2, 4))
-    with pytest.raises(UnsupportedModelError, match=r"'transformer_blocks\.0\.attn'"):
+    flux.fuse_qkv_projections()
+    with pytest.raises(UnsupportedModelError, match=r"'transformer_blocks\.0\.attn'.*fused QKV"):
         parafuse.parallelize(SimpleNamespace(transformer=flux))
 
     import copy
@@ -262,33 +263,42 @@ def test_cli_generates_from_a_pipeline_folder(root, tmp_path, capsys):
         assert not bad.exists()
 
 
-def test_sd3_text_is_replicated_bitwise_and_merged_in_every_mode(root):
-    """SD3's joint attention: image tokens in strips, text tokens on every rank. The text hidden
-    states leaving every joint block are bitwise equal on all ranks; the text queries' merge is one
-    log-sum-exp all-gather and one all-reduce per joint block and evaluation (kind text_attn)."""
+def text_blocks(family, transformer):
+    """The blocks whose output[0] is the text hidden states (SD3's last block returns none)."""
+    if family == "sd3":
+        return list(transformer.transformer_blocks[:-1])
+    return list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+
+
+@pytest.mark.parametrize("family,joint_sites,batch", [("sd3", 2, 2), ("flux", 3, 1)])
+def test_text_is_replicated_bitwise_and_merged_in_every_mode(root, family, joint_sites, batch):
+    """Joint text + image attention (SD3; Flux's dual- and single-stream blocks, text first): image
+    tokens in strips, text tokens on every rank. The text hidden states leaving every block are
+    bitwise equal on all ranks; the text queries' merge is one log-sum-exp all-gather and one
+    all-reduce per joint attention and evaluation (kind text_attn)."""
     from parafuse.parallel.transport import ring_bytes
 
     n, texts = 3, {}
 
     def call(p):
         rank = p.strips.layout.rank
-        for i, block in enumerate(p.transformer.transformer_blocks[:-1]):   # the last one returns no text
+        for i, block in enumerate(text_blocks(family, p.transformer)):
             block.register_forward_hook(lambda m, a, o, i=i: None if p.strips.tracing   # the shape trace's fakes
                                         else texts.setdefault((rank, i), []).append(o[0].clone()))
-        return images(p(**call_kwargs("sd3")))
+        return images(p(**call_kwargs(family)))
 
+    blocks = len(text_blocks(family, pipe(root, family).transformer))
     for mode in ("sync", "partial"):
         texts.clear()
-        outs = emulate_pipeline(pipe(root, "sd3"), n, call, mode=mode, warmup_steps=1)
-        assert len(texts) == n and all(len(got) == STEPS for got in texts.values())
+        outs = emulate_pipeline(pipe(root, family), n, call, mode=mode, warmup_steps=1)
+        assert len(texts) == n * blocks and all(len(got) == STEPS for got in texts.values())
         for (rank, i), got in texts.items():
             assert all(torch.equal(a, b) for a, b in zip(got, texts[(0, i)])), (mode, rank, i)
-        blocks, heads, d = 2, 2, 8
-        batch, text_len = 2, call_kwargs("sd3")["prompt_embeds"].shape[1]
+        heads, d, text_len = 2, 8, call_kwargs(family)["prompt_embeds"].shape[1]
         lse, out = batch * heads * text_len * 4, batch * heads * text_len * d * 4
         for _, stats in outs:
-            assert stats["bytes_sent"]["text_attn"] == STEPS * blocks * ((n - 1) * lse + ring_bytes(out, n))
-    assert (outs[0][0] - serial(root, "sd3")).abs().max() > 1e-4         # partial: stale image K/V
+            assert stats["bytes_sent"]["text_attn"] == STEPS * joint_sites * ((n - 1) * lse + ring_bytes(out, n))
+    assert (outs[0][0] - serial(root, family)).abs().max() > 1e-4        # partial: stale image K/V
 
 
 @pytest.mark.parametrize("n", [2, 3])

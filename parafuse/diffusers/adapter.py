@@ -34,10 +34,12 @@ from parafuse.parallel.adapter import BUILTIN
 from parafuse.parallel.engine import ExchangeEngine
 from parafuse.parallel.layers import PatchConv2d, PatchGroupNorm, _adopt
 
-try:                                   # the newer attention classes (Flux, Wan, ...): not splittable yet
+try:                                   # the newer attention classes (Flux, Wan, ...): Flux's is split
     from diffusers.models.attention import AttentionModuleMixin
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 except ImportError:                    # older diffusers
-    AttentionModuleMixin = ()
+    AttentionModuleMixin = FluxAttnProcessor = ()
+from diffusers.models.embeddings import apply_rotary_emb
 
 DEFAULT_PROCESSORS = (AttnProcessor2_0, AttnProcessor)
 
@@ -50,6 +52,16 @@ def unsupported(name: str, module: nn.Module, why: str) -> UnsupportedModelError
     return UnsupportedModelError(
         f"parafuse cannot parallelise module {name!r} ({type(module).__name__}): {why}. Supported today: "
         f"UNet2DConditionModel (SD 1.x/2.x, SDXL) and PixArtTransformer2DModel denoisers")
+
+
+def _inner(processor):
+    return processor.inner if isinstance(processor, StripAttnProcessor) else processor
+
+
+def is_flux(attn: nn.Module) -> bool:
+    """Flux's attention (a dual-stream joint block, or a single-stream block over [text | image])."""
+    return isinstance(attn, AttentionModuleMixin) and isinstance(_inner(getattr(attn, "processor", None)),
+                                                                 FluxAttnProcessor)
 
 
 def is_joint(attn: nn.Module) -> bool:
@@ -69,9 +81,11 @@ class DiffusersAdapter:
             if isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or isinstance(m.padding, str)):
                 raise unsupported(name, m, f"padding {m.padding!r} / padding mode {m.padding_mode!r} (only explicit "
                                            f"zero padding is split into strips)")
-            if isinstance(m, AttentionModuleMixin) and not isinstance(m, Attention):
-                raise unsupported(name, m, "joint / rotary attention of the AttentionModuleMixin families is not "
-                                           "supported yet")
+            if isinstance(m, AttentionModuleMixin) and not isinstance(m, Attention) and not is_flux(m):
+                raise unsupported(name, m, f"attention with processor {type(_inner(m.processor)).__name__} (of the "
+                                           f"AttentionModuleMixin families parafuse splits Flux's FluxAttnProcessor)")
+            if is_flux(m) and getattr(m, "fused_projections", False):
+                raise unsupported(name, m, "fused QKV projections (call unfuse_qkv_projections() first)")
             if isinstance(m, Attention):
                 inner = m.processor.inner if isinstance(m.processor, StripAttnProcessor) else m.processor
                 if is_joint(m):
@@ -86,7 +100,7 @@ class DiffusersAdapter:
     def site_kind(self, module: nn.Module) -> str | None:
         if isinstance(module, (nn.Conv2d, nn.GroupNorm)):
             return BUILTIN.site_kind(module)
-        if isinstance(module, Attention):
+        if isinstance(module, Attention) or is_flux(module):
             return "attn"
         if isinstance(module, PatchEmbed) and module.pos_embed is not None:
             return "positions"
@@ -100,7 +114,8 @@ class DiffusersAdapter:
             return _adopt(PatchGroupNorm, module, engine, key)
         if kind == "attn":
             if not isinstance(module.processor, StripAttnProcessor):
-                cls = StripJointProcessor if is_joint(module) else StripAttnProcessor
+                cls = (StripFluxProcessor if is_flux(module) else StripJointProcessor if is_joint(module)
+                       else StripAttnProcessor)
                 module.set_processor(cls(engine, key, module.processor, self))
             return module
         if isinstance(module, StripPatchEmbed):
@@ -116,7 +131,7 @@ class DiffusersAdapter:
         for name, m in model.named_modules():
             if isinstance(m, (PatchConv2d, PatchGroupNorm, StripPatchEmbed)):
                 m.key = name
-            elif isinstance(m, Attention) and isinstance(m.processor, StripAttnProcessor):
+            elif isinstance(getattr(m, "processor", None), StripAttnProcessor):
                 m.processor.key = name
 
 
@@ -315,3 +330,70 @@ class StripJointProcessor(StripAttnProcessor):
         partial *= torch.exp(lse - torch.logsumexp(everyone, 0))[..., None]
         self.engine.transport.all_reduce(partial, "text_attn").wait()
         return partial
+
+
+class StripFluxProcessor(StripJointProcessor):
+    """Flux's attention with image tokens in strips and text tokens replicated (Flux puts text first).
+
+    Dual-stream blocks get text as `encoder_hidden_states`; single-stream blocks get [text | image]
+    as one sequence, whose text length is what is left of it beside the strip's image tokens. Keys
+    are RMS-normed and rotated (RoPE of the whole grid's ids, sliced: the model computes the rotary
+    embedding from the strip's `img_ids`) before they enter the K/V buffer; image queries attend to
+    this step's text K/V and the mode's image K/V, text queries to every image token, merged exactly
+    across strips as in StripJointProcessor."""
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb=None, **kwargs):
+        if self.adapter.tracing:
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **kwargs)
+        if attention_mask is not None or image_rotary_emb is None:
+            raise UnsupportedModelError(f"Flux attention {self.key!r} called with a mask or without rotary embeddings")
+        buf, start, end = self.engine.kv_buffer(self.key)
+        tokens = end - start
+        dual = encoder_hidden_states is not None
+        if dual:
+            image, text = hidden_states, encoder_hidden_states
+        else:
+            text_len = hidden_states.shape[1] - tokens
+            text, image = hidden_states[:, :text_len], hidden_states[:, text_len:]
+        b, text_len = image.shape[0], text.shape[1]
+        cos, sin = image_rotary_emb
+
+        def prepare(t, norm, rows):                 # [B, T, inner] -> normed, rotated [B, T, heads, d]
+            t = t.unflatten(-1, (-1, attn.head_dim))
+            t = norm(t) if norm is not None else t
+            return apply_rotary_emb(t, (cos[rows], sin[rows]), sequence_dim=1) if rows is not None else t
+
+        img, txt = slice(text_len, None), slice(None, text_len)
+        key = prepare(attn.to_k(image), attn.norm_k, img)
+        buf[start:end, :, : buf.shape[-1] // 2].copy_(key.flatten(2).transpose(0, 1))
+        buf[start:end, :, buf.shape[-1] // 2:].copy_(attn.to_v(image).transpose(0, 1))
+        self.engine.exchange_kv(self.key, buf, before=True)
+
+        query = prepare(attn.to_q(image), attn.norm_q, img).transpose(1, 2)          # [B, heads, T, d]
+        if dual:
+            text_q = prepare(attn.add_q_proj(text), attn.norm_added_q, txt)
+            text_k = prepare(attn.add_k_proj(text), attn.norm_added_k, txt)
+            text_v = attn.add_v_proj(text).unflatten(-1, (-1, attn.head_dim))
+        else:
+            text_q, text_k = prepare(attn.to_q(text), attn.norm_q, txt), prepare(attn.to_k(text), attn.norm_k, txt)
+            text_v = attn.to_v(text).unflatten(-1, (-1, attn.head_dim))
+        text_q, text_k, text_v = (t.transpose(1, 2) for t in (text_q, text_k, text_v))
+
+        def heads(t):                                   # [T, B, inner] buffer view -> [B, heads, T, d]
+            return t.permute(1, 0, 2).unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)
+
+        inner = buf.shape[-1] // 2
+        all_k, all_v = heads(buf[..., :inner]), heads(buf[..., inner:])
+        image_out = F.scaled_dot_product_attention(query, torch.cat([text_k, all_k], 2), torch.cat([text_v, all_v], 2))
+        local_k, local_v = heads(buf[start:end, :, :inner]), heads(buf[start:end, :, inner:])
+        self.engine.exchange_kv(self.key, buf, before=False)
+        if self.engine.strip == 0:
+            local_k, local_v = torch.cat([text_k, local_k], 2), torch.cat([text_v, local_v], 2)
+        text_out = self._merged_text_attention(text_q, local_k, local_v)
+
+        image_out = image_out.transpose(1, 2).flatten(2).to(query.dtype)
+        text_out = text_out.transpose(1, 2).flatten(2).to(query.dtype)
+        if not dual:
+            return torch.cat([text_out, image_out], 1)
+        return attn.to_out[1](attn.to_out[0](image_out)), attn.to_add_out(text_out)

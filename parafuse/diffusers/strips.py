@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from parafuse.diffusers.adapter import DiffusersAdapter, UnsupportedModelError, is_joint
+from parafuse.diffusers.adapter import DiffusersAdapter, UnsupportedModelError, is_flux, is_joint
 from parafuse.parallel.distributed import ParallelLayout
 from parafuse.parallel.engine import ExchangeEngine
 from parafuse.parallel.geometry import StripGeometry, conv_halo
@@ -44,15 +44,15 @@ class Trace:
 
 
 def trace_sites(model: nn.Module, adapter: DiffusersAdapter, args: tuple, kwargs: dict,
-                sample: torch.Tensor) -> Trace:
+                sample: torch.Tensor, grid: tuple[int, int]) -> Trace:
     """The parallel sites of `model` called as `model(*args, **kwargs)` on the whole input `sample`
-    [B, C, H, W], from one shape-only trace. Levels are counted from the finest grid the model
-    computes on. A module whose positions are not a grid of it (text tokens joined to image tokens)
-    is refused."""
+    (an image [B, C, H, W], or tokens [B, H*W, C] of the grid `grid`), from one shape-only trace.
+    Levels are counted from the finest grid the model computes on. A module whose positions are not
+    a grid of it (text tokens joined to image tokens, outside Flux's attention) is refused."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     seen: dict[str, tuple] = {}             # name -> (kind, module, positions, reads the input)
-    widths = {sample.shape[-1]}
+    widths = {grid[1]}
 
     def hook(name: str, kind: str | None):
         def fn(mod, args, kwargs, out):
@@ -65,7 +65,9 @@ def trace_sites(model: nn.Module, adapter: DiffusersAdapter, args: tuple, kwargs
                 seen[name] = (kind, mod, math.prod(x.shape[2:]), x is sample)
             elif kind == "attn":
                 context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-                if context is None or is_joint(mod):          # joint attention: hidden_states are the image
+                if is_flux(mod):            # image tokens of the whole grid (single blocks prepend the text)
+                    seen[name] = (kind, mod, grid[0] * grid[1], False)
+                elif context is None or is_joint(mod):        # joint attention: hidden_states are the image
                     seen[name] = (kind, mod, x.shape[1] if x.ndim == 3 else x.shape[2] * x.shape[3], False)
             elif kind == "positions":
                 seen[name] = (kind, mod, out.shape[1], False)
@@ -86,7 +88,7 @@ def trace_sites(model: nn.Module, adapter: DiffusersAdapter, args: tuple, kwargs
             h.remove()
 
     width = max(widths)
-    height = sample.shape[-2] * width // sample.shape[-1]
+    height = grid[0] * width // grid[1]
     factors = {width // w for w in widths}
 
     def factor(name: str, module: nn.Module, positions: int) -> int:
@@ -106,7 +108,8 @@ def trace_sites(model: nn.Module, adapter: DiffusersAdapter, args: tuple, kwargs
         elif kind == "norm":
             sites.append(Site(name, "norm", f, mod.num_channels, groups=mod.num_groups))
         elif kind == "attn":
-            sites.append(Site(name, "attn", f, mod.inner_kv_dim))     # not to_k's width: LoRA may wrap it
+            # not to_k's width: LoRA may wrap it
+            sites.append(Site(name, "attn", f, getattr(mod, "inner_kv_dim", None) or mod.inner_dim))
         else:
             sites.append(Site(name, "positions", f))
     return Trace(sites, math.lcm(*factors), height, width)
@@ -139,6 +142,7 @@ class StripModel:
         self._traces: dict[tuple[int, ...], Trace] = {}           # per input size
         self._structure = None
         self.geometry: StripGeometry | None = None
+        self._tokens = False                                      # the input is a token grid (Flux)
         self.evaluations = 0
         self.tracing = False
         self._handles = [model.register_forward_pre_hook(self._before, with_kwargs=True),
@@ -190,18 +194,40 @@ class StripModel:
                 f"for {self._input_shape}: parafuse plans one geometry per pipeline call")
         self.engine.begin_step(self.evaluations)
         self.evaluations += 1
+        i = self.layout.patch_index
+        if self._tokens:            # [B, h*w, C] row-major over the grid, and the grid's ids
+            w, top, rows = self.geometry.width, self.geometry.level(1).offsets[i], self.geometry.rows[i]
+            ids = kwargs["img_ids"]
+            kwargs = {**kwargs, "img_ids": ids[..., top * w: (top + rows) * w, :]}
+            return self._with_sample(args, kwargs, sample[:, top * w: (top + rows) * w].contiguous())
         level = self.geometry.level_of_width(sample.shape[-1])
-        top = level.offsets[self.layout.patch_index]
-        return self._with_sample(args, kwargs, sample[:, :, top: top + level.rows[self.layout.patch_index]].contiguous())
+        top = level.offsets[i]
+        return self._with_sample(args, kwargs, sample[:, :, top: top + level.rows[i]].contiguous())
+
+    def _grid(self, kwargs: dict, sample: torch.Tensor) -> tuple[tuple[int, int], bool]:
+        """The input's grid (rows, columns) and whether the input is a token sequence [B, rows*cols, C]
+        with `img_ids` naming each token's (_, row, column), as Flux's is."""
+        if sample.dim() == 4:
+            return tuple(sample.shape[-2:]), False
+        ids = kwargs.get("img_ids")
+        if sample.dim() == 3 and ids is not None:
+            ids = ids[0] if ids.dim() == 3 else ids
+            rows, cols = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+            if rows * cols == sample.shape[1] and torch.equal(ids[:, 1] * cols + ids[:, 2],
+                                                               torch.arange(rows * cols, device=ids.device)):
+                return (rows, cols), True
+        raise UnsupportedModelError(f"{type(self.model).__name__}'s input {tuple(sample.shape)} is neither an image "
+                                    f"[B, C, H, W] nor a row-major token grid named by img_ids")
 
     def _configure(self, args: tuple, kwargs: dict, sample: torch.Tensor) -> None:
         """The patch plan of this image's geometry, from a shape trace (once per input size)."""
-        size = tuple(sample.shape[-2:])
+        grid, self._tokens = self._grid(kwargs, sample)
+        size = tuple(sample.shape[1:])
         if size not in self._traces:
             saved, self.engine.step = self.engine.step, LOCAL      # the patch layers run as plain layers
             self.tracing = True
             try:
-                self._traces[size] = trace_sites(self.model, self.adapter, args, kwargs, sample)
+                self._traces[size] = trace_sites(self.model, self.adapter, args, kwargs, sample, grid)
             finally:
                 self.tracing, self.engine.step = False, saved
         trace = self._traces[size]
@@ -232,10 +258,13 @@ class StripModel:
     def _gather(self, out: torch.Tensor) -> torch.Tensor:
         if self.engine is None:
             return out
-        rows = self.geometry.level_of_width(out.shape[-1]).rows
-        full = self.engine.gather_rows(out, 2, rows, dst=self.gather_to, kind="gather")
+        if self._tokens:
+            dim, rows = 1, tuple(r * self.geometry.width for r in self.geometry.rows)
+        else:
+            dim, rows = 2, self.geometry.level_of_width(out.shape[-1]).rows
+        full = self.engine.gather_rows(out, dim, rows, dst=self.gather_to, kind="gather")
         if full is None:        # not the gathering strip: a placeholder of the whole output's shape
-            full = out.new_zeros(out.shape[:2] + (sum(rows),) + out.shape[3:])
+            full = out.new_zeros(out.shape[:dim] + (sum(rows),) + out.shape[dim + 1:])
         return full
 
 
