@@ -5,16 +5,18 @@ can rename:
 
     conv       an nn.Conv2d whose kernel reaches across rows (PatchConv2d, as for the built-in models)
     norm       an nn.GroupNorm (PatchGroupNorm)
-    attn       a diffusers `Attention`: parafuse installs its own attention processor, which runs
-               self-attention calls (no `encoder_hidden_states`) on the strip's queries over the
-               engine's K/V buffer and hands cross-attention calls to the processor it replaced
+    attn       a diffusers `Attention` (or Flux's attention): parafuse installs its own attention
+               processor, which runs self-attention calls (no `encoder_hidden_states`) on the
+               strip's queries over the engine's K/V buffer, runs joint text+image attention (SD3,
+               Flux) with the text replicated and its queries merged exactly across strips, and
+               hands cross-attention calls to the processor it replaced
     positions  a `PatchEmbed` with sin-cos positions: positions of the whole grid, sliced
 
 Whether an attention call is a self-attention over the image grid is decided by behaviour, in the
 shape trace (`parafuse.diffusers.strips`): a call without `encoder_hidden_states` over h*w tokens of
 the latent grid. What cannot be split by rows is refused before any compute, naming the module:
-joint text+image attention (SD3, Flux: added K/V projections, the `AttentionModuleMixin` families),
-attention processors other than diffusers' default ones, convs with non-zero padding modes.
+attention processors other than diffusers' default, joint (SD3) and Flux ones, fused QKV
+projections, convs with non-zero padding modes.
 
 PEFT LoRA: the K|V projection is one GEMM over the concatenated `to_k`/`to_v` weights only while
 both are plain `nn.Linear`; once a LoRA layer wraps either, the modules themselves are called (LoRA
@@ -50,8 +52,8 @@ class UnsupportedModelError(ValueError):
 
 def unsupported(name: str, module: nn.Module, why: str) -> UnsupportedModelError:
     return UnsupportedModelError(
-        f"parafuse cannot parallelise module {name!r} ({type(module).__name__}): {why}. Supported today: "
-        f"UNet2DConditionModel (SD 1.x/2.x, SDXL) and PixArtTransformer2DModel denoisers")
+        f"parafuse cannot parallelise module {name!r} ({type(module).__name__}): {why}. Supported today: the "
+        f"denoisers of SD 1.x/2.x, SDXL (UNet2DConditionModel), PixArt, SD3 and Flux, and AutoencoderKL decoders")
 
 
 def _inner(processor):

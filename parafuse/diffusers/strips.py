@@ -284,7 +284,8 @@ class StripDenoiser(StripModel):
             batch = self._sample(args, kwargs).shape[0]
             if batch % 2:
                 raise UnsupportedModelError(f"cfg_parallel splits the two guidance branches of the denoiser's batch, "
-                                            f"but the pipeline called it with batch {batch}: use guidance_scale > 1")
+                                            f"but the pipeline called it with batch {batch}: it needs guidance_scale "
+                                            f"> 1 and a pipeline that batches both branches (Flux's is distilled)")
             args, kwargs = _batch_half((args, kwargs), batch, self.layout.branch)
         return super()._before(module, args, kwargs) or (args, kwargs)
 
