@@ -358,7 +358,10 @@ class StripFluxProcessor(StripJointProcessor):
         else:
             text_len = hidden_states.shape[1] - tokens
             text, image = hidden_states[:, :text_len], hidden_states[:, text_len:]
-        b, text_len = image.shape[0], text.shape[1]
+        text_len = text.shape[1]
+        if image.shape[1] != tokens or text_len < 0:
+            raise UnsupportedModelError(f"Flux attention {self.key!r} got {hidden_states.shape[1]} tokens, which do not "
+                                        f"hold the strip's {tokens} image tokens")
         cos, sin = image_rotary_emb
 
         def prepare(t, norm, rows):                 # [B, T, inner] -> normed, rotated [B, T, heads, d]
