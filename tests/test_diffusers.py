@@ -332,3 +332,19 @@ def test_vae_tiling_is_refused(root):
         with pytest.raises(UnsupportedModelError, match="disable_tiling"):
             par(**call_kwargs("sd"))
     emulate_pipeline(p, 2, call)
+
+
+def test_direct_denoiser_call_with_keyword_sample_and_output_object(root):
+    """The hooks find the input by keyword too (`sample=`) and replace the output inside diffusers'
+    output object (return_dict=True)."""
+    unet = pipe(root, "sd").unet
+    g = torch.Generator().manual_seed(5)
+    x, ctx = torch.randn(2, 4, 40, 24, generator=g), torch.randn(2, 5, 16, generator=g)
+    with torch.no_grad():
+        ref = unet(sample=x, timestep=500, encoder_hidden_states=ctx).sample
+
+    def call(p):
+        with torch.no_grad():
+            return p.unet(sample=x, timestep=500, encoder_hidden_states=ctx).sample
+    outs = emulate_pipeline(pipe(root, "sd"), 3, call, mode="sync")
+    assert all((out - ref).abs().max() <= SYNC_TOL for out, _ in outs)     # every rank gets the whole output
