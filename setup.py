@@ -19,14 +19,15 @@ setup(
     version="0.1.0",
     description="Patch-parallel multi-GPU runtime for high-resolution diffusion images",
     python_requires=">=3.10",
-    packages=["parafuse", "parafuse.models", "parafuse.solvers", "parafuse.parallel", "parafuse_kernels"],
+    packages=["parafuse", "parafuse.models", "parafuse.solvers", "parafuse.parallel", "parafuse.diffusers",
+              "parafuse_kernels"],
     package_dir={"parafuse_kernels": "kernels/parafuse_kernels"},
     package_data={"parafuse.models": ["weights/*.safetensors", "weights/*.md", "weights/*.png"]},
     install_requires=[TORCH, "triton>=3.2; platform_system == 'Linux'", "numpy", "pillow", "safetensors", "tqdm"],
     extras_require={
-        "test": ["pytest", "diffusers>=0.30", "scikit-image", "scipy", "matplotlib"],
+        "test": ["pytest", "diffusers>=0.30", "transformers", "scikit-image", "scipy", "matplotlib"],
         "train": ["scikit-image"],
-        "diffusers": ["diffusers>=0.30"],
+        "diffusers": ["diffusers>=0.30", "transformers"],   # diffusers pipelines exist only beside transformers
         "xformers": ["xformers", torch_pin()],
     },
     entry_points={"console_scripts": ["parafuse-generate=parafuse.generate:main",

@@ -29,7 +29,8 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv=None) -> argparse.Namespace:
     p = _Parser(prog="parafuse.generate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="default", help=f"built-in model: {', '.join(MODELS)}")
+    p.add_argument("--model", default="default",
+                   help=f"built-in model ({', '.join(MODELS)}) or a local diffusers pipeline folder")
     p.add_argument("--weights", default=None, help="safetensors file overriding the model's own weights")
     p.add_argument("--height", type=int, default=512, help="image height in pixels")
     p.add_argument("--width", type=int, default=512, help="image width in pixels")
@@ -76,7 +77,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="seconds a rank may wait for a neighbour during denoising before the job stops, "
                         "naming the rank that stopped answering")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_pipeline_args(p)
     return p.parse_args(argv)
+
+
+def add_pipeline_args(p: argparse.ArgumentParser) -> None:
+    """Flags of `--model PATH` with a diffusers pipeline folder (parafuse.diffusers.cli)."""
+    p.add_argument("--prompt", default=None, help="diffusers pipeline: the prompt")
+    p.add_argument("--negative-prompt", default=None, help="diffusers pipeline: the negative prompt")
+    p.add_argument("--prompt-embeds", default=None,
+                   help="diffusers pipeline: torch.save'd dict of precomputed embeddings named as the pipeline's "
+                        "arguments (prompt_embeds, negative_prompt_embeds, ...), for pipelines without text encoders")
 
 
 def output_paths(out: str, batch: int) -> list[str]:
@@ -140,6 +151,8 @@ def run(args) -> int:
     from parafuse.parallel.geometry import GeometryError
     from parafuse.runtime import ParallelConfig, Request, Runtime
 
+    if os.path.isfile(os.path.join(args.model, "model_index.json")):      # a diffusers pipeline folder
+        return run_diffusers(args)
     check_args(args)
     for name in ("startup_timeout", "exchange_timeout"):
         if not 0 < getattr(args, name) < float("inf"):
@@ -190,6 +203,17 @@ def run(args) -> int:
               f"({result.timing['total_seconds']:.2f} s denoising on {runtime.layout.world_size} rank(s){psnr})")
     runtime.close()
     return 0
+
+
+def run_diffusers(args) -> int:
+    import importlib.util
+
+    missing = [m for m in ("diffusers", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"--model {args.model!r} is a diffusers pipeline folder, which needs the "
+                         f"{' and '.join(missing)} package(s): pip install 'parafuse[diffusers]'")
+    from parafuse.diffusers.cli import run_pipeline
+    return run_pipeline(args)
 
 
 def main(argv=None) -> int:

@@ -14,7 +14,10 @@ def parallelize(model: nn.Module, engine: ExchangeEngine, adapter=BUILTIN) -> di
     """Swap patch-aware layers into `model` in place; returns how many of each kind were swapped.
 
     The adapter says which modules are sites; the model keeps its parameters and state_dict keys.
+    An adapter with a `patch(kind, module, engine, key)` method makes the replacement itself (the
+    diffusers adapter installs an attention processor and returns the module unchanged).
     Inference only. Idempotent: patch layers already in place are left alone."""
+    patch = getattr(adapter, "patch", None)
     counts: dict[str, int] = {}
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
@@ -23,10 +26,12 @@ def parallelize(model: nn.Module, engine: ExchangeEngine, adapter=BUILTIN) -> di
             kind = adapter.site_kind(child)
             if kind is None:
                 continue
-            cls = PATCH_LAYERS[kind]
             key = f"{parent_name}.{name}" if parent_name else name
-            setattr(parent, name, _adopt(cls, child, engine, key))
-            counts[cls.__name__] = counts.get(cls.__name__, 0) + 1
+            new = patch(kind, child, engine, key) if patch else _adopt(PATCH_LAYERS[kind], child, engine, key)
+            if new is not child:
+                setattr(parent, name, new)
+            label = type(new).__name__ if new is not child else kind
+            counts[label] = counts.get(label, 0) + 1
     return counts
 
 

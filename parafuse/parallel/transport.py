@@ -26,7 +26,7 @@ from collections import defaultdict
 
 import torch
 
-KINDS = ("latent_halo", "conv_halo", "attn_kv", "norm_stats", "cfg", "gather", "reduce", "control")
+KINDS = ("latent_halo", "conv_halo", "attn_kv", "norm_stats", "cfg", "gather", "reduce", "control", "text_attn")
 COLLECTIVE = -1      # the peer key under which all-reduce bytes are counted
 
 

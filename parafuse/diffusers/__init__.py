@@ -1,0 +1,13 @@
+"""parafuse as the patch-parallel backend of diffusers pipelines (needs the `diffusers` package).
+
+adapter    which modules of a diffusers denoiser are parallel sites, by type and behaviour; the
+           attention processor and strip position embedding parafuse installs
+strips     hooks that make the denoiser compute this rank's strip of the latent: shape trace,
+           patch plan, strip in, gathered output out
+pipeline   `parallelize(pipe, ...)`, the parallel pipeline, loading a pipeline from a folder
+emulator   N ranks as threads of one process (the reference for torchrun runs)
+"""
+from parafuse.diffusers.adapter import UnsupportedModelError
+from parafuse.diffusers.pipeline import ParallelPipeline, load_pipeline, parallelize
+
+__all__ = ["parallelize", "ParallelPipeline", "load_pipeline", "UnsupportedModelError"]

@@ -1,0 +1,404 @@
+"""The diffusers model adapter: which modules of a diffusers denoiser are parallel sites.
+
+Modules are matched by type and behaviour, never by class-name strings that a diffusers release
+can rename:
+
+    conv       an nn.Conv2d whose kernel reaches across rows (PatchConv2d, as for the built-in models)
+    norm       an nn.GroupNorm (PatchGroupNorm)
+    attn       a diffusers `Attention` (or Flux's attention): parafuse installs its own attention
+               processor, which runs self-attention calls (no `encoder_hidden_states`) on the
+               strip's queries over the engine's K/V buffer, runs joint text+image attention (SD3,
+               Flux) with the text replicated and its queries merged exactly across strips, and
+               hands cross-attention calls to the processor it replaced
+    positions  a `PatchEmbed` with sin-cos positions: positions of the whole grid, sliced
+
+Whether an attention call is a self-attention over the image grid is decided by behaviour, in the
+shape trace (`parafuse.diffusers.strips`): a call without `encoder_hidden_states` over h*w tokens of
+the latent grid. What cannot be split by rows is refused before any compute, naming the module:
+attention processors other than diffusers' default, joint (SD3) and Flux ones, fused QKV
+projections, convs with non-zero padding modes.
+
+PEFT LoRA: the K|V projection is one GEMM over the concatenated `to_k`/`to_v` weights only while
+both are plain `nn.Linear`; once a LoRA layer wraps either, the modules themselves are called (LoRA
+included) and their outputs copied into the K/V buffer. Modules that LoRA adds after
+`parallelize` (a LoRA conv's `lora_A`) are swapped at the next pipeline call.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, JointAttnProcessor2_0
+from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed
+
+from parafuse.attention import attention
+from parafuse.parallel.adapter import BUILTIN
+from parafuse.parallel.engine import ExchangeEngine
+from parafuse.parallel.layers import PatchConv2d, PatchGroupNorm, _adopt
+
+try:                                   # the newer attention classes (Flux, Wan, ...): Flux's is split
+    from diffusers.models.attention import AttentionModuleMixin
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+except ImportError:                    # older diffusers
+    AttentionModuleMixin = FluxAttnProcessor = ()
+from diffusers.models.embeddings import apply_rotary_emb
+
+DEFAULT_PROCESSORS = (AttnProcessor2_0, AttnProcessor)
+
+
+class UnsupportedModelError(ValueError):
+    """A module of the model that patch parallelism cannot split; the message names it."""
+
+
+def unsupported(name: str, module: nn.Module, why: str) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"parafuse cannot parallelise module {name!r} ({type(module).__name__}): {why}. Supported today: the "
+        f"denoisers of SD 1.x/2.x, SDXL (UNet2DConditionModel), PixArt, SD3 and Flux, and AutoencoderKL decoders")
+
+
+def _inner(processor):
+    return processor.inner if isinstance(processor, StripAttnProcessor) else processor
+
+
+def is_flux(attn: nn.Module) -> bool:
+    """Flux's attention (a dual-stream joint block, or a single-stream block over [text | image])."""
+    return isinstance(attn, AttentionModuleMixin) and isinstance(_inner(getattr(attn, "processor", None)),
+                                                                 FluxAttnProcessor)
+
+
+def is_joint(attn: nn.Module) -> bool:
+    """Joint text+image attention: text gets its own K/V projections beside the image's."""
+    return getattr(attn, "add_k_proj", None) is not None
+
+
+class DiffusersAdapter:
+    name = "diffusers"
+
+    def __init__(self):
+        self.tracing = False       # set by the shape trace: patch modules run as the plain ones
+
+    def check(self, model: nn.Module) -> None:
+        """Raise UnsupportedModelError, naming the module, for anything that cannot be split by rows."""
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or isinstance(m.padding, str)):
+                raise unsupported(name, m, f"padding {m.padding!r} / padding mode {m.padding_mode!r} (only explicit "
+                                           f"zero padding is split into strips)")
+            if isinstance(m, AttentionModuleMixin) and not isinstance(m, Attention) and not is_flux(m):
+                raise unsupported(name, m, f"attention with processor {type(_inner(m.processor)).__name__} (of the "
+                                           f"AttentionModuleMixin families parafuse splits Flux's FluxAttnProcessor)")
+            if is_flux(m) and getattr(m, "fused_projections", False):
+                raise unsupported(name, m, "fused QKV projections (call unfuse_qkv_projections() first)")
+            if isinstance(m, Attention):
+                inner = m.processor.inner if isinstance(m.processor, StripAttnProcessor) else m.processor
+                if is_joint(m):
+                    if not isinstance(inner, JointAttnProcessor2_0) or m.add_q_proj is None:
+                        raise unsupported(name, m, f"joint text+image attention with processor {type(inner).__name__} "
+                                                   f"(parafuse splits diffusers' JointAttnProcessor2_0)")
+                elif not isinstance(inner, DEFAULT_PROCESSORS):
+                    raise unsupported(name, m, f"attention processor {type(inner).__name__} (parafuse runs "
+                                               f"self-attention itself and knows only diffusers' default "
+                                               f"processors; call unet.set_default_attn_processor() first)")
+
+    def site_kind(self, module: nn.Module) -> str | None:
+        if isinstance(module, (nn.Conv2d, nn.GroupNorm)):
+            return BUILTIN.site_kind(module)
+        if isinstance(module, Attention) or is_flux(module):
+            return "attn"
+        if isinstance(module, PatchEmbed) and module.pos_embed is not None:
+            return "positions"
+        return None
+
+    def patch(self, kind: str, module: nn.Module, engine: ExchangeEngine, key: str) -> nn.Module:
+        """The module to put in place of `module` (the same one, with a processor, for attention)."""
+        if kind == "conv":
+            return _adopt(PatchConv2d, module, engine, key)
+        if kind == "norm":
+            return _adopt(PatchGroupNorm, module, engine, key)
+        if kind == "attn":
+            if not isinstance(module.processor, StripAttnProcessor):
+                cls = (StripFluxProcessor if is_flux(module) else StripJointProcessor if is_joint(module)
+                       else StripAttnProcessor)
+                module.set_processor(cls(engine, key, module.processor, self))
+            return module
+        if isinstance(module, StripPatchEmbed):
+            return module
+        strip = _adopt(StripPatchEmbed, module, engine, key)
+        strip.adapter, strip._grids = self, {}
+        return strip
+
+
+    def rekey(self, model: nn.Module) -> None:
+        """Name every patch layer and processor by its current path: a wrapper put around a layer
+        (a LoRA layer's `base_layer`) moves it, and the plan's sites are keyed by path."""
+        for name, m in model.named_modules():
+            if isinstance(m, (PatchConv2d, PatchGroupNorm, StripPatchEmbed)):
+                m.key = name
+            elif isinstance(getattr(m, "processor", None), StripAttnProcessor):
+                m.processor.key = name
+
+
+class StripAttnProcessor:
+    """diffusers' default attention (AttnProcessor2_0's steps) with self-attention over the strip.
+
+    Self-attention calls: the strip's queries attend to the engine's K/V buffer [rows from above |
+    local rows | rows from below], whose local rows this processor writes (one GEMM with the fused
+    K|V weight while `to_k`/`to_v` are plain Linear layers). Cross-attention calls (and every call
+    while the shape trace runs) go to the processor this one replaced."""
+
+    def __init__(self, engine: ExchangeEngine, key: str, inner, adapter: DiffusersAdapter):
+        self.engine, self.key, self.inner, self.adapter = engine, key, inner, adapter
+        self._fused_key, self._fused = None, None
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs):
+        if encoder_hidden_states is not None or self.adapter.tracing:
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        if attention_mask is not None:
+            raise UnsupportedModelError(f"self-attention {self.key!r} was given an attention mask; masked "
+                                        f"self-attention over image tokens cannot be split into strips")
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        spatial = hidden_states.shape if hidden_states.ndim == 4 else None
+        if spatial is not None:
+            b, c, h, w = spatial
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        b, tokens, _ = hidden_states.shape
+
+        buf, start, end = self.engine.kv_buffer(self.key)
+        if end - start != tokens:
+            raise UnsupportedModelError(f"self-attention {self.key!r} got {tokens} tokens, but the strip has "
+                                        f"{end - start} at its level: its tokens are not the strip's image grid")
+        self._project_kv(attn, hidden_states, buf[start:end])
+        self.engine.exchange_kv(self.key, buf, before=True)
+
+        def heads(t):                                   # [T, B, inner] view -> [B, heads, T, d] view
+            return t.permute(1, 0, 2).unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+
+        inner = buf.shape[-1] // 2
+        query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        key, value = heads(buf[..., :inner]), heads(buf[..., inner:])
+        if attn.scale == query.shape[-1] ** -0.5:
+            out = attention(query, key, value)
+        else:
+            out = F.scaled_dot_product_attention(query, key, value, scale=attn.scale)
+        self.engine.exchange_kv(self.key, buf, before=False)
+
+        out = out.transpose(1, 2).reshape(b, tokens, -1).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if spatial is not None:
+            out = out.transpose(-1, -2).reshape(spatial)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    def _project_kv(self, attn: Attention, x: torch.Tensor, out: torch.Tensor) -> None:
+        """This strip's keys and values into `out` [T, B, 2*inner], token-major."""
+        inner = out.shape[-1] // 2
+        if type(attn.to_k) is nn.Linear and type(attn.to_v) is nn.Linear and attn.norm_k is None:
+            weight, bias = self._fused_kv(attn.to_k, attn.to_v)
+            if x.shape[0] == 1:     # the local rows are one contiguous [T, 2*inner] matrix
+                if bias is None:
+                    torch.mm(x[0], weight.t(), out=out[:, 0])
+                else:
+                    torch.addmm(bias, x[0], weight.t(), out=out[:, 0])
+            else:
+                out.copy_(F.linear(x, weight, bias).transpose(0, 1))
+            return
+        # a LoRA layer (or any wrapper) around to_k / to_v, or a key norm: call the modules themselves
+        key = attn.to_k(x)
+        if attn.norm_k is not None:     # per head, over the head dim: the same on [B, T, heads, d]
+            key = attn.norm_k(key.unflatten(-1, (attn.heads, -1))).flatten(-2)
+        out[..., :inner].copy_(key.transpose(0, 1))
+        out[..., inner:].copy_(attn.to_v(x).transpose(0, 1))
+
+    def _fused_kv(self, k: nn.Linear, v: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[W_k; W_v] (and the biases), rebuilt only when a weight changes (new storage or an in-place
+        update bumps its version)."""
+        params = [p for p in (k.weight, v.weight, k.bias, v.bias) if p is not None]
+        stamp = tuple((p.data_ptr(), p._version) for p in params)
+        if stamp != self._fused_key:
+            with torch.no_grad():
+                weight = torch.cat([k.weight, v.weight])
+                bias = torch.cat([k.bias, v.bias]) if k.bias is not None else None
+            self._fused, self._fused_key = (weight, bias), stamp
+        return self._fused
+
+
+class StripPatchEmbed(PatchEmbed):
+    """PatchEmbed on a strip: sin-cos positions of the whole patch grid (as PatchEmbed computes them
+    for the whole image, SD3's cropped table included), sliced to the strip's rows - never
+    recomputed from the strip's own size, which would restart every strip at row 0."""
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        if self.adapter.tracing:
+            return super().forward(latent)
+        p = self.patch_size
+        h, w = latent.shape[-2] // p, latent.shape[-1] // p
+        level = self.engine.geometry.level_of_width(w)
+        off = level.offsets[self.engine.strip]
+        pos = self._grid(level.height, w, latent.device)[:, off * w: (off + h) * w]
+        latent = self.proj(latent)
+        if self.flatten:
+            latent = latent.flatten(2).transpose(1, 2)
+        if self.layer_norm:
+            latent = self.norm(latent)
+        return (latent + pos).to(latent.dtype)
+
+    def _grid(self, height: int, width: int, device) -> torch.Tensor:
+        """[1, height*width, D] positions of the whole grid (in patches), cached per grid."""
+        if (height, width) not in self._grids:
+            if self.pos_embed_max_size:
+                grid = self.cropped_pos_embed(height * self.patch_size, width * self.patch_size)
+            elif (self.height, self.width) == (height, width):
+                grid = self.pos_embed
+            else:
+                grid = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], (height, width), base_size=self.base_size,
+                                               interpolation_scale=self.interpolation_scale, device=device,
+                                               output_type="pt").float().unsqueeze(0)
+            self._grids[(height, width)] = grid
+        return self._grids[(height, width)]
+
+
+class StripJointProcessor(StripAttnProcessor):
+    """Joint text+image attention (SD3's JointAttnProcessor2_0) with image tokens in strips and text
+    tokens replicated on every rank.
+
+    Image queries attend to the mode's image K/V (the engine's buffer) and this step's text K/V
+    (always fresh: every rank computes it). Text queries attend to every image token, so their
+    output is merged across the strips exactly: each rank attends with this step's own image keys
+    (and strip 0 also with the text keys, so that they enter exactly one partial result), then the
+    log-sum-exps are all-gathered and the reweighted partial outputs all-reduced (kind `text_attn`,
+    in every mode: the text hidden states stay bitwise equal on every rank)."""
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, *args, **kwargs):
+        if self.adapter.tracing:
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        if encoder_hidden_states is None or attention_mask is not None:
+            raise UnsupportedModelError(f"joint attention {self.key!r} called without text tokens or with a mask")
+        b, tokens, _ = hidden_states.shape
+        buf, start, end = self.engine.kv_buffer(self.key)
+        if end - start != tokens:
+            raise UnsupportedModelError(f"joint attention {self.key!r} got {tokens} image tokens, but the strip has "
+                                        f"{end - start} at its level")
+        self._project_kv(attn, hidden_states, buf[start:end])
+        self.engine.exchange_kv(self.key, buf, before=True)
+
+        def split(t):                                   # [B, T, inner] -> [B, heads, T, d]
+            return t.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+
+        def heads(t):                                   # [T, B, inner] buffer view -> [B, heads, T, d]
+            return t.permute(1, 0, 2).unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+
+        query = split(attn.to_q(hidden_states))
+        text_q, text_k = split(attn.add_q_proj(encoder_hidden_states)), split(attn.add_k_proj(encoder_hidden_states))
+        text_v = split(attn.add_v_proj(encoder_hidden_states))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_added_q is not None:
+            text_q = attn.norm_added_q(text_q)
+        if attn.norm_added_k is not None:
+            text_k = attn.norm_added_k(text_k)
+        inner = buf.shape[-1] // 2
+        key, value = heads(buf[..., :inner]), heads(buf[..., inner:])
+        image = F.scaled_dot_product_attention(query, torch.cat([key, text_k], 2), torch.cat([value, text_v], 2))
+        local_k, local_v = heads(buf[start:end, :, :inner]), heads(buf[start:end, :, inner:])
+        self.engine.exchange_kv(self.key, buf, before=False)
+        if self.engine.strip == 0:
+            local_k, local_v = torch.cat([local_k, text_k], 2), torch.cat([local_v, text_v], 2)
+        text = self._merged_text_attention(text_q, local_k, local_v)
+
+        image = attn.to_out[1](attn.to_out[0](image.transpose(1, 2).reshape(b, tokens, -1).to(query.dtype)))
+        text = text.transpose(1, 2).reshape(b, text.shape[2], -1).to(query.dtype)
+        if not attn.context_pre_only:
+            text = attn.to_add_out(text)
+        return image, text
+
+    def _merged_text_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """softmax(q K^T / sqrt(d)) V over the keys of every strip, from this strip's keys `k`, `v`:
+        partial output and log-sum-exp here, then lse all-gathered and outputs all-reduced."""
+        scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+        top = scores.amax(-1, keepdim=True)
+        weights = torch.exp(scores - top)
+        total = weights.sum(-1, keepdim=True)
+        partial = (weights @ v.float()) / total
+        lse = (top + total.log()).squeeze(-1)                                   # [B, heads, L]
+        everyone = self.engine.gather_rows(lse[None], 0, (1,) * self.engine.n, kind="text_attn")
+        partial *= torch.exp(lse - torch.logsumexp(everyone, 0))[..., None]
+        self.engine.transport.all_reduce(partial, "text_attn").wait()
+        return partial
+
+
+class StripFluxProcessor(StripJointProcessor):
+    """Flux's attention with image tokens in strips and text tokens replicated (Flux puts text first).
+
+    Dual-stream blocks get text as `encoder_hidden_states`; single-stream blocks get [text | image]
+    as one sequence, whose text length is what is left of it beside the strip's image tokens. Keys
+    are RMS-normed and rotated (RoPE of the whole grid's ids, sliced: the model computes the rotary
+    embedding from the strip's `img_ids`) before they enter the K/V buffer; image queries attend to
+    this step's text K/V and the mode's image K/V, text queries to every image token, merged exactly
+    across strips as in StripJointProcessor."""
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb=None, **kwargs):
+        if self.adapter.tracing:
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **kwargs)
+        if attention_mask is not None or image_rotary_emb is None:
+            raise UnsupportedModelError(f"Flux attention {self.key!r} called with a mask or without rotary embeddings")
+        buf, start, end = self.engine.kv_buffer(self.key)
+        tokens = end - start
+        dual = encoder_hidden_states is not None
+        if dual:
+            image, text = hidden_states, encoder_hidden_states
+        else:
+            text_len = hidden_states.shape[1] - tokens
+            text, image = hidden_states[:, :text_len], hidden_states[:, text_len:]
+        text_len = text.shape[1]
+        if image.shape[1] != tokens or text_len < 0:
+            raise UnsupportedModelError(f"Flux attention {self.key!r} got {hidden_states.shape[1]} tokens, which do not "
+                                        f"hold the strip's {tokens} image tokens")
+        cos, sin = image_rotary_emb
+
+        def prepare(t, norm, rows):                 # [B, T, inner] -> normed, rotated [B, T, heads, d]
+            t = t.unflatten(-1, (-1, attn.head_dim))
+            t = norm(t) if norm is not None else t
+            return apply_rotary_emb(t, (cos[rows], sin[rows]), sequence_dim=1) if rows is not None else t
+
+        img, txt = slice(text_len, None), slice(None, text_len)
+        key = prepare(attn.to_k(image), attn.norm_k, img)
+        buf[start:end, :, : buf.shape[-1] // 2].copy_(key.flatten(2).transpose(0, 1))
+        buf[start:end, :, buf.shape[-1] // 2:].copy_(attn.to_v(image).transpose(0, 1))
+        self.engine.exchange_kv(self.key, buf, before=True)
+
+        query = prepare(attn.to_q(image), attn.norm_q, img).transpose(1, 2)          # [B, heads, T, d]
+        if dual:
+            text_q = prepare(attn.add_q_proj(text), attn.norm_added_q, txt)
+            text_k = prepare(attn.add_k_proj(text), attn.norm_added_k, txt)
+            text_v = attn.add_v_proj(text).unflatten(-1, (-1, attn.head_dim))
+        else:
+            text_q, text_k = prepare(attn.to_q(text), attn.norm_q, txt), prepare(attn.to_k(text), attn.norm_k, txt)
+            text_v = attn.to_v(text).unflatten(-1, (-1, attn.head_dim))
+        text_q, text_k, text_v = (t.transpose(1, 2) for t in (text_q, text_k, text_v))
+
+        def heads(t):                                   # [T, B, inner] buffer view -> [B, heads, T, d]
+            return t.permute(1, 0, 2).unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)
+
+        inner = buf.shape[-1] // 2
+        all_k, all_v = heads(buf[..., :inner]), heads(buf[..., inner:])
+        image_out = F.scaled_dot_product_attention(query, torch.cat([text_k, all_k], 2), torch.cat([text_v, all_v], 2))
+        local_k, local_v = heads(buf[start:end, :, :inner]), heads(buf[start:end, :, inner:])
+        self.engine.exchange_kv(self.key, buf, before=False)
+        if self.engine.strip == 0:
+            local_k, local_v = torch.cat([text_k, local_k], 2), torch.cat([text_v, local_v], 2)
+        text_out = self._merged_text_attention(text_q, local_k, local_v)
+
+        image_out = image_out.transpose(1, 2).flatten(2).to(query.dtype)
+        text_out = text_out.transpose(1, 2).flatten(2).to(query.dtype)
+        if not dual:
+            return torch.cat([text_out, image_out], 1)
+        return attn.to_out[1](attn.to_out[0](image_out)), attn.to_add_out(text_out)

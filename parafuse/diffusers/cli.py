@@ -1,0 +1,110 @@
+"""`python -m parafuse.generate --model PATH`: a diffusers pipeline from a local folder, patch-parallel.
+
+    torchrun --nproc_per_node 4 -m parafuse.generate --model ./sdxl --prompt "a lighthouse" \
+        --height 2048 --width 2048 --steps 30 --guidance 5 --mode partial
+    python -m parafuse.generate --model ./tiny --prompt-embeds embeds.pt --height 256 --width 256
+
+The pipeline runs with its own scheduler. `--prompt-embeds FILE` (a `torch.save`d dict of tensors
+named as the pipeline's call arguments: prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+prompt_attention_mask, ...) serves pipelines saved without text encoders. Every argument is checked
+before the pipeline runs; outputs are written atomically by rank 0.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import sys
+import time
+
+# generate.py's flags that pick parafuse's own samplers and models: a diffusers pipeline has its own
+BUILTIN_ONLY = {"weights": None, "solver": "dpmpp-2m", "spacing": None, "label": None, "compare_serial": False,
+                "reference": None, "cuda_graphs": False, "kernels": "torch"}
+
+
+def pipeline_kwargs(args, call_parameters) -> dict:
+    """The pipeline call's keyword arguments from the command line (and the embeddings file)."""
+    import torch
+
+    kwargs = {"height": args.height, "width": args.width, "num_inference_steps": args.steps,
+              "guidance_scale": args.guidance, "num_images_per_prompt": args.batch, "output_type": "pt"}
+    if "use_resolution_binning" in call_parameters:
+        kwargs["use_resolution_binning"] = False     # PixArt: the image is the size asked for, not a binned one
+    if args.prompt is not None:
+        kwargs["prompt"] = args.prompt
+    if args.negative_prompt is not None:
+        kwargs["negative_prompt"] = args.negative_prompt
+    if args.prompt_embeds is not None:
+        embeds = torch.load(args.prompt_embeds, map_location="cpu", weights_only=True)
+        if not isinstance(embeds, dict) or not all(isinstance(v, torch.Tensor) for v in embeds.values()):
+            raise ValueError(f"--prompt-embeds {args.prompt_embeds!r} must hold a dict of tensors named as the "
+                             f"pipeline's arguments (prompt_embeds, negative_prompt_embeds, ...)")
+        unknown = sorted(set(embeds) - set(call_parameters))
+        if unknown:
+            raise ValueError(f"--prompt-embeds {args.prompt_embeds!r} has {', '.join(unknown)}, which the pipeline "
+                             f"does not take")
+        kwargs.update(embeds)
+        if "negative_prompt_embeds" in embeds and "negative_prompt" in call_parameters and args.negative_prompt is None:
+            kwargs["negative_prompt"] = None      # PixArt's default "" would clash with the embeddings
+    return kwargs
+
+
+def run_pipeline(args) -> int:
+    """generate.py's `run` for a diffusers pipeline folder."""
+    import torch
+
+    import parafuse
+    from parafuse import report as rep
+    from parafuse.diffusers.pipeline import load_pipeline
+    from parafuse.generate import check_args, output_paths
+    from parafuse.parallel.distributed import pick_device
+    from parafuse.runtime import dtype_name, resolve_dtype
+
+    check_args(args)
+    given = [f"--{k.replace('_', '-')}" for k, default in BUILTIN_ONLY.items() if getattr(args, k) != default]
+    if given:
+        raise ValueError(f"{', '.join(given)}: only for parafuse's built-in models; a diffusers pipeline uses "
+                         f"its own scheduler and weights")
+    if args.prompt is None and args.prompt_embeds is None:
+        raise ValueError("a diffusers pipeline needs --prompt or --prompt-embeds FILE")
+    if args.prompt_embeds is not None and not os.path.isfile(args.prompt_embeds):
+        raise ValueError(f"prompt embeddings file {args.prompt_embeds!r} does not exist")
+    with open(os.path.join(args.model, "model_index.json")) as f:
+        text_encoder = json.load(f).get("text_encoder", [None])
+    if args.prompt is not None and (not isinstance(text_encoder, list) or text_encoder[0] is None):
+        raise ValueError(f"pipeline {args.model!r} was saved without a text encoder: pass --prompt-embeds FILE")
+    device = pick_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    pipe = load_pipeline(args.model, dtype, device)
+    call_parameters = inspect.signature(pipe.__call__).parameters
+    kwargs = pipeline_kwargs(args, call_parameters)
+    par = parafuse.parallelize(pipe, mode=args.mode, halo_portion=args.halo_portion, warmup_steps=args.warmup_steps,
+                               cfg_parallel=args.cfg_parallel, norm_mode=args.norm)
+    start = time.perf_counter()
+    out = par(generator=torch.Generator().manual_seed(args.seed), **kwargs)
+    seconds = time.perf_counter() - start
+    ranks = [par.rank_stats]
+    if par.layout.world_size > 1:
+        import torch.distributed as dist
+        ranks = [None] * par.layout.world_size if par.layout.rank == 0 else None
+        dist.gather_object(par.rank_stats, ranks, dst=0)
+    if par.layout.rank == 0:
+        paths = output_paths(args.out, args.batch)
+        for image, path in zip(out.images, paths):
+            rep.save_png_atomic(image.float() * 2 - 1, path)
+        if args.report:
+            rep.write_json_atomic(args.report, {
+                "model": args.model, "pipeline": type(pipe).__name__, "height": args.height, "width": args.width,
+                "steps": args.steps, "guidance": args.guidance, "seed": args.seed, "device": rep.device_name(device),
+                "torch": torch.__version__, "diffusers": _diffusers_version(), "world_size": par.layout.world_size,
+                "mode": args.mode, "warmup_steps": args.warmup_steps, "halo_portion": args.halo_portion,
+                "cfg_parallel": args.cfg_parallel, "dtype": dtype_name(dtype),
+                "total_seconds": seconds, "ranks": ranks})
+        print(f"wrote {', '.join(paths)} ({seconds:.2f} s on {par.layout.world_size} rank(s))", file=sys.stdout)
+    par.close()
+    return 0
+
+
+def _diffusers_version() -> str:
+    import diffusers
+    return diffusers.__version__

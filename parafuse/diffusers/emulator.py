@@ -1,0 +1,44 @@
+"""The thread emulator for diffusers pipelines: N ranks as N threads of one process, each with its
+own copy of the pipeline, connected by the same in-process transport as `parafuse.parallel.emulator`
+(the real exchange engine, NCCL's matching rules enforced). Asynchronous modes are deterministic,
+so a torchrun job must equal this emulator to float tolerance."""
+from __future__ import annotations
+
+import copy
+import threading
+
+from parafuse.parallel.distributed import ParallelLayout
+from parafuse.parallel.transport import ThreadHub, ThreadTransport
+
+
+def emulate_pipeline(pipe, world_size: int, call, mode: str = "sync", halo_portion: float = 0.3,
+                     warmup_steps: int = 4, cfg_parallel: bool = False, norm_mode: str | None = None):
+    """Run `call(parallel_pipe)` on `world_size` emulated ranks; returns per rank (call's result,
+    the rank's `rank_stats`). `call` runs once per rank: give each its own generator inside it."""
+    from parafuse.diffusers.pipeline import parallelize
+
+    hub = ThreadHub(world_size)
+    outputs: list = [None] * world_size
+    errors: list = []
+
+    def run(rank: int):
+        try:
+            layout = ParallelLayout(rank, world_size, 2 if cfg_parallel else 1)
+            par = parallelize(copy.deepcopy(pipe), mode, halo_portion, warmup_steps, cfg_parallel, norm_mode,
+                              layout=layout, transport=ThreadTransport(rank, hub, layout.patch_ranks))
+            result = call(par)
+            par.close()
+            outputs[rank] = (result, par.rank_stats)
+        except BaseException as e:     # noqa: BLE001 - reported below, after every thread stopped
+            hub.fail(f"rank {rank} failed: {type(e).__name__}: {e}")
+            errors.append((rank, e))
+
+    threads = [threading.Thread(target=run, args=(r,), name=f"emulated-rank-{r}") for r in range(world_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        rank, err = min(errors, key=lambda e: isinstance(e[1], RuntimeError) and "stopped" in str(e[1]))
+        raise RuntimeError(f"emulated rank {rank} failed: {type(err).__name__}: {err}") from err
+    return outputs

@@ -1,0 +1,139 @@
+"""`parallelize(pipe, ...)`: a diffusers pipeline whose denoiser runs patch-parallel.
+
+    pipe = parafuse.parallelize(pipe, mode="partial", halo_portion=0.3, warmup_steps=4)
+    out = pipe(prompt_embeds=..., height=2048, width=2048, generator=torch.Generator().manual_seed(0))
+
+Every rank (launched by torchrun) calls the returned pipeline with the same arguments, generator
+seed included. The pipeline's own loop, scheduler and output types are kept: rank 0 gets the
+pipeline's usual output, every other rank None. The VAE decoder runs by strips too
+(`parallel_decode`, always synchronous: equal to the plain decode); without it, only rank 0
+decodes. `rank_stats` holds this rank's bytes per kind after each call (the decode's included).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.nn as nn
+
+from parafuse.diffusers.adapter import DiffusersAdapter, UnsupportedModelError
+from parafuse.diffusers.strips import StripDecoder, StripDenoiser
+from parafuse.parallel.distributed import ParallelLayout, init_distributed, launched_by_torchrun
+from parafuse.parallel.engine import ExchangeEngine
+from parafuse.parallel.parallelize import parallelize as swap_layers
+from parafuse.parallel.transport import KINDS, TorchTransport, Transport
+from parafuse.runtime import ParallelConfig
+
+DENOISERS = ("unet", "transformer")
+
+
+def denoiser_of(pipe) -> tuple[str, nn.Module]:
+    for name in DENOISERS:
+        model = getattr(pipe, name, None)
+        if isinstance(model, nn.Module):
+            return name, model
+    raise UnsupportedModelError(f"{type(pipe).__name__} has no denoiser parafuse can split (looked for "
+                                f"{' / '.join('pipe.' + n for n in DENOISERS)})")
+
+
+class ParallelPipeline:
+    """The pipeline, called as before; its attributes (scheduler, vae, ...) are the pipeline's own."""
+
+    def __init__(self, pipe, strips: StripDenoiser | None, decoder: StripDecoder | None, layout: ParallelLayout,
+                 config: ParallelConfig):
+        self.pipe, self.strips, self.decoder, self.layout, self.config = pipe, strips, decoder, layout, config
+        self.rank_stats: dict = {}
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    def __call__(self, *args, **kwargs):
+        if self.config.cfg_parallel and kwargs.get("guidance_scale", 2.0) <= 1.0:
+            raise UnsupportedModelError("cfg_parallel splits the two guidance branches across ranks; it needs "
+                                        "guidance_scale > 1")
+        if self.decoder is not None and getattr(self.pipe.vae, "use_tiling", False):
+            raise UnsupportedModelError("the VAE decodes by strips across the ranks; tiling would cut them again: "
+                                        "call pipe.vae.disable_tiling(), or parallelize with parallel_decode=False")
+        if self.layout.rank != 0 and self.decoder is None:
+            kwargs["output_type"] = "latent"         # only rank 0 decodes
+        if self.strips is None:
+            return self.pipe(*args, **kwargs)
+        self.strips.begin_image()
+        try:
+            out = self.pipe(*args, **kwargs)
+        finally:
+            self.strips.end_image()
+            if self.decoder is not None:
+                self.decoder.end_image()
+        transport = self.strips.transport
+        sent, received = transport.totals()
+        self.rank_stats = {"rank": self.layout.rank, "evaluations": self.strips.evaluations,
+                           "rows": None if self.strips.geometry is None
+                           else self.strips.geometry.rows[self.layout.patch_index],
+                           "bytes_sent": {k: sent.get(k, 0) for k in KINDS},
+                           "bytes_received": {k: received.get(k, 0) for k in KINDS}}
+        return out if self.layout.rank == 0 else None
+
+    def close(self) -> None:
+        if self.decoder is not None:
+            self.decoder.end_image()
+        if self.strips is not None:
+            self.strips.end_image()
+            if isinstance(self.strips.transport, TorchTransport):
+                self.strips.transport.close()
+
+
+def parallelize(pipe, mode: str = "sync", halo_portion: float = 0.3, warmup_steps: int = 4,
+                cfg_parallel: bool = False, norm_mode: str | None = None, parallel_decode: bool = True, *,
+                layout: ParallelLayout | None = None, transport: Transport | None = None) -> ParallelPipeline:
+    """Make `pipe`'s denoiser (`pipe.unet` or `pipe.transformer`) and, with `parallel_decode`, its
+    VAE decoder patch-parallel across the ranks of torchrun's job (or of `layout`/`transport`: the
+    thread emulator); see the module docstring. Settings are checked and unsupported modules
+    refused before any process group or compute."""
+    config = ParallelConfig(mode, warmup_steps, halo_portion, norm_mode, cfg_parallel)
+    _, model = denoiser_of(pipe)
+    adapter = DiffusersAdapter()
+    adapter.check(model)
+    vae_decoder = getattr(getattr(pipe, "vae", None), "decoder", None) if parallel_decode else None
+    if vae_decoder is not None:
+        try:
+            DiffusersAdapter().check(vae_decoder)
+        except UnsupportedModelError as e:
+            raise UnsupportedModelError(f"VAE decoder: {e}; parallelize with parallel_decode=False to decode on "
+                                        f"rank 0 alone") from None
+    if layout is None:
+        rank, world = init_distributed(next(model.parameters()).device) if launched_by_torchrun() else (0, 1)
+        layout = ParallelLayout(rank, world, 2 if cfg_parallel else 1)
+    if layout.world_size == 1:
+        return ParallelPipeline(pipe, None, None, layout, config)
+    if transport is None:
+        groups = [list(range(b * layout.patch_degree, (b + 1) * layout.patch_degree)) for b in range(layout.cfg_degree)]
+        transport = TorchTransport(layout.rank, layout.world_size, groups)
+    engine = decoder = None
+    if layout.patch_degree > 1:
+        engine = ExchangeEngine(transport, layout.patch_ranks, mode, halo_portion, warmup_steps, norm_mode)
+        swap_layers(model, engine, adapter)
+        if vae_decoder is not None:
+            decode_engine = ExchangeEngine(transport, layout.patch_ranks, "sync", halo_portion, 0)
+            decoder = StripDecoder(vae_decoder, decode_engine, DiffusersAdapter(), layout, transport)
+            swap_layers(vae_decoder, decode_engine, decoder.adapter)
+    return ParallelPipeline(pipe, StripDenoiser(model, engine, adapter, layout, transport), decoder, layout, config)
+
+
+def load_pipeline(path: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+    """A diffusers pipeline from a local folder (no hub access); components saved as null (a
+    pipeline saved without text encoders) are passed as None."""
+    from diffusers import DiffusionPipeline
+
+    index_file = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index_file):
+        raise FileNotFoundError(f"{path!r} is not a diffusers pipeline folder (no model_index.json)")
+    with open(index_file) as f:
+        index = json.load(f)
+    missing = {name: None for name, v in index.items()
+               if isinstance(v, list) and (v[0] is None or not os.path.isdir(os.path.join(path, name)))}
+    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, **missing, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)

@@ -1,0 +1,311 @@
+"""A diffusers denoiser (`pipe.unet` / `pipe.transformer`) or VAE decoder that runs on this rank's strip.
+
+The pipeline keeps calling its models with the whole latent; two hooks on each model do the rest:
+
+    before   at the first call of an image, a shape-only trace of the plain model with the
+             pipeline's own arguments (FakeTensor: no memory, no compute) lists the parallel sites
+             and the model's unit, and fixes the patch plan for this geometry; every call then
+             starts an engine step and hands the model this rank's rows of its input (and, with
+             CFG parallel, this rank's half of the denoiser's batch)
+    after    the strips of the output are gathered (kind `gather`): the denoiser's on every rank
+             (the CFG halves swapped with the peer, kind `cfg`), the decoder's image on strip 0
+
+Who owns the latents: every rank runs the pipeline's own loop and its scheduler on the whole latent,
+redundantly, after gathering the model output at each step. That is exact for every scheduler
+(stochastic ones draw the same full-image noise from the same generator on every rank; global
+steps such as thresholding see the whole latent) and needs nothing of the pipeline but its
+denoiser call. Its price is one all-gather of the model output per evaluation:
+(N-1)/N of the output's bytes received by each rank.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from parafuse.diffusers.adapter import DiffusersAdapter, UnsupportedModelError, is_flux, is_joint
+from parafuse.parallel.distributed import ParallelLayout
+from parafuse.parallel.engine import ExchangeEngine
+from parafuse.parallel.geometry import StripGeometry, conv_halo
+from parafuse.parallel.parallelize import parallelize as swap_layers
+from parafuse.parallel.plan import LOCAL, PatchPlan, Site
+from parafuse.parallel.transport import Transport
+
+
+@dataclass(frozen=True)
+class Trace:
+    sites: list[Site]
+    unit: int             # rows of the finest grid per row at the model's coarsest level
+    height: int           # the finest grid the model computes on: the latent for a denoiser,
+    width: int            # the image for a VAE decoder (which upsamples its input)
+
+
+def trace_sites(model: nn.Module, adapter: DiffusersAdapter, args: tuple, kwargs: dict,
+                sample: torch.Tensor, grid: tuple[int, int]) -> Trace:
+    """The parallel sites of `model` called as `model(*args, **kwargs)` on the whole input `sample`
+    (an image [B, C, H, W], or tokens [B, H*W, C] of the grid `grid`), from one shape-only trace.
+    Levels are counted from the finest grid the model computes on. A module whose positions are not
+    a grid of it (text tokens joined to image tokens, outside Flux's attention) is refused."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    seen: dict[str, tuple] = {}             # name -> (kind, module, positions, reads the input)
+    widths = {grid[1]}
+
+    def hook(name: str, kind: str | None):
+        def fn(mod, args, kwargs, out):
+            x = args[0] if args else kwargs.get("hidden_states")
+            if isinstance(mod, nn.Conv2d):
+                widths.update((x.shape[-1], out.shape[-1]))
+            if name in seen or kind is None:
+                return
+            if kind in ("conv", "norm"):
+                seen[name] = (kind, mod, math.prod(x.shape[2:]), x is sample)
+            elif kind == "attn":
+                context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+                if is_flux(mod):            # image tokens of the whole grid (single blocks prepend the text)
+                    seen[name] = (kind, mod, grid[0] * grid[1], False)
+                elif context is None or is_joint(mod):        # joint attention: hidden_states are the image
+                    seen[name] = (kind, mod, x.shape[1] if x.ndim == 3 else x.shape[2] * x.shape[3], False)
+            elif kind == "positions":
+                seen[name] = (kind, mod, out.shape[1], False)
+        return fn
+
+    handles = []
+    for name, m in model.named_modules():
+        kind = adapter.site_kind(m)
+        if kind is not None or isinstance(m, nn.Conv2d):
+            handles.append(m.register_forward_hook(hook(name, kind), with_kwargs=True))
+    adapter.tracing = True
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            model(*args, **kwargs)
+    finally:
+        adapter.tracing = False
+        for h in handles:
+            h.remove()
+
+    width = max(widths)
+    height = grid[0] * width // grid[1]
+    factors = {width // w for w in widths}
+
+    def factor(name: str, module: nn.Module, positions: int) -> int:
+        f = round(math.sqrt(height * width / positions))
+        if f < 1 or f * f * positions != height * width or height % f or width % f:
+            raise UnsupportedModelError(f"parafuse cannot parallelise module {name!r} ({type(module).__name__}): it "
+                                        f"sees {positions} positions, not a grid of the {height}x{width} latent")
+        factors.add(f)
+        return f
+
+    sites = []
+    for name, (kind, mod, positions, first) in seen.items():
+        f = factor(name, mod, positions)
+        if kind == "conv":
+            top, bottom = conv_halo(mod.kernel_size[0], mod.stride[0], mod.padding[0], mod.dilation[0])
+            sites.append(Site(name, "conv", f, mod.in_channels, top=top, bottom=bottom, first=first))
+        elif kind == "norm":
+            sites.append(Site(name, "norm", f, mod.num_channels, groups=mod.num_groups))
+        elif kind == "attn":
+            # not to_k's width: LoRA may wrap it
+            sites.append(Site(name, "attn", f, getattr(mod, "inner_kv_dim", None) or mod.inner_dim))
+        else:
+            sites.append(Site(name, "positions", f))
+    return Trace(sites, math.lcm(*factors), height, width)
+
+
+def _batch_half(obj, batch: int, half: int):
+    """`obj` (tensors, nested in dicts/lists/tuples) with every tensor of `batch` rows cut to its
+    half `half`: one guidance branch of a CFG batch."""
+    if isinstance(obj, torch.Tensor):
+        return obj.chunk(2)[half] if obj.dim() and obj.shape[0] == batch else obj
+    if isinstance(obj, dict):
+        return {k: _batch_half(v, batch, half) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_batch_half(v, batch, half) for v in obj)
+    return obj
+
+
+class StripModel:
+    """Hooks that make a diffusers model compute this rank's strip: the input's rows in, the output's
+    strips gathered out (see the module docstring). Each call of the model is one engine step of
+    the current image; the patch plan is fixed at an image's first call."""
+
+    gather_to: int | None = None          # gather the output on every strip (None) or on one
+
+    def __init__(self, model: nn.Module, engine: ExchangeEngine, adapter: DiffusersAdapter,
+                 layout: ParallelLayout, transport: Transport):
+        self.model, self.engine, self.adapter = model, engine, adapter
+        self.layout, self.transport = layout, transport
+        self.sample_name = next(iter(inspect.signature(model.forward).parameters))
+        self._traces: dict[tuple[int, ...], Trace] = {}           # per input size
+        self._structure = None
+        self.geometry: StripGeometry | None = None
+        self._tokens = False                                      # the input is a token grid (Flux)
+        self.evaluations = 0
+        self.tracing = False
+        self._handles = [model.register_forward_pre_hook(self._before, with_kwargs=True),
+                         model.register_forward_hook(self._after, with_kwargs=True)]
+
+    def begin_image(self) -> None:
+        """Before each image: swap in layers for modules added since (LoRA), forget the traces if
+        the model's structure changed, and start counting evaluations from 0."""
+        if self.engine is not None:
+            self.adapter.check(self.model)
+            swap_layers(self.model, self.engine, self.adapter)
+            structure = tuple((name, id(m)) for name, m in self.model.named_modules())
+            if structure != self._structure:
+                self.adapter.rekey(self.model)
+                self._traces.clear()
+                self._structure = structure
+        self.geometry = None
+        self.evaluations = 0
+
+    def end_image(self) -> None:
+        if self.engine is not None:
+            self.engine.drain()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+    # ---- hooks ---------------------------------------------------------------------------------
+    def _sample(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        return args[0] if args else kwargs[self.sample_name]
+
+    def _with_sample(self, args: tuple, kwargs: dict, sample: torch.Tensor) -> tuple[tuple, dict]:
+        if args:
+            return (sample,) + tuple(args[1:]), kwargs
+        return args, {**kwargs, self.sample_name: sample}
+
+    def _before(self, module, args, kwargs):
+        if self.tracing or self.engine is None:
+            return None
+        if torch.is_grad_enabled():
+            raise UnsupportedModelError(f"parafuse's patch layers are inference-only: call {type(self.model).__name__} "
+                                        f"under torch.no_grad() (diffusers pipelines do)")
+        sample = self._sample(args, kwargs)
+        if self.geometry is None:
+            self._configure(args, kwargs, sample)
+        elif sample.shape != self._input_shape:
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__} was called with a {tuple(sample.shape)} input inside an image planned "
+                f"for {self._input_shape}: parafuse plans one geometry per pipeline call")
+        self.engine.begin_step(self.evaluations)
+        self.evaluations += 1
+        i = self.layout.patch_index
+        if self._tokens:            # [B, h*w, C] row-major over the grid, and the grid's ids
+            w, top, rows = self.geometry.width, self.geometry.level(1).offsets[i], self.geometry.rows[i]
+            ids = kwargs["img_ids"]
+            kwargs = {**kwargs, "img_ids": ids[..., top * w: (top + rows) * w, :]}
+            return self._with_sample(args, kwargs, sample[:, top * w: (top + rows) * w].contiguous())
+        level = self.geometry.level_of_width(sample.shape[-1])
+        top = level.offsets[i]
+        return self._with_sample(args, kwargs, sample[:, :, top: top + level.rows[i]].contiguous())
+
+    def _grid(self, kwargs: dict, sample: torch.Tensor) -> tuple[tuple[int, int], bool]:
+        """The input's grid (rows, columns) and whether the input is a token sequence [B, rows*cols, C]
+        with `img_ids` naming each token's (_, row, column), as Flux's is."""
+        if sample.dim() == 4:
+            return tuple(sample.shape[-2:]), False
+        ids = kwargs.get("img_ids")
+        if sample.dim() == 3 and ids is not None:
+            ids = ids[0] if ids.dim() == 3 else ids
+            rows, cols = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+            if rows * cols == sample.shape[1] and torch.equal(ids[:, 1] * cols + ids[:, 2],
+                                                               torch.arange(rows * cols, device=ids.device)):
+                return (rows, cols), True
+        raise UnsupportedModelError(f"{type(self.model).__name__}'s input {tuple(sample.shape)} is neither an image "
+                                    f"[B, C, H, W] nor a row-major token grid named by img_ids")
+
+    def _configure(self, args: tuple, kwargs: dict, sample: torch.Tensor) -> None:
+        """The patch plan of this image's geometry, from a shape trace (once per input size)."""
+        grid, self._tokens = self._grid(kwargs, sample)
+        size = tuple(sample.shape[1:])
+        if size not in self._traces:
+            saved, self.engine.step = self.engine.step, LOCAL      # the patch layers run as plain layers
+            self.tracing = True
+            try:
+                self._traces[size] = trace_sites(self.model, self.adapter, args, kwargs, sample, grid)
+            finally:
+                self.tracing, self.engine.step = False, saved
+        trace = self._traces[size]
+        geometry = StripGeometry(trace.height, trace.width, self.layout.patch_degree, trace.unit)
+        for s in trace.sites:
+            if s.kind == "conv":
+                geometry.check_halo(s.factor, s.top, s.bottom, f"conv {s.key}")
+        dtype = next(self.model.parameters()).dtype
+        self.engine.configure(PatchPlan(trace.sites, geometry, self.layout.patch_index, sample.shape[0], dtype,
+                                        self.engine.settings), sample.device)
+        self.geometry, self._input_shape = geometry, sample.shape
+
+    def _after(self, module, args, kwargs, output):
+        if self.tracing:
+            return None
+        if isinstance(output, torch.Tensor):
+            out = output
+        else:
+            out = output[0] if isinstance(output, tuple) else next(iter(output.values()))
+        out = self._gather(out)
+        if isinstance(output, torch.Tensor):
+            return out
+        if isinstance(output, tuple):
+            return (out,) + tuple(output[1:])
+        output[next(iter(output.keys()))] = out
+        return output
+
+    def _gather(self, out: torch.Tensor) -> torch.Tensor:
+        if self.engine is None:
+            return out
+        if self._tokens:
+            dim, rows = 1, tuple(r * self.geometry.width for r in self.geometry.rows)
+        else:
+            dim, rows = 2, self.geometry.level_of_width(out.shape[-1]).rows
+        full = self.engine.gather_rows(out, dim, rows, dst=self.gather_to, kind="gather")
+        if full is None:        # not the gathering strip: a placeholder of the whole output's shape
+            full = out.new_zeros(out.shape[:dim] + (sum(rows),) + out.shape[dim + 1:])
+        return full
+
+
+class StripDenoiser(StripModel):
+    """`pipe.unet` / `pipe.transformer`: the output gathered on every rank (each steps the
+    scheduler); with CFG parallel, this rank's guidance branch only, the other branch's output
+    swapped with the CFG peer."""
+
+    def begin_image(self) -> None:
+        super().begin_image()
+        self.transport.reset_counts()
+
+    def _before(self, module, args, kwargs):
+        if self.tracing:
+            return None
+        if self.layout.cfg_degree == 2:
+            batch = self._sample(args, kwargs).shape[0]
+            if batch % 2:
+                raise UnsupportedModelError(f"cfg_parallel splits the two guidance branches of the denoiser's batch, "
+                                            f"but the pipeline called it with batch {batch}: it needs guidance_scale "
+                                            f"> 1 and a pipeline that batches both branches (Flux's is distilled)")
+            args, kwargs = _batch_half((args, kwargs), batch, self.layout.branch)
+        return super()._before(module, args, kwargs) or (args, kwargs)
+
+    def _gather(self, out: torch.Tensor) -> torch.Tensor:
+        out = super()._gather(out)
+        if self.layout.cfg_degree == 2:
+            other = torch.empty_like(out)
+            self.transport.start([(out, self.layout.cfg_peer)], [(other, self.layout.cfg_peer)], "cfg").wait()
+            out = torch.cat([out, other] if self.layout.branch == 0 else [other, out])
+        return out
+
+
+class StripDecoder(StripModel):
+    """A VAE decoder (`pipe.vae.decoder`) decoding this rank's rows of the latent, always
+    synchronous (one pass, equal to the plain decode); every call is a new image. The image is
+    gathered on strip 0; the other strips get zeros of its shape, which their pipeline discards."""
+
+    gather_to = 0
+
+    def _before(self, module, args, kwargs):
+        if not self.tracing:
+            self.begin_image()
+        return super()._before(module, args, kwargs)
