@@ -113,7 +113,8 @@ def quality_section(quality: dict | None) -> list[str]:
            f"`tests/test_parallel.py`).", "",
            table(rows, [("model", "model"), ("size", "size"), ("steps", "steps"), ("n", "N"), ("mode", "mode"),
                         ("psnr_db", "PSNR dB"), ("psnr_sd", "± sd"), ("ssim", "SSIM"),
-                        ("bytes_per_step_busiest_rank", "bytes/step")]), ""]
+                        ("bytes_per_step_busiest_rank", "bytes/step"),
+                        ("steady_bytes_per_step_busiest_rank", "steady bytes/step")]), ""]
     knobs = [r for r in quality["rows"] if r["mode"] in ("full", "partial", "distrifusion") and r["n"] == max(a["ranks"])
              and not (r["warmup"] == a["warmup"] and r["portion"] in (None, a["portion"]))]
     if knobs:
@@ -126,6 +127,7 @@ def quality_section(quality: dict | None) -> list[str]:
                 "with PSNR no more than 1 dB below.", "",
                 table(quality["targets"], [("model", "model"), ("size", "size"), ("n", "N"), ("warmup", "warmup"),
                                            ("portion", "p"), ("bytes_share", "partial / distrifusion bytes"),
+                                           ("steady_bytes_share", "steady-state share"),
                                            ("bytes_limit", "limit"), ("psnr_gap_db", "PSNR gap dB"), ("met", "met")]), ""]
     return out
 
@@ -137,7 +139,8 @@ def extra_quality(name: str, title: str) -> list[str]:
     return [f"### {title}", "", f"`{res['command']}` on {hw(res)}.", "",
             table(res["rows"], [("model", "model"), ("size", "size"), ("steps", "steps"), ("n", "N"), ("mode", "mode"),
                                 ("warmup", "warmup"), ("seeds", "seeds"), ("psnr_db", "PSNR dB"), ("psnr_sd", "± sd"),
-                                ("ssim", "SSIM"), ("bytes_per_step_busiest_rank", "bytes/step")]), ""]
+                                ("ssim", "SSIM"), ("bytes_per_step_busiest_rank", "bytes/step"),
+                                ("steady_bytes_per_step_busiest_rank", "steady bytes/step")]), ""]
 
 
 def throughput_section(res: dict | None) -> list[str]:
