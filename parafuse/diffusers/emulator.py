@@ -5,9 +5,9 @@ so a torchrun job must equal this emulator to float tolerance."""
 from __future__ import annotations
 
 import copy
-import threading
 
 from parafuse.parallel.distributed import ParallelLayout
+from parafuse.parallel.emulator import run_ranks
 from parafuse.parallel.transport import ThreadHub, ThreadTransport
 
 
@@ -19,26 +19,14 @@ def emulate_pipeline(pipe, world_size: int, call, mode: str = "sync", halo_porti
 
     hub = ThreadHub(world_size)
     outputs: list = [None] * world_size
-    errors: list = []
 
     def run(rank: int):
-        try:
-            layout = ParallelLayout(rank, world_size, 2 if cfg_parallel else 1)
-            par = parallelize(copy.deepcopy(pipe), mode, halo_portion, warmup_steps, cfg_parallel, norm_mode,
-                              layout=layout, transport=ThreadTransport(rank, hub, layout.patch_ranks))
-            result = call(par)
-            par.close()
-            outputs[rank] = (result, par.rank_stats)
-        except BaseException as e:     # noqa: BLE001 - reported below, after every thread stopped
-            hub.fail(f"rank {rank} failed: {type(e).__name__}: {e}")
-            errors.append((rank, e))
+        layout = ParallelLayout(rank, world_size, 2 if cfg_parallel else 1)
+        par = parallelize(copy.deepcopy(pipe), mode, halo_portion, warmup_steps, cfg_parallel, norm_mode,
+                          layout=layout, transport=ThreadTransport(rank, hub, layout.patch_ranks))
+        result = call(par)
+        par.close()
+        outputs[rank] = (result, par.rank_stats)
 
-    threads = [threading.Thread(target=run, args=(r,), name=f"emulated-rank-{r}") for r in range(world_size)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        rank, err = min(errors, key=lambda e: isinstance(e[1], RuntimeError) and "stopped" in str(e[1]))
-        raise RuntimeError(f"emulated rank {rank} failed: {type(err).__name__}: {err}") from err
+    run_ranks(hub, run)
     return outputs

@@ -38,7 +38,6 @@ def emulate(model: nn.Module, world_size: int, parallel, requests, device: str =
     cfg_degree = 2 if parallel.cfg_parallel else 1
     runtimes: list = [None] * world_size
     results: list = [None] * world_size
-    errors: list = []
 
     def rank_stream():
         if torch.device(device).type != "cuda":
@@ -46,23 +45,35 @@ def emulate(model: nn.Module, world_size: int, parallel, requests, device: str =
         return torch.cuda.stream(torch.cuda.Stream(device))
 
     def run(rank: int):
+        with rank_stream():
+            layout = ParallelLayout(rank, world_size, cfg_degree)
+            rt = Runtime(copy.deepcopy(model), parallel, device, layout=layout,
+                         transport=ThreadTransport(rank, hub, layout.patch_ranks), dtype=dtype, kernels=kernels)
+            runtimes[rank] = rt
+            if on_rank is not None:
+                on_rank(rt)
+            results[rank] = [rt.generate(r) for r in requests]
+            rt.close()
+            if torch.device(device).type == "cuda":
+                torch.cuda.current_stream().synchronize()    # results are read on other streams
+
+    run_ranks(hub, run)
+    return runtimes, results
+
+
+def run_ranks(hub: ThreadHub, body) -> None:
+    """`body(rank)` on one thread per rank of `hub`. A failing rank fails the hub, so that its peers
+    stop waiting on it; the error re-raised is the first cause, not a peer's "stopped" that followed."""
+    errors: list = []
+
+    def run(rank: int):
         try:
-            with rank_stream():
-                layout = ParallelLayout(rank, world_size, cfg_degree)
-                rt = Runtime(copy.deepcopy(model), parallel, device, layout=layout,
-                             transport=ThreadTransport(rank, hub, layout.patch_ranks), dtype=dtype, kernels=kernels)
-                runtimes[rank] = rt
-                if on_rank is not None:
-                    on_rank(rt)
-                results[rank] = [rt.generate(r) for r in requests]
-                rt.close()
-                if torch.device(device).type == "cuda":
-                    torch.cuda.current_stream().synchronize()    # results are read on other streams
+            body(rank)
         except BaseException as e:     # noqa: BLE001 - reported below, after every thread stopped
             hub.fail(f"rank {rank} failed: {type(e).__name__}: {e}")
             errors.append((rank, e))
 
-    threads = [threading.Thread(target=run, args=(r,), name=f"emulated-rank-{r}") for r in range(world_size)]
+    threads = [threading.Thread(target=run, args=(r,), name=f"emulated-rank-{r}") for r in range(hub.world_size)]
     for t in threads:
         t.start()
     for t in threads:
@@ -70,4 +81,3 @@ def emulate(model: nn.Module, world_size: int, parallel, requests, device: str =
     if errors:
         rank, err = min(errors, key=lambda e: isinstance(e[1], RuntimeError) and "stopped" in str(e[1]))
         raise RuntimeError(f"emulated rank {rank} failed: {type(err).__name__}: {err}") from err
-    return runtimes, results
