@@ -25,7 +25,7 @@ from collections import defaultdict
 
 import torch
 
-KINDS = ("latent_halo", "conv_halo", "attn_kv", "norm_stats", "cfg", "gather", "reduce")
+KINDS = ("latent_halo", "conv_halo", "attn_kv", "norm_stats", "cfg", "gather", "reduce", "stage")
 COLLECTIVE = -1      # the peer key under which all-reduce bytes are counted
 
 
