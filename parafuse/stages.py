@@ -73,6 +73,15 @@ def start_step(steps: int, strength: float) -> int:
     return min(steps - 1, math.floor(steps * (1.0 - strength) + 1e-9))
 
 
+def min_steps(strength: float) -> int:
+    """The fewest grid steps with which a stage entered at `strength` < 1 skips at least its first
+    step: with fewer it would start from pure noise and throw the previous stage's image away."""
+    n = 1
+    while strength < 1.0 and start_step(n, strength) == 0:
+        n += 1
+    return n
+
+
 def plain(height: int, width: int, steps: int) -> tuple[Stage, ...]:
     return (Stage(height, width, steps),)
 
@@ -85,7 +94,7 @@ def bottleneck(height: int, width: int, steps: int, factor: int, model_shift: fl
     for n, w, s, scale in zip(PUBLISHED_STEPS, PUBLISHED_STRENGTHS, PUBLISHED_SHIFTS, PUBLISHED_SCALES):
         shift = None if model_shift is None else model_shift * s / PUBLISHED_BASE_SHIFT
         stages.append(Stage(_side(height, scale, factor), _side(width, scale, factor),
-                            max(1, math.floor(steps * n / PUBLISHED_BASELINE_STEPS + 0.5)), shift, w))
+                            max(min_steps(w), math.floor(steps * n / PUBLISHED_BASELINE_STEPS + 0.5)), shift, w))
     return tuple(stages)
 
 
@@ -133,6 +142,10 @@ def check_stages(stages: tuple[Stage, ...], height: int, width: int, factor: int
                              f"so leave the shift out (or write 'model')")
         if st.shift is not None and not (st.shift > 0 and math.isfinite(st.shift)):
             raise StageError(f"{name}: shift must be a positive number")
+        if i > 1 and st.strength < 1.0 and st.start == 0:
+            raise StageError(f"{name}: at strength {st.strength:g} a {st.steps}-step grid still starts at its "
+                             f"first step, from pure noise, discarding the previous stage's image: give it at "
+                             f"least {min_steps(st.strength)} steps")
     if stages[0].strength != 1.0:
         raise StageError(f"stage 1 starts from pure noise: its strength must be 1, got {stages[0].strength:g}")
     last = stages[-1]

@@ -27,7 +27,9 @@ def test_stage_arithmetic():
     # scaled to --steps (round half up), shifts scaled with the model's own, the low side a multiple of 16
     assert bottleneck(528, 256, 20, 16, 1.0) == (Stage(528, 256, 2, 3.0, 1.0), Stage(272, 128, 8, 2.0, 0.8),
                                                 Stage(528, 256, 3, 3.0, 0.6))
-    assert [s.steps for s in bottleneck(64, 64, 1, 16, None)] == [1, 1, 1]
+    # a re-entered stage keeps at least one step to skip: 10 steps give 1/5/3, not 1/4/2 (from pure noise)
+    assert [(s.steps, s.runs) for s in bottleneck(64, 64, 10, 16, None)] == [(1, 1), (5, 4), (3, 2)]
+    assert [s.steps for s in bottleneck(64, 64, 1, 16, None)] == [1, 5, 3]
     assert all(s.shift is None for s in bottleneck(64, 64, 25, 16, None))      # VP: no shift
     assert parse_stages(["1024x512:6", "512X256:20:0.8:6", "1024x512:8:0.6:model"]) == (
         Stage(1024, 512, 6), Stage(512, 256, 20, 6.0, 0.8), Stage(1024, 512, 8, None, 0.6))
@@ -63,7 +65,7 @@ def test_bottleneck_in_sync_equals_serial_at_n_2_and_3():
     model = load_model("unet-small")
     serial = Runtime(model, device="cpu").generate(BOTTLENECK)
     assert [(s["height"], s["width"], s["steps"], s["evaluations"]) for s in serial.timing["stages"]] == \
-        [(96, 48, 1, 1), (48, 32, 4, 4), (96, 48, 2, 2)]
+        [(96, 48, 1, 1), (48, 32, 5, 4), (96, 48, 3, 2)]
     assert [s["shift"] for s in serial.timing["stages"]] == [3.0, 2.0, 3.0]
     for n in (2, 3):
         runtimes, results = emulate(model, n, ParallelConfig("sync"), BOTTLENECK)
@@ -132,6 +134,7 @@ def strip_runtime():
     ((Stage(48, 48, 4, None, 0.5), Stage(96, 48, 4)), "stage 1 starts from pure noise"),
     ((Stage(96, 48, 4), Stage(48, 48, 4, None, 0.5)), "pass --height 48 --width 48"),
     ((Stage(96, 48, 4, -1.0),), "shift must be a positive number"),
+    ((Stage(48, 48, 4), Stage(96, 48, 2, None, 0.6)), "give it at least 3 steps"),
     ((Stage(32, 48, 4), Stage(96, 48, 4, None, 0.5)), "stage 1 (32x48 px) is too small for 3 strips"),
 ])
 def test_invalid_stages_fail_before_compute(strip_runtime, stages, match):

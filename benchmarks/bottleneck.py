@@ -1,0 +1,222 @@
+"""Quality and cost of the bottleneck schedule against one-stage schedules.
+
+Re-noising at a stage change changes the image, so distributions are compared, not pixels: the
+sliced Wasserstein distance (SWD) between multi-scale 7x7 patches of each generated image and
+those of the default model's held-out photographs (parafuse/data.py: chelsea, rocket), as in
+Karras et al. 2018 (Laplacian pyramid down to 16 px, patches normalised per channel - here with
+the reference's statistics at every level, so that a colour or contrast shift counts), reported
+x 1e3, averaged over levels. One SWD per seed; mean and standard error over seeds.
+
+Schedules, per --steps S (serial, one process):
+  bottleneck   --schedule bottleneck (full, half, full resolution; parafuse/stages.py)
+  plain        the one-stage schedule of S steps
+  equal-flops  a one-stage schedule whose step count spends the bottleneck's FLOPs
+  bottleneck-bicubic   the bottleneck schedule with bicubic instead of Lanczos upsampling
+Also the upsampling filters alone: held-out photographs area-downsampled 2x and upsampled back,
+PSNR against the original.
+
+    python benchmarks/bottleneck.py --size 256 --steps 20 50 --seeds 8
+
+Writes benchmarks/results/bottleneck_<cpu|cuda>.{json,png} and seed 0 of each run in bottleneck_samples.png.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import hardware, table, write_json  # noqa: E402
+from parafuse.data import DEFAULT_HELD_OUT, fixed_crops, load_photo  # noqa: E402
+from parafuse.report import psnr  # noqa: E402
+from parafuse.runtime import Request, Runtime  # noqa: E402
+from parafuse.stages import resize  # noqa: E402
+
+PATCH, MIN_LEVEL, PATCHES_PER_LEVEL, DIRECTIONS, QUANTILES = 7, 16, 256, 512, 256
+BINOMIAL = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16
+
+
+# ---- patch SWD -----------------------------------------------------------------------------------
+def _blur(x: torch.Tensor) -> torch.Tensor:
+    c = x.shape[1]
+    k = BINOMIAL.to(x)
+    x = F.conv2d(F.pad(x, (2, 2, 0, 0), mode="reflect"), k.view(1, 1, 1, 5).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(F.pad(x, (0, 0, 2, 2), mode="reflect"), k.view(1, 1, 5, 1).repeat(c, 1, 1, 1), groups=c)
+
+
+def laplacian_pyramid(x: torch.Tensor) -> list[torch.Tensor]:
+    """Band-pass levels of [B, 3, H, W] from fine to coarse, the last one the low-pass residual at
+    >= MIN_LEVEL px (pyrDown: binomial blur, drop every other pixel; pyrUp: zero-insert, blur x 4)."""
+    levels = []
+    while min(x.shape[-2:]) >= 2 * MIN_LEVEL:
+        down = _blur(x)[..., ::2, ::2]
+        up = torch.zeros_like(x)
+        up[..., ::2, ::2] = down
+        levels.append(x - 4 * _blur(up))
+        x = down
+    return levels + [x]
+
+
+def patches(x: torch.Tensor, count: int, g: torch.Generator) -> torch.Tensor:
+    """`count` random 7x7 patches of every image in [B, 3, H, W], as [B*count, 3, 7, 7]."""
+    b, c, h, w = x.shape
+    top = torch.randint(h - PATCH + 1, (b, count), generator=g)
+    left = torch.randint(w - PATCH + 1, (b, count), generator=g)
+    r = top[..., None, None] + torch.arange(PATCH)[:, None]
+    q = left[..., None, None] + torch.arange(PATCH)
+    idx = torch.arange(b)[:, None, None, None]
+    return x.permute(0, 2, 3, 1)[idx, r, q].permute(0, 1, 4, 2, 3).reshape(b * count, c, PATCH, PATCH)
+
+
+def pyramid_patches(images: torch.Tensor, count: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [patches(level, count, g) for level in laplacian_pyramid(images.float())]
+
+
+def swd(a: list[torch.Tensor], ref: list[torch.Tensor], seed: int = 0) -> float:
+    """Sliced Wasserstein-1 distance x 1e3, averaged over pyramid levels; each level's descriptors
+    normalised per channel by the reference's mean and std; 1-D distances on QUANTILES quantiles,
+    so the two sets need not be the same size."""
+    g = torch.Generator().manual_seed(seed)
+    u = (torch.arange(QUANTILES, dtype=torch.float64) + 0.5) / QUANTILES
+    out = []
+    for x, y in zip(a, ref):
+        mean, std = y.mean((0, 2, 3), keepdim=True), y.std((0, 2, 3), keepdim=True)
+        x, y = ((x - mean) / std).flatten(1).double(), ((y - mean) / std).flatten(1).double()
+        d = torch.randn(x.shape[1], DIRECTIONS, generator=g, dtype=torch.float64)
+        d /= d.norm(dim=0, keepdim=True)
+        out.append((torch.quantile(x @ d, u, dim=0) - torch.quantile(y @ d, u, dim=0)).abs().mean().item())
+    return 1e3 * sum(out) / len(out)
+
+
+# ---- runs ------------------------------------------------------------------------------------------
+def mean_se(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    var = sum((v - m) ** 2 for v in values) / max(1, len(values) - 1)
+    return m, math.sqrt(var / len(values))
+
+
+def upsampling_filters(size: int) -> list[dict]:
+    rows = []
+    for name in DEFAULT_HELD_OUT:
+        photo = load_photo(name)[None]
+        h, w = (photo.shape[-2] // 2) * 2, (photo.shape[-1] // 2) * 2
+        photo = photo[..., :h, :w]
+        low = resize(photo, h // 2, w // 2)
+        rows.append({"photo": name, **{f"psnr_{up}_db": psnr(resize(low, h, w, up).clamp(-1, 1), photo)
+                                       for up in ("lanczos", "bicubic")}})
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="default")
+    p.add_argument("--size", type=int, default=256, help="image side in pixels")
+    p.add_argument("--steps", type=int, nargs="+", default=[20, 50])
+    p.add_argument("--seeds", type=int, default=8)
+    p.add_argument("--solver", default="dpmpp-2m")
+    args = p.parse_args(argv)
+
+    rt = Runtime(args.model, device="cpu")
+    ref_images = fixed_crops(list(DEFAULT_HELD_OUT), args.size, per_image=8, seed=0)
+    ref = pyramid_patches(ref_images, 4 * PATCHES_PER_LEVEL // 8, seed=1)   # 4x as many patches as one image
+    rows, samples = [], {}
+    for steps in args.steps:
+        req = Request(args.size, args.size, steps, args.solver, schedule="bottleneck")
+        budget = sum(rt.eval_flops(req, rt.stage_geometry(st)) * rt.make_solver(req, st).num_evals
+                     for st in rt.stages(req))
+        per_eval = rt.eval_flops(req, rt.check(req))
+        equal = max(1, round(budget / per_eval))        # one-stage steps that spend the bottleneck's FLOPs
+        runs = {
+            "bottleneck": dict(schedule="bottleneck"),
+            "plain": {},
+            "equal-flops": dict(steps=equal),
+            "bottleneck-bicubic": dict(schedule="bottleneck", upsample="bicubic"),
+        }
+        for name, change in runs.items():
+            scores, seconds, flops, evals = [], [], None, None
+            for seed in range(args.seeds):
+                req = Request(args.size, args.size, change.get("steps", steps), args.solver, seed=seed,
+                              schedule=change.get("schedule", "plain"), upsample=change.get("upsample", "lanczos"))
+                t0 = time.perf_counter()
+                res = rt.generate(req)
+                seconds.append(time.perf_counter() - t0)
+                scores.append(swd(pyramid_patches(res.image, PATCHES_PER_LEVEL, seed=100 + seed), ref))
+                flops, evals = res.timing["flops"]["total"], len(res.timing["step_seconds"])
+                if seed == 0:
+                    samples[(steps, name)] = res.image[0]
+            m, se = mean_se(scores)
+            rows.append({"steps": steps, "schedule": name, "evaluations": evals, "flops_g": flops / 1e9,
+                         "flops_saving": steps * per_eval / flops, "swd_mean": m, "swd_se": se,
+                         "seconds_mean": sum(seconds) / len(seconds), "swd": scores})
+            print(f"steps {steps} {name:20s} evals {evals:3d}  FLOPs saving {steps * per_eval / flops:5.2f}x  "
+                  f"patch-SWD {m:7.2f} ± {se:5.2f}  {sum(seconds) / len(seconds):.2f} s/image", flush=True)
+    ref_self = [swd(pyramid_patches(ref_images[i:i + 1], PATCHES_PER_LEVEL, seed=200 + i), ref)
+                for i in range(len(ref_images))]
+    filters = upsampling_filters(args.size)
+
+    print()
+    print(table(rows, [("steps", "--steps"), ("schedule", "schedule"), ("evaluations", "model evaluations"),
+                       ("flops_saving", "FLOPs saving vs plain"), ("swd_mean", "patch-SWD ×1e3 (mean)"),
+                       ("swd_se", "± s.e."), ("seconds_mean", "s / image")]))
+    m, se = mean_se(ref_self)
+    print(f"\nheld-out crops themselves (one crop against the pooled reference, which includes it): {m:.2f} ± {se:.2f}")
+    print(table(filters, [("photo", "held-out photo"), ("psnr_lanczos_db", "2x down-up PSNR, Lanczos-3 (dB)"),
+                          ("psnr_bicubic_db", "bicubic (dB)")]))
+    tag = "cpu" if not torch.cuda.is_available() else "cuda"
+    data = {"hardware": hardware(), "torch_threads": torch.get_num_threads(), "model": args.model,
+            "size": args.size, "seeds": args.seeds, "solver": args.solver, "rows": rows,
+            "reference": {"photos": list(DEFAULT_HELD_OUT), "crops": len(ref_images), "swd_self_mean": m,
+                          "swd_self_se": se},
+            "upsampling": filters,
+            "metric": {"patch": PATCH, "min_level_px": MIN_LEVEL, "patches_per_level_per_image": PATCHES_PER_LEVEL,
+                       "directions": DIRECTIONS, "quantiles": QUANTILES}}
+    path = write_json(f"bottleneck_{tag}.json", data)
+    print(f"\nwrote {path}")
+    plot(rows, samples, os.path.splitext(path)[0], data)
+    return 0
+
+
+def plot(rows, samples, stem, data) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted({r["steps"] for r in rows})
+    names = list(dict.fromkeys(r["schedule"] for r in rows))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(names)
+    for j, name in enumerate(names):
+        sel = [next(r for r in rows if r["steps"] == s and r["schedule"] == name) for s in steps]
+        ax.bar([i + j * width for i in range(len(steps))], [r["swd_mean"] for r in sel], width,
+               yerr=[r["swd_se"] for r in sel], capsize=3,
+               label=f"{name}" + ("" if name == "plain" else " (" + ", ".join(
+                   f"{r['flops_saving']:.1f}x" for r in sel) + " fewer FLOPs)"))
+    ax.axhline(data["reference"]["swd_self_mean"], color="gray", ls="--", lw=1, label="held-out crops themselves")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(steps))], [f"--steps {s}" for s in steps])
+    ax.set_ylabel("patch-SWD ×1e3 vs held-out photos (lower is better)")
+    ax.set_title(f"{data['model']} {data['size']}², {data['seeds']} seeds, mean ± s.e.\n{data['hardware']['device']}",
+                 fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(stem + ".png", dpi=120)
+    plt.close(fig)
+
+    keys = list(samples)
+    fig, axes = plt.subplots(1, len(keys), figsize=(2.2 * len(keys), 2.6))
+    for ax, key in zip(axes, keys):
+        ax.imshow(((samples[key].permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy())
+        ax.set_title(f"{key[1]}\n--steps {key[0]}, seed 0", fontsize=7)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(os.path.join(os.path.dirname(stem), "bottleneck_samples.png"), dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
