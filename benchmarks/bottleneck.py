@@ -15,9 +15,10 @@ Schedules, per --steps S (serial, one process):
 Also the upsampling filters alone: held-out photographs area-downsampled 2x and upsampled back,
 PSNR against the original.
 
-    python benchmarks/bottleneck.py --size 256 --steps 20 50 --seeds 8
+    python benchmarks/bottleneck.py --size 256 --steps 20 50 --seeds 16
 
-Writes benchmarks/results/bottleneck_<cpu|cuda>.{json,png} and seed 0 of each run in bottleneck_samples.png.
+Writes benchmarks/results/bottleneck_<cpu|cuda>_<size>.{json,png}, and seed 0 of every run in
+bottleneck_<cpu|cuda>_<size>_samples.png.
 """
 from __future__ import annotations
 
@@ -120,7 +121,10 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, nargs="+", default=[20, 50])
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--solver", default="dpmpp-2m")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: on a shared 2-core machine two threads ran ~20x slower)")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     rt = Runtime(args.model, device="cpu")
     ref_images = fixed_crops(list(DEFAULT_HELD_OUT), args.size, per_image=8, seed=0)
@@ -176,7 +180,7 @@ def main(argv=None) -> int:
             "upsampling": filters,
             "metric": {"patch": PATCH, "min_level_px": MIN_LEVEL, "patches_per_level_per_image": PATCHES_PER_LEVEL,
                        "directions": DIRECTIONS, "quantiles": QUANTILES}}
-    path = write_json(f"bottleneck_{tag}.json", data)
+    path = write_json(f"bottleneck_{tag}_{args.size}.json", data)
     print(f"\nwrote {path}")
     plot(rows, samples, os.path.splitext(path)[0], data)
     return 0
@@ -214,7 +218,7 @@ def plot(rows, samples, stem, data) -> None:
         ax.set_title(f"{key[1]}\n--steps {key[0]}, seed 0", fontsize=7)
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(os.path.join(os.path.dirname(stem), "bottleneck_samples.png"), dpi=100)
+    fig.savefig(stem + "_samples.png", dpi=100)
     plt.close(fig)
 
 

@@ -19,6 +19,8 @@ reports):
     kernels    the Triton GroupNorm kernels against their references and the native GroupNorm on the
                device (bf16, an SDXL-size activation), their time against the PyTorch patched path,
                and `sync` with `--kernels triton` against the serial run
+    bottleneck --schedule bottleneck against the plain schedule of the same --steps on one device
+               (dit-xl 2048², 20 steps, bf16): the wall-clock saving next to the FLOPs saving
     projection the scaling section's rows projected to N = 1..16 over NVLink 4, PCIe 4 and 400 Gb/s
                InfiniBand (benchmarks/project.py; labelled projections, not measurements)
 
@@ -41,9 +43,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import RESULTS, hardware, table  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ("cli", "nccl", "sync", "scaling", "graphs", "bandwidth", "kernels", "projection")
+SECTIONS = ("cli", "nccl", "sync", "scaling", "graphs", "bandwidth", "kernels", "bottleneck", "projection")
 BUDGETS = {"cli": 45, "nccl": 30, "sync": 30, "scaling": 110, "graphs": 55, "bandwidth": 10, "kernels": 15,
-           "projection": 5}   # seconds; 300 in all
+           "bottleneck": 25, "projection": 5}   # seconds; 325 in all
 
 
 def run_cli(args: list[str], torchrun: bool, timeout: float) -> dict:
@@ -233,6 +235,23 @@ def section_kernels(a) -> dict:
     return out
 
 
+def section_bottleneck(a) -> dict:
+    """One serial runtime, the plain and the bottleneck schedule of the same --steps, after a warmup
+    image at each stage size; seconds of the denoising loop (the report's total_seconds)."""
+    from parafuse.runtime import Request, Runtime
+
+    model, size, steps = ("dit-small", 64, 10) if a.smoke else ("dit-xl", 2048, 20)
+    rt = Runtime(model, device=a.device, dtype="bf16" if a.device != "cpu" else "fp32")
+    rt.generate(Request(size, size, 10, schedule="bottleneck"))
+    out = {"model": model, "size": size, "steps": steps}
+    for schedule in ("plain", "bottleneck"):
+        t = rt.generate(Request(size, size, steps, schedule=schedule)).timing
+        out[schedule] = {"seconds": t["total_seconds"], "flops": t["flops"]["total"], "stages": t["stages"]}
+    out["wall_clock_saving"] = out["plain"]["seconds"] / out["bottleneck"]["seconds"]
+    out["flops_saving"] = out["plain"]["flops"] / out["bottleneck"]["flops"]
+    return out
+
+
 def section_projection(a, results: dict) -> dict:
     """The projected speedup at N = 8 and 16 of every measured (model, size, mode), per link."""
     import project
@@ -330,6 +349,11 @@ def summary(results: dict) -> list[dict]:
                 f"triton {r['triton_path_us']:.0f} us vs torch path {r['torch_path_us']:.0f} us "
                 f"(native unpatched {r['native_group_norm_us']:.0f} us); sync on kernels vs serial "
                 f"{r['sync_triton_vs_serial_max']:.1e}")})
+        elif name == "bottleneck":
+            r = sec["result"]
+            rows.append({"section": f"bottleneck {r['model']} {r['size']}² --steps {r['steps']}",
+                         "result": f"{r['wall_clock_saving']:.2f}x wall clock, {r['flops_saving']:.2f}x FLOPs "
+                                   f"({r['bottleneck']['seconds']:.2f} vs {r['plain']['seconds']:.2f} s)"})
         elif name == "projection":
             r = sec["result"]
             for x in r["nvlink4"]:
