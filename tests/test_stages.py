@@ -200,3 +200,14 @@ def test_torchrun_bottleneck_equals_the_emulator(tmp_path):
     for rank in (0, 1):
         assert report["ranks"][rank]["bytes_sent"] == results[rank][0].rank_stats["bytes_sent"]
     assert report["ranks"][0]["bytes_sent"]["stage"] > 0
+
+
+def test_every_solver_runs_across_stages():
+    from parafuse.solvers import SOLVERS
+
+    rt = Runtime("dit-small", device="cpu")
+    for name in SOLVERS:
+        res = rt.generate(Request(32, 32, 10, name, schedule="bottleneck"))
+        per = rt.make_solver(Request(32, 32, 10, name)).evals_per_step
+        assert [s["evaluations"] for s in res.timing["stages"]] == [per * 1, per * 4, per * 2], name
+        assert torch.isfinite(res.latent).all(), name
