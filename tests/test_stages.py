@@ -79,6 +79,14 @@ def test_bottleneck_in_sync_equals_serial_at_n_2_and_3():
             assert results[rank][0].rank_stats["bytes_sent"]["stage"] == expected
 
 
+def test_bottleneck_with_cfg_parallel_equals_serial_guidance():
+    model = load_model("unet-small")
+    req = Request(96, 48, 10, "dpmpp-2m", 3.0, seed=11, label=2, schedule="bottleneck")
+    serial = Runtime(model, device="cpu").generate(req)
+    _, results = emulate(model, 2, ParallelConfig("sync", cfg_parallel=True), req)
+    torch.testing.assert_close(results[0][0].latent, serial.latent, atol=1e-4, rtol=0)
+
+
 def test_each_stage_starts_with_a_synchronous_step():
     seen = {}
 
