@@ -29,7 +29,8 @@ from parafuse.parallel.transport import KINDS, TorchTransport, Transport
 from parafuse.profile import ModelProfile
 from parafuse.sampling import denoise_stages, guided
 from parafuse.solvers import SOLVERS, LocalReduce, cfg, make_schedule, make_solver
-from parafuse.stages import SCHEDULES, UPSAMPLE, Stage, StageError, bottleneck, check_stages, plain, resize_latent, stage_seed, start_step
+from parafuse.stages import (SCHEDULES, UPSAMPLE, Stage, StageError, bottleneck, check_stages, plain, resize_latent,
+                             stage_report, stage_seed, start_step)
 
 
 class RequestError(ValueError):
@@ -244,7 +245,7 @@ class Runtime:
             sched["shift"] = stage.shift
         schedule = make_schedule(kind, **sched)
         solver = make_solver(req.solver, schedule, num_steps=stage.steps, **req.solver_options)
-        per = solver.evals_per_step
+        per = solver.evals_per_step         # where a strength enters is counted in the solver's own steps
         start = start_step(solver.n_grid // per, stage.strength) * per
         if start == 0:
             return solver
@@ -394,15 +395,7 @@ class Runtime:
         timing = {"total_seconds": total, "step_seconds": step_seconds,
                   "flops": {"total": sum(self.eval_flops(req, g) * s.num_evals for g, s in zip(geometries, solvers)),
                             "full_schedule": self.eval_flops(req, geometry) * self.make_solver(req).num_evals},
-                  "stages": []}
-        done = 0
-        for st, s, seconds in zip(stages, solvers, change_seconds):
-            timing["stages"].append({
-                "height": st.height, "width": st.width, "steps": st.steps,
-                "shift": getattr(s.schedule, "shift", None), "strength": st.strength,
-                "evaluations": s.num_evals, "seconds": sum(step_seconds[done:done + s.num_evals]),
-                "change_seconds": seconds})
-            done += s.num_evals
+                  "stages": stage_report(stages, solvers, step_seconds, change_seconds)}
         return Result(image, latent, self._rank_stats(geometry, state_bytes[0]), timing)
 
     def eval_flops(self, req: Request, geometry: StripGeometry) -> float:

@@ -163,6 +163,19 @@ def stage_seed(seed: int, stage: int) -> int:
     return int(np.random.SeedSequence([seed % 2 ** 64, stage]).generate_state(1, np.uint64)[0])
 
 
+def stage_report(stages, solvers, step_seconds: list[float], change_seconds: list[float]) -> list[dict]:
+    """The report's `stages`: per stage its size (px), grid steps, the shift it ran (None: VP),
+    strength, model evaluations, the seconds of its steps and of the change into it."""
+    out, done = [], 0
+    for st, solver, change in zip(stages, solvers, change_seconds):
+        out.append({"height": st.height, "width": st.width, "steps": st.steps,
+                    "shift": getattr(solver.schedule, "shift", None), "strength": st.strength,
+                    "evaluations": solver.num_evals, "seconds": sum(step_seconds[done:done + solver.num_evals]),
+                    "change_seconds": change})
+        done += solver.num_evals
+    return out
+
+
 # ---- resizing the clean estimate --------------------------------------------------------------
 def lanczos_matrix(n_in: int, n_out: int, a: int = 3) -> torch.Tensor:
     """[n_out, n_in] Lanczos-`a` interpolation (upsampling: n_out >= n_in), pixel centres aligned
