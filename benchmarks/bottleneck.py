@@ -5,17 +5,20 @@ sliced Wasserstein distance (SWD) between multi-scale 7x7 patches of each genera
 those of the default model's held-out photographs (parafuse/data.py: chelsea, rocket), as in
 Karras et al. 2018 (Laplacian pyramid down to 16 px, patches normalised per channel - here with
 the reference's statistics at every level, so that a colour or contrast shift counts), reported
-x 1e3, averaged over levels. One SWD per seed; mean and standard error over seeds.
+x 1e3, averaged over levels (per level in the JSON). One SWD per seed; mean and standard error over seeds.
 
 Schedules, per --steps S (serial, one process):
   bottleneck   --schedule bottleneck (full, half, full resolution; parafuse/stages.py)
   plain        the one-stage schedule of S steps
   equal-flops  a one-stage schedule whose step count spends the bottleneck's FLOPs
   bottleneck-bicubic   the bottleneck schedule with bicubic instead of Lanczos upsampling
+  bottleneck-unshifted its stages without re-shifting (the model's own shift in every stage)
+A second reference is the model's own distribution: the plain schedule at the largest --steps,
+from other seeds (1000, 1001, ...).
 Also the upsampling filters alone: held-out photographs area-downsampled 2x and upsampled back,
 PSNR against the original.
 
-    python benchmarks/bottleneck.py --size 256 --steps 20 50 --seeds 16
+    python benchmarks/bottleneck.py --size 256 --steps 20 50 --seeds 12
 
 Writes benchmarks/results/bottleneck_<cpu|cuda>_<size>.{json,png}, and seed 0 of every run in
 bottleneck_<cpu|cuda>_<size>_samples.png.
@@ -27,6 +30,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -79,8 +83,8 @@ def pyramid_patches(images: torch.Tensor, count: int, seed: int) -> list[torch.T
     return [patches(level, count, g) for level in laplacian_pyramid(images.float())]
 
 
-def swd(a: list[torch.Tensor], ref: list[torch.Tensor], seed: int = 0) -> float:
-    """Sliced Wasserstein-1 distance x 1e3, averaged over pyramid levels; each level's descriptors
+def swd(a: list[torch.Tensor], ref: list[torch.Tensor], seed: int = 0) -> list[float]:
+    """Sliced Wasserstein-1 distance x 1e3 at every pyramid level (fine to coarse); each level's descriptors
     normalised per channel by the reference's mean and std; 1-D distances on QUANTILES quantiles,
     so the two sets need not be the same size."""
     g = torch.Generator().manual_seed(seed)
@@ -92,7 +96,7 @@ def swd(a: list[torch.Tensor], ref: list[torch.Tensor], seed: int = 0) -> float:
         d = torch.randn(x.shape[1], DIRECTIONS, generator=g, dtype=torch.float64)
         d /= d.norm(dim=0, keepdim=True)
         out.append((torch.quantile(x @ d, u, dim=0) - torch.quantile(y @ d, u, dim=0)).abs().mean().item())
-    return 1e3 * sum(out) / len(out)
+    return [1e3 * v for v in out]
 
 
 # ---- runs ------------------------------------------------------------------------------------------
@@ -120,6 +124,9 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=256, help="image side in pixels")
     p.add_argument("--steps", type=int, nargs="+", default=[20, 50])
     p.add_argument("--seeds", type=int, default=8)
+    p.add_argument("--ref-seeds", type=int, default=8,
+                   help="images of the plain schedule at the largest --steps (seeds 1000, 1001, ...) that make "
+                        "the second reference, the model's own distribution")
     p.add_argument("--solver", default="dpmpp-2m")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: on a shared 2-core machine two threads ran ~20x slower)")
@@ -128,7 +135,12 @@ def main(argv=None) -> int:
 
     rt = Runtime(args.model, device="cpu")
     ref_images = fixed_crops(list(DEFAULT_HELD_OUT), args.size, per_image=8, seed=0)
-    ref = pyramid_patches(ref_images, 4 * PATCHES_PER_LEVEL // 8, seed=1)   # 4x as many patches as one image
+    # 4x as many patches per level as one image gives: 16 crops x 64
+    refs = {"photos": pyramid_patches(ref_images, 4 * PATCHES_PER_LEVEL // len(ref_images), seed=1)}
+    top = max(args.steps)
+    model_images = torch.cat([rt.generate(Request(args.size, args.size, top, args.solver, seed=1000 + i)).image
+                              for i in range(args.ref_seeds)])
+    refs["model"] = pyramid_patches(model_images, 4 * PATCHES_PER_LEVEL // args.ref_seeds, seed=2)
     rows, samples = [], {}
     for steps in args.steps:
         req = Request(args.size, args.size, steps, args.solver, schedule="bottleneck")
@@ -141,33 +153,45 @@ def main(argv=None) -> int:
             "plain": {},
             "equal-flops": dict(steps=equal),
             "bottleneck-bicubic": dict(schedule="bottleneck", upsample="bicubic"),
+            # the paper's ablation: the same stages without re-shifting (every stage at the model's own shift)
+            "bottleneck-unshifted": dict(stages=tuple(replace(st, shift=None) for st in rt.stages(req))),
         }
         for name, change in runs.items():
-            scores, seconds, flops, evals = [], [], None, None
+            levels, seconds, flops, evals = {k: [] for k in refs}, [], None, None
             for seed in range(args.seeds):
                 req = Request(args.size, args.size, change.get("steps", steps), args.solver, seed=seed,
-                              schedule=change.get("schedule", "plain"), upsample=change.get("upsample", "lanczos"))
+                              schedule=change.get("schedule", "plain"), upsample=change.get("upsample", "lanczos"),
+                              stages=change.get("stages"))
                 t0 = time.perf_counter()
                 res = rt.generate(req)
                 seconds.append(time.perf_counter() - t0)
-                scores.append(swd(pyramid_patches(res.image, PATCHES_PER_LEVEL, seed=100 + seed), ref))
+                mine = pyramid_patches(res.image, PATCHES_PER_LEVEL, seed=100 + seed)
+                for k, ref in refs.items():
+                    levels[k].append(swd(mine, ref))
                 flops, evals = res.timing["flops"]["total"], len(res.timing["step_seconds"])
                 if seed == 0:
                     samples[(steps, name)] = res.image[0]
-            m, se = mean_se(scores)
-            rows.append({"steps": steps, "schedule": name, "evaluations": evals, "flops_g": flops / 1e9,
-                         "flops_saving": steps * per_eval / flops, "swd_mean": m, "swd_se": se,
-                         "seconds_mean": sum(seconds) / len(seconds), "swd": scores})
-            print(f"steps {steps} {name:20s} evals {evals:3d}  FLOPs saving {steps * per_eval / flops:5.2f}x  "
-                  f"patch-SWD {m:7.2f} ± {se:5.2f}  {sum(seconds) / len(seconds):.2f} s/image", flush=True)
-    ref_self = [swd(pyramid_patches(ref_images[i:i + 1], PATCHES_PER_LEVEL, seed=200 + i), ref)
-                for i in range(len(ref_images))]
+            row = {"steps": steps, "schedule": name, "evaluations": evals, "flops_g": flops / 1e9,
+                   "flops_saving": steps * per_eval / flops, "seconds_mean": sum(seconds) / len(seconds)}
+            for k, lv in levels.items():
+                scores = [sum(v) / len(v) for v in lv]
+                row[f"swd_{k}_mean"], row[f"swd_{k}_se"] = mean_se(scores)
+                row[f"swd_{k}"] = scores
+                row[f"swd_{k}_per_level_mean"] = [sum(v) / len(v) for v in zip(*lv)]
+            rows.append(row)
+            print(f"steps {steps} {name:20s} evals {evals:3d}  FLOPs saving {row['flops_saving']:5.2f}x  "
+                  f"patch-SWD vs photos {row['swd_photos_mean']:7.1f} ± {row['swd_photos_se']:5.1f}, "
+                  f"vs plain {top}-step images {row['swd_model_mean']:7.1f} ± {row['swd_model_se']:5.1f}  "
+                  f"{row['seconds_mean']:.2f} s/image", flush=True)
+    ref_self = [sum(v) / len(v) for v in (swd(pyramid_patches(ref_images[i:i + 1], PATCHES_PER_LEVEL, 200 + i),
+                                              refs["photos"]) for i in range(len(ref_images)))]
     filters = upsampling_filters(args.size)
 
     print()
     print(table(rows, [("steps", "--steps"), ("schedule", "schedule"), ("evaluations", "model evaluations"),
-                       ("flops_saving", "FLOPs saving vs plain"), ("swd_mean", "patch-SWD ×1e3 (mean)"),
-                       ("swd_se", "± s.e."), ("seconds_mean", "s / image")]))
+                       ("flops_saving", "FLOPs saving vs plain"), ("swd_photos_mean", "patch-SWD vs photos"),
+                       ("swd_photos_se", "± s.e."), ("swd_model_mean", f"patch-SWD vs plain {top}-step"),
+                       ("swd_model_se", "± s.e."), ("seconds_mean", "s / image")]))
     m, se = mean_se(ref_self)
     print(f"\nheld-out crops themselves (one crop against the pooled reference, which includes it): {m:.2f} ± {se:.2f}")
     print(table(filters, [("photo", "held-out photo"), ("psnr_lanczos_db", "2x down-up PSNR, Lanczos-3 (dB)"),
@@ -176,7 +200,7 @@ def main(argv=None) -> int:
     data = {"hardware": hardware(), "torch_threads": torch.get_num_threads(), "model": args.model,
             "size": args.size, "seeds": args.seeds, "solver": args.solver, "rows": rows,
             "reference": {"photos": list(DEFAULT_HELD_OUT), "crops": len(ref_images), "swd_self_mean": m,
-                          "swd_self_se": se},
+                          "swd_self_se": se, "model": f"plain {top} steps, seeds 1000..{999 + args.ref_seeds}"},
             "upsampling": filters,
             "metric": {"patch": PATCH, "min_level_px": MIN_LEVEL, "patches_per_level_per_image": PATCHES_PER_LEVEL,
                        "directions": DIRECTIONS, "quantiles": QUANTILES}}
@@ -193,20 +217,24 @@ def plot(rows, samples, stem, data) -> None:
 
     steps = sorted({r["steps"] for r in rows})
     names = list(dict.fromkeys(r["schedule"] for r in rows))
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     width = 0.8 / len(names)
-    for j, name in enumerate(names):
-        sel = [next(r for r in rows if r["steps"] == s and r["schedule"] == name) for s in steps]
-        ax.bar([i + j * width for i in range(len(steps))], [r["swd_mean"] for r in sel], width,
-               yerr=[r["swd_se"] for r in sel], capsize=3,
-               label=f"{name}" + ("" if name == "plain" else " (" + ", ".join(
-                   f"{r['flops_saving']:.1f}x" for r in sel) + " fewer FLOPs)"))
-    ax.axhline(data["reference"]["swd_self_mean"], color="gray", ls="--", lw=1, label="held-out crops themselves")
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(steps))], [f"--steps {s}" for s in steps])
-    ax.set_ylabel("patch-SWD ×1e3 vs held-out photos (lower is better)")
-    ax.set_title(f"{data['model']} {data['size']}², {data['seeds']} seeds, mean ± s.e.\n{data['hardware']['device']}",
+    for ax, ref, what in zip(axes, ("photos", "model"), ("held-out photographs", data["reference"]["model"])):
+        for j, name in enumerate(names):
+            sel = [next(r for r in rows if r["steps"] == s and r["schedule"] == name) for s in steps]
+            ax.bar([i + j * width for i in range(len(steps))], [r[f"swd_{ref}_mean"] for r in sel], width,
+                   yerr=[r[f"swd_{ref}_se"] for r in sel], capsize=3,
+                   label=f"{name}" + ("" if name == "plain" else " (" + ", ".join(
+                       f"{r['flops_saving']:.1f}x" for r in sel) + " fewer FLOPs)"))
+        if ref == "photos":
+            ax.axhline(data["reference"]["swd_self_mean"], color="gray", ls="--", lw=1,
+                       label="held-out crops themselves")
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(steps))], [f"--steps {s}" for s in steps])
+        ax.set_ylabel("patch-SWD ×1e3 (lower is closer)")
+        ax.set_title(f"against {what}", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{data['model']} {data['size']}², {data['seeds']} seeds, mean ± s.e.; {data['hardware']['device']}",
                  fontsize=9)
-    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(stem + ".png", dpi=120)
     plt.close(fig)
