@@ -5,7 +5,9 @@ size. What runs:
 
 - `--steps S` is the step count of the plain one-stage schedule, and the baseline that
   `flops.full_schedule` counts. The bottleneck schedule scales the published stage steps 6/20/8
-  (for a 50-step baseline) to S: N_i = max(1, round(S·n_i/50)).
+  (for a 50-step baseline) to S: N_i = round(S·n_i/50), but at least the steps with which the
+  stage's strength skips its first step (5 at 0.8, 3 at 0.6): with fewer, a stage would start from
+  pure noise and throw the previous stage's image away (an explicit list doing so is an error).
 - Stage i has its own N_i-step grid (its own shifted schedule, from σ = 1 down to 0). Entered at
   strength w_i it starts at grid index floor(N_i·(1 − w_i)) (the paper's int(N_i(1 − w_i))) and so
   runs its last ceil(w_i·N_i) steps. Strength 1 runs every step from pure noise; the first stage
