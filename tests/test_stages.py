@@ -219,3 +219,37 @@ def test_every_solver_runs_across_stages():
         per = rt.make_solver(Request(32, 32, 10, name)).evals_per_step
         assert [s["evaluations"] for s in res.timing["stages"]] == [per * 1, per * 4, per * 2], name
         assert torch.isfinite(res.latent).all(), name
+
+
+def test_stage_changes_written_out():
+    """The bottleneck schedule against the recipe written out: each stage a fresh solver on its own
+    shifted grid from floor(N(1 - w)); at a change x̂0 of the last evaluation is resized in image
+    space (the pixel codec's latent unfolded), and x = (1 - σ)·x̂0 + σ·ε with σ the stage's shifted
+    σ at its start step and ε drawn from the (seed, stage) seed."""
+    import torch.nn.functional as F
+
+    rt = Runtime("dit-small", device="cpu")
+    req = Request(32, 32, 10, "dpmpp-2m", seed=4, schedule="bottleneck")
+    model, x, x0 = rt._model_fn(req), initial_noise(4, (1, 48, 8, 8)), None
+    for i, st in enumerate(rt.stages(req)):
+        solver = rt.make_solver(req, st)
+        if i:
+            u_min = 1e-3 * st.shift / (1 + (st.shift - 1) * 1e-3)        # the flow grid's end, shifted once
+            u = 1 - st.start * (1 - u_min) / (st.steps - 1)
+            sigma = st.shift * u / (1 + (st.shift - 1) * u)
+            assert solver.sigma(0) == pytest.approx(sigma, rel=1e-12)
+            x0 = F.pixel_unshuffle(resize(F.pixel_shuffle(x0, 4), st.height, st.width), 4)
+            x = (1 - sigma) * x0 + sigma * initial_noise(stage_seed(4, i), (1, 48, st.height // 4, st.width // 4))
+        state = {}
+        for k in range(solver.num_evals):
+            raw = model(x, solver.model_time(k))
+            x0 = solver.data_prediction(k, x, raw)
+            x, state = solver.step(k, x, raw, state)
+    torch.testing.assert_close(rt.generate(req).latent, x, atol=1e-5, rtol=0)
+
+
+def test_vp_model_runs_the_bottleneck_schedule_unshifted():
+    res = Runtime("unet-small-vp", device="cpu").generate(Request(32, 32, 10, "dpmpp-2m", schedule="bottleneck"))
+    assert [s["shift"] for s in res.timing["stages"]] == [None, None, None]
+    assert [s["evaluations"] for s in res.timing["stages"]] == [1, 4, 2]
+    assert torch.isfinite(res.latent).all()
