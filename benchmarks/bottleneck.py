@@ -3,9 +3,11 @@
 Re-noising at a stage change changes the image, so distributions are compared, not pixels: the
 sliced Wasserstein distance (SWD) between multi-scale 7x7 patches of each generated image and
 those of the default model's held-out photographs (parafuse/data.py: chelsea, rocket), as in
-Karras et al. 2018 (Laplacian pyramid down to 16 px, patches normalised per channel - here with
-the reference's statistics at every level, so that a colour or contrast shift counts), reported
-x 1e3, averaged over levels (per level in the JSON). One SWD per seed; mean and standard error over seeds.
+Karras et al. 2018: a Laplacian pyramid with the levels of a 256² crop (4 bands and the 16 px
+residual; a larger image keeps 256² photograph crops and gets the same bands in cycles per
+pixel), patches normalised per channel - here with the reference's statistics at every level, so
+that a colour or contrast shift counts -, x 1e3, averaged over levels (per level in the JSON).
+One SWD per seed; mean and standard error over seeds.
 
 Schedules, per --steps S (serial, one process):
   bottleneck   --schedule bottleneck (full, half, full resolution; parafuse/stages.py)
@@ -43,6 +45,7 @@ from parafuse.runtime import Request, Runtime  # noqa: E402
 from parafuse.stages import resize  # noqa: E402
 
 PATCH, MIN_LEVEL, PATCHES_PER_LEVEL, DIRECTIONS, QUANTILES = 7, 16, 256, 512, 256
+PHOTO_CROP = 256      # the held-out photographs' crops at most (chelsea is 300 px tall)
 BINOMIAL = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16
 
 
@@ -54,11 +57,12 @@ def _blur(x: torch.Tensor) -> torch.Tensor:
     return F.conv2d(F.pad(x, (0, 0, 2, 2), mode="reflect"), k.view(1, 1, 5, 1).repeat(c, 1, 1, 1), groups=c)
 
 
-def laplacian_pyramid(x: torch.Tensor) -> list[torch.Tensor]:
-    """Band-pass levels of [B, 3, H, W] from fine to coarse, the last one the low-pass residual at
-    >= MIN_LEVEL px (pyrDown: binomial blur, drop every other pixel; pyrUp: zero-insert, blur x 4)."""
+def laplacian_pyramid(x: torch.Tensor, depth: int) -> list[torch.Tensor]:
+    """`depth` levels of [B, 3, H, W] from fine to coarse: depth − 1 band-pass levels, then the
+    low-pass residual (pyrDown: binomial blur, drop every other pixel; pyrUp: zero-insert, blur x 4).
+    Band i is the same band in cycles per pixel whatever the image size."""
     levels = []
-    while min(x.shape[-2:]) >= 2 * MIN_LEVEL:
+    while len(levels) < depth - 1:
         down = _blur(x)[..., ::2, ::2]
         up = torch.zeros_like(x)
         up[..., ::2, ::2] = down
@@ -78,9 +82,9 @@ def patches(x: torch.Tensor, count: int, g: torch.Generator) -> torch.Tensor:
     return x.permute(0, 2, 3, 1)[idx, r, q].permute(0, 1, 4, 2, 3).reshape(b * count, c, PATCH, PATCH)
 
 
-def pyramid_patches(images: torch.Tensor, count: int, seed: int) -> list[torch.Tensor]:
+def pyramid_patches(images: torch.Tensor, count: int, seed: int, depth: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return [patches(level, count, g) for level in laplacian_pyramid(images.float())]
+    return [patches(level, count, g) for level in laplacian_pyramid(images.float(), depth)]
 
 
 def swd(a: list[torch.Tensor], ref: list[torch.Tensor], seed: int = 0) -> list[float]:
@@ -134,13 +138,15 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     rt = Runtime(args.model, device="cpu")
-    ref_images = fixed_crops(list(DEFAULT_HELD_OUT), args.size, per_image=8, seed=0)
+    crop = min(args.size, PHOTO_CROP)
+    depth = int(math.log2(crop // MIN_LEVEL)) + 1             # 256 px: 4 bands + the 16 px residual
+    ref_images = fixed_crops(list(DEFAULT_HELD_OUT), crop, per_image=8, seed=0)
     # 4x as many patches per level as one image gives: 16 crops x 64
-    refs = {"photos": pyramid_patches(ref_images, 4 * PATCHES_PER_LEVEL // len(ref_images), seed=1)}
+    refs = {"photos": pyramid_patches(ref_images, 4 * PATCHES_PER_LEVEL // len(ref_images), seed=1, depth=depth)}
     top = max(args.steps)
     model_images = torch.cat([rt.generate(Request(args.size, args.size, top, args.solver, seed=1000 + i)).image
                               for i in range(args.ref_seeds)])
-    refs["model"] = pyramid_patches(model_images, 4 * PATCHES_PER_LEVEL // args.ref_seeds, seed=2)
+    refs["model"] = pyramid_patches(model_images, 4 * PATCHES_PER_LEVEL // args.ref_seeds, seed=2, depth=depth)
     rows, samples = [], {}
     for steps in args.steps:
         req = Request(args.size, args.size, steps, args.solver, schedule="bottleneck")
@@ -165,7 +171,7 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 res = rt.generate(req)
                 seconds.append(time.perf_counter() - t0)
-                mine = pyramid_patches(res.image, PATCHES_PER_LEVEL, seed=100 + seed)
+                mine = pyramid_patches(res.image, PATCHES_PER_LEVEL, seed=100 + seed, depth=depth)
                 for k, ref in refs.items():
                     levels[k].append(swd(mine, ref))
                 flops, evals = res.timing["flops"]["total"], len(res.timing["step_seconds"])
@@ -183,7 +189,7 @@ def main(argv=None) -> int:
                   f"patch-SWD vs photos {row['swd_photos_mean']:7.1f} ± {row['swd_photos_se']:5.1f}, "
                   f"vs plain {top}-step images {row['swd_model_mean']:7.1f} ± {row['swd_model_se']:5.1f}  "
                   f"{row['seconds_mean']:.2f} s/image", flush=True)
-    ref_self = [sum(v) / len(v) for v in (swd(pyramid_patches(ref_images[i:i + 1], PATCHES_PER_LEVEL, 200 + i),
+    ref_self = [sum(v) / len(v) for v in (swd(pyramid_patches(ref_images[i:i + 1], PATCHES_PER_LEVEL, 200 + i, depth),
                                               refs["photos"]) for i in range(len(ref_images)))]
     filters = upsampling_filters(args.size)
 
@@ -202,7 +208,7 @@ def main(argv=None) -> int:
             "reference": {"photos": list(DEFAULT_HELD_OUT), "crops": len(ref_images), "swd_self_mean": m,
                           "swd_self_se": se, "model": f"plain {top} steps, seeds 1000..{999 + args.ref_seeds}"},
             "upsampling": filters,
-            "metric": {"patch": PATCH, "min_level_px": MIN_LEVEL, "patches_per_level_per_image": PATCHES_PER_LEVEL,
+            "metric": {"patch": PATCH, "min_level_px": MIN_LEVEL, "photo_crop": crop, "levels": depth, "patches_per_level_per_image": PATCHES_PER_LEVEL,
                        "directions": DIRECTIONS, "quantiles": QUANTILES}}
     path = write_json(f"bottleneck_{tag}_{args.size}.json", data)
     print(f"\nwrote {path}")

@@ -253,3 +253,11 @@ def test_vp_model_runs_the_bottleneck_schedule_unshifted():
     assert [s["shift"] for s in res.timing["stages"]] == [None, None, None]
     assert [s["evaluations"] for s in res.timing["stages"]] == [1, 4, 2]
     assert torch.isfinite(res.latent).all()
+
+
+def test_low_to_high_only():
+    res = Runtime("dit-small", device="cpu").generate(
+        Request(32, 48, 10, "ddim", stages=parse_stages(["16x16:4", "32x48:3:0.6:2"])))
+    assert [(s["height"], s["width"], s["evaluations"], s["shift"]) for s in res.timing["stages"]] == \
+        [(16, 16, 4, 1.0), (32, 48, 2, 2.0)]
+    assert res.image.shape == (1, 3, 32, 48) and torch.isfinite(res.latent).all()
