@@ -23,6 +23,8 @@ reports):
                and `sync` with `--kernels triton` against the serial run; the halo attention against
                cuDNN SDPA (one PixArt-size strip, d = 64, 72, 128) and the fused update's bandwidth
                against a copy (benchmarks/kernels.py has the whole sweep)
+    bottleneck --schedule bottleneck against the plain schedule of the same --steps on one device
+               (dit-xl 2048², 20 steps, bf16): the wall-clock saving next to the FLOPs saving
     projection the scaling section's rows projected to N = 1..16 over NVLink 4, PCIe 4 and 400 Gb/s
                InfiniBand (benchmarks/project.py; labelled projections, not measurements)
 
@@ -45,9 +47,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import RESULTS, hardware, table  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ("cli", "nccl", "sync", "scaling", "graphs", "bandwidth", "kernels", "projection")
-BUDGETS = {"cli": 45, "nccl": 30, "sync": 30, "scaling": 110, "graphs": 55, "bandwidth": 10, "kernels": 45,
-           "projection": 5}   # seconds; 330 in all (kernels: autotuning the attention compiles 8 configs per head dim)
+SECTIONS = ("cli", "nccl", "sync", "scaling", "graphs", "bandwidth", "kernels", "bottleneck", "projection")
+BUDGETS = {"cli": 40, "nccl": 25, "sync": 30, "scaling": 90, "graphs": 45, "bandwidth": 10, "kernels": 40,
+           "bottleneck": 15, "projection": 5}   # seconds; 300 in all (kernels: autotuning the attention compiles
+                                                # 8 configs per head dim)
 
 
 def run_cli(args: list[str], torchrun: bool, timeout: float) -> dict:
@@ -287,6 +290,23 @@ def _attention_and_update_kernels(device, smoke) -> dict:
     return out
 
 
+def section_bottleneck(a) -> dict:
+    """One serial runtime, the plain and the bottleneck schedule of the same --steps, after a warmup
+    image at each stage size; seconds of the denoising loop (the report's total_seconds)."""
+    from parafuse.runtime import Request, Runtime
+
+    model, size, steps = ("dit-small", 64, 10) if a.smoke else ("dit-xl", 2048, 20)
+    rt = Runtime(model, device=a.device, dtype="bf16" if a.device != "cpu" else "fp32")
+    rt.generate(Request(size, size, 10, schedule="bottleneck"))
+    out = {"model": model, "size": size, "steps": steps}
+    for schedule in ("plain", "bottleneck"):
+        t = rt.generate(Request(size, size, steps, schedule=schedule)).timing
+        out[schedule] = {"seconds": t["total_seconds"], "flops": t["flops"]["total"], "stages": t["stages"]}
+    out["wall_clock_saving"] = out["plain"]["seconds"] / out["bottleneck"]["seconds"]
+    out["flops_saving"] = out["plain"]["flops"] / out["bottleneck"]["flops"]
+    return out
+
+
 def section_projection(a, results: dict) -> dict:
     """The projected speedup at N = 8 and 16 of every measured (model, size, mode), per link."""
     import project
@@ -393,6 +413,11 @@ def summary(results: dict) -> list[dict]:
                 rows.append({"section": f"fused update {dt}", "result": (
                     f"{x['fused_GBps']:.0f} GB/s = {100 * x['fraction_of_copy']:.0f}% of copy (target 85%), "
                     f"max diff vs eager {x['max_abs_vs_eager']:.1e}")})
+        elif name == "bottleneck":
+            r = sec["result"]
+            rows.append({"section": f"bottleneck {r['model']} {r['size']}² --steps {r['steps']}",
+                         "result": f"{r['wall_clock_saving']:.2f}x wall clock, {r['flops_saving']:.2f}x FLOPs "
+                                   f"({r['bottleneck']['seconds']:.2f} vs {r['plain']['seconds']:.2f} s)"})
         elif name == "projection":
             r = sec["result"]
             for x in r["nvlink4"]:

@@ -34,7 +34,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weights", default=None, help="safetensors file overriding the model's own weights")
     p.add_argument("--height", type=int, default=512, help="image height in pixels")
     p.add_argument("--width", type=int, default=512, help="image width in pixels")
-    p.add_argument("--steps", type=int, default=20, help="denoising steps = model evaluations, for every solver")
+    p.add_argument("--steps", type=int, default=20,
+                   help="denoising steps = model evaluations, for every solver, of the one-stage schedule; the "
+                        "bottleneck schedule scales its stages to it and reports its FLOPs against it (see --schedule)")
+    p.add_argument("--schedule", default="plain", choices=("plain", "bottleneck"),
+                   help="plain: every step at the image size; bottleneck: full, half, full resolution with "
+                        "stage steps 6/20/8 per 50 --steps, strengths 1/0.8/0.6, shifts 3x/2x/3x the model's")
+    p.add_argument("--stages", nargs="+", default=None, metavar="HxW:STEPS[:STRENGTH[:SHIFT]]",
+                   help="an explicit stage list, e.g. 256x256:20 512x512:8:0.6:3; the last stage is the image "
+                        "size; a stage entered at strength w runs the last ceil(w*STEPS) steps of its grid")
     p.add_argument("--solver", default="dpmpp-2m", help=f"one of: {', '.join(SOLVERS)}")
     p.add_argument("--spacing", default=None, choices=("linspace", "leading", "trailing", "karras"),
                    help="timestep spacing, as diffusers' timestep_spacing (default linspace; flow models: the "
@@ -150,6 +158,7 @@ def run(args) -> int:
     from parafuse.parallel.distributed import ParallelLayout
     from parafuse.parallel.geometry import GeometryError
     from parafuse.runtime import ParallelConfig, Request, Runtime
+    from parafuse.stages import parse_stages
 
     if os.path.isfile(os.path.join(args.model, "model_index.json")):      # a diffusers pipeline folder
         return run_diffusers(args)
@@ -159,7 +168,8 @@ def run(args) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive number of seconds, got {getattr(args, name)}")
     parallel = ParallelConfig(args.mode, args.warmup_steps, args.halo_portion, args.norm, args.cfg_parallel)
     req = Request(args.height, args.width, args.steps, args.solver, args.guidance, args.seed, args.label, args.batch,
-                  solver_options={"spacing": args.spacing} if args.spacing else {})
+                  solver_options={"spacing": args.spacing} if args.spacing else {}, schedule=args.schedule,
+                  stages=parse_stages(args.stages) if args.stages is not None else None)
     try:
         runtime = Runtime(args.model, parallel, device=args.device, weights=args.weights, dtype=args.dtype,
                           cuda_graphs=args.cuda_graphs, kernels=args.kernels,

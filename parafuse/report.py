@@ -49,7 +49,8 @@ def build_report(runtime, req, result, ranks: list[dict], comparison: dict | Non
         "norm_mode": runtime.engine.norm_mode if runtime.engine is not None else None,
         "attention_backend": runtime.attention_backend, "dtype": dtype_name(runtime.dtype),
         "cuda_graphs": runtime.cuda_graphs, "kernels": runtime.kernels,
-        "stages": result.timing["stages"],
+        "schedule": req.schedule if req.stages is None else "stages",
+        "stages": result.timing["stages"],       # per stage: size (px), steps, shift, strength, evaluations, seconds
         "total_seconds": result.timing["total_seconds"], "step_seconds": steps,
         "flops": result.timing["flops"],
         "ranks": [{k: r[k] for k in ("rank", "rows", "bytes_sent", "bytes_received", "bytes_sent_per_peer",

@@ -26,14 +26,16 @@ from parafuse.models import ModelSpec, load_model
 from parafuse.parallel.adapter import BUILTIN
 from parafuse.parallel.distributed import ParallelLayout, init_distributed, launched_by_torchrun, pick_device
 from parafuse.parallel.engine import ExchangeEngine, check_settings
-from parafuse.parallel.geometry import StripGeometry
+from parafuse.parallel.geometry import GeometryError, StripGeometry
 from parafuse.parallel.parallelize import parallelize
 from parafuse.parallel.plan import PatchPlan
 from parafuse.parallel.reduce import StripReduce
 from parafuse.parallel.transport import KINDS, ThreadTransport, TorchTransport, Transport
 from parafuse.profile import ModelProfile
-from parafuse.sampling import denoise, guided
+from parafuse.sampling import denoise_stages, guided
 from parafuse.solvers import SOLVERS, LocalReduce, cfg, make_schedule, make_solver
+from parafuse.stages import (SCHEDULES, UPSAMPLE, Stage, StageError, bottleneck, check_stages, plain, resize_latent,
+                             stage_report, stage_seed, start_step)
 
 
 RequestError = CheckError    # a request that cannot run; one type for every refusal (parafuse.checks)
@@ -99,6 +101,9 @@ class Request:
     batch: int = 1
     context: torch.Tensor | None = None   # [1, L, context_dim] text embedding for cross-attention models
     solver_options: dict = field(default_factory=dict, compare=False)   # e.g. {"thresholding": True}
+    schedule: str = "plain"           # "plain" (one stage) or "bottleneck" (parafuse.stages)
+    stages: tuple[Stage, ...] | None = None   # an explicit stage list instead (the last one is the image size)
+    upsample: str = "lanczos"         # filter growing x̂0 at a stage change (shrinking is area-averaged)
 
 
 @dataclass
@@ -209,14 +214,60 @@ class Runtime:
             raise RequestError(f"context must be [1, L, {spec.context_dim}] for model {spec.name!r}, "
                                f"got {tuple(req.context.shape)}")
         geometry = strip_geometry(self, req)
+        for i, stage in enumerate(self.stages(req)):
+            try:
+                self.profile.check_strips(self.stage_geometry(stage))
+            except GeometryError as e:
+                raise RequestError(f"stage {i + 1} ({stage.height}x{stage.width} px) is too small for "
+                                   f"{self.layout.patch_degree} strips: {e}") from None
         check_schedule(self, req)
         check_fits(self, req, geometry)
         return geometry
 
-    def make_solver(self, req: Request):
+    def stages(self, req: Request) -> tuple[Stage, ...]:
+        """The request's schedule as a checked list of stages (parafuse.stages)."""
+        if req.schedule not in SCHEDULES:
+            raise RequestError(f"unknown schedule {req.schedule!r}; valid: {', '.join(SCHEDULES)}")
+        if req.upsample not in UPSAMPLE:
+            raise RequestError(f"unknown upsampling {req.upsample!r}; valid: {', '.join(UPSAMPLE)}")
+        if req.stages is not None and req.schedule != "plain":
+            raise RequestError(f"give either an explicit stage list or --schedule {req.schedule}, not both")
+        own = make_schedule(**self.spec.schedule)
+        if req.stages is not None:
+            stages = tuple(req.stages)
+        elif req.schedule == "bottleneck":
+            stages = bottleneck(req.height, req.width, req.steps, self.spec.pixel_factor,
+                                own.shift if own.kind == "flow" else None)
+        else:
+            stages = plain(req.height, req.width, req.steps)
+        try:
+            check_stages(stages, req.height, req.width, self.spec.pixel_factor, own.kind == "flow")
+        except StageError as e:
+            raise RequestError(str(e)) from None
+        return stages
+
+    def stage_geometry(self, stage: Stage) -> StripGeometry:
+        f = self.spec.codec_factor
+        return StripGeometry(stage.height // f, stage.width // f, self.layout.patch_degree,
+                             self.spec.downsample_factor)
+
+    def make_solver(self, req: Request, stage: Stage | None = None):
+        """The solver of the one-stage schedule of `req`, or of `stage`: its own grid of stage.steps
+        steps, shifted by stage.shift, started at the step its strength enters at."""
         sched = dict(self.spec.schedule)
         kind = sched.pop("kind")
-        return make_solver(req.solver, make_schedule(kind, **sched), num_steps=req.steps, **req.solver_options)
+        if stage is None:
+            return make_solver(req.solver, make_schedule(kind, **sched), num_steps=req.steps, **req.solver_options)
+        if stage.shift is not None:
+            sched.pop("image_seq_len", None)
+            sched["shift"] = stage.shift
+        schedule = make_schedule(kind, **sched)
+        solver = make_solver(req.solver, schedule, num_steps=stage.steps, **req.solver_options)
+        per = solver.evals_per_step         # where a strength enters is counted in the solver's own steps
+        start = start_step(solver.n_grid // per, stage.strength) * per
+        if start == 0:
+            return solver
+        return make_solver(req.solver, schedule, num_steps=stage.steps, **{**req.solver_options, "start_index": start})
 
     def _branches(self, req: Request) -> tuple[dict, dict | None]:
         """Model keyword arguments of the conditional and unconditional branch, batched."""
@@ -305,28 +356,55 @@ class Runtime:
     @torch.no_grad()
     def generate(self, req: Request, progress: bool = False) -> Result:
         geometry = self.check(req)
-        solver = self.make_solver(req)
+        stages = self.stages(req)
+        geometries = [self.stage_geometry(st) for st in stages]
+        solvers = [self.make_solver(req, st) for st in stages]
         if self.kernels == "triton":        # the solver update (and guidance) as one fused launch per evaluation
             from parafuse_kernels.update import FusedUpdate
-            solver = FusedUpdate(solver, req.guidance if self._fused_guidance(req) else None)
+            guidance = req.guidance if self._fused_guidance(req) else None
+            solvers = [FusedUpdate(s, guidance) for s in solvers]
         spec, lay = self.spec, self.layout
-        rows = geometry.row_range(lay.patch_index)
-        shape = (req.batch, spec.latent_channels, geometry.height, geometry.width)
-        x = solver.init_noise_sigma * initial_noise(req.seed, shape, rows).to(self.device)
+        rows = geometries[0].row_range(lay.patch_index)
+        shape = (req.batch, spec.latent_channels, geometries[0].height, geometries[0].width)
+        x = solvers[0].init_noise_sigma * initial_noise(req.seed, shape, rows).to(self.device)
         if self.transport is not None:
             self.transport.reset_counts()
-        if self.engine is not None:
-            self.engine.configure(self.plan(geometry, self.model_batch(req)), self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         reduce = StripReduce(self.engine) if self.engine is not None else LocalReduce()
 
         bar = None
+        evals = sum(s.num_evals for s in solvers)
         if progress and lay.rank == 0:
             from tqdm import tqdm
-            bar = tqdm(total=solver.num_evals, desc=f"denoising {req.height}x{req.width}", unit="step")
+            bar = tqdm(total=evals, desc=f"denoising {req.height}x{req.width}", unit="step")
         clock = StepClock(self.device)
-        watch = FiniteWatch(self.transport, lay.rank, lay.world_size, self.device, solver.num_evals)
+        watch = FiniteWatch(self.transport, lay.rank, lay.world_size, self.device, evals)
+        change_seconds = [0.0] * len(stages)
+        state_bytes = [0]
+
+        def start_stage(i):
+            # a new geometry is a new patch plan: fresh buffers, and the stage's first step runs sync
+            if self.engine is not None:
+                if i > 0:                   # what the previous stage held between its steps
+                    state_bytes[0] = max(state_bytes[0], self.engine.state_bytes())
+                self.engine.configure(self.plan(geometries[i], self.model_batch(req)), self.device)
+            return watch.wrap(self._model_fn(req))
+
+        def change(i, x0):
+            # gather x̂0 (the strips of the old geometry), resize the whole latent, re-noise with
+            # noise of the whole latent keyed by (seed, stage), keep this rank's strip of the new one
+            t0 = time.perf_counter()
+            new = geometries[i]
+            if self.engine is not None:
+                self.engine.drain()
+                x0 = self.engine.gather_rows(x0, 2, geometries[i - 1].rows, kind="stage")
+            x0 = resize_latent(x0, new.height, new.width, spec.codec(), req.upsample)
+            r = new.row_range(lay.patch_index)
+            noise = initial_noise(stage_seed(req.seed, i), (req.batch, spec.latent_channels, new.height, new.width), r)
+            x = solvers[i].add_noise(x0[:, :, r[0]:r[1]], noise.to(self.device))
+            change_seconds[i] = time.perf_counter() - t0
+            return x
 
         def before(k):
             watch.begin(k)
@@ -345,10 +423,10 @@ class Runtime:
         guard = (self.watchdog.guard(f"denoising {req.width}x{req.height}", self.parallel.warmup_steps + 3)
                  if self.watchdog is not None else nullcontext())
         with guard:
-            x = denoise(watch.wrap(self._model_fn(req)), x, solver, reduce, before, after)
+            x = denoise_stages(solvers, x, start_stage, change, reduce, before, after)
             watch.finish(x)         # every rank raises the same NonFiniteError before anything is gathered
-            state_bytes = self.engine.state_bytes() if self.engine is not None else 0
             if self.engine is not None:
+                state_bytes[0] = max(state_bytes[0], self.engine.state_bytes())
                 self.engine.drain()
                 if lay.branch == 0:     # both CFG branches hold the same strips; one gather suffices
                     x = self.engine.gather_rows(x, 2, geometry.rows, dst=0)
@@ -361,13 +439,16 @@ class Runtime:
         if lay.rank == 0:
             latent = x.float().cpu()
             image = spec.codec().decode(latent).clamp(-1, 1)
-        # both guidance branches count, whether batched on one rank or split across a CFG pair
-        flops = self.profile.flops(geometry.height, geometry.width, req.batch) * (2 if req.guidance != 1.0 else 1)
         timing = {"total_seconds": total, "step_seconds": step_seconds,
-                  "flops": {"total": flops * solver.num_evals, "full_schedule": flops * req.steps},
-                  "stages": [{"height": geometry.height, "width": geometry.width, "steps": solver.num_steps,
-                              "shift": getattr(solver.schedule, "shift", None), "strength": 1.0}]}
-        return Result(image, latent, self._rank_stats(geometry, state_bytes), timing)
+                  "flops": {"total": sum(self.eval_flops(req, g) * s.num_evals for g, s in zip(geometries, solvers)),
+                            "full_schedule": self.eval_flops(req, geometry) * self.make_solver(req).num_evals},
+                  "stages": stage_report(stages, solvers, step_seconds, change_seconds)}
+        return Result(image, latent, self._rank_stats(geometry, state_bytes[0]), timing)
+
+    def eval_flops(self, req: Request, geometry: StripGeometry) -> float:
+        """FLOPs of one model evaluation of the whole image at `geometry`: both guidance branches
+        count, whether batched on one rank or split across a CFG pair."""
+        return self.profile.flops(geometry.height, geometry.width, req.batch) * (2 if req.guidance != 1.0 else 1)
 
     @torch.no_grad()
     def rank_step(self, req: Request):

@@ -1,29 +1,20 @@
 """The one denoising loop: stages x steps.
 
-A stage is one resolution with its own step count and noise-schedule shift; the plain schedule is
-a single stage (the bottleneck schedule adds more). The loop works on whatever tensor it is given
-- the whole latent, or one rank's strip of it: solver updates are elementwise, and the few global
-operations go through `reduce`.
+A stage is one resolution with its own solver (its own grid, shift and start index;
+`parafuse.stages`); the plain schedule is a single stage. The loop works on whatever tensor it is
+given - the whole latent, or one rank's strip of it: solver updates are elementwise, and the few
+global operations go through `reduce`. What a stage change does to the geometry (gather, resize,
+re-noise, a new patch plan) is the caller's, passed in as two functions.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
-from parafuse.solvers import LocalReduce, cfg
+from parafuse.solvers import LocalReduce, cfg, dynamic_threshold
 
 ModelFn = Callable[[torch.Tensor, float], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Stage:
-    height: int            # latent rows
-    width: int             # latent columns
-    steps: int
-    shift: float | None = None     # flow-schedule shift (None: the model's own)
-    strength: float = 1.0          # re-noise strength at the stage start (1: from pure noise)
 
 
 def guided(model: torch.nn.Module, guidance: float, cond: dict, uncond: dict | None) -> ModelFn:
@@ -54,4 +45,37 @@ def denoise(model_fn: ModelFn, x: torch.Tensor, solver, reduce=None,
         x, state = solver.step(k, x, raw, state, reduce=reduce)
         if after_step is not None:
             after_step(k)
+    return x
+
+
+def denoise_stages(solvers: Sequence, x: torch.Tensor, start_stage: Callable[[int], ModelFn],
+                   change: Callable[[int, torch.Tensor], torch.Tensor], reduce=None,
+                   before_step: Callable[[int], None] | None = None,
+                   after_step: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Run stage after stage; `solvers[i]` is stage i's solver, `x` stage 0's starting sample.
+
+    `start_stage(i)` prepares stage i and returns the model for it; `change(i, x0)` turns the clean
+    estimate x̂0 of stage i−1's last evaluation into stage i's starting sample. Every stage's
+    solver starts from its own empty history. `before_step`/`after_step` see evaluations
+    numbered across all stages. One stage is exactly `denoise`."""
+    done, x0 = 0, None
+    for i, solver in enumerate(solvers):
+        if i > 0:
+            x = change(i, x0)
+        model_fn, last = start_stage(i), {}
+
+        def evaluate(x, t, model_fn=model_fn, last=last):
+            last["x"], last["raw"] = x, model_fn(x, t)     # the last one gives x̂0 at the stage change
+            return last["raw"]
+
+        offset = done
+        x = denoise(evaluate, x, solver, reduce,
+                    None if before_step is None else (lambda k: before_step(offset + k)),
+                    None if after_step is None else (lambda k: after_step(offset + k)))
+        done += solver.num_evals
+        if i + 1 < len(solvers):
+            x0 = solver.data_prediction(solver.num_evals - 1, last["x"], last["raw"])
+            if solver.thresholding:        # the x̂0 the solver's own update used
+                x0 = dynamic_threshold(x0, solver.dynamic_thresholding_ratio, solver.sample_max_value,
+                                       reduce or LocalReduce())
     return x

@@ -16,7 +16,9 @@ def test_gpu_check_smoke_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
     sections = res["sections"]
-    assert set(sections) == {"cli", "nccl", "sync", "scaling", "graphs", "bandwidth", "kernels", "projection"}
+    assert set(sections) == {"cli", "nccl", "sync", "scaling", "graphs", "bandwidth", "kernels", "bottleneck",
+                             "projection"}
+    assert sections["bottleneck"]["result"]["flops_saving"] > 2 and sections["bottleneck"]["result"]["wall_clock_saving"] > 0
     assert all(r["projected_speedup"] > 0 for r in sections["projection"]["result"]["nvlink4"])
     assert all("error" not in s for s in sections.values())
     assert sections["cli"]["result"]["bf16"]["exit"] == 0 and sections["cli"]["result"]["bf16"]["dtype"] == "bf16"

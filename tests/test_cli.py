@@ -29,8 +29,10 @@ def test_generate_end_to_end(tmp_path):
     assert REPORT_KEYS <= set(report)
     assert report["world_size"] == 1 and len(report["step_seconds"]) == 4
     assert report["flops"]["total"] == report["flops"]["full_schedule"] > 0
-    assert report["stages"] == [{"height": 16, "width": 24, "steps": 4, "shift": report["stages"][0]["shift"],
-                                 "strength": 1.0}]
+    stage = report["stages"][0]
+    assert len(report["stages"]) == 1 and stage["seconds"] == sum(report["step_seconds"])
+    assert {k: stage[k] for k in ("height", "width", "steps", "shift", "strength", "evaluations")} == \
+        {"height": 64, "width": 96, "steps": 4, "shift": 1.0, "strength": 1.0, "evaluations": 4}
     assert report["ranks"][0]["rows"] == 16
     assert report["dtype"] == "fp32" and report["ranks"][0]["state_bytes"] == 0
 

@@ -146,6 +146,13 @@ class FusedUpdate:
     def __getattr__(self, name):
         return getattr(self.solver, name)
 
+    def data_prediction(self, k, x, raw):
+        """x̂0 of evaluation k (a stage change reads it), from the stacked branches when guided."""
+        if self.guidance is not None:
+            cond, uncond = raw.chunk(2)
+            raw = cfg(cond.float(), uncond.float(), self.guidance)
+        return self.solver.data_prediction(k, x, raw)
+
     def step(self, k, x, raw, state, reduce=LOCAL):
         if self.guidance is None:
             return fused_step(self.solver, k, x, raw, state, reduce)

@@ -26,7 +26,8 @@ from collections import defaultdict
 
 import torch
 
-KINDS = ("latent_halo", "conv_halo", "attn_kv", "norm_stats", "cfg", "gather", "reduce", "control", "text_attn")
+KINDS = ("latent_halo", "conv_halo", "attn_kv", "norm_stats", "cfg", "gather", "reduce", "control", "text_attn",
+         "stage")
 COLLECTIVE = -1      # the peer key under which all-reduce bytes are counted
 
 

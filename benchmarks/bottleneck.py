@@ -1,0 +1,260 @@
+"""Quality and cost of the bottleneck schedule against one-stage schedules.
+
+Re-noising at a stage change changes the image, so distributions are compared, not pixels: the
+sliced Wasserstein distance (SWD) between multi-scale 7x7 patches of each generated image and
+those of the default model's held-out photographs (parafuse/data.py: chelsea, rocket), as in
+Karras et al. 2018: a Laplacian pyramid with the levels of a 256² crop (4 bands and the 16 px
+residual; a larger image keeps 256² photograph crops and gets the same bands in cycles per
+pixel), patches normalised per channel - here with the reference's statistics at every level, so
+that a colour or contrast shift counts -, x 1e3, averaged over levels (per level in the JSON).
+One SWD per seed; mean and standard error over seeds.
+
+Schedules, per --steps S (serial, one process):
+  bottleneck   --schedule bottleneck (full, half, full resolution; parafuse/stages.py)
+  plain        the one-stage schedule of S steps
+  equal-flops  a one-stage schedule whose step count spends the bottleneck's FLOPs
+  bottleneck-bicubic   the bottleneck schedule with bicubic instead of Lanczos upsampling
+  bottleneck-unshifted its stages without re-shifting (the model's own shift in every stage)
+A second reference is the model's own distribution: the plain schedule at the largest --steps,
+from other seeds (1000, 1001, ...).
+Also the upsampling filters alone: held-out photographs area-downsampled 2x and upsampled back,
+PSNR against the original.
+
+    python benchmarks/bottleneck.py --size 256 --steps 20 50 --seeds 12
+
+Writes benchmarks/results/bottleneck_<cpu|cuda>_<size>.{json,png}, and seed 0 of every run in
+bottleneck_<cpu|cuda>_<size>_samples.png.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import hardware, table, write_json  # noqa: E402
+from parafuse.data import DEFAULT_HELD_OUT, fixed_crops, load_photo  # noqa: E402
+from parafuse.report import psnr  # noqa: E402
+from parafuse.runtime import Request, Runtime  # noqa: E402
+from parafuse.stages import resize  # noqa: E402
+
+PATCH, MIN_LEVEL, PATCHES_PER_LEVEL, DIRECTIONS, QUANTILES = 7, 16, 256, 512, 256
+PHOTO_CROP = 256      # the held-out photographs' crops at most (chelsea is 300 px tall)
+BINOMIAL = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16
+
+
+# ---- patch SWD -----------------------------------------------------------------------------------
+def _blur(x: torch.Tensor) -> torch.Tensor:
+    c = x.shape[1]
+    k = BINOMIAL.to(x)
+    x = F.conv2d(F.pad(x, (2, 2, 0, 0), mode="reflect"), k.view(1, 1, 1, 5).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(F.pad(x, (0, 0, 2, 2), mode="reflect"), k.view(1, 1, 5, 1).repeat(c, 1, 1, 1), groups=c)
+
+
+def laplacian_pyramid(x: torch.Tensor, depth: int) -> list[torch.Tensor]:
+    """`depth` levels of [B, 3, H, W] from fine to coarse: depth − 1 band-pass levels, then the
+    low-pass residual (pyrDown: binomial blur, drop every other pixel; pyrUp: zero-insert, blur x 4).
+    Band i is the same band in cycles per pixel whatever the image size."""
+    levels = []
+    while len(levels) < depth - 1:
+        down = _blur(x)[..., ::2, ::2]
+        up = torch.zeros_like(x)
+        up[..., ::2, ::2] = down
+        levels.append(x - 4 * _blur(up))
+        x = down
+    return levels + [x]
+
+
+def patches(x: torch.Tensor, count: int, g: torch.Generator) -> torch.Tensor:
+    """`count` random 7x7 patches of every image in [B, 3, H, W], as [B*count, 3, 7, 7]."""
+    b, c, h, w = x.shape
+    top = torch.randint(h - PATCH + 1, (b, count), generator=g)
+    left = torch.randint(w - PATCH + 1, (b, count), generator=g)
+    r = top[..., None, None] + torch.arange(PATCH)[:, None]
+    q = left[..., None, None] + torch.arange(PATCH)
+    idx = torch.arange(b)[:, None, None, None]
+    return x.permute(0, 2, 3, 1)[idx, r, q].permute(0, 1, 4, 2, 3).reshape(b * count, c, PATCH, PATCH)
+
+
+def pyramid_patches(images: torch.Tensor, count: int, seed: int, depth: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [patches(level, count, g) for level in laplacian_pyramid(images.float(), depth)]
+
+
+def swd(a: list[torch.Tensor], ref: list[torch.Tensor], seed: int = 0) -> list[float]:
+    """Sliced Wasserstein-1 distance x 1e3 at every pyramid level (fine to coarse); each level's descriptors
+    normalised per channel by the reference's mean and std; 1-D distances on QUANTILES quantiles,
+    so the two sets need not be the same size."""
+    g = torch.Generator().manual_seed(seed)
+    u = (torch.arange(QUANTILES, dtype=torch.float64) + 0.5) / QUANTILES
+    out = []
+    for x, y in zip(a, ref):
+        mean, std = y.mean((0, 2, 3), keepdim=True), y.std((0, 2, 3), keepdim=True)
+        x, y = ((x - mean) / std).flatten(1).double(), ((y - mean) / std).flatten(1).double()
+        d = torch.randn(x.shape[1], DIRECTIONS, generator=g, dtype=torch.float64)
+        d /= d.norm(dim=0, keepdim=True)
+        out.append((torch.quantile(x @ d, u, dim=0) - torch.quantile(y @ d, u, dim=0)).abs().mean().item())
+    return [1e3 * v for v in out]
+
+
+# ---- runs ------------------------------------------------------------------------------------------
+def mean_se(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    var = sum((v - m) ** 2 for v in values) / max(1, len(values) - 1)
+    return m, math.sqrt(var / len(values))
+
+
+def upsampling_filters(size: int) -> list[dict]:
+    rows = []
+    for name in DEFAULT_HELD_OUT:
+        photo = load_photo(name)[None]
+        h, w = (photo.shape[-2] // 2) * 2, (photo.shape[-1] // 2) * 2
+        photo = photo[..., :h, :w]
+        low = resize(photo, h // 2, w // 2)
+        rows.append({"photo": name, **{f"psnr_{up}_db": psnr(resize(low, h, w, up).clamp(-1, 1), photo)
+                                       for up in ("lanczos", "bicubic")}})
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="default")
+    p.add_argument("--size", type=int, default=256, help="image side in pixels")
+    p.add_argument("--steps", type=int, nargs="+", default=[20, 50])
+    p.add_argument("--seeds", type=int, default=8)
+    p.add_argument("--ref-seeds", type=int, default=8,
+                   help="images of the plain schedule at the largest --steps (seeds 1000, 1001, ...) that make "
+                        "the second reference, the model's own distribution")
+    p.add_argument("--solver", default="dpmpp-2m")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: on a shared 2-core machine two threads ran ~20x slower)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    rt = Runtime(args.model, device="cpu")
+    crop = min(args.size, PHOTO_CROP)
+    depth = int(math.log2(crop // MIN_LEVEL)) + 1             # 256 px: 4 bands + the 16 px residual
+    ref_images = fixed_crops(list(DEFAULT_HELD_OUT), crop, per_image=8, seed=0)
+    # 4x as many patches per level as one image gives: 16 crops x 64
+    refs = {"photos": pyramid_patches(ref_images, 4 * PATCHES_PER_LEVEL // len(ref_images), seed=1, depth=depth)}
+    top = max(args.steps)
+    model_images = torch.cat([rt.generate(Request(args.size, args.size, top, args.solver, seed=1000 + i)).image
+                              for i in range(args.ref_seeds)])
+    refs["model"] = pyramid_patches(model_images, 4 * PATCHES_PER_LEVEL // args.ref_seeds, seed=2, depth=depth)
+    rows, samples = [], {}
+    for steps in args.steps:
+        req = Request(args.size, args.size, steps, args.solver, schedule="bottleneck")
+        budget = sum(rt.eval_flops(req, rt.stage_geometry(st)) * rt.make_solver(req, st).num_evals
+                     for st in rt.stages(req))
+        per_eval = rt.eval_flops(req, rt.check(req))
+        equal = max(1, round(budget / per_eval))        # one-stage steps that spend the bottleneck's FLOPs
+        runs = {
+            "bottleneck": dict(schedule="bottleneck"),
+            "plain": {},
+            "equal-flops": dict(steps=equal),
+            "bottleneck-bicubic": dict(schedule="bottleneck", upsample="bicubic"),
+            # the paper's ablation: the same stages without re-shifting (every stage at the model's own shift)
+            "bottleneck-unshifted": dict(stages=tuple(replace(st, shift=None) for st in rt.stages(req))),
+        }
+        for name, change in runs.items():
+            levels, seconds, flops, evals = {k: [] for k in refs}, [], None, None
+            for seed in range(args.seeds):
+                req = Request(args.size, args.size, change.get("steps", steps), args.solver, seed=seed,
+                              schedule=change.get("schedule", "plain"), upsample=change.get("upsample", "lanczos"),
+                              stages=change.get("stages"))
+                t0 = time.perf_counter()
+                res = rt.generate(req)
+                seconds.append(time.perf_counter() - t0)
+                mine = pyramid_patches(res.image, PATCHES_PER_LEVEL, seed=100 + seed, depth=depth)
+                for k, ref in refs.items():
+                    levels[k].append(swd(mine, ref))
+                flops, evals = res.timing["flops"]["total"], len(res.timing["step_seconds"])
+                if seed == 0:
+                    samples[(steps, name)] = res.image[0]
+            row = {"steps": steps, "schedule": name, "evaluations": evals, "flops_g": flops / 1e9,
+                   "flops_saving": steps * per_eval / flops, "seconds_mean": sum(seconds) / len(seconds)}
+            for k, lv in levels.items():
+                scores = [sum(v) / len(v) for v in lv]
+                row[f"swd_{k}_mean"], row[f"swd_{k}_se"] = mean_se(scores)
+                row[f"swd_{k}"] = scores
+                row[f"swd_{k}_per_level_mean"] = [sum(v) / len(v) for v in zip(*lv)]
+            rows.append(row)
+            print(f"steps {steps} {name:20s} evals {evals:3d}  FLOPs saving {row['flops_saving']:5.2f}x  "
+                  f"patch-SWD vs photos {row['swd_photos_mean']:7.1f} ± {row['swd_photos_se']:5.1f}, "
+                  f"vs plain {top}-step images {row['swd_model_mean']:7.1f} ± {row['swd_model_se']:5.1f}  "
+                  f"{row['seconds_mean']:.2f} s/image", flush=True)
+    ref_self = [sum(v) / len(v) for v in (swd(pyramid_patches(ref_images[i:i + 1], PATCHES_PER_LEVEL, 200 + i, depth),
+                                              refs["photos"]) for i in range(len(ref_images)))]
+    filters = upsampling_filters(args.size)
+
+    print()
+    print(table(rows, [("steps", "--steps"), ("schedule", "schedule"), ("evaluations", "model evaluations"),
+                       ("flops_saving", "FLOPs saving vs plain"), ("swd_photos_mean", "patch-SWD vs photos"),
+                       ("swd_photos_se", "± s.e."), ("swd_model_mean", f"patch-SWD vs plain {top}-step"),
+                       ("swd_model_se", "± s.e."), ("seconds_mean", "s / image")]))
+    m, se = mean_se(ref_self)
+    print(f"\nheld-out crops themselves (one crop against the pooled reference, which includes it): {m:.2f} ± {se:.2f}")
+    print(table(filters, [("photo", "held-out photo"), ("psnr_lanczos_db", "2x down-up PSNR, Lanczos-3 (dB)"),
+                          ("psnr_bicubic_db", "bicubic (dB)")]))
+    tag = "cpu" if not torch.cuda.is_available() else "cuda"
+    data = {"hardware": hardware(), "torch_threads": torch.get_num_threads(), "model": args.model,
+            "size": args.size, "seeds": args.seeds, "solver": args.solver, "rows": rows,
+            "reference": {"photos": list(DEFAULT_HELD_OUT), "crops": len(ref_images), "swd_self_mean": m,
+                          "swd_self_se": se, "model": f"plain {top} steps, seeds 1000..{999 + args.ref_seeds}"},
+            "upsampling": filters,
+            "metric": {"patch": PATCH, "min_level_px": MIN_LEVEL, "photo_crop": crop, "levels": depth, "patches_per_level_per_image": PATCHES_PER_LEVEL,
+                       "directions": DIRECTIONS, "quantiles": QUANTILES}}
+    path = write_json(f"bottleneck_{tag}_{args.size}.json", data)
+    print(f"\nwrote {path}")
+    plot(rows, samples, os.path.splitext(path)[0], data)
+    return 0
+
+
+def plot(rows, samples, stem, data) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted({r["steps"] for r in rows})
+    names = list(dict.fromkeys(r["schedule"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    width = 0.8 / len(names)
+    for ax, ref, what in zip(axes, ("photos", "model"), ("held-out photographs", data["reference"]["model"])):
+        for j, name in enumerate(names):
+            sel = [next(r for r in rows if r["steps"] == s and r["schedule"] == name) for s in steps]
+            ax.bar([i + j * width for i in range(len(steps))], [r[f"swd_{ref}_mean"] for r in sel], width,
+                   yerr=[r[f"swd_{ref}_se"] for r in sel], capsize=3,
+                   label=f"{name}" + ("" if name == "plain" else " (" + ", ".join(
+                       f"{r['flops_saving']:.1f}x" for r in sel) + " fewer FLOPs)"))
+        if ref == "photos":
+            ax.axhline(data["reference"]["swd_self_mean"], color="gray", ls="--", lw=1,
+                       label="held-out crops themselves")
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(steps))], [f"--steps {s}" for s in steps])
+        ax.set_ylabel("patch-SWD ×1e3 (lower is closer)")
+        ax.set_title(f"against {what}", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{data['model']} {data['size']}², {data['seeds']} seeds, mean ± s.e.; {data['hardware']['device']}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(stem + ".png", dpi=120)
+    plt.close(fig)
+
+    keys = list(samples)
+    fig, axes = plt.subplots(1, len(keys), figsize=(2.2 * len(keys), 2.6))
+    for ax, key in zip(axes, keys):
+        ax.imshow(((samples[key].permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy())
+        ax.set_title(f"{key[1]}\n--steps {key[0]}, seed 0", fontsize=7)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(stem + "_samples.png", dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
