@@ -263,8 +263,7 @@ class Runtime:
             sched["shift"] = stage.shift
         schedule = make_schedule(kind, **sched)
         solver = make_solver(req.solver, schedule, num_steps=stage.steps, **req.solver_options)
-        per = solver.evals_per_step         # where a strength enters is counted in the solver's own steps
-        start = start_step(solver.n_grid // per, stage.strength) * per
+        start = start_step(solver.n_grid, stage.strength)     # a step is one model evaluation
         if start == 0:
             return solver
         return make_solver(req.solver, schedule, num_steps=stage.steps, **{**req.solver_options, "start_index": start})

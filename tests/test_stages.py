@@ -216,8 +216,7 @@ def test_every_solver_runs_across_stages():
     rt = Runtime("dit-small", device="cpu")
     for name in SOLVERS:
         res = rt.generate(Request(32, 32, 10, name, schedule="bottleneck"))
-        per = rt.make_solver(Request(32, 32, 10, name)).evals_per_step
-        assert [s["evaluations"] for s in res.timing["stages"]] == [per * 1, per * 4, per * 2], name
+        assert [s["evaluations"] for s in res.timing["stages"]] == [1, 4, 2], name      # a step is one evaluation
         assert torch.isfinite(res.latent).all(), name
 
 
@@ -234,8 +233,8 @@ def test_stage_changes_written_out():
     for i, st in enumerate(rt.stages(req)):
         solver = rt.make_solver(req, st)
         if i:
-            u_min = 1e-3 * st.shift / (1 + (st.shift - 1) * 1e-3)        # the flow grid's end, shifted once
-            u = 1 - st.start * (1 - u_min) / (st.steps - 1)
+            # DPM-Solver's flow table (diffusers' use_flow_sigmas): u_j = (N - j)(1 - 1/T)/N, then shifted
+            u = (st.steps - st.start) * (1 - 1e-3) / st.steps
             sigma = st.shift * u / (1 + (st.shift - 1) * u)
             assert solver.sigma(0) == pytest.approx(sigma, rel=1e-12)
             x0 = F.pixel_unshuffle(resize(F.pixel_shuffle(x0, 4), st.height, st.width), 4)
