@@ -136,7 +136,7 @@ def bench_attention(a, device, peak) -> list[dict]:
 def bench_update(a, device) -> list[dict]:
     from parafuse.solvers import make_schedule, make_solver
     from parafuse_kernels.update import fused_step, fused_step_reference
-    solver = make_solver("dpmpp-2m", make_schedule("flow", shift=3.0), num_steps=20, spacing="trailing")
+    solver = make_solver("dpmpp-2m", make_schedule("flow", shift=3.0), num_steps=20)
     shapes = {"large": (1, 4, 4096, 8192), "strip_sdxl_4k_n8": (1, 4, 64, 512)} if not a.smoke else \
         {"large": (1, 4, 64, 64), "strip": (1, 4, 8, 32)}
     rows = []

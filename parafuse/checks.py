@@ -255,15 +255,16 @@ def check_reference(path: str, height: int, width: int) -> None:
         raise CheckError(f"reference {path!r} is {size[0]}x{size[1]}, the output {width}x{height}")
 
 
-def check_device(requested: str | None) -> None:
-    """A device string the runtime can use: cpu, cuda, cuda:N (N below the device count)."""
+def check_device(requested: str | None, allow_meta: bool = False) -> None:
+    """A device string the runtime can use: cpu, cuda, cuda:N (N below the device count); the
+    library also takes `meta` (trace and plan a model without allocating; the CLI makes images)."""
     if requested is None:
         return
     try:
         dev = torch.device(requested)
     except (RuntimeError, ValueError):
         raise CheckError(f"unknown device {requested!r}; use cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
+    if dev.type not in ("cpu", "cuda") and not (allow_meta and dev.type == "meta"):
         raise CheckError(f"device {requested!r} is not supported; use cpu, cuda or cuda:N")
     if dev.type == "cuda":
         if not torch.cuda.is_available():

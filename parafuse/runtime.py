@@ -141,7 +141,7 @@ class Runtime:
         if cuda_graphs and isinstance(transport, ThreadTransport):
             raise RequestError("--cuda-graphs cannot capture emulated ranks (threads sharing one GPU): a graph "
                                "cannot wait on another thread's capture; run the emulator eagerly")
-        check_device(device)
+        check_device(device, allow_meta=True)
         self.device = pick_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         if cuda_graphs and self.device.type != "cuda":

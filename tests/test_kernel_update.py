@@ -23,8 +23,7 @@ SHAPE = (1, 3, 5, 7)          # 105 elements: not a multiple of the block
 
 def make(name, opts, prediction, steps=6, **kw):
     kind, sched = SCHEDULES[prediction]
-    spacing = "trailing" if kind == "flow" else "linspace"
-    return make_solver(name, make_schedule(kind, **sched), num_steps=steps, spacing=spacing, **opts, **kw)
+    return make_solver(name, make_schedule(kind, **sched), num_steps=steps, **opts, **kw)
 
 
 def outputs(x, k, guided=False):
