@@ -220,8 +220,11 @@ def test_commit_writes_all_or_nothing(tmp_path):
 
 def test_interrupted_batch_writes_nothing(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "kernels")]), OMP_NUM_THREADS="1")
+    # Ctrl-C's default disposition in the child: a runner that starts the tests in the background
+    # (SIGINT ignored, which children inherit) would otherwise make the run ignore it
     proc = subprocess.Popen([sys.executable, "-m", "parafuse.generate", *steps_running(tmp_path / "b.png"),
-                             "--batch", "2"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             "--batch", "2"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     err = Stderr(proc)
     try:
         err.wait_for(r"\| *[1-9]\d*/5000")
