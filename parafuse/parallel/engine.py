@@ -62,7 +62,7 @@ class ExchangeEngine:
         pattern = "all-gather" if mode in BASELINES else "neighbours"
         mode = BASELINES.get(mode, mode)
         # exact statistics by default: one tiny all-reduce per GroupNorm on the critical path buys
-        # ~14 dB over DistriFusion's corrected-async estimate on the default U-Net at N = 8
+        # 14 dB over DistriFusion's corrected-async estimate on the default U-Net at N = 8, 256²
         # (README, Performance); the baselines keep the published systems' corrected mode
         norm_mode = norm_mode or ("corrected" if pattern == "all-gather" else "local" if mode == "none" else "exact")
         self.settings = Settings(mode, halo_portion, warmup_steps, norm_mode, pattern)
