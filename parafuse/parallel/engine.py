@@ -14,8 +14,10 @@ neighbour, at least one; PCPP), none (no exchange at all). Steps before `warmup_
 first step of every image, are synchronous in every mode but none.
 
 The published systems' own communication, for comparison on the same model and geometry
-(`BASELINES`): `distrifusion` computes what `full` computes and `pcpp` what `partial` computes,
-but they move data the way those systems do (the `all-gather` pattern): conv halo rows and
+(`BASELINES`): with the same GroupNorm statistics `distrifusion` computes what `full` computes and
+`pcpp` what `partial` computes (their default statistics are the published corrected-async
+estimate, parafuse's are exact), but they move data the way those systems do (the `all-gather`
+pattern): conv halo rows and
 GroupNorm sums go to every rank (only the neighbours use the halos), and every step the model
 output is all-gathered (DistriFusion runs its scheduler redundantly on the whole latent; the
 scheduler is elementwise, so running it on the strip gives the same values, and the gathered
