@@ -339,8 +339,7 @@ class Runtime:
     def _fused_guidance(self, req: Request) -> bool:
         """Guidance applied by the fused update (--kernels triton): the model function then returns
         both branches stacked. Not with CFG parallel, where the branches live on two ranks."""
-        return (self.kernels == "triton" and req.guidance != 1.0 and self._branches(req)[1] is not None
-                and not self.parallel.cfg_parallel)
+        return self.kernels == "triton" and req.guidance != 1.0 and self.conditional and not self.parallel.cfg_parallel
 
     def model_batch(self, req: Request) -> int:
         """Samples per model evaluation on this rank: both guidance branches unless CFG-parallel."""
@@ -440,7 +439,7 @@ class Runtime:
             image = spec.codec().decode(latent).clamp(-1, 1)
         timing = {"total_seconds": total, "step_seconds": step_seconds,
                   "flops": {"total": sum(self.eval_flops(req, g) * s.num_evals for g, s in zip(geometries, solvers)),
-                            "full_schedule": self.eval_flops(req, geometry) * self.make_solver(req).num_evals},
+                            "full_schedule": self.eval_flops(req, geometry) * req.steps},   # a step is one evaluation
                   "stages": stage_report(stages, solvers, step_seconds, change_seconds)}
         return Result(image, latent, self._rank_stats(geometry, state_bytes[0]), timing)
 

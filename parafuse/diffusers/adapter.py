@@ -166,13 +166,8 @@ class StripAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         b, tokens, _ = hidden_states.shape
-
-        buf, start, end = self.engine.kv_buffer(self.key)
-        if end - start != tokens:
-            raise UnsupportedModelError(f"self-attention {self.key!r} got {tokens} tokens, but the strip has "
-                                        f"{end - start} at its level: its tokens are not the strip's image grid")
-        self._project_kv(attn, hidden_states, buf[start:end])
-        self.engine.exchange_kv(self.key, buf, before=True)
+        buf, _, _ = self._write_local_kv(attn, hidden_states, "self-attention", "tokens",
+                                         ": its tokens are not the strip's image grid")
 
         def heads(t):                                   # [T, B, inner] view -> [B, heads, T, d] view
             return t.permute(1, 0, 2).unflatten(-1, (attn.heads, -1)).transpose(1, 2)
@@ -195,6 +190,19 @@ class StripAttnProcessor:
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+    def _write_local_kv(self, attn: Attention, image: torch.Tensor, what: str, unit: str,
+                        why: str = "") -> tuple[torch.Tensor, int, int]:
+        """This strip's K/V of the image tokens `image` [B, T, C] into the engine's buffer, then the
+        exchange a synchronous step waits for; returns the buffer [above | local | below] and the
+        token range of the local rows in it."""
+        buf, start, end = self.engine.kv_buffer(self.key)
+        if end - start != image.shape[1]:
+            raise UnsupportedModelError(f"{what} {self.key!r} got {image.shape[1]} {unit}, but the strip has "
+                                        f"{end - start} at its level{why}")
+        self._project_kv(attn, image, buf[start:end])
+        self.engine.exchange_kv(self.key, buf, before=True)
+        return buf, start, end
 
     def _project_kv(self, attn: Attention, x: torch.Tensor, out: torch.Tensor) -> None:
         """This strip's keys and values into `out` [T, B, 2*inner], token-major."""
@@ -282,12 +290,7 @@ class StripJointProcessor(StripAttnProcessor):
         if encoder_hidden_states is None or attention_mask is not None:
             raise UnsupportedModelError(f"joint attention {self.key!r} called without text tokens or with a mask")
         b, tokens, _ = hidden_states.shape
-        buf, start, end = self.engine.kv_buffer(self.key)
-        if end - start != tokens:
-            raise UnsupportedModelError(f"joint attention {self.key!r} got {tokens} image tokens, but the strip has "
-                                        f"{end - start} at its level")
-        self._project_kv(attn, hidden_states, buf[start:end])
-        self.engine.exchange_kv(self.key, buf, before=True)
+        buf, start, end = self._write_local_kv(attn, hidden_states, "joint attention", "image tokens")
 
         def split(t):                                   # [B, T, inner] -> [B, heads, T, d]
             return t.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
@@ -304,20 +307,30 @@ class StripJointProcessor(StripAttnProcessor):
             text_q = attn.norm_added_q(text_q)
         if attn.norm_added_k is not None:
             text_k = attn.norm_added_k(text_k)
-        inner = buf.shape[-1] // 2
-        key, value = heads(buf[..., :inner]), heads(buf[..., inner:])
-        image = F.scaled_dot_product_attention(query, torch.cat([key, text_k], 2), torch.cat([value, text_v], 2))
-        local_k, local_v = heads(buf[start:end, :, :inner]), heads(buf[start:end, :, inner:])
-        self.engine.exchange_kv(self.key, buf, before=False)
-        if self.engine.strip == 0:
-            local_k, local_v = torch.cat([local_k, text_k], 2), torch.cat([local_v, text_v], 2)
-        text = self._merged_text_attention(text_q, local_k, local_v)
+        image, text = self._joint_attention(query, text_q, text_k, text_v, buf, start, end, heads, text_first=False)
 
         image = attn.to_out[1](attn.to_out[0](image.transpose(1, 2).reshape(b, tokens, -1).to(query.dtype)))
         text = text.transpose(1, 2).reshape(b, text.shape[2], -1).to(query.dtype)
         if not attn.context_pre_only:
             text = attn.to_add_out(text)
         return image, text
+
+    def _joint_attention(self, query, text_q, text_k, text_v, buf, start, end, heads, text_first: bool):
+        """Image queries over the whole K/V buffer joined with the text K/V (in the family's token
+        order: SD3 image first, Flux text first), then the exchange the stale modes post, and the
+        text queries merged exactly across strips (text keys enter strip 0's partial result only).
+        `heads` views a [T, B, inner] buffer slice as [B, heads, T, d]."""
+        def joined(image_t, text_t):
+            return torch.cat([text_t, image_t] if text_first else [image_t, text_t], 2)
+
+        inner = buf.shape[-1] // 2
+        key, value = heads(buf[..., :inner]), heads(buf[..., inner:])
+        image = F.scaled_dot_product_attention(query, joined(key, text_k), joined(value, text_v))
+        local_k, local_v = heads(buf[start:end, :, :inner]), heads(buf[start:end, :, inner:])
+        self.engine.exchange_kv(self.key, buf, before=False)
+        if self.engine.strip == 0:
+            local_k, local_v = joined(local_k, text_k), joined(local_v, text_v)
+        return image, self._merged_text_attention(text_q, local_k, local_v)
 
     def _merged_text_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """softmax(q K^T / sqrt(d)) V over the keys of every strip, from this strip's keys `k`, `v`:
@@ -388,14 +401,8 @@ class StripFluxProcessor(StripJointProcessor):
         def heads(t):                                   # [T, B, inner] buffer view -> [B, heads, T, d]
             return t.permute(1, 0, 2).unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)
 
-        inner = buf.shape[-1] // 2
-        all_k, all_v = heads(buf[..., :inner]), heads(buf[..., inner:])
-        image_out = F.scaled_dot_product_attention(query, torch.cat([text_k, all_k], 2), torch.cat([text_v, all_v], 2))
-        local_k, local_v = heads(buf[start:end, :, :inner]), heads(buf[start:end, :, inner:])
-        self.engine.exchange_kv(self.key, buf, before=False)
-        if self.engine.strip == 0:
-            local_k, local_v = torch.cat([text_k, local_k], 2), torch.cat([text_v, local_v], 2)
-        text_out = self._merged_text_attention(text_q, local_k, local_v)
+        image_out, text_out = self._joint_attention(query, text_q, text_k, text_v, buf, start, end, heads,
+                                                    text_first=True)
 
         image_out = image_out.transpose(1, 2).flatten(2).to(query.dtype)
         text_out = text_out.transpose(1, 2).flatten(2).to(query.dtype)
