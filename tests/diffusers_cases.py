@@ -154,5 +154,6 @@ TORCHRUN_CASES = {
     "sd-full": ("sd", dict(mode="full", warmup_steps=1)),
     "pixart-partial": ("pixart", dict(mode="partial", warmup_steps=1, halo_portion=0.3)),
     "sd3-partial": ("sd3", dict(mode="partial", warmup_steps=1, halo_portion=0.3)),
-    "flux-partial": ("flux", dict(mode="partial", warmup_steps=1, halo_portion=0.3)),
+    "flux-partial": ("flux", dict(mode="partial", warmup_steps=1, halo_portion=0.3)),      # stale text merge
+    "flux-full-exact": ("flux", dict(mode="full", warmup_steps=1, text_merge="exact")),
 }

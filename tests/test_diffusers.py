@@ -118,7 +118,7 @@ def test_torchrun_sync_equals_diffusers(root, torchrun_run):
     assert got["sd-sync"][1]["images"] is None
 
 
-@pytest.mark.parametrize("case", ["sd-full", "pixart-partial", "sd3-partial", "flux-partial"])
+@pytest.mark.parametrize("case", ["sd-full", "pixart-partial", "sd3-partial", "flux-partial", "flux-full-exact"])
 def test_torchrun_async_modes_equal_emulator(root, torchrun_run, case):
     n, got = torchrun_run
     family, settings = TORCHRUN_CASES[case]
@@ -274,9 +274,11 @@ def text_blocks(family, transformer):
 @pytest.mark.parametrize("family,joint_sites,batch", [("sd3", 2, 2), ("flux", 3, 1)])
 def test_text_is_replicated_bitwise_and_merged_in_every_mode(root, family, joint_sites, batch):
     """Joint text + image attention (SD3; Flux's dual- and single-stream blocks, text first): image
-    tokens in strips, text tokens on every rank. The text hidden states leaving every block are
-    bitwise equal on all ranks; the text queries' merge is one log-sum-exp all-gather and one
-    all-reduce per joint attention and evaluation (kind text_attn)."""
+    tokens in strips, text tokens on every rank. An exact merge (sync; partial with
+    text_merge="exact") leaves the text hidden states of every block bitwise equal on all ranks and
+    costs one log-sum-exp all-gather and one all-reduce per joint attention and evaluation; the
+    stale modes' default (text_merge="stale") sends every peer each strip's partial output and lse,
+    and only its synchronous first step is bitwise equal across ranks (kind text_attn)."""
     from parafuse.parallel.transport import ring_bytes
 
     n, texts = 3, {}
@@ -289,16 +291,19 @@ def test_text_is_replicated_bitwise_and_merged_in_every_mode(root, family, joint
         return images(p(**call_kwargs(family)))
 
     blocks = len(text_blocks(family, pipe(root, family).transformer))
-    for mode in ("sync", "partial"):
+    heads, d, text_len = 2, 8, call_kwargs(family)["prompt_embeds"].shape[1]
+    lse, out = batch * heads * text_len * 4, batch * heads * text_len * d * 4
+    for mode, merge in (("sync", None), ("partial", "exact"), ("partial", None)):
         texts.clear()
-        outs = emulate_pipeline(pipe(root, family), n, call, mode=mode, warmup_steps=1)
+        outs = emulate_pipeline(pipe(root, family), n, call, mode=mode, warmup_steps=1, text_merge=merge)
         assert len(texts) == n * blocks and all(len(got) == STEPS for got in texts.values())
+        exact = merge == "exact" or mode == "sync"
         for (rank, i), got in texts.items():
-            assert all(torch.equal(a, b) for a, b in zip(got, texts[(0, i)])), (mode, rank, i)
-        heads, d, text_len = 2, 8, call_kwargs(family)["prompt_embeds"].shape[1]
-        lse, out = batch * heads * text_len * 4, batch * heads * text_len * d * 4
+            equal = [torch.equal(a, b) for a, b in zip(got, texts[(0, i)])]
+            assert all(equal) if exact or rank == 0 else equal[0] and not any(equal[1:]), (mode, merge, rank, i)
+        per_step = (n - 1) * lse + ring_bytes(out, n) if exact else (n - 1) * (out + lse)
         for _, stats in outs:
-            assert stats["bytes_sent"]["text_attn"] == STEPS * joint_sites * ((n - 1) * lse + ring_bytes(out, n))
+            assert stats["bytes_sent"]["text_attn"] == STEPS * joint_sites * per_step, (mode, merge)
     assert (outs[0][0] - serial(root, family)).abs().max() > 1e-4        # partial: stale image K/V
 
 
@@ -364,3 +369,88 @@ def test_every_family_runs_every_mode(root, family, mode):
     if mode == "none":
         for _, stats in outs:
             assert {k for k, v in stats["bytes_sent"].items() if v} <= {"gather", "text_attn"}
+
+
+def _text_merge_ranks(n, mode, text_merge, steps, warmup_steps=1, batch=2, heads=2, text=3, d=4, image=5):
+    """The engine's text-query merge alone, on n emulated ranks: per step, random text queries (the
+    same on every rank, as replicated text is) and random image keys/values per strip. Returns
+    (inputs per step, results per rank and step, engines)."""
+    from parafuse.diffusers.adapter import partial_attention
+    from parafuse.parallel.emulator import run_ranks
+    from parafuse.parallel.engine import ExchangeEngine
+    from parafuse.parallel.plan import PatchPlan, Site
+    from parafuse.parallel.transport import ThreadHub, ThreadTransport
+
+    g = torch.Generator().manual_seed(7)
+    inputs = [(torch.randn(batch, heads, text, d, generator=g),
+               [torch.randn(2, batch, heads, image, d, generator=g) for _ in range(n)]) for _ in range(steps)]
+    site = Site("attn", "attn", 1, heads * d, heads=heads, text=text)
+    geometry = StripGeometry(image * n, 1, n, 1)       # `image` tokens per strip
+    hub, results, engines = ThreadHub(n), [[] for _ in range(n)], [None] * n
+
+    def body(rank):
+        engine = engines[rank] = ExchangeEngine(ThreadTransport(rank, hub), list(range(n)), mode, 0.3, warmup_steps,
+                                                text_merge=text_merge)
+        engine.configure(PatchPlan([site], geometry, rank, batch, torch.float32, engine.settings), torch.device("cpu"))
+        for step, (q, kv) in enumerate(inputs):
+            engine.begin_step(step)
+            results[rank].append(engine.merge_text("attn", *partial_attention(q, kv[rank][0], kv[rank][1]))())
+        engine.drain()
+
+    run_ranks(hub, body)
+    return inputs, results, engines
+
+
+def _attention_over(parts):
+    """Float64 softmax attention written out: parts = [(q, k, v)], each strip's keys scored by its
+    own query, normalised over all of them together."""
+    num = den = 0
+    for q, k, v in parts:
+        w = torch.exp((q.double() @ k.double().transpose(-1, -2)) * q.shape[-1] ** -0.5)
+        num, den = num + w @ v.double(), den + w.sum(-1, keepdim=True)
+    return num / den
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_stale_text_merge_equals_reference(n):
+    """text_merge="stale": synchronous steps are the exact attention over every strip's keys (the
+    same bits on every rank); each stale step merges this strip's fresh partial result with the
+    other strips' of the previous step (their keys scored by the previous step's queries). Every
+    step sends each peer one [B, heads, L, d + 1] float32 message, kind text_attn; `exact` stays
+    exact on every step and sends the lse all-gather and one all-reduce."""
+    from parafuse.parallel.transport import ring_bytes
+
+    steps, batch, heads, text, d = 4, 2, 2, 3, 4
+    inputs, results, engines = _text_merge_ranks(n, "partial", "stale", steps, warmup_steps=2)
+    for step, (q, kv) in enumerate(inputs):
+        exact = _attention_over([(q, k, v) for k, v in kv])
+        for rank in range(n):
+            got = results[rank][step]
+            if step < 2:
+                assert (got - exact).abs().max() < 1e-5 and torch.equal(got, results[0][step])
+            else:
+                prev_q, prev_kv = inputs[step - 1]
+                ref = _attention_over([(q, *kv[j]) if j == rank else (prev_q, *prev_kv[j]) for j in range(n)])
+                assert (got - ref).abs().max() < 1e-5, (step, rank)
+                assert (got - exact).abs().max() > 1e-3          # stale: not the exact attention
+    message = batch * heads * text * (d + 1) * 4
+    for e in engines:
+        assert dict(e.transport.bytes_sent["text_attn"]) == {j: steps * message for j in range(n) if j != e.strip}
+        assert e.transport.messages_sent["text_attn"] == steps * (n - 1)
+
+    inputs, results, engines = _text_merge_ranks(n, "partial", "exact", steps, warmup_steps=2)
+    for step, (q, kv) in enumerate(inputs):
+        exact = _attention_over([(q, k, v) for k, v in kv])
+        assert all((results[r][step] - exact).abs().max() < 1e-5 for r in range(n))
+    lse, out = batch * heads * text * 4, batch * heads * text * d * 4
+    for e in engines:
+        assert sum(e.transport.bytes_sent["text_attn"].values()) == steps * ((n - 1) * lse + ring_bytes(out, n))
+        assert e.transport.messages_sent["text_attn"] == steps * n      # n - 1 lse sends + one all-reduce
+
+
+def test_stale_text_merge_is_refused_outside_the_stale_modes(root):
+    for mode in ("sync", "none"):
+        with pytest.raises(ValueError, match="needs a stale mode"):
+            parafuse.parallelize(pipe(root, "sd3"), mode=mode, text_merge="stale")
+    with pytest.raises(ValueError, match="unknown text merge"):
+        parafuse.parallelize(pipe(root, "sd3"), mode="full", text_merge="late")

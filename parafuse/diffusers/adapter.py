@@ -8,7 +8,7 @@ can rename:
     attn       a diffusers `Attention` (or Flux's attention): parafuse installs its own attention
                processor, which runs self-attention calls (no `encoder_hidden_states`) on the
                strip's queries over the engine's K/V buffer, runs joint text+image attention (SD3,
-               Flux) with the text replicated and its queries merged exactly across strips, and
+               Flux) with the text replicated and its queries merged across strips, and
                hands cross-attention calls to the processor it replaced
     positions  a `PatchEmbed` with sin-cos positions: positions of the whole grid, sliced
 
@@ -278,10 +278,12 @@ class StripJointProcessor(StripAttnProcessor):
 
     Image queries attend to the mode's image K/V (the engine's buffer) and this step's text K/V
     (always fresh: every rank computes it). Text queries attend to every image token, so their
-    output is merged across the strips exactly: each rank attends with this step's own image keys
-    (and strip 0 also with the text keys, so that they enter exactly one partial result), then the
-    log-sum-exps are all-gathered and the reweighted partial outputs all-reduced (kind `text_attn`,
-    in every mode: the text hidden states stay bitwise equal on every rank)."""
+    output is merged across the strips: each rank attends with this step's own image keys (and
+    strip 0 also with the text keys, so that they enter exactly one partial result), and the
+    engine merges the partial outputs by their log-sum-exps (`ExchangeEngine.merge_text`, kind
+    `text_attn`) behind the image attention: exactly (the text hidden states stay bitwise equal on
+    every rank), or with `text_merge="stale"` in the stale modes from the other strips' previous
+    partial outputs and this strip's fresh one."""
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, *args, **kwargs):
@@ -317,34 +319,32 @@ class StripJointProcessor(StripAttnProcessor):
 
     def _joint_attention(self, query, text_q, text_k, text_v, buf, start, end, heads, text_first: bool):
         """Image queries over the whole K/V buffer joined with the text K/V (in the family's token
-        order: SD3 image first, Flux text first), then the exchange the stale modes post, and the
-        text queries merged exactly across strips (text keys enter strip 0's partial result only).
-        `heads` views a [T, B, inner] buffer slice as [B, heads, T, d]."""
+        order: SD3 image first, Flux text first), then the exchange the stale modes post; text
+        queries over this strip's image keys (and, on strip 0 only, the text keys, so that they
+        enter exactly one partial result), merged across strips by the engine (`merge_text`)
+        while the image attention runs. `heads` views a [T, B, inner] buffer slice as [B, heads, T, d]."""
         def joined(image_t, text_t):
             return torch.cat([text_t, image_t] if text_first else [image_t, text_t], 2)
 
         inner = buf.shape[-1] // 2
-        key, value = heads(buf[..., :inner]), heads(buf[..., inner:])
-        image = F.scaled_dot_product_attention(query, joined(key, text_k), joined(value, text_v))
         local_k, local_v = heads(buf[start:end, :, :inner]), heads(buf[start:end, :, inner:])
-        self.engine.exchange_kv(self.key, buf, before=False)
         if self.engine.strip == 0:
             local_k, local_v = joined(local_k, text_k), joined(local_v, text_v)
-        return image, self._merged_text_attention(text_q, local_k, local_v)
+        text = self.engine.merge_text(self.key, *partial_attention(text_q, local_k, local_v))
+        key, value = heads(buf[..., :inner]), heads(buf[..., inner:])
+        image = F.scaled_dot_product_attention(query, joined(key, text_k), joined(value, text_v))
+        self.engine.exchange_kv(self.key, buf, before=False)
+        return image, text()
 
-    def _merged_text_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """softmax(q K^T / sqrt(d)) V over the keys of every strip, from this strip's keys `k`, `v`:
-        partial output and log-sum-exp here, then lse all-gathered and outputs all-reduced."""
-        scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
-        top = scores.amax(-1, keepdim=True)
-        weights = torch.exp(scores - top)
-        total = weights.sum(-1, keepdim=True)
-        partial = (weights @ v.float()) / total
-        lse = (top + total.log()).squeeze(-1)                                   # [B, heads, L]
-        everyone = self.engine.gather_rows(lse[None], 0, (1,) * self.engine.n, kind="text_attn")
-        partial *= torch.exp(lse - torch.logsumexp(everyone, 0))[..., None]
-        self.engine.transport.all_reduce(partial, "text_attn").wait()
-        return partial
+
+def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T / sqrt(d)) v over the keys `k` alone, in float32, and its log-sum-exp
+    [B, heads, L]: what the strips' results are merged from."""
+    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    top = scores.amax(-1, keepdim=True)
+    weights = torch.exp(scores - top)
+    total = weights.sum(-1, keepdim=True)
+    return (weights @ v.float()) / total, (top + total.log()).squeeze(-1)
 
 
 class StripFluxProcessor(StripJointProcessor):
@@ -354,7 +354,7 @@ class StripFluxProcessor(StripJointProcessor):
     as one sequence, whose text length is what is left of it beside the strip's image tokens. Keys
     are RMS-normed and rotated (RoPE of the whole grid's ids, sliced: the model computes the rotary
     embedding from the strip's `img_ids`) before they enter the K/V buffer; image queries attend to
-    this step's text K/V and the mode's image K/V, text queries to every image token, merged exactly
+    this step's text K/V and the mode's image K/V, text queries to every image token, merged
     across strips as in StripJointProcessor."""
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,

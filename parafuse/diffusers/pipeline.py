@@ -20,7 +20,7 @@ import torch.nn as nn
 from parafuse.diffusers.adapter import DiffusersAdapter, UnsupportedModelError
 from parafuse.diffusers.strips import StripDecoder, StripDenoiser
 from parafuse.parallel.distributed import ParallelLayout, init_distributed, launched_by_torchrun
-from parafuse.parallel.engine import ExchangeEngine
+from parafuse.parallel.engine import ExchangeEngine, check_settings
 from parafuse.parallel.parallelize import parallelize as swap_layers
 from parafuse.parallel.transport import KINDS, TorchTransport, Transport
 from parafuse.runtime import ParallelConfig
@@ -86,12 +86,19 @@ class ParallelPipeline:
 
 def parallelize(pipe, mode: str = "sync", halo_portion: float = 0.3, warmup_steps: int = 4,
                 cfg_parallel: bool = False, norm_mode: str | None = None, parallel_decode: bool = True, *,
-                layout: ParallelLayout | None = None, transport: Transport | None = None) -> ParallelPipeline:
+                text_merge: str | None = None, layout: ParallelLayout | None = None,
+                transport: Transport | None = None) -> ParallelPipeline:
     """Make `pipe`'s denoiser (`pipe.unet` or `pipe.transformer`) and, with `parallel_decode`, its
     VAE decoder patch-parallel across the ranks of torchrun's job (or of `layout`/`transport`: the
     thread emulator); see the module docstring. Settings are checked and unsupported modules
-    refused before any process group or compute."""
+    refused before any process group or compute.
+
+    `text_merge` (SD3, Flux): how the stale steps of `full` and `partial` merge the text queries of
+    joint attention across strips: "stale" (their default: the other strips' partial outputs of the
+    previous step, exchanged behind compute; `ExchangeEngine.merge_text`) or "exact". `sync` and
+    `none` merge exactly."""
     config = ParallelConfig(mode, warmup_steps, halo_portion, norm_mode, cfg_parallel)
+    check_settings(mode, halo_portion, warmup_steps, norm_mode, text_merge)
     _, model = denoiser_of(pipe)
     adapter = DiffusersAdapter()
     adapter.check(model)
@@ -112,7 +119,8 @@ def parallelize(pipe, mode: str = "sync", halo_portion: float = 0.3, warmup_step
         transport = TorchTransport(layout.rank, layout.world_size, groups)
     engine = decoder = None
     if layout.patch_degree > 1:
-        engine = ExchangeEngine(transport, layout.patch_ranks, mode, halo_portion, warmup_steps, norm_mode)
+        engine = ExchangeEngine(transport, layout.patch_ranks, mode, halo_portion, warmup_steps, norm_mode,
+                                text_merge=text_merge)
         swap_layers(model, engine, adapter)
         if vae_decoder is not None:
             decode_engine = ExchangeEngine(transport, layout.patch_ranks, "sync", halo_portion, 0)

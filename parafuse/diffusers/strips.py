@@ -51,7 +51,7 @@ def trace_sites(model: nn.Module, adapter: DiffusersAdapter, args: tuple, kwargs
     a grid of it (text tokens joined to image tokens, outside Flux's attention) is refused."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    seen: dict[str, tuple] = {}             # name -> (kind, module, positions, reads the input)
+    seen: dict[str, tuple] = {}             # name -> (kind, module, positions, reads the input, text tokens)
     widths = {grid[1]}
 
     def hook(name: str, kind: str | None):
@@ -62,15 +62,18 @@ def trace_sites(model: nn.Module, adapter: DiffusersAdapter, args: tuple, kwargs
             if name in seen or kind is None:
                 return
             if kind in ("conv", "norm"):
-                seen[name] = (kind, mod, math.prod(x.shape[2:]), x is sample)
+                seen[name] = (kind, mod, math.prod(x.shape[2:]), x is sample, 0)
             elif kind == "attn":
                 context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
                 if is_flux(mod):            # image tokens of the whole grid (single blocks prepend the text)
-                    seen[name] = (kind, mod, grid[0] * grid[1], False)
+                    image = grid[0] * grid[1]
+                    text = context.shape[1] if context is not None else x.shape[1] - image
+                    seen[name] = (kind, mod, image, False, text)
                 elif context is None or is_joint(mod):        # joint attention: hidden_states are the image
-                    seen[name] = (kind, mod, x.shape[1] if x.ndim == 3 else x.shape[2] * x.shape[3], False)
+                    text = context.shape[1] if context is not None else 0
+                    seen[name] = (kind, mod, x.shape[1] if x.ndim == 3 else x.shape[2] * x.shape[3], False, text)
             elif kind == "positions":
-                seen[name] = (kind, mod, out.shape[1], False)
+                seen[name] = (kind, mod, out.shape[1], False, 0)
         return fn
 
     handles = []
@@ -100,7 +103,7 @@ def trace_sites(model: nn.Module, adapter: DiffusersAdapter, args: tuple, kwargs
         return f
 
     sites = []
-    for name, (kind, mod, positions, first) in seen.items():
+    for name, (kind, mod, positions, first, text) in seen.items():
         f = factor(name, mod, positions)
         if kind == "conv":
             top, bottom = conv_halo(mod.kernel_size[0], mod.stride[0], mod.padding[0], mod.dilation[0])
@@ -109,7 +112,8 @@ def trace_sites(model: nn.Module, adapter: DiffusersAdapter, args: tuple, kwargs
             sites.append(Site(name, "norm", f, mod.num_channels, groups=mod.num_groups))
         elif kind == "attn":
             # not to_k's width: LoRA may wrap it
-            sites.append(Site(name, "attn", f, getattr(mod, "inner_kv_dim", None) or mod.inner_dim))
+            sites.append(Site(name, "attn", f, getattr(mod, "inner_kv_dim", None) or mod.inner_dim,
+                              heads=mod.heads if text else 0, text=text))
         else:
             sites.append(Site(name, "positions", f))
     return Trace(sites, math.lcm(*factors), height, width)

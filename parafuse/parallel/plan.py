@@ -15,6 +15,7 @@ Nothing here touches tensors: the plan is a pure function of (sites, geometry, s
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -34,6 +35,8 @@ class Site:
     bottom: int = 0
     first: bool = False   # a conv that reads the model input: its halo is the latent's, always fresh
     silu: bool = False    # a GroupNorm whose output's only reader is a SiLU (the traced graph says so)
+    heads: int = 0        # joint text+image attention (SD3, Flux): its heads and replicated text tokens
+    text: int = 0
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,11 @@ class StepPlan:
     halos: str            # "fresh" | "stale" | "zeros"
     kv: str               # "whole" (complete, exchanged before attention) | "stale-whole" | "stale-window" | "local"
     norm: str             # "exact" | "corrected" | "stale" | "local"
+    # joint attention's text queries over every strip's image keys: "exact" (log-sum-exps gathered,
+    # reweighted partial outputs all-reduced), "gather" (every strip's partial output and lse
+    # all-gathered and merged in rank order: exact, and it seeds "stale"), "stale" (this strip's
+    # partial fresh, the others' from the previous step, this step's sent behind compute)
+    text: str = "exact"
 
     @property
     def stale(self) -> bool:
@@ -59,6 +67,7 @@ class Settings:
     warmup_steps: int
     norm_mode: str        # exact | corrected | stale | local
     pattern: str = "neighbours"   # "neighbours" (parafuse) | "all-gather" (the published baselines)
+    text_merge: str = "exact"     # joint attention's text queries on stale steps: "exact" | "stale"
 
     @property
     def exchanges(self) -> bool:
@@ -86,6 +95,11 @@ class PatchPlan:
             halos = "fresh" if settings.mode == "sync" else "stale"
             norm = "exact" if settings.mode == "sync" else settings.norm_mode
             self.stale_step = SYNC if settings.mode == "sync" else StepPlan("stale", halos, kv, norm)
+            if settings.text_merge == "stale" and self.stale_step.stale:
+                # synchronous steps gather every strip's partial text output, so the first stale
+                # step finds its neighbours' previous ones
+                self.sync_step = dataclasses.replace(SYNC, text="gather")
+                self.stale_step = dataclasses.replace(self.stale_step, text="stale")
 
     @property
     def key(self) -> tuple:
@@ -129,6 +143,11 @@ class PatchPlan:
         above, below = self.kv_rows(site, kv)
         lv = self.level(site)
         return ((above + lv.rows[self.strip] + below) * lv.width, self.batch, 2 * site.channels)
+
+    def text_shape(self, site: Site) -> tuple[int, ...]:
+        """[strips, B, heads, text tokens, head dim + 1]: every strip's partial output of the text
+        queries of joint attention `site`, its log-sum-exp in the last place (float32)."""
+        return (self.n, self.batch, site.heads, site.text, site.channels // site.heads + 1)
 
     # ---- conv halos ----------------------------------------------------------------------
     def halo_shapes(self, site: Site) -> tuple[tuple[int, ...], tuple[int, ...]]:
