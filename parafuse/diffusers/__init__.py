@@ -4,10 +4,11 @@ adapter    which modules of a diffusers denoiser are parallel sites, by type and
            attention processor and strip position embedding parafuse installs
 strips     hooks that make the denoiser compute this rank's strip of the latent: shape trace,
            patch plan, strip in, gathered output out
-pipeline   `parallelize(pipe, ...)`, the parallel pipeline, loading a pipeline from a folder
+pipeline   `parallelize(pipe, ...)`, the parallel pipeline, `parallelize_vae(vae)` (the decoder
+           alone), loading a pipeline from a folder
 emulator   N ranks as threads of one process (the reference for torchrun runs)
 """
 from parafuse.diffusers.adapter import UnsupportedModelError
-from parafuse.diffusers.pipeline import ParallelPipeline, load_pipeline, parallelize
+from parafuse.diffusers.pipeline import ParallelPipeline, load_pipeline, parallelize, parallelize_vae
 
-__all__ = ["parallelize", "ParallelPipeline", "load_pipeline", "UnsupportedModelError"]
+__all__ = ["parallelize", "parallelize_vae", "ParallelPipeline", "load_pipeline", "UnsupportedModelError"]
