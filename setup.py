@@ -25,9 +25,10 @@ setup(
     package_data={"parafuse.models": ["weights/*.safetensors", "weights/*.md", "weights/*.png"]},
     install_requires=[TORCH, "triton>=3.2; platform_system == 'Linux'", "numpy", "pillow", "safetensors", "tqdm"],
     extras_require={
-        "test": ["pytest", "diffusers>=0.30", "transformers", "scikit-image", "scipy", "matplotlib"],
+        "test": ["pytest", "diffusers>=0.30", "transformers", "peft", "scikit-image", "scipy", "matplotlib"],
         "train": ["scikit-image"],
-        "diffusers": ["diffusers>=0.30", "transformers"],   # diffusers pipelines exist only beside transformers
+        # diffusers pipelines exist only beside transformers; peft is diffusers' LoRA backend
+        "diffusers": ["diffusers>=0.30", "transformers", "peft"],
         "xformers": ["xformers", torch_pin()],
     },
     entry_points={"console_scripts": ["parafuse-generate=parafuse.generate:main",

@@ -197,6 +197,61 @@ def test_lora_added_after_parallelize_keeps_working(root):
     assert (outs[0][0] - ref).abs().max() <= SYNC_TOL
 
 
+def peft_lora(unet):
+    """A LoRA state dict in diffusers' format ("unet." + PEFT's keys) for the attention projections
+    and the resnets' 3x3 conv1 of `unet`, from PEFT's random (non-zero) initialisation. (Scaled 3x,
+    it makes this tiny model chaotic: 1e-6 float differences grow to 3e-2 in the serial run too.)"""
+    import copy
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = copy.deepcopy(unet)
+    torch.manual_seed(0)
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1"]))
+    return {"unet." + k: v for k, v in get_peft_model_state_dict(unet).items()}
+
+
+def test_peft_lora_loaded_before_or_after_parallelize_keeps_working(root):
+    """diffusers' own LoRA API (`load_lora_weights`, PEFT layers around to_q/to_k/to_v/to_out and
+    the 3x3 convs), before parallelize and after it: sync equals single-process diffusers with the
+    same LoRA; and after fuse_lora + unload_lora_weights (plain layers whose weights PEFT changed in
+    place, through .data: no new storage, no version bump) the merged weights are the ones used.
+    PEFT's layers are modules around the projections, so K/V go through them, and a LoRA conv's
+    lora_A gets its halo rows."""
+    import copy
+    from peft.tuners.lora import LoraLayer
+
+    lora = peft_lora(pipe(root, "sd").unet)
+    plain = copy.deepcopy(pipe(root, "sd"))
+    plain.load_lora_weights(lora)
+    attn = plain.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    assert isinstance(attn.to_k, LoraLayer) and isinstance(plain.unet.down_blocks[0].resnets[0].conv1, LoraLayer)
+    ref = images(plain(**call_kwargs("sd")))
+    assert (ref - serial(root, "sd")).abs().max() > 1e-2          # the LoRA changes the output
+
+    before = emulate_pipeline(plain, 2, lambda p: images(p(**call_kwargs("sd"))), mode="sync")
+    assert (before[0][0] - ref).abs().max() <= SYNC_TOL
+
+    import threading
+    one_at_a_time = threading.Lock()    # PEFT builds LoRA layers under accelerate's init_empty_weights, which
+                                        # patches nn.Module for every thread: emulated ranks load in turn
+
+    def load_after(p):
+        got = [images(p(**call_kwargs("sd")))]          # plain layers first
+        with one_at_a_time:
+            p.load_lora_weights(lora)                    # ParallelPipeline passes it to the pipeline
+        got.append(images(p(**call_kwargs("sd"))))
+        with one_at_a_time:
+            p.fuse_lora()                                # merged into the base weights in place (.data +=)
+            p.unload_lora_weights()                      # plain nn.Linear again, with the merged weights
+        got.append(images(p(**call_kwargs("sd"))))
+        return got
+    (plain_out, loaded, fused), _ = emulate_pipeline(pipe(root, "sd"), 2, load_after, mode="sync")[0]
+    assert (plain_out - serial(root, "sd")).abs().max() <= SYNC_TOL
+    assert (loaded - ref).abs().max() <= SYNC_TOL and (fused - ref).abs().max() <= SYNC_TOL
+
+
 def _tiny(cls, **config):
     torch.manual_seed(0)
     return cls(**config)
@@ -454,3 +509,42 @@ def test_stale_text_merge_is_refused_outside_the_stale_modes(root):
             parafuse.parallelize(pipe(root, "sd3"), mode=mode, text_merge="stale")
     with pytest.raises(ValueError, match="unknown text merge"):
         parafuse.parallelize(pipe(root, "sd3"), mode="full", text_merge="late")
+
+
+def flux_true_cfg_kwargs():
+    """Flux with true classifier-free guidance: a negative prompt and true_cfg_scale > 1."""
+    g = torch.Generator().manual_seed(11)
+    kw = call_kwargs("flux")
+    kw.update(true_cfg_scale=2.5, negative_prompt_embeds=torch.randn(kw["prompt_embeds"].shape, generator=g),
+              negative_pooled_prompt_embeds=torch.randn(kw["pooled_prompt_embeds"].shape, generator=g))
+    return kw
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_flux_true_cfg_runs_cfg_parallel(root, n):
+    """FluxPipeline's true CFG calls the transformer twice per step (conditional, then
+    unconditional): with cfg_parallel each CFG group computes only its own call (n = 2: one strip
+    per branch; n = 4: two), and sync equals single-process diffusers. Each group evaluates once per
+    step; the outputs are swapped under kind cfg."""
+    ref = images(pipe(root, "flux")(**flux_true_cfg_kwargs()))
+    assert (ref - serial(root, "flux")).abs().max() > 1e-2           # the negative branch matters
+    outs = emulate_pipeline(pipe(root, "flux"), n, lambda p: images(p(**flux_true_cfg_kwargs())), mode="sync",
+                            cfg_parallel=True)
+    assert (outs[0][0] - ref).abs().max() <= SYNC_TOL
+    latent = ref.numel() * 4
+    for _, stats in outs:
+        assert stats["evaluations"] == (STEPS if n == 4 else 0)      # counted by the strips' engine (n = 4)
+        assert stats["bytes_sent"]["cfg"] == STEPS * latent
+
+
+def test_flux_true_cfg_without_cfg_parallel(root):
+    """Without cfg_parallel every group runs both calls: exact in sync; refused in the stale modes,
+    whose state would alternate between the branches."""
+    ref = images(pipe(root, "flux")(**flux_true_cfg_kwargs()))
+    outs = emulate_pipeline(pipe(root, "flux"), 2, lambda p: images(p(**flux_true_cfg_kwargs())), mode="sync")
+    assert (outs[0][0] - ref).abs().max() <= SYNC_TOL
+
+    def call(p):
+        with pytest.raises(UnsupportedModelError, match="cfg_parallel=True"):
+            p(**flux_true_cfg_kwargs())
+    emulate_pipeline(pipe(root, "flux"), 2, call, mode="partial")

@@ -18,9 +18,10 @@ the latent grid. What cannot be split by rows is refused before any compute, nam
 attention processors other than diffusers' default, joint (SD3) and Flux ones, fused QKV
 projections, convs with non-zero padding modes.
 
-PEFT LoRA: the K|V projection is one GEMM over the concatenated `to_k`/`to_v` weights only while
-both are plain `nn.Linear`; once a LoRA layer wraps either, the modules themselves are called (LoRA
-included) and their outputs copied into the K/V buffer. Modules that LoRA adds after
+PEFT LoRA: `to_k`/`to_v` write into the K/V buffer with one GEMM each while they are plain
+`nn.Linear` layers, reading their weights at every call (never a cached [W_k; W_v], which PEFT's
+in-place `fuse_lora` would leave stale); once a LoRA layer wraps either, the modules themselves are
+called (LoRA included) and their outputs copied into the buffer. Modules that LoRA adds after
 `parallelize` (a LoRA conv's `lora_A`) are swapped at the next pipeline call.
 """
 from __future__ import annotations
@@ -141,13 +142,12 @@ class StripAttnProcessor:
     """diffusers' default attention (AttnProcessor2_0's steps) with self-attention over the strip.
 
     Self-attention calls: the strip's queries attend to the engine's K/V buffer [rows from above |
-    local rows | rows from below], whose local rows this processor writes (one GEMM with the fused
-    K|V weight while `to_k`/`to_v` are plain Linear layers). Cross-attention calls (and every call
+    local rows | rows from below], whose local rows this processor writes (`_project_kv`).
+    Cross-attention calls (and every call
     while the shape trace runs) go to the processor this one replaced."""
 
     def __init__(self, engine: ExchangeEngine, key: str, inner, adapter: DiffusersAdapter):
         self.engine, self.key, self.inner, self.adapter = engine, key, inner, adapter
-        self._fused_key, self._fused = None, None
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs):
@@ -205,36 +205,26 @@ class StripAttnProcessor:
         return buf, start, end
 
     def _project_kv(self, attn: Attention, x: torch.Tensor, out: torch.Tensor) -> None:
-        """This strip's keys and values into `out` [T, B, 2*inner], token-major."""
-        inner = out.shape[-1] // 2
-        if type(attn.to_k) is nn.Linear and type(attn.to_v) is nn.Linear and attn.norm_k is None:
-            weight, bias = self._fused_kv(attn.to_k, attn.to_v)
-            if x.shape[0] == 1:     # the local rows are one contiguous [T, 2*inner] matrix
-                if bias is None:
-                    torch.mm(x[0], weight.t(), out=out[:, 0])
-                else:
-                    torch.addmm(bias, x[0], weight.t(), out=out[:, 0])
-            else:
-                out.copy_(F.linear(x, weight, bias).transpose(0, 1))
-            return
-        # a LoRA layer (or any wrapper) around to_k / to_v, or a key norm: call the modules themselves
-        key = attn.to_k(x)
-        if attn.norm_k is not None:     # per head, over the head dim: the same on [B, T, heads, d]
-            key = attn.norm_k(key.unflatten(-1, (attn.heads, -1))).flatten(-2)
-        out[..., :inner].copy_(key.transpose(0, 1))
-        out[..., inner:].copy_(attn.to_v(x).transpose(0, 1))
+        """This strip's keys and values into `out` [T, B, 2*inner], token-major.
 
-    def _fused_kv(self, k: nn.Linear, v: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """[W_k; W_v] (and the biases), rebuilt only when a weight changes (new storage or an in-place
-        update bumps its version)."""
-        params = [p for p in (k.weight, v.weight, k.bias, v.bias) if p is not None]
-        stamp = tuple((p.data_ptr(), p._version) for p in params)
-        if stamp != self._fused_key:
-            with torch.no_grad():
-                weight = torch.cat([k.weight, v.weight])
-                bias = torch.cat([k.bias, v.bias]) if k.bias is not None else None
-            self._fused, self._fused_key = (weight, bias), stamp
-        return self._fused
+        A plain nn.Linear projection of one sample writes straight into its half of the buffer
+        (one GEMM each, reading the layer's weight as it is now); anything else - a PEFT LoRA layer
+        around to_k / to_v, a key norm - is called as the module and copied in. No weight is cached
+        or concatenated: PEFT's fuse_lora changes the weight in place through `.data`, which
+        neither moves its storage nor bumps its version, so a cached [W_k; W_v] would silently keep
+        the unfused weights."""
+        inner = out.shape[-1] // 2
+        for proj, half, norm in ((attn.to_k, out[..., :inner], attn.norm_k), (attn.to_v, out[..., inner:], None)):
+            if type(proj) is nn.Linear and x.shape[0] == 1 and norm is None:
+                if proj.bias is None:
+                    torch.mm(x[0], proj.weight.t(), out=half[:, 0])
+                else:
+                    torch.addmm(proj.bias, x[0], proj.weight.t(), out=half[:, 0])
+                continue
+            y = proj(x)
+            if norm is not None:        # per head, over the head dim: the same on [B, T, heads, d]
+                y = norm(y.unflatten(-1, (attn.heads, -1))).flatten(-2)
+            half.copy_(y.transpose(0, 1))
 
 
 class StripPatchEmbed(PatchEmbed):

@@ -11,6 +11,7 @@ decodes. `rank_stats` holds this rank's bytes per kind after each call (the deco
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 
@@ -49,9 +50,15 @@ class ParallelPipeline:
         return getattr(self.pipe, name)
 
     def __call__(self, *args, **kwargs):
-        if self.config.cfg_parallel and kwargs.get("guidance_scale", 2.0) <= 1.0:
+        sequential = calls_once_per_branch(self.pipe, kwargs)
+        if self.config.cfg_parallel and not sequential and kwargs.get("guidance_scale", 2.0) <= 1.0:
             raise UnsupportedModelError("cfg_parallel splits the two guidance branches across ranks; it needs "
-                                        "guidance_scale > 1")
+                                        "guidance_scale > 1 (Flux: true_cfg_scale > 1 and a negative prompt)")
+        if sequential and not self.config.cfg_parallel and self.config.mode not in ("sync", "none"):
+            raise UnsupportedModelError(f"true CFG calls the denoiser once per guidance branch, so in mode "
+                                        f"{self.config.mode!r} each call's stale exchange state would come from the "
+                                        f"other branch: parallelize with cfg_parallel=True (each branch on its own "
+                                        f"ranks) or mode='sync'")
         if self.decoder is not None and getattr(self.pipe.vae, "use_tiling", False):
             raise UnsupportedModelError("the VAE decodes by strips across the ranks; tiling would cut them again: "
                                         "call pipe.vae.disable_tiling(), or parallelize with parallel_decode=False")
@@ -59,7 +66,7 @@ class ParallelPipeline:
             kwargs["output_type"] = "latent"         # only rank 0 decodes
         if self.strips is None:
             return self.pipe(*args, **kwargs)
-        self.strips.begin_image()
+        self.strips.begin_image(sequential_cfg=sequential)
         try:
             out = self.pipe(*args, **kwargs)
         finally:
@@ -84,6 +91,16 @@ class ParallelPipeline:
                 self.strips.transport.close()
 
 
+def calls_once_per_branch(pipe, kwargs: dict) -> bool:
+    """Whether this call of `pipe` does true classifier-free guidance as two denoiser calls per
+    step (FluxPipeline: `true_cfg_scale` > 1 and a negative prompt, its own rule)."""
+    if "true_cfg_scale" not in inspect.signature(pipe.__call__).parameters:
+        return False
+    negative = kwargs.get("negative_prompt") is not None or (
+        kwargs.get("negative_prompt_embeds") is not None and kwargs.get("negative_pooled_prompt_embeds") is not None)
+    return kwargs.get("true_cfg_scale", 1.0) > 1 and negative
+
+
 def parallelize(pipe, mode: str = "sync", halo_portion: float = 0.3, warmup_steps: int = 4,
                 cfg_parallel: bool = False, norm_mode: str | None = None, parallel_decode: bool = True, *,
                 text_merge: str | None = None, layout: ParallelLayout | None = None,
@@ -104,11 +121,7 @@ def parallelize(pipe, mode: str = "sync", halo_portion: float = 0.3, warmup_step
     adapter.check(model)
     vae_decoder = getattr(getattr(pipe, "vae", None), "decoder", None) if parallel_decode else None
     if vae_decoder is not None:
-        try:
-            DiffusersAdapter().check(vae_decoder)
-        except UnsupportedModelError as e:
-            raise UnsupportedModelError(f"VAE decoder: {e}; parallelize with parallel_decode=False to decode on "
-                                        f"rank 0 alone") from None
+        check_decoder(vae_decoder, "parallelize with parallel_decode=False to decode on rank 0 alone")
     if layout is None:
         rank, world = init_distributed(next(model.parameters()).device) if launched_by_torchrun() else (0, 1)
         layout = ParallelLayout(rank, world, 2 if cfg_parallel else 1)
@@ -123,10 +136,39 @@ def parallelize(pipe, mode: str = "sync", halo_portion: float = 0.3, warmup_step
                                 text_merge=text_merge)
         swap_layers(model, engine, adapter)
         if vae_decoder is not None:
-            decode_engine = ExchangeEngine(transport, layout.patch_ranks, "sync", halo_portion, 0)
-            decoder = StripDecoder(vae_decoder, decode_engine, DiffusersAdapter(), layout, transport)
-            swap_layers(vae_decoder, decode_engine, decoder.adapter)
+            decoder = strip_decoder(vae_decoder, layout, transport)
     return ParallelPipeline(pipe, StripDenoiser(model, engine, adapter, layout, transport), decoder, layout, config)
+
+
+def check_decoder(vae_decoder: nn.Module, alternative: str) -> None:
+    try:
+        DiffusersAdapter().check(vae_decoder)
+    except UnsupportedModelError as e:
+        raise UnsupportedModelError(f"VAE decoder: {e}; {alternative}") from None
+
+
+def strip_decoder(vae_decoder: nn.Module, layout: ParallelLayout, transport: Transport) -> StripDecoder:
+    """`vae_decoder` decoding this rank's strip, always synchronously, the image gathered on strip 0."""
+    engine = ExchangeEngine(transport, layout.patch_ranks, "sync", 0.0, 0)
+    decoder = StripDecoder(vae_decoder, engine, DiffusersAdapter(), layout, transport)
+    swap_layers(vae_decoder, engine, decoder.adapter)
+    return decoder
+
+
+def parallelize_vae(vae, *, layout: ParallelLayout | None = None,
+                    transport: Transport | None = None) -> StripDecoder | None:
+    """Only a VAE's decoder by strips, across the ranks of torchrun's job (or `layout`/`transport`):
+    every rank calls `vae.decode(z)` with the same whole latent; rank 0 gets the image, the others
+    zeros of its shape. Returns the hooks (`.remove()` undoes them), None on a single rank."""
+    check_decoder(vae.decoder, "decode it on one rank")
+    if layout is None:
+        rank, world = init_distributed(next(vae.parameters()).device) if launched_by_torchrun() else (0, 1)
+        layout = ParallelLayout(rank, world, 1)
+    if layout.world_size == 1:
+        return None
+    if transport is None:
+        transport = TorchTransport(layout.rank, layout.world_size, [list(range(layout.world_size))])
+    return strip_decoder(vae.decoder, layout, transport)
 
 
 def load_pipeline(path: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):

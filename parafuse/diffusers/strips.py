@@ -275,26 +275,110 @@ class StripModel:
 class StripDenoiser(StripModel):
     """`pipe.unet` / `pipe.transformer`: the output gathered on every rank (each steps the
     scheduler); with CFG parallel, this rank's guidance branch only, the other branch's output
-    swapped with the CFG peer."""
+    swapped with the CFG peer (kind `cfg`).
 
-    def begin_image(self) -> None:
+    A pipeline that batches both branches into one call (SD, SDXL, PixArt, SD3) has its batch
+    halved. One that calls the denoiser once per branch (Flux's true CFG: the conditional call,
+    then the unconditional one, on the same latents) runs sequentially: each CFG group computes
+    only its own branch's call; at the other call the model is not run (`_branch_forward`): the
+    group of the second branch returns an empty output at the first call and fills it in place at
+    the second, when the outputs are swapped - the pipeline reads neither output before its second
+    call returns."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sequential_cfg = False
+        self._calls, self._skip, self._held, self._pair, self._shapes = 0, False, None, None, {}
+
+    def begin_image(self, sequential_cfg: bool = False) -> None:
         super().begin_image()
         self.transport.reset_counts()
+        self.sequential_cfg = sequential_cfg and self.layout.cfg_degree == 2
+        self._calls, self._skip, self._held, self._pair = 0, False, None, None
+        if self.sequential_cfg:
+            self.model.forward = self._branch_forward       # an instance attribute, shadowing the class's
+
+    def end_image(self) -> None:
+        super().end_image()
+        self.model.__dict__.pop("forward", None)
+        self._held = self._pair = None
 
     def _before(self, module, args, kwargs):
         if self.tracing:
             return None
-        if self.layout.cfg_degree == 2:
+        if self.sequential_cfg:
+            branch = self._calls % 2                  # the pipeline's order: conditional, then unconditional
+            self._calls += 1
+            sample = self._sample(args, kwargs)
+            if branch == 0:
+                self._pair = sample
+            elif not torch.equal(sample, self._pair):
+                raise UnsupportedModelError("cfg_parallel with a pipeline that calls the denoiser once per guidance "
+                                            "branch needs the two calls of a step on the same latents, conditional "
+                                            "first (as FluxPipeline's true CFG): this pipeline's calls are not")
+            self._skip = branch != self.layout.branch
+            if self._skip:
+                return None
+        elif self.layout.cfg_degree == 2:
             batch = self._sample(args, kwargs).shape[0]
             if batch % 2:
                 raise UnsupportedModelError(f"cfg_parallel splits the two guidance branches of the denoiser's batch, "
                                             f"but the pipeline called it with batch {batch}: it needs guidance_scale "
-                                            f"> 1 and a pipeline that batches both branches (Flux's is distilled)")
+                                            f"> 1 and a pipeline that does classifier-free guidance (Flux: "
+                                            f"true_cfg_scale > 1 with a negative prompt; its guidance_scale is "
+                                            f"distilled guidance, not CFG)")
             args, kwargs = _batch_half((args, kwargs), batch, self.layout.branch)
         return super()._before(module, args, kwargs) or (args, kwargs)
 
+    def _branch_forward(self, *args, **kwargs):
+        """The model's forward, or - at the other branch's call - that branch's output (see the class
+        docstring), in the form the caller asked for."""
+        if not self._skip:
+            return type(self.model).forward(self.model, *args, **kwargs)
+        if self.layout.branch == 1:               # the conditional call: filled in place at the next call
+            shape, dtype = self._output_shape(args, kwargs)
+            out = self._held = torch.empty(shape, dtype=dtype, device=self._sample(args, kwargs).device)
+        else:                                     # the unconditional call: swap with the peer's output
+            out = torch.empty_like(self._held)
+            self.transport.start([(self._held, self.layout.cfg_peer)], [(out, self.layout.cfg_peer)], "cfg").wait()
+        if not kwargs.get("return_dict", True):
+            return (out,)
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+        return Transformer2DModelOutput(sample=out)
+
+    def _output_shape(self, args, kwargs) -> tuple[tuple[int, ...], torch.dtype]:
+        """The model's output shape for these arguments, from a shape-only run (once per input size)."""
+        size = tuple(self._sample(args, kwargs).shape)
+        if size not in self._shapes:
+            from torch._subclasses.fake_tensor import FakeTensorMode
+
+            saved = self.engine.step if self.engine is not None else None
+            if self.engine is not None:
+                self.engine.step = LOCAL
+            self.adapter.tracing = True
+            try:
+                with FakeTensorMode(allow_non_fake_inputs=True):
+                    out = type(self.model).forward(self.model, *args, **{**kwargs, "return_dict": False})[0]
+            finally:
+                self.adapter.tracing = False
+                if self.engine is not None:
+                    self.engine.step = saved
+            self._shapes[size] = (tuple(out.shape), out.dtype)
+        return self._shapes[size]
+
+    def _after(self, module, args, kwargs, output):
+        if self.sequential_cfg and self._skip:
+            return None
+        return super()._after(module, args, kwargs, output)
+
     def _gather(self, out: torch.Tensor) -> torch.Tensor:
         out = super()._gather(out)
+        if self.sequential_cfg:
+            if self.layout.branch == 0:           # the conditional output, kept for the swap at the next call
+                self._held = out
+            else:                                 # fill the conditional output returned at the last call
+                self.transport.start([(out, self.layout.cfg_peer)], [(self._held, self.layout.cfg_peer)], "cfg").wait()
+            return out
         if self.layout.cfg_degree == 2:
             other = torch.empty_like(out)
             self.transport.start([(out, self.layout.cfg_peer)], [(other, self.layout.cfg_peer)], "cfg").wait()

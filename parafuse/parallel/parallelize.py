@@ -22,7 +22,12 @@ def parallelize(model: nn.Module, engine: ExchangeEngine, adapter=BUILTIN) -> di
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, tuple(PATCH_LAYERS.values())):
-                continue
+                if "engine" in child.__dict__:
+                    continue
+                # built by calling a patch layer's type (PEFT makes a LoRA conv's lora_A and lora_B
+                # as type(base_layer)(...)): the plain layer it stands for
+                child = _plain(child)
+                setattr(parent, name, child)
             kind = adapter.site_kind(child)
             if kind is None:
                 continue
@@ -42,9 +47,15 @@ def unparallelize(model: nn.Module) -> int:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, tuple(PATCH_LAYERS.values())):
-                plain = type(child).__mro__[1].__new__(type(child).__mro__[1])
-                plain.__dict__ = {k: v for k, v in child.__dict__.items()
-                                  if k not in ("engine", "key", "_kv_weight", "_kv_bias", "_affine_key", "_affine_cache")}
-                setattr(parent, name, plain)
+                setattr(parent, name, _plain(child))
                 swapped += 1
     return swapped
+
+
+def _plain(layer: nn.Module) -> nn.Module:
+    """The plain layer (the patch layer's base class) with `layer`'s parameters and settings."""
+    cls = type(layer).__mro__[1]
+    plain = cls.__new__(cls)
+    plain.__dict__ = {k: v for k, v in layer.__dict__.items()
+                      if k not in ("engine", "key", "_kv_weight", "_kv_bias", "_affine_key", "_affine_cache")}
+    return plain

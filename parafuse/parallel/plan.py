@@ -103,7 +103,8 @@ class PatchPlan:
 
     @property
     def key(self) -> tuple:
-        return (self.geometry, self.strip, self.batch, self.dtype, self.settings)
+        # the sites too: a model changed between images (a LoRA wrapped a layer) has other sites
+        return (self.geometry, self.strip, self.batch, self.dtype, self.settings, tuple(self.sites.values()))
 
     def step_plan(self, step: int, first_of_image: bool) -> StepPlan:
         """The first step of an image and the warmup steps run synchronously."""
