@@ -1,7 +1,7 @@
 """Runs every case of tests/diffusers_cases.py TORCHRUN_CASES in one torchrun launch (gloo on CPU):
 each rank loads the pipeline from its folder, calls `parafuse.parallelize` and the pipeline with the
 same arguments, and saves its output (None except on rank 0) and byte counts.
-Usage: torchrun --nproc_per_node N tests/diffusers_worker.py PIPELINES_DIR OUT_DIR"""
+Usage: torchrun --nproc_per_node N tests/diffusers_worker.py PIPELINES_DIR OUT_DIR [CASE ...] (default: all)"""
 import os
 import sys
 
@@ -16,8 +16,9 @@ from parafuse.diffusers import load_pipeline  # noqa: E402
 from parafuse.parallel.distributed import run_guarded  # noqa: E402
 
 
-def main(root: str, out_dir: str) -> None:
-    for name, (family, settings) in TORCHRUN_CASES.items():
+def main(root: str, out_dir: str, *cases: str) -> None:
+    for name in cases or TORCHRUN_CASES:
+        family, settings = TORCHRUN_CASES[name]
         pipe = parafuse.parallelize(load_pipeline(pipeline_path(root, family)), **settings)
         out = images(pipe(**call_kwargs(family)))
         rank = dist.get_rank()
@@ -28,4 +29,4 @@ def main(root: str, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    run_guarded(main, sys.argv[1], sys.argv[2])
+    run_guarded(main, *sys.argv[1:])

@@ -96,20 +96,36 @@ def test_bytes_closed_form_and_modes(root):
         assert quality["none"] + 5 < quality[mode] < 80, quality
 
 
-@pytest.fixture(scope="module")
-def torchrun_run(root, tmp_path_factory):
-    for family, _ in TORCHRUN_CASES.values():
-        pipeline_path(root, family)
-    out = tmp_path_factory.mktemp("dist")
-    n = 2
+def launch_torchrun(root, out, n, cases):
+    """One torchrun job (gloo) of n ranks running `cases` of TORCHRUN_CASES; per case, every
+    rank's saved output and byte counts."""
+    for name in cases:
+        pipeline_path(root, TORCHRUN_CASES[name][0])
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
-           "--master_port", str(29700 + os.getpid() % 500), os.path.join(ROOT, "tests", "diffusers_worker.py"),
-           root, str(out)]
+           "--master_port", str(29700 + 10 * n + os.getpid() % 500), os.path.join(ROOT, "tests", "diffusers_worker.py"),
+           root, str(out), *cases]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return n, {name: [torch.load(out / f"{name}.rank{r}.pt", weights_only=False) for r in range(n)]
-               for name in TORCHRUN_CASES}
+    return {name: [torch.load(out / f"{name}.rank{r}.pt", weights_only=False) for r in range(n)] for name in cases}
+
+
+@pytest.fixture(scope="module")
+def torchrun_run(root, tmp_path_factory):
+    n = 2
+    return n, launch_torchrun(root, tmp_path_factory.mktemp("dist"), n, list(TORCHRUN_CASES))
+
+
+def test_torchrun_three_ranks(root, tmp_path):
+    """N = 3 under torchrun (uneven strips 7, 7, 6): sync equals diffusers, and Flux in partial mode
+    (stale K/V windows and the stale text merge) equals the emulator, bytes included."""
+    n = 3
+    got = launch_torchrun(root, tmp_path, n, ["sd-sync", "flux-partial"])
+    assert (got["sd-sync"][0]["images"] - serial(root, "sd")).abs().max() <= SYNC_TOL
+    emu = emulated(root, "flux", n, **TORCHRUN_CASES["flux-partial"][1])
+    assert (got["flux-partial"][0]["images"] - emu[0][0]).abs().max() <= 1e-5
+    for r in range(n):
+        assert got["flux-partial"][r]["rank_stats"]["bytes_sent"] == emu[r][1]["bytes_sent"]
 
 
 def test_torchrun_sync_equals_diffusers(root, torchrun_run):
