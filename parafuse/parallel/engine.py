@@ -62,9 +62,10 @@ def check_settings(mode: str, halo_portion: float, warmup_steps: int, norm_mode:
         raise ValueError(f"unknown GroupNorm mode {norm_mode!r}; valid: {', '.join(NORM_MODES)}")
     if text_merge is not None and text_merge not in TEXT_MERGES:
         raise ValueError(f"unknown text merge {text_merge!r}; valid: {', '.join(TEXT_MERGES)}")
-    if text_merge == "stale" and BASELINES.get(mode, mode) not in ("full", "partial"):
+    stale = BASELINES.get(mode, mode) in ("full", "partial") and not (mode == "partial" and halo_portion == 0.0)
+    if text_merge == "stale" and not stale:
         raise ValueError(f"text_merge='stale' uses the previous step's partial text outputs: it needs a stale mode "
-                         f"(full, partial), not {mode!r}, whose text merge is exact")
+                         f"(full, partial with a halo portion > 0), not {mode!r}, whose text merge is exact")
 
 
 class ExchangeEngine:
