@@ -354,94 +354,37 @@ class Runtime:
     @torch.no_grad()
     def generate(self, req: Request, progress: bool = False) -> Result:
         geometry = self.check(req)
-        stages = self.stages(req)
-        geometries = [self.stage_geometry(st) for st in stages]
-        solvers = [self.make_solver(req, st) for st in stages]
-        if self.kernels == "triton":        # the solver update (and guidance) as one fused launch per evaluation
-            from parafuse_kernels.update import FusedUpdate
-            guidance = req.guidance if self._fused_guidance(req) else None
-            solvers = [FusedUpdate(s, guidance) for s in solvers]
-        spec, lay = self.spec, self.layout
-        rows = geometries[0].row_range(lay.patch_index)
-        shape = (req.batch, spec.latent_channels, geometries[0].height, geometries[0].width)
-        x = solvers[0].init_noise_sigma * initial_noise(req.seed, shape, rows).to(self.device)
+        run = Denoising(self, req, progress)
         if self.transport is not None:
             self.transport.reset_counts()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        reduce = StripReduce(self.engine) if self.engine is not None else LocalReduce()
-
-        bar = None
-        evals = sum(s.num_evals for s in solvers)
-        if progress and lay.rank == 0:
-            from tqdm import tqdm
-            bar = tqdm(total=evals, desc=f"denoising {req.height}x{req.width}", unit="step")
-        clock = StepClock(self.device)
-        watch = FiniteWatch(self.transport, lay.rank, lay.world_size, self.device, evals)
-        change_seconds = [0.0] * len(stages)
-        state_bytes = [0]
-
-        def start_stage(i):
-            # a new geometry is a new patch plan: fresh buffers, and the stage's first step runs sync
-            if self.engine is not None:
-                if i > 0:                   # what the previous stage held between its steps
-                    state_bytes[0] = max(state_bytes[0], self.engine.state_bytes())
-                self.engine.configure(self.plan(geometries[i], self.model_batch(req)), self.device)
-            return watch.wrap(self._model_fn(req))
-
-        def change(i, x0):
-            # gather x̂0 (the strips of the old geometry), resize the whole latent, re-noise with
-            # noise of the whole latent keyed by (seed, stage), keep this rank's strip of the new one
-            t0 = time.perf_counter()
-            new = geometries[i]
-            if self.engine is not None:
-                self.engine.drain()
-                x0 = self.engine.gather_rows(x0, 2, geometries[i - 1].rows, kind="stage")
-            x0 = resize_latent(x0, new.height, new.width, spec.codec(), req.upsample)
-            r = new.row_range(lay.patch_index)
-            noise = initial_noise(stage_seed(req.seed, i), (req.batch, spec.latent_channels, new.height, new.width), r)
-            x = solvers[i].add_noise(x0[:, :, r[0]:r[1]], noise.to(self.device))
-            change_seconds[i] = time.perf_counter() - t0
-            return x
-
-        def before(k):
-            watch.begin(k)
-            if self.watchdog is not None:
-                self.watchdog.progress()
-            if self.engine is not None:     # a step is one model evaluation, for every solver
-                self.engine.begin_step(k)
-            clock.start()
-
-        def after(k):
-            clock.stop()
-            if bar is not None:
-                bar.update(1)
-
         start = time.perf_counter()
-        guard = (self.watchdog.guard(f"denoising {req.width}x{req.height}", self.parallel.warmup_steps + 3)
-                 if self.watchdog is not None else nullcontext())
-        with guard:
-            x = denoise_stages(solvers, x, start_stage, change, reduce, before, after)
-            watch.finish(x)         # every rank raises the same NonFiniteError before anything is gathered
-            if self.engine is not None:
-                state_bytes[0] = max(state_bytes[0], self.engine.state_bytes())
-                self.engine.drain()
-                if lay.branch == 0:     # both CFG branches hold the same strips; one gather suffices
-                    x = self.engine.gather_rows(x, 2, geometry.rows, dst=0)
-        step_seconds = clock.seconds()        # waits for the device once, at the end
+        with self._guard(req):
+            x = denoise_stages(run.solvers, run.initial_latent(), run.start_stage, run.change_stage,
+                               StripReduce(self.engine) if self.engine is not None else LocalReduce(),
+                               run.before_step, run.after_step)
+            x = run.finish(x, geometry)
+        step_seconds = run.clock.seconds()        # waits for the device once, at the end
         total = time.perf_counter() - start
-        if bar is not None:
-            bar.close()
+        run.close()
 
         image = latent = None
-        if lay.rank == 0:
+        if self.layout.rank == 0:
             latent = x.float().cpu()
-            image = spec.codec().decode(latent).clamp(-1, 1)
+            image = self.spec.codec().decode(latent).clamp(-1, 1)
         timing = {"total_seconds": total, "step_seconds": step_seconds,
-                  "flops": {"total": sum(self.eval_flops(req, g) * s.num_evals for g, s in zip(geometries, solvers)),
+                  "flops": {"total": sum(self.eval_flops(req, g) * s.num_evals
+                                         for g, s in zip(run.geometries, run.solvers)),
                             "full_schedule": self.eval_flops(req, geometry) * req.steps},   # a step is one evaluation
-                  "stages": stage_report(stages, solvers, step_seconds, change_seconds)}
-        return Result(image, latent, self._rank_stats(geometry, state_bytes[0]), timing)
+                  "stages": stage_report(run.stages, run.solvers, step_seconds, run.change_seconds)}
+        return Result(image, latent, self._rank_stats(geometry, run.state_bytes), timing)
+
+    def _guard(self, req: Request):
+        """The watchdog's deadline around a request's denoising (none without a watchdog)."""
+        if self.watchdog is None:
+            return nullcontext()
+        return self.watchdog.guard(f"denoising {req.width}x{req.height}", self.parallel.warmup_steps + 3)
 
     def eval_flops(self, req: Request, geometry: StripGeometry) -> float:
         """FLOPs of one model evaluation of the whole image at `geometry`: both guidance branches
@@ -501,6 +444,99 @@ class Runtime:
             self.engine.drain()
         if isinstance(self.transport, TorchTransport):
             self.transport.close()          # no reference to the process group outlives the run
+
+
+
+class Denoising:
+    """One request's denoising on this rank, in the steps `denoise_stages` calls: its stages with
+    their geometries and solvers (fixed before the first step), the stage start and change, what
+    runs around each evaluation (the plan's step, the clock, the finite-value watch, the progress
+    bar), and the end (the image's strips gathered on rank 0)."""
+
+    def __init__(self, runtime: Runtime, req: Request, progress: bool):
+        self.rt, self.req = runtime, req
+        self.stages = runtime.stages(req)
+        self.geometries = [runtime.stage_geometry(st) for st in self.stages]
+        solvers = [runtime.make_solver(req, st) for st in self.stages]
+        if runtime.kernels == "triton":     # the solver update (and guidance) as one fused launch per evaluation
+            from parafuse_kernels.update import FusedUpdate
+            guidance = req.guidance if runtime._fused_guidance(req) else None
+            solvers = [FusedUpdate(s, guidance) for s in solvers]
+        self.solvers = solvers
+        evals = sum(s.num_evals for s in solvers)
+        lay = runtime.layout
+        self.bar = None
+        if progress and lay.rank == 0:
+            from tqdm import tqdm
+            self.bar = tqdm(total=evals, desc=f"denoising {req.height}x{req.width}", unit="step")
+        self.clock = StepClock(runtime.device)
+        self.watch = FiniteWatch(runtime.transport, lay.rank, lay.world_size, runtime.device, evals)
+        self.change_seconds = [0.0] * len(self.stages)
+        self.state_bytes = 0        # the most the engine held between steps, over the stages
+
+    def _strip_noise(self, stage: int) -> torch.Tensor:
+        """Noise of stage `stage`'s whole latent keyed by (seed, stage), this rank's strip of it."""
+        req, g = self.req, self.geometries[stage]
+        shape = (req.batch, self.rt.spec.latent_channels, g.height, g.width)
+        rows = g.row_range(self.rt.layout.patch_index)
+        return initial_noise(stage_seed(req.seed, stage), shape, rows).to(self.rt.device)
+
+    def initial_latent(self) -> torch.Tensor:
+        return self.solvers[0].init_noise_sigma * self._strip_noise(0)
+
+    def start_stage(self, i: int):
+        """Stage i's model function. A new geometry is a new patch plan: fresh buffers, and the
+        stage's first step runs sync."""
+        engine = self.rt.engine
+        if engine is not None:
+            if i > 0:                       # what the previous stage held between its steps
+                self.state_bytes = max(self.state_bytes, engine.state_bytes())
+            engine.configure(self.rt.plan(self.geometries[i], self.rt.model_batch(self.req)), self.rt.device)
+        return self.watch.wrap(self.rt._model_fn(self.req))
+
+    def change_stage(self, i: int, x0: torch.Tensor) -> torch.Tensor:
+        """Stage i's starting sample from stage i−1's x̂0: the old geometry's strips gathered, the
+        whole latent resized, this rank's strip of it re-noised to stage i's starting σ."""
+        t0 = time.perf_counter()
+        engine, new = self.rt.engine, self.geometries[i]
+        if engine is not None:
+            engine.drain()
+            x0 = engine.gather_rows(x0, 2, self.geometries[i - 1].rows, kind="stage")
+        x0 = resize_latent(x0, new.height, new.width, self.rt.spec.codec(), self.req.upsample)
+        r = new.row_range(self.rt.layout.patch_index)
+        x = self.solvers[i].add_noise(x0[:, :, r[0]:r[1]], self._strip_noise(i))
+        self.change_seconds[i] = time.perf_counter() - t0
+        return x
+
+    def before_step(self, k: int) -> None:
+        self.watch.begin(k)
+        if self.rt.watchdog is not None:
+            self.rt.watchdog.progress()
+        if self.rt.engine is not None:      # a step is one model evaluation, for every solver
+            self.rt.engine.begin_step(k)
+        self.clock.start()
+
+    def after_step(self, k: int) -> None:
+        self.clock.stop()
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def finish(self, x: torch.Tensor, geometry: StripGeometry) -> torch.Tensor:
+        """After the last step: every rank raises the same NonFiniteError before anything is
+        gathered; then the strips are gathered on rank 0 (the whole latent there, the strip elsewhere)."""
+        self.watch.finish(x)
+        engine = self.rt.engine
+        if engine is None:
+            return x
+        self.state_bytes = max(self.state_bytes, engine.state_bytes())
+        engine.drain()
+        if self.rt.layout.branch == 0:      # both CFG branches hold the same strips; one gather suffices
+            x = engine.gather_rows(x, 2, geometry.rows, dst=0)
+        return x
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 class StepClock:
