@@ -151,17 +151,37 @@ def run(args) -> int:
 
     import torch
 
+    if os.path.isfile(os.path.join(args.model, "model_index.json")):      # a diffusers pipeline folder
+        return run_diffusers(args)
+    runtime, req, reference = prepare(args)
+    if runtime.spec.untrained and runtime.layout.rank == 0:
+        print(f"parafuse.generate: note: model {args.model!r} is untrained (random weights, for benchmarks): "
+              f"its images are noise, its timings real", file=sys.stderr)
+    result = runtime.generate(req, progress=not args.no_progress)
+    with runtime.watchdog.guard("gathering rank statistics") if runtime.watchdog else nullcontext():
+        ranks = runtime.gather_rank_stats(result)
+    comparison = compare(args, runtime, req, result, reference) if runtime.layout.rank == 0 else None
+    if runtime.layout.world_size > 1:
+        # the others wait while rank 0 runs the serial reference: no deadline here (its length is the
+        # serial run's); a rank that dies meanwhile still ends the job through torchrun
+        torch.distributed.barrier()
+    if runtime.layout.rank == 0:
+        write_outputs(args, runtime, req, result, ranks, comparison)
+    runtime.close()
+    return 0
+
+
+def prepare(args):
+    """Every check, the runtime (model loaded, process group joined, patch layers swapped in) and
+    the request, and the reference image if asked for: all before any denoising. A bad input is a
+    ValueError saying what to change."""
     from parafuse import report as rep
     from parafuse.checks import CheckError
-    from parafuse.models import ModelError, load_model
-    from parafuse.outputs import commit
-    from parafuse.parallel.distributed import ParallelLayout
+    from parafuse.models import ModelError
     from parafuse.parallel.geometry import GeometryError
     from parafuse.runtime import ParallelConfig, Request, Runtime
     from parafuse.stages import parse_stages
 
-    if os.path.isfile(os.path.join(args.model, "model_index.json")):      # a diffusers pipeline folder
-        return run_diffusers(args)
     check_args(args)
     for name in ("startup_timeout", "exchange_timeout"):
         if not 0 < getattr(args, name) < float("inf"):
@@ -181,38 +201,41 @@ def run(args) -> int:
         reference = rep.load_png(args.reference) if args.reference is not None else None
     except (ModelError, GeometryError, CheckError) as e:
         raise ValueError(str(e)) from None
+    return runtime, req, reference
 
-    if runtime.spec.untrained and runtime.layout.rank == 0:
-        print(f"parafuse.generate: note: model {args.model!r} is untrained (random weights, for benchmarks): "
-              f"its images are noise, its timings real", file=sys.stderr)
-    result = runtime.generate(req, progress=not args.no_progress)
-    with runtime.watchdog.guard("gathering rank statistics") if runtime.watchdog else nullcontext():
-        ranks = runtime.gather_rank_stats(result)
-    comparison = None
-    if args.compare_serial and runtime.layout.rank == 0:
+
+def compare(args, runtime, req, result, reference) -> dict | None:
+    """Rank 0: the image against a serial run of the same request (--compare-serial) or against
+    --reference; None when neither was asked for."""
+    from parafuse import report as rep
+    from parafuse.models import load_model
+    from parafuse.parallel.distributed import ParallelLayout
+    from parafuse.runtime import ParallelConfig, Runtime
+
+    if args.compare_serial:
         serial = Runtime(load_model(args.model, args.weights), ParallelConfig(), device=args.device,
                          layout=ParallelLayout(0, 1), dtype=runtime.dtype)
-        comparison = rep.compare(result.image, serial.generate(req).image, "serial")
-    elif reference is not None and runtime.layout.rank == 0:
-        comparison = rep.compare(result.image[0], reference, args.reference)
-    if runtime.layout.world_size > 1:
-        # the others wait while rank 0 runs the serial reference: no deadline here (its length is the
-        # serial run's); a rank that dies meanwhile still ends the job through torchrun
-        torch.distributed.barrier()
-    if runtime.layout.rank == 0:
-        # every output rendered first, then all written and renamed together
-        files = {path: rep.png_bytes(image) for image, path in zip(result.image, output_paths(args.out, args.batch))}
-        if args.report:
-            files[args.report] = rep.json_bytes(rep.build_report(runtime, req, result, ranks, comparison))
-        commit(files)
-        psnr = ""
-        if comparison:
-            db = "identical" if comparison["psnr_db"] is None else f"{comparison['psnr_db']:.2f} dB"
-            psnr = f", PSNR vs {comparison['reference']} {db}"
-        print(f"wrote {', '.join(output_paths(args.out, args.batch))} "
-              f"({result.timing['total_seconds']:.2f} s denoising on {runtime.layout.world_size} rank(s){psnr})")
-    runtime.close()
-    return 0
+        return rep.compare(result.image, serial.generate(req).image, "serial")
+    if reference is not None:
+        return rep.compare(result.image[0], reference, args.reference)
+    return None
+
+
+def write_outputs(args, runtime, req, result, ranks, comparison) -> None:
+    """Rank 0: every output rendered first, then all written and renamed together (none on failure)."""
+    from parafuse import report as rep
+    from parafuse.outputs import commit
+
+    files = {path: rep.png_bytes(image) for image, path in zip(result.image, output_paths(args.out, args.batch))}
+    if args.report:
+        files[args.report] = rep.json_bytes(rep.build_report(runtime, req, result, ranks, comparison))
+    commit(files)
+    psnr = ""
+    if comparison:
+        db = "identical" if comparison["psnr_db"] is None else f"{comparison['psnr_db']:.2f} dB"
+        psnr = f", PSNR vs {comparison['reference']} {db}"
+    print(f"wrote {', '.join(output_paths(args.out, args.batch))} "
+          f"({result.timing['total_seconds']:.2f} s denoising on {runtime.layout.world_size} rank(s){psnr})")
 
 
 def run_diffusers(args) -> int:
