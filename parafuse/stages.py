@@ -22,7 +22,8 @@ size. What runs:
 
 The default (`--schedule bottleneck`) is not the published setting. Published (FLUX.1-dev, 1024²):
 steps 6/20/8, strengths 1/0.8/0.6, shifts 3×/2×/3× the model's. Default here: steps 6/20/12,
-strengths 1/0.5/0.6, shifts 3×/2×/1×. Why, from a sweep with the default model (256², 50 steps,
+strengths 1/0.5/0.6, shifts 3×/2×/1×, the first stage's growing above 256² as sqrt(pixels)/256
+(6× at 512², at most 16). Why, from a sweep with the default model (256², 50 steps,
 dpmpp-2m, patch-SWD per pyramid band against the model's own plain 50-step images, fine to coarse;
 tuned on seeds 500-505, checked on 500-511; benchmarks/bottleneck.py reports on seeds 0-11):
 - the last stage on 8 steps at 3× shift evaluates σ = 0.83 … 0.3 and the image is the model's
@@ -35,7 +36,12 @@ tuned on seeds 500-505, checked on 500-511; benchmarks/bottleneck.py reports on 
 - left over is the finest band (126 against 98 on 500-511), set when the last stage starts from
   the enlarged image: 15 last-stage evaluations instead of 8 leave it at 121; noise added to x̂0 in
   the octave the half size cannot hold trades it against the 8-32 px bands (amplitude 0.8: 102,
-  but 120/145 there), no net gain, not adopted.
+  but 120/145 there), no net gain, not adopted;
+- at 512² the coarsest band was the gap (low-pass residual 313 on seeds 500-503; plain's is 173
+  on 0-7): the first stage's shift at 3×/4.5×/6×/9× gave patch-SWD 149/133/125/123 (at 256²,
+  6× and 9× were worse than 3×: 166, 180 against 160) - a larger image needs more of the first
+  stage's steps at high σ to lay out its larger structures, as SD3's shift ∝ sqrt(pixel count).
+  Checked once on seeds 0-7: 123 against 142 at 3× (plain 112, 16 uniform steps 128).
 The published setting stays `bottleneck(..., published=True)`, or on the command line the
 explicit list in the README.
 """
@@ -63,6 +69,11 @@ PUBLISHED_SCALES = (1, 2, 1)        # each stage's side is the image side divide
 DEFAULT_STEPS = (6, 20, 12)
 DEFAULT_STRENGTHS = (1.0, 0.5, 0.6)
 DEFAULT_SHIFT_SCALES = (3.0, 2.0, 1.0)
+# The first stage's shift grows with the image side beyond this size (the one the setting was
+# tuned at; the default model's largest training crop), as sqrt(pixel count) - SD3's resolution
+# rule - and stops at MAX_FIRST_SHIFT (schedules.dynamic_shift's bound).
+DEFAULT_SHIFT_REFERENCE_PX = 256
+MAX_FIRST_SHIFT = 16.0
 
 class StageError(ValueError):
     """A stage list that cannot run; the message says what to change."""
@@ -120,11 +131,19 @@ def bottleneck(height: int, width: int, steps: int, factor: int, model_shift: fl
     else:
         setting = zip(DEFAULT_STEPS, DEFAULT_STRENGTHS, DEFAULT_SHIFT_SCALES)
     stages = []
-    for (n, w, s), scale in zip(setting, PUBLISHED_SCALES):
+    for i, ((n, w, s), scale) in enumerate(zip(setting, PUBLISHED_SCALES)):
         shift = None if model_shift is None else model_shift * s
+        if shift is not None and i == 0 and not published:
+            shift = max(shift, min(MAX_FIRST_SHIFT, shift * first_shift_growth(height, width)))
         stages.append(Stage(_side(height, scale, factor), _side(width, scale, factor),
                             max(min_steps(w), math.floor(steps * n / PUBLISHED_BASELINE_STEPS + 0.5)), shift, w))
     return tuple(stages)
+
+def first_shift_growth(height: int, width: int) -> float:
+    """How much the default's first-stage shift grows for a height x width image:
+    sqrt(pixels) / DEFAULT_SHIFT_REFERENCE_PX, at least 1 (2 at 512², 4 at 1024²)."""
+    return max(1.0, math.sqrt(height * width) / DEFAULT_SHIFT_REFERENCE_PX)
+
 
 def _side(side: int, scale: int, factor: int) -> int:
     return max(factor, math.floor(side / scale / factor + 0.5) * factor) if scale > 1 else side

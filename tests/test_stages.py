@@ -25,11 +25,20 @@ def test_stage_arithmetic():
     assert bottleneck(1024, 1024, 50, 16, 3.0, published=True) == (
         Stage(1024, 1024, 6, 9.0, 1.0), Stage(512, 512, 20, 6.0, 0.8), Stage(1024, 1024, 8, 9.0, 0.6))
     # the default (stages.py says why): steps 6/20/12, strengths 1/0.5/0.6, shifts 3x/2x/1x the model's
-    assert bottleneck(1024, 1024, 50, 16, 3.0) == (Stage(1024, 1024, 6, 9.0, 1.0), Stage(512, 512, 20, 6.0, 0.5),
-                                                  Stage(1024, 1024, 12, 3.0, 0.6))
-    assert [s.runs for s in bottleneck(1024, 1024, 50, 16, 3.0)] == [6, 10, 8]
+    assert bottleneck(256, 256, 50, 16, 3.0) == (Stage(256, 256, 6, 9.0, 1.0), Stage(128, 128, 20, 6.0, 0.5),
+                                                Stage(256, 256, 12, 3.0, 0.6))
+    assert [s.runs for s in bottleneck(256, 256, 50, 16, 3.0)] == [6, 10, 8]
+    # above 256² the first stage's shift grows as sqrt(pixels) / 256, up to 16: 2x at 512², 4x at 1024²
+    assert [s.shift for s in bottleneck(512, 512, 50, 16, 1.0)] == [6.0, 2.0, 1.0]
+    assert [s.shift for s in bottleneck(512, 128, 50, 16, 1.0)] == [3.0, 2.0, 1.0]       # 256² of pixels
+    assert bottleneck(1024, 256, 50, 16, 1.0)[0].shift == pytest.approx(6.0)
+    assert [s.shift for s in bottleneck(1024, 1024, 50, 16, 1.0)] == [12.0, 2.0, 1.0]
+    assert [s.shift for s in bottleneck(1024, 1024, 50, 16, 3.0)] == [16.0, 6.0, 3.0]     # 36 capped at 16
+    assert [s.shift for s in bottleneck(4096, 4096, 50, 16, 1.0)] == [16.0, 2.0, 1.0]
+    assert bottleneck(1024, 1024, 50, 16, 3.0, published=True)[0].shift == 9.0          # the paper's: no growth
     # scaled to --steps (round half up), shifts scaled with the model's own, the low side a multiple of 16
-    assert bottleneck(528, 256, 20, 16, 1.0) == (Stage(528, 256, 2, 3.0, 1.0), Stage(272, 128, 8, 2.0, 0.5),
+    grown = 3.0 * math.sqrt(528 * 256) / 256       # 528 x 256 has more pixels than 256²: 4.31
+    assert bottleneck(528, 256, 20, 16, 1.0) == (Stage(528, 256, 2, grown, 1.0), Stage(272, 128, 8, 2.0, 0.5),
                                                 Stage(528, 256, 5, 1.0, 0.6))
     assert bottleneck(528, 256, 20, 16, 1.0, published=True) == (
         Stage(528, 256, 2, 3.0, 1.0), Stage(272, 128, 8, 2.0, 0.8), Stage(528, 256, 3, 3.0, 0.6))
