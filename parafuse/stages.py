@@ -75,6 +75,7 @@ DEFAULT_SHIFT_SCALES = (3.0, 2.0, 1.0)
 DEFAULT_SHIFT_REFERENCE_PX = 256
 MAX_FIRST_SHIFT = 16.0
 
+
 class StageError(ValueError):
     """A stage list that cannot run; the message says what to change."""
 
