@@ -39,7 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "bottleneck schedule scales its stages to it and reports its FLOPs against it (see --schedule)")
     p.add_argument("--schedule", default="plain", choices=("plain", "bottleneck"),
                    help="plain: every step at the image size; bottleneck: full, half, full resolution with "
-                        "stage steps 6/20/8 per 50 --steps, strengths 1/0.8/0.6, shifts 3x/2x/3x the model's")
+                        "stage steps 6/20/12 per 50 --steps, strengths 1/0.5/0.6, shifts 3x/2x/1x the model's, "
+                        "the first growing as sqrt(pixels)/256 above 256² "
+                        "(the published 6/20/8, 1/0.8/0.6, 3x/2x/3x: an explicit --stages list, see the README)")
     p.add_argument("--stages", nargs="+", default=None, metavar="HxW:STEPS[:STRENGTH[:SHIFT]]",
                    help="an explicit stage list, e.g. 256x256:20 512x512:8:0.6:3; the last stage is the image "
                         "size; a stage entered at strength w runs the last ceil(w*STEPS) steps of its grid")

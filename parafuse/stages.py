@@ -4,10 +4,10 @@ A stage is (height, width, steps, shift, strength). The plain schedule is one st
 size. What runs:
 
 - `--steps S` is the step count of the plain one-stage schedule, and the baseline that
-  `flops.full_schedule` counts. The bottleneck schedule scales the published stage steps 6/20/8
-  (for a 50-step baseline) to S: N_i = round(S·n_i/50), but at least the steps with which the
-  stage's strength skips its first step (5 at 0.8, 3 at 0.6): with fewer, a stage would start from
-  pure noise and throw the previous stage's image away (an explicit list doing so is an error).
+  `flops.full_schedule` counts. The bottleneck schedule scales its stage steps (for a 50-step
+  baseline) to S: N_i = round(S·n_i/50), but at least the steps with which the stage's strength
+  skips its first step (2 at 0.5, 3 at 0.6, 5 at 0.8): with fewer, a stage would start from pure
+  noise and throw the previous stage's image away (an explicit list doing so is an error).
 - Stage i has its own N_i-step grid (its own shifted schedule, from σ = 1 down to 0). Entered at
   strength w_i it starts at grid index floor(N_i·(1 − w_i)) (the paper's int(N_i(1 − w_i))) and so
   runs its last ceil(w_i·N_i) steps. Strength 1 runs every step from pure noise; the first stage
@@ -16,11 +16,34 @@ size. What runs:
   size and re-noised to that stage's starting σ: x = α·resize(x̂0) + σ·ε (flow: α = 1 − σ; VP:
   α = sqrt(1 − σ²)), with fresh noise for the whole latent keyed by (seed, stage). Each stage's
   solver starts with an empty history.
-- Shift: a flow stage's schedule is shifted σ' = sσ/(1 + (s − 1)σ). The published shifts 9/6/9
-  were chosen for a model whose own shift is 3, so the bottleneck schedule uses 3×, 2×, 3× the
-  model's own shift. VP models have no shift: their stages use the model's schedule.
+- Shift: a flow stage's schedule is shifted σ' = sσ/(1 + (s − 1)σ), s a multiple of the model's
+  own shift (the published 9/6/9 were chosen for FLUX, whose own shift is 3: 3×, 2×, 3×). VP
+  models have no shift: their stages use the model's schedule.
 
-With `dpmpp-2s` (two evaluations per step) steps are counted as the solver counts them.
+The default (`--schedule bottleneck`) is not the published setting. Published (FLUX.1-dev, 1024²):
+steps 6/20/8, strengths 1/0.8/0.6, shifts 3×/2×/3× the model's. Default here: steps 6/20/12,
+strengths 1/0.5/0.6, shifts 3×/2×/1×, the first stage's growing above 256² as sqrt(pixels)/256
+(6× at 512², at most 16). Why, from a sweep with the default model (256², 50 steps,
+dpmpp-2m, patch-SWD per pyramid band against the model's own plain 50-step images, fine to coarse;
+tuned on seeds 500-505, checked on 500-511; benchmarks/bottleneck.py reports on seeds 0-11):
+- the last stage on 8 steps at 3× shift evaluates σ = 0.83 … 0.3 and the image is the model's
+  clean estimate from σ = 0.3 - a blurred mean: the finest band scores 217 against 95 for plain,
+  with 27% less amplitude. 12 steps at the model's own shift end at σ = 0.08 (127);
+- the middle stage re-entered at 0.8 (σ = 0.89 under 2× shift) keeps little of the first stage's
+  full-size layout: the half-size stage lays out a texture at its own pixel scale, which is twice
+  too large once enlarged (16-32 px band 155-190 against 119); re-entered at 0.5 (σ = 0.67) it
+  refines the first stage's layout (134);
+- left over is the finest band (126 against 98 on 500-511), set when the last stage starts from
+  the enlarged image: 15 last-stage evaluations instead of 8 leave it at 121; noise added to x̂0 in
+  the octave the half size cannot hold trades it against the 8-32 px bands (amplitude 0.8: 102,
+  but 120/145 there), no net gain, not adopted;
+- at 512² the coarsest band was the gap (low-pass residual 313 on seeds 500-503; plain's is 173
+  on 0-7): the first stage's shift at 3×/4.5×/6×/9× gave patch-SWD 149/133/125/123 (at 256²,
+  6× and 9× were worse than 3×: 166, 180 against 160) - a larger image needs more of the first
+  stage's steps at high σ to lay out its larger structures, as SD3's shift ∝ sqrt(pixel count).
+  Checked once on seeds 0-7: 123 against 142 at 3× (plain 112, 16 uniform steps 128).
+The published setting stays `bottleneck(..., published=True)`, or on the command line the
+explicit list in the README.
 """
 from __future__ import annotations
 
@@ -41,6 +64,16 @@ PUBLISHED_STRENGTHS = (1.0, 0.8, 0.6)
 PUBLISHED_SHIFTS = (9.0, 6.0, 9.0)
 PUBLISHED_BASE_SHIFT = 3.0
 PUBLISHED_SCALES = (1, 2, 1)        # each stage's side is the image side divided by this
+# The default here (the module docstring says why): stage steps for a 50-step baseline,
+# strengths, and shifts as multiples of the model's own.
+DEFAULT_STEPS = (6, 20, 12)
+DEFAULT_STRENGTHS = (1.0, 0.5, 0.6)
+DEFAULT_SHIFT_SCALES = (3.0, 2.0, 1.0)
+# The first stage's shift grows with the image side beyond this size (the one the setting was
+# tuned at; the default model's largest training crop), as sqrt(pixel count) - SD3's resolution
+# rule - and stops at MAX_FIRST_SHIFT (schedules.dynamic_shift's bound).
+DEFAULT_SHIFT_REFERENCE_PX = 256
+MAX_FIRST_SHIFT = 16.0
 
 
 class StageError(ValueError):
@@ -88,16 +121,29 @@ def plain(height: int, width: int, steps: int) -> tuple[Stage, ...]:
     return (Stage(height, width, steps),)
 
 
-def bottleneck(height: int, width: int, steps: int, factor: int, model_shift: float | None) -> tuple[Stage, ...]:
-    """The published three-stage schedule for an image of height x width px and a `steps`-step
-    baseline. The middle stage's side is half the image's, rounded to a multiple of `factor` (the
-    model's pixel factor). `model_shift`: the model's own flow shift (None for VP: no shifts)."""
+def bottleneck(height: int, width: int, steps: int, factor: int, model_shift: float | None,
+               published: bool = False) -> tuple[Stage, ...]:
+    """The three-stage schedule (full, half, full size) for an image of height x width px and a
+    `steps`-step baseline: this project's default, or with `published` the paper's setting. The
+    middle stage's side is half the image's, rounded to a multiple of `factor` (the model's pixel
+    factor). `model_shift`: the model's own flow shift (None for VP: no shifts)."""
+    if published:
+        setting = zip(PUBLISHED_STEPS, PUBLISHED_STRENGTHS, (s / PUBLISHED_BASE_SHIFT for s in PUBLISHED_SHIFTS))
+    else:
+        setting = zip(DEFAULT_STEPS, DEFAULT_STRENGTHS, DEFAULT_SHIFT_SCALES)
     stages = []
-    for n, w, s, scale in zip(PUBLISHED_STEPS, PUBLISHED_STRENGTHS, PUBLISHED_SHIFTS, PUBLISHED_SCALES):
-        shift = None if model_shift is None else model_shift * s / PUBLISHED_BASE_SHIFT
+    for i, ((n, w, s), scale) in enumerate(zip(setting, PUBLISHED_SCALES)):
+        shift = None if model_shift is None else model_shift * s
+        if shift is not None and i == 0 and not published:
+            shift = max(shift, min(MAX_FIRST_SHIFT, shift * first_shift_growth(height, width)))
         stages.append(Stage(_side(height, scale, factor), _side(width, scale, factor),
                             max(min_steps(w), math.floor(steps * n / PUBLISHED_BASELINE_STEPS + 0.5)), shift, w))
     return tuple(stages)
+
+def first_shift_growth(height: int, width: int) -> float:
+    """How much the default's first-stage shift grows for a height x width image:
+    sqrt(pixels) / DEFAULT_SHIFT_REFERENCE_PX, at least 1 (2 at 512², 4 at 1024²)."""
+    return max(1.0, math.sqrt(height * width) / DEFAULT_SHIFT_REFERENCE_PX)
 
 
 def _side(side: int, scale: int, factor: int) -> int:
