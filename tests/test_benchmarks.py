@@ -64,6 +64,8 @@ def test_quality_benchmark_compares_modes_and_baselines(tmp_path):
     assert set(rows) == {"full", "partial", "none", "distrifusion", "pcpp"}
     assert rows["full"]["seeds"] == 2 and rows["full"]["psnr_sd"] >= 0
     assert 10 < rows["none"]["psnr_db"] < rows["full"]["psnr_db"] < 99 and 0 < rows["full"]["ssim"] <= 1
+    # patch-SWD of each mode's 2 images pooled against the 2 serial images: a distance, per pyramid level
+    assert all(r["patch_swd_images"] == 2 and len(r["patch_swd_levels"]) == 3 and r["patch_swd"] > 0 for r in rows.values())
     # the baselines: more bytes; DistriFusion's corrected statistics cost quality against parafuse's exact ones
     assert rows["distrifusion"]["psnr_db"] < rows["full"]["psnr_db"]
     assert rows["distrifusion"]["bytes_per_step_busiest_rank"] > rows["full"]["bytes_per_step_busiest_rank"]
