@@ -109,3 +109,16 @@ def test_kernels_benchmark_smoke_on_cpu(tmp_path):
     assert all(r["prologue_speedup"] > 0 for r in res["attention"] if r["model"] == "flux")
     assert {(r["shape"], r["dtype"]) for r in res["update"]} >= {("large", "float32"), ("large", "bfloat16")}
     assert (tmp_path / "kernels.png").exists()
+
+
+def test_attention_reach_window_mask_counts_partial_rows():
+    """The keys `partial` shows a query: its strip's rows plus ceil(p·rows) (>= 1) of each neighbour's."""
+    sys.path.insert(0, ROOT)
+    from benchmarks.attention_reach import visible_mask
+    m = visible_mask((2, 2, 2, 2), 3, 0.3)                 # 8 token rows of 3 columns; window 1 row
+    assert m.shape == (24, 24)
+    rows = m[::3, ::3]                                     # one query and key per row
+    assert rows[0].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]    # top strip: itself and 1 row below
+    assert rows[3].tolist() == [0, 1, 1, 1, 1, 0, 0, 0]    # strip 1: 1 row above, itself, 1 row below
+    assert m.float().mean().item() == (3 + 4 + 4 + 3) / 4 / 8
+    assert visible_mask((3, 2, 4), 2, 1.0).all() == False and visible_mask((3, 3), 2, 1.0).all()  # noqa: E712
