@@ -19,6 +19,8 @@ Grid: N x mode at `--warmup` and `--portion`; at the largest N also `--warmups` 
     python benchmarks/quality.py                                   # the committed CPU grid (256², both models)
     python benchmarks/quality.py --models default --sizes 1024 --ranks 8 --modes full partial \\
         --seeds 0 1 2 3 --name quality_1024_cpu                     # the issue's 1024² target
+    python benchmarks/quality.py --models dit-texture --sizes 256 --ranks 8 --modes full partial distrifusion \
+        pcpp none --warmups 1 2 4 --portions 0.1 0.3 0.5 --name quality_256_dit_texture_cpu   # the DiT target
 """
 from __future__ import annotations
 
