@@ -2,7 +2,10 @@
 
 For each model, size, step count and seed, the serial image is made once; every parallel run of
 the same request is compared with it: PSNR, max abs difference and SSIM (scikit-image's, on the
-decoded image in [-1, 1]). Parallel runs use the single-process emulator (N threads running the
+decoded image in [-1, 1]) - and, pooled over the seeds, the multi-scale 7x7 patch-SWD (benchmarks/swd.py)
+of each configuration's images against the serial images of the same seeds: distribution against
+distribution, the patches of both sets taken at the same positions (seeded per seed), so identical
+images score 0 and `none` gives the floor. Parallel runs use the single-process emulator (N threads running the
 real runtime; a torchrun run equals it, tests/test_parallel.py), so N = 8 runs on a 2-core machine.
 
 Bytes per rank per step (the busiest rank, averaged over the run's steps, warmup included) come
@@ -16,6 +19,8 @@ Grid: N x mode at `--warmup` and `--portion`; at the largest N also `--warmups` 
     python benchmarks/quality.py                                   # the committed CPU grid (256², both models)
     python benchmarks/quality.py --models default --sizes 1024 --ranks 8 --modes full partial \\
         --seeds 0 1 2 3 --name quality_1024_cpu                     # the issue's 1024² target
+    python benchmarks/quality.py --models dit-texture --sizes 256 --ranks 8 --modes full partial distrifusion \
+        pcpp none --warmups 1 2 4 --portions 0.1 0.3 0.5 --name quality_256_dit_texture_cpu   # the DiT target
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import RESULTS, hardware, table, write_json  # noqa: E402
+from swd import PATCHES_PER_LEVEL, pyramid_depth, pyramid_patches, swd  # noqa: E402
 
 from parafuse.models import load_model  # noqa: E402
 from parafuse.parallel.emulator import emulate  # noqa: E402
@@ -82,6 +88,16 @@ def configurations(a) -> list[tuple[int, str, int, float]]:
     return out
 
 
+def seed_patches(image: torch.Tensor, seed: int) -> list[torch.Tensor]:
+    """The patch-SWD descriptors of one image: the same positions for every image of `seed`."""
+    return pyramid_patches(image, PATCHES_PER_LEVEL, seed=100 + seed, depth=pyramid_depth(min(image.shape[-2:])))
+
+
+def pooled_swd(mine: list[list[torch.Tensor]], ref: list[list[torch.Tensor]]) -> list[float]:
+    """Patch-SWD per pyramid level of the pooled patches of several images against the pooled reference."""
+    return swd([torch.cat(level) for level in zip(*mine)], [torch.cat(level) for level in zip(*ref)])
+
+
 def measure(a, log=print) -> list[dict]:
     rows = []
     for name in a.models:
@@ -89,11 +105,13 @@ def measure(a, log=print) -> list[dict]:
         for size in a.sizes:
             for steps in a.steps:
                 per: dict[tuple, list] = {}
+                ref_patches, cfg_patches = [], {}
                 for seed in a.seeds:
                     req = request(model, size, steps, seed)
                     t0 = time.perf_counter()
                     ref = Runtime(model, ParallelConfig()).generate(req).image
                     log(f"{name} {size}² {steps} steps seed {seed}: serial {time.perf_counter() - t0:.1f} s")
+                    ref_patches.append(seed_patches(ref, seed))
                     for cfg in configurations(a):
                         n, mode, warmup, portion = cfg
                         image, nbytes, steady = parallel_run(model, n, mode, warmup, portion, req)
@@ -101,10 +119,14 @@ def measure(a, log=print) -> list[dict]:
                                                         "max_abs_diff": (image - ref).abs().max().item(),
                                                         "ssim": ssim(image, ref), "bytes": nbytes,
                                                         "steady_bytes": steady})
+                        cfg_patches.setdefault(cfg, []).append(seed_patches(image, seed))
                         log(f"  N={n} {mode} warmup {warmup} p={portion}: {per[cfg][-1]['psnr_db']:.2f} dB, "
                             f"{nbytes / 1e6:.3f} MB/step busiest rank")
                 for (n, mode, warmup, portion), runs in per.items():
-                    rows.append(summarise(name, size, steps, n, mode, warmup, portion, runs))
+                    levels = pooled_swd(cfg_patches[(n, mode, warmup, portion)], ref_patches)
+                    rows.append(dict(summarise(name, size, steps, n, mode, warmup, portion, runs),
+                                     patch_swd=sum(levels) / len(levels), patch_swd_levels=levels,
+                                     patch_swd_images=len(runs)))
     return rows
 
 
@@ -206,9 +228,10 @@ def main(argv=None) -> int:
     hw = hardware()
     cols = [("model", "model"), ("size", "size"), ("steps", "steps"), ("n", "N"), ("mode", "mode"),
             ("warmup", "warmup"), ("portion", "p"), ("psnr_db", "PSNR dB"), ("psnr_sd", "± sd"), ("ssim", "SSIM"),
-            ("max_abs_diff", "max abs"), ("bytes_per_step_busiest_rank", "bytes/step (busiest)"),
+            ("patch_swd", "patch-SWD"), ("max_abs_diff", "max abs"), ("bytes_per_step_busiest_rank", "bytes/step (busiest)"),
             ("steady_bytes_per_step_busiest_rank", "steady bytes/step")]
-    print(f"\n{hw['device']}, torch {hw['torch']}; {len(a.seeds)} seeds; dpmpp-2m\n")
+    print(f"\n{hw['device']}, torch {hw['torch']}; {len(a.seeds)} seeds; dpmpp-2m; patch-SWD x 1e3 of the "
+          f"{len(a.seeds)} images of each row against the {len(a.seeds)} serial images\n")
     print(table(rows, cols))
     goal = targets(rows)
     if goal:

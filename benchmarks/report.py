@@ -1,7 +1,8 @@
 """The README's "Performance" section, from the committed benchmark results.
 
 Reads the JSON under benchmarks/results/ that the benchmark scripts wrote (scaling.py, project.py,
-quality.py, throughput.py, gpu_check.py where a GPU has run it) and rewrites the README between
+quality.py - the committed grid and the extra quality_*.json runs -, attention_reach.py,
+throughput.py, gpu_check.py where a GPU has run it) and rewrites the README between
 the markers `<!-- performance:begin -->` and `<!-- performance:end -->`, with three plots:
 
     report_speedup.png   speedup vs N per mode: per-rank compute measured on this CPU, end-to-end
@@ -98,6 +99,16 @@ def speedup_section(scaling: dict | None, project: dict | None, gpus: list[dict]
     return out
 
 
+def swd_columns(rows: list[dict]) -> list[tuple[str, str]]:
+    """The patch-SWD column, for results measured since quality.py computes it."""
+    return [("patch_swd", "patch-SWD"), ("patch_swd_images", "images")] if any("patch_swd" in r for r in rows) else []
+
+
+WARMUP_NOTE = ("The run average includes the synchronous warmup, which all-gathers whole K/V in every mode: with "
+               "warmup w of S steps it alone costs about w/S of DistriFusion's per-step bytes, so the run-average "
+               "share is at least w/S whatever p is; the steady-state share is that of the stale steps alone.")
+
+
 def quality_section(quality: dict | None) -> list[str]:
     if not quality:
         return ["### Communication and quality against DistriFusion and PCPP", "",
@@ -134,16 +145,30 @@ TARGET_COLUMNS = [("model", "model"), ("size", "size"), ("n", "N"), ("warmup", "
                   ("bytes_limit", "limit"), ("psnr_gap_db", "PSNR gap dB"), ("met", "met")]
 
 
-def extra_quality(name: str, title: str) -> list[str]:
+def extra_quality(name: str, title: str, note: str = "") -> list[str]:
     res = load(name)
     if not res:
         return []
-    return [f"### {title}", "", f"`{res['command']}` on {hw(res)}.", "",
+    swd = (" Patch-SWD (×1e3, `benchmarks/swd.py`): the images of each row pooled against the serial images of "
+           "the same seeds (`images` per side); identical images give 0." if swd_columns(res["rows"]) else "")
+    return [f"### {title}", "", f"`{res['command']}` on {hw(res)}.{swd}" + (f" {note}" if note else ""), "",
             table(res["rows"], [("model", "model"), ("size", "size"), ("steps", "steps"), ("n", "N"), ("mode", "mode"),
-                                ("warmup", "warmup"), ("seeds", "seeds"), ("psnr_db", "PSNR dB"), ("psnr_sd", "± sd"),
-                                ("ssim", "SSIM"), ("bytes_per_step_busiest_rank", "bytes/step"),
-                                ("steady_bytes_per_step_busiest_rank", "steady bytes/step")]), "",
-            table(res.get("targets", []), TARGET_COLUMNS), ""]
+                                ("warmup", "warmup"), ("portion", "p"), ("seeds", "seeds"), ("psnr_db", "PSNR dB"),
+                                ("psnr_sd", "± sd"), ("ssim", "SSIM")] + swd_columns(res["rows"]) +
+                  [("bytes_per_step_busiest_rank", "bytes/step"),
+                   ("steady_bytes_per_step_busiest_rank", "steady bytes/step")]), ""] + \
+        ([WARMUP_NOTE, "", table(res["targets"], TARGET_COLUMNS), ""] if res.get("targets") else [])
+
+
+def attention_reach_section(res: dict | None) -> list[str]:
+    if not res:
+        return []
+    return [f"Why the DiTs' `partial` loses quality: the share of their self-attention that falls inside "
+            f"`partial`'s window during a serial generation (`{res['command']}` on {hw(res)}), against the share "
+            f"uniform attention would put there.", "",
+            table(res["rows"], [("model", "model"), ("size", "size"), ("n", "N"), ("portion", "p"), ("seeds", "seeds"),
+                                ("mass_inside", "attention inside the window"), ("uniform_inside", "uniform attention")]),
+            ""]
 
 
 def throughput_section(res: dict | None) -> list[str]:
@@ -249,7 +274,14 @@ def section() -> tuple[str, tuple]:
     lines += speedup_section(scaling, project, gpus)
     lines += quality_section(quality)
     lines += extra_quality("quality_1024_cpu.json", "The U-Net at 1024²: the issue's quality target")
-    lines += extra_quality("quality_512_dit_cpu.json", "A DiT at 512²")
+    lines += extra_quality("quality_512_dit_cpu.json", "A DiT at 512²",
+                           "`dit-small` has random weights: its attention is not local, the worst case for a window.")
+    for size in (256, 512):
+        lines += extra_quality(f"quality_{size}_dit_texture_cpu.json", f"The trained DiT (`dit-texture`) at {size}²",
+                               "`dit-texture` is a small DiT trained on texture crops (parafuse/models/weights/"
+                               "MODEL_CARD.md); the issue's DiT target is read on it.")
+    lines += attention_reach_section(load("attention_reach_cpu.json"))
+    lines += extra_quality("quality_1024_50_cpu.json", "The U-Net at 1024², 50 steps")
     lines += throughput_section(load("throughput_cpu.json"))
     lines += [END]
     return "\n".join(lines), (scaling, project, quality, gpus)

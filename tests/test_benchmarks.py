@@ -64,6 +64,8 @@ def test_quality_benchmark_compares_modes_and_baselines(tmp_path):
     assert set(rows) == {"full", "partial", "none", "distrifusion", "pcpp"}
     assert rows["full"]["seeds"] == 2 and rows["full"]["psnr_sd"] >= 0
     assert 10 < rows["none"]["psnr_db"] < rows["full"]["psnr_db"] < 99 and 0 < rows["full"]["ssim"] <= 1
+    # patch-SWD of each mode's 2 images pooled against the 2 serial images: a distance, per pyramid level
+    assert all(r["patch_swd_images"] == 2 and len(r["patch_swd_levels"]) == 3 and r["patch_swd"] > 0 for r in rows.values())
     # the baselines: more bytes; DistriFusion's corrected statistics cost quality against parafuse's exact ones
     assert rows["distrifusion"]["psnr_db"] < rows["full"]["psnr_db"]
     assert rows["distrifusion"]["bytes_per_step_busiest_rank"] > rows["full"]["bytes_per_step_busiest_rank"]
@@ -107,3 +109,16 @@ def test_kernels_benchmark_smoke_on_cpu(tmp_path):
     assert all(r["prologue_speedup"] > 0 for r in res["attention"] if r["model"] == "flux")
     assert {(r["shape"], r["dtype"]) for r in res["update"]} >= {("large", "float32"), ("large", "bfloat16")}
     assert (tmp_path / "kernels.png").exists()
+
+
+def test_attention_reach_window_mask_counts_partial_rows():
+    """The keys `partial` shows a query: its strip's rows plus ceil(p·rows) (>= 1) of each neighbour's."""
+    sys.path.insert(0, ROOT)
+    from benchmarks.attention_reach import visible_mask
+    m = visible_mask((2, 2, 2, 2), 3, 0.3)                 # 8 token rows of 3 columns; window 1 row
+    assert m.shape == (24, 24)
+    rows = m[::3, ::3]                                     # one query and key per row
+    assert rows[0].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]    # top strip: itself and 1 row below
+    assert rows[3].tolist() == [0, 1, 1, 1, 1, 0, 0, 0]    # strip 1: 1 row above, itself, 1 row below
+    assert m.float().mean().item() == (3 + 4 + 4 + 3) / 4 / 8
+    assert visible_mask((3, 2, 4), 2, 1.0).all() == False and visible_mask((3, 3), 2, 1.0).all()  # noqa: E712
