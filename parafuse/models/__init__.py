@@ -84,10 +84,6 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in [
     # 48 channels, not 64: ~2x cheaper to train and run on a CPU (see weights/MODEL_CARD.md).
     ModelSpec("default", "unet", dict(_UNET_SMALL, channels=48), codec_factor=4, weights="default.safetensors",
               description="the built-in default: a small U-Net on a 4x space-to-depth latent, flow matching"),
-    # Trained like "default" (weights/MODEL_CARD.md): a DiT whose attention has learnt what a texture model's
-    # does, for measuring patch parallelism on a transformer with trained (not random) attention.
-    ModelSpec("dit-texture", "dit", dict(_DIT_SMALL), codec_factor=4, weights="dit-texture.safetensors",
-              description="a small trained DiT (patch 2 on the 4x latent, 128 x 4), unconditional texture model"),
     ModelSpec("unet-small", "unet", dict(_UNET_SMALL, num_classes=10), codec_factor=4,
               description="random-initialised U-Net of SDXL's shape, 10 classes (for CFG), flow matching"),
     ModelSpec("unet-small-text", "unet", dict(_UNET_SMALL, context_dim=64), codec_factor=4,
@@ -99,6 +95,11 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in [
               description="random-initialised DiT of PixArt/SD3's shape, 10 classes (for CFG), flow matching"),
     ModelSpec("dit-small-text", "dit", dict(_DIT_SMALL, context_dim=64), codec_factor=4,
               description="random-initialised DiT with cross-attention to a text-embedding tensor [B, L, 64]"),
+    # Trained like "default" (weights/MODEL_CARD.md): a DiT whose attention has learnt what a texture model's
+    # does, for measuring patch parallelism on a transformer with trained (not random) attention.
+    ModelSpec("dit-texture", "dit", dict(_DIT_SMALL), codec_factor=4, weights="dit-texture.safetensors",
+              description="a small trained DiT (patch 2 on the 4x latent, 128 x 4), unconditional; weak (blocky "
+                          "samples), for measuring the parallel modes on learned attention"),
     # Benchmark-scale, random-initialised (for measuring only). The 8x codec makes 2048 px a 256² latent, the
     # token counts of SDXL's and PixArt's VAE latents at the same image size.
     ModelSpec("unet-xl", "unet", dict(channels=320, channel_mult=(1, 2, 4), blocks_per_level=2, attention_levels=(1, 2),
