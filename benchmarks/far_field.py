@@ -9,7 +9,8 @@ those keys are equal: c equal keys get c times the weight of one). Blocks are cu
 (rows grouped by r from the strip's top, columns by r), since a rank owns only its rows: rank s can
 send one pooled summary of its strip (with the counts fixed by the geometry), and a receiver takes
 the window rows it also holds out of a block's mean exactly (mean · c minus their sum).
-The final image is compared (PSNR) with the plain serial image of the same seed.
+The first `warmup` steps stay exact (partial's synchronous warmup); the final image is compared (PSNR)
+with the plain serial image of the same seed.
 
 Bytes per rank per step, as a share of DistriFusion's whole-K/V all-gather (closed form; rank s owns
 h_s token rows of W tokens, sends K and V of C channels per layer; the busiest rank is reported):
@@ -20,7 +21,7 @@ h_s token rows of W tokens, sends K and V of C channels per layer; the busiest r
 so an interior rank of uniform strips sends (2w + ceil(h/r)·ceil(W/r)·(N−1)/W) / (h·(N−1)) of
 DistriFusion's K/V bytes (≈ 2w/(h(N−1)) + 1/(r·min(r, h)) when r divides W).
 
-    python benchmarks/far_field.py --model dit-texture --size 256 --ranks 8 --portions 0.3 0.1 --radii 2 4 8 --seeds 0 1 2 3
+    python benchmarks/far_field.py --model dit-texture --size 256 --ranks 8 --portions 0.3 0.1 --radii 2 4 8 --warmups 0 4 --seeds 0 1 2 3
 """
 from __future__ import annotations
 
