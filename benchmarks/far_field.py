@@ -19,7 +19,7 @@ h_s token rows of W tokens, sends K and V of C channels per layer; the busiest r
                                                                   to each of its n_s <= 2 neighbours)
     pooled far:    2·C · ceil(h_s/r)·ceil(W/r) · (N−1)           (its strip's summary to every other rank)
 so an interior rank of uniform strips sends (2w + ceil(h/r)·ceil(W/r)·(N−1)/W) / (h·(N−1)) of
-DistriFusion's K/V bytes (≈ 2w/(h(N−1)) + 1/(r·min(r, h)) when r divides W).
+DistriFusion's K/V bytes (= 2w/(h(N−1)) + 1/(r·min(r, h)) when r divides W, and h or r >= h).
 
     python benchmarks/far_field.py --model dit-texture --size 256 --ranks 8 --portions 0.3 0.1 --radii 2 4 8 --warmups 0 4 --seeds 0 1 2 3
 """
