@@ -122,3 +122,34 @@ def test_attention_reach_window_mask_counts_partial_rows():
     assert rows[3].tolist() == [0, 1, 1, 1, 1, 0, 0, 0]    # strip 1: 1 row above, itself, 1 row below
     assert m.float().mean().item() == (3 + 4 + 4 + 3) / 4 / 8
     assert visible_mask((3, 2, 4), 2, 1.0).all() == False and visible_mask((3, 3), 2, 1.0).all()  # noqa: E712
+
+
+def test_far_field_pooled_attention_is_exact_without_pooling_or_on_equal_keys():
+    """benchmarks/far_field.py's strip-wise attention equals exact attention over all keys when nothing
+    is pooled (r = 1) or when the keys of every pooled block are equal (the ln(count) bias then gives a
+    block the weight of its tokens); values stay random."""
+    sys.path.insert(0, ROOT)
+    import torch
+    from benchmarks.far_field import strip_attention, strip_plan
+    rows, width = (3, 4, 2, 3), 5                           # uneven strips; partial blocks at the edges
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, sum(rows) * width, 8, generator=g) for _ in range(3))
+    exact = torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5, dim=-1) @ v
+    for portion in (0.3, None):
+        torch.testing.assert_close(strip_attention(q, k, v, strip_plan(rows, width, portion, 1)), exact,
+                                   atol=1e-5, rtol=1e-5)
+        # keys equal inside each block of r x r tokens cut inside a strip: pooling loses nothing
+        plan = strip_plan(rows, width, portion, 2)
+        token_row = torch.arange(sum(rows) * width) // width
+        starts = torch.tensor([0, 3, 7, 9])
+        strip = torch.bucketize(token_row, starts, right=True) - 1
+        block = strip * 100 + (token_row - starts[strip]) // 2 * 10 + torch.arange(sum(rows) * width) % width // 2
+        k_eq = torch.zeros_like(k)
+        for b in block.unique():
+            k_eq[:, :, block == b] = k[:, :, block == b].mean(2, keepdim=True)
+        exact_eq = torch.softmax(q @ k_eq.transpose(-1, -2) / 8 ** 0.5, dim=-1) @ v
+        torch.testing.assert_close(strip_attention(q, k_eq, v, plan), exact_eq, atol=1e-5, rtol=1e-5)
+        # and with unequal keys the approximation differs (the test can fail)
+        assert (strip_attention(q, k, v, plan) - exact).abs().max() > 1e-3
+    # the window alone drops the far keys: not exact
+    assert (strip_attention(q, k, v, strip_plan(rows, width, 0.3, None)) - exact).abs().max() > 1e-3
