@@ -21,6 +21,7 @@ the end of a request), so a stall is seen there: within the timeout plus a few s
 """
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import socket
@@ -208,7 +209,17 @@ def start(rank: int, world_size: int, startup_timeout: float, exchange_timeout: 
         _current.startup_timeout, _current.exchange_timeout = startup_timeout, exchange_timeout
         return _current
     _current = Watchdog(rank, world_size, startup_timeout, exchange_timeout, _store(), _prefix())
+    atexit.register(_close_at_exit)
     return _current
+
+
+def _close_at_exit() -> None:
+    """Stop the heartbeat thread before the interpreter finalizes, for programs that never close
+    it: a daemon thread still inside a store call then can abort the whole process on its way back
+    into Python ("terminate called without an active exception", SIGABRT) - the likely cause of
+    the rare SIGABRT at the end of the torchrun test worker, seen only under load."""
+    if _current is not None:
+        _current.close()
 
 
 def current() -> Watchdog | None:

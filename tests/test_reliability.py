@@ -201,6 +201,23 @@ def test_watchdog_names_the_rank(monkeypatch, peer_alive, named):
     assert code == watchdog.EXIT_FAILED and "rank 0: no progress for" in msg and named in msg, msg
 
 
+def test_watchdog_thread_is_stopped_at_exit_when_never_closed():
+    # a heartbeat thread left inside a store call while the interpreter finalizes can abort the
+    # process (SIGABRT; parafuse.watchdog._close_at_exit): an exit handler stops it. Handlers run last-in
+    # first-out, so the one registered first sees the thread after the watchdog's own has run.
+    code = ("import atexit, threading\n"
+            "from parafuse import watchdog\n"
+            "atexit.register(lambda: print('alive' if any(t.name == 'parafuse-watchdog' and t.is_alive()\n"
+            "                                     for t in threading.enumerate()) else 'stopped'))\n"
+            "watchdog.start(0, 1, 60.0, 60.0)\n"
+            "assert any(t.name == 'parafuse-watchdog' for t in threading.enumerate())\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = ROOT
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "stopped"
+
+
 # ---- 3. outputs committed together -----------------------------------------------------------
 def test_colliding_outputs_are_refused(tmp_path, capsys):
     bad(tmp_path, capsys, "--report", str(tmp_path / "x.png"), match="--out and --report are the same file")
