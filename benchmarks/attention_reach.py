@@ -24,6 +24,7 @@ from common import hardware, table, write_json  # noqa: E402
 from parafuse.models import load_model  # noqa: E402
 from parafuse.models.layers import Attention  # noqa: E402
 from parafuse.parallel.geometry import StripGeometry  # noqa: E402
+from parafuse.parallel.plan import window_rows  # noqa: E402
 from parafuse.runtime import ParallelConfig, Request, Runtime  # noqa: E402
 
 
@@ -32,7 +33,7 @@ def visible_mask(rows: tuple[int, ...], width: int, portion: float) -> torch.Ten
     row_strip = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(rows))
     starts = torch.tensor([0] + list(rows)).cumsum(0)
     lo, hi = starts[:-1], starts[1:]
-    below = [min(r, max(1, math.ceil(portion * r))) for r in rows]     # each strip's window (plan.py)
+    below = [window_rows(r, portion) for r in rows]                   # each strip's window
     first = torch.tensor([lo[s] - (below[s - 1] if s else 0) for s in range(len(rows))])
     last = torch.tensor([hi[s] + (below[s + 1] if s + 1 < len(rows) else 0) for s in range(len(rows))])
     key_row = torch.arange(sum(rows))

@@ -40,13 +40,14 @@ from common import RESULTS, hardware, table, write_json  # noqa: E402
 from parafuse.models import load_model  # noqa: E402
 from parafuse.models.layers import Attention  # noqa: E402
 from parafuse.parallel.geometry import StripGeometry  # noqa: E402
+from parafuse.parallel.plan import window_rows  # noqa: E402
 from parafuse.report import psnr  # noqa: E402
 from parafuse.runtime import ParallelConfig, Request, Runtime  # noqa: E402
 
 
-def window_rows(rows: tuple[int, ...], portion: float) -> list[int]:
-    """Rows of each strip that `partial` shows its neighbours (as plan.py and attention_reach.py)."""
-    return [min(r, max(1, math.ceil(portion * r))) for r in rows]
+def strip_windows(rows: tuple[int, ...], portion: float) -> list[int]:
+    """Rows of each strip that `partial` shows its neighbours (parafuse.parallel.plan.window_rows)."""
+    return [window_rows(r, portion) for r in rows]
 
 
 def strip_plan(rows: tuple[int, ...], width: int, portion: float | None, radius: int | None) -> list[dict]:
@@ -67,7 +68,7 @@ def strip_plan(rows: tuple[int, ...], width: int, portion: float | None, radius:
             block[inside] = first + ((token_row[inside] - start) // radius) * groups_w + token_col[inside] // radius
             first += math.ceil(h / radius) * groups_w
         blocks = nn.functional.one_hot(block, first).T.float()                     # [M, L]
-    win = window_rows(rows, portion) if portion is not None else None
+    win = strip_windows(rows, portion) if portion is not None else None
     plans = []
     for s, (start, h) in enumerate(zip(starts, rows)):
         lo, hi = start, start + h
@@ -142,7 +143,7 @@ def generate(model, size: int, steps: int, seed: int, plans: list[dict] | None =
 def kv_share(rows: tuple[int, ...], width: int, portion: float | None, radius: int | None) -> float:
     """Busiest rank's K/V elements sent per layer over its DistriFusion all-gather (docstring formula)."""
     n = len(rows)
-    win = window_rows(rows, portion) if portion is not None else [0] * n
+    win = strip_windows(rows, portion) if portion is not None else [0] * n
     shares = []
     for s, h in enumerate(rows):
         sent = win[s] * width * ((s > 0) + (s + 1 < n))

@@ -122,14 +122,10 @@ def parallelize(pipe, mode: str = "sync", halo_portion: float = 0.3, warmup_step
     vae_decoder = getattr(getattr(pipe, "vae", None), "decoder", None) if parallel_decode else None
     if vae_decoder is not None:
         check_decoder(vae_decoder, "parallelize with parallel_decode=False to decode on rank 0 alone")
-    if layout is None:
-        rank, world = init_distributed(next(model.parameters()).device) if launched_by_torchrun() else (0, 1)
-        layout = ParallelLayout(rank, world, 2 if cfg_parallel else 1)
+    layout = torchrun_layout(model, 2 if cfg_parallel else 1) if layout is None else layout
     if layout.world_size == 1:
         return ParallelPipeline(pipe, None, None, layout, config)
-    if transport is None:
-        groups = [list(range(b * layout.patch_degree, (b + 1) * layout.patch_degree)) for b in range(layout.cfg_degree)]
-        transport = TorchTransport(layout.rank, layout.world_size, groups)
+    transport = patch_transport(layout) if transport is None else transport
     engine = decoder = None
     if layout.patch_degree > 1:
         engine = ExchangeEngine(transport, layout.patch_ranks, mode, halo_portion, warmup_steps, norm_mode,
@@ -161,14 +157,23 @@ def parallelize_vae(vae, *, layout: ParallelLayout | None = None,
     every rank calls `vae.decode(z)` with the same whole latent; rank 0 gets the image, the others
     zeros of its shape. Returns the hooks (`.remove()` undoes them), None on a single rank."""
     check_decoder(vae.decoder, "decode it on one rank")
-    if layout is None:
-        rank, world = init_distributed(next(vae.parameters()).device) if launched_by_torchrun() else (0, 1)
-        layout = ParallelLayout(rank, world, 1)
+    layout = torchrun_layout(vae, 1) if layout is None else layout
     if layout.world_size == 1:
         return None
-    if transport is None:
-        transport = TorchTransport(layout.rank, layout.world_size, [list(range(layout.world_size))])
-    return strip_decoder(vae.decoder, layout, transport)
+    return strip_decoder(vae.decoder, layout, patch_transport(layout) if transport is None else transport)
+
+
+def torchrun_layout(module: nn.Module, cfg_degree: int) -> ParallelLayout:
+    """This process's place in torchrun's job (joining its process group on `module`'s device), or
+    a single rank outside torchrun."""
+    rank, world = init_distributed(next(module.parameters()).device) if launched_by_torchrun() else (0, 1)
+    return ParallelLayout(rank, world, cfg_degree)
+
+
+def patch_transport(layout: ParallelLayout) -> TorchTransport:
+    """The process-group transport with one patch group per CFG branch."""
+    groups = [list(range(b * layout.patch_degree, (b + 1) * layout.patch_degree)) for b in range(layout.cfg_degree)]
+    return TorchTransport(layout.rank, layout.world_size, groups)
 
 
 def load_pipeline(path: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):

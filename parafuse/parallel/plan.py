@@ -75,6 +75,13 @@ class Settings:
         return self.mode != "none" and not (self.mode == "partial" and self.halo_portion == 0.0)
 
 
+def window_rows(rows: int, portion: float) -> int:
+    """Rows of a strip of `rows` rows that its neighbours attend to in `partial` mode with halo
+    portion p: ceil(p * rows), at least one (partial never silently degenerates to none), at most
+    the whole strip."""
+    return min(rows, max(1, math.ceil(portion * rows)))
+
+
 class PatchPlan:
     """Sites and buffer shapes of one strip of one geometry, batch and dtype."""
 
@@ -125,10 +132,8 @@ class PatchPlan:
 
     # ---- attention -----------------------------------------------------------------------
     def window_rows(self, level: Level, strip: int) -> int:
-        """Rows of strip `strip` that its neighbours attend to in `partial` mode: ceil(p * rows),
-        at least one (partial never silently degenerates to none), at most the whole strip."""
-        rows = level.rows[strip]
-        return min(rows, max(1, math.ceil(self.settings.halo_portion * rows)))
+        """Rows of strip `strip` that its neighbours attend to in `partial` mode (`window_rows`)."""
+        return window_rows(level.rows[strip], self.settings.halo_portion)
 
     def kv_rows(self, site: Site, kv: str) -> tuple[int, int]:
         """Rows from above and below in the K/V buffer of `site` for the step plan's `kv`."""
