@@ -64,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="partial mode: portion of each neighbour strip whose K/V a strip attends to")
     p.add_argument("--norm", default=None, choices=NORM_MODES,
                    help="GroupNorm across strips (default: exact; corrected in distrifusion/pcpp, as published; local in none)")
+    p.add_argument("--kv-codec", default="none", choices=("none", "sign"),
+                   help="stale K/V on the wire (full, partial): none (exact), sign (1 bit an element: the sign of "
+                        "the residual against a predicted copy, a scale a token; ~7%% of the bytes in bf16)")
     p.add_argument("--cfg-parallel", action="store_true", help="split the two guidance branches across rank pairs")
     p.add_argument("--compare-serial", action="store_true", help="also run the serial model and report PSNR")
     p.add_argument("--reference", default=None, help="PNG to compare the output with (PSNR in the report)")
@@ -188,7 +191,8 @@ def prepare(args):
     for name in ("startup_timeout", "exchange_timeout"):
         if not 0 < getattr(args, name) < float("inf"):
             raise ValueError(f"--{name.replace('_', '-')} must be a positive number of seconds, got {getattr(args, name)}")
-    parallel = ParallelConfig(args.mode, args.warmup_steps, args.halo_portion, args.norm, args.cfg_parallel)
+    parallel = ParallelConfig(args.mode, args.warmup_steps, args.halo_portion, args.norm, args.cfg_parallel,
+                              args.kv_codec)
     req = Request(args.height, args.width, args.steps, args.solver, args.guidance, args.seed, args.label, args.batch,
                   solver_options={"spacing": args.spacing} if args.spacing else {}, schedule=args.schedule,
                   stages=parse_stages(args.stages) if args.stages is not None else None)

@@ -47,6 +47,7 @@ def build_report(runtime, req, result, ranks: list[dict], comparison: dict | Non
         "world_size": runtime.layout.world_size, "mode": par.mode if runtime.layout.patch_degree > 1 else "serial",
         "warmup_steps": par.warmup_steps, "halo_portion": par.halo_portion, "cfg_parallel": par.cfg_parallel,
         "norm_mode": runtime.engine.norm_mode if runtime.engine is not None else None,
+        "kv_codec": par.kv_codec,
         "attention_backend": runtime.attention_backend, "dtype": dtype_name(runtime.dtype),
         "cuda_graphs": runtime.cuda_graphs, "kernels": runtime.kernels,
         "schedule": req.schedule if req.stages is None else "stages",

@@ -23,6 +23,7 @@ from parafuse.checks import (CheckError, check_device, check_fits, check_numbers
 from parafuse.graphs import GraphedEvaluations
 from parafuse.health import FiniteWatch
 from parafuse.models import ModelSpec, load_model
+from parafuse.parallel import kv_codec
 from parafuse.parallel.adapter import BUILTIN
 from parafuse.parallel.distributed import ParallelLayout, init_distributed, launched_by_torchrun, pick_device
 from parafuse.parallel.engine import ExchangeEngine, check_settings
@@ -83,9 +84,10 @@ class ParallelConfig:
     halo_portion: float = 0.3
     norm_mode: str | None = None      # GroupNorm across strips; None: exact for sync, corrected otherwise
     cfg_parallel: bool = False
+    kv_codec: str = "none"            # stale K/V on the wire: "none" (exact), "sign" (1 bit, parallel.kv_codec)
 
     def __post_init__(self):
-        check_settings(self.mode, self.halo_portion, self.warmup_steps, self.norm_mode)
+        check_settings(self.mode, self.halo_portion, self.warmup_steps, self.norm_mode, kv_codec=self.kv_codec)
         check_parallel_settings(self.mode, self.halo_portion, self.norm_mode)
 
 
@@ -178,7 +180,8 @@ class Runtime:
         self.engine = None
         if layout.patch_degree > 1:
             self.engine = ExchangeEngine(self.transport, layout.patch_ranks, parallel.mode, parallel.halo_portion,
-                                         parallel.warmup_steps, parallel.norm_mode, self.kernels)
+                                         parallel.warmup_steps, parallel.norm_mode, self.kernels,
+                                         kv_codec=parallel.kv_codec)
             parallelize(self.model, self.engine)
 
     @property
@@ -220,6 +223,13 @@ class Runtime:
             except GeometryError as e:
                 raise RequestError(f"stage {i + 1} ({stage.height}x{stage.width} px) is too small for "
                                    f"{self.layout.patch_degree} strips: {e}") from None
+        if self.engine is not None and self.parallel.kv_codec != "none":
+            for site in self.profile.sites:
+                if site.kind == "attn":
+                    try:
+                        kv_codec.check_channels(site.channels, f"model {spec.name!r}'s attention {site.key!r}")
+                    except ValueError as e:
+                        raise RequestError(str(e)) from None
         check_schedule(self, req)
         check_fits(self, req, geometry)
         return geometry

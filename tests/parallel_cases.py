@@ -23,6 +23,9 @@ def cases(world_size: int) -> dict[str, tuple[str, ParallelConfig, Request]]:
             "partial": ParallelConfig("partial", WARMUP, 0.3),
             "partial0": ParallelConfig("partial", WARMUP, 0.0),
             "none": ParallelConfig("none", WARMUP),
+            # stale K/V as one-bit messages (parafuse.parallel.kv_codec): uint8 payloads on the wire
+            "full-sign": ParallelConfig("full", WARMUP, kv_codec="sign"),
+            "partial-sign": ParallelConfig("partial", WARMUP, 0.3, kv_codec="sign"),
             # the baselines' traffic with parafuse's (exact) statistics: their counterparts' values
             "distrifusion": ParallelConfig("distrifusion", WARMUP, norm_mode="exact"),
             "pcpp": ParallelConfig("pcpp", WARMUP, 0.3, norm_mode="exact"),

@@ -57,6 +57,12 @@ def test_unknown_model_lists_valid(tmp_path, capsys):
     bad(tmp_path, capsys, "--model", "sdxl", match="valid models: default, unet-small")
 
 
+def test_kv_codec_without_stale_kv(tmp_path, capsys):
+    bad(tmp_path, capsys, "--mode", "sync", "--kv-codec", "sign",
+        match="--kv-codec sign (kv_codec='sign') encodes the stale K/V that full and partial send; mode 'sync' "
+              "sends none: use --kv-codec none, or --mode full / partial")
+
+
 def test_unknown_solver_lists_valid(tmp_path, capsys):
     bad(tmp_path, capsys, "--solver", "heun9", match="valid solvers: ")
 

@@ -97,7 +97,7 @@ def test_cfg_parallel_sync_equals_serial_guidance(dist_run):
     assert (results["cfgpar-sync"][0]["image"] - ref.image).abs().max() <= 2e-4
 
 
-@pytest.mark.parametrize("case", ["full", "partial", "guided-full"])
+@pytest.mark.parametrize("case", ["full", "partial", "guided-full", "full-sign", "partial-sign"])
 @pytest.mark.parametrize("model", ["unet-small", "dit-small"])
 def test_async_modes_equal_emulator_and_differ_from_serial(dist_run, model, case):
     n, results = dist_run
@@ -228,15 +228,18 @@ def expected_bytes(n: int, model_name: str, cfg: ParallelConfig, req: Request) -
                         add("gather", j, 4 * batch * spec.latent_channels * geo.rows[i] * w)
                 for f, d in attns:
                     lv = geo.level(f)
+                    # a token's K|V: 2d float32 values, or (kv_codec sign, stale steps) 2d sign bits
+                    # and two float32 scales
+                    token = 4 * 2 * d if sync or cfg.kv_codec == "none" else 2 * d // 8 + 2 * 4
                     if sync or mode == "full":
                         for j in range(p_deg):
                             if j != i:
-                                add("attn_kv", j, 4 * batch * 2 * d * lv.rows[i] * lv.width)
+                                add("attn_kv", j, token * batch * lv.rows[i] * lv.width)
                     else:
                         rows = min(lv.rows[i], max(1, math.ceil(cfg.halo_portion * lv.rows[i])))
                         for j in (i - 1, i + 1):
                             if 0 <= j < p_deg:
-                                add("attn_kv", j, 4 * batch * 2 * d * rows * lv.width)
+                                add("attn_kv", j, token * batch * rows * lv.width)
             if cfg.cfg_parallel:
                 peer = (g + p_deg) % n
                 sent.setdefault("cfg", {}).setdefault(peer, 0)

@@ -13,7 +13,7 @@ from parafuse.parallel.transport import ThreadHub, ThreadTransport
 
 def emulate_pipeline(pipe, world_size: int, call, mode: str = "sync", halo_portion: float = 0.3,
                      warmup_steps: int = 4, cfg_parallel: bool = False, norm_mode: str | None = None,
-                     text_merge: str | None = None):
+                     text_merge: str | None = None, kv_codec: str = "none"):
     """Run `call(parallel_pipe)` on `world_size` emulated ranks; returns per rank (call's result,
     the rank's `rank_stats`). `call` runs once per rank: give each its own generator inside it."""
     from parafuse.diffusers.pipeline import parallelize
@@ -24,7 +24,7 @@ def emulate_pipeline(pipe, world_size: int, call, mode: str = "sync", halo_porti
     def run(rank: int):
         layout = ParallelLayout(rank, world_size, 2 if cfg_parallel else 1)
         par = parallelize(copy.deepcopy(pipe), mode, halo_portion, warmup_steps, cfg_parallel, norm_mode,
-                          text_merge=text_merge, layout=layout, transport=ThreadTransport(rank, hub, layout.patch_ranks))
+                          text_merge=text_merge, kv_codec=kv_codec, layout=layout, transport=ThreadTransport(rank, hub, layout.patch_ranks))
         result = call(par)
         par.close()
         outputs[rank] = (result, par.rank_stats)

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from parafuse.diffusers.adapter import DiffusersAdapter, UnsupportedModelError
 from parafuse.diffusers.strips import StripDecoder, StripDenoiser
+from parafuse.parallel import kv_codec as kv_codec_module
 from parafuse.parallel.distributed import ParallelLayout, init_distributed, launched_by_torchrun
 from parafuse.parallel.engine import ExchangeEngine, check_settings
 from parafuse.parallel.parallelize import parallelize as swap_layers
@@ -103,7 +104,7 @@ def calls_once_per_branch(pipe, kwargs: dict) -> bool:
 
 def parallelize(pipe, mode: str = "sync", halo_portion: float = 0.3, warmup_steps: int = 4,
                 cfg_parallel: bool = False, norm_mode: str | None = None, parallel_decode: bool = True, *,
-                text_merge: str | None = None, layout: ParallelLayout | None = None,
+                text_merge: str | None = None, kv_codec: str = "none", layout: ParallelLayout | None = None,
                 transport: Transport | None = None) -> ParallelPipeline:
     """Make `pipe`'s denoiser (`pipe.unet` or `pipe.transformer`) and, with `parallel_decode`, its
     VAE decoder patch-parallel across the ranks of torchrun's job (or of `layout`/`transport`: the
@@ -113,12 +114,19 @@ def parallelize(pipe, mode: str = "sync", halo_portion: float = 0.3, warmup_step
     `text_merge` (SD3, Flux): how the stale steps of `full` and `partial` merge the text queries of
     joint attention across strips: "stale" (their default: the other strips' partial outputs of the
     previous step, exchanged behind compute; `ExchangeEngine.merge_text`) or "exact". `sync` and
-    `none` merge exactly."""
-    config = ParallelConfig(mode, warmup_steps, halo_portion, norm_mode, cfg_parallel)
-    check_settings(mode, halo_portion, warmup_steps, norm_mode, text_merge)
+    `none` merge exactly.
+
+    `kv_codec` (`full`, `partial`): "sign" sends the stale K/V as one-bit messages
+    (`parafuse.parallel.kv_codec`), "none" exactly."""
+    config = ParallelConfig(mode, warmup_steps, halo_portion, norm_mode, cfg_parallel, kv_codec)
+    check_settings(mode, halo_portion, warmup_steps, norm_mode, text_merge, kv_codec)
     _, model = denoiser_of(pipe)
     adapter = DiffusersAdapter()
     adapter.check(model)
+    if kv_codec != "none":
+        for name, m in model.named_modules():
+            if adapter.site_kind(m) == "attn" and not getattr(m, "is_cross_attention", False):
+                kv_codec_module.check_channels(m.to_k.out_features, f"attention {name!r}")
     vae_decoder = getattr(getattr(pipe, "vae", None), "decoder", None) if parallel_decode else None
     if vae_decoder is not None:
         check_decoder(vae_decoder, "parallelize with parallel_decode=False to decode on rank 0 alone")
@@ -129,7 +137,7 @@ def parallelize(pipe, mode: str = "sync", halo_portion: float = 0.3, warmup_step
     engine = decoder = None
     if layout.patch_degree > 1:
         engine = ExchangeEngine(transport, layout.patch_ranks, mode, halo_portion, warmup_steps, norm_mode,
-                                text_merge=text_merge)
+                                text_merge=text_merge, kv_codec=kv_codec)
         swap_layers(model, engine, adapter)
         if vae_decoder is not None:
             decoder = strip_decoder(vae_decoder, layout, transport)

@@ -6,6 +6,7 @@ plan         the patch plan: every site's level, halo, K/V window and buffer sha
              geometry, and the step plans (sync / stale / local) - pure, no tensors
 transport    moves tensors between ranks and counts every byte (torch.distributed, threads with
              NCCL's rules, a NullTransport that moves nothing, a LoopbackTransport of device copies)
+kv_codec     one-bit stale K/V: sign of the residual against a predicted mirror, with error feedback
 engine       executes the plan: the exchange logic every patch layer calls (halos, K/V buffers,
              GroupNorm statistics), with the buffers the plan fixes
 layers       patch-aware Conv2d / GroupNorm / self-attention / grid positions

@@ -38,6 +38,8 @@ from typing import Callable
 
 import torch
 
+from parafuse.parallel import kv_codec
+from parafuse.parallel.kv_codec import CODECS
 from parafuse.parallel.plan import PatchPlan, Settings, Site, StepPlan
 from parafuse.parallel.transport import Pending, Transport, sum_in_rank_order
 
@@ -50,7 +52,7 @@ TEXT_MERGES = ("exact", "stale")
 
 
 def check_settings(mode: str, halo_portion: float, warmup_steps: int, norm_mode: str | None,
-                   text_merge: str | None = None) -> None:
+                   text_merge: str | None = None, kv_codec: str = "none") -> None:
     """Raise ValueError, saying what is allowed, for settings the engine cannot run."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
@@ -66,13 +68,20 @@ def check_settings(mode: str, halo_portion: float, warmup_steps: int, norm_mode:
     if text_merge == "stale" and not stale:
         raise ValueError(f"text_merge='stale' uses the previous step's partial text outputs: it needs a stale mode "
                          f"(full, partial with a halo portion > 0), not {mode!r}, whose text merge is exact")
+    if kv_codec not in CODECS:
+        raise ValueError(f"unknown K/V codec {kv_codec!r}; valid: {', '.join(CODECS)}")
+    if kv_codec != "none" and not (stale and mode not in BASELINES):
+        why = ("moves data as the published system does" if mode in BASELINES else
+               "with halo portion 0 sends none" if mode == "partial" else "sends none")
+        raise ValueError(f"--kv-codec {kv_codec} (kv_codec={kv_codec!r}) encodes the stale K/V that full and partial "
+                         f"send; mode {mode!r} {why}: use --kv-codec none, or --mode full / partial")
 
 
 class ExchangeEngine:
     def __init__(self, transport: Transport, patch_ranks: list[int], mode: str = "sync",
                  halo_portion: float = 0.3, warmup_steps: int = 4, norm_mode: str | None = None,
-                 kernels: str = "torch", text_merge: str | None = None):
-        check_settings(mode, halo_portion, warmup_steps, norm_mode, text_merge)
+                 kernels: str = "torch", text_merge: str | None = None, kv_codec: str = "none"):
+        check_settings(mode, halo_portion, warmup_steps, norm_mode, text_merge, kv_codec)
         pattern = "all-gather" if mode in BASELINES else "neighbours"
         mode = BASELINES.get(mode, mode)
         # exact statistics by default: one tiny all-reduce per GroupNorm on the critical path buys
@@ -83,7 +92,7 @@ class ExchangeEngine:
         # K/V are stale - on the tests' SD3 and Flux pipelines it stays within 0.03 dB of the exact
         # merge (README, From diffusers) and takes the merge's two waits off the critical path
         text_merge = text_merge or ("stale" if mode in ("full", "partial") else "exact")
-        self.settings = Settings(mode, halo_portion, warmup_steps, norm_mode, pattern, text_merge)
+        self.settings = Settings(mode, halo_portion, warmup_steps, norm_mode, pattern, text_merge, kv_codec)
         self.transport = transport
         self.patch_ranks = list(patch_ranks)          # global rank of each strip, top to bottom
         self.strip = self.patch_ranks.index(transport.rank)
@@ -160,6 +169,18 @@ class ExchangeEngine:
             bufs = {}
             if stale.kv != "whole":      # sync mode: every step uses the shared scratch
                 bufs["kv"] = torch.zeros(plan.kv_shape(site, stale.kv), dtype=dt, device=device)
+            if stale.stale and plan.settings.kv_codec == "sign":
+                # the one-bit messages (parafuse.parallel.kv_codec): the drift of every row of the
+                # buffer (the local rows': the sender's own), the mirror of the local rows, and the
+                # byte payloads out (local rows) and in (laid out as the buffer)
+                tokens, batch, width = bufs["kv"].shape
+                local = plan.level(site).rows[self.strip] * plan.level(site).width
+                row = kv_codec.payload_bytes(width // 2, dt)
+                bufs["drift"] = torch.zeros_like(bufs["kv"])
+                bufs["mirror"] = torch.zeros((local, batch, width), dtype=dt, device=device)
+                bufs["packed_out"] = torch.zeros((local, batch, row), dtype=torch.uint8, device=device)
+                bufs["packed_in"] = torch.zeros((tokens, batch, row), dtype=torch.uint8, device=device)
+                kv_codec.bit_shifts(device)
             if site.text and stale.text == "stale":
                 bufs["text"] = torch.zeros(plan.text_shape(site), dtype=torch.float32, device=device)
             return bufs
@@ -282,35 +303,59 @@ class ExchangeEngine:
 
         Called twice per attention: `before=True` before attention reads the buffer (a synchronous
         step exchanges here and waits), `before=False` after (a stale step posts here the exchange
-        whose data the next step will use)."""
+        whose data the next step will use; with the sign codec, its one-bit messages, decoded into
+        the buffer when the next step waits for them)."""
         kv = self.step.kv
         if kv == "local" or before != (kv == "whole"):
             return
-        site, lv, i = self.plan.sites[key], self.plan.level(self.plan.sites[key]), self.strip
-        w = lv.width
+        site = self.plan.sites[key]
         above, _ = self.plan.kv_rows(site, kv)
-        start, end = above * w, (above + lv.rows[i]) * w
-        sends, recvs = [], []
-        if kv in ("whole", "stale-whole"):
-            for j in range(self.n):
-                if j != i:
-                    sends.append((buf[start:end], self.peer(j)))
-                    recvs.append((buf[lv.offsets[j] * w: (lv.offsets[j] + lv.rows[j]) * w], self.peer(j)))
-        else:
-            mine = self.plan.window_rows(lv, i) * w
-            if self.plan.up is not None:
-                sends.append((buf[start: start + mine], self.peer(i - 1)))
-                recvs.append((buf[:start], self.peer(i - 1)))
-            if self.plan.down is not None:
-                sends.append((buf[end - mine: end], self.peer(i + 1)))
-                recvs.append((buf[end:], self.peer(i + 1)))
-        pending = self.transport.start(sends, recvs, "attn_kv")
+        w = self.plan.level(site).width
+        start, end = above * w, (above + self.plan.level(site).rows[self.strip]) * w
+        sends, recvs = self._kv_routes(site, kv, start, end)
+        bufs = self.buffers.get(key, {})
+        if kv != "whole" and "mirror" in bufs:
+            kv_codec.encode(buf[start:end], bufs["mirror"], bufs["drift"][start:end], bufs["packed_out"])
+            packed_in = bufs["packed_in"]
+            posted = self.transport.start([(bufs["packed_out"][a:b], peer) for (a, b), peer in sends],
+                                          [(packed_in[a:b], peer) for (a, b), peer in recvs], "attn_kv")
+            decode = [lambda a=a, b=b: kv_codec.decode(packed_in[a:b], buf[a:b], bufs["drift"][a:b])
+                      for (a, b), _ in recvs]
+            self.pending[key] = Pending([posted.wait] + decode, posted.tensors)
+            return
+        pending = self.transport.start([(buf[start + a: start + b], peer) for (a, b), peer in sends],
+                                       [(buf[a:b], peer) for (a, b), peer in recvs], "attn_kv")
         if kv != "whole":
             self.pending[key] = pending
             return
         pending.wait()
         if self.plan.stale_step.kv == "stale-window":
             self._seed_window(key, buf, start, end)
+        if "mirror" in bufs:
+            # the codec's mirrors start from this exact K/V (the receivers' copies are these bits)
+            bufs["mirror"].copy_(buf[start:end])
+            bufs["drift"].zero_()
+
+    def _kv_routes(self, site: Site, kv: str, start: int, end: int) -> tuple[list, list]:
+        """Token ranges of a K/V exchange: sends [((a, b), peer)] in the local rows (0 = the first
+        local token), receives [((a, b), peer)] in the buffer. The whole image: the strip to every
+        rank, each strip's rows from it; windows: the first / last window rows up / down, the rows
+        above / below from the neighbours."""
+        lv, i = self.plan.level(site), self.strip
+        w, local = lv.width, end - start
+        if kv in ("whole", "stale-whole"):
+            others = [j for j in range(self.n) if j != i]
+            return ([((0, local), self.peer(j)) for j in others],
+                    [((lv.offsets[j] * w, (lv.offsets[j] + lv.rows[j]) * w), self.peer(j)) for j in others])
+        mine = self.plan.window_rows(lv, i) * w
+        sends, recvs = [], []
+        if self.plan.up is not None:
+            sends.append(((0, mine), self.peer(i - 1)))
+            recvs.append(((0, start), self.peer(i - 1)))
+        if self.plan.down is not None:
+            sends.append(((local - mine, local), self.peer(i + 1)))
+            recvs.append(((end, end + self.plan.kv_rows(site, kv)[1] * w), self.peer(i + 1)))
+        return sends, recvs
 
     def _seed_window(self, key: str, whole: torch.Tensor, start: int, end: int) -> None:
         """After a synchronous step in partial mode, copy the neighbours' rows that the window keeps,

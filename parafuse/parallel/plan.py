@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from parafuse.parallel import kv_codec
 from parafuse.parallel.geometry import Level, StripGeometry
 
 
@@ -68,6 +69,7 @@ class Settings:
     norm_mode: str        # exact | corrected | stale | local
     pattern: str = "neighbours"   # "neighbours" (parafuse) | "all-gather" (the published baselines)
     text_merge: str = "exact"     # joint attention's text queries on stale steps: "exact" | "stale"
+    kv_codec: str = "none"        # stale K/V on the wire: "none" (exact) | "sign" (parafuse.parallel.kv_codec)
 
     @property
     def exchanges(self) -> bool:
@@ -94,6 +96,10 @@ class PatchPlan:
         self.dtype = dtype
         self.settings = settings
         self.n = geometry.n
+        if settings.kv_codec != "none" and settings.exchanges:
+            for s in sites:
+                if s.kind == "attn":
+                    kv_codec.check_channels(s.channels, f"attention {s.key!r}")
         if not settings.exchanges:
             self.sync_step = self.stale_step = LOCAL
         else:

@@ -409,8 +409,9 @@ class ThreadTransport(Transport):
                 waits.append(lambda t=t, sent=sent, peer=peer: self._check_unchanged(t, sent, peer, kind))
         for buf, peer in recvs:
             seq = self.hub.post_recv(peer, self.rank)
-            if self.hub.strict and buf.is_floating_point():
-                buf.fill_(float("nan"))
+            if self.hub.strict:
+                # bytes of all ones: a float NaN, and NaN scales in a K/V codec's byte payload
+                buf.fill_(float("nan")) if buf.is_floating_point() else buf.fill_(-1 if buf.is_signed() else 255)
             waits.append(lambda buf=buf, peer=peer, seq=seq: self.hub.take(peer, self.rank, seq, kind, buf))
         return Pending(waits, [t for t, _ in sends + recvs])
 
