@@ -17,7 +17,8 @@ reports):
     graphs     CUDA graphs: replayed evaluations equal eager ones (a serial run, a strip's steady
                steps), and unet-xl 2048² per-rank speedup with the serial and strip steps graphed
                (compute alone, and at N = 8 with the communication as device copies in the graph)
-    bandwidth  the solver update `combine` against a device-to-device copy, fp32 and bf16
+    bandwidth  the solver update `combine` against a device-to-device copy, fp32 and bf16; the
+               one-bit K/V codec's encode and decode at a dit-xl site (--kv-codec sign)
     kernels    the Triton GroupNorm kernels against their references and the native GroupNorm on the
                device (bf16, an SDXL-size activation), their time against the PyTorch patched path,
                and `sync` with `--kernels triton` against the serial run; the halo attention against
@@ -48,7 +49,7 @@ from common import RESULTS, hardware, table  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ("cli", "nccl", "sync", "scaling", "graphs", "bandwidth", "kernels", "bottleneck", "projection")
-BUDGETS = {"cli": 40, "nccl": 25, "sync": 30, "scaling": 90, "graphs": 45, "bandwidth": 10, "kernels": 40,
+BUDGETS = {"cli": 35, "nccl": 25, "sync": 30, "scaling": 90, "graphs": 45, "bandwidth": 15, "kernels": 40,
            "bottleneck": 15, "projection": 5}   # seconds; 300 in all (kernels: autotuning the attention compiles
                                                 # 8 configs per head dim)
 
@@ -197,6 +198,38 @@ def section_bandwidth(a) -> dict:
         key = str(dt).replace("torch.", "")
         out[key] = {"copy_GBps": 2 * size / copy_s / 1e9, "combine_GBps": 4 * size / comb_s / 1e9}
         out[key]["combine_fraction_of_copy"] = out[key]["combine_GBps"] / out[key]["copy_GBps"]
+    out["kv_codec"] = _kv_codec_cost(device, a.smoke)
+    return out
+
+
+def _kv_codec_cost(device, smoke: bool) -> dict:
+    """`--kv-codec sign` at one dit-xl attention site of 2048² at N = 8 (bf16, width 1152): a rank
+    encodes its strip's 2048 tokens and decodes the other 7 strips' 14336, every stale step. Their
+    time beside a copy of the exact K/V those 14336 tokens would otherwise receive."""
+    import scaling
+    from parafuse.parallel import kv_codec
+
+    local, others, c = (64, 448, 128) if smoke else (2048, 14336, 1152)
+    dt = torch.bfloat16
+    fresh = torch.randn(local, 1, 2 * c, device=device).to(dt)
+    mirror, drift = fresh + 0.1, torch.zeros_like(fresh)
+    out_bytes = torch.empty(local, 1, kv_codec.payload_bytes(c, dt), dtype=torch.uint8, device=device)
+    kv_codec.encode(fresh, mirror, drift, out_bytes)
+    inbox = out_bytes.repeat(others // local, 1, 1)
+    theirs, their_drift = fresh.repeat(others // local, 1, 1), torch.zeros(others, 1, 2 * c, device=device, dtype=dt)
+    exact = torch.empty_like(theirs)
+    out = {"width": c, "local_tokens": local, "received_tokens": others,
+           "bytes_share": kv_codec.payload_bytes(c, dt) / (2 * c * 2),
+           "copy_exact_kv_us": 1e6 * scaling.time_step(lambda: exact.copy_(theirs), device, repeat=20)}
+    paths = {"torch": kv_codec}
+    if device.type == "cuda":          # the fused kernels (--kernels triton); on CPU only interpreted
+        from parafuse_kernels import kv_codec as fused
+        paths["triton"] = fused
+    for name, codec in paths.items():
+        out[f"{name}_encode_us"] = 1e6 * scaling.time_step(lambda: codec.encode(fresh, mirror, drift, out_bytes),
+                                                           device, repeat=20)
+        out[f"{name}_decode_us"] = 1e6 * scaling.time_step(lambda: codec.decode(inbox, theirs, their_drift),
+                                                           device, repeat=20)
     return out
 
 
@@ -426,6 +459,14 @@ def summary(results: dict) -> list[dict]:
                                  "result": f"{x['projected_speedup']:.2f}x ({x['projected_bound']}-bound)"})
         elif name == "bandwidth":
             for dt, r in sec["result"].items():
+                if dt == "kv_codec":
+                    for path in ("torch", "triton"):
+                        if f"{path}_encode_us" in r:
+                            rows.append({"section": f"kv codec sign bf16 ({path}), width {r['width']}", "result": (
+                                f"encode {r['local_tokens']} tokens {r[path + '_encode_us']:.0f} us, decode "
+                                f"{r['received_tokens']} {r[path + '_decode_us']:.0f} us (a copy of their exact "
+                                f"K/V: {r['copy_exact_kv_us']:.0f} us); {100 * r['bytes_share']:.1f}% of the bytes")})
+                    continue
                 rows.append({"section": f"combine {dt}", "result": f"{r['combine_GBps']:.0f} GB/s = "
                              f"{100 * r['combine_fraction_of_copy']:.0f}% of copy ({r['copy_GBps']:.0f} GB/s)"})
     return rows

@@ -301,6 +301,8 @@ def section() -> tuple[str, tuple]:
         lines += extra_quality(f"quality_{size}_dit_texture_cpu.json", f"The trained DiT (`dit-texture`) at {size}²",
                                "`dit-texture` is a small DiT trained on texture crops (parafuse/models/weights/"
                                "MODEL_CARD.md); the issue's DiT target is read on it.")
+    lines += extra_quality("quality_256_kv_codec_cpu.json", "The one-bit K/V codec on the U-Net and a random DiT",
+                           "`default` is the trained U-Net, `dit-small` a DiT with random weights.")
     lines += extra_quality("quality_256_dit_texture_bf16_cpu.json", "The trained DiT at 256² in bf16",
                            "The model, its K/V and the codec's scales in bf16 (the GPU default), serial and parallel: "
                            "the codec's byte share is about twice its float32 share.")

@@ -168,7 +168,9 @@ def estimate_memory(runtime, req, geometry) -> dict:
             if s.kind == "conv":
                 buffers += sum(math.prod(sh) for sh in plan.halo_shapes(s)) * item
             elif s.kind == "attn":
-                buffers += math.prod(plan.kv_shape(s, plan.stale_step.kv)) * item
+                kv = math.prod(plan.kv_shape(s, plan.stale_step.kv)) * item
+                # --kv-codec sign keeps the mirror's drift beside the K/V buffer (parallel.kv_codec)
+                buffers += kv * (2 if plan.settings.kv_codec != "none" and plan.stale_step.stale else 1)
     image = req.batch * 3 * req.height * req.width * 4 if runtime.layout.rank == 0 else 0
     parts = {"weights": weights, "latent_and_solver": state, "exchange_buffers": buffers,
              "activations": activations, "image": image}

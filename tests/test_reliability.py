@@ -327,6 +327,17 @@ def test_memory_estimate_follows_the_strips_and_names_what_fits(monkeypatch):
         rt.check(req)
 
 
+def test_memory_estimate_counts_the_kv_codec_drift():
+    """`--kv-codec sign` holds a drift buffer as large as each K/V buffer: the floor doubles them."""
+    req = Request(512, 512, steps=2)
+
+    def buffers(codec):
+        rt = Runtime(load_model("dit-small"), ParallelConfig("full", kv_codec=codec), layout=ParallelLayout(0, 4),
+                     transport=NullTransport(0, 4))
+        return checks.estimate_memory(rt, req, rt.check(req))["exchange_buffers"]
+    assert buffers("sign") == 2 * buffers("none") > 0      # dit-small: attention is its only exchange buffer
+
+
 # ---- 6. the report --------------------------------------------------------------------------
 def test_report_is_strict_json_when_identical(tmp_path):
     rep = tmp_path / "r.json"

@@ -315,11 +315,12 @@ class ExchangeEngine:
         sends, recvs = self._kv_routes(site, kv, start, end)
         bufs = self.buffers.get(key, {})
         if kv != "whole" and "mirror" in bufs:
-            kv_codec.encode(buf[start:end], bufs["mirror"], bufs["drift"][start:end], bufs["packed_out"])
+            codec = self._codec()
+            codec.encode(buf[start:end], bufs["mirror"], bufs["drift"][start:end], bufs["packed_out"])
             packed_in = bufs["packed_in"]
             posted = self.transport.start([(bufs["packed_out"][a:b], peer) for (a, b), peer in sends],
                                           [(packed_in[a:b], peer) for (a, b), peer in recvs], "attn_kv")
-            decode = [lambda a=a, b=b: kv_codec.decode(packed_in[a:b], buf[a:b], bufs["drift"][a:b])
+            decode = [lambda a=a, b=b: codec.decode(packed_in[a:b], buf[a:b], bufs["drift"][a:b])
                       for (a, b), _ in recvs]
             self.pending[key] = Pending([posted.wait] + decode, posted.tensors)
             return
@@ -335,6 +336,14 @@ class ExchangeEngine:
             # the codec's mirrors start from this exact K/V (the receivers' copies are these bits)
             bufs["mirror"].copy_(buf[start:end])
             bufs["drift"].zero_()
+
+    def _codec(self):
+        """The K/V codec's implementation: PyTorch ops, or one Triton launch per message
+        (`--kernels triton`; parafuse_kernels.kv_codec, the same bits on decode)."""
+        if self.kernels == "triton":
+            from parafuse_kernels import kv_codec as fused
+            return fused
+        return kv_codec
 
     def _kv_routes(self, site: Site, kv: str, start: int, end: int) -> tuple[list, list]:
         """Token ranges of a K/V exchange: sends [((a, b), peer)] in the local rows (0 = the first

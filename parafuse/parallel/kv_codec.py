@@ -52,7 +52,7 @@ def bit_shifts(device: torch.device) -> torch.Tensor:
     return _SHIFTS[device]
 
 
-def _split(payload: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def split_payload(payload: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(sign bytes [T, B, 2C/8], scales [T, B, 2] in `dtype`) of a payload [T, B, bytes]."""
     nsign = payload.shape[-1] - 2 * torch.empty((), dtype=dtype).element_size()
     return payload[..., :nsign], payload[..., nsign:].view(dtype)
@@ -73,7 +73,7 @@ def encode(fresh: torch.Tensor, mirror: torch.Tensor, drift: torch.Tensor, paylo
     t, b, c2 = fresh.shape
     residual = fresh - (mirror + drift)
     scales = residual.view(t, b, 2, c2 // 2).abs().mean(-1, dtype=torch.float32)
-    signs, stored = _split(payload, fresh.dtype)
+    signs, stored = split_payload(payload, fresh.dtype)
     stored.copy_(scales)          # rounded to the model dtype here: the receivers get these bits
     positive = residual >= 0
     weights = positive.view(t, b, c2 // 8, 8).to(torch.uint8) << bit_shifts(fresh.device)
@@ -84,6 +84,6 @@ def encode(fresh: torch.Tensor, mirror: torch.Tensor, drift: torch.Tensor, paylo
 def decode(payload: torch.Tensor, mirror: torch.Tensor, drift: torch.Tensor) -> None:
     """Advance the receiver's `mirror` and `drift` [T, B, 2C] of a peer's rows by its message."""
     t, b, c2 = mirror.shape
-    signs, scales = _split(payload, mirror.dtype)
+    signs, scales = split_payload(payload, mirror.dtype)
     positive = ((signs[..., None] >> bit_shifts(signs.device)) & 1).view(t, b, c2).bool()
     _step(positive, scales, mirror, drift)
