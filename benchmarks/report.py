@@ -309,6 +309,7 @@ def section() -> tuple[str, tuple]:
     lines += attention_reach_section(load("attention_reach_cpu.json"))
     lines += extra_quality("quality_1024_50_cpu.json", "The U-Net at 1024², 50 steps")
     lines += extra_quality("quality_2048_cpu.json", "The U-Net at 2048²")
+    lines += extra_quality("quality_2048_50_cpu.json", "The U-Net at 2048², 50 steps")
     lines += throughput_section(load("throughput_cpu.json"))
     lines += [END]
     return "\n".join(lines), (scaling, project, quality, gpus)

@@ -76,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "verified on GPUs, see the README)")
     p.add_argument("--kernels", default="torch", choices=("torch", "triton"),
                    help="PyTorch ops, or parafuse's Triton kernels: the GroupNorm in two launches, the solver "
-                        "update in one (CUDA; not yet verified on GPUs, see the README)")
+                        "update in one, a --kv-codec sign message in one (CUDA; not yet verified on GPUs, see the README)")
     p.add_argument("--attention-backend", default=None, choices=("auto", "triton", "sdpa", "xformers"),
                    help="attention kernels: auto (the fastest measured on this device class: sdpa today), "
                         "triton (parafuse's halo attention; CUDA), sdpa, xformers (CUDA, optional extra); "

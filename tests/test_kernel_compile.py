@@ -17,7 +17,8 @@ SCRIPT = textwrap.dedent('''
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from parafuse_kernels import attention as ka, groupnorm as gn, update as ku
+    import triton.language as tl
+    from parafuse_kernels import attention as ka, groupnorm as gn, kv_codec as kc, update as ku
 
     HOPPER = GPUTarget("cuda", 90, 32)
 
@@ -59,6 +60,11 @@ SCRIPT = textwrap.dedent('''
           {"x_ptr": "*bf16", "y_ptr": "*bf16", "sums_ptr": "*fp32", "fallback_ptr": "*fp32", "w_ptr": "*bf16",
            "b_ptr": "*bf16", "inv_count": "fp32", "inv_fallback_count": "fp32", "eps": "fp32"},
           dict(HAS_FALLBACK=True, HAS_AFFINE=True, SILU=True, BLOCK=gn.APPLY_BLOCK))
+    for dt, tl_dt, c in (("bf16", tl.bfloat16, 1152), ("fp16", tl.float16, 128), ("fp32", tl.float32, 3072)):
+        kv = {"mirror": "*" + dt, "drift": "*" + dt, "signs": "*u8", "scales": "*" + dt}
+        const = dict(C=c, BYTES=triton.next_power_of_2(c // 8), DTYPE=tl_dt)
+        build(kc._encode_kernel, {"fresh": "*" + dt, **kv}, const)
+        build(kc._decode_kernel, kv, const)
     print("compiled")
 ''')
 
