@@ -35,7 +35,8 @@ def check_channels(channels: int, where: str) -> None:
     multiple of a float32's 4 bytes."""
     if channels % 16:
         raise ValueError(f"kv_codec='sign' packs the K/V signs 8 to a byte with the scales after them, which needs "
-                         f"an attention width divisible by 16; {where} is {channels} wide: use kv_codec='none'")
+                         f"an attention width divisible by 16; {where} is {channels} wide: use --kv-codec none "
+                         f"(kv_codec='none')")
 
 
 def payload_bytes(channels: int, dtype: torch.dtype) -> int:
