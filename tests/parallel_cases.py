@@ -23,15 +23,16 @@ def cases(world_size: int) -> dict[str, tuple[str, ParallelConfig, Request]]:
             "partial": ParallelConfig("partial", WARMUP, 0.3),
             "partial0": ParallelConfig("partial", WARMUP, 0.0),
             "none": ParallelConfig("none", WARMUP),
-            # stale K/V as one-bit messages (parafuse.parallel.kv_codec): uint8 payloads on the wire
-            "full-sign": ParallelConfig("full", WARMUP, kv_codec="sign"),
-            "partial-sign": ParallelConfig("partial", WARMUP, 0.3, kv_codec="sign"),
             # the baselines' traffic with parafuse's (exact) statistics: their counterparts' values
             "distrifusion": ParallelConfig("distrifusion", WARMUP, norm_mode="exact"),
             "pcpp": ParallelConfig("pcpp", WARMUP, 0.3, norm_mode="exact"),
         }.items():
             out[f"{model}-{name}"] = (model, cfg, req)
         out[f"{model}-guided-full"] = (model, ParallelConfig("full", WARMUP), Request(HEIGHT, WIDTH, STEPS, "ddim", 3.0, 7, 3))
+    # stale K/V as one-bit messages (parafuse.parallel.kv_codec), uint8 payloads on the wire: the
+    # engine's K/V path is the same for both models, so the DiT alone
+    for name, portion in (("full", 0.3), ("partial", 0.3)):
+        out[f"dit-small-{name}-sign"] = ("dit-small", ParallelConfig(name, WARMUP, portion, kv_codec="sign"), req)
     if world_size == 2:
         for p in (0.25, 0.5, 1.0):
             out[f"linear-{p}"] = ("unet-small", ParallelConfig("partial", WARMUP, p),
