@@ -41,7 +41,7 @@ def check_channels(channels: int, where: str) -> None:
 
 def payload_bytes(channels: int, dtype: torch.dtype) -> int:
     """Bytes a token (one batch entry) of K|V of `channels` each: the sign bytes, then two scales."""
-    return 2 * channels // 8 + 2 * torch.empty((), dtype=dtype).element_size()
+    return 2 * channels // 8 + 2 * dtype.itemsize
 
 
 def bit_shifts(device: torch.device) -> torch.Tensor:
@@ -55,7 +55,7 @@ def bit_shifts(device: torch.device) -> torch.Tensor:
 
 def split_payload(payload: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(sign bytes [T, B, 2C/8], scales [T, B, 2] in `dtype`) of a payload [T, B, bytes]."""
-    nsign = payload.shape[-1] - 2 * torch.empty((), dtype=dtype).element_size()
+    nsign = payload.shape[-1] - 2 * dtype.itemsize
     return payload[..., :nsign], payload[..., nsign:].view(dtype)
 
 

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import torch
 
-from parafuse.parallel import kv_codec
 from parafuse.parallel.geometry import Level, StripGeometry
 
 
@@ -96,10 +95,6 @@ class PatchPlan:
         self.dtype = dtype
         self.settings = settings
         self.n = geometry.n
-        if settings.kv_codec != "none" and settings.exchanges:
-            for s in sites:
-                if s.kind == "attn":
-                    kv_codec.check_channels(s.channels, f"attention {s.key!r}")
         if not settings.exchanges:
             self.sync_step = self.stale_step = LOCAL
         else:
