@@ -71,12 +71,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compare-serial", action="store_true", help="also run the serial model and report PSNR")
     p.add_argument("--reference", default=None, help="PNG to compare the output with (PSNR in the report)")
     p.add_argument("--device", default=None, help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="capture the steady-state step as a CUDA graph and replay it (CUDA only; not yet "
-                        "verified on GPUs, see the README)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="capture the steady-state step as a CUDA graph and replay it (CUDA only; default: on "
+                        "for CUDA, off on CPU; --no-cuda-graphs runs every step eagerly)")
     p.add_argument("--kernels", default="torch", choices=("torch", "triton"),
                    help="PyTorch ops, or parafuse's Triton kernels: the GroupNorm in two launches, the solver "
-                        "update in one, a --kv-codec sign message in one (CUDA; not yet verified on GPUs, see the README)")
+                        "update in one, a --kv-codec sign message in one (CUDA; one shape of each checked on an H100, see the README)")
     p.add_argument("--attention-backend", default=None, choices=("auto", "triton", "sdpa", "xformers"),
                    help="attention kernels: auto (the fastest measured on this device class: sdpa today), "
                         "triton (parafuse's halo attention; CUDA), sdpa, xformers (CUDA, optional extra); "

@@ -123,13 +123,21 @@ def initial_noise(seed: int, shape: tuple[int, ...], rows: tuple[int, int] | Non
     return noise if rows is None else noise[:, :, rows[0]:rows[1]].contiguous()
 
 
+def graphs_by_default(device: torch.device, transport: Transport | None) -> bool:
+    """CUDA graphs unless asked otherwise: on every CUDA run, whose strip steps are launch-bound
+    (replay equals eager bit for bit on an H100, README "GPU status"), except emulated ranks, which
+    a graph cannot capture (threads sharing one GPU run eagerly)."""
+    return device.type == "cuda" and not isinstance(transport, ThreadTransport)
+
+
 class Runtime:
     """One parallelized model, many images.
 
     `dtype` (fp32 | bf16 | fp16; default bf16 on CUDA, fp32 elsewhere) is the dtype the model runs
     in natively and every halo and K/V travels in; GroupNorm statistics, the solver's combination
     and its history stay float32. `cuda_graphs`: capture the evaluation of the steady step plan
-    once per request and replay it (CUDA only; see parafuse.graphs). `kernels`: "torch", or
+    once per request and replay it (CUDA only; see parafuse.graphs); None, the default: on where it
+    can run (`graphs_by_default`). `kernels`: "torch", or
     "triton" for parafuse's Triton kernels (GroupNorm: two launches plus the exchange; the solver
     update: one fused launch per evaluation). `attention_backend`: see parafuse.attention (None: the
     process's, from PARAFUSE_ATTENTION_BACKEND or auto); `self.attention_backend` is the one that runs."""
@@ -137,7 +145,7 @@ class Runtime:
     def __init__(self, model: str | nn.Module = "default", parallel: ParallelConfig = ParallelConfig(),
                  device: str | None = None, weights: str | None = None, layout: ParallelLayout | None = None,
                  transport: Transport | None = None, dtype: str | torch.dtype | None = None,
-                 cuda_graphs: bool = False, kernels: str = "torch", attention_backend: str | None = None,
+                 cuda_graphs: bool | None = None, kernels: str = "torch", attention_backend: str | None = None,
                  startup_timeout: float = 600.0, exchange_timeout: float = 300.0):
         self.parallel = parallel
         if cuda_graphs and isinstance(transport, ThreadTransport):
@@ -148,7 +156,7 @@ class Runtime:
         self.dtype = resolve_dtype(dtype, self.device)
         if cuda_graphs and self.device.type != "cuda":
             raise RequestError(f"--cuda-graphs needs a CUDA device; this run is on {self.device.type}")
-        self.cuda_graphs = cuda_graphs
+        self.cuda_graphs = graphs_by_default(self.device, transport) if cuda_graphs is None else cuda_graphs
         self.kernels = check_kernels(kernels, self.device)
         try:                                # None: the process's backend (PARAFUSE_ATTENTION_BACKEND, else auto)
             self.attention_backend = attention.use_backend(attention_backend, self.device)

@@ -98,3 +98,34 @@ def test_a_python_timestep_would_not_be_capturable():
             rt.model(x, t, class_labels=torch.tensor([1]))
         traces.append(trace.ops)
     assert traces[0] != traces[1]
+
+
+def test_cuda_graphs_are_on_by_default_where_a_graph_can_run():
+    from parafuse.parallel.transport import ThreadHub, ThreadTransport
+    from parafuse.runtime import graphs_by_default
+
+    cuda = torch.device("cuda")
+    assert graphs_by_default(cuda, None) and graphs_by_default(cuda, NullTransport(0, 2))
+    assert not graphs_by_default(cuda, ThreadTransport(0, ThreadHub(2)))    # emulated ranks run eagerly
+    assert not graphs_by_default(torch.device("cpu"), None) and not graphs_by_default(torch.device("meta"), None)
+    assert Runtime(load_model("dit-small"), ParallelConfig(), device="cpu").cuda_graphs is False
+
+
+def test_a_failed_capture_says_how_to_run_without_graphs(monkeypatch):
+    from contextlib import contextmanager
+
+    from parafuse.graphs import CaptureError, GraphedEvaluations
+
+    @contextmanager
+    def failing_capture(graph):
+        raise RuntimeError("operation not permitted when stream is capturing")
+        yield
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", failing_capture)
+    run = GraphedEvaluations(lambda x: 2 * x)
+    x = torch.ones(3)
+    assert torch.equal(run("stale", x), 2 * x)           # the first evaluation under a plan is eager
+    with pytest.raises(CaptureError, match="step plan 'stale'.*not permitted.*--no-cuda-graphs"):
+        run("stale", x)

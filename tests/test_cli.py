@@ -132,6 +132,13 @@ def test_bf16_run_reports_its_dtype(tmp_path):
     assert json.loads(rep.read_text())["dtype"] == "bf16"
 
 
+def test_no_cuda_graphs_runs_eagerly_and_says_so(tmp_path):
+    rep = tmp_path / "e.json"
+    assert main(["--model", "dit-small", "--height", "32", "--width", "32", "--steps", "2", "--no-progress",
+                 "--no-cuda-graphs", "--out", str(tmp_path / "e.png"), "--report", str(rep)]) == 0
+    assert json.loads(rep.read_text())["cuda_graphs"] is False
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_graphs_on_cpu_is_a_clear_error(tmp_path, capsys):
     bad(tmp_path, capsys, "--cuda-graphs", match="--cuda-graphs needs a CUDA device")

@@ -328,6 +328,7 @@ def test_cli_generates_from_a_pipeline_folder(root, tmp_path, capsys):
     for args, message in [([], "needs --prompt or --prompt-embeds"),
                           (["--prompt", "a cat"], "saved without a text encoder"),
                           (["--prompt-embeds", str(embeds), "--solver", "ddim"], "--solver: only for parafuse's"),
+                          (["--prompt-embeds", str(embeds), "--no-cuda-graphs"], "--[no-]cuda-graphs: only for"),
                           (["--prompt-embeds", str(tmp_path / "nope.pt")], "does not exist")]:
         capsys.readouterr()
         assert main(["--model", path, *size, "--out", str(bad), *args]) == 2

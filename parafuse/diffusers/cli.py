@@ -19,7 +19,7 @@ import time
 
 # generate.py's flags that pick parafuse's own samplers and models: a diffusers pipeline has its own
 BUILTIN_ONLY = {"weights": None, "solver": "dpmpp-2m", "spacing": None, "label": None, "compare_serial": False,
-                "reference": None, "cuda_graphs": False, "kernels": "torch"}
+                "reference": None, "cuda_graphs": None, "kernels": "torch"}   # a pipeline runs eagerly
 
 
 def pipeline_kwargs(args, call_parameters) -> dict:
@@ -61,7 +61,8 @@ def run_pipeline(args) -> int:
     from parafuse.runtime import dtype_name, resolve_dtype
 
     check_args(args)
-    given = [f"--{k.replace('_', '-')}" for k, default in BUILTIN_ONLY.items() if getattr(args, k) != default]
+    given = [f"--{'[no-]' if k == 'cuda_graphs' else ''}{k.replace('_', '-')}" for k, default in BUILTIN_ONLY.items()
+             if getattr(args, k) != default]
     if given:
         raise ValueError(f"{', '.join(given)}: only for parafuse's built-in models; a diffusers pipeline uses "
                          f"its own scheduler and weights")
