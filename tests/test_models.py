@@ -89,3 +89,30 @@ def test_every_spec_builds():
     for name, spec in MODELS.items():
         if spec.weights is None:
             assert sum(p.numel() for p in spec.build().parameters()) > 0
+
+
+@pytest.mark.parametrize("name", ["unet-small-text", "dit-small-text"])
+def test_token_streams_are_contiguous_so_no_layer_norm_copies_them(name):
+    """A transposed [B, C, h, w] -> [B, h*w, C] view is strided, and a residual add keeps its first
+    operand's strides: a strided token stream makes every LayerNorm copy its input and every add run
+    strided (on an H100 3 copies a layer of `unet-xl`). Checked on the plain model and on a strip."""
+    from parafuse.parallel.distributed import ParallelLayout
+    from parafuse.parallel.transport import NullTransport
+    from parafuse.runtime import ParallelConfig, Request, Runtime
+
+    strided = []
+
+    def watch(mod, args):
+        if not args[0].is_contiguous():
+            strided.append(tuple(args[0].stride()))
+
+    model = load_model(name)
+    spec = model.spec
+    handles = [m.register_forward_pre_hook(watch) for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert handles
+    model(torch.randn(1, spec.latent_channels, 16, 16), 500.0, context=torch.randn(1, 5, spec.context_dim))
+    rt = Runtime(model, ParallelConfig("full", 1), device="cpu", layout=ParallelLayout(1, 3),
+                 transport=NullTransport(1, 3))
+    step = rt.rank_step(Request(96, 64, 4, "ddim", seed=0, context=torch.randn(1, 5, spec.context_dim)))
+    step()
+    assert not strided, f"LayerNorm inputs with strides {strided[:3]}"

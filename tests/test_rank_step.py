@@ -32,7 +32,7 @@ def counted(name, req, mode=None, n=3, strip=1, dtype="fp32"):
 # concatenated). A GroupNorm whose statistics span strips costs its local sums (3 ops), the moments
 # (2 exact, the default in every mode; 10 corrected: the stale estimate and its negative-variance
 # fallback), and a one-pass apply (4) against one fused native_group_norm. Measured: sync, full and
-# partial 477 / 209 ops (2.28x; 693 with --norm corrected), none 205 / 209; the DiT 125 / 129 in
+# partial 485 / 217 ops (2.24x; 701 with --norm corrected), none 213 / 217; the DiT 125 / 129 in
 # every mode. The 1.5x that the GPU issue asks of the U-Net needs the GroupNorm kernels
 # (--kernels triton: two launches per GroupNorm) or CUDA graphs.
 BOUNDS = {("dit-small", "full"): 1.0, ("dit-small", "partial"): 1.0,

@@ -62,7 +62,10 @@ class DiT(nn.Module):
             c = c + self.label_embed(class_labels)
         tokens = self.patch_embed(x)                                     # [B, dim, h, w]
         h, w = tokens.shape[-2:]
-        tokens = tokens.flatten(2).transpose(1, 2) + self.positions(h, w, x.device).to(tokens.dtype)[None]
+        # positions first: an add takes its first operand's strides, and the transposed view is
+        # strided; with it first the token stream is contiguous, so no LayerNorm copies it and no
+        # residual add runs strided (the same sum, bit for bit)
+        tokens = self.positions(h, w, x.device).to(tokens.dtype)[None] + tokens.flatten(2).transpose(1, 2)
         for block in self.blocks:
             tokens = block(tokens, c, context)
         shift, scale = self.ada_out(nn.functional.silu(c)).chunk(2, dim=-1)

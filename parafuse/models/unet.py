@@ -59,11 +59,16 @@ class TransformerBlock(TransformerLayer):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         b, c, h, w = x.shape
-        t = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)        # [B, h*w, C], row-major
+        # [B, h*w, C], row-major, made contiguous once: the transposed view is strided, and a
+        # residual add keeps its first operand's strides, so every LayerNorm of every layer would
+        # copy it again and every add would run strided (3 copies a layer on an H100 profile)
+        t = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2).contiguous()
         t = self.layer_forward(t, context)
         for layer in self.layers:
             t = layer.layer_forward(t, context)
-        return x + self.proj_out(t.transpose(1, 2).reshape(b, c, h, w))
+        # back to NCHW before the 1x1: a channels-last input takes another convolution algorithm
+        # (on CPU not bit for bit the same)
+        return x + self.proj_out(t.transpose(1, 2).reshape(b, c, h, w).contiguous())
 
 
 class UNet(nn.Module):
