@@ -520,7 +520,8 @@ def main(argv=None) -> None:
         print(f"note: {note}")
 
     path = write_json(f"project_{name}.json", {
-        "hardware": hw, "compute_measured_on": compute_on, "args": vars(args),
+        "hardware": hw, "compute_measured_on": compute_on,
+        "command": "python benchmarks/project.py " + " ".join(sys.argv[1:] if argv is None else argv), "args": vars(args),
         # 1-minute load average before and after: timings on a machine busy with other work are not clean
         "load_average_1min": {"before": load_before[0], "after": load_after[0]},
         "model": "step = max(compute, comm_async) + comm_critical (full/partial/none), compute + comm (sync); "

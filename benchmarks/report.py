@@ -80,11 +80,6 @@ def speedup_section(scaling: dict | None, project: dict | None, gpus: list[dict]
                     "measures contention more than scaling.", "",
                     pivot([r for r in scaling["torchrun"] if r["mode"] != "serial"], ("model", "size", "mode"),
                           "speedup"), ""]
-    for g in gpus:
-        rows = [r for r in g["sections"].get("scaling", {}).get("result", {}).get("rows", []) if "speedup" in r]
-        if rows:
-            out += [f"Per-rank compute on {hw(g)}: `PYTHONPATH=.:kernels python benchmarks/gpu_check.py`.", "",
-                    pivot([r for r in rows if r["mode"] != "serial"], ("model", "size", "mode"), "speedup"), ""]
     if not gpus:
         out += ["**No GPU results are committed yet**: no session has had a GPU to run "
                 "`benchmarks/gpu_check.py`, so every figure here is from a CPU.", ""]
@@ -96,6 +91,59 @@ def speedup_section(scaling: dict | None, project: dict | None, gpus: list[dict]
                 + (f"; its mean absolute error against real CPU torchrun step times (link fitted by ping-pong): "
                    f"{100 * err:.1f}%." if err else "."),
                 "", pivot(rows, ("model", "size", "mode"), "projected_speedup"), ""]
+    return out
+
+
+def gpu_scaling_rows(g: dict) -> list[dict]:
+    """Every per-rank compute row measured on the GPU of gpu_check result `g`: its scaling and graphs
+    sections and the scaling.py runs on the same device, each with the command that produced it."""
+    cmd = "PYTHONPATH=.:kernels python benchmarks/gpu_check.py"
+    rows = [{**r, "command": cmd} for name in ("scaling", "graphs")
+            for r in g["sections"].get(name, {}).get("result", {}).get("rows", []) if "speedup" in r]
+    for path in sorted(glob.glob(os.path.join(RESULTS, "scaling_*.json"))):
+        res = json.load(open(path))
+        if res["hardware"]["device"] == g["hardware"]["device"]:
+            rows += [{**r, "command": f"PYTHONPATH=.:kernels {res['command']}"} for r in res["rows"] if "speedup" in r]
+    return rows
+
+
+def gpu_section(gpus: list[dict]) -> list[str]:
+    """Per GPU: gpu_check's summary and targets, per-rank compute (eager and graphed, with the command
+    of each row), and the projections made from those rows."""
+    import gpu_check
+
+    out = []
+    for g in gpus:
+        device = g["hardware"]["device"]
+        out += [f"### On a GPU: {hw(g)}", "",
+                "`PYTHONPATH=.:kernels python benchmarks/gpu_check.py` (one command, about 5 minutes); the runs "
+                "whose sections make up the committed result:", ""]
+        out += [f"{i}. `{r['command']}` at {r['commit']}: sections {', '.join(r['kept'])}"
+                + (f" ({r['note']})" if r.get("note") else "") for i, r in enumerate(g.get("runs", []), 1)]
+        own = "PYTHONPATH=.:kernels python benchmarks/gpu_check.py"
+        extra = [r for r in gpu_scaling_rows(g) if r["command"] != own]
+        out += ["", table(gpu_check.summary(g) + gpu_check.target_rows(g, extra), [("section", "section"), ("result", "result")]),
+                ""]
+        rows = [r for r in gpu_scaling_rows(g) if r["mode"] != "serial"]
+        commands = sorted({r["command"] for r in rows})
+        rows = [{**r, "graphs": "graphed" if r.get("cuda_graphs") else "eager",
+                 "communication": "side-stream copies" if r.get("transport") == "loopback" else "none (compute alone)",
+                 "source": commands.index(r["command"]) + 1} for r in rows]
+        out += [f"Per-rank compute speedup on {device} (bf16; the slowest strip's steady-state step against the "
+                "serial step, both eager or both graphed; `source` numbers the command below):", "",
+                pivot(rows, ("model", "size", "mode", "graphs", "communication", "source"), "speedup"), ""]
+        out += [f"{i}. `{c}`" for i, c in enumerate(commands, 1)] + [""]
+        for path in sorted(glob.glob(os.path.join(RESULTS, "project_*.json"))):
+            proj = json.load(open(path))
+            if proj.get("compute_measured_on") != device:
+                continue
+            graphed = {(r["model"], r["size"]) for r in proj["measured_rows"] if r.get("cuda_graphs")}
+            prow = [{**r, "graphs": "graphed" if (r["model"], r["size"]) in graphed else "eager"}
+                    for r in proj["projections"] if r["n"] in (2, 4, 8, 16)]
+            out += [f"**Projected** (not measured) from the rows of `{proj['args']['scaling']}` and the counted "
+                    f"bytes, per link: `{proj['command']}`; per-rank compute at an N not measured is "
+                    "interpolated or extrapolated (benchmarks/project.py).", "",
+                    pivot(prow, ("model", "size", "mode", "graphs", "link"), "projected_speedup"), ""]
     return out
 
 
@@ -230,11 +278,14 @@ def plots(scaling, project, quality, gpus) -> list[str]:
                 ax.plot([r["n"] for r in pts], [r["speedup"] for r in pts], "x:", color="k",
                         label=f"{model} partial: torchrun end to end, CPU (measured)")
     for g in gpus:
-        rows = [r for r in g["sections"].get("scaling", {}).get("result", {}).get("rows", []) if "speedup" in r]
-        for (model, size, mode) in sorted({(r["model"], r["size"], r["mode"]) for r in rows if r["mode"] != "serial"}):
-            pts = sorted((r for r in rows if (r["model"], r["size"], r["mode"]) == (model, size, mode)), key=lambda r: r["n"])
-            ax.plot([r["n"] for r in pts], [r["speedup"] for r in pts], "s-",
-                    label=f"{model} {size}² {mode}: per-rank compute, {g['hardware']['device']} (measured)")
+        rows = [r for r in gpu_scaling_rows(g) if r.get("transport", "null") == "null"]
+        for key in sorted({(r["model"], r["size"], r["mode"], bool(r.get("cuda_graphs"))) for r in rows
+                           if r["mode"] != "serial"}):
+            pts = {r["n"]: r["speedup"] for r in rows if (r["model"], r["size"], r["mode"], bool(r.get("cuda_graphs")))
+                   in (key, (*key[:2], "serial", key[3]))}
+            ax.plot(sorted(pts), [pts[n] for n in sorted(pts)], "s-" if key[3] else "s:",
+                    label=f"{key[0]} {key[1]}² {key[2]}{' graphed' if key[3] else ''}: per-rank compute, "
+                          f"{g['hardware']['device']} (measured)")
     if project:
         for (model, size, mode) in sorted({(r["model"], r["size"], r["mode"]) for r in project["projections"]}):
             pts = sorted((r for r in project["projections"] if r["link"] == "nvlink4"
@@ -293,6 +344,7 @@ def section() -> tuple[str, tuple]:
              "`gpu_check.py`, and projections labelled as such), `report_bytes.png` (bytes vs N against both "
              "baselines), `report_quality.png` (PSNR vs N).", ""]
     lines += speedup_section(scaling, project, gpus)
+    lines += gpu_section(gpus)
     lines += quality_section(quality)
     lines += extra_quality("quality_1024_cpu.json", "The U-Net at 1024²: the issue's quality target")
     lines += extra_quality("quality_512_dit_cpu.json", "A DiT at 512²",

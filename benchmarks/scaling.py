@@ -258,7 +258,8 @@ def main(argv=None) -> None:
         print("\nreal torchrun (gloo) runs, mean steady-state step\n")
         print(table(real, [("model", "model"), ("size", "px"), ("mode", "mode"), ("n", "N"), ("seconds", "step s"),
                            ("speedup", "speedup")]))
-    path = write_json(f"{name}.json", {"hardware": hw, "args": vars(args), "rows": rows, "torchrun": real})
+    path = write_json(f"{name}.json", {"hardware": hw, "command": "python benchmarks/scaling.py " + " ".join(
+        sys.argv[1:] if argv is None else argv), "args": vars(args), "rows": rows, "torchrun": real})
     png = os.path.join(RESULTS, f"{name}.png")
     print(f"wrote {path}" + (f" and {png}" if plot(rows, png, f"per-rank compute — {hw['device']}") else ""))
 

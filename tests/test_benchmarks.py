@@ -32,6 +32,25 @@ def test_gpu_check_smoke_on_cpu(tmp_path):
     assert "| section | result |" in proc.stdout
 
 
+def test_gpu_check_targets_read_eager_and_graphed_rows_apart():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import gpu_check
+
+    def row(model, size, n, speedup, graphs, **kw):
+        return {"model": model, "size": size, "mode": "full", "n": n, "speedup": speedup, "cuda_graphs": graphs, **kw}
+
+    results = {"sections": {"scaling": {"result": {"rows": [row("unet-xl", 2048, 8, 1.5, False)]}},
+                            "graphs": {"result": {"rows": [row("unet-xl", 2048, 4, 3.2, True),
+                                                           row("unet-xl", 2048, 8, 4.7, True)]}}}}
+    extra = [row("unet-xl", 4096, 8, 5.9, False, command="python benchmarks/scaling.py --sizes 4096"),
+             row("unet-xl", 2048, 8, 9.0, False, command="an eager run")]   # not a graphed target's row
+    got = {r["section"]: r["result"] for r in gpu_check.target_rows(results, extra)}
+    assert got["target unet-xl 2048² graphed, N = 4 >= 3.0x"] == "met: 3.20x"
+    assert got["target unet-xl 2048² graphed, N = 8 >= 5.0x"] == "MISSED: 4.70x"
+    assert got["target unet-xl 4096² full, N = 8 >= 6.0x"] == "MISSED: 5.90x (`python benchmarks/scaling.py --sizes 4096`)"
+    assert got["target dit-xl 4096² full, N = 8 >= 7.5x"] == "not measured"
+
+
 def test_multi_gpu_check_smoke_on_cpu_with_gloo(tmp_path):
     """The multi-GPU check is ready for the day several GPUs are lent: its logic runs here over gloo."""
     out = tmp_path / "mgc.json"
@@ -153,3 +172,13 @@ def test_far_field_pooled_attention_is_exact_without_pooling_or_on_equal_keys():
         assert (strip_attention(q, k, v, plan) - exact).abs().max() > 1e-3
     # the window alone drops the far keys: not exact
     assert (strip_attention(q, k, v, strip_plan(rows, width, 0.3, None)) - exact).abs().max() > 1e-3
+
+
+def test_profile_step_prints_a_table_on_cpu(capsys):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import profile_step
+
+    profile_step.main(["--model", "dit-small", "--size", "64", "--n", "2", "--device", "cpu", "--warmup", "1",
+                       "--steps", "1", "--rows", "5"])
+    out = capsys.readouterr().out
+    assert "dit-small 64², strip 1 of 2, full, torch.float32, eager" in out and "aten::" in out
