@@ -12,8 +12,9 @@ reports):
                bf16 (whose gap to serial bf16 must not exceed serial bf16's gap to fp32); and `full`
                at N = 4 on the device (ranks as threads on their own streams, exchanges as
                event-ordered copies) against the same emulation on the CPU
-    scaling    per-rank compute speedup of unet-xl and dit-xl at 2048² and 4096², N = 1, 2, 4, 8
-               (benchmarks/scaling.py: one process, NullTransport, the slowest strip)
+    scaling    per-rank compute speedup (eager) of dit-xl at 2048² (N = 2, 8; full, partial) and of
+               dit-xl and unet-xl at 4096² (N = 8, full): the targets (benchmarks/scaling.py: one
+               process, NullTransport, the slowest strip); unet-xl 2048² is in `graphs`
     graphs     CUDA graphs: replayed evaluations equal eager ones (a serial run, a strip's steady
                steps), and unet-xl 2048² per-rank speedup with the serial and strip steps graphed
                (compute alone, and at N = 8 with the communication as device copies in the graph)
@@ -48,6 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import RESULTS, hardware, table  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMAND = "PYTHONPATH=.:kernels python benchmarks/gpu_check.py"
 SECTIONS = ("cli", "nccl", "sync", "scaling", "graphs", "bandwidth", "kernels", "bottleneck", "projection")
 BUDGETS = {"cli": 35, "nccl": 25, "sync": 30, "scaling": 110, "graphs": 75, "bandwidth": 15, "kernels": 40,
            "bottleneck": 15, "projection": 5}   # seconds; 350 in all, ~330 s measured on an H100 (kernels:

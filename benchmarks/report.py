@@ -97,8 +97,9 @@ def speedup_section(scaling: dict | None, project: dict | None, gpus: list[dict]
 def gpu_scaling_rows(g: dict) -> list[dict]:
     """Every per-rank compute row measured on the GPU of gpu_check result `g`: its scaling and graphs
     sections and the scaling.py runs on the same device, each with the command that produced it."""
-    cmd = "PYTHONPATH=.:kernels python benchmarks/gpu_check.py"
-    rows = [{**r, "command": cmd} for name in ("scaling", "graphs")
+    import gpu_check
+
+    rows = [{**r, "command": gpu_check.COMMAND} for name in ("scaling", "graphs")
             for r in g["sections"].get(name, {}).get("result", {}).get("rows", []) if "speedup" in r]
     for path in sorted(glob.glob(os.path.join(RESULTS, "scaling_*.json"))):
         res = json.load(open(path))
@@ -116,12 +117,11 @@ def gpu_section(gpus: list[dict]) -> list[str]:
     for g in gpus:
         device = g["hardware"]["device"]
         out += [f"### On a GPU: {hw(g)}", "",
-                "`PYTHONPATH=.:kernels python benchmarks/gpu_check.py` (one command, about 5 minutes); the runs "
+                f"`{gpu_check.COMMAND}` (one command, about 5 minutes); the runs "
                 "whose sections make up the committed result:", ""]
         out += [f"{i}. `{r['command']}` at {r['commit']}: sections {', '.join(r['kept'])}"
                 + (f" ({r['note']})" if r.get("note") else "") for i, r in enumerate(g.get("runs", []), 1)]
-        own = "PYTHONPATH=.:kernels python benchmarks/gpu_check.py"
-        extra = [r for r in gpu_scaling_rows(g) if r["command"] != own]
+        extra = [r for r in gpu_scaling_rows(g) if r["command"] != gpu_check.COMMAND]
         out += ["", table(gpu_check.summary(g) + gpu_check.target_rows(g, extra), [("section", "section"), ("result", "result")]),
                 ""]
         rows = [r for r in gpu_scaling_rows(g) if r["mode"] != "serial"]
@@ -353,6 +353,8 @@ def section() -> tuple[str, tuple]:
         lines += extra_quality(f"quality_{size}_dit_texture_cpu.json", f"The trained DiT (`dit-texture`) at {size}²",
                                "`dit-texture` is a small DiT trained on texture crops (parafuse/models/weights/"
                                "MODEL_CARD.md); the issue's DiT target is read on it.")
+    lines += extra_quality("quality_256_dit_texture_ranks_cpu.json", "The trained DiT at 256², N = 2 and 4",
+                           "The same model and modes at fewer ranks (the target verdicts are read at the largest N).")
     lines += extra_quality("quality_256_kv_codec_cpu.json", "The one-bit K/V codec on the U-Net and a random DiT",
                            "`default` is the trained U-Net, `dit-small` a DiT with random weights.")
     lines += extra_quality("quality_256_dit_texture_bf16_cpu.json", "The trained DiT at 256² in bf16",
