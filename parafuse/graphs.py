@@ -21,7 +21,10 @@ in the same step. The data semantics are the eager ones: step t reads what step 
 On by default on CUDA (Runtime's `graphs_by_default`): on an H100, benchmarks/gpu_check.py found
 replay equal to eager bit for bit, for a serial run and for a strip's steady steps. Unverified: the
 exchanges as NCCL nodes of a graph with one process per GPU (benchmarks/multi_gpu_check.py checks
-it where several GPUs are lent).
+it where several GPUs are lent). What it relies on: the process group is created bound to the
+device (communicators exist before any capture), the first evaluation of each plan runs eagerly
+with the same peers as the captured one, and PyTorch's NCCL group can capture batched isend/irecv
+(capturability fixed in pytorch/pytorch#148462, torch 2.7).
 """
 from __future__ import annotations
 
