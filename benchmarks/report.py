@@ -121,10 +121,11 @@ def gpu_section(gpus: list[dict]) -> list[str]:
                 "whose sections make up the committed result:", ""]
         out += [f"{i}. `{r['command']}` at {r['commit']}: sections {', '.join(r['kept'])}"
                 + (f" ({r['note']})" if r.get("note") else "") for i, r in enumerate(g.get("runs", []), 1)]
-        extra = [r for r in gpu_scaling_rows(g) if r["command"] != gpu_check.COMMAND]
+        measured = gpu_scaling_rows(g)
+        extra = [r for r in measured if r["command"] != gpu_check.COMMAND]
         out += ["", table(gpu_check.summary(g) + gpu_check.target_rows(g, extra), [("section", "section"), ("result", "result")]),
                 ""]
-        rows = [r for r in gpu_scaling_rows(g) if r["mode"] != "serial"]
+        rows = [r for r in measured if r["mode"] != "serial"]
         commands = sorted({r["command"] for r in rows})
         rows = [{**r, "graphs": "graphed" if r.get("cuda_graphs") else "eager",
                  "communication": "side-stream copies" if r.get("transport") == "loopback" else "none (compute alone)",

@@ -125,7 +125,7 @@ def initial_noise(seed: int, shape: tuple[int, ...], rows: tuple[int, int] | Non
 
 def graphs_by_default(device: torch.device, transport: Transport | None) -> bool:
     """CUDA graphs unless asked otherwise: on every CUDA run, whose strip steps are launch-bound
-    (replay equals eager bit for bit on an H100, README "GPU status"), except emulated ranks, which
+    (replay equals eager bit for bit on an H100: README, Performance, "On a GPU"), except emulated ranks, which
     a graph cannot capture (threads sharing one GPU run eagerly)."""
     return device.type == "cuda" and not isinstance(transport, ThreadTransport)
 

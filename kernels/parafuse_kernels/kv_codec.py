@@ -42,6 +42,14 @@ def _round(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _advance(mirror, drift, at, mask, m, d, q, DTYPE: tl.constexpr):
+    """The update both sides run, from float32 m, d and the step q: D += q; M += D, each rounded."""
+    d2 = _round(d + q, DTYPE)
+    tl.store(drift + at, d2, mask=mask)
+    tl.store(mirror + at, _round(m + d2.to(tl.float32), DTYPE), mask=mask)
+
+
+@triton.jit
 def _encode_kernel(fresh, mirror, drift, signs, scales, sign_row, scale_row, C: tl.constexpr,
                    BYTES: tl.constexpr, DTYPE: tl.constexpr):
     row, half = tl.program_id(0), tl.program_id(1)
@@ -62,11 +70,7 @@ def _encode_kernel(fresh, mirror, drift, signs, scales, sign_row, scale_row, C: 
     tl.store(signs + row * sign_row + half * (C // 8) + tl.arange(0, BYTES), packed.to(tl.uint8),
              mask=tl.arange(0, BYTES) < C // 8)
     s32 = s.to(tl.float32)
-    q = tl.where(positive, s32, -s32)
-    d2 = _round(d + q, DTYPE)
-    m2 = _round(m + d2.to(tl.float32), DTYPE)
-    tl.store(drift + at, d2, mask=mask)
-    tl.store(mirror + at, m2, mask=mask)
+    _advance(mirror, drift, at, mask, m, d, tl.where(positive, s32, -s32), DTYPE)
 
 
 @triton.jit
@@ -80,11 +84,9 @@ def _decode_kernel(mirror, drift, signs, scales, sign_row, scale_row, C: tl.cons
     mask = ch < C
     at = row * 2 * C + half * C + ch
     s32 = tl.load(scales + row * scale_row + half).to(tl.float32)
-    q = tl.where(((packed[:, None] >> bit) & 1) != 0, s32, -s32)
-    d2 = _round(tl.load(drift + at, mask=mask, other=0.0).to(tl.float32) + q, DTYPE)
-    m2 = _round(tl.load(mirror + at, mask=mask, other=0.0).to(tl.float32) + d2.to(tl.float32), DTYPE)
-    tl.store(drift + at, d2, mask=mask)
-    tl.store(mirror + at, m2, mask=mask)
+    m = tl.load(mirror + at, mask=mask, other=0.0).to(tl.float32)
+    d = tl.load(drift + at, mask=mask, other=0.0).to(tl.float32)
+    _advance(mirror, drift, at, mask, m, d, tl.where(((packed[:, None] >> bit) & 1) != 0, s32, -s32), DTYPE)
 
 
 def _views(payload: torch.Tensor, kv: torch.Tensor, dtype: torch.dtype):

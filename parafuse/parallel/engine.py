@@ -77,6 +77,18 @@ def check_settings(mode: str, halo_portion: float, warmup_steps: int, norm_mode:
                          f"send; mode {mode!r} {why}: use --kv-codec none, or --mode full / partial")
 
 
+def _spans(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The union of token ranges [a, b) as disjoint sorted spans (one encode per row, however many
+    peers receive it)."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
 class ExchangeEngine:
     def __init__(self, transport: Transport, patch_ranks: list[int], mode: str = "sync",
                  halo_portion: float = 0.3, warmup_steps: int = 4, norm_mode: str | None = None,
@@ -316,7 +328,9 @@ class ExchangeEngine:
         bufs = self.buffers.get(key, {})
         if kv != "whole" and "mirror" in bufs:
             codec = self._codec()
-            codec.encode(buf[start:end], bufs["mirror"], bufs["drift"][start:end], bufs["packed_out"])
+            for a, b in _spans([rows for rows, _ in sends]):     # only the rows sent (partial: its windows)
+                codec.encode(buf[start + a:start + b], bufs["mirror"][a:b], bufs["drift"][start + a:start + b],
+                             bufs["packed_out"][a:b])
             packed_in = bufs["packed_in"]
             posted = self.transport.start([(bufs["packed_out"][a:b], peer) for (a, b), peer in sends],
                                           [(packed_in[a:b], peer) for (a, b), peer in recvs], "attn_kv")

@@ -20,7 +20,8 @@ where the exact one is 2C * itemsize: 7% of it in bf16 at C = 128, 6.3% at C = 1
 On `dit-texture` at 256², N = 8, 4 seeds, it lands 0.5 dB below the exact stale K/V in fp32 and
 in bf16 (README, Performance, `benchmarks/quality.py`).
 
-The mirrors start equal to the exact K/V of the last synchronous step, with D = 0 (`seed`).
+The mirrors start equal to the exact K/V of the last synchronous step, with D = 0 (the engine
+seeds them there: `ExchangeEngine.exchange_kv`).
 """
 from __future__ import annotations
 
