@@ -67,6 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kv-codec", default="none", choices=("none", "sign"),
                    help="stale K/V on the wire (full, partial): none (exact), sign (1 bit an element: the sign of "
                         "the residual against a predicted copy, a scale a token; ~7%% of the bytes in bf16)")
+    p.add_argument("--text-merge", default=None, choices=("exact", "stale"),
+                   help="diffusers pipelines with joint text+image attention (SD3, Flux): how the stale steps merge "
+                        "the text queries across strips - stale (the default of full and partial: the other "
+                        "strips' previous-step outputs, nothing waited on) or exact (an all-reduce waited on)")
     p.add_argument("--cfg-parallel", action="store_true", help="split the two guidance branches across rank pairs")
     p.add_argument("--compare-serial", action="store_true", help="also run the serial model and report PSNR")
     p.add_argument("--reference", default=None, help="PNG to compare the output with (PSNR in the report)")
@@ -188,6 +192,9 @@ def prepare(args):
     from parafuse.stages import parse_stages
 
     check_args(args)
+    if args.text_merge is not None:
+        raise ValueError("--text-merge: only for diffusers pipelines with joint text+image attention (SD3, Flux); "
+                         "the built-in models read text by cross-attention, which needs no merge")
     for name in ("startup_timeout", "exchange_timeout"):
         if not 0 < getattr(args, name) < float("inf"):
             raise ValueError(f"--{name.replace('_', '-')} must be a positive number of seconds, got {getattr(args, name)}")

@@ -35,11 +35,11 @@ def _wake(module: torch.nn.Module, seed: int) -> None:
                 p.copy_(0.05 * torch.randn(p.shape, generator=g))
 
 
-def _vae():
+def _vae(**extra):
     from diffusers import AutoencoderKL
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
                          up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 16), latent_channels=4,
-                         norm_num_groups=4, layers_per_block=1)
+                         norm_num_groups=4, layers_per_block=1, **extra)
 
 
 def _unet(**extra):
@@ -92,7 +92,8 @@ def build_sd3(path: str) -> None:
                                         pooled_projection_dim=POOLED_DIM, out_channels=4, pos_embed_max_size=32,
                                         qk_norm="rms_norm")
     _wake(transformer, 4)
-    StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(),
+    # SD3's and Flux's pipelines shift the latent by the VAE's shift_factor before decoding
+    StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(shift_factor=0.1),
                              text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
                              text_encoder_3=None, tokenizer_3=None).save_pretrained(path)
 
@@ -107,7 +108,7 @@ def build_flux(path: str) -> None:
     _wake(transformer, 5)
     scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=64,
                                                 max_image_seq_len=1024, base_shift=0.5, max_shift=1.15)
-    FluxPipeline(scheduler=scheduler, vae=_vae(), text_encoder=None, tokenizer=None, text_encoder_2=None,
+    FluxPipeline(scheduler=scheduler, vae=_vae(shift_factor=0.1), text_encoder=None, tokenizer=None, text_encoder_2=None,
                  tokenizer_2=None, transformer=transformer).save_pretrained(path)
 
 

@@ -63,6 +63,11 @@ def test_kv_codec_without_stale_kv(tmp_path, capsys):
               "sends none: use --kv-codec none, or --mode full / partial")
 
 
+def test_text_merge_on_a_built_in_model(tmp_path, capsys):
+    bad(tmp_path, capsys, "--text-merge", "exact",
+        match="--text-merge: only for diffusers pipelines with joint text+image attention (SD3, Flux)")
+
+
 def test_unknown_solver_lists_valid(tmp_path, capsys):
     bad(tmp_path, capsys, "--solver", "heun9", match="valid solvers: ")
 

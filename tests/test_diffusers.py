@@ -329,12 +329,47 @@ def test_cli_generates_from_a_pipeline_folder(root, tmp_path, capsys):
                           (["--prompt", "a cat"], "saved without a text encoder"),
                           (["--prompt-embeds", str(embeds), "--solver", "ddim"], "--solver: only for parafuse's"),
                           (["--prompt-embeds", str(embeds), "--no-cuda-graphs"], "--[no-]cuda-graphs: only for"),
+                          (["--prompt-embeds", str(embeds), "--schedule", "bottleneck"], "--schedule: only for"),
+                          (["--prompt-embeds", str(embeds), "--exchange-timeout", "5"], "--exchange-timeout: only for"),
+                          (["--prompt-embeds", str(embeds), "--text-merge", "exact", "--no-progress"],
+                           "text_merge='exact' (--text-merge) merges the text queries of joint text+image attention "
+                           "(SD3, Flux); PixArtTransformer2DModel has none"),
+                          (["--prompt-embeds", str(embeds), "--mode", "sync", "--kv-codec", "sign"],
+                           "--kv-codec sign (kv_codec='sign') encodes the stale K/V"),
                           (["--prompt-embeds", str(tmp_path / "nope.pt")], "does not exist")]:
         capsys.readouterr()
         assert main(["--model", path, *size, "--out", str(bad), *args]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
         assert not bad.exists()
+
+
+def test_cli_passes_the_exchange_settings_to_the_pipeline(root, tmp_path, monkeypatch):
+    """Every parallel flag of the CLI reaches `parallelize` (a flag dropped on the way would run the
+    pipeline without it and say nothing), and the report records them."""
+    import json
+
+    import parafuse
+    from parafuse.generate import main
+
+    seen, original = {}, parafuse.parallelize
+
+    def recording(pipe, **kwargs):
+        seen.update(kwargs)
+        return original(pipe, **kwargs)
+
+    monkeypatch.setattr(parafuse, "parallelize", recording)
+    kw = call_kwargs("sd3")
+    embeds = tmp_path / "embeds.pt"
+    torch.save({k: kw[k] for k in ("prompt_embeds", "pooled_prompt_embeds")}, embeds)
+    report = tmp_path / "r.json"
+    assert main(["--model", pipeline_path(root, "sd3"), "--prompt-embeds", str(embeds), "--height", str(kw["height"]),
+                 "--width", str(kw["width"]), "--steps", "2", "--mode", "partial", "--halo-portion", "0.5",
+                 "--warmup-steps", "1", "--norm", "exact", "--text-merge", "exact", "--kv-codec", "sign", "--out", str(tmp_path / "a.png"), "--report", str(report), "--no-progress"]) == 0
+    assert seen == {"mode": "partial", "halo_portion": 0.5, "warmup_steps": 1, "cfg_parallel": False,
+                    "norm_mode": "exact", "text_merge": "exact", "kv_codec": "sign"}
+    rep = json.loads(report.read_text())
+    assert (rep["text_merge"], rep["kv_codec"], rep["attention_backend"]) == ("exact", "sign", "sdpa")
 
 
 def text_blocks(family, transformer):

@@ -18,8 +18,10 @@ import sys
 import time
 
 # generate.py's flags that pick parafuse's own samplers and models: a diffusers pipeline has its own
+# (a pipeline runs eagerly, with its scheduler's one-stage schedule)
 BUILTIN_ONLY = {"weights": None, "solver": "dpmpp-2m", "spacing": None, "label": None, "compare_serial": False,
-                "reference": None, "cuda_graphs": None, "kernels": "torch"}   # a pipeline runs eagerly
+                "reference": None, "cuda_graphs": None, "kernels": "torch", "schedule": "plain", "stages": None,
+                "startup_timeout": 600.0, "exchange_timeout": 300.0}
 
 
 def pipeline_kwargs(args, call_parameters) -> dict:
@@ -54,9 +56,11 @@ def run_pipeline(args) -> int:
     import torch
 
     import parafuse
+    from parafuse import attention
     from parafuse import report as rep
     from parafuse.diffusers.pipeline import load_pipeline
     from parafuse.generate import check_args, output_paths
+    from parafuse.parallel.engine import check_settings
     from parafuse.parallel.distributed import pick_device
     from parafuse.runtime import dtype_name, resolve_dtype
 
@@ -64,8 +68,9 @@ def run_pipeline(args) -> int:
     given = [f"--{'[no-]' if k == 'cuda_graphs' else ''}{k.replace('_', '-')}" for k, default in BUILTIN_ONLY.items()
              if getattr(args, k) != default]
     if given:
-        raise ValueError(f"{', '.join(given)}: only for parafuse's built-in models; a diffusers pipeline uses "
-                         f"its own scheduler and weights")
+        raise ValueError(f"{', '.join(given)}: only for parafuse's built-in models; a diffusers pipeline runs "
+                         f"eagerly with its own weights, scheduler and one-stage schedule, without parafuse's "
+                         f"host deadlines")
     if args.prompt is None and args.prompt_embeds is None:
         raise ValueError("a diffusers pipeline needs --prompt or --prompt-embeds FILE")
     if args.prompt_embeds is not None and not os.path.isfile(args.prompt_embeds):
@@ -74,13 +79,16 @@ def run_pipeline(args) -> int:
         text_encoder = json.load(f).get("text_encoder", [None])
     if args.prompt is not None and (not isinstance(text_encoder, list) or text_encoder[0] is None):
         raise ValueError(f"pipeline {args.model!r} was saved without a text encoder: pass --prompt-embeds FILE")
+    check_settings(args.mode, args.halo_portion, args.warmup_steps, args.norm, args.text_merge, args.kv_codec)
     device = pick_device(args.device)
+    backend = attention.use_backend(args.attention_backend, device)     # the processors' attention() reads it
     dtype = resolve_dtype(args.dtype, device)
-    pipe = load_pipeline(args.model, dtype, device)
+    pipe = load_pipeline(args.model, dtype, device, progress=not args.no_progress)
     call_parameters = inspect.signature(pipe.__call__).parameters
     kwargs = pipeline_kwargs(args, call_parameters)
     par = parafuse.parallelize(pipe, mode=args.mode, halo_portion=args.halo_portion, warmup_steps=args.warmup_steps,
-                               cfg_parallel=args.cfg_parallel, norm_mode=args.norm)
+                               cfg_parallel=args.cfg_parallel, norm_mode=args.norm, text_merge=args.text_merge,
+                               kv_codec=args.kv_codec)
     start = time.perf_counter()
     out = par(generator=torch.Generator().manual_seed(args.seed), **kwargs)
     seconds = time.perf_counter() - start
@@ -99,7 +107,8 @@ def run_pipeline(args) -> int:
                 "steps": args.steps, "guidance": args.guidance, "seed": args.seed, "device": rep.device_name(device),
                 "torch": torch.__version__, "diffusers": _diffusers_version(), "world_size": par.layout.world_size,
                 "mode": args.mode, "warmup_steps": args.warmup_steps, "halo_portion": args.halo_portion,
-                "cfg_parallel": args.cfg_parallel, "dtype": dtype_name(dtype),
+                "cfg_parallel": args.cfg_parallel, "text_merge": args.text_merge, "kv_codec": args.kv_codec,
+                "attention_backend": backend, "dtype": dtype_name(dtype),
                 "total_seconds": seconds, "ranks": ranks})
         print(f"wrote {', '.join(paths)} ({seconds:.2f} s on {par.layout.world_size} rank(s))", file=sys.stdout)
     par.close()

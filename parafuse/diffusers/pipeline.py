@@ -18,7 +18,7 @@ import os
 import torch
 import torch.nn as nn
 
-from parafuse.diffusers.adapter import DiffusersAdapter, UnsupportedModelError
+from parafuse.diffusers.adapter import DiffusersAdapter, UnsupportedModelError, is_flux, is_joint
 from parafuse.diffusers.strips import StripDecoder, StripDenoiser
 from parafuse.parallel import kv_codec as kv_codec_module
 from parafuse.parallel.distributed import ParallelLayout, init_distributed, launched_by_torchrun
@@ -123,6 +123,9 @@ def parallelize(pipe, mode: str = "sync", halo_portion: float = 0.3, warmup_step
     _, model = denoiser_of(pipe)
     adapter = DiffusersAdapter()
     adapter.check(model)
+    if text_merge is not None and not any(is_joint(m) or is_flux(m) for m in model.modules()):
+        raise ValueError(f"text_merge={text_merge!r} (--text-merge) merges the text queries of joint text+image "
+                         f"attention (SD3, Flux); {type(model).__name__} has none: leave it out")
     if kv_codec != "none":
         for name, m in model.named_modules():
             if adapter.site_kind(m) == "attn" and not getattr(m, "is_cross_attention", False):
@@ -184,10 +187,21 @@ def patch_transport(layout: ParallelLayout) -> TorchTransport:
     return TorchTransport(layout.rank, layout.world_size, groups)
 
 
-def load_pipeline(path: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+def _dtype_keyword() -> str:
+    """`from_pretrained`'s dtype argument: `dtype` since diffusers 0.42 (where `torch_dtype` warns
+    that it is deprecated), `torch_dtype` before."""
+    from importlib.metadata import version
+
+    major, minor = (int(p) for p in version("diffusers").split(".")[:2])
+    return "dtype" if (major, minor) >= (0, 42) else "torch_dtype"
+
+
+def load_pipeline(path: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                  progress: bool = True):
     """A diffusers pipeline from a local folder (no hub access); components saved as null (a
-    pipeline saved without text encoders) are passed as None."""
+    pipeline saved without text encoders) are passed as None. `progress=False`: no loading bar."""
     from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
 
     index_file = os.path.join(path, "model_index.json")
     if not os.path.isfile(index_file):
@@ -196,7 +210,14 @@ def load_pipeline(path: str, dtype: torch.dtype | None = None, device: str | tor
         index = json.load(f)
     missing = {name: None for name, v in index.items()
                if isinstance(v, list) and (v[0] is None or not os.path.isdir(os.path.join(path, name)))}
-    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
-    pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, **missing, **kwargs)
+    kwargs = {} if dtype is None else {_dtype_keyword(): dtype}
+    shown = diffusers_logging.is_progress_bar_enabled()
+    if not progress:
+        diffusers_logging.disable_progress_bar()
+    try:
+        pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, **missing, **kwargs)
+    finally:
+        if shown:
+            diffusers_logging.enable_progress_bar()
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
