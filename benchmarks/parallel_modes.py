@@ -26,8 +26,9 @@ def run(model: str, n: int, mode: str, args, tmp: str) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
            "-m", "parafuse.generate", "--model", model, "--height", str(args.size), "--width", str(args.size),
            "--steps", str(args.steps), "--solver", args.solver, "--mode", mode, "--warmup-steps", str(args.warmup),
-           "--halo-portion", str(args.portion), "--compare-serial", "--no-progress",
-           "--out", os.path.join(tmp, "x.png"), "--report", rep, "--overwrite"]
+           "--compare-serial", "--no-progress", "--out", os.path.join(tmp, "x.png"), "--report", rep, "--overwrite"]
+    if mode == "partial":
+        cmd += ["--halo-portion", str(args.portion)]
     if model != "default":
         cmd += ["--guidance", "1"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,

@@ -7,10 +7,11 @@
 
     pipe = parafuse.parallelize(diffusers_pipe, mode="partial") # a diffusers pipeline, patch-parallel
 """
+from parafuse.parallel.engine import DEFAULT_HALO_PORTION
 from parafuse.runtime import ParallelConfig, Request, Result, Runtime
 
 
-def parallelize(pipe, mode: str = "sync", halo_portion: float = 0.3, warmup_steps: int = 4,
+def parallelize(pipe, mode: str = "sync", halo_portion: float = DEFAULT_HALO_PORTION, warmup_steps: int = 4,
                 cfg_parallel: bool = False, **kwargs):
     """A diffusers pipeline whose denoiser runs patch-parallel (`parafuse.diffusers.parallelize`;
     diffusers is imported only here). The layer swap for any model is `parafuse.parallel.parallelize`."""

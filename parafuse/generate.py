@@ -13,7 +13,7 @@ import os
 import sys
 
 from parafuse.models import MODELS
-from parafuse.parallel.engine import MODES, NORM_MODES
+from parafuse.parallel.engine import BASELINES, DEFAULT_HALO_PORTION, MODES, NORM_MODES
 from parafuse.solvers import SOLVERS
 
 
@@ -60,8 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="patch exchange: sync (exact), full (stale K/V of the whole image), "
                         "partial (stale K/V window of each neighbour), none (no exchange)")
     p.add_argument("--warmup-steps", type=int, default=4, help="first steps run synchronously")
-    p.add_argument("--halo-portion", type=float, default=0.3,
-                   help="partial mode: portion of each neighbour strip whose K/V a strip attends to")
+    p.add_argument("--halo-portion", type=float, default=None,
+                   help=f"partial (and pcpp) mode: portion of each neighbour strip whose K/V a strip attends to "
+                        f"(default {DEFAULT_HALO_PORTION})")
     p.add_argument("--norm", default=None, choices=NORM_MODES,
                    help="GroupNorm across strips (default: exact; corrected in distrifusion/pcpp, as published; local in none)")
     p.add_argument("--kv-codec", default="none", choices=("none", "sign"),
@@ -127,11 +128,17 @@ def check_writable(path: str, overwrite: bool) -> None:
 
 
 def check_args(args) -> None:
-    """Checks of files, paths and the device; the model, solver and parallel settings are checked
-    by the runtime (ParallelConfig, Runtime.check), before any denoising."""
+    """Checks of files, paths and the device, and --halo-portion's default (given, it must be for a
+    mode that has a window); the model, solver and parallel settings are checked by the runtime
+    (ParallelConfig, Runtime.check), before any denoising."""
     from parafuse import checks
 
     checks.check_device(args.device)
+    if args.halo_portion is None:
+        args.halo_portion = DEFAULT_HALO_PORTION
+    elif BASELINES.get(args.mode, args.mode) != "partial":
+        raise ValueError(f"--halo-portion sets the window of --mode partial (and pcpp); mode {args.mode!r} "
+                         f"{'attends to the whole image' if args.mode != 'none' else 'exchanges nothing'}: drop it")
     if args.weights is not None and not os.path.isfile(args.weights):
         raise ValueError(f"weights file {args.weights!r} does not exist")
     if args.reference is not None:
@@ -192,6 +199,11 @@ def prepare(args):
     from parafuse.stages import parse_stages
 
     check_args(args)
+    given = [f"--{k.replace('_', '-')}" for k in ("prompt", "negative_prompt", "prompt_embeds") if getattr(args, k) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: only for a diffusers pipeline folder (--model PATH); the built-in "
+                         f"models have no text encoder (their text models take a context tensor through the library's "
+                         f"Request(context=...))")
     if args.text_merge is not None:
         raise ValueError("--text-merge: only for diffusers pipelines with joint text+image attention (SD3, Flux); "
                          "the built-in models read text by cross-attention, which needs no merge")

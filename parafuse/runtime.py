@@ -26,7 +26,7 @@ from parafuse.models import ModelSpec, load_model
 from parafuse.parallel import kv_codec
 from parafuse.parallel.adapter import BUILTIN
 from parafuse.parallel.distributed import ParallelLayout, init_distributed, launched_by_torchrun, pick_device
-from parafuse.parallel.engine import ExchangeEngine, check_settings
+from parafuse.parallel.engine import DEFAULT_HALO_PORTION, ExchangeEngine, check_settings
 from parafuse.parallel.geometry import GeometryError, StripGeometry
 from parafuse.parallel.parallelize import parallelize
 from parafuse.parallel.plan import PatchPlan
@@ -81,7 +81,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 class ParallelConfig:
     mode: str = "sync"
     warmup_steps: int = 4
-    halo_portion: float = 0.3
+    halo_portion: float = DEFAULT_HALO_PORTION
     norm_mode: str | None = None      # GroupNorm across strips; None: exact for sync, corrected otherwise
     cfg_parallel: bool = False
     kv_codec: str = "none"            # stale K/V on the wire: "none" (exact), "sign" (1 bit, parallel.kv_codec)

@@ -63,6 +63,11 @@ def test_kv_codec_without_stale_kv(tmp_path, capsys):
               "sends none: use --kv-codec none, or --mode full / partial")
 
 
+def test_prompt_on_a_built_in_model(tmp_path, capsys):
+    bad(tmp_path, capsys, "--prompt", "a lighthouse",
+        match="--prompt: only for a diffusers pipeline folder (--model PATH); the built-in models have no text encoder")
+
+
 def test_text_merge_on_a_built_in_model(tmp_path, capsys):
     bad(tmp_path, capsys, "--text-merge", "exact",
         match="--text-merge: only for diffusers pipelines with joint text+image attention (SD3, Flux)")
@@ -98,7 +103,9 @@ def test_existing_output_kept_without_overwrite(tmp_path, capsys):
 
 
 def test_bad_parallel_settings(tmp_path, capsys):
-    bad(tmp_path, capsys, "--halo-portion", "1.5", match="halo portion must lie in [0, 1]")
+    bad(tmp_path, capsys, "--mode", "partial", "--halo-portion", "1.5", match="halo portion must lie in [0, 1]")
+    bad(tmp_path, capsys, "--mode", "full", "--halo-portion", "0.5",
+        match="--halo-portion sets the window of --mode partial (and pcpp); mode 'full' attends to the whole image: drop it")
 
 
 def test_guidance_on_unconditional_model(tmp_path, capsys):

@@ -8,10 +8,11 @@ import copy
 
 from parafuse.parallel.distributed import ParallelLayout
 from parafuse.parallel.emulator import run_ranks
+from parafuse.parallel.engine import DEFAULT_HALO_PORTION
 from parafuse.parallel.transport import ThreadHub, ThreadTransport
 
 
-def emulate_pipeline(pipe, world_size: int, call, mode: str = "sync", halo_portion: float = 0.3,
+def emulate_pipeline(pipe, world_size: int, call, mode: str = "sync", halo_portion: float = DEFAULT_HALO_PORTION,
                      warmup_steps: int = 4, cfg_parallel: bool = False, norm_mode: str | None = None,
                      text_merge: str | None = None, kv_codec: str = "none"):
     """Run `call(parallel_pipe)` on `world_size` emulated ranks; returns per rank (call's result,

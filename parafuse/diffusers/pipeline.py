@@ -22,7 +22,7 @@ from parafuse.diffusers.adapter import DiffusersAdapter, UnsupportedModelError, 
 from parafuse.diffusers.strips import StripDecoder, StripDenoiser
 from parafuse.parallel import kv_codec as kv_codec_module
 from parafuse.parallel.distributed import ParallelLayout, init_distributed, launched_by_torchrun
-from parafuse.parallel.engine import ExchangeEngine, check_settings
+from parafuse.parallel.engine import DEFAULT_HALO_PORTION, ExchangeEngine, check_settings
 from parafuse.parallel.parallelize import parallelize as swap_layers
 from parafuse.parallel.transport import KINDS, TorchTransport, Transport
 from parafuse.runtime import ParallelConfig
@@ -102,7 +102,7 @@ def calls_once_per_branch(pipe, kwargs: dict) -> bool:
     return kwargs.get("true_cfg_scale", 1.0) > 1 and negative
 
 
-def parallelize(pipe, mode: str = "sync", halo_portion: float = 0.3, warmup_steps: int = 4,
+def parallelize(pipe, mode: str = "sync", halo_portion: float = DEFAULT_HALO_PORTION, warmup_steps: int = 4,
                 cfg_parallel: bool = False, norm_mode: str | None = None, parallel_decode: bool = True, *,
                 text_merge: str | None = None, kv_codec: str = "none", layout: ParallelLayout | None = None,
                 transport: Transport | None = None) -> ParallelPipeline:

@@ -46,6 +46,7 @@ from parafuse.parallel.transport import Pending, Transport, sum_in_rank_order
 BASELINES = {"distrifusion": "full", "pcpp": "partial"}     # baseline -> the mode whose values it computes
 MODES = ("sync", "full", "partial", "none") + tuple(BASELINES)
 NORM_MODES = ("exact", "corrected", "stale", "local")
+DEFAULT_HALO_PORTION = 0.3      # partial: the share of each neighbour strip whose K/V a strip attends to
 
 
 TEXT_MERGES = ("exact", "stale")
@@ -91,7 +92,7 @@ def _spans(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 class ExchangeEngine:
     def __init__(self, transport: Transport, patch_ranks: list[int], mode: str = "sync",
-                 halo_portion: float = 0.3, warmup_steps: int = 4, norm_mode: str | None = None,
+                 halo_portion: float = DEFAULT_HALO_PORTION, warmup_steps: int = 4, norm_mode: str | None = None,
                  kernels: str = "torch", text_merge: str | None = None, kv_codec: str = "none"):
         check_settings(mode, halo_portion, warmup_steps, norm_mode, text_merge, kv_codec)
         pattern = "all-gather" if mode in BASELINES else "neighbours"
