@@ -16,9 +16,10 @@ reports):
                dit-xl and unet-xl at 4096² (N = 8, full): the targets (benchmarks/scaling.py: one
                process, NullTransport, the slowest strip); unet-xl 2048² is in `graphs`
     graphs     CUDA graphs: replayed evaluations equal eager ones (a serial run, a strip's steady
-               steps), and unet-xl 2048² per-rank speedup with the serial and strip steps graphed
-               (compute alone in `full` and `partial` at N = 8 and 4, and `full` at N = 8 with the
-               communication as device copies in the graph)
+               steps, also on the Triton kernels), and unet-xl 2048² per-rank speedup with the serial
+               and strip steps graphed (compute alone in `full` and `partial` at N = 8, on the PyTorch
+               and the Triton kernels, `full` at N = 4, and `full` at N = 8 with the communication as
+               device copies in the graph)
     bandwidth  the solver update `combine` against a device-to-device copy, fp32 and bf16; the
                one-bit K/V codec's encode and decode at a dit-xl site (--kv-codec sign)
     kernels    the Triton GroupNorm kernels against their references and the native GroupNorm on the
@@ -52,10 +53,10 @@ from common import RESULTS, hardware, table  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMAND = "PYTHONPATH=.:kernels python benchmarks/gpu_check.py"
 SECTIONS = ("cli", "nccl", "sync", "scaling", "graphs", "bandwidth", "kernels", "bottleneck", "projection")
-BUDGETS = {"cli": 35, "nccl": 25, "sync": 30, "scaling": 110, "graphs": 105, "bandwidth": 15, "kernels": 40,
-           "bottleneck": 15, "projection": 5}   # seconds; 380 in all. ~305 s measured on an H100 before
-                                                # `graphs` measured `partial` too (kernels: autotuning the
-                                                # attention compiles 8 configs per head dim)
+BUDGETS = {"cli": 35, "nccl": 25, "sync": 30, "scaling": 110, "graphs": 120, "bandwidth": 15, "kernels": 40,
+           "bottleneck": 15, "projection": 5}   # seconds; 395 in all. ~305 s measured on an H100 before
+                                                # `graphs` measured `partial` and the Triton kernels too
+                                                # (kernels: autotuning the attention compiles 8 configs per head dim)
 
 
 def run_cli(args: list[str], torchrun: bool, timeout: float) -> dict:
@@ -171,17 +172,21 @@ def section_graphs(a) -> dict:
     eager = Runtime(load_model("unet-small"), ParallelConfig(), device=a.device).generate(req).latent
     graphed = Runtime(load_model("unet-small"), ParallelConfig(), device=a.device, cuda_graphs=True).generate(req).latent
     out = {"serial_replay_vs_eager_max": (graphed - eager).abs().max().item()}
-    strips = {}
-    for graphs in (False, True):
-        rt = Runtime(load_model("unet-small"), ParallelConfig("full", 1), device=a.device,
-                     layout=ParallelLayout(1, 3), transport=NullTransport(1, 3), cuda_graphs=graphs)
-        step = rt.rank_step(req)
-        strips[graphs] = [step(t).clone() for t in (900.0, 700.0, 500.0, 300.0)]
-    out["strip_replay_vs_eager_max"] = max((g - e).abs().max().item() for g, e in zip(strips[True], strips[False]))
+    for kernels, key in (("torch", "strip_replay_vs_eager_max"), ("triton", "strip_replay_vs_eager_max_triton")):
+        strips = {}
+        for graphs in (False, True):
+            rt = Runtime(load_model("unet-small"), ParallelConfig("full", 1), device=a.device, kernels=kernels,
+                         layout=ParallelLayout(1, 3), transport=NullTransport(1, 3), cuda_graphs=graphs)
+            step = rt.rank_step(req)
+            strips[graphs] = [step(t).clone() for t in (900.0, 700.0, 500.0, 300.0)]
+        out[key] = max((g - e).abs().max().item() for g, e in zip(strips[True], strips[False]))
     # `partial` too: the U-Net's mode (it meets the quality target at 1024²-2048²), whose strips
-    # attend to their windows instead of the whole image's stale K/V
-    out["rows"] = scaling.scaling_rows("unet-xl", [2048], [1, 8, 4], ["full", "partial"], device, None, repeat=5,
-                                       deadline=deadline, cuda_graphs=True)
+    # attend to their windows instead of the whole image's stale K/V; and the strips on the Triton
+    # kernels (--kernels triton: the GroupNorm in two launches, against the PyTorch path's ~10 ops)
+    out["rows"] = scaling.scaling_rows("unet-xl", [2048], [1, 8], ["full", "partial"], device, None, repeat=5,
+                                       deadline=deadline, cuda_graphs=True, kernels=("torch", "triton"))
+    out["rows"] += [r for r in scaling.scaling_rows("unet-xl", [2048], [4], ["full"], device, None, repeat=5,
+                                                    deadline=deadline, cuda_graphs=True) if r["mode"] != "serial"]
     # the same graphed strip step with its communication inside the graph (device copies on a side stream)
     out["rows"] += [r for r in scaling.scaling_rows("unet-xl", [2048], [8], ["full"], device, None, repeat=5,
                                                     deadline=deadline, cuda_graphs=True, transport="loopback")
@@ -352,9 +357,12 @@ def section_projection(a, results: dict) -> dict:
     the scaling section's eager rows and from the graphs section's graphed ones (compute alone)."""
     import project
 
+    graphed = [r for r in results["sections"].get("graphs", {}).get("result", {}).get("rows", [])
+               if r.get("transport", "null") == "null"]
     sources = {"eager": results["sections"].get("scaling", {}).get("result", {}).get("rows", []),
-               "graphed": [r for r in results["sections"].get("graphs", {}).get("result", {}).get("rows", [])
-                           if r.get("transport", "null") == "null"]}
+               "graphed": [r for r in graphed if r.get("kernels", "torch") == "torch"],
+               "graphed, triton kernels": [r for r in graphed if r.get("kernels", "torch") == "triton"
+                                           or r["mode"] == "serial"]}
     sources = {k: [r for r in v if "seconds" in r] for k, v in sources.items()}
     if not any(sources.values()):
         return {"skipped": "no scaling rows (run the scaling or graphs section first)"}
@@ -368,16 +376,18 @@ def section_projection(a, results: dict) -> dict:
 
 
 # The GPU issues' targets (bf16, per-rank compute speedup like with like): (what, section, model,
-# size, mode, N, at least)
+# size, mode, N, the patch layers' kernels, at least)
 TARGETS = [
-    ("dit-xl 4096² full, N = 8", "scaling", "dit-xl", 4096, "full", 8, 7.5),
-    ("dit-xl 2048² full, N = 2", "scaling", "dit-xl", 2048, "full", 2, 1.8),
-    ("unet-xl 4096² full, N = 8", "scaling", "unet-xl", 4096, "full", 8, 6.0),
-    ("unet-xl 2048² graphed, N = 4", "graphs", "unet-xl", 2048, "full", 4, 3.0),
-    ("unet-xl 2048² graphed, N = 8", "graphs", "unet-xl", 2048, "full", 8, 5.0),
-    # the issue names no mode for these two: `partial` is the U-Net's mode (fewer keys per strip)
-    ("unet-xl 2048² graphed partial, N = 4", "graphs", "unet-xl", 2048, "partial", 4, 3.0),
-    ("unet-xl 2048² graphed partial, N = 8", "graphs", "unet-xl", 2048, "partial", 8, 5.0),
+    ("dit-xl 4096² full, N = 8", "scaling", "dit-xl", 4096, "full", 8, "torch", 7.5),
+    ("dit-xl 2048² full, N = 2", "scaling", "dit-xl", 2048, "full", 2, "torch", 1.8),
+    ("unet-xl 4096² full, N = 8", "scaling", "unet-xl", 4096, "full", 8, "torch", 6.0),
+    ("unet-xl 2048² graphed, N = 4", "graphs", "unet-xl", 2048, "full", 4, "torch", 3.0),
+    ("unet-xl 2048² graphed, N = 8", "graphs", "unet-xl", 2048, "full", 8, "torch", 5.0),
+    # the issue names neither mode nor kernels for this one: `partial` is the U-Net's mode (fewer
+    # keys per strip), and the Triton GroupNorm replaces the PyTorch path's ~10 ops by 2 launches
+    ("unet-xl 2048² graphed partial, N = 8", "graphs", "unet-xl", 2048, "partial", 8, "torch", 5.0),
+    ("unet-xl 2048² graphed, --kernels triton, N = 8", "graphs", "unet-xl", 2048, "full", 8, "triton", 5.0),
+    ("unet-xl 2048² graphed partial, --kernels triton, N = 8", "graphs", "unet-xl", 2048, "partial", 8, "triton", 5.0),
 ]
 
 
@@ -387,9 +397,9 @@ def target_rows(results: dict, extra: list[dict] = ()) -> list[dict]:
     own sections have no row for a target."""
     own = [r for name in ("scaling", "graphs") for r in results["sections"].get(name, {}).get("result", {}).get("rows", [])]
     out = []
-    for what, section, model, size, mode, n, least in TARGETS:
+    for what, section, model, size, mode, n, kernels, least in TARGETS:
         hit = [r for r in [*own, *extra] if (r.get("model"), r.get("size"), r.get("mode"), r.get("n")) == (model, size, mode, n)
-               and "speedup" in r and r.get("transport", "null") == "null"
+               and "speedup" in r and r.get("transport", "null") == "null" and r.get("kernels", "torch") == kernels
                and bool(r.get("cuda_graphs")) == (section == "graphs")]
         if not hit:
             out.append({"section": f"target {what} >= {least}x", "result": "not measured"})
@@ -443,12 +453,15 @@ def summary(results: dict) -> list[dict]:
                                            f"{(r['serial_peak_memory_bytes'] or 0) / 1e9:.1f} GB"})
         elif name == "graphs":
             r = sec["result"]
+            triton = r.get("strip_replay_vs_eager_max_triton")
             rows.append({"section": "graphs replay = eager", "result": f"serial max diff {r['serial_replay_vs_eager_max']:.2g}, "
-                         f"strip max diff {r['strip_replay_vs_eager_max']:.2g}"})
+                         f"strip max diff {r['strip_replay_vs_eager_max']:.2g}"
+                         + ("" if triton is None else f", strip on the Triton kernels max diff {triton:.2g}")})
             for x in r["rows"]:
                 if x.get("mode") not in (None, "serial") and "speedup" in x:
                     rows.append({"section": f"graphs {x['model']} {x['size']} N={x['n']} {x['mode']} "
-                                            f"{x.get('transport', 'null')}",
+                                            f"{x.get('transport', 'null')}"
+                                            + (" triton kernels" if x.get("kernels") == "triton" else ""),
                                  "result": f"{x['speedup']:.2f}x ({x['seconds'] * 1e3:.1f} vs "
                                            f"{x['serial_seconds'] * 1e3:.1f} ms, both graphed)"})
         elif name == "kernels":

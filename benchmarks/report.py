@@ -127,12 +127,12 @@ def gpu_section(gpus: list[dict]) -> list[str]:
                 ""]
         rows = [r for r in measured if r["mode"] != "serial"]
         commands = sorted({r["command"] for r in rows})
-        rows = [{**r, "graphs": "graphed" if r.get("cuda_graphs") else "eager",
+        rows = [{**r, "graphs": "graphed" if r.get("cuda_graphs") else "eager", "kernels": r.get("kernels", "torch"),
                  "communication": "side-stream copies" if r.get("transport") == "loopback" else "none (compute alone)",
                  "source": commands.index(r["command"]) + 1} for r in rows]
         out += [f"Per-rank compute speedup on {device} (bf16; the slowest strip's steady-state step against the "
                 "serial step, both eager or both graphed; `source` numbers the command below):", "",
-                pivot(rows, ("model", "size", "mode", "graphs", "communication", "source"), "speedup"), ""]
+                pivot(rows, ("model", "size", "mode", "graphs", "kernels", "communication", "source"), "speedup"), ""]
         out += [f"{i}. `{c}`" for i, c in enumerate(commands, 1)] + [""]
         for path in sorted(glob.glob(os.path.join(RESULTS, "project_*.json"))):
             proj = json.load(open(path))
@@ -280,12 +280,14 @@ def plots(scaling, project, quality, gpus) -> list[str]:
                         label=f"{model} partial: torchrun end to end, CPU (measured)")
     for g in gpus:
         rows = [r for r in gpu_scaling_rows(g) if r.get("transport", "null") == "null"]
-        for key in sorted({(r["model"], r["size"], r["mode"], bool(r.get("cuda_graphs"))) for r in rows
-                           if r["mode"] != "serial"}):
+        for key in sorted({(r["model"], r["size"], r["mode"], bool(r.get("cuda_graphs")), r.get("kernels", "torch"))
+                           for r in rows if r["mode"] != "serial"}):
             pts = {r["n"]: r["speedup"] for r in rows if (r["model"], r["size"], r["mode"], bool(r.get("cuda_graphs")))
-                   in (key, (*key[:2], "serial", key[3]))}
+                   == key[:4] and r.get("kernels", "torch") == key[4]
+                   or (r["model"], r["size"], r["mode"], bool(r.get("cuda_graphs"))) == (*key[:2], "serial", key[3])}
             ax.plot(sorted(pts), [pts[n] for n in sorted(pts)], "s-" if key[3] else "s:",
-                    label=f"{key[0]} {key[1]}² {key[2]}{' graphed' if key[3] else ''}: per-rank compute, "
+                    label=f"{key[0]} {key[1]}² {key[2]}{' graphed' if key[3] else ''}"
+                          f"{' triton kernels' if key[4] == 'triton' else ''}: per-rank compute, "
                           f"{g['hardware']['device']} (measured)")
     if project:
         for (model, size, mode) in sorted({(r["model"], r["size"], r["mode"]) for r in project["projections"]}):

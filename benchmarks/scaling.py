@@ -68,10 +68,11 @@ def time_step(step, device: torch.device, warmup: int = 2, repeat: int = 5, max_
 
 
 def measure(model, req: Request, device, dtype, mode: str | None, n: int, strip: int, warmup_steps: int = 1,
-            repeat: int = 5, cuda_graphs: bool = False, transport: str = "null") -> dict:
+            repeat: int = 5, cuda_graphs: bool = False, transport: str = "null", kernels: str = "torch") -> dict:
     """One strip's steady-state step (or the serial step, mode None): seconds, bytes per step by
     kind, state bytes, ATen ops, peak memory. `transport`: "null" (compute alone) or "loopback"
-    (the step's communication done as device copies on a side stream). Leaves `model` plain."""
+    (the step's communication done as device copies on a side stream). `kernels`: the patch
+    layers' (--kernels; the serial step is the plain model's). Leaves `model` plain."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -79,7 +80,7 @@ def measure(model, req: Request, device, dtype, mode: str | None, n: int, strip:
         rt = Runtime(model, ParallelConfig(), device=str(device), dtype=dtype, cuda_graphs=cuda_graphs)
     else:
         rt = Runtime(model, ParallelConfig(mode, warmup_steps), device=str(device), dtype=dtype,
-                     layout=ParallelLayout(strip, n), cuda_graphs=cuda_graphs,
+                     layout=ParallelLayout(strip, n), cuda_graphs=cuda_graphs, kernels=kernels,
                      transport=(LoopbackTransport if transport == "loopback" else NullTransport)(strip, n))
     try:
         step = rt.rank_step(req)
@@ -105,9 +106,10 @@ def measure(model, req: Request, device, dtype, mode: str | None, n: int, strip:
 
 def scaling_rows(model_name: str, sizes, ranks, modes, device, dtype, repeat: int = 5,
                  deadline: float | None = None, log=print, cuda_graphs: bool = False,
-                 transport: str = "null") -> list[dict]:
-    """Rows of (model, size, mode, N): the slowest strip's step against the serial step, both
-    graphed or both eager (like with like)."""
+                 transport: str = "null", kernels=("torch",)) -> list[dict]:
+    """Rows of (model, size, N, mode, kernels): the slowest strip's step against the serial step,
+    both graphed or both eager (like with like). `kernels`: the patch layers' kernels to measure
+    each strip with (the serial step is the plain model's, whatever they are)."""
     model = load_model(model_name, device=device)
     rows = []
     for size in sizes:
@@ -124,30 +126,39 @@ def scaling_rows(model_name: str, sizes, ranks, modes, device, dtype, repeat: in
             if n == 1:
                 continue
             for mode in modes:
-                if deadline is not None and time.perf_counter() > deadline:
-                    rows.append({"model": model_name, "size": size, "mode": mode, "n": n, "skipped": "time budget"})
-                    continue
-                strips = sorted({0, n // 2})
-                per = {s: measure(model, req, device, dtype, mode, n, s, repeat=repeat, cuda_graphs=cuda_graphs,
-                                  transport=transport) for s in strips}
-                slow = max(per, key=lambda s: per[s]["seconds"])
-                # traffic of the busiest strip, per kind: the slowest can be the first strip, with one
-                # neighbour and half the neighbour traffic of a middle one
-                busiest = {key: {k: max(per[s][key].get(k, 0) for s in per) for k in {k for s in per for k in per[s][key]}}
-                           for key in ("bytes_per_step", "messages_per_step")}
-                r = {"model": model_name, "size": size, "mode": mode, "n": n, "strip": slow, "cuda_graphs": cuda_graphs,
-                     "transport": transport,
-                     **per[slow], **busiest,
-                     "strip_seconds": {str(s): per[s]["seconds"] for s in strips},
-                     "serial_seconds": serial["seconds"], "serial_aten_ops": serial["aten_ops"],
-                     "serial_peak_memory_bytes": serial["peak_memory_bytes"],
-                     "speedup": serial["seconds"] / per[slow]["seconds"]}
-                rows.append(r)
-                log(f"{model_name} {size}² N={n} {mode}: {r['seconds'] * 1e3:.1f} ms (strip {slow}), "
-                    f"speedup {r['speedup']:.2f}x, {sum(r['bytes_per_step'].values()) / 1e6:.2f} MB/step, "
-                    f"{r['aten_ops']} ops vs {serial['aten_ops']}")
+                for kern in kernels:
+                    if deadline is not None and time.perf_counter() > deadline:
+                        rows.append({"model": model_name, "size": size, "mode": mode, "n": n, "kernels": kern,
+                                     "skipped": "time budget"})
+                        continue
+                    rows.append(strip_row(model, model_name, size, req, device, dtype, mode, n, serial, repeat,
+                                          cuda_graphs, transport, kern))
+                    r = rows[-1]
+                    log(f"{model_name} {size}² N={n} {mode} ({kern} kernels): {r['seconds'] * 1e3:.1f} ms "
+                        f"(strip {r['strip']}), speedup {r['speedup']:.2f}x, "
+                        f"{sum(r['bytes_per_step'].values()) / 1e6:.2f} MB/step, {r['aten_ops']} ops vs {serial['aten_ops']}")
     del model
     return rows
+
+
+def strip_row(model, model_name, size, req, device, dtype, mode, n, serial, repeat, cuda_graphs, transport,
+              kernels) -> dict:
+    """The slower of the first and a middle strip against the serial step."""
+    strips = sorted({0, n // 2})
+    per = {s: measure(model, req, device, dtype, mode, n, s, repeat=repeat, cuda_graphs=cuda_graphs,
+                      transport=transport, kernels=kernels) for s in strips}
+    slow = max(per, key=lambda s: per[s]["seconds"])
+    # traffic of the busiest strip, per kind: the slowest can be the first strip, with one
+    # neighbour and half the neighbour traffic of a middle one
+    busiest = {key: {k: max(per[s][key].get(k, 0) for s in per) for k in {k for s in per for k in per[s][key]}}
+               for key in ("bytes_per_step", "messages_per_step")}
+    return {"model": model_name, "size": size, "mode": mode, "n": n, "strip": slow, "cuda_graphs": cuda_graphs,
+            "transport": transport, "kernels": kernels,
+            **per[slow], **busiest,
+            "strip_seconds": {str(s): per[s]["seconds"] for s in strips},
+            "serial_seconds": serial["seconds"], "serial_aten_ops": serial["aten_ops"],
+            "serial_peak_memory_bytes": serial["peak_memory_bytes"],
+            "speedup": serial["seconds"] / per[slow]["seconds"]}
 
 
 def torchrun_steps(model_name: str, size: int, n: int, mode: str, steps: int, warmup: int,
@@ -234,6 +245,9 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--cuda-graphs", action="store_true", help="graph the serial and the strip steps (CUDA)")
+    p.add_argument("--kernels", nargs="+", choices=("torch", "triton"), default=["torch"],
+                   help="the patch layers' kernels (parafuse.generate --kernels), each measured; the serial step is "
+                        "the plain model's")
     p.add_argument("--transport", choices=("null", "loopback"), default="null",
                    help="null: compute alone; loopback: with the step's communication as device copies")
     p.add_argument("--budget", type=float, default=None, help="seconds; configurations past it are skipped")
@@ -245,7 +259,7 @@ def main(argv=None) -> None:
     rows = []
     for m in args.models:
         rows += scaling_rows(m, args.sizes, args.ranks, args.modes, device, args.dtype, args.repeat, deadline,
-                             cuda_graphs=args.cuda_graphs, transport=args.transport)
+                             cuda_graphs=args.cuda_graphs, transport=args.transport, kernels=args.kernels)
     real = []
     if device.type == "cpu" and args.torchrun_size:
         for m in args.models:

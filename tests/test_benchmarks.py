@@ -41,14 +41,40 @@ def test_gpu_check_targets_read_eager_and_graphed_rows_apart():
 
     results = {"sections": {"scaling": {"result": {"rows": [row("unet-xl", 2048, 8, 1.5, False)]}},
                             "graphs": {"result": {"rows": [row("unet-xl", 2048, 4, 3.2, True),
+                                                           row("unet-xl", 2048, 8, 5.2, True, kernels="triton"),
                                                            row("unet-xl", 2048, 8, 4.7, True)]}}}}
     extra = [row("unet-xl", 4096, 8, 5.9, False, command="python benchmarks/scaling.py --sizes 4096"),
              row("unet-xl", 2048, 8, 9.0, False, command="an eager run")]   # not a graphed target's row
     got = {r["section"]: r["result"] for r in gpu_check.target_rows(results, extra)}
     assert got["target unet-xl 2048² graphed, N = 4 >= 3.0x"] == "met: 3.20x"
     assert got["target unet-xl 2048² graphed, N = 8 >= 5.0x"] == "MISSED: 4.70x"
+    assert got["target unet-xl 2048² graphed, --kernels triton, N = 8 >= 5.0x"] == "met: 5.20x"
     assert got["target unet-xl 4096² full, N = 8 >= 6.0x"] == "MISSED: 5.90x (`python benchmarks/scaling.py --sizes 4096`)"
     assert got["target dit-xl 4096² full, N = 8 >= 7.5x"] == "not measured"
+
+
+def test_scaling_rows_measure_each_kernel_choice(monkeypatch):
+    """`kernels` reaches each strip's runtime and labels its row; the serial step is the plain
+    model's. (The runtime records what it asked for and runs the PyTorch path: through Triton's
+    interpreter the kernels would take minutes here, and its ATen ops say nothing of a GPU's.)"""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import torch
+
+    import scaling
+
+    asked, real = [], scaling.Runtime
+
+    def runtime(*args, kernels="torch", **kwargs):
+        asked.append((kwargs.get("layout") is not None, kernels))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scaling, "Runtime", runtime)
+    rows = scaling.scaling_rows("unet-small", [32], [1, 2], ["full"], torch.device("cpu"), None, repeat=1,
+                                log=lambda *_: None, kernels=("torch", "triton"))
+    assert [(r["mode"], r.get("kernels")) for r in rows] == [("serial", None), ("full", "torch"), ("full", "triton")]
+    assert all(r["speedup"] > 0 for r in rows)
+    assert set(asked) == {(False, "torch"), (True, "torch"), (True, "triton")}
+    assert all(kernels == "torch" for strip, kernels in asked if not strip)
 
 
 def test_multi_gpu_check_smoke_on_cpu_with_gloo(tmp_path):
