@@ -79,17 +79,6 @@ def png_bytes(image: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
-def write_json_atomic(path: str, data: dict) -> None:
-    from parafuse.outputs import commit
-    commit({path: json_bytes(data)})
-
-
-def save_png_atomic(image: torch.Tensor, path: str) -> None:
-    """Save [3, H, W] in [-1, 1] as an 8-bit PNG via a temporary file and a rename."""
-    from parafuse.outputs import commit
-    commit({path: png_bytes(image)})
-
-
 def load_png(path: str) -> torch.Tensor:
     from PIL import Image
     import numpy as np

@@ -60,6 +60,7 @@ def run_pipeline(args) -> int:
     from parafuse import report as rep
     from parafuse.diffusers.pipeline import load_pipeline
     from parafuse.generate import check_args, output_paths
+    from parafuse.outputs import commit
     from parafuse.parallel.engine import check_settings
     from parafuse.parallel.distributed import pick_device
     from parafuse.runtime import dtype_name, resolve_dtype
@@ -97,12 +98,11 @@ def run_pipeline(args) -> int:
         import torch.distributed as dist
         ranks = [None] * par.layout.world_size if par.layout.rank == 0 else None
         dist.gather_object(par.rank_stats, ranks, dst=0)
-    if par.layout.rank == 0:
+    if par.layout.rank == 0:        # every output rendered first, then all renamed into place together
         paths = output_paths(args.out, args.batch)
-        for image, path in zip(out.images, paths):
-            rep.save_png_atomic(image.float() * 2 - 1, path)
+        files = {path: rep.png_bytes(image.float() * 2 - 1) for image, path in zip(out.images, paths)}
         if args.report:
-            rep.write_json_atomic(args.report, {
+            files[args.report] = rep.json_bytes({
                 "model": args.model, "pipeline": type(pipe).__name__, "height": args.height, "width": args.width,
                 "steps": args.steps, "guidance": args.guidance, "seed": args.seed, "device": rep.device_name(device),
                 "torch": torch.__version__, "diffusers": _diffusers_version(), "world_size": par.layout.world_size,
@@ -110,6 +110,7 @@ def run_pipeline(args) -> int:
                 "cfg_parallel": args.cfg_parallel, "text_merge": args.text_merge, "kv_codec": args.kv_codec,
                 "attention_backend": backend, "dtype": dtype_name(dtype),
                 "total_seconds": seconds, "ranks": ranks})
+        commit(files)
         print(f"wrote {', '.join(paths)} ({seconds:.2f} s on {par.layout.world_size} rank(s))", file=sys.stdout)
     par.close()
     return 0
