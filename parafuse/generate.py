@@ -127,16 +127,19 @@ def check_writable(path: str, overwrite: bool) -> None:
         raise ValueError(f"{path!r} exists; pass --overwrite to replace it")
 
 
+def halo_portion(args) -> float:
+    """--halo-portion, or its default where it is not given."""
+    return DEFAULT_HALO_PORTION if args.halo_portion is None else args.halo_portion
+
+
 def check_args(args) -> None:
-    """Checks of files, paths and the device, and --halo-portion's default (given, it must be for a
-    mode that has a window); the model, solver and parallel settings are checked by the runtime
-    (ParallelConfig, Runtime.check), before any denoising."""
+    """Checks of files, paths and the device, and that --halo-portion, if given, is for a mode with
+    a window; the model, solver and parallel settings are checked by the runtime (ParallelConfig,
+    Runtime.check), before any denoising."""
     from parafuse import checks
 
     checks.check_device(args.device)
-    if args.halo_portion is None:
-        args.halo_portion = DEFAULT_HALO_PORTION
-    elif BASELINES.get(args.mode, args.mode) != "partial":
+    if args.halo_portion is not None and BASELINES.get(args.mode, args.mode) != "partial":
         raise ValueError(f"--halo-portion sets the window of --mode partial (and pcpp); mode {args.mode!r} "
                          f"{'attends to the whole image' if args.mode != 'none' else 'exchanges nothing'}: drop it")
     if args.weights is not None and not os.path.isfile(args.weights):
@@ -210,7 +213,7 @@ def prepare(args):
     for name in ("startup_timeout", "exchange_timeout"):
         if not 0 < getattr(args, name) < float("inf"):
             raise ValueError(f"--{name.replace('_', '-')} must be a positive number of seconds, got {getattr(args, name)}")
-    parallel = ParallelConfig(args.mode, args.warmup_steps, args.halo_portion, args.norm, args.cfg_parallel,
+    parallel = ParallelConfig(args.mode, args.warmup_steps, halo_portion(args), args.norm, args.cfg_parallel,
                               args.kv_codec)
     req = Request(args.height, args.width, args.steps, args.solver, args.guidance, args.seed, args.label, args.batch,
                   solver_options={"spacing": args.spacing} if args.spacing else {}, schedule=args.schedule,
