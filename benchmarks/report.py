@@ -350,6 +350,8 @@ def section() -> tuple[str, tuple]:
     lines += gpu_section(gpus)
     lines += quality_section(quality)
     lines += extra_quality("quality_1024_cpu.json", "The U-Net at 1024²: the issue's quality target")
+    lines += extra_quality("quality_1024_grid_cpu.json", "The U-Net at 1024², N = 2, 4 and 8, every mode",
+                           "The same request as the target's table, across N and warmup steps.")
     lines += extra_quality("quality_512_dit_cpu.json", "A DiT at 512²",
                            "`dit-small` has random weights: its attention is not local, the worst case for a window.")
     for size in (256, 512):
