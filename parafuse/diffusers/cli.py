@@ -61,8 +61,8 @@ def run_pipeline(args) -> int:
     from parafuse.diffusers.pipeline import load_pipeline
     from parafuse.generate import check_args, halo_portion, output_paths
     from parafuse.outputs import commit
-    from parafuse.parallel.engine import check_settings
     from parafuse.parallel.distributed import pick_device
+    from parafuse.parallel.engine import check_settings
     from parafuse.runtime import dtype_name, resolve_dtype
 
     check_args(args)
