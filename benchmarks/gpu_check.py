@@ -184,14 +184,14 @@ def section_graphs(a) -> dict:
     # `partial` too: the U-Net's mode (it meets the quality target at 1024²-2048²), whose strips
     # attend to their windows instead of the whole image's stale K/V; and the strips on the Triton
     # kernels (--kernels triton: the GroupNorm in two launches, against the PyTorch path's ~10 ops)
-    out["rows"] = scaling.scaling_rows("unet-xl", [2048], [1, 8], ["full", "partial"], device, None, repeat=5,
-                                       deadline=deadline, cuda_graphs=True, kernels=("torch", "triton"))
-    out["rows"] += [r for r in scaling.scaling_rows("unet-xl", [2048], [4], ["full"], device, None, repeat=5,
-                                                    deadline=deadline, cuda_graphs=True) if r["mode"] != "serial"]
+    rows = scaling.scaling_rows("unet-xl", [2048], [1, 8], ["full", "partial"], device, None, repeat=5,
+                                deadline=deadline, cuda_graphs=True, kernels=("torch", "triton"))
+    rows += scaling.scaling_rows("unet-xl", [2048], [4], ["full"], device, None, repeat=5, deadline=deadline,
+                                 cuda_graphs=True, serial_rows=rows)
     # the same graphed strip step with its communication inside the graph (device copies on a side stream)
-    out["rows"] += [r for r in scaling.scaling_rows("unet-xl", [2048], [8], ["full"], device, None, repeat=5,
-                                                    deadline=deadline, cuda_graphs=True, transport="loopback")
-                    if r["mode"] != "serial"]
+    rows += scaling.scaling_rows("unet-xl", [2048], [8], ["full"], device, None, repeat=5, deadline=deadline,
+                                 cuda_graphs=True, transport="loopback", serial_rows=rows)
+    out["rows"] = rows
     return out
 
 

@@ -106,10 +106,12 @@ def measure(model, req: Request, device, dtype, mode: str | None, n: int, strip:
 
 def scaling_rows(model_name: str, sizes, ranks, modes, device, dtype, repeat: int = 5,
                  deadline: float | None = None, log=print, cuda_graphs: bool = False,
-                 transport: str = "null", kernels=("torch",)) -> list[dict]:
+                 transport: str = "null", kernels=("torch",), serial_rows=()) -> list[dict]:
     """Rows of (model, size, N, mode, kernels): the slowest strip's step against the serial step,
     both graphed or both eager (like with like). `kernels`: the patch layers' kernels to measure
-    each strip with (the serial step is the plain model's, whatever they are)."""
+    each strip with (the serial step is the plain model's, whatever they are). `serial_rows`:
+    serial rows of an earlier call (same model, device and graphs), reused instead of measured again
+    and not repeated in the result."""
     model = load_model(model_name, device=device)
     rows = []
     for size in sizes:
@@ -118,10 +120,13 @@ def scaling_rows(model_name: str, sizes, ranks, modes, device, dtype, repeat: in
             continue
         req = Request(size, size, steps=8, solver="ddim", seed=0,
                       context=None, label=0 if model.spec.num_classes else None)
-        serial = measure(model, req, device, dtype, None, 1, 0, repeat=repeat, cuda_graphs=cuda_graphs)
-        log(f"{model_name} {size}² serial: {serial['seconds'] * 1e3:.1f} ms")
-        rows.append({"model": model_name, "size": size, "mode": "serial", "n": 1, "cuda_graphs": cuda_graphs, **serial,
-                     "serial_seconds": serial["seconds"], "speedup": 1.0})
+        serial = next((r for r in serial_rows if (r["model"], r["size"], r["mode"]) == (model_name, size, "serial")
+                       and "seconds" in r), None)
+        if serial is None:
+            serial = measure(model, req, device, dtype, None, 1, 0, repeat=repeat, cuda_graphs=cuda_graphs)
+            log(f"{model_name} {size}² serial: {serial['seconds'] * 1e3:.1f} ms")
+            rows.append({"model": model_name, "size": size, "mode": "serial", "n": 1, "cuda_graphs": cuda_graphs,
+                         **serial, "serial_seconds": serial["seconds"], "speedup": 1.0})
         for n in ranks:
             if n == 1:
                 continue

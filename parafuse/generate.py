@@ -13,7 +13,8 @@ import os
 import sys
 
 from parafuse.models import MODELS
-from parafuse.parallel.engine import BASELINES, DEFAULT_HALO_PORTION, MODES, NORM_MODES
+from parafuse.parallel.engine import BASELINES, DEFAULT_HALO_PORTION, MODES, NORM_MODES, TEXT_MERGES
+from parafuse.parallel.kv_codec import CODECS
 from parafuse.solvers import SOLVERS
 
 
@@ -65,10 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"(default {DEFAULT_HALO_PORTION})")
     p.add_argument("--norm", default=None, choices=NORM_MODES,
                    help="GroupNorm across strips (default: exact; corrected in distrifusion/pcpp, as published; local in none)")
-    p.add_argument("--kv-codec", default="none", choices=("none", "sign"),
+    p.add_argument("--kv-codec", default="none", choices=CODECS,
                    help="stale K/V on the wire (full, partial): none (exact), sign (1 bit an element: the sign of "
                         "the residual against a predicted copy, a scale a token; ~7%% of the bytes in bf16)")
-    p.add_argument("--text-merge", default=None, choices=("exact", "stale"),
+    p.add_argument("--text-merge", default=None, choices=TEXT_MERGES,
                    help="diffusers pipelines with joint text+image attention (SD3, Flux): how the stale steps merge "
                         "the text queries across strips - stale (the default of full and partial: the other "
                         "strips' previous-step outputs, nothing waited on) or exact (an all-reduce waited on)")
@@ -125,6 +126,16 @@ def check_writable(path: str, overwrite: bool) -> None:
         raise ValueError(f"cannot write {path!r}: it is a folder")
     if os.path.exists(path) and not overwrite:
         raise ValueError(f"{path!r} exists; pass --overwrite to replace it")
+
+
+# the flags of `--model PATH` with a diffusers pipeline folder, and their defaults (add_pipeline_args)
+PIPELINE_ONLY = {"prompt": None, "negative_prompt": None, "prompt_embeds": None}
+
+
+def given_flags(args, defaults: dict) -> list[str]:
+    """The command-line names of the flags among `defaults` that `args` sets to something else."""
+    return [f"--{'[no-]' if k == 'cuda_graphs' else ''}{k.replace('_', '-')}" for k, default in defaults.items()
+            if getattr(args, k) != default]
 
 
 def halo_portion(args) -> float:
@@ -202,7 +213,7 @@ def prepare(args):
     from parafuse.stages import parse_stages
 
     check_args(args)
-    given = [f"--{k.replace('_', '-')}" for k in ("prompt", "negative_prompt", "prompt_embeds") if getattr(args, k) is not None]
+    given = given_flags(args, PIPELINE_ONLY)
     if given:
         raise ValueError(f"{', '.join(given)}: only for a diffusers pipeline folder (--model PATH); the built-in "
                          f"models have no text encoder (their text models take a context tensor through the library's "

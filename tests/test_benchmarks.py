@@ -77,6 +77,29 @@ def test_scaling_rows_measure_each_kernel_choice(monkeypatch):
     assert all(kernels == "torch" for strip, kernels in asked if not strip)
 
 
+def test_scaling_rows_reuse_a_measured_serial_step(monkeypatch):
+    """`serial_rows`: a serial row measured by an earlier call is reused (no serial runtime built,
+    no serial row repeated) and the strips' speedups are against it."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import torch
+
+    import scaling
+
+    serial = {"model": "unet-small", "size": 32, "mode": "serial", "n": 1, "seconds": 123.0, "aten_ops": 1,
+              "peak_memory_bytes": None}
+    built, real = [], scaling.Runtime
+
+    def runtime(*args, **kwargs):
+        built.append(kwargs.get("layout") is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scaling, "Runtime", runtime)
+    rows = scaling.scaling_rows("unet-small", [32], [2], ["full"], torch.device("cpu"), None, repeat=1,
+                                log=lambda *_: None, serial_rows=[serial])
+    assert [r["mode"] for r in rows] == ["full"] and all(built)
+    assert rows[0]["serial_seconds"] == 123.0 and rows[0]["speedup"] == 123.0 / rows[0]["seconds"]
+
+
 def test_multi_gpu_check_smoke_on_cpu_with_gloo(tmp_path):
     """The multi-GPU check is ready for the day several GPUs are lent: its logic runs here over gloo."""
     out = tmp_path / "mgc.json"

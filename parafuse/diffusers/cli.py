@@ -59,15 +59,14 @@ def run_pipeline(args) -> int:
     from parafuse import attention
     from parafuse import report as rep
     from parafuse.diffusers.pipeline import load_pipeline
-    from parafuse.generate import check_args, halo_portion, output_paths
+    from parafuse.generate import check_args, given_flags, halo_portion, output_paths
     from parafuse.outputs import commit
     from parafuse.parallel.distributed import pick_device
     from parafuse.parallel.engine import check_settings
     from parafuse.runtime import dtype_name, resolve_dtype
 
     check_args(args)
-    given = [f"--{'[no-]' if k == 'cuda_graphs' else ''}{k.replace('_', '-')}" for k, default in BUILTIN_ONLY.items()
-             if getattr(args, k) != default]
+    given = given_flags(args, BUILTIN_ONLY)
     if given:
         raise ValueError(f"{', '.join(given)}: only for parafuse's built-in models; a diffusers pipeline runs "
                          f"eagerly with its own weights, scheduler and one-stage schedule, without parafuse's "
@@ -80,14 +79,15 @@ def run_pipeline(args) -> int:
         text_encoder = json.load(f).get("text_encoder", [None])
     if args.prompt is not None and (not isinstance(text_encoder, list) or text_encoder[0] is None):
         raise ValueError(f"pipeline {args.model!r} was saved without a text encoder: pass --prompt-embeds FILE")
-    check_settings(args.mode, halo_portion(args), args.warmup_steps, args.norm, args.text_merge, args.kv_codec)
+    portion = halo_portion(args)
+    check_settings(args.mode, portion, args.warmup_steps, args.norm, args.text_merge, args.kv_codec)
     device = pick_device(args.device)
     backend = attention.use_backend(args.attention_backend, device)     # the processors' attention() reads it
     dtype = resolve_dtype(args.dtype, device)
     pipe = load_pipeline(args.model, dtype, device, progress=not args.no_progress)
     call_parameters = inspect.signature(pipe.__call__).parameters
     kwargs = pipeline_kwargs(args, call_parameters)
-    par = parafuse.parallelize(pipe, mode=args.mode, halo_portion=halo_portion(args), warmup_steps=args.warmup_steps,
+    par = parafuse.parallelize(pipe, mode=args.mode, halo_portion=portion, warmup_steps=args.warmup_steps,
                                cfg_parallel=args.cfg_parallel, norm_mode=args.norm, text_merge=args.text_merge,
                                kv_codec=args.kv_codec)
     start = time.perf_counter()
@@ -106,7 +106,7 @@ def run_pipeline(args) -> int:
                 "model": args.model, "pipeline": type(pipe).__name__, "height": args.height, "width": args.width,
                 "steps": args.steps, "guidance": args.guidance, "seed": args.seed, "device": rep.device_name(device),
                 "torch": torch.__version__, "diffusers": _diffusers_version(), "world_size": par.layout.world_size,
-                "mode": args.mode, "warmup_steps": args.warmup_steps, "halo_portion": halo_portion(args),
+                "mode": args.mode, "warmup_steps": args.warmup_steps, "halo_portion": portion,
                 "cfg_parallel": args.cfg_parallel, "text_merge": args.text_merge, "kv_codec": args.kv_codec,
                 "attention_backend": backend, "dtype": dtype_name(dtype),
                 "total_seconds": seconds, "ranks": ranks})
