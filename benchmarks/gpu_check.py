@@ -75,7 +75,7 @@ def run_cli(args: list[str], torchrun: bool, timeout: float) -> dict:
         out = {"args": " ".join(args), "exit": proc.returncode, "wall_s": time.perf_counter() - t0}
         if proc.returncode == 0:
             r = json.load(open(rep))
-            out.update(device=r["device"], dtype=r["dtype"], cuda_graphs=r["cuda_graphs"], denoise_s=r["total_seconds"],
+            out.update(device=r["device"], dtype=r["dtype"], cuda_graphs=r["cuda_graphs"], kernels=r["kernels"], denoise_s=r["total_seconds"],
                        step_ms=1e3 * sum(r["step_seconds"][1:]) / max(1, len(r["step_seconds"]) - 1))
         else:
             out["error"] = (proc.stderr.strip().splitlines() or [""])[-1][-400:]
@@ -111,7 +111,8 @@ def section_sync(a) -> dict:
     req = Request(96, 64, 4, "dpmpp-2m", seed=7, label=3)
     try:
         for name in ("unet-small", "dit-small"):
-            serial = {dt: Runtime(load_model(name), ParallelConfig(), device=a.device, dtype=dt).generate(req).latent
+            serial = {dt: Runtime(load_model(name), ParallelConfig(), device=a.device, dtype=dt,
+                                  kernels="torch").generate(req).latent     # the emulator's kernels
                       for dt in ("fp32", "bf16")}
             r = {"bf16_vs_fp32_serial": diff(serial["bf16"], serial["fp32"])}
             for n in (2, 4):
@@ -286,7 +287,8 @@ def section_kernels(a) -> dict:
     out["native_group_norm_us"] = scaling.time_step(
         lambda: torch.nn.functional.group_norm(x, groups, w, bias, 1e-5), device, repeat=50) * 1e6
     req = Request(96, 64, 4, "ddim", seed=7, label=3)
-    serial = Runtime(load_model("unet-small"), ParallelConfig(), device=a.device, dtype="fp32").generate(req).latent
+    serial = Runtime(load_model("unet-small"), ParallelConfig(), device=a.device, dtype="fp32",
+                     kernels="torch").generate(req).latent
     _, res = emulate(load_model("unet-small"), 2, ParallelConfig("sync"), req, device=a.device, dtype="fp32",
                      kernels="triton")
     out["sync_triton_vs_serial_max"] = (res[0][0].latent - serial).abs().max().item()
@@ -431,11 +433,13 @@ def summary(results: dict) -> list[dict]:
             for dt, r in sec["result"].items():
                 rows.append({"section": f"cli {dt}", "result": f"exit {r['exit']}" + (
                     f", {r['step_ms']:.1f} ms/step on {r['device']}, graphs {r.get('cuda_graphs')}"
+                    + (f", kernels {r['kernels']}" if "kernels" in r else "")
                     if r["exit"] == 0 else f": {r['error']}")})
         elif name == "nccl":
             r = sec["result"]
             rows.append({"section": "torchrun x1", "result": f"exit {r['exit']}" + (
-                f", {r['step_ms']:.1f} ms/step, graphs {r.get('cuda_graphs')}" if r["exit"] == 0 else f": {r['error']}")})
+                f", {r['step_ms']:.1f} ms/step, graphs {r.get('cuda_graphs')}"
+                + (f", kernels {r['kernels']}" if "kernels" in r else "") if r["exit"] == 0 else f": {r['error']}")})
         elif name == "sync":
             for model, r in sec["result"].items():
                 rows.append({"section": f"sync {model}", "result": (

@@ -38,6 +38,8 @@ def main(argv=None) -> None:
     p.add_argument("--mode", default="full")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--kernels", default=None, choices=("torch", "triton"),
+                   help="the patch layers' kernels (default: the runtime's, triton on CUDA)")
     p.add_argument("--eager", action="store_true", help="no CUDA graphs (on CUDA they are on by default)")
     p.add_argument("--warmup", type=int, default=3, help="steps before profiling (capture happens in them)")
     p.add_argument("--steps", type=int, default=3, help="steps profiled")
@@ -50,7 +52,7 @@ def main(argv=None) -> None:
     req = Request(a.size, a.size, steps=8, solver="ddim", seed=0, context=None,
                   label=0 if model.spec.num_classes else None)
     rt = Runtime(model, ParallelConfig(a.mode, 1), device=a.device, dtype=a.dtype, layout=ParallelLayout(strip, a.n),
-                 transport=NullTransport(strip, a.n), cuda_graphs=False if a.eager else None)
+                 transport=NullTransport(strip, a.n), cuda_graphs=False if a.eager else None, kernels=a.kernels)
     try:
         step = rt.rank_step(req)
         for _ in range(a.warmup):

@@ -15,6 +15,7 @@ import sys
 from parafuse.models import MODELS
 from parafuse.parallel.engine import BASELINES, DEFAULT_HALO_PORTION, MODES, NORM_MODES, TEXT_MERGES
 from parafuse.parallel.kv_codec import CODECS
+from parafuse.runtime import KERNELS
 from parafuse.solvers import SOLVERS
 
 
@@ -80,9 +81,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="capture the steady-state step as a CUDA graph and replay it (CUDA only; default: on "
                         "for CUDA, off on CPU; --no-cuda-graphs runs every step eagerly)")
-    p.add_argument("--kernels", default="torch", choices=("torch", "triton"),
+    p.add_argument("--kernels", default=None, choices=KERNELS,
                    help="PyTorch ops, or parafuse's Triton kernels: the GroupNorm in two launches, the solver "
-                        "update in one, a --kv-codec sign message in one (CUDA; one shape of each checked on an H100, see the README)")
+                        "update in one, a --kv-codec sign message in one (CUDA; one shape of each checked on an "
+                        "H100, see the README); default: triton on CUDA, torch elsewhere")
     p.add_argument("--attention-backend", default=None, choices=("auto", "triton", "sdpa", "xformers"),
                    help="attention kernels: auto (the fastest measured on this device class: sdpa today), "
                         "triton (parafuse's halo attention; CUDA), sdpa, xformers (CUDA, optional extra); "

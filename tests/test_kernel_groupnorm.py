@@ -3,6 +3,8 @@
 a mean far from zero (the one-pass variance's hard case), sizes that are not multiples of the
 blocks, batch 2, fp32 and bf16. Tolerances: fp32 sums to 1e-5 relative; the normalised output to
 1e-5 (fp32) or one bf16 rounding, 1/128 relative (bf16)."""
+import importlib.util
+
 import pytest
 import torch
 
@@ -66,7 +68,7 @@ from parafuse.parallel.emulator import emulate  # noqa: E402
 from parafuse.parallel.layers import PatchGroupNorm  # noqa: E402
 from parafuse.parallel.transport import NullTransport  # noqa: E402
 from parafuse.profile import OpCounter  # noqa: E402
-from parafuse.runtime import ParallelConfig, Request, RequestError, Runtime  # noqa: E402
+from parafuse.runtime import ParallelConfig, Request, RequestError, Runtime, check_kernels  # noqa: E402
 
 REQ = Request(48, 32, 2, "ddim", seed=5, label=2)
 
@@ -127,6 +129,17 @@ def test_triton_kernels_without_cuda_or_the_interpreter_are_a_clear_error(monkey
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(RequestError, match="needs a CUDA device"):
         Runtime(load_model("dit-small"), ParallelConfig(), kernels="triton")
+
+
+def test_default_kernels_are_triton_on_cuda_and_torch_elsewhere(monkeypatch):
+    # the interpreter runs Triton on CPU for tests only: a CPU run's default stays on PyTorch ops
+    assert Runtime(load_model("dit-small"), ParallelConfig()).kernels == "torch"
+    assert check_kernels(None, torch.device("cuda")) == "triton"
+    assert check_kernels("torch", torch.device("cuda")) == "torch"
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real_find_spec(name, *a))
+    with pytest.raises(RequestError, match="the default on CUDA.*--kernels torch"):
+        check_kernels(None, torch.device("cuda"))
 
 
 # ---- the SiLU that follows, fused where it is the only reader --------------------------------------

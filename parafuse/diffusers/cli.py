@@ -20,7 +20,7 @@ import time
 # generate.py's flags that pick parafuse's own samplers and models: a diffusers pipeline has its own
 # (a pipeline runs eagerly, with its scheduler's one-stage schedule)
 BUILTIN_ONLY = {"weights": None, "solver": "dpmpp-2m", "spacing": None, "label": None, "compare_serial": False,
-                "reference": None, "cuda_graphs": None, "kernels": "torch", "schedule": "plain", "stages": None,
+                "reference": None, "cuda_graphs": None, "kernels": None, "schedule": "plain", "stages": None,
                 "startup_timeout": 600.0, "exchange_timeout": 300.0}
 
 
