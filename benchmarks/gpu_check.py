@@ -40,6 +40,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -75,11 +76,26 @@ def run_cli(args: list[str], torchrun: bool, timeout: float) -> dict:
         out = {"args": " ".join(args), "exit": proc.returncode, "wall_s": time.perf_counter() - t0}
         if proc.returncode == 0:
             r = json.load(open(rep))
-            out.update(device=r["device"], dtype=r["dtype"], cuda_graphs=r["cuda_graphs"], kernels=r["kernels"], denoise_s=r["total_seconds"],
-                       step_ms=1e3 * sum(r["step_seconds"][1:]) / max(1, len(r["step_seconds"]) - 1))
+            # each step's time: the first ones pay for compiling the kernels and capturing the graph, so
+            # the steady step is the median of the last half, not a mean over the run
+            ms = [1e3 * t for t in r["step_seconds"]]
+            out.update(device=r["device"], dtype=r["dtype"], cuda_graphs=r["cuda_graphs"], kernels=r["kernels"],
+                       denoise_s=r["total_seconds"], steps_ms=ms, steady_step_ms=statistics.median(ms[len(ms) // 2:]))
         else:
             out["error"] = (proc.stderr.strip().splitlines() or [""])[-1][-400:]
         return out
+
+
+def cli_summary(r: dict) -> str:
+    if r["exit"] != 0:
+        return f"exit {r['exit']}: {r['error']}"
+    if "steady_step_ms" in r:
+        first = ", ".join(f"{t:.0f}" for t in r["steps_ms"][:2])
+        step = f"{r['steady_step_ms']:.1f} ms/step steady (the first two steps: {first} ms)"
+    else:       # results of before the steady step was recorded: the mean after the first step
+        step = f"{r['step_ms']:.1f} ms/step (mean after the first step)"
+    return (f"exit 0, {step} on {r['device']}, graphs {r.get('cuda_graphs')}"
+            + (f", kernels {r['kernels']}" if "kernels" in r else ""))
 
 
 def section_cli(a) -> dict:
@@ -431,15 +447,9 @@ def summary(results: dict) -> list[dict]:
             rows.append({"section": name, "result": f"skipped: {skipped}"})
         elif name == "cli":
             for dt, r in sec["result"].items():
-                rows.append({"section": f"cli {dt}", "result": f"exit {r['exit']}" + (
-                    f", {r['step_ms']:.1f} ms/step on {r['device']}, graphs {r.get('cuda_graphs')}"
-                    + (f", kernels {r['kernels']}" if "kernels" in r else "")
-                    if r["exit"] == 0 else f": {r['error']}")})
+                rows.append({"section": f"cli {dt}", "result": cli_summary(r)})
         elif name == "nccl":
-            r = sec["result"]
-            rows.append({"section": "torchrun x1", "result": f"exit {r['exit']}" + (
-                f", {r['step_ms']:.1f} ms/step, graphs {r.get('cuda_graphs')}"
-                + (f", kernels {r['kernels']}" if "kernels" in r else "") if r["exit"] == 0 else f": {r['error']}")})
+            rows.append({"section": "torchrun x1", "result": cli_summary(sec["result"])})
         elif name == "sync":
             for model, r in sec["result"].items():
                 rows.append({"section": f"sync {model}", "result": (
