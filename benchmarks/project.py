@@ -167,7 +167,10 @@ def project_rows(rows: list[dict], link: Link, max_n: int = 16, norm_on_critical
     bytes_per_step and, in new runs, messages_per_step. Rows marked "skipped" or without seconds
     are ignored. `link`: a `Link` (`LINKS[name]`, or `fit_link` on a ping-pong).
 
-    Returns one dict per (model, size, mode, N), sorted: model, size, mode, n, link,
+    Rows of one (model, size, mode) measured with different patch-layer kernels (`kernels`, absent:
+    torch) are projected apart; the serial row serves them all.
+
+    Returns one dict per (model, size, mode, kernels, N), sorted: model, size, mode, kernels, n, link,
     link_bandwidth, link_latency, serial_seconds (inputs), compute_source, messages_known, and the
     projections projected_compute_seconds, projected_bytes_per_step, projected_messages_per_step
     (None if unknown), projected_comm_async_seconds, projected_comm_critical_seconds,
@@ -177,9 +180,9 @@ def project_rows(rows: list[dict], link: Link, max_n: int = 16, norm_on_critical
     groups: dict[tuple, dict[int, dict]] = {}
     for r in rows:
         if r["mode"] != "serial":
-            groups.setdefault((r["model"], r["size"], r["mode"]), {})[r["n"]] = r
+            groups.setdefault((r["model"], r["size"], r["mode"], r.get("kernels", "torch")), {})[r["n"]] = r
     out = []
-    for (model, size, mode), measured in sorted(groups.items()):
+    for (model, size, mode, kernels), measured in sorted(groups.items()):
         serial_s = serial.get((model, size), next(iter(measured.values()))["serial_seconds"])
         messages_known = all("messages_per_step" in r for r in measured.values())
         # N = 1 is the serial step: nothing is sent
@@ -193,7 +196,7 @@ def project_rows(rows: list[dict], link: Link, max_n: int = 16, norm_on_critical
             b = {k: max(0.0, interpolate(nbytes[k], n)[0]) for k in kinds}
             m = {k: max(0.0, interpolate(msgs[k], n, inverse=False)[0]) for k in kinds} if messages_known else None
             comm_async, comm_critical, step = step_seconds(c, b, m, mode, n, link, norm_on_critical_path)
-            out.append({"model": model, "size": size, "mode": mode, "n": n, "link": link.name,
+            out.append({"model": model, "size": size, "mode": mode, "kernels": kernels, "n": n, "link": link.name,
                         "link_bandwidth": link.bandwidth, "link_latency": link.latency, "serial_seconds": serial_s,
                         "compute_source": source, "messages_known": messages_known,
                         "projected_compute_seconds": c, "projected_bytes_per_step": b,
@@ -414,7 +417,8 @@ def plot(projections: list[dict], validation: dict | None, path: str, hw: str) -
     return True
 
 
-PROJECTION_COLUMNS = [("model", "model"), ("size", "px"), ("mode", "mode"), ("link", "link"), ("n", "N"),
+PROJECTION_COLUMNS = [("model", "model"), ("size", "px"), ("mode", "mode"), ("kernels", "kernels"), ("link", "link"),
+                      ("n", "N"),
                       ("compute_source", "compute"), ("compute_ms", "proj. compute ms"),
                       ("async_ms", "proj. async comm ms"), ("critical_ms", "proj. critical comm ms"),
                       ("step_ms", "proj. step ms"), ("projected_speedup", "proj. speedup"),

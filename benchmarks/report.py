@@ -139,12 +139,12 @@ def gpu_section(gpus: list[dict]) -> list[str]:
             if proj.get("compute_measured_on") != device:
                 continue
             graphed = {(r["model"], r["size"]) for r in proj["measured_rows"] if r.get("cuda_graphs")}
-            prow = [{**r, "graphs": "graphed" if (r["model"], r["size"]) in graphed else "eager"}
-                    for r in proj["projections"] if r["n"] in (2, 4, 8, 16)]
+            prow = [{**r, "graphs": "graphed" if (r["model"], r["size"]) in graphed else "eager",
+                     "kernels": r.get("kernels", "torch")} for r in proj["projections"] if r["n"] in (2, 4, 8, 16)]
             out += [f"**Projected** (not measured) from the rows of `{proj['args']['scaling']}` and the counted "
                     f"bytes, per link: `{proj['command']}`; per-rank compute at an N not measured is "
                     "interpolated or extrapolated (benchmarks/project.py).", "",
-                    pivot(prow, ("model", "size", "mode", "graphs", "link"), "projected_speedup"), ""]
+                    pivot(prow, ("model", "size", "mode", "graphs", "kernels", "link"), "projected_speedup"), ""]
     return out
 
 

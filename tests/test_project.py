@@ -122,6 +122,15 @@ def test_rows_without_message_counts_leave_latency_out_and_say_so():
     assert r["projected_comm_critical_seconds"] == pytest.approx((4096 + 48) / 1e9)
 
 
+def test_rows_of_each_kernel_choice_are_projected_apart():
+    faster = [{**r, "kernels": "triton", "seconds": r["seconds"] / 2} for r in rows()[1:]]
+    out = project_rows(rows() + faster, Link("free", math.inf, 0.0, "no cost"), max_n=8)
+    by = {(r["kernels"], r["n"]): r for r in out}
+    assert len(out) == 16 and by[("torch", 8)]["projected_speedup"] == pytest.approx(0.1 / 0.02)
+    assert by[("triton", 8)]["projected_speedup"] == pytest.approx(0.1 / 0.01)
+    assert by[("triton", 1)]["projected_speedup"] == pytest.approx(1.0)     # the one serial row serves both
+
+
 def test_skipped_rows_are_ignored():
     out = project_rows(rows() + [{"model": "x", "size": 9, "skipped": "time budget"}], LINK, max_n=2)
     assert {r["model"] for r in out} == {"m"}
