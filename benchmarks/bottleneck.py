@@ -50,6 +50,10 @@ from parafuse.stages import bottleneck, resize  # noqa: E402
 from benchmarks.swd import (DIRECTIONS, MIN_LEVEL, PATCH, PATCHES_PER_LEVEL, PHOTO_CROP, QUANTILES,  # noqa: E402
                             pyramid_depth, pyramid_patches, swd)
 
+SCHEDULES = ("bottleneck", "plain", "equal-flops", "bottleneck-published", "bottleneck-bicubic",
+             "bottleneck-unshifted")
+
+
 # ---- runs ------------------------------------------------------------------------------------------
 def targets(rows: list[dict], names=("bottleneck", "bottleneck-published")) -> list[dict]:
     """The issue's targets per --steps, schedule and reference: FLOPs saving >= 2.5x (goal 3x);
@@ -58,7 +62,7 @@ def targets(rows: list[dict], names=("bottleneck", "bottleneck-published")) -> l
     out = []
     for steps in dict.fromkeys(r["steps"] for r in rows):
         row = {r["schedule"]: r for r in rows if r["steps"] == steps}
-        for name in (n for n in names if n in row):
+        for name in (n for n in names if n in row and "plain" in row and "equal-flops" in row):
             me, plain, equal = row[name], row["plain"], row["equal-flops"]
             for ref in ("model", "photos"):
                 m, se = me[f"swd_{ref}_mean"], me[f"swd_{ref}_se"]
@@ -112,6 +116,8 @@ def main(argv=None) -> int:
                    help="images of the plain schedule at the largest --steps (seeds 1000, 1001, ...) that make "
                         "the second reference, the model's own distribution")
     p.add_argument("--solver", default="dpmpp-2m")
+    p.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=SCHEDULES,
+                   help="which runs (default: every one; the targets need bottleneck, plain and equal-flops)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: on a shared 2-core machine two threads ran ~20x slower)")
     args = p.parse_args(argv)
@@ -132,8 +138,8 @@ def main(argv=None) -> int:
     rows, samples = [], {}
     for steps in args.steps:
         req = Request(args.size, args.size, steps, args.solver, schedule="bottleneck")
-        budget = sum(rt.eval_flops(req, rt.stage_geometry(st)) * rt.make_solver(req, st).num_evals
-                     for st in rt.stages(req))
+        stages, _, _, evals = rt.stage_plan(req)
+        budget = sum(rt.eval_flops(req, rt.stage_geometry(st)) * n for st, n in zip(stages, evals))
         per_eval = rt.eval_flops(req, rt.check(req))
         equal = max(1, round(budget / per_eval))        # one-stage steps that spend the bottleneck's FLOPs
         runs = {
@@ -146,7 +152,7 @@ def main(argv=None) -> int:
             # the paper's ablation: the same stages without re-shifting (every stage at the model's own shift)
             "bottleneck-unshifted": dict(stages=tuple(replace(st, shift=None) for st in rt.stages(req))),
         }
-        for name, change in runs.items():
+        for name, change in ((k, v) for k, v in runs.items() if k in args.schedules):
             levels, seconds, flops, evals = {k: [] for k in refs}, [], None, None
             for seed in range(args.seeds):
                 req = Request(args.size, args.size, change.get("steps", steps), args.solver, seed=seed,
@@ -194,7 +200,8 @@ def main(argv=None) -> int:
                  ("flops", "FLOPs saving >= 2.5x"), ("ten", "patch-SWD <= 1.1 x plain"),
                  ("equal", "patch-SWD < equal-FLOPs run")]))
     tag = "cpu" if not torch.cuda.is_available() else "cuda"
-    data = {"hardware": hardware(), "torch_threads": torch.get_num_threads(), "model": args.model,
+    data = {"command": " ".join(["python benchmarks/bottleneck.py", *(sys.argv[1:] if argv is None else argv)]),
+            "hardware": hardware(), "torch_threads": torch.get_num_threads(), "model": args.model,
             "size": args.size, "seeds": args.seeds, "solver": args.solver, "rows": rows,
             "reference": {"photos": list(DEFAULT_HELD_OUT), "crops": len(ref_images), "swd_self_mean": m,
                           "swd_self_se": se, "model": f"plain {top} steps, seeds 1000..{999 + args.ref_seeds}"},

@@ -35,8 +35,8 @@ from parafuse.parallel.transport import KINDS, ThreadTransport, TorchTransport, 
 from parafuse.profile import ModelProfile
 from parafuse.sampling import denoise_stages, guided
 from parafuse.solvers import SOLVERS, LocalReduce, cfg, make_schedule, make_solver
-from parafuse.stages import (SCHEDULES, UPSAMPLE, Stage, StageError, bottleneck, check_stages, plain, resize_latent,
-                             stage_report, stage_seed, start_step)
+from parafuse.stages import (SCHEDULES, UPSAMPLE, Stage, StageError, bottleneck, carried_variance, check_stages,
+                             enter_noisy, entry, plain, resize_latent, stage_report, stage_seed, start_step)
 
 
 RequestError = CheckError    # a request that cannot run; one type for every refusal (parafuse.checks)
@@ -301,6 +301,17 @@ class Runtime:
             return solver
         return make_solver(req.solver, schedule, num_steps=stage.steps, **{**req.solver_options, "start_index": start})
 
+    def stage_plan(self, req: Request) -> tuple[tuple[Stage, ...], list, list[str], list[int]]:
+        """The request's stages, their solvers, how each is entered (parafuse.stages.entry) and the
+        model evaluations each runs (a stage that hands its noisy sample over skips its last)."""
+        stages = self.stages(req)
+        solvers = [self.make_solver(req, st) for st in stages]
+        entries = ["noise"] + [entry(stages[i - 1], stages[i], solvers[i - 1], solvers[i], self.spec.codec(),
+                                     self.spec.codec_factor) for i in range(1, len(stages))]
+        evals = [s.num_evals - (1 if i + 1 < len(stages) and entries[i + 1] == "noisy" else 0)
+                 for i, s in enumerate(solvers)]
+        return stages, solvers, entries, evals
+
     def _branches(self, req: Request) -> tuple[dict, dict | None]:
         """Model keyword arguments of the conditional and unconditional branch, batched."""
         b, dev, spec = req.batch, self.device, self.spec
@@ -396,7 +407,7 @@ class Runtime:
         with self._guard(req):
             x = denoise_stages(run.solvers, run.initial_latent(), run.start_stage, run.change_stage,
                                StripReduce(self.engine) if self.engine is not None else LocalReduce(),
-                               run.before_step, run.after_step)
+                               run.before_step, run.after_step, [e == "noisy" for e in run.entries])
             x = run.finish(x, geometry)
         step_seconds = run.clock.seconds()        # waits for the device once, at the end
         total = time.perf_counter() - start
@@ -407,10 +418,10 @@ class Runtime:
             latent = x.float().cpu()
             image = self.spec.codec().decode(latent).clamp(-1, 1)
         timing = {"total_seconds": total, "step_seconds": step_seconds,
-                  "flops": {"total": sum(self.eval_flops(req, g) * s.num_evals
-                                         for g, s in zip(run.geometries, run.solvers)),
+                  "flops": {"total": sum(self.eval_flops(req, g) * n for g, n in zip(run.geometries, run.evals)),
                             "full_schedule": self.eval_flops(req, geometry) * req.steps},   # a step is one evaluation
-                  "stages": stage_report(run.stages, run.solvers, step_seconds, run.change_seconds)}
+                  "stages": stage_report(run.stages, run.solvers, run.evals, run.entries, step_seconds,
+                                         run.change_seconds)}
         return Result(image, latent, self._rank_stats(geometry, run.state_bytes), timing)
 
     def _guard(self, req: Request):
@@ -488,15 +499,14 @@ class Denoising:
 
     def __init__(self, runtime: Runtime, req: Request, progress: bool):
         self.rt, self.req = runtime, req
-        self.stages = runtime.stages(req)
+        self.stages, solvers, self.entries, self.evals = runtime.stage_plan(req)
         self.geometries = [runtime.stage_geometry(st) for st in self.stages]
-        solvers = [runtime.make_solver(req, st) for st in self.stages]
         if runtime.kernels == "triton":     # the solver update (and guidance) as one fused launch per evaluation
             from parafuse_kernels.update import FusedUpdate
             guidance = req.guidance if runtime._fused_guidance(req) else None
             solvers = [FusedUpdate(s, guidance) for s in solvers]
         self.solvers = solvers
-        evals = sum(s.num_evals for s in solvers)
+        evals = sum(self.evals)
         lay = runtime.layout
         self.bar = None
         if progress and lay.rank == 0:
@@ -527,17 +537,25 @@ class Denoising:
             engine.configure(self.rt.plan(self.geometries[i], self.rt.model_batch(self.req)), self.rt.device)
         return self.watch.wrap(self.rt._model_fn(self.req))
 
-    def change_stage(self, i: int, x0: torch.Tensor) -> torch.Tensor:
-        """Stage i's starting sample from stage i−1's x̂0: the old geometry's strips gathered, the
-        whole latent resized, this rank's strip of it re-noised to stage i's starting σ."""
+    def change_stage(self, i: int, handed: torch.Tensor) -> torch.Tensor:
+        """Stage i's starting sample from what stage i−1 handed over (its noisy sample or its x̂0,
+        self.entries[i]): the old geometry's strips gathered, the whole latent resized, this rank's
+        strip of it brought to stage i's starting σ with noise keyed by (seed, stage)."""
         t0 = time.perf_counter()
-        engine, new = self.rt.engine, self.geometries[i]
+        engine, old, new, codec = self.rt.engine, self.geometries[i - 1], self.geometries[i], self.rt.spec.codec()
         if engine is not None:
             engine.drain()
-            x0 = engine.gather_rows(x0, 2, self.geometries[i - 1].rows, kind="stage")
-        x0 = resize_latent(x0, new.height, new.width, self.rt.spec.codec(), self.req.upsample)
+            handed = engine.gather_rows(handed, 2, old.rows, kind="stage")
+        whole = resize_latent(handed, new.height, new.width, codec, self.req.upsample)
         r = new.row_range(self.rt.layout.patch_index)
-        x = self.solvers[i].add_noise(x0[:, :, r[0]:r[1]], self._strip_noise(i))
+        solver = self.solvers[i]
+        if self.entries[i] == "noisy":
+            before, k = self.solvers[i - 1], self.evals[i - 1]
+            var = carried_variance((old.height, old.width), (new.height, new.width), codec)[:, :, r[0]:r[1]]
+            x = enter_noisy(whole[:, :, r[0]:r[1]], before.sigma(k), before.alpha(k), solver.sigma(0),
+                            solver.alpha(0), var, self._strip_noise(i)).to(handed.dtype)
+        else:
+            x = solver.add_noise(whole[:, :, r[0]:r[1]], self._strip_noise(i))
         self.change_seconds[i] = time.perf_counter() - t0
         return x
 

@@ -34,11 +34,12 @@ def guided(model: torch.nn.Module, guidance: float, cond: dict, uncond: dict | N
 
 def denoise(model_fn: ModelFn, x: torch.Tensor, solver, reduce=None,
             before_step: Callable[[int], None] | None = None,
-            after_step: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Run every evaluation of `solver` from the noisy `x`; returns the final sample."""
+            after_step: Callable[[int], None] | None = None, evals: int | None = None) -> torch.Tensor:
+    """Run the first `evals` evaluations of `solver` (default: every one) from the noisy `x`;
+    returns the sample after them (at σ = solver.sigma(evals): the final sample after every one)."""
     reduce = reduce or LocalReduce()
     state = solver.init_state()
-    for k in range(solver.num_evals):
+    for k in range(solver.num_evals if evals is None else evals):
         if before_step is not None:
             before_step(k)
         raw = model_fn(x, solver.model_time(k))
@@ -51,31 +52,36 @@ def denoise(model_fn: ModelFn, x: torch.Tensor, solver, reduce=None,
 def denoise_stages(solvers: Sequence, x: torch.Tensor, start_stage: Callable[[int], ModelFn],
                    change: Callable[[int, torch.Tensor], torch.Tensor], reduce=None,
                    before_step: Callable[[int], None] | None = None,
-                   after_step: Callable[[int], None] | None = None) -> torch.Tensor:
+                   after_step: Callable[[int], None] | None = None, noisy: Sequence[bool] = ()) -> torch.Tensor:
     """Run stage after stage; `solvers[i]` is stage i's solver, `x` stage 0's starting sample.
 
-    `start_stage(i)` prepares stage i and returns the model for it; `change(i, x0)` turns the clean
-    estimate x̂0 of stage i−1's last evaluation into stage i's starting sample. Every stage's
-    solver starts from its own empty history. `before_step`/`after_step` see evaluations
-    numbered across all stages. One stage is exactly `denoise`."""
-    done, x0 = 0, None
+    `start_stage(i)` prepares stage i and returns the model for it; `change(i, x)` turns what
+    stage i−1 hands over into stage i's starting sample. What it hands over (parafuse.stages):
+    with `noisy[i]`, its noisy sample before its last evaluation, which then does not run; else
+    the clean estimate x̂0 of its last evaluation. Every stage's solver starts from its own empty
+    history. `before_step`/`after_step` see evaluations numbered across all stages. One stage is
+    exactly `denoise`."""
+    done, handed = 0, None
     for i, solver in enumerate(solvers):
         if i > 0:
-            x = change(i, x0)
+            x = change(i, handed)
         model_fn, last = start_stage(i), {}
 
         def evaluate(x, t, model_fn=model_fn, last=last):
             last["x"], last["raw"] = x, model_fn(x, t)     # the last one gives x̂0 at the stage change
             return last["raw"]
 
-        offset = done
+        offset, hands_noisy = done, i + 1 < len(solvers) and i + 1 < len(noisy) and noisy[i + 1]
+        evals = solver.num_evals - 1 if hands_noisy else solver.num_evals
         x = denoise(evaluate, x, solver, reduce,
                     None if before_step is None else (lambda k: before_step(offset + k)),
-                    None if after_step is None else (lambda k: after_step(offset + k)))
-        done += solver.num_evals
-        if i + 1 < len(solvers):
-            x0 = solver.data_prediction(solver.num_evals - 1, last["x"], last["raw"])
+                    None if after_step is None else (lambda k: after_step(offset + k)), evals)
+        done += evals
+        if hands_noisy:
+            handed = x
+        elif i + 1 < len(solvers):
+            handed = solver.data_prediction(solver.num_evals - 1, last["x"], last["raw"])
             if solver.thresholding:        # the x̂0 the solver's own update used
-                x0 = dynamic_threshold(x0, solver.dynamic_thresholding_ratio, solver.sample_max_value,
-                                       reduce or LocalReduce())
+                handed = dynamic_threshold(handed, solver.dynamic_thresholding_ratio, solver.sample_max_value,
+                                           reduce or LocalReduce())
     return x

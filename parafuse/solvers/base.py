@@ -95,6 +95,10 @@ class Solver:
         """σ at evaluation k (k = num_evals: the final σ)."""
         return self._sig[self.start_index + k]
 
+    def alpha(self, k: int) -> float:
+        """α at evaluation k (x = α·x0 + σ·ε)."""
+        return self._alp[self.start_index + k]
+
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, k: int = 0) -> torch.Tensor:
         """x = α_k·x0 + σ_k·ε: the starting point for img2img / a new stage at evaluation k."""
         i = self.start_index + k
