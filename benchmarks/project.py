@@ -417,9 +417,8 @@ def plot(projections: list[dict], validation: dict | None, path: str, hw: str) -
     return True
 
 
-PROJECTION_COLUMNS = [("model", "model"), ("size", "px"), ("mode", "mode"), ("kernels", "kernels"), ("link", "link"),
-                      ("n", "N"),
-                      ("compute_source", "compute"), ("compute_ms", "proj. compute ms"),
+PROJECTION_COLUMNS = [("model", "model"), ("size", "px"), ("mode", "mode"), ("kernels", "kernels"),
+                      ("link", "link"), ("n", "N"), ("compute_source", "compute"), ("compute_ms", "proj. compute ms"),
                       ("async_ms", "proj. async comm ms"), ("critical_ms", "proj. critical comm ms"),
                       ("step_ms", "proj. step ms"), ("projected_speedup", "proj. speedup"),
                       ("projected_bound", "bound")]

@@ -226,10 +226,8 @@ def stage_seed(seed: int, stage: int) -> int:
     return int(np.random.SeedSequence([seed % 2 ** 64, stage]).generate_state(1, np.uint64)[0])
 
 
-# ---- how a stage is entered ------------------------------------------------------------------
-ENTRIES = ("noise", "noisy", "clean")     # stage 1 | the previous stage's noisy sample | its x̂0 re-noised
-
-
+# ---- how a stage is entered: "noise" (stage 1), "noisy" (the previous stage's noisy sample) or
+# "clean" (its x̂0, re-noised) ------------------------------------------------------------------
 def area_windows(n_in: int, n_out: int) -> torch.Tensor:
     """Per output index, how many inputs an area (adaptive-average) resize from n_in to n_out <= n_in
     averages: floor(i·n_in/n_out) .. ceil((i+1)·n_in/n_out), as F.interpolate(mode="area")."""
