@@ -44,13 +44,20 @@ def close_progress_bars() -> None:
             pass
 
 
-def exit_now(code: int, message: str | None = None) -> None:
-    """Print `message` (one line) and end the process at once, never in the middle of a commit."""
+def exit_now(code: int, message: str | None = None, kill: tuple[int, ...] = ()) -> None:
+    """Print `message` (one line), SIGKILL the processes `kill`, and end this one at once, never in
+    the middle of a commit. The line goes out before the kills: once a peer dies, torchrun ends
+    every rank, and a message printed after that may never be."""
     with _exit_lock:
         close_progress_bars()
         if message:
             print(message, file=sys.stderr, flush=True)
         sys.stdout.flush()
+        for pid in kill:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
         os._exit(code)
 
 
@@ -149,13 +156,16 @@ class Watchdog:
             limit = self.startup_timeout if self._startup_left else self.exchange_timeout
             stalled = now - self._since
             if stalled > limit:
+                culprits, stopped_here = self._culprits()
                 exit_now(EXIT_FAILED, f"parafuse: rank {self.rank}: no progress for {stalled:.0f} s while {what} "
-                                      f"(limit {limit:g} s): {self._culprits()}")
+                                      f"(limit {limit:g} s): {culprits}", kill=stopped_here)
 
-    def _culprits(self) -> str:
-        """Which ranks stopped answering: heartbeats read twice, 2 s apart."""
+    def _culprits(self) -> tuple[str, tuple[int, ...]]:
+        """Which ranks stopped answering (heartbeats read twice, 2 s apart), and the pids of those
+        on this host: stopped, they cannot take torchrun's SIGTERM, so `exit_now` ends them and the
+        job ends now."""
         if self.store is None or self.world_size == 1:
-            return "a peer rank stopped answering (no store to ask which)"
+            return "a peer rank stopped answering (no store to ask which)", ()
         first = self._read()
         until = time.monotonic() + 2 * HEARTBEAT_SECONDS
         while time.monotonic() < until:       # keep beating: a peer asking the same about this rank must see it alive
@@ -166,21 +176,15 @@ class Watchdog:
         stopped = [r for r in second if r in first and second[r][0] == first[r][0]]
         if stopped:
             here = socket.gethostname()
-            for r in stopped:
-                _, _, host, pid = second[r]
-                if host == here:          # it cannot take torchrun's SIGTERM; end it so the job ends now
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except OSError:
-                        pass
             return (f"rank {', '.join(map(str, stopped))} stopped answering (no heartbeat for "
-                    f"{2 * HEARTBEAT_SECONDS:.0f} s); ended")
+                    f"{2 * HEARTBEAT_SECONDS:.0f} s); ended",
+                    tuple(second[r][3] for r in stopped if second[r][2] == here))
         if missing:
-            return f"rank {', '.join(map(str, missing))} never reported (not started, or died)"
+            return f"rank {', '.join(map(str, missing))} never reported (not started, or died)", ()
         low = min(v[1] for v in second.values())
         stuck = [r for r, v in second.items() if v[1] == low]
         return (f"rank {', '.join(map(str, stuck))} is alive but stuck after {low} steps "
-                f"(this rank: {self.step})")
+                f"(this rank: {self.step})", ())
 
 
 class _Guard:

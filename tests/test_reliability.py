@@ -161,8 +161,8 @@ def test_stopped_rank_ends_the_job_naming_it(tmp_path):
 class FakeStore:
     """torchrun's store as the watchdog uses it; rank 1's heartbeat is frozen or alive at step 2."""
 
-    def __init__(self, peer_alive: bool):
-        self.data, self.peer_alive, self.reads = {}, peer_alive, 0
+    def __init__(self, peer_alive: bool, host: str = "otherhost"):
+        self.data, self.peer_alive, self.reads, self.host = {}, peer_alive, 0, host
 
     def set(self, key, value):
         self.data[key] = value
@@ -175,19 +175,25 @@ class FakeStore:
             return self.data[key].encode()
         self.reads += 1
         beat = self.reads if self.peer_alive else 7
-        return f"{beat} 2 otherhost 1".encode()
+        return f"{beat} 2 {self.host} 4321".encode()
 
 
-@pytest.mark.parametrize("peer_alive, named", [(False, "rank 1 stopped answering"),
-                                               (True, "rank 1 is alive but stuck after 2 steps")])
-def test_watchdog_names_the_rank(monkeypatch, peer_alive, named):
+@pytest.mark.parametrize("peer_alive, here, named, killed", [
+    (False, False, "rank 1 stopped answering", ()),
+    (False, True, "rank 1 stopped answering", (4321,)),     # a stopped rank on this host is ended, after the line
+    (True, True, "rank 1 is alive but stuck after 2 steps", ())])
+def test_watchdog_names_the_rank(monkeypatch, peer_alive, here, named, killed):
     """The deadline fires only inside a guard, after no progress; it names the peer from its heartbeat."""
+    import socket
+
     from parafuse import watchdog
     fired = threading.Event()
     messages = []
     monkeypatch.setattr(watchdog, "HEARTBEAT_SECONDS", 0.05)
-    monkeypatch.setattr(watchdog, "exit_now", lambda code, msg=None: (messages.append((code, msg)), fired.set()))
-    dog = watchdog.Watchdog(0, 2, startup_timeout=0.3, exchange_timeout=0.3, store=FakeStore(peer_alive))
+    monkeypatch.setattr(watchdog, "exit_now",
+                        lambda code, msg=None, kill=(): (messages.append((code, msg, kill)), fired.set()))
+    store = FakeStore(peer_alive, socket.gethostname() if here else "otherhost")
+    dog = watchdog.Watchdog(0, 2, startup_timeout=0.3, exchange_timeout=0.3, store=store)
     try:
         time.sleep(0.6)
         assert not fired.is_set()                        # no guard: nothing is watched
@@ -197,8 +203,9 @@ def test_watchdog_names_the_rank(monkeypatch, peer_alive, named):
             assert fired.wait(10)
     finally:
         dog.close()
-    code, msg = messages[0]
+    code, msg, kill = messages[0]
     assert code == watchdog.EXIT_FAILED and "rank 0: no progress for" in msg and named in msg, msg
+    assert kill == killed
 
 
 def test_watchdog_thread_is_stopped_at_exit_when_never_closed():
