@@ -376,19 +376,17 @@ def section_projection(a, results: dict) -> dict:
     the scaling section's eager rows and from the graphs section's graphed ones (compute alone)."""
     import project
 
-    graphed = [r for r in results["sections"].get("graphs", {}).get("result", {}).get("rows", [])
-               if r.get("transport", "null") == "null"]
     sources = {"eager": results["sections"].get("scaling", {}).get("result", {}).get("rows", []),
-               "graphed": [r for r in graphed if r.get("kernels", "torch") == "torch"],
-               "graphed, triton kernels": [r for r in graphed if r.get("kernels", "torch") == "triton"
-                                           or r["mode"] == "serial"]}
+               "graphed": [r for r in results["sections"].get("graphs", {}).get("result", {}).get("rows", [])
+                           if r.get("transport", "null") == "null"]}
     sources = {k: [r for r in v if "seconds" in r] for k, v in sources.items()}
     if not any(sources.values()):
         return {"skipped": "no scaling rows (run the scaling or graphs section first)"}
     out = {}
-    for name in ("nvlink4", "pcie4", "ib400"):
-        out[name] = [{"graphs": graphs, **{k: r[k] for k in ("model", "size", "mode", "n", "compute_source",
-                                                              "projected_speedup", "projected_bound")}}
+    for name in ("nvlink4", "pcie4", "ib400"):      # project_rows projects each kernel choice apart
+        out[name] = [{"graphs": graphs + (", triton kernels" if r["kernels"] == "triton" else ""),
+                      **{k: r[k] for k in ("model", "size", "mode", "n", "compute_source",
+                                           "projected_speedup", "projected_bound")}}
                      for graphs, rows in sources.items() if rows
                      for r in project.project_rows(rows, project.LINKS[name], max_n=16) if r["n"] in (8, 16)]
     return out

@@ -26,7 +26,7 @@ from parafuse.models import load_model  # noqa: E402
 from parafuse.parallel.distributed import ParallelLayout  # noqa: E402
 from parafuse.parallel.parallelize import unparallelize  # noqa: E402
 from parafuse.parallel.transport import NullTransport  # noqa: E402
-from parafuse.runtime import ParallelConfig, Request, Runtime  # noqa: E402
+from parafuse.runtime import KERNELS, ParallelConfig, Request, Runtime  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -38,7 +38,7 @@ def main(argv=None) -> None:
     p.add_argument("--mode", default="full")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--kernels", default=None, choices=("torch", "triton"),
+    p.add_argument("--kernels", default=None, choices=KERNELS,
                    help="the patch layers' kernels (default: the runtime's, triton on CUDA)")
     p.add_argument("--eager", action="store_true", help="no CUDA graphs (on CUDA they are on by default)")
     p.add_argument("--warmup", type=int, default=3, help="steps before profiling (capture happens in them)")

@@ -37,7 +37,7 @@ from parafuse.parallel.distributed import ParallelLayout  # noqa: E402
 from parafuse.parallel.parallelize import unparallelize  # noqa: E402
 from parafuse.parallel.transport import LoopbackTransport, NullTransport  # noqa: E402
 from parafuse.profile import OpCounter  # noqa: E402
-from parafuse.runtime import ParallelConfig, Request, Runtime  # noqa: E402
+from parafuse.runtime import KERNELS, ParallelConfig, Request, Runtime  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -250,7 +250,7 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--cuda-graphs", action="store_true", help="graph the serial and the strip steps (CUDA)")
-    p.add_argument("--kernels", nargs="+", choices=("torch", "triton"), default=["torch"],
+    p.add_argument("--kernels", nargs="+", choices=KERNELS, default=["torch"],
                    help="the patch layers' kernels (parafuse.generate --kernels), each measured; the serial step is "
                         "the plain model's")
     p.add_argument("--transport", choices=("null", "loopback"), default="null",
