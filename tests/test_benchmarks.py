@@ -161,6 +161,40 @@ def test_readme_performance_section_is_generated_from_the_committed_results():
     run_script(["benchmarks/report.py", "--check"], None)
 
 
+def test_target_scoreboard_keeps_n8_verdicts_of_the_cheap_modes_from_the_run_with_most_seeds(tmp_path):
+    """report.py's targets at a glance: the verdicts at N = 8 of `partial` (default p) and `full+sign`,
+    one per request, from the run with the most seeds; N = 4 verdicts, other modes and the p sweep
+    stay out; the 1024² quality target reads its row's PSNR against 30 and 32 dB."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import report
+
+    def row(model, size, n, mode, seeds, psnr=40.0, portion=0.3):
+        return {"model": model, "size": size, "steps": 20, "n": n, "mode": mode, "warmup": 4, "seeds": seeds,
+                "portion": portion if mode.startswith("partial") else None, "psnr_db": psnr, "psnr_sd": 0.1}
+
+    def verdict(model, size, n, mode, share, portion=0.3):
+        return {"model": model, "size": size, "steps": 20, "n": n, "mode": mode, "warmup": 4,
+                "portion": portion if mode.startswith("partial") else None, "bytes_share": share,
+                "steady_bytes_share": share / 2, "bytes_limit": 0.1, "psnr_gap_db": 0.5, "met": share <= 0.1}
+
+    few = {"args": {"dtype": "fp32"}, "rows": [row("dit-x", 256, 8, "partial", 2), row("dit-x", 256, 4, "partial", 2)],
+           "targets": [verdict("dit-x", 256, 8, "partial", 0.5), verdict("dit-x", 256, 4, "partial", 0.05)]}
+    many = {"args": {"dtype": "fp32"},
+            "rows": [row("dit-x", 256, 8, "partial", 4), row("dit-x", 256, 8, "partial", 4, portion=0.1),
+                     row("dit-x", 256, 8, "full+sign", 4), row("dit-x", 256, 8, "partial+sign", 4),
+                     row("default", 1024, 8, "partial", 4, psnr=31.0)],
+            "targets": [verdict("dit-x", 256, 8, "partial", 0.2), verdict("dit-x", 256, 8, "partial", 0.08, 0.1),
+                        verdict("dit-x", 256, 8, "full+sign", 0.07), verdict("dit-x", 256, 8, "partial+sign", 0.01)]}
+    for name, res in (("quality_a_cpu.json", few), ("quality_b_cpu.json", many)):
+        (tmp_path / name).write_text(json.dumps(res))
+    verdicts, quality = report.target_scoreboard(str(tmp_path))
+    assert [(v["mode"], v["seeds"], v["bytes_share"], v["met"], v["met_steady"], v["source"]) for v in verdicts] == [
+        ("full+sign", 4, 0.07, True, True, "quality_b_cpu.json"),
+        ("partial", 4, 0.2, False, True, "quality_b_cpu.json")]
+    (q,) = quality
+    assert (q["psnr_db"], q["met"], q["goal_met"], q["source"]) == (31.0, True, False, "quality_b_cpu.json")
+
+
 def test_kernels_benchmark_smoke_on_cpu(tmp_path):
     """benchmarks/kernels.py's logic through Triton's interpreter: every section reports, with the
     attention backends of this machine, the fused update and the GroupNorm pair (no speed figures)."""
