@@ -209,7 +209,10 @@ def plot(rows: list[dict], a, hw: dict) -> None:
     axes[1].set(xlabel="N", ylabel="MB per step, busiest rank", title="communication (baselines included)")
     axes[2].set(xlabel="warmup steps / portion p", ylabel="PSNR vs serial (dB)", title=f"the knobs, N = {top}")
     for ax in axes:
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
+        else:   # a run with one warmup and one p (or one N) has nothing to draw here
+            ax.text(0.5, 0.5, "not swept in this run", ha="center", va="center", transform=ax.transAxes)
     fig.suptitle(f"{a.sizes[0]}², {a.steps[0]} steps, {len(a.seeds)} seeds (mean ± sd) — {hw['device']}; "
                  f"python benchmarks/quality.py")
     fig.tight_layout()
