@@ -132,3 +132,20 @@ def test_runtime_with_triton_kernels_runs_the_fused_update():
     assert ku.LAUNCHES["fused_update"] == before + 3
     eager = Runtime(load_model("dit-small"), ParallelConfig()).generate(req).latent
     torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_bottleneck_schedule_with_triton_kernels_equals_the_pytorch_path():
+    """The fused update wraps each stage's solver: the noisy hand-over (the wrapped solver's σ and α)
+    and the x̂0 one (its guided data prediction) must give the PyTorch path's latent."""
+    from parafuse.models import load_model
+    from parafuse.runtime import ParallelConfig, Request, Runtime
+
+    req = Request(64, 64, 20, "dpmpp-2m", seed=2, label=1, guidance=3.0, schedule="bottleneck")
+    before = ku.LAUNCHES["fused_update"]
+    fused = Runtime(load_model("dit-small"), ParallelConfig(), kernels="triton").generate(req)
+    assert ku.LAUNCHES["fused_update"] == before + sum(s["evaluations"] for s in fused.timing["stages"])
+    eager = Runtime(load_model("dit-small"), ParallelConfig(), kernels="torch").generate(req)
+    assert [s["entry"] for s in fused.timing["stages"]] == ["noise", "noisy", "clean"]
+    assert fused.timing["stages"] == [{**s, "seconds": f["seconds"], "change_seconds": f["change_seconds"]}
+                                      for s, f in zip(eager.timing["stages"], fused.timing["stages"])]
+    torch.testing.assert_close(fused.latent, eager.latent, rtol=1e-5, atol=1e-5)
