@@ -115,7 +115,7 @@ def section_sync(a) -> dict:
     by RMS: a bf16 run's 1-ulp rounding flips (a GroupNorm applied in another order, a fused K|V
     GEMM) propagate through the network, so the max difference is noisy."""
     from parafuse.models import load_model
-    from parafuse.parallel.emulator import emulate
+    from parafuse.runtime import emulate
     from parafuse.runtime import ParallelConfig, Request, Runtime
 
     def diff(x, y):
@@ -268,7 +268,7 @@ def section_kernels(a) -> dict:
     PyTorch path of PatchGroupNorm, and a `sync` run on the kernels against the serial run."""
     import scaling
     from parafuse.models import load_model
-    from parafuse.parallel.emulator import emulate
+    from parafuse.runtime import emulate
     from parafuse.parallel.engine import moments_from_sums
     from parafuse.parallel.layers import normalize, strip_sums
     from parafuse.runtime import ParallelConfig, Request, Runtime

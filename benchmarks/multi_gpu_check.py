@@ -30,7 +30,7 @@ from common import hardware, table, write_json  # noqa: E402
 
 from parafuse.models import load_model  # noqa: E402
 from parafuse.parallel.distributed import ParallelLayout, init_distributed, pick_device, run_guarded  # noqa: E402
-from parafuse.parallel.emulator import emulate  # noqa: E402
+from parafuse.runtime import emulate  # noqa: E402
 from parafuse.runtime import ParallelConfig, Request, Runtime  # noqa: E402
 
 

@@ -26,7 +26,10 @@ from parafuse.models import load_model  # noqa: E402
 from parafuse.parallel.distributed import ParallelLayout  # noqa: E402
 from parafuse.parallel.parallelize import unparallelize  # noqa: E402
 from parafuse.parallel.transport import NullTransport  # noqa: E402
-from parafuse.runtime import KERNELS, ParallelConfig, Request, Runtime  # noqa: E402
+from parafuse.parallel.config import Kernels  # noqa: E402
+from parafuse.runtime import ParallelConfig, Request, Runtime  # noqa: E402
+
+KERNELS = [k.value for k in Kernels]
 
 
 def main(argv=None) -> None:

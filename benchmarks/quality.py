@@ -38,7 +38,7 @@ from common import RESULTS, hardware, table, write_json  # noqa: E402
 from swd import PATCHES_PER_LEVEL, pyramid_depth, pyramid_patches, swd  # noqa: E402
 
 from parafuse.models import load_model  # noqa: E402
-from parafuse.parallel.emulator import emulate  # noqa: E402
+from parafuse.runtime import emulate  # noqa: E402
 from parafuse.report import psnr  # noqa: E402
 from parafuse.runtime import ParallelConfig, Request, Runtime  # noqa: E402
 

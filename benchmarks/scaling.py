@@ -37,7 +37,10 @@ from parafuse.parallel.distributed import ParallelLayout  # noqa: E402
 from parafuse.parallel.parallelize import unparallelize  # noqa: E402
 from parafuse.parallel.transport import LoopbackTransport, NullTransport  # noqa: E402
 from parafuse.profile import OpCounter  # noqa: E402
-from parafuse.runtime import KERNELS, ParallelConfig, Request, Runtime  # noqa: E402
+from parafuse.parallel.config import Kernels  # noqa: E402
+from parafuse.runtime import ParallelConfig, Request, Runtime  # noqa: E402
+
+KERNELS = [k.value for k in Kernels]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

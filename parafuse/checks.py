@@ -47,21 +47,6 @@ def check_batch(batch: int) -> None:
         raise CheckError(f"batch must be at most {MAX_BATCH}, got {batch}: run several requests")
 
 
-def check_parallel_settings(mode: str, halo_portion: float, norm_mode: str | None) -> None:
-    """A GroupNorm mode that the step plans would ignore is refused rather than reported as used."""
-    from parafuse.parallel.engine import BASELINES
-    exchanges = mode != "none" and not (BASELINES.get(mode, mode) == "partial" and halo_portion == 0.0)
-    if norm_mode is None:
-        return
-    if not exchanges and norm_mode != "local":
-        what = "--mode none" if mode == "none" else f"--mode {mode} with --halo-portion 0"
-        raise CheckError(f"--norm {norm_mode} does not apply with {what}: strips exchange nothing, so GroupNorm "
-                         f"is local; drop --norm or use --norm local")
-    if mode == "sync" and norm_mode != "exact":
-        raise CheckError(f"--norm {norm_mode} does not apply with --mode sync: every step is synchronous and "
-                         f"GroupNorm exact; drop --norm or use --norm exact")
-
-
 # ---- schedule --------------------------------------------------------------------------------
 def _repeats(solver) -> int | None:
     """Grid index of the first evaluation whose σ does not decrease from the previous one."""
@@ -156,26 +141,49 @@ def estimate_memory(runtime, req, geometry) -> dict:
     rows = max(geometry.rows)
     latent = req.batch * spec.latent_channels * geometry.width * 4
     state = latent * (geometry.height + 6 * rows)          # full noise once; x, x̂0 and up to 4 history tensors
-    largest = 0
-    for s in runtime.profile.sites:
-        lv = geometry.level(s.factor)
-        largest = max(largest, s.channels * max(lv.rows) * lv.width)
-    activations = ACTIVATION_FLOOR * largest * batch * item
-    buffers = 0
-    if runtime.engine is not None:
-        plan = runtime.plan(geometry, batch)
-        for s in plan.sites.values():
-            if s.kind == "conv":
-                buffers += sum(math.prod(sh) for sh in plan.halo_shapes(s)) * item
-            elif s.kind == "attn":
-                kv = math.prod(plan.kv_shape(s, plan.stale_step.kv)) * item
-                # --kv-codec sign keeps the mirror's drift beside the K/V buffer (parallel.kv_codec)
-                buffers += kv * (2 if plan.settings.kv_codec != "none" and plan.stale_step.stale else 1)
+    buffers, activations = (strip_memory(runtime.plan(geometry, batch), item) if runtime.engine is not None
+                            else (0, activation_floor(runtime.profile.sites, geometry, batch, item)))
     image = req.batch * 3 * req.height * req.width * 4 if runtime.layout.rank == 0 else 0
     parts = {"weights": weights, "latent_and_solver": state, "exchange_buffers": buffers,
              "activations": activations, "image": image}
     parts["total"] = sum(parts.values())
     return parts
+
+
+def activation_floor(sites, geometry, batch: int, item: int) -> int:
+    """ACTIVATION_FLOOR times the largest activation of any site, at the strip's rows."""
+    largest = 0
+    for s in sites:
+        lv = geometry.level(s.factor)
+        largest = max(largest, s.channels * max(lv.rows) * lv.width)
+    return ACTIVATION_FLOOR * largest * batch * item
+
+
+def strip_memory(plan, item: int) -> tuple[int, int]:
+    """(exchange buffers, activation floor) in bytes of one strip under `plan`."""
+    buffers = 0
+    for s in plan.sites.values():
+        if s.kind == "conv":
+            buffers += sum(math.prod(sh) for sh in plan.halo_shapes(s)) * item
+        elif s.kind == "attn":
+            kv = math.prod(plan.kv_shape(s, plan.stale_step.kv)) * item
+            # --kv-codec sign keeps the mirror's drift beside the K/V buffer (parallel.kv_codec)
+            buffers += kv * (2 if plan.settings.kv_codec != "none" and plan.stale_step.stale else 1)
+    return buffers, activation_floor(plan.sites.values(), plan.geometry, plan.batch, item)
+
+
+def check_strip_memory(plan, device: torch.device, other: int, what: str) -> None:
+    """The diffusers door's memory floor: a strip's buffers and activations under `plan`, and
+    `other` bytes the door holds besides, against what this rank has free (weights already loaded)."""
+    item = torch.empty((), dtype=plan.dtype).element_size()
+    buffers, activations = strip_memory(plan, item)
+    need, have = buffers + activations + other, available_memory(device)
+    if need <= have:
+        return
+    n = plan.n
+    raise CheckError(f"{what} needs at least {_size(need)} per rank on {n} rank(s) besides the weights "
+                     f"({_size(activations)} of it activations), but {_size(have)} is free on {device}: use about "
+                     f"{math.ceil(n * need / max(have, 1))} ranks, or a smaller image")
 
 
 def check_fits(runtime, req, geometry) -> None:

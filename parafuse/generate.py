@@ -9,14 +9,17 @@ stderr, and writes nothing. Outputs are written atomically (temporary file, then
 from __future__ import annotations
 
 import argparse
+import enum
 import os
 import sys
 
 from parafuse.models import MODELS
-from parafuse.parallel.engine import BASELINES, DEFAULT_HALO_PORTION, MODES, NORM_MODES, TEXT_MERGES
-from parafuse.parallel.kv_codec import CODECS
-from parafuse.runtime import KERNELS
+from parafuse.parallel.config import FIELDS, PatchConfig
+from parafuse.parallel.config import defaults as config_defaults
 from parafuse.solvers import SOLVERS
+from parafuse.stages import SCHEDULES
+
+CONFIG_DEFAULTS = config_defaults()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,79 +33,75 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = _Parser(prog="parafuse.generate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="default",
-                   help=f"built-in model ({', '.join(MODELS)}) or a local diffusers pipeline folder")
-    p.add_argument("--weights", default=None, help="safetensors file overriding the model's own weights")
-    p.add_argument("--height", type=int, default=512, help="image height in pixels")
-    p.add_argument("--width", type=int, default=512, help="image width in pixels")
-    p.add_argument("--steps", type=int, default=20,
-                   help="denoising steps = model evaluations, for every solver, of the one-stage schedule; the "
-                        "bottleneck schedule scales its stages to it and reports its FLOPs against it (see --schedule)")
-    p.add_argument("--schedule", default="plain", choices=("plain", "bottleneck"),
-                   help="plain: every step at the image size; bottleneck: full, half, full resolution with "
-                        "stage steps 6/20/12 per 50 --steps, strengths 1/0.5/0.6, shifts 3x/2x/1x the model's, "
-                        "the first growing as sqrt(pixels)/256 above 256² "
-                        "(the published 6/20/8, 1/0.8/0.6, 3x/2x/3x: an explicit --stages list, see the README)")
-    p.add_argument("--stages", nargs="+", default=None, metavar="HxW:STEPS[:STRENGTH[:SHIFT]]",
-                   help="an explicit stage list, e.g. 256x256:20 512x512:8:0.6:3; the last stage is the image "
-                        "size; a stage entered at strength w runs the last ceil(w*STEPS) steps of its grid")
-    p.add_argument("--solver", default="dpmpp-2m", help=f"one of: {', '.join(SOLVERS)}")
-    p.add_argument("--spacing", default=None, choices=("linspace", "leading", "trailing", "karras"),
-                   help="timestep spacing, as diffusers' timestep_spacing (default linspace; flow models: the "
-                        "σ table of the solver's diffusers scheduler, leading/trailing refused)")
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: off)")
-    p.add_argument("--label", type=int, default=None, help="class label for class-conditional models")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=1, help="images generated together (seeded as one noise tensor)")
-    p.add_argument("--out", default="parafuse.png", help="output PNG (with --batch > 1: NAME-0.png, NAME-1.png, ...)")
-    p.add_argument("--report", default=None, help="write the run report (JSON) here")
-    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    p.add_argument("--mode", default="full", choices=MODES,
-                   help="patch exchange: sync (exact), full (stale K/V of the whole image), "
-                        "partial (stale K/V window of each neighbour), none (no exchange)")
-    p.add_argument("--warmup-steps", type=int, default=4, help="first steps run synchronously")
-    p.add_argument("--halo-portion", type=float, default=None,
-                   help=f"partial (and pcpp) mode: portion of each neighbour strip whose K/V a strip attends to "
-                        f"(default {DEFAULT_HALO_PORTION})")
-    p.add_argument("--norm", default=None, choices=NORM_MODES,
-                   help="GroupNorm across strips (default: exact; corrected in distrifusion/pcpp, as published; local in none)")
-    p.add_argument("--kv-codec", default="none", choices=CODECS,
-                   help="stale K/V on the wire (full, partial): none (exact), sign (1 bit an element: the sign of "
-                        "the residual against a predicted copy, a scale a token; ~7%% of the bytes in bf16)")
-    p.add_argument("--text-merge", default=None, choices=TEXT_MERGES,
-                   help="diffusers pipelines with joint text+image attention (SD3, Flux): how the stale steps merge "
-                        "the text queries across strips - stale (the default of full and partial: the other "
-                        "strips' previous-step outputs, nothing waited on) or exact (an all-reduce waited on)")
-    p.add_argument("--cfg-parallel", action="store_true", help="split the two guidance branches across rank pairs")
-    p.add_argument("--compare-serial", action="store_true", help="also run the serial model and report PSNR")
-    p.add_argument("--reference", default=None, help="PNG to compare the output with (PSNR in the report)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
-    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
-                   help="capture the steady-state step as a CUDA graph and replay it (CUDA only; default: on "
-                        "for CUDA, off on CPU; --no-cuda-graphs runs every step eagerly)")
-    p.add_argument("--kernels", default=None, choices=KERNELS,
-                   help="PyTorch ops, or parafuse's Triton kernels: the GroupNorm in two launches, the solver "
-                        "update in one, a --kv-codec sign message in one (CUDA; one shape of each checked on an "
-                        "H100, see the README); default: triton on CUDA, torch elsewhere")
-    p.add_argument("--attention-backend", default=None, choices=("auto", "triton", "sdpa", "xformers"),
-                   help="attention kernels: auto (the fastest measured on this device class: sdpa today), "
-                        "triton (parafuse's halo attention; CUDA), sdpa, xformers (CUDA, optional extra); "
-                        "default: $PARAFUSE_ATTENTION_BACKEND, else auto")
-    p.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
-                   help="compute dtype of the model, halos and K/V (default: bf16 on CUDA, fp32 on CPU); "
-                        "statistics and the solver stay float32")
-    p.add_argument("--startup-timeout", type=float, default=600.0,
-                   help="seconds a rank may wait for the others while starting (process group, first steps)")
-    p.add_argument("--exchange-timeout", type=float, default=300.0,
-                   help="seconds a rank may wait for a neighbour during denoising before the job stops, "
-                        "naming the rank that stopped answering")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_pipeline_args(p)
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    groups = {name: p.add_argument_group(title) for name, title in GROUPS.items()}
+    image, sampling, outputs = groups["image"], groups["sampling"], groups["outputs"]
+    image.add_argument("--model", default="default",
+                       help=f"built-in model ({', '.join(MODELS)}) or a local diffusers pipeline folder")
+    image.add_argument("--weights", default=None, help="safetensors file overriding the model's own weights")
+    image.add_argument("--height", type=int, default=512, help="image height in pixels")
+    image.add_argument("--width", type=int, default=512, help="image width in pixels")
+    image.add_argument("--seed", type=int, default=0)
+    image.add_argument("--batch", type=int, default=1, help="images generated together (seeded as one noise tensor)")
+    image.add_argument("--label", type=int, default=None, help="class label for class-conditional models")
+    sampling.add_argument("--steps", type=int, default=20,
+                          help="denoising steps = model evaluations, for every solver, of the one-stage schedule; "
+                               "the bottleneck schedule scales its stages to it and reports its FLOPs against it")
+    sampling.add_argument("--schedule", default="plain", choices=SCHEDULES,
+                          help="plain: every step at the image size; bottleneck: full, half, full resolution with "
+                               "stage steps 6/20/12 per 50 --steps, strengths 1/0.5/0.6, shifts 3x/2x/1x the "
+                               "model's, the first growing as sqrt(pixels)/256 above 256² (the published "
+                               "6/20/8, 1/0.8/0.6, 3x/2x/3x: an explicit --stages list; docs/bottleneck.md)")
+    sampling.add_argument("--stages", nargs="+", default=None, metavar="HxW:STEPS[:STRENGTH[:SHIFT]]",
+                          help="an explicit stage list, e.g. 256x256:20 512x512:8:0.6:3; the last stage is the "
+                               "image size; a stage entered at strength w runs the last ceil(w*STEPS) steps of its "
+                               "grid")
+    sampling.add_argument("--solver", default="dpmpp-2m", help=f"one of: {', '.join(SOLVERS)}")
+    sampling.add_argument("--spacing", default=None, choices=("linspace", "leading", "trailing", "karras"),
+                          help="timestep spacing, as diffusers' timestep_spacing (default linspace; flow models: "
+                               "the σ table of the solver's diffusers scheduler, leading/trailing refused)")
+    sampling.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: off)")
+    add_config_args(groups)
+    outputs.add_argument("--out", default="parafuse.png",
+                         help="output PNG (with --batch > 1: NAME-0.png, NAME-1.png, ...)")
+    outputs.add_argument("--report", default=None, help="write the run report (JSON) here")
+    outputs.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    outputs.add_argument("--compare-serial", action="store_true", help="also run the serial model and report PSNR")
+    outputs.add_argument("--reference", default=None, help="PNG to compare the output with (PSNR in the report)")
+    outputs.add_argument("--no-progress", action="store_true", help="no progress bar")
+    groups["gpu"].add_argument("--device", default=None,
+                               help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
+    add_pipeline_args(groups["pipeline"])
     return p.parse_args(argv)
 
 
-def add_pipeline_args(p: argparse.ArgumentParser) -> None:
+GROUPS = {"image": "image", "sampling": "sampling", "parallel": "parallel (PatchConfig)",
+          "gpu": "GPU (PatchConfig)", "deadlines": "deadlines (PatchConfig)", "outputs": "outputs",
+          "pipeline": "diffusers pipeline folders (--model PATH)"}
+
+
+def add_config_args(groups: dict) -> None:
+    """One flag per PatchConfig setting: its type, choices, default and help from `config.FIELDS`."""
+    for name, f in FIELDS.items():
+        group, default = groups[f.group], CONFIG_DEFAULTS[name]
+        if f.kind is bool and default is None:
+            group.add_argument(f.option(name), dest=name, action=argparse.BooleanOptionalAction, default=None,
+                               help=f.help)
+        elif f.kind is bool:
+            group.add_argument(f.option(name), dest=name, action="store_true", help=f.help)
+        elif isinstance(f.kind, type) and issubclass(f.kind, enum.Enum):
+            group.add_argument(f.option(name), dest=name, default=None if default is None else default.value,
+                               choices=[m.value for m in f.kind], help=f.help)
+        else:
+            group.add_argument(f.option(name), dest=name, type=f.kind, default=default, help=f.help)
+
+
+def config_from_args(args) -> PatchConfig:
+    """The PatchConfig of the command line (a bad combination: ConfigError, a ValueError)."""
+    return PatchConfig(**{name: getattr(args, name) for name in FIELDS})
+
+
+def add_pipeline_args(p) -> None:
     """Flags of `--model PATH` with a diffusers pipeline folder (parafuse.diffusers.cli)."""
     p.add_argument("--prompt", default=None, help="diffusers pipeline: the prompt")
     p.add_argument("--negative-prompt", default=None, help="diffusers pipeline: the negative prompt")
@@ -132,29 +131,24 @@ def check_writable(path: str, overwrite: bool) -> None:
 
 # the flags of `--model PATH` with a diffusers pipeline folder, and their defaults (add_pipeline_args)
 PIPELINE_ONLY = {"prompt": None, "negative_prompt": None, "prompt_embeds": None}
+# the flags that pick parafuse's own samplers and models: a diffusers pipeline has its own (its
+# scheduler, its one-stage schedule)
+BUILTIN_ONLY = {"weights": None, "solver": "dpmpp-2m", "spacing": None, "label": None, "compare_serial": False,
+                "reference": None, "schedule": "plain", "stages": None}
 
 
 def given_flags(args, defaults: dict) -> list[str]:
     """The command-line names of the flags among `defaults` that `args` sets to something else."""
-    return [f"--{'[no-]' if k == 'cuda_graphs' else ''}{k.replace('_', '-')}" for k, default in defaults.items()
-            if getattr(args, k) != default]
+    return [f"--{k.replace('_', '-')}" for k, default in defaults.items() if getattr(args, k) != default]
 
 
-def halo_portion(args) -> float:
-    """--halo-portion, or its default where it is not given."""
-    return DEFAULT_HALO_PORTION if args.halo_portion is None else args.halo_portion
-
-
-def check_args(args) -> None:
-    """Checks of files, paths and the device, and that --halo-portion, if given, is for a mode with
-    a window; the model, solver and parallel settings are checked by the runtime (ParallelConfig,
-    Runtime.check), before any denoising."""
+def check_args(args) -> PatchConfig:
+    """The parallel settings (PatchConfig), and checks of files, paths and the device; the model and
+    solver are checked by the runtime (Runtime.check), before any denoising."""
     from parafuse import checks
 
+    config = config_from_args(args)
     checks.check_device(args.device)
-    if args.halo_portion is not None and BASELINES.get(args.mode, args.mode) != "partial":
-        raise ValueError(f"--halo-portion sets the window of --mode partial (and pcpp); mode {args.mode!r} "
-                         f"{'attends to the whole image' if args.mode != 'none' else 'exchanges nothing'}: drop it")
     if args.weights is not None and not os.path.isfile(args.weights):
         raise ValueError(f"weights file {args.weights!r} does not exist")
     if args.reference is not None:
@@ -169,6 +163,7 @@ def check_args(args) -> None:
     checks.check_distinct(outputs)
     for path in outputs.values():
         check_writable(path, args.overwrite)
+    return config
 
 
 def check_finite_weights(model, path: str) -> None:
@@ -211,10 +206,10 @@ def prepare(args):
     from parafuse.checks import CheckError
     from parafuse.models import ModelError
     from parafuse.parallel.geometry import GeometryError
-    from parafuse.runtime import ParallelConfig, Request, Runtime
+    from parafuse.runtime import Request, Runtime
     from parafuse.stages import parse_stages
 
-    check_args(args)
+    parallel = check_args(args)
     given = given_flags(args, PIPELINE_ONLY)
     if given:
         raise ValueError(f"{', '.join(given)}: only for a diffusers pipeline folder (--model PATH); the built-in "
@@ -223,19 +218,11 @@ def prepare(args):
     if args.text_merge is not None:
         raise ValueError("--text-merge: only for diffusers pipelines with joint text+image attention (SD3, Flux); "
                          "the built-in models read text by cross-attention, which needs no merge")
-    for name in ("startup_timeout", "exchange_timeout"):
-        if not 0 < getattr(args, name) < float("inf"):
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive number of seconds, got {getattr(args, name)}")
-    parallel = ParallelConfig(args.mode, args.warmup_steps, halo_portion(args), args.norm, args.cfg_parallel,
-                              args.kv_codec)
     req = Request(args.height, args.width, args.steps, args.solver, args.guidance, args.seed, args.label, args.batch,
                   solver_options={"spacing": args.spacing} if args.spacing else {}, schedule=args.schedule,
                   stages=parse_stages(args.stages) if args.stages is not None else None)
     try:
-        runtime = Runtime(args.model, parallel, device=args.device, weights=args.weights, dtype=args.dtype,
-                          cuda_graphs=args.cuda_graphs, kernels=args.kernels,
-                          attention_backend=args.attention_backend,
-                          startup_timeout=args.startup_timeout, exchange_timeout=args.exchange_timeout)
+        runtime = Runtime(args.model, parallel, device=args.device, weights=args.weights)
         if args.weights is not None:
             check_finite_weights(runtime.model, args.weights)
         runtime.check(req)
@@ -251,11 +238,11 @@ def compare(args, runtime, req, result, reference) -> dict | None:
     from parafuse import report as rep
     from parafuse.models import load_model
     from parafuse.parallel.distributed import ParallelLayout
-    from parafuse.runtime import ParallelConfig, Runtime
+    from parafuse.runtime import Runtime
 
     if args.compare_serial:
-        serial = Runtime(load_model(args.model, args.weights), ParallelConfig(), device=args.device,
-                         layout=ParallelLayout(0, 1), dtype=runtime.dtype)
+        serial = Runtime(load_model(args.model, args.weights), PatchConfig(dtype=runtime.config.dtype),
+                         device=args.device, layout=ParallelLayout(0, 1))
         return rep.compare(result.image, serial.generate(req).image, "serial")
     if reference is not None:
         return rep.compare(result.image[0], reference, args.reference)
@@ -286,8 +273,13 @@ def run_diffusers(args) -> int:
     if missing:
         raise ValueError(f"--model {args.model!r} is a diffusers pipeline folder, which needs the "
                          f"{' and '.join(missing)} package(s): pip install 'parafuse[diffusers]'")
+    config = check_args(args)
+    given = given_flags(args, BUILTIN_ONLY)
+    if given:
+        raise ValueError(f"{', '.join(given)}: only for parafuse's built-in models; a diffusers pipeline runs "
+                         f"with its own weights, scheduler and one-stage schedule")
     from parafuse.diffusers.cli import run_pipeline
-    return run_pipeline(args)
+    return run_pipeline(args, config, output_paths(args.out, args.batch))
 
 
 def main(argv=None) -> int:

@@ -24,8 +24,10 @@ class NonFiniteError(RuntimeError):
 
 
 class FiniteWatch:
-    def __init__(self, transport, rank: int, world_size: int, device: torch.device, num_evals: int,
+    def __init__(self, transport, rank: int, world_size: int, device: torch.device, num_evals: int | None,
                  every: int = CHECK_EVERY):
+        """`num_evals` None: the loop's length is not known in advance (a diffusers pipeline's own
+        loop); `observe`/`due` then count evaluations as they come and `finish` checks the last."""
         self.transport, self.rank, self.world_size = transport, rank, world_size
         self.num_evals, self.every = num_evals, every
         self.first_bad = torch.zeros((), dtype=torch.float32, device=device)   # 0, or 1 + evaluation index
@@ -46,7 +48,7 @@ class FiniteWatch:
         return fn
 
     def finish(self, x: torch.Tensor) -> None:
-        self.observe(self.num_evals - 1, x)
+        self.observe(self.k if self.num_evals is None else self.num_evals - 1, x)
         self.check()
 
     def observe(self, k: int, x: torch.Tensor) -> None:
@@ -70,7 +72,8 @@ class FiniteWatch:
         k, _ = min(seen)
         ranks = sorted(r for kk, r in seen if kk == k)
         where = f" on rank {', '.join(map(str, ranks))}" if self.world_size > 1 else ""
-        raise NonFiniteError(f"the latent became NaN or infinite at step {k + 1} of "
-                             f"{self.num_evals}{where}; nothing was written. A schedule, "
+        of = "" if self.num_evals is None else f" of {self.num_evals}"
+        raise NonFiniteError(f"the latent became NaN or infinite at step {k + 1}{of}{where}; nothing was written. "
+                             f"A schedule, "
                              f"guidance or weights that overflow cause this: try fewer steps, lower guidance or "
                              f"check the weights")

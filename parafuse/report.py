@@ -35,31 +35,49 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({cpu}, {os.cpu_count()} cores)"
 
 
-def build_report(runtime, req, result, ranks: list[dict], comparison: dict | None = None) -> dict:
-    from parafuse.runtime import dtype_name
-
-    par, steps = runtime.parallel, result.timing["step_seconds"]
+def run_report(session, run: dict, timing: dict, ranks: list[dict], comparison: dict | None = None) -> dict:
+    """The report of one request, the same keys from both doors: `run` holds what was asked (model,
+    pipeline, size, steps, solver, guidance, seed, batch, schedule), `timing` what the door measured
+    (total_seconds, step_seconds, and flops and stages where the door knows them)."""
+    cfg, lay = session.config, session.layout
+    steps = timing["step_seconds"]
     total_sent = sum(sum(r["bytes_sent"].values()) for r in ranks)
+    parallel = lay.patch_degree > 1
     return {
-        "model": runtime.spec.name, "height": req.height, "width": req.width, "steps": req.steps,
-        "solver": req.solver, "guidance": req.guidance, "seed": req.seed, "batch": req.batch,
-        "device": device_name(runtime.device), "torch": torch.__version__,
-        "world_size": runtime.layout.world_size, "mode": par.mode if runtime.layout.patch_degree > 1 else "serial",
-        "warmup_steps": par.warmup_steps, "halo_portion": par.halo_portion, "cfg_parallel": par.cfg_parallel,
-        "norm_mode": runtime.engine.norm_mode if runtime.engine is not None else None,
-        "kv_codec": par.kv_codec,
-        "attention_backend": runtime.attention_backend, "dtype": dtype_name(runtime.dtype),
-        "cuda_graphs": runtime.cuda_graphs, "kernels": runtime.kernels,
-        "schedule": req.schedule if req.stages is None else "stages",
-        "stages": result.timing["stages"],       # per stage: size (px), steps, shift, strength, evaluations, seconds
-        "total_seconds": result.timing["total_seconds"], "step_seconds": steps,
-        "flops": result.timing["flops"],
-        "ranks": [{k: r[k] for k in ("rank", "rows", "bytes_sent", "bytes_received", "bytes_sent_per_peer",
-                                      "bytes_received_per_peer", "peak_memory_bytes", "state_bytes")}
-                  for r in ranks],
+        **{k: run.get(k) for k in RUN_KEYS},
+        "device": device_name(session.device), "torch": torch.__version__, "diffusers": _version("diffusers"),
+        "world_size": lay.world_size, "mode": cfg.mode.value if parallel else "serial",
+        "warmup_steps": cfg.warmup_steps, "halo_portion": cfg.halo_portion, "cfg_parallel": cfg.cfg_parallel,
+        "norm_mode": cfg.norm_mode.value if parallel else None, "text_merge": cfg.text_merge.value,
+        "kv_codec": cfg.kv_codec.value, "attention_backend": cfg.attention_backend.value, "dtype": cfg.dtype.value,
+        "cuda_graphs": cfg.cuda_graphs, "kernels": cfg.kernels.value,
+        "stages": timing.get("stages"),       # per stage: size (px), steps, shift, strength, evaluations, seconds
+        "total_seconds": timing["total_seconds"], "step_seconds": steps, "flops": timing.get("flops"),
+        "ranks": [{k: r[k] for k in RANK_KEYS} for r in ranks],
         "bytes_sent_per_step": total_sent / max(1, len(steps)),
         "compare": comparison,
     }
+
+
+RUN_KEYS = ("model", "pipeline", "height", "width", "steps", "solver", "guidance", "seed", "batch", "schedule")
+RANK_KEYS = ("rank", "rows", "evaluations", "bytes_sent", "bytes_received", "bytes_sent_per_peer",
+             "bytes_received_per_peer", "peak_memory_bytes", "state_bytes")
+
+
+def build_report(runtime, req, result, ranks: list[dict], comparison: dict | None = None) -> dict:
+    """A built-in model's run report (`run_report`)."""
+    run = {"model": runtime.spec.name, "pipeline": None, "height": req.height, "width": req.width, "steps": req.steps,
+           "solver": req.solver, "guidance": req.guidance, "seed": req.seed, "batch": req.batch,
+           "schedule": req.schedule if req.stages is None else "stages"}
+    return run_report(runtime.session, run, result.timing, ranks, comparison)
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def json_bytes(data: dict) -> bytes:

@@ -7,31 +7,25 @@ the latent; the image is gathered once, at the end, on rank 0.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-import resource
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
-from parafuse import attention, watchdog
-from parafuse.checks import (CheckError, check_device, check_fits, check_numbers, check_parallel_settings,
-                             check_schedule, strip_geometry)
-from parafuse.graphs import GraphedEvaluations
-from parafuse.health import FiniteWatch
+from parafuse.checks import CheckError, check_fits, check_numbers, check_schedule, strip_geometry
 from parafuse.models import ModelSpec, load_model
 from parafuse.parallel import kv_codec
 from parafuse.parallel.adapter import BUILTIN
-from parafuse.parallel.distributed import ParallelLayout, init_distributed, launched_by_torchrun, pick_device
-from parafuse.parallel.engine import DEFAULT_HALO_PORTION, ExchangeEngine, check_settings
+from parafuse.parallel.config import (DEFAULT_MODE, DEFAULT_WARMUP_STEPS, ConfigError, Kernels, PatchConfig,
+                                      dtype_name)
+from parafuse.parallel.distributed import ParallelLayout
+from parafuse.parallel.emulator import emulate_ranks
 from parafuse.parallel.geometry import GeometryError, StripGeometry
-from parafuse.parallel.parallelize import parallelize
 from parafuse.parallel.plan import PatchPlan
 from parafuse.parallel.reduce import StripReduce
-from parafuse.parallel.transport import KINDS, ThreadTransport, TorchTransport, Transport
+from parafuse.parallel.session import PatchSession, StepClock
+from parafuse.parallel.transport import Transport
 from parafuse.profile import ModelProfile
 from parafuse.sampling import denoise_stages, guided
 from parafuse.solvers import SOLVERS, LocalReduce, cfg, make_schedule, make_solver
@@ -42,67 +36,14 @@ from parafuse.stages import (SCHEDULES, UPSAMPLE, Stage, StageError, bottleneck,
 RequestError = CheckError    # a request that cannot run; one type for every refusal (parafuse.checks)
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """The compute dtype: bf16 on CUDA and fp32 elsewhere unless asked for."""
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if dtype in DTYPES:
-        return DTYPES[dtype]
-    raise RequestError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
-
-
-KERNELS = ("torch", "triton")
-
-
-def kernels_by_default(device: torch.device) -> str:
-    """Triton's kernels on CUDA, PyTorch ops elsewhere (the interpreter is for tests, not for speed).
-    On an H100 the Triton path was faster at every site gpu_check measured and its graph replays equal
-    eager bit for bit: the GroupNorm 77 against 400 µs, the solver update at 85-89% of a copy against 13-51%,
-    unet-xl 2048² graphed N = 8 5.88x against 5.53x (partial), 4.68x against 4.49x (full); README,
-    Performance, "On a GPU". Triton is an install requirement on Linux, so its absence is an error below,
-    never a quiet switch to the slower path."""
-    return "triton" if device.type == "cuda" else "torch"
-
-
-def check_kernels(kernels: str | None, device: torch.device) -> str:
-    """The patch layers' kernels: PyTorch ops, or the Triton kernels of parafuse_kernels (GroupNorm,
-    the solver update, the K/V codec); None: `kernels_by_default`. Triton needs a CUDA device, or
-    TRITON_INTERPRET=1 (CPU testing); never a silent fallback."""
-    if kernels is None:
-        kernels = kernels_by_default(device)
-    if kernels not in KERNELS:
-        raise RequestError(f"unknown kernels {kernels!r}; valid: {', '.join(KERNELS)}")
-    if kernels == "triton":
-        if importlib.util.find_spec("triton") is None:
-            raise RequestError("--kernels triton (the default on CUDA) needs the triton package; install it "
-                               "or use --kernels torch")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RequestError(f"--kernels triton needs a CUDA device (this run is on {device.type}), or "
-                               f"TRITON_INTERPRET=1 to run them through Triton's interpreter")
-    return kernels
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return next(k for k, v in DTYPES.items() if v == dtype)
-
-
-@dataclass(frozen=True)
-class ParallelConfig:
-    mode: str = "sync"
-    warmup_steps: int = 4
-    halo_portion: float = DEFAULT_HALO_PORTION
-    norm_mode: str | None = None      # GroupNorm across strips; None: exact for sync, corrected otherwise
-    cfg_parallel: bool = False
-    kv_codec: str = "none"            # stale K/V on the wire: "none" (exact), "sign" (1 bit, parallel.kv_codec)
-
-    def __post_init__(self):
-        check_settings(self.mode, self.halo_portion, self.warmup_steps, self.norm_mode, kv_codec=self.kv_codec)
-        check_parallel_settings(self.mode, self.halo_portion, self.norm_mode)
+def ParallelConfig(mode: str = DEFAULT_MODE, warmup_steps: int = DEFAULT_WARMUP_STEPS,
+                   halo_portion: float | None = None, norm_mode: str | None = None, cfg_parallel: bool = False,
+                   kv_codec: str = "none", **settings) -> PatchConfig:
+    """The `PatchConfig` of these settings, in the positional order this name has always taken
+    (mode, warmup_steps, halo_portion, norm_mode, cfg_parallel, kv_codec); any other PatchConfig
+    setting by keyword. Kept for scripts written before PatchConfig."""
+    return PatchConfig(mode=mode, warmup_steps=warmup_steps, halo_portion=halo_portion, norm_mode=norm_mode,
+                       cfg_parallel=cfg_parallel, kv_codec=kv_codec, **settings)
 
 
 @dataclass(frozen=True)
@@ -137,75 +78,55 @@ def initial_noise(seed: int, shape: tuple[int, ...], rows: tuple[int, int] | Non
     return noise if rows is None else noise[:, :, rows[0]:rows[1]].contiguous()
 
 
-def graphs_by_default(device: torch.device, transport: Transport | None) -> bool:
-    """CUDA graphs unless asked otherwise: on every CUDA run, whose strip steps are launch-bound
-    (replay equals eager bit for bit on an H100: README, Performance, "On a GPU"), except emulated ranks, which
-    a graph cannot capture (threads sharing one GPU run eagerly)."""
-    return device.type == "cuda" and not isinstance(transport, ThreadTransport)
-
-
 class Runtime:
-    """One parallelized model, many images.
+    """One parallelized built-in model, many images: a `PatchSession` plus the built-in sampling loop
+    (solvers as explicit steppers, stages, the fused update).
 
-    `dtype` (fp32 | bf16 | fp16; default bf16 on CUDA, fp32 elsewhere) is the dtype the model runs
-    in natively and every halo and K/V travels in; GroupNorm statistics, the solver's combination
-    and its history stay float32. `cuda_graphs`: capture the evaluation of the steady step plan
-    once per request and replay it (CUDA only; see parafuse.graphs); None, the default: on where it
-    can run (`graphs_by_default`). `kernels`: "torch", or
-    "triton" for parafuse's Triton kernels (GroupNorm: two launches plus the exchange; the solver
-    update: one fused launch per evaluation); None, the default: triton on CUDA, torch elsewhere
-    (`kernels_by_default`). `attention_backend`: see parafuse.attention (None: the
-    process's, from PARAFUSE_ATTENTION_BACKEND or auto); `self.attention_backend` is the one that runs."""
+    `parallel` is the PatchConfig (or `ParallelConfig(...)`); the keyword arguments `dtype`,
+    `cuda_graphs`, `kernels`, `attention_backend`, `startup_timeout` and `exchange_timeout`, where
+    given, replace the config's. Device-dependent defaults (bf16, CUDA graphs and the Triton kernels
+    on CUDA; fp32, eager, PyTorch ops elsewhere) are resolved by the session: `self.config`."""
 
-    def __init__(self, model: str | nn.Module = "default", parallel: ParallelConfig = ParallelConfig(),
+    def __init__(self, model: str | nn.Module = "default", parallel: PatchConfig | None = None,
                  device: str | None = None, weights: str | None = None, layout: ParallelLayout | None = None,
                  transport: Transport | None = None, dtype: str | torch.dtype | None = None,
                  cuda_graphs: bool | None = None, kernels: str | None = None, attention_backend: str | None = None,
-                 startup_timeout: float = 600.0, exchange_timeout: float = 300.0):
-        self.parallel = parallel
-        if cuda_graphs and isinstance(transport, ThreadTransport):
-            raise RequestError("--cuda-graphs cannot capture emulated ranks (threads sharing one GPU): a graph "
-                               "cannot wait on another thread's capture; run the emulator eagerly")
-        check_device(device, allow_meta=True)
-        self.device = pick_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        if cuda_graphs and self.device.type != "cuda":
-            raise RequestError(f"--cuda-graphs needs a CUDA device; this run is on {self.device.type}")
-        self.cuda_graphs = graphs_by_default(self.device, transport) if cuda_graphs is None else cuda_graphs
-        self.kernels = check_kernels(kernels, self.device)
-        try:                                # None: the process's backend (PARAFUSE_ATTENTION_BACKEND, else auto)
-            self.attention_backend = attention.use_backend(attention_backend, self.device)
-        except attention.BackendError as e:
+                 startup_timeout: float | None = None, exchange_timeout: float | None = None):
+        if not isinstance(model, (str, nn.Module)):
+            raise RequestError(f"model must be a built-in model name or an nn.Module, got {type(model).__name__}")
+        given = {"dtype": dtype, "cuda_graphs": cuda_graphs, "kernels": kernels,
+                 "attention_backend": attention_backend, "startup_timeout": startup_timeout,
+                 "exchange_timeout": exchange_timeout}
+        parallel = PatchConfig() if parallel is None else parallel
+        if not isinstance(parallel, PatchConfig):
+            raise RequestError(f"parallel must be a PatchConfig (or ParallelConfig(...)), got {type(parallel).__name__}")
+        try:
+            self.session = PatchSession(parallel.replace(**{k: v for k, v in given.items() if v is not None}),
+                                        device=device, layout=layout, transport=transport)
+        except ConfigError as e:
             raise RequestError(str(e)) from None
-        if layout is None:
-            if launched_by_torchrun():
-                rank, world = init_distributed(self.device, startup_timeout)
-            else:
-                rank, world = 0, 1
-            layout = ParallelLayout(rank, world, 2 if parallel.cfg_parallel else 1)
-        self.layout = layout
         if isinstance(model, str):
             model = load_model(model, weights, device=self.device)
         self.spec: ModelSpec = model.spec
-        if parallel.cfg_parallel and not self.conditional:
+        if self.config.cfg_parallel and not self.conditional:
             raise RequestError(f"--cfg-parallel needs a conditional model; {self.spec.name!r} is unconditional")
         self.model = model.to(device=self.device, dtype=self.dtype)
         self.profile = ModelProfile.trace(self.model, self.spec.latent_channels, self.spec.downsample_factor,
                                           BUILTIN.example_kwargs(self.spec, self.device, self.dtype))
-        self.transport = transport
-        if self.transport is None and layout.world_size > 1:
-            groups = [list(range(b * layout.patch_degree, (b + 1) * layout.patch_degree))
-                      for b in range(layout.cfg_degree)]
-            self.transport = TorchTransport(layout.rank, layout.world_size, groups)
-        # host deadlines on every exchange of a torch.distributed run (parafuse.watchdog)
-        self.watchdog = (watchdog.start(layout.rank, layout.world_size, startup_timeout, exchange_timeout)
-                         if isinstance(self.transport, TorchTransport) else None)
-        self.engine = None
-        if layout.patch_degree > 1:
-            self.engine = ExchangeEngine(self.transport, layout.patch_ranks, parallel.mode, parallel.halo_portion,
-                                         parallel.warmup_steps, parallel.norm_mode, self.kernels,
-                                         kv_codec=parallel.kv_codec)
-            parallelize(self.model, self.engine)
+        self.session.attach(self.model)
+
+    # the session's, under the names scripts use
+    config = property(lambda self: self.session.config)
+    parallel = config
+    device = property(lambda self: self.session.device)
+    dtype = property(lambda self: self.session.dtype)
+    layout = property(lambda self: self.session.layout)
+    transport = property(lambda self: self.session.transport)
+    engine = property(lambda self: self.session.engine)
+    watchdog = property(lambda self: self.session.watchdog)
+    cuda_graphs = property(lambda self: self.config.cuda_graphs)
+    kernels = property(lambda self: self.config.kernels)
+    attention_backend = property(lambda self: self.config.attention_backend)
 
     @property
     def conditional(self) -> bool:
@@ -363,11 +284,10 @@ class Runtime:
                 c, u = (out, other) if self.layout.branch == 0 else (other, out)
                 return cfg(c.float(), u.float(), req.guidance)
 
-        if not self.cuda_graphs:
+        graphs = self.session.graphs(evaluate)
+        if graphs is None:
             run = evaluate
         else:
-            graphs = GraphedEvaluations(evaluate, self.engine, self.transport)
-
             def run(x):
                 if self.engine is None:
                     return graphs("serial", x)
@@ -383,7 +303,7 @@ class Runtime:
     def _fused_guidance(self, req: Request) -> bool:
         """Guidance applied by the fused update (--kernels triton): the model function then returns
         both branches stacked. Not with CFG parallel, where the branches live on two ranks."""
-        return self.kernels == "triton" and req.guidance != 1.0 and self.conditional and not self.parallel.cfg_parallel
+        return self.kernels == Kernels.TRITON and req.guidance != 1.0 and self.conditional and not self.parallel.cfg_parallel
 
     def model_batch(self, req: Request) -> int:
         """Samples per model evaluation on this rank: both guidance branches unless CFG-parallel."""
@@ -391,20 +311,16 @@ class Runtime:
         return req.batch * (2 if both else 1)
 
     def plan(self, geometry: StripGeometry, batch: int) -> PatchPlan:
-        return PatchPlan(self.profile.sites, geometry, self.layout.patch_index, batch, self.dtype,
-                         self.engine.settings)
+        return self.session.plan(self.profile.sites, geometry, batch)
 
     # ---- generation --------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, req: Request, progress: bool = False) -> Result:
         geometry = self.check(req)
         run = Denoising(self, req, progress)
-        if self.transport is not None:
-            self.transport.reset_counts()
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+        self.session.reset_counts()
         start = time.perf_counter()
-        with self._guard(req):
+        with self.session.guard(f"denoising {req.width}x{req.height}"):
             x = denoise_stages(run.solvers, run.initial_latent(), run.start_stage, run.change_stage,
                                StripReduce(self.engine) if self.engine is not None else LocalReduce(),
                                run.before_step, run.after_step, [e == "noisy" for e in run.entries])
@@ -422,13 +338,8 @@ class Runtime:
                             "full_schedule": self.eval_flops(req, geometry) * req.steps},   # a step is one evaluation
                   "stages": stage_report(run.stages, run.solvers, run.evals, run.entries, step_seconds,
                                          run.change_seconds)}
-        return Result(image, latent, self._rank_stats(geometry, run.state_bytes), timing)
-
-    def _guard(self, req: Request):
-        """The watchdog's deadline around a request's denoising (none without a watchdog)."""
-        if self.watchdog is None:
-            return nullcontext()
-        return self.watchdog.guard(f"denoising {req.width}x{req.height}", self.parallel.warmup_steps + 3)
+        stats = self.session.rank_stats(geometry.rows[self.layout.patch_index], run.state_bytes, sum(run.evals))
+        return Result(image, latent, stats, timing)
 
     def eval_flops(self, req: Request, geometry: StripGeometry) -> float:
         """FLOPs of one model evaluation of the whole image at `geometry`: both guidance branches
@@ -462,33 +373,12 @@ class Runtime:
             return fn(x, t if timestep is None else timestep)
         return step
 
-    def _rank_stats(self, geometry: StripGeometry, state_bytes: int) -> dict:
-        sent, received = self.transport.totals() if self.transport is not None else ({}, {})
-        if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device)
-        else:   # CPU: the process's peak resident memory (shared by all ranks of an emulator)
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return {"rank": self.layout.rank, "rows": geometry.rows[self.layout.patch_index],
-                "bytes_sent": {k: sent.get(k, 0) for k in KINDS}, "bytes_received": {k: received.get(k, 0) for k in KINDS},
-                "bytes_sent_per_peer": {k: dict(v) for k, v in self.transport.bytes_sent.items()} if self.transport else {},
-                "bytes_received_per_peer": {k: dict(v) for k, v in self.transport.bytes_received.items()} if self.transport else {},
-                "peak_memory_bytes": peak, "state_bytes": state_bytes}
-
     def gather_rank_stats(self, result: Result) -> list[dict] | None:
-        """Every rank's stats on rank 0 (torch.distributed runs); None elsewhere."""
-        if self.layout.world_size == 1:
-            return [result.rank_stats]
-        import torch.distributed as dist
-        out = [None] * self.layout.world_size if self.layout.rank == 0 else None
-        dist.gather_object(result.rank_stats, out, dst=0)
-        return out
+        """Every rank's stats on rank 0 (torch.distributed runs); None on the others."""
+        return self.session.gather_rank_stats(result.rank_stats)
 
     def close(self) -> None:
-        if self.engine is not None:
-            self.engine.drain()
-        if isinstance(self.transport, TorchTransport):
-            self.transport.close()          # no reference to the process group outlives the run
-
+        self.session.close()
 
 
 class Denoising:
@@ -501,7 +391,7 @@ class Denoising:
         self.rt, self.req = runtime, req
         self.stages, solvers, self.entries, self.evals = runtime.stage_plan(req)
         self.geometries = [runtime.stage_geometry(st) for st in self.stages]
-        if runtime.kernels == "triton":     # the solver update (and guidance) as one fused launch per evaluation
+        if runtime.kernels == Kernels.TRITON:     # the solver update (and guidance) as one fused launch per evaluation
             from parafuse_kernels.update import FusedUpdate
             guidance = req.guidance if runtime._fused_guidance(req) else None
             solvers = [FusedUpdate(s, guidance) for s in solvers]
@@ -513,7 +403,7 @@ class Denoising:
             from tqdm import tqdm
             self.bar = tqdm(total=evals, desc=f"denoising {req.height}x{req.width}", unit="step")
         self.clock = StepClock(runtime.device)
-        self.watch = FiniteWatch(runtime.transport, lay.rank, lay.world_size, runtime.device, evals)
+        self.watch = runtime.session.watch(evals)
         self.change_seconds = [0.0] * len(self.stages)
         self.state_bytes = 0        # the most the engine held between steps, over the stages
 
@@ -561,10 +451,7 @@ class Denoising:
 
     def before_step(self, k: int) -> None:
         self.watch.begin(k)
-        if self.rt.watchdog is not None:
-            self.rt.watchdog.progress()
-        if self.rt.engine is not None:      # a step is one model evaluation, for every solver
-            self.rt.engine.begin_step(k)
+        self.rt.session.begin_step(k)       # a step is one model evaluation, for every solver
         self.clock.start()
 
     def after_step(self, k: int) -> None:
@@ -590,30 +477,27 @@ class Denoising:
             self.bar.close()
 
 
-class StepClock:
-    """Seconds per step. On CUDA, events recorded around each step and read once at the end: a
-    synchronisation after every step would wait for the exchanges in flight and remove the overlap
-    that the stale modes exist for."""
+def emulate(model: nn.Module, world_size: int, parallel: PatchConfig, requests, device: str = "cpu",
+            on_rank=None, dtype=None, strict: bool = True, kernels: str = "torch"):
+    """Run `requests` (one Request or a list) on `world_size` emulated ranks (threads of this
+    process, `parafuse.parallel.emulator`), each with its own copy of `model`.
 
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.marks: list = []
+    Returns (runtimes, results): per rank, its Runtime and its list of Results (in request order).
+    `on_rank(runtime)` is called in each rank's thread after set-up (tests use it to add hooks)."""
+    import copy
 
-    def start(self) -> None:
-        self.marks.append([self._now(), None])
+    requests = requests if isinstance(requests, (list, tuple)) else [requests]
+    runtimes: list = [None] * world_size
+    results: list = [None] * world_size
 
-    def stop(self) -> None:
-        self.marks[-1][1] = self._now()
+    def run(layout: ParallelLayout, transport):
+        rt = Runtime(copy.deepcopy(model), parallel, device, layout=layout, transport=transport, dtype=dtype,
+                     kernels=kernels)
+        runtimes[layout.rank] = rt
+        if on_rank is not None:
+            on_rank(rt)
+        results[layout.rank] = [rt.generate(r) for r in requests]
+        rt.close()
 
-    def _now(self):
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
-        return time.perf_counter()
-
-    def seconds(self) -> list[float]:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return [a.elapsed_time(b) / 1000 for a, b in self.marks]
-        return [b - a for a, b in self.marks]
+    emulate_ranks(world_size, 2 if parallel.cfg_parallel else 1, run, device, strict)
+    return runtimes, results

@@ -101,13 +101,14 @@ def test_a_python_timestep_would_not_be_capturable():
 
 
 def test_cuda_graphs_are_on_by_default_where_a_graph_can_run():
-    from parafuse.parallel.transport import ThreadHub, ThreadTransport
-    from parafuse.runtime import graphs_by_default
+    from parafuse.parallel.config import PatchConfig
 
-    cuda = torch.device("cuda")
-    assert graphs_by_default(cuda, None) and graphs_by_default(cuda, NullTransport(0, 2))
-    assert not graphs_by_default(cuda, ThreadTransport(0, ThreadHub(2)))    # emulated ranks run eagerly
-    assert not graphs_by_default(torch.device("cpu"), None) and not graphs_by_default(torch.device("meta"), None)
+    def graphs(device: str, emulated: bool = False) -> bool:
+        return PatchConfig(kernels="torch").on(torch.device(device), emulated).cuda_graphs
+
+    assert graphs("cuda")
+    assert not graphs("cuda", emulated=True)         # emulated ranks run eagerly
+    assert not graphs("cpu") and not graphs("meta")
     assert Runtime(load_model("dit-small"), ParallelConfig(), device="cpu").cuda_graphs is False
 
 

@@ -16,6 +16,8 @@ import diffusers  # noqa: E402,F401
 import transformers  # noqa: E402,F401
 
 sys.path.insert(0, os.path.dirname(__file__))
+from parafuse.health import CHECK_EVERY  # noqa: E402
+from parafuse.parallel.transport import ring_bytes  # noqa: E402
 from diffusers_cases import STEPS, TORCHRUN_CASES, call_kwargs, images, pipeline_path  # noqa: E402
 
 import parafuse  # noqa: E402
@@ -78,7 +80,9 @@ def test_sync_decoded_images_equal_diffusers(root):
 
 def test_bytes_closed_form_and_modes(root):
     """gather: every evaluation, each rank sends its strip of the (CFG-batched) output to every other
-    rank; none: nothing else; partial: fewer K/V bytes than full; sync and full: the same exchanges."""
+    rank; none: nothing else but the non-finite watch's flags (one float per rank, agreed every
+    CHECK_EVERY evaluations and after the call); partial: fewer K/V bytes than full; sync and full:
+    the same exchanges."""
     n, fam = 3, "sd"
     ref = serial(root, fam)
     runs = {mode: emulated(root, fam, n, mode=mode, warmup_steps=1) for mode in ("sync", "full", "partial", "none")}
@@ -88,7 +92,9 @@ def test_bytes_closed_form_and_modes(root):
         for mode, outs in runs.items():
             sent = outs[r][1]["bytes_sent"]
             assert sent["gather"] == STEPS * 2 * c * geo.rows[r] * w * 4 * (n - 1), (mode, r)
-        assert sum(runs["none"][r][1]["bytes_sent"].values()) == runs["none"][r][1]["bytes_sent"]["gather"]
+        none = runs["none"][r][1]["bytes_sent"]
+        assert none["control"] == (STEPS // CHECK_EVERY + 1) * ring_bytes(4 * n, n)
+        assert sum(none.values()) == none["gather"] + none["control"]
         assert runs["partial"][r][1]["bytes_sent"]["attn_kv"] < runs["full"][r][1]["bytes_sent"]["attn_kv"]
         assert runs["sync"][r][1]["bytes_sent"] == runs["full"][r][1]["bytes_sent"]
     quality = {mode: psnr(outs[0][0], ref) for mode, outs in runs.items()}
@@ -328,14 +334,13 @@ def test_cli_generates_from_a_pipeline_folder(root, tmp_path, capsys):
     for args, message in [([], "needs --prompt or --prompt-embeds"),
                           (["--prompt", "a cat"], "saved without a text encoder"),
                           (["--prompt-embeds", str(embeds), "--solver", "ddim"], "--solver: only for parafuse's"),
-                          (["--prompt-embeds", str(embeds), "--no-cuda-graphs"], "--[no-]cuda-graphs: only for"),
                           (["--prompt-embeds", str(embeds), "--schedule", "bottleneck"], "--schedule: only for"),
-                          (["--prompt-embeds", str(embeds), "--exchange-timeout", "5"], "--exchange-timeout: only for"),
+                          (["--prompt-embeds", str(embeds), "--exchange-timeout", "0"], "exchange_timeout (--exchange-t"),
                           (["--prompt-embeds", str(embeds), "--text-merge", "exact", "--no-progress"],
                            "text_merge='exact' (--text-merge) merges the text queries of joint text+image attention "
                            "(SD3, Flux); PixArtTransformer2DModel has none"),
                           (["--prompt-embeds", str(embeds), "--mode", "sync", "--kv-codec", "sign"],
-                           "--kv-codec sign (kv_codec='sign') encodes the stale K/V"),
+                           "kv_codec 'sign' (--kv-codec) encodes the stale K/V"),
                           (["--prompt-embeds", str(tmp_path / "nope.pt")], "does not exist")]:
         capsys.readouterr()
         assert main(["--model", path, *size, "--out", str(bad), *args]) == 2
@@ -512,6 +517,7 @@ def _text_merge_ranks(n, mode, text_merge, steps, warmup_steps=1, batch=2, heads
     (inputs per step, results per rank and step, engines)."""
     from parafuse.diffusers.adapter import partial_attention
     from parafuse.parallel.emulator import run_ranks
+    from parafuse.parallel.config import PatchConfig
     from parafuse.parallel.engine import ExchangeEngine
     from parafuse.parallel.plan import PatchPlan, Site
     from parafuse.parallel.transport import ThreadHub, ThreadTransport
@@ -524,8 +530,9 @@ def _text_merge_ranks(n, mode, text_merge, steps, warmup_steps=1, batch=2, heads
     hub, results, engines = ThreadHub(n), [[] for _ in range(n)], [None] * n
 
     def body(rank):
-        engine = engines[rank] = ExchangeEngine(ThreadTransport(rank, hub), list(range(n)), mode, 0.3, warmup_steps,
-                                                text_merge=text_merge)
+        config = PatchConfig(mode=mode, warmup_steps=warmup_steps, text_merge=text_merge,
+                             halo_portion=0.3 if mode == "partial" else None)
+        engine = engines[rank] = ExchangeEngine(ThreadTransport(rank, hub), list(range(n)), config)
         engine.configure(PatchPlan([site], geometry, rank, batch, torch.float32, engine.settings), torch.device("cpu"))
         for step, (q, kv) in enumerate(inputs):
             engine.begin_step(step)

@@ -182,7 +182,7 @@ def test_patch_attention_on_the_triton_backend_in_the_emulator(backend):
     buffer's views, and the image equals the SDPA run's to float32 rounding; the report records the
     backend that ran."""
     from parafuse.models import load_model
-    from parafuse.parallel.emulator import emulate
+    from parafuse.runtime import emulate
     from parafuse.runtime import ParallelConfig, Request
 
     req = Request(32, 32, 2, "ddim", seed=1, label=1)

@@ -64,11 +64,12 @@ def test_negative_variance_falls_back_to_the_given_statistics():
 # ---- in the patch runtime ----------------------------------------------------------------------
 from parafuse.models import load_model  # noqa: E402
 from parafuse.parallel.distributed import ParallelLayout  # noqa: E402
-from parafuse.parallel.emulator import emulate  # noqa: E402
+from parafuse.runtime import emulate  # noqa: E402
 from parafuse.parallel.layers import PatchGroupNorm  # noqa: E402
 from parafuse.parallel.transport import NullTransport  # noqa: E402
 from parafuse.profile import OpCounter  # noqa: E402
-from parafuse.runtime import ParallelConfig, Request, RequestError, Runtime, check_kernels  # noqa: E402
+from parafuse.parallel.config import ConfigError, PatchConfig  # noqa: E402
+from parafuse.runtime import ParallelConfig, Request, RequestError, Runtime  # noqa: E402
 
 REQ = Request(48, 32, 2, "ddim", seed=5, label=2)
 
@@ -134,12 +135,12 @@ def test_triton_kernels_without_cuda_or_the_interpreter_are_a_clear_error(monkey
 def test_default_kernels_are_triton_on_cuda_and_torch_elsewhere(monkeypatch):
     # the interpreter runs Triton on CPU for tests only: a CPU run's default stays on PyTorch ops
     assert Runtime(load_model("dit-small"), ParallelConfig()).kernels == "torch"
-    assert check_kernels(None, torch.device("cuda")) == "triton"
-    assert check_kernels("torch", torch.device("cuda")) == "torch"
+    assert PatchConfig().on(torch.device("cuda")).kernels == "triton"
+    assert PatchConfig(kernels="torch").on(torch.device("cuda")).kernels == "torch"
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real_find_spec(name, *a))
-    with pytest.raises(RequestError, match="the default on CUDA.*--kernels torch"):
-        check_kernels(None, torch.device("cuda"))
+    with pytest.raises(ConfigError, match="the default on CUDA.*use kernels 'torch'"):
+        PatchConfig().on(torch.device("cuda"))
 
 
 # ---- the SiLU that follows, fused where it is the only reader --------------------------------------

@@ -84,7 +84,7 @@ def test_kernels_triton_run_the_codec_in_the_engine_with_the_torch_paths_image(m
     from test_kv_codec import _mirror_pairs
 
     from parafuse.models import load_model
-    from parafuse.parallel.emulator import emulate
+    from parafuse.runtime import emulate
     from parafuse.runtime import ParallelConfig, Request
 
     req = Request(48, 32, 4, "ddim", seed=5, label=2)

@@ -7,7 +7,7 @@ import torch
 
 from parafuse.models import load_model
 from parafuse.parallel import kv_codec
-from parafuse.parallel.emulator import emulate
+from parafuse.runtime import emulate
 from parafuse.runtime import ParallelConfig, Request, Runtime
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -15,8 +15,9 @@ from parallel_cases import HEIGHT, STEPS, WIDTH, cases  # noqa: E402
 from parafuse.health import CHECK_EVERY  # noqa: E402
 from parafuse.models import load_model  # noqa: E402
 from parafuse.models.layers import Attention  # noqa: E402
-from parafuse.parallel.emulator import emulate  # noqa: E402
-from parafuse.parallel.engine import BASELINES, ExchangeEngine  # noqa: E402
+from parafuse.runtime import emulate  # noqa: E402
+from parafuse.parallel.config import BASELINES, PatchConfig  # noqa: E402
+from parafuse.parallel.engine import ExchangeEngine  # noqa: E402
 from parafuse.parallel.geometry import StripGeometry  # noqa: E402
 from parafuse.parallel.transport import COLLECTIVE, ring_bytes  # noqa: E402
 from parafuse.runtime import ParallelConfig, Request, Runtime  # noqa: E402
@@ -282,7 +283,7 @@ def test_default_groupnorm_statistics_per_mode():
     want = {"sync": "exact", "full": "exact", "partial": "exact", "none": "local",
             "distrifusion": "corrected", "pcpp": "corrected"}
     for mode, norm in want.items():
-        assert ExchangeEngine(NullTransport(0, 2), [0, 1], mode).norm_mode == norm, mode
+        assert ExchangeEngine(NullTransport(0, 2), [0, 1], PatchConfig(mode=mode)).norm_mode == norm, mode
 
 def test_switching_halo_exchange_off_breaks_sync(monkeypatch):
     req = Request(HEIGHT, WIDTH, STEPS, "ddim", 1.0, 7, 3)

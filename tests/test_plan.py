@@ -5,7 +5,7 @@ import pytest
 
 from parafuse.models import load_model
 from parafuse.parallel.distributed import ParallelLayout
-from parafuse.parallel.emulator import emulate
+from parafuse.runtime import emulate
 from parafuse.parallel.geometry import StripGeometry
 from parafuse.parallel.transport import NullTransport
 from parafuse.runtime import ParallelConfig, Request, Runtime

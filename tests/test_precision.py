@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from parafuse.models import load_model
-from parafuse.parallel.emulator import emulate
+from parafuse.runtime import emulate
 from parafuse.runtime import ParallelConfig, Request, RequestError, Runtime
 
 REQ = Request(80, 48, 3, "ddim", seed=7, label=3)

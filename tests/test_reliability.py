@@ -21,7 +21,7 @@ from parafuse.health import CHECK_EVERY, NonFiniteError
 from parafuse.models import load_model
 from parafuse.outputs import commit, temp_name
 from parafuse.parallel.distributed import ParallelLayout
-from parafuse.parallel.emulator import emulate
+from parafuse.runtime import emulate
 from parafuse.parallel.transport import NullTransport
 from parafuse.runtime import ParallelConfig, Request, Runtime
 

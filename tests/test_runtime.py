@@ -2,7 +2,7 @@
 import torch
 
 from parafuse.models import load_model
-from parafuse.parallel.emulator import emulate
+from parafuse.runtime import emulate
 from parafuse.runtime import ParallelConfig, Request, Runtime, initial_noise
 
 

@@ -811,7 +811,7 @@ def test_runtime_steps_are_model_evaluations():
     timed steps, FLOPs of 3 evaluations; the warmup counts evaluations too, so with 2 warmup
     steps of 4 the last two evaluations run stale ('full' differs from 'sync'), with 4 none do."""
     from parafuse.models import load_model
-    from parafuse.parallel.emulator import emulate
+    from parafuse.runtime import emulate
     from parafuse.runtime import ParallelConfig, Request, Runtime
 
     model = load_model("dit-small")

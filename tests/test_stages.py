@@ -8,7 +8,7 @@ import torch
 from parafuse.generate import main
 from parafuse.models import load_model
 from parafuse.parallel.distributed import ParallelLayout
-from parafuse.parallel.emulator import emulate
+from parafuse.runtime import emulate
 from parafuse.parallel.transport import NullTransport
 from parafuse.runtime import ParallelConfig, Request, RequestError, Runtime, initial_noise
 from parafuse.sampling import denoise

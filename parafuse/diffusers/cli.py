@@ -15,14 +15,6 @@ import inspect
 import json
 import os
 import sys
-import time
-
-# generate.py's flags that pick parafuse's own samplers and models: a diffusers pipeline has its own
-# (a pipeline runs eagerly, with its scheduler's one-stage schedule)
-BUILTIN_ONLY = {"weights": None, "solver": "dpmpp-2m", "spacing": None, "label": None, "compare_serial": False,
-                "reference": None, "cuda_graphs": None, "kernels": None, "schedule": "plain", "stages": None,
-                "startup_timeout": 600.0, "exchange_timeout": 300.0}
-
 
 def pipeline_kwargs(args, call_parameters) -> dict:
     """The pipeline call's keyword arguments from the command line (and the embeddings file)."""
@@ -51,26 +43,18 @@ def pipeline_kwargs(args, call_parameters) -> dict:
     return kwargs
 
 
-def run_pipeline(args) -> int:
-    """generate.py's `run` for a diffusers pipeline folder."""
+def run_pipeline(args, config, paths: list[str]) -> int:
+    """generate.py's `run` for a diffusers pipeline folder, once generate.py has checked the
+    arguments (`config`: their PatchConfig; `paths`: the output files)."""
     import torch
 
     import parafuse
-    from parafuse import attention
     from parafuse import report as rep
     from parafuse.diffusers.pipeline import load_pipeline
-    from parafuse.generate import check_args, given_flags, halo_portion, output_paths
     from parafuse.outputs import commit
+    from parafuse.parallel.config import Dtype, TORCH_DTYPES
     from parafuse.parallel.distributed import pick_device
-    from parafuse.parallel.engine import check_settings
-    from parafuse.runtime import dtype_name, resolve_dtype
 
-    check_args(args)
-    given = given_flags(args, BUILTIN_ONLY)
-    if given:
-        raise ValueError(f"{', '.join(given)}: only for parafuse's built-in models; a diffusers pipeline runs "
-                         f"eagerly with its own weights, scheduler and one-stage schedule, without parafuse's "
-                         f"host deadlines")
     if args.prompt is None and args.prompt_embeds is None:
         raise ValueError("a diffusers pipeline needs --prompt or --prompt-embeds FILE")
     if args.prompt_embeds is not None and not os.path.isfile(args.prompt_embeds):
@@ -79,43 +63,23 @@ def run_pipeline(args) -> int:
         text_encoder = json.load(f).get("text_encoder", [None])
     if args.prompt is not None and (not isinstance(text_encoder, list) or text_encoder[0] is None):
         raise ValueError(f"pipeline {args.model!r} was saved without a text encoder: pass --prompt-embeds FILE")
-    portion = halo_portion(args)
-    check_settings(args.mode, portion, args.warmup_steps, args.norm, args.text_merge, args.kv_codec)
     device = pick_device(args.device)
-    backend = attention.use_backend(args.attention_backend, device)     # the processors' attention() reads it
-    dtype = resolve_dtype(args.dtype, device)
+    dtype = TORCH_DTYPES[config.dtype or (Dtype.BF16 if device.type == "cuda" else Dtype.FP32)]
     pipe = load_pipeline(args.model, dtype, device, progress=not args.no_progress)
     call_parameters = inspect.signature(pipe.__call__).parameters
     kwargs = pipeline_kwargs(args, call_parameters)
-    par = parafuse.parallelize(pipe, mode=args.mode, halo_portion=portion, warmup_steps=args.warmup_steps,
-                               cfg_parallel=args.cfg_parallel, norm_mode=args.norm, text_merge=args.text_merge,
-                               kv_codec=args.kv_codec)
-    start = time.perf_counter()
+    par = parafuse.parallelize(pipe, config, text_merge=args.text_merge)
     out = par(generator=torch.Generator().manual_seed(args.seed), **kwargs)
-    seconds = time.perf_counter() - start
-    ranks = [par.rank_stats]
-    if par.layout.world_size > 1:
-        import torch.distributed as dist
-        ranks = [None] * par.layout.world_size if par.layout.rank == 0 else None
-        dist.gather_object(par.rank_stats, ranks, dst=0)
+    ranks = par.session.gather_rank_stats(par.rank_stats)
     if par.layout.rank == 0:        # every output rendered first, then all renamed into place together
-        paths = output_paths(args.out, args.batch)
         files = {path: rep.png_bytes(image.float() * 2 - 1) for image, path in zip(out.images, paths)}
         if args.report:
-            files[args.report] = rep.json_bytes({
-                "model": args.model, "pipeline": type(pipe).__name__, "height": args.height, "width": args.width,
-                "steps": args.steps, "guidance": args.guidance, "seed": args.seed, "device": rep.device_name(device),
-                "torch": torch.__version__, "diffusers": _diffusers_version(), "world_size": par.layout.world_size,
-                "mode": args.mode, "warmup_steps": args.warmup_steps, "halo_portion": portion,
-                "cfg_parallel": args.cfg_parallel, "text_merge": args.text_merge, "kv_codec": args.kv_codec,
-                "attention_backend": backend, "dtype": dtype_name(dtype),
-                "total_seconds": seconds, "ranks": ranks})
+            run = {"model": args.model, "pipeline": type(pipe).__name__, "height": args.height, "width": args.width,
+                   "steps": args.steps, "solver": type(pipe.scheduler).__name__, "guidance": args.guidance,
+                   "seed": args.seed, "batch": args.batch, "schedule": "plain"}
+            files[args.report] = rep.json_bytes(rep.run_report(par.session, run, par.timing, ranks))
         commit(files)
+        seconds = par.timing["total_seconds"]
         print(f"wrote {', '.join(paths)} ({seconds:.2f} s on {par.layout.world_size} rank(s))", file=sys.stdout)
     par.close()
     return 0
-
-
-def _diffusers_version() -> str:
-    import diffusers
-    return diffusers.__version__

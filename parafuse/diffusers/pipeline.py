@@ -11,9 +11,11 @@ decodes. `rank_stats` holds this rank's bytes per kind after each call (the deco
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import os
+import time
 
 import torch
 import torch.nn as nn
@@ -21,11 +23,10 @@ import torch.nn as nn
 from parafuse.diffusers.adapter import DiffusersAdapter, UnsupportedModelError, is_flux, is_joint
 from parafuse.diffusers.strips import StripDecoder, StripDenoiser
 from parafuse.parallel import kv_codec as kv_codec_module
-from parafuse.parallel.distributed import ParallelLayout, init_distributed, launched_by_torchrun
-from parafuse.parallel.engine import DEFAULT_HALO_PORTION, ExchangeEngine, check_settings
-from parafuse.parallel.parallelize import parallelize as swap_layers
-from parafuse.parallel.transport import KINDS, TorchTransport, Transport
-from parafuse.runtime import ParallelConfig
+from parafuse.parallel.config import ConfigError, Mode, PatchConfig, dtype_name
+from parafuse.parallel.distributed import ParallelLayout
+from parafuse.parallel.session import PatchSession
+from parafuse.parallel.transport import Transport
 
 DENOISERS = ("unet", "transformer")
 
@@ -40,12 +41,18 @@ def denoiser_of(pipe) -> tuple[str, nn.Module]:
 
 
 class ParallelPipeline:
-    """The pipeline, called as before; its attributes (scheduler, vae, ...) are the pipeline's own."""
+    """The pipeline, called as before; its attributes (scheduler, vae, ...) are the pipeline's own.
+    `session` is this rank's PatchSession (its `config`, `layout`, `transport`); after each call
+    `rank_stats` holds this rank's row of the report (the same schema as a built-in run's) and
+    `timing` the call's seconds and seconds per denoiser evaluation."""
 
-    def __init__(self, pipe, strips: StripDenoiser | None, decoder: StripDecoder | None, layout: ParallelLayout,
-                 config: ParallelConfig):
-        self.pipe, self.strips, self.decoder, self.layout, self.config = pipe, strips, decoder, layout, config
+    def __init__(self, pipe, session: PatchSession, strips: StripDenoiser, decoder: StripDecoder | None):
+        self.pipe, self.session, self.strips, self.decoder = pipe, session, strips, decoder
         self.rank_stats: dict = {}
+        self.timing: dict = {}
+
+    config = property(lambda self: self.session.config)
+    layout = property(lambda self: self.session.layout)
 
     def __getattr__(self, name):
         return getattr(self.pipe, name)
@@ -57,39 +64,36 @@ class ParallelPipeline:
                                         "guidance_scale > 1 (Flux: true_cfg_scale > 1 and a negative prompt)")
         if sequential and not self.config.cfg_parallel and self.config.mode not in ("sync", "none"):
             raise UnsupportedModelError(f"true CFG calls the denoiser once per guidance branch, so in mode "
-                                        f"{self.config.mode!r} each call's stale exchange state would come from the "
-                                        f"other branch: parallelize with cfg_parallel=True (each branch on its own "
-                                        f"ranks) or mode='sync'")
+                                        f"{self.config.mode.value!r} each call's stale exchange state would come "
+                                        f"from the other branch: parallelize with cfg_parallel=True (each branch on "
+                                        f"its own ranks) or mode='sync'")
         if self.decoder is not None and getattr(self.pipe.vae, "use_tiling", False):
             raise UnsupportedModelError("the VAE decodes by strips across the ranks; tiling would cut them again: "
                                         "call pipe.vae.disable_tiling(), or parallelize with parallel_decode=False")
         if self.layout.rank != 0 and self.decoder is None:
             kwargs["output_type"] = "latent"         # only rank 0 decodes
-        if self.strips is None:
-            return self.pipe(*args, **kwargs)
+        self.session.reset_counts()
         self.strips.begin_image(sequential_cfg=sequential)
+        start = time.perf_counter()
         try:
-            out = self.pipe(*args, **kwargs)
+            with self.session.guard(f"{type(self.pipe).__name__} call"):
+                out = self.pipe(*args, **kwargs)
+                self.strips.finish()         # every rank raises the same NonFiniteError before returning
         finally:
             self.strips.end_image()
             if self.decoder is not None:
                 self.decoder.end_image()
-        transport = self.strips.transport
-        sent, received = transport.totals()
-        self.rank_stats = {"rank": self.layout.rank, "evaluations": self.strips.evaluations,
-                           "rows": None if self.strips.geometry is None
-                           else self.strips.geometry.rows[self.layout.patch_index],
-                           "bytes_sent": {k: sent.get(k, 0) for k in KINDS},
-                           "bytes_received": {k: received.get(k, 0) for k in KINDS}}
+        strips = self.strips
+        self.timing = {"total_seconds": time.perf_counter() - start, "step_seconds": strips.clock.seconds()}
+        rows = None if strips.geometry is None else strips.geometry.rows[self.layout.patch_index]
+        self.rank_stats = self.session.rank_stats(rows, strips.state_bytes, strips.evaluations)
         return out if self.layout.rank == 0 else None
 
     def close(self) -> None:
         if self.decoder is not None:
             self.decoder.end_image()
-        if self.strips is not None:
-            self.strips.end_image()
-            if isinstance(self.strips.transport, TorchTransport):
-                self.strips.transport.close()
+        self.strips.end_image()
+        self.session.close()
 
 
 def calls_once_per_branch(pipe, kwargs: dict) -> bool:
@@ -102,49 +106,51 @@ def calls_once_per_branch(pipe, kwargs: dict) -> bool:
     return kwargs.get("true_cfg_scale", 1.0) > 1 and negative
 
 
-def parallelize(pipe, mode: str = "sync", halo_portion: float = DEFAULT_HALO_PORTION, warmup_steps: int = 4,
-                cfg_parallel: bool = False, norm_mode: str | None = None, parallel_decode: bool = True, *,
-                text_merge: str | None = None, kv_codec: str = "none", layout: ParallelLayout | None = None,
-                transport: Transport | None = None) -> ParallelPipeline:
+def parallelize(pipe, config: PatchConfig | None = None, *, parallel_decode: bool = True,
+                layout: ParallelLayout | None = None, transport: Transport | None = None,
+                **settings) -> ParallelPipeline:
     """Make `pipe`'s denoiser (`pipe.unet` or `pipe.transformer`) and, with `parallel_decode`, its
     VAE decoder patch-parallel across the ranks of torchrun's job (or of `layout`/`transport`: the
-    thread emulator); see the module docstring. Settings are checked and unsupported modules
-    refused before any process group or compute.
+    thread emulator); see the module docstring. The settings are a `PatchConfig`, or its fields as
+    keywords (`mode="partial", halo_portion=0.25, ...`; keywords given with a config replace its
+    fields). They are checked, and unsupported modules refused, before any process group or compute.
 
     `text_merge` (SD3, Flux): how the stale steps of `full` and `partial` merge the text queries of
-    joint attention across strips: "stale" (their default: the other strips' partial outputs of the
-    previous step, exchanged behind compute; `ExchangeEngine.merge_text`) or "exact". `sync` and
-    `none` merge exactly.
-
-    `kv_codec` (`full`, `partial`): "sign" sends the stale K/V as one-bit messages
-    (`parafuse.parallel.kv_codec`), "none" exactly."""
-    config = ParallelConfig(mode, warmup_steps, halo_portion, norm_mode, cfg_parallel, kv_codec)
-    check_settings(mode, halo_portion, warmup_steps, norm_mode, text_merge, kv_codec)
+    joint attention across strips ("stale", their default, or "exact"; `ExchangeEngine.merge_text`).
+    `dtype`: the pipeline's own unless given (then it must be the denoiser's: `pipe.to(dtype)` first).
+    `kernels`, `cuda_graphs`, `attention_backend`, the deadlines: as for built-in models."""
+    try:
+        config = (PatchConfig(**settings) if config is None else config.replace(**settings)) if settings or \
+            config is None else config
+    except TypeError as e:
+        raise ConfigError(f"parallelize: {e}; the settings are PatchConfig's fields") from None
+    if not isinstance(config, PatchConfig):
+        raise ConfigError(f"parallelize's settings must be a PatchConfig or its fields as keywords, got "
+                          f"{type(config).__name__}")
     _, model = denoiser_of(pipe)
     adapter = DiffusersAdapter()
     adapter.check(model)
-    if text_merge is not None and not any(is_joint(m) or is_flux(m) for m in model.modules()):
-        raise ValueError(f"text_merge={text_merge!r} (--text-merge) merges the text queries of joint text+image "
-                         f"attention (SD3, Flux); {type(model).__name__} has none: leave it out")
-    if kv_codec != "none":
+    if settings.get("text_merge") is not None and not any(is_joint(m) or is_flux(m) for m in model.modules()):
+        raise ConfigError(f"text_merge={settings['text_merge']!r} (--text-merge) merges the text queries of joint "
+                          f"text+image attention (SD3, Flux); {type(model).__name__} has none: leave it out")
+    param = next(model.parameters())
+    if config.torch_dtype is not None and config.torch_dtype != param.dtype:
+        raise ConfigError(f"dtype {config.dtype.value!r} asked for, but {type(model).__name__} is in {param.dtype}: "
+                          f"call pipe.to({config.torch_dtype}) first, or leave dtype out")
+    config = dataclasses.replace(config, dtype=dtype_name(param.dtype))
+    if config.kv_codec != "none":
         for name, m in model.named_modules():
             if adapter.site_kind(m) == "attn" and not getattr(m, "is_cross_attention", False):
                 kv_codec_module.check_channels(m.to_k.out_features, f"attention {name!r}")
     vae_decoder = getattr(getattr(pipe, "vae", None), "decoder", None) if parallel_decode else None
     if vae_decoder is not None:
         check_decoder(vae_decoder, "parallelize with parallel_decode=False to decode on rank 0 alone")
-    layout = torchrun_layout(model, 2 if cfg_parallel else 1) if layout is None else layout
-    if layout.world_size == 1:
-        return ParallelPipeline(pipe, None, None, layout, config)
-    transport = patch_transport(layout) if transport is None else transport
-    engine = decoder = None
-    if layout.patch_degree > 1:
-        engine = ExchangeEngine(transport, layout.patch_ranks, mode, halo_portion, warmup_steps, norm_mode,
-                                text_merge=text_merge, kv_codec=kv_codec)
-        swap_layers(model, engine, adapter)
-        if vae_decoder is not None:
-            decoder = strip_decoder(vae_decoder, layout, transport)
-    return ParallelPipeline(pipe, StripDenoiser(model, engine, adapter, layout, transport), decoder, layout, config)
+    session = PatchSession(config, device=param.device, layout=layout, transport=transport)
+    session.attach(model, adapter)
+    decoder = None
+    if session.engine is not None and vae_decoder is not None:
+        decoder = strip_decoder(vae_decoder, session)
+    return ParallelPipeline(pipe, session, StripDenoiser(model, session, adapter), decoder)
 
 
 def check_decoder(vae_decoder: nn.Module, alternative: str) -> None:
@@ -154,11 +160,14 @@ def check_decoder(vae_decoder: nn.Module, alternative: str) -> None:
         raise UnsupportedModelError(f"VAE decoder: {e}; {alternative}") from None
 
 
-def strip_decoder(vae_decoder: nn.Module, layout: ParallelLayout, transport: Transport) -> StripDecoder:
-    """`vae_decoder` decoding this rank's strip, always synchronously, the image gathered on strip 0."""
-    engine = ExchangeEngine(transport, layout.patch_ranks, "sync", 0.0, 0)
-    decoder = StripDecoder(vae_decoder, engine, DiffusersAdapter(), layout, transport)
-    swap_layers(vae_decoder, engine, decoder.adapter)
+def strip_decoder(vae_decoder: nn.Module, session: PatchSession) -> StripDecoder:
+    """`vae_decoder` decoding this rank's strip, always synchronously, the image gathered on strip 0:
+    its own engine on the session's transport (sync, no warmup, the session's kernels)."""
+    lay = session.layout
+    config = PatchConfig(mode=Mode.SYNC, warmup_steps=0, kernels=session.config.kernels)
+    decoder_session = PatchSession(config, device=session.device, layout=lay, transport=session.transport)
+    decoder = StripDecoder(vae_decoder, decoder_session, DiffusersAdapter())
+    decoder_session.attach(vae_decoder, decoder.adapter)
     return decoder
 
 
@@ -168,23 +177,11 @@ def parallelize_vae(vae, *, layout: ParallelLayout | None = None,
     every rank calls `vae.decode(z)` with the same whole latent; rank 0 gets the image, the others
     zeros of its shape. Returns the hooks (`.remove()` undoes them), None on a single rank."""
     check_decoder(vae.decoder, "decode it on one rank")
-    layout = torchrun_layout(vae, 1) if layout is None else layout
-    if layout.world_size == 1:
+    session = PatchSession(PatchConfig(mode=Mode.SYNC, warmup_steps=0), device=next(vae.parameters()).device,
+                           layout=layout, transport=transport)
+    if session.engine is None:
         return None
-    return strip_decoder(vae.decoder, layout, patch_transport(layout) if transport is None else transport)
-
-
-def torchrun_layout(module: nn.Module, cfg_degree: int) -> ParallelLayout:
-    """This process's place in torchrun's job (joining its process group on `module`'s device), or
-    a single rank outside torchrun."""
-    rank, world = init_distributed(next(module.parameters()).device) if launched_by_torchrun() else (0, 1)
-    return ParallelLayout(rank, world, cfg_degree)
-
-
-def patch_transport(layout: ParallelLayout) -> TorchTransport:
-    """The process-group transport with one patch group per CFG branch."""
-    groups = [list(range(b * layout.patch_degree, (b + 1) * layout.patch_degree)) for b in range(layout.cfg_degree)]
-    return TorchTransport(layout.rank, layout.world_size, groups)
+    return strip_decoder(vae.decoder, session)
 
 
 def _dtype_keyword() -> str:

@@ -26,13 +26,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from parafuse.checks import check_strip_memory
 from parafuse.diffusers.adapter import DiffusersAdapter, UnsupportedModelError, is_flux, is_joint
-from parafuse.parallel.distributed import ParallelLayout
-from parafuse.parallel.engine import ExchangeEngine
 from parafuse.parallel.geometry import StripGeometry, conv_halo
 from parafuse.parallel.parallelize import parallelize as swap_layers
 from parafuse.parallel.plan import LOCAL, PatchPlan, Site
-from parafuse.parallel.transport import Transport
+from parafuse.parallel.session import PatchSession, StepClock
 
 
 @dataclass(frozen=True)
@@ -138,10 +137,9 @@ class StripModel:
 
     gather_to: int | None = None          # gather the output on every strip (None) or on one
 
-    def __init__(self, model: nn.Module, engine: ExchangeEngine, adapter: DiffusersAdapter,
-                 layout: ParallelLayout, transport: Transport):
-        self.model, self.engine, self.adapter = model, engine, adapter
-        self.layout, self.transport = layout, transport
+    def __init__(self, model: nn.Module, session: PatchSession, adapter: DiffusersAdapter):
+        self.model, self.session, self.adapter = model, session, adapter
+        self.engine, self.layout, self.transport = session.engine, session.layout, session.transport
         self.sample_name = next(iter(inspect.signature(model.forward).parameters))
         self._traces: dict[tuple[int, ...], Trace] = {}           # per input size
         self._structure = None
@@ -184,7 +182,10 @@ class StripModel:
         return args, {**kwargs, self.sample_name: sample}
 
     def _before(self, module, args, kwargs):
-        if self.tracing or self.engine is None:
+        if self.tracing:
+            return None
+        if self.engine is None:
+            self._begin_evaluation()
             return None
         if torch.is_grad_enabled():
             raise UnsupportedModelError(f"parafuse's patch layers are inference-only: call {type(self.model).__name__} "
@@ -196,8 +197,7 @@ class StripModel:
             raise UnsupportedModelError(
                 f"{type(self.model).__name__} was called with a {tuple(sample.shape)} input inside an image planned "
                 f"for {self._input_shape}: parafuse plans one geometry per pipeline call")
-        self.engine.begin_step(self.evaluations)
-        self.evaluations += 1
+        self._begin_evaluation()
         i = self.layout.patch_index
         if self._tokens:            # [B, h*w, C] row-major over the grid, and the grid's ids
             w, top, rows = self.geometry.width, self.geometry.level(1).offsets[i], self.geometry.rows[i]
@@ -207,6 +207,11 @@ class StripModel:
         level = self.geometry.level_of_width(sample.shape[-1])
         top = level.offsets[i]
         return self._with_sample(args, kwargs, sample[:, :, top: top + level.rows[i]].contiguous())
+
+    def _begin_evaluation(self) -> None:
+        """Evaluation `self.evaluations` of this image starts: the heartbeat, the engine's step plan."""
+        self.session.begin_step(self.evaluations)
+        self.evaluations += 1
 
     def _grid(self, kwargs: dict, sample: torch.Tensor) -> tuple[tuple[int, int], bool]:
         """The input's grid (rows, columns) and whether the input is a token sequence [B, rows*cols, C]
@@ -240,9 +245,13 @@ class StripModel:
             if s.kind == "conv":
                 geometry.check_halo(s.factor, s.top, s.bottom, f"conv {s.key}")
         dtype = next(self.model.parameters()).dtype
-        self.engine.configure(PatchPlan(trace.sites, geometry, self.layout.patch_index, sample.shape[0], dtype,
-                                        self.engine.settings), sample.device)
+        plan = self.session.plan(trace.sites, geometry, sample.shape[0], dtype)
+        self.check_fits(plan, sample)
+        self.session.begin_image(plan)
         self.geometry, self._input_shape = geometry, sample.shape
+
+    def check_fits(self, plan: PatchPlan, sample: torch.Tensor) -> None:
+        """The memory floor, before the image's first evaluation (overridden by the denoiser)."""
 
     def _after(self, module, args, kwargs, output):
         if self.tracing:
@@ -289,10 +298,15 @@ class StripDenoiser(StripModel):
         super().__init__(*args, **kwargs)
         self.sequential_cfg = False
         self._calls, self._skip, self._held, self._pair, self._shapes = 0, False, None, None, {}
+        self.clock = StepClock(self.session.device)
+        self.watch = self.session.watch(None)
+        self.state_bytes = 0
 
     def begin_image(self, sequential_cfg: bool = False) -> None:
         super().begin_image()
-        self.transport.reset_counts()
+        self.clock = StepClock(self.session.device)
+        self.watch = self.session.watch(None)     # the pipeline's loop length is its own
+        self.state_bytes = 0
         self.sequential_cfg = sequential_cfg and self.layout.cfg_degree == 2
         self._calls, self._skip, self._held, self._pair = 0, False, None, None
         if self.sequential_cfg:
@@ -366,10 +380,38 @@ class StripDenoiser(StripModel):
             self._shapes[size] = (tuple(out.shape), out.dtype)
         return self._shapes[size]
 
+    def _begin_evaluation(self) -> None:
+        super()._begin_evaluation()
+        self.clock.start()
+
     def _after(self, module, args, kwargs, output):
-        if self.sequential_cfg and self._skip:
+        if self.tracing or (self.sequential_cfg and self._skip):
             return None
-        return super()._after(module, args, kwargs, output)
+        output = super()._after(module, args, kwargs, output)
+        self.clock.stop()
+        k = self.evaluations - 1
+        out = output if isinstance(output, torch.Tensor) else output[0] if isinstance(output, tuple) \
+            else next(iter(output.values()))
+        self.watch.observe(k, out)         # device work only; the flags are read every CHECK_EVERY evaluations
+        if self.watch.due(k):
+            self.watch.check()
+        return output
+
+    def finish(self) -> None:
+        """After the pipeline's call: the last evaluations' non-finite flags, agreed by every rank
+        (the same NonFiniteError everywhere, before any rank returns an image)."""
+        if self.evaluations:
+            self.watch.check()
+        if self.engine is not None:
+            self.state_bytes = self.engine.state_bytes()
+
+    def check_fits(self, plan: PatchPlan, sample: torch.Tensor) -> None:
+        """Refuse an image whose strip cannot fit, before its first evaluation: the exchange buffers
+        and an activation floor of the plan, and the pipeline's whole latents (every rank runs the
+        scheduler on the whole latent: the latent, the gathered output, the scheduler's state)."""
+        whole = sample.numel() * sample.element_size() * (2 if self.layout.cfg_degree == 2 else 1)
+        check_strip_memory(plan, self.session.device, 4 * whole, f"{type(self.model).__name__} at "
+                           f"{plan.geometry.height}x{plan.geometry.width} latent")
 
     def _gather(self, out: torch.Tensor) -> torch.Tensor:
         out = super()._gather(out)

@@ -1,8 +1,9 @@
 """Single-process emulator of the patch-parallel runtime: N strips as N threads of one process,
 connected by in-process mailboxes instead of a process group.
 
-Every rank runs the real `Runtime` - the same patch layers, the same exchange engine, the same
-stale buffers - over a `ThreadTransport`. Asynchronous modes are deterministic (step t always
+Every rank runs a real `PatchSession` under its front door (`parafuse.runtime.emulate` for the
+built-in models, `parafuse.diffusers.emulator.emulate_pipeline` for pipelines) - the same patch
+layers, the same exchange engine, the same stale buffers - over a `ThreadTransport`. Asynchronous modes are deterministic (step t always
 uses what was sent during step t-1), so a distributed run must equal this emulator to float
 tolerance; that is what makes the approximate modes testable without GPUs.
 
@@ -14,51 +15,29 @@ multi-rank exchange, its data and its overlap, where NCCL refuses two ranks on o
 from __future__ import annotations
 
 import contextlib
-import copy
 import threading
 
 import torch
-import torch.nn as nn
 
 from parafuse.parallel.distributed import ParallelLayout
 from parafuse.parallel.transport import ThreadHub, ThreadTransport
 
 
-def emulate(model: nn.Module, world_size: int, parallel, requests, device: str = "cpu",
-            on_rank=None, dtype=None, strict: bool = True, kernels: str = "torch"):
-    """Run `requests` (one Request or a list) on `world_size` emulated ranks.
-
-    Returns (runtimes, results): per rank, its Runtime and its list of Results (in request order).
-    `on_rank(runtime)` is called in each rank's thread after set-up (tests use it to add hooks).
-    `strict`: the transport enforces NCCL's rules (see ThreadHub) and poisons receive buffers."""
-    from parafuse.runtime import Runtime
-
-    requests = requests if isinstance(requests, (list, tuple)) else [requests]
+def emulate_ranks(world_size: int, cfg_degree: int, body, device: str = "cpu", strict: bool = True) -> None:
+    """`body(layout, transport)` once per emulated rank, each on its own thread (and, on CUDA, its own
+    stream), connected by one `ThreadHub`: what both front doors' emulators run on. `strict`: the
+    transport enforces NCCL's rules (see ThreadHub) and poisons receive buffers."""
     hub = ThreadHub(world_size, strict=strict)
-    cfg_degree = 2 if parallel.cfg_parallel else 1
-    runtimes: list = [None] * world_size
-    results: list = [None] * world_size
-
-    def rank_stream():
-        if torch.device(device).type != "cuda":
-            return contextlib.nullcontext()
-        return torch.cuda.stream(torch.cuda.Stream(device))
+    cuda = torch.device(device).type == "cuda"
 
     def run(rank: int):
-        with rank_stream():
+        with torch.cuda.stream(torch.cuda.Stream(device)) if cuda else contextlib.nullcontext():
             layout = ParallelLayout(rank, world_size, cfg_degree)
-            rt = Runtime(copy.deepcopy(model), parallel, device, layout=layout,
-                         transport=ThreadTransport(rank, hub, layout.patch_ranks), dtype=dtype, kernels=kernels)
-            runtimes[rank] = rt
-            if on_rank is not None:
-                on_rank(rt)
-            results[rank] = [rt.generate(r) for r in requests]
-            rt.close()
-            if torch.device(device).type == "cuda":
+            body(layout, ThreadTransport(rank, hub, layout.patch_ranks))
+            if cuda:
                 torch.cuda.current_stream().synchronize()    # results are read on other streams
 
     run_ranks(hub, run)
-    return runtimes, results
 
 
 def run_ranks(hub: ThreadHub, body) -> None:

@@ -14,7 +14,7 @@ neighbour, at least one; PCPP), none (no exchange at all). Steps before `warmup_
 first step of every image, are synchronous in every mode but none.
 
 The published systems' own communication, for comparison on the same model and geometry
-(`BASELINES`): with the same GroupNorm statistics `distrifusion` computes what `full` computes and
+(`config.BASELINES`): with the same GroupNorm statistics `distrifusion` computes what `full` computes and
 `pcpp` what `partial` computes (their default statistics are the published corrected-async
 estimate, parafuse's are exact), but they move data the way those systems do (the `all-gather`
 pattern): conv halo rows and
@@ -39,44 +39,9 @@ from typing import Callable
 import torch
 
 from parafuse.parallel import kv_codec
-from parafuse.parallel.kv_codec import CODECS
-from parafuse.parallel.plan import PatchPlan, Settings, Site, StepPlan
+from parafuse.parallel.config import Kernels, Mode, PatchConfig
+from parafuse.parallel.plan import PatchPlan, Site, StepPlan
 from parafuse.parallel.transport import Pending, Transport, sum_in_rank_order
-
-BASELINES = {"distrifusion": "full", "pcpp": "partial"}     # baseline -> the mode whose values it computes
-MODES = ("sync", "full", "partial", "none") + tuple(BASELINES)
-NORM_MODES = ("exact", "corrected", "stale", "local")
-DEFAULT_HALO_PORTION = 0.3      # partial: the share of each neighbour strip whose K/V a strip attends to
-
-
-TEXT_MERGES = ("exact", "stale")
-
-
-def check_settings(mode: str, halo_portion: float, warmup_steps: int, norm_mode: str | None,
-                   text_merge: str | None = None, kv_codec: str = "none") -> None:
-    """Raise ValueError, saying what is allowed, for settings the engine cannot run."""
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
-    if not 0.0 <= halo_portion <= 1.0:
-        raise ValueError(f"halo portion must lie in [0, 1], got {halo_portion}")
-    if warmup_steps < 0:
-        raise ValueError(f"warmup steps must be >= 0, got {warmup_steps}")
-    if norm_mode is not None and norm_mode not in NORM_MODES:
-        raise ValueError(f"unknown GroupNorm mode {norm_mode!r}; valid: {', '.join(NORM_MODES)}")
-    if text_merge is not None and text_merge not in TEXT_MERGES:
-        raise ValueError(f"unknown text merge {text_merge!r}; valid: {', '.join(TEXT_MERGES)}")
-    stale = BASELINES.get(mode, mode) in ("full", "partial") and not (mode == "partial" and halo_portion == 0.0)
-    if text_merge == "stale" and not stale:
-        raise ValueError(f"text_merge='stale' uses the previous step's partial text outputs: it needs a stale mode "
-                         f"(full, partial with a halo portion > 0), not {mode!r}, whose text merge is exact")
-    if kv_codec not in CODECS:
-        raise ValueError(f"unknown K/V codec {kv_codec!r}; valid: {', '.join(CODECS)}")
-    if kv_codec != "none" and not (stale and mode not in BASELINES):
-        why = ("moves data as the published system does" if mode in BASELINES else
-               "with halo portion 0 sends none" if mode == "partial" else "sends none")
-        raise ValueError(f"--kv-codec {kv_codec} (kv_codec={kv_codec!r}) encodes the stale K/V that full and partial "
-                         f"send; mode {mode!r} {why}: use --kv-codec none, or --mode full / partial")
-
 
 def _spans(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """The union of token ranges [a, b) as disjoint sorted spans (one encode per row, however many
@@ -91,21 +56,8 @@ def _spans(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 class ExchangeEngine:
-    def __init__(self, transport: Transport, patch_ranks: list[int], mode: str = "sync",
-                 halo_portion: float = DEFAULT_HALO_PORTION, warmup_steps: int = 4, norm_mode: str | None = None,
-                 kernels: str = "torch", text_merge: str | None = None, kv_codec: str = "none"):
-        check_settings(mode, halo_portion, warmup_steps, norm_mode, text_merge, kv_codec)
-        pattern = "all-gather" if mode in BASELINES else "neighbours"
-        mode = BASELINES.get(mode, mode)
-        # exact statistics by default: one tiny all-reduce per GroupNorm on the critical path buys
-        # 14 dB over DistriFusion's corrected-async estimate on the default U-Net at N = 8, 256²
-        # (README, Performance); the baselines keep the published systems' corrected mode
-        norm_mode = norm_mode or ("corrected" if pattern == "all-gather" else "local" if mode == "none" else "exact")
-        # joint attention's text queries (SD3, Flux; `merge_text`): stale by default where the image
-        # K/V are stale - on the tests' SD3 and Flux pipelines it stays within 0.03 dB of the exact
-        # merge (README, From diffusers) and takes the merge's two waits off the critical path
-        text_merge = text_merge or ("stale" if mode in ("full", "partial") else "exact")
-        self.settings = Settings(mode, halo_portion, warmup_steps, norm_mode, pattern, text_merge, kv_codec)
+    def __init__(self, transport: Transport, patch_ranks: list[int], config: PatchConfig):
+        self.settings = config                        # validated, its mode-dependent defaults filled
         self.transport = transport
         self.patch_ranks = list(patch_ranks)          # global rank of each strip, top to bottom
         self.strip = self.patch_ranks.index(transport.rank)
@@ -116,12 +68,13 @@ class ExchangeEngine:
         self.pending: dict[str, Pending] = {}
         self.scratch: dict[tuple, torch.Tensor] = {}
         self.device: torch.device | None = None
-        self.kernels = kernels                       # "torch" or "triton": the patch layers' kernels
+        self.kernels = config.kernels or Kernels.TORCH   # the patch layers' kernels
         self._first_step = True
 
     @property
-    def mode(self) -> str:
-        return self.settings.mode
+    def mode(self) -> Mode:
+        """The mode whose values this engine computes (a baseline's: full's or partial's)."""
+        return self.settings.computes
 
     @property
     def norm_mode(self) -> str:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from parafuse.parallel.config import Mode, PatchConfig
 from parafuse.parallel.geometry import Level, StripGeometry
 
 
@@ -60,22 +61,6 @@ SYNC = StepPlan("sync", "fresh", "whole", "exact")
 LOCAL = StepPlan("local", "zeros", "local", "local")
 
 
-@dataclass(frozen=True)
-class Settings:
-    mode: str             # sync | full | partial | none
-    halo_portion: float
-    warmup_steps: int
-    norm_mode: str        # exact | corrected | stale | local
-    pattern: str = "neighbours"   # "neighbours" (parafuse) | "all-gather" (the published baselines)
-    text_merge: str = "exact"     # joint attention's text queries on stale steps: "exact" | "stale"
-    kv_codec: str = "none"        # stale K/V on the wire: "none" (exact) | "sign" (parafuse.parallel.kv_codec)
-
-    @property
-    def exchanges(self) -> bool:
-        # partial with p = 0 conditions a strip on nothing of its neighbours: that is `none`
-        return self.mode != "none" and not (self.mode == "partial" and self.halo_portion == 0.0)
-
-
 def window_rows(rows: int, portion: float) -> int:
     """Rows of a strip of `rows` rows that its neighbours attend to in `partial` mode with halo
     portion p: ceil(p * rows), at least one (partial never silently degenerates to none), at most
@@ -87,7 +72,7 @@ class PatchPlan:
     """Sites and buffer shapes of one strip of one geometry, batch and dtype."""
 
     def __init__(self, sites: list[Site], geometry: StripGeometry, strip: int, batch: int, dtype: torch.dtype,
-                 settings: Settings):
+                 settings: PatchConfig):
         self.sites = {s.key: s for s in sites}
         self.geometry = geometry
         self.strip = strip
@@ -99,10 +84,9 @@ class PatchPlan:
             self.sync_step = self.stale_step = LOCAL
         else:
             self.sync_step = SYNC
-            kv = {"sync": "whole", "full": "stale-whole", "partial": "stale-window"}[settings.mode]
-            halos = "fresh" if settings.mode == "sync" else "stale"
-            norm = "exact" if settings.mode == "sync" else settings.norm_mode
-            self.stale_step = SYNC if settings.mode == "sync" else StepPlan("stale", halos, kv, norm)
+            mode = settings.computes
+            kv = {Mode.SYNC: "whole", Mode.FULL: "stale-whole", Mode.PARTIAL: "stale-window"}[mode]
+            self.stale_step = SYNC if mode == Mode.SYNC else StepPlan("stale", "stale", kv, settings.norm_mode.value)
             if settings.text_merge == "stale" and self.stale_step.stale:
                 # synchronous steps gather every strip's partial text output, so the first stale
                 # step finds its neighbours' previous ones
