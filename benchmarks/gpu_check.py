@@ -49,7 +49,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, hardware, table  # noqa: E402
+from common import RESULTS, hardware, provenance, table  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMAND = "PYTHONPATH=.:kernels python benchmarks/gpu_check.py"
@@ -382,13 +382,21 @@ def section_projection(a, results: dict) -> dict:
     sources = {k: [r for r in v if "seconds" in r] for k, v in sources.items()}
     if not any(sources.values()):
         return {"skipped": "no scaling rows (run the scaling or graphs section first)"}
-    out = {}
+    # the pessimistic bound's SM/HBM charge: this run's loopback row where it has one, else the committed one
+    graphs_rows = results["sections"].get("graphs", {}).get("result", {}).get("rows", [])
+    try:
+        charge = project.charge_from_rows(graphs_rows, "this run's graphs section")
+    except ValueError:
+        charge = project.loopback_charge()
+    out = {"charge": charge.source}
     for name in ("nvlink4", "pcie4", "ib400"):      # project_rows projects each kernel choice apart
         out[name] = [{"graphs": graphs + (", triton kernels" if r["kernels"] == "triton" else ""),
-                      **{k: r[k] for k in ("model", "size", "mode", "n", "compute_source",
-                                           "projected_speedup", "projected_bound")}}
+                      **{k: r[k] for k in ("model", "size", "mode", "n", "compute_source", "projected_speedup",
+                                           "projected_bound", "projected_pessimistic_speedup",
+                                           "projected_stale_channel_speedup")}}
                      for graphs, rows in sources.items() if rows
-                     for r in project.project_rows(rows, project.LINKS[name], max_n=16) if r["n"] in (8, 16)]
+                     for r in project.project_rows(rows, project.LINKS[name], max_n=16, charge=charge,
+                                                   derive_sync=True) if r["n"] in (8, 16)]
     return out
 
 
@@ -504,8 +512,11 @@ def summary(results: dict) -> list[dict]:
                 if x["n"] == 8:
                     rows.append({"section": f"PROJECTED nvlink4 {x['model']} {x['size']} N=8 {x['mode']} "
                                             f"{x.get('graphs', 'eager')}",
-                                 "result": f"{x['projected_speedup']:.2f}x ({x['projected_bound']}-bound, per-rank "
-                                           f"compute {x.get('compute_source', '?')})"})
+                                 "result": f"{x['projected_pessimistic_speedup']:.2f}x to "
+                                           f"{x['projected_speedup']:.2f}x (pessimistic to optimistic; "
+                                           f"{x['projected_stale_channel_speedup']:.2f}x pessimistic on a stale "
+                                           f"communicator; {x['projected_bound']}-bound, per-rank compute "
+                                           f"{x.get('compute_source', '?')})"})
         elif name == "bandwidth":
             for dt, r in sec["result"].items():
                 if dt == "kv_codec":
@@ -531,7 +542,8 @@ def main(argv=None) -> int:
     hw = hardware() if a.device != "cpu" else {**hardware(), "device": "cpu"}
     slug = re.sub(r"[^a-z0-9]+", "_", (torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu").lower())
     path = a.out or os.path.join(RESULTS, f"gpu_check_{slug.strip('_')}.json")
-    results = {"hardware": hardware(), "smoke": a.smoke, "sections": {}}
+    prov = provenance(argv)      # stamped before the run; each section carries the provenance of the run that made it
+    results = {"provenance": prov, "hardware": hardware(), "smoke": a.smoke, "sections": {}}
     if os.path.exists(path) and a.only != list(SECTIONS):      # --only: keep the other sections' results
         results["sections"] = json.load(open(path)).get("sections", {})
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -544,6 +556,7 @@ def main(argv=None) -> int:
         except Exception as e:      # noqa: BLE001 - a failed section is a result; the next still runs
             sec = {"error": f"{type(e).__name__}: {e}"}
         sec["seconds"] = time.perf_counter() - t0
+        sec["provenance"] = prov
         results["sections"][name] = sec
         tmp = f"{path}.tmp"
         with open(tmp, "w") as f:

@@ -93,7 +93,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, hardware, table, write_json  # noqa: E402
+from common import RESULTS, hardware, provenance, table, write_json  # noqa: E402
 
 
 # ---- links ---------------------------------------------------------------------------------------
@@ -274,8 +274,12 @@ class Charge:
 def loopback_charge(path: str = LOOPBACK_JSON, sm_share: float = NCCL_SM_SHARE) -> Charge:
     """The loss of the on-device loopback run, from `gpu_check.py`'s committed JSON: its graphs
     section's loopback row against the null-transport row of the same configuration."""
-    data = json.load(open(path))
-    rows = data["sections"]["graphs"]["result"]["rows"]
+    rows = json.load(open(path))["sections"]["graphs"]["result"]["rows"]
+    return charge_from_rows(rows, os.path.relpath(path, os.path.dirname(RESULTS)), sm_share)
+
+
+def charge_from_rows(rows: list[dict], where: str, sm_share: float = NCCL_SM_SHARE) -> Charge:
+    """`loopback_charge` from graphs-section rows (`where` names them)."""
     same = ("model", "size", "mode", "n", "cuda_graphs", "kernels")
     for loop in (r for r in rows if r.get("transport") == "loopback"):
         null = next((r for r in rows if r.get("transport") == "null" and all(r.get(k) == loop.get(k) for k in same)),
@@ -285,11 +289,11 @@ def loopback_charge(path: str = LOOPBACK_JSON, sm_share: float = NCCL_SM_SHARE) 
         lost = loop["seconds"] - null["seconds"]
         nbytes = sum(loop["bytes_per_step"].values())
         return Charge(lost / null["seconds"], lost / nbytes, sm_share,
-                      f"{os.path.relpath(path, os.path.dirname(RESULTS))}: {loop['model']} {loop['size']}² "
+                      f"{where}: {loop['model']} {loop['size']}² "
                       f"{loop['mode']} N={loop['n']} graphed, loopback {loop['seconds'] * 1e3:.2f} ms vs null "
                       f"{null['seconds'] * 1e3:.2f} ms ({lost / null['seconds']:+.1%}, {nbytes / 1e9:.2f} GB/step); "
                       f"NCCL SM share {sm_share:.3f} (assumed)")
-    raise ValueError(f"{path}: no graphs row with transport 'loopback' beside a 'null' one of the same configuration")
+    raise ValueError(f"{where}: no graphs row with transport 'loopback' beside a 'null' one of the same configuration")
 
 
 def pessimistic_seconds(compute: float, bytes_per_step: dict, messages_per_step: dict | None, mode: str, n: int,
@@ -699,6 +703,7 @@ def main(argv=None) -> None:
     p.add_argument("--name", default=None, help="output name: project_<name>.json/.png (default: cpu, or the "
                                                 "scaling file's suffix)")
     args = p.parse_args(argv)
+    prov = provenance(argv)
 
     load_before = os.getloadavg()
     if args.measure:
@@ -780,7 +785,7 @@ def main(argv=None) -> None:
     for note in notes:
         print(f"note: {note}")
 
-    path = write_json(f"project_{name}.json", {
+    path = write_json(f"project_{name}.json", provenance_=prov, data={
         "hardware": hw, "compute_measured_on": compute_on,
         "command": "python benchmarks/project.py " + " ".join(sys.argv[1:] if argv is None else argv), "args": vars(args),
         # 1-minute load average before and after: timings on a machine busy with other work are not clean

@@ -30,7 +30,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, hardware, table, write_json  # noqa: E402
+from common import RESULTS, hardware, provenance, table, write_json  # noqa: E402
 
 from parafuse.models import load_model  # noqa: E402
 from parafuse.parallel.distributed import ParallelLayout  # noqa: E402
@@ -259,6 +259,7 @@ def main(argv=None) -> None:
     p.add_argument("--torchrun-size", type=int, default=256, help="CPU: image size of the real torchrun runs (0: none)")
     p.add_argument("--name", default=None, help="output name under benchmarks/results (default: scaling_<device>)")
     args = p.parse_args(argv)
+    prov = provenance(argv)
     device = torch.device(args.device)
     deadline = time.perf_counter() + args.budget if args.budget else None
     rows = []
@@ -277,7 +278,7 @@ def main(argv=None) -> None:
         print("\nreal torchrun (gloo) runs, mean steady-state step\n")
         print(table(real, [("model", "model"), ("size", "px"), ("mode", "mode"), ("n", "N"), ("seconds", "step s"),
                            ("speedup", "speedup")]))
-    path = write_json(f"{name}.json", {"hardware": hw, "command": "python benchmarks/scaling.py " + " ".join(
+    path = write_json(f"{name}.json", provenance_=prov, data={"hardware": hw, "command": "python benchmarks/scaling.py " + " ".join(
         sys.argv[1:] if argv is None else argv), "args": vars(args), "rows": rows, "torchrun": real})
     png = os.path.join(RESULTS, f"{name}.png")
     print(f"wrote {path}" + (f" and {png}" if plot(rows, png, f"per-rank compute — {hw['device']}") else ""))
