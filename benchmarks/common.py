@@ -39,7 +39,7 @@ def hardware() -> dict:
 def _git(*args: str) -> str | None:
     try:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=20,
-                              check=True).stdout.strip()
+                              check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -47,11 +47,11 @@ def _git(*args: str) -> str | None:
 def git_state() -> dict | None:
     """{commit, dirty, dirty_paths}: HEAD and the tracked or untracked files that differ from it,
     results and the stamp aside (a run's own outputs do not make its code dirty). None without git."""
-    commit = _git("rev-parse", "HEAD")
+    commit = (_git("rev-parse", "HEAD") or "").strip()
     if not commit:
         return None
     status = _git("status", "--porcelain", "--untracked-files=all") or ""
-    paths = [line[3:] for line in status.splitlines()]
+    paths = [line[3:] for line in status.splitlines() if line.strip()]
     dirty = [p for p in paths if not p.startswith("benchmarks/results/") and p != "benchmarks/stamp.json"]
     return {"commit": commit, "dirty": bool(dirty), "dirty_paths": dirty[:20]}
 
