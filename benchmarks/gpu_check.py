@@ -532,13 +532,32 @@ def summary(results: dict) -> list[dict]:
     return rows
 
 
+def reproject(path: str, argv=None) -> int:
+    """The projection section of the result at `path`, recomputed by the current project.py from the
+    rows its scaling and graphs sections measured; stamped with this run's provenance."""
+    results = json.load(open(path))
+    t0 = time.perf_counter()
+    sec = {"result": section_projection(None, results), "seconds": time.perf_counter() - t0,
+           "provenance": provenance(argv), "note": "recomputed from this file's rows (--reproject): arithmetic"}
+    results["sections"]["projection"] = sec
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    print(table(summary({"sections": {"projection": sec}}), [("section", "section"), ("result", "result")]))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", choices=SECTIONS, nargs="+", default=list(SECTIONS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--smoke", action="store_true", help="tiny models and sizes: checks this script's logic on CPU")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/gpu_check_<device>.json)")
+    p.add_argument("--reproject", metavar="JSON", default=None,
+                   help="no measurement: recompute the projection section of a committed result from its own rows "
+                        "(arithmetic, any machine) and write it back, every other section and the hardware kept")
     a = p.parse_args(argv)
+    if a.reproject:
+        return reproject(a.reproject, argv)
     hw = hardware() if a.device != "cpu" else {**hardware(), "device": "cpu"}
     slug = re.sub(r"[^a-z0-9]+", "_", (torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu").lower())
     path = a.out or os.path.join(RESULTS, f"gpu_check_{slug.strip('_')}.json")

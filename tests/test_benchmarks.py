@@ -156,8 +156,9 @@ def test_throughput_benchmark_times_cold_and_warm(tmp_path):
     assert two["solo_images_per_s"] > 0 and os.path.exists(name + ".png")
 
 
-def test_readme_performance_section_is_generated_from_the_committed_results():
-    """The README's numbers are the committed JSON's: `python benchmarks/report.py` was run after them."""
+def test_performance_page_is_generated_from_the_committed_results():
+    """docs/performance.md is the committed JSON's: `python benchmarks/report.py` was run after them
+    (regenerated here and diffed)."""
     run_script(["benchmarks/report.py", "--check"], None)
 
 
