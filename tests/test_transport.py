@@ -305,3 +305,43 @@ def test_the_stale_channel_changes_neither_results_nor_bytes(model, monkeypatch)
         assert all(rt.transport.stale_channel is stale_channel for rt in rts)
     assert torch.equal(runs[False][0], runs[True][0])
     assert runs[False][1] == runs[True][1] and any(s.get("attn_kv") for s, _ in runs[True][1])
+
+
+STALE_CHANNEL_WORKER = r"""
+import torch, torch.distributed as dist
+from parafuse.parallel.transport import TorchTransport
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+tr = TorchTransport(rank, 2, [[0, 1]], stale_channel=True)
+peer = 1 - rank
+kv_in, halo_in = torch.empty(5), torch.empty(3)
+kv = tr.start([(torch.full((5,), float(rank + 1)), peer)], [(kv_in, peer)], "attn_kv")          # stale channel
+halo = tr.start([(torch.full((3,), 10.0 * (rank + 1)), peer)], [(halo_in, peer)], "latent_halo")   # main
+s = torch.full((2,), float(rank + 1))
+tr.all_reduce(s, "norm_stats").wait()
+halo.wait()
+kv.wait()
+assert torch.equal(kv_in, torch.full((5,), float(peer + 1))), kv_in
+assert torch.equal(halo_in, torch.full((3,), 10.0 * (peer + 1))), halo_in
+assert torch.equal(s, torch.full((2,), 3.0)), s
+print("ok", rank, flush=True)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_torch_transport_stale_channel_over_gloo(tmp_path):
+    """torchrun, 2 ranks over gloo: a K/V exchange on the second process group, a halo and an
+    all-reduce on the main one, all delivered."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = tmp_path / "worker.py"
+    script.write_text(STALE_CHANNEL_WORKER)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(29700 + os.getpid() % 200), str(script)], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "ok 0" in proc.stdout and "ok 1" in proc.stdout
