@@ -377,7 +377,8 @@ def project_rows(rows: list[dict], link: Link, max_n: int = 16, norm_on_critical
     None: not charged). `derive_sync`: add sync rows from full's compute where sync was not measured.
 
     Rows of one (model, size, mode) measured with different patch-layer kernels (`kernels`, absent:
-    torch) are projected apart; the serial row serves them all.
+    torch) are projected apart, each against the serial row on the same kernels where there is one
+    (else the one serial row serves them all).
 
     Returns one dict per (model, size, mode, kernels, N), sorted: model, size, mode, kernels, n, link,
     link_bandwidth, link_latency, serial_seconds (inputs), compute_source, messages_known, and the
@@ -390,14 +391,17 @@ def project_rows(rows: list[dict], link: Link, max_n: int = 16, norm_on_critical
     rows = [r for r in rows if "skipped" not in r and "seconds" in r and "mode" in r]
     if derive_sync:
         rows = with_sync_from_full(rows)
-    serial = {(r["model"], r["size"]): r["seconds"] for r in rows if r["mode"] == "serial"}
+    # the serial step on the same kernels where it was measured so (scaling.py since issue 28), else
+    # the one serial row (older results: the plain model's)
+    serial = {(r["model"], r["size"], r.get("kernels")): r["seconds"] for r in rows if r["mode"] == "serial"}
     groups: dict[tuple, dict[int, dict]] = {}
     for r in rows:
         if r["mode"] != "serial":
             groups.setdefault((r["model"], r["size"], r["mode"], r.get("kernels", "torch")), {})[r["n"]] = r
     out = []
     for (model, size, mode, kernels), measured in sorted(groups.items()):
-        serial_s = serial.get((model, size), next(iter(measured.values()))["serial_seconds"])
+        serial_s = serial.get((model, size, kernels), serial.get((model, size, None),
+                              next(iter(measured.values()))["serial_seconds"]))
         messages_known = all("messages_per_step" in r for r in measured.values())
         stale_text = any(r.get("text") == "stale" for r in measured.values())
         derived_from = next((r["compute_from"] for r in measured.values() if "compute_from" in r), None)
