@@ -253,7 +253,10 @@ def run_parafuse(pipe, cfg: Config, size: int, n: int, steps: int, text_len: int
                   for prev, cur in zip([{}] + per_step, per_step)]
         return (None if out is None else out.images), steps_
 
+    import gc
+
     outs = emulate_pipeline(pipe, n, call, mode=mode, warmup_steps=warmup, text_merge=merge, kv_codec=codec)
+    gc.collect()         # the ranks' copies of the pipeline (2.2 GB each at Flux's widths) go now, not later
     image = outs[0][0][0]
     # the busiest rank: the most bytes in the last (steady) step
     busiest = max((o[0][1] for o in outs), key=lambda s: sum(s[-1].values()))

@@ -396,6 +396,35 @@ def attention_reach_section(res: dict | None) -> list[str]:
             ""]
 
 
+def peers_section(res: dict | None) -> list[str]:
+    """benchmarks/peers.py: diffusers' Ulysses beside parafuse on a Flux-config pipeline."""
+    if not res:
+        return []
+    cmd = (res.get("provenance") or {}).get("command", "python benchmarks/peers.py")
+    target = res.get("target") or {}
+    verdict = (f"Target (N = 8, 4096², `full --kv-codec sign`, exact text merge, at most 0.5x Ulysses' bytes per "
+               f"rank with no image K/V on the critical path): {target['share_of_ulysses']:.3f}x, "
+               f"{'met' if target['met'] else 'missed'}." if target else "")
+    return ["### Beside diffusers' own context parallelism (Ulysses)", "",
+            f"`{cmd}` on {hw(res)} at {origin(res, os.path.join(RESULTS, 'peers_cpu.json'))}. Measured (float32, "
+            "one double and one single Flux block at Flux's widths, and at 24 heads of 8 channels for N = 8): bytes "
+            "of the busiest rank's steady step, and the final latents against diffusers' single-process output; "
+            "each measured row checks the closed forms the counted rows use (`closed form off by`: relative, per "
+            "kind).", "",
+            table([{**r, "total_kb": sum(r["bytes_per_step"].values()) / 1e3,
+                    "worst": max(r["check"].values(), default=0.0)} for r in res["measured"]],
+                  [("config", "widths"), ("size", "px"), ("n", "N"), ("system", "system"), ("total_kb", "KB/step"),
+                   ("max_abs", "max abs vs single process"), ("psnr_db", "PSNR dB"), ("worst", "closed form off by")]),
+            "", "Counted (the closed forms) for Flux-dev: 19 + 38 joint attentions, 512 text tokens, bf16 "
+            "activations; bytes per step and rank, and those on the critical path (Ulysses: all of them). " + verdict,
+            "",
+            table([{**r, "total_mb": r["total_bytes"] / 1e6, "critical_mb": r["critical_bytes"] / 1e6,
+                    "critical_kinds": ", ".join(r["critical_kinds"])} for r in res["counted"]],
+                  [("size", "px"), ("n", "N"), ("system", "system"), ("total_mb", "MB/step/rank"),
+                   ("critical_mb", "MB on the critical path"), ("share_of_ulysses", "x Ulysses' bytes"),
+                   ("critical_kinds", "critical kinds")]), ""]
+
+
 def throughput_section(res: dict | None) -> list[str]:
     if not res:
         return []
@@ -533,6 +562,7 @@ def section() -> tuple[str, tuple]:
                            "GroupNorm, so `distrifusion` computes what `full` computes; only its bytes differ.")
     lines += extra_quality("quality_1024_50_dit_cpu.json", "A DiT at 1024², 50 steps")
     lines += throughput_section(load("throughput_cpu.json"))
+    lines += peers_section(load("peers_cpu.json"))
     lines += [END]
     return "\n".join(lines), (scaling, project, quality, gpus)
 
