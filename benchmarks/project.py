@@ -553,7 +553,18 @@ def validate(model: str, size: int, modes: list[str], links: list[Link], steps: 
     real = {("serial", 1): scaling.torchrun_steps(model, size, 1, "sync", steps, warmup)}
     real.update({(mode, n): scaling.torchrun_steps(model, size, n, mode, steps, warmup) for n in ranks for mode in modes})
     real_s = {key: statistics.median(v) for key, v in real.items()}
+    real_mean = {key: statistics.fmean(v) for key, v in real.items()}
+    return {"links": [asdict(k) for k in links], "cores": cores, "torchrun_steps": steps,
+            "torchrun_warmup_steps": warmup, "compute_rows": compute_rows,
+            **validation_checks(model, size, serial["seconds"], cores, compute_rows, real_s, real_mean, links)}
+
+
+def validation_checks(model: str, size: int, serial_seconds: float, cores: int, compute_rows: list[dict],
+                      real_s: dict, real_mean: dict, links: list[Link]) -> dict:
+    """Both bounds projected from the per-rank compute rows against the real torchrun steps
+    ({(mode, n): median seconds}, and their means), per link: the checks and the mean errors."""
     checks = []
+    serial = {"seconds": serial_seconds}
     for link in links:
         checks.append({"model": model, "size": size, "mode": "serial", "n": 1, "threads": cores, "link": link.name,
                        "measured_compute_seconds": serial["seconds"], "projected_step_seconds": serial["seconds"],
@@ -572,15 +583,14 @@ def validate(model: str, size: int, modes: list[str], links: list[Link], steps: 
                            "measured_torchrun_seconds": real_s[(r["mode"], r["n"])],
                            "measured_torchrun_speedup": real_s[("serial", 1)] / real_s[(r["mode"], r["n"])]})
     for c in checks:
-        c["measured_torchrun_mean_seconds"] = statistics.fmean(real[(c["mode"], c["n"])])
+        c["measured_torchrun_mean_seconds"] = real_mean[(c["mode"], c["n"])]
         c["relative_error"] = c["projected_step_seconds"] / c["measured_torchrun_seconds"] - 1
         c["pessimistic_relative_error"] = c["projected_pessimistic_step_seconds"] / c["measured_torchrun_seconds"] - 1
         c["speedup_relative_error"] = c["projected_speedup"] / c["measured_torchrun_speedup"] - 1
 
     def mean_abs(link, key):
         return statistics.fmean(abs(c[key]) for c in checks if c["n"] > 1 and c["link"] == link.name)
-    return {"links": [asdict(k) for k in links], "cores": cores, "torchrun_steps": steps,
-            "torchrun_warmup_steps": warmup, "checks": checks, "compute_rows": compute_rows,
+    return {"checks": checks,
             "mean_abs_relative_error": {k.name: mean_abs(k, "relative_error") for k in links},
             "mean_abs_pessimistic_relative_error": {k.name: mean_abs(k, "pessimistic_relative_error") for k in links},
             "mean_abs_speedup_relative_error": {k.name: mean_abs(k, "speedup_relative_error") for k in links}}
@@ -683,11 +693,58 @@ VALIDATION_COLUMNS = [("link", "link"), ("mode", "mode"), ("n", "N"), ("threads"
                       ("measured_torchrun_speedup", "torchrun speedup")]
 
 
+def link_from(d: dict) -> Link:
+    """A link of a results file: the current preset of its name (presets change with this file:
+    N > 8 over InfiniBand), else the fitted one as stored."""
+    if d["name"] in LINKS:
+        return LINKS[d["name"]]
+    return Link(d["name"], d["bandwidth"], d["latency"], d.get("source", ""))
+
+
+def reproject(path: str, argv=None) -> str:
+    """A committed project_*.json recomputed by the current arithmetic from its own measured rows and,
+    if it has one, its validation's per-rank compute rows and torchrun steps: nothing is measured
+    again. Its measurements, hardware and load keep their values; the provenance is this run's."""
+    prov = provenance(argv)
+    data = json.load(open(path))
+    rows, measured_here = data["measured_rows"], data.get("args", {}).get("measure", False)
+    charge = None if measured_here or data.get("compute_measured_on", "").startswith("cpu") else loopback_charge()
+    links = [link_from(d) for d in data["links"]]
+    data["projections"] = [r for link in links for r in project_rows(rows, link, data["args"].get("max_n", 16),
+                                                                   charge=charge, derive_sync=True)]
+    data["links"], data["charge"] = [asdict(k) for k in links], asdict(charge) if charge else None
+    v = data.get("validation")
+    if v:
+        fitted = [link_from(d) for d in v["links"]]
+        by = {(c["mode"], c["n"]): c for c in v["checks"]}
+        real_s = {k: c["measured_torchrun_seconds"] for k, c in by.items()}
+        real_mean = {k: c.get("measured_torchrun_mean_seconds", c["measured_torchrun_seconds"]) for k, c in by.items()}
+        serial = by[("serial", 1)]["measured_compute_seconds"]
+        first = v["compute_rows"][0]
+        v.update(validation_checks(first["model"], first["size"], serial, v["cores"], v["compute_rows"], real_s,
+                                   real_mean, fitted))
+        data["notes"] = [n for n in data.get("notes", []) if not n.startswith(("N=1:", "link ", "full N=", "partial N=",
+                                                                                "sync N=", "Where the projection"))]
+        data["notes"] += validation_notes(v)
+    data["notes"] = data.get("notes", []) + [
+        f"Recomputed by `{prov['command']}` from this file's own measured rows and torchrun steps (measured by "
+        f"`{data.get('command', 'python benchmarks/project.py --measure --validate')}`): projections and errors of "
+        "the current arithmetic (both bounds), measurements unchanged."]
+    data["provenance"] = prov
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+    png = os.path.splitext(path)[0] + ".png"
+    plot(data["projections"], v, png, data.get("compute_measured_on", "?"))
+    return path
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--scaling", help="a benchmarks/scaling.py JSON whose rows to project")
     src.add_argument("--measure", action="store_true", help="measure the rows here (CPU, as scaling.scaling_rows)")
+    src.add_argument("--reproject", metavar="JSON", help="recompute a committed project_*.json from its own "
+                                                          "measurements (nothing measured again)")
     p.add_argument("--models", nargs="+", default=["dit-small"])
     p.add_argument("--sizes", nargs="+", type=int, default=[256])
     p.add_argument("--ranks", nargs="+", type=int, default=[1, 2, 4, 8])
@@ -707,6 +764,9 @@ def main(argv=None) -> None:
     p.add_argument("--name", default=None, help="output name: project_<name>.json/.png (default: cpu, or the "
                                                 "scaling file's suffix)")
     args = p.parse_args(argv)
+    if args.reproject:
+        print(f"wrote {reproject(args.reproject, argv)}")
+        return
     prov = provenance(argv)
 
     load_before = os.getloadavg()

@@ -265,3 +265,28 @@ def test_every_projected_number_is_labelled_projected():
 def test_fit_link_recovers_latency_and_bandwidth():
     link = fit_link({s: 20e-6 + s / 2e9 for s in (1024, 8192, 65536, 1 << 20, 8 << 20)})
     assert link.latency == pytest.approx(20e-6, rel=1e-6) and link.bandwidth == pytest.approx(2e9, rel=1e-6)
+
+
+def test_reproject_recomputes_a_committed_validation_without_measuring(tmp_path):
+    """--reproject: the committed CPU projection's own rows and torchrun steps, projected by the current
+    arithmetic: the measurements are unchanged, every check has both bounds and its errors."""
+    import json
+    import shutil
+
+    from project import RESULTS, reproject
+
+    src = os.path.join(RESULTS, "project_cpu.json")
+    path = tmp_path / "project_cpu.json"
+    shutil.copy(src, path)
+    before = json.load(open(src))
+    after = json.load(open(reproject(str(path), [])))
+    assert after["measured_rows"] == before["measured_rows"]
+    old = {(c["link"], c["mode"], c["n"]): c for c in before["validation"]["checks"]}
+    for c in after["validation"]["checks"]:
+        o = old[(c["link"], c["mode"], c["n"])]
+        assert c["measured_torchrun_seconds"] == o["measured_torchrun_seconds"]
+        assert c["projected_pessimistic_step_seconds"] >= c["projected_step_seconds"]
+        assert c["pessimistic_relative_error"] == pytest.approx(
+            c["projected_pessimistic_step_seconds"] / c["measured_torchrun_seconds"] - 1)
+    assert {r["mode"] for r in after["projections"]} >= {"full", "partial", "sync"}
+    assert after["provenance"]["commit"] and after["validation"]["mean_abs_pessimistic_relative_error"]
