@@ -33,6 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor
 
+# the prologue's ops live in the kernel package (the lower layer: it imports nothing from parafuse)
+from parafuse_kernels.prologue import q_prologue, rms_norm, rotate_pairs  # noqa: F401  (re-exported)
+
 BACKENDS = ("auto", "triton", "sdpa", "xformers", "math")
 ENV = "PARAFUSE_ATTENTION_BACKEND"
 # what `auto` picks per device type. cuda: SDPA, which dispatches to cuDNN at strip shapes (360-640
@@ -111,33 +114,6 @@ def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     lse = torch.logsumexp(s, -1)
     out = (torch.exp(s - lse[..., None]) @ v.float()).to(q.dtype)
     return (out, lse) if return_lse else out
-
-
-def rms_norm(t: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMS norm over the last dim in float32 (SD3/Flux QK-norm)."""
-    t = t.float()
-    return t * torch.rsqrt(t.square().mean(-1, keepdim=True) + eps) * weight.float()
-
-
-def rotate_pairs(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on interleaved pairs (t[..., 2i], t[..., 2i+1]) by angles with cos/sin [L, d/2], in
-    float32 (Flux's rotation; diffusers' [L, d] tables with repeated entries are cos[:, ::2])."""
-    pairs = t.float().unflatten(-1, (-1, 2))
-    a, b = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos.float(), sin.float()
-    return torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2)
-
-
-def q_prologue(q: torch.Tensor, q_norm=None, rope=None) -> torch.Tensor:
-    """The q prologue as separate ops, rounded to q's dtype (what the Triton backend fuses)."""
-    if q_norm is None and rope is None:
-        return q
-    t = q.float()
-    if q_norm is not None:
-        t = rms_norm(t, *q_norm)
-    if rope is not None:
-        t = rotate_pairs(t, *rope)
-    return t.to(q.dtype)
 
 
 def _lse(q, k, scale):
