@@ -51,10 +51,12 @@ def strip_shape(px: int, n: int, mode: str, patch_px: int = 16) -> tuple[int, in
     return mine * cols, (mine + 2 * window) * cols
 
 
-def attention_inputs(lq, lk, heads, d, dtype, device, batch=1):
+def attention_inputs(lq, lk, heads, d, dtype, device, batch=1, make=torch.randn):
+    """q [B, H, Lq, D] (a view of [B, Lq, H·D]) and k, v: head views of a K/V buffer [Lk, B, 2·H·D],
+    as the patch layers lay them out (`make`: torch.randn, or torch.empty for compile-only uses)."""
     dim = heads * d
-    q = torch.randn(batch, lq, dim, device=device, dtype=dtype).view(batch, lq, heads, d).transpose(1, 2)
-    buf = torch.randn(lk, batch, 2 * dim, device=device, dtype=dtype)
+    q = make(batch, lq, dim, device=device, dtype=dtype).view(batch, lq, heads, d).transpose(1, 2)
+    buf = make(lk, batch, 2 * dim, device=device, dtype=dtype)
 
     def heads_of(t):
         return t.permute(1, 0, 2).unflatten(-1, (heads, d)).transpose(1, 2)

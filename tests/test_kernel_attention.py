@@ -5,8 +5,10 @@ Keys and values are head views of a K/V buffer [tokens, B, 2*dim] laid out [abov
 as the patch runtime keeps it - strided, never copied - with windows of uneven sizes, empty ones
 included, and lengths that are not multiples of the blocks. Random inputs (never zeros).
 Tolerances: fp32 (IEEE dots) 2e-5 on the output and the log-sum-exp; bf16/fp16 2e-2 absolute on
-outputs of magnitude ~1 (the kernel rounds p to the storage dtype before the P·V dot, as flash
-attention does)."""
+outputs of magnitude ~1 and on the log-sum-exp (the kernel rounds p to the storage dtype before the
+P·V dot, as flash attention does; the reference keeps it in float32). The key counts cover both
+loop shapes: a multiple of the interpreter's BLOCK_N (16: whole blocks only, EVEN_N) and not (the
+peeled, masked tail block)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,16 +16,17 @@ import torch.nn.functional as F
 from parafuse_kernels import attention as ka
 
 
-def buffer_views(b, heads, d, above, local, below, dtype, seed=0):
-    """q [B, H, local, d] and k, v as views of a [above+local+below, B, 2*H*d] buffer."""
+def buffer_views(b, heads, d, above, local, below, dtype, seed=0, pad=0):
+    """q [B, H, local, d] and k, v as views of a [above+local+below, B, 2*H*d + pad] buffer (`pad`
+    odd: strides that are no multiple of 16 bytes, the generic variant's case)."""
     g = torch.Generator().manual_seed(seed)
     dim = heads * d
-    buf = torch.randn(above + local + below, b, 2 * dim, generator=g).to(dtype)
-    q = torch.randn(b, local, dim, generator=g).to(dtype).view(b, local, heads, d).transpose(1, 2)
+    buf = torch.randn(above + local + below, b, 2 * dim + pad, generator=g).to(dtype)
+    q = torch.randn(b, local, dim + pad, generator=g).to(dtype)[..., :dim].unflatten(-1, (heads, d)).transpose(1, 2)
 
     def heads_of(t):
         return t.permute(1, 0, 2).unflatten(-1, (heads, d)).transpose(1, 2)
-    return q, heads_of(buf[..., :dim]), heads_of(buf[..., dim:]), buf
+    return q, heads_of(buf[..., :dim]), heads_of(buf[..., dim:2 * dim]), buf
 
 
 def run(q, k, v, **kw):
@@ -59,6 +62,70 @@ def test_every_head_dim(d):
     ref, ref_lse = ka.halo_attention_reference(q, k, v)
     torch.testing.assert_close(out, ref, **TOL[torch.float32])
     torch.testing.assert_close(lse, ref_lse, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("d, parts", [(64, (64, 0)), (72, (64, 16)), (80, (64, 16)), (96, (64, 32)),
+                                      (128, (128, 0)), (40, (32, 16)), (8, (16, 0))])
+def test_head_dim_parts_split_without_padding_to_a_power_of_two(d, parts):
+    assert ka.head_dim_parts(d) == parts
+    main, tail = parts
+    assert main + tail >= d and (tail == 0 or main < d)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [72, 80, 96, 64, 128])
+@pytest.mark.parametrize("below", [8, 3])           # 32 keys (whole blocks) or 27 (a masked tail block)
+def test_split_dot_head_dims_in_half_precision(dtype, d, below):
+    """Random bf16/fp16 inputs at the real head dims: 72/80/96 run as two dots (64 + 16/16/32), 64
+    and 128 as one; strides are multiples of 16 bytes, so the aligned variant runs."""
+    q, k, v, _ = buffer_views(2, 2, d, 5, 19, below, dtype, seed=d + below)
+    assert ka.stride_unit(q, k, v) == 8
+    out, lse = run(q, k, v)
+    ref, ref_lse = ka.halo_attention_reference(q, k, v)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strides_off_16_bytes_run_the_generic_variant(dtype):
+    """A layout whose strides are no multiple of 16 bytes falls back to STRIDE_UNIT = 1 (same
+    source, narrower loads), with the same results."""
+    q, k, v, _ = buffer_views(1, 2, 72, 3, 11, 4, dtype, seed=11, pad=1)
+    assert ka.stride_unit(q, k, v) == 1
+    out, lse = run(q, k, v)
+    ref, ref_lse = ka.halo_attention_reference(q, k, v)
+    tol = TOL[dtype] if dtype == torch.float32 else dict(rtol=0, atol=2e-2)
+    torch.testing.assert_close(out.float(), ref.float(), **tol)
+    torch.testing.assert_close(lse, ref_lse, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("splits, ranges", [(2, 2), (3, 3), (5, 3)])
+def test_split_kv_merges_to_the_reference(dtype, splits, ranges):
+    """Split-KV: each program attends to one range of whole 16-key blocks (the interpreter's unit;
+    128 on the GPU), the partials merge by their log-sum-exps; 5 splits of 40 keys leave 3 ranges
+    (none empty). Includes a prologue, a masked tail in the last range and 72 = 64 + 16."""
+    q, k, v, _ = buffer_views(1, 2, 72, 9, 20, 11, dtype, seed=splits)
+    assert ka.split_keys(k.shape[2], splits)[0] == ranges
+    g = torch.Generator().manual_seed(12)
+    angles = torch.rand(20, 36, generator=g) * 6.0
+    kw = dict(q_norm=(torch.rand(72, generator=g) + 0.5, 1e-6), rope=(angles.cos(), angles.sin()))
+    out, lse = run(q, k, v, splits=splits, **kw)
+    ref, ref_lse = ka.halo_attention_reference(q, k, v, **kw)
+    tol = TOL[dtype] if dtype == torch.float32 else dict(rtol=0, atol=2e-2)
+    torch.testing.assert_close(out.float(), ref.float(), **tol)
+    torch.testing.assert_close(lse, ref_lse, **tol)
+
+
+def test_split_kv_rule_fills_the_sms_only_on_short_grids():
+    unit = ka.KV_SPLIT_UNIT
+    assert ka.kv_splits(programs=264, lk=100 * unit, sms=132) == 1           # the grid fills the card
+    assert ka.kv_splits(programs=80, lk=100 * unit, sms=132) == 2            # unet-xl 2048², N = 8: 80 CTAs
+    assert ka.kv_splits(programs=20, lk=100 * unit, sms=132) == 7
+    assert ka.kv_splits(programs=1, lk=100 * unit, sms=132) == 8             # capped
+    assert ka.kv_splits(programs=20, lk=3 * unit, sms=132) == 1              # too few keys to split
+    assert ka.split_keys(100 * unit, 7) == (7, 15 * unit)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -108,6 +175,8 @@ def test_bad_inputs_are_refused_before_launch():
         ka.halo_attention(q, k.half(), v.half())
     with pytest.raises(ValueError, match="cos/sin"):
         ka.halo_attention(q, k, v, rope=(torch.ones(4, 8), torch.ones(4, 8)))
+    with pytest.raises(ValueError, match="scale must be positive"):
+        ka.halo_attention(q, k, v, scale=0.0)
 
 
 # ---- the dispatcher (parafuse.attention) ------------------------------------------------------------
