@@ -239,6 +239,37 @@ def test_auto_picks_sdpa_on_cpu_and_says_so_once(backend, caplog):
     assert backend.backend_for("cpu") == "sdpa"
 
 
+def test_the_auto_table_is_well_formed_and_keeps_sdpa_until_measured(backend):
+    """parafuse/attention_auto.json (written by benchmarks/kernels.py --write-auto on a GPU): every
+    entry checked; with no GPU measurement yet every one keeps SDPA and says it is pending."""
+    entries = backend._auto_entries()
+    assert {d for _, d, _ in entries} >= {64, 72, 80, 96, 128} and {s for *_, s in entries} == {"short", "long"}
+    for key, e in entries.items():
+        assert backend.auto_pick(entries, key)[0] == e["backend"]
+        if "pending" in e["source"]:
+            assert e["backend"] == "sdpa"
+    assert backend.auto_pick(entries, ("sm00", 64, "long")) == ("sdpa", "('sm00', 64, 'long'): not in the auto table")
+
+
+def test_auto_table_check_refuses_malformed_tables(backend):
+    good = {"device": "sm90", "head_dim": 72, "shape": "short", "backend": "triton", "source": "a GPU run",
+            "triton_us": 90.0, "sdpa_us": 100.0}
+    entries = backend.check_auto_table({"entries": [good]})
+    assert backend.auto_pick(entries, ("sm90", 72, "short")) == ("triton", "('sm90', 72, 'short'): a GPU run")
+    for bad, match in (([good, good], "twice"), ([dict(good, shape="tall")], "shape"),
+                       ([dict(good, backend="flash")], "backend must be"),
+                       ([dict(good, triton_us=120.0)], "without measured times"),
+                       ([{k: v for k, v in good.items() if k != "sdpa_us"}], "without measured times")):
+        with pytest.raises(ValueError, match=match):
+            backend.check_auto_table({"entries": bad})
+
+
+def test_shape_class_from_the_grid_against_the_sms(backend):
+    assert backend.shape_class(2 * 20, 1024, 132) == "long"          # 8 query blocks x 40 = 320 programs
+    assert backend.shape_class(2 * 10, 512, 132) == "short"          # 4 x 20 = 80 programs on 132 SMs
+    assert backend.shape_class(2 * 24, 4096, 132) == "long"
+
+
 def test_the_environment_variable_sets_the_default():
     env = dict(os.environ, PARAFUSE_ATTENTION_BACKEND="math")
     out = subprocess.run([sys.executable, "-c", "from parafuse import attention; print(attention.get_backend())"],
