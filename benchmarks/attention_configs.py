@@ -9,6 +9,10 @@ narrower than 16 bytes (a [BLOCK_N, 16] tail tile spread over 8 warps gets 8-byt
 8, one of each tile shape first (the short grids of small strips want BLOCK_M 64; long ones 128).
 
     PYTHONPATH=.:kernels python benchmarks/attention_configs.py       # prints the table and CONFIGS
+    PYTHONPATH=.:kernels python benchmarks/attention_configs.py --precompile DIR
+        # compiles every kept configuration at every shape of benchmarks/kernels.py's attention sweep
+        # (H100/H200: 132 SMs for the split-KV rule) into the Triton cache DIR: carried to the GPU
+        # machine as TRITON_CACHE_DIR (same Triton, sm_90), the sweep spends no time compiling
 
 Writes benchmarks/results/attention_configs_sm90.json. The compile test
 (tests/test_kernel_compile.py) checks the kept configurations with the functions here.
@@ -22,6 +26,8 @@ import sys
 import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)        # compiled kernels, not interpreted ones
+if "--precompile" in sys.argv:                  # read by Triton when it first looks at its cache
+    os.environ["TRITON_CACHE_DIR"] = os.path.abspath(sys.argv[sys.argv.index("--precompile") + 1])
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -59,7 +65,7 @@ def launch_views(heads: int, d: int, dtype: torch.dtype, extra_keys: int = 0, **
     on the CPU as the runtime lays them out: q [B, Lq, H·D] viewed as heads, K/V [tokens, B, 2·H·D]."""
     from kernels import attention_inputs, strip_shape
     case = {**CASE, **case}
-    lq, lk = strip_shape(case["px"], case["n"], case["mode"])
+    lq, lk = strip_shape(case["px"], case["n"], case["mode"], case.get("patch_px", 16))
     return attention_inputs(lq, lk + extra_keys, heads, d, dtype, "cpu", batch=case["batch"], make=torch.empty)
 
 
@@ -166,7 +172,32 @@ def keep(rows: list[dict]) -> list[tuple]:
     return kept
 
 
+def precompile(sizes=(2048,), sms: int = 132) -> int:
+    """Compile what benchmarks/kernels.py's sweep will launch (bf16): each model, size, N and mode,
+    every kept configuration, the split-KV count the rule gives at `sms`, and the Flux rows' prologue
+    variant. Returns how many compiles ran (Triton's cache makes repeated specialisations free)."""
+    from kernels import BATCH, MODELS, strip_shape
+    from parafuse_kernels import attention as ka
+    done = 0
+    for model, (heads, d, patch_px) in MODELS.items():
+        for px in sizes:
+            for n in (1, 2, 4, 8):
+                for mode in (("full",) if n == 1 else ("full", "partial")):
+                    lq, lk = strip_shape(px, n, mode, patch_px)
+                    q, k, v = launch_views(heads, d, torch.bfloat16, px=px, n=n, mode=mode, batch=BATCH,
+                                           patch_px=patch_px)
+                    splits = ka.kv_splits(-(-lq // 128) * BATCH * heads, lk, sms)
+                    for config in ka.configs_for(d):
+                        for prologue in ((False, True) if model == "flux" else (False,)):
+                            compile_launch(q, k, v, config, splits=splits, prologue=prologue)
+                            done += 1
+    return done
+
+
 def main() -> int:
+    if "--precompile" in sys.argv:
+        print(f"compiled {precompile()} launches into {os.environ['TRITON_CACHE_DIR']}")
+        return 0
     from common import table, write_json
     results = {"target": "sm_90a", "triton": triton.__version__, "case": CASE, "layouts": LAYOUTS, "rows": [],
                "kept": {}}

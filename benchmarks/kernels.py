@@ -10,8 +10,9 @@ never one call from an idle GPU.
 attention  one strip's self-attention at the runtime's own layout: queries of strip 1 of N (a view
            of [B, Lq, H·D]), keys the whole image for `full`, the strip plus two windows of
            ceil(p·rows/N) rows for `partial` (p = 0.3), read as head views of the K/V buffer
-           [tokens, B, 2·dim]; CFG batch B = 2; SDXL-size (20 and 10 heads × 64), PixArt-size
-           (16 × 72) and Flux-size (24 × 128) models at 2048 px (--sizes), N = 1, 2, 4, 8.
+           [tokens, B, 2·dim]; CFG batch B = 2; SDXL's two attention levels (10 heads × 64 at 1/16
+           of the pixels, 20 × 64 at 1/32), PixArt-size (16 × 72) and Flux-size (24 × 128) models
+           at 1/16, 2048 px (--sizes), N = 1, 2, 4, 8.
            Backends: the Triton halo attention (its autotuned config and split-KV count recorded),
            SDPA's own dispatch, SDPA forced to cuDNN, flash and efficient (sdpa_kernel), cuDNN with
            its log-sum-exp (what the SD3/Flux text merge needs), xformers where installed.
@@ -51,8 +52,10 @@ from scaling import time_step  # noqa: E402
 
 from parafuse.attention import AUTO_TABLE  # noqa: E402
 
-MODELS = {"sdxl": (20, 64), "sdxl-10": (10, 64), "pixart": (16, 72), "flux": (24, 128)}   # heads, head dim
-SMOKE_MODELS = {"sdxl": (2, 64), "pixart": (1, 72), "flux": (2, 128)}
+# heads, head dim, pixels per token: SDXL's U-Net attends at 1/16 of the image (10 heads) and 1/32
+# (20 heads); PixArt and Flux at 1/16 (latent /8, patch 2)
+MODELS = {"sdxl-l1": (10, 64, 16), "sdxl-l2": (20, 64, 32), "pixart": (16, 72, 16), "flux": (24, 128, 16)}
+SMOKE_MODELS = {"sdxl": (2, 64, 32), "pixart": (1, 72, 32), "flux": (2, 128, 32)}
 PORTION = 0.3
 BATCH = 2                                   # CFG: conditional and unconditional in one batch
 SAMPLES = 20                                # timed samples per backend and shape (median and spread)
@@ -185,18 +188,21 @@ def bench_attention(a, device, peak) -> list[dict]:
     models = MODELS if not a.smoke else SMOKE_MODELS
     backends = attention_backends(device)
     rows = []
-    for model, (heads, d) in models.items():
+    for model, (heads, d, patch_px) in models.items():
         for px in sizes:
             for n in ns:
                 for mode in (("full",) if n == 1 else ("full", "partial")):
-                    lq, lk = strip_shape(px, n, mode, 16 if not a.smoke else 32)
+                    lq, lk = strip_shape(px, n, mode, patch_px)
                     q, k, v = attention_inputs(lq, lk, heads, d, dtype, device, batch=BATCH)
                     flops = 4 * BATCH * heads * lq * lk * d
                     programs = -(-lq // 128) * BATCH * heads
+                    splits = ka.kv_splits(programs, lk, _sms(device)) if device.type == "cuda" else 1
                     row = {"model": model, "heads": heads, "head_dim": d, "px": px, "n": n, "mode": mode,
                            "queries": lq, "keys": lk, "programs": programs,
-                           "shape": shape_class(BATCH * heads, lq, _sms(device)),
-                           "triton_splits": ka.kv_splits(programs, lk, _sms(device)) if device.type == "cuda" else 1}
+                           "shape": shape_class(BATCH * heads, lq, lk, _sms(device)), "triton_splits": splits}
+                    if splits > 1:              # the rule's split against none, to check the rule
+                        row["triton_unsplit_us"] = time_calls(lambda: ka.halo_attention(q, k, v, splits=1)[0],
+                                                              device, smoke=a.smoke)["us"]
                     for name, fn in backends.items():
                         try:
                             t = time_calls(lambda: fn(q, k, v), device, smoke=a.smoke)

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor
 
 # the prologue's ops live in the kernel package (the lower layer: it imports nothing from parafuse)
+from parafuse_kernels.grid import kv_splits, programs
 from parafuse_kernels.prologue import q_prologue, rms_norm, rotate_pairs  # noqa: F401  (re-exported)
 
 BACKENDS = ("auto", "triton", "sdpa", "xformers", "math")
@@ -166,9 +167,10 @@ def device_class(device: torch.device) -> str:
     return _cuda_class(device.index or 0)[0] if device.type == "cuda" else device.type
 
 
-def shape_class(batch_heads: int, queries: int, sms: int) -> str:
-    """"short" where the grid of 128-query blocks x (batch x heads) leaves SMs idle, else "long"."""
-    return "short" if -(-queries // 128) * batch_heads < sms else "long"
+def shape_class(batch_heads: int, queries: int, keys: int, sms: int) -> str:
+    """"short" where the grid of 128-query blocks x (batch x heads) leaves enough SMs idle that the
+    Triton kernel splits the keys (parafuse_kernels.grid's rule), else "long"."""
+    return "short" if kv_splits(programs(queries, batch_heads), keys, sms) > 1 else "long"
 
 
 def auto_pick(entries: dict, key: tuple[str, int, str]) -> tuple[str, str]:
@@ -181,13 +183,14 @@ def auto_pick(entries: dict, key: tuple[str, int, str]) -> tuple[str, str]:
     return entry["backend"], f"{key}: {entry['source']}"
 
 
-def auto_backend(q: torch.Tensor) -> tuple[str, str]:
-    """(backend, why) that `auto` runs for queries `q` [B, H, Lq, D]: the table's measured pick for
-    this device class, head dim and shape class on CUDA, else AUTO's."""
+def auto_backend(q: torch.Tensor, keys: int) -> tuple[str, str]:
+    """(backend, why) that `auto` runs for queries `q` [B, H, Lq, D] over `keys` keys: the table's
+    measured pick for this device class, head dim and shape class on CUDA, else AUTO's."""
     if q.device.type != "cuda":
         return AUTO.get(q.device.type, "sdpa"), q.device.type.upper()
     cls, sms = _cuda_class(q.device.index or 0)
-    return auto_pick(_auto_entries(), (cls, q.shape[-1], shape_class(q.shape[0] * q.shape[1], q.shape[2], sms)))
+    shape = shape_class(q.shape[0] * q.shape[1], q.shape[2], keys, sms)
+    return auto_pick(_auto_entries(), (cls, q.shape[-1], shape))
 
 
 def _lse(q, k, scale):
@@ -196,10 +199,10 @@ def _lse(q, k, scale):
     return torch.logsumexp((q.float() @ k.float().transpose(-1, -2)) * scale, -1)
 
 
-def _resolve(q: torch.Tensor) -> str:
+def _resolve(q: torch.Tensor, keys: int) -> str:
     if _backend != "auto":
         return _backend
-    name, why = auto_backend(q)
+    name, why = auto_backend(q, keys)
     said = q.device.type if q.device.type != "cuda" else why
     if said not in _auto_said:
         _auto_said.add(said)
@@ -216,7 +219,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     fused into the Triton kernel, separate ops (`q_prologue`) on the other backends. Keys are
     expected normed and rotated already (done once, when they are written to the K/V buffer)."""
     # a shape-only trace (meta or fake tensors: parafuse.profile) runs no kernel: SDPA's shape rule
-    backend = "sdpa" if q.device.type == "meta" or isinstance(q, FakeTensor) else _resolve(q)
+    backend = "sdpa" if q.device.type == "meta" or isinstance(q, FakeTensor) else _resolve(q, k.shape[2])
     if backend == "triton":
         from parafuse_kernels.attention import halo_attention
         out, lse = halo_attention(q, k, v, scale=scale, q_norm=q_norm, rope=rope)

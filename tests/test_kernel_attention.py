@@ -118,14 +118,17 @@ def test_split_kv_merges_to_the_reference(dtype, splits, ranges):
     torch.testing.assert_close(lse, ref_lse, **tol)
 
 
-def test_split_kv_rule_fills_the_sms_only_on_short_grids():
-    unit = ka.KV_SPLIT_UNIT
-    assert ka.kv_splits(programs=264, lk=100 * unit, sms=132) == 1           # the grid fills the card
-    assert ka.kv_splits(programs=80, lk=100 * unit, sms=132) == 2            # unet-xl 2048², N = 8: 80 CTAs
-    assert ka.kv_splits(programs=20, lk=100 * unit, sms=132) == 7
-    assert ka.kv_splits(programs=1, lk=100 * unit, sms=132) == 8             # capped
-    assert ka.kv_splits(programs=20, lk=3 * unit, sms=132) == 1              # too few keys to split
-    assert ka.split_keys(100 * unit, 7) == (7, 15 * unit)
+def test_split_kv_rule_splits_only_where_sms_idle():
+    from parafuse_kernels import grid
+    unit = 128
+    assert grid.kv_splits(512, 100 * unit, 132) == 1           # 97% of the SM slots busy: no split
+    assert grid.kv_splits(160, 100 * unit, 132) == 4           # a 28-program last wave: 61% -> 97%
+    assert grid.kv_splits(80, 100 * unit, 132) == 8            # one short wave
+    assert grid.kv_splits(80, 5 * unit, 132) == 1              # ranges of >= 2 blocks: 2 at most, no gain
+    assert grid.kv_splits(80, 7 * unit, 132) == 3              # 3 at most: 240 programs, 91% busy
+    assert grid.kv_splits(132, 100 * unit, 132) == 1           # exactly one full wave
+    assert grid.kv_splits(20, 3 * unit, 132) == 1              # too few keys to split
+    assert ka.split_keys(100 * ka.KV_SPLIT_UNIT, 7) == (7, 15 * ka.KV_SPLIT_UNIT)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -264,10 +267,10 @@ def test_auto_table_check_refuses_malformed_tables(backend):
             backend.check_auto_table({"entries": bad})
 
 
-def test_shape_class_from_the_grid_against_the_sms(backend):
-    assert backend.shape_class(2 * 20, 1024, 132) == "long"          # 8 query blocks x 40 = 320 programs
-    assert backend.shape_class(2 * 10, 512, 132) == "short"          # 4 x 20 = 80 programs on 132 SMs
-    assert backend.shape_class(2 * 24, 4096, 132) == "long"
+def test_shape_class_is_the_kernels_split_rule(backend):
+    assert backend.shape_class(2 * 20, 512, 4096, 132) == "short"    # 4 query blocks x 40 = 160 programs
+    assert backend.shape_class(2 * 16, 2048, 3328, 132) == "long"    # 512 programs: 97% busy
+    assert backend.shape_class(2 * 20, 512, 200, 132) == "long"      # too few keys to split
 
 
 def test_the_environment_variable_sets_the_default():

@@ -33,8 +33,8 @@ What the inner loop (one key block: two dots, the online softmax) does not do:
   starts on 16 bytes and emits 16-byte (cp.async) loads. Where a stride is not a multiple of the
   unit the host launches the generic variant (STRIDE_UNIT = 1): same source, narrower loads.
 
-Split-KV (`splits` > 1, or the rule `kv_splits` when the grid of query blocks x heads is short of
-the SM count - short strips): each program attends to one contiguous range of whole 128-key
+Split-KV (`splits` > 1, or the rule `kv_splits` where the grid of query blocks x heads leaves SMs
+idle - short strips, a small last wave): each program attends to one contiguous range of whole 128-key
 blocks, writes a float32 partial output and its log-sum-exp, and the partials are merged by
 their log-sum-exps (`merge_splits`: exact, the same identity as the text merge across ranks).
 
@@ -60,7 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
-from parafuse_kernels import INTERPRETED, INTERPRETER_LOCK
+from parafuse_kernels import INTERPRETED, INTERPRETER_LOCK, grid
 from parafuse_kernels.prologue import q_prologue    # the prologue's reference: the other backends' own ops
 
 LAUNCHES = {"halo_attention": 0}       # tests check that the kernel ran
@@ -271,14 +271,10 @@ def stride_unit(*tensors: torch.Tensor) -> int:
     return unit if ok else 1
 
 
-def kv_splits(programs: int, lk: int, sms: int, max_splits: int = 8) -> int:
-    """How many key ranges to split the attention into: 1 when the (query block x head) programs
-    already fill the SMs; else the fewest splits that fill them, each at least two blocks of
-    KV_SPLIT_UNIT keys (a shorter range would not pay for its prologue and the merge)."""
-    if programs >= sms:
-        return 1
-    by_keys = max(1, lk // (2 * KV_SPLIT_UNIT))
-    return max(1, min(max_splits, by_keys, -(-sms // programs)))
+def kv_splits(programs: int, lk: int, sms: int) -> int:
+    """The split-KV count for a launch of `programs` (128-query block x head) programs over `lk` keys
+    on `sms` SMs: parafuse_kernels.grid's rule, in this launch's key unit."""
+    return grid.kv_splits(programs, lk, sms, KV_SPLIT_UNIT)
 
 
 def split_keys(lk: int, splits: int) -> tuple[int, int]:
@@ -397,7 +393,7 @@ def halo_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     b, heads, lq, _ = q.shape
     lk = k.shape[2]
     if splits is None:
-        splits = kv_splits(triton.cdiv(lq, 128) * b * heads, lk, _sm_count(q.device))
+        splits = kv_splits(grid.programs(lq, b * heads), lk, _sm_count(q.device))
     splits = split_keys(lk, int(splits))[0]
     out = torch.empty((b, lq, heads, d), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((b, heads, lq), dtype=torch.float32, device=q.device)
@@ -409,8 +405,8 @@ def halo_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     args, meta = launch_args(q, k, v, target, target_lse, scale, q_norm, rope, splits)
     with INTERPRETER_LOCK:
         if INTERPRETED:
-            grid = (triton.cdiv(lq, INTERPRETER_BLOCKS["BLOCK_M"]), b * heads, splits)
-            _heuristic_kernel[grid](*args, **meta, **INTERPRETER_BLOCKS)
+            blocks = (triton.cdiv(lq, INTERPRETER_BLOCKS["BLOCK_M"]), b * heads, splits)
+            _heuristic_kernel[blocks](*args, **meta, **INTERPRETER_BLOCKS)
         else:
             _tuned_kernel[lambda m: (triton.cdiv(lq, m["BLOCK_M"]), b * heads, splits)](*args, **meta)
     LAUNCHES["halo_attention"] += 1
