@@ -145,22 +145,30 @@ def narrow_loads(widths: dict[str, int]) -> dict[str, int]:
     return {k: n for k, n in widths.items() if k != "tma" and int(k.split()[-1][:-1]) < 16}
 
 
-def inspect(heads: int, d: int, dtype: torch.dtype, config, extra_keys: int = 0, **case) -> dict:
+def inspect(heads: int, d: int, dtype: torch.dtype, config, extra_keys: int = 0, splits: int = 1,
+            prologue: bool = False, **case) -> dict:
     """Compile one configuration at a layout of `heads` x `d` and read its artifacts."""
     q, k, v = launch_views(heads, d, dtype, extra_keys, **case)
-    kernel, meta = compile_launch(q, k, v, config)
+    kernel, meta = compile_launch(q, k, v, config, splits=splits, prologue=prologue)
     loads = global_loads(kernel.asm["ptx"])
     return {"heads": heads, "head_dim": d, "dtype": str(dtype).replace("torch.", ""), "keys": k.shape[2],
-            "config": list(config), "stride_unit": meta["STRIDE_UNIT"], "shared": kernel.metadata.shared,
-            **ptxas_usage(kernel.asm["ptx"]), "loads": loads, "narrow_loads": narrow_loads(loads)}
+            "splits": splits, "prologue": prologue, "config": list(config), "stride_unit": meta["STRIDE_UNIT"],
+            "shared": kernel.metadata.shared, **ptxas_usage(kernel.asm["ptx"]), "loads": loads,
+            "narrow_loads": narrow_loads(loads)}
+
+
+def kv_loads_unchanged(variant: dict, plain: dict) -> bool:
+    """The prologue variant loads K and V as the plain one does: the same count of 16-byte cp.async
+    (its own extra loads - the RoPE partner gather, the cos/sin tables - are q-side, once per program)."""
+    return variant["loads"].get("cp.async 16B", 0) == plain["loads"].get("cp.async 16B", 0) > 0
 
 
 def keep(rows: list[dict]) -> list[tuple]:
-    """At most MAX_KEPT of the configurations that neither spill nor exceed shared memory and load
-    only 16 bytes at a time: the first good one of each tile shape (GRID's order of preference),
-    then the next ones, round by round."""
+    """At most MAX_KEPT of the configurations that neither spill (the QK-norm + RoPE prologue variant
+    neither) nor exceed shared memory and load only 16 bytes at a time: the first good one of each
+    tile shape (GRID's order of preference), then the next ones, round by round."""
     good = [tuple(r["config"]) for r in rows if r["spill_stores"] == 0 and r["spill_loads"] == 0
-            and r["shared"] <= SHARED_LIMIT and not r["narrow_loads"]]
+            and r["shared"] <= SHARED_LIMIT and not r["narrow_loads"] and r.get("prologue_spills") == 0]
     by_tile: dict[tuple, list] = {}
     for c in good:
         by_tile.setdefault(c[:2], []).append(c)
@@ -207,6 +215,9 @@ def main() -> int:
         for config in GRID:
             try:
                 rows.append(inspect(heads, d, torch.bfloat16, config))
+                if rows[-1]["spill_stores"] == 0 and not rows[-1]["narrow_loads"]:
+                    variant = inspect(heads, d, torch.bfloat16, config, prologue=True)
+                    rows[-1]["prologue_spills"] = variant["spill_stores"] + variant["spill_loads"]
             except Exception as e:                       # e.g. out of resources at compile time
                 rows.append({"head_dim": d, "config": list(config), "error": str(e).split("\n")[0][:160],
                              "spill_stores": -1, "spill_loads": -1, "shared": 1 << 30, "narrow_loads": {}})
@@ -216,7 +227,8 @@ def main() -> int:
             r["kept"] = tuple(r["config"]) in results["kept"][d]
         results["rows"] += rows
     cols = [("head_dim", "D"), ("config", "BM, BN, warps, stages"), ("registers", "regs"), ("spill_stores", "spill st"),
-            ("spill_loads", "spill ld"), ("shared", "shared B"), ("loads", "global loads"), ("kept", "kept"),
+            ("spill_loads", "spill ld"), ("shared", "shared B"), ("loads", "global loads"),
+            ("prologue_spills", "prologue spills"), ("kept", "kept"),
             ("error", "error")]
     print(table(results["rows"], cols))
     print("CONFIGS = {")

@@ -89,31 +89,36 @@ KEPT = textwrap.dedent('''
     from parafuse_kernels import attention as ka
 
     ac.ptxas_path()                             # the wheel's ptxas: a missing one is an error, not a skip
-    rows = []
+    rows, prologue = [], []
     for model, heads, d in ac.LAYOUTS:
-        for dtype in (torch.bfloat16, torch.float16):
-            for config in ka.configs_for(d):
+        first = (model, heads, d) == next(layout for layout in ac.LAYOUTS if layout[2] == d)
+        for config in ka.configs_for(d):
+            for dtype in (torch.bfloat16, torch.float16):
                 rows.append(ac.inspect(heads, d, dtype, config))
-        for config in ka.configs_for(d):        # the variant with a peeled, masked key block
-            rows.append(ac.inspect(heads, d, torch.bfloat16, config, extra_keys=ac.TAIL_KEYS))
+            rows.append(ac.inspect(heads, d, torch.bfloat16, config, extra_keys=ac.TAIL_KEYS))  # a masked block
+            if first:                           # split-KV (float32 partials) and the q prologue
+                rows.append(ac.inspect(heads, d, torch.bfloat16, config, splits=4))
+                variant = ac.inspect(heads, d, torch.bfloat16, config, prologue=True)
+                prologue.append(dict(variant, kv_unchanged=ac.kv_loads_unchanged(variant, rows[-4])))
     # the check bites: strides off 16 bytes (the generic variant) compile to narrower loads at d = 72
     q, k, v = ac.launch_views(16, 72, torch.bfloat16)
     buf = torch.empty(k.shape[2], 2, 2 * 16 * 72 + 1, dtype=torch.bfloat16)
     kv = buf.permute(1, 0, 2)[..., : 2 * 16 * 72].unflatten(-1, (2, 16, 72))
     generic, meta = ac.compile_launch(q, kv[..., 0, :, :].transpose(1, 2), kv[..., 1, :, :].transpose(1, 2),
                                       ka.configs_for(72)[0])
-    print(json.dumps({"rows": rows, "generic_unit": meta["STRIDE_UNIT"],
+    print(json.dumps({"rows": rows, "prologue": prologue, "generic_unit": meta["STRIDE_UNIT"],
                       "generic_loads": ac.global_loads(generic.asm["ptx"])}))
 ''')
 
 
 def test_halo_attention_kept_configs_do_not_spill_and_load_16_bytes():
-    """Every autotune configuration kept for a head dim (64, 72, 80, 96, 128), in bf16 and fp16 and
-    with a partial key block, compiled for sm_90a as a launch at the runtime's K/V buffer views
-    (2048², N = 8, partial, CFG batch 2) would be - Triton's own specialisation of the real
-    arguments: ptxas reports no spills, shared memory fits, and every global load (q, K and V
-    tiles: the plain kernel has no other) is 16 bytes wide (cp.async / ld.global.v4 / TMA). The
-    generic variant (strides off 16 bytes) shows the check can fail: its loads are narrower."""
+    """Every autotune configuration kept for a head dim (64, 72, 80, 96, 128), in bf16 and fp16, with
+    a partial key block and split 4 ways, compiled for sm_90a as a launch at the runtime's K/V
+    buffer views (2048², N = 8, partial, CFG batch 2) would be - Triton's own specialisation of the
+    real arguments: ptxas reports no spills, shared memory fits, and every global load (q, K and V
+    tiles: the plain kernel has no other) is 16 bytes wide (cp.async / ld.global.v4 / TMA). With the
+    QK-norm + RoPE prologue: no spills and the same 16-byte K/V loads (its own q-side gathers are
+    narrower). The generic variant (strides off 16 bytes) shows the check can fail."""
     import json
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "kernels")])
@@ -128,4 +133,7 @@ def test_halo_attention_kept_configs_do_not_spill_and_load_16_bytes():
         assert r["shared"] <= 227 * 1024, (where, r)
         assert r["stride_unit"] == 8 and not r["narrow_loads"], (where, r["loads"])
         assert r["loads"].get("cp.async 16B", 0) + r["loads"].get("tma", 0) + r["loads"].get("ld.global 16B", 0) > 0
+    assert len(prologue := res["prologue"]) >= 5 * 4
+    for r in prologue:
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["kv_unchanged"], r
     assert res["generic_unit"] == 1 and any(int(key.split()[-1][:-1]) < 16 for key in res["generic_loads"]), res
