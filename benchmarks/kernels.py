@@ -24,7 +24,8 @@ update     the fused solver update (dpmpp-2m, steady state, CFG fused) against t
            and bf16, on a tensor far larger than L2 and at a real strip latent (SDXL 4K, N = 8);
            GB/s (bytes each path must move at least) and the fraction of a measured device copy.
 groupnorm  a patched GroupNorm (SDXL 640 channels): the Triton kernels (+ fused SiLU) vs the PyTorch
-           path of PatchGroupNorm + SiLU; their GB/s (3 passes over x at least) against a copy.
+           path of PatchGroupNorm + SiLU; their GB/s (3 passes over x at least) against a copy; and
+           the sums bit for bit (reruns, graph replay vs eager) at unet-xl 2048², N = 8, level 0.
 Writes benchmarks/results/kernels_<device>.json and .png (hardware and commit recorded) and prints
 the tables. `--smoke` runs tiny shapes through Triton's interpreter on CPU: it checks this script,
 its timings say nothing.
@@ -297,6 +298,29 @@ def bench_update(a, device) -> list[dict]:
     return rows
 
 
+def groupnorm_bits(a, device) -> dict:
+    """The GroupNorm sums bit for bit: 10 reruns, and (CUDA) a graph replay, against the first eager
+    run, at unet-xl 2048², N = 8, level 0 (B = 2, 320 channels, a 32 x 256 strip: 20 programs per
+    group) - where float atomics made the bits vary."""
+    from parafuse_kernels import groupnorm as gn
+    shape, groups = ((2, 320, 32, 256), 32) if not a.smoke else ((2, 8, 4, 40), 4)
+    x = (torch.randn(shape, device=device) * 2 + 3).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+    out = torch.empty(2, shape[0], groups, device=device)
+    first = gn.group_sums(x, groups, out).clone()
+    result = {"shape": "x".join(map(str, shape)), "programs_per_group": -(-x[0, : shape[1] // groups].numel()
+                                                                        // gn.SUMS_BLOCK),
+              "reruns_equal": all(torch.equal(gn.group_sums(x, groups, out), first) for _ in range(10))}
+    if device.type == "cuda":
+        replayed = torch.empty_like(out)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            gn.group_sums(x, groups, replayed)
+        graph.replay()
+        torch.cuda.synchronize(device)
+        result["replay_equals_eager"] = torch.equal(replayed, first)
+    return result
+
+
 def bench_groupnorm(a, device) -> list[dict]:
     from parafuse.parallel.engine import moments_from_sums
     from parafuse.parallel.layers import normalize, strip_sums
@@ -394,6 +418,8 @@ def main(argv=None) -> int:
     if "groupnorm" in a.only:
         results["groupnorm"] = bench_groupnorm(a, device)
         print(table(results["groupnorm"], [(k, k) for k in results["groupnorm"][0]]))
+        results["groupnorm_bits"] = groupnorm_bits(a, device)
+        print("GroupNorm sums bit for bit:", results["groupnorm_bits"])
     tag = "smoke" if a.smoke else device.type
     path = a.out or os.path.join(RESULTS, f"kernels_{tag}.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -218,6 +218,7 @@ def test_kernels_benchmark_smoke_on_cpu(tmp_path):
     assert all("--smoke" in e["source"] for e in entries.values())
     assert all(r["prologue_speedup"] > 0 for r in res["attention"] if r["model"] == "flux")
     assert {(r["shape"], r["dtype"]) for r in res["update"]} >= {("large", "float32"), ("large", "bfloat16")}
+    assert res["groupnorm_bits"]["reruns_equal"] is True
     assert (tmp_path / "kernels.png").exists()
 
 
