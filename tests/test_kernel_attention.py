@@ -123,6 +123,7 @@ def test_split_kv_rule_splits_only_where_sms_idle():
     unit = 128
     assert grid.kv_splits(512, 100 * unit, 132) == 1           # 97% of the SM slots busy: no split
     assert grid.kv_splits(160, 100 * unit, 132) == 4           # a 28-program last wave: 61% -> 97%
+    assert grid.kv_splits(320, 100 * unit, 132) == 2           # 81% -> 97%: the fewest ranges that fill
     assert grid.kv_splits(80, 100 * unit, 132) == 8            # one short wave
     assert grid.kv_splits(80, 5 * unit, 132) == 1              # ranges of >= 2 blocks: 2 at most, no gain
     assert grid.kv_splits(80, 7 * unit, 132) == 3              # 3 at most: 240 programs, 91% busy

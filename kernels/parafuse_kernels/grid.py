@@ -10,13 +10,17 @@ def busy(programs: int, sms: int) -> float:
     return programs / (-(-programs // sms) * sms)
 
 
-def kv_splits(programs: int, keys: int, sms: int, unit: int = 128, max_splits: int = 8, gain: float = 1.15) -> int:
+def kv_splits(programs: int, keys: int, sms: int, unit: int = 128, max_splits: int = 8, gain: float = 1.15,
+              full: float = 0.95) -> int:
     """1, unless splitting the keys into s ranges (each >= 2 blocks of `unit` keys) raises the busy
     fraction of the SMs by at least `gain` (a split pays a float32 partial and the merge): then the
-    s that fills them best. E.g. 160 programs on 132 SMs (one wave and a 28-program tail, 61% busy)
-    split 4 ways (97%); 512 programs (97% busy) do not split."""
+    fewest ranges that keep `full` of the slots busy (else the best). E.g. 160 programs on 132 SMs
+    (one wave and a 28-program tail, 61% busy) split 4 ways (97%), 320 programs 2 ways (81% -> 97%);
+    512 programs (97% busy) do not split."""
     most = max(1, min(max_splits, keys // (2 * unit)))
-    best = max(range(1, most + 1), key=lambda s: (busy(programs * s, sms), -s))
+    counts = range(1, most + 1)
+    best = next((s for s in counts if busy(programs * s, sms) >= full),
+                max(counts, key=lambda s: (busy(programs * s, sms), -s)))
     return best if busy(programs * best, sms) >= gain * busy(programs, sms) else 1
 
 
