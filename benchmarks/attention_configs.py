@@ -69,19 +69,20 @@ def launch_views(heads: int, d: int, dtype: torch.dtype, extra_keys: int = 0, **
     return attention_inputs(lq, lk + extra_keys, heads, d, dtype, "cpu", batch=case["batch"], make=torch.empty)
 
 
-def compile_launch(q, k, v, config, splits: int = 1, prologue: bool = False):
+def compile_launch(q, k, v, config, splits: int = 1, prologue: bool = False, tma: bool = False):
     """triton.compile of the halo attention for sm_90a exactly as a launch at these tensors would
     specialise it (Triton's own binder on the real arguments: pointer alignment, integer divisibility);
-    `prologue`: with the QK-norm + RoPE prologue."""
+    `prologue`: with the QK-norm + RoPE prologue; `tma`: K/V by TMA descriptors."""
     from parafuse_kernels import attention as ka
     b, heads, lq, d = q.shape
     out = torch.empty((splits, b, lq, heads, d), dtype=q.dtype if splits == 1 else torch.float32).transpose(2, 3)
     lse = torch.empty((splits, b, heads, lq), dtype=torch.float32)
     q_norm = (torch.empty(d, dtype=q.dtype), 1e-6) if prologue else None
     rope = (torch.empty(lq, d // 2), torch.empty(lq, d // 2)) if prologue else None
-    args, meta = ka.launch_args(q, k, v, out, lse, d ** -0.5, q_norm, rope, splits=splits)
+    args, meta = ka.launch_args(q, k, v, out, lse, d ** -0.5, q_norm, rope, splits=splits, tma=tma)
     bm, bn, warps, stages = config
     kwargs = dict(meta, BLOCK_M=bm, BLOCK_N=bn)
+    ka._descriptor_blocks({**dict(zip(ka._halo_attention_kernel.arg_names, args)), **kwargs})   # the pre-hook
     kwargs["EVEN_N"] = ka._even_n({**dict(zip(ka._halo_attention_kernel.arg_names, args)), **kwargs})
     kwargs.update(num_warps=warps, num_stages=stages)
     fn = ka._halo_attention_kernel
@@ -146,13 +147,13 @@ def narrow_loads(widths: dict[str, int]) -> dict[str, int]:
 
 
 def inspect(heads: int, d: int, dtype: torch.dtype, config, extra_keys: int = 0, splits: int = 1,
-            prologue: bool = False, **case) -> dict:
+            prologue: bool = False, tma: bool = False, **case) -> dict:
     """Compile one configuration at a layout of `heads` x `d` and read its artifacts."""
     q, k, v = launch_views(heads, d, dtype, extra_keys, **case)
-    kernel, meta = compile_launch(q, k, v, config, splits=splits, prologue=prologue)
+    kernel, meta = compile_launch(q, k, v, config, splits=splits, prologue=prologue, tma=tma)
     loads = global_loads(kernel.asm["ptx"])
     return {"heads": heads, "head_dim": d, "dtype": str(dtype).replace("torch.", ""), "keys": k.shape[2],
-            "splits": splits, "prologue": prologue, "config": list(config), "stride_unit": meta["STRIDE_UNIT"],
+            "splits": splits, "prologue": prologue, "tma": tma, "config": list(config), "stride_unit": meta["STRIDE_UNIT"],
             "shared": kernel.metadata.shared, **ptxas_usage(kernel.asm["ptx"]), "loads": loads,
             "narrow_loads": narrow_loads(loads)}
 

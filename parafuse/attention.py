@@ -49,8 +49,8 @@ AUTO = {"cpu": "sdpa", "cuda": "sdpa"}
 # on CUDA, per (device class, head dim, shape class), the backend benchmarks/kernels.py measured
 # fastest; until a GPU run writes it, every entry keeps SDPA and says "pending"
 AUTO_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "attention_auto.json")
-AUTO_CHOICES = ("triton", "sdpa")
-SHAPE_CLASSES = ("short", "long")     # short: fewer (128-query block x head) programs than SMs
+AUTO_CHOICES = ("triton", "triton-tma", "sdpa")     # triton-tma: the kernel with K/V by TMA descriptors
+SHAPE_CLASSES = ("short", "long")     # short: the Triton kernel would split the keys (SMs idle otherwise)
 log = logging.getLogger("parafuse.attention")
 
 _backend = os.environ.get(ENV, "auto")
@@ -70,7 +70,7 @@ def check_backend(name: str, device: torch.device | str) -> str:
     if name == "auto":
         if device.type == "cuda" and torch.cuda.is_available():
             picks = sorted({e["backend"] for key, e in _auto_entries().items() if key[0] == device_class(device)})
-            if "triton" in picks:
+            if picks != ["sdpa"] and picks:
                 return "+".join(picks) + " (auto, by head dim and shape: attention_auto.json)"
         return AUTO.get(device.type, "sdpa")
     if name == "triton":
@@ -142,8 +142,8 @@ def check_auto_table(table: dict) -> dict:
             raise ValueError(f"auto table: {key} appears twice")
         if e.get("backend") not in AUTO_CHOICES or not isinstance(e.get("source"), str):
             raise ValueError(f"auto table entry {e}: backend must be one of {AUTO_CHOICES}, with a source")
-        if e["backend"] == "triton" and not (e.get("triton_us", float("inf")) < e.get("sdpa_us", 0)):
-            raise ValueError(f"auto table entry {e} picks triton without measured times that say it is faster")
+        if e["backend"] != "sdpa" and not (e.get("triton_us", float("inf")) < e.get("sdpa_us", 0)):
+            raise ValueError(f"auto table entry {e} picks {e['backend']} without measured times that say it is faster")
         entries[key] = e
     return entries
 
@@ -178,7 +178,7 @@ def auto_pick(entries: dict, key: tuple[str, int, str]) -> tuple[str, str]:
     entry = entries.get(key)
     if entry is None:
         return AUTO["cuda"], f"{key}: not in the auto table"
-    if entry["backend"] == "triton" and importlib.util.find_spec("triton") is None:
+    if entry["backend"] != "sdpa" and importlib.util.find_spec("triton") is None:
         return "sdpa", f"{key}: the table picks triton, which is not installed"
     return entry["backend"], f"{key}: {entry['source']}"
 
@@ -220,9 +220,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     expected normed and rotated already (done once, when they are written to the K/V buffer)."""
     # a shape-only trace (meta or fake tensors: parafuse.profile) runs no kernel: SDPA's shape rule
     backend = "sdpa" if q.device.type == "meta" or isinstance(q, FakeTensor) else _resolve(q, k.shape[2])
-    if backend == "triton":
-        from parafuse_kernels.attention import halo_attention
-        out, lse = halo_attention(q, k, v, scale=scale, q_norm=q_norm, rope=rope)
+    if backend in ("triton", "triton-tma"):
+        from parafuse_kernels.attention import halo_attention, tma_ok
+        tma = backend == "triton-tma" and tma_ok(k, v)      # auto's pick; views TMA cannot describe run without
+        out, lse = halo_attention(q, k, v, scale=scale, q_norm=q_norm, rope=rope, tma=tma)
         return (out, lse) if return_lse else out
     q = q_prologue(q, q_norm, rope)
     if backend == "math":

@@ -118,6 +118,26 @@ def test_split_kv_merges_to_the_reference(dtype, splits, ranges):
     torch.testing.assert_close(lse, ref_lse, **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d, below, splits", [(72, 3, 1), (72, 8, 2), (64, 3, 2), (128, 8, 1)])
+def test_tma_descriptors_match_the_reference(dtype, d, below, splits):
+    """K/V by TMA descriptors over the [B, H, Lk, D] views (the interpreter emulates them): rows past
+    Lk and the columns 72..79 of the 64 + 16 split arrive as zeros instead of being masked."""
+    q, k, v, _ = buffer_views(2, 2, d, 5, 19, below, dtype, seed=d + splits)
+    assert ka.tma_ok(k, v)
+    out, lse = run(q, k, v, tma=True, splits=splits)
+    ref, ref_lse = ka.halo_attention_reference(q, k, v)
+    tol = TOL[dtype] if dtype == torch.float32 else dict(rtol=0, atol=2e-2)
+    torch.testing.assert_close(out.float(), ref.float(), **tol)
+    torch.testing.assert_close(lse, ref_lse, **tol)
+
+
+def test_tma_refuses_views_it_cannot_describe():
+    q, k, v, _ = buffer_views(1, 2, 72, 3, 11, 4, torch.bfloat16, pad=1)
+    with pytest.raises(ValueError, match="tma=True needs"):
+        ka.halo_attention(q, k, v, tma=True)
+
+
 def test_split_kv_rule_splits_only_where_sms_idle():
     from parafuse_kernels import grid
     unit = 128
@@ -263,6 +283,7 @@ def test_auto_table_check_refuses_malformed_tables(backend):
     for bad, match in (([good, good], "twice"), ([dict(good, shape="tall")], "shape"),
                        ([dict(good, backend="flash")], "backend must be"),
                        ([dict(good, triton_us=120.0)], "without measured times"),
+                       ([dict(good, backend="triton-tma", triton_us=120.0)], "picks triton-tma without"),
                        ([{k: v for k, v in good.items() if k != "sdpa_us"}], "without measured times")):
         with pytest.raises(ValueError, match=match):
             backend.check_auto_table({"entries": bad})

@@ -89,14 +89,15 @@ KEPT = textwrap.dedent('''
     from parafuse_kernels import attention as ka
 
     ac.ptxas_path()                             # the wheel's ptxas: a missing one is an error, not a skip
-    rows, prologue = [], []
+    rows, prologue, tma = [], [], []
     for model, heads, d in ac.LAYOUTS:
         first = (model, heads, d) == next(layout for layout in ac.LAYOUTS if layout[2] == d)
         for config in ka.configs_for(d):
             for dtype in (torch.bfloat16, torch.float16):
                 rows.append(ac.inspect(heads, d, dtype, config))
             rows.append(ac.inspect(heads, d, torch.bfloat16, config, extra_keys=ac.TAIL_KEYS))  # a masked block
-            if first:                           # split-KV (float32 partials) and the q prologue
+            if first:                           # split-KV (float32 partials), TMA, and the q prologue
+                tma.append(ac.inspect(heads, d, torch.bfloat16, config, tma=True))
                 rows.append(ac.inspect(heads, d, torch.bfloat16, config, splits=4))
                 variant = ac.inspect(heads, d, torch.bfloat16, config, prologue=True)
                 prologue.append(dict(variant, kv_unchanged=ac.kv_loads_unchanged(variant, rows[-4])))
@@ -106,7 +107,7 @@ KEPT = textwrap.dedent('''
     kv = buf.permute(1, 0, 2)[..., : 2 * 16 * 72].unflatten(-1, (2, 16, 72))
     generic, meta = ac.compile_launch(q, kv[..., 0, :, :].transpose(1, 2), kv[..., 1, :, :].transpose(1, 2),
                                       ka.configs_for(72)[0])
-    print(json.dumps({"rows": rows, "prologue": prologue, "generic_unit": meta["STRIDE_UNIT"],
+    print(json.dumps({"rows": rows, "prologue": prologue, "tma": tma, "generic_unit": meta["STRIDE_UNIT"],
                       "generic_loads": ac.global_loads(generic.asm["ptx"])}))
 ''')
 
@@ -118,7 +119,8 @@ def test_halo_attention_kept_configs_do_not_spill_and_load_16_bytes():
     real arguments: ptxas reports no spills, shared memory fits, and every global load (q, K and V
     tiles: the plain kernel has no other) is 16 bytes wide (cp.async / ld.global.v4 / TMA). With the
     QK-norm + RoPE prologue: no spills and the same 16-byte K/V loads (its own q-side gathers are
-    narrower). The generic variant (strides off 16 bytes) shows the check can fail."""
+    narrower). With TMA descriptors: no spills, K/V by cp.async.bulk.tensor. The generic variant
+    (strides off 16 bytes) shows the check can fail."""
     import json
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "kernels")])
@@ -133,6 +135,10 @@ def test_halo_attention_kept_configs_do_not_spill_and_load_16_bytes():
         assert r["shared"] <= 227 * 1024, (where, r)
         assert r["stride_unit"] == 8 and not r["narrow_loads"], (where, r["loads"])
         assert r["loads"].get("cp.async 16B", 0) + r["loads"].get("tma", 0) + r["loads"].get("ld.global 16B", 0) > 0
+    assert len(res["tma"]) >= 5 * 4                # K/V by TMA (cp.async.bulk.tensor), q by 16-byte loads
+    for r in res["tma"]:
+        assert r["spill_stores"] == 0 and r["shared"] <= 227 * 1024 and r["loads"].get("tma", 0) > 0, r
+        assert not r["narrow_loads"] and "cp.async 16B" not in r["loads"], r
     assert len(prologue := res["prologue"]) >= 5 * 4
     for r in prologue:
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["kv_unchanged"], r

@@ -138,18 +138,33 @@ def _prologue(q, q_base, rows, row_ok, dims, sq_m, sq_d, rstd, norm_w_ptr, cos_p
 
 
 @triton.jit
-def _attend_block(q0, q1, m_i, l_i, acc0, acc1, k_base, v_base, start, lk, sk_n, sk_d, sv_n, sv_d, qk_scale,
-                  dims0, dims1, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MAIN_PADDED: tl.constexpr,
+def _kv_tile(base, desc, bh, cols64, col_ok, dims, start, stride_n, stride_d, HEAD_DIM: tl.constexpr,
+             MASK_N: tl.constexpr, DIM_MASK: tl.constexpr, USE_TMA: tl.constexpr, COL0: tl.constexpr):
+    """A [BLOCK_N, dims] tile of K or V: by TMA from a [B, H, L, D] descriptor (rows past L and
+    columns past D arrive as zeros: no masks; `bh` = (b, h) as int32), else by pointers."""
+    if USE_TMA:
+        tile = desc.load([bh[0], bh[1], start, COL0])
+        tile = tile.reshape([tile.shape[2], tile.shape[3]])
+    else:
+        tile = _load_tile(base, cols64, col_ok, dims, stride_n, stride_d, HEAD_DIM, MASK_N, DIM_MASK)
+    return tile
+
+
+@triton.jit
+def _attend_block(q0, q1, m_i, l_i, acc0, acc1, k_base, v_base, descs, bh, start, lk, sk_n, sk_d, sv_n, sv_d,
+                  qk_scale, dims0, dims1, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MAIN_PADDED: tl.constexpr,
                   HAS_TAIL: tl.constexpr, TAIL_PADDED: tl.constexpr, MASK_N: tl.constexpr,
-                  PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+                  PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, USE_TMA: tl.constexpr, D_MAIN: tl.constexpr):
     """One key block of the online softmax (scores in log2 units, unscaled until the exponent)."""
     cols = start + tl.arange(0, BLOCK_N)
     col_ok = cols < lk                                   # used only by the masked tail block
     cols64 = cols.to(tl.int64)                           # token offsets times strides can pass 2**31
-    k0 = _load_tile(k_base, cols64, col_ok, dims0, sk_n, sk_d, HEAD_DIM, MASK_N, MAIN_PADDED)   # [BLOCK_N, D0]
+    k0 = _kv_tile(k_base, descs[0], bh, cols64, col_ok, dims0, start, sk_n, sk_d, HEAD_DIM, MASK_N, MAIN_PADDED,
+                  USE_TMA, 0)                                                           # [BLOCK_N, D0]
     s = _dot(q0, tl.trans(k0), tl.zeros([q0.shape[0], BLOCK_N], tl.float32), PRECISION, UPCAST_DOT)
     if HAS_TAIL:
-        k1 = _load_tile(k_base, cols64, col_ok, dims1, sk_n, sk_d, HEAD_DIM, MASK_N, TAIL_PADDED)
+        k1 = _kv_tile(k_base, descs[1], bh, cols64, col_ok, dims1, start, sk_n, sk_d, HEAD_DIM, MASK_N, TAIL_PADDED,
+                      USE_TMA, D_MAIN)
         s = _dot(q1, tl.trans(k1), s, PRECISION, UPCAST_DOT)
     if MASK_N:
         s = tl.where(col_ok[None, :], s * qk_scale, float("-inf"))
@@ -160,23 +175,26 @@ def _attend_block(q0, q1, m_i, l_i, acc0, acc1, k_base, v_base, start, lk, sk_n,
         p = tl.math.exp2(s * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v0 = _load_tile(v_base, cols64, col_ok, dims0, sv_n, sv_d, HEAD_DIM, MASK_N, MAIN_PADDED)
+    v0 = _kv_tile(v_base, descs[2], bh, cols64, col_ok, dims0, start, sv_n, sv_d, HEAD_DIM, MASK_N, MAIN_PADDED,
+                  USE_TMA, 0)
     p = p.to(v0.dtype)                                   # rounded to the storage dtype, as flash attention does
     acc0 = _dot(p, v0, acc0 * alpha[:, None], PRECISION, UPCAST_DOT)
     if HAS_TAIL:
-        v1 = _load_tile(v_base, cols64, col_ok, dims1, sv_n, sv_d, HEAD_DIM, MASK_N, TAIL_PADDED)
+        v1 = _kv_tile(v_base, descs[3], bh, cols64, col_ok, dims1, start, sv_n, sv_d, HEAD_DIM, MASK_N, TAIL_PADDED,
+                      USE_TMA, D_MAIN)
         acc1 = _dot(p, v1, acc1 * alpha[:, None], PRECISION, UPCAST_DOT)
     return m_new, l_i, acc0, acc1
 
 
 @triton.jit
 def _halo_attention_kernel(
-        q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, norm_w_ptr, cos_ptr, sin_ptr,
+        q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, norm_w_ptr, cos_ptr, sin_ptr, k_desc0, k_desc1, v_desc0, v_desc1,
         sq_b, sq_h, sq_m, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, so_s, so_b, so_h, so_m, so_d,
         heads, lq, lk, kv_per_split, lse_split_stride, qk_scale, norm_eps,
         HEAD_DIM: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr, STRIDE_UNIT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
-        QK_NORM: tl.constexpr, ROPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+        QK_NORM: tl.constexpr, ROPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+        USE_TMA: tl.constexpr):
     block_m = tl.program_id(0)
     bh = tl.program_id(1)
     split = tl.program_id(2)
@@ -223,15 +241,19 @@ def _halo_attention_kernel(
     first = split * kv_per_split                         # this program's keys: [first, last)
     last = tl.minimum(first + kv_per_split, lk)
     whole_end = first + (last - first) // BLOCK_N * BLOCK_N
+    descs = (k_desc0, k_desc1, v_desc0, v_desc1)         # TMA descriptors [B, H, Lk, D] (None without TMA)
+    bh32 = (bh // heads, bh % heads)
     for start in range(first, whole_end, BLOCK_N):       # whole blocks: no key masks
-        m_i, l_i, acc0, acc1 = _attend_block(q0, q1, m_i, l_i, acc0, acc1, k_base, v_base, start, lk, k_n, sk_d,
-                                             v_n, sv_d, qk_scale, dims0, dims1, HEAD_DIM, BLOCK_N, MAIN_PADDED,
-                                             HAS_TAIL, TAIL_PADDED, False, PRECISION, UPCAST_DOT)
+        m_i, l_i, acc0, acc1 = _attend_block(q0, q1, m_i, l_i, acc0, acc1, k_base, v_base, descs, bh32, start, lk,
+                                             k_n, sk_d, v_n, sv_d, qk_scale, dims0, dims1, HEAD_DIM, BLOCK_N,
+                                             MAIN_PADDED, HAS_TAIL, TAIL_PADDED, False, PRECISION, UPCAST_DOT,
+                                             USE_TMA, D_MAIN)
     if not EVEN_N:                                       # the one partial block, peeled
         if whole_end < last:
-            m_i, l_i, acc0, acc1 = _attend_block(q0, q1, m_i, l_i, acc0, acc1, k_base, v_base, whole_end, last,
-                                                 k_n, sk_d, v_n, sv_d, qk_scale, dims0, dims1, HEAD_DIM, BLOCK_N,
-                                                 MAIN_PADDED, HAS_TAIL, TAIL_PADDED, True, PRECISION, UPCAST_DOT)
+            m_i, l_i, acc0, acc1 = _attend_block(q0, q1, m_i, l_i, acc0, acc1, k_base, v_base, descs, bh32,
+                                                 whole_end, last, k_n, sk_d, v_n, sv_d, qk_scale, dims0, dims1,
+                                                 HEAD_DIM, BLOCK_N, MAIN_PADDED, HAS_TAIL, TAIL_PADDED, True,
+                                                 PRECISION, UPCAST_DOT, USE_TMA, D_MAIN)
 
     o_base = o_ptr + split * (so_s * STRIDE_UNIT) + b * (so_b * STRIDE_UNIT) + h * (so_h * STRIDE_UNIT)
     o_m = so_m * STRIDE_UNIT
@@ -291,8 +313,16 @@ def _even_n(args) -> bool:
     return args["lk"] % args["BLOCK_N"] == 0 and args["kv_per_split"] % args["BLOCK_N"] == 0
 
 
+def _descriptor_blocks(nargs):
+    """Autotune pre-hook: TMA descriptors load [1, 1, BLOCK_N, part] boxes - BLOCK_N is the config's."""
+    for name in ("k_desc0", "k_desc1", "v_desc0", "v_desc1"):
+        if nargs.get(name) is not None:
+            nargs[name].block_shape = [1, 1, nargs["BLOCK_N"], nargs[name].block_shape[-1]]
+
+
 def _configs(rows):
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in rows]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=_descriptor_blocks)
+            for bm, bn, w, s in rows]
 
 
 # (BLOCK_M, BLOCK_N, warps, stages) kept per head dim by benchmarks/attention_configs.py (compiled for
@@ -324,7 +354,7 @@ def _prune(configs, named_args, **kwargs):
 
 _heuristic_kernel = triton.heuristics({"EVEN_N": _even_n})(_halo_attention_kernel)
 _tuned_kernel = triton.autotune(_configs(sorted({c for rows in CONFIGS.values() for c in rows})),
-                                key=["lq", "lk", "kv_per_split", "HEAD_DIM", "STRIDE_UNIT", "QK_NORM", "ROPE"],
+                                key=["lq", "lk", "kv_per_split", "HEAD_DIM", "STRIDE_UNIT", "QK_NORM", "ROPE", "USE_TMA"],
                                 prune_configs_by={"early_config_prune": _prune})(_heuristic_kernel)
 # the interpreter runs one small fixed configuration (each program instance costs milliseconds there)
 INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
@@ -353,7 +383,24 @@ def _check(q, k, v, scale, q_norm, rope):
                 raise ValueError(f"RoPE cos/sin must be [{q.shape[2]}, {d // 2}], got {tuple(t.shape)}")
 
 
-def launch_args(q, k, v, out, lse, scale, q_norm=None, rope=None, splits=1):
+def tma_ok(*tensors: torch.Tensor) -> bool:
+    """TMA descriptors need a 16-byte aligned base, 16-byte multiples for every stride but the last,
+    and a contiguous last dim."""
+    return all(t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and all(s * t.element_size() % 16 == 0
+                                                                     for s in t.stride()[:-1]) for t in tensors)
+
+
+def _descriptors(k, v, d_main, d_tail, block_n=16):
+    """(k_desc0, k_desc1, v_desc0, v_desc1): [B, H, Lk, D] descriptors of the K and V views with
+    boxes of the head dim's parts (the pre-hook sets the box's BLOCK_N); None for a missing part."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    def desc(t, width):
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, width]) if width else None
+    return desc(k, d_main), desc(k, d_tail), desc(v, d_main), desc(v, d_tail)
+
+
+def launch_args(q, k, v, out, lse, scale, q_norm=None, rope=None, splits=1, tma=False):
     """The kernel's arguments and compile-time constants (but the block sizes and EVEN_N, which the
     autotuner and its heuristic add) for one launch writing `out` [S, B, H, Lq, D]-strided (S =
     `splits`) and `lse` [S, B, H, Lq]: what halo_attention passes and the compile test specialises."""
@@ -368,11 +415,12 @@ def launch_args(q, k, v, out, lse, scale, q_norm=None, rope=None, splits=1):
     def in_units(t):                    # every stride but the head dim's (usually 1) in units
         return [s // unit for s in t.stride()[:-1]] + [t.stride(-1)]
     strides = in_units(q) + in_units(k) + in_units(v) + [out.stride(0) // unit if splits > 1 else 0] + in_units(out[0])
-    args = (q, k, v, out, lse, norm_w, cos, sin, *strides,
+    descs = _descriptors(k, v, d_main, d_tail) if tma else (None,) * 4
+    args = (q, k, v, out, lse, norm_w, cos, sin, *descs, *strides,
             heads, lq, lk, kv_per_split, lse.stride(0) if splits > 1 else 0, scale / math.log(2), eps)
     meta = dict(HEAD_DIM=d, D_MAIN=d_main, D_TAIL=d_tail, STRIDE_UNIT=unit, QK_NORM=q_norm is not None,
                 ROPE=rope is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                UPCAST_DOT=INTERPRETED and q.dtype == torch.bfloat16)
+                UPCAST_DOT=INTERPRETED and q.dtype == torch.bfloat16, USE_TMA=tma)
     return args, meta
 
 
@@ -383,13 +431,16 @@ def _sm_count(device: torch.device) -> int:
 def halo_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                    q_norm: tuple[torch.Tensor, float] | None = None,
                    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                   splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   splits: int | None = None, tma: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of `q` over `k`, `v` (strided views allowed), with the optional q prologue; returns
     (out [B, H, Lq, D] in q's dtype, lse [B, H, Lq] float32). One launch, grid (query blocks, B·H,
-    splits), plus the merge where `splits` > 1 (None: the rule `kv_splits` against the SM count)."""
+    splits), plus the merge where `splits` > 1 (None: the rule `kv_splits` against the SM count).
+    `tma`: K/V tiles by TMA descriptors (Hopper; not timed yet, so off unless asked)."""
     d = q.shape[-1]
     scale = d ** -0.5 if scale is None else float(scale)
     _check(q, k, v, scale, q_norm, rope)
+    if tma and not tma_ok(k, v):
+        raise ValueError("tma=True needs K/V views with 16-byte aligned bases and strides and a contiguous head dim")
     b, heads, lq, _ = q.shape
     lk = k.shape[2]
     if splits is None:
@@ -402,10 +453,11 @@ def halo_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     else:
         target = torch.empty((splits, b, lq, heads, d), dtype=torch.float32, device=q.device).transpose(2, 3)
         target_lse = torch.empty((splits, b, heads, lq), dtype=torch.float32, device=q.device)
-    args, meta = launch_args(q, k, v, target, target_lse, scale, q_norm, rope, splits)
+    args, meta = launch_args(q, k, v, target, target_lse, scale, q_norm, rope, splits, tma)
     with INTERPRETER_LOCK:
         if INTERPRETED:
             blocks = (triton.cdiv(lq, INTERPRETER_BLOCKS["BLOCK_M"]), b * heads, splits)
+            _descriptor_blocks({**dict(zip(_halo_attention_kernel.arg_names, args)), **INTERPRETER_BLOCKS})
             _heuristic_kernel[blocks](*args, **meta, **INTERPRETER_BLOCKS)
         else:
             _tuned_kernel[lambda m: (triton.cdiv(lq, m["BLOCK_M"]), b * heads, splits)](*args, **meta)
