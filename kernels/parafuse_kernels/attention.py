@@ -54,6 +54,7 @@ Import this module only after TRITON_INTERPRET is set when testing on CPU (see t
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -424,8 +425,14 @@ def launch_args(q, k, v, out, lse, scale, q_norm=None, rope=None, splits=1, tma=
     return args, meta
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 1
 
 
 def halo_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
