@@ -7,6 +7,7 @@ path, device and reference checks before it builds anything.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 
 import numpy as np
@@ -27,22 +28,68 @@ class CheckError(ValueError):
     """A request that cannot run; the message says what to change."""
 
 
-# ---- numbers ---------------------------------------------------------------------------------
+# ---- one value: type and range, named (shared by Request, Runtime, the CLI and ParallelConfig) --
+def check_int(name: str, value, lo: int | None = None, hi: int | None = None) -> int:
+    """`value` is an int (bool is not) in [lo, hi]; the error names the field."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise CheckError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    _check_range(name, int(value), lo, hi)
+    return int(value)
+
+
+def check_number(name: str, value, lo: float | None = None, hi: float | None = None) -> float:
+    """`value` is a finite real number (bool and strings are not) in [lo, hi]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise CheckError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise CheckError(f"{name} must be a finite number, got {value}")
+    _check_range(name, value, lo, hi)
+    return float(value)
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise CheckError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def check_choice(name: str, value, choices, optional: bool = False):
+    """`value` is one of `choices` (a string), or None where `optional`."""
+    if value is None and optional:
+        return value
+    if not isinstance(value, str) or value not in choices:
+        raise CheckError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+    return value
+
+
+def _check_range(name: str, value, lo, hi) -> None:
+    stated = f" (range {lo} to {hi})" if lo is not None and hi is not None else ""
+    if lo is not None and value < lo:
+        raise CheckError(f"{name} must be at least {lo}, got {value}{stated}")
+    if hi is not None and value > hi:
+        raise CheckError(f"{name} must be at most {hi}, got {value}{stated}")
+
+
+# ---- numbers of a request: the same limits in both doors (built-in models and pipelines) -------
 def check_numbers(req) -> None:
-    """Steps, batch, seed and guidance: plain range checks, before anything is built from them."""
-    if req.steps > MAX_STEPS:
-        raise CheckError(f"steps must be at most {MAX_STEPS}, got {req.steps}")
+    """Size, steps, batch, seed and guidance of a Request or of the command line's arguments:
+    plain range checks, before anything is built from them."""
+    check_int("height", req.height, 1)
+    check_int("width", req.width, 1)
+    check_int("steps", req.steps, 1, MAX_STEPS)
     check_batch(req.batch)
-    if not 0 <= req.seed <= MAX_SEED:
+    if not 0 <= check_int("seed", req.seed) <= MAX_SEED:
         raise CheckError(f"seed must be an integer in [0, 2^64 - 1], got {req.seed}")
-    if not math.isfinite(req.guidance):
-        raise CheckError(f"guidance must be a finite number, got {req.guidance}")
+    check_number("guidance", req.guidance)
     if req.guidance > MAX_GUIDANCE:
         raise CheckError(f"guidance {req.guidance:g} is above {MAX_GUIDANCE:g}: the guided prediction would "
                          f"overflow; classifier-free guidance is used at 1 to 20")
+    if req.guidance < 1.0:
+        raise CheckError(f"guidance must be >= 1 (1 disables classifier-free guidance), got {req.guidance}")
 
 
 def check_batch(batch: int) -> None:
+    check_int("batch", batch, 1)
     if batch > MAX_BATCH:
         raise CheckError(f"batch must be at most {MAX_BATCH}, got {batch}: run several requests")
 
@@ -202,6 +249,48 @@ def _size(nbytes: float) -> str:
 
 # ---- files and devices (CLI) -------------------------------------------------------------------
 IMAGE_EXTENSIONS = (".png",)
+
+
+def missing_path(path: str) -> str:
+    """Why `path` cannot be reached, in words: too long for the file system, under a regular file,
+    or missing."""
+    full = os.path.abspath(path)
+    try:
+        path_max = os.pathconf("/", "PC_PATH_MAX")
+        name_max = os.pathconf("/", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        path_max, name_max = 4096, 255
+    if len(os.fsencode(full)) >= path_max:
+        return f"is {len(os.fsencode(full))} bytes long; this file system allows {path_max - 1}"
+    long = next((n for n in full.split(os.sep) if len(os.fsencode(n)) > name_max), None)
+    if long is not None:
+        return f"has a name of {len(os.fsencode(long))} bytes; this file system allows {name_max}"
+    parent = os.path.dirname(full)
+    while parent != os.path.dirname(parent) and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        return f"lies under {parent!r}, which is a file, not a folder"
+    return "does not exist"
+
+
+def check_input_file(path: str, what: str) -> None:
+    """`path` is an existing regular file: a folder or a missing path is named as what it is."""
+    if os.path.isdir(path):
+        raise CheckError(f"{what} {path!r} is a folder; give a file")
+    if not os.path.isfile(path):
+        raise CheckError(f"{what} {path!r} {missing_path(path)}")
+
+
+def read_json(path: str, what: str):
+    """The JSON in `path`; a file that is not JSON is named, with where it stops being JSON."""
+    import json
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckError(f"{what} {path!r} is not JSON ({e}): the folder is damaged; save the pipeline again") from None
+    except OSError as e:
+        raise CheckError(f"{what} {path!r} cannot be read ({e.strerror})") from None
 
 
 def check_output_name(path: str, what: str) -> None:

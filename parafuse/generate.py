@@ -119,9 +119,13 @@ def output_paths(out: str, batch: int) -> list[str]:
 
 
 def check_writable(path: str, overwrite: bool) -> None:
+    from parafuse.checks import missing_path
+
     folder = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"cannot write {path!r}: {folder!r} is a file, not a folder")
     if not os.path.isdir(folder):
-        raise ValueError(f"cannot write {path!r}: folder {folder!r} does not exist")
+        raise ValueError(f"cannot write {path!r}: folder {folder!r} {missing_path(folder)}")
     if not os.access(folder, os.W_OK):
         raise ValueError(f"cannot write {path!r}: folder {folder!r} is not writable")
     if os.path.isdir(path):
@@ -151,16 +155,16 @@ def check_args(args) -> None:
     Runtime.check), before any denoising."""
     from parafuse import checks
 
+    checks.check_numbers(args)              # both doors: the same limits, before any model loads
     checks.check_device(args.device)
     if args.halo_portion is not None and BASELINES.get(args.mode, args.mode) != "partial":
         raise ValueError(f"--halo-portion sets the window of --mode partial (and pcpp); mode {args.mode!r} "
                          f"{'attends to the whole image' if args.mode != 'none' else 'exchanges nothing'}: drop it")
-    if args.weights is not None and not os.path.isfile(args.weights):
-        raise ValueError(f"weights file {args.weights!r} does not exist")
+    if args.weights is not None:
+        checks.check_input_file(args.weights, "weights file")
     if args.reference is not None:
         checks.check_reference(args.reference, args.height, args.width)
     checks.check_image_name(args.out)
-    checks.check_batch(args.batch)          # before one name per image is checked
     outputs = {f"--out (image {i})" if args.batch > 1 else "--out": p
                for i, p in enumerate(output_paths(args.out, max(1, args.batch)))}
     if args.report:

@@ -220,14 +220,8 @@ class Runtime:
             raise RequestError(f"height and width must be positive multiples of {f} for model {spec.name!r} "
                                f"(got {req.height}x{req.width}); try {max(f, round(req.height / f) * f)}x"
                                f"{max(f, round(req.width / f) * f)}")
-        if req.steps < 1:
-            raise RequestError(f"steps must be at least 1, got {req.steps}")
         if req.solver not in SOLVERS:
             raise RequestError(f"unknown solver {req.solver!r}; valid solvers: {', '.join(SOLVERS)}")
-        if req.batch < 1:
-            raise RequestError(f"batch must be at least 1, got {req.batch}")
-        if req.guidance < 1.0:
-            raise RequestError(f"guidance must be >= 1 (1 disables classifier-free guidance), got {req.guidance}")
         if req.guidance != 1.0 and not self.conditional:
             raise RequestError(f"model {spec.name!r} is unconditional: guidance {req.guidance} has nothing to "
                                f"guide by; use a class- or text-conditional model or guidance 1")
