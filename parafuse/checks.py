@@ -328,18 +328,20 @@ def check_distinct(paths: dict[str, str]) -> None:
 
 
 def check_reference(path: str, height: int, width: int) -> None:
-    """The reference must be a readable PNG of the output's size (checked from its header)."""
+    """The reference must be a readable PNG of the output's size, decoded whole."""
     from PIL import Image, UnidentifiedImageError
 
     if os.path.isdir(path):
         raise CheckError(f"reference {path!r} is a folder; give a PNG file")
     if not os.path.isfile(path):
-        raise CheckError(f"reference image {path!r} does not exist")
+        raise CheckError(f"reference image {path!r} {missing_path(path)}")
     try:
         with Image.open(path) as img:
             fmt, size = img.format, img.size
-    except (UnidentifiedImageError, OSError) as e:
-        raise CheckError(f"reference {path!r} is not a readable image ({type(e).__name__}); give a PNG file") from None
+            img.load()                      # every pixel decoded now: a truncated file fails here, not after compute
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise CheckError(f"reference {path!r} is not a readable image ({type(e).__name__}: {e}); give a "
+                         f"whole PNG file") from None
     if fmt != "PNG":
         raise CheckError(f"reference {path!r} is {fmt}, not PNG: give a PNG (a lossy format would lower the PSNR)")
     if size != (width, height):

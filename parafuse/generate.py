@@ -162,6 +162,9 @@ def check_args(args) -> None:
                          f"{'attends to the whole image' if args.mode != 'none' else 'exchanges nothing'}: drop it")
     if args.weights is not None:
         checks.check_input_file(args.weights, "weights file")
+    if args.compare_serial and args.reference is not None:
+        raise ValueError("--compare-serial and --reference each set the report's one comparison: give one of them "
+                         "(a serial run's image saved with --out can be the --reference of a parallel run)")
     if args.reference is not None:
         checks.check_reference(args.reference, args.height, args.width)
     checks.check_image_name(args.out)
@@ -173,6 +176,79 @@ def check_args(args) -> None:
     checks.check_distinct(outputs)
     for path in outputs.values():
         check_writable(path, args.overwrite)
+
+
+def output_verdict(args) -> str | None:
+    """Rank 0 proves each output folder takes new files (a probe file created and removed: a folder
+    can pass os.access and still refuse them); None if all do, else why not."""
+    from parafuse.outputs import probe_folder
+    if int(os.environ.get("RANK", 0)) != 0:
+        return None
+    paths = output_paths(args.out, max(1, args.batch)) + ([args.report] if args.report else [])
+    for folder in dict.fromkeys(os.path.dirname(os.path.abspath(p)) for p in paths):
+        why = probe_folder(folder)
+        if why is not None:
+            return f"cannot write in folder {folder!r}: {why}"
+    return None
+
+
+def backend_timeout(args) -> float:
+    """The process group's own timeout: past both host deadlines (parafuse.watchdog), so that the
+    watchdog, which names the rank that stopped, always fires first."""
+    return max(args.startup_timeout, args.exchange_timeout) + 60.0
+
+
+def join_job(args, watch: bool) -> None:
+    """Under torchrun: join the process group (under the watchdog's startup deadline where `watch`),
+    compare every rank's command-line arguments, and share rank 0's verdict on the output folders,
+    all before any model loads. A single process only probes its folders."""
+    from parafuse.parallel import agreement
+    from parafuse.parallel.distributed import init_distributed, launched_by_torchrun, pick_device
+
+    verdict = output_verdict(args)
+    if launched_by_torchrun():
+        if watch:
+            from parafuse import watchdog
+            dog = watchdog.start(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args.startup_timeout,
+                                 args.exchange_timeout)
+            with dog.guard("joining the process group", startup_steps=1):
+                init_distributed(pick_device(args.device), backend_timeout(args))
+        else:
+            init_distributed(pick_device(args.device))
+        agreement.check_same({f"--{k.replace('_', '-')}": v for k, v in sorted(vars(args).items())},
+                             "the command line")
+        verdict = agreement.from_rank0(verdict)
+    if verdict is not None:
+        raise ValueError(verdict)
+
+
+def weights_fingerprint(path: str | None) -> tuple | None:
+    """(size, SHA-256 of the safetensors header) of a weights file: ranks given files of the same
+    name but different contents are told apart without reading the tensors."""
+    import hashlib
+    import struct
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        header = f.read(min(length, 100 << 20))
+    return os.path.getsize(path), hashlib.sha256(header).hexdigest()
+
+
+def check_ranks_agree(runtime, req, weights) -> None:
+    """Before the first step: the resolved request and settings, the model and the weights are the
+    same on every rank (parafuse.parallel.agreement), compared over the runtime's transport."""
+    from dataclasses import asdict, fields
+
+    from parafuse.parallel import agreement
+    from parafuse.runtime import dtype_name
+    values = {f"request.{f.name}": getattr(req, f.name) for f in fields(req)}
+    values.update({f"parallel.{k}": v for k, v in asdict(runtime.parallel).items()})
+    values.update({"model": runtime.spec.name, "dtype": dtype_name(runtime.dtype), "kernels": runtime.kernels,
+                   "attention backend": runtime.attention_backend, "cuda graphs": runtime.cuda_graphs,
+                   "weights file (size, header hash)": weights})
+    agreement.check_same(values, "the request", transport=runtime.transport)
 
 
 def check_finite_weights(model, path: str) -> None:
@@ -193,6 +269,8 @@ def run(args) -> int:
     if runtime.spec.untrained and runtime.layout.rank == 0:
         print(f"parafuse.generate: note: model {args.model!r} is untrained (random weights, for benchmarks): "
               f"its images are noise, its timings real", file=sys.stderr)
+    with runtime.watchdog.guard("comparing the ranks' requests", 1) if runtime.watchdog else nullcontext():
+        check_ranks_agree(runtime, req, weights_fingerprint(args.weights))
     result = runtime.generate(req, progress=not args.no_progress)
     with runtime.watchdog.guard("gathering rank statistics") if runtime.watchdog else nullcontext():
         ranks = runtime.gather_rank_stats(result)
@@ -201,10 +279,11 @@ def run(args) -> int:
         # the others wait while rank 0 runs the serial reference: no deadline here (its length is the
         # serial run's); a rank that dies meanwhile still ends the job through torchrun
         torch.distributed.barrier()
+    code = 0
     if runtime.layout.rank == 0:
-        write_outputs(args, runtime, req, result, ranks, comparison)
+        code = write_outputs(args, runtime, req, result, ranks, comparison)
     runtime.close()
-    return 0
+    return code
 
 
 def prepare(args):
@@ -230,6 +309,7 @@ def prepare(args):
     for name in ("startup_timeout", "exchange_timeout"):
         if not 0 < getattr(args, name) < float("inf"):
             raise ValueError(f"--{name.replace('_', '-')} must be a positive number of seconds, got {getattr(args, name)}")
+    join_job(args, watch=True)
     parallel = ParallelConfig(args.mode, args.warmup_steps, halo_portion(args), args.norm, args.cfg_parallel,
                               args.kv_codec)
     req = Request(args.height, args.width, args.steps, args.solver, args.guidance, args.seed, args.label, args.batch,
@@ -266,21 +346,33 @@ def compare(args, runtime, req, result, reference) -> dict | None:
     return None
 
 
-def write_outputs(args, runtime, req, result, ranks, comparison) -> None:
-    """Rank 0: every output rendered first, then all written and renamed together (none on failure)."""
+def write_outputs(args, runtime, req, result, ranks, comparison) -> int:
+    """Rank 0: every output rendered first, then all written and moved into place together (none
+    on failure). Returns the exit status: 1 where an output had to be saved under another name."""
     from parafuse import report as rep
     from parafuse.outputs import commit
 
     files = {path: rep.png_bytes(image) for image, path in zip(result.image, output_paths(args.out, args.batch))}
     if args.report:
         files[args.report] = rep.json_bytes(rep.build_report(runtime, req, result, ranks, comparison))
-    commit(files)
+    moved = commit(files, overwrite=args.overwrite)
     psnr = ""
     if comparison:
         db = "identical" if comparison["psnr_db"] is None else f"{comparison['psnr_db']:.2f} dB"
         psnr = f", PSNR vs {comparison['reference']} {db}"
-    print(f"wrote {', '.join(output_paths(args.out, args.batch))} "
+    written = [moved.get(p, p) for p in output_paths(args.out, args.batch)]
+    print(f"wrote {', '.join(written)} "
           f"({result.timing['total_seconds']:.2f} s denoising on {runtime.layout.world_size} rank(s){psnr})")
+    return report_moved(moved)
+
+
+def report_moved(moved: dict[str, str]) -> int:
+    """1, with one line per output, where a file appeared at an output's name during the run: it
+    was kept (no --overwrite) and the output saved beside it; else 0."""
+    for path, sibling in moved.items():
+        print(f"parafuse.generate: error: {path!r} appeared while the run computed and was kept (no --overwrite); "
+              f"this run's output is {sibling!r}", file=sys.stderr)
+    return 1 if moved else 0
 
 
 def run_diffusers(args) -> int:

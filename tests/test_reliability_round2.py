@@ -69,3 +69,111 @@ def test_prompt_embeds_content_is_checked(tmp_path, capsys, pixart):
     bad(tmp_path, capsys, match="prompt_embeds is torch.float32 of shape (1, 5, 17); the pipeline's denoiser "
                                 "takes floating-point embeddings 16 wide", base=pipeline_args(pixart, str(wide)))
     bad(tmp_path, capsys, match="is a folder; give a file", base=pipeline_args(pixart, str(tmp_path)))
+
+
+# ---- 5. outputs: no file appears or vanishes behind the user's back ---------------------------
+def appear_at(path, content: bytes):
+    """A forward hook that writes `path` at the model's first evaluation (after its two traces)."""
+    calls = [0]
+
+    def hook(mod, args, out):
+        calls[0] += 1
+        if calls[0] == 3:
+            with open(path, "wb") as f:
+                f.write(content)
+    return hook
+
+
+def test_file_appearing_during_the_run_is_kept(tmp_path, capsys, monkeypatch):
+    from parafuse import runtime as rt_module
+    out = tmp_path / "x.png"
+    original = rt_module.load_model
+
+    def load(*a, **kw):
+        model = original(*a, **kw)
+        model.register_forward_hook(appear_at(out, b"theirs"))
+        return model
+    monkeypatch.setattr(rt_module, "load_model", load)
+    assert main([*SMALL, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"{str(out)!r} appeared while the run computed and was kept (no --overwrite); this run's output is " \
+           f"{str(tmp_path / 'x.1.png')!r}" in err, err
+    assert out.read_bytes() == b"theirs"
+    assert (tmp_path / "x.1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(os.listdir(tmp_path)) == ["x.1.png", "x.png"]          # no temporary or probe file left
+    assert main([*SMALL, "--out", str(out), "--overwrite"]) == 0           # --overwrite replaces it
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_commit_links_and_never_replaces(tmp_path):
+    from parafuse.outputs import commit
+    (tmp_path / "a.png").write_bytes(b"old")
+    (tmp_path / "a.1.png").write_bytes(b"older")
+    assert commit({str(tmp_path / "a.png"): b"new", str(tmp_path / "b.json"): b"{}"}, overwrite=False) == \
+        {str(tmp_path / "a.png"): str(tmp_path / "a.2.png")}
+    assert [(tmp_path / n).read_bytes() for n in ("a.png", "a.1.png", "a.2.png", "b.json")] == \
+        [b"old", b"older", b"new", b"{}"]
+    assert sorted(os.listdir(tmp_path)) == ["a.1.png", "a.2.png", "a.png", "b.json"]
+
+
+def test_folder_that_refuses_new_files_is_found_before_compute(tmp_path, capsys, monkeypatch):
+    """os.access says yes, a new file is refused: the probe says so before any model loads."""
+    import errno
+    import tempfile
+
+    from parafuse import runtime as rt_module
+    monkeypatch.setattr(rt_module, "load_model", lambda *a, **kw: pytest.fail("a model was loaded"))
+
+    def refuse(*a, **kw):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    bad(tmp_path, capsys, match=f"cannot write in folder {str(tmp_path)!r}: a new file there is refused "
+                                f"(Read-only file system)")
+
+
+@pytest.mark.skipif(not (os.path.isdir("/sys/kernel") and os.access("/sys/kernel", os.W_OK)),
+                    reason="needs a folder that passes os.access but refuses new files (/sys/kernel as root)")
+def test_real_folder_that_passes_os_access_but_refuses_files(tmp_path, capsys):
+    assert main([*SMALL, "--out", "/sys/kernel/x.png"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("cannot write in folder '/sys/kernel': a new file there is refused (Permission denied)"), err
+
+
+# ---- 6. inputs: checked whole, and messages that say what is wrong ----------------------------
+def test_truncated_reference_is_refused_before_compute(tmp_path, capsys):
+    from PIL import Image
+    Image.effect_noise((32, 32), 64).convert("RGB").save(tmp_path / "r.png")
+    data = (tmp_path / "r.png").read_bytes()
+    (tmp_path / "r.png").write_bytes(data[:len(data) // 2])          # a valid header, half the pixels
+    bad(tmp_path, capsys, "--reference", str(tmp_path / "r.png"), match="is not a readable image (OSError")
+
+
+def test_compare_serial_with_reference_is_refused(tmp_path, capsys):
+    from PIL import Image
+    Image.new("RGB", (32, 32)).save(tmp_path / "r.png")
+    bad(tmp_path, capsys, "--compare-serial", "--reference", str(tmp_path / "r.png"),
+        match="--compare-serial and --reference each set the report's one comparison: give one of them")
+
+
+def test_stages_high_to_low_are_refused(tmp_path, capsys):
+    bad(tmp_path, capsys, "--height", "32", "--width", "32", "--stages", "64x64:4", "32x32:4:0.6",
+        match="stage 1 (64x64:4:1:model) is larger than the image, the last stage (32x32)")
+
+
+def test_messages_say_what_is_wrong(tmp_path, capsys, pixart):
+    (tmp_path / "file").write_text("x")
+    bad(tmp_path, capsys, "--out", str(tmp_path / "file" / "sub" / "x.png"),
+        match=f"lies under {str(tmp_path / 'file')!r}, which is a file, not a folder")
+    bad(tmp_path, capsys, "--out", str(tmp_path / "file" / "x.png"), match=f"{str(tmp_path / 'file')!r} is a file, "
+                                                                           f"not a folder")
+    bad(tmp_path, capsys, "--out", str(tmp_path / ("d" * 200 + "/")) * 30 + "x.png", match="bytes long; this file "
+                                                                                           "system allows")
+    bad(tmp_path, capsys, "--weights", str(tmp_path), match=f"weights file {str(tmp_path)!r} is a folder; give a file")
+    # a pipeline folder whose model_index.json is not JSON: the file is named
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(pixart[0], broken)
+    (broken / "model_index.json").write_text("{not json")
+    args = pipeline_args(pixart)
+    args[1] = str(broken)
+    bad(tmp_path, capsys, match=f"pipeline index {str(broken / 'model_index.json')!r} is not JSON", base=args)

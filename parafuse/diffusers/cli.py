@@ -105,7 +105,7 @@ def run_pipeline(args) -> int:
     from parafuse import report as rep
     from parafuse.checks import read_json
     from parafuse.diffusers.pipeline import load_pipeline
-    from parafuse.generate import check_args, given_flags, halo_portion, output_paths
+    from parafuse.generate import check_args, given_flags, halo_portion, join_job, output_paths, report_moved
     from parafuse.outputs import commit
     from parafuse.parallel.distributed import pick_device
     from parafuse.parallel.engine import check_settings
@@ -127,6 +127,7 @@ def run_pipeline(args) -> int:
     check_settings(args.mode, portion, args.warmup_steps, args.norm, args.text_merge, args.kv_codec)
     if args.prompt_embeds is not None:
         load_prompt_embeds(args.prompt_embeds, args.model)      # its content, before the pipeline loads
+    join_job(args, watch=False)      # torchrun: the process group, the arguments compared, the folders probed
     device = pick_device(args.device)
     backend = attention.use_backend(args.attention_backend, device)     # the processors' attention() reads it
     dtype = resolve_dtype(args.dtype, device)
@@ -136,6 +137,7 @@ def run_pipeline(args) -> int:
     par = parafuse.parallelize(pipe, mode=args.mode, halo_portion=portion, warmup_steps=args.warmup_steps,
                                cfg_parallel=args.cfg_parallel, norm_mode=args.norm, text_merge=args.text_merge,
                                kv_codec=args.kv_codec)
+    code = 0
     start = time.perf_counter()
     out = par(generator=torch.Generator().manual_seed(args.seed), **kwargs)
     seconds = time.perf_counter() - start
@@ -156,10 +158,12 @@ def run_pipeline(args) -> int:
                 "cfg_parallel": args.cfg_parallel, "text_merge": args.text_merge, "kv_codec": args.kv_codec,
                 "attention_backend": backend, "dtype": dtype_name(dtype),
                 "total_seconds": seconds, "ranks": ranks})
-        commit(files)
-        print(f"wrote {', '.join(paths)} ({seconds:.2f} s on {par.layout.world_size} rank(s))", file=sys.stdout)
+        moved = commit(files, overwrite=args.overwrite)
+        print(f"wrote {', '.join(moved.get(p, p) for p in paths)} ({seconds:.2f} s on {par.layout.world_size} "
+              f"rank(s))", file=sys.stdout)
+        code = report_moved(moved)
     par.close()
-    return 0
+    return code
 
 
 def _diffusers_version() -> str:
