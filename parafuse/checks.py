@@ -94,6 +94,80 @@ def check_batch(batch: int) -> None:
         raise CheckError(f"batch must be at most {MAX_BATCH}, got {batch}: run several requests")
 
 
+# ---- the library's types: Request's fields and Runtime's arguments, each error naming its field --
+def check_request(req) -> None:
+    """Types and plain ranges of every field of a Request (Request.__post_init__, which it leaves
+    holding Python numbers); what depends on the model (size multiples, label range, context
+    width, the solver's name) is Runtime.check's."""
+    import torch as _torch
+
+    from parafuse.stages import Stage
+    check_numbers(req)
+    for name in ("solver", "schedule", "upsample"):
+        if not isinstance(getattr(req, name), str):
+            raise CheckError(f"{name} must be a string, got {getattr(req, name)!r} ({type(getattr(req, name)).__name__})")
+    if req.label is not None:
+        check_int("label", req.label, 0)
+    if not isinstance(req.solver_options, dict) or not all(isinstance(k, str) for k in req.solver_options):
+        raise CheckError(f"solver_options must be a dict of option names, got {req.solver_options!r}")
+    if req.context is not None:
+        c = req.context
+        if not isinstance(c, _torch.Tensor) or c.dim() != 3 or not c.is_floating_point():
+            raise CheckError(f"context must be a floating-point tensor [batch, L, context_dim], got "
+                             f"{tuple(c.shape) if isinstance(c, _torch.Tensor) else type(c).__name__}")
+        if c.shape[0] not in (1, req.batch):
+            raise CheckError(f"context has batch {c.shape[0]}, the request batch {req.batch}: give one context "
+                             f"[1, L, D] for every image or one per image [{req.batch}, L, D]")
+    if req.stages is not None:
+        if not isinstance(req.stages, (tuple, list)) or not all(isinstance(s, Stage) for s in req.stages):
+            raise CheckError(f"stages must be a tuple of parafuse.stages.Stage, got {req.stages!r}: build them with "
+                             f"Stage(height, width, steps, ...) or parse_stages(['HxW:STEPS', ...])")
+    # numpy integers and floats pass the checks; the fields keep Python's (torch's seeding takes no numpy int)
+    for name in ("height", "width", "steps", "batch", "seed") + (("label",) if req.label is not None else ()):
+        object.__setattr__(req, name, int(getattr(req, name)))
+    object.__setattr__(req, "guidance", float(req.guidance))
+
+
+def check_parallel_fields(cfg) -> None:
+    """Types of the parallel settings (ParallelConfig, or any object with these attributes), each
+    error naming its field; which values the engine can run is engine.check_settings's."""
+    from parafuse.parallel.engine import MODES
+    check_choice("mode", cfg.mode, MODES)
+    check_int("warmup_steps", cfg.warmup_steps, 0, MAX_STEPS)
+    check_number("halo_portion", cfg.halo_portion, 0.0, 1.0)
+    if cfg.norm_mode is not None and not isinstance(cfg.norm_mode, str):
+        raise CheckError(f"norm_mode must be a string or None, got {cfg.norm_mode!r}")
+    check_bool("cfg_parallel", cfg.cfg_parallel)
+    if not isinstance(cfg.kv_codec, str):
+        raise CheckError(f"kv_codec must be a string, got {cfg.kv_codec!r}")
+
+
+def check_runtime_args(args: dict) -> None:
+    """Types of Runtime's arguments, by name (`locals()` at the top of Runtime.__init__; names it
+    does not know are left alone); values are checked where they are used."""
+    import torch.nn as nn
+
+    from parafuse.parallel.distributed import ParallelLayout
+    from parafuse.parallel.transport import Transport
+    from parafuse.runtime import ParallelConfig
+    kinds = {"model": ((str, nn.Module), "a built-in model's name or an nn.Module"),
+             "parallel": ((ParallelConfig,), "a ParallelConfig"),
+             "device": ((str, torch.device, type(None)), "a device string, a torch.device or None"),
+             "weights": ((str, os.PathLike, type(None)), "a safetensors file's path or None"),
+             "layout": ((ParallelLayout, type(None)), "a ParallelLayout or None"),
+             "transport": ((Transport, type(None)), "a Transport or None"),
+             "dtype": ((str, torch.dtype, type(None)), "fp32, bf16, fp16, a torch.dtype or None"),
+             "cuda_graphs": ((bool, type(None)), "True, False or None"),
+             "kernels": ((str, type(None)), "a string or None"),
+             "attention_backend": ((str, type(None)), "a string or None")}
+    for name, value in args.items():
+        if name in kinds and not isinstance(value, kinds[name][0]):
+            raise CheckError(f"Runtime: {name} must be {kinds[name][1]}, got {value!r} ({type(value).__name__})")
+    for name in ("startup_timeout", "exchange_timeout"):
+        if name in args and check_number(name, args[name]) <= 0:
+            raise CheckError(f"{name} must be a positive number of seconds, got {args[name]}")
+
+
 def check_parallel_settings(mode: str, halo_portion: float, norm_mode: str | None) -> None:
     """A GroupNorm mode that the step plans would ignore is refused rather than reported as used."""
     from parafuse.parallel.engine import BASELINES

@@ -18,8 +18,9 @@ import torch
 import torch.nn as nn
 
 from parafuse import attention, watchdog
-from parafuse.checks import (CheckError, check_device, check_fits, check_numbers, check_parallel_settings,
-                             check_schedule, strip_geometry)
+from parafuse.checks import (CheckError, check_device, check_fits, check_numbers, check_parallel_fields,
+                             check_parallel_settings, check_request, check_runtime_args, check_schedule,
+                             strip_geometry)
 from parafuse.graphs import GraphedEvaluations
 from parafuse.health import FiniteWatch
 from parafuse.models import ModelSpec, load_model
@@ -101,6 +102,7 @@ class ParallelConfig:
     kv_codec: str = "none"            # stale K/V on the wire: "none" (exact), "sign" (1 bit, parallel.kv_codec)
 
     def __post_init__(self):
+        check_parallel_fields(self)       # types first, each error naming its field
         check_settings(self.mode, self.halo_portion, self.warmup_steps, self.norm_mode, kv_codec=self.kv_codec)
         check_parallel_settings(self.mode, self.halo_portion, self.norm_mode)
 
@@ -120,6 +122,9 @@ class Request:
     schedule: str = "plain"           # "plain" (one stage) or "bottleneck" (parafuse.stages)
     stages: tuple[Stage, ...] | None = None   # an explicit stage list instead (the last one is the image size)
     upsample: str = "lanczos"         # filter growing x̂0 at a stage change (shrinking is area-averaged)
+
+    def __post_init__(self):
+        check_request(self)           # types and plain ranges, each error naming its field
 
 
 @dataclass
@@ -162,6 +167,7 @@ class Runtime:
                  transport: Transport | None = None, dtype: str | torch.dtype | None = None,
                  cuda_graphs: bool | None = None, kernels: str | None = None, attention_backend: str | None = None,
                  startup_timeout: float = 600.0, exchange_timeout: float = 300.0):
+        check_runtime_args(locals())      # types, each error naming its argument
         self.parallel = parallel
         if cuda_graphs and isinstance(transport, ThreadTransport):
             raise RequestError("--cuda-graphs cannot capture emulated ranks (threads sharing one GPU): a graph "

@@ -177,3 +177,65 @@ def test_messages_say_what_is_wrong(tmp_path, capsys, pixart):
     args = pipeline_args(pixart)
     args[1] = str(broken)
     bad(tmp_path, capsys, match=f"pipeline index {str(broken / 'model_index.json')!r} is not JSON", base=args)
+
+
+# ---- 7. the library's types: errors that name the field ----------------------------------------
+def _request(**kw):
+    from parafuse.runtime import Request
+    return Request(**{"height": 32, "width": 32, **kw})
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"label": 3.7}, "label must be an integer, got 3.7 (float)"),
+    ({"steps": 2.5}, "steps must be an integer, got 2.5 (float)"),
+    ({"steps": True}, "steps must be an integer, got True (bool)"),
+    ({"seed": 1.5}, "seed must be an integer, got 1.5 (float)"),
+    ({"height": "64"}, "height must be an integer, got '64' (str)"),
+    ({"guidance": "3"}, "guidance must be a number, got '3' (str)"),
+    ({"solver": None}, "solver must be a string, got None"),
+    ({"stages": ("64x64:2",)}, "stages must be a tuple of parafuse.stages.Stage, got ('64x64:2',)"),
+    ({"batch": 2, "context": torch.zeros(3, 4, 8)}, "context has batch 3, the request batch 2"),
+])
+def test_request_fields_are_validated(kw, match):
+    from parafuse.checks import CheckError
+    with pytest.raises(CheckError, match=match.replace("(", r"\(").replace(")", r"\)")):
+        _request(**kw)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"warmup_steps": 2.5}, "warmup_steps must be an integer, got 2.5 (float)"),
+    ({"warmup_steps": True}, "warmup_steps must be an integer, got True (bool)"),
+    ({"cfg_parallel": "yes"}, "cfg_parallel must be True or False, got 'yes' (str)"),
+    ({"halo_portion": "0.3"}, "halo_portion must be a number, got '0.3' (str)"),
+    ({"mode": 3}, "mode must be one of sync, full"),
+])
+def test_parallel_config_fields_are_validated(kw, match):
+    from parafuse.checks import CheckError
+    from parafuse.runtime import ParallelConfig
+    with pytest.raises(CheckError, match=match.replace("(", r"\(").replace(")", r"\)")):
+        ParallelConfig(**kw)
+
+
+@pytest.mark.parametrize("args, kw, match", [
+    ((123,), {}, "Runtime: model must be a built-in model's name or an nn.Module, got 123 (int)"),
+    (("dit-small", "sync"), {}, "Runtime: parallel must be a ParallelConfig, got 'sync' (str)"),
+    (("dit-small",), {"cuda_graphs": "no"}, "Runtime: cuda_graphs must be True, False or None, got 'no' (str)"),
+    (("dit-small",), {"exchange_timeout": "5"}, "exchange_timeout must be a number, got '5' (str)"),
+    (("dit-small",), {"startup_timeout": -1}, "startup_timeout must be a positive number of seconds, got -1"),
+])
+def test_runtime_arguments_are_validated(args, kw, match):
+    from parafuse.checks import CheckError
+    from parafuse.runtime import Runtime
+    with pytest.raises(CheckError, match=match.replace("(", r"\(").replace(")", r"\)")):
+        Runtime(*args, **kw)
+
+
+def test_a_valid_request_still_runs():
+    """The validation refuses nothing that ran before: numpy integers, int guidance, a list of stages."""
+    import numpy as np
+
+    from parafuse.runtime import Runtime
+    from parafuse.stages import parse_stages
+    req = _request(steps=np.int64(2), guidance=1, seed=np.uint64(2 ** 64 - 1), solver="ddim",
+                   stages=list(parse_stages(["16x16:2", "32x32:3:0.6"])))
+    assert torch.isfinite(Runtime("dit-small").generate(req).latent).all()
