@@ -239,3 +239,71 @@ def test_a_valid_request_still_runs():
     req = _request(steps=np.int64(2), guidance=1, seed=np.uint64(2 ** 64 - 1), solver="ddim",
                    stages=list(parse_stages(["16x16:2", "32x32:3:0.6"])))
     assert torch.isfinite(Runtime("dit-small").generate(req).latent).all()
+
+
+# ---- 2. ranks that were started differently are refused ----------------------------------------
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def torchrun_script(n: int, *args):
+    """torchrun on `n` local ranks of python ARGS (a script and its arguments)."""
+    import subprocess
+
+    from test_reliability import free_port
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(n),
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", *args]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "kernels")]), OMP_NUM_THREADS="1")
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+
+def test_ranks_started_differently_are_refused(tmp_path):
+    """Rank 1 of 2 gets another --seed, --mode, --height, --steps and --model: refused right after
+    the process group forms, before any model loads, with one line naming each and the ranks."""
+    args = ["--model", "dit-small", "--height", "32", "--width", "32", "--steps", "2", "--seed", "0", "--mode", "full",
+            "--no-progress", "--out", str(tmp_path / "a.png")]
+    proc = torchrun_script(2, os.path.join(ROOT, "tests", "rank_argv.py"), "1",
+                           "--seed=5,--mode=sync,--height=48,--steps=3,--model=unet-small", "--", *args)
+    _, err = proc.communicate(timeout=300)
+    err = err.decode()
+    line = ("parafuse.generate: error: ranks disagree on the command line: --height (rank 0 vs rank 1); "
+            "--mode (rank 0 vs rank 1); --model (rank 0 vs rank 1); --seed (rank 0 vs rank 1); "
+            "--steps (rank 0 vs rank 1): start every rank with the same values")
+    assert err.count(line) == 1, err                     # rank 0 prints it; every rank exits 2
+    assert set(__import__("re").findall(r"exitcode  : (-?\d+)", err)) <= {"2", "-15"}, err
+    assert "/parafuse/" not in err and not list(tmp_path.iterdir())      # no traceback through parafuse
+
+
+def test_agreement_names_the_value_and_the_ranks_on_every_rank():
+    """Over the thread emulator's hub: rank 2 of 4 has another seed and dtype; every rank raises the
+    same line. Equal values pass, and the exchange is one sum over every rank."""
+    from parafuse.parallel.agreement import DisagreementError, check_same
+    from parafuse.parallel.emulator import run_ranks
+    from parafuse.parallel.transport import ThreadHub, ThreadTransport
+
+    def run(values_of):
+        hub, errors = ThreadHub(4), {}
+
+        def body(rank):
+            try:
+                check_same(values_of(rank), "the request", transport=ThreadTransport(rank, hub))
+            except DisagreementError as e:
+                errors[rank] = str(e)
+        run_ranks(hub, body)
+        return errors
+    same = {"seed": 0, "context": torch.ones(2, 3), "stages": None}
+    assert run(lambda r: same) == {}
+    errors = run(lambda r: {**same, "seed": 7 if r == 2 else 0, "context": torch.ones(2, 3) * (2 if r == 2 else 1)})
+    assert set(errors) == {0, 1, 2, 3} and len(set(errors.values())) == 1
+    assert errors[0] == ("ranks disagree on the request: seed (ranks 0, 1, 3 vs rank 2); context (ranks 0, 1, 3 "
+                         "vs rank 2): start every rank with the same values")
+
+
+def test_weights_fingerprint_tells_files_of_one_size_apart(tmp_path):
+    from safetensors.torch import save_file
+
+    from parafuse.generate import weights_fingerprint
+    save_file({"w": torch.zeros(4)}, str(tmp_path / "a.safetensors"))
+    save_file({"v": torch.zeros(4)}, str(tmp_path / "b.safetensors"))
+    a, b = (weights_fingerprint(str(tmp_path / n)) for n in ("a.safetensors", "b.safetensors"))
+    assert a[0] == b[0] and a != b and weights_fingerprint(str(tmp_path / "a.safetensors")) == a
