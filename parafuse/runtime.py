@@ -513,7 +513,8 @@ class Denoising:
             from tqdm import tqdm
             self.bar = tqdm(total=evals, desc=f"denoising {req.height}x{req.width}", unit="step")
         self.clock = StepClock(runtime.device)
-        self.watch = FiniteWatch(runtime.transport, lay.rank, lay.world_size, runtime.device, evals)
+        self.watch = FiniteWatch(runtime.transport, lay.rank, lay.world_size, runtime.device, evals,
+                                 engine=runtime.engine)
         self.change_seconds = [0.0] * len(self.stages)
         self.state_bytes = 0        # the most the engine held between steps, over the stages
 

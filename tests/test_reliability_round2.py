@@ -307,3 +307,56 @@ def test_weights_fingerprint_tells_files_of_one_size_apart(tmp_path):
     save_file({"v": torch.zeros(4)}, str(tmp_path / "b.safetensors"))
     a, b = (weights_fingerprint(str(tmp_path / n)) for n in ("a.safetensors", "b.safetensors"))
     assert a[0] == b[0] and a != b and weights_fingerprint(str(tmp_path / "a.safetensors")) == a
+
+
+# ---- 3. overflow is caught at N > 1 ------------------------------------------------------------
+def overflowing_unet():
+    """unet-small with every conv weight ×1000: finite weights whose activations overflow float32
+    in GroupNorm's Σx² at the first step."""
+    from parafuse.models import load_model
+    model = load_model("unet-small")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 4:
+                p.mul_(1000.0)
+    return model
+
+
+OVERFLOW_REQ = dict(height=96, width=32, steps=3, solver="ddim")
+OVERFLOW_LINE = "the latent became NaN or infinite at step 1 of 3"
+
+
+def test_overflow_stops_one_process_at_step_1():
+    from parafuse.health import NonFiniteError
+    from parafuse.runtime import Runtime
+    with pytest.raises(NonFiniteError, match=f"{OVERFLOW_LINE}; nothing was written"):
+        Runtime(overflowing_unet()).generate(_request(**OVERFLOW_REQ))
+
+
+@pytest.mark.parametrize("mode", ["sync", "full", "partial", "none", "distrifusion", "pcpp"])
+def test_overflow_stops_n_ranks_at_the_same_step(mode):
+    """N = 2 and 3 emulated ranks: every rank raises the one-process message, at step 1, naming
+    every rank (the strips' exchanged statistics turned the overflow into finite garbage before)."""
+    from parafuse.health import NonFiniteError
+    from parafuse.parallel.emulator import emulate
+    from parafuse.runtime import ParallelConfig
+    for n in (2, 3):
+        with pytest.raises(RuntimeError) as info:
+            emulate(overflowing_unet(), n, ParallelConfig(mode, 1), _request(**OVERFLOW_REQ))
+        assert isinstance(info.value.__cause__, NonFiniteError), info.value
+        ranks = ", ".join(map(str, range(n)))
+        assert f"{OVERFLOW_LINE} on rank {ranks}; nothing was written" in str(info.value), (mode, n, info.value)
+
+
+def test_overflow_under_torchrun_exits_1_naming_the_step(tmp_path):
+    from safetensors.torch import save_file
+    weights = tmp_path / "huge.safetensors"
+    save_file({k: v.contiguous() for k, v in overflowing_unet().state_dict().items()}, str(weights))
+    proc = torchrun_script(2, "-m", "parafuse.generate", "--model", "unet-small", "--weights", str(weights),
+                           "--height", "96", "--width", "32", "--steps", "3", "--solver", "ddim", "--mode", "full",
+                           "--warmup-steps", "1", "--no-progress", "--out", str(tmp_path / "a.png"))
+    _, err = proc.communicate(timeout=300)
+    err = err.decode()
+    assert proc.returncode != 0
+    assert err.count(f"parafuse.generate: error: {OVERFLOW_LINE} on rank 0, 1; nothing was written") == 1, err
+    assert not (tmp_path / "a.png").exists()

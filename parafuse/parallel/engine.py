@@ -91,6 +91,8 @@ def _spans(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 class ExchangeEngine:
+    nonfinite: torch.Tensor | None = None   # device bool: statistics of this request were NaN or infinite
+
     def __init__(self, transport: Transport, patch_ranks: list[int], mode: str = "sync",
                  halo_portion: float = DEFAULT_HALO_PORTION, warmup_steps: int = 4, norm_mode: str | None = None,
                  kernels: str = "torch", text_merge: str | None = None, kv_codec: str = "none"):
@@ -448,6 +450,8 @@ class ExchangeEngine:
         site, bufs, norm = self.plan.sites[key], self.buffers[key], self.step.norm
         n_local, n_total = self.plan.norm_counts(site)
         local, sums = bufs.get("local", bufs["sums"]), bufs["sums"]
+        if norm != "exact":                    # exact: the reduced sums below hold this strip's
+            self.note_nonfinite(local)
         if norm == "local":
             return local, n_local, None, 1.0
         if norm == "exact":
@@ -456,11 +460,21 @@ class ExchangeEngine:
             if "previous" in bufs:
                 bufs["previous"].copy_(local)
             self._reduce_sums(bufs).wait()
+            self.note_nonfinite(sums)
             return sums, n_total, None, 1.0
         if norm == "stale":
             return sums, n_total, None, 1.0
         # corrected (DistriFusion): last step's global sums with this strip's part made fresh
         return torch.sub(sums, bufs["previous"]).add_(local), n_total, local, n_local
+
+    def note_nonfinite(self, sums: torch.Tensor) -> None:
+        """Set `nonfinite` if `sums` holds NaN or ±Inf: device work only, no host sync. A strip's
+        Σx² that overflows turns the exchanged variance infinite and the normalised output zero -
+        finite, so the latent alone would never show it (one process's GroupNorm makes NaN);
+        the finite-value watch reads this flag with the latent (parafuse.health)."""
+        if self.nonfinite is None or self.nonfinite.device != sums.device:
+            self.nonfinite = torch.zeros((), dtype=torch.bool, device=sums.device)
+        torch.logical_or(self.nonfinite, ~torch.isfinite(sums).all(), out=self.nonfinite)
 
     def norm_done(self, key: str) -> None:
         """After the layer has used this step's statistics: a stale step posts the reduction of
