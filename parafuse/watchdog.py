@@ -8,13 +8,21 @@ one thread per process:
 
 - the sampling loop calls `progress()` at every step; inside `Watchdog.guard` a rank that makes
   no progress for `exchange_timeout` seconds (`startup_timeout` during the first steps of a
-  request, which include the first exchange, warmup and CUDA-graph capture) stops waiting;
+  request, which include the first exchange, warmup and CUDA-graph capture, and while joining
+  the process group) stops waiting;
 - every process publishes a heartbeat (a counter, its step, host and pid) to torchrun's store
-  once a second. When a deadline fires, the rank reads every heartbeat twice, two seconds apart:
-  a rank whose counter did not move has stopped answering and is named (and, on this host,
-  ended, so that torchrun does not wait 30 s for it to take its SIGTERM); if all are alive, the
+  once a second, and, while guarded, reads its peers' once a second. The heartbeat decides in
+  every phase: a peer whose heartbeat has not moved for `exchange_timeout` while this rank made
+  no progress for as long has stopped answering, and is named at once, in the startup phase
+  too; `startup_timeout` only covers peers that are alive (or not yet started) and slow;
+- when a deadline fires otherwise, the rank reads every heartbeat twice, two seconds apart:
+  a rank whose counter did not move has stopped answering and is named; if all are alive, the
   ranks at the lowest step are named as stuck;
-- then it prints one line and exits with status 1; torchrun stops the others.
+- a stopped rank on this host is ended (SIGKILL: stopped, it cannot take torchrun's SIGTERM);
+  the rank prints one line and exits with status 1; torchrun stops the others.
+
+The process group's own timeout is set past both deadlines (`parafuse.generate.backend_timeout`),
+so that a backend error without a rank's name never comes first.
 
 On NCCL the host blocks only where it reads a device value (the health check every few steps,
 the end of a request), so a stall is seen there: within the timeout plus a few steps.
@@ -90,9 +98,11 @@ class Watchdog:
         self.store, self.prefix = store, prefix
         self.step = 0                     # steps done (all requests), published in the heartbeat
         self._what: str | None = None     # what the guarded block does; None: nothing watched
+        self.last_what = "starting"       # what the last guarded block did
         self._since = time.monotonic()
         self._startup_left = 0
         self._beat = 0
+        self._peers: dict[int, tuple[int, float, str, int]] = {}   # rank: (beat, when it last moved, host, pid)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="parafuse-watchdog", daemon=True)
         self._thread.start()
@@ -147,18 +157,44 @@ class Watchdog:
         next_beat = 0.0
         while not self._stop.wait(0.25):
             now = time.monotonic()
+            what = self._what
             if now >= next_beat:
                 self._publish()
                 next_beat = now + HEARTBEAT_SECONDS
-            what = self._what
+                if what is not None and self.store is not None:
+                    self._track(now)
             if what is None:
                 continue
             limit = self.startup_timeout if self._startup_left else self.exchange_timeout
             stalled = now - self._since
+            silent = {r: v for r, v in self._peers.items() if now - v[1] > self.exchange_timeout}
+            if stalled > self.exchange_timeout and silent:
+                here = socket.gethostname()
+                exit_now(EXIT_FAILED, f"parafuse: rank {self.rank}: no progress for {stalled:.0f} s while {what}: "
+                                      f"rank {', '.join(map(str, silent))} stopped answering (no heartbeat for "
+                                      f"{max(now - v[1] for v in silent.values()):.0f} s, limit --exchange-timeout "
+                                      f"{self.exchange_timeout:g} s); ended",
+                         kill=tuple(v[3] for v in silent.values() if v[2] == here))
             if stalled > limit:
                 culprits, stopped_here = self._culprits()
                 exit_now(EXIT_FAILED, f"parafuse: rank {self.rank}: no progress for {stalled:.0f} s while {what} "
                                       f"(limit {limit:g} s): {culprits}", kill=stopped_here)
+
+    def _track(self, now: float) -> None:
+        """Read the peers' heartbeats; note when each last moved (a peer not yet seen is not
+        tracked: it is still starting, which startup_timeout covers)."""
+        for r, (beat, _, host, pid) in self._read().items():
+            seen = self._peers.get(r)
+            self._peers[r] = (beat, now if seen is None or seen[0] != beat else seen[1], host, pid)
+
+    def peer_failure(self) -> tuple[str, tuple[int, ...]] | None:
+        """After an error from the backend (a peer's connection closed, a backend timeout): the
+        peers that stopped answering or never reported, in words, and the pids to end; None if
+        every peer is alive (the error is this rank's own)."""
+        if self.store is None or self.world_size == 1:
+            return None
+        culprits, kill = self._culprits()
+        return None if "alive but stuck" in culprits else (culprits, kill)
 
     def _culprits(self) -> tuple[str, tuple[int, ...]]:
         """Which ranks stopped answering (heartbeats read twice, 2 s apart), and the pids of those
@@ -199,6 +235,7 @@ class _Guard:
 
     def __exit__(self, *exc):
         self.dog._what = None
+        self.dog.last_what = self.what        # what an error raised from the block interrupted
         return False
 
 

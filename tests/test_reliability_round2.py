@@ -360,3 +360,81 @@ def test_overflow_under_torchrun_exits_1_naming_the_step(tmp_path):
     assert proc.returncode != 0
     assert err.count(f"parafuse.generate: error: {OVERFLOW_LINE} on rank 0, 1; nothing was written") == 1, err
     assert not (tmp_path / "a.png").exists()
+
+
+# ---- 4. the heartbeat decides, in every phase ------------------------------------------------
+def test_rank_stopped_at_its_first_step_is_named(tmp_path):
+    """Rank 2 of 3 stops itself as its first (warmup) step begins. The others see its heartbeat
+    stop and end the job within --exchange-timeout, naming it and ending it; --startup-timeout (20 s
+    here, the process group's own timeout past it) does not apply to a rank that stopped."""
+    import re
+    import time
+    exchange = 3
+    args = ["--model", "dit-small", "--height", "48", "--width", "32", "--steps", "5", "--mode", "full",
+            "--startup-timeout", "20", "--exchange-timeout", str(exchange), "--no-progress",
+            "--out", str(tmp_path / "a.png")]
+    start = time.monotonic()
+    proc = torchrun_script(3, os.path.join(ROOT, "tests", "rank_argv.py"), "2", "stop", "--", *args)
+    try:
+        _, err = proc.communicate(timeout=120)              # a guard against a hang, not a timing
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+    took = time.monotonic() - start
+    err = err.decode()
+    assert proc.returncode != 0
+    # the first live rank to see it names it; the other, its exchange broken by the kill, names it too
+    # unless torchrun has ended it first
+    assert re.search(r"parafuse: rank [01]: [^\n]*while denoising 32x48: rank 2 stopped answering \(no heartbeat "
+                     r"for \d+ s[^\n]*\); ended", err), err[-3000:]
+    assert "/parafuse/" not in err, err[-3000:]             # no backend traceback from a live rank
+    assert took < 20, (took, err[-3000:])                   # before --startup-timeout's 20 s
+    assert not list(tmp_path.iterdir())
+
+
+class Beats:
+    """torchrun's store as the watchdog reads it: rank 1's heartbeat moves, or is frozen."""
+
+    def __init__(self, alive: bool):
+        self.alive, self.n = alive, 0
+
+    def set(self, key, value):
+        pass
+
+    def check(self, keys):
+        return True
+
+    def get(self, key):
+        self.n += 1
+        return f"{self.n if self.alive else 7} 0 otherhost 4321".encode()
+
+
+@pytest.mark.parametrize("alive", [True, False])
+def test_startup_deadline_covers_only_a_live_rank(monkeypatch, alive):
+    """In the startup phase (startup_timeout 30 s), no progress for exchange_timeout: a peer whose
+    heartbeat is frozen is named at once; a live one is waited for."""
+    import re
+    import threading
+
+    from parafuse import watchdog
+    fired, messages = threading.Event(), []
+    monkeypatch.setattr(watchdog, "HEARTBEAT_SECONDS", 0.05)
+    monkeypatch.setattr(watchdog, "exit_now", lambda code, msg=None, kill=(): (messages.append(msg), fired.set()))
+    dog = watchdog.Watchdog(0, 2, startup_timeout=30, exchange_timeout=0.3, store=Beats(alive))
+    try:
+        with dog.guard("denoising 32x32", startup_steps=7):
+            assert fired.wait(3) is not alive
+    finally:
+        dog.close()
+    if not alive:
+        assert re.search(r"no progress for \d+ s while denoising 32x32: rank 1 stopped answering \(no heartbeat for "
+                         r"\d+ s, limit --exchange-timeout 0.3 s\); ended", messages[0]), messages[0]
+
+
+def test_backend_timeout_is_past_both_deadlines():
+    from types import SimpleNamespace
+
+    from parafuse.generate import backend_timeout
+    for startup, exchange in [(20, 300), (600, 3), (5, 5)]:
+        assert backend_timeout(SimpleNamespace(startup_timeout=startup, exchange_timeout=exchange)) > \
+            max(startup, exchange) + 2 * 2.0         # the watchdog reads the heartbeats twice, 2 s apart
