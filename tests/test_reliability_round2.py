@@ -438,3 +438,40 @@ def test_backend_timeout_is_past_both_deadlines():
     for startup, exchange in [(20, 300), (600, 3), (5, 5)]:
         assert backend_timeout(SimpleNamespace(startup_timeout=startup, exchange_timeout=exchange)) > \
             max(startup, exchange) + 2 * 2.0         # the watchdog reads the heartbeats twice, 2 s apart
+
+
+@pytest.fixture(scope="module")
+def huge_sd(tmp_path_factory):
+    """The tiny SD pipeline (a U-Net: the strip GroupNorm) with every conv weight of its U-Net ×1000,
+    and embeddings for it."""
+    from diffusers_cases import call_kwargs, pipeline_path
+
+    from parafuse.diffusers import load_pipeline
+    root = tmp_path_factory.mktemp("huge")
+    pipe = load_pipeline(pipeline_path(str(root), "sd"), progress=False)
+    with torch.no_grad():
+        for p in pipe.unet.parameters():
+            if p.dim() == 4:
+                p.mul_(1000.0)
+    pipe.save_pretrained(str(root / "sd-huge"))
+    kw = call_kwargs("sd")
+    torch.save({k: kw[k] for k in ("prompt_embeds", "negative_prompt_embeds")}, root / "e.pt")
+    return ["--model", str(root / "sd-huge"), "--prompt-embeds", str(root / "e.pt"), "--height", str(kw["height"]),
+            "--width", str(kw["width"]), "--steps", "2", "--guidance", "3", "--no-progress"]
+
+
+PIPELINE_OVERFLOW = "the latent became NaN or infinite during the pipeline's denoising"
+
+
+def test_pipeline_overflow_writes_nothing_at_n_1_and_2(tmp_path, capsys, huge_sd):
+    """The pipeline door: one process and 2 torchrun ranks (mode full) both exit 1 with the same
+    line before anything is written (checked once, at the end of the pipeline's own loop)."""
+    assert main([*huge_sd, "--out", str(tmp_path / "a.png")]) == 1
+    assert f"parafuse.generate: error: {PIPELINE_OVERFLOW}; nothing was written" in capsys.readouterr().err
+    proc = torchrun_script(2, "-m", "parafuse.generate", *huge_sd, "--mode", "full", "--warmup-steps", "1",
+                           "--out", str(tmp_path / "b.png"))
+    _, err = proc.communicate(timeout=300)
+    err = err.decode()
+    assert proc.returncode != 0
+    assert err.count(f"parafuse.generate: error: {PIPELINE_OVERFLOW} on rank 0, 1; nothing was written") == 1, err
+    assert not list(tmp_path.iterdir())

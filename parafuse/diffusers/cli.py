@@ -96,6 +96,30 @@ def load_prompt_embeds(path: str, model_dir: str) -> dict:
     return embeds
 
 
+def check_finite(par, out) -> None:
+    """After the pipeline's call and before anything is written: every rank raises the same
+    NonFiniteError if rank 0's images or any rank's exchanged GroupNorm statistics (the strip
+    engine's device flag, parafuse.health) were NaN or infinite. The diffusers loop is the
+    pipeline's own, so this is checked once, at its end, not every few steps."""
+    import torch
+
+    from parafuse.health import NonFiniteError
+    engine = getattr(par.strips, "engine", None) if par.strips is not None else None
+    bad = engine is not None and engine.nonfinite is not None and bool(engine.nonfinite)
+    if out is not None:
+        bad = bad or not bool(torch.isfinite(out.images).all())
+    flags = torch.zeros(par.layout.world_size)
+    flags[par.layout.rank] = float(bad)
+    if par.layout.world_size > 1:
+        par.strips.transport.agree(flags).wait()
+    ranks = [r for r, v in enumerate(flags.tolist()) if v > 0]
+    if ranks:
+        where = f" on rank {', '.join(map(str, ranks))}" if par.layout.world_size > 1 else ""
+        raise NonFiniteError(f"the latent became NaN or infinite during the pipeline's denoising{where}; nothing was "
+                             f"written. A schedule, guidance or weights that overflow cause this: try fewer steps, "
+                             f"lower guidance or check the weights")
+
+
 def run_pipeline(args) -> int:
     """generate.py's `run` for a diffusers pipeline folder."""
     import torch
@@ -141,6 +165,7 @@ def run_pipeline(args) -> int:
     start = time.perf_counter()
     out = par(generator=torch.Generator().manual_seed(args.seed), **kwargs)
     seconds = time.perf_counter() - start
+    check_finite(par, out)
     ranks = [par.rank_stats]
     if par.layout.world_size > 1:
         import torch.distributed as dist
