@@ -570,6 +570,8 @@ class Denoising:
 
     def after_step(self, k: int) -> None:
         self.clock.stop()
+        if self.rt.engine is not None:      # the step's GroupNorm statistics, for the finite-value watch
+            self.rt.engine.check_statistics()
         if self.bar is not None:
             self.bar.update(1)
 

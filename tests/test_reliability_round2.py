@@ -475,3 +475,28 @@ def test_pipeline_overflow_writes_nothing_at_n_1_and_2(tmp_path, capsys, huge_sd
     assert proc.returncode != 0
     assert err.count(f"parafuse.generate: error: {PIPELINE_OVERFLOW} on rank 0, 1; nothing was written") == 1, err
     assert not list(tmp_path.iterdir())
+
+
+def test_resolved_request_is_compared_before_the_first_step():
+    """generate.check_ranks_agree over the emulator's transport: a weights file of another content
+    on rank 1 (same name, same size) is named, on both ranks, before any step."""
+    from parafuse.generate import check_ranks_agree
+    from parafuse.models import load_model
+    from parafuse.parallel.agreement import DisagreementError
+    from parafuse.parallel.distributed import ParallelLayout
+    from parafuse.parallel.emulator import run_ranks
+    from parafuse.parallel.transport import ThreadHub, ThreadTransport
+    from parafuse.runtime import ParallelConfig, Runtime
+    hub, errors = ThreadHub(2), {}
+
+    def body(rank):
+        rt = Runtime(load_model("dit-small"), ParallelConfig("full", 1), layout=ParallelLayout(rank, 2),
+                     transport=ThreadTransport(rank, hub))
+        check_ranks_agree(rt, _request(), (100, "a"))                   # the same everywhere: passes
+        try:
+            check_ranks_agree(rt, _request(), (100, "a" if rank == 0 else "b"))
+        except DisagreementError as e:
+            errors[rank] = str(e)
+    run_ranks(hub, body)
+    assert errors[0] == errors[1] == ("ranks disagree on the request: weights file (size, header hash) (rank 0 vs "
+                                      "rank 1): start every rank with the same values")

@@ -128,7 +128,7 @@ def run_pipeline(args) -> int:
     from parafuse import attention
     from parafuse import report as rep
     from parafuse.checks import read_json
-    from parafuse.diffusers.pipeline import load_pipeline
+    from parafuse.diffusers.pipeline import denoiser_of, load_pipeline
     from parafuse.generate import check_args, given_flags, halo_portion, join_job, output_paths, report_moved
     from parafuse.outputs import commit
     from parafuse.parallel.distributed import pick_device
@@ -161,6 +161,9 @@ def run_pipeline(args) -> int:
     par = parafuse.parallelize(pipe, mode=args.mode, halo_portion=portion, warmup_steps=args.warmup_steps,
                                cfg_parallel=args.cfg_parallel, norm_mode=args.norm, text_merge=args.text_merge,
                                kv_codec=args.kv_codec)
+    engine = getattr(par.strips, "engine", None) if par.strips is not None else None
+    if engine is not None:              # each evaluation's GroupNorm statistics, for check_finite
+        denoiser_of(pipe)[1].register_forward_hook(lambda *_: engine.check_statistics())
     code = 0
     start = time.perf_counter()
     out = par(generator=torch.Generator().manual_seed(args.seed), **kwargs)

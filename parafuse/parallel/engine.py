@@ -450,8 +450,6 @@ class ExchangeEngine:
         site, bufs, norm = self.plan.sites[key], self.buffers[key], self.step.norm
         n_local, n_total = self.plan.norm_counts(site)
         local, sums = bufs.get("local", bufs["sums"]), bufs["sums"]
-        if norm != "exact":                    # exact: the reduced sums below hold this strip's
-            self.note_nonfinite(local)
         if norm == "local":
             return local, n_local, None, 1.0
         if norm == "exact":
@@ -460,21 +458,32 @@ class ExchangeEngine:
             if "previous" in bufs:
                 bufs["previous"].copy_(local)
             self._reduce_sums(bufs).wait()
-            self.note_nonfinite(sums)
             return sums, n_total, None, 1.0
         if norm == "stale":
             return sums, n_total, None, 1.0
         # corrected (DistriFusion): last step's global sums with this strip's part made fresh
         return torch.sub(sums, bufs["previous"]).add_(local), n_total, local, n_local
 
-    def note_nonfinite(self, sums: torch.Tensor) -> None:
-        """Set `nonfinite` if `sums` holds NaN or ±Inf: device work only, no host sync. A strip's
-        Σx² that overflows turns the exchanged variance infinite and the normalised output zero -
-        finite, so the latent alone would never show it (one process's GroupNorm makes NaN);
-        the finite-value watch reads this flag with the latent (parafuse.health)."""
-        if self.nonfinite is None or self.nonfinite.device != sums.device:
-            self.nonfinite = torch.zeros((), dtype=torch.bool, device=sums.device)
-        torch.logical_or(self.nonfinite, ~torch.isfinite(sums).all(), out=self.nonfinite)
+    def check_statistics(self) -> None:
+        """After an evaluation: set the device flag `nonfinite` if any GroupNorm statistics it used
+        were NaN or ±Inf - this strip's sums, and the reduced ones where no reduction is in flight.
+        A strip's Σx² that overflows makes the exchanged variance infinite and the normalised output
+        zero: finite, so the latent alone would never show it (one process's GroupNorm makes NaN).
+        One check over every site per evaluation (a few launches, no host sync), none inside the
+        layers; the finite-value watch reads the flag with the latent (parafuse.health)."""
+        parts = []
+        for key, bufs in self.buffers.items():
+            if "sums" not in bufs:
+                continue
+            if "local" in bufs:
+                parts.append(bufs["local"].reshape(-1))
+            if key not in self.pending:
+                parts.append(bufs["sums"].reshape(-1))
+        if not parts:
+            return
+        if self.nonfinite is None or self.nonfinite.device != parts[0].device:
+            self.nonfinite = torch.zeros((), dtype=torch.bool, device=parts[0].device)
+        torch.logical_or(self.nonfinite, ~torch.isfinite(torch.cat(parts)).all(), out=self.nonfinite)
 
     def norm_done(self, key: str) -> None:
         """After the layer has used this step's statistics: a stale step posts the reduction of
