@@ -53,12 +53,12 @@ def check_bool(name: str, value) -> bool:
     return value
 
 
-def check_choice(name: str, value, choices, optional: bool = False):
-    """`value` is one of `choices` (a string), or None where `optional`."""
-    if value is None and optional:
-        return value
-    if not isinstance(value, str) or value not in choices:
-        raise CheckError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+def check_string(name: str, value, optional: bool = False):
+    """`value` is a string, or None where `optional` (which strings a setting takes is checked
+    where it is used, with the valid ones listed)."""
+    if not (isinstance(value, str) or (optional and value is None)):
+        raise CheckError(f"{name} must be a string{' or None' if optional else ''}, got {value!r} "
+                         f"({type(value).__name__})")
     return value
 
 
@@ -104,8 +104,7 @@ def check_request(req) -> None:
     from parafuse.stages import Stage
     check_numbers(req)
     for name in ("solver", "schedule", "upsample"):
-        if not isinstance(getattr(req, name), str):
-            raise CheckError(f"{name} must be a string, got {getattr(req, name)!r} ({type(getattr(req, name)).__name__})")
+        check_string(name, getattr(req, name))
     if req.label is not None:
         check_int("label", req.label, 0)
     if not isinstance(req.solver_options, dict) or not all(isinstance(k, str) for k in req.solver_options):
@@ -131,15 +130,12 @@ def check_request(req) -> None:
 def check_parallel_fields(cfg) -> None:
     """Types of the parallel settings (ParallelConfig, or any object with these attributes), each
     error naming its field; which values the engine can run is engine.check_settings's."""
-    from parafuse.parallel.engine import MODES
-    check_choice("mode", cfg.mode, MODES)
-    check_int("warmup_steps", cfg.warmup_steps, 0, MAX_STEPS)
-    check_number("halo_portion", cfg.halo_portion, 0.0, 1.0)
-    if cfg.norm_mode is not None and not isinstance(cfg.norm_mode, str):
-        raise CheckError(f"norm_mode must be a string or None, got {cfg.norm_mode!r}")
+    check_string("mode", cfg.mode)
+    check_int("warmup_steps", cfg.warmup_steps)
+    check_number("halo_portion", cfg.halo_portion)
+    check_string("norm_mode", cfg.norm_mode, optional=True)
     check_bool("cfg_parallel", cfg.cfg_parallel)
-    if not isinstance(cfg.kv_codec, str):
-        raise CheckError(f"kv_codec must be a string, got {cfg.kv_codec!r}")
+    check_string("kv_codec", cfg.kv_codec)
 
 
 def check_runtime_args(args: dict) -> None:

@@ -207,7 +207,8 @@ def test_request_fields_are_validated(kw, match):
     ({"warmup_steps": True}, "warmup_steps must be an integer, got True (bool)"),
     ({"cfg_parallel": "yes"}, "cfg_parallel must be True or False, got 'yes' (str)"),
     ({"halo_portion": "0.3"}, "halo_portion must be a number, got '0.3' (str)"),
-    ({"mode": 3}, "mode must be one of sync, full"),
+    ({"mode": 3}, "mode must be a string, got 3 (int)"),
+    ({"norm_mode": 1}, "norm_mode must be a string or None, got 1 (int)"),
 ])
 def test_parallel_config_fields_are_validated(kw, match):
     from parafuse.checks import CheckError
