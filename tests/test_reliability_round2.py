@@ -441,6 +441,7 @@ def test_backend_timeout_is_past_both_deadlines():
             max(startup, exchange) + 2 * 2.0         # the watchdog reads the heartbeats twice, 2 s apart
 
 
+# ---- 3, the pipeline door: overflow is caught there too (once, at the end of its loop) -----------
 @pytest.fixture(scope="module")
 def huge_sd(tmp_path_factory):
     """The tiny SD pipeline (a U-Net: the strip GroupNorm) with every conv weight of its U-Net ×1000,
@@ -478,6 +479,7 @@ def test_pipeline_overflow_writes_nothing_at_n_1_and_2(tmp_path, capsys, huge_sd
     assert not list(tmp_path.iterdir())
 
 
+# ---- 2, the resolved request: compared before the first step -----------------------------------
 def test_resolved_request_is_compared_before_the_first_step():
     """generate.check_ranks_agree over the emulator's transport: a weights file of another content
     on rank 1 (same name, same size) is named, on both ranks, before any step."""
