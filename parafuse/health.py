@@ -7,10 +7,9 @@ latent would need |x| summing past 3e38 to overflow it, which no usable latent d
 the exchange engine's flag of NaN or infinite GroupNorm statistics (at N > 1 an overflowing Σx²
 makes the exchanged variance infinite and the normalised output zero: finite garbage, where one
 process's GroupNorm makes NaN), and, if either is bad and nothing was seen before, the step's
-number into a device scalar. Every
-`CHECK_EVERY` steps and after the last, `check` exchanges one float per rank over the whole job
-(`Transport.agree`, counted as `control` bytes) and reads it on the host: that read is the only
-synchronisation, one per CHECK_EVERY steps (on CUDA it waits for the queued work, a stall of one
+number into a device scalar. Every `CHECK_EVERY` steps and after the last, `check` exchanges one
+float per rank over the whole job (`Transport.agree`, counted as `control` bytes) and reads it on
+the host: that read is the only synchronisation, one per CHECK_EVERY steps (on CUDA it waits for the queued work, a stall of one
 step's launch lead; the step's exchanges themselves are not waited for). Every rank sees the same
 flags, so every rank stops at the same step with the same message: a rank that meets NaN does
 not leave its neighbours waiting in the next exchange.

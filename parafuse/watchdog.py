@@ -193,15 +193,25 @@ class Watchdog:
         every peer is alive (the error is this rank's own)."""
         if self.store is None or self.world_size == 1:
             return None
-        culprits, kill = self._culprits()
-        return None if "alive but stuck" in culprits else (culprits, kill)
+        return self._blame()[1]
 
     def _culprits(self) -> tuple[str, tuple[int, ...]]:
         """Which ranks stopped answering (heartbeats read twice, 2 s apart), and the pids of those
         on this host: stopped, they cannot take torchrun's SIGTERM, so `exit_now` ends them and the
-        job ends now."""
+        job ends now. If every peer is alive, those at the lowest step are named as stuck."""
         if self.store is None or self.world_size == 1:
             return "a peer rank stopped answering (no store to ask which)", ()
+        beats, blamed = self._blame()
+        if blamed is not None:
+            return blamed
+        low = min(v[1] for v in beats.values())
+        stuck = [r for r, v in beats.items() if v[1] == low]
+        return (f"rank {', '.join(map(str, stuck))} is alive but stuck after {low} steps "
+                f"(this rank: {self.step})", ())
+
+    def _blame(self) -> tuple[dict, tuple[str, tuple[int, ...]] | None]:
+        """The peers' heartbeats read twice, 2 s apart; and the ranks whose counter did not move
+        (with their pids on this host) or that never reported, in words, or None if all are alive."""
         first = self._read()
         until = time.monotonic() + 2 * HEARTBEAT_SECONDS
         while time.monotonic() < until:       # keep beating: a peer asking the same about this rank must see it alive
@@ -212,15 +222,12 @@ class Watchdog:
         stopped = [r for r in second if r in first and second[r][0] == first[r][0]]
         if stopped:
             here = socket.gethostname()
-            return (f"rank {', '.join(map(str, stopped))} stopped answering (no heartbeat for "
-                    f"{2 * HEARTBEAT_SECONDS:.0f} s); ended",
-                    tuple(second[r][3] for r in stopped if second[r][2] == here))
+            return second, (f"rank {', '.join(map(str, stopped))} stopped answering (no heartbeat for "
+                            f"{2 * HEARTBEAT_SECONDS:.0f} s); ended",
+                            tuple(second[r][3] for r in stopped if second[r][2] == here))
         if missing:
-            return f"rank {', '.join(map(str, missing))} never reported (not started, or died)", ()
-        low = min(v[1] for v in second.values())
-        stuck = [r for r, v in second.items() if v[1] == low]
-        return (f"rank {', '.join(map(str, stuck))} is alive but stuck after {low} steps "
-                f"(this rank: {self.step})", ())
+            return second, (f"rank {', '.join(map(str, missing))} never reported (not started, or died)", ())
+        return second, None
 
 
 class _Guard:
