@@ -25,8 +25,6 @@ BUILTIN_ONLY = {"weights": None, "solver": "dpmpp-2m", "spacing": None, "label":
 
 def pipeline_kwargs(args, call_parameters) -> dict:
     """The pipeline call's keyword arguments from the command line (and the embeddings file)."""
-    import torch
-
     kwargs = {"height": args.height, "width": args.width, "num_inference_steps": args.steps,
               "guidance_scale": args.guidance, "num_images_per_prompt": args.batch, "output_type": "pt"}
     if "use_resolution_binning" in call_parameters:
