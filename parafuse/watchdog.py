@@ -69,6 +69,21 @@ def exit_now(code: int, message: str | None = None, kill: tuple[int, ...] = ()) 
         os._exit(code)
 
 
+def die_by_sigterm(message: str | None) -> None:
+    """Print `message` (one line) and end by SIGTERM's default action, as if never caught (torchrun
+    reports the signal), never in the middle of a commit."""
+    with _exit_lock:
+        close_progress_bars()
+        if message:
+            print(message, file=sys.stderr, flush=True)
+        # its disposition is still the default (only SIGINT has a handler); unblocked in this thread,
+        # the signal is delivered here: every other thread blocks it
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)                  # the signal ends the process
+        os._exit(128 + signal.SIGTERM)
+
+
 def no_exit():
     """Context manager: exits (deadline, Ctrl-C) wait until the block ends."""
     return _exit_lock
@@ -77,13 +92,19 @@ def no_exit():
 def catch_interrupts(rank: int, prog: str) -> None:
     """Ctrl-C ends the process with one line (rank 0 prints it) and status 130, also while the
     main thread is blocked in an exchange: SIGINT is blocked in this thread (and in every thread
-    started after, such as gloo's) and taken by a thread that waits for it."""
+    started after, such as gloo's) and taken by a thread that waits for it. SIGTERM (torchrun
+    ending the job after another rank failed) is taken the same way: the rank still ends by the
+    signal, after one line naming the peer whose heartbeat its watchdog saw stop, if any."""
     message = f"{prog}: interrupted" if rank == 0 else None
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
 
     def wait():
-        signal.sigwait({signal.SIGINT})
-        exit_now(EXIT_INTERRUPTED, message)
+        while True:
+            if signal.sigwait({signal.SIGINT, signal.SIGTERM}) == signal.SIGINT:
+                exit_now(EXIT_INTERRUPTED, message)
+            dog = current()
+            named = dog.silent_peers() if dog is not None else None
+            die_by_sigterm(f"parafuse: rank {rank}: ended by torchrun: {named}" if named else None)
 
     threading.Thread(target=wait, name="parafuse-sigint", daemon=True).start()
     # a SIGINT that still reaches the main thread (sent to it directly) ends the same way
@@ -186,6 +207,16 @@ class Watchdog:
         for r, (beat, _, host, pid) in self._read().items():
             seen = self._peers.get(r)
             self._peers[r] = (beat, now if seen is None or seen[0] != beat else seen[1], host, pid)
+
+    def silent_peers(self, seconds: float = 2 * HEARTBEAT_SECONDS) -> str | None:
+        """The peers whose heartbeat this rank last saw move more than `seconds` ago (tracked while
+        guarded), in words; None if none."""
+        now = time.monotonic()
+        silent = {r: now - v[1] for r, v in self._peers.items() if now - v[1] > seconds}
+        if not silent:
+            return None
+        return (f"rank {', '.join(map(str, silent))} stopped answering (no heartbeat for "
+                f"{max(silent.values()):.0f} s)")
 
     def peer_failure(self) -> tuple[str, tuple[int, ...]] | None:
         """After an error from the backend (a peer's connection closed, a backend timeout): the
