@@ -7,6 +7,7 @@ path, device and reference checks before it builds anything.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 
 import numpy as np
@@ -27,24 +28,129 @@ class CheckError(ValueError):
     """A request that cannot run; the message says what to change."""
 
 
-# ---- numbers ---------------------------------------------------------------------------------
+# ---- one value: type and range, named (shared by Request, Runtime, the CLI and ParallelConfig) --
+def check_int(name: str, value, lo: int | None = None, hi: int | None = None) -> int:
+    """`value` is an int (bool is not) in [lo, hi]; the error names the field."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise CheckError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    _check_range(name, int(value), lo, hi)
+    return int(value)
+
+
+def check_number(name: str, value, lo: float | None = None, hi: float | None = None) -> float:
+    """`value` is a finite real number (bool and strings are not) in [lo, hi]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise CheckError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise CheckError(f"{name} must be a finite number, got {value}")
+    _check_range(name, value, lo, hi)
+    return float(value)
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise CheckError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def check_string(name: str, value, optional: bool = False):
+    """`value` is a string, or None where `optional` (which strings a setting takes is checked
+    where it is used, with the valid ones listed)."""
+    if not (isinstance(value, str) or (optional and value is None)):
+        raise CheckError(f"{name} must be a string{' or None' if optional else ''}, got {value!r} "
+                         f"({type(value).__name__})")
+    return value
+
+
+def _check_range(name: str, value, lo, hi) -> None:
+    stated = f" (range {lo} to {hi})" if lo is not None and hi is not None else ""
+    if lo is not None and value < lo:
+        raise CheckError(f"{name} must be at least {lo}, got {value}{stated}")
+    if hi is not None and value > hi:
+        raise CheckError(f"{name} must be at most {hi}, got {value}{stated}")
+
+
+# ---- numbers of a request: the same limits in both doors (built-in models and pipelines) -------
 def check_numbers(req) -> None:
-    """Steps, batch, seed and guidance: plain range checks, before anything is built from them."""
-    if req.steps > MAX_STEPS:
-        raise CheckError(f"steps must be at most {MAX_STEPS}, got {req.steps}")
+    """Size, steps, batch, seed and guidance of a Request or of the command line's arguments:
+    plain range checks, before anything is built from them."""
+    check_int("height", req.height, 1)
+    check_int("width", req.width, 1)
+    check_int("steps", req.steps, 1, MAX_STEPS)
     check_batch(req.batch)
-    if not 0 <= req.seed <= MAX_SEED:
+    if not 0 <= check_int("seed", req.seed) <= MAX_SEED:
         raise CheckError(f"seed must be an integer in [0, 2^64 - 1], got {req.seed}")
-    if not math.isfinite(req.guidance):
-        raise CheckError(f"guidance must be a finite number, got {req.guidance}")
+    check_number("guidance", req.guidance)
     if req.guidance > MAX_GUIDANCE:
         raise CheckError(f"guidance {req.guidance:g} is above {MAX_GUIDANCE:g}: the guided prediction would "
                          f"overflow; classifier-free guidance is used at 1 to 20")
+    if req.guidance < 1.0:
+        raise CheckError(f"guidance must be >= 1 (1 disables classifier-free guidance), got {req.guidance}")
 
 
 def check_batch(batch: int) -> None:
+    check_int("batch", batch, 1)
     if batch > MAX_BATCH:
         raise CheckError(f"batch must be at most {MAX_BATCH}, got {batch}: run several requests")
+
+
+# ---- the library's types: Request's fields and Runtime's arguments, each error naming its field --
+def check_request(req) -> None:
+    """Types and plain ranges of every field of a Request (Request.__post_init__, which it leaves
+    holding Python numbers); what depends on the model (size multiples, label range, context
+    width, the solver's name) is Runtime.check's."""
+    import torch as _torch
+
+    from parafuse.stages import Stage
+    check_numbers(req)
+    for name in ("solver", "schedule", "upsample"):
+        check_string(name, getattr(req, name))
+    if req.label is not None:
+        check_int("label", req.label, 0)
+    if not isinstance(req.solver_options, dict) or not all(isinstance(k, str) for k in req.solver_options):
+        raise CheckError(f"solver_options must be a dict of option names, got {req.solver_options!r}")
+    if req.context is not None:
+        c = req.context
+        if not isinstance(c, _torch.Tensor) or c.dim() != 3 or not c.is_floating_point():
+            raise CheckError(f"context must be a floating-point tensor [batch, L, context_dim], got "
+                             f"{tuple(c.shape) if isinstance(c, _torch.Tensor) else type(c).__name__}")
+        if c.shape[0] not in (1, req.batch):
+            raise CheckError(f"context has batch {c.shape[0]}, the request batch {req.batch}: give one context "
+                             f"[1, L, D] for every image or one per image [{req.batch}, L, D]")
+    if req.stages is not None:
+        if not isinstance(req.stages, (tuple, list)) or not all(isinstance(s, Stage) for s in req.stages):
+            raise CheckError(f"stages must be a tuple of parafuse.stages.Stage, got {req.stages!r}: build them with "
+                             f"Stage(height, width, steps, ...) or parse_stages(['HxW:STEPS', ...])")
+    # numpy integers and floats pass the checks; the fields keep Python's (torch's seeding takes no numpy int)
+    for name in ("height", "width", "steps", "batch", "seed") + (("label",) if req.label is not None else ()):
+        object.__setattr__(req, name, int(getattr(req, name)))
+    object.__setattr__(req, "guidance", float(req.guidance))
+
+
+def check_runtime_args(args: dict) -> None:
+    """Types of Runtime's arguments, by name (`locals()` at the top of Runtime.__init__; names it
+    does not know are left alone); values are checked where they are used."""
+    import torch.nn as nn
+
+    from parafuse.parallel.distributed import ParallelLayout
+    from parafuse.parallel.transport import Transport
+    from parafuse.parallel.config import PatchConfig
+    kinds = {"model": ((str, nn.Module), "a built-in model's name or an nn.Module"),
+             "parallel": ((PatchConfig, type(None)), "a PatchConfig (or ParallelConfig(...)) or None"),
+             "device": ((str, torch.device, type(None)), "a device string, a torch.device or None"),
+             "weights": ((str, os.PathLike, type(None)), "a safetensors file's path or None"),
+             "layout": ((ParallelLayout, type(None)), "a ParallelLayout or None"),
+             "transport": ((Transport, type(None)), "a Transport or None"),
+             "dtype": ((str, torch.dtype, type(None)), "fp32, bf16, fp16, a torch.dtype or None"),
+             "cuda_graphs": ((bool, type(None)), "True, False or None"),
+             "kernels": ((str, type(None)), "a string or None"),
+             "attention_backend": ((str, type(None)), "a string or None")}
+    for name, value in args.items():
+        if name in kinds and not isinstance(value, kinds[name][0]):
+            raise CheckError(f"Runtime: {name} must be {kinds[name][1]}, got {value!r} ({type(value).__name__})")
+    for name in ("startup_timeout", "exchange_timeout"):
+        if args.get(name) is not None and check_number(name, args[name]) <= 0:
+            raise CheckError(f"{name} must be a positive number of seconds, got {args[name]}")
 
 
 # ---- schedule --------------------------------------------------------------------------------
@@ -212,6 +318,48 @@ def _size(nbytes: float) -> str:
 IMAGE_EXTENSIONS = (".png",)
 
 
+def missing_path(path: str) -> str:
+    """Why `path` cannot be reached, in words: too long for the file system, under a regular file,
+    or missing."""
+    full = os.path.abspath(path)
+    try:
+        path_max = os.pathconf("/", "PC_PATH_MAX")
+        name_max = os.pathconf("/", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        path_max, name_max = 4096, 255
+    if len(os.fsencode(full)) >= path_max:
+        return f"is {len(os.fsencode(full))} bytes long; this file system allows {path_max - 1}"
+    long = next((n for n in full.split(os.sep) if len(os.fsencode(n)) > name_max), None)
+    if long is not None:
+        return f"has a name of {len(os.fsencode(long))} bytes; this file system allows {name_max}"
+    parent = os.path.dirname(full)
+    while parent != os.path.dirname(parent) and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        return f"lies under {parent!r}, which is a file, not a folder"
+    return "does not exist"
+
+
+def check_input_file(path: str, what: str) -> None:
+    """`path` is an existing regular file: a folder or a missing path is named as what it is."""
+    if os.path.isdir(path):
+        raise CheckError(f"{what} {path!r} is a folder; give a file")
+    if not os.path.isfile(path):
+        raise CheckError(f"{what} {path!r} {missing_path(path)}")
+
+
+def read_json(path: str, what: str):
+    """The JSON in `path`; a file that is not JSON is named, with where it stops being JSON."""
+    import json
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckError(f"{what} {path!r} is not JSON ({e}): the folder is damaged; save the pipeline again") from None
+    except OSError as e:
+        raise CheckError(f"{what} {path!r} cannot be read ({e.strerror})") from None
+
+
 def check_output_name(path: str, what: str) -> None:
     if not path:
         raise CheckError(f"{what} is empty: give a file name such as image.png")
@@ -247,18 +395,20 @@ def check_distinct(paths: dict[str, str]) -> None:
 
 
 def check_reference(path: str, height: int, width: int) -> None:
-    """The reference must be a readable PNG of the output's size (checked from its header)."""
+    """The reference must be a readable PNG of the output's size, decoded whole."""
     from PIL import Image, UnidentifiedImageError
 
     if os.path.isdir(path):
         raise CheckError(f"reference {path!r} is a folder; give a PNG file")
     if not os.path.isfile(path):
-        raise CheckError(f"reference image {path!r} does not exist")
+        raise CheckError(f"reference image {path!r} {missing_path(path)}")
     try:
         with Image.open(path) as img:
             fmt, size = img.format, img.size
-    except (UnidentifiedImageError, OSError) as e:
-        raise CheckError(f"reference {path!r} is not a readable image ({type(e).__name__}); give a PNG file") from None
+            img.load()                      # every pixel decoded now: a truncated file fails here, not after compute
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise CheckError(f"reference {path!r} is not a readable image ({type(e).__name__}: {e}); give a "
+                         f"whole PNG file") from None
     if fmt != "PNG":
         raise CheckError(f"reference {path!r} is {fmt}, not PNG: give a PNG (a lossy format would lower the PSNR)")
     if size != (width, height):

@@ -118,9 +118,13 @@ def output_paths(out: str, batch: int) -> list[str]:
 
 
 def check_writable(path: str, overwrite: bool) -> None:
+    from parafuse.checks import missing_path
+
     folder = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"cannot write {path!r}: {folder!r} is a file, not a folder")
     if not os.path.isdir(folder):
-        raise ValueError(f"cannot write {path!r}: folder {folder!r} does not exist")
+        raise ValueError(f"cannot write {path!r}: folder {folder!r} {missing_path(folder)}")
     if not os.access(folder, os.W_OK):
         raise ValueError(f"cannot write {path!r}: folder {folder!r} is not writable")
     if os.path.isdir(path):
@@ -147,14 +151,17 @@ def check_args(args) -> PatchConfig:
     solver are checked by the runtime (Runtime.check), before any denoising."""
     from parafuse import checks
 
+    checks.check_numbers(args)              # both doors: the same limits, before any model loads
     config = config_from_args(args)
     checks.check_device(args.device)
-    if args.weights is not None and not os.path.isfile(args.weights):
-        raise ValueError(f"weights file {args.weights!r} does not exist")
+    if args.weights is not None:
+        checks.check_input_file(args.weights, "weights file")
+    if args.compare_serial and args.reference is not None:
+        raise ValueError("--compare-serial and --reference each set the report's one comparison: give one of them "
+                         "(a serial run's image saved with --out can be the --reference of a parallel run)")
     if args.reference is not None:
         checks.check_reference(args.reference, args.height, args.width)
     checks.check_image_name(args.out)
-    checks.check_batch(args.batch)          # before one name per image is checked
     outputs = {f"--out (image {i})" if args.batch > 1 else "--out": p
                for i, p in enumerate(output_paths(args.out, max(1, args.batch)))}
     if args.report:
@@ -164,6 +171,78 @@ def check_args(args) -> PatchConfig:
     for path in outputs.values():
         check_writable(path, args.overwrite)
     return config
+
+
+def output_verdict(args) -> str | None:
+    """Rank 0 proves each output folder takes new files (a probe file created and removed: a folder
+    can pass os.access and still refuse them); None if all do, else why not."""
+    from parafuse.outputs import probe_folder
+    if int(os.environ.get("RANK", 0)) != 0:
+        return None
+    paths = output_paths(args.out, max(1, args.batch)) + ([args.report] if args.report else [])
+    for folder in dict.fromkeys(os.path.dirname(os.path.abspath(p)) for p in paths):
+        why = probe_folder(folder)
+        if why is not None:
+            return f"cannot write in folder {folder!r}: {why}"
+    return None
+
+
+def backend_timeout(args) -> float:
+    """The process group's own timeout: past both host deadlines (parafuse.watchdog), so that the
+    watchdog, which names the rank that stopped, always fires first."""
+    return max(args.startup_timeout, args.exchange_timeout) + 60.0
+
+
+def join_job(args, watch: bool) -> None:
+    """Under torchrun: join the process group (under the watchdog's startup deadline where `watch`),
+    compare every rank's command-line arguments, and share rank 0's verdict on the output folders,
+    all before any model loads. A single process only probes its folders."""
+    from parafuse.parallel import agreement
+    from parafuse.parallel.distributed import init_distributed, launched_by_torchrun, pick_device
+
+    verdict = output_verdict(args)
+    if launched_by_torchrun():
+        if watch:
+            from parafuse import watchdog
+            dog = watchdog.start(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args.startup_timeout,
+                                 args.exchange_timeout)
+            with dog.guard("joining the process group", startup_steps=1):
+                init_distributed(pick_device(args.device), backend_timeout(args))
+        else:
+            init_distributed(pick_device(args.device))
+        agreement.check_same({f"--{k.replace('_', '-')}": v for k, v in sorted(vars(args).items())},
+                             "the command line")
+        verdict = agreement.from_rank0(verdict)
+    if verdict is not None:
+        raise ValueError(verdict)
+
+
+def weights_fingerprint(path: str | None) -> tuple | None:
+    """(size, SHA-256 of the safetensors header) of a weights file: ranks given files of the same
+    name but different contents are told apart without reading the tensors."""
+    import hashlib
+    import struct
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        header = f.read(min(length, 100 << 20))
+    return os.path.getsize(path), hashlib.sha256(header).hexdigest()
+
+
+def check_ranks_agree(runtime, req, weights) -> None:
+    """Before the first step: the resolved request and settings, the model and the weights are the
+    same on every rank (parafuse.parallel.agreement), compared over the runtime's transport."""
+    from dataclasses import asdict, fields
+
+    from parafuse.parallel import agreement
+    values = {f"request.{f.name}": getattr(req, f.name) for f in fields(req)}
+    values.update({f"parallel.{k}": v for k, v in asdict(runtime.parallel).items()})
+    values.update({"model": runtime.spec.name, "dtype": runtime.config.dtype, "kernels": runtime.kernels,
+                   "attention backend": runtime.attention_backend, "cuda graphs": runtime.cuda_graphs,
+                   "weights file (size, header hash)": weights})
+    agreement.check_same(values, "the request", transport=runtime.transport)
 
 
 def check_finite_weights(model, path: str) -> None:
@@ -184,6 +263,8 @@ def run(args) -> int:
     if runtime.spec.untrained and runtime.layout.rank == 0:
         print(f"parafuse.generate: note: model {args.model!r} is untrained (random weights, for benchmarks): "
               f"its images are noise, its timings real", file=sys.stderr)
+    with runtime.watchdog.guard("comparing the ranks' requests", 1) if runtime.watchdog else nullcontext():
+        check_ranks_agree(runtime, req, weights_fingerprint(args.weights))
     result = runtime.generate(req, progress=not args.no_progress)
     with runtime.watchdog.guard("gathering rank statistics") if runtime.watchdog else nullcontext():
         ranks = runtime.gather_rank_stats(result)
@@ -192,10 +273,11 @@ def run(args) -> int:
         # the others wait while rank 0 runs the serial reference: no deadline here (its length is the
         # serial run's); a rank that dies meanwhile still ends the job through torchrun
         torch.distributed.barrier()
+    code = 0
     if runtime.layout.rank == 0:
-        write_outputs(args, runtime, req, result, ranks, comparison)
+        code = write_outputs(args, runtime, req, result, ranks, comparison)
     runtime.close()
-    return 0
+    return code
 
 
 def prepare(args):
@@ -218,6 +300,7 @@ def prepare(args):
     if args.text_merge is not None:
         raise ValueError("--text-merge: only for diffusers pipelines with joint text+image attention (SD3, Flux); "
                          "the built-in models read text by cross-attention, which needs no merge")
+    join_job(args, watch=True)
     req = Request(args.height, args.width, args.steps, args.solver, args.guidance, args.seed, args.label, args.batch,
                   solver_options={"spacing": args.spacing} if args.spacing else {}, schedule=args.schedule,
                   stages=parse_stages(args.stages) if args.stages is not None else None)
@@ -249,21 +332,33 @@ def compare(args, runtime, req, result, reference) -> dict | None:
     return None
 
 
-def write_outputs(args, runtime, req, result, ranks, comparison) -> None:
-    """Rank 0: every output rendered first, then all written and renamed together (none on failure)."""
+def write_outputs(args, runtime, req, result, ranks, comparison) -> int:
+    """Rank 0: every output rendered first, then all written and moved into place together (none
+    on failure). Returns the exit status: 1 where an output had to be saved under another name."""
     from parafuse import report as rep
     from parafuse.outputs import commit
 
     files = {path: rep.png_bytes(image) for image, path in zip(result.image, output_paths(args.out, args.batch))}
     if args.report:
         files[args.report] = rep.json_bytes(rep.build_report(runtime, req, result, ranks, comparison))
-    commit(files)
+    moved = commit(files, overwrite=args.overwrite)
     psnr = ""
     if comparison:
         db = "identical" if comparison["psnr_db"] is None else f"{comparison['psnr_db']:.2f} dB"
         psnr = f", PSNR vs {comparison['reference']} {db}"
-    print(f"wrote {', '.join(output_paths(args.out, args.batch))} "
+    written = [moved.get(p, p) for p in output_paths(args.out, args.batch)]
+    print(f"wrote {', '.join(written)} "
           f"({result.timing['total_seconds']:.2f} s denoising on {runtime.layout.world_size} rank(s){psnr})")
+    return report_moved(moved)
+
+
+def report_moved(moved: dict[str, str]) -> int:
+    """1, with one line per output, where a file appeared at an output's name during the run: it
+    was kept (no --overwrite) and the output saved beside it; else 0."""
+    for path, sibling in moved.items():
+        print(f"parafuse.generate: error: {path!r} appeared while the run computed and was kept (no --overwrite); "
+              f"this run's output is {sibling!r}", file=sys.stderr)
+    return 1 if moved else 0
 
 
 def run_diffusers(args) -> int:

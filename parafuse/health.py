@@ -3,11 +3,13 @@ synchronisation per step.
 
 After every solver step the runtime hands the new latent strip to `FiniteWatch.observe`, which
 only queues device work: the sum of the strip (NaN and ±Inf propagate through a sum; a finite
-latent would need |x| summing past 3e38 to overflow it, which no usable latent does) and, if it
-is not finite and nothing was seen before, the step's number into a device scalar. Every
-`CHECK_EVERY` steps and after the last, `check` exchanges one float per rank over the whole job
-(`Transport.agree`, counted as `control` bytes) and reads it on the host: that read is the only
-synchronisation, one per CHECK_EVERY steps (on CUDA it waits for the queued work, a stall of one
+latent would need |x| summing past 3e38 to overflow it, which no usable latent does), or'd with
+the exchange engine's flag of NaN or infinite GroupNorm statistics (at N > 1 an overflowing Σx²
+makes the exchanged variance infinite and the normalised output zero: finite garbage, where one
+process's GroupNorm makes NaN), and, if either is bad and nothing was seen before, the step's
+number into a device scalar. Every `CHECK_EVERY` steps and after the last, `check` exchanges one
+float per rank over the whole job (`Transport.agree`, counted as `control` bytes) and reads it on
+the host: that read is the only synchronisation, one per CHECK_EVERY steps (on CUDA it waits for the queued work, a stall of one
 step's launch lead; the step's exchanges themselves are not waited for). Every rank sees the same
 flags, so every rank stops at the same step with the same message: a rank that meets NaN does
 not leave its neighbours waiting in the next exchange.
@@ -25,10 +27,14 @@ class NonFiniteError(RuntimeError):
 
 class FiniteWatch:
     def __init__(self, transport, rank: int, world_size: int, device: torch.device, num_evals: int | None,
-                 every: int = CHECK_EVERY):
+                 every: int = CHECK_EVERY, engine=None):
         """`num_evals` None: the loop's length is not known in advance (a diffusers pipeline's own
         loop); `observe`/`due` then count evaluations as they come and `finish` checks the last."""
         self.transport, self.rank, self.world_size = transport, rank, world_size
+        # the exchange engine's device flag of NaN or infinite GroupNorm statistics (strips), reset here
+        self.engine = engine
+        if engine is not None and engine.nonfinite is not None:
+            engine.nonfinite.zero_()
         self.num_evals, self.every = num_evals, every
         self.first_bad = torch.zeros((), dtype=torch.float32, device=device)   # 0, or 1 + evaluation index
         self.k = 0
@@ -53,7 +59,10 @@ class FiniteWatch:
 
     def observe(self, k: int, x: torch.Tensor) -> None:
         """`x` is the latent after evaluation `k` (0-based). Device work only."""
-        bad = ~torch.isfinite(x.sum()) & (self.first_bad == 0)
+        bad = ~torch.isfinite(x.sum())
+        if self.engine is not None and self.engine.nonfinite is not None:
+            bad = bad | self.engine.nonfinite
+        bad = bad & (self.first_bad == 0)
         self.first_bad = torch.where(bad, torch.full_like(self.first_bad, k + 1), self.first_bad)
 
     def due(self, k: int) -> bool:

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from parafuse.checks import CheckError, check_fits, check_numbers, check_schedule, strip_geometry
+from parafuse.checks import (CheckError, check_fits, check_numbers, check_request, check_runtime_args, check_schedule,
+                             strip_geometry)
 from parafuse.models import ModelSpec, load_model
 from parafuse.parallel import kv_codec
 from parafuse.parallel.adapter import BUILTIN
@@ -61,6 +62,9 @@ class Request:
     stages: tuple[Stage, ...] | None = None   # an explicit stage list instead (the last one is the image size)
     upsample: str = "lanczos"         # filter growing x̂0 at a stage change (shrinking is area-averaged)
 
+    def __post_init__(self):
+        check_request(self)           # types and plain ranges, each error naming its field
+
 
 @dataclass
 class Result:
@@ -91,14 +95,11 @@ class Runtime:
                  transport: Transport | None = None, dtype: str | torch.dtype | None = None,
                  cuda_graphs: bool | None = None, kernels: str | None = None, attention_backend: str | None = None,
                  startup_timeout: float | None = None, exchange_timeout: float | None = None):
-        if not isinstance(model, (str, nn.Module)):
-            raise RequestError(f"model must be a built-in model name or an nn.Module, got {type(model).__name__}")
+        check_runtime_args(locals())      # types, each error naming its argument
         given = {"dtype": dtype, "cuda_graphs": cuda_graphs, "kernels": kernels,
                  "attention_backend": attention_backend, "startup_timeout": startup_timeout,
                  "exchange_timeout": exchange_timeout}
         parallel = PatchConfig() if parallel is None else parallel
-        if not isinstance(parallel, PatchConfig):
-            raise RequestError(f"parallel must be a PatchConfig (or ParallelConfig(...)), got {type(parallel).__name__}")
         try:
             self.session = PatchSession(parallel.replace(**{k: v for k, v in given.items() if v is not None}),
                                         device=device, layout=layout, transport=transport)
@@ -140,14 +141,8 @@ class Runtime:
             raise RequestError(f"height and width must be positive multiples of {f} for model {spec.name!r} "
                                f"(got {req.height}x{req.width}); try {max(f, round(req.height / f) * f)}x"
                                f"{max(f, round(req.width / f) * f)}")
-        if req.steps < 1:
-            raise RequestError(f"steps must be at least 1, got {req.steps}")
         if req.solver not in SOLVERS:
             raise RequestError(f"unknown solver {req.solver!r}; valid solvers: {', '.join(SOLVERS)}")
-        if req.batch < 1:
-            raise RequestError(f"batch must be at least 1, got {req.batch}")
-        if req.guidance < 1.0:
-            raise RequestError(f"guidance must be >= 1 (1 disables classifier-free guidance), got {req.guidance}")
         if req.guidance != 1.0 and not self.conditional:
             raise RequestError(f"model {spec.name!r} is unconditional: guidance {req.guidance} has nothing to "
                                f"guide by; use a class- or text-conditional model or guidance 1")
@@ -455,6 +450,8 @@ class Denoising:
 
     def after_step(self, k: int) -> None:
         self.clock.stop()
+        if self.rt.engine is not None:      # the step's GroupNorm statistics, for the finite-value watch
+            self.rt.engine.check_statistics()
         if self.bar is not None:
             self.bar.update(1)
 

@@ -215,6 +215,13 @@ def check_stages(stages: tuple[Stage, ...], height: int, width: int, factor: int
     if (last.height, last.width) != (height, width):
         raise StageError(f"the image is made at the last stage's size {last.height}x{last.width}, but "
                          f"{height}x{width} was asked for: pass --height {last.height} --width {last.width}")
+    # low → high: no stage above the image's size (the last stage's); detail made above it would be
+    # thrown away by the last stage (the bottleneck schedule's high → low → high starts at the image size)
+    for i, st in enumerate(stages[:-1], 1):
+        if st.height > last.height or st.width > last.width:
+            raise StageError(f"stage {i} ({st.describe()}) is larger than the image, the last stage "
+                             f"({last.height}x{last.width}): stages run from low to high resolution, none above "
+                             f"the last (e.g. 512x512:20 1024x1024:8:0.6)")
 
 
 def stage_seed(seed: int, stage: int) -> int:

@@ -87,6 +87,8 @@ def init_distributed(device: torch.device, timeout_s: float = 600.0) -> tuple[in
 def run_guarded(fn, *args, user_errors: tuple = (), **kwargs):
     """Run `fn`; if it raises on this rank, say which rank failed and why, and leave at once.
     Exceptions of the types in `user_errors` (bad input, raised alike on every rank) pass through.
+    Where the watchdog finds that a peer stopped answering or never reported (its heartbeat), the
+    error was that peer's doing: this rank names it in one line instead of printing a traceback.
 
     A rank that dies quietly leaves its neighbours waiting forever in their next exchange; exiting
     with status 1 lets torchrun stop every other rank, so the whole job fails instead of hanging."""
@@ -98,6 +100,12 @@ def run_guarded(fn, *args, user_errors: tuple = (), **kwargs):
     except user_errors:
         raise
     except Exception as e:
+        from parafuse import watchdog
+        dog = watchdog.current()
+        failure = dog.peer_failure() if dog is not None else None
+        if failure is not None:         # a peer that stopped or died broke the exchange: name it, no traceback
+            watchdog.exit_now(watchdog.EXIT_FAILED, f"parafuse: rank {os.environ.get('RANK', 0)}: the exchange "
+                              f"failed ({type(e).__name__}) while {dog.last_what}: {failure[0]}", kill=failure[1])
         traceback.print_exc()
         print(f"parafuse: rank {os.environ.get('RANK', 0)} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         os._exit(1)

@@ -56,6 +56,8 @@ def _spans(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 class ExchangeEngine:
+    nonfinite: torch.Tensor | None = None   # device bool: statistics of this request were NaN or infinite
+
     def __init__(self, transport: Transport, patch_ranks: list[int], config: PatchConfig):
         self.settings = config                        # validated, its mode-dependent defaults filled
         self.transport = transport
@@ -414,6 +416,27 @@ class ExchangeEngine:
             return sums, n_total, None, 1.0
         # corrected (DistriFusion): last step's global sums with this strip's part made fresh
         return torch.sub(sums, bufs["previous"]).add_(local), n_total, local, n_local
+
+    def check_statistics(self) -> None:
+        """After an evaluation: set the device flag `nonfinite` if any GroupNorm statistics it used
+        were NaN or ±Inf - this strip's sums, and the reduced ones where no reduction is in flight.
+        A strip's Σx² that overflows makes the exchanged variance infinite and the normalised output
+        zero: finite, so the latent alone would never show it (one process's GroupNorm makes NaN).
+        One check over every site per evaluation (a few launches, no host sync), none inside the
+        layers; the finite-value watch reads the flag with the latent (parafuse.health)."""
+        parts = []
+        for key, bufs in self.buffers.items():
+            if "sums" not in bufs:
+                continue
+            if "local" in bufs:
+                parts.append(bufs["local"].reshape(-1))
+            if key not in self.pending:
+                parts.append(bufs["sums"].reshape(-1))
+        if not parts:
+            return
+        if self.nonfinite is None or self.nonfinite.device != parts[0].device:
+            self.nonfinite = torch.zeros((), dtype=torch.bool, device=parts[0].device)
+        torch.logical_or(self.nonfinite, ~torch.isfinite(torch.cat(parts)).all(), out=self.nonfinite)
 
     def norm_done(self, key: str) -> None:
         """After the layer has used this step's statistics: a stale step posts the reduction of

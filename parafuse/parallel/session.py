@@ -134,7 +134,8 @@ class PatchSession:
     def watch(self, num_evals: int | None) -> FiniteWatch:
         """The non-finite watch of one image (`num_evals` None: a pipeline's loop, whose length the
         door does not know; it checks every CHECK_EVERY evaluations and at `finish`)."""
-        return FiniteWatch(self.transport, self.layout.rank, self.layout.world_size, self.device, num_evals)
+        return FiniteWatch(self.transport, self.layout.rank, self.layout.world_size, self.device, num_evals,
+                           engine=self.engine)
 
     def guard(self, what: str):
         """The host deadline around a request (none without a watchdog): the first steps - warmup,
