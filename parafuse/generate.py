@@ -13,6 +13,7 @@ import enum
 import os
 import sys
 
+from parafuse.job import join_job, output_paths, report_moved
 from parafuse.models import MODELS
 from parafuse.parallel.config import FIELDS, PatchConfig
 from parafuse.parallel.config import defaults as config_defaults
@@ -110,13 +111,6 @@ def add_pipeline_args(p) -> None:
                         "arguments (prompt_embeds, negative_prompt_embeds, ...), for pipelines without text encoders")
 
 
-def output_paths(out: str, batch: int) -> list[str]:
-    if batch == 1:
-        return [out]
-    stem, ext = os.path.splitext(out)
-    return [f"{stem}-{i}{ext or '.png'}" for i in range(batch)]
-
-
 def check_writable(path: str, overwrite: bool) -> None:
     from parafuse.checks import missing_path
 
@@ -171,50 +165,6 @@ def check_args(args) -> PatchConfig:
     for path in outputs.values():
         check_writable(path, args.overwrite)
     return config
-
-
-def output_verdict(args) -> str | None:
-    """Rank 0 proves each output folder takes new files (a probe file created and removed: a folder
-    can pass os.access and still refuse them); None if all do, else why not."""
-    from parafuse.outputs import probe_folder
-    if int(os.environ.get("RANK", 0)) != 0:
-        return None
-    paths = output_paths(args.out, max(1, args.batch)) + ([args.report] if args.report else [])
-    for folder in dict.fromkeys(os.path.dirname(os.path.abspath(p)) for p in paths):
-        why = probe_folder(folder)
-        if why is not None:
-            return f"cannot write in folder {folder!r}: {why}"
-    return None
-
-
-def backend_timeout(args) -> float:
-    """The process group's own timeout: past both host deadlines (parafuse.watchdog), so that the
-    watchdog, which names the rank that stopped, always fires first."""
-    return max(args.startup_timeout, args.exchange_timeout) + 60.0
-
-
-def join_job(args, watch: bool) -> None:
-    """Under torchrun: join the process group (under the watchdog's startup deadline where `watch`),
-    compare every rank's command-line arguments, and share rank 0's verdict on the output folders,
-    all before any model loads. A single process only probes its folders."""
-    from parafuse.parallel import agreement
-    from parafuse.parallel.distributed import init_distributed, launched_by_torchrun, pick_device
-
-    verdict = output_verdict(args)
-    if launched_by_torchrun():
-        if watch:
-            from parafuse import watchdog
-            dog = watchdog.start(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args.startup_timeout,
-                                 args.exchange_timeout)
-            with dog.guard("joining the process group", startup_steps=1):
-                init_distributed(pick_device(args.device), backend_timeout(args))
-        else:
-            init_distributed(pick_device(args.device))
-        agreement.check_same({f"--{k.replace('_', '-')}": v for k, v in sorted(vars(args).items())},
-                             "the command line")
-        verdict = agreement.from_rank0(verdict)
-    if verdict is not None:
-        raise ValueError(verdict)
 
 
 def weights_fingerprint(path: str | None) -> tuple | None:
@@ -350,15 +300,6 @@ def write_outputs(args, runtime, req, result, ranks, comparison) -> int:
     print(f"wrote {', '.join(written)} "
           f"({result.timing['total_seconds']:.2f} s denoising on {runtime.layout.world_size} rank(s){psnr})")
     return report_moved(moved)
-
-
-def report_moved(moved: dict[str, str]) -> int:
-    """1, with one line per output, where a file appeared at an output's name during the run: it
-    was kept (no --overwrite) and the output saved beside it; else 0."""
-    for path, sibling in moved.items():
-        print(f"parafuse.generate: error: {path!r} appeared while the run computed and was kept (no --overwrite); "
-              f"this run's output is {sibling!r}", file=sys.stderr)
-    return 1 if moved else 0
 
 
 def run_diffusers(args) -> int:

@@ -21,7 +21,7 @@ one thread per process:
 - a stopped rank on this host is ended (SIGKILL: stopped, it cannot take torchrun's SIGTERM);
   the rank prints one line and exits with status 1; torchrun stops the others.
 
-The process group's own timeout is set past both deadlines (`parafuse.generate.backend_timeout`),
+The process group's own timeout is set past both deadlines (`parafuse.job.backend_timeout`),
 so that a backend error without a rank's name never comes first.
 
 On NCCL the host blocks only where it reads a device value (the health check every few steps,

@@ -436,7 +436,7 @@ def test_startup_deadline_covers_only_a_live_rank(monkeypatch, alive):
 def test_backend_timeout_is_past_both_deadlines():
     from types import SimpleNamespace
 
-    from parafuse.generate import backend_timeout
+    from parafuse.job import backend_timeout
     for startup, exchange in [(20, 300), (600, 3), (5, 5)]:
         assert backend_timeout(SimpleNamespace(startup_timeout=startup, exchange_timeout=exchange)) > \
             max(startup, exchange) + 2 * 2.0         # the watchdog reads the heartbeats twice, 2 s apart

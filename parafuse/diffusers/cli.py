@@ -94,10 +94,12 @@ def run_pipeline(args, config, paths: list[str]) -> int:
     import parafuse
     from parafuse import report as rep
     from parafuse.diffusers.pipeline import load_pipeline
-    from parafuse.generate import join_job, report_moved
+    from parafuse.job import join_job, report_moved
     from parafuse.outputs import commit
     from parafuse.parallel.config import Dtype, TORCH_DTYPES
     from parafuse.parallel.distributed import pick_device
+
+    from parafuse.checks import read_json
 
     if args.prompt is None and args.prompt_embeds is None:
         raise ValueError("a diffusers pipeline needs --prompt or --prompt-embeds FILE")
