@@ -21,18 +21,19 @@ OTHER_PROGRAM = re.compile(r"\.py\b|pytest|parafuse\.train|parafuse\.cli_doc|\bp
 
 def spans(text: str) -> list[str]:
     """The pieces of a page a flag is read from: each code line (fenced or indented), each inline code
-    span, and the prose around them."""
-    out, fenced = [], False
+    span (which may run over a line break), and the prose around them."""
+    code, prose, fenced = [], [], False
     for line in text.splitlines():
         if line.lstrip().startswith("```"):
             fenced = not fenced
-            continue
-        if fenced or line.startswith("    "):
-            out.append(line)
-            continue
-        out += re.findall(r"`([^`]+)`", line)
-        out.append(re.sub(r"`[^`]+`", " ", line))
-    return out
+            prose.append("")
+        elif fenced or line.startswith("    ") and not line.lstrip().startswith(("-", "*", "|")):
+            code.append(line)
+            prose.append("")
+        else:
+            prose.append(line)
+    rest = "\n".join(prose)
+    return code + re.findall(r"`([^`]+)`", rest) + [re.sub(r"`[^`]+`", " ", rest)]
 
 
 def flags_named(text: str) -> set[str]:
@@ -62,5 +63,6 @@ def test_a_stale_table_or_an_unknown_flag_is_caught():
     assert render(page.replace("`--height`", "`--heigth`"), flags_block()) != page.replace("`--height`", "`--heigth`")
     assert flags_named("run `python -m parafuse.generate --heigth 64`") - parser_flags() == {"--heigth"}
     assert flags_named("    python benchmarks/scaling.py --smoke") == set()
+    assert flags_named("see `python benchmarks/scaling.py\n--smoke`") == set()
     assert flags_named("torchrun --nproc_per_node 2 -m parafuse.generate --mode sync") - parser_flags() == \
         {"--nproc_per_node"}
