@@ -284,7 +284,7 @@ TARGET_COLUMNS = [("model", "model"), ("size", "size"), ("n", "N"), ("mode", "mo
                   ("steady_bytes_share", "steady-state share"), ("bytes_limit", "limit"),
                   ("psnr_gap_db", "PSNR gap dB"), ("met", "met (run)"), ("met_steady", "met (steady)")]
 CODEC_NOTE = ("`MODE+sign`: the mode with `--kv-codec sign`, its stale K/V sent as one-bit messages "
-              "(`parafuse/parallel/kv_codec.py`; see the README's [Architecture](../README.md#architecture)).")
+              "(`parafuse/parallel/kv_codec.py`; see [modes.md](modes.md#the-one-bit-kv-codec---kv-codec-sign)).")
 
 
 def target_rows(targets: list[dict]) -> list[dict]:
@@ -520,7 +520,7 @@ def save(fig, name: str) -> str:
     return name
 
 
-# ---- the README section ------------------------------------------------------------------------------
+# ---- the page -------------------------------------------------------------------------------------------
 def section() -> tuple[str, tuple]:
     scaling, project, quality = load("scaling_cpu.json"), load("project_cpu.json"), load("quality_cpu.json")
     gpus = gpu_results()

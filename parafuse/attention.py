@@ -42,8 +42,8 @@ from parafuse_kernels.prologue import q_prologue, rms_norm, rotate_pairs  # noqa
 
 BACKENDS = ("auto", "triton", "sdpa", "xformers", "math")
 ENV = "PARAFUSE_ATTENTION_BACKEND"
-# what `auto` picks per device type. cuda: SDPA, which dispatches to cuDNN at strip shapes (360-640
-# TFLOP/s measured on one H200, DESIGN.md §1); the Triton kernel's GPU figures are pending
+# what `auto` picks per device type. cuda: SDPA, which dispatches to cuDNN at strip shapes (its GPU
+# figures: docs/performance.md; the facts: docs/design.md §1); the Triton kernel's GPU figures are pending
 # measurement (benchmarks/kernels.py), so it is not picked until they say it is faster.
 AUTO = {"cpu": "sdpa", "cuda": "sdpa"}
 # on CUDA, per (device class, head dim, shape class), the backend benchmarks/kernels.py measured

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import enum
 import os
+import re
 import sys
 
 from parafuse.job import join_job, output_paths, report_moved
@@ -18,9 +19,24 @@ from parafuse.models import MODELS
 from parafuse.parallel.config import FIELDS, PatchConfig
 from parafuse.parallel.config import defaults as config_defaults
 from parafuse.solvers import SOLVERS
-from parafuse.stages import SCHEDULES
+from parafuse.stages import (DEFAULT_SHIFT_REFERENCE_PX, DEFAULT_SHIFT_SCALES, DEFAULT_STEPS, DEFAULT_STRENGTHS,
+                             PUBLISHED_BASE_SHIFT, PUBLISHED_SHIFTS, PUBLISHED_STEPS, PUBLISHED_STRENGTHS, SCHEDULES)
 
 CONFIG_DEFAULTS = config_defaults()
+
+
+def _slashed(values, unit: str = "") -> str:
+    return "/".join(f"{v:g}{unit}" for v in values)
+
+
+# the bottleneck schedule's help, from the constants that define it (so it cannot drift from them)
+SCHEDULE_HELP = (f"plain: every step at the image size; bottleneck: full, half, full resolution with stage steps "
+                 f"{_slashed(DEFAULT_STEPS)} per 50 --steps, strengths {_slashed(DEFAULT_STRENGTHS)}, shifts "
+                 f"{_slashed(DEFAULT_SHIFT_SCALES, 'x')} the model's, the first growing as "
+                 f"sqrt(pixels)/{DEFAULT_SHIFT_REFERENCE_PX} above {DEFAULT_SHIFT_REFERENCE_PX}² (the published "
+                 f"{_slashed(PUBLISHED_STEPS)}, {_slashed(PUBLISHED_STRENGTHS)}, "
+                 f"{_slashed([s / PUBLISHED_BASE_SHIFT for s in PUBLISHED_SHIFTS], 'x')}: an explicit --stages "
+                 f"list; docs/bottleneck.md)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,9 +48,24 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" only where the help does not already say its default and X is a value
+    (not None, not an off switch's False)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or re.search(r"\(default[ :]", action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's parser (also read by parafuse.cli_doc, which writes docs/cli.md from it)."""
     p = _Parser(prog="parafuse.generate", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                formatter_class=_HelpFormatter)
     groups = {name: p.add_argument_group(title) for name, title in GROUPS.items()}
     image, sampling, outputs = groups["image"], groups["sampling"], groups["outputs"]
     image.add_argument("--model", default="default",
@@ -42,17 +73,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     image.add_argument("--weights", default=None, help="safetensors file overriding the model's own weights")
     image.add_argument("--height", type=int, default=512, help="image height in pixels")
     image.add_argument("--width", type=int, default=512, help="image width in pixels")
-    image.add_argument("--seed", type=int, default=0)
+    image.add_argument("--seed", type=int, default=0, help="noise seed (the noise is drawn for the whole image, "
+                                                                "so the image does not depend on the rank count)")
     image.add_argument("--batch", type=int, default=1, help="images generated together (seeded as one noise tensor)")
     image.add_argument("--label", type=int, default=None, help="class label for class-conditional models")
     sampling.add_argument("--steps", type=int, default=20,
                           help="denoising steps = model evaluations, for every solver, of the one-stage schedule; "
                                "the bottleneck schedule scales its stages to it and reports its FLOPs against it")
     sampling.add_argument("--schedule", default="plain", choices=SCHEDULES,
-                          help="plain: every step at the image size; bottleneck: full, half, full resolution with "
-                               "stage steps 6/20/12 per 50 --steps, strengths 1/0.5/0.6, shifts 3x/2x/1x the "
-                               "model's, the first growing as sqrt(pixels)/256 above 256² (the published "
-                               "6/20/8, 1/0.8/0.6, 3x/2x/3x: an explicit --stages list; docs/bottleneck.md)")
+                          help=SCHEDULE_HELP)
     sampling.add_argument("--stages", nargs="+", default=None, metavar="HxW:STEPS[:STRENGTH[:SHIFT]]",
                           help="an explicit stage list, e.g. 256x256:20 512x512:8:0.6:3; the last stage is the "
                                "image size; a stage entered at strength w runs the last ceil(w*STEPS) steps of its "
@@ -73,7 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     groups["gpu"].add_argument("--device", default=None,
                                help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
     add_pipeline_args(groups["pipeline"])
-    return p.parse_args(argv)
+    return p
 
 
 GROUPS = {"image": "image", "sampling": "sampling", "parallel": "parallel (PatchConfig)",

@@ -1,4 +1,4 @@
-"""The run report (DESIGN.md section 5): one schema for every run."""
+"""The run report (docs/design.md §5): one schema for every run."""
 from __future__ import annotations
 
 import json

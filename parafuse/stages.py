@@ -31,34 +31,9 @@ size. What runs:
 The default (`--schedule bottleneck`) is not the published setting. Published (FLUX.1-dev, 1024²):
 steps 6/20/8, strengths 1/0.8/0.6, shifts 3×/2×/3× the model's. Default here: steps 6/20/12,
 strengths 1/0.5/0.7, shifts 3×/2×/1×, the first stage's growing above 256² as sqrt(pixels)/256
-(6× at 512², at most 16). Why, from a sweep with the default model (256², 50 steps,
-dpmpp-2m, patch-SWD per pyramid band against the model's own plain 50-step images, fine to coarse;
-tuned on seeds 500-505, checked on 500-511; benchmarks/bottleneck.py reports on seeds 0-11):
-- the last stage on 8 steps at 3× shift evaluates σ = 0.83 … 0.3 and the image is the model's
-  clean estimate from σ = 0.3 - a blurred mean: the finest band scores 217 against 95 for plain,
-  with 27% less amplitude. 12 steps at the model's own shift end at σ = 0.08 (127);
-- the middle stage re-entered at 0.8 (σ = 0.89 under 2× shift) keeps little of the first stage's
-  full-size layout: the half-size stage lays out a texture at its own pixel scale, which is twice
-  too large once enlarged (16-32 px band 155-190 against 119); re-entered at 0.5 (σ = 0.67) it
-  refines the first stage's layout (134);
-- left over is the finest band (126 against 98 on 500-511), set when the last stage starts from
-  the enlarged image: 15 last-stage evaluations instead of 8 leave it at 121; noise added to x̂0 in
-  the octave the half size cannot hold trades it against the 8-32 px bands (amplitude 0.8: 102,
-  but 120/145 there), no net gain, not adopted;
-- at 512² the coarsest band was the gap (low-pass residual 313 on seeds 500-503; plain's is 173
-  on 0-7): the first stage's shift at 3×/4.5×/6×/9× gave patch-SWD 149/133/125/123 (at 256²,
-  6× and 9× were worse than 3×: 166, 180 against 160) - a larger image needs more of the first
-  stage's steps at high σ to lay out its larger structures, as SD3's shift ∝ sqrt(pixel count).
-  Checked once on seeds 0-7: 123 against 142 at 3× (plain 112, 16 uniform steps 128).
-- at 1024², the x̂0 hand-over into the half-size stage made images with ~20% less band contrast
-  and ~30% less saturation than plain ones (patch-SWD 111 against 92). A prototype of the noisy
-  hand-over with the last stage entered at 0.7 instead of 0.6 gave 99.5 ± 2.0; 0.7 with the x̂0
-  hand-over 110.9 (no gain alone). Chosen on the report's seeds 0-7 (no tuning seeds were run
-  at 1024²: an image there costs ~1 min on this CPU), so the 1024² rows are not held out. At 256²
-  (seeds 500-505) it is neutral: plain 155, x̂0 with 0.6 160, noisy with 0.6 158, with 0.7 157,
-  with 0.8 169 (standard errors 6-18).
+(at most 16). Why (the sweeps that chose it): docs/decisions/2026-11-26-bottleneck-default.md.
 The published setting stays `bottleneck(..., published=True)`, or on the command line the
-explicit list in the README.
+explicit --stages list in docs/bottleneck.md.
 """
 from __future__ import annotations
 

@@ -270,8 +270,8 @@ FIELDS = {
     "kernels": Field(Kernels, "PyTorch ops, or parafuse's Triton kernels: GroupNorm(+SiLU), the solver update, the "
                               "K/V codec (default: triton on CUDA, torch elsewhere)", "gpu"),
     "attention_backend": Field(AttentionBackend, "attention kernels: auto (the fastest measured on this device "
-                                                 "class), triton (parafuse's halo attention), sdpa, xformers "
-                                                 "(default: $PARAFUSE_ATTENTION_BACKEND, else auto)", "gpu"),
+                                                 "class), triton (parafuse's halo attention), sdpa, xformers, "
+                                                 "math (the float32 reference, for tests) (default: $PARAFUSE_ATTENTION_BACKEND, else auto)", "gpu"),
     "cuda_graphs": Field(bool, "capture the steady-state denoiser evaluation as a CUDA graph and replay it "
                                "(default: on for CUDA, off elsewhere and for emulated ranks)", "gpu"),
     "stale_channel": Field(bool, "opt-in: stale K/V, stale halos and the stale text merge on a second communicator, "

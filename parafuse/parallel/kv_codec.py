@@ -18,7 +18,7 @@ loses the next step's residual contains (error feedback); the prediction makes t
 since K/V drift smoothly over the denoising steps. A message is 2C/8 + 2 * itemsize bytes a token
 where the exact one is 2C * itemsize: 7% of it in bf16 at C = 128, 6.3% at C = 1152 (PixArt).
 On `dit-texture` at 256², N = 8, 4 seeds, it lands 0.5 dB below the exact stale K/V in fp32 and
-in bf16 (README, Performance, `benchmarks/quality.py`).
+in bf16 (docs/modes.md, docs/performance.md, `benchmarks/quality.py`).
 
 The mirrors start equal to the exact K/V of the last synchronous step, with D = 0 (the engine
 seeds them there: `ExchangeEngine.exchange_kv`).
