@@ -59,8 +59,8 @@ def test_unknown_model_lists_valid(tmp_path, capsys):
 
 def test_kv_codec_without_stale_kv(tmp_path, capsys):
     bad(tmp_path, capsys, "--mode", "sync", "--kv-codec", "sign",
-        match="--kv-codec sign (kv_codec='sign') encodes the stale K/V that full and partial send; mode 'sync' "
-              "sends none: use --kv-codec none, or --mode full / partial")
+        match="kv_codec 'sign' (--kv-codec) encodes the stale K/V that full and partial send; mode 'sync' "
+              "sends none: use kv_codec 'none', or mode full / partial")
 
 
 def test_prompt_on_a_built_in_model(tmp_path, capsys):
@@ -103,9 +103,10 @@ def test_existing_output_kept_without_overwrite(tmp_path, capsys):
 
 
 def test_bad_parallel_settings(tmp_path, capsys):
-    bad(tmp_path, capsys, "--mode", "partial", "--halo-portion", "1.5", match="halo portion must lie in [0, 1]")
+    bad(tmp_path, capsys, "--mode", "partial", "--halo-portion", "1.5", match="halo_portion (--halo-portion) must lie in [0, 1], got 1.5")
     bad(tmp_path, capsys, "--mode", "full", "--halo-portion", "0.5",
-        match="--halo-portion sets the window of --mode partial (and pcpp); mode 'full' attends to the whole image: drop it")
+        match="halo_portion (--halo-portion) sets the window of mode partial (and pcpp); mode 'full' attends to the "
+              "whole image: leave it out")
 
 
 def test_guidance_on_unconditional_model(tmp_path, capsys):
@@ -153,4 +154,4 @@ def test_no_cuda_graphs_runs_eagerly_and_says_so(tmp_path):
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_graphs_on_cpu_is_a_clear_error(tmp_path, capsys):
-    bad(tmp_path, capsys, "--cuda-graphs", match="--cuda-graphs needs a CUDA device")
+    bad(tmp_path, capsys, "--cuda-graphs", match="cuda_graphs (--cuda-graphs) needs a CUDA device; this run is on cpu")

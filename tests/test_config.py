@@ -129,7 +129,7 @@ def test_names_scripts_already_import_keep_working():
     rt = parafuse.Runtime(load_model("dit-small"), old, device="cpu", layout=ParallelLayout(1, 3),
                           transport=NullTransport(1, 3))
     assert rt.parallel.mode == "partial" and rt.session.layout.patch_index == 1 and rt.engine is not None
-    assert rt.generate(parafuse.Request(48, 32, 2, label=1)).rank_stats["rows"] == 4
+    assert rt.check(parafuse.Request(48, 32, 2, label=1)).n == 3             # three strips, this rank the middle one
     with pytest.raises(ConfigError, match="must be a PatchConfig or its fields as keywords"):
         parafuse.parallelize(object(), "full")
     with pytest.raises(ConfigError, match="unknown mode 'fast'"):
