@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# On a GPU machine (no package registry): install the carried wheels (benchmarks/gpu_wheels.sh) that
+# its python3 lacks into .deps/ (git-ignored), then run benchmarks/gpu_check.py, whose sections run
+# in its SECTIONS order: the pipelines at 2048² first, the pipelines at 4096² last. Arguments go to
+# gpu_check.py (default: every section).
+#
+#     device tool: run(command="bash benchmarks/gpu_run.sh", carry=[".wheels"], timeout_s=600)
+#     here:        PYTHON=/work/main/.venv/bin/python GPU_RUN_ALL_WHEELS=1 \
+#                  bash benchmarks/gpu_run.sh --device cpu --smoke --only pipelines
+#
+# GPU_RUN_ALL_WHEELS=1 installs every carried wheel, also those python already has (to check this
+# script where they are installed, or to run the carried version).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+export PYTHONPATH=.:kernels:.deps${PYTHONPATH:+:$PYTHONPATH}
+
+missing=()
+for whl in .wheels/*.whl; do
+    [[ -e "$whl" ]] || { echo "no wheels in .wheels/: run benchmarks/gpu_wheels.sh here and carry .wheels" >&2; exit 1; }
+    name=$(basename "$whl" | cut -d- -f1)
+    if [[ ${GPU_RUN_ALL_WHEELS:-0} == 1 ]] || \
+       ! "$PYTHON" -c 'import importlib.metadata as m, sys; m.version(sys.argv[1])' "$name" 2>/dev/null; then
+        missing+=("$whl")
+    fi
+done
+if (( ${#missing[@]} )); then
+    echo "installing into .deps: ${missing[*]}"
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .deps "${missing[@]}"
+fi
+"$PYTHON" -c 'import diffusers, torch; print(f"diffusers {diffusers.__version__} ({diffusers.__file__}), torch {torch.__version__}")'
+exec "$PYTHON" benchmarks/gpu_check.py "$@"
