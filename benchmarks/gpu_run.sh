@@ -2,7 +2,8 @@
 # On a GPU machine (no package registry): install the carried wheels (benchmarks/gpu_wheels.sh) that
 # its python3 lacks into .deps/ (git-ignored), then run benchmarks/gpu_check.py, whose sections run
 # in its SECTIONS order: the pipelines at 2048² first, the pipelines at 4096² last. Arguments go to
-# gpu_check.py (default: every section).
+# gpu_check.py (default: every section). The JSON files the run wrote in benchmarks/results/ are
+# copied to $OUT where it is set (the device tool brings back what is under $OUT).
 #
 #     device tool: run(command="bash benchmarks/gpu_run.sh", carry=[".wheels"], timeout_s=600)
 #     here:        PYTHON=/work/main/.venv/bin/python GPU_RUN_ALL_WHEELS=1 \
@@ -29,4 +30,13 @@ if (( ${#missing[@]} )); then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .deps "${missing[@]}"
 fi
 "$PYTHON" -c 'import diffusers, torch; print(f"diffusers {diffusers.__version__} ({diffusers.__file__}), torch {torch.__version__}")'
-exec "$PYTHON" benchmarks/gpu_check.py "$@"
+
+started=$(mktemp)
+rc=0
+"$PYTHON" benchmarks/gpu_check.py "$@" || rc=$?
+if [[ -n "${OUT:-}" ]]; then
+    find benchmarks/results -maxdepth 1 -name '*.json' -newer "$started" -exec cp {} "$OUT"/ \;
+    echo "copied to \$OUT: $(ls "$OUT" | paste -sd' ' -)"
+fi
+rm -f "$started"
+exit $rc
