@@ -62,6 +62,8 @@ def test_gpu_check_pipelines_smoke_on_cpu(tmp_path):
     written = json.loads((tmp_path / "gpu_check_pipelines.json").read_text())["sections"]
     assert written["pipelines"]["rows"] == json.loads(json.dumps(sections["pipelines"]["result"]["rows"]))
     assert "target pipelines flux 2048² full N=8 >= 6.0x" in proc.stdout
+    sdxl_target = next(line for line in proc.stdout.splitlines() if "target pipelines sdxl 2048² full N=8" in line)
+    assert "; partial" in sdxl_target and "dB against serial" in sdxl_target
 
 
 def test_pipelines_ceiling_counts_the_replicated_text_tokens():
