@@ -232,7 +232,8 @@ def timed(model, fam, kw, device, repeat, **settings) -> tuple[float, dict, obje
     try:
         out = par(kw, 3 + repeat)
         steady = par.timing["step_seconds"][3:]
-        return statistics.median(steady), par.rank_stats, par.strips.geometry, out
+        stats = {**par.rank_stats, "attention_backend": str(par.config.attention_backend)}
+        return statistics.median(steady), stats, par.strips.geometry, out
     finally:
         par.close()
         par.strips.remove()
@@ -392,7 +393,8 @@ class Section:
                "serial_seconds": serial_s, "speedup": serial_s / seconds,
                "ceiling": ceiling(fam, whole, part, 2 if cfg else 1),
                "bytes_sent_per_evaluation": {k: v // evals for k, v in stats["bytes_sent"].items() if v},
-               "peak_memory_bytes": stats["peak_memory_bytes"]}
+               "peak_memory_bytes": stats["peak_memory_bytes"],
+               "attention_backend": stats["attention_backend"]}     # the strips'; the serial model's is diffusers' own
         row["of_ceiling"] = row["speedup"] / row["ceiling"]
         row["sync_vs_serial"] = self.sync_error(fam, n, cfg, kernels, serial_out, geometry, slow)
         return row
