@@ -51,16 +51,18 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, hardware, table  # noqa: E402
+from common import RESULTS, hardware, provenance, table  # noqa: E402
 from pipelines_gpu import BUDGETS as PIPELINE_BUDGETS, section_pipelines, section_pipelines_4096, summary_rows  # noqa: E402,F401
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMAND = "PYTHONPATH=.:kernels python benchmarks/gpu_check.py"
 SECTIONS = ("pipelines", "cli", "nccl", "sync", "scaling", "graphs", "bandwidth", "kernels", "bottleneck", "projection",
             "pipelines_4096")
-BUDGETS = {"cli": 35, "nccl": 25, "sync": 30, "scaling": 110, "graphs": 90, "bandwidth": 15, "kernels": 40,
-           "bottleneck": 15, "projection": 5, **PIPELINE_BUDGETS}   # seconds; 365 in all besides the pipelines' (pipelines_gpu.py),
-                                                # ~305 s measured on an H100 (kernels:
+BUDGETS = {"cli": 35, "nccl": 25, "sync": 30, "scaling": 160, "graphs": 130, "bandwidth": 15, "kernels": 40,
+           "bottleneck": 15, "projection": 5, **PIPELINE_BUDGETS}   # seconds; 455 in all besides the pipelines'
+                                                # (pipelines_gpu.py) (issue 28 added sync rows and a serial step on
+                                                # each kernel choice: +90 s, not yet run); ~305 s measured on an H100
+                                                # before that (kernels:
                                                 # autotuning the attention compiles 8 configs per head dim).
                                                 # `graphs` measures its N = 8 rows first; its budget may skip
                                                 # N = 4 and the loopback row (both measured on the H100 before)
@@ -163,11 +165,13 @@ def section_scaling(a) -> dict:
     device = torch.device(a.device)
     deadline = time.perf_counter() + BUDGETS["scaling"]
     if a.smoke:
-        plan = [("default", 128, [1, 2, 8, 4], ["full", "partial"]), ("dit-small", 128, [1, 2, 8, 4], ["full", "partial"])]
+        plan = [("default", 128, [1, 2, 8, 4], ["full", "partial", "sync"]),
+                ("dit-small", 128, [1, 2, 8, 4], ["full", "partial", "sync"])]
     else:   # the targets first (dit-xl 2048² N = 2, 4096² N = 8): the budget may cut the end. unet-xl 2048² is
             # launch-bound eagerly: the graphs section measures it
-        plan = [("dit-xl", 2048, [1, 2, 8], ["full", "partial"]), ("dit-xl", 4096, [1, 8], ["full"]),
-                ("unet-xl", 4096, [1, 8], ["full"])]
+        # sync (the lossless mode) beside them in every table; partial at 4096² after the targets
+        plan = [("dit-xl", 2048, [1, 2, 8], ["full", "partial", "sync"]), ("dit-xl", 4096, [1, 8], ["full", "sync"]),
+                ("unet-xl", 4096, [1, 8], ["full", "sync", "partial"])]
     rows = []
     for model, size, ranks, modes in plan:
         if time.perf_counter() > deadline:
@@ -206,7 +210,7 @@ def section_graphs(a) -> dict:
     # `partial` too: the U-Net's mode (it meets the quality target at 1024²-2048²), whose strips
     # attend to their windows instead of the whole image's stale K/V; and the strips on the Triton
     # kernels (--kernels triton: the GroupNorm in two launches, against the PyTorch path's ~10 ops)
-    rows = scaling.scaling_rows("unet-xl", [2048], [1, 8], ["full", "partial"], device, None, repeat=5,
+    rows = scaling.scaling_rows("unet-xl", [2048], [1, 8], ["full", "partial", "sync"], device, None, repeat=5,
                                 deadline=deadline, cuda_graphs=True, kernels=("torch", "triton"))
     rows += scaling.scaling_rows("unet-xl", [2048], [4], ["full"], device, None, repeat=5, deadline=deadline,
                                  cuda_graphs=True, serial_rows=rows)
@@ -387,13 +391,21 @@ def section_projection(a, results: dict) -> dict:
     sources = {k: [r for r in v if "seconds" in r] for k, v in sources.items()}
     if not any(sources.values()):
         return {"skipped": "no scaling rows (run the scaling or graphs section first)"}
-    out = {}
+    # the pessimistic bound's SM/HBM charge: this run's loopback row where it has one, else the committed one
+    graphs_rows = results["sections"].get("graphs", {}).get("result", {}).get("rows", [])
+    try:
+        charge = project.charge_from_rows(graphs_rows, "this run's graphs section")
+    except ValueError:
+        charge = project.loopback_charge()
+    out = {"charge": charge.source}
     for name in ("nvlink4", "pcie4", "ib400"):      # project_rows projects each kernel choice apart
         out[name] = [{"graphs": graphs + (", triton kernels" if r["kernels"] == "triton" else ""),
-                      **{k: r[k] for k in ("model", "size", "mode", "n", "compute_source",
-                                           "projected_speedup", "projected_bound")}}
+                      **{k: r[k] for k in ("model", "size", "mode", "n", "compute_source", "projected_speedup",
+                                           "projected_bound", "projected_pessimistic_speedup",
+                                           "projected_stale_channel_speedup")}}
                      for graphs, rows in sources.items() if rows
-                     for r in project.project_rows(rows, project.LINKS[name], max_n=16) if r["n"] in (8, 16)]
+                     for r in project.project_rows(rows, project.LINKS[name], max_n=16, charge=charge,
+                                                   derive_sync=True) if r["n"] in (8, 16)]
     return out
 
 
@@ -509,8 +521,11 @@ def summary(results: dict) -> list[dict]:
                 if x["n"] == 8:
                     rows.append({"section": f"PROJECTED nvlink4 {x['model']} {x['size']} N=8 {x['mode']} "
                                             f"{x.get('graphs', 'eager')}",
-                                 "result": f"{x['projected_speedup']:.2f}x ({x['projected_bound']}-bound, per-rank "
-                                           f"compute {x.get('compute_source', '?')})"})
+                                 "result": f"{x['projected_pessimistic_speedup']:.2f}x to "
+                                           f"{x['projected_speedup']:.2f}x (pessimistic to optimistic; "
+                                           f"{x['projected_stale_channel_speedup']:.2f}x pessimistic on a stale "
+                                           f"communicator; {x['projected_bound']}-bound, per-rank compute "
+                                           f"{x.get('compute_source', '?')})"})
         elif name.startswith("pipelines"):
             rows += summary_rows(sec["result"])
         elif name == "bandwidth":
@@ -528,17 +543,37 @@ def summary(results: dict) -> list[dict]:
     return rows
 
 
+def reproject(path: str, argv=None) -> int:
+    """The projection section of the result at `path`, recomputed by the current project.py from the
+    rows its scaling and graphs sections measured; stamped with this run's provenance."""
+    results = json.load(open(path))
+    t0 = time.perf_counter()
+    sec = {"result": section_projection(None, results), "seconds": time.perf_counter() - t0,
+           "provenance": provenance(argv), "note": "recomputed from this file's rows (--reproject): arithmetic"}
+    results["sections"]["projection"] = sec
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    print(table(summary({"sections": {"projection": sec}}), [("section", "section"), ("result", "result")]))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", choices=SECTIONS, nargs="+", default=list(SECTIONS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--smoke", action="store_true", help="tiny models and sizes: checks this script's logic on CPU")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/gpu_check_<device>.json)")
+    p.add_argument("--reproject", metavar="JSON", default=None,
+                   help="no measurement: recompute the projection section of a committed result from its own rows "
+                        "(arithmetic, any machine) and write it back, every other section and the hardware kept")
     a = p.parse_args(argv)
+    if a.reproject:
+        return reproject(a.reproject, argv)
     hw = hardware() if a.device != "cpu" else {**hardware(), "device": "cpu"}
     slug = re.sub(r"[^a-z0-9]+", "_", (torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu").lower())
     path = a.out or os.path.join(RESULTS, f"gpu_check_{slug.strip('_')}.json")
-    results = {"hardware": hardware(), "smoke": a.smoke, "sections": {}}
+    prov = provenance(argv)      # stamped before the run; each section carries the provenance of the run that made it
+    results = {"provenance": prov, "hardware": hardware(), "smoke": a.smoke, "sections": {}}
     if os.path.exists(path) and a.only != list(SECTIONS):      # --only: keep the other sections' results
         results["sections"] = json.load(open(path)).get("sections", {})
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -551,6 +586,7 @@ def main(argv=None) -> int:
         except Exception as e:      # noqa: BLE001 - a failed section is a result; the next still runs
             sec = {"error": f"{type(e).__name__}: {e}"}
         sec["seconds"] = time.perf_counter() - t0
+        sec["provenance"] = prov
         results["sections"][name] = sec
         tmp = f"{path}.tmp"
         with open(tmp, "w") as f:

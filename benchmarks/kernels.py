@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, hardware, table, write_json  # noqa: E402
+from common import RESULTS, hardware, provenance, table, write_json  # noqa: E402
 from scaling import time_step  # noqa: E402
 
 MODELS = {"sdxl": (20, 64), "pixart": (16, 72), "flux": (24, 128)}      # heads, head dim
@@ -225,6 +225,7 @@ def main(argv=None) -> int:
                    default=["attention", "update", "groupnorm"])
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/kernels_<device>.json)")
     a = p.parse_args(argv)
+    prov = provenance(argv)
     device = torch.device(a.device)
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         p.error("on CPU the kernels run only through Triton's interpreter: use --smoke (or TRITON_INTERPRET=1)")
@@ -244,7 +245,7 @@ def main(argv=None) -> int:
     tag = "smoke" if a.smoke else device.type
     path = a.out or os.path.join(RESULTS, f"kernels_{tag}.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write_json(os.path.abspath(path), results)          # an absolute path is kept as it is
+    write_json(os.path.abspath(path), results, prov)          # an absolute path is kept as it is
     if "attention" in results:
         plot(results, os.path.splitext(path)[0] + ".png")
     print(f"wrote {path}" + (" (smoke: tiny shapes through the interpreter - no speed figures)" if a.smoke else ""))

@@ -1,62 +1,83 @@
 """Projected step time and speedup for N = 1..16 GPUs, from measured per-rank compute, counted
-bytes and messages, and a link model. Every number this file derives is a *projection*: its key
-starts with `projected_`, the plot says "projection".
+bytes and messages, and a link model: two bounds, both fixed before any result is read. Every
+number this file derives is a *projection*: its key starts with `projected_`, the plot says
+"projection".
 
 Inputs. `benchmarks/scaling.py` rows: per (model, size, mode, N) one rank's steady-state strip step
 measured in one process over a `NullTransport` ("per-rank compute", `seconds`, the slowest strip),
 the serial step, and what that rank's step would send: `bytes_per_step` and `messages_per_step`
 per kind (an all-reduce is one message; its bytes are already the ring volume 2(N−1)/N × tensor).
 
-The link is (bandwidth per direction, latency per message). One message of b bytes costs
-latency + b / bandwidth, and the messages of one step go one after another over the rank's link
-(concurrent sends of a batch share the bandwidth; counting their latencies serially is a
-conservative upper bound). A ring all-reduce of N ranks is 2(N−1) sequential hops, so it costs
-2(N−1) latencies + its (ring) bytes / bandwidth.
+The link. One message of b bytes costs latency + b / bandwidth, and the messages of one step go
+one after another over the rank's link. A ring all-reduce of N ranks is 2(N−1) sequential hops:
+2(N−1) latencies + its (ring) bytes / bandwidth. A system (`nvlink4`, `pcie4`) holds 8 GPUs per
+node; N > 8 is several nodes joined by 400 Gb/s InfiniBand (`ib400`): the busiest rank sends its
+off-node share of each kind over InfiniBand (all-gathers: (N − 8)/(N − 1) of their peers; neighbour
+exchanges: one of its two neighbours, at a node boundary; an all-reduce's ring, whose every hop
+waits for its slowest link: all of it). The optimistic bound lets the two links run at once (the
+max of the parts), the pessimistic one one after the other (their sum).
 
-Per kind, in the steady state of the asynchronous modes (full, partial, none):
-- off the critical path (overlaps compute): conv_halo and attn_kv, which are stale (step t uses
-  what was sent during step t−1); norm_stats only with `--norm corrected` or `stale` (the
-  all-reduce is posted asynchronously and waited for at the same layer of the next step, so it has
-  a whole step to complete: `project_rows(..., norm_on_critical_path=False)`). With the default
-  `exact` GroupNorm statistics the all-reduce is on the critical path.
-- on the critical path: latent_halo (fresh every step, before the first conv), cfg (the CFG
-  pair's swap of the strip output), reduce and gather (exact, waited for at once).
-    step = max(compute, comm_async) + comm_critical
-In `sync` every exchange is waited for where it is posted:
-    step = compute + comm_async + comm_critical
-Projected speedup = serial_seconds / projected step. Assumed, not modelled: compute and
-communication do not slow each other down (on GPUs copy engines / NCCL kernels take few SMs; on a
-CPU they share cores — see the validation), links of different peers do not contend beyond one
-rank's own bandwidth, and one strip stands for every rank: the slowest strip's compute, with the
-bytes and messages of the busiest strip (scaling.py's rows keep the per-kind maximum over the strips
-they measure).
+Kinds. Off the critical path in the steady state of the asynchronous modes (full, partial, none):
+conv_halo and attn_kv (stale: step t uses what was sent during step t−1); norm_stats only with
+`--norm corrected` or `stale` (`norm_on_critical_path=False`). On it: latent_halo (fresh every step),
+cfg, reduce, gather, text_attn (unless the rows say the stale text merge), and norm_stats with the
+default exact statistics. In `sync` every exchange is waited for where it is posted.
+
+Bounds (per row: `projected_*` optimistic, `projected_pessimistic_*`, and the pessimistic bound
+with the opt-in stale communicator, `projected_stale_channel_*`):
+- optimistic:  step = max(compute, stale) + critical (asynchronous modes), compute + stale +
+  critical (sync). Compute and communication do not slow each other down.
+- pessimistic: every term at its worst.
+  * One communicator: NCCL runs a communicator's work in post order on one stream, so a critical
+    collective posted after stale traffic waits for all of it. Where critical collectives are
+    posted inside the step (norm_stats with exact statistics, text_attn, reduce), all stale traffic
+    is charged serialised ahead of them: step = compute' + stale + critical. The opt-in stale
+    communicator (issue 28 item 3) removes the queueing: its own row, `projected_stale_channel_*`.
+  * Otherwise (or on the stale communicator) the overlap window is one step (under CUDA graphs
+    every exchange is drained at the end of the step): step = max(compute', stale) + tail +
+    critical, where tail is one post's stale traffic (the largest), exposed at the drain.
+  * compute' = compute + charge: NCCL's kernels take SMs and HBM bandwidth while they move bytes.
+    charge = the largest of (a) the loss the on-device loopback run showed (side-stream copies of
+    one rank's traffic inside its graphed step, `gpu_check.py`'s graphs section: read from the
+    committed JSON, never typed in), as a fraction of compute, (b) the same loss per byte, times
+    this row's bytes, (c) NCCL_SM_SHARE of the SMs for the whole stale transfer time. Not charged
+    in sync (nothing overlaps) nor where no loopback figure is given (the CPU validation).
+Projected speedup = serial_seconds / projected step.
 
 N not measured. Per (model, size, mode) the points are the measured N plus N = 1 (the serial
-step, nothing sent). Compute and bytes are interpolated piecewise linearly in 1/N between
-neighbouring measured points — i.e. compute = a + b/N through each pair, which reproduces the
-measured points exactly and is exact for all-gathered K/V ((N−1)/N of the image) and ring bytes.
-Message counts are interpolated linearly in N (an all-gather sends N−1 messages, neighbour
-exchanges a constant number). Beyond the largest measured N the last segment is extended, and the
-compute never falls faster than ideal 1/N scaling from the last measured point (a segment with
-a < 0, superlinear scaling, would otherwise reach zero). Every row says `compute_source`:
-measured, interpolated or extrapolated.
+step). Compute is interpolated piecewise linearly in 1/N between neighbouring points (compute = a +
+b/N through each pair, exact at the measured points); beyond the largest measured N the last
+segment is extended but never falls faster than ideal 1/N scaling from the last point. Bytes and
+messages follow each kind's law in N, fitted at the largest measured N (measured N keep their
+measured values; every law is checked against the other measured N, `projected_law_deviation`):
+    per_peer        messages ∝ N − 1,          bytes ∝ (N − 1)/N    (all-gathers: attn_kv in full/sync/none,
+                                                                     gather, stage, text_attn)
+    per_neighbour   messages, bytes ∝ min(2, N − 1)                (halos, attn_kv in partial; the busiest
+                                                                     strip is an inner one)
+    collective      messages constant,         bytes ∝ (N − 1)/N    (all-reduces: norm_stats, reduce, control)
+    constant        messages, bytes constant                        (cfg: one partner)
+Where two measured N disagree with a kind's default law, the first law that fits every measured
+point is taken (so norm_stats sent point to point by the baselines becomes per_peer). Nothing is
+interpolated through N = 1. Every row says `compute_source`: measured, interpolated, extrapolated,
+or "full" for sync rows derived from full's per-rank compute (sync does the same work per step;
+only its waiting differs), added wherever sync was not measured.
 
 Links ("assumed figures", model inputs, not measurements): nvlink4 — NVLink 4 (H100 SXM), 900
 GB/s bidirectional per GPU through NVSwitch = 450 GB/s per direction, ~3 µs small-message NCCL
-latency; pcie4 — PCIe 4.0 x16, 32 GB/s theoretical per direction, ~25 GB/s achieved, ~10 µs;
-ib400 — 400 Gb/s InfiniBand NDR = 50 GB/s per direction, ~5 µs. `measured` is fitted on this
-machine: a gloo ping-pong between two processes, 1 KB..8 MB, least squares of latency +
-bytes/bandwidth (relative residuals); `measured-loaded` the same with a busy compute thread in each
-process, as in a torchrun run.
+latency, 8 GPUs per node; pcie4 — PCIe 4.0 x16, 32 GB/s theoretical per direction, ~25 GB/s
+achieved, ~10 µs, 8 GPUs per node; ib400 — 400 Gb/s InfiniBand NDR = 50 GB/s per direction, ~5 µs
+(one NIC per GPU; every peer over it). `measured` is fitted on this machine: a gloo ping-pong
+between two processes, 1 KB..8 MB, least squares of latency + bytes/bandwidth (relative
+residuals); `measured-loaded` the same with a busy compute thread in each process, as in a
+torchrun run. NCCL_SM_SHARE (assumed): NCCL's up to 32 channels, one CTA each, of an H100's 132 SMs.
 
 Validation (`--validate`): the CPU rows projected with the fitted links against real gloo
-`torchrun` runs for N up to the core count, the per-rank compute measured with the thread count
-torchrun gives each rank (cores // N); the real step is the median steady-state step. Run it on an
-idle machine: with another job running, gloo's threads wait for the scheduler and a ping-pong here
-took ~2 ms per message instead of ~0.1 ms, and the real steps doubled.
+`torchrun` runs for N up to the core count, both bounds; the per-rank compute measured with the
+thread count torchrun gives each rank (cores // N); the real step is the median steady-state step.
+Run it on an idle machine: with another job running, gloo's threads wait for the scheduler.
 
     python benchmarks/project.py --measure --validate                        # CPU, measures its rows
-    python benchmarks/project.py --scaling benchmarks/results/scaling_cpu.json --links nvlink4 pcie4
+    python benchmarks/project.py --scaling benchmarks/results/scaling_h100_4096.json
 """
 from __future__ import annotations
 
@@ -72,7 +93,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, hardware, table, write_json  # noqa: E402
+from common import RESULTS, hardware, provenance, table, write_json  # noqa: E402
 
 
 # ---- links ---------------------------------------------------------------------------------------
@@ -82,48 +103,222 @@ class Link:
     bandwidth: float      # bytes/s, per direction
     latency: float        # seconds per message
     source: str
+    gpus_per_node: int = 0                 # 0: flat, every peer over this link
+    inter_node: "Link | None" = None       # the link between nodes, for N > gpus_per_node
 
 
+IB400 = Link("ib400", 50e9, 5e-6, "assumed: InfiniBand NDR 400 Gb/s = 50 GB/s per direction, ~5 µs, one NIC per GPU")
 LINKS = {
-    "nvlink4": Link("nvlink4", 450e9, 3e-6, "assumed: NVLink 4 / NVSwitch (H100 SXM), 900 GB/s bidirectional per GPU, "
-                                            "~3 µs NCCL small-message latency"),
+    "nvlink4": Link("nvlink4", 450e9, 3e-6, "assumed: NVLink 4 / NVSwitch (H100 SXM), 900 GB/s bidirectional per "
+                                            "GPU, ~3 µs NCCL small-message latency; 8 GPUs per node, nodes over ib400",
+                    gpus_per_node=8, inter_node=IB400),
     "pcie4": Link("pcie4", 25e9, 10e-6, "assumed: PCIe 4.0 x16, 32 GB/s theoretical per direction, ~25 GB/s achieved, "
-                                        "~10 µs"),
-    "ib400": Link("ib400", 50e9, 5e-6, "assumed: InfiniBand NDR 400 Gb/s = 50 GB/s per direction, ~5 µs"),
+                                        "~10 µs; 8 GPUs per node, nodes over ib400", gpus_per_node=8, inter_node=IB400),
+    "ib400": IB400,
 }
 
 # the links fitted on this machine: name -> with a busy compute thread in each process
 MEASURED = {"measured": False, "measured-loaded": True}
 
+NCCL_SM_SHARE = 32 / 132        # assumed: NCCL's up to 32 channels (one CTA each) of an H100's 132 SMs
+LOOPBACK_JSON = os.path.join(RESULTS, "gpu_check_nvidia_h100_80gb_hbm3.json")
+
 ASYNC_MODES = ("full", "partial", "none")       # steady state: stale exchanges overlap compute
 STALE_KINDS = ("conv_halo", "attn_kv")          # sent at step t, used at step t+1
 ALLREDUCE_KINDS = ("norm_stats",)               # ring all-reduces: 2(N−1) latency hops each
-# everything else (latent_halo, cfg, reduce, gather) is waited for where it is posted
+# critical collectives posted between the stale posts of a step: they queue behind stale traffic
+# on a shared communicator (latent_halo, cfg and gather sit at the step's ends)
+MID_STEP_CRITICAL = ("norm_stats", "text_attn", "reduce")
 
 
-def kind_seconds(kind: str, nbytes: float, messages: float | None, n: int, link: Link) -> float:
-    """Seconds one rank's link spends on one kind per step: latencies + bytes / bandwidth.
-    `messages` None (older rows without counts): the latency term is left out (a lower bound)."""
+# ---- each kind's law in N ------------------------------------------------------------------------
+MESSAGE_LAWS = {"per_peer": lambda n: n - 1, "per_neighbour": lambda n: min(2, n - 1),
+                "collective": lambda n: 1, "constant": lambda n: 1}
+BYTE_LAWS = {"per_peer": lambda n: (n - 1) / n, "per_neighbour": lambda n: min(2, n - 1),
+             "collective": lambda n: (n - 1) / n, "constant": lambda n: 1}
+
+
+def default_law(kind: str, mode: str) -> str:
+    if kind == "attn_kv":
+        return "per_neighbour" if mode == "partial" else "per_peer"
+    if kind in ("conv_halo", "latent_halo"):
+        return "per_neighbour"
+    if kind in ("norm_stats", "reduce", "control"):
+        return "collective"
+    if kind == "cfg":
+        return "constant"
+    return "per_peer"          # gather, stage, text_attn
+
+
+def law_deviation(law: str, points: dict[int, tuple[float, float]]) -> float:
+    """Largest relative deviation of measured (messages, bytes) at N >= 2 from `law` fitted at the
+    largest measured N."""
+    ns = sorted(n for n in points if n >= 2)
+    if len(ns) < 2:
+        return 0.0
+    top = ns[-1]
+    worst = 0.0
+    for which, laws in ((0, MESSAGE_LAWS), (1, BYTE_LAWS)):
+        c = points[top][which] / laws[law](top)
+        for n in ns[:-1]:
+            want, got = c * laws[law](n), points[n][which]
+            worst = max(worst, abs(got - want) / max(abs(got), abs(want), 1e-30))
+    return worst
+
+
+def choose_law(kind: str, mode: str, points: dict[int, tuple[float, float]]) -> tuple[str, float]:
+    """(law, deviation): the kind's default law unless the measured points contradict it (> 1%);
+    then the first law that fits them all."""
+    first = default_law(kind, mode)
+    for law in [first] + [k for k in MESSAGE_LAWS if k != first]:
+        dev = law_deviation(law, points)
+        if dev <= 0.01:
+            return law, dev
+    return first, law_deviation(first, points)
+
+
+def by_law(law: str, points: dict[int, tuple[float, float]], n: int) -> tuple[float, float]:
+    """(messages, bytes) at `n`: measured where measured, else the law through the largest measured N."""
+    if n in points:
+        return points[n]
+    if n == 1:
+        return 0.0, 0.0
+    top = max(k for k in points if k >= 2)
+    m, b = points[top]
+    return m / MESSAGE_LAWS[law](top) * MESSAGE_LAWS[law](n), b / BYTE_LAWS[law](top) * BYTE_LAWS[law](n)
+
+
+def posts(law: str, messages: float, n: int) -> float:
+    """How many batches (one per layer) `messages` of one kind are."""
+    return messages / MESSAGE_LAWS[law](n) if n > 1 else 0.0
+
+
+# ---- the cost of one kind ------------------------------------------------------------------------
+def _on_link(kind: str, nbytes: float, messages: float | None, n: int, link: Link) -> float:
     hops = 2 * (n - 1) if kind in ALLREDUCE_KINDS else 1
     latency = 0.0 if messages is None else messages * hops * link.latency
     return latency + nbytes / link.bandwidth
 
 
+def off_node_share(law: str, n: int, link: Link) -> float:
+    """The share of one kind's traffic that leaves the node, for the busiest rank."""
+    if not link.gpus_per_node or link.inter_node is None or n <= link.gpus_per_node:
+        return 0.0
+    if law == "per_peer":
+        return (n - link.gpus_per_node) / (n - 1)
+    if law == "per_neighbour":
+        return 1 / min(2, n - 1)
+    return 1.0               # a ring over nodes, or the CFG partner: as slow as its slowest hop
+
+
+def kind_seconds(kind: str, nbytes: float, messages: float | None, n: int, link: Link,
+                 law: str | None = None, concurrent: bool = True) -> float:
+    """Seconds one rank's link spends on one kind per step: latencies + bytes / bandwidth.
+    `messages` None (older rows without counts): the latency term is left out (a lower bound).
+    Past one node, the off-node share goes over `link.inter_node`: at the same time as the rest
+    (`concurrent`, the optimistic bound) or after it."""
+    share = off_node_share(law or default_law(kind, "full"), n, link)
+    if share == 0.0:
+        return _on_link(kind, nbytes, messages, n, link)
+    m = None if messages is None else messages * (1 - share)
+    m_off = None if messages is None else messages * share
+    inside = _on_link(kind, nbytes * (1 - share), m, n, link)
+    outside = _on_link(kind, nbytes * share, m_off, n, link.inter_node)
+    return max(inside, outside) if concurrent else inside + outside
+
+
 def step_seconds(compute: float, bytes_per_step: dict, messages_per_step: dict | None, mode: str, n: int,
-                 link: Link, norm_on_critical_path: bool = True) -> tuple[float, float, float]:
-    """(comm_async, comm_critical, step) seconds of one steady-state step (see the module docstring)."""
+                 link: Link, norm_on_critical_path: bool = True, laws: dict | None = None,
+                 stale_text: bool = False) -> tuple[float, float, float]:
+    """Optimistic bound: (comm_async, comm_critical, step) seconds of one steady-state step."""
+    stale, critical, _ = split_comm(bytes_per_step, messages_per_step, mode, n, link, norm_on_critical_path,
+                                    laws, stale_text, concurrent=True)
     asynchronous = mode in ASYNC_MODES
-    comm_async = comm_critical = 0.0
+    step = max(compute, stale) + critical if asynchronous else compute + stale + critical
+    return stale, critical, step
+
+
+def split_comm(bytes_per_step: dict, messages_per_step: dict | None, mode: str, n: int, link: Link,
+               norm_on_critical_path: bool = True, laws: dict | None = None, stale_text: bool = False,
+               concurrent: bool = True) -> tuple[float, float, dict]:
+    """(stale seconds, critical seconds, {kind: seconds}) of one step; in sync everything is critical."""
+    asynchronous = mode in ASYNC_MODES
+    stale = critical = 0.0
+    per_kind = {}
     for kind in sorted(set(bytes_per_step) | set(messages_per_step or {})):
         messages = None if messages_per_step is None else messages_per_step.get(kind, 0)
-        t = kind_seconds(kind, bytes_per_step.get(kind, 0), messages, n, link)
-        overlaps = kind in STALE_KINDS or (kind in ALLREDUCE_KINDS and not norm_on_critical_path)
+        law = (laws or {}).get(kind) or default_law(kind, mode)
+        t = per_kind[kind] = kind_seconds(kind, bytes_per_step.get(kind, 0), messages, n, link, law, concurrent)
+        overlaps = (kind in STALE_KINDS or (kind in ALLREDUCE_KINDS and not norm_on_critical_path)
+                    or (kind == "text_attn" and stale_text))
         if asynchronous and overlaps:
-            comm_async += t
+            stale += t
         else:
-            comm_critical += t
-    step = max(compute, comm_async) + comm_critical if asynchronous else compute + comm_async + comm_critical
-    return comm_async, comm_critical, step
+            critical += t
+    return stale, critical, per_kind
+
+
+@dataclass(frozen=True)
+class Charge:
+    """What NCCL's moving of bytes costs the compute it overlaps (see the module docstring)."""
+    loss_fraction: float          # of compute, from the on-device loopback run
+    loss_seconds_per_byte: float  # the same loss per byte the loopback run moved
+    sm_share: float               # of the SMs, for the transfer time
+    source: str
+
+    def seconds(self, compute: float, nbytes: float, transfer_seconds: float) -> float:
+        return max(self.loss_fraction * compute, self.loss_seconds_per_byte * nbytes,
+                   self.sm_share * transfer_seconds)
+
+
+def loopback_charge(path: str = LOOPBACK_JSON, sm_share: float = NCCL_SM_SHARE) -> Charge:
+    """The loss of the on-device loopback run, from `gpu_check.py`'s committed JSON: its graphs
+    section's loopback row against the null-transport row of the same configuration."""
+    rows = json.load(open(path))["sections"]["graphs"]["result"]["rows"]
+    return charge_from_rows(rows, os.path.relpath(path, os.path.dirname(RESULTS)), sm_share)
+
+
+def charge_from_rows(rows: list[dict], where: str, sm_share: float = NCCL_SM_SHARE) -> Charge:
+    """`loopback_charge` from graphs-section rows (`where` names them)."""
+    same = ("model", "size", "mode", "n", "cuda_graphs", "kernels")
+    for loop in (r for r in rows if r.get("transport") == "loopback"):
+        null = next((r for r in rows if r.get("transport") == "null" and all(r.get(k) == loop.get(k) for k in same)),
+                    None)
+        if null is None:
+            continue
+        lost = loop["seconds"] - null["seconds"]
+        nbytes = sum(loop["bytes_per_step"].values())
+        return Charge(lost / null["seconds"], lost / nbytes, sm_share,
+                      f"{where}: {loop['model']} {loop['size']}² "
+                      f"{loop['mode']} N={loop['n']} graphed, loopback {loop['seconds'] * 1e3:.2f} ms vs null "
+                      f"{null['seconds'] * 1e3:.2f} ms ({lost / null['seconds']:+.1%}, {nbytes / 1e9:.2f} GB/step); "
+                      f"NCCL SM share {sm_share:.3f} (assumed)")
+    raise ValueError(f"{where}: no graphs row with transport 'loopback' beside a 'null' one of the same configuration")
+
+
+def pessimistic_seconds(compute: float, bytes_per_step: dict, messages_per_step: dict | None, mode: str, n: int,
+                        link: Link, charge: Charge | None, norm_on_critical_path: bool = True,
+                        laws: dict | None = None, stale_text: bool = False,
+                        stale_channel: bool = False) -> tuple[float, float, float, float, float]:
+    """Pessimistic bound: (charge, stale, critical, tail, step) seconds of one steady-state step."""
+    stale, critical, per_kind = split_comm(bytes_per_step, messages_per_step, mode, n, link, norm_on_critical_path,
+                                           laws, stale_text, concurrent=False)
+    if mode not in ASYNC_MODES:
+        return 0.0, stale, critical, 0.0, compute + stale + critical
+    stale_kinds = [k for k in per_kind if k in STALE_KINDS or (k in ALLREDUCE_KINDS and not norm_on_critical_path)
+                   or (k == "text_attn" and stale_text)]
+    stale_bytes = sum(bytes_per_step.get(k, 0) for k in stale_kinds)
+    transfer = stale_bytes / link.bandwidth
+    extra = charge.seconds(compute, sum(bytes_per_step.values()), transfer) if charge and stale_bytes else 0.0
+    mid_step = [k for k in MID_STEP_CRITICAL if k not in stale_kinds and (messages_per_step or bytes_per_step).get(k)]
+    if mid_step and stale and not stale_channel:
+        return extra, stale, critical, 0.0, compute + extra + stale + critical
+    tail = 0.0
+    for k in stale_kinds:
+        law = (laws or {}).get(k) or default_law(k, mode)
+        count = posts(law, (messages_per_step or {}).get(k, 0), n)
+        tail = max(tail, per_kind[k] / count if count else per_kind[k])
+    return extra, stale, critical, tail, max(compute + extra, stale) + tail + critical
 
 
 # ---- interpolation over N ------------------------------------------------------------------------
@@ -159,51 +354,96 @@ def compute_at(points: dict[int, float], n: int) -> tuple[float, str]:
 
 
 # ---- the projection ------------------------------------------------------------------------------
-def project_rows(rows: list[dict], link: Link, max_n: int = 16, norm_on_critical_path: bool = True) -> list[dict]:
-    """Projected steady-state step and speedup for N = 1..max_n, per (model, size, mode) of `rows`.
+def with_sync_from_full(rows: list[dict]) -> list[dict]:
+    """`rows` plus, where a (model, size, kernels, N) has a full row and no sync row, a sync row with
+    full's per-rank compute, bytes and messages (sync does the same work, waiting at every exchange),
+    marked `compute_from: full`."""
+    measured = {(r["model"], r["size"], r.get("kernels", "torch"), r["n"]) for r in rows if r.get("mode") == "sync"}
+    derived = [{**r, "mode": "sync", "compute_from": "full"} for r in rows
+               if r.get("mode") == "full" and (r["model"], r["size"], r.get("kernels", "torch"), r["n"]) not in measured]
+    return rows + derived
+
+
+def project_rows(rows: list[dict], link: Link, max_n: int = 16, norm_on_critical_path: bool = True,
+                 charge: Charge | None = None, derive_sync: bool = False) -> list[dict]:
+    """Projected steady-state step and speedup for N = 1..max_n, per (model, size, mode) of `rows`,
+    both bounds (see the module docstring).
 
     `rows`: `benchmarks/scaling.py` rows (`scaling_rows`, or the JSON's "rows"): dicts with model,
     size, mode (serial | sync | full | partial | none), n, seconds (per-rank compute), serial_seconds,
-    bytes_per_step and, in new runs, messages_per_step. Rows marked "skipped" or without seconds
-    are ignored. `link`: a `Link` (`LINKS[name]`, or `fit_link` on a ping-pong).
+    bytes_per_step and, in new runs, messages_per_step (and `text: "stale"` where the stale text
+    merge ran). Rows marked "skipped" or without seconds are ignored. `link`: a `Link` (`LINKS[name]`,
+    or `fit_link` on a ping-pong). `charge`: the pessimistic bound's SM/HBM charge (`loopback_charge`;
+    None: not charged). `derive_sync`: add sync rows from full's compute where sync was not measured.
 
     Rows of one (model, size, mode) measured with different patch-layer kernels (`kernels`, absent:
-    torch) are projected apart; the serial row serves them all.
+    torch) are projected apart, each against the serial row on the same kernels where there is one
+    (else the one serial row serves them all).
 
     Returns one dict per (model, size, mode, kernels, N), sorted: model, size, mode, kernels, n, link,
     link_bandwidth, link_latency, serial_seconds (inputs), compute_source, messages_known, and the
     projections projected_compute_seconds, projected_bytes_per_step, projected_messages_per_step
-    (None if unknown), projected_comm_async_seconds, projected_comm_critical_seconds,
-    projected_step_seconds, projected_speedup, projected_bound ("compute" or "comm")."""
+    (None if unknown), projected_laws, projected_law_deviation, projected_comm_async_seconds,
+    projected_comm_critical_seconds, projected_step_seconds, projected_speedup, projected_bound
+    ("compute" or "comm") (the optimistic bound); projected_pessimistic_{charge,comm_async,
+    comm_critical,tail,step}_seconds, projected_pessimistic_speedup; projected_stale_channel_step_seconds,
+    projected_stale_channel_speedup."""
     rows = [r for r in rows if "skipped" not in r and "seconds" in r and "mode" in r]
-    serial = {(r["model"], r["size"]): r["seconds"] for r in rows if r["mode"] == "serial"}
+    if derive_sync:
+        rows = with_sync_from_full(rows)
+    # the serial step on the same kernels where it was measured so (scaling.py since issue 28), else
+    # the one serial row (older results: the plain model's)
+    serial = {(r["model"], r["size"], r.get("kernels")): r["seconds"] for r in rows if r["mode"] == "serial"}
     groups: dict[tuple, dict[int, dict]] = {}
     for r in rows:
         if r["mode"] != "serial":
             groups.setdefault((r["model"], r["size"], r["mode"], r.get("kernels", "torch")), {})[r["n"]] = r
     out = []
     for (model, size, mode, kernels), measured in sorted(groups.items()):
-        serial_s = serial.get((model, size), next(iter(measured.values()))["serial_seconds"])
+        serial_s = serial.get((model, size, kernels), serial.get((model, size, None),
+                              next(iter(measured.values()))["serial_seconds"]))
         messages_known = all("messages_per_step" in r for r in measured.values())
+        stale_text = any(r.get("text") == "stale" for r in measured.values())
+        derived_from = next((r["compute_from"] for r in measured.values() if "compute_from" in r), None)
         # N = 1 is the serial step: nothing is sent
         compute = {1: serial_s, **{n: r["seconds"] for n, r in measured.items()}}
         kinds = sorted({k for r in measured.values() for k in r.get("bytes_per_step", {})}
                        | {k for r in measured.values() for k in r.get("messages_per_step", {})})
-        nbytes = {k: {1: 0, **{n: r.get("bytes_per_step", {}).get(k, 0) for n, r in measured.items()}} for k in kinds}
-        msgs = {k: {1: 0, **{n: r.get("messages_per_step", {}).get(k, 0) for n, r in measured.items()}} for k in kinds}
+        points = {k: {n: (float(r.get("messages_per_step", {}).get(k, 0)), float(r.get("bytes_per_step", {}).get(k, 0)))
+                      for n, r in measured.items()} for k in kinds}
+        laws, deviation = {}, {}
+        for k in kinds:
+            laws[k], deviation[k] = choose_law(k, mode, points[k])
         for n in range(1, max_n + 1):
             c, source = compute_at(compute, n)
-            b = {k: max(0.0, interpolate(nbytes[k], n)[0]) for k in kinds}
-            m = {k: max(0.0, interpolate(msgs[k], n, inverse=False)[0]) for k in kinds} if messages_known else None
-            comm_async, comm_critical, step = step_seconds(c, b, m, mode, n, link, norm_on_critical_path)
+            if derived_from and source == "measured" and n > 1:
+                source = derived_from
+            at = {k: by_law(laws[k], points[k], n) for k in kinds}
+            b = {k: at[k][1] for k in kinds}
+            m = {k: at[k][0] for k in kinds} if messages_known else None
+            comm_async, comm_critical, step = step_seconds(c, b, m, mode, n, link, norm_on_critical_path, laws,
+                                                           stale_text)
+            extra, p_async, p_critical, tail, p_step = pessimistic_seconds(
+                c, b, m, mode, n, link, charge, norm_on_critical_path, laws, stale_text)
+            channel_step = pessimistic_seconds(c, b, m, mode, n, link, charge, norm_on_critical_path, laws,
+                                               stale_text, stale_channel=True)[-1]
             out.append({"model": model, "size": size, "mode": mode, "kernels": kernels, "n": n, "link": link.name,
                         "link_bandwidth": link.bandwidth, "link_latency": link.latency, "serial_seconds": serial_s,
                         "compute_source": source, "messages_known": messages_known,
                         "projected_compute_seconds": c, "projected_bytes_per_step": b,
-                        "projected_messages_per_step": m,
+                        "projected_messages_per_step": m, "projected_laws": laws,
+                        "projected_law_deviation": deviation,
                         "projected_comm_async_seconds": comm_async, "projected_comm_critical_seconds": comm_critical,
                         "projected_step_seconds": step, "projected_speedup": serial_s / step,
-                        "projected_bound": "comm" if mode in ASYNC_MODES and comm_async > c else "compute"})
+                        "projected_bound": "comm" if mode in ASYNC_MODES and comm_async > c else "compute",
+                        "projected_pessimistic_charge_seconds": extra,
+                        "projected_pessimistic_comm_async_seconds": p_async,
+                        "projected_pessimistic_comm_critical_seconds": p_critical,
+                        "projected_pessimistic_tail_seconds": tail,
+                        "projected_pessimistic_step_seconds": p_step,
+                        "projected_pessimistic_speedup": serial_s / p_step,
+                        "projected_stale_channel_step_seconds": channel_step,
+                        "projected_stale_channel_speedup": serial_s / channel_step})
     return out
 
 
@@ -313,30 +553,46 @@ def validate(model: str, size: int, modes: list[str], links: list[Link], steps: 
     real = {("serial", 1): scaling.torchrun_steps(model, size, 1, "sync", steps, warmup)}
     real.update({(mode, n): scaling.torchrun_steps(model, size, n, mode, steps, warmup) for n in ranks for mode in modes})
     real_s = {key: statistics.median(v) for key, v in real.items()}
+    real_mean = {key: statistics.fmean(v) for key, v in real.items()}
+    return {"links": [asdict(k) for k in links], "cores": cores, "torchrun_steps": steps,
+            "torchrun_warmup_steps": warmup, "compute_rows": compute_rows,
+            **validation_checks(model, size, serial["seconds"], cores, compute_rows, real_s, real_mean, links)}
+
+
+def validation_checks(model: str, size: int, serial_seconds: float, cores: int, compute_rows: list[dict],
+                      real_s: dict, real_mean: dict, links: list[Link]) -> dict:
+    """Both bounds projected from the per-rank compute rows against the real torchrun steps
+    ({(mode, n): median seconds}, and their means), per link: the checks and the mean errors."""
     checks = []
+    serial = {"seconds": serial_seconds}
     for link in links:
         checks.append({"model": model, "size": size, "mode": "serial", "n": 1, "threads": cores, "link": link.name,
                        "measured_compute_seconds": serial["seconds"], "projected_step_seconds": serial["seconds"],
+                       "projected_pessimistic_step_seconds": serial["seconds"],
                        "projected_speedup": 1.0, "measured_torchrun_seconds": real_s[("serial", 1)],
                        "measured_torchrun_speedup": 1.0})
         for r in compute_rows:
-            _, _, step = step_seconds(r["seconds"], r["bytes_per_step"], r["messages_per_step"], r["mode"], r["n"],
-                                      link)
+            args = (r["seconds"], r["bytes_per_step"], r["messages_per_step"], r["mode"], r["n"], link)
+            step = step_seconds(*args)[2]
+            # no SM charge on a CPU: the loopback loss is a GPU figure
+            pessimistic = pessimistic_seconds(*args, charge=None)[-1]
             checks.append({"model": model, "size": size, "mode": r["mode"], "n": r["n"], "threads": r["threads"],
                            "link": link.name, "measured_compute_seconds": r["seconds"], "projected_step_seconds": step,
+                           "projected_pessimistic_step_seconds": pessimistic,
                            "projected_speedup": serial["seconds"] / step,
                            "measured_torchrun_seconds": real_s[(r["mode"], r["n"])],
                            "measured_torchrun_speedup": real_s[("serial", 1)] / real_s[(r["mode"], r["n"])]})
     for c in checks:
-        c["measured_torchrun_mean_seconds"] = statistics.fmean(real[(c["mode"], c["n"])])
+        c["measured_torchrun_mean_seconds"] = real_mean[(c["mode"], c["n"])]
         c["relative_error"] = c["projected_step_seconds"] / c["measured_torchrun_seconds"] - 1
+        c["pessimistic_relative_error"] = c["projected_pessimistic_step_seconds"] / c["measured_torchrun_seconds"] - 1
         c["speedup_relative_error"] = c["projected_speedup"] / c["measured_torchrun_speedup"] - 1
 
     def mean_abs(link, key):
         return statistics.fmean(abs(c[key]) for c in checks if c["n"] > 1 and c["link"] == link.name)
-    return {"links": [asdict(k) for k in links], "cores": cores, "torchrun_steps": steps,
-            "torchrun_warmup_steps": warmup, "checks": checks, "compute_rows": compute_rows,
+    return {"checks": checks,
             "mean_abs_relative_error": {k.name: mean_abs(k, "relative_error") for k in links},
+            "mean_abs_pessimistic_relative_error": {k.name: mean_abs(k, "pessimistic_relative_error") for k in links},
             "mean_abs_speedup_relative_error": {k.name: mean_abs(k, "speedup_relative_error") for k in links}}
 
 
@@ -393,11 +649,16 @@ def plot(projections: list[dict], validation: dict | None, path: str, hw: str) -
         top = 1
         for link in links:
             for i, mode in enumerate(sorted({r["mode"] for r in projections})):
-                pts = [(r["n"], r["projected_speedup"]) for r in projections
-                       if (r["model"], r["size"], r["link"], r["mode"]) == (model, size, link, mode)]
-                if pts:
-                    ax.plot(*zip(*pts), styles[i % 4], color=colors[link], label=f"{link} {mode} (projected)")
-                    top = max(top, max(n for n, _ in pts))
+                sel = [r for r in projections if (r["model"], r["size"], r["link"], r["mode"]) == (model, size, link, mode)
+                       and r["kernels"] == max(x["kernels"] for x in projections)]
+                sel = sel or [r for r in projections if (r["model"], r["size"], r["link"], r["mode"]) == (model, size, link, mode)]
+                if sel:
+                    ns = [r["n"] for r in sel]
+                    ax.plot(ns, [r["projected_speedup"] for r in sel], styles[i % 4], color=colors[link],
+                            label=f"{link} {mode} (projected, optimistic; band down to pessimistic)")
+                    ax.fill_between(ns, [r["projected_pessimistic_speedup"] for r in sel],
+                                    [r["projected_speedup"] for r in sel], color=colors[link], alpha=0.12)
+                    top = max(top, max(ns))
         if validation:
             checks = [c for c in validation["checks"] if (c["model"], c["size"]) == (model, size) and c["n"] > 1]
             for c in {(c["mode"], c["n"]): c for c in checks}.values():
@@ -420,13 +681,61 @@ def plot(projections: list[dict], validation: dict | None, path: str, hw: str) -
 PROJECTION_COLUMNS = [("model", "model"), ("size", "px"), ("mode", "mode"), ("kernels", "kernels"),
                       ("link", "link"), ("n", "N"), ("compute_source", "compute"), ("compute_ms", "proj. compute ms"),
                       ("async_ms", "proj. async comm ms"), ("critical_ms", "proj. critical comm ms"),
-                      ("step_ms", "proj. step ms"), ("projected_speedup", "proj. speedup"),
-                      ("projected_bound", "bound")]
+                      ("step_ms", "proj. step ms"), ("projected_speedup", "optimistic"),
+                      ("projected_bound", "bound"), ("pess_ms", "pess. step ms"),
+                      ("projected_pessimistic_speedup", "pessimistic"),
+                      ("projected_stale_channel_speedup", "pess., stale comm.")]
 VALIDATION_COLUMNS = [("link", "link"), ("mode", "mode"), ("n", "N"), ("threads", "threads"),
                       ("compute_ms", "compute ms"), ("projected_ms", "projected step ms"),
                       ("real_ms", "torchrun step ms"),
-                      ("relative_error", "rel. error"), ("projected_speedup", "proj. speedup"),
+                      ("relative_error", "rel. error"), ("pess_ms", "pessimistic step ms"),
+                      ("pessimistic_relative_error", "pess. rel. error"), ("projected_speedup", "proj. speedup"),
                       ("measured_torchrun_speedup", "torchrun speedup")]
+
+
+def link_from(d: dict) -> Link:
+    """A link of a results file: the current preset of its name (presets change with this file:
+    N > 8 over InfiniBand), else the fitted one as stored."""
+    if d["name"] in LINKS:
+        return LINKS[d["name"]]
+    return Link(d["name"], d["bandwidth"], d["latency"], d.get("source", ""))
+
+
+def reproject(path: str, argv=None) -> str:
+    """A committed project_*.json recomputed by the current arithmetic from its own measured rows and,
+    if it has one, its validation's per-rank compute rows and torchrun steps: nothing is measured
+    again. Its measurements, hardware and load keep their values; the provenance is this run's."""
+    prov = provenance(argv)
+    data = json.load(open(path))
+    rows, measured_here = data["measured_rows"], data.get("args", {}).get("measure", False)
+    charge = None if measured_here or data.get("compute_measured_on", "").startswith("cpu") else loopback_charge()
+    links = [link_from(d) for d in data["links"]]
+    data["projections"] = [r for link in links for r in project_rows(rows, link, data["args"].get("max_n", 16),
+                                                                   charge=charge, derive_sync=True)]
+    data["links"], data["charge"] = [asdict(k) for k in links], asdict(charge) if charge else None
+    v = data.get("validation")
+    if v:
+        fitted = [link_from(d) for d in v["links"]]
+        by = {(c["mode"], c["n"]): c for c in v["checks"]}
+        real_s = {k: c["measured_torchrun_seconds"] for k, c in by.items()}
+        real_mean = {k: c.get("measured_torchrun_mean_seconds", c["measured_torchrun_seconds"]) for k, c in by.items()}
+        serial = by[("serial", 1)]["measured_compute_seconds"]
+        first = v["compute_rows"][0]
+        v.update(validation_checks(first["model"], first["size"], serial, v["cores"], v["compute_rows"], real_s,
+                                   real_mean, fitted))
+        data["notes"] = [n for n in data.get("notes", []) if not n.startswith(("N=1:", "link ", "full N=", "partial N=",
+                                                                                "sync N=", "Where the projection"))]
+        data["notes"] += validation_notes(v)
+    data["notes"] = data.get("notes", []) + [
+        f"Recomputed by `{prov['command']}` from this file's own measured rows and torchrun steps (measured by "
+        f"`{data.get('command', 'python benchmarks/project.py --measure --validate')}`): projections and errors of "
+        "the current arithmetic (both bounds), measurements unchanged."]
+    data["provenance"] = prov
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+    png = os.path.splitext(path)[0] + ".png"
+    plot(data["projections"], v, png, data.get("compute_measured_on", "?"))
+    return path
 
 
 def main(argv=None) -> None:
@@ -434,6 +743,8 @@ def main(argv=None) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--scaling", help="a benchmarks/scaling.py JSON whose rows to project")
     src.add_argument("--measure", action="store_true", help="measure the rows here (CPU, as scaling.scaling_rows)")
+    src.add_argument("--reproject", metavar="JSON", help="recompute a committed project_*.json from its own "
+                                                          "measurements (nothing measured again)")
     p.add_argument("--models", nargs="+", default=["dit-small"])
     p.add_argument("--sizes", nargs="+", type=int, default=[256])
     p.add_argument("--ranks", nargs="+", type=int, default=[1, 2, 4, 8])
@@ -442,6 +753,10 @@ def main(argv=None) -> None:
     p.add_argument("--links", nargs="+", default=["nvlink4", "pcie4", "ib400"], choices=[*LINKS, *MEASURED],
                    help="presets, and/or the links fitted here (fitted anyway with --validate)")
     p.add_argument("--max-n", type=int, default=16)
+    p.add_argument("--charge-from", default=None,
+                   help="gpu_check JSON whose graphs section's loopback row sets the pessimistic SM/HBM charge "
+                        f"(default with --scaling: {os.path.relpath(LOOPBACK_JSON)}; 'none': no charge; with "
+                        "--measure (CPU rows): none)"),
     p.add_argument("--validate", action="store_true",
                    help="CPU: compare projections with the fitted links against real torchrun gloo runs "
                         "(N <= cores) of the --modes and sync, for the first model and size")
@@ -449,6 +764,10 @@ def main(argv=None) -> None:
     p.add_argument("--name", default=None, help="output name: project_<name>.json/.png (default: cpu, or the "
                                                 "scaling file's suffix)")
     args = p.parse_args(argv)
+    if args.reproject:
+        print(f"wrote {reproject(args.reproject, argv)}")
+        return
+    prov = provenance(argv)
 
     load_before = os.getloadavg()
     if args.measure:
@@ -485,7 +804,13 @@ def main(argv=None) -> None:
             print(f"{link_name}: {link.bandwidth / 1e9:.2f} GB/s, {link.latency * 1e6:.1f} µs")
     links = [fitted.get(n) or LINKS[n] for n in args.links]
     links += [k for k in fitted.values() if k.name not in args.links]   # the links of this machine, projected too
-    projections = [r for link in links for r in project_rows(rows, link, args.max_n)]
+    charge_from = args.charge_from or ("none" if args.measure else LOOPBACK_JSON)
+    charge = None if charge_from == "none" else loopback_charge(charge_from)
+    notes.append("Pessimistic SM/HBM charge: " + (charge.source if charge else "none (CPU rows, or --charge-from none)"))
+    if any(r.get("compute_from") for r in with_sync_from_full(rows)):
+        notes.append("sync rows marked compute 'full' take full's measured per-rank compute (sync does the same "
+                     "work per step; only its waiting differs): sync was not measured there.")
+    projections = [r for link in links for r in project_rows(rows, link, args.max_n, charge=charge, derive_sync=True)]
 
     validation = None
     if args.validate:
@@ -503,13 +828,15 @@ def main(argv=None) -> None:
     print(table([{**r, "compute_ms": r["projected_compute_seconds"] * 1e3,
                   "async_ms": r["projected_comm_async_seconds"] * 1e3,
                   "critical_ms": r["projected_comm_critical_seconds"] * 1e3,
-                  "step_ms": r["projected_step_seconds"] * 1e3} for r in projections if r["n"] in shown],
+                  "step_ms": r["projected_step_seconds"] * 1e3,
+                  "pess_ms": r["projected_pessimistic_step_seconds"] * 1e3} for r in projections if r["n"] in shown],
                 PROJECTION_COLUMNS))
     if validation:
         print(f"\nvalidation: projected with the measured links vs real torchrun (gloo) on {hw['device']}\n")
         print(table([{**c, "compute_ms": c["measured_compute_seconds"] * 1e3,
                       "projected_ms": c["projected_step_seconds"] * 1e3,
-                      "real_ms": c["measured_torchrun_seconds"] * 1e3} for c in validation["checks"]],
+                      "real_ms": c["measured_torchrun_seconds"] * 1e3,
+                      "pess_ms": c["projected_pessimistic_step_seconds"] * 1e3} for c in validation["checks"]],
                     VALIDATION_COLUMNS))
         for k in fitted:
             print(f"\n{k}: mean |relative error| of the projected step (N > 1) "
@@ -522,13 +849,16 @@ def main(argv=None) -> None:
     for note in notes:
         print(f"note: {note}")
 
-    path = write_json(f"project_{name}.json", {
+    path = write_json(f"project_{name}.json", provenance_=prov, data={
         "hardware": hw, "compute_measured_on": compute_on,
         "command": "python benchmarks/project.py " + " ".join(sys.argv[1:] if argv is None else argv), "args": vars(args),
         # 1-minute load average before and after: timings on a machine busy with other work are not clean
         "load_average_1min": {"before": load_before[0], "after": load_after[0]},
-        "model": "step = max(compute, comm_async) + comm_critical (full/partial/none), compute + comm (sync); "
-                 "comm = messages x latency + bytes / bandwidth, all-reduce 2(N-1) latency hops; see the docstring",
+        "model": "optimistic: step = max(compute, comm_async) + comm_critical (full/partial/none), compute + comm "
+                 "(sync); pessimistic: stale traffic serialised ahead of mid-step critical collectives on one "
+                 "communicator, else max(compute + charge, stale) + one post's tail + critical; comm = messages x "
+                 "latency + bytes / bandwidth, all-reduce 2(N-1) latency hops, N > 8 over ib400; see the docstring",
+        "charge": asdict(charge) if charge else None,
         "norm_stats_on_critical_path": True,
         "links": [asdict(k) for k in links],
         "pingpong_one_way_seconds": {k: {str(b): t for b, t in v.items()} for k, v in one_way.items()},

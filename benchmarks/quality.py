@@ -34,7 +34,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, hardware, table, write_json  # noqa: E402
+from common import RESULTS, hardware, provenance, table, write_json  # noqa: E402
 from swd import PATCHES_PER_LEVEL, pyramid_depth, pyramid_patches, swd  # noqa: E402
 
 from parafuse.models import load_model  # noqa: E402
@@ -236,6 +236,7 @@ def main(argv=None) -> int:
     p.add_argument("--name", default="quality_cpu")
     p.add_argument("--replot", action="store_true", help="redraw the plot of the results already in --name's JSON")
     a = p.parse_args(argv)
+    prov = provenance(argv)
     if a.replot:
         res = json.load(open(os.path.join(RESULTS, f"{a.name}.json")))
         plot(res["rows"], argparse.Namespace(**res["args"]), res["hardware"])
@@ -257,7 +258,7 @@ def main(argv=None) -> int:
                            ("portion", "p"), ("bytes_share", "bytes / distrifusion's (run)"),
                            ("steady_bytes_share", "steady-state share"), ("bytes_limit", "limit"),
                            ("psnr_gap_db", "PSNR gap dB"), ("met", "met (run)"), ("met_steady", "met (steady)")]))
-    path = write_json(f"{a.name}.json", {"hardware": hw, "command": "python benchmarks/quality.py " + " ".join(
+    path = write_json(f"{a.name}.json", provenance_=prov, data={"hardware": hw, "command": "python benchmarks/quality.py " + " ".join(
         sys.argv[1:] if argv is None else argv), "args": vars(a), "seconds": time.perf_counter() - begin,
         "rows": rows, "targets": goal})
     plot(rows, a, hw)

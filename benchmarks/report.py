@@ -1,9 +1,12 @@
-"""The README's "Performance" section, from the committed benchmark results.
+"""docs/performance.md, entirely from the committed benchmark results.
 
 Reads the JSON under benchmarks/results/ that the benchmark scripts wrote (scaling.py, project.py,
 quality.py - the committed grid and the extra quality_*.json runs -, attention_reach.py,
-throughput.py, gpu_check.py where a GPU has run it) and rewrites the README between
-the markers `<!-- performance:begin -->` and `<!-- performance:end -->`, with three plots:
+throughput.py, gpu_check.py where a GPU has run it) and writes docs/performance.md, every figure
+inside the generated block `<!-- generated:begin performance -->` .. `<!-- generated:end
+performance -->`, each GPU table with the commit its JSON records (or, for results written before
+the provenance stamp, the commit that committed the file). One configuration, one figure: where
+two GPU results measured the same configuration, the later one is shown. Three plots:
 
     report_speedup.png   speedup vs N per mode: per-rank compute measured on this CPU, end-to-end
                          torchrun runs on this CPU (N <= cores), per-rank compute measured on a GPU
@@ -15,8 +18,12 @@ the markers `<!-- performance:begin -->` and `<!-- performance:end -->`, with th
 Every table and figure names the command and the hardware that produced its numbers; nothing is
 measured here.
 
-    python benchmarks/report.py            # rewrite the README section and the plots
-    python benchmarks/report.py --check    # exit 1 if the README section is out of date
+    python benchmarks/report.py            # rewrite docs/performance.md and the plots
+    python benchmarks/report.py --check    # exit 1 if docs/performance.md is out of date
+
+Figures outside generated blocks in docs/*.md: `figures_outside_blocks` (tested) finds every
+timing or speedup figure (ms, µs, ×, GB/s, TFLOP/s) there; allowed only on a line marked as a CPU
+figure with its JSON source, `<!-- cpu-figure: benchmarks/results/NAME.json -->`.
 """
 from __future__ import annotations
 
@@ -24,14 +31,62 @@ import argparse
 import glob
 import json
 import os
+import re
+import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import RESULTS, table  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-README = os.path.join(ROOT, "README.md")
-BEGIN, END = "<!-- performance:begin -->", "<!-- performance:end -->"
+DOCS = os.path.join(ROOT, "docs")
+PERFORMANCE = os.path.join(DOCS, "performance.md")
+BEGIN, END = "<!-- generated:begin performance -->", "<!-- generated:end performance -->"
+BLOCK = re.compile(r"<!-- generated:begin (\S+) -->.*?<!-- generated:end \1 -->", re.S)
+# a timing or speedup figure: a number and its unit (a "×" or "x" followed by another number is a shape)
+FIGURE = re.compile(r"(?<![\w.])\d+(?:[.,]\d+)?\s?(?:ms|µs|us|GB/s|TFLOP/s|TFLOPS|×(?!\s?\d)|x(?![\w\d]))")
+CPU_MARK = re.compile(r"<!-- cpu-figure: (benchmarks/results/[\w.-]+\.json) -->")
+
+
+def figures_outside_blocks(text: str, root: str = ROOT) -> list[str]:
+    """The lines of a docs page that hold a timing or speedup figure outside every generated block,
+    unless marked as a CPU figure whose JSON source exists."""
+    bad = []
+    for line in BLOCK.sub("", text).splitlines():
+        if not FIGURE.search(line):
+            continue
+        mark = CPU_MARK.search(line)
+        if mark and os.path.exists(os.path.join(root, mark.group(1))):
+            continue
+        bad.append(line.strip())
+    return bad
+
+
+def committed(path: str) -> tuple[int, str]:
+    """(time, short hash) of the last commit that changed `path`; (0, "uncommitted") where git does not know it."""
+    try:
+        out = subprocess.run(["git", "log", "-1", "--format=%ct %h", "--", os.path.relpath(path, ROOT)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=20).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        out = []
+    return (int(out[0]), out[1]) if len(out) == 2 else (0, "uncommitted")
+
+
+def commit_time(commit: str) -> int:
+    try:
+        out = subprocess.run(["git", "show", "-s", "--format=%ct", commit], cwd=ROOT, capture_output=True, text=True,
+                             timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    return int(out) if out.isdigit() else 0
+
+
+def origin(res: dict, path: str) -> str:
+    """Which code a result came from: its provenance stamp, else the commit that committed its file."""
+    p = res.get("provenance")
+    if p and p.get("commit"):
+        return f"commit {p['commit'][:7]}" + (" (tree dirty)" if p.get("dirty") else "")
+    return f"no commit recorded (file committed in {committed(path)[1]})"
 MODE_STYLE = {"full": "C0", "partial": "C1", "none": "C7", "sync": "C2", "distrifusion": "C3", "pcpp": "C4"}
 
 
@@ -99,13 +154,36 @@ def gpu_scaling_rows(g: dict) -> list[dict]:
     sections and the scaling.py runs on the same device, each with the command that produced it."""
     import gpu_check
 
-    rows = [{**r, "command": gpu_check.COMMAND} for name in ("scaling", "graphs")
-            for r in g["sections"].get(name, {}).get("result", {}).get("rows", []) if "speedup" in r]
+    runs = {name: run["commit"] for run in g.get("runs", []) for name in run.get("kept", [])}
+    rows = []
+    for name in ("scaling", "graphs"):
+        sec = g["sections"].get(name, {})
+        commit = (sec.get("provenance") or {}).get("commit") or runs.get(name)
+        rows += [{**r, "command": gpu_check.COMMAND, "origin": f"commit {commit[:7]}" if commit else "unknown",
+                  "when": commit_time(commit) if commit else 0}
+                 for r in sec.get("result", {}).get("rows", []) if "speedup" in r]
     for path in sorted(glob.glob(os.path.join(RESULTS, "scaling_*.json"))):
         res = json.load(open(path))
         if res["hardware"]["device"] == g["hardware"]["device"]:
-            rows += [{**r, "command": f"PYTHONPATH=.:kernels {res['command']}"} for r in res["rows"] if "speedup" in r]
-    return rows
+            stamp = (res.get("provenance") or {}).get("commit")
+            when = commit_time(stamp) if stamp else committed(path)[0]
+            rows += [{**r, "command": f"PYTHONPATH=.:kernels {res['command']}", "origin": origin(res, path),
+                      "when": when} for r in res["rows"] if "speedup" in r]
+    return current(rows)
+
+
+CONFIGURATION = ("model", "size", "mode", "n", "cuda_graphs", "kernels", "transport")
+
+
+def current(rows: list[dict]) -> list[dict]:
+    """One figure per configuration: the row of the latest result (`when`) where several measured it."""
+    latest: dict[tuple, dict] = {}
+    for r in rows:
+        key = tuple(r.get(k) or ("torch" if k == "kernels" else None) for k in CONFIGURATION)
+        if key not in latest or r["when"] >= latest[key]["when"]:
+            latest[key] = r
+    return [r for r in rows if latest[tuple(r.get(k) or ("torch" if k == "kernels" else None)
+                                            for k in CONFIGURATION)] is r]
 
 
 def gpu_section(gpus: list[dict]) -> list[str]:
@@ -126,14 +204,15 @@ def gpu_section(gpus: list[dict]) -> list[str]:
         out += ["", table(gpu_check.summary(g) + gpu_check.target_rows(g, extra), [("section", "section"), ("result", "result")]),
                 ""]
         rows = [r for r in measured if r["mode"] != "serial"]
-        commands = sorted({r["command"] for r in rows})
+        commands = sorted({f"{r['command']}` at {r['origin']}" for r in rows})
         rows = [{**r, "graphs": "graphed" if r.get("cuda_graphs") else "eager", "kernels": r.get("kernels", "torch"),
                  "communication": "side-stream copies" if r.get("transport") == "loopback" else "none (compute alone)",
-                 "source": commands.index(r["command"]) + 1} for r in rows]
+                 "source": commands.index(f"{r['command']}` at {r['origin']}") + 1} for r in rows]
         out += [f"Per-rank compute speedup on {device} (bf16; the slowest strip's steady-state step against the "
-                "serial step, both eager or both graphed; `source` numbers the command below):", "",
+                "serial step, both eager or both graphed; one figure per configuration, the latest result's; "
+                "`source` numbers the command and commit below):", "",
                 pivot(rows, ("model", "size", "mode", "graphs", "kernels", "communication", "source"), "speedup"), ""]
-        out += [f"{i}. `{c}`" for i, c in enumerate(commands, 1)] + [""]
+        out += [f"{i}. `{c}" for i, c in enumerate(commands, 1)] + [""]
         for path in sorted(glob.glob(os.path.join(RESULTS, "project_*.json"))):
             proj = json.load(open(path))
             if proj.get("compute_measured_on") != device:
@@ -141,10 +220,20 @@ def gpu_section(gpus: list[dict]) -> list[str]:
             graphed = {(r["model"], r["size"]) for r in proj["measured_rows"] if r.get("cuda_graphs")}
             prow = [{**r, "graphs": "graphed" if (r["model"], r["size"]) in graphed else "eager",
                      "kernels": r.get("kernels", "torch")} for r in proj["projections"] if r["n"] in (2, 4, 8, 16)]
+            charge = (proj.get("charge") or {}).get("source", "none")
             out += [f"**Projected** (not measured) from the rows of `{proj['args']['scaling']}` and the counted "
-                    f"bytes, per link: `{proj['command']}`; per-rank compute at an N not measured is "
-                    "interpolated or extrapolated (benchmarks/project.py).", "",
-                    pivot(prow, ("model", "size", "mode", "graphs", "kernels", "link"), "projected_speedup"), ""]
+                    f"bytes, per link: `{proj['command']}` at {origin(proj, path)}; per-rank compute at an N not "
+                    "measured is interpolated or extrapolated, sync rows marked in the JSON take full's compute "
+                    "(benchmarks/project.py). Two bounds fixed before the results were read: optimistic "
+                    "(communication hides behind compute) and pessimistic (stale traffic queued ahead of the exact "
+                    "all-reduces on one communicator, an SM/HBM charge of at least the on-device loopback loss, "
+                    f"one-step overlap window; charge: {charge}), and the pessimistic bound with the opt-in stale "
+                    "communicator. N > 8: nodes of 8 over 400 Gb/s InfiniBand.", ""]
+            for key, what in (("projected_speedup", "optimistic"), ("projected_pessimistic_speedup", "pessimistic"),
+                              ("projected_stale_channel_speedup", "pessimistic, stale traffic on its own communicator")):
+                if all(key in r for r in prow):
+                    out += [f"{what}:", "", pivot(prow, ("model", "size", "mode", "graphs", "kernels", "link"), key),
+                            ""]
     return out
 
 
@@ -195,7 +284,7 @@ TARGET_COLUMNS = [("model", "model"), ("size", "size"), ("n", "N"), ("mode", "mo
                   ("steady_bytes_share", "steady-state share"), ("bytes_limit", "limit"),
                   ("psnr_gap_db", "PSNR gap dB"), ("met", "met (run)"), ("met_steady", "met (steady)")]
 CODEC_NOTE = ("`MODE+sign`: the mode with `--kv-codec sign`, its stale K/V sent as one-bit messages "
-              "(`parafuse/parallel/kv_codec.py`; see [Architecture](#architecture)).")
+              "(`parafuse/parallel/kv_codec.py`; see the README's [Architecture](../README.md#architecture)).")
 
 
 def target_rows(targets: list[dict]) -> list[dict]:
@@ -307,6 +396,35 @@ def attention_reach_section(res: dict | None) -> list[str]:
             ""]
 
 
+def peers_section(res: dict | None) -> list[str]:
+    """benchmarks/peers.py: diffusers' Ulysses beside parafuse on a Flux-config pipeline."""
+    if not res:
+        return []
+    cmd = (res.get("provenance") or {}).get("command", "python benchmarks/peers.py")
+    target = res.get("target") or {}
+    verdict = (f"Target (N = 8, 4096², `full --kv-codec sign`, exact text merge, at most 0.5x Ulysses' bytes per "
+               f"rank with no image K/V on the critical path): {target['share_of_ulysses']:.3f}x, "
+               f"{'met' if target['met'] else 'missed'}." if target else "")
+    return ["### Beside diffusers' own context parallelism (Ulysses)", "",
+            f"`{cmd}` on {hw(res)} at {origin(res, os.path.join(RESULTS, 'peers_cpu.json'))}. Measured (float32, "
+            "one double and one single Flux block at Flux's widths, and at 24 heads of 8 channels for N = 8): bytes "
+            "of the busiest rank's steady step, and the final latents against diffusers' single-process output; "
+            "each measured row checks the closed forms the counted rows use (`closed form off by`: relative, per "
+            "kind).", "",
+            table([{**r, "total_kb": sum(r["bytes_per_step"].values()) / 1e3,
+                    "worst": max(r["check"].values(), default=0.0)} for r in res["measured"]],
+                  [("config", "widths"), ("size", "px"), ("n", "N"), ("system", "system"), ("total_kb", "KB/step"),
+                   ("max_abs", "max abs vs single process"), ("psnr_db", "PSNR dB"), ("worst", "closed form off by")]),
+            "", "Counted (the closed forms) for Flux-dev: 19 + 38 joint attentions, 512 text tokens, bf16 "
+            "activations; bytes per step and rank, and those on the critical path (Ulysses: all of them). " + verdict,
+            "",
+            table([{**r, "total_mb": r["total_bytes"] / 1e6, "critical_mb": r["critical_bytes"] / 1e6,
+                    "critical_kinds": ", ".join(r["critical_kinds"])} for r in res["counted"]],
+                  [("size", "px"), ("n", "N"), ("system", "system"), ("total_mb", "MB/step/rank"),
+                   ("critical_mb", "MB on the critical path"), ("share_of_ulysses", "x Ulysses' bytes"),
+                   ("critical_kinds", "critical kinds")]), ""]
+
+
 def throughput_section(res: dict | None) -> list[str]:
     if not res:
         return []
@@ -406,8 +524,10 @@ def save(fig, name: str) -> str:
 def section() -> tuple[str, tuple]:
     scaling, project, quality = load("scaling_cpu.json"), load("project_cpu.json"), load("quality_cpu.json")
     gpus = gpu_results()
-    lines = [BEGIN, "", "## Performance", "",
-             "Generated by `python benchmarks/report.py` from the JSON under `benchmarks/results/`; each table "
+    lines = ["# Performance", "",
+             "This page is written by `python benchmarks/report.py` from the JSON under `benchmarks/results/`, and "
+             "`tests/test_benchmarks.py` fails when it is out of date. Do not edit it by hand.", "", BEGIN, "",
+             "Generated from the JSON under `benchmarks/results/`; each table "
              "names the command and hardware behind it. Figures: `benchmarks/results/report_speedup.png` (speedup "
              "vs N: measured per-rank compute, measured CPU torchrun runs, GPU rows where a GPU has run "
              "`gpu_check.py`, and projections labelled as such), `report_bytes.png` (bytes vs N against both "
@@ -442,32 +562,30 @@ def section() -> tuple[str, tuple]:
                            "GroupNorm, so `distrifusion` computes what `full` computes; only its bytes differ.")
     lines += extra_quality("quality_1024_50_dit_cpu.json", "A DiT at 1024², 50 steps")
     lines += throughput_section(load("throughput_cpu.json"))
+    lines += peers_section(load("peers_cpu.json"))
     lines += [END]
     return "\n".join(lines), (scaling, project, quality, gpus)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--check", action="store_true", help="exit 1 if the README section is out of date")
+    p.add_argument("--check", action="store_true", help="exit 1 if docs/performance.md is out of date")
     a = p.parse_args(argv)
     text, sources = section()
-    readme = open(README).read()
-    if BEGIN in readme and END in readme:
-        head, rest = readme.split(BEGIN, 1)
-        new = head + text + rest.split(END, 1)[1]
-    else:
-        new = readme.rstrip("\n") + "\n\n" + text + "\n"
+    new = text + "\n"
     if a.check:
-        if new != readme:
-            print("README's Performance section is out of date: run python benchmarks/report.py")
+        old = open(PERFORMANCE).read() if os.path.exists(PERFORMANCE) else ""
+        if new != old:
+            print("docs/performance.md is out of date: run python benchmarks/report.py")
             return 1
         return 0
     written = plots(*sources)
-    tmp = README + ".tmp"
+    os.makedirs(DOCS, exist_ok=True)
+    tmp = PERFORMANCE + ".tmp"
     with open(tmp, "w") as f:
         f.write(new)
-    os.replace(tmp, README)
-    print(f"rewrote the Performance section of README.md; plots: {', '.join(written)}")
+    os.replace(tmp, PERFORMANCE)
+    print(f"wrote docs/performance.md; plots: {', '.join(written)}")
     return 0
 
 

@@ -8,6 +8,16 @@ neighbour) and a middle strip (two neighbours) counts. The serial baseline runs 
 dtype and attention backend. Also per row: bytes and messages per step by kind (of the busiest of
 the two strips), exchange state held between steps, ATen ops per step and peak memory.
 
+Like with like (issue 28): the serial step runs with the same kernels as the strips (`--kernels
+triton`: a one-strip engine puts the same patch layers, and their Triton GroupNorm, into the
+serial model; it sends nothing), so each kernel choice has its own serial row and the kernel gain
+is reported apart (`kernel_gain`: the PyTorch serial step over this one). Peak memory is measured
+after the model is in its dtype (`weights_bytes` then, `peak_memory_bytes` the peak above zero,
+`activation_peak_bytes` the peak above the weights). On CUDA each row also records the host's time
+to issue one step (`host_seconds`) and flags `host_bound` where issuing takes at least 90% of the
+step: the GPU then waits for Python, and the row measures the host, not the kernels. `sync` is
+among the default modes, beside full and partial.
+
 With `--transport loopback` the step also does its communication, as device-to-device copies on
 a side stream (`LoopbackTransport`), which overlap compute as NCCL's would. On CPU it also times
 real `torchrun` runs (gloo) for N up to the core count: mean seconds of the steady-state steps
@@ -30,7 +40,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, hardware, table, write_json  # noqa: E402
+from common import RESULTS, hardware, provenance, table, write_json  # noqa: E402
 
 from parafuse.models import load_model  # noqa: E402
 from parafuse.parallel.distributed import ParallelLayout  # noqa: E402
@@ -45,19 +55,25 @@ KERNELS = [k.value for k in Kernels]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def time_step(step, device: torch.device, warmup: int = 2, repeat: int = 5, max_seconds: float = 20.0) -> float:
-    """Median seconds of `step()`; CUDA time from events, without a synchronisation per call
-    beyond the one that reads them."""
+HOST_BOUND = 0.9     # issuing a step takes at least this share of its GPU time: the host sets the pace
+
+
+def time_steps(step, device: torch.device, warmup: int = 2, repeat: int = 5,
+               max_seconds: float = 20.0) -> tuple[list[float], list[float]]:
+    """(seconds, host seconds) of each timed call of `step()`; CUDA time from events, without a
+    synchronisation per call beyond the one that reads them; host seconds: the time to issue it."""
     for _ in range(warmup):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    times, begin = [], time.perf_counter()
+    times, host, begin = [], [], time.perf_counter()
     for _ in range(repeat):
         if device.type == "cuda":
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
+            t0 = time.perf_counter()
             step()
+            host.append(time.perf_counter() - t0)
             b.record()
             b.synchronize()
             times.append(a.elapsed_time(b) / 1000)
@@ -65,29 +81,54 @@ def time_step(step, device: torch.device, warmup: int = 2, repeat: int = 5, max_
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
+            host.append(times[-1])
         if time.perf_counter() - begin > max_seconds:
             break
-    return statistics.median(times)
+    return times, host
+
+
+def time_step(step, device: torch.device, warmup: int = 2, repeat: int = 5, max_seconds: float = 20.0) -> float:
+    """Median seconds of `step()` (see `time_steps`)."""
+    return statistics.median(time_steps(step, device, warmup, repeat, max_seconds)[0])
+
+
+def serial_runtime(model, device, dtype, cuda_graphs: bool, kernels: str, patch_layers: bool) -> Runtime:
+    """The serial step's runtime on `kernels`; with `patch_layers`, the strips' patch layers on the
+    whole image (a one-strip engine: no peers, nothing sent), so that their kernels run there too."""
+    rt = Runtime(model, ParallelConfig(), device=str(device), dtype=dtype, cuda_graphs=cuda_graphs, kernels=kernels,
+                 transport=NullTransport(0, 1))
+    if patch_layers:
+        from parafuse.parallel.engine import ExchangeEngine
+        from parafuse.parallel.parallelize import parallelize
+
+        rt.engine = ExchangeEngine(rt.transport, [0], "sync", kernels=rt.kernels)
+        parallelize(rt.model, rt.engine)
+    return rt
 
 
 def measure(model, req: Request, device, dtype, mode: str | None, n: int, strip: int, warmup_steps: int = 1,
             repeat: int = 5, cuda_graphs: bool = False, transport: str = "null", kernels: str = "torch") -> dict:
-    """One strip's steady-state step (or the serial step, mode None): seconds, bytes per step by
-    kind, state bytes, ATen ops, peak memory. `transport`: "null" (compute alone) or "loopback"
-    (the step's communication done as device copies on a side stream). `kernels`: the patch
-    layers' (--kernels; the serial step is the plain model's). Leaves `model` plain."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
+    """One strip's steady-state step (or the serial step, mode None): seconds (median, with the
+    spread of the timed calls), host seconds, bytes per step by kind, state bytes, ATen ops, memory.
+    `transport`: "null" (compute alone) or "loopback" (the step's communication done as device
+    copies on a side stream). `kernels`: the patch layers' - the serial step's too: other than
+    "torch", a one-strip engine puts the same patch layers into the serial model. Memory is
+    measured from after the model is in its dtype. Leaves `model` plain."""
     if mode is None:
-        rt = Runtime(model, ParallelConfig(), device=str(device), dtype=dtype, cuda_graphs=cuda_graphs)
+        rt = serial_runtime(model, device, dtype, cuda_graphs, kernels, patch_layers=kernels != "torch")
     else:
         rt = Runtime(model, ParallelConfig(mode, warmup_steps), device=str(device), dtype=dtype,
                      layout=ParallelLayout(strip, n), cuda_graphs=cuda_graphs, kernels=kernels,
                      transport=(LoopbackTransport if transport == "loopback" else NullTransport)(strip, n))
+    weights = None
+    if device.type == "cuda":          # from here: the model is in its dtype on the device
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        weights = torch.cuda.memory_allocated(device)
     try:
         step = rt.rank_step(req)
-        seconds = time_step(step, device, repeat=repeat)
+        times, host = time_steps(step, device, repeat=repeat)
+        seconds, host_seconds = statistics.median(times), statistics.median(host)
         eager = rt.rank_step(req) if cuda_graphs else step     # its first call runs eagerly
         with OpCounter() as ops:       # a replayed graph dispatches no ATen ops: count the eager step
             eager()
@@ -97,10 +138,15 @@ def measure(model, req: Request, device, dtype, mode: str | None, n: int, strip:
         sent = rt.transport.totals()[0] if rt.transport is not None else {}
         messages = dict(rt.transport.messages_sent) if rt.transport is not None else {}
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-        return {"seconds": seconds, "bytes_per_step": {k: v for k, v in sent.items() if v},
+        return {"seconds": seconds, "seconds_min": min(times), "seconds_max": max(times), "repeats": len(times),
+                "host_seconds": host_seconds, "ops_per_ms": ops.total / (seconds * 1e3),
+                "host_bound": (host_seconds >= HOST_BOUND * seconds and not cuda_graphs) if device.type == "cuda"
+                else None,
+                "bytes_per_step": {k: v for k, v in sent.items() if v},
                 "messages_per_step": {k: v for k, v in messages.items() if v},
                 "state_bytes": rt.engine.state_bytes() if rt.engine is not None else 0,
-                "aten_ops": ops.total, "peak_memory_bytes": peak}
+                "aten_ops": ops.total, "peak_memory_bytes": peak, "weights_bytes": weights,
+                "activation_peak_bytes": None if peak is None else peak - weights}
     finally:
         if rt.engine is not None:
             rt.engine.drain()
@@ -111,8 +157,9 @@ def scaling_rows(model_name: str, sizes, ranks, modes, device, dtype, repeat: in
                  deadline: float | None = None, log=print, cuda_graphs: bool = False,
                  transport: str = "null", kernels=("torch",), serial_rows=()) -> list[dict]:
     """Rows of (model, size, N, mode, kernels): the slowest strip's step against the serial step,
-    both graphed or both eager (like with like). `kernels`: the patch layers' kernels to measure
-    each strip with (the serial step is the plain model's, whatever they are). `serial_rows`:
+    both graphed or both eager, both on the same kernels (like with like). `kernels`: the patch
+    layers' kernels to measure each strip with, and a serial row with each (`kernel_gain`: the
+    PyTorch serial step over it, where both were measured). `serial_rows`:
     serial rows of an earlier call (same model, device and graphs), reused instead of measured again
     and not repeated in the result."""
     model = load_model(model_name, device=device)
@@ -123,13 +170,20 @@ def scaling_rows(model_name: str, sizes, ranks, modes, device, dtype, repeat: in
             continue
         req = Request(size, size, steps=8, solver="ddim", seed=0,
                       context=None, label=0 if model.spec.num_classes else None)
-        serial = next((r for r in serial_rows if (r["model"], r["size"], r["mode"]) == (model_name, size, "serial")
-                       and "seconds" in r), None)
-        if serial is None:
-            serial = measure(model, req, device, dtype, None, 1, 0, repeat=repeat, cuda_graphs=cuda_graphs)
-            log(f"{model_name} {size}² serial: {serial['seconds'] * 1e3:.1f} ms")
-            rows.append({"model": model_name, "size": size, "mode": "serial", "n": 1, "cuda_graphs": cuda_graphs,
-                         **serial, "serial_seconds": serial["seconds"], "speedup": 1.0})
+        serials = {}
+        for kern in kernels:
+            serial = next((r for r in serial_rows if (r["model"], r["size"], r["mode"]) == (model_name, size, "serial")
+                           and r.get("kernels", "torch") == kern and "seconds" in r), None)
+            if serial is None:
+                serial = measure(model, req, device, dtype, None, 1, 0, repeat=repeat, cuda_graphs=cuda_graphs,
+                                 kernels=kern)
+                log(f"{model_name} {size}² serial ({kern} kernels): {serial['seconds'] * 1e3:.1f} ms")
+                rows.append({"model": model_name, "size": size, "mode": "serial", "n": 1, "cuda_graphs": cuda_graphs,
+                             "kernels": kern, **serial, "serial_seconds": serial["seconds"], "speedup": 1.0})
+            serials[kern] = serial
+        for r in rows:
+            if r.get("mode") == "serial" and r.get("size") == size and "torch" in serials and "seconds" in r:
+                r["kernel_gain"] = serials["torch"]["seconds"] / r["seconds"]
         for n in ranks:
             if n == 1:
                 continue
@@ -139,12 +193,16 @@ def scaling_rows(model_name: str, sizes, ranks, modes, device, dtype, repeat: in
                         rows.append({"model": model_name, "size": size, "mode": mode, "n": n, "kernels": kern,
                                      "skipped": "time budget"})
                         continue
+                    serial = serials[kern]
                     rows.append(strip_row(model, model_name, size, req, device, dtype, mode, n, serial, repeat,
                                           cuda_graphs, transport, kern))
                     r = rows[-1]
+                    if "torch" in serials:       # against the PyTorch serial step: the kernel gain included
+                        r["speedup_vs_torch_serial"] = serials["torch"]["seconds"] / r["seconds"]
                     log(f"{model_name} {size}² N={n} {mode} ({kern} kernels): {r['seconds'] * 1e3:.1f} ms "
-                        f"(strip {r['strip']}), speedup {r['speedup']:.2f}x, "
-                        f"{sum(r['bytes_per_step'].values()) / 1e6:.2f} MB/step, {r['aten_ops']} ops vs {serial['aten_ops']}")
+                        f"(strip {r['strip']}), speedup {r['speedup']:.2f}x against the serial step on the same "
+                        f"kernels, {sum(r['bytes_per_step'].values()) / 1e6:.2f} MB/step, {r['aten_ops']} ops vs "
+                        f"{serial['aten_ops']}" + (", HOST-BOUND" if r.get("host_bound") else ""))
     del model
     return rows
 
@@ -204,9 +262,10 @@ def torchrun_rows(model_name: str, size: int, ranks, modes, steps: int, warmup: 
     return rows
 
 
-COLUMNS = [("model", "model"), ("size", "px"), ("mode", "mode"), ("n", "N"), ("seconds", "step s"),
-           ("speedup", "speedup"), ("mb_per_step", "MB/step"), ("state_mb", "state MB"), ("aten_ops", "ATen ops"),
-           ("peak_gb", "peak GB")]
+COLUMNS = [("model", "model"), ("size", "px"), ("mode", "mode"), ("kernels", "kernels"), ("n", "N"),
+           ("seconds", "step s"), ("spread", "min..max s"), ("speedup", "speedup"), ("kernel_gain", "kernel gain"),
+           ("mb_per_step", "MB/step"), ("state_mb", "state MB"), ("aten_ops", "ATen ops"), ("ops_per_ms", "ops/ms"),
+           ("host", "host-bound"), ("peak_gb", "peak GB"), ("act_gb", "activations GB")]
 
 
 def printable(rows: list[dict]) -> list[dict]:
@@ -216,6 +275,9 @@ def printable(rows: list[dict]) -> list[dict]:
         r["mb_per_step"] = sum(r.get("bytes_per_step", {}).values()) / 1e6
         r["state_mb"] = r.get("state_bytes", 0) / 1e6
         r["peak_gb"] = r["peak_memory_bytes"] / 1e9 if r.get("peak_memory_bytes") else ""
+        r["act_gb"] = r["activation_peak_bytes"] / 1e9 if r.get("activation_peak_bytes") is not None else ""
+        r["spread"] = f"{r['seconds_min']:.4g}..{r['seconds_max']:.4g}" if "seconds_min" in r else ""
+        r["host"] = {True: "YES", False: "no", None: ""}[r.get("host_bound")]
         out.append(r)
     return out
 
@@ -248,20 +310,21 @@ def main(argv=None) -> None:
     p.add_argument("--models", nargs="+", default=["default", "dit-small"])
     p.add_argument("--sizes", nargs="+", type=int, default=[256, 512])
     p.add_argument("--ranks", nargs="+", type=int, default=[1, 2, 4, 8])
-    p.add_argument("--modes", nargs="+", default=["full", "partial"])
+    p.add_argument("--modes", nargs="+", default=["sync", "full", "partial"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--cuda-graphs", action="store_true", help="graph the serial and the strip steps (CUDA)")
     p.add_argument("--kernels", nargs="+", choices=KERNELS, default=["torch"],
-                   help="the patch layers' kernels (parafuse.generate --kernels), each measured; the serial step is "
-                        "the plain model's")
+                   help="the patch layers' kernels (parafuse.generate --kernels), each measured, the serial step "
+                        "with each too (like with like; kernel_gain reports the kernels' own gain)")
     p.add_argument("--transport", choices=("null", "loopback"), default="null",
                    help="null: compute alone; loopback: with the step's communication as device copies")
     p.add_argument("--budget", type=float, default=None, help="seconds; configurations past it are skipped")
     p.add_argument("--torchrun-size", type=int, default=256, help="CPU: image size of the real torchrun runs (0: none)")
     p.add_argument("--name", default=None, help="output name under benchmarks/results (default: scaling_<device>)")
     args = p.parse_args(argv)
+    prov = provenance(argv)
     device = torch.device(args.device)
     deadline = time.perf_counter() + args.budget if args.budget else None
     rows = []
@@ -280,7 +343,7 @@ def main(argv=None) -> None:
         print("\nreal torchrun (gloo) runs, mean steady-state step\n")
         print(table(real, [("model", "model"), ("size", "px"), ("mode", "mode"), ("n", "N"), ("seconds", "step s"),
                            ("speedup", "speedup")]))
-    path = write_json(f"{name}.json", {"hardware": hw, "command": "python benchmarks/scaling.py " + " ".join(
+    path = write_json(f"{name}.json", provenance_=prov, data={"hardware": hw, "command": "python benchmarks/scaling.py " + " ".join(
         sys.argv[1:] if argv is None else argv), "args": vars(args), "rows": rows, "torchrun": real})
     png = os.path.join(RESULTS, f"{name}.png")
     print(f"wrote {path}" + (f" and {png}" if plot(rows, png, f"per-rank compute — {hw['device']}") else ""))

@@ -31,6 +31,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch.utils._pytree import tree_map
 
 
 class CaptureError(RuntimeError):
@@ -38,46 +39,59 @@ class CaptureError(RuntimeError):
 
 
 class GraphedEvaluations:
-    """Runs `evaluate(x)` per step plan name: eager, then captured, then replayed."""
+    """Runs `evaluate(*inputs)` per key (a step plan's name, or a pipeline call's signature): eager,
+    then captured, then replayed. Every input tensor is copied into its static buffer before a
+    replay; the output (a tensor, or a structure of them) is cloned out. `pool`: one memory pool
+    shared by a session's graphs. `capture(region, pool) -> (replay, output)` records `region`;
+    the default makes a CUDA graph (`capture_cuda_graph`)."""
 
-    def __init__(self, evaluate: Callable[[torch.Tensor], torch.Tensor], engine=None, transport=None):
+    def __init__(self, evaluate: Callable, engine=None, transport=None, pool=None, capture=None):
         self.evaluate = evaluate
         self.engine = engine
         self.transport = transport
-        self.seen: dict[str, int] = {}
-        self.graphs: dict[str, tuple] = {}
+        self.pool = pool
+        self.capture = capture or capture_cuda_graph
+        self.seen: dict = {}
+        self.graphs: dict = {}
 
-    def __call__(self, plan: str, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, plan, *inputs: torch.Tensor):
         if plan in self.graphs:
-            graph, static_x, static_out, counts = self.graphs[plan]
-            static_x.copy_(x)
-            graph.replay()
+            replay, statics, static_out, counts = self.graphs[plan]
+            for static, x in zip(statics, inputs):
+                static.copy_(x)
+            replay()
             self._count(counts)                  # a replay moves what the captured evaluation moved
-            return static_out.clone()            # the solver may keep it; the next replay overwrites
+            return _clone(static_out)            # the caller may keep it; the next replay overwrites
         self.seen[plan] = self.seen.get(plan, 0) + 1
         if self.seen[plan] == 1:
-            return self.evaluate(x)
-        return self._capture(plan, x)
+            return self.evaluate(*inputs)
+        return self._capture(plan, inputs)
 
-    def _capture(self, plan: str, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def captures(self) -> int:
+        return len(self.graphs)
+
+    def _capture(self, plan, inputs) -> torch.Tensor:
         if self.engine is not None:
             self.engine.drain()                  # the eager step's exchanges land before capture
-        torch.cuda.synchronize()
-        static_x = x.clone()
+        statics = [x.clone() for x in inputs]
         before = self._snapshot()
-        graph = torch.cuda.CUDAGraph()
+
+        def region():
+            out = self.evaluate(*statics)
+            if self.engine is not None:
+                self.engine.drain()              # join the exchange streams inside the capture
+            return out
+
         try:
-            with torch.cuda.graph(graph):
-                static_out = self.evaluate(static_x)
-                if self.engine is not None:
-                    self.engine.drain()          # join the exchange streams inside the capture
+            replay, static_out = self.capture(region, self.pool)
         except RuntimeError as e:                # graphs are on by default: say how to turn them off
             raise CaptureError(f"capturing the step plan {plan!r} as a CUDA graph failed: {e}. Run with "
-                               "--no-cuda-graphs (Runtime(cuda_graphs=False)) to run every step eagerly") from e
+                               "--no-cuda-graphs (cuda_graphs=False) to run every step eagerly") from e
         counts = self._delta(before)
-        self.graphs[plan] = (graph, static_x, static_out, counts)
-        graph.replay()                           # capture runs nothing: this is the evaluation
-        return static_out.clone()
+        self.graphs[plan] = (replay, statics, static_out, counts)
+        replay()                                 # capture runs nothing: this is the evaluation
+        return _clone(static_out)
 
     # byte accounting: capture counts the evaluation's exchanges once (for its first replay);
     # each later replay adds the same counts
@@ -110,3 +124,35 @@ class GraphedEvaluations:
                 self.transport.bytes_received[k][p] += n
         for k, n in msgs.items():
             self.transport.messages_sent[k] += n
+
+
+def capture_cuda_graph(region: Callable, pool=None):
+    """`region` captured as a CUDA graph: (its replay, its static output)."""
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = region()
+    return graph.replay, out
+
+
+def rerun_capture(region: Callable, pool=None):
+    """A stand-in for `capture_cuda_graph` where no GPU is (tests): a replay runs `region` again on
+    the same static inputs and copies its result into the static output - what a graph replay does
+    to the data, so that a missing copy into a static input shows as a wrong output on the CPU.
+    Recording here runs the region, so that run is the evaluation and the first replay (the one
+    right after a real capture) does nothing. Not faithful in one respect: a rerun counts its
+    exchanges' bytes again, on top of the counts a replay adds."""
+    out = region()
+    ran = [True]
+
+    def replay():
+        if ran[0]:
+            ran[0] = False
+            return
+        tree_map(lambda static, new: static.copy_(new) if isinstance(static, torch.Tensor) else static,
+                 out, region())
+    return replay, out
+
+
+def _clone(out):
+    return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out)

@@ -8,94 +8,28 @@ own device and dtype, gives
   (recorded by a torch-function mode during the trace) - what a patch plan is built from;
 - a FLOP count that extrapolates exactly to any resolution: conv/linear FLOPs are affine in the
   pixel count, self-attention's quadratic.
+The trace itself is `parafuse.parallel.trace.trace_model`, the one both front doors use.
 """
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from parafuse.models.layers import Attention
 from parafuse.parallel.adapter import BUILTIN
-from parafuse.parallel.geometry import StripGeometry, conv_halo
+from parafuse.parallel.geometry import StripGeometry
 from parafuse.parallel.plan import Site
+from parafuse.parallel.trace import Trace, trace_model
 
 
-# calls that read only a tensor's metadata, not its values
-_METADATA = {"size", "dim", "shape", "dtype", "device", "__get__", "is_contiguous", "stride", "numel"}
-
-
-def _value_readers(readers: dict):
-    """A torch-function mode that records, for every tensor registered in `readers` (id -> list),
-    the functions that read its values."""
-    from torch.overrides import TorchFunctionMode
-
-    class Readers(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            if getattr(func, "__name__", "") not in _METADATA:
-                for a in list(args) + list(kwargs.values()):
-                    for t in (a if isinstance(a, (list, tuple)) else [a]):
-                        if isinstance(t, torch.Tensor) and id(t) in readers:
-                            readers[id(t)].append(func)
-            return func(*args, **kwargs)
-    return Readers()
-
-
-def _trace(model: nn.Module, channels: int, height: int, width: int, call_kwargs: dict, adapter):
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
+def _trace(model: nn.Module, channels: int, height: int, width: int, call_kwargs: dict, adapter) -> Trace:
+    """The shape trace (parafuse.parallel.trace) of the built-in call `model(x, t, **call_kwargs)`
+    at latent size height x width; the input lives where the model lives (a CPU input for a CUDA
+    or meta model fails)."""
     p = next(model.parameters())
-    sites, affine, attn = {}, {}, {}
-    model_input = []
-    norm_outputs, readers = {}, {}        # GroupNorm name -> output (kept alive: ids stay unique), readers
-
-    def hook(name):
-        def fn(mod, args, kwargs, out):
-            x = args[0]
-            if isinstance(mod, nn.Conv2d):
-                macs = out.numel() * (mod.in_channels // mod.groups) * mod.kernel_size[0] * mod.kernel_size[1]
-                affine[name] = 2 * macs
-            elif isinstance(mod, nn.Linear):
-                affine[name] = 2 * out.numel() * mod.in_features
-            elif isinstance(mod, Attention):
-                ctx = kwargs.get("context", args[1] if len(args) > 1 else None)
-                lk = x.shape[1] if ctx is None else ctx.shape[1]
-                attn[name] = (4 * x.shape[0] * x.shape[1] * lk * x.shape[2], ctx is None)
-            kind = adapter.site_kind(mod)
-            if kind == "conv":
-                top, bottom = conv_halo(mod.kernel_size[0], mod.stride[0], mod.padding[0], mod.dilation[0])
-                sites[name] = Site(name, "conv", width // x.shape[-1], mod.in_channels, top=top, bottom=bottom,
-                                   first=x is model_input[0])
-            elif kind == "norm":
-                sites[name] = Site(name, "norm", width // x.shape[-1], mod.num_channels, groups=mod.num_groups)
-                norm_outputs[name] = out
-                readers[id(out)] = []
-            elif kind == "attn":
-                factor = round(math.sqrt(height * width / x.shape[1]))
-                sites[name] = Site(name, "attn", factor, x.shape[-1])
-            elif kind == "positions":
-                sites[name] = Site(name, "positions", width // args[1])
-        return fn
-
-    handles = [m.register_forward_hook(hook(n), with_kwargs=True) for n, m in model.named_modules()
-               if isinstance(m, (nn.Conv2d, nn.Linear, Attention)) or adapter.site_kind(m) is not None]
-    try:
-        with FakeTensorMode(allow_non_fake_inputs=True), _value_readers(readers):
-            # the input lives where the model lives: a CPU input for a CUDA (or meta) model fails
-            model_input.append(torch.empty(1, channels, height, width, device=p.device, dtype=p.dtype))
-            model(model_input[0], 500.0, **call_kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-    for name, out in norm_outputs.items():     # SiLU the only reader: the norm may apply it (fused kernels)
-        if readers[id(out)] == [F.silu]:
-            sites[name] = dataclasses.replace(sites[name], silu=True)
-    return list(sites.values()), affine, attn
+    x = torch.empty(1, channels, height, width, device=p.device, dtype=p.dtype)
+    return trace_model(model, adapter, (x, 500.0), call_kwargs, x, (height, width))
 
 
 @dataclass
@@ -111,8 +45,8 @@ class ModelProfile:
         call_kwargs = call_kwargs or {}
         h1, w1 = 2 * unit, 2 * unit
         h2, w2 = 4 * unit, 2 * unit
-        sites, aff1, att1 = _trace(model, channels, h1, w1, call_kwargs, adapter)
-        _, aff2, att2 = _trace(model, channels, h2, w2, call_kwargs, adapter)
+        first, second = (_trace(model, channels, h, w, call_kwargs, adapter) for h, w in ((h1, w1), (h2, w2)))
+        sites, aff1, att1, aff2 = first.sites, first.affine, first.attention, second.affine
         a1, a2 = h1 * w1, h2 * w2
         lin = sum(aff2.values()) - sum(aff1.values())
         const = sum(aff1.values()) - lin * a1 / (a2 - a1)

@@ -17,8 +17,7 @@ from parafuse.checks import CheckError, check_fits, check_numbers, check_schedul
 from parafuse.models import ModelSpec, load_model
 from parafuse.parallel import kv_codec
 from parafuse.parallel.adapter import BUILTIN
-from parafuse.parallel.config import (DEFAULT_MODE, DEFAULT_WARMUP_STEPS, ConfigError, Kernels, PatchConfig,
-                                      dtype_name)
+from parafuse.parallel.config import DEFAULT_MODE, DEFAULT_WARMUP_STEPS, ConfigError, Kernels, PatchConfig
 from parafuse.parallel.distributed import ParallelLayout
 from parafuse.parallel.emulator import emulate_ranks
 from parafuse.parallel.geometry import GeometryError, StripGeometry

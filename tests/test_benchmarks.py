@@ -118,10 +118,38 @@ def test_scaling_rows_measure_each_kernel_choice(monkeypatch):
     monkeypatch.setattr(scaling, "Runtime", runtime)
     rows = scaling.scaling_rows("unet-small", [32], [1, 2], ["full"], torch.device("cpu"), None, repeat=1,
                                 log=lambda *_: None, kernels=("torch", "triton"))
-    assert [(r["mode"], r.get("kernels")) for r in rows] == [("serial", None), ("full", "torch"), ("full", "triton")]
+    # like with like: a serial row on each kernel choice, each strip against the serial on its kernels
+    assert [(r["mode"], r.get("kernels")) for r in rows] == [("serial", "torch"), ("serial", "triton"),
+                                                             ("full", "torch"), ("full", "triton")]
     assert all(r["speedup"] > 0 for r in rows)
-    assert set(asked) == {(False, "torch"), (True, "torch"), (True, "triton")}
-    assert all(kernels == "torch" for strip, kernels in asked if not strip)
+    assert set(asked) == {(False, "torch"), (False, "triton"), (True, "torch"), (True, "triton")}
+    serial = {r["kernels"]: r["seconds"] for r in rows if r["mode"] == "serial"}
+    for r in rows:
+        if r["mode"] == "serial":
+            assert r["kernel_gain"] == serial["torch"] / r["seconds"]
+        else:
+            assert r["serial_seconds"] == serial[r["kernels"]] and r["speedup"] == serial[r["kernels"]] / r["seconds"]
+            assert r["speedup_vs_torch_serial"] == serial["torch"] / r["seconds"]
+        assert r["seconds_min"] <= r["seconds"] <= r["seconds_max"] and r["host_bound"] is None    # CPU: no flag
+
+
+def test_serial_step_with_the_strips_patch_layers_equals_the_plain_serial_step():
+    """The like-with-like serial baseline: the strips' patch layers on a one-strip engine compute the
+    plain model's step (to float rounding) and send nothing."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import torch
+
+    import scaling
+    from parafuse.models import load_model
+    from parafuse.runtime import ParallelConfig, Request, Runtime
+
+    req = Request(64, 48, 3, "ddim", 1.0, seed=7, label=3)
+    model = load_model("unet-small")
+    plain = Runtime(model, ParallelConfig()).generate(req).latent
+    rt = scaling.serial_runtime(model, torch.device("cpu"), None, False, "torch", patch_layers=True)
+    assert rt.engine is not None and rt.engine.n == 1
+    assert (rt.generate(req).latent - plain).abs().max() <= 1e-5
+    assert rt.transport.totals() == ({}, {})
 
 
 def test_scaling_rows_reuse_a_measured_serial_step(monkeypatch):
@@ -203,8 +231,9 @@ def test_throughput_benchmark_times_cold_and_warm(tmp_path):
     assert two["solo_images_per_s"] > 0 and os.path.exists(name + ".png")
 
 
-def test_readme_performance_section_is_generated_from_the_committed_results():
-    """The README's numbers are the committed JSON's: `python benchmarks/report.py` was run after them."""
+def test_performance_page_is_generated_from_the_committed_results():
+    """docs/performance.md is the committed JSON's: `python benchmarks/report.py` was run after them
+    (regenerated here and diffed)."""
     run_script(["benchmarks/report.py", "--check"], None)
 
 

@@ -118,7 +118,7 @@ def test_a_failed_capture_says_how_to_run_without_graphs(monkeypatch):
     from parafuse.graphs import CaptureError, GraphedEvaluations
 
     @contextmanager
-    def failing_capture(graph):
+    def failing_capture(graph, pool=None):
         raise RuntimeError("operation not permitted when stream is capturing")
         yield
 

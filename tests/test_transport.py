@@ -194,3 +194,154 @@ def test_emulated_ranks_cannot_be_graph_captured():
     with pytest.raises(RequestError, match="cannot capture emulated ranks"):
         Runtime(load_model("unet-small"), ParallelConfig("full", 1), layout=ParallelLayout(0, 2),
                 transport=ThreadTransport(0, ThreadHub(2)), cuda_graphs=True)
+
+
+# ---- the opt-in stale channel (a second communicator for stale traffic) ---------------------------
+def channel_run(n, fn, stale_channel, hub=None):
+    """run_ranks with transports that have (or not) the stale channel."""
+    hub = hub or ThreadHub(n, timeout=5.0)
+    return run_ranks(n, lambda r, _: fn(r, ThreadTransport(r, hub, stale_channel=stale_channel)), hub)
+
+
+def test_stale_channel_is_off_by_default_and_routes_by_kind():
+    from parafuse.parallel.transport import MAIN, STALE
+
+    assert NullTransport(0, 2).channel("attn_kv") == MAIN
+    t = NullTransport(0, 2, stale_channel=True)
+    assert [t.channel(k) for k in ("attn_kv", "conv_halo", "latent_halo", "norm_stats", "text_attn")] == \
+        [STALE, STALE, MAIN, MAIN, MAIN]
+    assert NullTransport(0, 2, stale_channel=True, stale_kinds=("attn_kv", "text_attn")).channel("text_attn") == STALE
+    with pytest.raises(ValueError, match="not message kinds"):
+        NullTransport(0, 2, stale_channel=True, stale_kinds=("kv",))
+
+
+def test_stale_and_main_messages_match_within_their_channel():
+    """Posted in one global order, a stale and a main message between two ranks arrive intact, and
+    each is counted as before."""
+    def fn(rank, tr):
+        if rank == 0:
+            tr.start([(torch.full((3,), 1.0), 1)], [], "attn_kv").wait()
+            tr.start([(torch.full((2,), 2.0), 1)], [], "latent_halo").wait()
+            return dict(tr.messages_sent), tr.totals()[0]
+        kv, halo = torch.empty(3), torch.empty(2)
+        pk = tr.start([], [(kv, 0)], "attn_kv")
+        ph = tr.start([], [(halo, 0)], "latent_halo")
+        ph.wait()
+        pk.wait()
+        return kv, halo
+    (msgs, sent), (kv, halo) = channel_run(2, fn, True)
+    assert torch.equal(kv, torch.full((3,), 1.0)) and torch.equal(halo, torch.full((2,), 2.0))
+    assert msgs == {"attn_kv": 1, "latent_halo": 1} and sent == {"attn_kv": 12, "latent_halo": 8}
+
+
+@pytest.mark.parametrize("second", ["p2p", "all_reduce"])
+def test_channels_posted_in_different_orders_raise(second):
+    """Rank 0 posts a stale K/V send, then a main-channel operation; rank 1 posts the main one first:
+    on NCCL two communicators posted in different orders may deadlock, so the emulator refuses it."""
+    def main_op(rank, tr):
+        if second == "all_reduce":
+            return tr.all_reduce(torch.ones(2), "norm_stats")
+        return tr.start([(torch.ones(2), 1)], [], "latent_halo") if rank == 0 else \
+            tr.start([], [(torch.empty(2), 0)], "latent_halo")
+
+    def stale_op(rank, tr):
+        return tr.start([(torch.ones(3), 1)], [], "attn_kv") if rank == 0 else tr.start([], [(torch.empty(3), 0)], "attn_kv")
+
+    def fn(rank, tr):
+        ops = [stale_op(rank, tr), main_op(rank, tr)] if rank == 0 else [main_op(rank, tr), stale_op(rank, tr)]
+        for op in ops:
+            op.wait()
+    with pytest.raises(ExchangeMismatch, match="different orders"):
+        channel_run(2, fn, True)
+
+    def same_order(rank, tr):
+        for op in (stale_op(rank, tr), main_op(rank, tr)):
+            op.wait()
+    channel_run(2, same_order, True)        # one global order: accepted
+
+
+def test_a_modelled_link_queues_the_all_reduce_behind_stale_traffic_on_one_communicator_only():
+    """One FIFO per communicator: a small all-reduce posted after a large stale send finishes after
+    it on one communicator, and long before it when the stale send has its own (modelled times)."""
+    latency, bandwidth, big = 1e-3, 1e6, 50_000        # the stale send alone: 1 ms + 50 ms
+
+    def fn(rank, tr):
+        peer = 1 - rank
+        kv = tr.start([(torch.ones(big // 4), peer)], [(torch.empty(big // 4), peer)], "attn_kv")
+        tr.all_reduce(torch.ones(2), "norm_stats").wait()
+        kv.wait()
+
+    finish = {}
+    for stale_channel in (False, True):
+        hub = ThreadHub(2, timeout=5.0, link=(latency, bandwidth))
+        channel_run(2, fn, stale_channel, hub)
+        times = {(r, kind): f for r, _, kind, f in hub.finish_times}
+        finish[stale_channel] = {r: times[(r, "norm_stats")] - times[(r, "attn_kv")] for r in (0, 1)}
+    for r in (0, 1):
+        # queued: the all-reduce (2 latencies + 8 ring bytes) starts when the K/V has finished
+        assert finish[False][r] == pytest.approx(2 * latency + 8 / bandwidth, rel=1e-6)
+        # its own channel: it finishes ~49 ms before the K/V does
+        assert finish[True][r] < -0.04
+
+
+@pytest.mark.parametrize("model", ["unet-small", "dit-small"])
+def test_the_stale_channel_changes_neither_results_nor_bytes(model, monkeypatch):
+    """The engine over transports with the stale channel (halos and K/V routed to it): the same
+    latents bit for bit and the same bytes per kind as over one communicator, the posting order
+    checked at every operation."""
+    import functools
+
+    import parafuse.parallel.emulator as emulator
+    from parafuse.models import load_model
+    from parafuse.runtime import ParallelConfig, Request
+
+    req = Request(64, 48, 3, "ddim", 1.0, seed=7, label=3)
+    cfg = ParallelConfig("full", 1)
+    runs = {}
+    for stale_channel in (False, True):
+        monkeypatch.setattr(emulator, "ThreadTransport", functools.partial(ThreadTransport, stale_channel=stale_channel))
+        rts, res = emulator.emulate(load_model(model), 3, cfg, req)
+        runs[stale_channel] = (res[0][0].latent, [rt.transport.totals() for rt in rts])      # rank 0 holds the image
+        assert all(rt.transport.stale_channel is stale_channel for rt in rts)
+    assert torch.equal(runs[False][0], runs[True][0])
+    assert runs[False][1] == runs[True][1] and any(s.get("attn_kv") for s, _ in runs[True][1])
+
+
+STALE_CHANNEL_WORKER = r"""
+import torch, torch.distributed as dist
+from parafuse.parallel.transport import TorchTransport
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+tr = TorchTransport(rank, 2, [[0, 1]], stale_channel=True)
+peer = 1 - rank
+kv_in, halo_in = torch.empty(5), torch.empty(3)
+kv = tr.start([(torch.full((5,), float(rank + 1)), peer)], [(kv_in, peer)], "attn_kv")          # stale channel
+halo = tr.start([(torch.full((3,), 10.0 * (rank + 1)), peer)], [(halo_in, peer)], "latent_halo")   # main
+s = torch.full((2,), float(rank + 1))
+tr.all_reduce(s, "norm_stats").wait()
+halo.wait()
+kv.wait()
+assert torch.equal(kv_in, torch.full((5,), float(peer + 1))), kv_in
+assert torch.equal(halo_in, torch.full((3,), 10.0 * (peer + 1))), halo_in
+assert torch.equal(s, torch.full((2,), 3.0)), s
+print("ok", rank, flush=True)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_torch_transport_stale_channel_over_gloo(tmp_path):
+    """torchrun, 2 ranks over gloo: a K/V exchange on the second process group, a halo and an
+    all-reduce on the main one, all delivered."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = tmp_path / "worker.py"
+    script.write_text(STALE_CHANNEL_WORKER)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(29700 + os.getpid() % 200), str(script)], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "ok 0" in proc.stdout and "ok 1" in proc.stdout

@@ -109,6 +109,34 @@ class DiffusersAdapter:
             return "positions"
         return None
 
+    # ---- what the shape trace (parafuse.parallel.trace) asks a model family ----------------------
+    def attention_site(self, module, args, kwargs, x, grid) -> dict | None:
+        """A self- or joint attention site's image positions, width and text tokens; None for
+        cross-attention (text keys: row-local on a strip)."""
+        context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        width = getattr(module, "inner_kv_dim", None) or module.inner_dim       # not to_k's: LoRA may wrap it
+        if is_flux(module):            # image tokens of the whole grid (single blocks prepend the text)
+            image = grid[0] * grid[1]
+            text = context.shape[1] if context is not None else x.shape[1] - image
+        elif context is None or is_joint(module):        # joint attention: hidden_states are the image
+            image = x.shape[1] if x.ndim == 3 else x.shape[2] * x.shape[3]
+            text = context.shape[1] if context is not None else 0
+        else:
+            return None
+        return {"positions": image, "channels": width, "heads": module.heads if text else 0, "text": text}
+
+    def grid_positions(self, module, args, out) -> int:
+        return out.shape[1]                          # PatchEmbed: one token per patch
+
+    def counts_flops(self, module: nn.Module) -> bool:
+        return False
+
+    def attention_flops(self, module, args, kwargs, x) -> None:
+        return None
+
+    def refuse(self, name: str, module: nn.Module, why: str) -> Exception:
+        return unsupported(name, module, why)
+
     def patch(self, kind: str, module: nn.Module, engine: ExchangeEngine, key: str) -> nn.Module:
         """The module to put in place of `module` (the same one, with a processor, for attention)."""
         if kind == "conv":

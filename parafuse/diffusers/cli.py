@@ -69,6 +69,8 @@ def run_pipeline(args, config, paths: list[str]) -> int:
     call_parameters = inspect.signature(pipe.__call__).parameters
     kwargs = pipeline_kwargs(args, call_parameters)
     par = parafuse.parallelize(pipe, config, text_merge=args.text_merge)
+    if par.layout.rank == 0 and not args.no_progress:
+        pipe.set_progress_bar_config(disable=False)      # load_pipeline silenced it; one bar per job
     out = par(generator=torch.Generator().manual_seed(args.seed), **kwargs)
     ranks = par.session.gather_rank_stats(par.rank_stats)
     if par.layout.rank == 0:        # every output rendered first, then all renamed into place together

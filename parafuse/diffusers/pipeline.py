@@ -119,14 +119,13 @@ def parallelize(pipe, config: PatchConfig | None = None, *, parallel_decode: boo
     joint attention across strips ("stale", their default, or "exact"; `ExchangeEngine.merge_text`).
     `dtype`: the pipeline's own unless given (then it must be the denoiser's: `pipe.to(dtype)` first).
     `kernels`, `cuda_graphs`, `attention_backend`, the deadlines: as for built-in models."""
+    if config is not None and not isinstance(config, PatchConfig):
+        raise ConfigError(f"parallelize's settings must be a PatchConfig or its fields as keywords (mode=..., "
+                          f"...), got {type(config).__name__} {config!r}")
     try:
-        config = (PatchConfig(**settings) if config is None else config.replace(**settings)) if settings or \
-            config is None else config
+        config = PatchConfig(**settings) if config is None else config.replace(**settings) if settings else config
     except TypeError as e:
         raise ConfigError(f"parallelize: {e}; the settings are PatchConfig's fields") from None
-    if not isinstance(config, PatchConfig):
-        raise ConfigError(f"parallelize's settings must be a PatchConfig or its fields as keywords, got "
-                          f"{type(config).__name__}")
     _, model = denoiser_of(pipe)
     adapter = DiffusersAdapter()
     adapter.check(model)
@@ -147,6 +146,8 @@ def parallelize(pipe, config: PatchConfig | None = None, *, parallel_decode: boo
         check_decoder(vae_decoder, "parallelize with parallel_decode=False to decode on rank 0 alone")
     session = PatchSession(config, device=param.device, layout=layout, transport=transport)
     session.attach(model, adapter)
+    if session.layout.rank != 0 and hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)     # one progress bar per job: rank 0's
     decoder = None
     if session.engine is not None and vae_decoder is not None:
         decoder = strip_decoder(vae_decoder, session)
@@ -162,9 +163,11 @@ def check_decoder(vae_decoder: nn.Module, alternative: str) -> None:
 
 def strip_decoder(vae_decoder: nn.Module, session: PatchSession) -> StripDecoder:
     """`vae_decoder` decoding this rank's strip, always synchronously, the image gathered on strip 0:
-    its own engine on the session's transport (sync, no warmup, the session's kernels)."""
-    lay = session.layout
-    config = PatchConfig(mode=Mode.SYNC, warmup_steps=0, kernels=session.config.kernels)
+    its own engine on the session's transport (sync, no warmup; the session's kernels and deadlines:
+    the process has one watchdog, which a session's deadlines set)."""
+    lay, parent = session.layout, session.config
+    config = PatchConfig(mode=Mode.SYNC, warmup_steps=0, kernels=parent.kernels,
+                         startup_timeout=parent.startup_timeout, exchange_timeout=parent.exchange_timeout)
     decoder_session = PatchSession(config, device=session.device, layout=lay, transport=session.transport)
     decoder = StripDecoder(vae_decoder, decoder_session, DiffusersAdapter())
     decoder_session.attach(vae_decoder, decoder.adapter)

@@ -3,7 +3,7 @@
 The pipeline keeps calling its models with the whole latent; two hooks on each model do the rest:
 
     before   at the first call of an image, a shape-only trace of the plain model with the
-             pipeline's own arguments (FakeTensor: no memory, no compute) lists the parallel sites
+             pipeline's own arguments (`parafuse.parallel.trace`) lists the parallel sites
              and the model's unit, and fixes the patch plan for this geometry; every call then
              starts an engine step and hands the model this rank's rows of its input (and, with
              CFG parallel, this rank's half of the denoiser's batch)
@@ -20,102 +20,18 @@ denoiser call. Its price is one all-gather of the model output per evaluation:
 from __future__ import annotations
 
 import inspect
-import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from parafuse.checks import check_strip_memory
-from parafuse.diffusers.adapter import DiffusersAdapter, UnsupportedModelError, is_flux, is_joint
-from parafuse.parallel.geometry import StripGeometry, conv_halo
+from parafuse.diffusers.adapter import DiffusersAdapter, UnsupportedModelError
+from parafuse.parallel.geometry import StripGeometry
 from parafuse.parallel.parallelize import parallelize as swap_layers
-from parafuse.parallel.plan import LOCAL, PatchPlan, Site
+from parafuse.parallel.plan import LOCAL, PatchPlan
 from parafuse.parallel.session import PatchSession, StepClock
-
-
-@dataclass(frozen=True)
-class Trace:
-    sites: list[Site]
-    unit: int             # rows of the finest grid per row at the model's coarsest level
-    height: int           # the finest grid the model computes on: the latent for a denoiser,
-    width: int            # the image for a VAE decoder (which upsamples its input)
-
-
-def trace_sites(model: nn.Module, adapter: DiffusersAdapter, args: tuple, kwargs: dict,
-                sample: torch.Tensor, grid: tuple[int, int]) -> Trace:
-    """The parallel sites of `model` called as `model(*args, **kwargs)` on the whole input `sample`
-    (an image [B, C, H, W], or tokens [B, H*W, C] of the grid `grid`), from one shape-only trace.
-    Levels are counted from the finest grid the model computes on. A module whose positions are not
-    a grid of it (text tokens joined to image tokens, outside Flux's attention) is refused."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    seen: dict[str, tuple] = {}             # name -> (kind, module, positions, reads the input, text tokens)
-    widths = {grid[1]}
-
-    def hook(name: str, kind: str | None):
-        def fn(mod, args, kwargs, out):
-            x = args[0] if args else kwargs.get("hidden_states")
-            if isinstance(mod, nn.Conv2d):
-                widths.update((x.shape[-1], out.shape[-1]))
-            if name in seen or kind is None:
-                return
-            if kind in ("conv", "norm"):
-                seen[name] = (kind, mod, math.prod(x.shape[2:]), x is sample, 0)
-            elif kind == "attn":
-                context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-                if is_flux(mod):            # image tokens of the whole grid (single blocks prepend the text)
-                    image = grid[0] * grid[1]
-                    text = context.shape[1] if context is not None else x.shape[1] - image
-                    seen[name] = (kind, mod, image, False, text)
-                elif context is None or is_joint(mod):        # joint attention: hidden_states are the image
-                    text = context.shape[1] if context is not None else 0
-                    seen[name] = (kind, mod, x.shape[1] if x.ndim == 3 else x.shape[2] * x.shape[3], False, text)
-            elif kind == "positions":
-                seen[name] = (kind, mod, out.shape[1], False, 0)
-        return fn
-
-    handles = []
-    for name, m in model.named_modules():
-        kind = adapter.site_kind(m)
-        if kind is not None or isinstance(m, nn.Conv2d):
-            handles.append(m.register_forward_hook(hook(name, kind), with_kwargs=True))
-    adapter.tracing = True
-    try:
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            model(*args, **kwargs)
-    finally:
-        adapter.tracing = False
-        for h in handles:
-            h.remove()
-
-    width = max(widths)
-    height = grid[0] * width // grid[1]
-    factors = {width // w for w in widths}
-
-    def factor(name: str, module: nn.Module, positions: int) -> int:
-        f = round(math.sqrt(height * width / positions))
-        if f < 1 or f * f * positions != height * width or height % f or width % f:
-            raise UnsupportedModelError(f"parafuse cannot parallelise module {name!r} ({type(module).__name__}): it "
-                                        f"sees {positions} positions, not a grid of the {height}x{width} latent")
-        factors.add(f)
-        return f
-
-    sites = []
-    for name, (kind, mod, positions, first, text) in seen.items():
-        f = factor(name, mod, positions)
-        if kind == "conv":
-            top, bottom = conv_halo(mod.kernel_size[0], mod.stride[0], mod.padding[0], mod.dilation[0])
-            sites.append(Site(name, "conv", f, mod.in_channels, top=top, bottom=bottom, first=first))
-        elif kind == "norm":
-            sites.append(Site(name, "norm", f, mod.num_channels, groups=mod.num_groups))
-        elif kind == "attn":
-            # not to_k's width: LoRA may wrap it
-            sites.append(Site(name, "attn", f, getattr(mod, "inner_kv_dim", None) or mod.inner_dim,
-                              heads=mod.heads if text else 0, text=text))
-        else:
-            sites.append(Site(name, "positions", f))
-    return Trace(sites, math.lcm(*factors), height, width)
+from parafuse.parallel.trace import Trace, trace_model
 
 
 def _batch_half(obj, batch: int, half: int):
@@ -236,7 +152,7 @@ class StripModel:
             saved, self.engine.step = self.engine.step, LOCAL      # the patch layers run as plain layers
             self.tracing = True
             try:
-                self._traces[size] = trace_sites(self.model, self.adapter, args, kwargs, sample, grid)
+                self._traces[size] = trace_model(self.model, self.adapter, args, kwargs, sample, grid)
             finally:
                 self.tracing, self.engine.step = False, saved
         trace = self._traces[size]
@@ -301,6 +217,9 @@ class StripDenoiser(StripModel):
         self.clock = StepClock(self.session.device)
         self.watch = self.session.watch(None)
         self.state_bytes = 0
+        self.graphed = bool(self.session.config.cuda_graphs)   # CUDA graphs of the steady denoiser call
+        self._graphs: dict = {}          # per call signature (parafuse.graphs.GraphedEvaluations)
+        self._version = self._buffers = None
 
     def begin_image(self, sequential_cfg: bool = False) -> None:
         super().begin_image()
@@ -309,13 +228,58 @@ class StripDenoiser(StripModel):
         self.state_bytes = 0
         self.sequential_cfg = sequential_cfg and self.layout.cfg_degree == 2
         self._calls, self._skip, self._held, self._pair = 0, False, None, None
-        if self.sequential_cfg:
-            self.model.forward = self._branch_forward       # an instance attribute, shadowing the class's
+        if self.graphed:
+            version = self._model_version()
+            if version != self._version:    # a module, processor or parameter changed: capture anew
+                self._graphs.clear()
+                self._version = version
+        if self.sequential_cfg or self.graphed:   # an instance attribute, shadowing the class's forward
+            self.model.forward = self._branch_forward if self.sequential_cfg else self._forward
 
     def end_image(self) -> None:
         super().end_image()
         self.model.__dict__.pop("forward", None)
         self._held = self._pair = None
+
+    def _model_version(self) -> tuple:
+        """What a captured graph depends on besides its inputs: every module and attention processor
+        (a LoRA loaded or unloaded, a processor swapped) and every parameter's storage (`.to()`, a
+        weight replaced)."""
+        return (tuple((name, id(m), id(getattr(m, "processor", None))) for name, m in self.model.named_modules()),
+                tuple(p.data_ptr() for p in self.model.parameters()))
+
+    def _forward(self, *args, **kwargs):
+        """The model's own forward on this rank's inputs, replayed from a CUDA graph in the steady
+        state (every step of a serial or `sync` run; the stale steps after warmup otherwise). Every
+        tensor argument - latents, timestep, prompt embeddings, added conditions, guidance, ids,
+        ControlNet residuals - is copied into its static buffer before a replay; a call whose other
+        arguments or tensor shapes differ has a graph of its own."""
+        forward = type(self.model).forward
+        engine = self.engine
+        if not self.graphed or self.tracing or (engine is not None and engine.step is not engine.plan.stale_step):
+            return forward(self.model, *args, **kwargs)
+        if engine is not None and engine.buffers is not self._buffers:
+            self._graphs.clear()              # the plan's buffers were reallocated: the graphs read the old ones
+            self._buffers = engine.buffers
+        flat, spec = tree_flatten((args, kwargs))
+        where = [i for i, a in enumerate(flat) if isinstance(a, torch.Tensor)]
+        key = (str(spec), tuple(repr(a) for a in flat if not isinstance(a, torch.Tensor)),
+               tuple((flat[i].shape, flat[i].dtype, flat[i].device) for i in where))
+        graphs = self._graphs.get(key)
+        if graphs is None:
+            def evaluate(*tensors):
+                leaves = list(flat)
+                for i, t in zip(where, tensors):
+                    leaves[i] = t
+                a, k = tree_unflatten(leaves, spec)
+                return forward(self.model, *a, **k)
+            graphs = self._graphs[key] = self.session.graphs(evaluate, always=True)
+        return graphs(engine.step.name if engine is not None else "serial", *(flat[i] for i in where))
+
+    @property
+    def captures(self) -> int:
+        """Graphs captured since the model last changed (tests, reports)."""
+        return sum(g.captures for g in self._graphs.values())
 
     def _before(self, module, args, kwargs):
         if self.tracing:
@@ -348,7 +312,7 @@ class StripDenoiser(StripModel):
         """The model's forward, or - at the other branch's call - that branch's output (see the class
         docstring), in the form the caller asked for."""
         if not self._skip:
-            return type(self.model).forward(self.model, *args, **kwargs)
+            return self._forward(*args, **kwargs)
         if self.layout.branch == 1:               # the conditional call: filled in place at the next call
             shape, dtype = self._output_shape(args, kwargs)
             out = self._held = torch.empty(shape, dtype=dtype, device=self._sample(args, kwargs).device)

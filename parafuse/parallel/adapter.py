@@ -23,6 +23,7 @@ from parafuse.parallel.geometry import conv_halo
 
 class BuiltinAdapter:
     name = "builtin"
+    tracing = False              # set during a shape trace (the built-in patch layers need not know)
 
     def site_kind(self, module: nn.Module) -> str | None:
         if isinstance(module, nn.Conv2d):
@@ -38,6 +39,28 @@ class BuiltinAdapter:
         if isinstance(module, GridPositions):
             return "positions"
         return None
+
+    # ---- what the shape trace (parafuse.parallel.trace) asks a model family ----------------------
+    def attention_site(self, module, args, kwargs, x, grid) -> dict | None:
+        """A self-attention site's positions and width (cross-attention is no site: `site_kind`)."""
+        return {"positions": x.shape[1], "channels": x.shape[-1]}
+
+    def grid_positions(self, module, args, out) -> int:
+        return args[0] * args[1]                   # GridPositions(h, w)
+
+    def counts_flops(self, module: nn.Module) -> bool:
+        return isinstance(module, Attention)
+
+    def attention_flops(self, module, args, kwargs, x) -> tuple[float, bool] | None:
+        """(FLOPs of softmax(q kᵀ) v, whether it is self-attention), for the profile's count."""
+        if not isinstance(module, Attention):
+            return None
+        ctx = kwargs.get("context", args[1] if len(args) > 1 else None)
+        keys = x.shape[1] if ctx is None else ctx.shape[1]
+        return 4 * x.shape[0] * x.shape[1] * keys * x.shape[2], ctx is None
+
+    def refuse(self, name: str, module: nn.Module, why: str) -> Exception:
+        return ValueError(f"parafuse cannot parallelise module {name!r} ({type(module).__name__}): {why}")
 
     def example_kwargs(self, spec, device: torch.device, dtype: torch.dtype) -> dict:
         """Conditioning for a shape trace: a short text context for cross-attention models."""

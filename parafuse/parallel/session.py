@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from parafuse import attention, watchdog
 from parafuse.checks import check_device
-from parafuse.graphs import GraphedEvaluations
+from parafuse.graphs import GraphedEvaluations, capture_cuda_graph
 from parafuse.health import FiniteWatch
 from parafuse.parallel.adapter import BUILTIN
 from parafuse.parallel.config import ConfigError, PatchConfig
@@ -72,6 +72,8 @@ class PatchSession:
                                         config.exchange_timeout)
                          if isinstance(transport, TorchTransport) else None)
         self.engine = ExchangeEngine(transport, layout.patch_ranks, self.config) if layout.patch_degree > 1 else None
+        self.capture = capture_cuda_graph
+        self._pool = None
 
     # ---- the resolved settings -------------------------------------------------------------------
     @property
@@ -141,11 +143,15 @@ class PatchSession:
             return nullcontext()
         return self.watchdog.guard(what, self.config.warmup_steps + 3)
 
-    def graphs(self, evaluate) -> GraphedEvaluations | None:
-        """`evaluate(x)` captured once per step plan and replayed (CUDA graphs on), else None."""
-        if not self.config.cuda_graphs:
+    def graphs(self, evaluate, always: bool = False) -> GraphedEvaluations | None:
+        """`evaluate(*inputs)` captured once per key and replayed, else None (CUDA graphs off and not
+        `always`). Every graph of the session shares one memory pool; `self.capture` records them
+        (a CUDA graph; tests put `parafuse.graphs.rerun_capture` there)."""
+        if not (self.config.cuda_graphs or always):
             return None
-        return GraphedEvaluations(evaluate, self.engine, self.transport)
+        if self._pool is None and self.device.type == "cuda":
+            self._pool = torch.cuda.graph_pool_handle()
+        return GraphedEvaluations(evaluate, self.engine, self.transport, self._pool, self.capture)
 
     # ---- what a rank reports ------------------------------------------------------------------
     def rank_stats(self, rows: int | None, state_bytes: int = 0, evaluations: int | None = None) -> dict:

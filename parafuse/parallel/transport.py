@@ -11,6 +11,17 @@ sent and received by every rank.
 Messages carry no tag: NCCL ignores point-to-point tags and matches the operations between two
 ranks in the order they were posted, so every rank must post its exchanges in the same order.
 
+The stale channel (opt-in, `stale_channel=True` on a transport; off by default): point-to-point
+messages of the kinds in `stale_kinds` (default `STALE_CHANNEL_KINDS`: K/V and conv halos, whose
+stale sends nothing waits for) go to a second communicator, so that the exact all-reduces and fresh
+exchanges of the main one need not queue behind them (NCCL runs a communicator's work in post
+order on one stream). Routing is by kind, inside the transport: the engine's call sites do not
+change, nor do the byte counts. All-reduces stay on the main communicator. The stale text merge
+shares its kind, text_attn, with the exact merge's waited-for exchanges: add it to `stale_kinds`
+only where the text merge is stale. NCCL lets two communicators run concurrently only when every
+rank posts to them in one global order; the thread emulator asserts that order (`ThreadHub`), no
+multi-GPU machine has proven it: hence off by default.
+
 `TorchTransport` posts through torch.distributed (NCCL on GPUs, gloo on CPU). `ThreadTransport`
 connects N threads of one process and behaves like NCCL where it matters for correctness (see
 `ThreadHub`): the single-process emulator runs the same exchange logic over it, on CPU or with N
@@ -29,6 +40,8 @@ import torch
 KINDS = ("latent_halo", "conv_halo", "attn_kv", "norm_stats", "cfg", "gather", "reduce", "control", "text_attn",
          "stage")
 COLLECTIVE = -1      # the peer key under which all-reduce bytes are counted
+STALE_CHANNEL_KINDS = ("attn_kv", "conv_halo")     # what the opt-in stale channel carries by default
+MAIN, STALE = "main", "stale"                       # the channels (communicators)
 
 
 class ExchangeMismatch(RuntimeError):
@@ -61,10 +74,16 @@ def ring_bytes(nbytes: int, n: int) -> int:
 
 
 class Transport:
-    def __init__(self, rank: int, world_size: int, group: list[int] | None = None):
+    def __init__(self, rank: int, world_size: int, group: list[int] | None = None, stale_channel: bool = False,
+                 stale_kinds: tuple[str, ...] = STALE_CHANNEL_KINDS):
         self.rank = rank
         self.world_size = world_size
         self.group = list(group) if group is not None else list(range(world_size))   # the patch group
+        unknown = set(stale_kinds) - set(KINDS)
+        if unknown:
+            raise ValueError(f"stale_kinds {sorted(unknown)} are not message kinds: choose from {KINDS}")
+        self.stale_channel = stale_channel
+        self.stale_kinds = tuple(stale_kinds)
         self.bytes_sent: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
         self.bytes_received: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
         self.messages_sent: dict[str, int] = defaultdict(int)      # sends and all-reduces, per kind
@@ -105,6 +124,10 @@ class Transport:
         self.messages_sent["control"] += 1
         return self._agree(t)
 
+    def channel(self, kind: str) -> str:
+        """The communicator a point-to-point message of `kind` goes to (all-reduces: always MAIN)."""
+        return STALE if self.stale_channel and kind in self.stale_kinds else MAIN
+
     def _post(self, sends, recvs, kind) -> Pending:
         raise NotImplementedError
 
@@ -142,23 +165,28 @@ class TorchTransport(Transport):
     the process (seen here as an occasional SIGABRT at exit); its point-to-point operations do not.
     The bytes are counted as the all-reduce they stand for."""
 
-    def __init__(self, rank: int, world_size: int, groups: list[list[int]]):
+    def __init__(self, rank: int, world_size: int, groups: list[list[int]], stale_channel: bool = False,
+                 stale_kinds: tuple[str, ...] = STALE_CHANNEL_KINDS):
         import torch.distributed as dist
 
         mine = next(g for g in groups if rank in g)
-        super().__init__(rank, world_size, mine)
+        super().__init__(rank, world_size, mine, stale_channel, stale_kinds)
         self._group = None
         for g in groups:                 # every rank creates every group, in the same order
             pg = dist.new_group(g) if len(groups) > 1 else dist.group.WORLD
             if g is mine:
                 self._group = pg
+        # the stale channel: a second communicator over every rank (point-to-point peers are global
+        # ranks), created after the patch groups by every rank alike
+        self._stale_group = dist.new_group(list(range(world_size))) if stale_channel else None
         self._p2p_all_reduce = dist.get_backend() == "gloo"
 
     def _post(self, sends, recvs, kind) -> Pending:
         import torch.distributed as dist
 
-        ops = [dist.P2POp(dist.isend, t, peer) for t, peer in sends]
-        ops += [dist.P2POp(dist.irecv, t, peer) for t, peer in recvs]
+        group = self._stale_group if self.channel(kind) == STALE else None
+        ops = [dist.P2POp(dist.isend, t, peer, group) for t, peer in sends]
+        ops += [dist.P2POp(dist.irecv, t, peer, group) for t, peer in recvs]
         works = dist.batch_isend_irecv(ops)
         return Pending([w.wait for w in works], [t for t, _ in sends + recvs])
 
@@ -190,7 +218,7 @@ class TorchTransport(Transport):
         return Pending([w.wait for w in works] + [lambda: t.copy_(sum_in_rank_order(parts))], [t] + parts)
 
     def close(self) -> None:
-        self._group = None
+        self._group = self._stale_group = None
 
 
 class NullTransport(Transport):
@@ -215,10 +243,10 @@ class LoopbackTransport(Transport):
     (zeros before any): for timing and graph checks, not for images. An all-reduce copies the
     tensor out and back (about a ring all-reduce's volume) and leaves its values."""
 
-    def __init__(self, rank: int, world_size: int, group: list[int] | None = None):
-        super().__init__(rank, world_size, group)
+    def __init__(self, rank: int, world_size: int, group: list[int] | None = None, **channels):
+        super().__init__(rank, world_size, group, **channels)
         self._mailboxes: dict[tuple, torch.Tensor] = {}
-        self._streams: dict[torch.device, object] = {}
+        self._streams: dict[tuple, object] = {}       # (device, channel): one side stream per communicator
 
     def _mailbox(self, t: torch.Tensor) -> torch.Tensor:
         key = (t.device, t.dtype, t.numel())
@@ -226,17 +254,17 @@ class LoopbackTransport(Transport):
             self._mailboxes[key] = torch.zeros(t.numel(), dtype=t.dtype, device=t.device)
         return self._mailboxes[key].view(t.shape)
 
-    def _copies(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Pending:
-        """`dst.copy_(src)` for each pair: on CUDA on the side stream, after the current stream's
-        work; waiting makes the current stream wait for them."""
+    def _copies(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], channel: str = MAIN) -> Pending:
+        """`dst.copy_(src)` for each pair: on CUDA on the channel's side stream, after the current
+        stream's work; waiting makes the current stream wait for them."""
         device = pairs[0][0].device
         if device.type != "cuda":
             for dst, src in pairs:
                 dst.copy_(src)
             return Pending()
-        stream = self._streams.get(device)
+        stream = self._streams.get((device, channel))
         if stream is None:
-            stream = self._streams[device] = torch.cuda.Stream(device)
+            stream = self._streams[(device, channel)] = torch.cuda.Stream(device)
         current = torch.cuda.current_stream(device)
         stream.wait_stream(current)
         with torch.cuda.stream(stream):
@@ -251,7 +279,7 @@ class LoopbackTransport(Transport):
 
     def _post(self, sends, recvs, kind) -> Pending:
         pairs = [(self._mailbox(t), t) for t, _ in sends] + [(b, self._mailbox(b)) for b, _ in recvs]
-        return self._copies(pairs)
+        return self._copies(pairs, self.channel(kind))
 
     def _all_reduce(self, t, kind) -> Pending:
         box = self._mailbox(t)
@@ -302,10 +330,19 @@ class ThreadHub:
     - All-reduces of a group are matched in posting order and summed in rank order, so every rank
       gets the same bits.
     - On one GPU, each copy out of a mailbox is ordered after the work that filled it (`order`).
+    - Communicators (`channel`: MAIN, and STALE where a transport has the opt-in stale channel):
+      point-to-point operations match within their channel. Every rank must post to the channels
+      in one global order (NCCL's rule for concurrent communicators): for any two ranks, the
+      operations they share, taken in the order one posted them, are in the order the other posted
+      them too; a pair posted the other way round raises `ExchangeMismatch`.
+    - `link` (latency s, bandwidth B/s), optional: a modelled link, one FIFO per (rank, channel): an
+      operation starts when the rank's previous one on its channel has finished, takes latency +
+      bytes / bandwidth (an all-reduce 2(n-1) latencies + its ring bytes), and `wait` returns no
+      sooner than its modelled finish; `finish_times` records (rank, channel, kind, finish).
     """
 
     def __init__(self, world_size: int, timeout: float = 300.0, strict: bool = True,
-                 order: StreamOrder | None = None):
+                 order: StreamOrder | None = None, link: tuple[float, float] | None = None):
         self.world_size = world_size
         self.timeout = timeout
         self.strict = strict
@@ -318,6 +355,16 @@ class ThreadHub:
         self._reductions: dict[tuple[tuple[int, ...], int], dict[int, tuple[str, torch.Tensor, object]]] = {}
         self._reduce_taken: dict[tuple[tuple[int, ...], int], int] = defaultdict(int)
         self._cond = threading.Condition()
+        # the global posting order: each rank's post counter, the post number of each side of each
+        # point-to-point message until both sides posted it, and per pair of ranks and FIFO (channel,
+        # direction or group) the post numbers of the operations both shared, in FIFO order
+        self._posts: dict[int, int] = defaultdict(int)
+        self._half: dict[tuple, int] = {}
+        self._shared: dict[tuple[int, int], dict[tuple, list[tuple[int, int]]]] = defaultdict(lambda: defaultdict(list))
+        self.link = link
+        self._busy: dict[tuple[int, str], float] = defaultdict(float)
+        self.finish_times: list[tuple[int, str, str, float]] = []
+        self._reduce_posts: dict[tuple, dict[int, int]] = {}
 
     def _wait_for(self, ready, dst: int, what: str):
         waited = 0.0
@@ -330,24 +377,76 @@ class ThreadHub:
             self._cond.wait(timeout=0.5)
             waited += 0.5
 
+    # ---- the global posting order and the modelled link ----------------------------------------
+    def next_post(self, rank: int) -> int:
+        """A new post number of `rank`: one per batch (its operations are posted together)."""
+        with self._cond:
+            self._posts[rank] += 1
+            return self._posts[rank]
+
+    def _shared_op(self, fifo: tuple, a: int, post_a: int, b: int, post_b: int) -> None:
+        """Record an operation ranks a and b share, with each one's post number, and raise if another
+        FIFO of theirs (another channel) holds one they posted in the opposite order. Each FIFO's list
+        grows in order on both sides, so the neighbours by a's post number are the ones to check."""
+        import bisect
+
+        if a > b:
+            a, post_a, b, post_b = b, post_b, a, post_a
+        fifos = self._shared[(a, b)]
+        for other, ops in fifos.items():
+            if other[0] == fifo[0] or not ops:
+                continue
+            i = bisect.bisect_left(ops, (post_a, -1))
+            before, after = ops[i - 1] if i else None, ops[i] if i < len(ops) else None
+            if (before and before[1] > post_b) or (after and after[1] < post_b):
+                self.failed = self.failed or "channels posted out of order"
+                raise ExchangeMismatch(
+                    f"ranks {a} and {b} posted to the {fifo[0]} and {other[0]} communicators in different orders "
+                    f"(rank {a}'s post {post_a} against rank {b}'s post {post_b}): NCCL may deadlock when "
+                    f"concurrent communicators are not posted to in one global order")
+        fifos[fifo].append((post_a, post_b))
+
+    def schedule(self, rank: int, channel: str, kind: str, nbytes: int, hops: int = 1) -> float | None:
+        """The modelled finish time (time.perf_counter) of an operation posted now, or None without a link."""
+        if self.link is None:
+            return None
+        import time
+
+        latency, bandwidth = self.link
+        with self._cond:
+            start = max(time.perf_counter(), self._busy[(rank, channel)])
+            finish = self._busy[(rank, channel)] = start + hops * latency + nbytes / bandwidth
+            self.finish_times.append((rank, channel, kind, finish))
+        return finish
+
     # ---- point to point ------------------------------------------------------------------
-    def put(self, src: int, dst: int, kind: str, t: torch.Tensor) -> None:
+    def put(self, src: int, dst: int, kind: str, t: torch.Tensor, channel: str = MAIN, post: int = 0) -> None:
         """`t` is the message itself (the sender's copy), produced on the caller's stream."""
         ready = self.order.mark(t)
         with self._cond:
-            seq = self._sent[(src, dst)]
-            self._sent[(src, dst)] += 1
-            self._messages[(src, dst, seq)] = (kind, t, ready)
+            seq = self._sent[(channel, src, dst)]
+            self._sent[(channel, src, dst)] += 1
+            self._messages[(channel, src, dst, seq)] = (kind, t, ready)
+            self._pair_posted((channel, src, dst, seq), src, post, dst)
             self._cond.notify_all()
 
-    def post_recv(self, src: int, dst: int) -> int:
+    def post_recv(self, src: int, dst: int, channel: str = MAIN, post: int = 0) -> int:
         with self._cond:
-            seq = self._posted[(src, dst)]
-            self._posted[(src, dst)] += 1
+            seq = self._posted[(channel, src, dst)]
+            self._posted[(channel, src, dst)] += 1
+            self._pair_posted((channel, src, dst, seq), dst, post, src)
             return seq
 
-    def take(self, src: int, dst: int, seq: int, kind: str, buf: torch.Tensor) -> None:
-        key = (src, dst, seq)
+    def _pair_posted(self, key: tuple, rank: int, post: int, peer: int) -> None:
+        """One side of message `key` posted (under the lock): once both have, record it as shared."""
+        other = self._half.pop(key, None)
+        if other is None:
+            self._half[key] = post
+        else:
+            self._shared_op((key[0], "p2p", key[1], key[2]), rank, post, peer, other)
+
+    def take(self, src: int, dst: int, seq: int, kind: str, buf: torch.Tensor, channel: str = MAIN) -> None:
+        key = (channel, src, dst, seq)
         with self._cond:
             self._wait_for(lambda: key in self._messages, dst, f"message {seq} from rank {src}")
             got_kind, t, ready = self._messages.pop(key)
@@ -360,12 +459,19 @@ class ThreadHub:
         buf.copy_(t.view(buf.shape))
 
     # ---- all-reduce ----------------------------------------------------------------------
-    def contribute(self, group: tuple[int, ...], rank: int, kind: str, t: torch.Tensor) -> int:
+    def contribute(self, group: tuple[int, ...], rank: int, kind: str, t: torch.Tensor, post: int = 0) -> int:
         ready = self.order.mark(t)
         with self._cond:
             seq = self._reduce_posted[(group, rank)]
             self._reduce_posted[(group, rank)] += 1
-            self._reductions.setdefault((group, seq), {})[rank] = (kind, t, ready)
+            parts = self._reductions.setdefault((group, seq), {})
+            parts[rank] = (kind, t, ready)
+            self._reduce_posts.setdefault((group, seq), {})[rank] = post
+            if len(parts) == len(group):          # every rank posted it: shared by every pair of the group
+                posts = self._reduce_posts.pop((group, seq))
+                for i, a in enumerate(group):
+                    for b in group[i + 1:]:
+                        self._shared_op((MAIN, "reduce", group), a, posts[a], b, posts[b])
             self._cond.notify_all()
             return seq
 
@@ -394,26 +500,36 @@ class ThreadHub:
 
 
 class ThreadTransport(Transport):
-    def __init__(self, rank: int, hub: ThreadHub, group: list[int] | None = None):
-        super().__init__(rank, hub.world_size, group)
+    def __init__(self, rank: int, hub: ThreadHub, group: list[int] | None = None, **channels):
+        super().__init__(rank, hub.world_size, group, **channels)
         self.hub = hub
 
     def _post(self, sends, recvs, kind) -> Pending:
+        channel, post = self.channel(kind), self.hub.next_post(self.rank)
         waits = []
         for t, peer in sends:
             # the bytes are taken now (a real send reads its buffer while in flight); strict mode
             # checks at the wait that the buffer was left alone meanwhile
             sent = t.detach().clone()
-            self.hub.put(self.rank, peer, kind, sent)
+            self.hub.put(self.rank, peer, kind, sent, channel, post)
             if self.hub.strict:
                 waits.append(lambda t=t, sent=sent, peer=peer: self._check_unchanged(t, sent, peer, kind))
         for buf, peer in recvs:
-            seq = self.hub.post_recv(peer, self.rank)
+            seq = self.hub.post_recv(peer, self.rank, channel, post)
             if self.hub.strict:
                 # bytes of all ones: a float NaN, and NaN scales in a K/V codec's byte payload
                 buf.fill_(float("nan")) if buf.is_floating_point() else buf.fill_(-1 if buf.is_signed() else 255)
-            waits.append(lambda buf=buf, peer=peer, seq=seq: self.hub.take(peer, self.rank, seq, kind, buf))
-        return Pending(waits, [t for t, _ in sends + recvs])
+            waits.append(lambda buf=buf, peer=peer, seq=seq: self.hub.take(peer, self.rank, seq, kind, buf, channel))
+        nbytes = sum(t.numel() * t.element_size() for t, _ in sends)
+        return Pending(self._modelled(channel, kind, nbytes, len(sends)) + waits, [t for t, _ in sends + recvs])
+
+    def _modelled(self, channel: str, kind: str, nbytes: int, hops: int) -> list:
+        """With a modelled link: a wait that returns no sooner than the operation's modelled finish."""
+        finish = self.hub.schedule(self.rank, channel, kind, nbytes, hops) if hops else None
+        if finish is None:
+            return []
+        import time
+        return [lambda: time.sleep(max(0.0, finish - time.perf_counter()))]
 
     def _check_unchanged(self, t: torch.Tensor, sent: torch.Tensor, peer: int, kind: str) -> None:
         if not torch.equal(_bits(t), _bits(sent)):
@@ -427,7 +543,9 @@ class ThreadTransport(Transport):
         return self._reduce_over(t, tuple(self.group), kind)
 
     def _reduce_over(self, t, group: tuple[int, ...], kind: str) -> Pending:
-        seq = self.hub.contribute(group, self.rank, kind, t.detach().clone())
+        seq = self.hub.contribute(group, self.rank, kind, t.detach().clone(), self.hub.next_post(self.rank))
         if self.hub.strict and t.is_floating_point():
             t.fill_(float("nan"))
-        return Pending([lambda: self.hub.reduced(group, self.rank, seq, t)], [t])
+        n = len(group)
+        modelled = self._modelled(MAIN, kind, ring_bytes(t.numel() * t.element_size(), n), 2 * (n - 1))
+        return Pending(modelled + [lambda: self.hub.reduced(group, self.rank, seq, t)], [t])
