@@ -43,7 +43,7 @@ from types import SimpleNamespace
 
 import torch
 
-from common import RESULTS, hardware
+from common import RESULTS, hardware, provenance
 from parafuse.parallel.transport import NullTransport, Pending
 
 # seconds; gpu_check's budget logic: a row is not started past its section's budget (skipped, and
@@ -312,6 +312,7 @@ class Section:
         self.sync_outputs: dict = {}
         self.rows: list[dict] = []
         self.path = partial_path(a)
+        self.provenance = provenance()      # the commit (git, else benchmarks/stamp.json), device, versions
 
     # -- bookkeeping
     def model(self, fam: Family):
@@ -334,7 +335,7 @@ class Section:
         self.log(json.dumps(row, default=str)[:600])
         data = json.load(open(self.path)) if os.path.exists(self.path) else {}
         data.update(hardware=hardware(), smoke=self.a.smoke)
-        data.setdefault("sections", {})[self.name] = {"rows": self.rows}
+        data.setdefault("sections", {})[self.name] = {"provenance": self.provenance, "rows": self.rows}
         tmp = f"{self.path}.tmp"
         with open(tmp, "w") as f:
             json.dump(data, f, indent=2, default=str)
@@ -455,7 +456,8 @@ class Section:
 
     def loop_row(self, fam: Family, n: int, strip: int) -> dict:
         """One rank's whole call (LoopbackTransport) against the serial call, both through the door
-        with the same kernels and graphs; each called once with 3 steps first (compiling, capturing)."""
+        with the same kernels and graphs; each called first with LOOP_WARMUP + 2 steps: its first stale
+        step runs eagerly, the second is captured (parafuse.graphs), so the timed call replays."""
         model, steps = self.model(fam), 4 if self.a.smoke else LOOP_STEPS
         out = {"steps": steps, "warmup_steps": LOOP_WARMUP}
         latents = {}
@@ -464,7 +466,7 @@ class Section:
             par = door(self.pipeline(fam, share_weights(model)), self.device, warmup=LOOP_WARMUP,
                        **settings, **self.settings())
             try:
-                par(**self.call_kwargs(fam, 3))
+                par(**self.call_kwargs(fam, LOOP_WARMUP + 2))
                 if self.cuda:
                     torch.cuda.synchronize(self.device)
                 t0 = time.perf_counter()
