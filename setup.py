@@ -22,7 +22,8 @@ setup(
     packages=["parafuse", "parafuse.models", "parafuse.solvers", "parafuse.parallel", "parafuse.diffusers",
               "parafuse_kernels"],
     package_dir={"parafuse_kernels": "kernels/parafuse_kernels"},
-    package_data={"parafuse.models": ["weights/*.safetensors", "weights/*.md", "weights/*.png"]},
+    package_data={"parafuse.models": ["weights/*.safetensors", "weights/*.md", "weights/*.png"],
+                  "parafuse": ["attention_auto.json"]},
     install_requires=[TORCH, "triton>=3.2; platform_system == 'Linux'", "numpy", "pillow", "safetensors", "tqdm"],
     extras_require={
         "test": ["pytest", "diffusers>=0.30", "transformers", "peft", "scikit-image", "scipy", "matplotlib"],

@@ -44,6 +44,7 @@ from types import SimpleNamespace
 import torch
 
 from common import RESULTS, hardware, provenance
+from parafuse.parallel.config import PatchConfig
 from parafuse.parallel.transport import NullTransport, Pending
 
 # seconds; gpu_check's budget logic: a row is not started past its section's budget (skipped, and
@@ -207,28 +208,29 @@ class ZerosTransport(NullTransport):
         return Pending()
 
 
-def door(pipe, device, mode="sync", n=1, strip=0, cfg=False, transport="null", graphs=False, kernels="torch",
-         warmup=1, layout=None, **extra):
+def config(mode="sync", cfg=False, kernels="torch", warmup=1, graphs=None) -> PatchConfig:
+    """The door's settings (`graphs` None: the device's default - off for emulated ranks)."""
+    return PatchConfig(mode=mode, warmup_steps=warmup, cfg_parallel=cfg, kernels=kernels, cuda_graphs=graphs)
+
+
+def door(pipe, n=1, strip=0, transport="null", **settings):
     """`pipe` through `parafuse.parallelize` as rank `strip` of `n` in one process (`transport`: null
-    counts bytes and moves nothing - `ZerosTransport` -, loopback moves them as device copies), or on
-    an emulated rank (`layout` and `transport` given)."""
+    counts bytes and moves nothing - `ZerosTransport` -, loopback moves them as device copies)."""
     import parafuse
     from parafuse.parallel.distributed import ParallelLayout
     from parafuse.parallel.transport import LoopbackTransport
 
-    if layout is None:
-        layout = ParallelLayout(strip, n, 2 if cfg else 1)
-        transport = None if n == 1 else {"null": ZerosTransport, "loopback": LoopbackTransport}[transport](
-            strip, n, layout.patch_ranks)
-        extra["cuda_graphs"] = graphs
-    return parafuse.parallelize(pipe, mode=mode, warmup_steps=warmup, cfg_parallel=cfg, kernels=kernels,
-                                parallel_decode=False, layout=layout, transport=transport, **extra)
+    cfg = config(**settings)
+    layout = ParallelLayout(strip, n, 2 if cfg.cfg_parallel else 1)
+    transport = None if n == 1 else {"null": ZerosTransport, "loopback": LoopbackTransport}[transport](
+        strip, n, layout.patch_ranks)
+    return parafuse.parallelize(pipe, cfg, parallel_decode=False, layout=layout, transport=transport)
 
 
-def timed(model, fam, kw, device, repeat, **settings) -> tuple[float, dict, object, object]:
+def timed(model, fam, kw, repeat, **settings) -> tuple[float, dict, object, object]:
     """Median seconds of the steady evaluations (after 3: the synchronous first one, then those that
     compile, warm and capture), the rank's stats, the strip geometry and the last output (rank 0)."""
-    par = door(Evaluations(fam.attr, share_weights(model)), device, **settings)
+    par = door(Evaluations(fam.attr, share_weights(model)), **settings)
     try:
         out = par(kw, 3 + repeat)
         steady = par.timing["step_seconds"][3:]
@@ -239,24 +241,27 @@ def timed(model, fam, kw, device, repeat, **settings) -> tuple[float, dict, obje
         par.strips.remove()
 
 
-def emulated(model, fam, n, cfg, device, call, make_pipe, **settings) -> object:
+def emulated(model, n, device, call, make_pipe, **settings) -> object:
     """`call(parallel_pipe)` on n ranks emulated as threads on `device` (weights shared, no graphs);
     rank 0's result."""
+    import parafuse
     from parafuse.parallel.emulator import emulate_ranks
 
+    cfg = config(**settings)
     results = [None] * n
     if device.type == "cuda":       # the inputs were made on this stream; the ranks run on their own
         torch.cuda.synchronize(device)
 
     def body(layout, transport):
-        par = door(make_pipe(share_weights(model)), device, cfg=cfg, layout=layout, transport=transport, **settings)
+        par = parafuse.parallelize(make_pipe(share_weights(model)), cfg, parallel_decode=False, layout=layout,
+                                   transport=transport)
         try:
             results[layout.rank] = call(par)
         finally:
             par.close()
             par.strips.remove()
 
-    emulate_ranks(n, 2 if cfg else 1, body, device=str(device))
+    emulate_ranks(n, cfg, body, device=str(device))
     return results[0]
 
 
@@ -369,7 +374,7 @@ class Section:
         """The serial denoiser through the same door (N = 1): seconds, output."""
         if fam.name not in self.serial:
             model, kw = self.model(fam), inputs(fam, self.side, self.device, self.dtype)
-            seconds, _, _, out = timed(model, fam, kw, self.device, self.repeat(fam), **self.settings())
+            seconds, _, _, out = timed(model, fam, kw, self.repeat(fam), **self.settings())
             if not torch.isfinite(out).all():
                 raise FloatingPointError(f"{fam.name} {self.size}²: the serial output is not finite")
             self.serial[fam.name] = (seconds, out.clone(), kw)     # a copy: a graph's output is overwritten
@@ -381,7 +386,7 @@ class Section:
         patch = n // (2 if cfg else 1)
         per = {}
         for strip in sorted({0, patch // 2}) if patch > 2 else [0]:
-            per[strip] = timed(model, fam, kw, self.device, self.repeat(fam), mode=mode, n=n, strip=strip, cfg=cfg,
+            per[strip] = timed(model, fam, kw, self.repeat(fam), mode=mode, n=n, strip=strip, cfg=cfg,
                                **self.settings(kernels))
         slow = max(per, key=lambda s: per[s][0])
         seconds, stats, geometry, _ = per[slow]
@@ -406,8 +411,8 @@ class Section:
         key = (fam.name, n, cfg, kernels)
         if key not in self.sync_outputs:
             model, kw = self.model(fam), inputs(fam, self.side, self.device, self.dtype)
-            self.sync_outputs[key] = emulated(model, fam, n, cfg, self.device, lambda par: par(kw, 1),
-                                              lambda m: Evaluations(fam.attr, m), mode="sync", kernels=kernels)
+            self.sync_outputs[key] = emulated(model, n, self.device, lambda par: par(kw, 1),
+                                              lambda m: Evaluations(fam.attr, m), mode="sync", cfg=cfg, kernels=kernels)
         got = self.sync_outputs[key]
         out = {"whole": error(got, serial_out)}
         if geometry is not None:
@@ -463,7 +468,7 @@ class Section:
         latents = {}
         for side, settings in (("serial", {}), ("rank", {"mode": "full", "n": n, "strip": strip,
                                                         "transport": "loopback"})):
-            par = door(self.pipeline(fam, share_weights(model)), self.device, warmup=LOOP_WARMUP,
+            par = door(self.pipeline(fam, share_weights(model)), warmup=LOOP_WARMUP,
                        **settings, **self.settings())
             try:
                 par(**self.call_kwargs(fam, LOOP_WARMUP + 2))
@@ -488,8 +493,8 @@ class Section:
             raise FloatingPointError(f"{fam.name} {self.size}²: the serial pipeline's latents are not finite")
         if fam.name == "sdxl":      # the N-rank call emulated (correctness only): full and partial
             for mode in ("full", "partial"):
-                got = emulated(model, fam, n, False, self.device, lambda par: par(**self.call_kwargs(fam, steps)),
-                               lambda m: self.pipeline(fam, m), mode=mode, warmup=LOOP_WARMUP, kernels="torch")
+                got = emulated(model, n, self.device, lambda par: par(**self.call_kwargs(fam, steps)),
+                               lambda m: self.pipeline(fam, m), mode=mode, warmup=LOOP_WARMUP)
                 out[f"{mode}_emulated_psnr_db"] = latent_psnr(got.images, serial)
                 out[f"{mode}_emulated_vs_serial"] = error(got.images, serial)
         return out

@@ -19,13 +19,16 @@ environment variable PARAFUSE_ATTENTION_BACKEND, else "auto"):
     xformers  xformers.ops.memory_efficient_attention (optional: `pip install parafuse[xformers]`;
               CUDA only); lse as for sdpa
     math      the float32 reference softmax(q kᵀ / √d) v, for tests
-    auto      the fastest measured on the device class, from AUTO below; says which, once
+    auto      the fastest measured per device class, head dim and shape class (attention_auto.json,
+              written by benchmarks/kernels.py on a GPU; SDPA where nothing is measured); says which, once
 An unavailable backend is an error that says what to do, raised before any compute - never a silent
 fallback to another backend.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
+import json
 import logging
 import os
 
@@ -33,12 +36,21 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor
 
+# the prologue's ops live in the kernel package (the lower layer: it imports nothing from parafuse)
+from parafuse_kernels.grid import kv_splits, programs
+from parafuse_kernels.prologue import q_prologue, rms_norm, rotate_pairs  # noqa: F401  (re-exported)
+
 BACKENDS = ("auto", "triton", "sdpa", "xformers", "math")
 ENV = "PARAFUSE_ATTENTION_BACKEND"
 # what `auto` picks per device type. cuda: SDPA, which dispatches to cuDNN at strip shapes (360-640
 # TFLOP/s measured on one H200, DESIGN.md §1); the Triton kernel's GPU figures are pending
 # measurement (benchmarks/kernels.py), so it is not picked until they say it is faster.
 AUTO = {"cpu": "sdpa", "cuda": "sdpa"}
+# on CUDA, per (device class, head dim, shape class), the backend benchmarks/kernels.py measured
+# fastest; until a GPU run writes it, every entry keeps SDPA and says "pending"
+AUTO_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "attention_auto.json")
+AUTO_CHOICES = ("triton", "triton-tma", "sdpa")     # triton-tma: the kernel with K/V by TMA descriptors
+SHAPE_CLASSES = ("short", "long")     # short: the Triton kernel would split the keys (SMs idle otherwise)
 log = logging.getLogger("parafuse.attention")
 
 _backend = os.environ.get(ENV, "auto")
@@ -56,6 +68,10 @@ def check_backend(name: str, device: torch.device | str) -> str:
         raise BackendError(f"unknown attention backend {name!r} (from --attention-backend or {ENV}); "
                            f"valid: {', '.join(BACKENDS)}")
     if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_available():
+            picks = sorted({e["backend"] for key, e in _auto_entries().items() if key[0] == device_class(device)})
+            if picks != ["sdpa"] and picks:
+                return "+".join(picks) + " (auto, by head dim and shape: attention_auto.json)"
         return AUTO.get(device.type, "sdpa")
     if name == "triton":
         if importlib.util.find_spec("triton") is None:
@@ -113,31 +129,68 @@ def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     return (out, lse) if return_lse else out
 
 
-def rms_norm(t: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMS norm over the last dim in float32 (SD3/Flux QK-norm)."""
-    t = t.float()
-    return t * torch.rsqrt(t.square().mean(-1, keepdim=True) + eps) * weight.float()
+def check_auto_table(table: dict) -> dict:
+    """{(device class, head dim, shape class): entry} of a well-formed auto table, else ValueError:
+    entries with those keys, once each, a backend of AUTO_CHOICES and its source; an entry picking
+    the Triton kernel carries the measured times that made it the faster."""
+    entries = {}
+    for e in table.get("entries", []):
+        key = (e.get("device"), e.get("head_dim"), e.get("shape"))
+        if not (isinstance(key[0], str) and isinstance(key[1], int) and key[1] > 0 and key[2] in SHAPE_CLASSES):
+            raise ValueError(f"auto table entry {e} needs device (str), head_dim (int > 0), shape in {SHAPE_CLASSES}")
+        if key in entries:
+            raise ValueError(f"auto table: {key} appears twice")
+        if e.get("backend") not in AUTO_CHOICES or not isinstance(e.get("source"), str):
+            raise ValueError(f"auto table entry {e}: backend must be one of {AUTO_CHOICES}, with a source")
+        if e["backend"] != "sdpa" and not (e.get("triton_us", float("inf")) < e.get("sdpa_us", 0)):
+            raise ValueError(f"auto table entry {e} picks {e['backend']} without measured times that say it is faster")
+        entries[key] = e
+    return entries
 
 
-def rotate_pairs(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on interleaved pairs (t[..., 2i], t[..., 2i+1]) by angles with cos/sin [L, d/2], in
-    float32 (Flux's rotation; diffusers' [L, d] tables with repeated entries are cos[:, ::2])."""
-    pairs = t.float().unflatten(-1, (-1, 2))
-    a, b = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos.float(), sin.float()
-    return torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2)
+@functools.lru_cache(maxsize=None)
+def _auto_entries(path: str = AUTO_TABLE) -> dict:
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return check_auto_table(json.load(f))
 
 
-def q_prologue(q: torch.Tensor, q_norm=None, rope=None) -> torch.Tensor:
-    """The q prologue as separate ops, rounded to q's dtype (what the Triton backend fuses)."""
-    if q_norm is None and rope is None:
-        return q
-    t = q.float()
-    if q_norm is not None:
-        t = rms_norm(t, *q_norm)
-    if rope is not None:
-        t = rotate_pairs(t, *rope)
-    return t.to(q.dtype)
+@functools.lru_cache(maxsize=None)
+def _cuda_class(index: int) -> tuple[str, int]:
+    props = torch.cuda.get_device_properties(index)
+    return f"sm{props.major}{props.minor}", props.multi_processor_count
+
+
+def device_class(device: torch.device) -> str:
+    """What the auto table is keyed by: the compute capability on CUDA (sm90 for H100 and H200)."""
+    return _cuda_class(device.index or 0)[0] if device.type == "cuda" else device.type
+
+
+def shape_class(batch_heads: int, queries: int, keys: int, sms: int) -> str:
+    """"short" where the grid of 128-query blocks x (batch x heads) leaves enough SMs idle that the
+    Triton kernel splits the keys (parafuse_kernels.grid's rule), else "long"."""
+    return "short" if kv_splits(programs(queries, batch_heads), keys, sms) > 1 else "long"
+
+
+def auto_pick(entries: dict, key: tuple[str, int, str]) -> tuple[str, str]:
+    """(backend, why) for (device class, head dim, shape class) from checked auto-table entries."""
+    entry = entries.get(key)
+    if entry is None:
+        return AUTO["cuda"], f"{key}: not in the auto table"
+    if entry["backend"] != "sdpa" and importlib.util.find_spec("triton") is None:
+        return "sdpa", f"{key}: the table picks triton, which is not installed"
+    return entry["backend"], f"{key}: {entry['source']}"
+
+
+def auto_backend(q: torch.Tensor, keys: int) -> tuple[str, str]:
+    """(backend, why) that `auto` runs for queries `q` [B, H, Lq, D] over `keys` keys: the table's
+    measured pick for this device class, head dim and shape class on CUDA, else AUTO's."""
+    if q.device.type != "cuda":
+        return AUTO.get(q.device.type, "sdpa"), q.device.type.upper()
+    cls, sms = _cuda_class(q.device.index or 0)
+    shape = shape_class(q.shape[0] * q.shape[1], q.shape[2], keys, sms)
+    return auto_pick(_auto_entries(), (cls, q.shape[-1], shape))
 
 
 def _lse(q, k, scale):
@@ -146,14 +199,14 @@ def _lse(q, k, scale):
     return torch.logsumexp((q.float() @ k.float().transpose(-1, -2)) * scale, -1)
 
 
-def _resolve(device: torch.device) -> str:
+def _resolve(q: torch.Tensor, keys: int) -> str:
     if _backend != "auto":
         return _backend
-    name = AUTO.get(device.type, "sdpa")
-    if device.type not in _auto_said:
-        _auto_said.add(device.type)
-        log.info("attention backend auto -> %s on %s (%s)", name, device.type,
-                 "measured: cuDNN SDPA; Triton pending GPU measurement" if device.type == "cuda" else "CPU")
+    name, why = auto_backend(q, keys)
+    said = q.device.type if q.device.type != "cuda" else why
+    if said not in _auto_said:
+        _auto_said.add(said)
+        log.info("attention backend auto -> %s on %s (%s)", name, q.device.type, why)
     return name
 
 
@@ -166,10 +219,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     fused into the Triton kernel, separate ops (`q_prologue`) on the other backends. Keys are
     expected normed and rotated already (done once, when they are written to the K/V buffer)."""
     # a shape-only trace (meta or fake tensors: parafuse.profile) runs no kernel: SDPA's shape rule
-    backend = "sdpa" if q.device.type == "meta" or isinstance(q, FakeTensor) else _resolve(q.device)
-    if backend == "triton":
-        from parafuse_kernels.attention import halo_attention
-        out, lse = halo_attention(q, k, v, scale=scale, q_norm=q_norm, rope=rope)
+    backend = "sdpa" if q.device.type == "meta" or isinstance(q, FakeTensor) else _resolve(q, k.shape[2])
+    if backend in ("triton", "triton-tma"):
+        from parafuse_kernels.attention import halo_attention, tma_ok
+        tma = backend == "triton-tma" and tma_ok(k, v)      # auto's pick; views TMA cannot describe run without
+        out, lse = halo_attention(q, k, v, scale=scale, q_norm=q_norm, rope=rope, tma=tma)
         return (out, lse) if return_lse else out
     q = q_prologue(q, q_norm, rope)
     if backend == "math":

@@ -498,5 +498,5 @@ def emulate(model: nn.Module, world_size: int, parallel: PatchConfig, requests, 
         results[layout.rank] = [rt.generate(r) for r in requests]
         rt.close()
 
-    emulate_ranks(world_size, 2 if parallel.cfg_parallel else 1, run, device, strict)
+    emulate_ranks(world_size, parallel, run, device, strict)
     return runtimes, results

@@ -274,8 +274,8 @@ def test_target_scoreboard_keeps_n8_verdicts_of_the_cheap_modes_from_the_run_wit
 def test_kernels_benchmark_smoke_on_cpu(tmp_path):
     """benchmarks/kernels.py's logic through Triton's interpreter: every section reports, with the
     attention backends of this machine, the fused update and the GroupNorm pair (no speed figures)."""
-    out = tmp_path / "kernels.json"
-    proc = subprocess.run([sys.executable, "benchmarks/kernels.py", "--smoke", "--out", str(out)],
+    out, auto = tmp_path / "kernels.json", tmp_path / "auto.json"
+    proc = subprocess.run([sys.executable, "benchmarks/kernels.py", "--smoke", "--out", str(out), "--write-auto", str(auto)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "kernels")]),
                                    OMP_NUM_THREADS="1", TRITON_INTERPRET="1"))
@@ -284,8 +284,17 @@ def test_kernels_benchmark_smoke_on_cpu(tmp_path):
     assert res["smoke"] and {"attention", "update", "groupnorm"} <= set(res)
     assert {(r["model"], r["n"], r["mode"]) for r in res["attention"]} >= {("pixart", 4, "partial"), ("flux", 1, "full")}
     assert all(r["triton_tflops"] > 0 and r["sdpa_tflops"] > 0 for r in res["attention"])
+    assert all(r["triton_us"] > 0 and r["triton_spread"] >= 0 and "triton_config" in r and r["shape"] in ("short", "long")
+               for r in res["attention"])
+    assert res["commit"] and res["batch"] == 2
+    # the auto table the run writes is well-formed, one entry per head dim and shape class, from this run
+    from parafuse.attention import check_auto_table
+    entries = check_auto_table(json.loads(auto.read_text()))
+    assert set(entries) == {("cpu", r["head_dim"], r["shape"]) for r in res["attention"]}
+    assert all("--smoke" in e["source"] for e in entries.values())
     assert all(r["prologue_speedup"] > 0 for r in res["attention"] if r["model"] == "flux")
     assert {(r["shape"], r["dtype"]) for r in res["update"]} >= {("large", "float32"), ("large", "bfloat16")}
+    assert res["groupnorm_bits"]["reruns_equal"] is True
     assert (tmp_path / "kernels.png").exists()
 
 

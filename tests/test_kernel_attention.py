@@ -5,8 +5,10 @@ Keys and values are head views of a K/V buffer [tokens, B, 2*dim] laid out [abov
 as the patch runtime keeps it - strided, never copied - with windows of uneven sizes, empty ones
 included, and lengths that are not multiples of the blocks. Random inputs (never zeros).
 Tolerances: fp32 (IEEE dots) 2e-5 on the output and the log-sum-exp; bf16/fp16 2e-2 absolute on
-outputs of magnitude ~1 (the kernel rounds p to the storage dtype before the P·V dot, as flash
-attention does)."""
+outputs of magnitude ~1 and on the log-sum-exp (the kernel rounds p to the storage dtype before the
+P·V dot, as flash attention does; the reference keeps it in float32). The key counts cover both
+loop shapes: a multiple of the interpreter's BLOCK_N (16: whole blocks only, EVEN_N) and not (the
+peeled, masked tail block)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,16 +16,17 @@ import torch.nn.functional as F
 from parafuse_kernels import attention as ka
 
 
-def buffer_views(b, heads, d, above, local, below, dtype, seed=0):
-    """q [B, H, local, d] and k, v as views of a [above+local+below, B, 2*H*d] buffer."""
+def buffer_views(b, heads, d, above, local, below, dtype, seed=0, pad=0):
+    """q [B, H, local, d] and k, v as views of a [above+local+below, B, 2*H*d + pad] buffer (`pad`
+    odd: strides that are no multiple of 16 bytes, the generic variant's case)."""
     g = torch.Generator().manual_seed(seed)
     dim = heads * d
-    buf = torch.randn(above + local + below, b, 2 * dim, generator=g).to(dtype)
-    q = torch.randn(b, local, dim, generator=g).to(dtype).view(b, local, heads, d).transpose(1, 2)
+    buf = torch.randn(above + local + below, b, 2 * dim + pad, generator=g).to(dtype)
+    q = torch.randn(b, local, dim + pad, generator=g).to(dtype)[..., :dim].unflatten(-1, (heads, d)).transpose(1, 2)
 
     def heads_of(t):
         return t.permute(1, 0, 2).unflatten(-1, (heads, d)).transpose(1, 2)
-    return q, heads_of(buf[..., :dim]), heads_of(buf[..., dim:]), buf
+    return q, heads_of(buf[..., :dim]), heads_of(buf[..., dim:2 * dim]), buf
 
 
 def run(q, k, v, **kw):
@@ -59,6 +62,94 @@ def test_every_head_dim(d):
     ref, ref_lse = ka.halo_attention_reference(q, k, v)
     torch.testing.assert_close(out, ref, **TOL[torch.float32])
     torch.testing.assert_close(lse, ref_lse, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("d, parts", [(64, (64, 0)), (72, (64, 16)), (80, (64, 16)), (96, (64, 32)),
+                                      (128, (128, 0)), (40, (32, 16)), (8, (16, 0))])
+def test_head_dim_parts_split_without_padding_to_a_power_of_two(d, parts):
+    assert ka.head_dim_parts(d) == parts
+    main, tail = parts
+    assert main + tail >= d and (tail == 0 or main < d)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [72, 80, 96, 64, 128])
+@pytest.mark.parametrize("below", [8, 3])           # 32 keys (whole blocks) or 27 (a masked tail block)
+def test_split_dot_head_dims_in_half_precision(dtype, d, below):
+    """Random bf16/fp16 inputs at the real head dims: 72/80/96 run as two dots (64 + 16/16/32), 64
+    and 128 as one; strides are multiples of 16 bytes, so the aligned variant runs."""
+    q, k, v, _ = buffer_views(2, 2, d, 5, 19, below, dtype, seed=d + below)
+    assert ka.stride_unit(q, k, v) == 8
+    out, lse = run(q, k, v)
+    ref, ref_lse = ka.halo_attention_reference(q, k, v)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strides_off_16_bytes_run_the_generic_variant(dtype):
+    """A layout whose strides are no multiple of 16 bytes falls back to STRIDE_UNIT = 1 (same
+    source, narrower loads), with the same results."""
+    q, k, v, _ = buffer_views(1, 2, 72, 3, 11, 4, dtype, seed=11, pad=1)
+    assert ka.stride_unit(q, k, v) == 1
+    out, lse = run(q, k, v)
+    ref, ref_lse = ka.halo_attention_reference(q, k, v)
+    tol = TOL[dtype] if dtype == torch.float32 else dict(rtol=0, atol=2e-2)
+    torch.testing.assert_close(out.float(), ref.float(), **tol)
+    torch.testing.assert_close(lse, ref_lse, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("splits, ranges", [(2, 2), (3, 3), (5, 3)])
+def test_split_kv_merges_to_the_reference(dtype, splits, ranges):
+    """Split-KV: each program attends to one range of whole 16-key blocks (the interpreter's unit;
+    128 on the GPU), the partials merge by their log-sum-exps; 5 splits of 40 keys leave 3 ranges
+    (none empty). Includes a prologue, a masked tail in the last range and 72 = 64 + 16."""
+    q, k, v, _ = buffer_views(1, 2, 72, 9, 20, 11, dtype, seed=splits)
+    assert ka.split_keys(k.shape[2], splits)[0] == ranges
+    g = torch.Generator().manual_seed(12)
+    angles = torch.rand(20, 36, generator=g) * 6.0
+    kw = dict(q_norm=(torch.rand(72, generator=g) + 0.5, 1e-6), rope=(angles.cos(), angles.sin()))
+    out, lse = run(q, k, v, splits=splits, **kw)
+    ref, ref_lse = ka.halo_attention_reference(q, k, v, **kw)
+    tol = TOL[dtype] if dtype == torch.float32 else dict(rtol=0, atol=2e-2)
+    torch.testing.assert_close(out.float(), ref.float(), **tol)
+    torch.testing.assert_close(lse, ref_lse, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d, below, splits", [(72, 3, 1), (72, 8, 2), (64, 3, 2), (128, 8, 1)])
+def test_tma_descriptors_match_the_reference(dtype, d, below, splits):
+    """K/V by TMA descriptors over the [B, H, Lk, D] views (the interpreter emulates them): rows past
+    Lk and the columns 72..79 of the 64 + 16 split arrive as zeros instead of being masked."""
+    q, k, v, _ = buffer_views(2, 2, d, 5, 19, below, dtype, seed=d + splits)
+    assert ka.tma_ok(k, v)
+    out, lse = run(q, k, v, tma=True, splits=splits)
+    ref, ref_lse = ka.halo_attention_reference(q, k, v)
+    tol = TOL[dtype] if dtype == torch.float32 else dict(rtol=0, atol=2e-2)
+    torch.testing.assert_close(out.float(), ref.float(), **tol)
+    torch.testing.assert_close(lse, ref_lse, **tol)
+
+
+def test_tma_refuses_views_it_cannot_describe():
+    q, k, v, _ = buffer_views(1, 2, 72, 3, 11, 4, torch.bfloat16, pad=1)
+    with pytest.raises(ValueError, match="tma=True needs"):
+        ka.halo_attention(q, k, v, tma=True)
+
+
+def test_split_kv_rule_splits_only_where_sms_idle():
+    from parafuse_kernels import grid
+    unit = 128
+    assert grid.kv_splits(512, 100 * unit, 132) == 1           # 97% of the SM slots busy: no split
+    assert grid.kv_splits(160, 100 * unit, 132) == 4           # a 28-program last wave: 61% -> 97%
+    assert grid.kv_splits(320, 100 * unit, 132) == 2           # 81% -> 97%: the fewest ranges that fill
+    assert grid.kv_splits(80, 100 * unit, 132) == 8            # one short wave
+    assert grid.kv_splits(80, 5 * unit, 132) == 1              # ranges of >= 2 blocks: 2 at most, no gain
+    assert grid.kv_splits(80, 7 * unit, 132) == 3              # 3 at most: 240 programs, 91% busy
+    assert grid.kv_splits(132, 100 * unit, 132) == 1           # exactly one full wave
+    assert grid.kv_splits(20, 3 * unit, 132) == 1              # too few keys to split
+    assert ka.split_keys(100 * ka.KV_SPLIT_UNIT, 7) == (7, 15 * ka.KV_SPLIT_UNIT)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -108,6 +199,8 @@ def test_bad_inputs_are_refused_before_launch():
         ka.halo_attention(q, k.half(), v.half())
     with pytest.raises(ValueError, match="cos/sin"):
         ka.halo_attention(q, k, v, rope=(torch.ones(4, 8), torch.ones(4, 8)))
+    with pytest.raises(ValueError, match="scale must be positive"):
+        ka.halo_attention(q, k, v, scale=0.0)
 
 
 # ---- the dispatcher (parafuse.attention) ------------------------------------------------------------
@@ -168,6 +261,38 @@ def test_auto_picks_sdpa_on_cpu_and_says_so_once(backend, caplog):
         backend.attention(q, k, v)
     assert [r.getMessage() for r in caplog.records] == ["attention backend auto -> sdpa on cpu (CPU)"]
     assert backend.backend_for("cpu") == "sdpa"
+
+
+def test_the_auto_table_is_well_formed_and_keeps_sdpa_until_measured(backend):
+    """parafuse/attention_auto.json (written by benchmarks/kernels.py --write-auto on a GPU): every
+    entry checked; with no GPU measurement yet every one keeps SDPA and says it is pending."""
+    entries = backend._auto_entries()
+    assert {d for _, d, _ in entries} >= {64, 72, 80, 96, 128} and {s for *_, s in entries} == {"short", "long"}
+    for key, e in entries.items():
+        assert backend.auto_pick(entries, key)[0] == e["backend"]
+        if "pending" in e["source"]:
+            assert e["backend"] == "sdpa"
+    assert backend.auto_pick(entries, ("sm00", 64, "long")) == ("sdpa", "('sm00', 64, 'long'): not in the auto table")
+
+
+def test_auto_table_check_refuses_malformed_tables(backend):
+    good = {"device": "sm90", "head_dim": 72, "shape": "short", "backend": "triton", "source": "a GPU run",
+            "triton_us": 90.0, "sdpa_us": 100.0}
+    entries = backend.check_auto_table({"entries": [good]})
+    assert backend.auto_pick(entries, ("sm90", 72, "short")) == ("triton", "('sm90', 72, 'short'): a GPU run")
+    for bad, match in (([good, good], "twice"), ([dict(good, shape="tall")], "shape"),
+                       ([dict(good, backend="flash")], "backend must be"),
+                       ([dict(good, triton_us=120.0)], "without measured times"),
+                       ([dict(good, backend="triton-tma", triton_us=120.0)], "picks triton-tma without"),
+                       ([{k: v for k, v in good.items() if k != "sdpa_us"}], "without measured times")):
+        with pytest.raises(ValueError, match=match):
+            backend.check_auto_table({"entries": bad})
+
+
+def test_shape_class_is_the_kernels_split_rule(backend):
+    assert backend.shape_class(2 * 20, 512, 4096, 132) == "short"    # 4 query blocks x 40 = 160 programs
+    assert backend.shape_class(2 * 16, 2048, 3328, 132) == "long"    # 512 programs: 97% busy
+    assert backend.shape_class(2 * 20, 512, 200, 132) == "long"      # too few keys to split
 
 
 def test_the_environment_variable_sets_the_default():

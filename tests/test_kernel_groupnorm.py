@@ -90,10 +90,11 @@ def test_triton_groupnorm_in_the_emulator_matches_the_torch_path(mode):
         assert (tri[0][0].latent - serial).abs().max() <= 1e-4
 
 
-def test_a_triton_groupnorm_is_two_launches_and_two_small_ops(monkeypatch):
-    """In a synchronous step a patched GroupNorm on the kernels issues two Triton launches and two
-    ATen ops (zeroing the sums, allocating the output), plus its all-reduce. (The kernels are stubbed
-    here: under the interpreter their own emulation would run ATen ops.)"""
+def test_a_triton_groupnorm_is_three_launches_and_two_small_ops(monkeypatch):
+    """In a synchronous step a patched GroupNorm on the kernels issues three Triton launches (the
+    partial sums, their fixed-order sum, the apply) and two ATen ops (allocating the partials and
+    the output), plus its all-reduce. (The kernels are stubbed here: under the interpreter their own
+    emulation would run ATen ops.)"""
     launched = []
 
     class Stub:
@@ -104,6 +105,7 @@ def test_a_triton_groupnorm_is_two_launches_and_two_small_ops(monkeypatch):
             return lambda *args, **kwargs: launched.append(self.name)
 
     monkeypatch.setattr(gn, "_group_sums_kernel", Stub("sums"))
+    monkeypatch.setattr(gn, "_sum_parts_kernel", Stub("parts"))
     monkeypatch.setattr(gn, "_group_norm_apply_kernel", Stub("apply"))
     rt = Runtime(load_model("unet-small"), ParallelConfig("sync"), layout=ParallelLayout(0, 2),
                  transport=NullTransport(0, 2), kernels="triton")
@@ -122,8 +124,8 @@ def test_a_triton_groupnorm_is_two_launches_and_two_small_ops(monkeypatch):
     norm.register_forward_pre_hook(enter)
     norm.register_forward_hook(leave)
     step()
-    assert inside == ["sums", "apply"]
-    assert counter.ops == {"zero_": 1, "empty_like": 1}, counter.ops
+    assert inside == ["sums", "parts", "apply"]
+    assert counter.ops == {"empty": 1, "empty_like": 1}, counter.ops
 
 
 def test_triton_kernels_without_cuda_or_the_interpreter_are_a_clear_error(monkeypatch):
@@ -205,6 +207,7 @@ def test_fused_silu_groupnorms_leave_no_silu_op(monkeypatch):
             return lambda *args, **kwargs: None
 
     monkeypatch.setattr(gn, "_group_sums_kernel", Stub())
+    monkeypatch.setattr(gn, "_sum_parts_kernel", Stub())
     monkeypatch.setattr(gn, "_group_norm_apply_kernel", Stub())
     counts = {}
     for kernels in ("torch", "triton"):

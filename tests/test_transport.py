@@ -285,22 +285,17 @@ def test_a_modelled_link_queues_the_all_reduce_behind_stale_traffic_on_one_commu
 
 
 @pytest.mark.parametrize("model", ["unet-small", "dit-small"])
-def test_the_stale_channel_changes_neither_results_nor_bytes(model, monkeypatch):
+def test_the_stale_channel_changes_neither_results_nor_bytes(model):
     """The engine over transports with the stale channel (halos and K/V routed to it): the same
     latents bit for bit and the same bytes per kind as over one communicator, the posting order
     checked at every operation."""
-    import functools
-
-    import parafuse.parallel.emulator as emulator
     from parafuse.models import load_model
-    from parafuse.runtime import ParallelConfig, Request
+    from parafuse.runtime import ParallelConfig, Request, emulate
 
     req = Request(64, 48, 3, "ddim", 1.0, seed=7, label=3)
-    cfg = ParallelConfig("full", 1)
     runs = {}
-    for stale_channel in (False, True):
-        monkeypatch.setattr(emulator, "ThreadTransport", functools.partial(ThreadTransport, stale_channel=stale_channel))
-        rts, res = emulator.emulate(load_model(model), 3, cfg, req)
+    for stale_channel in (False, True):       # PatchConfig(stale_channel=...) reaches the emulated transports
+        rts, res = emulate(load_model(model), 3, ParallelConfig("full", 1, stale_channel=stale_channel), req)
         runs[stale_channel] = (res[0][0].latent, [rt.transport.totals() for rt in rts])      # rank 0 holds the image
         assert all(rt.transport.stale_channel is stale_channel for rt in rts)
     assert torch.equal(runs[False][0], runs[True][0])

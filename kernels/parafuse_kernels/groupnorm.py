@@ -1,14 +1,18 @@
 """GroupNorm on a strip in two kernels, beside their PyTorch references.
 
-    group_sums(x, groups, out)      Σx and Σx² of every (sample, group), float32, reading x once
+    group_sums(x, groups, out)      Σx and Σx² of every (sample, group), float32, reading x once;
+                                    deterministic: per-program partial sums, then a fixed-order sum
     group_norm_apply(x, sums, ...)  mean and biased variance from sums over `count` elements (or,
                                     where that variance is negative, from `fallback` sums), then
                                     normalise + affine (+ the SiLU that follows, `silu=True`) in
                                     float32 and store in x's dtype: one read, one write
 
 Between them the patch runtime exchanges the sums (an all-reduce over the strips), so a patched
-GroupNorm is these two launches, the zeroing of the sums and the exchange - against a dozen
-small ATen ops in the PyTorch path. `x` is [B, C, *spatial], contiguous; the groups' elements are
+GroupNorm is these launches (the sums take two: the partials and their fixed-order sum), the
+allocation of the partials and the exchange - against a dozen small ATen ops in the PyTorch path.
+No float atomics: with them the order of the additions (and so the last bits of the statistics)
+varied from run to run wherever a group spans several programs (at unet-xl 2048², N = 8, level 0:
+20 per group), so a graph replay could not equal the eager step bit for bit. `x` is [B, C, *spatial], contiguous; the groups' elements are
 then contiguous runs of C/G * prod(spatial).
 
 Import this module only after TRITON_INTERPRET is set when testing on CPU (see the package).
@@ -52,13 +56,27 @@ def group_norm_apply_reference(x: torch.Tensor, sums: torch.Tensor, count: float
 
 # ---- kernels -------------------------------------------------------------------------------------
 @triton.jit
-def _group_sums_kernel(x_ptr, out_ptr, group_numel, n_groups, BLOCK: tl.constexpr):
+def _group_sums_kernel(x_ptr, parts_ptr, group_numel, n_groups, parts, BLOCK: tl.constexpr):
+    """Partial [Σx, Σx²] of one block of one group, into its own slot of parts [2, groups, parts]."""
     group = tl.program_id(0)             # sample * G + g
     part = tl.program_id(1)              # this program's block of the group
     idx = part * BLOCK + tl.arange(0, BLOCK)
     v = tl.load(x_ptr + group.to(tl.int64) * group_numel + idx, mask=idx < group_numel, other=0.0).to(tl.float32)
-    tl.atomic_add(out_ptr + group, tl.sum(v, axis=0))
-    tl.atomic_add(out_ptr + n_groups + group, tl.sum(v * v, axis=0))
+    slot = group * parts + part
+    tl.store(parts_ptr + slot, tl.sum(v, axis=0))
+    tl.store(parts_ptr + n_groups * parts + slot, tl.sum(v * v, axis=0))
+
+
+@triton.jit
+def _sum_parts_kernel(parts_ptr, out_ptr, parts, BLOCK: tl.constexpr):
+    """out[r] = Σ parts[r, :] for one row r of [2·groups, parts], always in the same order: blocks
+    of BLOCK partials added in sequence, then one fixed tree."""
+    row = tl.program_id(0)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, parts, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        acc += tl.load(parts_ptr + row.to(tl.int64) * parts + idx, mask=idx < parts, other=0.0)
+    tl.store(out_ptr + row, tl.sum(acc, axis=0))
 
 
 @triton.jit
@@ -101,20 +119,22 @@ def _group_norm_apply_kernel(x_ptr, y_ptr, sums_ptr, fallback_ptr, w_ptr, b_ptr,
 
 # ---- launchers -----------------------------------------------------------------------------------
 SUMS_BLOCK = 4096
+PARTS_BLOCK = 128
 APPLY_BLOCK = 1024
 
 
 def group_sums(x: torch.Tensor, groups: int, out: torch.Tensor) -> torch.Tensor:
     """Write [Σx, Σx²] of every (sample, group) of contiguous `x` into float32 `out` [2, B, G]:
-    one program per block of a group, each adding its partial sums atomically (so the order of
-    the float32 additions, and the last bits, can vary from run to run)."""
+    one program per block of a group writes its partial sums, a second launch adds each group's
+    partials in a fixed order - the same bits on every run (no atomics)."""
     assert x.is_contiguous() and out.is_contiguous() and out.dtype == torch.float32
     b = x.shape[0]
     group_numel = x.numel() // (b * groups)
-    out.zero_()
+    parts = triton.cdiv(group_numel, SUMS_BLOCK)
+    partials = torch.empty((2, b * groups, parts), dtype=torch.float32, device=x.device)
     with INTERPRETER_LOCK:
-        _group_sums_kernel[(b * groups, triton.cdiv(group_numel, SUMS_BLOCK))](x, out, group_numel, b * groups,
-                                                                               BLOCK=SUMS_BLOCK)
+        _group_sums_kernel[(b * groups, parts)](x, partials, group_numel, b * groups, parts, BLOCK=SUMS_BLOCK)
+        _sum_parts_kernel[(2 * b * groups,)](partials, out, parts, BLOCK=PARTS_BLOCK)
     LAUNCHES["group_sums"] += 1
     return out
 

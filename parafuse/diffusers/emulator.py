@@ -28,5 +28,5 @@ def emulate_pipeline(pipe, world_size: int, call, config: PatchConfig | None = N
         par.close()
         outputs[layout.rank] = (result, par.rank_stats)
 
-    emulate_ranks(world_size, 2 if config.cfg_parallel else 1, run)
+    emulate_ranks(world_size, config, run)
     return outputs

@@ -98,6 +98,7 @@ class PatchConfig:
     kernels: Kernels | None = None      # None: triton on CUDA, torch elsewhere
     attention_backend: AttentionBackend | None = None   # None: $PARAFUSE_ATTENTION_BACKEND, else auto
     cuda_graphs: bool | None = None     # None: on CUDA unless the ranks are emulated threads
+    stale_channel: bool = False         # stale traffic on a second communicator (opt-in: unproven on NCCL)
     startup_timeout: float = 600.0      # seconds a rank may wait for the others to join and start
     exchange_timeout: float = 300.0     # seconds a rank may wait for a neighbour once denoising
 
@@ -198,17 +199,28 @@ class PatchConfig:
             raise ConfigError(f"kv_codec {self.kv_codec.value!r} (--kv-codec) encodes the stale K/V that full and "
                               f"partial send; mode {mode.value!r} {why}: use kv_codec 'none', or mode full / partial")
 
+    @property
+    def stale_kinds(self) -> tuple[str, ...]:
+        """The message kinds the stale channel carries: K/V and conv halos, and the text merge's
+        where it is stale (the exact merge shares its kind and is waited on)."""
+        from parafuse.parallel.transport import STALE_CHANNEL_KINDS
+        return STALE_CHANNEL_KINDS + (("text_attn",) if self.text_merge == TextMerge.STALE else ())
+
+    def channels(self) -> dict:
+        """The transport's keyword arguments for this config's channels."""
+        return {"stale_channel": self.stale_channel, "stale_kinds": self.stale_kinds}
+
     # ---- the device's defaults -------------------------------------------------------------------
     def on(self, device: torch.device, emulated: bool = False) -> "PatchConfig":
         """This config with the device-dependent settings resolved for `device` (`emulated`: the
         ranks are threads of one process), and refused where they cannot run there. The attention
         backend is resolved by `parafuse.attention.use_backend`, which knows what is installed."""
         cuda = device.type == "cuda"
-        if self.cuda_graphs and not cuda and device.type != "meta":
-            raise ConfigError(f"cuda_graphs (--cuda-graphs) needs a CUDA device; this run is on {device.type}")
         if self.cuda_graphs and emulated:
             raise ConfigError("cuda_graphs (--cuda-graphs) cannot capture emulated ranks (threads sharing one GPU): "
                               "a graph cannot wait on another thread's capture; run the emulator eagerly")
+        if self.cuda_graphs and not cuda and device.type != "meta":
+            raise ConfigError(f"cuda_graphs (--cuda-graphs) needs a CUDA device; this run is on {device.type}")
         kernels = self.kernels or (Kernels.TRITON if cuda else Kernels.TORCH)
         if kernels == Kernels.TRITON:
             if importlib.util.find_spec("triton") is None:
@@ -259,6 +271,10 @@ FIELDS = {
                                                  "(default: $PARAFUSE_ATTENTION_BACKEND, else auto)", "gpu"),
     "cuda_graphs": Field(bool, "capture the steady-state denoiser evaluation as a CUDA graph and replay it "
                                "(default: on for CUDA, off elsewhere and for emulated ranks)", "gpu"),
+    "stale_channel": Field(bool, "opt-in: stale K/V, stale halos and the stale text merge on a second communicator, "
+                                 "so that exact all-reduces and fresh exchanges need not queue behind them (no "
+                                 "multi-GPU run has shown NCCL safe with it yet; the thread emulator checks the "
+                                 "posting order)"),
     "startup_timeout": Field(float, "seconds a rank may wait for the others while starting", "deadlines"),
     "exchange_timeout": Field(float, "seconds a rank may wait for a neighbour during denoising before the job "
                                      "stops, naming the rank that stopped answering", "deadlines"),

@@ -23,17 +23,18 @@ from parafuse.parallel.distributed import ParallelLayout
 from parafuse.parallel.transport import ThreadHub, ThreadTransport
 
 
-def emulate_ranks(world_size: int, cfg_degree: int, body, device: str = "cpu", strict: bool = True) -> None:
-    """`body(layout, transport)` once per emulated rank, each on its own thread (and, on CUDA, its own
-    stream), connected by one `ThreadHub`: what both front doors' emulators run on. `strict`: the
-    transport enforces NCCL's rules (see ThreadHub) and poisons receive buffers."""
+def emulate_ranks(world_size: int, config, body, device: str = "cpu", strict: bool = True) -> None:
+    """`body(layout, transport)` once per emulated rank of a job run with `config` (a PatchConfig:
+    its CFG degree and channels), each on its own thread (and, on CUDA, its own stream), connected
+    by one `ThreadHub`: what both front doors' emulators run on. `strict`: the transport enforces
+    NCCL's rules (see ThreadHub) and poisons receive buffers."""
     hub = ThreadHub(world_size, strict=strict)
     cuda = torch.device(device).type == "cuda"
 
     def run(rank: int):
         with torch.cuda.stream(torch.cuda.Stream(device)) if cuda else contextlib.nullcontext():
-            layout = ParallelLayout(rank, world_size, cfg_degree)
-            body(layout, ThreadTransport(rank, hub, layout.patch_ranks))
+            layout = ParallelLayout(rank, world_size, 2 if config.cfg_parallel else 1)
+            body(layout, ThreadTransport(rank, hub, layout.patch_ranks, **config.channels()))
             if cuda:
                 torch.cuda.current_stream().synchronize()    # results are read on other streams
 

@@ -65,7 +65,7 @@ class PatchSession:
         if transport is None and layout.world_size > 1:
             groups = [list(range(b * layout.patch_degree, (b + 1) * layout.patch_degree))
                       for b in range(layout.cfg_degree)]
-            transport = TorchTransport(layout.rank, layout.world_size, groups)
+            transport = TorchTransport(layout.rank, layout.world_size, groups, **self.config.channels())
         self.transport = transport
         # host deadlines on every exchange of a torch.distributed run (parafuse.watchdog)
         self.watchdog = (watchdog.start(layout.rank, layout.world_size, config.startup_timeout,
