@@ -31,6 +31,8 @@ reports):
                (dit-xl 2048², 20 steps, bf16): the wall-clock saving next to the FLOPs saving
     projection the scaling section's rows projected to N = 1..16 over NVLink 4, PCIe 4 and 400 Gb/s
                InfiniBand (benchmarks/project.py; labelled projections, not measurements)
+    pipelines  diffusers' SDXL U-Net and Flux-dev transformer at their published sizes through
+               `parafuse.parallelize`, 2048² first (pipelines_4096: 4096², last); benchmarks/pipelines_gpu.py
 
 The JSON goes to benchmarks/results/gpu_check_<device>.json; a table is printed last.
 """
@@ -50,12 +52,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import RESULTS, hardware, provenance, table  # noqa: E402
+from pipelines_gpu import BUDGETS as PIPELINE_BUDGETS, section_pipelines, section_pipelines_4096, summary_rows  # noqa: E402,F401
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMAND = "PYTHONPATH=.:kernels python benchmarks/gpu_check.py"
-SECTIONS = ("cli", "nccl", "sync", "scaling", "graphs", "bandwidth", "kernels", "bottleneck", "projection")
+SECTIONS = ("pipelines", "cli", "nccl", "sync", "scaling", "graphs", "bandwidth", "kernels", "bottleneck", "projection",
+            "pipelines_4096")
 BUDGETS = {"cli": 35, "nccl": 25, "sync": 30, "scaling": 160, "graphs": 130, "bandwidth": 15, "kernels": 40,
-           "bottleneck": 15, "projection": 5}   # seconds; 455 in all (issue 28 added sync rows and a serial step on
+           "bottleneck": 15, "projection": 5, **PIPELINE_BUDGETS}   # seconds; 455 in all besides the pipelines'
+                                                # (pipelines_gpu.py) (issue 28 added sync rows and a serial step on
                                                 # each kernel choice: +90 s, not yet run); ~305 s measured on an H100
                                                 # before that (kernels:
                                                 # autotuning the attention compiles 8 configs per head dim).
@@ -521,6 +526,8 @@ def summary(results: dict) -> list[dict]:
                                            f"{x['projected_stale_channel_speedup']:.2f}x pessimistic on a stale "
                                            f"communicator; {x['projected_bound']}-bound, per-rank compute "
                                            f"{x.get('compute_source', '?')})"})
+        elif name.startswith("pipelines"):
+            rows += summary_rows(sec["result"])
         elif name == "bandwidth":
             for dt, r in sec["result"].items():
                 if dt == "kv_codec":

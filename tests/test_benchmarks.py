@@ -10,7 +10,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_gpu_check_smoke_on_cpu(tmp_path):
     out = tmp_path / "gpu_check.json"
-    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--smoke", "--out", str(out)],
+    only = ["cli", "nccl", "sync", "scaling", "graphs", "bandwidth", "kernels", "bottleneck", "projection"]   # pipelines: below
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--smoke", "--out", str(out),
+                           "--only", *only],
                           cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -30,6 +32,51 @@ def test_gpu_check_smoke_on_cpu(tmp_path):
     assert all(r["speedup"] > 0 and r["bytes_per_step"]["attn_kv"] > 0 for r in strips)
     assert sections["graphs"]["result"] == {"skipped": "CUDA graphs need a CUDA device"}
     assert "| section | result |" in proc.stdout
+
+
+def test_gpu_check_pipelines_smoke_on_cpu(tmp_path):
+    """The pipelines sections on tiny SDXL-U-Net and Flux configs (the same diffusers classes and code
+    path as the GPU's published sizes): every row measured, sync equal to serial, rows in the JSON."""
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--smoke", "--out", str(out),
+                           "--only", "pipelines", "pipelines_4096"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sections = json.loads(out.read_text())["sections"]
+    rows = [r for name in ("pipelines", "pipelines_4096") for r in sections[name]["result"]["rows"]]
+    assert all("error" not in r and "skipped" not in r for r in rows), [r.get("error") for r in rows]
+    compute = [r for r in rows if r["kind"] == "compute"]
+    assert [(r["model"], r["n"], r["mode"], r["cfg_parallel"]) for r in compute[:4]] == [
+        ("sdxl", 8, "full", False), ("sdxl", 8, "partial", False), ("sdxl", 8, "full", True), ("flux", 8, "full", False)]
+    for r in compute:
+        assert r["speedup"] > 0 and r["cuda_graphs"] is False
+        assert r["sync_vs_serial"]["whole"]["rel_rms"] < 1e-5      # fp32 on the CPU: sync is the serial model
+        # even strips: the U-Net's ceiling is N; Flux's text tokens, replicated, keep it below
+        assert r["ceiling"] == r["n"] if r["model"] == "sdxl" else 1 < r["ceiling"] < r["n"]
+    assert all(r["bytes_sent_per_evaluation"]["attn_kv"] > 0 for r in compute if r["model"] == "flux")
+    loops = {r["model"]: r for r in rows if r["kind"] == "loop"}
+    assert set(loops) == {"sdxl", "flux"} and all(r["rank"]["evaluations"] == r["steps"] for r in loops.values())
+    assert loops["sdxl"]["full_emulated_psnr_db"] > 30 and loops["sdxl"]["partial_emulated_psnr_db"] > 30
+    # each row was written to the sections' own JSON as it ended
+    written = json.loads((tmp_path / "gpu_check_pipelines.json").read_text())["sections"]
+    assert written["pipelines"]["rows"] == json.loads(json.dumps(sections["pipelines"]["result"]["rows"]))
+    assert "target pipelines flux 2048² full N=8 >= 6.0x" in proc.stdout
+    sdxl_target = next(line for line in proc.stdout.splitlines() if "target pipelines sdxl 2048² full N=8" in line)
+    assert "; partial" in sdxl_target and "dB against serial" in sdxl_target
+
+
+def test_pipelines_ceiling_counts_the_replicated_text_tokens():
+    """Flux-dev at N = 8: ~7.1x at 2048² and ~7.8x at 4096² (issue 24), from the token counts; the
+    U-Net's ceiling is N (its every FLOP splits with the rows), twice the strips' with CFG parallel."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import pipelines_gpu as p
+
+    flux, sdxl = p.FAMILIES["flux"], p.FAMILIES["sdxl"]
+    assert 7.0 < p.ceiling(flux, 128 * 128, 16 * 128, 1) < 7.3
+    assert 7.7 < p.ceiling(flux, 256 * 256, 32 * 256, 1) < 8.0
+    assert p.ceiling(flux, 128 * 128, 128 * 128, 1) == 1.0
+    assert p.ceiling(sdxl, 256 * 256, 32 * 256, 1) == 8.0 and p.ceiling(sdxl, 256 * 256, 64 * 256, 2) == 8.0
 
 
 def test_gpu_check_targets_read_eager_and_graphed_rows_apart():
