@@ -16,7 +16,7 @@ TORCHRUN = {"--nproc_per_node", "--nproc-per-node", "--nnodes", "--node_rank", "
             "--rdzv_backend", "--rdzv-backend", "--rdzv_endpoint", "--rdzv-endpoint", "--master_addr",
             "--master_port"}
 # a code span or code line that runs another program: its flags are that program's, not the CLI's
-OTHER_PROGRAM = re.compile(r"\.py\b|pytest|parafuse\.train|parafuse\.cli_doc|\bpip\b|\bgit\b")
+OTHER_PROGRAM = re.compile(r"\.py\b|\.sh\b|pytest|parafuse\.train|parafuse\.cli_doc|\bpip\b|\bgit\b")
 
 
 def spans(text: str) -> list[str]:
