@@ -8,8 +8,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(__file__))
-from diffusers_cases import TORCHRUN_CASES, call_kwargs, images, pipeline_path  # noqa: E402
+from support.diffusers_cases import TORCHRUN_CASES, call_kwargs, images, pipeline_path  # noqa: E402
 
 import parafuse  # noqa: E402
 from parafuse.diffusers import load_pipeline  # noqa: E402

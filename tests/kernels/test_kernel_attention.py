@@ -10,6 +10,8 @@ P·V dot, as flash attention does; the reference keeps it in float32). The key c
 loop shapes: a multiple of the interpreter's BLOCK_N (16: whole blocks only, EVEN_N) and not (the
 peeled, masked tail block)."""
 import pytest
+
+from support import ROOT  # noqa: E402
 import torch
 import torch.nn.functional as F
 
@@ -264,7 +266,7 @@ def test_auto_picks_sdpa_on_cpu_and_says_so_once(backend, caplog):
 
 
 def test_the_auto_table_is_well_formed_and_keeps_sdpa_until_measured(backend):
-    """parafuse/attention_auto.json (written by benchmarks/kernels.py --write-auto on a GPU): every
+    """parafuse/attention_auto.json (written by benchmarks/kernel_timings.py --write-auto on a GPU): every
     entry checked; with no GPU measurement yet every one keeps SDPA and says it is pending."""
     entries = backend._auto_entries()
     assert {d for _, d, _ in entries} >= {64, 72, 80, 96, 128} and {s for *_, s in entries} == {"short", "long"}
@@ -325,7 +327,7 @@ def test_patch_attention_on_the_triton_backend_in_the_emulator(backend):
 def test_cli_attention_backend_flag(tmp_path):
     """`--attention-backend triton` (through the interpreter) runs and is recorded in the report;
     without CUDA or the interpreter it exits 2 with one line saying what to do, writing nothing."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = ROOT
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.path.join(root, "kernels")]), TRITON_INTERPRET="1")
     out, rep = tmp_path / "a.png", tmp_path / "a.json"
     args = [sys.executable, "-m", "parafuse.generate", "--model", "dit-small", "--height", "32", "--width", "32",

@@ -3,6 +3,8 @@ plain loop, the bottleneck schedule under patch parallelism, FLOPs, and every ba
 import math
 
 import pytest
+
+from support import ROOT  # noqa: E402
 import torch
 
 from parafuse.generate import main
@@ -202,24 +204,19 @@ def test_cli_bottleneck_and_a_bad_stage(tmp_path, capsys):
     assert not (tmp_path / "c.png").exists()
 
 
+@pytest.mark.torchrun
 def test_torchrun_bottleneck_equals_the_emulator(tmp_path):
     """`torchrun --nproc_per_node 2 -m parafuse.generate --schedule bottleneck` in a stale mode: the
     image (8-bit PNG) and every rank's bytes per kind equal the single-process emulator's."""
     import json
-    import os
-    import subprocess
-    import sys
 
     from parafuse.report import load_png
+    from support import launch
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out, rep = tmp_path / "t.png", tmp_path / "t.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(29700 + os.getpid() % 200), "-m", "parafuse.generate", "--model", "unet-small", "--height", "96",
-           "--width", "48", "--steps", "20", "--label", "2", "--seed", "11", "--schedule", "bottleneck", "--mode",
-           "full", "--warmup-steps", "1", "--no-progress", "--out", str(out), "--report", str(rep)]
-    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root), capture_output=True,
-                          text=True, timeout=300)
+    proc = launch.run(2, "-m", "parafuse.generate", "--model", "unet-small", "--height", "96", "--width", "48",
+                      "--steps", "20", "--label", "2", "--seed", "11", "--schedule", "bottleneck", "--mode", "full",
+                      "--warmup-steps", "1", "--no-progress", "--out", str(out), "--report", str(rep), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(rep.read_text())
     _, results = emulate(load_model("unet-small"), 2, ParallelConfig("full", warmup_steps=1), BOTTLENECK)

@@ -9,7 +9,7 @@ import pytest
 
 from parafuse.generate import main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from support import ROOT  # noqa: E402
 REPORT_KEYS = {"model", "height", "width", "steps", "solver", "guidance", "seed", "device", "torch", "world_size",
                "mode", "warmup_steps", "halo_portion", "cfg_parallel", "attention_backend", "stages",
                "total_seconds", "step_seconds", "flops", "ranks", "bytes_sent_per_step", "compare", "dtype",

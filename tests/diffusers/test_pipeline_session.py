@@ -15,9 +15,8 @@ import torch  # noqa: E402
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from diffusers_cases import STEPS, call_kwargs, images, pipeline_path  # noqa: E402
-from test_reliability import Stderr, rank_pid, torchrun  # noqa: E402
+from support.diffusers_cases import STEPS, call_kwargs, images, pipeline_path  # noqa: E402
+from support.processes import Stderr, rank_pid, torchrun  # noqa: E402
 
 import parafuse  # noqa: E402
 from parafuse.checks import CheckError  # noqa: E402
@@ -117,6 +116,7 @@ def test_only_rank_zero_draws_the_pipeline_progress_bar(root):
     assert shown == [False, True, True]
 
 
+@pytest.mark.torchrun
 def test_stopped_rank_ends_a_pipeline_job_naming_it(root, tmp_path):
     """The host deadlines of the pipeline door: a rank stopped in the steady steps of a long pipeline
     call ends the job within the exchange deadline, naming it, and nothing is written."""

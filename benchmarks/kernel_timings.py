@@ -1,8 +1,8 @@
 """parafuse's Triton kernels against the alternatives, at the strip shapes of real models.
 
-    PYTHONPATH=.:kernels python benchmarks/kernels.py                 # on a GPU
-    PYTHONPATH=.:kernels python benchmarks/kernels.py --write-auto    # ... and update `auto`'s table
-    PYTHONPATH=.:kernels python benchmarks/kernels.py --smoke         # logic check on CPU (interpreter)
+    PYTHONPATH=.:kernels python benchmarks/kernel_timings.py                 # on a GPU
+    PYTHONPATH=.:kernels python benchmarks/kernel_timings.py --write-auto    # ... and update `auto`'s table
+    PYTHONPATH=.:kernels python benchmarks/kernel_timings.py --smoke         # logic check on CPU (interpreter)
 
 Timing (`time_calls`): back-to-back calls - a CUDA graph of ~2 ms of calls replayed 20 times (eager
 back-to-back launches where a backend cannot be captured) - median, quartiles and spread per call;
@@ -413,7 +413,7 @@ def main(argv=None) -> int:
         cols += [(k, k.replace("_us", " µs")) for k in rows[0] if k.endswith("_us") and not k.startswith("prologue")]
         cols += [("triton_over_fastest_sdpa", "triton / fastest SDPA"), ("triton_config", "triton config")]
         print(table(rows, cols))
-        source = (f"benchmarks/kernels.py{' --smoke' if a.smoke else ''} on {results['hardware']['device']}, "
+        source = (f"benchmarks/kernel_timings.py{' --smoke' if a.smoke else ''} on {results['hardware']['device']}, "
                   f"commit {results['commit'][:10]}")
         results["auto"] = auto_table(rows, device_class(device), source)
         if a.write_auto:

@@ -9,8 +9,7 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from parallel_cases import HEIGHT, STEPS, WIDTH, cases  # noqa: E402
+from support.parallel_cases import HEIGHT, STEPS, WIDTH, cases  # noqa: E402
 
 from parafuse.health import CHECK_EVERY  # noqa: E402
 from parafuse.models import load_model  # noqa: E402
@@ -22,22 +21,16 @@ from parafuse.parallel.geometry import StripGeometry  # noqa: E402
 from parafuse.parallel.transport import COLLECTIVE, ring_bytes  # noqa: E402
 from parafuse.runtime import ParallelConfig, Request, Runtime  # noqa: E402
 
+from support import ROOT, launch  # noqa: E402
+
 WORLD_SIZES = (2, 3, 4)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def torchrun(n: int, script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
-           "--master_port", str(29500 + n + 10 * (os.getpid() % 500)), script, *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda n: f"N{n}")
 def dist_run(request, tmp_path_factory):
     n = request.param
     out = tmp_path_factory.mktemp(f"dist{n}")
-    proc = torchrun(n, os.path.join(ROOT, "tests", "dist_worker.py"), str(out))
+    proc = launch.run(n, os.path.join(ROOT, "tests", "support", "dist_worker.py"), str(out))
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = {name: [torch.load(out / f"{name}.rank{r}.pt", weights_only=False) for r in range(n)]
                for name in cases(n)}
@@ -304,6 +297,7 @@ def test_switching_halo_exchange_off_breaks_sync(monkeypatch):
     assert (res[0][0].latent - ref).abs().max() > 1e-2
 
 
+@pytest.mark.torchrun
 def test_rank_failure_stops_every_rank(tmp_path):
     script = tmp_path / "fail.py"
     script.write_text(
@@ -316,6 +310,6 @@ def test_rank_failure_stops_every_rank(tmp_path):
         "        rt.model.blocks[0].register_forward_hook(lambda *a: 1 / 0)\n"
         "    rt.generate(Request(64, 64, 3, 'ddim'))\n"
         "run_guarded(main)\n")
-    proc = torchrun(3, str(script), timeout=300)
+    proc = launch.run(3, str(script), timeout=300)
     assert proc.returncode != 0
     assert "rank 1 failed: ZeroDivisionError" in proc.stderr

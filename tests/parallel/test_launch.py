@@ -1,25 +1,23 @@
 """The launchers: one node, and two "nodes" on localhost through torchrun's c10d rendezvous."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import pytest
+
+from support import ROOT
+from support.processes import free_port
+
 ARGS = ["--model", "dit-small", "--height", "32", "--width", "32", "--steps", "2", "--solver", "ddim",
         "--mode", "partial", "--warmup-steps", "1", "--no-progress"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env(**extra):
     return dict(os.environ, PYTHON=sys.executable, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", **extra)
 
 
+@pytest.mark.torchrun
 def test_single_node(tmp_path):
     out = tmp_path / "one.png"
     proc = subprocess.run(["bash", "launch/single_node.sh", "2", *ARGS, "--out", str(out),
@@ -29,6 +27,7 @@ def test_single_node(tmp_path):
     assert out.exists() and json.loads((tmp_path / "one.json").read_text())["world_size"] == 2
 
 
+@pytest.mark.torchrun
 def test_two_nodes_on_localhost(tmp_path):
     port = str(free_port())
     out, rep = tmp_path / "two.png", tmp_path / "two.json"

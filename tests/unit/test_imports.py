@@ -3,7 +3,7 @@ function-level ones included): no cycle, and the lower layers import nothing abo
 import ast
 import os
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from support import ROOT  # noqa: E402
 PACKAGES = {"parafuse": os.path.join(ROOT, "parafuse"), "parafuse_kernels": os.path.join(ROOT, "kernels", "parafuse_kernels")}
 # what a layer must never import (the front doors and the layers above them)
 FORBIDDEN = {"parafuse.parallel": ("parafuse.runtime", "parafuse.generate", "parafuse.diffusers"),

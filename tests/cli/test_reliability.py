@@ -25,7 +25,8 @@ from parafuse.runtime import emulate
 from parafuse.parallel.transport import NullTransport
 from parafuse.runtime import ParallelConfig, Request, Runtime
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from support import ROOT  # noqa: E402
+from support.processes import Stderr, rank_pid, torchrun  # noqa: E402
 SMALL = ["--model", "dit-small", "--height", "32", "--width", "32", "--steps", "2", "--no-progress"]
 
 
@@ -91,53 +92,13 @@ def test_a_rank_that_meets_nan_stops_every_rank_together():
 
 
 # ---- 2. a stopped rank -------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(n: int, *args, **popen):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(n),
-           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "parafuse.generate", *args]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "kernels")]), OMP_NUM_THREADS="1")
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True, **popen)
-
-
-class Stderr:
-    """Collects a process's stderr in a thread, so the test can wait for a line."""
-
-    def __init__(self, proc):
-        self.text = ""
-        self.thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
-        self.thread.start()
-
-    def _read(self, proc):
-        for chunk in iter(lambda: proc.stderr.read1(4096), b""):
-            self.text += chunk.decode(errors="replace")
-
-    def wait_for(self, pattern: str, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while not re.search(pattern, self.text):
-            assert time.monotonic() < deadline, self.text[-3000:]
-            time.sleep(0.2)
-
-
-def rank_pid(torchrun_pid: int, rank: int) -> int:
-    for line in subprocess.run(["pgrep", "-P", str(torchrun_pid)], capture_output=True, text=True).stdout.split():
-        with open(f"/proc/{line}/environ", "rb") as f:
-            if f"RANK={rank}".encode() in f.read().split(b"\0"):
-                return int(line)
-    raise AssertionError(f"no rank {rank} under torchrun {torchrun_pid}")
-
-
 def steps_running(out):
     """A long run with a progress bar (rank 0), so the test can wait until denoising is steady."""
     return ["--model", "dit-small", "--height", "48", "--width", "32", "--steps", "5000", "--solver", "ddim",
             "--warmup-steps", "1", "--out", str(out), "--overwrite"]
 
 
+@pytest.mark.torchrun
 def test_stopped_rank_ends_the_job_naming_it(tmp_path):
     timeout = 3
     proc = torchrun(3, *steps_running(tmp_path / "s.png"), "--exchange-timeout", str(timeout))
@@ -263,6 +224,7 @@ def test_interrupted_batch_writes_nothing(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.torchrun
 def test_interrupted_batch_under_torchrun_writes_nothing(tmp_path):
     proc = torchrun(2, *steps_running(tmp_path / "b.png"), "--batch", "2")
     err = Stderr(proc)
@@ -386,6 +348,7 @@ def test_bare_cuda_takes_the_local_rank(monkeypatch):
 
 
 # ---- 8. torchrun: user errors exit 2, one line ------------------------------------------------
+@pytest.mark.torchrun
 def test_user_error_under_torchrun(tmp_path):
     proc = torchrun(2, *SMALL, "--height", "33", "--out", str(tmp_path / "u.png"))
     _, err = proc.communicate(timeout=120)

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from support import ROOT  # noqa: E402
 
 SCRIPT = textwrap.dedent(r'''
     import os

@@ -9,6 +9,7 @@ from parafuse.models import load_model
 from parafuse.parallel import kv_codec
 from parafuse.runtime import emulate
 from parafuse.runtime import ParallelConfig, Request, Runtime
+from support.codec import mirror_pairs
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -77,31 +78,7 @@ def test_mirror_tracks_drifting_kv_far_better_than_the_frozen_copy():
     assert (ks[0] - ks[-1]).abs().mean() > 5 * step
 
 
-def _mirror_pairs(runtimes):
-    """For every attention site and every pair of neighbouring/other strips: (what rank r holds of
-    strip j's K/V rows, strip j's own mirror of those rows)."""
-    for rt in runtimes:
-        rt.engine.drain()        # the last step's messages decoded
-    pairs = []
-    for rt in runtimes:
-        eng = rt.engine
-        for key, bufs in eng.buffers.items():
-            if "mirror" not in bufs:
-                continue
-            site, lv, i = eng.plan.sites[key], eng.plan.level(eng.plan.sites[key]), eng.strip
-            w, kv = lv.width, bufs["kv"]
-            if eng.mode == "full":
-                for j in range(eng.n):
-                    if j != i:
-                        theirs = runtimes[j].engine.buffers[key]["mirror"]
-                        pairs.append((kv[lv.offsets[j] * w:(lv.offsets[j] + lv.rows[j]) * w], theirs))
-            else:
-                above, below = eng.plan.kv_rows(site, "stale-window")
-                if above:
-                    pairs.append((kv[:above * w], runtimes[i - 1].engine.buffers[key]["mirror"][-above * w:]))
-                if below:
-                    pairs.append((kv[kv.shape[0] - below * w:], runtimes[i + 1].engine.buffers[key]["mirror"][:below * w]))
-    return pairs
+
 
 
 @pytest.mark.parametrize("mode", ["full", "partial"])
@@ -109,7 +86,7 @@ def test_every_rank_holds_the_senders_mirror_bit_for_bit(mode):
     model = load_model("dit-small")
     req = Request(64, 48, 5, "ddim", 1.0, seed=3, label=1)
     runtimes, results = emulate(model, 3, ParallelConfig(mode, 1, 0.3, kv_codec="sign"), req)
-    pairs = _mirror_pairs(runtimes)
+    pairs = mirror_pairs(runtimes)
     assert len(pairs) >= 2 * len(model.blocks)
     for held, sent in pairs:
         assert torch.equal(held, sent)

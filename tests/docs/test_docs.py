@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from support import ROOT  # noqa: E402
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from report import figures_outside_blocks  # noqa: E402
 

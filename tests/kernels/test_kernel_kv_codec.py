@@ -81,7 +81,7 @@ def test_kernels_triton_run_the_codec_in_the_engine_with_the_torch_paths_image(m
     GroupNorm) the image equals the PyTorch path's to 1e-5 (the scales' reduction order and the
     fused solver update differ), and every rank's mirror is its sender's bit for bit
     (tests/test_kv_codec.py's check)."""
-    from test_kv_codec import _mirror_pairs
+    from support.codec import mirror_pairs
 
     from parafuse.models import load_model
     from parafuse.runtime import emulate
@@ -92,7 +92,7 @@ def test_kernels_triton_run_the_codec_in_the_engine_with_the_torch_paths_image(m
     before = dict(kern.LAUNCHES)
     rts, tri = emulate(load_model("dit-small"), 3, cfg, req, kernels="triton")
     assert kern.LAUNCHES["encode"] > before["encode"] and kern.LAUNCHES["decode"] > before["decode"]
-    for held, sent in _mirror_pairs(rts):
+    for held, sent in mirror_pairs(rts):
         assert torch.equal(held, sent)
     _, plain = emulate(load_model("dit-small"), 3, cfg, req)
     assert (tri[0][0].latent - plain[0][0].latent).abs().max() <= 1e-5

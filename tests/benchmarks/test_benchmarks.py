@@ -1,11 +1,13 @@
 """The GPU check's logic, run on CPU with tiny models (CI has no GPU): every section completes and
 reports, and its JSON is the schema the README's tables are read from."""
 import json
+
+import pytest
 import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from support import ROOT  # noqa: E402
 
 
 def test_gpu_check_smoke_on_cpu(tmp_path):
@@ -128,13 +130,12 @@ def test_scaling_rows_reuse_a_measured_serial_step(monkeypatch):
     assert rows[0]["serial_seconds"] == 123.0 and rows[0]["speedup"] == 123.0 / rows[0]["seconds"]
 
 
+@pytest.mark.torchrun
 def test_multi_gpu_check_smoke_on_cpu_with_gloo(tmp_path):
     """The multi-GPU check is ready for the day several GPUs are lent: its logic runs here over gloo."""
     out = tmp_path / "mgc.json"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "benchmarks/multi_gpu_check.py", "--smoke", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"))
+    from support import launch
+    proc = launch.run(2, "benchmarks/multi_gpu_check.py", "--smoke", "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["world_size"] == 2 and res["backend"] == "gloo"
@@ -225,10 +226,10 @@ def test_target_scoreboard_keeps_n8_verdicts_of_the_cheap_modes_from_the_run_wit
 
 
 def test_kernels_benchmark_smoke_on_cpu(tmp_path):
-    """benchmarks/kernels.py's logic through Triton's interpreter: every section reports, with the
+    """benchmarks/kernel_timings.py's logic through Triton's interpreter: every section reports, with the
     attention backends of this machine, the fused update and the GroupNorm pair (no speed figures)."""
     out, auto = tmp_path / "kernels.json", tmp_path / "auto.json"
-    proc = subprocess.run([sys.executable, "benchmarks/kernels.py", "--smoke", "--out", str(out), "--write-auto", str(auto)],
+    proc = subprocess.run([sys.executable, "benchmarks/kernel_timings.py", "--smoke", "--out", str(out), "--write-auto", str(auto)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "kernels")]),
                                    OMP_NUM_THREADS="1", TRITON_INTERPRET="1"))

@@ -21,9 +21,8 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from diffusers_cases import call_kwargs, images, pipeline_path  # noqa: E402
-from test_capture import HOST_READS, Trace  # noqa: E402
+from support.diffusers_cases import call_kwargs, images, pipeline_path  # noqa: E402
+from support.capture import HOST_READS, Trace  # noqa: E402
 
 import parafuse  # noqa: E402
 from parafuse.diffusers.emulator import emulate_pipeline  # noqa: E402

@@ -4,6 +4,8 @@ buffers are poisoned until their receive completes, and a send buffer changed in
 import threading
 
 import pytest
+
+from support import ROOT  # noqa: E402
 import torch
 
 from parafuse.parallel.transport import COLLECTIVE, ExchangeMismatch, LoopbackTransport, NullTransport, ThreadHub, \
@@ -325,18 +327,14 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.torchrun
 def test_torch_transport_stale_channel_over_gloo(tmp_path):
     """torchrun, 2 ranks over gloo: a K/V exchange on the second process group, a halo and an
     all-reduce on the main one, all delivered."""
-    import os
-    import subprocess
-    import sys
+    from support import launch
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = tmp_path / "worker.py"
     script.write_text(STALE_CHANNEL_WORKER)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(29700 + os.getpid() % 200), str(script)], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1"))
+    proc = launch.run(2, str(script), timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "ok 0" in proc.stdout and "ok 1" in proc.stdout

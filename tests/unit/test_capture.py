@@ -15,36 +15,7 @@ from parafuse.models import load_model
 from parafuse.parallel.distributed import ParallelLayout
 from parafuse.parallel.transport import NullTransport
 from parafuse.runtime import ParallelConfig, Request, Runtime
-
-HOST_READS = {"_local_scalar_dense", "item", "equal", "is_nonzero"}
-
-
-class Trace(TorchDispatchMode):
-    """Every op as (name, scalars, persistent tensor addresses); new allocations as weakrefs."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops, self.new, self.produced = [], [], set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        flat, _ = tree_flatten((args, kwargs))
-        inputs = {t.untyped_storage().data_ptr() for t in flat if isinstance(t, torch.Tensor)}
-        scalars, persistent = [], []
-        for a in flat:
-            if isinstance(a, torch.Tensor):
-                ptr = a.untyped_storage().data_ptr()
-                persistent.append(None if ptr in self.produced else (ptr, a.data_ptr(), tuple(a.shape)))
-            else:
-                scalars.append(a)
-        self.ops.append((func.overloadpacket.__name__, tuple(map(repr, scalars)), tuple(persistent)))
-        for o in tree_flatten(out)[0]:
-            if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in inputs:
-                self.produced.add(o.untyped_storage().data_ptr())
-                self.new.append(weakref.ref(o))
-        return out
-
+from support.capture import HOST_READS, Trace
 
 def traced_forward(rt, step, timestep):
     """Trace only the model's forward (the region a graph would capture), not the eager update of

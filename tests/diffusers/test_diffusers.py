@@ -15,10 +15,9 @@ import torch
 import diffusers  # noqa: E402,F401
 import transformers  # noqa: E402,F401
 
-sys.path.insert(0, os.path.dirname(__file__))
 from parafuse.health import CHECK_EVERY  # noqa: E402
 from parafuse.parallel.transport import ring_bytes  # noqa: E402
-from diffusers_cases import STEPS, TORCHRUN_CASES, call_kwargs, images, pipeline_path  # noqa: E402
+from support.diffusers_cases import STEPS, TORCHRUN_CASES, call_kwargs, images, pipeline_path  # noqa: E402
 
 import parafuse  # noqa: E402
 from parafuse.diffusers import UnsupportedModelError, load_pipeline  # noqa: E402
@@ -26,7 +25,7 @@ from parafuse.diffusers.emulator import emulate_pipeline  # noqa: E402
 from parafuse.parallel.distributed import ParallelLayout  # noqa: E402
 from parafuse.parallel.geometry import StripGeometry  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from support import ROOT, launch  # noqa: E402
 SYNC_TOL = 1e-4
 
 
@@ -108,11 +107,7 @@ def launch_torchrun(root, out, n, cases):
     rank's saved output and byte counts."""
     for name in cases:
         pipeline_path(root, TORCHRUN_CASES[name][0])
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
-           "--master_port", str(29700 + 10 * n + os.getpid() % 500), os.path.join(ROOT, "tests", "diffusers_worker.py"),
-           root, str(out), *cases]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = launch.run(n, os.path.join(ROOT, "tests", "support", "diffusers_worker.py"), root, str(out), *cases)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {name: [torch.load(out / f"{name}.rank{r}.pt", weights_only=False) for r in range(n)] for name in cases}
 
@@ -123,6 +118,7 @@ def torchrun_run(root, tmp_path_factory):
     return n, launch_torchrun(root, tmp_path_factory.mktemp("dist"), n, list(TORCHRUN_CASES))
 
 
+@pytest.mark.torchrun
 def test_torchrun_three_ranks(root, tmp_path):
     """N = 3 under torchrun (uneven strips 7, 7, 6): sync equals diffusers, and Flux in partial mode
     (stale K/V windows and the stale text merge) equals the emulator, bytes included."""

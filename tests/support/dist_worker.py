@@ -7,8 +7,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(__file__))
-from parallel_cases import cases  # noqa: E402
+from support.parallel_cases import cases  # noqa: E402
 
 from parafuse.models import load_model  # noqa: E402
 from parafuse.parallel.distributed import ParallelLayout, init_distributed, run_guarded  # noqa: E402

@@ -6,7 +6,9 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from support import ROOT  # noqa: E402
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from project import (LINKS, LOOPBACK_JSON, Charge, Link, fit_link, interpolate, kind_seconds,  # noqa: E402
                      loopback_charge, pessimistic_seconds, project_rows, step_seconds)
 

@@ -1,6 +1,6 @@
 """Tiny random-weight diffusers pipelines of each family parafuse parallelises, saved to a folder
 and loaded by path (no hub access; text encoders bypassed with precomputed prompt embeddings), and
-the calls the tests make. Shared by tests/test_diffusers.py and tests/diffusers_worker.py (torchrun).
+the calls made of them: what the tests, the benchmarks and the GPU check's smoke runs all build on.
 
 Weights are diffusers' own random initialisation except the zero-initialised output layers
 (conv_out, PixArt's proj_out), which would make every output - and every comparison - trivially
@@ -147,14 +147,3 @@ def call_kwargs(family: str, guidance: float = 3.0, seed: int = 0, output_type: 
 def images(out) -> torch.Tensor | None:
     """The pipeline output's images (latents with output_type="latent"); None on ranks other than 0."""
     return None if out is None else out.images
-
-
-# torchrun cases: name -> (family, parallelize kwargs)
-TORCHRUN_CASES = {
-    "sd-sync": ("sd", dict(mode="sync")),
-    "sd-full": ("sd", dict(mode="full", warmup_steps=1)),
-    "pixart-partial": ("pixart", dict(mode="partial", warmup_steps=1, halo_portion=0.3)),
-    "sd3-partial": ("sd3", dict(mode="partial", warmup_steps=1, halo_portion=0.3)),
-    "flux-partial": ("flux", dict(mode="partial", warmup_steps=1, halo_portion=0.3)),      # stale text merge
-    "flux-full-exact": ("flux", dict(mode="full", warmup_steps=1, text_merge="exact")),
-}

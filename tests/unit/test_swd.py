@@ -7,7 +7,6 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.swd import (DIRECTIONS, PATCH, laplacian_pyramid, pyramid_depth, pyramid_patches,  # noqa: E402
                             swd)
 
