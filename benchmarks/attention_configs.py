@@ -10,7 +10,7 @@ narrower than 16 bytes (a [BLOCK_N, 16] tail tile spread over 8 warps gets 8-byt
 
     PYTHONPATH=.:kernels python benchmarks/attention_configs.py       # prints the table and CONFIGS
     PYTHONPATH=.:kernels python benchmarks/attention_configs.py --precompile DIR
-        # compiles every kept configuration at every shape of benchmarks/kernels.py's attention sweep
+        # compiles every kept configuration at every shape of benchmarks/kernel_timings.py's attention sweep
         # (H100/H200: 132 SMs for the split-KV rule) into the Triton cache DIR: carried to the GPU
         # machine as TRITON_CACHE_DIR (same Triton, sm_90), the sweep spends no time compiling
 
@@ -63,7 +63,7 @@ def ptxas_path() -> str:
 def launch_views(heads: int, d: int, dtype: torch.dtype, extra_keys: int = 0, **case):
     """q and the K/V buffer's head views for the middle strip of `n` at px², allocated (not filled)
     on the CPU as the runtime lays them out: q [B, Lq, H·D] viewed as heads, K/V [tokens, B, 2·H·D]."""
-    from kernels import attention_inputs, strip_shape
+    from kernel_timings import attention_inputs, strip_shape
     case = {**CASE, **case}
     lq, lk = strip_shape(case["px"], case["n"], case["mode"], case.get("patch_px", 16))
     return attention_inputs(lq, lk + extra_keys, heads, d, dtype, "cpu", batch=case["batch"], make=torch.empty)
@@ -182,10 +182,10 @@ def keep(rows: list[dict]) -> list[tuple]:
 
 
 def precompile(sizes=(2048,), sms: int = 132) -> int:
-    """Compile what benchmarks/kernels.py's sweep will launch (bf16): each model, size, N and mode,
+    """Compile what benchmarks/kernel_timings.py's sweep will launch (bf16): each model, size, N and mode,
     every kept configuration, the split-KV count the rule gives at `sms`, and the Flux rows' prologue
     variant. Returns how many compiles ran (Triton's cache makes repeated specialisations free)."""
-    from kernels import BATCH, MODELS, strip_shape
+    from kernel_timings import BATCH, MODELS, strip_shape
     from parafuse_kernels import attention as ka
     done = 0
     for model, (heads, d, patch_px) in MODELS.items():

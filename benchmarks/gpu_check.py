@@ -26,7 +26,7 @@ reports):
                device (bf16, an SDXL-size activation), their time against the PyTorch patched path,
                and `sync` with `--kernels triton` against the serial run; the halo attention against
                cuDNN SDPA (one PixArt-size strip, d = 64, 72, 128) and the fused update's bandwidth
-               against a copy (benchmarks/kernels.py has the whole sweep)
+               against a copy (benchmarks/kernel_timings.py has the whole sweep)
     bottleneck --schedule bottleneck against the plain schedule of the same --steps on one device
                (dit-xl 2048², 20 steps, bf16): the wall-clock saving next to the FLOPs saving
     projection the scaling section's rows projected to N = 1..16 over NVLink 4, PCIe 4 and 400 Gb/s
@@ -323,7 +323,7 @@ def section_kernels(a) -> dict:
 
 def _attention_and_update_kernels(device, smoke) -> dict:
     """Halo attention against cuDNN SDPA on one PixArt-size partial strip (2048², N = 4) per head
-    dim, and the fused update against the eager step in fp32 and bf16 (benchmarks/kernels.py has
+    dim, and the fused update against the eager step in fp32 and bf16 (benchmarks/kernel_timings.py has
     the whole sweep)."""
     import scaling
     from parafuse.solvers import make_schedule, make_solver

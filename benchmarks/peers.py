@@ -51,18 +51,6 @@ sys.path.insert(0, HERE)
 from common import hardware, provenance, table, write_json  # noqa: E402
 
 
-
-def _unshadow() -> None:
-    """benchmarks/kernels.py would shadow the `kernels` package diffusers looks for (python puts the
-    script's folder first on the path, and other benchmark modules add it): off the path."""
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
-    if getattr(sys.modules.get("kernels"), "__file__", "") == os.path.join(HERE, "kernels.py"):
-        del sys.modules["kernels"]
-
-
-_unshadow()
-
-
 @dataclass(frozen=True)
 class Config:
     name: str
@@ -89,7 +77,6 @@ MEASURED_LAYERS = 2      # the model run here: one double and one single block
 def pipeline(cfg: Config, seed: int = 0):
     """A Flux pipeline: the transformer at `cfg`'s widths with one double and one single block, a
     tiny VAE (factor 4, 16 latent channels); text encoders bypassed (prompt embeddings given)."""
-    _unshadow()
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     torch.manual_seed(seed)

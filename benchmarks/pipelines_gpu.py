@@ -101,21 +101,10 @@ CLASSES = ("UNet2DConditionModel", "FluxTransformer2DModel", "StableDiffusionXLP
 
 
 def diffusers_classes() -> SimpleNamespace:
-    """The diffusers classes used here, imported with benchmarks/ off sys.path: where Hugging Face's
-    `kernels` package is installed, diffusers and transformers import it by name, and
-    benchmarks/kernels.py would stand in for it. `kernels` then names this folder's module again."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    saved_path, ours = sys.path[:], sys.modules.pop("kernels", None)
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
-    try:
-        import diffusers
-        import parafuse.diffusers  # noqa: F401 - its diffusers imports too
-        return SimpleNamespace(**{name: getattr(diffusers, name) for name in CLASSES})
-    finally:
-        sys.path[:] = saved_path
-        sys.modules.pop("kernels", None)       # Hugging Face's, if imported: `import kernels` finds ours again
-        if ours is not None:
-            sys.modules["kernels"] = ours
+    """The diffusers classes used here (imported when first needed: the section runs without
+    diffusers until it builds a model)."""
+    import diffusers
+    return SimpleNamespace(**{name: getattr(diffusers, name) for name in CLASSES})
 
 
 def build(fam: Family, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

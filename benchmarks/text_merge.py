@@ -18,9 +18,8 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 from common import RESULTS, hardware, table, write_json  # noqa: E402
-from diffusers_cases import call_kwargs, images, pipeline_path  # noqa: E402
+from support.diffusers_cases import call_kwargs, images, pipeline_path  # noqa: E402
 
 from parafuse.diffusers import load_pipeline  # noqa: E402
 from parafuse.diffusers.emulator import emulate_pipeline  # noqa: E402

@@ -20,7 +20,7 @@ environment variable PARAFUSE_ATTENTION_BACKEND, else "auto"):
               CUDA only); lse as for sdpa
     math      the float32 reference softmax(q kᵀ / √d) v, for tests
     auto      the fastest measured per device class, head dim and shape class (attention_auto.json,
-              written by benchmarks/kernels.py on a GPU; SDPA where nothing is measured); says which, once
+              written by benchmarks/kernel_timings.py on a GPU; SDPA where nothing is measured); says which, once
 An unavailable backend is an error that says what to do, raised before any compute - never a silent
 fallback to another backend.
 """
@@ -44,9 +44,9 @@ BACKENDS = ("auto", "triton", "sdpa", "xformers", "math")
 ENV = "PARAFUSE_ATTENTION_BACKEND"
 # what `auto` picks per device type. cuda: SDPA, which dispatches to cuDNN at strip shapes (its GPU
 # figures: docs/performance.md; the facts: docs/design.md §1); the Triton kernel's GPU figures are pending
-# measurement (benchmarks/kernels.py), so it is not picked until they say it is faster.
+# measurement (benchmarks/kernel_timings.py), so it is not picked until they say it is faster.
 AUTO = {"cpu": "sdpa", "cuda": "sdpa"}
-# on CUDA, per (device class, head dim, shape class), the backend benchmarks/kernels.py measured
+# on CUDA, per (device class, head dim, shape class), the backend benchmarks/kernel_timings.py measured
 # fastest; until a GPU run writes it, every entry keeps SDPA and says "pending"
 AUTO_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "attention_auto.json")
 AUTO_CHOICES = ("triton", "triton-tma", "sdpa")     # triton-tma: the kernel with K/V by TMA descriptors

@@ -1,0 +1,149 @@
+"""Tiny random-weight diffusers pipelines of each family parafuse parallelises, saved to a folder
+and loaded by path (no hub access; text encoders bypassed with precomputed prompt embeddings), and
+the calls made of them: what the tests, the benchmarks and the GPU check's smoke runs all build on.
+
+Weights are diffusers' own random initialisation except the zero-initialised output layers
+(conv_out, PixArt's proj_out), which would make every output - and every comparison - trivially
+zero: they get small random weights."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+# a 40 x 24 latent (the tiny VAE's factor is 4): 20 units of the U-Net's and PixArt's factor 2,
+# uneven strips at N = 3 (7, 7, 6 units)
+HEIGHT, WIDTH = 160, 96
+STEPS = 3
+TEXT_DIM, TEXT_LEN, POOLED_DIM = 16, 5, 32
+# v-prediction (SD 2.x's): an untrained denoiser's small output then means a small clean estimate,
+# so latents stay O(1) and absolute tolerances mean what they say (with epsilon prediction the
+# first steps divide by alpha ~ 0.07)
+V = "v_prediction"
+
+
+def _seeded(seed: int):
+    torch.manual_seed(seed)
+
+
+def _wake(module: torch.nn.Module, seed: int) -> None:
+    """Small random weights for zero-initialised layers (see the module docstring)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.abs().max() == 0 and ("conv_out" in name or "proj_out" in name or "scale_shift" in name):
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def _vae(**extra):
+    from diffusers import AutoencoderKL
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                         up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 16), latent_channels=4,
+                         norm_num_groups=4, layers_per_block=1, **extra)
+
+
+def _unet(**extra):
+    from diffusers import UNet2DConditionModel
+    return UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=TEXT_DIM,
+                                attention_head_dim=8, norm_num_groups=8, **extra)
+
+
+def build_sd(path: str) -> None:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    _seeded(0)
+    unet, vae = _unet(), _vae()
+    _wake(unet, 1)
+    StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=DDIMScheduler(prediction_type=V, clip_sample=False),
+                            safety_checker=None, feature_extractor=None, requires_safety_checker=False
+                            ).save_pretrained(path)
+
+
+def build_sdxl(path: str) -> None:
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
+    _seeded(0)
+    unet = _unet(addition_embed_type="text_time", addition_time_embed_dim=8,
+                 projection_class_embeddings_input_dim=6 * 8 + POOLED_DIM, transformer_layers_per_block=(1, 1))
+    _wake(unet, 2)
+    # a stochastic scheduler: its noise is drawn for the whole latent from the generator on every rank
+    StableDiffusionXLPipeline(vae=_vae(), text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
+                              unet=unet, scheduler=EulerAncestralDiscreteScheduler(prediction_type=V)).save_pretrained(path)
+
+
+def build_pixart(path: str) -> None:
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    _seeded(0)
+    transformer = PixArtTransformer2DModel(sample_size=16, num_layers=2, patch_size=2, attention_head_dim=8,
+                                           num_attention_heads=2, in_channels=4, out_channels=8,
+                                           cross_attention_dim=16, caption_channels=TEXT_DIM, norm_type="ada_norm_single",
+                                           norm_num_groups=8)
+    _wake(transformer, 3)
+    PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=_vae(), transformer=transformer,
+                        scheduler=DPMSolverMultistepScheduler(prediction_type=V)).save_pretrained(path)
+
+
+def build_sd3(path: str) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    _seeded(0)
+    # the last block is context_pre_only (no text output projection); qk RMS norms as in SD3.5
+    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                        num_attention_heads=2, joint_attention_dim=TEXT_DIM, caption_projection_dim=16,
+                                        pooled_projection_dim=POOLED_DIM, out_channels=4, pos_embed_max_size=32,
+                                        qk_norm="rms_norm")
+    _wake(transformer, 4)
+    # SD3's and Flux's pipelines shift the latent by the VAE's shift_factor before decoding
+    StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(shift_factor=0.1),
+                             text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                             text_encoder_3=None, tokenizer_3=None).save_pretrained(path)
+
+
+def build_flux(path: str) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    _seeded(0)
+    # dual-stream blocks with text as encoder_hidden_states, single-stream blocks over [text | image]
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
+                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=TEXT_DIM,
+                                         pooled_projection_dim=POOLED_DIM, axes_dims_rope=(2, 2, 4))
+    _wake(transformer, 5)
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=64,
+                                                max_image_seq_len=1024, base_shift=0.5, max_shift=1.15)
+    FluxPipeline(scheduler=scheduler, vae=_vae(shift_factor=0.1), text_encoder=None, tokenizer=None, text_encoder_2=None,
+                 tokenizer_2=None, transformer=transformer).save_pretrained(path)
+
+
+BUILDERS = {"sd": build_sd, "sdxl": build_sdxl, "pixart": build_pixart, "sd3": build_sd3, "flux": build_flux}
+
+
+def pipeline_path(root: str, family: str) -> str:
+    """The family's pipeline folder under `root`, built on first use."""
+    path = os.path.join(root, family)
+    if not os.path.isfile(os.path.join(path, "model_index.json")):
+        BUILDERS[family](path)
+    return path
+
+
+def call_kwargs(family: str, guidance: float = 3.0, seed: int = 0, output_type: str = "latent") -> dict:
+    """Keyword arguments of one pipeline call: precomputed prompt embeddings, a fresh generator."""
+    g = torch.Generator().manual_seed(100)
+    emb = torch.randn(1, TEXT_LEN, TEXT_DIM, generator=g)
+    neg = torch.randn(1, TEXT_LEN, TEXT_DIM, generator=g)
+    kw = dict(height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, guidance_scale=guidance,
+              generator=torch.Generator().manual_seed(seed), output_type=output_type,
+              prompt_embeds=emb, negative_prompt_embeds=neg)
+    if family == "flux":        # guidance-distilled: no negative branch (true_cfg_scale 1)
+        del kw["negative_prompt_embeds"]
+        kw["pooled_prompt_embeds"] = torch.randn(1, POOLED_DIM, generator=g)
+    if family in ("sdxl", "sd3"):
+        kw.update(pooled_prompt_embeds=torch.randn(1, POOLED_DIM, generator=g),
+                  negative_pooled_prompt_embeds=torch.randn(1, POOLED_DIM, generator=g))
+    if family == "pixart":
+        kw.update(prompt_attention_mask=torch.ones(1, TEXT_LEN), negative_prompt_attention_mask=torch.ones(1, TEXT_LEN),
+                  negative_prompt=None,
+                  use_resolution_binning=False)
+    return kw
+
+
+def images(out) -> torch.Tensor | None:
+    """The pipeline output's images (latents with output_type="latent"); None on ranks other than 0."""
+    return None if out is None else out.images

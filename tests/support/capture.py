@@ -1,0 +1,37 @@
+"""A dispatch-mode trace of what a region issues: every ATen op with its scalars and the persistent
+tensors it touches, and the tensors it allocates (tests/unit/test_capture.py,
+tests/diffusers/test_pipeline_graphs.py)."""
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+HOST_READS = {"_local_scalar_dense", "item", "equal", "is_nonzero"}
+
+
+class Trace(TorchDispatchMode):
+    """Every op as (name, scalars, persistent tensor addresses); new allocations as weakrefs."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.new, self.produced = [], [], set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        flat, _ = tree_flatten((args, kwargs))
+        inputs = {t.untyped_storage().data_ptr() for t in flat if isinstance(t, torch.Tensor)}
+        scalars, persistent = [], []
+        for a in flat:
+            if isinstance(a, torch.Tensor):
+                ptr = a.untyped_storage().data_ptr()
+                persistent.append(None if ptr in self.produced else (ptr, a.data_ptr(), tuple(a.shape)))
+            else:
+                scalars.append(a)
+        self.ops.append((func.overloadpacket.__name__, tuple(map(repr, scalars)), tuple(persistent)))
+        for o in tree_flatten(out)[0]:
+            if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in inputs:
+                self.produced.add(o.untyped_storage().data_ptr())
+                self.new.append(weakref.ref(o))
+        return out

@@ -1,0 +1,14 @@
+"""The diffusers pipelines' test cases: the tiny pipelines and their calls (parafuse.diffusers.tiny)
+and the torchrun cases the worker runs."""
+from parafuse.diffusers.tiny import (BUILDERS, HEIGHT, POOLED_DIM, STEPS, TEXT_DIM, TEXT_LEN, WIDTH, call_kwargs,  # noqa: F401
+                                     images, pipeline_path)
+
+# torchrun cases: name -> (family, parallelize kwargs)
+TORCHRUN_CASES = {
+    "sd-sync": ("sd", dict(mode="sync")),
+    "sd-full": ("sd", dict(mode="full", warmup_steps=1)),
+    "pixart-partial": ("pixart", dict(mode="partial", warmup_steps=1, halo_portion=0.3)),
+    "sd3-partial": ("sd3", dict(mode="partial", warmup_steps=1, halo_portion=0.3)),
+    "flux-partial": ("flux", dict(mode="partial", warmup_steps=1, halo_portion=0.3)),      # stale text merge
+    "flux-full-exact": ("flux", dict(mode="full", warmup_steps=1, text_merge="exact")),
+}

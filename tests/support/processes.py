@@ -1,0 +1,43 @@
+"""Processes a test watches: a torchrun job of `parafuse.generate` started in its own session, its
+stderr read in a thread, a rank's pid (tests that stop a rank)."""
+import re
+import socket
+import subprocess
+import threading
+import time
+
+from support.launch import start_generate as torchrun  # noqa: F401  (the stopped-rank tests' name)
+
+def free_port() -> int:
+    """A free TCP port on this machine, for a launcher that needs one named (torchrun's multi-node
+    scripts; torchrun itself runs --standalone: `support.launch`)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Stderr:
+    """Collects a process's stderr in a thread, so the test can wait for a line."""
+
+    def __init__(self, proc):
+        self.text = ""
+        self.thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
+        self.thread.start()
+
+    def _read(self, proc):
+        for chunk in iter(lambda: proc.stderr.read1(4096), b""):
+            self.text += chunk.decode(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while not re.search(pattern, self.text):
+            assert time.monotonic() < deadline, self.text[-3000:]
+            time.sleep(0.2)
+
+
+def rank_pid(torchrun_pid: int, rank: int) -> int:
+    for line in subprocess.run(["pgrep", "-P", str(torchrun_pid)], capture_output=True, text=True).stdout.split():
+        with open(f"/proc/{line}/environ", "rb") as f:
+            if f"RANK={rank}".encode() in f.read().split(b"\0"):
+                return int(line)
+    raise AssertionError(f"no rank {rank} under torchrun {torchrun_pid}")
