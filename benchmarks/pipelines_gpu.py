@@ -37,7 +37,6 @@ import math
 import os
 import re
 import statistics
-import sys
 import time
 from types import SimpleNamespace
 

@@ -1,7 +1,10 @@
 """The diffusers pipelines' test cases: the tiny pipelines and their calls (parafuse.diffusers.tiny)
 and the torchrun cases the worker runs."""
-from parafuse.diffusers.tiny import (BUILDERS, HEIGHT, POOLED_DIM, STEPS, TEXT_DIM, TEXT_LEN, WIDTH, call_kwargs,  # noqa: F401
+from parafuse.diffusers.tiny import (BUILDERS, HEIGHT, POOLED_DIM, STEPS, TEXT_DIM, TEXT_LEN, WIDTH, call_kwargs,
                                      images, pipeline_path)
+
+__all__ = ["BUILDERS", "HEIGHT", "POOLED_DIM", "STEPS", "TEXT_DIM", "TEXT_LEN", "WIDTH", "TORCHRUN_CASES",
+           "call_kwargs", "images", "pipeline_path"]
 
 # torchrun cases: name -> (family, parallelize kwargs)
 TORCHRUN_CASES = {
