@@ -15,7 +15,7 @@ narrower than 16 bytes (a [BLOCK_N, 16] tail tile spread over 8 warps gets 8-byt
         # machine as TRITON_CACHE_DIR (same Triton, sm_90), the sweep spends no time compiling
 
 Writes benchmarks/results/attention_configs_sm90.json. The compile test
-(tests/test_kernel_compile.py) checks the kept configurations with the functions here.
+(tests/kernels/test_kernel_compile.py) checks the kept configurations with the functions here.
 """
 from __future__ import annotations
 

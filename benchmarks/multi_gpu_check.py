@@ -7,7 +7,7 @@ For the launched N, against references computed on rank 0:
     sync       equals the serial run (fp32; TF32 off on CUDA)
     stale      `full` and `partial` equal the single-process emulator (same device), image and
                bytes per peer and kind (the emulator's bytes are checked against a closed form from
-               the layer shapes by tests/test_parallel.py)
+               the layer shapes by tests/parallel/test_parallel.py)
     graphs     CUDA graphs: the run with --cuda-graphs equals the eager run (CUDA only)
     speedup    wall-clock mean of the steady-state steps against the serial run of the same model,
                size and dtype (rank 0 alone, the others waiting), per mode

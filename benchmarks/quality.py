@@ -6,7 +6,7 @@ decoded image in [-1, 1]) - and, pooled over the seeds, the multi-scale 7x7 patc
 of each configuration's images against the serial images of the same seeds: distribution against
 distribution, the patches of both sets taken at the same positions (seeded per seed), so identical
 images score 0 and `none` gives the floor. Parallel runs use the single-process emulator (N threads running the
-real runtime; a torchrun run equals it, tests/test_parallel.py), so N = 8 runs on a 2-core machine.
+real runtime; a torchrun run equals it, tests/parallel/test_parallel.py), so N = 8 runs on a 2-core machine.
 
 Bytes per rank per step (the busiest rank, averaged over the run's steps, warmup included) come
 from the same runs' transports. The baselines `distrifusion` and `pcpp` run as the published

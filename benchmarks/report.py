@@ -260,7 +260,7 @@ def quality_section(quality: dict | None) -> list[str]:
            f"over the run (warmup included). `distrifusion` and `pcpp` run as published: their traffic and "
            f"DistriFusion's corrected-async GroupNorm statistics; parafuse's modes use exact statistics "
            f"(with `--norm exact` the baselines compute `full`'s and `partial`'s values bit for bit, "
-           f"`tests/test_parallel.py`).", "",
+           f"`tests/parallel/test_parallel.py`).", "",
            table(rows, [("model", "model"), ("size", "size"), ("steps", "steps"), ("n", "N"), ("mode", "mode"),
                         ("psnr_db", "PSNR dB"), ("psnr_sd", "± sd"), ("max_abs_diff", "max abs"), ("ssim", "SSIM"),
                         ("bytes_per_step_busiest_rank", "bytes/step"),
@@ -526,7 +526,7 @@ def section() -> tuple[str, tuple]:
     gpus = gpu_results()
     lines = ["# Performance", "",
              "This page is written by `python benchmarks/report.py` from the JSON under `benchmarks/results/`, and "
-             "`tests/test_benchmarks.py` fails when it is out of date. Do not edit it by hand.", "", BEGIN, "",
+             "`tests/benchmarks/test_benchmarks.py` fails when it is out of date. Do not edit it by hand.", "", BEGIN, "",
              "Generated from the JSON under `benchmarks/results/`; each table "
              "names the command and hardware behind it. Figures: `benchmarks/results/report_speedup.png` (speedup "
              "vs N: measured per-rank compute, measured CPU torchrun runs, GPU rows where a GPU has run "

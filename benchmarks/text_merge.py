@@ -1,6 +1,6 @@
 """Joint attention's text-query merge in the stale modes: exact (every step) vs stale (the other
 strips' partial outputs of the previous step), on the tests' tiny random-weight SD3 and Flux
-pipelines (tests/diffusers_cases.py) in the thread emulator (the real engine; torchrun equals it).
+pipelines (parafuse/diffusers/tiny.py) in the thread emulator (the real engine; torchrun equals it).
 
 For each family, N, mode and merge: PSNR of the final latents against diffusers' own
 single-process output (what `sync` equals to 1e-6), text_attn bytes and messages per rank and

@@ -1,7 +1,7 @@
 """docs/cli.md's flag table, written from the CLI's parser itself, so that it cannot drift from it.
 
     python -m parafuse.cli_doc            # rewrite the generated block of docs/cli.md
-    python -m parafuse.cli_doc --check    # exit 1 if it is out of date (tests/test_docs_flags.py)
+    python -m parafuse.cli_doc --check    # exit 1 if it is out of date (tests/docs/test_docs_flags.py)
 
 Only the block between `<!-- generated:begin flags -->` and `<!-- generated:end flags -->` is
 written; the rest of the page is prose kept by hand.

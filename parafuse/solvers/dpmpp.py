@@ -40,7 +40,7 @@ class DPMSolverPP(Solver):
     public DPM-Solver++(3M) implementations, e.g. k-diffusion-style dpmpp_3m_sde). The Taylor expansion of the exponential integral needs
     D2 ≈ h²·x̂0''(λ), but (D1_0 − D1_1)/(r0 + r1) = h²·x̂0''/2 + O(h³): the quadratic term gets
     half its weight, so the step is exact only up to linear x̂0 and the method is second order
-    globally (measured in tests/test_solvers.py). ``variant="taylor"`` uses κ = 2 and is third
+    globally (measured in tests/unit/test_solvers.py). ``variant="taylor"`` uses κ = 2 and is third
     order.
     """
 

@@ -6,7 +6,7 @@ One convention everywhere: x_t = α_t·x0 + σ_t·ε and λ_t = log(α_t/σ_t).
 A grid is a float64 array of σ for every model evaluation plus the final σ, with the matching α
 and the model timesteps: VP → DDPM timestep in [0, T) (float allowed); flow → σ·T.
 
-Spacing names mean what diffusers' `timestep_spacing` means (checked in tests/test_solvers.py):
+Spacing names mean what diffusers' `timestep_spacing` means (checked in tests/unit/test_solvers.py):
   VP   linspace / leading / trailing  DPMSolverMultistep/DEIS/UniPC `timestep_spacing` (one table
                                       per name, the same in each; DPMSolverSinglestep: linspace only)
        karras                         `use_karras_sigmas` (ρ = 7; timesteps rounded like diffusers)

@@ -26,7 +26,7 @@ from parafuse.parallel.transport import NullTransport
 from parafuse.runtime import ParallelConfig, Request, Runtime
 
 from support import ROOT  # noqa: E402
-from support.processes import Stderr, rank_pid, torchrun  # noqa: E402
+from support.processes import FakeStore, Stderr, rank_pid, torchrun  # noqa: E402
 SMALL = ["--model", "dit-small", "--height", "32", "--width", "32", "--steps", "2", "--no-progress"]
 
 
@@ -117,26 +117,6 @@ def test_stopped_rank_ends_the_job_naming_it(tmp_path):
     assert "rank 2 stopped answering" in err.text, err.text[-3000:]
     assert ended < timeout + 10, (ended, err.text[-3000:])
     assert not list(tmp_path.iterdir())
-
-
-class FakeStore:
-    """torchrun's store as the watchdog uses it; rank 1's heartbeat is frozen or alive at step 2."""
-
-    def __init__(self, peer_alive: bool, host: str = "otherhost"):
-        self.data, self.peer_alive, self.reads, self.host = {}, peer_alive, 0, host
-
-    def set(self, key, value):
-        self.data[key] = value
-
-    def check(self, keys):
-        return True
-
-    def get(self, key):
-        if key.endswith("/0"):
-            return self.data[key].encode()
-        self.reads += 1
-        beat = self.reads if self.peer_alive else 7
-        return f"{beat} 2 {self.host} 4321".encode()
 
 
 @pytest.mark.parametrize("peer_alive, here, named, killed", [

@@ -15,7 +15,7 @@ from parafuse.generate import main  # noqa: E402
 
 @pytest.fixture(scope="module")
 def pixart(tmp_path_factory):
-    """A tiny PixArt pipeline folder (tests/diffusers_cases.py) and embeddings of the right width."""
+    """A tiny PixArt pipeline folder (parafuse/diffusers/tiny.py) and embeddings of the right width."""
     from diffusers_cases import call_kwargs, pipeline_path
     root = tmp_path_factory.mktemp("pipelines")
     path = pipeline_path(str(root), "pixart")

@@ -1,5 +1,5 @@
 """parafuse as the patch-parallel backend of diffusers pipelines: tiny random-weight SD, SDXL and
-PixArt pipelines (tests/diffusers_cases.py) loaded by path, against diffusers' own single-process
+PixArt pipelines (parafuse/diffusers/tiny.py) loaded by path, against diffusers' own single-process
 output (sync), the thread emulator (full, partial: torchrun must equal it) and closed-form byte
 counts."""
 import math
@@ -487,7 +487,7 @@ def test_sign_kv_codec_in_every_family(root, family, mode):
     """One-bit stale K/V through diffusers' attention processors (self, joint, Flux) at N = 3:
     no more than 2 dB below the exact stale K/V in PSNR against diffusers (measured, exact / sign:
     sd 39.50 / 39.50, pixart 48.37 / 48.42, sd3 63.80 / 63.79, flux 71.85 / 70.31 dB), with fewer
-    K/V bytes (their closed form: tests/test_parallel.py, on the built-in models)."""
+    K/V bytes (their closed form: tests/parallel/test_parallel.py, on the built-in models)."""
     exact = emulated(root, family, 3, mode=mode, warmup_steps=1)
     signed = emulated(root, family, 3, mode=mode, warmup_steps=1, kv_codec="sign")
     ref = serial(root, family)

@@ -3,7 +3,7 @@
 A graph replays the captured kernels on the captured (static) input tensors. Two properties make
 that correct, and both are checked here without a GPU:
 - the captured region is capturable: two replays issue the same operations on the same persistent
-  tensors, read no device value on the host and leave nothing allocated (as tests/test_capture.py
+  tensors, read no device value on the host and leave nothing allocated (as tests/unit/test_capture.py
   checks for the built-in models);
 - every tensor the pipeline passes (latents, timestep, prompt embeddings, added conditions, ids) is
   copied into its static buffer before each replay, and a changed module makes a new capture: with

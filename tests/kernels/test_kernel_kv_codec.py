@@ -80,7 +80,7 @@ def test_kernels_triton_run_the_codec_in_the_engine_with_the_torch_paths_image(m
     """`--kernels triton` sends the one-bit messages through the fused kernels: on dit-small (no
     GroupNorm) the image equals the PyTorch path's to 1e-5 (the scales' reduction order and the
     fused solver update differ), and every rank's mirror is its sender's bit for bit
-    (tests/test_kv_codec.py's check)."""
+    (tests/unit/test_kv_codec.py's check)."""
     from support.codec import mirror_pairs
 
     from parafuse.models import load_model

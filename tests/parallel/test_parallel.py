@@ -1,5 +1,5 @@
 """Patch parallelism under torchrun (gloo, CPU) against the serial model and the single-process
-emulator. One torchrun launch per N runs the whole case matrix (tests/parallel_cases.py)."""
+emulator. One torchrun launch per N runs the whole case matrix (tests/support/parallel_cases.py)."""
 import dataclasses
 import math
 import os

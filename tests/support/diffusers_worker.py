@@ -1,7 +1,7 @@
-"""Runs every case of tests/diffusers_cases.py TORCHRUN_CASES in one torchrun launch (gloo on CPU):
+"""Runs every case of parafuse/diffusers/tiny.py TORCHRUN_CASES in one torchrun launch (gloo on CPU):
 each rank loads the pipeline from its folder, calls `parafuse.parallelize` and the pipeline with the
 same arguments, and saves its output (None except on rank 0) and byte counts.
-Usage: torchrun --nproc_per_node N tests/diffusers_worker.py PIPELINES_DIR OUT_DIR [CASE ...] (default: all)"""
+Usage: torchrun --nproc_per_node N tests/support/diffusers_worker.py PIPELINES_DIR OUT_DIR [CASE ...] (default: all)"""
 import os
 import sys
 

@@ -1,6 +1,6 @@
-"""Runs every case of tests/parallel_cases.py in one torchrun launch (gloo on CPU) and saves,
+"""Runs every case of tests/support/parallel_cases.py in one torchrun launch (gloo on CPU) and saves,
 per case and rank, the image (rank 0), the rank's byte counts and the rows of every conv input
-it saw. Usage: torchrun --nproc_per_node N tests/dist_worker.py OUT_DIR"""
+it saw. Usage: torchrun --nproc_per_node N tests/support/dist_worker.py OUT_DIR"""
 import os
 import sys
 

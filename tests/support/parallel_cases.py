@@ -1,5 +1,5 @@
-"""The matrix of patch-parallel cases run under torchrun (tests/dist_worker.py) and in the
-single-process emulator (tests/test_parallel.py): one definition, so both run the same thing."""
+"""The matrix of patch-parallel cases run under torchrun (tests/support/dist_worker.py) and in the
+single-process emulator (tests/parallel/test_parallel.py): one definition, so both run the same thing."""
 from __future__ import annotations
 
 from parafuse.runtime import ParallelConfig, Request

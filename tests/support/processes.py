@@ -41,3 +41,23 @@ def rank_pid(torchrun_pid: int, rank: int) -> int:
             if f"RANK={rank}".encode() in f.read().split(b"\0"):
                 return int(line)
     raise AssertionError(f"no rank {rank} under torchrun {torchrun_pid}")
+
+
+class FakeStore:
+    """torchrun's store as the watchdog uses it; rank 1's heartbeat is frozen or alive at step 2."""
+
+    def __init__(self, peer_alive: bool, host: str = "otherhost"):
+        self.data, self.peer_alive, self.reads, self.host = {}, peer_alive, 0, host
+
+    def set(self, key, value):
+        self.data[key] = value
+
+    def check(self, keys):
+        return True
+
+    def get(self, key):
+        if key.endswith("/0"):
+            return self.data[key].encode()
+        self.reads += 1
+        beat = self.reads if self.peer_alive else 7
+        return f"{beat} 2 {self.host} 4321".encode()

@@ -137,7 +137,7 @@ def test_names_scripts_already_import_keep_working():
 
 
 def test_the_stale_channel_carries_the_stale_text_merge_only_where_it_is_stale():
-    """(The channel's values and bytes: tests/test_transport.py::test_the_stale_channel_changes_neither_results_nor_bytes.)"""
+    """(The channel's values and bytes: tests/parallel/test_transport.py::test_the_stale_channel_changes_neither_results_nor_bytes.)"""
     assert PatchConfig(mode="partial", stale_channel=True).stale_kinds[-1] == "text_attn"
     assert "text_attn" not in PatchConfig(mode="partial", text_merge="exact").stale_kinds
     assert PatchConfig(stale_channel=True).channels()["stale_channel"] is True

@@ -15,6 +15,8 @@ from parafuse.data import DEFAULT_HELD_OUT, split_names
 from parafuse.models import MODELS, load_model
 from parafuse.train import evaluate, sample_image
 
+pytestmark = pytest.mark.slow        # evaluates the trained model on the held-out photographs
+
 # Measured for the shipped weights (7500 steps; `python -m parafuse.train --evaluate`): mean x0-MSE
 # trained 0.0228, Wiener 0.0271 (ratio 0.84), untrained 0.442; below Wiener at every σ (by 1% at
 # σ = 0.75, the closest). The margins leave a little room for BLAS rounding only.

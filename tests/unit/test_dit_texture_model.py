@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch
 from safetensors import safe_open
 
 from parafuse.data import DEFAULT_HELD_OUT, split_names
 from parafuse.models import MODELS, check_weights, load_model
 from parafuse.train import evaluate
+
+pytestmark = pytest.mark.slow        # evaluates the trained DiT on the held-out photographs
 
 # Measured for the shipped weights (`python -m parafuse.train --model dit-texture --evaluate`, MODEL_CARD.md):
 # mean x0-MSE trained 0.161, untrained 0.510 (ratio 0.32), Wiener 0.027 - a DiT this small stays far above the

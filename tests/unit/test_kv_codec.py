@@ -1,7 +1,7 @@
 """The one-bit stale K/V codec (parafuse.parallel.kv_codec): the packed messages against a plain
 reference of the update rule, sender and receiver mirrors bit for bit (alone and inside the engine
 on every rank), how well the mirror tracks drifting K/V, and the settings it refuses. Its bytes in
-closed form and torchrun = emulator are in tests/test_parallel.py (cases full-sign, partial-sign)."""
+closed form and torchrun = emulator are in tests/parallel/test_parallel.py (cases full-sign, partial-sign)."""
 import pytest
 import torch
 

@@ -85,6 +85,7 @@ def test_profile_flops_extrapolate_exactly(name):
     assert prof.flops(h, w) == pytest.approx(direct, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_every_spec_builds():
     for name, spec in MODELS.items():
         if spec.weights is None:

@@ -29,6 +29,7 @@ def test_model_on_meta_device_runs_the_trace_and_a_patched_step(name):
     assert out.device.type == "meta" and out.shape[2] == StripGeometry(16, 12, 3, 4 if "unet" in name else 2).rows[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, attn_sites, norm_sites", [("unet-xl", 70, 46), ("dit-xl", 28, 0)])
 def test_benchmark_configs_plan_at_scale_on_meta(name, attn_sites, norm_sites):
     """unet-xl (SDXL's widths, transformer depth 2/10) and dit-xl (PixArt-alpha) build, trace and
