@@ -38,6 +38,7 @@ from common import RESULTS, hardware, provenance, table, write_json  # noqa: E40
 from swd import PATCHES_PER_LEVEL, pyramid_depth, pyramid_patches, swd  # noqa: E402
 
 from parafuse.models import load_model  # noqa: E402
+from parafuse.parallel.config import PatchConfig  # noqa: E402
 from parafuse.runtime import emulate  # noqa: E402
 from parafuse.report import psnr  # noqa: E402
 from parafuse.runtime import ParallelConfig, Request, Runtime  # noqa: E402
@@ -59,7 +60,8 @@ def busiest_bytes_per_step(runtimes, steps: int) -> float:
 def parallel_config(mode: str, warmup: int, portion: float) -> ParallelConfig:
     """A row's mode is a runtime mode, or MODE+CODEC for a stale K/V codec (`full+sign`)."""
     mode, _, codec = mode.partition("+")
-    return ParallelConfig(mode, warmup, portion, kv_codec=codec or "none")
+    window = portion if PatchConfig(mode=mode).windowed else None       # a portion only where there is a window
+    return ParallelConfig(mode, warmup, window, kv_codec=codec or "none")
 
 
 def parallel_run(model, n: int, mode: str, warmup: int, portion: float, req: Request, dtype: str = "fp32"):

@@ -101,7 +101,7 @@ def serial_runtime(model, device, dtype, cuda_graphs: bool, kernels: str, patch_
         from parafuse.parallel.engine import ExchangeEngine
         from parafuse.parallel.parallelize import parallelize
 
-        rt.engine = ExchangeEngine(rt.transport, [0], "sync", kernels=rt.kernels)
+        rt.session.engine = ExchangeEngine(rt.transport, [0], rt.config.replace(mode="sync"))
         parallelize(rt.model, rt.engine)
     return rt
 

@@ -230,7 +230,7 @@ def test_interrupted_batch_under_torchrun_writes_nothing(tmp_path):
     (["--out", "o.jpg"], "writes lossless 8-bit PNG only"),
     (["--device", "gpu0"], "unknown device 'gpu0'; use cpu, cuda or cuda:N"),
     (["--device", "meta"], "device 'meta' is not supported"),
-    (["--exchange-timeout", "0"], "--exchange-timeout must be a positive number of seconds"),
+    (["--exchange-timeout", "0"], "exchange_timeout (--exchange-timeout) must be a positive number of seconds"),
 ])
 def test_bad_outputs_and_devices(tmp_path, capsys, monkeypatch, args, match):
     monkeypatch.chdir(tmp_path)
@@ -299,9 +299,9 @@ def test_report_is_strict_json_when_identical(tmp_path):
 
 
 @pytest.mark.parametrize("args, match", [
-    (["--mode", "none", "--norm", "exact"], "--norm exact does not apply with --mode none"),
-    (["--mode", "partial", "--halo-portion", "0", "--norm", "corrected"], "--mode partial with --halo-portion 0"),
-    (["--mode", "sync", "--norm", "stale"], "--norm stale does not apply with --mode sync"),
+    (["--mode", "none", "--norm", "exact"], "norm_mode 'exact' (--norm) does not apply with mode none"),
+    (["--mode", "partial", "--halo-portion", "0", "--norm", "corrected"], "mode partial with halo_portion 0"),
+    (["--mode", "sync", "--norm", "stale"], "norm_mode 'stale' (--norm) does not apply with mode sync"),
 ])
 def test_settings_that_do_not_apply_are_refused(tmp_path, capsys, args, match):
     bad(tmp_path, capsys, *args, match=match)

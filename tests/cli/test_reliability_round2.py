@@ -202,23 +202,23 @@ def test_request_fields_are_validated(kw, match):
 
 
 @pytest.mark.parametrize("kw, match", [
-    ({"warmup_steps": 2.5}, "warmup_steps must be an integer, got 2.5 (float)"),
-    ({"warmup_steps": True}, "warmup_steps must be an integer, got True (bool)"),
-    ({"cfg_parallel": "yes"}, "cfg_parallel must be True or False, got 'yes' (str)"),
-    ({"halo_portion": "0.3"}, "halo_portion must be a number, got '0.3' (str)"),
-    ({"mode": 3}, "mode must be a string, got 3 (int)"),
-    ({"norm_mode": 1}, "norm_mode must be a string or None, got 1 (int)"),
+    ({"warmup_steps": 2.5}, "warmup_steps must be a whole number, got 2.5"),
+    ({"warmup_steps": True}, "warmup_steps must be a number, got bool True"),
+    ({"cfg_parallel": "yes"}, "cfg_parallel must be True or False, got 'yes'"),
+    ({"mode": "partial", "halo_portion": "0.3"}, "halo_portion must be a number, got str '0.3'"),
+    ({"mode": 3}, "unknown mode 3; valid: sync, full, partial, none, distrifusion, pcpp"),
+    ({"norm_mode": 1}, "unknown norm_mode 1; valid: exact, corrected, stale, local"),
 ])
 def test_parallel_config_fields_are_validated(kw, match):
-    from parafuse.checks import CheckError
+    from parafuse.parallel.config import ConfigError
     from parafuse.runtime import ParallelConfig
-    with pytest.raises(CheckError, match=match.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match=match.replace("(", r"\(").replace(")", r"\)")):
         ParallelConfig(**kw)
 
 
 @pytest.mark.parametrize("args, kw, match", [
     ((123,), {}, "Runtime: model must be a built-in model's name or an nn.Module, got 123 (int)"),
-    (("dit-small", "sync"), {}, "Runtime: parallel must be a ParallelConfig, got 'sync' (str)"),
+    (("dit-small", "sync"), {}, "Runtime: parallel must be a PatchConfig (or ParallelConfig(...)) or None, got 'sync' (str)"),
     (("dit-small",), {"cuda_graphs": "no"}, "Runtime: cuda_graphs must be True, False or None, got 'no' (str)"),
     (("dit-small",), {"exchange_timeout": "5"}, "exchange_timeout must be a number, got '5' (str)"),
     (("dit-small",), {"startup_timeout": -1}, "startup_timeout must be a positive number of seconds, got -1"),
@@ -333,7 +333,7 @@ def test_overflow_stops_n_ranks_at_the_same_step(mode):
     """N = 2 and 3 emulated ranks: every rank raises the one-process message, at step 1, naming
     every rank (the strips' exchanged statistics turned the overflow into finite garbage before)."""
     from parafuse.health import NonFiniteError
-    from parafuse.parallel.emulator import emulate
+    from parafuse.runtime import emulate
     from parafuse.runtime import ParallelConfig
     for n in (2, 3):
         with pytest.raises(RuntimeError) as info:

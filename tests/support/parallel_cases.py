@@ -31,7 +31,7 @@ def cases(world_size: int) -> dict[str, tuple[str, ParallelConfig, Request]]:
         out[f"{model}-guided-full"] = (model, ParallelConfig("full", WARMUP), Request(HEIGHT, WIDTH, STEPS, "ddim", 3.0, 7, 3))
     # stale K/V as one-bit messages (parafuse.parallel.kv_codec), uint8 payloads on the wire: the
     # engine's K/V path is the same for both models, so the DiT alone
-    for name, portion in (("full", 0.3), ("partial", 0.3)):
+    for name, portion in (("full", None), ("partial", 0.3)):
         out[f"dit-small-{name}-sign"] = ("dit-small", ParallelConfig(name, WARMUP, portion, kv_codec="sign"), req)
     if world_size == 2:
         for p in (0.25, 0.5, 1.0):
