@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,7 +25,7 @@ from parafuse.parallel.transport import NullTransport
 from parafuse.runtime import ParallelConfig, Request, Runtime
 
 from support import ROOT  # noqa: E402
-from support.processes import FakeStore, Stderr, rank_pid, torchrun  # noqa: E402
+from support.processes import FakeStore, Stderr, stop_a_rank_and_expect_it_named, torchrun  # noqa: E402
 SMALL = ["--model", "dit-small", "--height", "32", "--width", "32", "--steps", "2", "--no-progress"]
 
 
@@ -102,21 +101,7 @@ def steps_running(out):
 def test_stopped_rank_ends_the_job_naming_it(tmp_path):
     timeout = 3
     proc = torchrun(3, *steps_running(tmp_path / "s.png"), "--exchange-timeout", str(timeout))
-    err = Stderr(proc)
-    try:
-        err.wait_for(r"\| *[2-9]\d/5000")              # past the warmup and the first stale steps
-        os.kill(rank_pid(proc.pid, 2), signal.SIGSTOP)
-        stopped = time.monotonic()
-        proc.wait(timeout=timeout + 60)                  # a guard against a hang, not a timing
-        ended = time.monotonic() - stopped
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    err.thread.join(5)
-    assert proc.returncode != 0
-    assert "rank 2 stopped answering" in err.text, err.text[-3000:]
-    assert ended < timeout + 10, (ended, err.text[-3000:])
-    assert not list(tmp_path.iterdir())
+    stop_a_rank_and_expect_it_named(proc, 2, r"\| *[2-9]\d/5000", timeout, tmp_path)
 
 
 @pytest.mark.parametrize("peer_alive, here, named, killed", [

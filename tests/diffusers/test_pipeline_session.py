@@ -3,9 +3,6 @@ non-finite watch, the memory floor, the Triton kernels, the report's keys, one p
 host deadlines that name a stopped rank (torchrun)."""
 import json
 import os
-import signal
-import sys
-import time
 
 os.environ.setdefault("TRITON_INTERPRET", "1")   # before parafuse_kernels is imported (as the kernel tests do)
 
@@ -16,7 +13,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from support.diffusers_cases import STEPS, call_kwargs, images, pipeline_path  # noqa: E402
-from support.processes import Stderr, rank_pid, torchrun  # noqa: E402
+from support.processes import stop_a_rank_and_expect_it_named, torchrun  # noqa: E402
 
 import parafuse  # noqa: E402
 from parafuse.checks import CheckError  # noqa: E402
@@ -129,21 +126,7 @@ def test_stopped_rank_ends_a_pipeline_job_naming_it(root, tmp_path):
     proc = torchrun(3, "--model", pipeline_path(root, "sd"), "--prompt-embeds", str(embeds), "--height",
                     str(kw["height"]), "--width", str(kw["width"]), "--steps", "900", "--warmup-steps", "1",
                     "--out", str(out / "s.png"), "--exchange-timeout", str(timeout))
-    err = Stderr(proc)
-    try:
-        err.wait_for(r"\| *[2-9]\d/900")              # past the warmup and the first stale steps
-        os.kill(rank_pid(proc.pid, 2), signal.SIGSTOP)
-        stopped = time.monotonic()
-        proc.wait(timeout=timeout + 60)                  # a guard against a hang, not a timing
-        ended = time.monotonic() - stopped
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    err.thread.join(5)
-    assert proc.returncode != 0
-    assert "rank 2 stopped answering" in err.text, err.text[-3000:]
-    assert ended < timeout + 10, (ended, err.text[-3000:])
-    assert not list(out.iterdir())
+    stop_a_rank_and_expect_it_named(proc, 2, r"\| *[2-9]\d/900", timeout, out)
 
 
 def test_steps_counted_as_the_pipeline_calls_the_denoiser(root):

@@ -1,6 +1,8 @@
 """Processes a test watches: a torchrun job of `parafuse.generate` started in its own session, its
 stderr read in a thread, a rank's pid (tests that stop a rank)."""
+import os
 import re
+import signal
 import socket
 import subprocess
 import threading
@@ -61,3 +63,25 @@ class FakeStore:
         self.reads += 1
         beat = self.reads if self.peer_alive else 7
         return f"{beat} 2 {self.host} 4321".encode()
+
+
+def stop_a_rank_and_expect_it_named(proc, rank: int, progress: str, timeout: float, outputs) -> None:
+    """Stop `rank` of a torchrun job (`proc`, its own session) once stderr shows `progress` (past
+    the warmup), then check that the job ended within the exchange deadline `timeout`, naming the
+    stopped rank, and wrote nothing to the folder `outputs`. The deadline bound is a guard against a
+    hang, not a timing."""
+    err = Stderr(proc)
+    try:
+        err.wait_for(progress)
+        os.kill(rank_pid(proc.pid, rank), signal.SIGSTOP)
+        stopped = time.monotonic()
+        proc.wait(timeout=timeout + 60)
+        ended = time.monotonic() - stopped
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    err.thread.join(5)
+    assert proc.returncode != 0
+    assert f"rank {rank} stopped answering" in err.text, err.text[-3000:]
+    assert ended < timeout + 10, (ended, err.text[-3000:])
+    assert not list(outputs.iterdir())
