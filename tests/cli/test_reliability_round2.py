@@ -16,7 +16,7 @@ from parafuse.generate import main  # noqa: E402
 @pytest.fixture(scope="module")
 def pixart(tmp_path_factory):
     """A tiny PixArt pipeline folder (parafuse/diffusers/tiny.py) and embeddings of the right width."""
-    from diffusers_cases import call_kwargs, pipeline_path
+    from support.diffusers_cases import call_kwargs, pipeline_path
     root = tmp_path_factory.mktemp("pipelines")
     path = pipeline_path(str(root), "pixart")
     kw = call_kwargs("pixart")
@@ -443,7 +443,7 @@ def test_backend_timeout_is_past_both_deadlines():
 def huge_sd(tmp_path_factory):
     """The tiny SD pipeline (a U-Net: the strip GroupNorm) with every conv weight of its U-Net ×1000,
     and embeddings for it."""
-    from diffusers_cases import call_kwargs, pipeline_path
+    from support.diffusers_cases import call_kwargs, pipeline_path
 
     from parafuse.diffusers import load_pipeline
     root = tmp_path_factory.mktemp("huge")
@@ -459,13 +459,14 @@ def huge_sd(tmp_path_factory):
             "--width", str(kw["width"]), "--steps", "2", "--guidance", "3", "--no-progress"]
 
 
-PIPELINE_OVERFLOW = "the latent became NaN or infinite during the pipeline's denoising"
+PIPELINE_OVERFLOW = "the latent became NaN or infinite at step 1"      # the built-in door's line, its first step
 
 
 @pytest.mark.torchrun
 def test_pipeline_overflow_writes_nothing_at_n_1_and_2(tmp_path, capsys, huge_sd):
-    """The pipeline door: one process and 2 torchrun ranks (mode full) both exit 1 with the same
-    line before anything is written (checked once, at the end of the pipeline's own loop)."""
+    """The pipeline door: one process and 2 torchrun ranks (mode full) both exit 1 with the built-in
+    door's line, naming the step, before anything is written (the session's watch: every
+    CHECK_EVERY evaluations and at the end of the call, the exchanged statistics included)."""
     assert main([*huge_sd, "--out", str(tmp_path / "a.png")]) == 1
     assert f"parafuse.generate: error: {PIPELINE_OVERFLOW}; nothing was written" in capsys.readouterr().err
     proc = torchrun_script(2, "-m", "parafuse.generate", *huge_sd, "--mode", "full", "--warmup-steps", "1",
