@@ -71,7 +71,6 @@ def test_gpu_check_pipelines_smoke_on_cpu(tmp_path):
 def test_pipelines_ceiling_counts_the_replicated_text_tokens():
     """Flux-dev at N = 8: ~7.1x at 2048² and ~7.8x at 4096² (issue 24), from the token counts; the
     U-Net's ceiling is N (its every FLOP splits with the rows), twice the strips' with CFG parallel."""
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import pipelines_gpu as p
 
     flux, sdxl = p.FAMILIES["flux"], p.FAMILIES["sdxl"]
@@ -82,7 +81,6 @@ def test_pipelines_ceiling_counts_the_replicated_text_tokens():
 
 
 def test_gpu_check_targets_read_eager_and_graphed_rows_apart():
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import gpu_check
 
     def row(model, size, n, speedup, graphs, **kw):
@@ -106,7 +104,6 @@ def test_scaling_rows_measure_each_kernel_choice(monkeypatch):
     """`kernels` reaches each strip's runtime and labels its row; the serial step is the plain
     model's. (The runtime records what it asked for and runs the PyTorch path: through Triton's
     interpreter the kernels would take minutes here, and its ATen ops say nothing of a GPU's.)"""
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import torch
 
     import scaling
@@ -138,7 +135,6 @@ def test_scaling_rows_measure_each_kernel_choice(monkeypatch):
 def test_serial_step_with_the_strips_patch_layers_equals_the_plain_serial_step():
     """The like-with-like serial baseline: the strips' patch layers on a one-strip engine compute the
     plain model's step (to float rounding) and send nothing."""
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import torch
 
     import scaling
@@ -157,7 +153,6 @@ def test_serial_step_with_the_strips_patch_layers_equals_the_plain_serial_step()
 def test_scaling_rows_reuse_a_measured_serial_step(monkeypatch):
     """`serial_rows`: a serial row measured by an earlier call is reused (no serial runtime built,
     no serial row repeated) and the strips' speedups are against it."""
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import torch
 
     import scaling
@@ -242,7 +237,6 @@ def test_target_scoreboard_keeps_n8_verdicts_of_the_cheap_modes_from_the_run_wit
     """report.py's targets at a glance: the verdicts at N = 8 of `partial` (default p) and `full+sign`,
     one per request, from the run with the most seeds; N = 4 verdicts, other modes and the p sweep
     stay out; the 1024² quality target reads its row's PSNR against 30 and 32 dB."""
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import report
 
     def row(model, size, n, mode, seeds, psnr=40.0, portion=0.3):
@@ -301,7 +295,6 @@ def test_kernels_benchmark_smoke_on_cpu(tmp_path):
 
 def test_attention_reach_window_mask_counts_partial_rows():
     """The keys `partial` shows a query: its strip's rows plus ceil(p·rows) (>= 1) of each neighbour's."""
-    sys.path.insert(0, ROOT)
     from benchmarks.attention_reach import visible_mask
     m = visible_mask((2, 2, 2, 2), 3, 0.3)                 # 8 token rows of 3 columns; window 1 row
     assert m.shape == (24, 24)
@@ -316,7 +309,6 @@ def test_far_field_pooled_attention_is_exact_without_pooling_or_on_equal_keys():
     """benchmarks/far_field.py's strip-wise attention equals exact attention over all keys when nothing
     is pooled (r = 1) or when the keys of every pooled block are equal (the ln(count) bias then gives a
     block the weight of its tokens); values stay random."""
-    sys.path.insert(0, ROOT)
     import torch
     from benchmarks.far_field import strip_attention, strip_plan
     rows, width = (3, 4, 2, 3), 5                           # uneven strips; partial blocks at the edges
@@ -344,7 +336,6 @@ def test_far_field_pooled_attention_is_exact_without_pooling_or_on_equal_keys():
 
 
 def test_profile_step_prints_a_table_on_cpu(capsys):
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import profile_step
 
     profile_step.main(["--model", "dit-small", "--size", "64", "--n", "2", "--device", "cpu", "--warmup", "1",

@@ -1,14 +1,9 @@
 """benchmarks/peers.py: diffusers' Ulysses and parafuse's modes on a Flux-config pipeline (narrow
 widths, N = 2): both run, the bytes each sends per step match the closed forms the counted rows use,
 and Ulysses and parafuse's sync equal the single-process output."""
-import os
-import sys
 
-import pytest
 
-from support import ROOT  # noqa: E402
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-import peers  # noqa: E402
+import peers
 
 
 def test_closed_forms_by_hand():

@@ -2,13 +2,9 @@
 worked out by hand. No measurement, no torchrun: pure arithmetic."""
 import math
 import os
-import sys
 
 import pytest
 
-from support import ROOT  # noqa: E402
-
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from project import (LINKS, LOOPBACK_JSON, Charge, Link, fit_link, interpolate, kind_seconds,  # noqa: E402
                      loopback_charge, pessimistic_seconds, project_rows, step_seconds)
 

@@ -3,12 +3,10 @@ any timing or speedup figure elsewhere in docs/*.md fails, unless marked as a CP
 JSON source."""
 import glob
 import os
-import sys
 
 import pytest
 
 from support import ROOT  # noqa: E402
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from report import figures_outside_blocks  # noqa: E402
 
 SOURCE = "benchmarks/results/scaling_cpu.json"      # a committed JSON
