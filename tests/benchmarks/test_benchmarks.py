@@ -342,3 +342,15 @@ def test_profile_step_prints_a_table_on_cpu(capsys):
                        "--steps", "1", "--rows", "5"])
     out = capsys.readouterr().out
     assert "dit-small 64², strip 1 of 2, full, torch.float32, eager" in out and "aten::" in out
+
+
+def test_the_results_manifest_is_current_and_names_a_script_for_every_result():
+    """benchmarks/results/MANIFEST.json: every committed result, the script that writes it (which
+    exists) and what its JSON records of its origin; regenerated here and compared."""
+    import json
+
+    import manifest
+    assert manifest.main(["--check"]) == 0, "run python benchmarks/manifest.py"
+    entries = json.load(open(manifest.MANIFEST))["results"]
+    assert set(entries) == {f for f in os.listdir(manifest.RESULTS) if f.endswith((".json", ".png"))} - {"MANIFEST.json"}
+    assert all(e["script"] and os.path.exists(os.path.join(ROOT, "benchmarks", e["script"])) for e in entries.values())

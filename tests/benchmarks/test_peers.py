@@ -2,7 +2,6 @@
 widths, N = 2): both run, the bytes each sends per step match the closed forms the counted rows use,
 and Ulysses and parafuse's sync equal the single-process output."""
 
-
 import peers
 
 
