@@ -18,6 +18,7 @@ from parafuse.job import join_job, output_paths, report_moved
 from parafuse.models import MODELS
 from parafuse.parallel.config import FIELDS, PatchConfig
 from parafuse.parallel.config import defaults as config_defaults
+from parafuse.parallel.config import settings as config_settings
 from parafuse.solvers import SOLVERS
 from parafuse.stages import (DEFAULT_SHIFT_REFERENCE_PX, DEFAULT_SHIFT_SCALES, DEFAULT_STEPS, DEFAULT_STRENGTHS,
                              PUBLISHED_BASE_SHIFT, PUBLISHED_SHIFTS, PUBLISHED_STEPS, PUBLISHED_STRENGTHS, SCHEDULES)
@@ -213,11 +214,11 @@ def weights_fingerprint(path: str | None) -> tuple | None:
 def check_ranks_agree(runtime, req, weights) -> None:
     """Before the first step: the resolved request and settings, the model and the weights are the
     same on every rank (parafuse.parallel.agreement), compared over the runtime's transport."""
-    from dataclasses import asdict, fields
+    from dataclasses import fields
 
     from parafuse.parallel import agreement
     values = {f"request.{f.name}": getattr(req, f.name) for f in fields(req)}
-    values.update({f"parallel.{k}": v for k, v in asdict(runtime.parallel).items()})
+    values.update({f"parallel.{k}": v for k, v in config_settings(runtime.parallel).items()})
     values.update({"model": runtime.spec.name, "dtype": runtime.config.dtype, "kernels": runtime.kernels,
                    "attention backend": runtime.attention_backend, "cuda graphs": runtime.cuda_graphs,
                    "weights file (size, header hash)": weights})

@@ -11,7 +11,6 @@ decodes. `rank_stats` holds this rank's bytes per kind after each call (the deco
 """
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import json
 import os
@@ -136,7 +135,7 @@ def parallelize(pipe, config: PatchConfig | None = None, *, parallel_decode: boo
     if config.torch_dtype is not None and config.torch_dtype != param.dtype:
         raise ConfigError(f"dtype {config.dtype.value!r} asked for, but {type(model).__name__} is in {param.dtype}: "
                           f"call pipe.to({config.torch_dtype}) first, or leave dtype out")
-    config = dataclasses.replace(config, dtype=dtype_name(param.dtype))
+    config = config.replace(dtype=dtype_name(param.dtype))
     if config.kv_codec != "none":
         for name, m in model.named_modules():
             if adapter.site_kind(m) == "attn" and not getattr(m, "is_cross_attention", False):

@@ -104,11 +104,13 @@ class PatchConfig:
     stale_channel: bool = False         # stale traffic on a second communicator (opt-in: unproven on NCCL)
     startup_timeout: float = 600.0      # seconds a rank may wait for the others to join and start
     exchange_timeout: float = 300.0     # seconds a rank may wait for a neighbour once denoising
+    # the mode-dependent settings filled in here rather than given (`replace` fills them again)
+    _filled: frozenset = dataclasses.field(default=frozenset(), init=False, repr=False, compare=False)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            object.__setattr__(self, f.name, _field_value(f.name, value, FIELDS[f.name]))
+            if f.init:
+                object.__setattr__(self, f.name, _field_value(f.name, getattr(self, f.name), FIELDS[f.name]))
         self._check_ranges()
         fill = {}
         if self.halo_portion is None and self.windowed:
@@ -119,7 +121,9 @@ class PatchConfig:
         for k, v in fill.items():
             object.__setattr__(self, k, v)
         if self.text_merge is None:
-            object.__setattr__(self, "text_merge", TextMerge.STALE if self.stale else TextMerge.EXACT)
+            fill["text_merge"] = TextMerge.STALE if self.stale else TextMerge.EXACT
+            object.__setattr__(self, "text_merge", fill["text_merge"])
+        object.__setattr__(self, "_filled", frozenset(fill))
         self._check_together()
 
     # ---- the rules, each written once ------------------------------------------------------------
@@ -159,13 +163,10 @@ class PatchConfig:
         return None if self.dtype is None else TORCH_DTYPES[self.dtype]
 
     def replace(self, **changes) -> "PatchConfig":
-        """A copy with `changes`; the mode-filled settings are filled again for the new mode unless
-        given."""
-        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        if "mode" in changes or "halo_portion" in changes:
-            for k in ("norm_mode", "text_merge") + (("halo_portion",) if "mode" in changes else ()):
-                given[k] = None
-        return PatchConfig(**{**given, **changes})
+        """A copy with `changes`: the settings this config filled from its mode (not those given)
+        are filled again for the new one; given settings stay, and are checked against it."""
+        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        return PatchConfig(**{**given, **{k: None for k in self._filled}, **changes})
 
     # ---- validation ------------------------------------------------------------------------------
     def _check_ranges(self) -> None:
@@ -232,8 +233,8 @@ class PatchConfig:
             if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
                 raise ConfigError(f"kernels 'triton' (--kernels) needs a CUDA device (this run is on {device.type}), "
                                   f"or TRITON_INTERPRET=1 to run them through Triton's interpreter")
-        return dataclasses.replace(
-            self, kernels=kernels,
+        return self.replace(
+            kernels=kernels,
             dtype=self.dtype or (Dtype.BF16 if cuda else Dtype.FP32),
             cuda_graphs=(cuda and not emulated) if self.cuda_graphs is None else self.cuda_graphs)
 
@@ -322,6 +323,11 @@ def dtype_name(dtype: torch.dtype) -> Dtype:
     return _field_value("dtype", dtype, FIELDS["dtype"])
 
 
+def settings(config: PatchConfig) -> dict:
+    """The settings of `config` by name (what a report or a rank comparison records)."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
+
+
 def defaults() -> dict:
     """Each setting's default as the command line shows it."""
-    return {f.name: f.default for f in dataclasses.fields(PatchConfig)}
+    return {f.name: f.default for f in dataclasses.fields(PatchConfig) if f.init}

@@ -18,7 +18,6 @@ their own loop and scheduler. Nothing here imports either door.
 """
 from __future__ import annotations
 
-import dataclasses
 import resource
 import time
 from contextlib import nullcontext
@@ -56,7 +55,7 @@ class PatchSession:
             backend = attention.use_backend(config.attention_backend, self.device)
         except attention.BackendError as e:
             raise ConfigError(str(e)) from None
-        self.config = dataclasses.replace(config, attention_backend=backend)
+        self.config = config.replace(attention_backend=backend)
         if layout is None:
             rank, world = (init_distributed(self.device, config.startup_timeout) if launched_by_torchrun()
                            else (0, 1))

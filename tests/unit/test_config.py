@@ -141,3 +141,14 @@ def test_the_stale_channel_carries_the_stale_text_merge_only_where_it_is_stale()
     assert PatchConfig(mode="partial", stale_channel=True).stale_kinds[-1] == "text_attn"
     assert "text_attn" not in PatchConfig(mode="partial", text_merge="exact").stale_kinds
     assert PatchConfig(stale_channel=True).channels()["stale_channel"] is True
+
+
+def test_replace_refills_what_the_mode_filled_and_keeps_what_was_given():
+    cfg = PatchConfig(mode="partial", norm_mode="stale")                 # the window filled, the norm given
+    assert cfg.replace(mode="full").halo_portion is None                 # no window in full: refilled
+    assert cfg.replace(halo_portion=0.5).norm_mode == NormMode.STALE      # given: kept
+    assert PatchConfig(mode="full").replace(mode="sync").text_merge == TextMerge.EXACT   # filled: refilled
+    with pytest.raises(ConfigError, match="does not apply with mode sync"):
+        cfg.replace(mode="sync")                                         # given, and wrong for the new mode
+    resolved = PatchConfig(mode="partial").on(torch.device("cpu"))
+    assert resolved.replace(mode="sync").norm_mode == NormMode.EXACT     # `on` keeps what it filled
