@@ -305,6 +305,7 @@ def test_the_stale_channel_changes_neither_results_nor_bytes(model):
 
 
 STALE_CHANNEL_WORKER = r"""
+import sys
 import torch, torch.distributed as dist
 from parafuse.parallel.transport import TorchTransport
 dist.init_process_group("gloo")
@@ -321,7 +322,7 @@ kv.wait()
 assert torch.equal(kv_in, torch.full((5,), float(peer + 1))), kv_in
 assert torch.equal(halo_in, torch.full((3,), 10.0 * (peer + 1))), halo_in
 assert torch.equal(s, torch.full((2,), 3.0)), s
-print("ok", rank, flush=True)
+sys.stdout.write(f"ok {rank}\n"); sys.stdout.flush()   # one write: the ranks share the pipe
 dist.barrier()
 dist.destroy_process_group()
 """
