@@ -46,10 +46,14 @@ class ParallelPipeline:
     `rank_stats` holds this rank's row of the report (the same schema as a built-in run's) and
     `timing` the call's seconds and seconds per denoiser evaluation."""
 
-    def __init__(self, pipe, session: PatchSession, strips: StripDenoiser, decoder: StripDecoder | None):
-        self.pipe, self.session, self.strips, self.decoder = pipe, session, strips, decoder
-        self.rank_stats: dict = {}
-        self.timing: dict = {}
+    _OWN = frozenset({"pipe", "session", "strips", "decoder", "rank_stats", "timing", "_parallel_decode"})
+
+    def __init__(self, pipe, session: PatchSession, strips: StripDenoiser, decoder: StripDecoder | None,
+                 parallel_decode: bool = True):
+        for name, value in (("pipe", pipe), ("session", session), ("strips", strips), ("decoder", decoder),
+                            ("rank_stats", {}), ("timing", {}), ("_parallel_decode", parallel_decode)):
+            object.__setattr__(self, name, value)
+        pipe.__dict__["_parafuse_parallel"] = True      # a second parallelize of this pipeline is refused
 
     config = property(lambda self: self.session.config)
     layout = property(lambda self: self.session.layout)
@@ -57,7 +61,38 @@ class ParallelPipeline:
     def __getattr__(self, name):
         return getattr(self.pipe, name)
 
+    def __setattr__(self, name, value):
+        """Writes reach the pipeline (`pipe.scheduler = ...`, `pipe.unet = torch.compile(pipe.unet)`);
+        a new denoiser or VAE is taken up at the next call (`_follow_components`)."""
+        if name in self._OWN:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.pipe, name, value)
+
+    def to(self, *args, **kwargs) -> "ParallelPipeline":
+        """diffusers' `.to()` (device, dtype), returning this parallel pipeline, not the raw one."""
+        self.pipe.to(*args, **kwargs)
+        return self
+
+    def _follow_components(self) -> None:
+        """Before each call: a denoiser or VAE assigned since the last call is parallelized (and
+        checked, as `parallelize` checks it) in place of the one the hooks were on."""
+        _, model = denoiser_of(self.pipe)
+        if model is not self.strips.model:
+            self.strips.remove()
+            object.__setattr__(self, "strips", strip_denoiser(model, self.session))
+        vae_decoder = getattr(getattr(self.pipe, "vae", None), "decoder", None) if self._parallel_decode else None
+        current = None if self.decoder is None else self.decoder.model
+        if self.session.engine is not None and vae_decoder is not current:
+            if self.decoder is not None:
+                self.decoder.remove()
+            if vae_decoder is not None:
+                check_decoder(vae_decoder, "parallelize with parallel_decode=False to decode on rank 0 alone")
+            object.__setattr__(self, "decoder",
+                               None if vae_decoder is None else strip_decoder(vae_decoder, self.session))
+
     def __call__(self, *args, **kwargs):
+        self._follow_components()
         sequential = calls_once_per_branch(self.pipe, kwargs)
         if self.config.cfg_parallel and not sequential and kwargs.get("guidance_scale", 2.0) <= 1.0:
             raise UnsupportedModelError("cfg_parallel splits the two guidance branches across ranks; it needs "
@@ -90,10 +125,15 @@ class ParallelPipeline:
         return out if self.layout.rank == 0 else None
 
     def close(self) -> None:
+        """End this rank's session and take parafuse off the pipeline: hooks removed, plain layers
+        back in place; the pipeline may then be parallelized again."""
         if self.decoder is not None:
             self.decoder.end_image()
+            self.decoder.remove()
         self.strips.end_image()
+        self.strips.remove()
         self.session.close()
+        self.pipe.__dict__.pop("_parafuse_parallel", None)
 
 
 def calls_once_per_branch(pipe, kwargs: dict) -> bool:
@@ -126,6 +166,9 @@ def parallelize(pipe, config: PatchConfig | None = None, *, parallel_decode: boo
         config = PatchConfig(**settings) if config is None else config.replace(**settings) if settings else config
     except TypeError as e:
         raise ConfigError(f"parallelize: {e}; the settings are PatchConfig's fields") from None
+    if pipe.__dict__.get("_parafuse_parallel"):
+        raise ConfigError(f"this {type(pipe).__name__} is already parallelized: keep using the pipeline the first "
+                          f"parafuse.parallelize returned, or call its close() before parallelizing again")
     _, model = denoiser_of(pipe)
     adapter = DiffusersAdapter()
     adapter.check(model)
@@ -145,13 +188,26 @@ def parallelize(pipe, config: PatchConfig | None = None, *, parallel_decode: boo
     if vae_decoder is not None:
         check_decoder(vae_decoder, "parallelize with parallel_decode=False to decode on rank 0 alone")
     session = PatchSession(config, device=param.device, layout=layout, transport=transport)
-    session.attach(model, adapter)
     if session.layout.rank != 0 and hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)     # one progress bar per job: rank 0's
     decoder = None
     if session.engine is not None and vae_decoder is not None:
         decoder = strip_decoder(vae_decoder, session)
-    return ParallelPipeline(pipe, session, StripDenoiser(model, session, adapter), decoder)
+    return ParallelPipeline(pipe, session, strip_denoiser(model, session, adapter), decoder, parallel_decode)
+
+
+def strip_denoiser(model: nn.Module, session: PatchSession, adapter: DiffusersAdapter | None = None) -> StripDenoiser:
+    """The hooks that make `model` compute this rank's strip, its patch layers swapped in; a
+    denoiser assigned after `parallelize` gets the same checks first."""
+    if adapter is None:
+        adapter = DiffusersAdapter()
+        adapter.check(model)
+        param = next(model.parameters())
+        if param.dtype != session.config.torch_dtype:
+            raise ConfigError(f"the new {type(model).__name__} is in {param.dtype}, the parallel pipeline in "
+                              f"{session.config.torch_dtype}: convert it before assigning it")
+    session.attach(model, adapter)
+    return StripDenoiser(model, session, adapter)
 
 
 def check_decoder(vae_decoder: nn.Module, alternative: str) -> None:

@@ -20,15 +20,18 @@ denoiser call. Its price is one all-gather of the model output per evaluation:
 from __future__ import annotations
 
 import inspect
+import sys
 
 import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from diffusers.models.embeddings import PatchEmbed
+
 from parafuse.checks import check_strip_memory
-from parafuse.diffusers.adapter import DiffusersAdapter, UnsupportedModelError
+from parafuse.diffusers.adapter import DiffusersAdapter, StripAttnProcessor, StripPatchEmbed, UnsupportedModelError
 from parafuse.parallel.geometry import StripGeometry
-from parafuse.parallel.parallelize import parallelize as swap_layers
+from parafuse.parallel.parallelize import parallelize as swap_layers, unparallelize
 from parafuse.parallel.plan import LOCAL, PatchPlan
 from parafuse.parallel.session import PatchSession, StepClock
 from parafuse.parallel.trace import Trace, trace_model
@@ -85,8 +88,18 @@ class StripModel:
             self.engine.drain()
 
     def remove(self) -> None:
+        """Take parafuse off the model: hooks removed, plain layers and the replaced attention
+        processors back in place."""
         for h in self._handles:
             h.remove()
+        self.model.__dict__.pop("forward", None)
+        unparallelize(self.model)
+        for m in self.model.modules():
+            processor = getattr(m, "processor", None)
+            if isinstance(processor, StripAttnProcessor):
+                m.set_processor(processor.inner)
+            if isinstance(m, StripPatchEmbed):
+                m.__class__ = PatchEmbed
 
     # ---- hooks ---------------------------------------------------------------------------------
     def _sample(self, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -220,9 +233,11 @@ class StripDenoiser(StripModel):
         self.graphed = bool(self.session.config.cuda_graphs)   # CUDA graphs of the steady denoiser call
         self._graphs: dict = {}          # per call signature (parafuse.graphs.GraphedEvaluations)
         self._version = self._buffers = None
+        self.active = self._direct = False    # inside the parallel pipeline's call / a direct denoiser call
 
     def begin_image(self, sequential_cfg: bool = False) -> None:
         super().begin_image()
+        self.active = True
         self.clock = StepClock(self.session.device)
         self.watch = self.session.watch(None)     # the pipeline's loop length is its own
         self.state_bytes = 0
@@ -240,6 +255,26 @@ class StripDenoiser(StripModel):
         super().end_image()
         self.model.__dict__.pop("forward", None)
         self._held = self._pair = None
+        self.active = False
+
+    def _outside_call(self) -> None:
+        """The denoiser called outside the parallel pipeline's call. By a diffusers pipeline (the raw
+        one, after `pipe = pipe.pipe` or another pipeline built from its components): refused, since
+        its ranks would each return an image from state left by the last call. By the user directly:
+        the call is an image of its own (planned, its first step synchronous, drained after)."""
+        from diffusers import DiffusionPipeline
+
+        frame = sys._getframe(2)
+        while frame is not None:
+            caller = frame.f_locals.get("self")
+            if isinstance(caller, DiffusionPipeline):
+                raise UnsupportedModelError(
+                    f"{type(caller).__name__} called the parallelized {type(self.model).__name__} directly: call the "
+                    f"pipeline parafuse.parallelize returned (`.to()` on it returns it too), which runs each "
+                    f"image's plan on every rank")
+            frame = frame.f_back
+        self.begin_image()
+        self._direct = True
 
     def _model_version(self) -> tuple:
         """What a captured graph depends on besides its inputs: every module and attention processor
@@ -284,6 +319,8 @@ class StripDenoiser(StripModel):
     def _before(self, module, args, kwargs):
         if self.tracing:
             return None
+        if not self.active:
+            self._outside_call()
         if self.sequential_cfg:
             branch = self._calls % 2                  # the pipeline's order: conditional, then unconditional
             self._calls += 1
@@ -359,6 +396,10 @@ class StripDenoiser(StripModel):
         self.watch.observe(k, out)         # device work only; the flags are read every CHECK_EVERY evaluations
         if self.watch.due(k):
             self.watch.check()
+        if self._direct:
+            self._direct = False
+            self.finish()
+            self.end_image()
         return output
 
     def finish(self) -> None:

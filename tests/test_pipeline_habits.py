@@ -1,0 +1,140 @@
+"""The pipeline door used as diffusers users use a pipeline (issue 27): attribute writes, `.to()`,
+a raw pipeline called behind the wrapper, a second `parallelize`, torch.compile, the refusals'
+hints, modules changed behind parafuse's back, ControlNet, and ranks given different calls. Tiny
+random-weight pipelines of tests/diffusers_cases.py on the thread emulator, against diffusers'
+own single-process output."""
+import copy
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from diffusers_cases import call_kwargs, images, pipeline_path  # noqa: E402
+
+import parafuse  # noqa: E402
+from parafuse.diffusers import UnsupportedModelError, load_pipeline  # noqa: E402
+from parafuse.diffusers.emulator import emulate_pipeline  # noqa: E402
+from parafuse.parallel.config import ConfigError  # noqa: E402
+
+SYNC_TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("pipelines"))
+
+
+def fresh(root, family):
+    return load_pipeline(pipeline_path(root, family))
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def ranks_raise(excinfo_match, pipe, n, call, **settings):
+    """`call` run on n emulated ranks fails with a message matching `excinfo_match`."""
+    with pytest.raises(RuntimeError, match=excinfo_match):
+        emulate_pipeline(pipe, n, call, **settings)
+
+
+# ---- item 3: the returned pipeline is the pipeline -----------------------------------------------
+def test_scheduler_written_after_parallelize_is_the_one_used(root):
+    from diffusers import DPMSolverMultistepScheduler
+
+    plain = fresh(root, "sd")
+    plain.scheduler = DPMSolverMultistepScheduler.from_config(plain.scheduler.config)
+    ref = images(plain(**call_kwargs("sd")))
+
+    def call(par):
+        par.scheduler = DPMSolverMultistepScheduler.from_config(par.scheduler.config)
+        assert isinstance(par.pipe.scheduler, DPMSolverMultistepScheduler)
+        return images(par(**call_kwargs("sd")))
+    out = emulate_pipeline(fresh(root, "sd"), 2, call, mode="sync")[0][0]
+    assert rel(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("family,name", [("sd", "unet"), ("pixart", "transformer")])
+def test_denoiser_assigned_after_parallelize_is_parallelized(root, family, name):
+    plain = fresh(root, family)
+    other = copy.deepcopy(getattr(plain, name))
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.1)
+    setattr(plain, name, other)
+    ref = images(plain(**call_kwargs(family)))
+
+    def call(par):
+        images(par(**call_kwargs(family)))                  # the first denoiser runs once
+        setattr(par, name, copy.deepcopy(other))
+        out = images(par(**call_kwargs(family)))
+        return out, par.strips.model is getattr(par.pipe, name), par.rank_stats["bytes_sent"]["conv_halo"]
+    outs = emulate_pipeline(fresh(root, family), 2, call, mode="sync")
+    out, hooked, _ = outs[0][0]
+    assert hooked and rel(out, ref) <= 1e-5
+    assert all(o[0][2] > 0 or family == "pixart" for o in outs)   # the new U-Net exchanged halos
+
+
+def test_unsupported_denoiser_assigned_after_parallelize_is_refused_before_compute(root):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    class Custom:                                   # a user's own processor
+        def __call__(self, *args, **kwargs):
+            return AttnProcessor2_0()(*args, **kwargs)
+
+    def call(par):
+        unet = copy.deepcopy(par.unet.__class__.from_config(par.unet.config))
+        unet.set_attn_processor(Custom())
+        par.unet = unet
+        par(**call_kwargs("sd"))
+    ranks_raise("Custom", fresh(root, "sd"), 2, call, mode="sync")
+
+
+def test_vae_assigned_after_parallelize_decodes_by_strips(root):
+    plain = fresh(root, "sd")
+    vae = copy.deepcopy(plain.vae)
+    with torch.no_grad():
+        vae.decoder.conv_out.weight.mul_(0.5)
+    plain.vae = vae
+    ref = plain(**call_kwargs("sd", output_type="pt")).images
+
+    def call(par):
+        par.vae = copy.deepcopy(vae)
+        out = par(**call_kwargs("sd", output_type="pt"))
+        return None if out is None else out.images, par.decoder.model is par.pipe.vae.decoder
+    out, hooked = emulate_pipeline(fresh(root, "sd"), 2, call, mode="sync")[0][0]
+    assert hooked and (out - ref).abs().max() <= SYNC_TOL
+
+
+def test_to_returns_the_parallel_pipeline_and_calls_stay_equal(root):
+    def call(par):
+        same = par.to("cpu") is par and par.to(torch.float32) is par
+        first, second = images(par(**call_kwargs("sd"))), images(par(**call_kwargs("sd")))
+        return same, first, second
+    outs = emulate_pipeline(fresh(root, "sd"), 2, call, mode="partial", warmup_steps=1, halo_portion=0.3)
+    same, first, second = outs[0][0]
+    assert same and torch.equal(first, second)
+    assert all(o[0][0] and o[0][1] is None for o in outs[1:])
+
+
+def test_raw_pipeline_called_behind_the_wrapper_is_refused(root):
+    def call(par):
+        images(par(**call_kwargs("sd")))
+        par.pipe(**call_kwargs("sd"))              # what `pipe = pipe.to(...)` used to hand back
+    ranks_raise("called the parallelized UNet2DConditionModel directly", fresh(root, "sd"), 2, call,
+                mode="partial", warmup_steps=1, halo_portion=0.3)
+
+
+def test_second_parallelize_is_refused_and_allowed_after_close(root):
+    plain = fresh(root, "sd")
+    ref = images(plain(**call_kwargs("sd")))
+    par = parafuse.parallelize(plain, mode="sync")
+    with pytest.raises(ConfigError, match="already parallelized"):
+        parafuse.parallelize(plain, mode="full")
+    par.close()
+    assert rel(images(plain(**call_kwargs("sd"))), ref) == 0     # plain layers back: diffusers' own output
+    par = parafuse.parallelize(plain, mode="full")
+    assert rel(images(par(**call_kwargs("sd"))), ref) == 0       # one rank: the plain model
+    par.close()
