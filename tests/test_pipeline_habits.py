@@ -138,3 +138,70 @@ def test_second_parallelize_is_refused_and_allowed_after_close(root):
     par = parafuse.parallelize(plain, mode="full")
     assert rel(images(par(**call_kwargs("sd"))), ref) == 0       # one rank: the plain model
     par.close()
+
+
+# ---- item 2: torch.compile before or after parallelize ---------------------------------------------
+COMPILE_SETTINGS = dict(mode="partial", warmup_steps=1, halo_portion=0.3)
+_uncompiled = {}
+
+
+def uncompiled(root, family="sd"):
+    if family not in _uncompiled:
+        _uncompiled[family] = emulate_pipeline(fresh(root, family), 2, lambda p: images(p(**call_kwargs(family))),
+                                               **COMPILE_SETTINGS)[0][0]
+    return _uncompiled[family]
+
+
+def compiled_run(root, when: str, backend: str = "aot_eager", family="sd", **options):
+    """The parallel pipeline with its denoiser compiled `when`: "before" parallelize
+    (pipe.unet = torch.compile(pipe.unet)), "after" by assignment, "in-place" (pipe.unet.compile())."""
+    plain = fresh(root, family)
+    if when == "before":
+        plain.unet = torch.compile(plain.unet, backend=backend, **options)
+
+    def call(par):
+        if when == "after":
+            par.unet = torch.compile(par.unet, backend=backend, **options)
+        elif when == "in-place":
+            par.unet.compile(backend=backend, **options)
+        out = images(par(**call_kwargs(family)))
+        return out, par.strips._graphs_on
+    return emulate_pipeline(plain, 2, call, **COMPILE_SETTINGS, cuda_graphs=False)
+
+
+@pytest.mark.parametrize("when", ["before", "in-place"])      # "after": the next test
+def test_compiled_denoiser_equals_the_uncompiled_parallel_output(root, when):
+    torch._dynamo.reset()
+    (out, graphs_on), _ = compiled_run(root, when)[0]
+    assert rel(out, uncompiled(root)) <= 1e-5
+    assert not graphs_on                     # parafuse's CUDA graphs are off for a compiled denoiser
+
+
+def test_compiled_denoiser_turns_parafuse_graphs_off(root):
+    """Compiled after parallelize, by assignment, once graphs were captured: none are used after."""
+    from parafuse.graphs import rerun_capture
+
+    def call(par):
+        par.strips.graphed, par.session.capture = True, rerun_capture
+        images(par(**call_kwargs("sd")))
+        eager_captures = par.strips.captures
+        par.unet = torch.compile(par.unet, backend="aot_eager")
+        out = images(par(**call_kwargs("sd")))
+        return eager_captures, par.strips.captures, out
+    torch._dynamo.reset()
+    (eager_captures, captures, out), _ = emulate_pipeline(fresh(root, "sd"), 2, call, **COMPILE_SETTINGS)[0]
+    assert eager_captures >= 1 and captures == 0
+    assert rel(out, uncompiled(root)) <= 1e-5
+
+
+def test_fullgraph_compile_is_refused_before_compute(root):
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match="fullgraph=True"):
+        compiled_run(root, "after", fullgraph=True)
+
+
+@pytest.mark.slow
+def test_inductor_compiled_denoiser_equals_the_uncompiled_parallel_output(root):
+    torch._dynamo.reset()
+    (out, _), _ = compiled_run(root, "before", backend="inductor")[0]
+    assert rel(out, uncompiled(root)) <= 1e-5

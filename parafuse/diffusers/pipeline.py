@@ -206,7 +206,7 @@ def strip_denoiser(model: nn.Module, session: PatchSession, adapter: DiffusersAd
         if param.dtype != session.config.torch_dtype:
             raise ConfigError(f"the new {type(model).__name__} is in {param.dtype}, the parallel pipeline in "
                               f"{session.config.torch_dtype}: convert it before assigning it")
-    session.attach(model, adapter)
+    session.attach(getattr(model, "_orig_mod", model), adapter)     # torch.compile(model): its module's layers
     return StripDenoiser(model, session, adapter)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -49,6 +50,36 @@ def _batch_half(obj, batch: int, half: int):
     return obj
 
 
+def is_compiled(model: nn.Module) -> bool:
+    """`torch.compile(model)` (an OptimizedModule) or `model.compile()`."""
+    return hasattr(model, "_orig_mod") or model.__dict__.get("_compiled_call_impl") is not None
+
+
+@contextmanager
+def eager(model: nn.Module):
+    """`model` without torch.compile, for the shape-only runs (FakeTensor under a compiled module
+    crashed the process): `torch.compile(model)`'s original module, with `model.compile()`'s
+    compiled call set aside."""
+    inner = getattr(model, "_orig_mod", model)
+    compiled = inner.__dict__.get("_compiled_call_impl")
+    inner._compiled_call_impl = None
+    try:
+        yield inner
+    finally:
+        inner._compiled_call_impl = compiled
+
+
+def check_compiled(model: nn.Module) -> None:
+    """A compiled denoiser runs parafuse's hooks outside (torch.compile(model)) or inside
+    (model.compile()) the compiled region, whose patch layers break the graph at every exchange:
+    fullgraph=True cannot hold and is refused before any compute."""
+    ctx = getattr(model, "dynamo_ctx", None)
+    if getattr(ctx, "fullgraph", False):
+        raise UnsupportedModelError(f"{type(model._orig_mod).__name__} was compiled with fullgraph=True, but "
+                                    f"parafuse's exchanges break the graph at every patch layer: compile it "
+                                    f"without fullgraph")
+
+
 class StripModel:
     """Hooks that make a diffusers model compute this rank's strip: the input's rows in, the output's
     strips gathered out (see the module docstring). Each call of the model is one engine step of
@@ -59,7 +90,7 @@ class StripModel:
     def __init__(self, model: nn.Module, session: PatchSession, adapter: DiffusersAdapter):
         self.model, self.session, self.adapter = model, session, adapter
         self.engine, self.layout, self.transport = session.engine, session.layout, session.transport
-        self.sample_name = next(iter(inspect.signature(model.forward).parameters))
+        self.sample_name = next(iter(inspect.signature(getattr(model, "_orig_mod", model).forward).parameters))
         self._traces: dict[tuple[int, ...], Trace] = {}           # per input size
         self._structure = None
         self.geometry: StripGeometry | None = None
@@ -73,15 +104,21 @@ class StripModel:
         """Before each image: swap in layers for modules added since (LoRA), forget the traces if
         the model's structure changed, and start counting evaluations from 0."""
         if self.engine is not None:
-            self.adapter.check(self.model)
-            swap_layers(self.model, self.engine, self.adapter)
-            structure = tuple((name, id(m)) for name, m in self.model.named_modules())
+            self.adapter.check(self.layers)
+            swap_layers(self.layers, self.engine, self.adapter)
+            structure = tuple((name, id(m)) for name, m in self.layers.named_modules())
             if structure != self._structure:
-                self.adapter.rekey(self.model)
+                self.adapter.rekey(self.layers)
                 self._traces.clear()
                 self._structure = structure
         self.geometry = None
         self.evaluations = 0
+
+    @property
+    def layers(self) -> nn.Module:
+        """The module whose layers are swapped and named: the model, or the original module of
+        `torch.compile(model)` (the hooks stay on the compiled wrapper, outside its graph)."""
+        return getattr(self.model, "_orig_mod", self.model)
 
     def end_image(self) -> None:
         if self.engine is not None:
@@ -92,9 +129,8 @@ class StripModel:
         processors back in place."""
         for h in self._handles:
             h.remove()
-        self.model.__dict__.pop("forward", None)
-        unparallelize(self.model)
-        for m in self.model.modules():
+        unparallelize(self.layers)
+        for m in self.layers.modules():
             processor = getattr(m, "processor", None)
             if isinstance(processor, StripAttnProcessor):
                 m.set_processor(processor.inner)
@@ -165,7 +201,8 @@ class StripModel:
             saved, self.engine.step = self.engine.step, LOCAL      # the patch layers run as plain layers
             self.tracing = True
             try:
-                self._traces[size] = trace_model(self.model, self.adapter, args, kwargs, sample, grid)
+                with eager(self.model) as model:
+                    self._traces[size] = trace_model(model, self.adapter, args, kwargs, sample, grid)
             finally:
                 self.tracing, self.engine.step = False, saved
         trace = self._traces[size]
@@ -231,9 +268,11 @@ class StripDenoiser(StripModel):
         self.watch = self.session.watch(None)
         self.state_bytes = 0
         self.graphed = bool(self.session.config.cuda_graphs)   # CUDA graphs of the steady denoiser call
+        self._graphs_on = self.graphed            # this image's: off for a compiled denoiser
         self._graphs: dict = {}          # per call signature (parafuse.graphs.GraphedEvaluations)
         self._version = self._buffers = None
         self.active = self._direct = False    # inside the parallel pipeline's call / a direct denoiser call
+        self._own_forward = None              # the forward begin_image shadowed (False: none of its own)
 
     def begin_image(self, sequential_cfg: bool = False) -> None:
         super().begin_image()
@@ -243,19 +282,37 @@ class StripDenoiser(StripModel):
         self.state_bytes = 0
         self.sequential_cfg = sequential_cfg and self.layout.cfg_degree == 2
         self._calls, self._skip, self._held, self._pair = 0, False, None, None
-        if self.graphed:
+        check_compiled(self.model)
+        # a compiled denoiser is torch.compile's to schedule: parafuse's own CUDA graphs stay off
+        self._graphs_on = self.graphed and not is_compiled(self.model)
+        if self._graphs_on:
             version = self._model_version()
             if version != self._version:    # a module, processor or parameter changed: capture anew
                 self._graphs.clear()
                 self._version = version
-        if self.sequential_cfg or self.graphed:   # an instance attribute, shadowing the class's forward
+        if self.sequential_cfg or self._graphs_on:   # an instance attribute, shadowing the class's forward
+            self._own_forward = self.model.__dict__.get("forward", False)
             self.model.forward = self._branch_forward if self.sequential_cfg else self._forward
 
     def end_image(self) -> None:
         super().end_image()
-        self.model.__dict__.pop("forward", None)
+        self._restore_forward()
         self._held = self._pair = None
         self.active = False
+
+    def _restore_forward(self) -> None:
+        """The model's forward as it was before `begin_image` shadowed it (an OptimizedModule keeps
+        its compiled forward as an instance attribute)."""
+        if self._own_forward is not None:
+            if self._own_forward is False:
+                self.model.__dict__.pop("forward", None)
+            else:
+                self.model.forward = self._own_forward
+            self._own_forward = None
+
+    def remove(self) -> None:
+        self._restore_forward()
+        super().remove()
 
     def _outside_call(self) -> None:
         """The denoiser called outside the parallel pipeline's call. By a diffusers pipeline (the raw
@@ -291,7 +348,7 @@ class StripDenoiser(StripModel):
         arguments or tensor shapes differ has a graph of its own."""
         forward = type(self.model).forward
         engine = self.engine
-        if not self.graphed or self.tracing or (engine is not None and engine.step is not engine.plan.stale_step):
+        if not self._graphs_on or self.tracing or (engine is not None and engine.step is not engine.plan.stale_step):
             return forward(self.model, *args, **kwargs)
         if engine is not None and engine.buffers is not self._buffers:
             self._graphs.clear()              # the plan's buffers were reallocated: the graphs read the old ones
@@ -372,8 +429,8 @@ class StripDenoiser(StripModel):
                 self.engine.step = LOCAL
             self.adapter.tracing = True
             try:
-                with FakeTensorMode(allow_non_fake_inputs=True):
-                    out = type(self.model).forward(self.model, *args, **{**kwargs, "return_dict": False})[0]
+                with FakeTensorMode(allow_non_fake_inputs=True), eager(self.model) as model:
+                    out = type(model).forward(model, *args, **{**kwargs, "return_dict": False})[0]
             finally:
                 self.adapter.tracing = False
                 if self.engine is not None:
