@@ -5,6 +5,7 @@ random-weight pipelines of tests/diffusers_cases.py on the thread emulator, agai
 own single-process output."""
 import copy
 import os
+import re
 import sys
 
 import pytest
@@ -205,3 +206,92 @@ def test_inductor_compiled_denoiser_equals_the_uncompiled_parallel_output(root):
     torch._dynamo.reset()
     (out, _), _ = compiled_run(root, "before", backend="inductor")[0]
     assert rel(out, uncompiled(root)) <= 1e-5
+
+
+# ---- item 6: every refusal's hint is right for the model it names --------------------------------
+_sync_refs = {}
+
+
+def sync_ref(root, family):
+    if family not in _sync_refs:
+        _sync_refs[family] = images(fresh(root, family)(**call_kwargs(family)))
+    return _sync_refs[family]
+
+
+def follow_hints(root, family, plain) -> list[str]:
+    """Parallelize `plain` and, while it is refused, do what the refusal's hint says (evaluated with
+    `pipe` the pipeline); then the parallel pipeline must equal diffusers' own output. Returns the
+    hints followed."""
+    hints = []
+    for _ in range(3):
+        try:
+            parafuse.parallelize(plain, mode="sync").close()
+            break
+        except UnsupportedModelError as e:
+            hint = re.search(r"; call (.+?) first\. Supported", str(e))
+            assert hint is not None, f"a refusal that names a fix must say how: {e}"
+            hints.append(hint.group(1))
+            eval(hint.group(1), {"pipe": plain})
+    out = emulate_pipeline(plain, 2, lambda p: images(p(**call_kwargs(family))), mode="sync")[0][0]
+    assert (out - sync_ref(root, family)).abs().max() <= SYNC_TOL
+    return hints
+
+
+@pytest.mark.parametrize("habit,hints", [
+    ("slicing", ["pipe.disable_attention_slicing()"]),
+    ("fused", ["pipe.unet.unfuse_qkv_projections()", "pipe.vae.unfuse_qkv_projections()"]),
+    ("xformers", ["pipe.unet.set_default_attn_processor()"]),
+])
+def test_unet_hints_are_followed_and_work(root, habit, hints):
+    from diffusers.models.attention_processor import XFormersAttnProcessor
+
+    plain = fresh(root, "sd")
+    {"slicing": lambda: plain.enable_attention_slicing(),
+     "fused": lambda: plain.fuse_qkv_projections(),
+     "xformers": lambda: plain.unet.set_attn_processor(XFormersAttnProcessor())}[habit]()
+    assert follow_hints(root, "sd", plain) == hints
+
+
+def test_flux_fused_qkv_hint_is_followed_and_works(root):
+    plain = fresh(root, "flux")
+    plain.transformer.fuse_qkv_projections()
+    assert follow_hints(root, "flux", plain) == ["pipe.transformer.unfuse_qkv_projections()"]
+
+
+def test_refusals_without_a_working_fix_give_no_hint(root):
+    from types import SimpleNamespace
+
+    from diffusers import SD3Transformer2DModel
+    from diffusers.models.attention_processor import Attention, AttnAddedKVProcessor, AttnProcessor2_0
+
+    class Custom:                                    # a user's processor: only its author knows the fix
+        def __call__(self, *args, **kwargs):
+            return AttnProcessor2_0()(*args, **kwargs)
+    plain = fresh(root, "sd")
+    plain.unet.set_attn_processor(Custom())
+    with pytest.raises(UnsupportedModelError, match=r"processor Custom .*processors\)\. Supported") as e:
+        parafuse.parallelize(plain, mode="sync")
+    assert "call" not in str(e.value)
+
+    torch.manual_seed(0)     # SD3.5's dual attention: SD3's transformer has no set_default_attn_processor
+    sd35 = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                                 num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                 pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16,
+                                 dual_attention_layers=(0,))
+    with pytest.raises(UnsupportedModelError) as e:
+        parafuse.parallelize(SimpleNamespace(transformer=sd35))
+    assert "set_default_attn_processor" not in str(e.value) and "call" not in str(e.value)
+
+    class AddedKV(torch.nn.Module):                  # Kandinsky's / UnCLIP's attention: text K/V, no text queries
+        def __init__(self):
+            super().__init__()
+            self.attn = Attention(query_dim=16, heads=2, dim_head=8, added_kv_proj_dim=16,
+                                  processor=AttnAddedKVProcessor())
+    with pytest.raises(UnsupportedModelError, match="added text key/value projections") as e:
+        parafuse.parallelize(SimpleNamespace(unet=AddedKV()))
+    assert "joint text+image" not in str(e.value) and "call" not in str(e.value)
+
+
+def test_full_mode_with_a_halo_portion_is_refused_by_the_library(root):
+    with pytest.raises(ConfigError, match="halo_portion"):
+        parafuse.parallelize(fresh(root, "sd"), mode="full", halo_portion=0.5)

@@ -77,10 +77,10 @@ class ParallelPipeline:
     def _follow_components(self) -> None:
         """Before each call: a denoiser or VAE assigned since the last call is parallelized (and
         checked, as `parallelize` checks it) in place of the one the hooks were on."""
-        _, model = denoiser_of(self.pipe)
+        name, model = denoiser_of(self.pipe)
         if model is not self.strips.model:
             self.strips.remove()
-            object.__setattr__(self, "strips", strip_denoiser(model, self.session))
+            object.__setattr__(self, "strips", strip_denoiser(model, self.session, owner=f"pipe.{name}"))
         vae_decoder = getattr(getattr(self.pipe, "vae", None), "decoder", None) if self._parallel_decode else None
         current = None if self.decoder is None else self.decoder.model
         if self.session.engine is not None and vae_decoder is not current:
@@ -169,8 +169,8 @@ def parallelize(pipe, config: PatchConfig | None = None, *, parallel_decode: boo
     if pipe.__dict__.get("_parafuse_parallel"):
         raise ConfigError(f"this {type(pipe).__name__} is already parallelized: keep using the pipeline the first "
                           f"parafuse.parallelize returned, or call its close() before parallelizing again")
-    _, model = denoiser_of(pipe)
-    adapter = DiffusersAdapter()
+    name, model = denoiser_of(pipe)
+    adapter = DiffusersAdapter(f"pipe.{name}")
     adapter.check(model)
     if settings.get("text_merge") is not None and not any(is_joint(m) or is_flux(m) for m in model.modules()):
         raise ConfigError(f"text_merge={settings['text_merge']!r} (--text-merge) merges the text queries of joint "
@@ -196,11 +196,12 @@ def parallelize(pipe, config: PatchConfig | None = None, *, parallel_decode: boo
     return ParallelPipeline(pipe, session, strip_denoiser(model, session, adapter), decoder, parallel_decode)
 
 
-def strip_denoiser(model: nn.Module, session: PatchSession, adapter: DiffusersAdapter | None = None) -> StripDenoiser:
+def strip_denoiser(model: nn.Module, session: PatchSession, adapter: DiffusersAdapter | None = None,
+                   owner: str = "the denoiser") -> StripDenoiser:
     """The hooks that make `model` compute this rank's strip, its patch layers swapped in; a
     denoiser assigned after `parallelize` gets the same checks first."""
     if adapter is None:
-        adapter = DiffusersAdapter()
+        adapter = DiffusersAdapter(owner)
         adapter.check(model)
         param = next(model.parameters())
         if param.dtype != session.config.torch_dtype:
@@ -212,7 +213,7 @@ def strip_denoiser(model: nn.Module, session: PatchSession, adapter: DiffusersAd
 
 def check_decoder(vae_decoder: nn.Module, alternative: str) -> None:
     try:
-        DiffusersAdapter().check(vae_decoder)
+        DiffusersAdapter("pipe.vae").check(vae_decoder)
     except UnsupportedModelError as e:
         raise UnsupportedModelError(f"VAE decoder: {e}; {alternative}") from None
 
@@ -225,7 +226,7 @@ def strip_decoder(vae_decoder: nn.Module, session: PatchSession) -> StripDecoder
     config = PatchConfig(mode=Mode.SYNC, warmup_steps=0, kernels=parent.kernels,
                          startup_timeout=parent.startup_timeout, exchange_timeout=parent.exchange_timeout)
     decoder_session = PatchSession(config, device=session.device, layout=lay, transport=session.transport)
-    decoder = StripDecoder(vae_decoder, decoder_session, DiffusersAdapter())
+    decoder = StripDecoder(vae_decoder, decoder_session, DiffusersAdapter("pipe.vae"))
     decoder_session.attach(vae_decoder, decoder.adapter)
     return decoder
 
