@@ -228,7 +228,7 @@ def follow_hints(root, family, plain) -> list[str]:
             parafuse.parallelize(plain, mode="sync").close()
             break
         except UnsupportedModelError as e:
-            hint = re.search(r"; call (.+?) first\. Supported", str(e))
+            hint = re.search(r"; call (.+?) first[.,]", str(e))
             assert hint is not None, f"a refusal that names a fix must say how: {e}"
             hints.append(hint.group(1))
             eval(hint.group(1), {"pipe": plain})
@@ -295,3 +295,60 @@ def test_refusals_without_a_working_fix_give_no_hint(root):
 def test_full_mode_with_a_halo_portion_is_refused_by_the_library(root):
     with pytest.raises(ConfigError, match="halo_portion"):
         parafuse.parallelize(fresh(root, "sd"), mode="full", halo_portion=0.5)
+
+
+# ---- item 5: modules changed behind parafuse's back ---------------------------------------------
+def test_pag_installing_processors_inside_call_is_refused_before_compute(root):
+    from diffusers import StableDiffusionPAGPipeline
+
+    def call(par):
+        par(**call_kwargs("sd"), pag_scale=2.0)
+    sd = fresh(root, "sd")
+    pag = StableDiffusionPAGPipeline(**sd.components, pag_applied_layers=["mid"])
+    ranks_raise(r"attn1'.*PAG\w*Processor", pag, 2, call, mode="sync")
+
+
+def test_processor_set_between_calls_is_repatched(root):
+    from diffusers.models.attention_processor import AttnProcessor2_0, XFormersAttnProcessor
+
+    def call(par):
+        par.unet.set_attn_processor(AttnProcessor2_0())        # parafuse's processors replaced by the default
+        out = images(par(**call_kwargs("sd")))
+        par.unet.set_attn_processor(XFormersAttnProcessor())
+        try:
+            par(**call_kwargs("sd"))
+        except UnsupportedModelError as e:
+            return out, str(e)
+    outs = emulate_pipeline(fresh(root, "sd"), 2, call, mode="sync")
+    assert (outs[0][0][0] - sync_ref(root, "sd")).abs().max() <= SYNC_TOL
+    assert all("XFormersAttnProcessor" in msg for (_, msg), _ in outs)
+
+
+def test_processor_changed_during_an_image_is_refused(root):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    def swap(pipe, i, t, kwargs):
+        pipe.unet.set_attn_processor(AttnProcessor2_0())
+        return kwargs
+    ranks_raise("changed during an image", fresh(root, "sd"), 2,
+                lambda par: par(**call_kwargs("sd"), callback_on_step_end=swap), mode="sync")
+
+
+def test_offload_hooks_are_refused_and_the_hint_works(root):
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    plain = fresh(root, "sd")
+    add_hook_to_module(plain.unet, ModelHook())               # what enable_model_cpu_offload puts there
+    assert follow_hints(root, "sd", plain) == ["pipe.remove_all_hooks()"]
+
+
+def test_dit_is_refused_by_parallelize():
+    from types import SimpleNamespace
+
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=1,
+                                sample_size=8, norm_num_groups=8)
+    with pytest.raises(UnsupportedModelError, match="square grid"):
+        parafuse.parallelize(SimpleNamespace(transformer=dit))

@@ -33,6 +33,7 @@ from diffusers.models.attention_processor import (CROSS_ATTENTION_PROCESSORS, At
                                                   AttnProcessor2_0, FusedAttnProcessor2_0, JointAttnProcessor2_0,
                                                   SlicedAttnAddedKVProcessor, SlicedAttnProcessor)
 from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed
+from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DModel
 
 from parafuse.attention import attention
 from parafuse.parallel.adapter import BUILTIN
@@ -108,6 +109,13 @@ class DiffusersAdapter:
     def check(self, model: nn.Module) -> None:
         """Raise UnsupportedModelError, naming the module, for anything that cannot be split by rows."""
         for name, m in model.named_modules():
+            if hasattr(m, "_hf_hook"):
+                raise unsupported(name or self.owner, m, "an accelerate hook (CPU offload) moves its weights during the call, "
+                                           "while patch parallelism splits the activations across GPUs; call "
+                                           "pipe.remove_all_hooks() first, then pipe.to(device)")
+            if isinstance(m, DiTTransformer2DModel):
+                raise unsupported(name, m, "DiT unpatchifies its output as a square grid (height = width = "
+                                           "sqrt(tokens)), which a strip is not")
             if isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or isinstance(m.padding, str)):
                 raise unsupported(name, m, f"padding {m.padding!r} / padding mode {m.padding_mode!r} (only explicit "
                                            f"zero padding is split into strips)")

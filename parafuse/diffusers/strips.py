@@ -277,6 +277,7 @@ class StripDenoiser(StripModel):
     def begin_image(self, sequential_cfg: bool = False) -> None:
         super().begin_image()
         self.active = True
+        self._patched = self._modules_state()
         self.clock = StepClock(self.session.device)
         self.watch = self.session.watch(None)     # the pipeline's loop length is its own
         self.state_bytes = 0
@@ -299,6 +300,29 @@ class StripDenoiser(StripModel):
         self._restore_forward()
         self._held = self._pair = None
         self.active = False
+
+    def _modules_state(self) -> tuple:
+        """Every module, its attention processor and whether an accelerate hook (offload) is on it:
+        what a pipeline can change behind parafuse's back between `begin_image` and a call."""
+        return tuple((id(m), id(getattr(m, "processor", None)), "_hf_hook" in m.__dict__)
+                     for m in self.layers.modules())
+
+    def _check_modules(self) -> None:
+        """At every denoiser call: a module or processor changed since the image's patch layers were
+        swapped in (PAG installing its processors inside `__call__`, `set_attn_processor`, a LoRA
+        unloaded, offload hooks) is re-patched - checked (refused, naming it, if it cannot be split)
+        and swapped - before the image's first evaluation, and refused at any later one."""
+        if self.engine is None or self._modules_state() == self._patched:
+            return
+        if self.evaluations or self.geometry is not None:
+            raise UnsupportedModelError(f"{type(self.model).__name__}'s modules or attention processors changed "
+                                        f"during an image (after evaluation {self.evaluations}): parafuse plans "
+                                        f"each image once; change them between pipeline calls")
+        StripModel.begin_image(self)
+        self._patched = self._modules_state()
+        if self._graphs_on:                   # the captured graphs ran the replaced modules
+            self._graphs.clear()
+            self._version = self._model_version()
 
     def _restore_forward(self) -> None:
         """The model's forward as it was before `begin_image` shadowed it (an OptimizedModule keeps
@@ -378,6 +402,7 @@ class StripDenoiser(StripModel):
             return None
         if not self.active:
             self._outside_call()
+        self._check_modules()
         if self.sequential_cfg:
             branch = self._calls % 2                  # the pipeline's order: conditional, then unconditional
             self._calls += 1
