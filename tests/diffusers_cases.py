@@ -158,3 +158,52 @@ TORCHRUN_CASES = {
     "flux-partial": ("flux", dict(mode="partial", warmup_steps=1, halo_portion=0.3)),      # stale text merge
     "flux-full-exact": ("flux", dict(mode="full", warmup_steps=1, text_merge="exact")),
 }
+
+
+def _controlnet(unet, seed: int):
+    """A ControlNet of the tiny U-Net (diffusers' from_unet), its conditioning embedding down by the
+    tiny VAE's factor 4, its zero-initialised convs woken (else its residuals would all be zero)."""
+    from diffusers import ControlNetModel
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.abs().max() == 0:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return net
+
+
+def build_sd_controlnet(path: str) -> None:
+    from diffusers import StableDiffusionControlNetPipeline
+
+    from parafuse.diffusers import load_pipeline
+    sd = load_pipeline(pipeline_path(os.path.dirname(path), "sd"))
+    _seeded(6)
+    StableDiffusionControlNetPipeline(**{k: v for k, v in sd.components.items() if k != "image_encoder"},
+                                      controlnet=_controlnet(sd.unet, 6), requires_safety_checker=False
+                                      ).save_pretrained(path)
+
+
+def build_sdxl_controlnet(path: str) -> None:
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    from parafuse.diffusers import load_pipeline
+    sdxl = load_pipeline(pipeline_path(os.path.dirname(path), "sdxl"))
+    _seeded(7)
+    StableDiffusionXLControlNetPipeline(**{k: v for k, v in sdxl.components.items()
+                                           if k not in ("image_encoder", "feature_extractor")},
+                                        controlnet=_controlnet(sdxl.unet, 7)).save_pretrained(path)
+
+
+BUILDERS.update({"sd-controlnet": build_sd_controlnet, "sdxl-controlnet": build_sdxl_controlnet})
+
+
+def control_image(seed: int = 3, height: int = HEIGHT, width: int = WIDTH) -> torch.Tensor:
+    """A conditioning image in [0, 1] (what a ControlNet pipeline takes as `image`)."""
+    return torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(seed))
+
+
+def controlnet_kwargs(family: str, **kw) -> dict:
+    """The call of a ControlNet family: its base family's call and a conditioning image."""
+    base = family.removesuffix("-controlnet")
+    return {**call_kwargs(base, **kw), "image": control_image()}

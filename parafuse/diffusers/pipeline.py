@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from parafuse.diffusers.adapter import DiffusersAdapter, UnsupportedModelError, is_flux, is_joint
-from parafuse.diffusers.strips import StripDecoder, StripDenoiser
+from parafuse.diffusers.strips import StripControlNet, StripDecoder, StripDenoiser
 from parafuse.parallel import kv_codec as kv_codec_module
 from parafuse.parallel.config import ConfigError, Mode, PatchConfig, dtype_name
 from parafuse.parallel.distributed import ParallelLayout
@@ -46,13 +46,15 @@ class ParallelPipeline:
     `rank_stats` holds this rank's row of the report (the same schema as a built-in run's) and
     `timing` the call's seconds and seconds per denoiser evaluation."""
 
-    _OWN = frozenset({"pipe", "session", "strips", "decoder", "rank_stats", "timing", "_parallel_decode"})
+    _OWN = frozenset({"pipe", "session", "strips", "decoder", "rank_stats", "timing", "_parallel_decode",
+                      "controlnets"})
 
     def __init__(self, pipe, session: PatchSession, strips: StripDenoiser, decoder: StripDecoder | None,
                  parallel_decode: bool = True):
         for name, value in (("pipe", pipe), ("session", session), ("strips", strips), ("decoder", decoder),
                             ("rank_stats", {}), ("timing", {}), ("_parallel_decode", parallel_decode)):
             object.__setattr__(self, name, value)
+        object.__setattr__(self, "controlnets", [])
         pipe.__dict__["_parafuse_parallel"] = True      # a second parallelize of this pipeline is refused
 
     config = property(lambda self: self.session.config)
@@ -81,6 +83,11 @@ class ParallelPipeline:
         if model is not self.strips.model:
             self.strips.remove()
             object.__setattr__(self, "strips", strip_denoiser(model, self.session, owner=f"pipe.{name}"))
+        nets = controlnets_of(self.pipe) if self.session.engine is not None else []
+        if [id(c.model) for c in self.controlnets] != [id(n) for n in nets]:
+            for c in self.controlnets:
+                c.remove()
+            object.__setattr__(self, "controlnets", [strip_controlnet(net, self.session) for net in nets])
         vae_decoder = getattr(getattr(self.pipe, "vae", None), "decoder", None) if self._parallel_decode else None
         current = None if self.decoder is None else self.decoder.model
         if self.session.engine is not None and vae_decoder is not current:
@@ -109,12 +116,16 @@ class ParallelPipeline:
             kwargs["output_type"] = "latent"         # only rank 0 decodes
         self.session.reset_counts()
         self.strips.begin_image(sequential_cfg=sequential)
+        for c in self.controlnets:
+            c.begin_image()
         start = time.perf_counter()
         try:
             with self.session.guard(f"{type(self.pipe).__name__} call"):
                 out = self.pipe(*args, **kwargs)
                 self.strips.finish()         # every rank raises the same NonFiniteError before returning
         finally:
+            for c in self.controlnets:
+                c.end_image()
             self.strips.end_image()
             if self.decoder is not None:
                 self.decoder.end_image()
@@ -132,6 +143,9 @@ class ParallelPipeline:
             self.decoder.remove()
         self.strips.end_image()
         self.strips.remove()
+        for c in self.controlnets:
+            c.end_image()
+            c.remove()
         self.session.close()
         self.pipe.__dict__.pop("_parafuse_parallel", None)
 
@@ -193,7 +207,34 @@ def parallelize(pipe, config: PatchConfig | None = None, *, parallel_decode: boo
     decoder = None
     if session.engine is not None and vae_decoder is not None:
         decoder = strip_decoder(vae_decoder, session)
-    return ParallelPipeline(pipe, session, strip_denoiser(model, session, adapter), decoder, parallel_decode)
+    parallel = ParallelPipeline(pipe, session, strip_denoiser(model, session, adapter), decoder, parallel_decode)
+    if session.engine is not None:
+        object.__setattr__(parallel, "controlnets", [strip_controlnet(net, session) for net in controlnets_of(pipe)])
+    return parallel
+
+
+def controlnets_of(pipe) -> list[nn.Module]:
+    """The pipeline's ControlNets: `pipe.controlnet`, or each net of a MultiControlNetModel."""
+    net = getattr(pipe, "controlnet", None)
+    if net is None:
+        return []
+    return list(net.nets) if hasattr(net, "nets") else [net]
+
+
+def strip_controlnet(net: nn.Module, session: PatchSession) -> StripControlNet:
+    """`net` computing this rank's strip: its own session (the denoiser's settings, layout and
+    transport), checked and its patch layers swapped in."""
+    if session.config.cfg_parallel:
+        raise ConfigError("cfg_parallel with a ControlNet is not supported yet: parallelize with cfg_parallel=False")
+    if not hasattr(net, "controlnet_cond_embedding"):
+        raise UnsupportedModelError(f"{type(net).__name__} has no conditioning embedding parafuse knows "
+                                    f"(controlnet_cond_embedding); parafuse splits diffusers' ControlNetModel")
+    net_session = PatchSession(session.config, device=session.device, layout=session.layout,
+                               transport=session.transport)
+    strips = StripControlNet(net, net_session, "pipe.controlnet")
+    strips.adapter.check(net)
+    net_session.attach(net, strips.adapter)
+    return strips
 
 
 def strip_denoiser(model: nn.Module, session: PatchSession, adapter: DiffusersAdapter | None = None,

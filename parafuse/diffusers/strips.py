@@ -20,6 +20,7 @@ denoiser call. Its price is one all-gather of the model output per evaluation:
 from __future__ import annotations
 
 import inspect
+import math
 import sys
 from contextlib import contextmanager
 
@@ -324,6 +325,12 @@ class StripDenoiser(StripModel):
             self._graphs.clear()
             self._version = self._model_version()
 
+    def _configure(self, args, kwargs, sample):
+        """The trace without a ControlNet's residuals: strips already (`StripControlNet`), and sums
+        that change no site."""
+        kwargs = {k: None if k in RESIDUALS else v for k, v in kwargs.items()}
+        super()._configure(args, kwargs, sample)
+
     def _restore_forward(self) -> None:
         """The model's forward as it was before `begin_image` shadowed it (an OptimizedModule keeps
         its compiled forward as an instance attribute)."""
@@ -526,3 +533,87 @@ class StripDecoder(StripModel):
         if not self.tracing:
             self.begin_image()
         return super()._before(module, args, kwargs)
+
+
+RESIDUALS = ("down_block_additional_residuals", "mid_block_additional_residual")   # a ControlNet's, to the U-Net
+
+
+class ControlNetAdapter(DiffusersAdapter):
+    """The diffusers adapter, less the conditioning embedding: its convs run at the conditioning
+    image's resolution (the VAE's factor finer than the latent), plain, on a slice of the image with
+    a halo wide enough for their reach (`StripControlNet`)."""
+
+    def __init__(self, embedding: nn.Module, owner: str):
+        super().__init__(owner)
+        self.skip = {id(m) for m in embedding.modules()}
+
+    def site_kind(self, module: nn.Module) -> str | None:
+        return None if id(module) in self.skip else super().site_kind(module)
+
+
+class _EmbeddingShape(nn.Module):
+    """The conditioning embedding during the shape trace: zeros of its output's shape (the latent
+    grid), so that the trace sees only latent-resolution layers."""
+
+    def __init__(self, channels: int, grid: tuple[int, int]):
+        super().__init__()
+        self.channels, self.grid = channels, grid
+
+    def forward(self, cond: torch.Tensor) -> torch.Tensor:
+        return cond.new_zeros(cond.shape[0], self.channels, *self.grid)
+
+
+class StripControlNet(StripModel):
+    """A ControlNet (`pipe.controlnet`, or each net of a MultiControlNetModel) computing this rank's
+    strip with its own patch layers and plan (its own session on the denoiser's transport, the
+    denoiser's settings): the latent's rows in, as for the denoiser; the conditioning image's rows
+    of the strip plus a halo covering its embedding's reach (plain convs; the halo rows are cropped
+    from the embedding's output); its residuals stay strips - exactly what the denoiser's strip adds
+    (`down_block_additional_residuals`, `mid_block_additional_residual`: tensor arguments of the
+    denoiser call, so they enter the CUDA graphs' static buffers)."""
+
+    def __init__(self, model: nn.Module, session: PatchSession, owner: str):
+        embedding = model.controlnet_cond_embedding
+        super().__init__(model, session, ControlNetAdapter(embedding, owner))
+        convs = [m for m in embedding.modules() if isinstance(m, nn.Conv2d)]
+        self.factor = math.prod(c.stride[0] for c in convs)
+        reach, stride = 0, 1           # the embedding's reach in image rows, below its output's rows
+        for c in convs:
+            reach += (c.kernel_size[0] // 2) * c.dilation[0] * stride
+            stride *= c.stride[0]
+        self.halo = -(-reach // self.factor) + 1                  # in latent rows
+        self._crop = None
+        self._handles += [embedding.register_forward_pre_hook(self._cond_in),
+                          embedding.register_forward_hook(self._cond_out)]
+
+    def _configure(self, args, kwargs, sample):
+        embedding = self.layers.controlnet_cond_embedding
+        channels = [m for m in embedding.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
+        self.layers._modules["controlnet_cond_embedding"] = _EmbeddingShape(channels, tuple(sample.shape[-2:]))
+        try:
+            super()._configure(args, kwargs, sample)
+        finally:
+            self.layers._modules["controlnet_cond_embedding"] = embedding
+
+    def _cond_in(self, module, args):
+        if self.tracing or self.engine is None:
+            return None
+        cond = args[0]
+        level = self.geometry.level(1)
+        i, f = self.layout.patch_index, self.factor
+        if cond.shape[-2] != level.height * f or cond.shape[-1] != self.geometry.width * f:
+            raise UnsupportedModelError(f"the ControlNet's conditioning image is {tuple(cond.shape[-2:])}, not the "
+                                        f"latent's {level.height}x{self.geometry.width} times {f}")
+        top, rows = level.offsets[i], level.rows[i]
+        start, end = max(0, top - self.halo), min(level.height, top + rows + self.halo)
+        self._crop = (top - start, rows)
+        return (cond[..., start * f: end * f, :].contiguous(),) + tuple(args[1:])
+
+    def _cond_out(self, module, args, out):
+        if self.tracing or self.engine is None:
+            return None
+        skip, rows = self._crop
+        return out[..., skip: skip + rows, :]
+
+    def _after(self, module, args, kwargs, output):
+        return None                   # the residuals stay strips: the denoiser's strip adds them
