@@ -207,3 +207,16 @@ def controlnet_kwargs(family: str, **kw) -> dict:
     """The call of a ControlNet family: its base family's call and a conditioning image."""
     base = family.removesuffix("-controlnet")
     return {**call_kwargs(base, **kw), "image": control_image()}
+
+
+def family_kwargs(family: str) -> dict:
+    """The call of any family of this file, a ControlNet one included."""
+    return controlnet_kwargs(family) if family.endswith("-controlnet") else call_kwargs(family)
+
+
+# torchrun cases run only when named (not by the default "all" of diffusers_worker.py)
+NAMED_TORCHRUN_CASES = {
+    "sd-controlnet-sync": ("sd-controlnet", dict(mode="sync")),
+    "sd-controlnet-full": ("sd-controlnet", dict(mode="full", warmup_steps=1)),
+}
+ALL_TORCHRUN_CASES = {**TORCHRUN_CASES, **NAMED_TORCHRUN_CASES}

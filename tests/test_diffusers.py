@@ -18,7 +18,7 @@ import transformers  # noqa: E402,F401
 sys.path.insert(0, os.path.dirname(__file__))
 from parafuse.health import CHECK_EVERY  # noqa: E402
 from parafuse.parallel.transport import ring_bytes  # noqa: E402
-from diffusers_cases import STEPS, TORCHRUN_CASES, call_kwargs, images, pipeline_path  # noqa: E402
+from diffusers_cases import ALL_TORCHRUN_CASES, STEPS, TORCHRUN_CASES, call_kwargs, images, pipeline_path  # noqa: E402
 
 import parafuse  # noqa: E402
 from parafuse.diffusers import UnsupportedModelError, load_pipeline  # noqa: E402
@@ -104,10 +104,10 @@ def test_bytes_closed_form_and_modes(root):
 
 
 def launch_torchrun(root, out, n, cases):
-    """One torchrun job (gloo) of n ranks running `cases` of TORCHRUN_CASES; per case, every
+    """One torchrun job (gloo) of n ranks running `cases` of ALL_TORCHRUN_CASES; per case, every
     rank's saved output and byte counts."""
     for name in cases:
-        pipeline_path(root, TORCHRUN_CASES[name][0])
+        pipeline_path(root, ALL_TORCHRUN_CASES[name][0])
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
            "--master_port", str(29700 + 10 * n + os.getpid() % 500), os.path.join(ROOT, "tests", "diffusers_worker.py"),

@@ -352,3 +352,104 @@ def test_dit_is_refused_by_parallelize():
                                 sample_size=8, norm_num_groups=8)
     with pytest.raises(UnsupportedModelError, match="square grid"):
         parafuse.parallelize(SimpleNamespace(transformer=dit))
+
+
+# ---- item 1: ControlNet, parallel ---------------------------------------------------------------
+def controlnet_run(root, family, n, kwargs_of=None, pipe_of=None, **settings):
+    from diffusers_cases import controlnet_kwargs
+
+    kwargs_of = kwargs_of or (lambda: controlnet_kwargs(family))
+    plain = pipe_of(fresh(root, family)) if pipe_of else fresh(root, family)
+    ref = images(plain(**kwargs_of()))
+    outs = emulate_pipeline(plain, n, lambda p: images(p(**kwargs_of())), **settings)
+    return outs, ref
+
+
+@pytest.mark.parametrize("family,n", [("sd-controlnet", 2), ("sd-controlnet", 3), ("sdxl-controlnet", 2),
+                                      ("sdxl-controlnet", 3)])
+def test_controlnet_sync_equals_diffusers(root, family, n):
+    outs, ref = controlnet_run(root, family, n, mode="sync")
+    assert ref.abs().max() > 0.1 and rel(outs[0][0], ref) <= 1e-5
+    # each rank computed only its strip of the ControlNet: its halos were exchanged, nothing gathered twice
+    assert all(stats["bytes_sent"]["conv_halo"] > 0 for _, stats in outs)
+
+
+def test_multi_controlnet_and_img2img_tile_upscale(root):
+    """Two ControlNets (a MultiControlNetModel), and the ControlNet img2img pipeline upscaling a
+    small image to 4x its size, the upscaled image also the conditioning (ControlNet-tile's habit)."""
+    import torch.nn.functional as F
+    from diffusers import StableDiffusionControlNetImg2ImgPipeline, StableDiffusionControlNetPipeline
+    from diffusers_cases import HEIGHT, WIDTH, control_image, controlnet_kwargs
+
+    def multi(p):
+        second = copy.deepcopy(p.controlnet)
+        with torch.no_grad():
+            for q in second.parameters():
+                q.mul_(0.8)
+        return StableDiffusionControlNetPipeline(**{**p.components, "controlnet": [p.controlnet, second]})
+
+    def multi_kwargs():
+        return {**controlnet_kwargs("sd-controlnet"), "image": [control_image(3), control_image(4)]}
+    outs, ref = controlnet_run(root, "sd-controlnet", 2, multi_kwargs, multi, mode="sync")
+    assert rel(outs[0][0], ref) <= 1e-5
+
+    small = control_image(5, HEIGHT // 4, WIDTH // 4)
+    big = F.interpolate(small, size=(HEIGHT, WIDTH), mode="bilinear")
+
+    def tile_kwargs():
+        return {**controlnet_kwargs("sd-controlnet"), "image": big, "control_image": big, "strength": 0.7}
+    outs, ref = controlnet_run(root, "sd-controlnet", 2, tile_kwargs,
+                               lambda p: StableDiffusionControlNetImg2ImgPipeline(**p.components), mode="sync")
+    assert rel(outs[0][0], ref) <= 1e-5
+
+
+def psnr(a, b):
+    return (10 * torch.log10((b.max() - b.min()) ** 2 / ((a - b) ** 2).mean())).item()
+
+
+@pytest.mark.parametrize("mode", ["full", "partial"])
+def test_controlnet_stale_modes_within_3db_of_the_pipeline_without_it(root, mode):
+    settings = dict(mode=mode, warmup_steps=1, **({"halo_portion": 0.3} if mode == "partial" else {}))
+    outs, ref = controlnet_run(root, "sd-controlnet", 2, **settings)
+    plain_outs = emulate_pipeline(fresh(root, "sd"), 2, lambda p: images(p(**call_kwargs("sd"))), **settings)
+    with_net, without = psnr(outs[0][0], ref), psnr(plain_outs[0][0], sync_ref(root, "sd"))
+    assert with_net >= without - 3, (with_net, without)
+
+
+def test_controlnet_residuals_enter_the_graphs_static_buffers(root):
+    """Graphed (a replay reruns the captured region on its static inputs) equals eager across two
+    calls with different conditioning images: the residuals were copied into the static buffers."""
+    from diffusers_cases import control_image, controlnet_kwargs
+
+    from parafuse.graphs import rerun_capture
+
+    def call(graphed):
+        def run(par):
+            if graphed:
+                par.strips.graphed, par.session.capture = True, rerun_capture
+            first = images(par(**controlnet_kwargs("sd-controlnet")))
+            second = images(par(**{**controlnet_kwargs("sd-controlnet"), "image": control_image(9),
+                                    "controlnet_conditioning_scale": 20.0}))
+            return first, second, par.strips.captures
+        return run
+    pipe = fresh(root, "sd-controlnet")
+    (e1, e2, _), _ = emulate_pipeline(pipe, 2, call(False), mode="full", warmup_steps=1)[0]
+    (g1, g2, captures), _ = emulate_pipeline(pipe, 2, call(True), mode="full", warmup_steps=1)[0]
+    assert captures >= 1 and rel(e1, e2) > 1e-2
+    assert rel(g1, e1) <= 1e-6 and rel(g2, e2) <= 1e-6
+
+
+def test_controlnet_under_torchrun(root, tmp_path):
+    """N = 2 under torchrun (gloo): sync equals diffusers, full equals the emulator, bytes included."""
+    from diffusers_cases import NAMED_TORCHRUN_CASES, controlnet_kwargs
+    from test_diffusers import launch_torchrun
+
+    got = launch_torchrun(root, tmp_path, 2, ["sd-controlnet-sync", "sd-controlnet-full"])
+    ref = images(fresh(root, "sd-controlnet")(**controlnet_kwargs("sd-controlnet")))
+    assert rel(got["sd-controlnet-sync"][0]["images"], ref) <= 1e-5
+    assert got["sd-controlnet-sync"][1]["images"] is None
+    emu = emulate_pipeline(fresh(root, "sd-controlnet"), 2, lambda p: images(p(**controlnet_kwargs("sd-controlnet"))),
+                           **NAMED_TORCHRUN_CASES["sd-controlnet-full"][1])
+    assert (got["sd-controlnet-full"][0]["images"] - emu[0][0]).abs().max() <= 1e-5
+    for r in range(2):
+        assert got["sd-controlnet-full"][r]["rank_stats"]["bytes_sent"] == emu[r][1]["bytes_sent"]
