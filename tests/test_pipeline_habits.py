@@ -453,3 +453,72 @@ def test_controlnet_under_torchrun(root, tmp_path):
     assert (got["sd-controlnet-full"][0]["images"] - emu[0][0]).abs().max() <= 1e-5
     for r in range(2):
         assert got["sd-controlnet-full"][r]["rank_stats"]["bytes_sent"] == emu[r][1]["bytes_sent"]
+
+
+# ---- item 4: the same call on every rank, checked ------------------------------------------------
+def _perturbed(name):
+    from diffusers_cases import control_image
+
+    def change(kw):
+        if name == "generator":
+            kw["generator"] = torch.Generator().manual_seed(1)
+        elif name == "prompt_embeds":
+            kw["prompt_embeds"] = kw["prompt_embeds"].clone()
+            kw["prompt_embeds"][0, 0, 0] += 1e-3
+        elif name == "num_inference_steps":
+            kw["num_inference_steps"] += 1
+        elif name == "height":
+            kw["height"] -= 16
+        elif name == "guidance_scale":
+            kw["guidance_scale"] += 0.5
+        elif name == "image":
+            kw["image"] = control_image(11)
+        elif name == "controlnet_conditioning_scale":
+            kw["controlnet_conditioning_scale"] = 0.5
+        elif name == "cross_attention_kwargs":
+            kw["cross_attention_kwargs"] = {"scale": 0.5}
+        elif name == "latents":
+            kw["latents"] = torch.randn(1, 4, 40, 24, generator=torch.Generator().manual_seed(rank_one_seed))
+        return kw
+    return change
+
+
+rank_one_seed = 7
+
+
+@pytest.mark.parametrize("name", ["generator", "prompt_embeds", "num_inference_steps", "height", "guidance_scale",
+                                  "image", "controlnet_conditioning_scale", "cross_attention_kwargs", "latents"])
+def test_an_argument_differing_on_one_rank_is_refused_on_every_rank(root, name):
+    from diffusers_cases import controlnet_kwargs
+
+    from parafuse.parallel.agreement import DisagreementError
+
+    def call(par):
+        kw = controlnet_kwargs("sd-controlnet")
+        if name == "latents":
+            kw["latents"] = torch.randn(1, 4, 40, 24, generator=torch.Generator().manual_seed(3))
+        if name == "cross_attention_kwargs":
+            kw["cross_attention_kwargs"] = {"scale": 1.0}
+        if par.layout.rank == 1:
+            kw = _perturbed(name)(kw)
+        try:
+            par(**kw)
+        except DisagreementError as e:
+            return str(e), par.strips.evaluations
+    outs = emulate_pipeline(fresh(root, "sd-controlnet"), 3, call, mode="sync")
+    for (message, evaluations), _ in outs:
+        assert f"{name} (ranks 0, 2 vs rank 1)" in message and "\n" not in message
+        assert evaluations == 0                        # refused before any denoising
+
+
+def test_generator_none_gets_rank_zero_seed_on_every_rank(root):
+    def call(par):
+        torch.manual_seed(100 + par.layout.rank)        # every rank's global RNG differs
+        kw = call_kwargs("sd")
+        del kw["generator"]
+        return images(par(**kw)), par.seed
+    outs = emulate_pipeline(fresh(root, "sd"), 2, call, mode="sync")
+    (out, seed), _ = outs[0]
+    assert all(s == seed for (_, s), _ in outs)
+    ref = images(fresh(root, "sd")(**{**call_kwargs("sd"), "generator": torch.Generator().manual_seed(seed)}))
+    assert (out - ref).abs().max() <= SYNC_TOL

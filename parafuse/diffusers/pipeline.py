@@ -23,6 +23,7 @@ import torch.nn as nn
 from parafuse.diffusers.adapter import DiffusersAdapter, UnsupportedModelError, is_flux, is_joint
 from parafuse.diffusers.strips import StripControlNet, StripDecoder, StripDenoiser
 from parafuse.parallel import kv_codec as kv_codec_module
+from parafuse.parallel.agreement import check_same
 from parafuse.parallel.config import ConfigError, Mode, PatchConfig, dtype_name
 from parafuse.parallel.distributed import ParallelLayout
 from parafuse.parallel.session import PatchSession
@@ -47,7 +48,7 @@ class ParallelPipeline:
     `timing` the call's seconds and seconds per denoiser evaluation."""
 
     _OWN = frozenset({"pipe", "session", "strips", "decoder", "rank_stats", "timing", "_parallel_decode",
-                      "controlnets"})
+                      "controlnets", "seed"})
 
     def __init__(self, pipe, session: PatchSession, strips: StripDenoiser, decoder: StripDecoder | None,
                  parallel_decode: bool = True):
@@ -55,6 +56,7 @@ class ParallelPipeline:
                             ("rank_stats", {}), ("timing", {}), ("_parallel_decode", parallel_decode)):
             object.__setattr__(self, name, value)
         object.__setattr__(self, "controlnets", [])
+        object.__setattr__(self, "seed", None)     # the seed rank 0 drew for the last call without a generator
         pipe.__dict__["_parafuse_parallel"] = True      # a second parallelize of this pipeline is refused
 
     config = property(lambda self: self.session.config)
@@ -99,6 +101,7 @@ class ParallelPipeline:
                                None if vae_decoder is None else strip_decoder(vae_decoder, self.session))
 
     def __call__(self, *args, **kwargs):
+        kwargs = self._same_call_on_every_rank(args, kwargs)      # before anything a rank could do alone
         self._follow_components()
         sequential = calls_once_per_branch(self.pipe, kwargs)
         if self.config.cfg_parallel and not sequential and kwargs.get("guidance_scale", 2.0) <= 1.0:
@@ -135,6 +138,35 @@ class ParallelPipeline:
         self.rank_stats = self.session.rank_stats(rows, strips.state_bytes, strips.evaluations)
         return out if self.layout.rank == 0 else None
 
+    def _same_call_on_every_rank(self, args: tuple, kwargs: dict) -> dict:
+        """Before any compute of an image: every argument of the call (tensors and images by
+        content, generators by state) compared across the ranks, a difference refused on every rank
+        naming the argument and the ranks (`agreement.check_same`). Without a generator, the
+        pipeline would draw its noise from each rank's global RNG: rank 0 draws a seed, every rank
+        gets a generator of it (`self.seed`)."""
+        transport = self.session.transport
+        if transport is None or transport.world_size == 1:
+            return kwargs
+        # every parameter of the pipeline's signature, given or not: the same names on every rank
+        signature = inspect.signature(self.pipe.__call__)
+        try:
+            given, invalid = signature.bind_partial(*args, **kwargs).arguments, None
+        except TypeError as e:      # raised on every rank that has it, after the others learn of it
+            given, invalid = {}, e
+        values = {name: fingerprint(given[name]) if name in given else "not given" for name in signature.parameters}
+        values["(a call the signature takes)"] = repr(invalid)
+        check_same(values, "the pipeline call's arguments", transport=transport)
+        if invalid is not None:
+            raise invalid
+        if "generator" in signature.parameters and kwargs.get("generator") is None:
+            seed = torch.zeros(1, dtype=torch.int64)
+            if self.layout.rank == 0:
+                seed[0] = torch.randint(0, 2 ** 62, (1,))      # rank 0's global RNG, as a plain pipeline would use
+            transport.agree(seed).wait()                       # the sum: rank 0's seed on every rank
+            object.__setattr__(self, "seed", int(seed))
+            kwargs = {**kwargs, "generator": torch.Generator().manual_seed(self.seed)}
+        return kwargs
+
     def close(self) -> None:
         """End this rank's session and take parafuse off the pipeline: hooks removed, plain layers
         back in place; the pipeline may then be parallelized again."""
@@ -148,6 +180,48 @@ class ParallelPipeline:
             c.remove()
         self.session.close()
         self.pipe.__dict__.pop("_parafuse_parallel", None)
+
+
+def fingerprint(value) -> str:
+    """A digest of one call argument that is equal across processes exactly when the argument is:
+    tensors, arrays and PIL images by dtype, shape and content; a generator by its device and
+    state; containers element by element; callables by name (their addresses differ by process);
+    anything else by its repr, less an address."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+
+    def feed(v) -> None:
+        if isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous()
+            h.update(f"tensor{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(v, torch.Generator):
+            h.update(f"generator{v.device}".encode())
+            feed(v.get_state())
+        elif isinstance(v, np.ndarray):
+            feed(torch.from_numpy(np.ascontiguousarray(v)))
+        elif hasattr(v, "getdata") and hasattr(v, "mode"):            # a PIL image
+            h.update(f"image{v.mode}{v.size}".encode())
+            feed(np.asarray(v))
+        elif isinstance(v, dict):
+            h.update(b"dict")
+            for k in sorted(v, key=repr):
+                h.update(repr(k).encode())
+                feed(v[k])
+        elif isinstance(v, (list, tuple)):
+            h.update(f"{type(v).__name__}{len(v)}".encode())
+            for x in v:
+                feed(x)
+        elif callable(v):
+            h.update(f"callable {getattr(v, '__qualname__', type(v).__qualname__)}".encode())
+        else:
+            text = repr(v)
+            h.update((type(v).__qualname__ if " at 0x" in text else text).encode())
+    feed(value)
+    return h.hexdigest()
 
 
 def calls_once_per_branch(pipe, kwargs: dict) -> bool:
