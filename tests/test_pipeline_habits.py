@@ -522,3 +522,21 @@ def test_generator_none_gets_rank_zero_seed_on_every_rank(root):
     assert all(s == seed for (_, s), _ in outs)
     ref = images(fresh(root, "sd")(**{**call_kwargs("sd"), "generator": torch.Generator().manual_seed(seed)}))
     assert (out - ref).abs().max() <= SYNC_TOL
+
+
+def test_whole_image_controlnet_residuals_are_refused(root):
+    """Residuals the user computed with a plain ControlNet, handed to the parallel U-Net's call."""
+    from diffusers_cases import controlnet_kwargs
+
+    plain = fresh(root, "sd-controlnet")
+    g = torch.Generator().manual_seed(5)
+    x, ctx = torch.randn(2, 4, 40, 24, generator=g), torch.randn(2, 5, 16, generator=g)
+    cond = controlnet_kwargs("sd-controlnet")["image"].repeat(2, 1, 1, 1)
+    with torch.no_grad():
+        down, mid = plain.controlnet(x, 500, encoder_hidden_states=ctx, controlnet_cond=cond, return_dict=False)
+
+    def call(par):
+        with torch.no_grad():
+            par.unet(x, 500, encoder_hidden_states=ctx, down_block_additional_residuals=down,
+                     mid_block_additional_residual=mid)
+    ranks_raise("whole image reached the denoiser's strip", plain, 2, call, mode="sync")

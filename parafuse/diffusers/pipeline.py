@@ -119,6 +119,7 @@ class ParallelPipeline:
             kwargs["output_type"] = "latent"         # only rank 0 decodes
         self.session.reset_counts()
         self.strips.begin_image(sequential_cfg=sequential)
+        self.strips.partners = self.controlnets
         for c in self.controlnets:
             c.begin_image()
         start = time.perf_counter()

@@ -274,6 +274,7 @@ class StripDenoiser(StripModel):
         self._version = self._buffers = None
         self.active = self._direct = False    # inside the parallel pipeline's call / a direct denoiser call
         self._own_forward = None              # the forward begin_image shadowed (False: none of its own)
+        self.partners: list = []              # the pipeline's StripControlNets (their strips must be these)
 
     def begin_image(self, sequential_cfg: bool = False) -> None:
         super().begin_image()
@@ -327,9 +328,19 @@ class StripDenoiser(StripModel):
 
     def _configure(self, args, kwargs, sample):
         """The trace without a ControlNet's residuals: strips already (`StripControlNet`), and sums
-        that change no site."""
-        kwargs = {k: None if k in RESIDUALS else v for k, v in kwargs.items()}
-        super()._configure(args, kwargs, sample)
+        that change no site. The ControlNets' strips must be the denoiser's."""
+        if kwargs.get("down_intrablock_additional_residuals") is not None:
+            raise UnsupportedModelError("T2I-Adapter residuals (down_intrablock_additional_residuals) are whole-image "
+                                        "and parafuse does not split a T2I-Adapter yet")
+        super()._configure(args, {k: None if k in RESIDUALS else v for k, v in kwargs.items()}, sample)
+        for net in self.partners:
+            if net.geometry is not None and net.geometry.rows != self.geometry.rows:
+                raise UnsupportedModelError(f"the ControlNet's strips {net.geometry.rows} are not the denoiser's "
+                                            f"{self.geometry.rows} (their layers' resolutions differ)")
+        down = kwargs.get(RESIDUALS[0])
+        if down and down[0].shape[-2] != self.geometry.rows[self.layout.patch_index]:
+            raise UnsupportedModelError("ControlNet residuals of the whole image reached the denoiser's strip: give "
+                                        "the pipeline its ControlNet as pipe.controlnet, which parafuse splits too")
 
     def _restore_forward(self) -> None:
         """The model's forward as it was before `begin_image` shadowed it (an OptimizedModule keeps
