@@ -195,7 +195,24 @@ def build_sdxl_controlnet(path: str) -> None:
                                         controlnet=_controlnet(sdxl.unet, 7)).save_pretrained(path)
 
 
-BUILDERS.update({"sd-controlnet": build_sd_controlnet, "sdxl-controlnet": build_sdxl_controlnet})
+def build_flux_controlnet(path: str) -> None:
+    from diffusers import FluxControlNetModel, FluxControlNetPipeline
+
+    from parafuse.diffusers import load_pipeline
+    flux = load_pipeline(pipeline_path(os.path.dirname(path), "flux"))
+    _seeded(8)
+    net = FluxControlNetModel.from_transformer(flux.transformer, num_layers=1, num_single_layers=1,
+                                               attention_head_dim=8, num_attention_heads=2)
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.abs().max() == 0:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    FluxControlNetPipeline(**flux.components, controlnet=net).save_pretrained(path)
+
+
+BUILDERS.update({"sd-controlnet": build_sd_controlnet, "sdxl-controlnet": build_sdxl_controlnet,
+                 "flux-controlnet": build_flux_controlnet})
 
 
 def control_image(seed: int = 3, height: int = HEIGHT, width: int = WIDTH) -> torch.Tensor:
@@ -206,7 +223,8 @@ def control_image(seed: int = 3, height: int = HEIGHT, width: int = WIDTH) -> to
 def controlnet_kwargs(family: str, **kw) -> dict:
     """The call of a ControlNet family: its base family's call and a conditioning image."""
     base = family.removesuffix("-controlnet")
-    return {**call_kwargs(base, **kw), "image": control_image()}
+    key = "control_image" if base == "flux" else "image"
+    return {**call_kwargs(base, **kw), key: control_image()}
 
 
 def family_kwargs(family: str) -> dict:

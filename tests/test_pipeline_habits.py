@@ -366,12 +366,21 @@ def controlnet_run(root, family, n, kwargs_of=None, pipe_of=None, **settings):
 
 
 @pytest.mark.parametrize("family,n", [("sd-controlnet", 2), ("sd-controlnet", 3), ("sdxl-controlnet", 2),
-                                      ("sdxl-controlnet", 3)])
+                                      ("sdxl-controlnet", 3), ("flux-controlnet", 2), ("flux-controlnet", 3)])
 def test_controlnet_sync_equals_diffusers(root, family, n):
+    from diffusers_cases import control_image, controlnet_kwargs
+
     outs, ref = controlnet_run(root, family, n, mode="sync")
     assert ref.abs().max() > 0.1 and rel(outs[0][0], ref) <= 1e-5
-    # each rank computed only its strip of the ControlNet: its halos were exchanged, nothing gathered twice
-    assert all(stats["bytes_sent"]["conv_halo"] > 0 for _, stats in outs)
+    key = "control_image" if family == "flux-controlnet" else "image"
+    other = images(fresh(root, family)(**{**controlnet_kwargs(family), key: control_image(9)}))
+    assert rel(other, ref) > 1e-4                 # the ControlNet's conditioning shapes the output
+    # each rank computed only its strip of the ControlNet: the ControlNet's own exchanges, beside the
+    # denoiser's (each evaluation posts one more batch of K/V exchanges: the ControlNet's)
+    plain = emulate_pipeline(fresh(root, family.removesuffix("-controlnet")), n,
+                             lambda p: images(p(**call_kwargs(family.removesuffix("-controlnet")))), mode="sync")
+    assert all(stats["bytes_sent"]["attn_kv"] > base["bytes_sent"]["attn_kv"]
+               for (_, stats), (_, base) in zip(outs, plain))
 
 
 def test_multi_controlnet_and_img2img_tile_upscale(root):
@@ -407,12 +416,14 @@ def psnr(a, b):
     return (10 * torch.log10((b.max() - b.min()) ** 2 / ((a - b) ** 2).mean())).item()
 
 
+@pytest.mark.parametrize("family", ["sd-controlnet", "flux-controlnet"])
 @pytest.mark.parametrize("mode", ["full", "partial"])
-def test_controlnet_stale_modes_within_3db_of_the_pipeline_without_it(root, mode):
+def test_controlnet_stale_modes_within_3db_of_the_pipeline_without_it(root, mode, family):
+    base = family.removesuffix("-controlnet")
     settings = dict(mode=mode, warmup_steps=1, **({"halo_portion": 0.3} if mode == "partial" else {}))
-    outs, ref = controlnet_run(root, "sd-controlnet", 2, **settings)
-    plain_outs = emulate_pipeline(fresh(root, "sd"), 2, lambda p: images(p(**call_kwargs("sd"))), **settings)
-    with_net, without = psnr(outs[0][0], ref), psnr(plain_outs[0][0], sync_ref(root, "sd"))
+    outs, ref = controlnet_run(root, family, 2, **settings)
+    plain_outs = emulate_pipeline(fresh(root, base), 2, lambda p: images(p(**call_kwargs(base))), **settings)
+    with_net, without = psnr(outs[0][0], ref), psnr(plain_outs[0][0], sync_ref(root, base))
     assert with_net >= without - 3, (with_net, without)
 
 

@@ -301,9 +301,11 @@ def strip_controlnet(net: nn.Module, session: PatchSession) -> StripControlNet:
     transport), checked and its patch layers swapped in."""
     if session.config.cfg_parallel:
         raise ConfigError("cfg_parallel with a ControlNet is not supported yet: parallelize with cfg_parallel=False")
-    if not hasattr(net, "controlnet_cond_embedding"):
-        raise UnsupportedModelError(f"{type(net).__name__} has no conditioning embedding parafuse knows "
-                                    f"(controlnet_cond_embedding); parafuse splits diffusers' ControlNetModel")
+    if not hasattr(net, "controlnet_cond_embedding") and (not hasattr(net, "controlnet_x_embedder")
+                                                          or getattr(net, "input_hint_block", None) is not None):
+        raise UnsupportedModelError(f"{type(net).__name__}'s conditioning is neither an image through a "
+                                    f"controlnet_cond_embedding (ControlNetModel) nor latent tokens (Flux's "
+                                    f"ControlNet without input_hint_block): parafuse cannot split it")
     net_session = PatchSession(session.config, device=session.device, layout=session.layout,
                                transport=session.transport)
     strips = StripControlNet(net, net_session, "pipe.controlnet")

@@ -546,7 +546,9 @@ class StripDecoder(StripModel):
         return super()._before(module, args, kwargs)
 
 
-RESIDUALS = ("down_block_additional_residuals", "mid_block_additional_residual")   # a ControlNet's, to the U-Net
+# a ControlNet's residuals, to the U-Net and to Flux's transformer
+RESIDUALS = ("down_block_additional_residuals", "mid_block_additional_residual", "controlnet_block_samples",
+             "controlnet_single_block_samples")
 
 
 class ControlNetAdapter(DiffusersAdapter):
@@ -584,6 +586,10 @@ class StripControlNet(StripModel):
     denoiser call, so they enter the CUDA graphs' static buffers)."""
 
     def __init__(self, model: nn.Module, session: PatchSession, owner: str):
+        self.token_cond = not hasattr(model, "controlnet_cond_embedding")     # Flux's: packed latent tokens
+        if self.token_cond:
+            super().__init__(model, session, DiffusersAdapter(owner))
+            return
         embedding = model.controlnet_cond_embedding
         super().__init__(model, session, ControlNetAdapter(embedding, owner))
         convs = [m for m in embedding.modules() if isinstance(m, nn.Conv2d)]
@@ -597,7 +603,20 @@ class StripControlNet(StripModel):
         self._handles += [embedding.register_forward_pre_hook(self._cond_in),
                           embedding.register_forward_hook(self._cond_out)]
 
+    def _before(self, module, args, kwargs):
+        """Flux's conditioning: latent tokens of the same grid as the sample, cut to the strip's."""
+        out = super()._before(module, args, kwargs)
+        if not self.token_cond or out is None or self.engine is None:
+            return out
+        args, kwargs = out
+        w, i = self.geometry.width, self.layout.patch_index
+        top, rows = self.geometry.level(1).offsets[i], self.geometry.rows[i]
+        cond = kwargs["controlnet_cond"]
+        return args, {**kwargs, "controlnet_cond": cond[:, top * w: (top + rows) * w].contiguous()}
+
     def _configure(self, args, kwargs, sample):
+        if self.token_cond:
+            return super()._configure(args, kwargs, sample)
         embedding = self.layers.controlnet_cond_embedding
         channels = [m for m in embedding.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
         self.layers._modules["controlnet_cond_embedding"] = _EmbeddingShape(channels, tuple(sample.shape[-2:]))
