@@ -29,8 +29,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, JointAttnProcessor2_0
+from diffusers.models.attention_processor import (CROSS_ATTENTION_PROCESSORS, Attention, AttnProcessor,
+                                                  AttnProcessor2_0, FusedAttnProcessor2_0, JointAttnProcessor2_0,
+                                                  SlicedAttnAddedKVProcessor, SlicedAttnProcessor)
 from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed
+from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DModel
 
 from parafuse.attention import attention
 from parafuse.parallel.adapter import BUILTIN
@@ -72,15 +75,47 @@ def is_joint(attn: nn.Module) -> bool:
     return getattr(attn, "add_k_proj", None) is not None
 
 
+def processor_hint(model: nn.Module, module: nn.Module, owner: str) -> str:
+    """What makes `module`'s attention splittable, as "; call ... first", or "" where nothing the
+    user can call would: each hint is what diffusers itself offers for that processor, and the
+    default-processor hint only where `set_default_attn_processor()` (tried, then undone) does give
+    `module` a processor parafuse splits - it is missing on some models (SD3.5, CogView3) and on
+    others installs a processor as foreign as the one it replaces (HunyuanDiT's)."""
+    inner = _inner(module.processor)
+    if isinstance(inner, (SlicedAttnProcessor, SlicedAttnAddedKVProcessor)):
+        return "; call pipe.disable_attention_slicing() first"
+    if isinstance(inner, FusedAttnProcessor2_0) or getattr(module, "fused_projections", False):
+        return f"; call {owner}.unfuse_qkv_projections() first"
+    if type(inner) not in CROSS_ATTENTION_PROCESSORS or not hasattr(model, "set_default_attn_processor"):
+        return ""
+    saved = model.attn_processors
+    try:
+        model.set_default_attn_processor()
+        works = isinstance(module.processor, DEFAULT_PROCESSORS)
+    except (ValueError, NotImplementedError):
+        works = False
+    finally:
+        model.set_attn_processor(saved)
+    return f"; call {owner}.set_default_attn_processor() first" if works else ""
+
+
 class DiffusersAdapter:
     name = "diffusers"
 
-    def __init__(self):
+    def __init__(self, owner: str = "the denoiser"):
         self.tracing = False       # set by the shape trace: patch modules run as the plain ones
+        self.owner = owner         # how the hints name the model ("pipe.unet")
 
     def check(self, model: nn.Module) -> None:
         """Raise UnsupportedModelError, naming the module, for anything that cannot be split by rows."""
         for name, m in model.named_modules():
+            if hasattr(m, "_hf_hook"):
+                raise unsupported(name or self.owner, m, "an accelerate hook (CPU offload) moves its weights during the call, "
+                                           "while patch parallelism splits the activations across GPUs; call "
+                                           "pipe.remove_all_hooks() first, then pipe.to(device)")
+            if isinstance(m, DiTTransformer2DModel):
+                raise unsupported(name, m, "DiT unpatchifies its output as a square grid (height = width = "
+                                           "sqrt(tokens)), which a strip is not")
             if isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or isinstance(m.padding, str)):
                 raise unsupported(name, m, f"padding {m.padding!r} / padding mode {m.padding_mode!r} (only explicit "
                                            f"zero padding is split into strips)")
@@ -88,17 +123,23 @@ class DiffusersAdapter:
                 raise unsupported(name, m, f"attention with processor {type(_inner(m.processor)).__name__} (of the "
                                            f"AttentionModuleMixin families parafuse splits Flux's FluxAttnProcessor)")
             if is_flux(m) and getattr(m, "fused_projections", False):
-                raise unsupported(name, m, "fused QKV projections (call unfuse_qkv_projections() first)")
+                raise unsupported(name, m, f"fused QKV projections{processor_hint(model, m, self.owner)}")
             if isinstance(m, Attention):
-                inner = m.processor.inner if isinstance(m.processor, StripAttnProcessor) else m.processor
+                inner = _inner(m.processor)
+                if is_joint(m) and getattr(m, "add_q_proj", None) is None:    # Kandinsky / UnCLIP: text K/V beside the image's
+                    raise unsupported(name, m, f"attention with added text key/value projections (processor "
+                                               f"{type(inner).__name__}), whose image queries attend to text and "
+                                               f"image keys in one softmax; parafuse splits SD3's joint attention "
+                                               f"and Flux's, not this one")
                 if is_joint(m):
-                    if not isinstance(inner, JointAttnProcessor2_0) or m.add_q_proj is None:
+                    if not isinstance(inner, JointAttnProcessor2_0):
                         raise unsupported(name, m, f"joint text+image attention with processor {type(inner).__name__} "
-                                                   f"(parafuse splits diffusers' JointAttnProcessor2_0)")
+                                                   f"(parafuse splits diffusers' JointAttnProcessor2_0)"
+                                                   f"{processor_hint(model, m, self.owner)}")
                 elif not isinstance(inner, DEFAULT_PROCESSORS):
                     raise unsupported(name, m, f"attention processor {type(inner).__name__} (parafuse runs "
                                                f"self-attention itself and knows only diffusers' default "
-                                               f"processors; call unet.set_default_attn_processor() first)")
+                                               f"processors){processor_hint(model, m, self.owner)}")
 
     def site_kind(self, module: nn.Module) -> str | None:
         if isinstance(module, (nn.Conv2d, nn.GroupNorm)):

@@ -20,8 +20,9 @@ import torch
 import torch.nn as nn
 
 from parafuse.diffusers.adapter import DiffusersAdapter, UnsupportedModelError, is_flux, is_joint
-from parafuse.diffusers.strips import StripDecoder, StripDenoiser
+from parafuse.diffusers.strips import StripControlNet, StripDecoder, StripDenoiser
 from parafuse.parallel import kv_codec as kv_codec_module
+from parafuse.parallel.agreement import check_same
 from parafuse.parallel.config import ConfigError, Mode, PatchConfig, dtype_name
 from parafuse.parallel.distributed import ParallelLayout
 from parafuse.parallel.session import PatchSession
@@ -45,10 +46,17 @@ class ParallelPipeline:
     `rank_stats` holds this rank's row of the report (the same schema as a built-in run's) and
     `timing` the call's seconds and seconds per denoiser evaluation."""
 
-    def __init__(self, pipe, session: PatchSession, strips: StripDenoiser, decoder: StripDecoder | None):
-        self.pipe, self.session, self.strips, self.decoder = pipe, session, strips, decoder
-        self.rank_stats: dict = {}
-        self.timing: dict = {}
+    _OWN = frozenset({"pipe", "session", "strips", "decoder", "rank_stats", "timing", "_parallel_decode",
+                      "controlnets", "seed"})
+
+    def __init__(self, pipe, session: PatchSession, strips: StripDenoiser, decoder: StripDecoder | None,
+                 parallel_decode: bool = True):
+        for name, value in (("pipe", pipe), ("session", session), ("strips", strips), ("decoder", decoder),
+                            ("rank_stats", {}), ("timing", {}), ("_parallel_decode", parallel_decode)):
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "controlnets", [])
+        object.__setattr__(self, "seed", None)     # the seed rank 0 drew for the last call without a generator
+        pipe.__dict__["_parafuse_parallel"] = True      # a second parallelize of this pipeline is refused
 
     config = property(lambda self: self.session.config)
     layout = property(lambda self: self.session.layout)
@@ -56,7 +64,44 @@ class ParallelPipeline:
     def __getattr__(self, name):
         return getattr(self.pipe, name)
 
+    def __setattr__(self, name, value):
+        """Writes reach the pipeline (`pipe.scheduler = ...`, `pipe.unet = torch.compile(pipe.unet)`);
+        a new denoiser or VAE is taken up at the next call (`_follow_components`)."""
+        if name in self._OWN:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.pipe, name, value)
+
+    def to(self, *args, **kwargs) -> "ParallelPipeline":
+        """diffusers' `.to()` (device, dtype), returning this parallel pipeline, not the raw one."""
+        self.pipe.to(*args, **kwargs)
+        return self
+
+    def _follow_components(self) -> None:
+        """Before each call: a denoiser or VAE assigned since the last call is parallelized (and
+        checked, as `parallelize` checks it) in place of the one the hooks were on."""
+        name, model = denoiser_of(self.pipe)
+        if model is not self.strips.model:
+            self.strips.remove()
+            object.__setattr__(self, "strips", strip_denoiser(model, self.session, owner=f"pipe.{name}"))
+        nets = controlnets_of(self.pipe) if self.session.engine is not None else []
+        if [id(c.model) for c in self.controlnets] != [id(n) for n in nets]:
+            for c in self.controlnets:
+                c.remove()
+            object.__setattr__(self, "controlnets", [strip_controlnet(net, self.session) for net in nets])
+        vae_decoder = getattr(getattr(self.pipe, "vae", None), "decoder", None) if self._parallel_decode else None
+        current = None if self.decoder is None else self.decoder.model
+        if self.session.engine is not None and vae_decoder is not current:
+            if self.decoder is not None:
+                self.decoder.remove()
+            if vae_decoder is not None:
+                check_decoder(vae_decoder, "parallelize with parallel_decode=False to decode on rank 0 alone")
+            object.__setattr__(self, "decoder",
+                               None if vae_decoder is None else strip_decoder(vae_decoder, self.session))
+
     def __call__(self, *args, **kwargs):
+        kwargs = self._same_call_on_every_rank(args, kwargs)      # before anything a rank could do alone
+        self._follow_components()
         sequential = calls_once_per_branch(self.pipe, kwargs)
         if self.config.cfg_parallel and not sequential and kwargs.get("guidance_scale", 2.0) <= 1.0:
             raise UnsupportedModelError("cfg_parallel splits the two guidance branches across ranks; it needs "
@@ -73,12 +118,17 @@ class ParallelPipeline:
             kwargs["output_type"] = "latent"         # only rank 0 decodes
         self.session.reset_counts()
         self.strips.begin_image(sequential_cfg=sequential)
+        self.strips.partners = self.controlnets
+        for c in self.controlnets:
+            c.begin_image()
         start = time.perf_counter()
         try:
             with self.session.guard(f"{type(self.pipe).__name__} call"):
                 out = self.pipe(*args, **kwargs)
                 self.strips.finish()         # every rank raises the same NonFiniteError before returning
         finally:
+            for c in self.controlnets:
+                c.end_image()
             self.strips.end_image()
             if self.decoder is not None:
                 self.decoder.end_image()
@@ -88,11 +138,90 @@ class ParallelPipeline:
         self.rank_stats = self.session.rank_stats(rows, strips.state_bytes, strips.evaluations)
         return out if self.layout.rank == 0 else None
 
+    def _same_call_on_every_rank(self, args: tuple, kwargs: dict) -> dict:
+        """Before any compute of an image: every argument of the call (tensors and images by
+        content, generators by state) compared across the ranks, a difference refused on every rank
+        naming the argument and the ranks (`agreement.check_same`). Without a generator, the
+        pipeline would draw its noise from each rank's global RNG: rank 0 draws a seed, every rank
+        gets a generator of it (`self.seed`)."""
+        transport = self.session.transport
+        if transport is None or transport.world_size == 1:
+            return kwargs
+        # every parameter of the pipeline's signature, given or not: the same names on every rank
+        signature = inspect.signature(self.pipe.__call__)
+        try:
+            given, invalid = signature.bind_partial(*args, **kwargs).arguments, None
+        except TypeError as e:      # raised on every rank that has it, after the others learn of it
+            given, invalid = {}, e
+        values = {name: fingerprint(given[name]) if name in given else "not given" for name in signature.parameters}
+        values["(a call the signature takes)"] = repr(invalid)
+        check_same(values, "the pipeline call's arguments", transport=transport)
+        if invalid is not None:
+            raise invalid
+        if "generator" in signature.parameters and kwargs.get("generator") is None:
+            seed = torch.zeros(1, dtype=torch.int64)
+            if self.layout.rank == 0:
+                seed[0] = torch.randint(0, 2 ** 62, (1,))      # rank 0's global RNG, as a plain pipeline would use
+            transport.agree(seed).wait()                       # the sum: rank 0's seed on every rank
+            object.__setattr__(self, "seed", int(seed))
+            kwargs = {**kwargs, "generator": torch.Generator().manual_seed(self.seed)}
+        return kwargs
+
     def close(self) -> None:
+        """End this rank's session and take parafuse off the pipeline: hooks removed, plain layers
+        back in place; the pipeline may then be parallelized again."""
         if self.decoder is not None:
             self.decoder.end_image()
+            self.decoder.remove()
         self.strips.end_image()
+        self.strips.remove()
+        for c in self.controlnets:
+            c.end_image()
+            c.remove()
         self.session.close()
+        self.pipe.__dict__.pop("_parafuse_parallel", None)
+
+
+def fingerprint(value) -> str:
+    """A digest of one call argument that is equal across processes exactly when the argument is:
+    tensors, arrays and PIL images by dtype, shape and content; a generator by its device and
+    state; containers element by element; callables by name (their addresses differ by process);
+    anything else by its repr, less an address."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+
+    def feed(v) -> None:
+        if isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous()
+            h.update(f"tensor{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(v, torch.Generator):
+            h.update(f"generator{v.device}".encode())
+            feed(v.get_state())
+        elif isinstance(v, np.ndarray):
+            feed(torch.from_numpy(np.ascontiguousarray(v)))
+        elif hasattr(v, "getdata") and hasattr(v, "mode"):            # a PIL image
+            h.update(f"image{v.mode}{v.size}".encode())
+            feed(np.asarray(v))
+        elif isinstance(v, dict):
+            h.update(b"dict")
+            for k in sorted(v, key=repr):
+                h.update(repr(k).encode())
+                feed(v[k])
+        elif isinstance(v, (list, tuple)):
+            h.update(f"{type(v).__name__}{len(v)}".encode())
+            for x in v:
+                feed(x)
+        elif callable(v):
+            h.update(f"callable {getattr(v, '__qualname__', type(v).__qualname__)}".encode())
+        else:
+            text = repr(v)
+            h.update((type(v).__qualname__ if " at 0x" in text else text).encode())
+    feed(value)
+    return h.hexdigest()
 
 
 def calls_once_per_branch(pipe, kwargs: dict) -> bool:
@@ -125,8 +254,11 @@ def parallelize(pipe, config: PatchConfig | None = None, *, parallel_decode: boo
         config = PatchConfig(**settings) if config is None else config.replace(**settings) if settings else config
     except TypeError as e:
         raise ConfigError(f"parallelize: {e}; the settings are PatchConfig's fields") from None
-    _, model = denoiser_of(pipe)
-    adapter = DiffusersAdapter()
+    if pipe.__dict__.get("_parafuse_parallel"):
+        raise ConfigError(f"this {type(pipe).__name__} is already parallelized: keep using the pipeline the first "
+                          f"parafuse.parallelize returned, or call its close() before parallelizing again")
+    name, model = denoiser_of(pipe)
+    adapter = DiffusersAdapter(f"pipe.{name}")
     adapter.check(model)
     if settings.get("text_merge") is not None and not any(is_joint(m) or is_flux(m) for m in model.modules()):
         raise ConfigError(f"text_merge={settings['text_merge']!r} (--text-merge) merges the text queries of joint "
@@ -144,18 +276,61 @@ def parallelize(pipe, config: PatchConfig | None = None, *, parallel_decode: boo
     if vae_decoder is not None:
         check_decoder(vae_decoder, "parallelize with parallel_decode=False to decode on rank 0 alone")
     session = PatchSession(config, device=param.device, layout=layout, transport=transport)
-    session.attach(model, adapter)
     if session.layout.rank != 0 and hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)     # one progress bar per job: rank 0's
     decoder = None
     if session.engine is not None and vae_decoder is not None:
         decoder = strip_decoder(vae_decoder, session)
-    return ParallelPipeline(pipe, session, StripDenoiser(model, session, adapter), decoder)
+    parallel = ParallelPipeline(pipe, session, strip_denoiser(model, session, adapter), decoder, parallel_decode)
+    if session.engine is not None:
+        object.__setattr__(parallel, "controlnets", [strip_controlnet(net, session) for net in controlnets_of(pipe)])
+    return parallel
+
+
+def controlnets_of(pipe) -> list[nn.Module]:
+    """The pipeline's ControlNets: `pipe.controlnet`, or each net of a MultiControlNetModel."""
+    net = getattr(pipe, "controlnet", None)
+    if net is None:
+        return []
+    return list(net.nets) if hasattr(net, "nets") else [net]
+
+
+def strip_controlnet(net: nn.Module, session: PatchSession) -> StripControlNet:
+    """`net` computing this rank's strip: its own session (the denoiser's settings, layout and
+    transport), checked and its patch layers swapped in."""
+    if session.config.cfg_parallel:
+        raise ConfigError("cfg_parallel with a ControlNet is not supported yet: parallelize with cfg_parallel=False")
+    if not hasattr(net, "controlnet_cond_embedding") and (not hasattr(net, "controlnet_x_embedder")
+                                                          or getattr(net, "input_hint_block", None) is not None):
+        raise UnsupportedModelError(f"{type(net).__name__}'s conditioning is neither an image through a "
+                                    f"controlnet_cond_embedding (ControlNetModel) nor latent tokens (Flux's "
+                                    f"ControlNet without input_hint_block): parafuse cannot split it")
+    net_session = PatchSession(session.config, device=session.device, layout=session.layout,
+                               transport=session.transport)
+    strips = StripControlNet(net, net_session, "pipe.controlnet")
+    strips.adapter.check(net)
+    net_session.attach(net, strips.adapter)
+    return strips
+
+
+def strip_denoiser(model: nn.Module, session: PatchSession, adapter: DiffusersAdapter | None = None,
+                   owner: str = "the denoiser") -> StripDenoiser:
+    """The hooks that make `model` compute this rank's strip, its patch layers swapped in; a
+    denoiser assigned after `parallelize` gets the same checks first."""
+    if adapter is None:
+        adapter = DiffusersAdapter(owner)
+        adapter.check(model)
+        param = next(model.parameters())
+        if param.dtype != session.config.torch_dtype:
+            raise ConfigError(f"the new {type(model).__name__} is in {param.dtype}, the parallel pipeline in "
+                              f"{session.config.torch_dtype}: convert it before assigning it")
+    session.attach(getattr(model, "_orig_mod", model), adapter)     # torch.compile(model): its module's layers
+    return StripDenoiser(model, session, adapter)
 
 
 def check_decoder(vae_decoder: nn.Module, alternative: str) -> None:
     try:
-        DiffusersAdapter().check(vae_decoder)
+        DiffusersAdapter("pipe.vae").check(vae_decoder)
     except UnsupportedModelError as e:
         raise UnsupportedModelError(f"VAE decoder: {e}; {alternative}") from None
 
@@ -168,7 +343,7 @@ def strip_decoder(vae_decoder: nn.Module, session: PatchSession) -> StripDecoder
     config = PatchConfig(mode=Mode.SYNC, warmup_steps=0, kernels=parent.kernels,
                          startup_timeout=parent.startup_timeout, exchange_timeout=parent.exchange_timeout)
     decoder_session = PatchSession(config, device=session.device, layout=lay, transport=session.transport)
-    decoder = StripDecoder(vae_decoder, decoder_session, DiffusersAdapter())
+    decoder = StripDecoder(vae_decoder, decoder_session, DiffusersAdapter("pipe.vae"))
     decoder_session.attach(vae_decoder, decoder.adapter)
     return decoder
 

@@ -20,15 +20,20 @@ denoiser call. Its price is one all-gather of the model output per evaluation:
 from __future__ import annotations
 
 import inspect
+import math
+import sys
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from diffusers.models.embeddings import PatchEmbed
+
 from parafuse.checks import check_strip_memory
-from parafuse.diffusers.adapter import DiffusersAdapter, UnsupportedModelError
+from parafuse.diffusers.adapter import DiffusersAdapter, StripAttnProcessor, StripPatchEmbed, UnsupportedModelError
 from parafuse.parallel.geometry import StripGeometry
-from parafuse.parallel.parallelize import parallelize as swap_layers
+from parafuse.parallel.parallelize import parallelize as swap_layers, unparallelize
 from parafuse.parallel.plan import LOCAL, PatchPlan
 from parafuse.parallel.session import PatchSession, StepClock
 from parafuse.parallel.trace import Trace, trace_model
@@ -46,6 +51,36 @@ def _batch_half(obj, batch: int, half: int):
     return obj
 
 
+def is_compiled(model: nn.Module) -> bool:
+    """`torch.compile(model)` (an OptimizedModule) or `model.compile()`."""
+    return hasattr(model, "_orig_mod") or model.__dict__.get("_compiled_call_impl") is not None
+
+
+@contextmanager
+def eager(model: nn.Module):
+    """`model` without torch.compile, for the shape-only runs (FakeTensor under a compiled module
+    crashed the process): `torch.compile(model)`'s original module, with `model.compile()`'s
+    compiled call set aside."""
+    inner = getattr(model, "_orig_mod", model)
+    compiled = inner.__dict__.get("_compiled_call_impl")
+    inner._compiled_call_impl = None
+    try:
+        yield inner
+    finally:
+        inner._compiled_call_impl = compiled
+
+
+def check_compiled(model: nn.Module) -> None:
+    """A compiled denoiser runs parafuse's hooks outside (torch.compile(model)) or inside
+    (model.compile()) the compiled region, whose patch layers break the graph at every exchange:
+    fullgraph=True cannot hold and is refused before any compute."""
+    ctx = getattr(model, "dynamo_ctx", None)
+    if getattr(ctx, "fullgraph", False):
+        raise UnsupportedModelError(f"{type(model._orig_mod).__name__} was compiled with fullgraph=True, but "
+                                    f"parafuse's exchanges break the graph at every patch layer: compile it "
+                                    f"without fullgraph")
+
+
 class StripModel:
     """Hooks that make a diffusers model compute this rank's strip: the input's rows in, the output's
     strips gathered out (see the module docstring). Each call of the model is one engine step of
@@ -56,7 +91,7 @@ class StripModel:
     def __init__(self, model: nn.Module, session: PatchSession, adapter: DiffusersAdapter):
         self.model, self.session, self.adapter = model, session, adapter
         self.engine, self.layout, self.transport = session.engine, session.layout, session.transport
-        self.sample_name = next(iter(inspect.signature(model.forward).parameters))
+        self.sample_name = next(iter(inspect.signature(getattr(model, "_orig_mod", model).forward).parameters))
         self._traces: dict[tuple[int, ...], Trace] = {}           # per input size
         self._structure = None
         self.geometry: StripGeometry | None = None
@@ -70,23 +105,38 @@ class StripModel:
         """Before each image: swap in layers for modules added since (LoRA), forget the traces if
         the model's structure changed, and start counting evaluations from 0."""
         if self.engine is not None:
-            self.adapter.check(self.model)
-            swap_layers(self.model, self.engine, self.adapter)
-            structure = tuple((name, id(m)) for name, m in self.model.named_modules())
+            self.adapter.check(self.layers)
+            swap_layers(self.layers, self.engine, self.adapter)
+            structure = tuple((name, id(m)) for name, m in self.layers.named_modules())
             if structure != self._structure:
-                self.adapter.rekey(self.model)
+                self.adapter.rekey(self.layers)
                 self._traces.clear()
                 self._structure = structure
         self.geometry = None
         self.evaluations = 0
+
+    @property
+    def layers(self) -> nn.Module:
+        """The module whose layers are swapped and named: the model, or the original module of
+        `torch.compile(model)` (the hooks stay on the compiled wrapper, outside its graph)."""
+        return getattr(self.model, "_orig_mod", self.model)
 
     def end_image(self) -> None:
         if self.engine is not None:
             self.engine.drain()
 
     def remove(self) -> None:
+        """Take parafuse off the model: hooks removed, plain layers and the replaced attention
+        processors back in place."""
         for h in self._handles:
             h.remove()
+        unparallelize(self.layers)
+        for m in self.layers.modules():
+            processor = getattr(m, "processor", None)
+            if isinstance(processor, StripAttnProcessor):
+                m.set_processor(processor.inner)
+            if isinstance(m, StripPatchEmbed):
+                m.__class__ = PatchEmbed
 
     # ---- hooks ---------------------------------------------------------------------------------
     def _sample(self, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -152,7 +202,8 @@ class StripModel:
             saved, self.engine.step = self.engine.step, LOCAL      # the patch layers run as plain layers
             self.tracing = True
             try:
-                self._traces[size] = trace_model(self.model, self.adapter, args, kwargs, sample, grid)
+                with eager(self.model) as model:
+                    self._traces[size] = trace_model(model, self.adapter, args, kwargs, sample, grid)
             finally:
                 self.tracing, self.engine.step = False, saved
         trace = self._traces[size]
@@ -218,28 +269,111 @@ class StripDenoiser(StripModel):
         self.watch = self.session.watch(None)
         self.state_bytes = 0
         self.graphed = bool(self.session.config.cuda_graphs)   # CUDA graphs of the steady denoiser call
+        self._graphs_on = self.graphed            # this image's: off for a compiled denoiser
         self._graphs: dict = {}          # per call signature (parafuse.graphs.GraphedEvaluations)
         self._version = self._buffers = None
+        self.active = self._direct = False    # inside the parallel pipeline's call / a direct denoiser call
+        self._own_forward = None              # the forward begin_image shadowed (False: none of its own)
+        self.partners: list = []              # the pipeline's StripControlNets (their strips must be these)
 
     def begin_image(self, sequential_cfg: bool = False) -> None:
         super().begin_image()
+        self.active = True
+        self._patched = self._modules_state()
         self.clock = StepClock(self.session.device)
         self.watch = self.session.watch(None)     # the pipeline's loop length is its own
         self.state_bytes = 0
         self.sequential_cfg = sequential_cfg and self.layout.cfg_degree == 2
         self._calls, self._skip, self._held, self._pair = 0, False, None, None
-        if self.graphed:
+        check_compiled(self.model)
+        # a compiled denoiser is torch.compile's to schedule: parafuse's own CUDA graphs stay off
+        self._graphs_on = self.graphed and not is_compiled(self.model)
+        if self._graphs_on:
             version = self._model_version()
             if version != self._version:    # a module, processor or parameter changed: capture anew
                 self._graphs.clear()
                 self._version = version
-        if self.sequential_cfg or self.graphed:   # an instance attribute, shadowing the class's forward
+        if self.sequential_cfg or self._graphs_on:   # an instance attribute, shadowing the class's forward
+            self._own_forward = self.model.__dict__.get("forward", False)
             self.model.forward = self._branch_forward if self.sequential_cfg else self._forward
 
     def end_image(self) -> None:
         super().end_image()
-        self.model.__dict__.pop("forward", None)
+        self._restore_forward()
         self._held = self._pair = None
+        self.active = False
+
+    def _modules_state(self) -> tuple:
+        """Every module, its attention processor and whether an accelerate hook (offload) is on it:
+        what a pipeline can change behind parafuse's back between `begin_image` and a call."""
+        return tuple((id(m), id(getattr(m, "processor", None)), "_hf_hook" in m.__dict__)
+                     for m in self.layers.modules())
+
+    def _check_modules(self) -> None:
+        """At every denoiser call: a module or processor changed since the image's patch layers were
+        swapped in (PAG installing its processors inside `__call__`, `set_attn_processor`, a LoRA
+        unloaded, offload hooks) is re-patched - checked (refused, naming it, if it cannot be split)
+        and swapped - before the image's first evaluation, and refused at any later one."""
+        if self.engine is None or self._modules_state() == self._patched:
+            return
+        if self.evaluations or self.geometry is not None:
+            raise UnsupportedModelError(f"{type(self.model).__name__}'s modules or attention processors changed "
+                                        f"during an image (after evaluation {self.evaluations}): parafuse plans "
+                                        f"each image once; change them between pipeline calls")
+        StripModel.begin_image(self)
+        self._patched = self._modules_state()
+        if self._graphs_on:                   # the captured graphs ran the replaced modules
+            self._graphs.clear()
+            self._version = self._model_version()
+
+    def _configure(self, args, kwargs, sample):
+        """The trace without a ControlNet's residuals: strips already (`StripControlNet`), and sums
+        that change no site. The ControlNets' strips must be the denoiser's."""
+        if kwargs.get("down_intrablock_additional_residuals") is not None:
+            raise UnsupportedModelError("T2I-Adapter residuals (down_intrablock_additional_residuals) are whole-image "
+                                        "and parafuse does not split a T2I-Adapter yet")
+        super()._configure(args, {k: None if k in RESIDUALS else v for k, v in kwargs.items()}, sample)
+        for net in self.partners:
+            if net.geometry is not None and net.geometry.rows != self.geometry.rows:
+                raise UnsupportedModelError(f"the ControlNet's strips {net.geometry.rows} are not the denoiser's "
+                                            f"{self.geometry.rows} (their layers' resolutions differ)")
+        down = kwargs.get(RESIDUALS[0])
+        if down and down[0].shape[-2] != self.geometry.rows[self.layout.patch_index]:
+            raise UnsupportedModelError("ControlNet residuals of the whole image reached the denoiser's strip: give "
+                                        "the pipeline its ControlNet as pipe.controlnet, which parafuse splits too")
+
+    def _restore_forward(self) -> None:
+        """The model's forward as it was before `begin_image` shadowed it (an OptimizedModule keeps
+        its compiled forward as an instance attribute)."""
+        if self._own_forward is not None:
+            if self._own_forward is False:
+                self.model.__dict__.pop("forward", None)
+            else:
+                self.model.forward = self._own_forward
+            self._own_forward = None
+
+    def remove(self) -> None:
+        self._restore_forward()
+        super().remove()
+
+    def _outside_call(self) -> None:
+        """The denoiser called outside the parallel pipeline's call. By a diffusers pipeline (the raw
+        one, after `pipe = pipe.pipe` or another pipeline built from its components): refused, since
+        its ranks would each return an image from state left by the last call. By the user directly:
+        the call is an image of its own (planned, its first step synchronous, drained after)."""
+        from diffusers import DiffusionPipeline
+
+        frame = sys._getframe(2)
+        while frame is not None:
+            caller = frame.f_locals.get("self")
+            if isinstance(caller, DiffusionPipeline):
+                raise UnsupportedModelError(
+                    f"{type(caller).__name__} called the parallelized {type(self.model).__name__} directly: call the "
+                    f"pipeline parafuse.parallelize returned (`.to()` on it returns it too), which runs each "
+                    f"image's plan on every rank")
+            frame = frame.f_back
+        self.begin_image()
+        self._direct = True
 
     def _model_version(self) -> tuple:
         """What a captured graph depends on besides its inputs: every module and attention processor
@@ -256,7 +390,7 @@ class StripDenoiser(StripModel):
         arguments or tensor shapes differ has a graph of its own."""
         forward = type(self.model).forward
         engine = self.engine
-        if not self.graphed or self.tracing or (engine is not None and engine.step is not engine.plan.stale_step):
+        if not self._graphs_on or self.tracing or (engine is not None and engine.step is not engine.plan.stale_step):
             return forward(self.model, *args, **kwargs)
         if engine is not None and engine.buffers is not self._buffers:
             self._graphs.clear()              # the plan's buffers were reallocated: the graphs read the old ones
@@ -284,6 +418,9 @@ class StripDenoiser(StripModel):
     def _before(self, module, args, kwargs):
         if self.tracing:
             return None
+        if not self.active:
+            self._outside_call()
+        self._check_modules()
         if self.sequential_cfg:
             branch = self._calls % 2                  # the pipeline's order: conditional, then unconditional
             self._calls += 1
@@ -335,8 +472,8 @@ class StripDenoiser(StripModel):
                 self.engine.step = LOCAL
             self.adapter.tracing = True
             try:
-                with FakeTensorMode(allow_non_fake_inputs=True):
-                    out = type(self.model).forward(self.model, *args, **{**kwargs, "return_dict": False})[0]
+                with FakeTensorMode(allow_non_fake_inputs=True), eager(self.model) as model:
+                    out = type(model).forward(model, *args, **{**kwargs, "return_dict": False})[0]
             finally:
                 self.adapter.tracing = False
                 if self.engine is not None:
@@ -361,6 +498,10 @@ class StripDenoiser(StripModel):
         self.watch.observe(k, out)         # device work only; the flags are read every CHECK_EVERY evaluations
         if self.watch.due(k):
             self.watch.check()
+        if self._direct:
+            self._direct = False
+            self.finish()
+            self.end_image()
         return output
 
     def finish(self) -> None:
@@ -405,3 +546,106 @@ class StripDecoder(StripModel):
         if not self.tracing:
             self.begin_image()
         return super()._before(module, args, kwargs)
+
+
+# a ControlNet's residuals, to the U-Net and to Flux's transformer
+RESIDUALS = ("down_block_additional_residuals", "mid_block_additional_residual", "controlnet_block_samples",
+             "controlnet_single_block_samples")
+
+
+class ControlNetAdapter(DiffusersAdapter):
+    """The diffusers adapter, less the conditioning embedding: its convs run at the conditioning
+    image's resolution (the VAE's factor finer than the latent), plain, on a slice of the image with
+    a halo wide enough for their reach (`StripControlNet`)."""
+
+    def __init__(self, embedding: nn.Module, owner: str):
+        super().__init__(owner)
+        self.skip = {id(m) for m in embedding.modules()}
+
+    def site_kind(self, module: nn.Module) -> str | None:
+        return None if id(module) in self.skip else super().site_kind(module)
+
+
+class _EmbeddingShape(nn.Module):
+    """The conditioning embedding during the shape trace: zeros of its output's shape (the latent
+    grid), so that the trace sees only latent-resolution layers."""
+
+    def __init__(self, channels: int, grid: tuple[int, int]):
+        super().__init__()
+        self.channels, self.grid = channels, grid
+
+    def forward(self, cond: torch.Tensor) -> torch.Tensor:
+        return cond.new_zeros(cond.shape[0], self.channels, *self.grid)
+
+
+class StripControlNet(StripModel):
+    """A ControlNet (`pipe.controlnet`, or each net of a MultiControlNetModel) computing this rank's
+    strip with its own patch layers and plan (its own session on the denoiser's transport, the
+    denoiser's settings): the latent's rows in, as for the denoiser; the conditioning image's rows
+    of the strip plus a halo covering its embedding's reach (plain convs; the halo rows are cropped
+    from the embedding's output); its residuals stay strips - exactly what the denoiser's strip adds
+    (`down_block_additional_residuals`, `mid_block_additional_residual`: tensor arguments of the
+    denoiser call, so they enter the CUDA graphs' static buffers)."""
+
+    def __init__(self, model: nn.Module, session: PatchSession, owner: str):
+        self.token_cond = not hasattr(model, "controlnet_cond_embedding")     # Flux's: packed latent tokens
+        if self.token_cond:
+            super().__init__(model, session, DiffusersAdapter(owner))
+            return
+        embedding = model.controlnet_cond_embedding
+        super().__init__(model, session, ControlNetAdapter(embedding, owner))
+        convs = [m for m in embedding.modules() if isinstance(m, nn.Conv2d)]
+        self.factor = math.prod(c.stride[0] for c in convs)
+        reach, stride = 0, 1           # the embedding's reach in image rows, below its output's rows
+        for c in convs:
+            reach += (c.kernel_size[0] // 2) * c.dilation[0] * stride
+            stride *= c.stride[0]
+        self.halo = -(-reach // self.factor) + 1                  # in latent rows
+        self._crop = None
+        self._handles += [embedding.register_forward_pre_hook(self._cond_in),
+                          embedding.register_forward_hook(self._cond_out)]
+
+    def _before(self, module, args, kwargs):
+        """Flux's conditioning: latent tokens of the same grid as the sample, cut to the strip's."""
+        out = super()._before(module, args, kwargs)
+        if not self.token_cond or out is None or self.engine is None:
+            return out
+        args, kwargs = out
+        w, i = self.geometry.width, self.layout.patch_index
+        top, rows = self.geometry.level(1).offsets[i], self.geometry.rows[i]
+        cond = kwargs["controlnet_cond"]
+        return args, {**kwargs, "controlnet_cond": cond[:, top * w: (top + rows) * w].contiguous()}
+
+    def _configure(self, args, kwargs, sample):
+        if self.token_cond:
+            return super()._configure(args, kwargs, sample)
+        embedding = self.layers.controlnet_cond_embedding
+        channels = [m for m in embedding.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
+        self.layers._modules["controlnet_cond_embedding"] = _EmbeddingShape(channels, tuple(sample.shape[-2:]))
+        try:
+            super()._configure(args, kwargs, sample)
+        finally:
+            self.layers._modules["controlnet_cond_embedding"] = embedding
+
+    def _cond_in(self, module, args):
+        if self.tracing or self.engine is None:
+            return None
+        cond = args[0]
+        level = self.geometry.level(1)
+        i, f = self.layout.patch_index, self.factor
+        if cond.shape[-2] != level.height * f or cond.shape[-1] != self.geometry.width * f:
+            raise UnsupportedModelError(f"the ControlNet's conditioning image is {tuple(cond.shape[-2:])}, not the "
+                                        f"latent's {level.height}x{self.geometry.width} times {f}")
+        top, rows = level.offsets[i], level.rows[i]
+        start, end = max(0, top - self.halo), min(level.height, top + rows + self.halo)
+        self._crop = (top - start, rows)
+        return (cond[..., start * f: end * f, :].contiguous(),) + tuple(args[1:])
+
+    def _cond_out(self, module, args, out):
+        if self.tracing or self.engine is None:
+            return None
+        skip, rows = self._crop
+        return out[..., skip: skip + rows, :]
+
+    def _after(self, module, args, kwargs, output):
+        return None                   # the residuals stay strips: the denoiser's strip adds them

@@ -147,3 +147,75 @@ def call_kwargs(family: str, guidance: float = 3.0, seed: int = 0, output_type: 
 def images(out) -> torch.Tensor | None:
     """The pipeline output's images (latents with output_type="latent"); None on ranks other than 0."""
     return None if out is None else out.images
+
+
+def _controlnet(unet, seed: int):
+    """A ControlNet of the tiny U-Net (diffusers' from_unet), its conditioning embedding down by the
+    tiny VAE's factor 4, its zero-initialised convs woken (else its residuals would all be zero)."""
+    from diffusers import ControlNetModel
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.abs().max() == 0:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return net
+
+
+def build_sd_controlnet(path: str) -> None:
+    from diffusers import StableDiffusionControlNetPipeline
+
+    from parafuse.diffusers.pipeline import load_pipeline
+    sd = load_pipeline(pipeline_path(os.path.dirname(path), "sd"))
+    _seeded(6)
+    StableDiffusionControlNetPipeline(**{k: v for k, v in sd.components.items() if k != "image_encoder"},
+                                      controlnet=_controlnet(sd.unet, 6), requires_safety_checker=False
+                                      ).save_pretrained(path)
+
+
+def build_sdxl_controlnet(path: str) -> None:
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    from parafuse.diffusers.pipeline import load_pipeline
+    sdxl = load_pipeline(pipeline_path(os.path.dirname(path), "sdxl"))
+    _seeded(7)
+    StableDiffusionXLControlNetPipeline(**{k: v for k, v in sdxl.components.items()
+                                           if k not in ("image_encoder", "feature_extractor")},
+                                        controlnet=_controlnet(sdxl.unet, 7)).save_pretrained(path)
+
+
+def build_flux_controlnet(path: str) -> None:
+    from diffusers import FluxControlNetModel, FluxControlNetPipeline
+
+    from parafuse.diffusers.pipeline import load_pipeline
+    flux = load_pipeline(pipeline_path(os.path.dirname(path), "flux"))
+    _seeded(8)
+    net = FluxControlNetModel.from_transformer(flux.transformer, num_layers=1, num_single_layers=1,
+                                               attention_head_dim=8, num_attention_heads=2)
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.abs().max() == 0:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    FluxControlNetPipeline(**flux.components, controlnet=net).save_pretrained(path)
+
+
+BUILDERS.update({"sd-controlnet": build_sd_controlnet, "sdxl-controlnet": build_sdxl_controlnet,
+                 "flux-controlnet": build_flux_controlnet})
+
+
+def control_image(seed: int = 3, height: int = HEIGHT, width: int = WIDTH) -> torch.Tensor:
+    """A conditioning image in [0, 1] (what a ControlNet pipeline takes as `image`)."""
+    return torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(seed))
+
+
+def controlnet_kwargs(family: str, **kw) -> dict:
+    """The call of a ControlNet family: its base family's call and a conditioning image."""
+    base = family.removesuffix("-controlnet")
+    key = "control_image" if base == "flux" else "image"
+    return {**call_kwargs(base, **kw), key: control_image()}
+
+
+def family_kwargs(family: str) -> dict:
+    """The call of any family of this file, a ControlNet one included."""
+    return controlnet_kwargs(family) if family.endswith("-controlnet") else call_kwargs(family)

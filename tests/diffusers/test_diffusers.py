@@ -17,7 +17,7 @@ import transformers  # noqa: E402,F401
 
 from parafuse.health import CHECK_EVERY  # noqa: E402
 from parafuse.parallel.transport import ring_bytes  # noqa: E402
-from support.diffusers_cases import STEPS, TORCHRUN_CASES, call_kwargs, images, pipeline_path  # noqa: E402
+from support.diffusers_cases import ALL_TORCHRUN_CASES, STEPS, TORCHRUN_CASES, call_kwargs, images, pipeline_path  # noqa: E402
 
 import parafuse  # noqa: E402
 from parafuse.diffusers import UnsupportedModelError, load_pipeline  # noqa: E402
@@ -103,10 +103,10 @@ def test_bytes_closed_form_and_modes(root):
 
 
 def launch_torchrun(root, out, n, cases):
-    """One torchrun job (gloo) of n ranks running `cases` of TORCHRUN_CASES; per case, every
+    """One torchrun job (gloo) of n ranks running `cases` of ALL_TORCHRUN_CASES; per case, every
     rank's saved output and byte counts."""
     for name in cases:
-        pipeline_path(root, TORCHRUN_CASES[name][0])
+        pipeline_path(root, ALL_TORCHRUN_CASES[name][0])
     proc = launch.run(n, os.path.join(ROOT, "tests", "support", "diffusers_worker.py"), root, str(out), *cases)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {name: [torch.load(out / f"{name}.rank{r}.pt", weights_only=False) for r in range(n)] for name in cases}

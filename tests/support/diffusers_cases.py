@@ -1,10 +1,11 @@
 """The diffusers pipelines' test cases: the tiny pipelines and their calls (parafuse.diffusers.tiny)
 and the torchrun cases the worker runs."""
 from parafuse.diffusers.tiny import (BUILDERS, HEIGHT, POOLED_DIM, STEPS, TEXT_DIM, TEXT_LEN, WIDTH, call_kwargs,
-                                     images, pipeline_path)
+                                     control_image, controlnet_kwargs, family_kwargs, images, pipeline_path)
 
 __all__ = ["BUILDERS", "HEIGHT", "POOLED_DIM", "STEPS", "TEXT_DIM", "TEXT_LEN", "WIDTH", "TORCHRUN_CASES",
-           "call_kwargs", "images", "pipeline_path"]
+           "NAMED_TORCHRUN_CASES", "ALL_TORCHRUN_CASES", "call_kwargs", "control_image", "controlnet_kwargs",
+           "family_kwargs", "images", "pipeline_path"]
 
 # torchrun cases: name -> (family, parallelize kwargs)
 TORCHRUN_CASES = {
@@ -15,3 +16,11 @@ TORCHRUN_CASES = {
     "flux-partial": ("flux", dict(mode="partial", warmup_steps=1, halo_portion=0.3)),      # stale text merge
     "flux-full-exact": ("flux", dict(mode="full", warmup_steps=1, text_merge="exact")),
 }
+
+
+# torchrun cases run only when named (not by the default "all" of diffusers_worker.py)
+NAMED_TORCHRUN_CASES = {
+    "sd-controlnet-sync": ("sd-controlnet", dict(mode="sync")),
+    "sd-controlnet-full": ("sd-controlnet", dict(mode="full", warmup_steps=1)),
+}
+ALL_TORCHRUN_CASES = {**TORCHRUN_CASES, **NAMED_TORCHRUN_CASES}

@@ -8,7 +8,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from support.diffusers_cases import TORCHRUN_CASES, call_kwargs, images, pipeline_path  # noqa: E402
+from support.diffusers_cases import ALL_TORCHRUN_CASES, TORCHRUN_CASES, family_kwargs, images, pipeline_path  # noqa: E402
 
 import parafuse  # noqa: E402
 from parafuse.diffusers import load_pipeline  # noqa: E402
@@ -17,9 +17,9 @@ from parafuse.parallel.distributed import run_guarded  # noqa: E402
 
 def main(root: str, out_dir: str, *cases: str) -> None:
     for name in cases or TORCHRUN_CASES:
-        family, settings = TORCHRUN_CASES[name]
+        family, settings = ALL_TORCHRUN_CASES[name]
         pipe = parafuse.parallelize(load_pipeline(pipeline_path(root, family)), **settings)
-        out = images(pipe(**call_kwargs(family)))
+        out = images(pipe(**family_kwargs(family)))
         rank = dist.get_rank()
         torch.save({"images": out, "rank_stats": pipe.rank_stats}, os.path.join(out_dir, f"{name}.rank{rank}.pt"))
         pipe.close()

@@ -1,0 +1,553 @@
+"""The pipeline door used as diffusers users use a pipeline (issue 27): attribute writes, `.to()`,
+a raw pipeline called behind the wrapper, a second `parallelize`, torch.compile, the refusals'
+hints, modules changed behind parafuse's back, ControlNet, and ranks given different calls. Tiny
+random-weight pipelines of tests/diffusers_cases.py on the thread emulator, against diffusers'
+own single-process output."""
+import copy
+import os
+import re
+import sys
+
+import pytest
+import torch
+
+from support.diffusers_cases import call_kwargs, images, pipeline_path  # noqa: E402
+
+import parafuse  # noqa: E402
+from parafuse.diffusers import UnsupportedModelError, load_pipeline  # noqa: E402
+from parafuse.diffusers.emulator import emulate_pipeline  # noqa: E402
+from parafuse.parallel.config import ConfigError  # noqa: E402
+
+SYNC_TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("pipelines"))
+
+
+def fresh(root, family):
+    return load_pipeline(pipeline_path(root, family))
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def ranks_raise(excinfo_match, pipe, n, call, **settings):
+    """`call` run on n emulated ranks fails with a message matching `excinfo_match`."""
+    with pytest.raises(RuntimeError, match=excinfo_match):
+        emulate_pipeline(pipe, n, call, **settings)
+
+
+# ---- item 3: the returned pipeline is the pipeline -----------------------------------------------
+def test_scheduler_written_after_parallelize_is_the_one_used(root):
+    from diffusers import DPMSolverMultistepScheduler
+
+    plain = fresh(root, "sd")
+    plain.scheduler = DPMSolverMultistepScheduler.from_config(plain.scheduler.config)
+    ref = images(plain(**call_kwargs("sd")))
+
+    def call(par):
+        par.scheduler = DPMSolverMultistepScheduler.from_config(par.scheduler.config)
+        assert isinstance(par.pipe.scheduler, DPMSolverMultistepScheduler)
+        return images(par(**call_kwargs("sd")))
+    out = emulate_pipeline(fresh(root, "sd"), 2, call, mode="sync")[0][0]
+    assert rel(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("family,name", [("sd", "unet"), ("pixart", "transformer")])
+def test_denoiser_assigned_after_parallelize_is_parallelized(root, family, name):
+    plain = fresh(root, family)
+    other = copy.deepcopy(getattr(plain, name))
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.1)
+    setattr(plain, name, other)
+    ref = images(plain(**call_kwargs(family)))
+
+    def call(par):
+        images(par(**call_kwargs(family)))                  # the first denoiser runs once
+        setattr(par, name, copy.deepcopy(other))
+        out = images(par(**call_kwargs(family)))
+        return out, par.strips.model is getattr(par.pipe, name), par.rank_stats["bytes_sent"]["conv_halo"]
+    outs = emulate_pipeline(fresh(root, family), 2, call, mode="sync")
+    out, hooked, _ = outs[0][0]
+    assert hooked and rel(out, ref) <= 1e-5
+    assert all(o[0][2] > 0 or family == "pixart" for o in outs)   # the new U-Net exchanged halos
+
+
+def test_unsupported_denoiser_assigned_after_parallelize_is_refused_before_compute(root):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    class Custom:                                   # a user's own processor
+        def __call__(self, *args, **kwargs):
+            return AttnProcessor2_0()(*args, **kwargs)
+
+    def call(par):
+        unet = copy.deepcopy(par.unet.__class__.from_config(par.unet.config))
+        unet.set_attn_processor(Custom())
+        par.unet = unet
+        par(**call_kwargs("sd"))
+    ranks_raise("Custom", fresh(root, "sd"), 2, call, mode="sync")
+
+
+def test_vae_assigned_after_parallelize_decodes_by_strips(root):
+    plain = fresh(root, "sd")
+    vae = copy.deepcopy(plain.vae)
+    with torch.no_grad():
+        vae.decoder.conv_out.weight.mul_(0.5)
+    plain.vae = vae
+    ref = plain(**call_kwargs("sd", output_type="pt")).images
+
+    def call(par):
+        par.vae = copy.deepcopy(vae)
+        out = par(**call_kwargs("sd", output_type="pt"))
+        return None if out is None else out.images, par.decoder.model is par.pipe.vae.decoder
+    out, hooked = emulate_pipeline(fresh(root, "sd"), 2, call, mode="sync")[0][0]
+    assert hooked and (out - ref).abs().max() <= SYNC_TOL
+
+
+def test_to_returns_the_parallel_pipeline_and_calls_stay_equal(root):
+    def call(par):
+        same = par.to("cpu") is par and par.to(torch.float32) is par
+        first, second = images(par(**call_kwargs("sd"))), images(par(**call_kwargs("sd")))
+        return same, first, second
+    outs = emulate_pipeline(fresh(root, "sd"), 2, call, mode="partial", warmup_steps=1, halo_portion=0.3)
+    same, first, second = outs[0][0]
+    assert same and torch.equal(first, second)
+    assert all(o[0][0] and o[0][1] is None for o in outs[1:])
+
+
+def test_raw_pipeline_called_behind_the_wrapper_is_refused(root):
+    def call(par):
+        images(par(**call_kwargs("sd")))
+        par.pipe(**call_kwargs("sd"))              # what `pipe = pipe.to(...)` used to hand back
+    ranks_raise("called the parallelized UNet2DConditionModel directly", fresh(root, "sd"), 2, call,
+                mode="partial", warmup_steps=1, halo_portion=0.3)
+
+
+def test_second_parallelize_is_refused_and_allowed_after_close(root):
+    plain = fresh(root, "sd")
+    ref = images(plain(**call_kwargs("sd")))
+    par = parafuse.parallelize(plain, mode="sync")
+    with pytest.raises(ConfigError, match="already parallelized"):
+        parafuse.parallelize(plain, mode="full")
+    par.close()
+    assert rel(images(plain(**call_kwargs("sd"))), ref) == 0     # plain layers back: diffusers' own output
+    par = parafuse.parallelize(plain, mode="full")
+    assert rel(images(par(**call_kwargs("sd"))), ref) == 0       # one rank: the plain model
+    par.close()
+
+
+# ---- item 2: torch.compile before or after parallelize ---------------------------------------------
+COMPILE_SETTINGS = dict(mode="partial", warmup_steps=1, halo_portion=0.3)
+_uncompiled = {}
+
+
+def uncompiled(root, family="sd"):
+    if family not in _uncompiled:
+        _uncompiled[family] = emulate_pipeline(fresh(root, family), 2, lambda p: images(p(**call_kwargs(family))),
+                                               **COMPILE_SETTINGS)[0][0]
+    return _uncompiled[family]
+
+
+def compiled_run(root, when: str, backend: str = "aot_eager", family="sd", **options):
+    """The parallel pipeline with its denoiser compiled `when`: "before" parallelize
+    (pipe.unet = torch.compile(pipe.unet)), "after" by assignment, "in-place" (pipe.unet.compile())."""
+    plain = fresh(root, family)
+    if when == "before":
+        plain.unet = torch.compile(plain.unet, backend=backend, **options)
+
+    def call(par):
+        if when == "after":
+            par.unet = torch.compile(par.unet, backend=backend, **options)
+        elif when == "in-place":
+            par.unet.compile(backend=backend, **options)
+        out = images(par(**call_kwargs(family)))
+        return out, par.strips._graphs_on
+    return emulate_pipeline(plain, 2, call, **COMPILE_SETTINGS, cuda_graphs=False)
+
+
+@pytest.mark.parametrize("when", ["before", "in-place"])      # "after": the next test
+def test_compiled_denoiser_equals_the_uncompiled_parallel_output(root, when):
+    torch._dynamo.reset()
+    (out, graphs_on), _ = compiled_run(root, when)[0]
+    assert rel(out, uncompiled(root)) <= 1e-5
+    assert not graphs_on                     # parafuse's CUDA graphs are off for a compiled denoiser
+
+
+def test_compiled_denoiser_turns_parafuse_graphs_off(root):
+    """Compiled after parallelize, by assignment, once graphs were captured: none are used after."""
+    from parafuse.graphs import rerun_capture
+
+    def call(par):
+        par.strips.graphed, par.session.capture = True, rerun_capture
+        images(par(**call_kwargs("sd")))
+        eager_captures = par.strips.captures
+        par.unet = torch.compile(par.unet, backend="aot_eager")
+        out = images(par(**call_kwargs("sd")))
+        return eager_captures, par.strips.captures, out
+    torch._dynamo.reset()
+    (eager_captures, captures, out), _ = emulate_pipeline(fresh(root, "sd"), 2, call, **COMPILE_SETTINGS)[0]
+    assert eager_captures >= 1 and captures == 0
+    assert rel(out, uncompiled(root)) <= 1e-5
+
+
+def test_fullgraph_compile_is_refused_before_compute(root):
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match="fullgraph=True"):
+        compiled_run(root, "after", fullgraph=True)
+
+
+@pytest.mark.slow
+def test_inductor_compiled_denoiser_equals_the_uncompiled_parallel_output(root):
+    torch._dynamo.reset()
+    (out, _), _ = compiled_run(root, "before", backend="inductor")[0]
+    assert rel(out, uncompiled(root)) <= 1e-5
+
+
+# ---- item 6: every refusal's hint is right for the model it names --------------------------------
+_sync_refs = {}
+
+
+def sync_ref(root, family):
+    if family not in _sync_refs:
+        _sync_refs[family] = images(fresh(root, family)(**call_kwargs(family)))
+    return _sync_refs[family]
+
+
+def follow_hints(root, family, plain) -> list[str]:
+    """Parallelize `plain` and, while it is refused, do what the refusal's hint says (evaluated with
+    `pipe` the pipeline); then the parallel pipeline must equal diffusers' own output. Returns the
+    hints followed."""
+    hints = []
+    for _ in range(3):
+        try:
+            parafuse.parallelize(plain, mode="sync").close()
+            break
+        except UnsupportedModelError as e:
+            hint = re.search(r"; call (.+?) first[.,]", str(e))
+            assert hint is not None, f"a refusal that names a fix must say how: {e}"
+            hints.append(hint.group(1))
+            eval(hint.group(1), {"pipe": plain})
+    out = emulate_pipeline(plain, 2, lambda p: images(p(**call_kwargs(family))), mode="sync")[0][0]
+    assert (out - sync_ref(root, family)).abs().max() <= SYNC_TOL
+    return hints
+
+
+@pytest.mark.parametrize("habit,hints", [
+    ("slicing", ["pipe.disable_attention_slicing()"]),
+    ("fused", ["pipe.unet.unfuse_qkv_projections()", "pipe.vae.unfuse_qkv_projections()"]),
+    ("xformers", ["pipe.unet.set_default_attn_processor()"]),
+])
+def test_unet_hints_are_followed_and_work(root, habit, hints):
+    from diffusers.models.attention_processor import XFormersAttnProcessor
+
+    plain = fresh(root, "sd")
+    {"slicing": lambda: plain.enable_attention_slicing(),
+     "fused": lambda: plain.fuse_qkv_projections(),
+     "xformers": lambda: plain.unet.set_attn_processor(XFormersAttnProcessor())}[habit]()
+    assert follow_hints(root, "sd", plain) == hints
+
+
+def test_flux_fused_qkv_hint_is_followed_and_works(root):
+    plain = fresh(root, "flux")
+    plain.transformer.fuse_qkv_projections()
+    assert follow_hints(root, "flux", plain) == ["pipe.transformer.unfuse_qkv_projections()"]
+
+
+def test_refusals_without_a_working_fix_give_no_hint(root):
+    from types import SimpleNamespace
+
+    from diffusers import SD3Transformer2DModel
+    from diffusers.models.attention_processor import Attention, AttnAddedKVProcessor, AttnProcessor2_0
+
+    class Custom:                                    # a user's processor: only its author knows the fix
+        def __call__(self, *args, **kwargs):
+            return AttnProcessor2_0()(*args, **kwargs)
+    plain = fresh(root, "sd")
+    plain.unet.set_attn_processor(Custom())
+    with pytest.raises(UnsupportedModelError, match=r"processor Custom .*processors\)\. Supported") as e:
+        parafuse.parallelize(plain, mode="sync")
+    assert "call" not in str(e.value)
+
+    torch.manual_seed(0)     # SD3.5's dual attention: SD3's transformer has no set_default_attn_processor
+    sd35 = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                                 num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                 pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16,
+                                 dual_attention_layers=(0,))
+    with pytest.raises(UnsupportedModelError) as e:
+        parafuse.parallelize(SimpleNamespace(transformer=sd35))
+    assert "set_default_attn_processor" not in str(e.value) and "call" not in str(e.value)
+
+    class AddedKV(torch.nn.Module):                  # Kandinsky's / UnCLIP's attention: text K/V, no text queries
+        def __init__(self):
+            super().__init__()
+            self.attn = Attention(query_dim=16, heads=2, dim_head=8, added_kv_proj_dim=16,
+                                  processor=AttnAddedKVProcessor())
+    with pytest.raises(UnsupportedModelError, match="added text key/value projections") as e:
+        parafuse.parallelize(SimpleNamespace(unet=AddedKV()))
+    assert "joint text+image" not in str(e.value) and "call" not in str(e.value)
+
+
+def test_full_mode_with_a_halo_portion_is_refused_by_the_library(root):
+    with pytest.raises(ConfigError, match="halo_portion"):
+        parafuse.parallelize(fresh(root, "sd"), mode="full", halo_portion=0.5)
+
+
+# ---- item 5: modules changed behind parafuse's back ---------------------------------------------
+def test_pag_installing_processors_inside_call_is_refused_before_compute(root):
+    from diffusers import StableDiffusionPAGPipeline
+
+    def call(par):
+        par(**call_kwargs("sd"), pag_scale=2.0)
+    sd = fresh(root, "sd")
+    pag = StableDiffusionPAGPipeline(**sd.components, pag_applied_layers=["mid"])
+    ranks_raise(r"attn1'.*PAG\w*Processor", pag, 2, call, mode="sync")
+
+
+def test_processor_set_between_calls_is_repatched(root):
+    from diffusers.models.attention_processor import AttnProcessor2_0, XFormersAttnProcessor
+
+    def call(par):
+        par.unet.set_attn_processor(AttnProcessor2_0())        # parafuse's processors replaced by the default
+        out = images(par(**call_kwargs("sd")))
+        par.unet.set_attn_processor(XFormersAttnProcessor())
+        try:
+            par(**call_kwargs("sd"))
+        except UnsupportedModelError as e:
+            return out, str(e)
+    outs = emulate_pipeline(fresh(root, "sd"), 2, call, mode="sync")
+    assert (outs[0][0][0] - sync_ref(root, "sd")).abs().max() <= SYNC_TOL
+    assert all("XFormersAttnProcessor" in msg for (_, msg), _ in outs)
+
+
+def test_processor_changed_during_an_image_is_refused(root):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    def swap(pipe, i, t, kwargs):
+        pipe.unet.set_attn_processor(AttnProcessor2_0())
+        return kwargs
+    ranks_raise("changed during an image", fresh(root, "sd"), 2,
+                lambda par: par(**call_kwargs("sd"), callback_on_step_end=swap), mode="sync")
+
+
+def test_offload_hooks_are_refused_and_the_hint_works(root):
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    plain = fresh(root, "sd")
+    add_hook_to_module(plain.unet, ModelHook())               # what enable_model_cpu_offload puts there
+    assert follow_hints(root, "sd", plain) == ["pipe.remove_all_hooks()"]
+
+
+def test_dit_is_refused_by_parallelize():
+    from types import SimpleNamespace
+
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=1,
+                                sample_size=8, norm_num_groups=8)
+    with pytest.raises(UnsupportedModelError, match="square grid"):
+        parafuse.parallelize(SimpleNamespace(transformer=dit))
+
+
+# ---- item 1: ControlNet, parallel ---------------------------------------------------------------
+def controlnet_run(root, family, n, kwargs_of=None, pipe_of=None, **settings):
+    from support.diffusers_cases import controlnet_kwargs
+
+    kwargs_of = kwargs_of or (lambda: controlnet_kwargs(family))
+    plain = pipe_of(fresh(root, family)) if pipe_of else fresh(root, family)
+    ref = images(plain(**kwargs_of()))
+    outs = emulate_pipeline(plain, n, lambda p: images(p(**kwargs_of())), **settings)
+    return outs, ref
+
+
+@pytest.mark.parametrize("family,n", [("sd-controlnet", 2), ("sd-controlnet", 3), ("sdxl-controlnet", 2),
+                                      ("sdxl-controlnet", 3), ("flux-controlnet", 2), ("flux-controlnet", 3)])
+def test_controlnet_sync_equals_diffusers(root, family, n):
+    from support.diffusers_cases import control_image, controlnet_kwargs
+
+    outs, ref = controlnet_run(root, family, n, mode="sync")
+    assert ref.abs().max() > 0.1 and rel(outs[0][0], ref) <= 1e-5
+    key = "control_image" if family == "flux-controlnet" else "image"
+    other = images(fresh(root, family)(**{**controlnet_kwargs(family), key: control_image(9)}))
+    assert rel(other, ref) > 1e-4                 # the ControlNet's conditioning shapes the output
+    # each rank computed only its strip of the ControlNet: the ControlNet's own exchanges, beside the
+    # denoiser's (each evaluation posts one more batch of K/V exchanges: the ControlNet's)
+    plain = emulate_pipeline(fresh(root, family.removesuffix("-controlnet")), n,
+                             lambda p: images(p(**call_kwargs(family.removesuffix("-controlnet")))), mode="sync")
+    assert all(stats["bytes_sent"]["attn_kv"] > base["bytes_sent"]["attn_kv"]
+               for (_, stats), (_, base) in zip(outs, plain))
+
+
+def test_multi_controlnet_and_img2img_tile_upscale(root):
+    """Two ControlNets (a MultiControlNetModel), and the ControlNet img2img pipeline upscaling a
+    small image to 4x its size, the upscaled image also the conditioning (ControlNet-tile's habit)."""
+    import torch.nn.functional as F
+    from diffusers import StableDiffusionControlNetImg2ImgPipeline, StableDiffusionControlNetPipeline
+    from support.diffusers_cases import HEIGHT, WIDTH, control_image, controlnet_kwargs
+
+    def multi(p):
+        second = copy.deepcopy(p.controlnet)
+        with torch.no_grad():
+            for q in second.parameters():
+                q.mul_(0.8)
+        return StableDiffusionControlNetPipeline(**{**p.components, "controlnet": [p.controlnet, second]})
+
+    def multi_kwargs():
+        return {**controlnet_kwargs("sd-controlnet"), "image": [control_image(3), control_image(4)]}
+    outs, ref = controlnet_run(root, "sd-controlnet", 2, multi_kwargs, multi, mode="sync")
+    assert rel(outs[0][0], ref) <= 1e-5
+
+    small = control_image(5, HEIGHT // 4, WIDTH // 4)
+    big = F.interpolate(small, size=(HEIGHT, WIDTH), mode="bilinear")
+
+    def tile_kwargs():
+        return {**controlnet_kwargs("sd-controlnet"), "image": big, "control_image": big, "strength": 0.7}
+    outs, ref = controlnet_run(root, "sd-controlnet", 2, tile_kwargs,
+                               lambda p: StableDiffusionControlNetImg2ImgPipeline(**p.components), mode="sync")
+    assert rel(outs[0][0], ref) <= 1e-5
+
+
+def psnr(a, b):
+    return (10 * torch.log10((b.max() - b.min()) ** 2 / ((a - b) ** 2).mean())).item()
+
+
+@pytest.mark.parametrize("family", ["sd-controlnet", "flux-controlnet"])
+@pytest.mark.parametrize("mode", ["full", "partial"])
+def test_controlnet_stale_modes_within_3db_of_the_pipeline_without_it(root, mode, family):
+    base = family.removesuffix("-controlnet")
+    settings = dict(mode=mode, warmup_steps=1, **({"halo_portion": 0.3} if mode == "partial" else {}))
+    outs, ref = controlnet_run(root, family, 2, **settings)
+    plain_outs = emulate_pipeline(fresh(root, base), 2, lambda p: images(p(**call_kwargs(base))), **settings)
+    with_net, without = psnr(outs[0][0], ref), psnr(plain_outs[0][0], sync_ref(root, base))
+    assert with_net >= without - 3, (with_net, without)
+
+
+def test_controlnet_residuals_enter_the_graphs_static_buffers(root):
+    """Graphed (a replay reruns the captured region on its static inputs) equals eager across two
+    calls with different conditioning images: the residuals were copied into the static buffers."""
+    from support.diffusers_cases import control_image, controlnet_kwargs
+
+    from parafuse.graphs import rerun_capture
+
+    def call(graphed):
+        def run(par):
+            if graphed:
+                par.strips.graphed, par.session.capture = True, rerun_capture
+            first = images(par(**controlnet_kwargs("sd-controlnet")))
+            second = images(par(**{**controlnet_kwargs("sd-controlnet"), "image": control_image(9),
+                                    "controlnet_conditioning_scale": 20.0}))
+            return first, second, par.strips.captures
+        return run
+    pipe = fresh(root, "sd-controlnet")
+    (e1, e2, _), _ = emulate_pipeline(pipe, 2, call(False), mode="full", warmup_steps=1)[0]
+    (g1, g2, captures), _ = emulate_pipeline(pipe, 2, call(True), mode="full", warmup_steps=1)[0]
+    assert captures >= 1 and rel(e1, e2) > 1e-2
+    assert rel(g1, e1) <= 1e-6 and rel(g2, e2) <= 1e-6
+
+
+@pytest.mark.torchrun
+def test_controlnet_under_torchrun(root, tmp_path):
+    """N = 2 under torchrun (gloo): sync equals diffusers, full equals the emulator, bytes included."""
+    from support.diffusers_cases import NAMED_TORCHRUN_CASES, controlnet_kwargs
+    from test_diffusers import launch_torchrun
+
+    got = launch_torchrun(root, tmp_path, 2, ["sd-controlnet-sync", "sd-controlnet-full"])
+    ref = images(fresh(root, "sd-controlnet")(**controlnet_kwargs("sd-controlnet")))
+    assert rel(got["sd-controlnet-sync"][0]["images"], ref) <= 1e-5
+    assert got["sd-controlnet-sync"][1]["images"] is None
+    emu = emulate_pipeline(fresh(root, "sd-controlnet"), 2, lambda p: images(p(**controlnet_kwargs("sd-controlnet"))),
+                           **NAMED_TORCHRUN_CASES["sd-controlnet-full"][1])
+    assert (got["sd-controlnet-full"][0]["images"] - emu[0][0]).abs().max() <= 1e-5
+    for r in range(2):
+        assert got["sd-controlnet-full"][r]["rank_stats"]["bytes_sent"] == emu[r][1]["bytes_sent"]
+
+
+# ---- item 4: the same call on every rank, checked ------------------------------------------------
+def _perturbed(name):
+    from support.diffusers_cases import control_image
+
+    def change(kw):
+        if name == "generator":
+            kw["generator"] = torch.Generator().manual_seed(1)
+        elif name == "prompt_embeds":
+            kw["prompt_embeds"] = kw["prompt_embeds"].clone()
+            kw["prompt_embeds"][0, 0, 0] += 1e-3
+        elif name == "num_inference_steps":
+            kw["num_inference_steps"] += 1
+        elif name == "height":
+            kw["height"] -= 16
+        elif name == "guidance_scale":
+            kw["guidance_scale"] += 0.5
+        elif name == "image":
+            kw["image"] = control_image(11)
+        elif name == "controlnet_conditioning_scale":
+            kw["controlnet_conditioning_scale"] = 0.5
+        elif name == "cross_attention_kwargs":
+            kw["cross_attention_kwargs"] = {"scale": 0.5}
+        elif name == "latents":
+            kw["latents"] = torch.randn(1, 4, 40, 24, generator=torch.Generator().manual_seed(rank_one_seed))
+        return kw
+    return change
+
+
+rank_one_seed = 7
+
+
+@pytest.mark.parametrize("name", ["generator", "prompt_embeds", "num_inference_steps", "height", "guidance_scale",
+                                  "image", "controlnet_conditioning_scale", "cross_attention_kwargs", "latents"])
+def test_an_argument_differing_on_one_rank_is_refused_on_every_rank(root, name):
+    from support.diffusers_cases import controlnet_kwargs
+
+    from parafuse.parallel.agreement import DisagreementError
+
+    def call(par):
+        kw = controlnet_kwargs("sd-controlnet")
+        if name == "latents":
+            kw["latents"] = torch.randn(1, 4, 40, 24, generator=torch.Generator().manual_seed(3))
+        if name == "cross_attention_kwargs":
+            kw["cross_attention_kwargs"] = {"scale": 1.0}
+        if par.layout.rank == 1:
+            kw = _perturbed(name)(kw)
+        try:
+            par(**kw)
+        except DisagreementError as e:
+            return str(e), par.strips.evaluations
+    outs = emulate_pipeline(fresh(root, "sd-controlnet"), 3, call, mode="sync")
+    for (message, evaluations), _ in outs:
+        assert f"{name} (ranks 0, 2 vs rank 1)" in message and "\n" not in message
+        assert evaluations == 0                        # refused before any denoising
+
+
+def test_generator_none_gets_rank_zero_seed_on_every_rank(root):
+    def call(par):
+        torch.manual_seed(100 + par.layout.rank)        # every rank's global RNG differs
+        kw = call_kwargs("sd")
+        del kw["generator"]
+        return images(par(**kw)), par.seed
+    outs = emulate_pipeline(fresh(root, "sd"), 2, call, mode="sync")
+    (out, seed), _ = outs[0]
+    assert all(s == seed for (_, s), _ in outs)
+    ref = images(fresh(root, "sd")(**{**call_kwargs("sd"), "generator": torch.Generator().manual_seed(seed)}))
+    assert (out - ref).abs().max() <= SYNC_TOL
+
+
+def test_whole_image_controlnet_residuals_are_refused(root):
+    """Residuals the user computed with a plain ControlNet, handed to the parallel U-Net's call."""
+    from support.diffusers_cases import controlnet_kwargs
+
+    plain = fresh(root, "sd-controlnet")
+    g = torch.Generator().manual_seed(5)
+    x, ctx = torch.randn(2, 4, 40, 24, generator=g), torch.randn(2, 5, 16, generator=g)
+    cond = controlnet_kwargs("sd-controlnet")["image"].repeat(2, 1, 1, 1)
+    with torch.no_grad():
+        down, mid = plain.controlnet(x, 500, encoder_hidden_states=ctx, controlnet_cond=cond, return_dict=False)
+
+    def call(par):
+        with torch.no_grad():
+            par.unet(x, 500, encoder_hidden_states=ctx, down_block_additional_residuals=down,
+                     mid_block_additional_residual=mid)
+    ranks_raise("whole image reached the denoiser's strip", plain, 2, call, mode="sync")
