@@ -145,7 +145,7 @@ class ParallelPipeline:
         pipeline would draw its noise from each rank's global RNG: rank 0 draws a seed, every rank
         gets a generator of it (`self.seed`)."""
         transport = self.session.transport
-        if transport is None or transport.world_size == 1:
+        if transport is None or transport.world_size == 1 or not transport.reaches_peers:
             return kwargs
         # every parameter of the pipeline's signature, given or not: the same names on every rank
         signature = inspect.signature(self.pipe.__call__)

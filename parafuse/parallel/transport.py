@@ -74,6 +74,10 @@ def ring_bytes(nbytes: int, n: int) -> int:
 
 
 class Transport:
+    # whether the peers are real ranks that answer (torch.distributed, emulated threads), or stand-ins
+    # of one rank's measurement (Null, Loopback): what a comparison across ranks can rely on
+    reaches_peers = True
+
     def __init__(self, rank: int, world_size: int, group: list[int] | None = None, stale_channel: bool = False,
                  stale_kinds: tuple[str, ...] = STALE_CHANNEL_KINDS):
         self.rank = rank
@@ -225,6 +229,8 @@ class NullTransport(Transport):
     """Counts every byte that would move and moves nothing: receive buffers keep what they hold and
     an all-reduce leaves the local values. One process then runs exactly one rank's compute."""
 
+    reaches_peers = False
+
     def _post(self, sends, recvs, kind) -> Pending:
         return Pending()
 
@@ -242,6 +248,8 @@ class LoopbackTransport(Transport):
     What a receive delivers is a mailbox of its size, holding this rank's last send of that size
     (zeros before any): for timing and graph checks, not for images. An all-reduce copies the
     tensor out and back (about a ring all-reduce's volume) and leaves its values."""
+
+    reaches_peers = False
 
     def __init__(self, rank: int, world_size: int, group: list[int] | None = None, **channels):
         super().__init__(rank, world_size, group, **channels)
