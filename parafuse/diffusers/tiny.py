@@ -60,6 +60,21 @@ def build_sd(path: str) -> None:
                             ).save_pretrained(path)
 
 
+def build_sd_lite(path: str) -> None:
+    """SD with a one-level U-Net (one cross-attention block, no downsampling): the smallest graph
+    with every kind of parallel site, for what costs per operation (torch.compile's tracing)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    _seeded(0)
+    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(16,), down_block_types=("CrossAttnDownBlock2D",),
+                                up_block_types=("CrossAttnUpBlock2D",), cross_attention_dim=TEXT_DIM,
+                                attention_head_dim=8, norm_num_groups=8)
+    _wake(unet, 1)
+    StableDiffusionPipeline(vae=_vae(), text_encoder=None, tokenizer=None, unet=unet,
+                            scheduler=DDIMScheduler(prediction_type=V, clip_sample=False), safety_checker=None,
+                            feature_extractor=None, requires_safety_checker=False).save_pretrained(path)
+
+
 def build_sdxl(path: str) -> None:
     from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
     _seeded(0)
@@ -112,7 +127,7 @@ def build_flux(path: str) -> None:
                  tokenizer_2=None, transformer=transformer).save_pretrained(path)
 
 
-BUILDERS = {"sd": build_sd, "sdxl": build_sdxl, "pixart": build_pixart, "sd3": build_sd3, "flux": build_flux}
+BUILDERS = {"sd": build_sd, "sd-lite": build_sd_lite, "sdxl": build_sdxl, "pixart": build_pixart, "sd3": build_sd3, "flux": build_flux}
 
 
 def pipeline_path(root: str, family: str) -> str:

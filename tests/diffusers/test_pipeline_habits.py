@@ -141,18 +141,19 @@ def test_second_parallelize_is_refused_and_allowed_after_close(root):
 
 
 # ---- item 2: torch.compile before or after parallelize ---------------------------------------------
+# the compile cases run the one-level U-Net (`sd-lite`): torch.compile's tracing costs per operation
 COMPILE_SETTINGS = dict(mode="partial", warmup_steps=1, halo_portion=0.3)
 _uncompiled = {}
 
 
-def uncompiled(root, family="sd"):
+def uncompiled(root, family="sd-lite"):
     if family not in _uncompiled:
         _uncompiled[family] = emulate_pipeline(fresh(root, family), 2, lambda p: images(p(**call_kwargs(family))),
                                                **COMPILE_SETTINGS)[0][0]
     return _uncompiled[family]
 
 
-def compiled_run(root, when: str, backend: str = "aot_eager", family="sd", **options):
+def compiled_run(root, when: str, backend: str = "aot_eager", family="sd-lite", **options):
     """The parallel pipeline with its denoiser compiled `when`: "before" parallelize
     (pipe.unet = torch.compile(pipe.unet)), "after" by assignment, "in-place" (pipe.unet.compile())."""
     plain = fresh(root, family)
@@ -183,13 +184,13 @@ def test_compiled_denoiser_turns_parafuse_graphs_off(root):
 
     def call(par):
         par.strips.graphed, par.session.capture = True, rerun_capture
-        images(par(**call_kwargs("sd")))
+        images(par(**call_kwargs("sd-lite")))
         eager_captures = par.strips.captures
         par.unet = torch.compile(par.unet, backend="aot_eager")
-        out = images(par(**call_kwargs("sd")))
+        out = images(par(**call_kwargs("sd-lite")))
         return eager_captures, par.strips.captures, out
     torch._dynamo.reset()
-    (eager_captures, captures, out), _ = emulate_pipeline(fresh(root, "sd"), 2, call, **COMPILE_SETTINGS)[0]
+    (eager_captures, captures, out), _ = emulate_pipeline(fresh(root, "sd-lite"), 2, call, **COMPILE_SETTINGS)[0]
     assert eager_captures >= 1 and captures == 0
     assert rel(out, uncompiled(root)) <= 1e-5
 
