@@ -141,14 +141,19 @@ def test_second_parallelize_is_refused_and_allowed_after_close(root):
 
 
 # ---- item 2: torch.compile before or after parallelize ---------------------------------------------
-# the compile cases run the one-level U-Net (`sd-lite`): torch.compile's tracing costs per operation
+# the compile cases run the one-level U-Net (`sd-lite`), two steps (one synchronous, one stale):
+# torch.compile's tracing costs per operation and per recompilation
 COMPILE_SETTINGS = dict(mode="partial", warmup_steps=1, halo_portion=0.3)
+
+
+def compile_call(family: str) -> dict:
+    return {**call_kwargs(family), "num_inference_steps": 2}
 _uncompiled = {}
 
 
 def uncompiled(root, family="sd-lite"):
     if family not in _uncompiled:
-        _uncompiled[family] = emulate_pipeline(fresh(root, family), 2, lambda p: images(p(**call_kwargs(family))),
+        _uncompiled[family] = emulate_pipeline(fresh(root, family), 2, lambda p: images(p(**compile_call(family))),
                                                **COMPILE_SETTINGS)[0][0]
     return _uncompiled[family]
 
@@ -165,7 +170,7 @@ def compiled_run(root, when: str, backend: str = "aot_eager", family="sd-lite", 
             par.unet = torch.compile(par.unet, backend=backend, **options)
         elif when == "in-place":
             par.unet.compile(backend=backend, **options)
-        out = images(par(**call_kwargs(family)))
+        out = images(par(**compile_call(family)))
         return out, par.strips._graphs_on
     return emulate_pipeline(plain, 2, call, **COMPILE_SETTINGS, cuda_graphs=False)
 
@@ -184,10 +189,10 @@ def test_compiled_denoiser_turns_parafuse_graphs_off(root):
 
     def call(par):
         par.strips.graphed, par.session.capture = True, rerun_capture
-        images(par(**call_kwargs("sd-lite")))
+        images(par(**{**compile_call("sd-lite"), "num_inference_steps": 3}))      # 3: a capture, a replay
         eager_captures = par.strips.captures
         par.unet = torch.compile(par.unet, backend="aot_eager")
-        out = images(par(**call_kwargs("sd-lite")))
+        out = images(par(**compile_call("sd-lite")))
         return eager_captures, par.strips.captures, out
     torch._dynamo.reset()
     (eager_captures, captures, out), _ = emulate_pipeline(fresh(root, "sd-lite"), 2, call, **COMPILE_SETTINGS)[0]
