@@ -1,6 +1,6 @@
 """The fast unit set's end-to-end strand: one small run through each part that the unit tests beside
-it reach only in part - the CLI and its outputs, every Triton kernel (through the interpreter), the
-bottleneck stages, the watchdog, the diffusers door and its CLI. Each asserts against a reference;
+it reach only in part - the CLI and its outputs and flag table, every Triton kernel (through the
+interpreter), the bottleneck stages, the watchdog, the diffusers door and its CLI. Each asserts against a reference;
 the deep tests are in the other folders (docs/testing.md)."""
 import json
 import threading
@@ -32,6 +32,13 @@ def test_cli_writes_the_image_and_its_report(tmp_path):
     report = json.loads(rep.read_text())
     assert out.stat().st_size > 0 and set(RUN_KEYS) <= set(report) and set(report["ranks"][0]) == set(RANK_KEYS)
     assert report["mode"] == "serial" and len(report["step_seconds"]) == 2
+
+
+def test_the_cli_flag_table_in_the_docs_is_the_parsers():
+    from parafuse import cli_doc
+    from parafuse.generate import build_parser
+    assert cli_doc.parser_flags() == {a for act in build_parser()._actions for a in act.option_strings if a != "-h"}
+    assert cli_doc.main(["--check"]) == 0, "run python -m parafuse.cli_doc"
 
 
 def test_every_triton_kernel_equals_the_pytorch_path(process_attention_backend):
