@@ -29,9 +29,9 @@ def output_verdict(args) -> str | None:
 
 
 def backend_timeout(args) -> float:
-    """The process group's own timeout: past both host deadlines (parafuse.watchdog), so that the
-    watchdog, which names the rank that stopped, always fires first."""
-    return max(args.startup_timeout, args.exchange_timeout) + 60.0
+    """The process group's own timeout for these command-line deadlines (`PatchConfig.backend_timeout`)."""
+    from parafuse.parallel.config import PatchConfig
+    return PatchConfig(startup_timeout=args.startup_timeout, exchange_timeout=args.exchange_timeout).backend_timeout
 
 
 def join_job(args, watch: bool) -> None:

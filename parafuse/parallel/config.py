@@ -204,6 +204,12 @@ class PatchConfig:
                               f"partial send; mode {mode.value!r} {why}: use kv_codec 'none', or mode full / partial")
 
     @property
+    def backend_timeout(self) -> float:
+        """The process group's own timeout: past both host deadlines (parafuse.watchdog), so that the
+        watchdog, which names the rank that stopped, always fires first."""
+        return max(self.startup_timeout, self.exchange_timeout) + 60.0
+
+    @property
     def stale_kinds(self) -> tuple[str, ...]:
         """The message kinds the stale channel carries: K/V and conv halos, and the text merge's
         where it is stale (the exact merge shares its kind and is waited on)."""

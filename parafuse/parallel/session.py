@@ -57,7 +57,7 @@ class PatchSession:
             raise ConfigError(str(e)) from None
         self.config = config.replace(attention_backend=backend)
         if layout is None:
-            rank, world = (init_distributed(self.device, config.startup_timeout) if launched_by_torchrun()
+            rank, world = (init_distributed(self.device, config.backend_timeout) if launched_by_torchrun()
                            else (0, 1))
             layout = ParallelLayout(rank, world, 2 if config.cfg_parallel else 1)
         self.layout = layout
