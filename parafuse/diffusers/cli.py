@@ -64,7 +64,6 @@ def load_prompt_embeds(path: str, model_dir: str) -> dict:
     """--prompt-embeds: a torch.save'd dict of tensors; every embedding of a width the denoiser's
     config fixes is checked against it. Any other content is refused in one line, before the
     pipeline loads."""
-    import pickle
 
     import torch
 
@@ -72,7 +71,7 @@ def load_prompt_embeds(path: str, model_dir: str) -> dict:
     check_input_file(path, "--prompt-embeds")
     try:
         embeds = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+    except Exception as e:        # any unreadable content (pickle raises many types on junk): one line, no traceback
         raise CheckError(f"--prompt-embeds {path!r} is not a torch.save'd file of tensors "
                          f"({type(e).__name__}): save a dict of tensors with torch.save") from None
     if not isinstance(embeds, dict) or not embeds or not all(isinstance(v, torch.Tensor) for v in embeds.values()):
