@@ -38,7 +38,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 # the prologue's ops live in the kernel package (the lower layer: it imports nothing from parafuse)
 from parafuse_kernels.grid import kv_splits, programs
-from parafuse_kernels.prologue import q_prologue, rms_norm, rotate_pairs  # noqa: F401  (re-exported)
+from parafuse_kernels.prologue import q_prologue
 
 BACKENDS = ("auto", "triton", "sdpa", "xformers", "math")
 ENV = "PARAFUSE_ATTENTION_BACKEND"
