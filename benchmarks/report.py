@@ -18,8 +18,11 @@ two GPU results measured the same configuration, the later one is shown. Three p
 Every table and figure names the command and the hardware that produced its numbers; nothing is
 measured here.
 
-    python benchmarks/report.py            # rewrite docs/performance.md and the plots
-    python benchmarks/report.py --check    # exit 1 if docs/performance.md is out of date
+    python benchmarks/report.py            # rewrite docs/performance.md, the README's headline block, the plots
+    python benchmarks/report.py --check    # exit 1 if either is out of date
+
+The README's headline figures (`<!-- generated:begin headline -->`) are a few rows of the same
+results: per-rank compute on a GPU, the projection to 8 GPUs, and the bytes/quality figures.
 
 Figures outside generated blocks in docs/*.md: `figures_outside_blocks` (tested) finds every
 timing or speedup figure (ms, µs, ×, GB/s, TFLOP/s) there; allowed only on a line marked as a CPU
@@ -520,6 +523,117 @@ def save(fig, name: str) -> str:
     return name
 
 
+# ---- the README's headline figures --------------------------------------------------------------------
+README = os.path.join(ROOT, "README.md")
+HEADLINE = "headline"
+# (what the row says, the configuration): per-rank compute rows measured on a GPU, one figure each; the
+# PyTorch kernels only, the ones the committed serial steps ran (like with like)
+HEADLINE_GPU = (
+    ("dit-xl 4096², N = 8, `full`, eager", dict(model="dit-xl", size=4096, mode="full", n=8, cuda_graphs=False)),
+    ("unet-xl 4096², N = 8, `full`, eager", dict(model="unet-xl", size=4096, mode="full", n=8, cuda_graphs=False)),
+    ("unet-xl 2048², N = 8, `partial`, CUDA graphs",
+     dict(model="unet-xl", size=2048, mode="partial", n=8, cuda_graphs=True, kernels="torch")),
+)
+# projections to 8 GPUs over NVLink 4: (model, size, mode, graphed, kernels)
+HEADLINE_PROJECTED = (("dit-xl", 4096, "full", False, "torch"), ("unet-xl", 4096, "full", True, "torch"))
+NORMAL = {"kernels": "torch", "cuda_graphs": False, "transport": "null"}
+
+
+def normal(row: dict, key: str):
+    """A row's setting, older results' absent or None read as the default they ran with."""
+    value = row.get(key)
+    return NORMAL.get(key) if value is None else value
+
+
+def projections(g: dict) -> list[tuple[str, dict]]:
+    """(where, row) of every N = 8 NVLink 4 projection made from per-rank rows measured on `g`'s GPU:
+    gpu_check's projection section and the project_*.json files, each row with `graphed` and `kernels`."""
+    sec = g["sections"].get("projection")
+    out = []
+    if sec:
+        commit = (sec.get("provenance") or {}).get("commit")
+        out += [(f"`benchmarks/gpu_check.py`'s projection, commit {commit[:7] if commit else 'unknown'}",
+                 {**r, "graphed": r.get("graphs", "eager") == "graphed"}) for r in sec["result"]["nvlink4"]]
+    for path in sorted(glob.glob(os.path.join(RESULTS, "project_*.json"))):
+        proj = json.load(open(path))
+        if proj.get("compute_measured_on") == g["hardware"]["device"]:
+            graphed = {(r["model"], r["size"]) for r in proj["measured_rows"] if r.get("cuda_graphs")}
+            out += [(f"`{os.path.basename(path)}`, {origin(proj, path)}",
+                     {**r, "graphed": (r["model"], r["size"]) in graphed}) for r in proj["projections"]
+                    if r["link"] == "nvlink4"]
+    return [(w, r) for w, r in out if r["n"] == 8]
+
+
+def headline_rows(gpus: list[dict]) -> list[dict]:
+    """A few figures for the README, each with its hardware, commit and JSON; performance.md has the rest."""
+    rows = []
+    for g in gpus:
+        measured = gpu_scaling_rows(g)
+        for what, config in HEADLINE_GPU:
+            hit = [r for r in measured if normal(r, "transport") == "null" and
+                   all(normal(r, k) == v for k, v in config.items())]
+            if hit:
+                rows.append({"what": f"per-rank compute, {what}", "figure": f"{hit[-1]['speedup']:.2f}×",
+                             "where": f"{g['hardware']['device']}, {hit[-1]['origin']}"})
+        found = projections(g)
+        for model, size, mode, graphed, kernels in HEADLINE_PROJECTED:
+            hit = [(w, r) for w, r in found if (r["model"], r["size"], r["mode"], r["graphed"],
+                                                 r.get("kernels", "torch")) == (model, size, mode, graphed, kernels)]
+            if hit:
+                where, r = hit[-1]
+                rows.append({"what": f"**projected**, 8 GPUs on NVLink 4, {model} {size}², `{mode}`, "
+                                     f"{'CUDA graphs' if graphed else 'eager'}",
+                             "figure": f"{r['projected_pessimistic_speedup']:.2f}× pessimistic, "
+                                       f"{r['projected_speedup']:.2f}× optimistic; "
+                                       f"{r['projected_stale_channel_speedup']:.2f}× pessimistic with `--stale-channel`",
+                             "where": f"arithmetic: {where}"})
+    return rows
+
+
+def cpu_headline_rows() -> list[dict]:
+    """The bytes and quality headline: the U-Net target's verdict at 2048² and the peer comparison."""
+    rows = []
+    grid = load("quality_2048_grid_cpu.json")
+    if grid:
+        by = {(r["n"], r["mode"]): r for r in grid["rows"]}
+        t = next((t for t in grid.get("targets") or [] if t["n"] == TARGET_N), None)
+        part, dist = by.get((TARGET_N, "partial")), by.get((TARGET_N, "distrifusion"))
+        if t and part and dist:
+            rows.append({"what": f"default U-Net 2048², N = {TARGET_N}: `partial` against DistriFusion, bytes of a "
+                                 "stale step (of the run) and PSNR", "figure": f"{100 * t['steady_bytes_share']:.1f}% "
+                                 f"({100 * t['bytes_share']:.1f}%) of the bytes, {part['psnr_db']:.1f} vs "
+                                 f"{dist['psnr_db']:.1f} dB",
+                         "where": f"{hw(grid)}, `quality_2048_grid_cpu.json`"})
+    peers = load("peers_cpu.json")
+    if peers and peers.get("target"):
+        rows.append({"what": "Flux-dev 4096², N = 8: `full --kv-codec sign`'s bytes per rank against diffusers' "
+                             "Ulysses (counted)", "figure": f"{peers['target']['share_of_ulysses']:.3f}×",
+                     "where": f"{hw(peers)}, `peers_cpu.json`"})
+    return rows
+
+
+def headline(gpus: list[dict]) -> str:
+    rows = headline_rows(gpus) + cpu_headline_rows()
+    body = table(rows, [("what", "what"), ("figure", "figure"), ("where", "where")]) if rows \
+        else "No committed results yet."
+    return f"<!-- generated:begin {HEADLINE} -->\n{body}\n<!-- generated:end {HEADLINE} -->"
+
+
+def with_headline(readme: str, block: str) -> str:
+    """`readme` with its headline block replaced by `block`."""
+    pattern = re.compile(rf"<!-- generated:begin {HEADLINE} -->.*?<!-- generated:end {HEADLINE} -->", re.S)
+    if not pattern.search(readme):
+        raise SystemExit(f"README.md has no <!-- generated:begin {HEADLINE} --> block for report.py to fill")
+    return pattern.sub(lambda _: block, readme)
+
+
+def write_atomically(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 # ---- the page -------------------------------------------------------------------------------------------
 def section() -> tuple[str, tuple]:
     scaling, project, quality = load("scaling_cpu.json"), load("project_cpu.json"), load("quality_cpu.json")
@@ -569,23 +683,26 @@ def section() -> tuple[str, tuple]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--check", action="store_true", help="exit 1 if docs/performance.md is out of date")
+    p.add_argument("--check", action="store_true", help="exit 1 if docs/performance.md or the README's headline "
+                                                        "block is out of date")
     a = p.parse_args(argv)
     text, sources = section()
     new = text + "\n"
+    readme = open(README).read()
+    new_readme = with_headline(readme, headline(sources[3]))
     if a.check:
         old = open(PERFORMANCE).read() if os.path.exists(PERFORMANCE) else ""
-        if new != old:
-            print("docs/performance.md is out of date: run python benchmarks/report.py")
+        stale = [name for name, was, now in (("docs/performance.md", old, new), ("README.md", readme, new_readme))
+                 if was != now]
+        if stale:
+            print(f"{' and '.join(stale)} out of date: run python benchmarks/report.py")
             return 1
         return 0
     written = plots(*sources)
     os.makedirs(DOCS, exist_ok=True)
-    tmp = PERFORMANCE + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(new)
-    os.replace(tmp, PERFORMANCE)
-    print(f"wrote docs/performance.md; plots: {', '.join(written)}")
+    write_atomically(PERFORMANCE, new)
+    write_atomically(README, new_readme)
+    print(f"wrote docs/performance.md and README.md's headline block; plots: {', '.join(written)}")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Docs hold GPU figures only inside the blocks benchmarks/report.py generates from committed JSON:
-any timing or speedup figure elsewhere in docs/*.md fails, unless marked as a CPU figure with its
-JSON source."""
+any timing or speedup figure elsewhere in README.md or docs/*.md fails, unless marked as a CPU figure
+with its JSON source. The README stays a front page: short, with one-line table cells."""
 import glob
 import os
 
@@ -12,10 +12,9 @@ from report import figures_outside_blocks  # noqa: E402
 SOURCE = "benchmarks/results/scaling_cpu.json"      # a committed JSON
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "docs", "*.md"))) or ["(no docs)"])
+@pytest.mark.parametrize("path", [os.path.join(ROOT, "README.md"),
+                                  *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))])
 def test_no_timing_or_speedup_figure_outside_generated_blocks(path):
-    if path == "(no docs)":
-        pytest.skip("no docs/*.md")
     bad = figures_outside_blocks(open(path).read())
     assert not bad, f"{os.path.relpath(path, ROOT)}: figures outside generated blocks (mark CPU figures with " \
                     f"<!-- cpu-figure: benchmarks/results/NAME.json -->): {bad[:5]}"
@@ -43,3 +42,20 @@ def test_a_cpu_mark_whose_json_does_not_exist_does_not_excuse_the_figure():
 def test_an_unclosed_or_mismatched_block_does_not_hide_figures():
     text = "<!-- generated:begin a -->\n7.81x\n<!-- generated:end b -->\n"
     assert figures_outside_blocks(text) == ["7.81x"]
+
+
+def table_cells(text: str) -> list[str]:
+    return [cell.strip() for line in text.splitlines() if line.startswith("|")
+            for cell in line.strip().strip("|").split("|")]
+
+
+def test_readme_is_a_front_page():
+    """At most 300 lines and 30 KB, no table cell over 150 characters (issue 29's limits)."""
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    assert len(text.splitlines()) <= 300 and len(text.encode()) <= 30_000
+    long = [c for c in table_cells(text) if len(c) > 150]
+    assert not long, f"README.md table cells over 150 characters: {long[:3]}"
+
+
+def test_a_long_table_cell_is_found():
+    assert table_cells("text | not a table\n| a | " + "x" * 151 + " |\n") == ["a", "x" * 151]
