@@ -28,15 +28,13 @@ figure with its JSON source, `<!-- cpu-figure: benchmarks/results/NAME.json -->`
 from __future__ import annotations
 
 import argparse
-import glob
-import json
 import os
 import re
 import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, table  # noqa: E402
+from common import RESULTS, SCHEMA, read_result, read_results, table  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(ROOT, "docs")
@@ -92,10 +90,14 @@ MODE_STYLE = {"full": "C0", "partial": "C1", "none": "C7", "sync": "C2", "distri
 
 def load(name: str) -> dict | None:
     path = os.path.join(RESULTS, name)
-    return json.load(open(path)) if os.path.exists(path) else None
+    return read_result(path) if os.path.exists(path) else None
 
 
-def command(res: dict, default: str) -> str:
+def command(res: dict, default: str | None = None) -> str | None:
+    """The command behind a result: its stamped provenance's (the schema), a legacy file's own
+    `command` field (its provenance, where it has one, may be a later --reproject's)."""
+    if res["schema"] == SCHEMA:
+        return res["provenance"].get("command") or default
     return res.get("command") or default
 
 
@@ -105,8 +107,7 @@ def hw(res: dict) -> str:
 
 
 def gpu_results() -> list[dict]:
-    return [json.load(open(p)) for p in sorted(glob.glob(os.path.join(RESULTS, "gpu_check_*.json")))
-            if not json.load(open(p)).get("smoke")]
+    return [res for _, res in read_results("gpu_check_*.json") if not res.get("smoke")]
 
 
 def pivot(rows: list[dict], keys: tuple[str, ...], value: str) -> str:
@@ -162,12 +163,11 @@ def gpu_scaling_rows(g: dict) -> list[dict]:
         rows += [{**r, "command": gpu_check.COMMAND, "origin": f"commit {commit[:7]}" if commit else "unknown",
                   "when": commit_time(commit) if commit else 0}
                  for r in sec.get("result", {}).get("rows", []) if "speedup" in r]
-    for path in sorted(glob.glob(os.path.join(RESULTS, "scaling_*.json"))):
-        res = json.load(open(path))
+    for path, res in read_results("scaling_*.json"):
         if res["hardware"]["device"] == g["hardware"]["device"]:
             stamp = (res.get("provenance") or {}).get("commit")
             when = commit_time(stamp) if stamp else committed(path)[0]
-            rows += [{**r, "command": f"PYTHONPATH=.:kernels {res['command']}", "origin": origin(res, path),
+            rows += [{**r, "command": f"PYTHONPATH=.:kernels {command(res)}", "origin": origin(res, path),
                       "when": when} for r in res["rows"] if "speedup" in r]
     return current(rows)
 
@@ -213,16 +213,15 @@ def gpu_section(gpus: list[dict]) -> list[str]:
                 "`source` numbers the command and commit below):", "",
                 pivot(rows, ("model", "size", "mode", "graphs", "kernels", "communication", "source"), "speedup"), ""]
         out += [f"{i}. `{c}" for i, c in enumerate(commands, 1)] + [""]
-        for path in sorted(glob.glob(os.path.join(RESULTS, "project_*.json"))):
-            proj = json.load(open(path))
+        for path, proj in read_results("project_*.json"):
             if proj.get("compute_measured_on") != device:
                 continue
             graphed = {(r["model"], r["size"]) for r in proj["measured_rows"] if r.get("cuda_graphs")}
             prow = [{**r, "graphs": "graphed" if (r["model"], r["size"]) in graphed else "eager",
                      "kernels": r.get("kernels", "torch")} for r in proj["projections"] if r["n"] in (2, 4, 8, 16)]
             charge = (proj.get("charge") or {}).get("source", "none")
-            out += [f"**Projected** (not measured) from the rows of `{proj['args']['scaling']}` and the counted "
-                    f"bytes, per link: `{proj['command']}` at {origin(proj, path)}; per-rank compute at an N not "
+            out += [f"**Projected** (not measured) from the rows of `{proj['config']['scaling']}` and the counted "
+                    f"bytes, per link: `{command(proj)}` at {origin(proj, path)}; per-rank compute at an N not "
                     "measured is interpolated or extrapolated, sync rows marked in the JSON take full's compute "
                     "(benchmarks/project.py). Two bounds fixed before the results were read: optimistic "
                     "(communication hides behind compute) and pessimistic (stale traffic queued ahead of the exact "
@@ -251,10 +250,10 @@ def quality_section(quality: dict | None) -> list[str]:
     if not quality:
         return ["### Communication and quality against DistriFusion and PCPP", "",
                 "Not yet measured: run `python benchmarks/quality.py`.", ""]
-    a = quality["args"]
+    a = quality["config"]
     rows = [r for r in quality["rows"] if r["warmup"] == a["warmup"] and r["portion"] in (None, a["portion"])]
     out = ["### Communication and quality against DistriFusion and PCPP", "",
-           f"`{quality['command']}` on {hw(quality)}: {len(a['seeds'])} seeds, PSNR and SSIM of each parallel image "
+           f"`{command(quality)}` on {hw(quality)}: {len(a['seeds'])} seeds, PSNR and SSIM of each parallel image "
            f"against the serial image of the same seed (mean ± sd; max abs: the largest pixel difference in [-1, 1], "
            f"the mean over the seeds), bytes per step of the busiest rank averaged "
            f"over the run (warmup included). `distrifusion` and `pcpp` run as published: their traffic and "
@@ -322,9 +321,8 @@ def target_scoreboard(results: str = RESULTS) -> tuple[list[dict], list[dict]]:
     quality target's rows: `partial` on the default model at 1024², 20 steps, warmup 4, N = 8)."""
     verdicts: dict[tuple, dict] = {}
     quality: dict[tuple, dict] = {}
-    for path in sorted(glob.glob(os.path.join(results, "quality_*.json"))):
-        res = json.load(open(path))
-        dtype, source = res["args"].get("dtype", "fp32"), os.path.basename(path)
+    for path, res in read_results("quality_*.json", results):
+        dtype, source = res["config"].get("dtype", "fp32"), os.path.basename(path)
         for r in res["rows"]:
             key = (dtype, r["model"], r["size"], r["steps"], r["n"], r["mode"], r["warmup"], r["portion"])
             if key[1:] == ("default", 1024, 20, TARGET_N, "partial", 4, TARGET_PORTION) and \
@@ -375,7 +373,7 @@ def extra_quality(name: str, title: str, note: str = "") -> list[str]:
            "the same seeds (`images` per side); identical images give 0." if swd_columns(res["rows"]) else "")
     took = f" The whole run took {res['seconds'] / 60:.0f} min." if res.get("seconds") else ""
     legend = " `max abs`: the largest pixel difference (images in [-1, 1]), the mean over the seeds." + swd
-    return [f"### {title}", "", f"`{res['command']}` on {hw(res)}.{took}{legend}" + (f" {note}" if note else ""), "",
+    return [f"### {title}", "", f"`{command(res)}` on {hw(res)}.{took}{legend}" + (f" {note}" if note else ""), "",
             table(res["rows"], [("model", "model"), ("size", "size"), ("steps", "steps"), ("n", "N"), ("mode", "mode"),
                                 ("warmup", "warmup"), ("portion", "p"), ("seeds", "seeds"), ("psnr_db", "PSNR dB"),
                                 ("psnr_sd", "± sd"), ("max_abs_diff", "max abs"), ("ssim", "SSIM")] +
@@ -389,7 +387,7 @@ def attention_reach_section(res: dict | None) -> list[str]:
     if not res:
         return []
     return [f"Why the DiTs' `partial` loses quality: the share of their self-attention that falls inside "
-            f"`partial`'s window during a serial generation (`{res['command']}` on {hw(res)}), against the share "
+            f"`partial`'s window during a serial generation (`{command(res)}` on {hw(res)}), against the share "
             f"uniform attention would put there.", "",
             table(res["rows"], [("model", "model"), ("size", "size"), ("n", "N"), ("portion", "p"), ("seeds", "seeds"),
                                 ("mass_inside", "attention inside the window"), ("uniform_inside", "uniform attention")]),
@@ -429,7 +427,7 @@ def throughput_section(res: dict | None) -> list[str]:
     if not res:
         return []
     return ["### Latency of one image against throughput of N", "",
-            f"`{res['command']}` on {hw(res)}. One image on N ranks (patch parallel) against N independent "
+            f"`{command(res)}` on {hw(res)}. One image on N ranks (patch parallel) against N independent "
             f"single-rank images at once; cold = launch to the first image (imports, load, trace, plan, first "
             f"denoising), warm = the next image in the same process. On this 2-core CPU, N ranks or N processes "
             f"share two cores.", "",
@@ -486,7 +484,7 @@ def plots(scaling, project, quality, gpus) -> list[str]:
     written.append(save(fig, "report_speedup.png"))
 
     if quality:
-        a = quality["args"]
+        a = quality["config"]
         rows = [r for r in quality["rows"] if r["warmup"] == a["warmup"] and r["portion"] in (None, a["portion"])
                 and r["size"] == a["sizes"][0] and r["steps"] == a["steps"][0]]
         for what, key, fname, ylabel in (("bytes", "bytes_per_step_busiest_rank", "report_bytes.png",
