@@ -164,21 +164,29 @@ def add_seeds(p: argparse.ArgumentParser, default) -> None:
         p.add_argument("--seeds", nargs="+", type=int, default=list(default), help="noise seeds (default: %(default)s)")
 
 
-def add_timing(p: argparse.ArgumentParser, repeat: int = 5, warmup: int = 2) -> None:
-    """--repeat (timed calls of each measured thing) and --timing-warmup (untimed calls before them)."""
+def add_timing(p: argparse.ArgumentParser, repeat: int = 5, warmup: int | None = 2) -> None:
+    """--repeat (timed calls of each measured thing) and --timing-warmup (untimed calls before them;
+    warmup None: no such flag, where the script's own first call is the warm-up)."""
     g = p.add_argument_group("timing (common.time_calls)")
     g.add_argument("--repeat", type=int, default=repeat, help="timed calls per measurement (default: %(default)s)")
-    g.add_argument("--timing-warmup", type=int, default=warmup,
-                   help="untimed calls before them (compilation, autotuning, caches) (default: %(default)s)")
+    if warmup is not None:
+        g.add_argument("--timing-warmup", type=int, default=warmup,
+                       help="untimed calls before them (compilation, autotuning, caches) (default: %(default)s)")
 
 
 def add_device(p: argparse.ArgumentParser, device: str | None = None, dtype: bool = True) -> None:
-    """--device (default: cuda where there is one, else cpu) and --dtype (default: bf16 on CUDA, fp32 on CPU)."""
+    """--device (default: cuda where there is one, else cpu) and, with `dtype`, --dtype (add_dtype)."""
     p.add_argument("--device", default=device or ("cuda" if torch.cuda.is_available() else "cpu"),
                    help="torch device (default: %(default)s)")
     if dtype:
-        p.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
-                       help="compute dtype (default: bf16 on CUDA, fp32 on CPU)")
+        add_dtype(p)
+
+
+def add_dtype(p: argparse.ArgumentParser, default: str | None = None,
+              help: str = "compute dtype (PatchConfig.dtype)") -> None:
+    """--dtype fp32 | bf16 | fp16 (default None: bf16 on CUDA, fp32 on CPU)."""
+    p.add_argument("--dtype", default=default, choices=("fp32", "bf16", "fp16"),
+                   help=help + (" (default: %(default)s)" if default else " (default: bf16 on CUDA, fp32 on CPU)"))
 
 
 RUN_FLAGS = {     # the run flags the scripts share: type and help (a list default makes the flag take several)
@@ -211,13 +219,14 @@ def config_of(args: argparse.Namespace) -> dict:
 
 
 # ---- the runs -------------------------------------------------------------------------------------------
-def patch_config(mode: str = "sync", warmup: int | None = None, portion: float | None = None, **settings):
-    """The PatchConfig of a benchmark's run: `mode` (`MODE+sign`: with the one-bit K/V codec), its
-    synchronous warmup steps, and `portion` as the window where the mode has one (a swept portion
-    is ignored by the modes without a window, instead of refused); any other setting by keyword."""
-    from parafuse.parallel.config import DEFAULT_WARMUP_STEPS, PatchConfig
+def patch_config(mode: str | None = None, warmup: int | None = None, portion: float | None = None, **settings):
+    """The PatchConfig of a benchmark's run: `mode` (default: the library's; `MODE+sign`: with the
+    one-bit K/V codec), its synchronous warmup steps (default: the library's), and `portion` as the
+    window where the mode has one (a swept portion is ignored by the modes without a window, instead
+    of refused); any other PatchConfig setting by keyword (a serial run: `patch_config(dtype=...)`)."""
+    from parafuse.parallel.config import DEFAULT_MODE, DEFAULT_WARMUP_STEPS, PatchConfig
 
-    mode, _, codec = mode.partition("+")
+    mode, _, codec = str(mode or DEFAULT_MODE).partition("+")
     windowed = PatchConfig(mode=mode).windowed
     return PatchConfig(mode=mode, warmup_steps=DEFAULT_WARMUP_STEPS if warmup is None else warmup,
                        halo_portion=portion if windowed else None, kv_codec=codec or settings.pop("kv_codec", "none"),
