@@ -51,7 +51,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, hardware, provenance, table  # noqa: E402
+from common import RESULTS, hardware, median_seconds, provenance, table  # noqa: E402
 from pipelines_gpu import BUDGETS as PIPELINE_BUDGETS, section_pipelines, section_pipelines_4096, summary_rows  # noqa: E402,F401
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -222,7 +222,6 @@ def section_graphs(a) -> dict:
 
 
 def section_bandwidth(a) -> dict:
-    import scaling
     from parafuse.solvers import combine
 
     device = torch.device(a.device)
@@ -232,8 +231,8 @@ def section_bandwidth(a) -> dict:
         x, m0, m1 = (torch.randn(numel, device=device).to(dt) for _ in range(3))
         dst = torch.empty_like(x)
         size = x.element_size() * numel
-        copy_s = scaling.time_step(lambda: dst.copy_(x), device, repeat=20)
-        comb_s = scaling.time_step(lambda: combine(0.9, x, [0.3, -0.1], [m0, m1]), device, repeat=20)
+        copy_s = median_seconds(lambda: dst.copy_(x), device, repeat=20)
+        comb_s = median_seconds(lambda: combine(0.9, x, [0.3, -0.1], [m0, m1]), device, repeat=20)
         key = str(dt).replace("torch.", "")
         out[key] = {"copy_GBps": 2 * size / copy_s / 1e9, "combine_GBps": 4 * size / comb_s / 1e9}
         out[key]["combine_fraction_of_copy"] = out[key]["combine_GBps"] / out[key]["copy_GBps"]
@@ -245,7 +244,6 @@ def _kv_codec_cost(device, smoke: bool) -> dict:
     """`--kv-codec sign` at one dit-xl attention site of 2048² at N = 8 (bf16, width 1152): a rank
     encodes its strip's 2048 tokens and decodes the other 7 strips' 14336, every stale step. Their
     time beside a copy of the exact K/V those 14336 tokens would otherwise receive."""
-    import scaling
     from parafuse.parallel import kv_codec
 
     local, others, c = (64, 448, 128) if smoke else (2048, 14336, 1152)
@@ -259,15 +257,15 @@ def _kv_codec_cost(device, smoke: bool) -> dict:
     exact = torch.empty_like(theirs)
     out = {"width": c, "local_tokens": local, "received_tokens": others,
            "bytes_share": kv_codec.payload_bytes(c, dt) / (2 * c * 2),
-           "copy_exact_kv_us": 1e6 * scaling.time_step(lambda: exact.copy_(theirs), device, repeat=20)}
+           "copy_exact_kv_us": 1e6 * median_seconds(lambda: exact.copy_(theirs), device, repeat=20)}
     paths = {"torch": kv_codec}
     if device.type == "cuda":          # the fused kernels (--kernels triton); on CPU only interpreted
         from parafuse_kernels import kv_codec as fused
         paths["triton"] = fused
     for name, codec in paths.items():
-        out[f"{name}_encode_us"] = 1e6 * scaling.time_step(lambda: codec.encode(fresh, mirror, drift, out_bytes),
+        out[f"{name}_encode_us"] = 1e6 * median_seconds(lambda: codec.encode(fresh, mirror, drift, out_bytes),
                                                            device, repeat=20)
-        out[f"{name}_decode_us"] = 1e6 * scaling.time_step(lambda: codec.decode(inbox, theirs, their_drift),
+        out[f"{name}_decode_us"] = 1e6 * median_seconds(lambda: codec.decode(inbox, theirs, their_drift),
                                                            device, repeat=20)
     return out
 
@@ -275,7 +273,6 @@ def _kv_codec_cost(device, smoke: bool) -> dict:
 def section_kernels(a) -> dict:
     """Triton GroupNorm (parafuse_kernels.groupnorm): correct against references, timed against the
     PyTorch path of PatchGroupNorm, and a `sync` run on the kernels against the serial run."""
-    import scaling
     from parafuse.models import load_model
     from parafuse.runtime import emulate
     from parafuse.parallel.engine import moments_from_sums
@@ -307,9 +304,9 @@ def section_kernels(a) -> dict:
         gn.group_sums(x, groups, sums)
         return gn.group_norm_apply(x, sums, count, w, bias, 1e-5)
 
-    out["torch_path_us"] = scaling.time_step(torch_path, device, repeat=50) * 1e6
-    out["triton_path_us"] = scaling.time_step(triton_path, device, repeat=50) * 1e6
-    out["native_group_norm_us"] = scaling.time_step(
+    out["torch_path_us"] = median_seconds(torch_path, device, repeat=50) * 1e6
+    out["triton_path_us"] = median_seconds(triton_path, device, repeat=50) * 1e6
+    out["native_group_norm_us"] = median_seconds(
         lambda: torch.nn.functional.group_norm(x, groups, w, bias, 1e-5), device, repeat=50) * 1e6
     req = Request(96, 64, 4, "ddim", seed=7, label=3)
     serial = Runtime(load_model("unet-small"), ParallelConfig(), device=a.device, dtype="fp32",
@@ -325,7 +322,6 @@ def _attention_and_update_kernels(device, smoke) -> dict:
     """Halo attention against cuDNN SDPA on one PixArt-size partial strip (2048², N = 4) per head
     dim, and the fused update against the eager step in fp32 and bf16 (benchmarks/kernel_timings.py has
     the whole sweep)."""
-    import scaling
     from parafuse.solvers import make_schedule, make_solver
     from parafuse_kernels.attention import halo_attention
     from parafuse_kernels.update import fused_step, fused_step_reference
@@ -338,9 +334,9 @@ def _attention_and_update_kernels(device, smoke) -> dict:
         got, _ = halo_attention(q, k, v)
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             want = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-            cudnn_s = scaling.time_step(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), device,
+            cudnn_s = median_seconds(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), device,
                                         repeat=20)
-        triton_s = scaling.time_step(lambda: halo_attention(q, k, v), device, repeat=20)
+        triton_s = median_seconds(lambda: halo_attention(q, k, v), device, repeat=20)
         flops = 4 * heads * lq * lk * d
         out["attention"][d] = {"max_abs_vs_cudnn": (got.float() - want.float()).abs().max().item(),
                                "triton_tflops": flops / triton_s / 1e12, "cudnn_tflops": flops / cudnn_s / 1e12}
@@ -353,9 +349,9 @@ def _attention_and_update_kernels(device, smoke) -> dict:
         want, _ = fused_step_reference(solver, 5, x, cond, state, uncond=uncond, guidance=4.0)
         got, _ = fused_step(solver, 5, x, cond, state, uncond=uncond, guidance=4.0)
         dst = torch.empty_like(cond)
-        copy_gbps = 8 * numel / scaling.time_step(lambda: dst.copy_(cond), device, repeat=20) / 1e9
+        copy_gbps = 8 * numel / median_seconds(lambda: dst.copy_(cond), device, repeat=20) / 1e9
         moved = numel * (2 * x.element_size() + 16)      # read x, cond, uncond, x̂0; write x_next, x̂0
-        fused_s = scaling.time_step(lambda: fused_step(solver, 5, x, cond, state, uncond=uncond, guidance=4.0),
+        fused_s = median_seconds(lambda: fused_step(solver, 5, x, cond, state, uncond=uncond, guidance=4.0),
                                     device, repeat=20)
         out["update"][str(dt).replace("torch.", "")] = {
             "max_abs_vs_eager": (got.float() - want.float()).abs().max().item(),

@@ -48,8 +48,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, hardware, provenance, table, write_json  # noqa: E402
-from scaling import time_step  # noqa: E402
+from common import RESULTS, hardware, median_seconds, provenance, table, write_json  # noqa: E402
+
 
 from parafuse.attention import AUTO_TABLE  # noqa: E402
 
@@ -173,7 +173,7 @@ def gemm_peak(device, smoke) -> float:
     n = 256 if smoke else 8192
     dt = torch.bfloat16 if device.type == "cuda" else torch.float32
     a, b = torch.randn(n, n, device=device, dtype=dt), torch.randn(n, n, device=device, dtype=dt)
-    return 2 * n ** 3 / time_step(lambda: a @ b, device, repeat=1 if smoke else 20) / 1e12
+    return 2 * n ** 3 / median_seconds(lambda: a @ b, device, repeat=1 if smoke else 20) / 1e12
 
 
 def _sms(device) -> int:

@@ -110,9 +110,9 @@ def test_scaling_rows_measure_each_kernel_choice(monkeypatch):
 
     asked, real = [], scaling.Runtime
 
-    def runtime(*args, kernels="torch", **kwargs):
-        asked.append((kwargs.get("layout") is not None, kernels))
-        return real(*args, **kwargs)
+    def runtime(model, config, **kwargs):           # the run's PatchConfig carries its kernels
+        asked.append((kwargs.get("layout") is not None, str(config.kernels)))
+        return real(model, config.replace(kernels="torch"), **kwargs)
 
     monkeypatch.setattr(scaling, "Runtime", runtime)
     rows = scaling.scaling_rows("unet-small", [32], [1, 2], ["full"], torch.device("cpu"), None, repeat=1,
