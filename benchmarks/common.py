@@ -324,8 +324,9 @@ def median_seconds(fn, device="cpu", repeat: int = 5, warmup: int = 2, **kw) -> 
 
 # ---- results --------------------------------------------------------------------------------------------
 def result_path(name: str, ext: str = ".json") -> str:
-    """benchmarks/results/NAME.ext (NAME with a folder, or absolute: there); a NAME ending in ext keeps it."""
-    stem = name[: -len(ext)] if name.endswith(ext) else name
+    """benchmarks/results/NAME.ext (NAME with a folder, or absolute: there); a NAME ending in .json or
+    .png has it replaced (a result's plot: result_path("x.json", ".png") is x.png)."""
+    stem = os.path.splitext(name)[0] if name.endswith((".json", ".png")) else name
     return os.path.join(RESULTS, stem + ext)
 
 

@@ -276,18 +276,19 @@ def test_kernels_benchmark_smoke_on_cpu(tmp_path):
                                    OMP_NUM_THREADS="1", TRITON_INTERPRET="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
-    assert res["smoke"] and {"attention", "update", "groupnorm"} <= set(res)
-    assert {(r["model"], r["n"], r["mode"]) for r in res["attention"]} >= {("pixart", 4, "partial"), ("flux", 1, "full")}
-    assert all(r["triton_tflops"] > 0 and r["sdpa_tflops"] > 0 for r in res["attention"])
+    assert res["schema"] == "parafuse.bench/1" and res["benchmark"] == "kernel_timings" and res["config"]["smoke"]
+    assert res["smoke"] and {"rows", "update", "groupnorm"} <= set(res)      # rows: the attention rows
+    assert {(r["model"], r["n"], r["mode"]) for r in res["rows"]} >= {("pixart", 4, "partial"), ("flux", 1, "full")}
+    assert all(r["triton_tflops"] > 0 and r["sdpa_tflops"] > 0 for r in res["rows"])
     assert all(r["triton_us"] > 0 and r["triton_spread"] >= 0 and "triton_config" in r and r["shape"] in ("short", "long")
-               for r in res["attention"])
-    assert res["commit"] and res["batch"] == 2
+               for r in res["rows"])
+    assert res["provenance"]["commit"] and res["batch"] == 2
     # the auto table the run writes is well-formed, one entry per head dim and shape class, from this run
     from parafuse.attention import check_auto_table
     entries = check_auto_table(json.loads(auto.read_text()))
-    assert set(entries) == {("cpu", r["head_dim"], r["shape"]) for r in res["attention"]}
+    assert set(entries) == {("cpu", r["head_dim"], r["shape"]) for r in res["rows"]}
     assert all("--smoke" in e["source"] for e in entries.values())
-    assert all(r["prologue_speedup"] > 0 for r in res["attention"] if r["model"] == "flux")
+    assert all(r["prologue_speedup"] > 0 for r in res["rows"] if r["model"] == "flux")
     assert {(r["shape"], r["dtype"]) for r in res["update"]} >= {("large", "float32"), ("large", "bfloat16")}
     assert res["groupnorm_bits"]["reruns_equal"] is True
     assert (tmp_path / "kernels.png").exists()
