@@ -365,6 +365,14 @@ def write_json(name: str, data: dict, provenance_: dict | None = None) -> str:
     return write_atomic(os.path.join(RESULTS, name), lambda tmp: json.dump(data, open(tmp, "w"), indent=2))
 
 
+def rewrite_result(path: str, res: dict) -> str:
+    """Write back a result read by `read_result` and changed (a --reproject): in the schema, a legacy
+    one's keys as read_result gave them."""
+    keys = ("schema", "benchmark", "config", "rows", "provenance", "hardware")
+    return write_result(path, res["benchmark"], res["config"], res["rows"], res["provenance"], res["hardware"],
+                        **{k: v for k, v in res.items() if k not in keys})
+
+
 def save_plot(fig, name: str, dpi: int = 100) -> str:
     """Save `fig` beside the result `name` (NAME.png; a name ending in .png is kept), atomically."""
     return write_atomic(result_path(name, ".png"), lambda tmp: fig.savefig(tmp, dpi=dpi))

@@ -19,6 +19,8 @@ def test_gpu_check_smoke_on_cpu(tmp_path):
                           env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
+    assert res["schema"] == "parafuse.bench/1" and res["benchmark"] == "gpu_check" and res["config"]["smoke"]
+    assert {r["section"] for r in res["rows"]} >= {"cli", "sync"}        # the summary table's rows
     sections = res["sections"]
     assert set(sections) == {"cli", "nccl", "sync", "scaling", "graphs", "bandwidth", "kernels", "bottleneck",
                              "projection"}
@@ -61,8 +63,10 @@ def test_gpu_check_pipelines_smoke_on_cpu(tmp_path):
     assert set(loops) == {"sdxl", "flux"} and all(r["rank"]["evaluations"] == r["steps"] for r in loops.values())
     assert loops["sdxl"]["full_emulated_psnr_db"] > 30 and loops["sdxl"]["partial_emulated_psnr_db"] > 30
     # each row was written to the sections' own JSON as it ended
-    written = json.loads((tmp_path / "gpu_check_pipelines.json").read_text())["sections"]
-    assert written["pipelines"]["rows"] == json.loads(json.dumps(sections["pipelines"]["result"]["rows"]))
+    written = json.loads((tmp_path / "gpu_check_pipelines.json").read_text())
+    assert written["schema"] == "parafuse.bench/1" and set(written["sections"]) == {"pipelines", "pipelines_4096"}
+    assert [{k: v for k, v in r.items() if k != "section"} for r in written["rows"] if r["section"] == "pipelines"] == \
+        json.loads(json.dumps(sections["pipelines"]["result"]["rows"]))
     assert "target pipelines flux 2048² full N=8 >= 6.0x" in proc.stdout
     sdxl_target = next(line for line in proc.stdout.splitlines() if "target pipelines sdxl 2048² full N=8" in line)
     assert "; partial" in sdxl_target and "dB against serial" in sdxl_target
