@@ -159,7 +159,8 @@ def parser(doc: str, name: str | None = None, **kw) -> argparse.ArgumentParser:
 def add_seeds(p: argparse.ArgumentParser, default) -> None:
     """--seeds: a list of noise seeds, or (an int default) how many, 0..N-1."""
     if isinstance(default, int):
-        p.add_argument("--seeds", type=int, default=default, help="how many seeds: 0, 1, ..., N-1 (default: %(default)s)")
+        p.add_argument("--seeds", type=int, default=default,
+                       help="how many seeds: 0, 1, ..., N-1 (default: %(default)s)")
     else:
         p.add_argument("--seeds", nargs="+", type=int, default=list(default), help="noise seeds (default: %(default)s)")
 
@@ -231,6 +232,23 @@ def patch_config(mode: str | None = None, warmup: int | None = None, portion: fl
     return PatchConfig(mode=mode, warmup_steps=DEFAULT_WARMUP_STEPS if warmup is None else warmup,
                        halo_portion=portion if windowed else None, kv_codec=codec or settings.pop("kv_codec", "none"),
                        **settings)
+
+
+def config_flags(config) -> list[str]:
+    """The `parafuse.generate` flags of `config`'s settings that differ from the defaults: a torchrun
+    run built from the same PatchConfig as an in-process one."""
+    from parafuse.parallel.config import FIELDS, defaults
+
+    out, base = [], defaults()
+    for name, f in FIELDS.items():
+        value = getattr(config, name)
+        if value == base[name] or value is None or name in config._filled:   # filled: the mode's own default
+            continue
+        if f.kind is bool:      # store_true, or --X / --no-X where the default is None (the device's)
+            out.append(f.option(name) if value else "--no-" + f.option(name)[2:])
+        else:
+            out += [f.option(name), str(getattr(value, "value", value))]
+    return out
 
 
 # ---- timing ---------------------------------------------------------------------------------------------

@@ -38,8 +38,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (add_device, add_run, add_timing, config_of, hardware, parser, patch_config,  # noqa: E402
-                    provenance, save_plot, table, time_calls, write_result)
+from common import (add_device, add_run, add_timing, config_flags, config_of, hardware, parser,  # noqa: E402
+                    patch_config, provenance, save_plot, table, time_calls, write_result)
 
 from parafuse.models import load_model  # noqa: E402
 from parafuse.parallel.distributed import ParallelLayout  # noqa: E402
@@ -203,10 +203,8 @@ def torchrun_steps(model_name: str, size: int, n: int, mode: str, steps: int, wa
         rep = os.path.join(tmp, "report.json")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
                "-m", "parafuse.generate", "--model", model_name, "--height", str(size), "--width", str(size),
-               "--steps", str(steps), "--solver", "ddim", "--mode", mode, "--warmup-steps", str(warmup),
+               "--steps", str(steps), "--solver", "ddim", *config_flags(patch_config(mode, warmup, dtype=dtype)),
                "--no-progress", "--out", os.path.join(tmp, "x.png"), "--report", rep, "--overwrite"]
-        if dtype:
-            cmd += ["--dtype", dtype]
         env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // n)), PYTHONPATH=ROOT)
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
         if proc.returncode:
