@@ -229,9 +229,10 @@ def patch_config(mode: str | None = None, warmup: int | None = None, portion: fl
 
     mode, _, codec = str(mode or DEFAULT_MODE).partition("+")
     windowed = PatchConfig(mode=mode).windowed
+    kv_codec = codec or settings.pop("kv_codec", "none")
+    settings.pop("kv_codec", None)
     return PatchConfig(mode=mode, warmup_steps=DEFAULT_WARMUP_STEPS if warmup is None else warmup,
-                       halo_portion=portion if windowed else None, kv_codec=codec or settings.pop("kv_codec", "none"),
-                       **settings)
+                       halo_portion=portion if windowed else None, kv_codec=kv_codec, **settings)
 
 
 def config_flags(config) -> list[str]:
@@ -412,7 +413,9 @@ def read_result(path: str) -> dict:
     """A result file as the one schema. A result written before it (LEGACY) is read into the same
     keys: `args` becomes `config`; `provenance` is its own stamp where it has one, with the
     top-level `command` and the device (hardware's, else its `target`) filled in where missing;
-    every other key is kept as it is (a legacy `config` beside `args` as `model_config`)."""
+    every other key is kept as it is (a legacy `config` beside `args` as `model_config`; peers.py's
+    `measured` and `counted` lists, whose rows say which they are, and project.py's `projections`,
+    as `rows`)."""
     with open(path) as f:
         data = json.load(f)
     if not isinstance(data, dict):
@@ -422,6 +425,11 @@ def read_result(path: str) -> dict:
     extras = {k: v for k, v in data.items() if k not in ("provenance", "hardware", "args", "rows")}
     if "args" in data and "config" in data:
         extras["model_config"] = extras.pop("config")
+    rows = data.get("rows", [])
+    if "rows" not in data and "measured" in data and "counted" in data:    # peers.py's: two lists of rows
+        rows = extras.pop("measured") + extras.pop("counted")
+    elif "rows" not in data and "projections" in data:                      # project.py's
+        rows = extras.pop("projections")
     hw = data.get("hardware") if isinstance(data.get("hardware"), dict) else {}
     prov = dict(data.get("provenance") or {})
     command = data.get("command")
@@ -430,7 +438,7 @@ def read_result(path: str) -> dict:
     prov.setdefault("commit", None)
     prov.setdefault("dirty", None)
     return {**extras, "schema": LEGACY, "benchmark": benchmark_of(path), "provenance": prov, "hardware": hw,
-            "config": data.get("args") if "args" in data else data.get("config", {}), "rows": data.get("rows", [])}
+            "config": data.get("args") if "args" in data else data.get("config", {}), "rows": rows}
 
 
 def read_results(pattern: str, folder: str = RESULTS) -> list[tuple[str, dict]]:

@@ -141,7 +141,7 @@ def speedup_section(scaling: dict | None, project: dict | None, gpus: list[dict]
                 "`benchmarks/gpu_check.py`, so every figure here is from a CPU.", ""]
     if project:
         err = project.get("validation", {}).get("mean_abs_relative_error", {}).get("measured")
-        rows = [r for r in project["projections"] if r["link"] == "nvlink4" and r["n"] in (1, 2, 4, 8, 16)]
+        rows = [r for r in project["rows"] if r["link"] == "nvlink4" and r["n"] in (1, 2, 4, 8, 16)]
         out += [f"**Projected** (not measured) over NVLink 4 from per-rank compute measured on {hw(project)} "
                 f"and the counted bytes: `{command(project, 'python benchmarks/project.py --measure --validate')}`"
                 + (f"; its mean absolute error against real CPU torchrun step times (link fitted by ping-pong): "
@@ -218,7 +218,7 @@ def gpu_section(gpus: list[dict]) -> list[str]:
                 continue
             graphed = {(r["model"], r["size"]) for r in proj["measured_rows"] if r.get("cuda_graphs")}
             prow = [{**r, "graphs": "graphed" if (r["model"], r["size"]) in graphed else "eager",
-                     "kernels": r.get("kernels", "torch")} for r in proj["projections"] if r["n"] in (2, 4, 8, 16)]
+                     "kernels": r.get("kernels", "torch")} for r in proj["rows"] if r["n"] in (2, 4, 8, 16)]
             charge = (proj.get("charge") or {}).get("source", "none")
             out += [f"**Projected** (not measured) from the rows of `{proj['config']['scaling']}` and the counted "
                     f"bytes, per link: `{command(proj)}` at {origin(proj, path)}; per-rank compute at an N not "
@@ -410,14 +410,14 @@ def peers_section(res: dict | None) -> list[str]:
             "each measured row checks the closed forms the counted rows use (`closed form off by`: relative, per "
             "kind).", "",
             table([{**r, "total_kb": sum(r["bytes_per_step"].values()) / 1e3,
-                    "worst": max(r["check"].values(), default=0.0)} for r in res["measured"]],
+                    "worst": max(r["check"].values(), default=0.0)} for r in res["rows"] if r["measured"]],
                   [("config", "widths"), ("size", "px"), ("n", "N"), ("system", "system"), ("total_kb", "KB/step"),
                    ("max_abs", "max abs vs single process"), ("psnr_db", "PSNR dB"), ("worst", "closed form off by")]),
             "", "Counted (the closed forms) for Flux-dev: 19 + 38 joint attentions, 512 text tokens, bf16 "
             "activations; bytes per step and rank, and those on the critical path (Ulysses: all of them). " + verdict,
             "",
             table([{**r, "total_mb": r["total_bytes"] / 1e6, "critical_mb": r["critical_bytes"] / 1e6,
-                    "critical_kinds": ", ".join(r["critical_kinds"])} for r in res["counted"]],
+                    "critical_kinds": ", ".join(r["critical_kinds"])} for r in res["rows"] if not r["measured"]],
                   [("size", "px"), ("n", "N"), ("system", "system"), ("total_mb", "MB/step/rank"),
                    ("critical_mb", "MB on the critical path"), ("share_of_ulysses", "x Ulysses' bytes"),
                    ("critical_kinds", "critical kinds")]), ""]
@@ -472,8 +472,8 @@ def plots(scaling, project, quality, gpus) -> list[str]:
                           f"{' triton kernels' if key[4] == 'triton' else ''}: per-rank compute, "
                           f"{g['hardware']['device']} (measured)")
     if project:
-        for (model, size, mode) in sorted({(r["model"], r["size"], r["mode"]) for r in project["projections"]}):
-            pts = sorted((r for r in project["projections"] if r["link"] == "nvlink4"
+        for (model, size, mode) in sorted({(r["model"], r["size"], r["mode"]) for r in project["rows"]}):
+            pts = sorted((r for r in project["rows"] if r["link"] == "nvlink4"
                           and (r["model"], r["size"], r["mode"]) == (model, size, mode)), key=lambda r: r["n"])
             ax.plot([r["n"] for r in pts], [r["projected_speedup"] for r in pts], "--", color=MODE_STYLE.get(mode),
                     alpha=0.6, label=f"{model} {size}² {mode}: PROJECTED, NVLink 4")
