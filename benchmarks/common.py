@@ -7,14 +7,14 @@ timings and its result file here.
 - `patch_config`: the `PatchConfig` of a run (a mode, with `+sign` for the K/V codec, its warmup and
   window), so that every parallel run is built from the one config the library runs on;
 - `time_calls`: the one timer (CUDA events per call, or CUDA-graph replay; perf_counter on CPU):
-  warm-up calls, then at least `repeat` timed calls, their median, min/max, quartiles and count;
+  warm-up calls, then `repeat` timed calls, their median, min/max, quartiles and count;
 - `write_result`: the one result schema, `parafuse.bench/1` - {schema, benchmark, provenance,
   hardware, config (the arguments), rows, ...the script's own extras} - written atomically (a run
   that fails leaves no half-written file), its plot beside it (`save_plot`);
 - `read_result`: any committed result, of this schema or of the layouts written before it (their
   `args` as `config`, their `command` and device in `provenance`), for report.py and manifest.py.
 
-Provenance: every results JSON written through `write_json` carries `provenance` - the commit and
+Provenance: every result written through `write_result` carries `provenance` - the commit and
 whether the tree differed from it (results under benchmarks/results/ aside), the device, the
 driver / CUDA / torch / Triton / NCCL versions and the exact command. On a machine whose copy of
 the tree has no git (a lent GPU), the commit comes from the stamp written before the copy:
@@ -376,12 +376,6 @@ def write_result(name: str, benchmark: str, config: dict, rows: list, provenance
         with open(tmp, "w") as f:
             f.write(text)
     return write_atomic(result_path(name), write)
-
-
-def write_json(name: str, data: dict, provenance_: dict | None = None) -> str:
-    """The layout before SCHEMA (removed once every script writes through `write_result`)."""
-    data = {"provenance": provenance_ or data.get("provenance") or provenance(), **data}
-    return write_atomic(os.path.join(RESULTS, name), lambda tmp: json.dump(data, open(tmp, "w"), indent=2))
 
 
 def rewrite_result(path: str, res: dict) -> str:

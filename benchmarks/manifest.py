@@ -13,13 +13,12 @@ a device but no commit: the manifest says `null` there rather than guess one.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, benchmark_of, read_result  # noqa: E402
+from common import RESULTS, benchmark_of, parser, read_result  # noqa: E402
 
 MANIFEST = os.path.join(RESULTS, "MANIFEST.json")
 
@@ -47,7 +46,7 @@ def build() -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__)
     p.add_argument("--check", action="store_true", help="exit 1 if MANIFEST.json is not current")
     a = p.parse_args(argv)
     text = json.dumps(build(), indent=2) + "\n"

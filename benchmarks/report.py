@@ -27,14 +27,13 @@ figure with its JSON source, `<!-- cpu-figure: benchmarks/results/NAME.json -->`
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, SCHEMA, read_result, read_results, table  # noqa: E402
+from common import RESULTS, SCHEMA, parser, read_result, read_results, save_plot, table, write_atomic  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(ROOT, "docs")
@@ -514,7 +513,7 @@ def plots(scaling, project, quality, gpus) -> list[str]:
 
 
 def save(fig, name: str) -> str:
-    fig.savefig(os.path.join(RESULTS, name), dpi=100)
+    save_plot(fig, name)
     return name
 
 
@@ -566,7 +565,7 @@ def section() -> tuple[str, tuple]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__)
     p.add_argument("--check", action="store_true", help="exit 1 if docs/performance.md is out of date")
     a = p.parse_args(argv)
     text, sources = section()
@@ -579,10 +578,10 @@ def main(argv=None) -> int:
         return 0
     written = plots(*sources)
     os.makedirs(DOCS, exist_ok=True)
-    tmp = PERFORMANCE + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(new)
-    os.replace(tmp, PERFORMANCE)
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(new)
+    write_atomic(PERFORMANCE, write)
     print(f"wrote docs/performance.md; plots: {', '.join(written)}")
     return 0
 
