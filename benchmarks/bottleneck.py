@@ -218,7 +218,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def plot(rows, samples, name, data) -> None:
+def plot(rows, samples, out, data) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -249,7 +249,7 @@ def plot(rows, samples, name, data) -> None:
     fig.suptitle(f"{data['model']} {data['size']}², {data['seeds']} seeds, mean ± s.e.; {data['hardware']['device']}",
                  fontsize=9)
     fig.tight_layout()
-    save_plot(fig, name, dpi=120)
+    save_plot(fig, out, dpi=120)
     plt.close(fig)
 
     keys = list(samples)
@@ -259,7 +259,7 @@ def plot(rows, samples, name, data) -> None:
         ax.set_title(f"{key[1]}\n--steps {key[0]}, seed 0", fontsize=7)
         ax.axis("off")
     fig.tight_layout()
-    save_plot(fig, name + "_samples", dpi=100)
+    save_plot(fig, out + "_samples", dpi=100)
     plt.close(fig)
 
 
