@@ -55,11 +55,19 @@ def test_every_script_builds_its_parser_through_the_harness_and_no_script_import
 
 
 def test_results_are_written_only_through_the_harness():
-    """No script saves a figure or a result JSON itself (worker hand-offs and the auto table aside)."""
+    """No script saves a figure or a result JSON itself (worker hand-offs and the auto table aside),
+    and no loop rebinds a function's parameter (a plot loop over `name` once sent the figure to
+    benchmarks/results/<the last name>.png)."""
     for name in SCRIPTS:
-        calls = [ast.unparse(n.func) for n in ast.walk(tree(name)) if isinstance(n, ast.Call)]
+        mod = tree(name)
+        calls = [ast.unparse(n.func) for n in ast.walk(mod) if isinstance(n, ast.Call)]
         assert not any(c.endswith(".savefig") for c in calls), f"{name}: use common.save_plot"
         assert "write_json" not in calls
+        for fn in (n for n in ast.walk(mod) if isinstance(n, ast.FunctionDef)):
+            params = {a.arg for a in fn.args.args}
+            for loop in (n for n in ast.walk(fn) if isinstance(n, ast.For)):
+                rebound = {t.id for t in ast.walk(loop.target) if isinstance(t, ast.Name)} & params
+                assert not rebound, f"{name}:{loop.lineno} {fn.name}() rebinds its parameter {rebound}"
 
 
 def test_a_cheap_script_writes_the_one_schema(tmp_path):
