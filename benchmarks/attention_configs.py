@@ -36,6 +36,7 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import config_of, parser, provenance, table, write_result  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)              # compiles for sm_90a
 SHARED_LIMIT = 227 * 1024                       # shared memory per block on H100 / H200
@@ -203,11 +204,16 @@ def precompile(sizes=(2048,), sms: int = 132) -> int:
     return done
 
 
-def main() -> int:
-    if "--precompile" in sys.argv:
+def main(argv=None) -> int:
+    p = parser(__doc__, "attention_configs_sm90")
+    p.add_argument("--precompile", metavar="DIR", default=None,
+                   help="compile every kept configuration at every shape of kernel_timings.py's attention sweep "
+                        "into the Triton cache DIR (read from sys.argv before Triton is imported)")
+    a = p.parse_args(argv)
+    if a.precompile:
         print(f"compiled {precompile()} launches into {os.environ['TRITON_CACHE_DIR']}")
         return 0
-    from common import table, write_json
+    prov = provenance(argv)
     results = {"target": "sm_90a", "triton": triton.__version__, "case": CASE, "layouts": LAYOUTS, "rows": [],
                "kept": {}}
     for d in HEAD_DIMS:
@@ -236,7 +242,8 @@ def main() -> int:
     for d, kept in results["kept"].items():
         print(f"    {d}: {kept},")
     print("}")
-    print("wrote", write_json("attention_configs_sm90.json", results))
+    rows = results.pop("rows")
+    print("wrote", write_result(a.name, "attention_configs", config_of(a), rows, prov, **results))
     return 0
 
 

@@ -10,7 +10,6 @@ the rest of the mass is what `partial` drops (`full` keeps it, stale). Uniform a
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import statistics
@@ -19,13 +18,13 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import hardware, table, write_json  # noqa: E402
+from common import add_run, add_seeds, config_of, parser, patch_config, provenance, table, write_result  # noqa: E402
 
 from parafuse.models import load_model  # noqa: E402
 from parafuse.models.layers import Attention  # noqa: E402
 from parafuse.parallel.geometry import StripGeometry  # noqa: E402
 from parafuse.parallel.plan import window_rows  # noqa: E402
-from parafuse.runtime import ParallelConfig, Request, Runtime  # noqa: E402
+from parafuse.runtime import Request, Runtime  # noqa: E402
 
 
 def visible_mask(rows: tuple[int, ...], width: int, portion: float) -> torch.Tensor:
@@ -59,7 +58,7 @@ def measure(model, size: int, steps: int, seed: int, masks: dict) -> dict:
     hooks = [m.register_forward_hook(hook, with_kwargs=True) for m in model.modules()
              if isinstance(m, Attention) and not m.is_cross]
     try:
-        Runtime(model, ParallelConfig()).generate(Request(size, size, steps, "dpmpp-2m", 1.0, seed,
+        Runtime(model, patch_config()).generate(Request(size, size, steps, "dpmpp-2m", 1.0, seed,
                                                           0 if model.spec.num_classes else None))
     finally:
         for h in hooks:
@@ -68,15 +67,11 @@ def measure(model, size: int, steps: int, seed: int, masks: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=["dit-texture", "dit-small"])
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--ranks", nargs="+", type=int, default=[8])
-    p.add_argument("--portions", nargs="+", type=float, default=[0.1, 0.3, 0.5])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    p.add_argument("--name", default="attention_reach_cpu")
+    p = parser(__doc__, "attention_reach_cpu")
+    add_run(p, models=["dit-texture", "dit-small"], size=256, steps=20, ranks=[8], portions=[0.1, 0.3, 0.5])
+    add_seeds(p, [0, 1])
     a = p.parse_args(argv)
+    prov = provenance(argv)
     torch.set_num_threads(1)
     rows = []
     for name in a.models:
@@ -97,12 +92,10 @@ def main(argv=None) -> int:
             inside = [s[(n, portion)] for s in per_seed]
             rows.append({"model": name, "size": a.size, "n": n, "portion": portion, "seeds": len(a.seeds),
                          "mass_inside": statistics.mean(inside), "uniform_inside": m.mean().item()})
-    hw = hardware()
     print(table(rows, [("model", "model"), ("size", "size"), ("n", "N"), ("portion", "p"), ("seeds", "seeds"),
                        ("mass_inside", "attention mass inside partial's window"),
                        ("uniform_inside", "uniform attention's")]))
-    path = write_json(f"{a.name}.json", {"hardware": hw, "command": "python benchmarks/attention_reach.py " + " ".join(
-        sys.argv[1:] if argv is None else argv), "args": vars(a), "rows": rows})
+    path = write_result(a.name, "attention_reach", config_of(a), rows, prov)
     print(f"wrote {path}")
     return 0
 

@@ -31,7 +31,6 @@ bottleneck_<cpu|cuda>_<size>_samples.png.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -41,7 +40,8 @@ from dataclasses import replace
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import hardware, table, write_json  # noqa: E402
+from benchmarks.common import (add_run, add_seeds, config_of, hardware, parser, patch_config, provenance,  # noqa: E402
+                               save_plot, table, timing_stats, write_result)
 from parafuse.data import DEFAULT_HELD_OUT, fixed_crops, load_photo  # noqa: E402
 from parafuse.report import psnr  # noqa: E402
 from parafuse.runtime import Request, Runtime  # noqa: E402
@@ -107,23 +107,22 @@ def upsampling_filters(size: int) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="default")
-    p.add_argument("--size", type=int, default=256, help="image side in pixels")
-    p.add_argument("--steps", type=int, nargs="+", default=[20, 50])
-    p.add_argument("--seeds", type=int, default=8)
+    p = parser(__doc__, None)
+    p.add_argument("--name", default=None, help="result name (default: bottleneck_<cpu|cuda>_<size>)")
+    add_run(p, model="default", size=256, steps=[20, 50], solver="dpmpp-2m")
+    add_seeds(p, 8)
     p.add_argument("--ref-seeds", type=int, default=8,
                    help="images of the plain schedule at the largest --steps (seeds 1000, 1001, ...) that make "
                         "the second reference, the model's own distribution")
-    p.add_argument("--solver", default="dpmpp-2m")
     p.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=SCHEDULES,
                    help="which runs (default: every one; the targets need bottleneck, plain and equal-flops)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: on a shared 2-core machine two threads ran ~20x slower)")
     args = p.parse_args(argv)
+    prov = provenance(argv)
     torch.set_num_threads(args.threads)
 
-    rt = Runtime(args.model, device="cpu")
+    rt = Runtime(args.model, patch_config(), device="cpu")
     own = make_schedule(**rt.spec.schedule)
     own_shift = own.shift if own.kind == "flow" else None
     crop = min(args.size, PHOTO_CROP)
@@ -168,7 +167,9 @@ def main(argv=None) -> int:
                 if seed == 0:
                     samples[(steps, name)] = res.image[0]
             row = {"steps": steps, "schedule": name, "evaluations": evals, "flops_g": flops / 1e9,
-                   "flops_saving": steps * per_eval / flops, "seconds_mean": sum(seconds) / len(seconds)}
+                   "flops_saving": steps * per_eval / flops, "seconds_mean": sum(seconds) / len(seconds),
+                   **{k: v for k, v in timing_stats(seconds).items()          # one image per seed: their spread
+                      if k in ("seconds_min", "seconds_max", "count")}}
             for k, lv in levels.items():
                 scores = [sum(v) / len(v) for v in lv]
                 row[f"swd_{k}_mean"], row[f"swd_{k}_se"] = mean_se(scores)
@@ -200,9 +201,8 @@ def main(argv=None) -> int:
                  ("flops", "FLOPs saving >= 2.5x"), ("ten", "patch-SWD <= 1.1 x plain"),
                  ("equal", "patch-SWD < equal-FLOPs run")]))
     tag = "cpu" if not torch.cuda.is_available() else "cuda"
-    data = {"command": " ".join(["python benchmarks/bottleneck.py", *(sys.argv[1:] if argv is None else argv)]),
-            "hardware": hardware(), "torch_threads": torch.get_num_threads(), "model": args.model,
-            "size": args.size, "seeds": args.seeds, "solver": args.solver, "rows": rows,
+    hw = hardware()
+    data = {"torch_threads": torch.get_num_threads(),
             "reference": {"photos": list(DEFAULT_HELD_OUT), "crops": len(ref_images), "swd_self_mean": m,
                           "swd_self_se": se, "model": f"plain {top} steps, seeds 1000..{999 + args.ref_seeds}"},
             "targets": goals,
@@ -211,13 +211,14 @@ def main(argv=None) -> int:
             "upsampling": filters,
             "metric": {"patch": PATCH, "min_level_px": MIN_LEVEL, "photo_crop": crop, "levels": depth, "patches_per_level_per_image": PATCHES_PER_LEVEL,
                        "directions": DIRECTIONS, "quantiles": QUANTILES}}
-    path = write_json(f"bottleneck_{tag}_{args.size}.json", data)
+    name = args.name or f"bottleneck_{tag}_{args.size}"
+    path = write_result(name, "bottleneck", config_of(args), rows, prov, hw, **data)
     print(f"\nwrote {path}")
-    plot(rows, samples, os.path.splitext(path)[0], data)
+    plot(rows, samples, name, {**data, "model": args.model, "size": args.size, "seeds": args.seeds, "hardware": hw})
     return 0
 
 
-def plot(rows, samples, stem, data) -> None:
+def plot(rows, samples, out, data) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -248,7 +249,7 @@ def plot(rows, samples, stem, data) -> None:
     fig.suptitle(f"{data['model']} {data['size']}², {data['seeds']} seeds, mean ± s.e.; {data['hardware']['device']}",
                  fontsize=9)
     fig.tight_layout()
-    fig.savefig(stem + ".png", dpi=120)
+    save_plot(fig, out, dpi=120)
     plt.close(fig)
 
     keys = list(samples)
@@ -258,7 +259,7 @@ def plot(rows, samples, stem, data) -> None:
         ax.set_title(f"{key[1]}\n--steps {key[0]}, seed 0", fontsize=7)
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(stem + "_samples.png", dpi=100)
+    save_plot(fig, out + "_samples", dpi=100)
     plt.close(fig)
 
 

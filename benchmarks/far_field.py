@@ -25,7 +25,6 @@ DistriFusion's K/V bytes (= 2w/(h(N−1)) + 1/(r·min(r, h)) when r divides W, a
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import statistics
@@ -35,14 +34,15 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, hardware, table, write_json  # noqa: E402
+from common import (add_run, add_seeds, config_of, hardware, parser, patch_config, provenance, save_plot,  # noqa: E402
+                    table, write_result)
 
 from parafuse.models import load_model  # noqa: E402
 from parafuse.models.layers import Attention  # noqa: E402
 from parafuse.parallel.geometry import StripGeometry  # noqa: E402
 from parafuse.parallel.plan import window_rows  # noqa: E402
 from parafuse.report import psnr  # noqa: E402
-from parafuse.runtime import ParallelConfig, Request, Runtime  # noqa: E402
+from parafuse.runtime import Request, Runtime  # noqa: E402
 
 
 def strip_windows(rows: tuple[int, ...], portion: float) -> list[int]:
@@ -134,7 +134,7 @@ def generate(model, size: int, steps: int, seed: int, plans: list[dict] | None =
             blk.attn = StripApproxAttention(blk.attn, plans, tokens, warmup)
     try:
         req = Request(size, size, steps, "dpmpp-2m", 1.0, seed, 0 if model.spec.num_classes else None)
-        return Runtime(model, ParallelConfig()).generate(req).image
+        return Runtime(model, patch_config()).generate(req).image
     finally:
         for blk, attn in zip(model.blocks, saved):
             blk.attn = attn
@@ -164,18 +164,13 @@ def variants(portions, radii):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="dit-texture")
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--ranks", type=int, default=8)
-    p.add_argument("--portions", nargs="+", type=float, default=[0.3, 0.1])
+    p = parser(__doc__, "far_field_cpu")
+    add_run(p, model="dit-texture", size=256, steps=20, ranks=8, portions=[0.3, 0.1],
+            warmups=[0, 4])         # exact steps first (partial's synchronous warmup); 0: every step approximated
     p.add_argument("--radii", nargs="+", type=int, default=[2, 4, 8])
-    p.add_argument("--warmups", nargs="+", type=int, default=[0, 4],
-                   help="exact steps first (partial's synchronous warmup); 0 approximates every step")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
-    p.add_argument("--name", default="far_field_cpu")
+    add_seeds(p, [0, 1, 2, 3])
     a = p.parse_args(argv)
+    prov = provenance(argv)
     torch.set_num_threads(1)
     model = load_model(a.model)
     spec = model.spec
@@ -205,15 +200,14 @@ def main(argv=None) -> int:
     print(table(out, [("warmup", "exact warmup"), ("variant", "variant"), ("portion", "p"), ("radius", "r"), ("seeds", "seeds"),
                       ("psnr_db", "PSNR dB vs serial"), ("psnr_sd", "± sd"),
                       ("kv_share", "bytes / DistriFusion K/V (busiest rank)")]))
-    command = "python benchmarks/far_field.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    path = write_json(f"{a.name}.json", {"hardware": hw, "command": command, "args": vars(a),
-                                         "token_rows_per_strip": list(rows), "token_width": width, "rows": out})
-    plot(out, os.path.join(RESULTS, f"{a.name}.png"), f"{command}\n{hw['device']}, torch {hw['torch']}")
-    print(f"wrote {path} and {a.name}.png")
+    path = write_result(a.name, "far_field", config_of(a), out, prov, hw, token_rows_per_strip=list(rows),
+                        token_width=width)
+    png = plot(out, a.name, f"{prov['command']}\n{hw['device']}, torch {hw['torch']}")
+    print(f"wrote {path} and {png}")
     return 0
 
 
-def plot(rows: list[dict], path: str, title: str) -> None:
+def plot(rows: list[dict], name: str, title: str) -> str:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -236,8 +230,9 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     axes[0][0].set_ylabel("PSNR vs serial image (dB), no staleness")
     fig.suptitle(title, fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    path = save_plot(fig, name)
     plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ The JSON goes to benchmarks/results/gpu_check_<device>.json; a table is printed 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -51,7 +50,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, hardware, provenance, table  # noqa: E402
+from common import (RESULTS, add_device, config_of, hardware, median_seconds, parser, patch_config,  # noqa: E402
+                    provenance, read_result, rewrite_result, table, write_result)
 from pipelines_gpu import BUDGETS as PIPELINE_BUDGETS, section_pipelines, section_pipelines_4096, summary_rows  # noqa: E402,F401
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,7 +123,7 @@ def section_sync(a) -> dict:
     GEMM) propagate through the network, so the max difference is noisy."""
     from parafuse.models import load_model
     from parafuse.runtime import emulate
-    from parafuse.runtime import ParallelConfig, Request, Runtime
+    from parafuse.runtime import Request, Runtime
 
     def diff(x, y):
         return {"max": (x - y).abs().max().item(), "rms": (x - y).pow(2).mean().sqrt().item()}
@@ -134,19 +134,19 @@ def section_sync(a) -> dict:
     req = Request(96, 64, 4, "dpmpp-2m", seed=7, label=3)
     try:
         for name in ("unet-small", "dit-small"):
-            serial = {dt: Runtime(load_model(name), ParallelConfig(), device=a.device, dtype=dt,
-                                  kernels="torch").generate(req).latent     # the emulator's kernels
+            serial = {dt: Runtime(load_model(name), patch_config(dtype=dt, kernels="torch"),
+                                  device=a.device).generate(req).latent     # the emulator's kernels
                       for dt in ("fp32", "bf16")}
             r = {"bf16_vs_fp32_serial": diff(serial["bf16"], serial["fp32"])}
             for n in (2, 4):
                 for dt in ("fp32", "bf16"):
-                    _, res = emulate(load_model(name), n, ParallelConfig("sync"), req, device=a.device, dtype=dt)
+                    _, res = emulate(load_model(name), n, patch_config("sync"), req, device=a.device, dtype=dt)
                     r[f"N{n}_{dt}_sync_vs_serial"] = diff(res[0][0].latent, serial[dt])
             # the stale modes' data path on one GPU: 4 ranks as threads on their own streams, every
             # exchange an event-ordered device copy, against the same emulation on the CPU
-            _, gpu = emulate(load_model(name), 4, ParallelConfig("full", 1), req, device=a.device, dtype="fp32",
+            _, gpu = emulate(load_model(name), 4, patch_config("full", 1), req, device=a.device, dtype="fp32",
                              strict=False)
-            _, cpu = emulate(load_model(name), 4, ParallelConfig("full", 1), req, device="cpu", dtype="fp32")
+            _, cpu = emulate(load_model(name), 4, patch_config("full", 1), req, device="cpu", dtype="fp32")
             r["N4_fp32_full_vs_cpu_emulator"] = diff(gpu[0][0].latent.cpu(), cpu[0][0].latent)
             r["fp32_ok"] = all(r[f"N{n}_fp32_sync_vs_serial"]["max"] <= 1e-4 for n in (2, 4)) \
                 and r["N4_fp32_full_vs_cpu_emulator"]["max"] <= 1e-4
@@ -189,21 +189,21 @@ def section_graphs(a) -> dict:
     from parafuse.models import load_model
     from parafuse.parallel.distributed import ParallelLayout
     from parafuse.parallel.transport import NullTransport
-    from parafuse.runtime import ParallelConfig, Request, Runtime
+    from parafuse.runtime import Request, Runtime
 
     if not a.device.startswith("cuda"):
         return {"skipped": "CUDA graphs need a CUDA device"}
     device = torch.device(a.device)
     deadline = time.perf_counter() + BUDGETS["graphs"]
     req = Request(256, 256, 8, "dpmpp-2m", seed=1, label=2)
-    eager = Runtime(load_model("unet-small"), ParallelConfig(), device=a.device).generate(req).latent
-    graphed = Runtime(load_model("unet-small"), ParallelConfig(), device=a.device, cuda_graphs=True).generate(req).latent
+    eager = Runtime(load_model("unet-small"), patch_config(), device=a.device).generate(req).latent
+    graphed = Runtime(load_model("unet-small"), patch_config(cuda_graphs=True), device=a.device).generate(req).latent
     out = {"serial_replay_vs_eager_max": (graphed - eager).abs().max().item()}
     for kernels, key in (("torch", "strip_replay_vs_eager_max"), ("triton", "strip_replay_vs_eager_max_triton")):
         strips = {}
         for graphs in (False, True):
-            rt = Runtime(load_model("unet-small"), ParallelConfig("full", 1), device=a.device, kernels=kernels,
-                         layout=ParallelLayout(1, 3), transport=NullTransport(1, 3), cuda_graphs=graphs)
+            rt = Runtime(load_model("unet-small"), patch_config("full", 1, kernels=kernels, cuda_graphs=graphs),
+                         device=a.device, layout=ParallelLayout(1, 3), transport=NullTransport(1, 3))
             step = rt.rank_step(req)
             strips[graphs] = [step(t).clone() for t in (900.0, 700.0, 500.0, 300.0)]
         out[key] = max((g - e).abs().max().item() for g, e in zip(strips[True], strips[False]))
@@ -222,7 +222,6 @@ def section_graphs(a) -> dict:
 
 
 def section_bandwidth(a) -> dict:
-    import scaling
     from parafuse.solvers import combine
 
     device = torch.device(a.device)
@@ -232,8 +231,8 @@ def section_bandwidth(a) -> dict:
         x, m0, m1 = (torch.randn(numel, device=device).to(dt) for _ in range(3))
         dst = torch.empty_like(x)
         size = x.element_size() * numel
-        copy_s = scaling.time_step(lambda: dst.copy_(x), device, repeat=20)
-        comb_s = scaling.time_step(lambda: combine(0.9, x, [0.3, -0.1], [m0, m1]), device, repeat=20)
+        copy_s = median_seconds(lambda: dst.copy_(x), device, repeat=20)
+        comb_s = median_seconds(lambda: combine(0.9, x, [0.3, -0.1], [m0, m1]), device, repeat=20)
         key = str(dt).replace("torch.", "")
         out[key] = {"copy_GBps": 2 * size / copy_s / 1e9, "combine_GBps": 4 * size / comb_s / 1e9}
         out[key]["combine_fraction_of_copy"] = out[key]["combine_GBps"] / out[key]["copy_GBps"]
@@ -245,7 +244,6 @@ def _kv_codec_cost(device, smoke: bool) -> dict:
     """`--kv-codec sign` at one dit-xl attention site of 2048² at N = 8 (bf16, width 1152): a rank
     encodes its strip's 2048 tokens and decodes the other 7 strips' 14336, every stale step. Their
     time beside a copy of the exact K/V those 14336 tokens would otherwise receive."""
-    import scaling
     from parafuse.parallel import kv_codec
 
     local, others, c = (64, 448, 128) if smoke else (2048, 14336, 1152)
@@ -259,15 +257,15 @@ def _kv_codec_cost(device, smoke: bool) -> dict:
     exact = torch.empty_like(theirs)
     out = {"width": c, "local_tokens": local, "received_tokens": others,
            "bytes_share": kv_codec.payload_bytes(c, dt) / (2 * c * 2),
-           "copy_exact_kv_us": 1e6 * scaling.time_step(lambda: exact.copy_(theirs), device, repeat=20)}
+           "copy_exact_kv_us": 1e6 * median_seconds(lambda: exact.copy_(theirs), device, repeat=20)}
     paths = {"torch": kv_codec}
     if device.type == "cuda":          # the fused kernels (--kernels triton); on CPU only interpreted
         from parafuse_kernels import kv_codec as fused
         paths["triton"] = fused
     for name, codec in paths.items():
-        out[f"{name}_encode_us"] = 1e6 * scaling.time_step(lambda: codec.encode(fresh, mirror, drift, out_bytes),
+        out[f"{name}_encode_us"] = 1e6 * median_seconds(lambda: codec.encode(fresh, mirror, drift, out_bytes),
                                                            device, repeat=20)
-        out[f"{name}_decode_us"] = 1e6 * scaling.time_step(lambda: codec.decode(inbox, theirs, their_drift),
+        out[f"{name}_decode_us"] = 1e6 * median_seconds(lambda: codec.decode(inbox, theirs, their_drift),
                                                            device, repeat=20)
     return out
 
@@ -275,12 +273,11 @@ def _kv_codec_cost(device, smoke: bool) -> dict:
 def section_kernels(a) -> dict:
     """Triton GroupNorm (parafuse_kernels.groupnorm): correct against references, timed against the
     PyTorch path of PatchGroupNorm, and a `sync` run on the kernels against the serial run."""
-    import scaling
     from parafuse.models import load_model
     from parafuse.runtime import emulate
     from parafuse.parallel.engine import moments_from_sums
     from parafuse.parallel.layers import normalize, strip_sums
-    from parafuse.runtime import ParallelConfig, Request, Runtime
+    from parafuse.runtime import Request, Runtime
 
     if not a.device.startswith("cuda"):
         return {"skipped": "Triton kernels need a CUDA device here (CPU tests run them through the interpreter)"}
@@ -307,14 +304,14 @@ def section_kernels(a) -> dict:
         gn.group_sums(x, groups, sums)
         return gn.group_norm_apply(x, sums, count, w, bias, 1e-5)
 
-    out["torch_path_us"] = scaling.time_step(torch_path, device, repeat=50) * 1e6
-    out["triton_path_us"] = scaling.time_step(triton_path, device, repeat=50) * 1e6
-    out["native_group_norm_us"] = scaling.time_step(
+    out["torch_path_us"] = median_seconds(torch_path, device, repeat=50) * 1e6
+    out["triton_path_us"] = median_seconds(triton_path, device, repeat=50) * 1e6
+    out["native_group_norm_us"] = median_seconds(
         lambda: torch.nn.functional.group_norm(x, groups, w, bias, 1e-5), device, repeat=50) * 1e6
     req = Request(96, 64, 4, "ddim", seed=7, label=3)
-    serial = Runtime(load_model("unet-small"), ParallelConfig(), device=a.device, dtype="fp32",
-                     kernels="torch").generate(req).latent
-    _, res = emulate(load_model("unet-small"), 2, ParallelConfig("sync"), req, device=a.device, dtype="fp32",
+    serial = Runtime(load_model("unet-small"), patch_config(dtype="fp32", kernels="torch"),
+                     device=a.device).generate(req).latent
+    _, res = emulate(load_model("unet-small"), 2, patch_config("sync"), req, device=a.device, dtype="fp32",
                      kernels="triton")
     out["sync_triton_vs_serial_max"] = (res[0][0].latent - serial).abs().max().item()
     out.update(_attention_and_update_kernels(device, a.smoke))
@@ -325,7 +322,6 @@ def _attention_and_update_kernels(device, smoke) -> dict:
     """Halo attention against cuDNN SDPA on one PixArt-size partial strip (2048², N = 4) per head
     dim, and the fused update against the eager step in fp32 and bf16 (benchmarks/kernel_timings.py has
     the whole sweep)."""
-    import scaling
     from parafuse.solvers import make_schedule, make_solver
     from parafuse_kernels.attention import halo_attention
     from parafuse_kernels.update import fused_step, fused_step_reference
@@ -338,9 +334,9 @@ def _attention_and_update_kernels(device, smoke) -> dict:
         got, _ = halo_attention(q, k, v)
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             want = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-            cudnn_s = scaling.time_step(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), device,
+            cudnn_s = median_seconds(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), device,
                                         repeat=20)
-        triton_s = scaling.time_step(lambda: halo_attention(q, k, v), device, repeat=20)
+        triton_s = median_seconds(lambda: halo_attention(q, k, v), device, repeat=20)
         flops = 4 * heads * lq * lk * d
         out["attention"][d] = {"max_abs_vs_cudnn": (got.float() - want.float()).abs().max().item(),
                                "triton_tflops": flops / triton_s / 1e12, "cudnn_tflops": flops / cudnn_s / 1e12}
@@ -353,9 +349,9 @@ def _attention_and_update_kernels(device, smoke) -> dict:
         want, _ = fused_step_reference(solver, 5, x, cond, state, uncond=uncond, guidance=4.0)
         got, _ = fused_step(solver, 5, x, cond, state, uncond=uncond, guidance=4.0)
         dst = torch.empty_like(cond)
-        copy_gbps = 8 * numel / scaling.time_step(lambda: dst.copy_(cond), device, repeat=20) / 1e9
+        copy_gbps = 8 * numel / median_seconds(lambda: dst.copy_(cond), device, repeat=20) / 1e9
         moved = numel * (2 * x.element_size() + 16)      # read x, cond, uncond, x̂0; write x_next, x̂0
-        fused_s = scaling.time_step(lambda: fused_step(solver, 5, x, cond, state, uncond=uncond, guidance=4.0),
+        fused_s = median_seconds(lambda: fused_step(solver, 5, x, cond, state, uncond=uncond, guidance=4.0),
                                     device, repeat=20)
         out["update"][str(dt).replace("torch.", "")] = {
             "max_abs_vs_eager": (got.float() - want.float()).abs().max().item(),
@@ -546,21 +542,26 @@ def summary(results: dict) -> list[dict]:
 def reproject(path: str, argv=None) -> int:
     """The projection section of the result at `path`, recomputed by the current project.py from the
     rows its scaling and graphs sections measured; stamped with this run's provenance."""
-    results = json.load(open(path))
+    results = read_result(path)
     t0 = time.perf_counter()
     sec = {"result": section_projection(None, results), "seconds": time.perf_counter() - t0,
            "provenance": provenance(argv), "note": "recomputed from this file's rows (--reproject): arithmetic"}
     results["sections"]["projection"] = sec
-    with open(path, "w") as f:
-        json.dump(results, f, indent=2)
+    rewrite_result(path, results)
     print(table(summary({"sections": {"projection": sec}}), [("section", "section"), ("result", "result")]))
     return 0
 
 
+def write(path: str, a, prov: dict, results: dict, rows: list[dict]) -> str:
+    """The check's result: the summary and target rows (written last) and its sections beside them."""
+    return write_result(os.path.abspath(path), "gpu_check", config_of(a), rows, prov, results["hardware"],
+                        smoke=results["smoke"], sections=results["sections"])
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__)
     p.add_argument("--only", choices=SECTIONS, nargs="+", default=list(SECTIONS))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device(p, dtype=False)
     p.add_argument("--smoke", action="store_true", help="tiny models and sizes: checks this script's logic on CPU")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/gpu_check_<device>.json)")
     p.add_argument("--reproject", metavar="JSON", default=None,
@@ -573,10 +574,9 @@ def main(argv=None) -> int:
     slug = re.sub(r"[^a-z0-9]+", "_", (torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu").lower())
     path = a.out or os.path.join(RESULTS, f"gpu_check_{slug.strip('_')}.json")
     prov = provenance(argv)      # stamped before the run; each section carries the provenance of the run that made it
-    results = {"provenance": prov, "hardware": hardware(), "smoke": a.smoke, "sections": {}}
+    results = {"hardware": hardware(), "smoke": a.smoke, "sections": {}}
     if os.path.exists(path) and a.only != list(SECTIONS):      # --only: keep the other sections' results
-        results["sections"] = json.load(open(path)).get("sections", {})
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        results["sections"] = read_result(path).get("sections", {})
     for name in a.only:
         t0 = time.perf_counter()
         print(f"== {name} (budget {BUDGETS[name]} s)", flush=True)
@@ -588,13 +588,12 @@ def main(argv=None) -> int:
         sec["seconds"] = time.perf_counter() - t0
         sec["provenance"] = prov
         results["sections"][name] = sec
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=2)
-        os.replace(tmp, path)
+        write(path, a, prov, results, rows=[])      # after each section: a later one may not finish
         print(json.dumps(sec, default=str)[:2000], flush=True)
     print(f"\n{hw['device']}, torch {torch.__version__}\n")
-    print(table(summary(results) + target_rows(results), [("section", "section"), ("result", "result")]))
+    rows = summary(results) + target_rows(results)
+    print(table(rows, [("section", "section"), ("result", "result")]))
+    write(path, a, prov, results, rows)
     print(f"\nwrote {path}")
     return 0 if all("error" not in s for s in results["sections"].values()) else 1
 

@@ -4,7 +4,7 @@
     PYTHONPATH=.:kernels python benchmarks/kernel_timings.py --write-auto    # ... and update `auto`'s table
     PYTHONPATH=.:kernels python benchmarks/kernel_timings.py --smoke         # logic check on CPU (interpreter)
 
-Timing (`time_calls`): back-to-back calls - a CUDA graph of ~2 ms of calls replayed 20 times (eager
+Timing (`time_us`, by common.time_calls): back-to-back calls - a CUDA graph of ~2 ms of calls replayed --repeat (20) times (eager
 back-to-back launches where a backend cannot be captured) - median, quartiles and spread per call;
 never one call from an idle GPU.
 attention  one strip's self-attention at the runtime's own layout: queries of strip 1 of N (a view
@@ -26,20 +26,17 @@ update     the fused solver update (dpmpp-2m, steady state, CFG fused) against t
 groupnorm  a patched GroupNorm (SDXL 640 channels): the Triton kernels (+ fused SiLU) vs the PyTorch
            path of PatchGroupNorm + SiLU; their GB/s (3 passes over x at least) against a copy; and
            the sums bit for bit (reruns, graph replay vs eager) at unet-xl 2048², N = 8, level 0.
-Writes benchmarks/results/kernels_<device>.json and .png (hardware and commit recorded) and prints
+Writes benchmarks/results/kernels_<device>.json (common.write_result: the attention rows as `rows`,
+the other sections beside them) and .png, and prints
 the tables. `--smoke` runs tiny shapes through Triton's interpreter on CPU: it checks this script,
 its timings say nothing.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import statistics
-import subprocess
 import sys
-import time
 
 if "--smoke" in sys.argv and "TRITON_INTERPRET" not in os.environ:
     os.environ["TRITON_INTERPRET"] = "1"          # read when the kernel modules are imported
@@ -48,8 +45,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, hardware, provenance, table, write_json  # noqa: E402
-from scaling import time_step  # noqa: E402
+from common import (RESULTS, add_device, add_timing, config_of, hardware, median_seconds, parser,  # noqa: E402
+                    provenance, save_plot, table, time_calls, write_result)
+
 
 from parafuse.attention import AUTO_TABLE  # noqa: E402
 
@@ -59,7 +57,7 @@ MODELS = {"sdxl-l1": (10, 64, 16), "sdxl-l2": (20, 64, 32), "pixart": (16, 72, 1
 SMOKE_MODELS = {"sdxl": (2, 64, 32), "pixart": (1, 72, 32), "flux": (2, 128, 32)}
 PORTION = 0.3
 BATCH = 2                                   # CFG: conditional and unconditional in one batch
-SAMPLES = 20                                # timed samples per backend and shape (median and spread)
+SAMPLES = 20                                # timed samples per backend and shape (median and spread): --repeat
 
 
 def strip_shape(px: int, n: int, mode: str, patch_px: int = 16) -> tuple[int, int]:
@@ -84,62 +82,14 @@ def attention_inputs(lq, lk, heads, d, dtype, device, batch=1, make=torch.randn)
     return q, heads_of(buf[..., :dim]), heads_of(buf[..., dim:])
 
 
-def time_calls(fn, device, samples: int = SAMPLES, smoke: bool = False) -> dict:
-    """Per-call time of `fn` from back-to-back calls, not one call from an idle device: on CUDA
-    `inner` calls (about 2 ms of work) captured in one CUDA graph and replayed `samples` times
-    (back-to-back eager launches where the capture fails), each replay timed by events; median,
-    quartiles and the spread (max - min) / median, in µs per call. Warm-up first (autotuning)."""
-    fn()
-    fn()
-    if device.type != "cuda":
-        times = []
-        for _ in range(1 if smoke else samples):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return _stats(times, 1, "cpu")
-    torch.cuda.synchronize(device)
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(3):
-        fn()
-    b.record()
-    b.synchronize()
-    inner = max(1, min(50, round(2.0 / (a.elapsed_time(b) / 3))))
-    mode, graph = "graph", torch.cuda.CUDAGraph()
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        with torch.cuda.graph(graph):
-            for _ in range(inner):
-                fn()
-        run = graph.replay
-    except RuntimeError:                  # a backend that cannot be captured: back-to-back launches
-        torch.cuda.synchronize(device)
-        mode = "eager"
-
-        def run():
-            for _ in range(inner):
-                fn()
-    run()
-    times = []
-    for _ in range(samples):
-        a.record()
-        run()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1000 / inner)
-    return _stats(times, inner, mode)
-
-
-def _stats(times: list[float], inner: int, mode: str) -> dict:
-    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    med = statistics.median(times)
-    return {"us": med * 1e6, "p25_us": q[0] * 1e6, "p75_us": q[2] * 1e6,
-            "spread": (max(times) - min(times)) / med, "samples": len(times), "inner": inner, "timing": mode}
+def time_us(fn, device, a) -> dict:
+    """Per-call time of `fn` by common.time_calls from back-to-back calls, not one call from an idle
+    device: on CUDA ~2 ms of calls captured in one CUDA graph and replayed --repeat times (eager
+    back-to-back launches where the capture fails), each replay timed by events; --timing-warmup
+    calls first (autotuning). Median, quartiles and the spread (max - min) / median, in µs per call."""
+    t = time_calls(fn, device, repeat=1 if a.smoke else a.repeat, warmup=a.timing_warmup, replay=True)
+    return {"us": t["seconds"] * 1e6, "p25_us": t["seconds_p25"] * 1e6, "p75_us": t["seconds_p75"] * 1e6,
+            "spread": t["spread"], "samples": t["count"], "inner": t["inner"], "timing": t["timing"]}
 
 
 def attention_backends(device):
@@ -173,7 +123,7 @@ def gemm_peak(device, smoke) -> float:
     n = 256 if smoke else 8192
     dt = torch.bfloat16 if device.type == "cuda" else torch.float32
     a, b = torch.randn(n, n, device=device, dtype=dt), torch.randn(n, n, device=device, dtype=dt)
-    return 2 * n ** 3 / time_step(lambda: a @ b, device, repeat=1 if smoke else 20) / 1e12
+    return 2 * n ** 3 / median_seconds(lambda: a @ b, device, repeat=1 if smoke else 20) / 1e12
 
 
 def _sms(device) -> int:
@@ -203,11 +153,11 @@ def bench_attention(a, device, peak) -> list[dict]:
                            "queries": lq, "keys": lk, "programs": programs,
                            "shape": shape_class(BATCH * heads, lq, lk, _sms(device)), "triton_splits": splits}
                     if splits > 1:              # the rule's split against none, to check the rule
-                        row["triton_unsplit_us"] = time_calls(lambda: ka.halo_attention(q, k, v, splits=1)[0],
-                                                              device, smoke=a.smoke)["us"]
+                        row["triton_unsplit_us"] = time_us(lambda: ka.halo_attention(q, k, v, splits=1)[0],
+                                                              device, a)["us"]
                     for name, fn in backends.items():
                         try:
-                            t = time_calls(lambda: fn(q, k, v), device, smoke=a.smoke)
+                            t = time_us(lambda: fn(q, k, v), device, a)
                         except RuntimeError as e:          # a backend that does not take this shape
                             row[f"{name}_error"] = str(e).split("\n")[0][:120]
                             continue
@@ -223,9 +173,9 @@ def bench_attention(a, device, peak) -> list[dict]:
 
                         def separate():
                             return F.scaled_dot_product_attention(q_prologue(q, (w, 1e-6), (cos, sin)), k, v)
-                        sep = time_calls(separate, device, smoke=a.smoke)
-                        fused = time_calls(lambda: ka.halo_attention(q, k, v, q_norm=(w, 1e-6), rope=(cos, sin)),
-                                           device, smoke=a.smoke)
+                        sep = time_us(separate, device, a)
+                        fused = time_us(lambda: ka.halo_attention(q, k, v, q_norm=(w, 1e-6), rope=(cos, sin)),
+                                           device, a)
                         row["prologue_separate_us"], row["prologue_fused_us"] = sep["us"], fused["us"]
                         row["prologue_speedup"] = sep["us"] / fused["us"]
                     sdpa = [row[f"{n_}_us"] for n_ in backends if n_.startswith("sdpa") and f"{n_}_us" in row]
@@ -291,11 +241,11 @@ def bench_update(a, device) -> list[dict]:
             numel = x.numel()
             moved = numel * (2 * x.element_size() + 4 * 4)
             dst = torch.empty(shape, device=device)
-            copy_s = time_calls(lambda: dst.copy_(cond), device, smoke=a.smoke)["us"] * 1e-6
-            eager_s = time_calls(lambda: fused_step_reference(solver, k, x, cond, state, uncond=uncond, guidance=4.0),
-                                 device, smoke=a.smoke)["us"] * 1e-6
-            fused_s = time_calls(lambda: fused_step(solver, k, x, cond, state, uncond=uncond, guidance=4.0),
-                                 device, smoke=a.smoke)["us"] * 1e-6
+            copy_s = time_us(lambda: dst.copy_(cond), device, a)["us"] * 1e-6
+            eager_s = time_us(lambda: fused_step_reference(solver, k, x, cond, state, uncond=uncond, guidance=4.0),
+                                 device, a)["us"] * 1e-6
+            fused_s = time_us(lambda: fused_step(solver, k, x, cond, state, uncond=uncond, guidance=4.0),
+                                 device, a)["us"] * 1e-6
             copy_gbps = 2 * numel * 4 / copy_s / 1e9
             rows.append({"shape": label, "dtype": str(dt).replace("torch.", ""), "elements": numel,
                          "copy_GBps": copy_gbps, "eager_us": eager_s * 1e6, "fused_us": fused_s * 1e6,
@@ -349,20 +299,19 @@ def bench_groupnorm(a, device) -> list[dict]:
             gn.group_sums(x, groups, sums)
             return gn.group_norm_apply(x, sums, count, w, bias, 1e-5, silu=True)
         dst = torch.empty_like(x)
-        copy_gbps = 2 * x.nbytes / (time_calls(lambda: dst.copy_(x), device, smoke=a.smoke)["us"] * 1e-6) / 1e9
-        torch_s = time_calls(torch_path, device, smoke=a.smoke)["us"] * 1e-6
-        triton_s = time_calls(triton_path, device, smoke=a.smoke)["us"] * 1e-6
+        copy_gbps = 2 * x.nbytes / (time_us(lambda: dst.copy_(x), device, a)["us"] * 1e-6) / 1e9
+        torch_s = time_us(torch_path, device, a)["us"] * 1e-6
+        triton_s = time_us(triton_path, device, a)["us"] * 1e-6
         moved = 3 * x.nbytes                      # at least: x read for the sums, read and written by the apply
         rows.append({"shape": f"{b}x{c}x{h}x{4 * h}", "torch_silu_us": torch_s * 1e6, "triton_silu_us": triton_s * 1e6,
                      "triton_GBps": moved / triton_s / 1e9, "triton_of_copy": moved / triton_s / 1e9 / copy_gbps})
     return rows
 
 
-def plot(results, path):
+def plot(rows, device: str, smoke: bool, out: str) -> str:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = results["attention"]
     names = sorted({k[:-7] for r in rows for k in r if k.endswith("_tflops")})
     fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.35), 4.5))
     width = 0.8 / max(1, len(names))
@@ -372,25 +321,18 @@ def plot(results, path):
     ax.set_xticks([j + 0.4 for j in range(len(rows))])
     ax.set_xticklabels([f"{r['model']} {r['px']} N{r['n']} {r['mode'][0]}" for r in rows], rotation=90, fontsize=7)
     ax.set_ylabel("TFLOP/s")
-    ax.set_title(f"strip attention, {results['hardware']['device']}" + (" (smoke: interpreter, not speed)"
-                                                                      if results["smoke"] else ""))
+    ax.set_title(f"strip attention, {device}" + (" (smoke: interpreter, not speed)" if smoke else ""))
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    path = save_plot(fig, out, dpi=110)
     plt.close(fig)
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
+    return path
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p = parser(__doc__)
+    add_device(p, dtype=False)
+    add_timing(p, repeat=SAMPLES, warmup=2)
     p.add_argument("--smoke", action="store_true", help="tiny shapes through the interpreter on CPU (logic only)")
     p.add_argument("--only", nargs="+", choices=("attention", "update", "groupnorm"),
                    default=["attention", "update", "groupnorm"])
@@ -403,7 +345,7 @@ def main(argv=None) -> int:
     device = torch.device(a.device)
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         p.error("on CPU the kernels run only through Triton's interpreter: use --smoke (or TRITON_INTERPRET=1)")
-    results = {"hardware": hardware(), "commit": commit(), "smoke": a.smoke, "batch": BATCH}
+    results = {"hardware": hardware(), "smoke": a.smoke, "batch": BATCH}
     if "attention" in a.only:
         from parafuse.attention import device_class
         results["gemm_peak_tflops"] = gemm_peak(device, a.smoke)
@@ -414,7 +356,7 @@ def main(argv=None) -> int:
         cols += [("triton_over_fastest_sdpa", "triton / fastest SDPA"), ("triton_config", "triton config")]
         print(table(rows, cols))
         source = (f"benchmarks/kernel_timings.py{' --smoke' if a.smoke else ''} on {results['hardware']['device']}, "
-                  f"commit {results['commit'][:10]}")
+                  f"commit {(prov['commit'] or 'unknown')[:10]}")
         results["auto"] = auto_table(rows, device_class(device), source)
         if a.write_auto:
             write_auto_table(results["auto"], a.write_auto, source)
@@ -429,10 +371,10 @@ def main(argv=None) -> int:
         print("GroupNorm sums bit for bit:", results["groupnorm_bits"])
     tag = "smoke" if a.smoke else device.type
     path = a.out or os.path.join(RESULTS, f"kernels_{tag}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write_json(os.path.abspath(path), results, prov)          # an absolute path is kept as it is
-    if "attention" in results:
-        plot(results, os.path.splitext(path)[0] + ".png")
+    rows, hw = results.pop("attention", []), results.pop("hardware")
+    write_result(os.path.abspath(path), "kernel_timings", config_of(a), rows, prov, hw, **results)
+    if rows:
+        plot(rows, hw["device"], a.smoke, os.path.abspath(path))
     print(f"wrote {path}" + (" (smoke: tiny shapes through the interpreter - no speed figures)" if a.smoke else ""))
     return 0
 

@@ -6,55 +6,39 @@ be traced to its run, and a result nobody can reproduce stands out.
     python benchmarks/manifest.py --check    # exit 1 if it is not current (tests/benchmarks checks it)
 
 A result's script is the benchmark whose name its file name starts with (`quality_2048_grid_cpu.json`:
-quality.py; `gpu_check_*`: gpu_check.py); plots share their JSON's entry. Results written before
-benchmarks stamped their provenance (benchmarks/common.py) record a device but no commit: the
-manifest says `null` there rather than guess one.
+quality.py; `gpu_check_*`: gpu_check.py); plots share their JSON's entry. Each JSON's `schema` is
+`parafuse.bench/1` (benchmarks/common.py's `write_result`) or `legacy` (a layout written before it,
+read by the same `read_result`). Results written before benchmarks stamped their provenance record
+a device but no commit: the manifest says `null` there rather than guess one.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "results")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import RESULTS, benchmark_of, parser, read_result  # noqa: E402
+
 MANIFEST = os.path.join(RESULTS, "MANIFEST.json")
 
 
-def scripts() -> list[str]:
-    """Benchmark script names, longest first (so `gpu_check` wins over a shorter prefix)."""
-    names = [f[:-3] for f in os.listdir(HERE) if f.endswith(".py") and f not in ("common.py", "manifest.py")]
-    return sorted(names, key=len, reverse=True)
-
-
-def script_of(name: str, known: list[str]) -> str | None:
-    stem = os.path.splitext(name)[0]
-    return next((s + ".py" for s in known if stem == s or stem.startswith(s + "_")), None)
-
-
 def origin(path: str) -> dict:
-    """Device, commit and command as the JSON records them (stamped provenance, else the older
-    `hardware` and `command` fields)."""
-    with open(path) as f:
-        data = json.load(f)
-    prov = data.get("provenance") if isinstance(data, dict) else None
-    if isinstance(prov, dict):
-        return {"device": prov.get("device"), "commit": prov.get("commit"), "dirty": prov.get("dirty"),
-                "command": prov.get("command")}
-    hw = data.get("hardware") if isinstance(data, dict) and isinstance(data.get("hardware"), dict) else {}
-    command = data.get("command") if isinstance(data, dict) else None
-    return {"device": hw.get("device") or hw.get("cpu") or (data.get("target") if isinstance(data, dict) else None),
-            "commit": None, "dirty": None, "command": command if isinstance(command, str) else None}
+    """The result's schema (SCHEMA, or LEGACY for a layout written before it) and its device,
+    commit and command, as `read_result` reads them."""
+    res = read_result(path)
+    prov = res["provenance"]
+    return {"schema": res["schema"], "device": prov.get("device") or res["hardware"].get("device"),
+            "commit": prov.get("commit"), "dirty": prov.get("dirty"), "command": prov.get("command")}
 
 
 def build() -> dict:
-    known = scripts()
     entries = {}
     for name in sorted(os.listdir(RESULTS)):
         if name == os.path.basename(MANIFEST) or not name.endswith((".json", ".png")):
             continue
-        entry = {"script": script_of(name, known)}
+        script = benchmark_of(name)
+        entry = {"script": script and script + ".py"}
         if name.endswith(".json"):
             entry.update(origin(os.path.join(RESULTS, name)))
         entries[name] = entry
@@ -62,7 +46,7 @@ def build() -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__)
     p.add_argument("--check", action="store_true", help="exit 1 if MANIFEST.json is not current")
     a = p.parse_args(argv)
     text = json.dumps(build(), indent=2) + "\n"

@@ -17,7 +17,6 @@ The NCCL path has never run on two or more GPUs: until this script has, treat it
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
@@ -26,20 +25,21 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import hardware, table, write_json  # noqa: E402
+from common import (config_of, hardware, parser, patch_config, provenance, table, timing_stats,  # noqa: E402
+                    write_result)
 
 from parafuse.models import load_model  # noqa: E402
 from parafuse.parallel.distributed import ParallelLayout, init_distributed, pick_device, run_guarded  # noqa: E402
 from parafuse.runtime import emulate  # noqa: E402
-from parafuse.runtime import ParallelConfig, Request, Runtime  # noqa: E402
+from parafuse.runtime import Request, Runtime  # noqa: E402
 
 
 def serial_on_rank0(rank: int, model: str, req: Request, device, dtype, **kw):
     """The serial run on rank 0 while the others wait; returns (result, runtime) on rank 0."""
     out = None
     if rank == 0:
-        rt = Runtime(load_model(model), ParallelConfig(), device=str(device), dtype=dtype,
-                     layout=ParallelLayout(0, 1), **kw)
+        rt = Runtime(load_model(model), patch_config(dtype=dtype, **kw), device=str(device),
+                     layout=ParallelLayout(0, 1))
         out = rt.generate(req)
     dist.barrier()
     return out
@@ -52,15 +52,15 @@ def check_correctness(rank: int, world: int, device, smoke: bool) -> list[dict]:
         # the exchange against the serial run and the emulator, all on PyTorch ops (the emulator's
         # kernels): the Triton GroupNorm's one-pass sums round differently from the native one
         ref = serial_on_rank0(rank, model, req, device, "fp32", kernels="torch")
-        rt = Runtime(load_model(model), ParallelConfig("sync"), device=str(device), dtype="fp32", kernels="torch")
+        rt = Runtime(load_model(model), patch_config("sync", dtype="fp32", kernels="torch"), device=str(device))
         got = rt.generate(req)
         rt.close()
         if rank == 0:
             d = (got.latent - ref.latent).abs().max().item()
             rows.append({"check": f"{model} sync = serial", "value": d, "ok": d <= 1e-4})
         for mode in ("full", "partial"):
-            cfg = ParallelConfig(mode, warmup_steps=1)
-            rt = Runtime(load_model(model), cfg, device=str(device), dtype="fp32", kernels="torch")
+            cfg = patch_config(mode, 1)
+            rt = Runtime(load_model(model), cfg.replace(dtype="fp32", kernels="torch"), device=str(device))
             got = rt.generate(req)
             ranks = rt.gather_rank_stats(got)
             rt.close()
@@ -82,7 +82,7 @@ def check_graphs(rank: int, device) -> list[dict]:
     req = Request(512, 512, 8, "dpmpp-2m", seed=1, label=2)
     out = {}
     for graphs in (False, True):
-        rt = Runtime(load_model("unet-small"), ParallelConfig("full", 2), device=str(device), cuda_graphs=graphs)
+        rt = Runtime(load_model("unet-small"), patch_config("full", 2, cuda_graphs=graphs), device=str(device))
         out[graphs] = rt.generate(req)
         rt.close()
     if rank != 0:
@@ -100,13 +100,12 @@ def check_speedup(rank: int, world: int, device, smoke: bool) -> list[dict]:
         req = Request(size, size, steps, "ddim", seed=0)
         ref = serial_on_rank0(rank, model, req, device, dtype)
         for mode in ("full", "partial"):
-            rt = Runtime(model, ParallelConfig(mode, warmup), device=str(device), dtype=dtype)
+            rt = Runtime(model, patch_config(mode, warmup, dtype=dtype), device=str(device))
             res = rt.generate(req)
             rt.close()
             if rank == 0:
-                steady = res.timing["step_seconds"][warmup:]
-                serial = ref.timing["step_seconds"][warmup:]
-                s_par, s_ser = sum(steady) / len(steady), sum(serial) / len(serial)
+                s_par = timing_stats(res.timing["step_seconds"][warmup:])["seconds"]     # median steady step
+                s_ser = timing_stats(ref.timing["step_seconds"][warmup:])["seconds"]
                 rows.append({"check": f"{model} {size}² {mode} speedup at N={world}", "value": s_ser / s_par,
                              "ok": True, "step_seconds": s_par, "serial_step_seconds": s_ser})
             dist.barrier()
@@ -114,10 +113,12 @@ def check_speedup(rank: int, world: int, device, smoke: bool) -> list[dict]:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__)
     p.add_argument("--smoke", action="store_true", help="tiny models and sizes (CPU, gloo)")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None,
+                   help="JSON path (default: benchmarks/results/multi_gpu_check_<device>_n<N>.json)")
     a = p.parse_args(argv)
+    prov = provenance(argv)
     device = pick_device()
     rank, world = init_distributed(device)
     if device.type == "cuda":
@@ -131,14 +132,9 @@ def main(argv=None) -> None:
     if rank == 0:
         hw = hardware()
         name = re.sub(r"[^a-z0-9]+", "_", (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu").lower())
-        data = {"hardware": hw, "world_size": world, "backend": dist.get_backend(), "rows": rows}
-        if a.out:
-            import json
-            with open(a.out, "w") as f:
-                json.dump(data, f, indent=2)
-            path = a.out
-        else:
-            path = write_json(f"multi_gpu_check_{name.strip('_')}_n{world}.json", data)
+        path = write_result(os.path.abspath(a.out) if a.out else f"multi_gpu_check_{name.strip('_')}_n{world}",
+                            "multi_gpu_check", config_of(a), rows, prov, hw, world_size=world,
+                            backend=dist.get_backend())
         print(f"\n{hw['device']} x {world}, backend {dist.get_backend()}, torch {hw['torch']}\n")
         print(table(rows, [("check", "check"), ("value", "value"), ("ok", "ok")]))
         print(f"\nwrote {path}")

@@ -7,7 +7,6 @@ Each configuration is one `torchrun --nproc_per_node N -m parafuse.generate --co
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -15,7 +14,8 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, hardware, table, write_json  # noqa: E402
+from common import (add_run, config_flags, config_of, hardware, parser, patch_config, provenance,  # noqa: E402
+                    save_plot, table, write_result)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("sync", "full", "partial", "none")
@@ -25,10 +25,9 @@ def run(model: str, n: int, mode: str, args, tmp: str) -> dict:
     rep = os.path.join(tmp, f"{model}-{n}-{mode}.json")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
            "-m", "parafuse.generate", "--model", model, "--height", str(args.size), "--width", str(args.size),
-           "--steps", str(args.steps), "--solver", args.solver, "--mode", mode, "--warmup-steps", str(args.warmup),
+           "--steps", str(args.steps), "--solver", args.solver,
+           *config_flags(patch_config(mode, args.warmup, args.portion)),     # the run's PatchConfig as flags
            "--compare-serial", "--no-progress", "--out", os.path.join(tmp, "x.png"), "--report", rep, "--overwrite"]
-    if mode == "partial":
-        cmd += ["--halo-portion", str(args.portion)]
     if model != "default":
         cmd += ["--guidance", "1"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
@@ -43,17 +42,12 @@ def run(model: str, n: int, mode: str, args, tmp: str) -> dict:
             "seconds": r["total_seconds"]}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=["default", "dit-small"])
-    p.add_argument("--ranks", nargs="+", type=int, default=[1, 2, 4])
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=4)
-    p.add_argument("--portion", type=float, default=0.3)
-    p.add_argument("--solver", default="dpmpp-2m")
-    p.add_argument("--name", default="parallel_modes_cpu")
-    args = p.parse_args()
+def main(argv=None) -> None:
+    p = parser(__doc__, "parallel_modes_cpu")
+    add_run(p, models=["default", "dit-small"], ranks=[1, 2, 4], size=256, steps=20, warmup=4, portion=0.3,
+            solver="dpmpp-2m")
+    args = p.parse_args(argv)
+    prov = provenance(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
@@ -67,7 +61,7 @@ def main() -> None:
     print(f"\n{args.size}x{args.size}, {args.steps} steps {args.solver}, warmup {args.warmup}, p={args.portion}; "
           f"{hw['device']}, torch {hw['torch']}\n")
     print(table(rows, cols))
-    path = write_json(f"{args.name}.json", {"hardware": hw, "args": vars(args), "rows": rows})
+    path = write_result(args.name, "parallel_modes", config_of(args), rows, prov, hw)
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -87,8 +81,7 @@ def main() -> None:
     axes[1].legend(fontsize=7)
     fig.suptitle(f"{args.size}² {args.steps} steps — {hw['device']}")
     fig.tight_layout()
-    fig.savefig(os.path.join(RESULTS, f"{args.name}.png"), dpi=100)
-    print(f"wrote {path} and {args.name}.png")
+    print(f"wrote {path} and {save_plot(fig, args.name)}")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from common import hardware, provenance, table, write_json  # noqa: E402
+from common import add_run, config_of, hardware, parser, patch_config, provenance, table, write_result  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -242,7 +242,7 @@ def run_parafuse(pipe, cfg: Config, size: int, n: int, steps: int, text_len: int
 
     import gc
 
-    outs = emulate_pipeline(pipe, n, call, mode=mode, warmup_steps=warmup, text_merge=merge, kv_codec=codec)
+    outs = emulate_pipeline(pipe, n, call, patch_config(mode, warmup, text_merge=merge, kv_codec=codec))
     gc.collect()         # the ranks' copies of the pipeline (2.2 GB each at Flux's widths) go now, not later
     image = outs[0][0][0]
     # the busiest rank: the most bytes in the last (steady) step
@@ -323,22 +323,18 @@ MEASURED_COLUMNS = [("config", "widths"), ("size", "px"), ("n", "N"), ("system",
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__, "peers_cpu")
     p.add_argument("--ulysses-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
-    p.add_argument("--config", default="flux", choices=["flux", "narrow"])
-    p.add_argument("--size", type=int, default=128, help="image side of the measured runs")
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--config", default="flux", choices=["flux", "narrow"], help="the measured runs' widths")
+    add_run(p, size=128, steps=3, warmup=1, ranks=[2])              # the measured runs' (at --config)
     p.add_argument("--text-len", type=int, default=64, help="text tokens of the measured runs (Flux-dev: 512)")
-    p.add_argument("--ranks", nargs="+", type=int, default=[2], help="N of the measured runs at --config")
     p.add_argument("--narrow-ranks", nargs="+", type=int, default=[2, 8],
                    help="N of the measured runs on the narrow config (Flux's 24 heads of 8 channels)")
     p.add_argument("--count-sizes", nargs="+", type=int, default=[2048, 4096])
     p.add_argument("--count-ranks", nargs="+", type=int, default=[2, 8])
     p.add_argument("--dtype-bytes", type=int, default=2, help="activation bytes of the counted rows (bf16: 2)")
     p.add_argument("--smoke", action="store_true", help="narrow widths, 64², N = 2 only")
-    p.add_argument("--name", default="peers_cpu")
     a = p.parse_args(argv)
     if a.ulysses_worker:
         ulysses_worker(a)
@@ -373,9 +369,8 @@ def main(argv=None) -> int:
               f"{'met' if verdict['met'] else 'missed'} (limit 0.5x)")
     if worst > 1e-6:
         print(f"\nnote: a closed form is off a measured row by {worst:.1e}: the counted rows are not to be trusted")
-    path = write_json(f"{a.name}.json", provenance_=prov, data={
-        "hardware": hardware(), "args": vars(a), "config": asdict(FLUX), "measured": measured, "counted": counted,
-        "closed_forms_worst_relative_difference": worst, "target": verdict})
+    path = write_result(a.name, "peers", config_of(a), measured + counted, prov,     # rows: measured True/False
+                        model_config=asdict(FLUX), closed_forms_worst_relative_difference=worst, target=verdict)
     print(f"wrote {path}")
     return 0
 

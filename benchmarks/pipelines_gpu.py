@@ -36,13 +36,12 @@ import json
 import math
 import os
 import re
-import statistics
 import time
 from types import SimpleNamespace
 
 import torch
 
-from common import RESULTS, hardware, provenance
+from common import RESULTS, config_of, hardware, patch_config, provenance, read_result, timing_stats, write_result
 from parafuse.parallel.config import PatchConfig
 from parafuse.parallel.transport import NullTransport, Pending
 
@@ -198,7 +197,7 @@ class ZerosTransport(NullTransport):
 
 def config(mode="sync", cfg=False, kernels="torch", warmup=1, graphs=None) -> PatchConfig:
     """The door's settings (`graphs` None: the device's default - off for emulated ranks)."""
-    return PatchConfig(mode=mode, warmup_steps=warmup, cfg_parallel=cfg, kernels=kernels, cuda_graphs=graphs)
+    return patch_config(mode, warmup, cfg_parallel=cfg, kernels=kernels, cuda_graphs=graphs)
 
 
 def door(pipe, n=1, strip=0, transport="null", **settings):
@@ -223,7 +222,7 @@ def timed(model, fam, kw, repeat, **settings) -> tuple[float, dict, object, obje
         out = par(kw, 3 + repeat)
         steady = par.timing["step_seconds"][3:]
         stats = {**par.rank_stats, "attention_backend": str(par.config.attention_backend)}
-        return statistics.median(steady), stats, par.strips.geometry, out
+        return timing_stats(steady)["seconds"], stats, par.strips.geometry, out
     finally:
         par.close()
         par.strips.remove()
@@ -326,13 +325,13 @@ class Section:
     def add(self, row: dict) -> None:
         self.rows.append(row)
         self.log(json.dumps(row, default=str)[:600])
-        data = json.load(open(self.path)) if os.path.exists(self.path) else {}
-        data.update(hardware=hardware(), smoke=self.a.smoke)
-        data.setdefault("sections", {})[self.name] = {"provenance": self.provenance, "rows": self.rows}
-        tmp = f"{self.path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2, default=str)
-        os.replace(tmp, self.path)
+        # the schema's rows: every section's, each naming its section (the other sections' as written)
+        before = read_result(self.path) if os.path.exists(self.path) else {"rows": [], "sections": {}}
+        sections = {**before.get("sections", {}), self.name: {"provenance": self.provenance}}
+        rows = [r for r in before["rows"] if r.get("section") != self.name] + \
+            [{"section": self.name, **r} for r in self.rows]
+        write_result(os.path.abspath(self.path), "pipelines_gpu", config_of(self.a), rows, self.provenance,
+                     hardware(), smoke=self.a.smoke, sections=sections)
 
     def run(self, what: dict, fn) -> None:
         """One row: skipped past the budget, its error recorded if it fails (the next still runs)."""
@@ -469,7 +468,7 @@ class Section:
                 wall = time.perf_counter() - t0
                 each = par.timing["step_seconds"]
                 out[side] = {"seconds": wall, "warmup_steps_s": sum(each[:LOOP_WARMUP]),
-                             "steady_step_s": statistics.median(each[LOOP_WARMUP:]), "evaluations": len(each)}
+                             "steady_step_s": timing_stats(each[LOOP_WARMUP:])["seconds"], "evaluations": len(each)}
                 if result is not None:
                     latents[side] = result.images
             finally:

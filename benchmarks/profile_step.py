@@ -12,7 +12,6 @@ https://ui.perfetto.dev), which ties each kernel to the ATen op that launched it
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -20,27 +19,24 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import hardware  # noqa: E402
+from common import add_device, add_run, hardware, parser, patch_config  # noqa: E402
 
 from parafuse.models import load_model  # noqa: E402
 from parafuse.parallel.distributed import ParallelLayout  # noqa: E402
 from parafuse.parallel.parallelize import unparallelize  # noqa: E402
 from parafuse.parallel.transport import NullTransport  # noqa: E402
 from parafuse.parallel.config import Kernels  # noqa: E402
-from parafuse.runtime import ParallelConfig, Request, Runtime  # noqa: E402
+from parafuse.runtime import Request, Runtime  # noqa: E402
 
 KERNELS = [k.value for k in Kernels]
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="unet-xl")
-    p.add_argument("--size", type=int, default=2048)
+    p = parser(__doc__)
+    add_run(p, model="unet-xl", size=2048, mode="full")
     p.add_argument("--n", type=int, default=8, help="strips (ranks)")
     p.add_argument("--strip", type=int, default=None, help="which strip (default: a middle one, N // 2)")
-    p.add_argument("--mode", default="full")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: bf16 on CUDA, fp32 on CPU)")
+    add_device(p)
     p.add_argument("--kernels", default=None, choices=KERNELS,
                    help="the patch layers' kernels (default: the runtime's, triton on CUDA)")
     p.add_argument("--eager", action="store_true", help="no CUDA graphs (on CUDA they are on by default)")
@@ -54,8 +50,8 @@ def main(argv=None) -> None:
     model = load_model(a.model, device=device)
     req = Request(a.size, a.size, steps=8, solver="ddim", seed=0, context=None,
                   label=0 if model.spec.num_classes else None)
-    rt = Runtime(model, ParallelConfig(a.mode, 1), device=a.device, dtype=a.dtype, layout=ParallelLayout(strip, a.n),
-                 transport=NullTransport(strip, a.n), cuda_graphs=False if a.eager else None, kernels=a.kernels)
+    config = patch_config(a.mode, 1, dtype=a.dtype, kernels=a.kernels, cuda_graphs=False if a.eager else None)
+    rt = Runtime(model, config, device=a.device, layout=ParallelLayout(strip, a.n), transport=NullTransport(strip, a.n))
     try:
         step = rt.rank_step(req)
         for _ in range(a.warmup):

@@ -81,8 +81,6 @@ Run it on an idle machine: with another job running, gloo's threads wait for the
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import socket
 import statistics
@@ -93,7 +91,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, hardware, provenance, table, write_json  # noqa: E402
+from common import (RESULTS, SCHEMA, add_run, add_timing, config_of, hardware, parser, provenance,  # noqa: E402
+                    read_result, rewrite_result, save_plot, table, timing_stats, write_result)
 
 
 # ---- links ---------------------------------------------------------------------------------------
@@ -274,7 +273,7 @@ class Charge:
 def loopback_charge(path: str = LOOPBACK_JSON, sm_share: float = NCCL_SM_SHARE) -> Charge:
     """The loss of the on-device loopback run, from `gpu_check.py`'s committed JSON: its graphs
     section's loopback row against the null-transport row of the same configuration."""
-    rows = json.load(open(path))["sections"]["graphs"]["result"]["rows"]
+    rows = read_result(path)["sections"]["graphs"]["result"]["rows"]
     return charge_from_rows(rows, os.path.relpath(path, os.path.dirname(RESULTS)), sm_share)
 
 
@@ -448,12 +447,14 @@ def project_rows(rows: list[dict], link: Link, max_n: int = 16, norm_on_critical
 
 
 # ---- measuring rows on this machine ------------------------------------------------------------
-def measure_rows(model_name: str, sizes, ranks, modes, repeat: int = 5, log=print) -> list[dict]:
+def measure_rows(model_name: str, sizes, ranks, modes, repeat: int = 5, log=print,
+                 timing_warmup: int = 2) -> list[dict]:
     """`scaling.scaling_rows` on this CPU: per-rank compute of the slowest strip, bytes and messages
     of the busiest one."""
     import scaling
 
-    return scaling.scaling_rows(model_name, sizes, ranks, modes, torch.device("cpu"), None, repeat, log=log)
+    return scaling.scaling_rows(model_name, sizes, ranks, modes, torch.device("cpu"), None, repeat, log=log,
+                                timing_warmup=timing_warmup)
 
 
 # ---- the measured link: a gloo ping-pong ---------------------------------------------------------
@@ -492,7 +493,7 @@ def _pingpong(rank: int, port: int, sizes: list[int], repeat: int, loaded: bool,
             if round_:
                 times[size].append((time.perf_counter() - t0) / 2)
     stop.set()
-    one_way = {size: statistics.median(t) for size, t in times.items()}
+    one_way = {size: timing_stats(t)["seconds"] for size, t in times.items()}
     if rank == 0:
         queue.put(one_way)
     dist.barrier()
@@ -627,13 +628,14 @@ def validation_notes(v: dict) -> list[str]:
 
 
 # ---- output --------------------------------------------------------------------------------------
-def plot(projections: list[dict], validation: dict | None, path: str, hw: str) -> bool:
+def plot(projections: list[dict], validation: dict | None, name: str, hw: str) -> str | None:
+    """The projection plot beside the result `name` (its path; None without matplotlib)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return False
+        return None
     panels = sorted({(r["model"], r["size"]) for r in projections})
     cols = min(2, len(panels))
     grid_rows = -(-len(panels) // cols)
@@ -673,9 +675,9 @@ def plot(projections: list[dict], validation: dict | None, path: str, hw: str) -
     fig.suptitle(f"projection: speedup vs N, per-rank compute measured on {hw}\nlinks assumed (presets) or fitted "
                  "on this machine (measured*); where compute bounds the step the links' lines coincide", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    path = save_plot(fig, name)
     plt.close(fig)
-    return True
+    return path
 
 
 PROJECTION_COLUMNS = [("model", "model"), ("size", "px"), ("mode", "mode"), ("kernels", "kernels"),
@@ -706,12 +708,15 @@ def reproject(path: str, argv=None) -> str:
     if it has one, its validation's per-rank compute rows and torchrun steps: nothing is measured
     again. Its measurements, hardware and load keep their values; the provenance is this run's."""
     prov = provenance(argv)
-    data = json.load(open(path))
-    rows, measured_here = data["measured_rows"], data.get("args", {}).get("measure", False)
+    data = read_result(path)
+    measured_by = data.get("measured_by") or data.get("command") or (
+        data["provenance"].get("command") if data["schema"] == SCHEMA else None) or \
+        "python benchmarks/project.py --measure --validate"
+    rows, measured_here = data["measured_rows"], data["config"].get("measure", False)
     charge = None if measured_here or data.get("compute_measured_on", "").startswith("cpu") else loopback_charge()
     links = [link_from(d) for d in data["links"]]
-    data["projections"] = [r for link in links for r in project_rows(rows, link, data["args"].get("max_n", 16),
-                                                                   charge=charge, derive_sync=True)]
+    data["rows"] = [r for link in links for r in project_rows(rows, link, data["config"].get("max_n", 16),
+                                                            charge=charge, derive_sync=True)]
     data["links"], data["charge"] = [asdict(k) for k in links], asdict(charge) if charge else None
     v = data.get("validation")
     if v:
@@ -728,28 +733,22 @@ def reproject(path: str, argv=None) -> str:
         data["notes"] += validation_notes(v)
     data["notes"] = data.get("notes", []) + [
         f"Recomputed by `{prov['command']}` from this file's own measured rows and torchrun steps (measured by "
-        f"`{data.get('command', 'python benchmarks/project.py --measure --validate')}`): projections and errors of "
-        "the current arithmetic (both bounds), measurements unchanged."]
-    data["provenance"] = prov
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2)
-    png = os.path.splitext(path)[0] + ".png"
-    plot(data["projections"], v, png, data.get("compute_measured_on", "?"))
+        f"`{measured_by}`): projections and errors of the current arithmetic (both bounds), measurements unchanged."]
+    data["provenance"], data["measured_by"] = prov, measured_by
+    rewrite_result(path, data)
+    plot(data["rows"], v, path, data.get("compute_measured_on", "?"))
     return path
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--scaling", help="a benchmarks/scaling.py JSON whose rows to project")
     src.add_argument("--measure", action="store_true", help="measure the rows here (CPU, as scaling.scaling_rows)")
     src.add_argument("--reproject", metavar="JSON", help="recompute a committed project_*.json from its own "
                                                           "measurements (nothing measured again)")
-    p.add_argument("--models", nargs="+", default=["dit-small"])
-    p.add_argument("--sizes", nargs="+", type=int, default=[256])
-    p.add_argument("--ranks", nargs="+", type=int, default=[1, 2, 4, 8])
-    p.add_argument("--modes", nargs="+", default=["full", "partial"])
-    p.add_argument("--repeat", type=int, default=5)
+    add_run(p, models=["dit-small"], sizes=[256], ranks=[1, 2, 4, 8], modes=["full", "partial"])
+    add_timing(p, repeat=5, warmup=2)
     p.add_argument("--links", nargs="+", default=["nvlink4", "pcie4", "ib400"], choices=[*LINKS, *MEASURED],
                    help="presets, and/or the links fitted here (fitted anyway with --validate)")
     p.add_argument("--max-n", type=int, default=16)
@@ -774,11 +773,11 @@ def main(argv=None) -> None:
         hw = hardware()
         rows = []
         for m in args.models:
-            rows += measure_rows(m, args.sizes, args.ranks, args.modes, args.repeat)
+            rows += measure_rows(m, args.sizes, args.ranks, args.modes, args.repeat, timing_warmup=args.timing_warmup)
         name = args.name or "cpu"
         compute_on = hw["device"]
     else:
-        data = json.load(open(args.scaling))
+        data = read_result(args.scaling)
         rows, hw = data["rows"], hardware()
         compute_on = data.get("hardware", {}).get("device", "unknown hardware")
         name = args.name or os.path.splitext(os.path.basename(args.scaling))[0].removeprefix("scaling_")
@@ -849,22 +848,21 @@ def main(argv=None) -> None:
     for note in notes:
         print(f"note: {note}")
 
-    path = write_json(f"project_{name}.json", provenance_=prov, data={
-        "hardware": hw, "compute_measured_on": compute_on,
-        "command": "python benchmarks/project.py " + " ".join(sys.argv[1:] if argv is None else argv), "args": vars(args),
+    path = write_result(f"project_{name}", "project", config_of(args), projections, prov, hw,   # rows: projections
+        compute_measured_on=compute_on,
         # 1-minute load average before and after: timings on a machine busy with other work are not clean
-        "load_average_1min": {"before": load_before[0], "after": load_after[0]},
-        "model": "optimistic: step = max(compute, comm_async) + comm_critical (full/partial/none), compute + comm "
-                 "(sync); pessimistic: stale traffic serialised ahead of mid-step critical collectives on one "
-                 "communicator, else max(compute + charge, stale) + one post's tail + critical; comm = messages x "
-                 "latency + bytes / bandwidth, all-reduce 2(N-1) latency hops, N > 8 over ib400; see the docstring",
-        "charge": asdict(charge) if charge else None,
-        "norm_stats_on_critical_path": True,
-        "links": [asdict(k) for k in links],
-        "pingpong_one_way_seconds": {k: {str(b): t for b, t in v.items()} for k, v in one_way.items()},
-        "measured_rows": rows, "projections": projections, "validation": validation, "notes": notes})
-    png = os.path.join(RESULTS, f"project_{name}.png")
-    print(f"wrote {path}" + (f" and {png}" if plot(projections, validation, png, compute_on) else ""))
+        load_average_1min={"before": load_before[0], "after": load_after[0]},
+        model="optimistic: step = max(compute, comm_async) + comm_critical (full/partial/none), compute + comm "
+              "(sync); pessimistic: stale traffic serialised ahead of mid-step critical collectives on one "
+              "communicator, else max(compute + charge, stale) + one post's tail + critical; comm = messages x "
+              "latency + bytes / bandwidth, all-reduce 2(N-1) latency hops, N > 8 over ib400; see the docstring",
+        charge=asdict(charge) if charge else None,
+        norm_stats_on_critical_path=True,
+        links=[asdict(k) for k in links],
+        pingpong_one_way_seconds={k: {str(b): t for b, t in v.items()} for k, v in one_way.items()},
+        measured_rows=rows, validation=validation, notes=notes)
+    png = plot(projections, validation, f"project_{name}", compute_on)
+    print(f"wrote {path}" + (f" and {png}" if png else ""))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ Grid: N x mode at `--warmup` and `--portion`; at the largest N also `--warmups` 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -34,14 +33,14 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, hardware, provenance, table, write_json  # noqa: E402
+from common import (add_dtype, add_run, add_seeds, config_of, hardware, parser, patch_config, provenance,  # noqa: E402
+                    read_result, result_path, save_plot, table, write_result)
 from swd import PATCHES_PER_LEVEL, pyramid_depth, pyramid_patches, swd  # noqa: E402
 
 from parafuse.models import load_model  # noqa: E402
-from parafuse.parallel.config import PatchConfig  # noqa: E402
 from parafuse.runtime import emulate  # noqa: E402
 from parafuse.report import psnr  # noqa: E402
-from parafuse.runtime import ParallelConfig, Request, Runtime  # noqa: E402
+from parafuse.runtime import Request, Runtime  # noqa: E402
 
 def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
     from skimage.metrics import structural_similarity
@@ -55,13 +54,6 @@ def request(model, size: int, steps: int, seed: int) -> Request:
 
 def busiest_bytes_per_step(runtimes, steps: int) -> float:
     return max(sum(rt.transport.totals()[0].values()) for rt in runtimes) / steps
-
-
-def parallel_config(mode: str, warmup: int, portion: float) -> ParallelConfig:
-    """A row's mode is a runtime mode, or MODE+CODEC for a stale K/V codec (`full+sign`)."""
-    mode, _, codec = mode.partition("+")
-    window = portion if PatchConfig(mode=mode).windowed else None       # a portion only where there is a window
-    return ParallelConfig(mode, warmup, window, kv_codec=codec or "none")
 
 
 def parallel_run(model, n: int, mode: str, warmup: int, portion: float, req: Request, dtype: str = "fp32"):
@@ -79,7 +71,7 @@ def parallel_run(model, n: int, mode: str, warmup: int, portion: float, req: Req
             begin(k)
         rt.engine.begin_step = begin_step
 
-    runtimes, results = emulate(model, n, parallel_config(mode, warmup, portion), req, strict=False,
+    runtimes, results = emulate(model, n, patch_config(mode, warmup, portion), req, strict=False,
                                 on_rank=count_steps, dtype=dtype)
     steady = [statistics.median(m[k + 1] - m[k] for k in range(warmup, len(m) - 1))
               for m in marks.values() if len(m) - 1 > warmup]
@@ -118,7 +110,7 @@ def measure(a, log=print) -> list[dict]:
                 for seed in a.seeds:
                     req = request(model, size, steps, seed)
                     t0 = time.perf_counter()
-                    ref = Runtime(model, ParallelConfig(), dtype=a.dtype).generate(req).image.float()
+                    ref = Runtime(model, patch_config(dtype=a.dtype)).generate(req).image.float()
                     log(f"{name} {size}² {steps} steps seed {seed}: serial {time.perf_counter() - t0:.1f} s")
                     ref_patches.append(seed_patches(ref, seed))
                     for cfg in configurations(a):
@@ -218,30 +210,22 @@ def plot(rows: list[dict], a, hw: dict) -> None:
     fig.suptitle(f"{a.sizes[0]}², {a.steps[0]} steps, {len(a.seeds)} seeds (mean ± sd) — {hw['device']}; "
                  f"python benchmarks/quality.py")
     fig.tight_layout()
-    fig.savefig(os.path.join(RESULTS, f"{a.name}.png"), dpi=100)
+    return save_plot(fig, a.name)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=["default", "dit-small"])
-    p.add_argument("--sizes", nargs="+", type=int, default=[256])
-    p.add_argument("--steps", nargs="+", type=int, default=[20])
-    p.add_argument("--ranks", nargs="+", type=int, default=[2, 4, 8])
-    p.add_argument("--modes", nargs="+", default=["full", "partial", "none", "distrifusion", "pcpp"])
-    p.add_argument("--warmup", type=int, default=4)
-    p.add_argument("--warmups", nargs="+", type=int, default=[1, 2, 4])
-    p.add_argument("--portion", type=float, default=0.3)
-    p.add_argument("--portions", nargs="+", type=float, default=[0.1, 0.3, 0.5])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
-                   help="the model's dtype, serial and parallel (K/V and halos travel in it)")
-    p.add_argument("--name", default="quality_cpu")
+    p = parser(__doc__, "quality_cpu")
+    add_run(p, models=["default", "dit-small"], sizes=[256], steps=[20], ranks=[2, 4, 8],
+            modes=["full", "partial", "none", "distrifusion", "pcpp"], warmup=4, warmups=[1, 2, 4], portion=0.3,
+            portions=[0.1, 0.3, 0.5])
+    add_seeds(p, [0, 1, 2, 3])
+    add_dtype(p, "fp32", "the model's dtype, serial and parallel (K/V and halos travel in it)")
     p.add_argument("--replot", action="store_true", help="redraw the plot of the results already in --name's JSON")
     a = p.parse_args(argv)
     prov = provenance(argv)
     if a.replot:
-        res = json.load(open(os.path.join(RESULTS, f"{a.name}.json")))
-        plot(res["rows"], argparse.Namespace(**res["args"]), res["hardware"])
+        res = read_result(result_path(a.name))
+        plot(res["rows"], argparse.Namespace(**res["config"]), res["hardware"])
         return 0
     begin = time.perf_counter()
     rows = measure(a)
@@ -260,11 +244,9 @@ def main(argv=None) -> int:
                            ("portion", "p"), ("bytes_share", "bytes / distrifusion's (run)"),
                            ("steady_bytes_share", "steady-state share"), ("bytes_limit", "limit"),
                            ("psnr_gap_db", "PSNR gap dB"), ("met", "met (run)"), ("met_steady", "met (steady)")]))
-    path = write_json(f"{a.name}.json", provenance_=prov, data={"hardware": hw, "command": "python benchmarks/quality.py " + " ".join(
-        sys.argv[1:] if argv is None else argv), "args": vars(a), "seconds": time.perf_counter() - begin,
-        "rows": rows, "targets": goal})
-    plot(rows, a, hw)
-    print(f"wrote {path} and {a.name}.png")
+    path = write_result(a.name, "quality", config_of(a), rows, prov, hw, seconds=time.perf_counter() - begin,
+                        targets=goal)
+    print(f"wrote {path} and {plot(rows, a, hw)}")
     return 0
 
 

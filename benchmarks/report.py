@@ -30,16 +30,14 @@ figure with its JSON source, `<!-- cpu-figure: benchmarks/results/NAME.json -->`
 """
 from __future__ import annotations
 
-import argparse
-import glob
-import json
+import functools
 import os
 import re
 import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, table  # noqa: E402
+from common import RESULTS, SCHEMA, parser, read_result, read_results, save_plot, table, write_atomic  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(ROOT, "docs")
@@ -95,10 +93,14 @@ MODE_STYLE = {"full": "C0", "partial": "C1", "none": "C7", "sync": "C2", "distri
 
 def load(name: str) -> dict | None:
     path = os.path.join(RESULTS, name)
-    return json.load(open(path)) if os.path.exists(path) else None
+    return read_result(path) if os.path.exists(path) else None
 
 
-def command(res: dict, default: str) -> str:
+def command(res: dict, default: str | None = None) -> str | None:
+    """The command behind a result: its stamped provenance's (the schema), a legacy file's own
+    `command` field (its provenance, where it has one, may be a later --reproject's)."""
+    if res["schema"] == SCHEMA:
+        return res["provenance"].get("command") or default
     return res.get("command") or default
 
 
@@ -108,8 +110,7 @@ def hw(res: dict) -> str:
 
 
 def gpu_results() -> list[dict]:
-    return [json.load(open(p)) for p in sorted(glob.glob(os.path.join(RESULTS, "gpu_check_*.json")))
-            if not json.load(open(p)).get("smoke")]
+    return [res for _, res in read_results("gpu_check_*.json") if not res.get("smoke")]
 
 
 def pivot(rows: list[dict], keys: tuple[str, ...], value: str) -> str:
@@ -143,7 +144,7 @@ def speedup_section(scaling: dict | None, project: dict | None, gpus: list[dict]
                 "`benchmarks/gpu_check.py`, so every figure here is from a CPU.", ""]
     if project:
         err = project.get("validation", {}).get("mean_abs_relative_error", {}).get("measured")
-        rows = [r for r in project["projections"] if r["link"] == "nvlink4" and r["n"] in (1, 2, 4, 8, 16)]
+        rows = [r for r in project["rows"] if r["link"] == "nvlink4" and r["n"] in (1, 2, 4, 8, 16)]
         out += [f"**Projected** (not measured) over NVLink 4 from per-rank compute measured on {hw(project)} "
                 f"and the counted bytes: `{command(project, 'python benchmarks/project.py --measure --validate')}`"
                 + (f"; its mean absolute error against real CPU torchrun step times (link fitted by ping-pong): "
@@ -165,12 +166,11 @@ def gpu_scaling_rows(g: dict) -> list[dict]:
         rows += [{**r, "command": gpu_check.COMMAND, "origin": f"commit {commit[:7]}" if commit else "unknown",
                   "when": commit_time(commit) if commit else 0}
                  for r in sec.get("result", {}).get("rows", []) if "speedup" in r]
-    for path in sorted(glob.glob(os.path.join(RESULTS, "scaling_*.json"))):
-        res = json.load(open(path))
+    for path, res in read_results("scaling_*.json"):
         if res["hardware"]["device"] == g["hardware"]["device"]:
             stamp = (res.get("provenance") or {}).get("commit")
             when = commit_time(stamp) if stamp else committed(path)[0]
-            rows += [{**r, "command": f"PYTHONPATH=.:kernels {res['command']}", "origin": origin(res, path),
+            rows += [{**r, "command": f"PYTHONPATH=.:kernels {command(res)}", "origin": origin(res, path),
                       "when": when} for r in res["rows"] if "speedup" in r]
     return current(rows)
 
@@ -216,16 +216,15 @@ def gpu_section(gpus: list[dict]) -> list[str]:
                 "`source` numbers the command and commit below):", "",
                 pivot(rows, ("model", "size", "mode", "graphs", "kernels", "communication", "source"), "speedup"), ""]
         out += [f"{i}. `{c}" for i, c in enumerate(commands, 1)] + [""]
-        for path in sorted(glob.glob(os.path.join(RESULTS, "project_*.json"))):
-            proj = json.load(open(path))
+        for path, proj in read_results("project_*.json"):
             if proj.get("compute_measured_on") != device:
                 continue
             graphed = {(r["model"], r["size"]) for r in proj["measured_rows"] if r.get("cuda_graphs")}
             prow = [{**r, "graphs": "graphed" if (r["model"], r["size"]) in graphed else "eager",
-                     "kernels": r.get("kernels", "torch")} for r in proj["projections"] if r["n"] in (2, 4, 8, 16)]
+                     "kernels": r.get("kernels", "torch")} for r in proj["rows"] if r["n"] in (2, 4, 8, 16)]
             charge = (proj.get("charge") or {}).get("source", "none")
-            out += [f"**Projected** (not measured) from the rows of `{proj['args']['scaling']}` and the counted "
-                    f"bytes, per link: `{proj['command']}` at {origin(proj, path)}; per-rank compute at an N not "
+            out += [f"**Projected** (not measured) from the rows of `{proj['config']['scaling']}` and the counted "
+                    f"bytes, per link: `{command(proj)}` at {origin(proj, path)}; per-rank compute at an N not "
                     "measured is interpolated or extrapolated, sync rows marked in the JSON take full's compute "
                     "(benchmarks/project.py). Two bounds fixed before the results were read: optimistic "
                     "(communication hides behind compute) and pessimistic (stale traffic queued ahead of the exact "
@@ -254,10 +253,10 @@ def quality_section(quality: dict | None) -> list[str]:
     if not quality:
         return ["### Communication and quality against DistriFusion and PCPP", "",
                 "Not yet measured: run `python benchmarks/quality.py`.", ""]
-    a = quality["args"]
+    a = quality["config"]
     rows = [r for r in quality["rows"] if r["warmup"] == a["warmup"] and r["portion"] in (None, a["portion"])]
     out = ["### Communication and quality against DistriFusion and PCPP", "",
-           f"`{quality['command']}` on {hw(quality)}: {len(a['seeds'])} seeds, PSNR and SSIM of each parallel image "
+           f"`{command(quality)}` on {hw(quality)}: {len(a['seeds'])} seeds, PSNR and SSIM of each parallel image "
            f"against the serial image of the same seed (mean ± sd; max abs: the largest pixel difference in [-1, 1], "
            f"the mean over the seeds), bytes per step of the busiest rank averaged "
            f"over the run (warmup included). `distrifusion` and `pcpp` run as published: their traffic and "
@@ -325,9 +324,8 @@ def target_scoreboard(results: str = RESULTS) -> tuple[list[dict], list[dict]]:
     quality target's rows: `partial` on the default model at 1024², 20 steps, warmup 4, N = 8)."""
     verdicts: dict[tuple, dict] = {}
     quality: dict[tuple, dict] = {}
-    for path in sorted(glob.glob(os.path.join(results, "quality_*.json"))):
-        res = json.load(open(path))
-        dtype, source = res["args"].get("dtype", "fp32"), os.path.basename(path)
+    for path, res in read_results("quality_*.json", results):
+        dtype, source = res["config"].get("dtype", "fp32"), os.path.basename(path)
         for r in res["rows"]:
             key = (dtype, r["model"], r["size"], r["steps"], r["n"], r["mode"], r["warmup"], r["portion"])
             if key[1:] == ("default", 1024, 20, TARGET_N, "partial", 4, TARGET_PORTION) and \
@@ -378,7 +376,7 @@ def extra_quality(name: str, title: str, note: str = "") -> list[str]:
            "the same seeds (`images` per side); identical images give 0." if swd_columns(res["rows"]) else "")
     took = f" The whole run took {res['seconds'] / 60:.0f} min." if res.get("seconds") else ""
     legend = " `max abs`: the largest pixel difference (images in [-1, 1]), the mean over the seeds." + swd
-    return [f"### {title}", "", f"`{res['command']}` on {hw(res)}.{took}{legend}" + (f" {note}" if note else ""), "",
+    return [f"### {title}", "", f"`{command(res)}` on {hw(res)}.{took}{legend}" + (f" {note}" if note else ""), "",
             table(res["rows"], [("model", "model"), ("size", "size"), ("steps", "steps"), ("n", "N"), ("mode", "mode"),
                                 ("warmup", "warmup"), ("portion", "p"), ("seeds", "seeds"), ("psnr_db", "PSNR dB"),
                                 ("psnr_sd", "± sd"), ("max_abs_diff", "max abs"), ("ssim", "SSIM")] +
@@ -392,7 +390,7 @@ def attention_reach_section(res: dict | None) -> list[str]:
     if not res:
         return []
     return [f"Why the DiTs' `partial` loses quality: the share of their self-attention that falls inside "
-            f"`partial`'s window during a serial generation (`{res['command']}` on {hw(res)}), against the share "
+            f"`partial`'s window during a serial generation (`{command(res)}` on {hw(res)}), against the share "
             f"uniform attention would put there.", "",
             table(res["rows"], [("model", "model"), ("size", "size"), ("n", "N"), ("portion", "p"), ("seeds", "seeds"),
                                 ("mass_inside", "attention inside the window"), ("uniform_inside", "uniform attention")]),
@@ -415,14 +413,14 @@ def peers_section(res: dict | None) -> list[str]:
             "each measured row checks the closed forms the counted rows use (`closed form off by`: relative, per "
             "kind).", "",
             table([{**r, "total_kb": sum(r["bytes_per_step"].values()) / 1e3,
-                    "worst": max(r["check"].values(), default=0.0)} for r in res["measured"]],
+                    "worst": max(r["check"].values(), default=0.0)} for r in res["rows"] if r["measured"]],
                   [("config", "widths"), ("size", "px"), ("n", "N"), ("system", "system"), ("total_kb", "KB/step"),
                    ("max_abs", "max abs vs single process"), ("psnr_db", "PSNR dB"), ("worst", "closed form off by")]),
             "", "Counted (the closed forms) for Flux-dev: 19 + 38 joint attentions, 512 text tokens, bf16 "
             "activations; bytes per step and rank, and those on the critical path (Ulysses: all of them). " + verdict,
             "",
             table([{**r, "total_mb": r["total_bytes"] / 1e6, "critical_mb": r["critical_bytes"] / 1e6,
-                    "critical_kinds": ", ".join(r["critical_kinds"])} for r in res["counted"]],
+                    "critical_kinds": ", ".join(r["critical_kinds"])} for r in res["rows"] if not r["measured"]],
                   [("size", "px"), ("n", "N"), ("system", "system"), ("total_mb", "MB/step/rank"),
                    ("critical_mb", "MB on the critical path"), ("share_of_ulysses", "x Ulysses' bytes"),
                    ("critical_kinds", "critical kinds")]), ""]
@@ -432,7 +430,7 @@ def throughput_section(res: dict | None) -> list[str]:
     if not res:
         return []
     return ["### Latency of one image against throughput of N", "",
-            f"`{res['command']}` on {hw(res)}. One image on N ranks (patch parallel) against N independent "
+            f"`{command(res)}` on {hw(res)}. One image on N ranks (patch parallel) against N independent "
             f"single-rank images at once; cold = launch to the first image (imports, load, trace, plan, first "
             f"denoising), warm = the next image in the same process. On this 2-core CPU, N ranks or N processes "
             f"share two cores.", "",
@@ -477,8 +475,8 @@ def plots(scaling, project, quality, gpus) -> list[str]:
                           f"{' triton kernels' if key[4] == 'triton' else ''}: per-rank compute, "
                           f"{g['hardware']['device']} (measured)")
     if project:
-        for (model, size, mode) in sorted({(r["model"], r["size"], r["mode"]) for r in project["projections"]}):
-            pts = sorted((r for r in project["projections"] if r["link"] == "nvlink4"
+        for (model, size, mode) in sorted({(r["model"], r["size"], r["mode"]) for r in project["rows"]}):
+            pts = sorted((r for r in project["rows"] if r["link"] == "nvlink4"
                           and (r["model"], r["size"], r["mode"]) == (model, size, mode)), key=lambda r: r["n"])
             ax.plot([r["n"] for r in pts], [r["projected_speedup"] for r in pts], "--", color=MODE_STYLE.get(mode),
                     alpha=0.6, label=f"{model} {size}² {mode}: PROJECTED, NVLink 4")
@@ -489,7 +487,7 @@ def plots(scaling, project, quality, gpus) -> list[str]:
     written.append(save(fig, "report_speedup.png"))
 
     if quality:
-        a = quality["args"]
+        a = quality["config"]
         rows = [r for r in quality["rows"] if r["warmup"] == a["warmup"] and r["portion"] in (None, a["portion"])
                 and r["size"] == a["sizes"][0] and r["steps"] == a["steps"][0]]
         for what, key, fname, ylabel in (("bytes", "bytes_per_step_busiest_rank", "report_bytes.png",
@@ -519,7 +517,7 @@ def plots(scaling, project, quality, gpus) -> list[str]:
 
 
 def save(fig, name: str) -> str:
-    fig.savefig(os.path.join(RESULTS, name), dpi=100)
+    save_plot(fig, name)
     return name
 
 
@@ -554,12 +552,11 @@ def projections(g: dict) -> list[tuple[str, dict]]:
         commit = (sec.get("provenance") or {}).get("commit")
         out += [(f"`benchmarks/gpu_check.py`'s projection, commit {commit[:7] if commit else 'unknown'}",
                  {**r, "graphed": r.get("graphs", "eager") == "graphed"}) for r in sec["result"]["nvlink4"]]
-    for path in sorted(glob.glob(os.path.join(RESULTS, "project_*.json"))):
-        proj = json.load(open(path))
+    for path, proj in read_results("project_*.json"):
         if proj.get("compute_measured_on") == g["hardware"]["device"]:
             graphed = {(r["model"], r["size"]) for r in proj["measured_rows"] if r.get("cuda_graphs")}
             out += [(f"`{os.path.basename(path)}`, {origin(proj, path)}",
-                     {**r, "graphed": (r["model"], r["size"]) in graphed}) for r in proj["projections"]
+                     {**r, "graphed": (r["model"], r["size"]) in graphed}) for r in proj["rows"]
                     if r["link"] == "nvlink4"]
     return [(w, r) for w, r in out if r["n"] == 8]
 
@@ -627,13 +624,6 @@ def with_headline(readme: str, block: str) -> str:
     return pattern.sub(lambda _: block, readme)
 
 
-def write_atomically(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 # ---- the page -------------------------------------------------------------------------------------------
 def section() -> tuple[str, tuple]:
     scaling, project, quality = load("scaling_cpu.json"), load("project_cpu.json"), load("quality_cpu.json")
@@ -681,8 +671,13 @@ def section() -> tuple[str, tuple]:
     return "\n".join(lines), (scaling, project, quality, gpus)
 
 
+def write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__)
     p.add_argument("--check", action="store_true", help="exit 1 if docs/performance.md or the README's headline "
                                                         "block is out of date")
     a = p.parse_args(argv)
@@ -700,8 +695,8 @@ def main(argv=None) -> int:
         return 0
     written = plots(*sources)
     os.makedirs(DOCS, exist_ok=True)
-    write_atomically(PERFORMANCE, new)
-    write_atomically(README, new_readme)
+    for path, text in ((PERFORMANCE, new), (README, new_readme)):
+        write_atomic(path, functools.partial(write_text, text=text))
     print(f"wrote docs/performance.md and README.md's headline block; plots: {', '.join(written)}")
     return 0
 

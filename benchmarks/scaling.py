@@ -28,10 +28,8 @@ from the run report, against the serial run.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,7 +38,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, hardware, provenance, table, write_json  # noqa: E402
+from common import (add_device, add_run, add_timing, config_flags, config_of, hardware, parser,  # noqa: E402
+                    patch_config, provenance, save_plot, table, time_calls, write_result)
 
 from parafuse.models import load_model  # noqa: E402
 from parafuse.parallel.distributed import ParallelLayout  # noqa: E402
@@ -48,7 +47,7 @@ from parafuse.parallel.parallelize import unparallelize  # noqa: E402
 from parafuse.parallel.transport import LoopbackTransport, NullTransport  # noqa: E402
 from parafuse.profile import OpCounter  # noqa: E402
 from parafuse.parallel.config import Kernels  # noqa: E402
-from parafuse.runtime import ParallelConfig, Request, Runtime  # noqa: E402
+from parafuse.runtime import Request, Runtime  # noqa: E402
 
 KERNELS = [k.value for k in Kernels]
 
@@ -58,44 +57,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST_BOUND = 0.9     # issuing a step takes at least this share of its GPU time: the host sets the pace
 
 
-def time_steps(step, device: torch.device, warmup: int = 2, repeat: int = 5,
-               max_seconds: float = 20.0) -> tuple[list[float], list[float]]:
-    """(seconds, host seconds) of each timed call of `step()`; CUDA time from events, without a
-    synchronisation per call beyond the one that reads them; host seconds: the time to issue it."""
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    times, host, begin = [], [], time.perf_counter()
-    for _ in range(repeat):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            t0 = time.perf_counter()
-            step()
-            host.append(time.perf_counter() - t0)
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1000)
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-            host.append(times[-1])
-        if time.perf_counter() - begin > max_seconds:
-            break
-    return times, host
-
-
-def time_step(step, device: torch.device, warmup: int = 2, repeat: int = 5, max_seconds: float = 20.0) -> float:
-    """Median seconds of `step()` (see `time_steps`)."""
-    return statistics.median(time_steps(step, device, warmup, repeat, max_seconds)[0])
-
-
 def serial_runtime(model, device, dtype, cuda_graphs: bool, kernels: str, patch_layers: bool) -> Runtime:
     """The serial step's runtime on `kernels`; with `patch_layers`, the strips' patch layers on the
     whole image (a one-strip engine: no peers, nothing sent), so that their kernels run there too."""
-    rt = Runtime(model, ParallelConfig(), device=str(device), dtype=dtype, cuda_graphs=cuda_graphs, kernels=kernels,
+    rt = Runtime(model, patch_config(dtype=dtype, cuda_graphs=cuda_graphs, kernels=kernels), device=str(device),
                  transport=NullTransport(0, 1))
     if patch_layers:
         from parafuse.parallel.engine import ExchangeEngine
@@ -107,18 +72,20 @@ def serial_runtime(model, device, dtype, cuda_graphs: bool, kernels: str, patch_
 
 
 def measure(model, req: Request, device, dtype, mode: str | None, n: int, strip: int, warmup_steps: int = 1,
-            repeat: int = 5, cuda_graphs: bool = False, transport: str = "null", kernels: str = "torch") -> dict:
+            repeat: int = 5, cuda_graphs: bool = False, transport: str = "null", kernels: str = "torch",
+            timing_warmup: int = 2) -> dict:
     """One strip's steady-state step (or the serial step, mode None): seconds (median, with the
     spread of the timed calls), host seconds, bytes per step by kind, state bytes, ATen ops, memory.
     `transport`: "null" (compute alone) or "loopback" (the step's communication done as device
     copies on a side stream). `kernels`: the patch layers' - the serial step's too: other than
     "torch", a one-strip engine puts the same patch layers into the serial model. Memory is
-    measured from after the model is in its dtype. Leaves `model` plain."""
+    measured from after the model is in its dtype. Timed by common.time_calls (`timing_warmup`
+    untimed calls, then `repeat`, at most 20 s of them). Leaves `model` plain."""
     if mode is None:
         rt = serial_runtime(model, device, dtype, cuda_graphs, kernels, patch_layers=kernels != "torch")
     else:
-        rt = Runtime(model, ParallelConfig(mode, warmup_steps), device=str(device), dtype=dtype,
-                     layout=ParallelLayout(strip, n), cuda_graphs=cuda_graphs, kernels=kernels,
+        rt = Runtime(model, patch_config(mode, warmup_steps, dtype=dtype, cuda_graphs=cuda_graphs, kernels=kernels),
+                     device=str(device), layout=ParallelLayout(strip, n),
                      transport=(LoopbackTransport if transport == "loopback" else NullTransport)(strip, n))
     weights = None
     if device.type == "cuda":          # from here: the model is in its dtype on the device
@@ -127,8 +94,8 @@ def measure(model, req: Request, device, dtype, mode: str | None, n: int, strip:
         weights = torch.cuda.memory_allocated(device)
     try:
         step = rt.rank_step(req)
-        times, host = time_steps(step, device, repeat=repeat)
-        seconds, host_seconds = statistics.median(times), statistics.median(host)
+        timed = time_calls(step, device, repeat=repeat, warmup=timing_warmup, max_seconds=20.0)
+        seconds, host_seconds = timed["seconds"], timed["host_seconds"]
         eager = rt.rank_step(req) if cuda_graphs else step     # its first call runs eagerly
         with OpCounter() as ops:       # a replayed graph dispatches no ATen ops: count the eager step
             eager()
@@ -138,7 +105,8 @@ def measure(model, req: Request, device, dtype, mode: str | None, n: int, strip:
         sent = rt.transport.totals()[0] if rt.transport is not None else {}
         messages = dict(rt.transport.messages_sent) if rt.transport is not None else {}
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-        return {"seconds": seconds, "seconds_min": min(times), "seconds_max": max(times), "repeats": len(times),
+        return {"seconds": seconds, "seconds_min": timed["seconds_min"], "seconds_max": timed["seconds_max"],
+                "repeats": timed["count"], "timing": timed["timing"],
                 "host_seconds": host_seconds, "ops_per_ms": ops.total / (seconds * 1e3),
                 "host_bound": (host_seconds >= HOST_BOUND * seconds and not cuda_graphs) if device.type == "cuda"
                 else None,
@@ -155,7 +123,7 @@ def measure(model, req: Request, device, dtype, mode: str | None, n: int, strip:
 
 def scaling_rows(model_name: str, sizes, ranks, modes, device, dtype, repeat: int = 5,
                  deadline: float | None = None, log=print, cuda_graphs: bool = False,
-                 transport: str = "null", kernels=("torch",), serial_rows=()) -> list[dict]:
+                 transport: str = "null", kernels=("torch",), serial_rows=(), timing_warmup: int = 2) -> list[dict]:
     """Rows of (model, size, N, mode, kernels): the slowest strip's step against the serial step,
     both graphed or both eager, both on the same kernels (like with like). `kernels`: the patch
     layers' kernels to measure each strip with, and a serial row with each (`kernel_gain`: the
@@ -176,7 +144,7 @@ def scaling_rows(model_name: str, sizes, ranks, modes, device, dtype, repeat: in
                            and r.get("kernels", "torch") == kern and "seconds" in r), None)
             if serial is None:
                 serial = measure(model, req, device, dtype, None, 1, 0, repeat=repeat, cuda_graphs=cuda_graphs,
-                                 kernels=kern)
+                                 kernels=kern, timing_warmup=timing_warmup)
                 log(f"{model_name} {size}² serial ({kern} kernels): {serial['seconds'] * 1e3:.1f} ms")
                 rows.append({"model": model_name, "size": size, "mode": "serial", "n": 1, "cuda_graphs": cuda_graphs,
                              "kernels": kern, **serial, "serial_seconds": serial["seconds"], "speedup": 1.0})
@@ -195,7 +163,7 @@ def scaling_rows(model_name: str, sizes, ranks, modes, device, dtype, repeat: in
                         continue
                     serial = serials[kern]
                     rows.append(strip_row(model, model_name, size, req, device, dtype, mode, n, serial, repeat,
-                                          cuda_graphs, transport, kern))
+                                          cuda_graphs, transport, kern, timing_warmup))
                     r = rows[-1]
                     if "torch" in serials:       # against the PyTorch serial step: the kernel gain included
                         r["speedup_vs_torch_serial"] = serials["torch"]["seconds"] / r["seconds"]
@@ -208,11 +176,11 @@ def scaling_rows(model_name: str, sizes, ranks, modes, device, dtype, repeat: in
 
 
 def strip_row(model, model_name, size, req, device, dtype, mode, n, serial, repeat, cuda_graphs, transport,
-              kernels) -> dict:
+              kernels, timing_warmup: int = 2) -> dict:
     """The slower of the first and a middle strip against the serial step."""
     strips = sorted({0, n // 2})
     per = {s: measure(model, req, device, dtype, mode, n, s, repeat=repeat, cuda_graphs=cuda_graphs,
-                      transport=transport, kernels=kernels) for s in strips}
+                      transport=transport, kernels=kernels, timing_warmup=timing_warmup) for s in strips}
     slow = max(per, key=lambda s: per[s]["seconds"])
     # traffic of the busiest strip, per kind: the slowest can be the first strip, with one
     # neighbour and half the neighbour traffic of a middle one
@@ -235,10 +203,8 @@ def torchrun_steps(model_name: str, size: int, n: int, mode: str, steps: int, wa
         rep = os.path.join(tmp, "report.json")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
                "-m", "parafuse.generate", "--model", model_name, "--height", str(size), "--width", str(size),
-               "--steps", str(steps), "--solver", "ddim", "--mode", mode, "--warmup-steps", str(warmup),
+               "--steps", str(steps), "--solver", "ddim", *config_flags(patch_config(mode, warmup, dtype=dtype)),
                "--no-progress", "--out", os.path.join(tmp, "x.png"), "--report", rep, "--overwrite"]
-        if dtype:
-            cmd += ["--dtype", dtype]
         env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // n)), PYTHONPATH=ROOT)
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
         if proc.returncode:
@@ -282,13 +248,14 @@ def printable(rows: list[dict]) -> list[dict]:
     return out
 
 
-def plot(rows: list[dict], path: str, title: str) -> bool:
+def plot(rows: list[dict], name: str, title: str) -> str | None:
+    """The speedup plot beside the result `name` (its path; None without matplotlib)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return False
+        return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     keys = sorted({(r["model"], r["size"], r["mode"]) for r in rows if r["mode"] != "serial" and "speedup" in r})
     top = 1
@@ -301,19 +268,15 @@ def plot(rows: list[dict], path: str, title: str) -> bool:
     ax.set(xlabel="N (strips)", ylabel="compute speedup of the slowest strip", title=title)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return True
+    return save_plot(fig, name)
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=["default", "dit-small"])
-    p.add_argument("--sizes", nargs="+", type=int, default=[256, 512])
-    p.add_argument("--ranks", nargs="+", type=int, default=[1, 2, 4, 8])
-    p.add_argument("--modes", nargs="+", default=["sync", "full", "partial"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--repeat", type=int, default=5)
+    p = parser(__doc__, None)
+    p.add_argument("--name", default=None, help="output name under benchmarks/results (default: scaling_<device>)")
+    add_run(p, models=["default", "dit-small"], sizes=[256, 512], ranks=[1, 2, 4, 8], modes=["sync", "full", "partial"])
+    add_device(p)
+    add_timing(p, repeat=5, warmup=2)
     p.add_argument("--cuda-graphs", action="store_true", help="graph the serial and the strip steps (CUDA)")
     p.add_argument("--kernels", nargs="+", choices=KERNELS, default=["torch"],
                    help="the patch layers' kernels (parafuse.generate --kernels), each measured, the serial step "
@@ -322,7 +285,6 @@ def main(argv=None) -> None:
                    help="null: compute alone; loopback: with the step's communication as device copies")
     p.add_argument("--budget", type=float, default=None, help="seconds; configurations past it are skipped")
     p.add_argument("--torchrun-size", type=int, default=256, help="CPU: image size of the real torchrun runs (0: none)")
-    p.add_argument("--name", default=None, help="output name under benchmarks/results (default: scaling_<device>)")
     args = p.parse_args(argv)
     prov = provenance(argv)
     device = torch.device(args.device)
@@ -330,7 +292,8 @@ def main(argv=None) -> None:
     rows = []
     for m in args.models:
         rows += scaling_rows(m, args.sizes, args.ranks, args.modes, device, args.dtype, args.repeat, deadline,
-                             cuda_graphs=args.cuda_graphs, transport=args.transport, kernels=args.kernels)
+                             cuda_graphs=args.cuda_graphs, transport=args.transport, kernels=args.kernels,
+                             timing_warmup=args.timing_warmup)
     real = []
     if device.type == "cpu" and args.torchrun_size:
         for m in args.models:
@@ -343,10 +306,9 @@ def main(argv=None) -> None:
         print("\nreal torchrun (gloo) runs, mean steady-state step\n")
         print(table(real, [("model", "model"), ("size", "px"), ("mode", "mode"), ("n", "N"), ("seconds", "step s"),
                            ("speedup", "speedup")]))
-    path = write_json(f"{name}.json", provenance_=prov, data={"hardware": hw, "command": "python benchmarks/scaling.py " + " ".join(
-        sys.argv[1:] if argv is None else argv), "args": vars(args), "rows": rows, "torchrun": real})
-    png = os.path.join(RESULTS, f"{name}.png")
-    print(f"wrote {path}" + (f" and {png}" if plot(rows, png, f"per-rank compute — {hw['device']}") else ""))
+    path = write_result(name, "scaling", config_of(args), rows, prov, hw, torchrun=real)
+    png = plot(rows, name, f"per-rank compute — {hw['device']}")
+    print(f"wrote {path}" + (f" and {png}" if png else ""))
 
 
 if __name__ == "__main__":

@@ -19,22 +19,19 @@ benchmarks/results/solvers_<case>.json and .png (the plot needs matplotlib; --no
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import sys
 import time
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from parafuse.report import device_name  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import RESULTS, config_of, hardware, parser, provenance, save_plot, write_result  # noqa: E402
 from parafuse.solvers import SOLVERS, make_schedule, make_solver  # noqa: E402
 from parafuse.solvers.schedules import FLOW_TABLES  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CALLS = (5, 8, 10, 15, 20, 25, 50)
 REFERENCE = ("unipc-bh2", {"order": 3}, 200)
 DEFAULT_SOLVERS = list(SOLVERS) + ["dpmpp-3m:variant=taylor", "unipc-bh2:order=3", "dpmpp-2m-hb:beta=0.5",
@@ -55,14 +52,6 @@ def parse_solver(spec: str):
                 pass
         opts[key] = value
     return name, opts
-
-
-def hardware() -> dict:
-    cpu = device_name(torch.device("cpu"))
-    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "torch": torch.__version__, "numpy": np.__version__,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 class GaussianDenoiser:
@@ -143,7 +132,7 @@ def print_table(result, calls):
         print(f"{spec:28s}" + "".join(f"{r['error']:9.2e} " for r in rows))
 
 
-def plot(results, path):
+def plot(results, name):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -167,7 +156,7 @@ def plot(results, path):
         ax.grid(True, which="both", alpha=0.3)
     axes.flat[0].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    return save_plot(fig, name, dpi=110)
 
 
 def model_case(name, latent_size, batch, seed):
@@ -191,7 +180,7 @@ def model_case(name, latent_size, batch, seed):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__, epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="parafuse.models name (default: the Gaussian case)")
     p.add_argument("--solvers", nargs="+", default=DEFAULT_SOLVERS, help="name or name:key=value,...")
     p.add_argument("--calls", type=int, nargs="+", default=list(CALLS))
@@ -205,8 +194,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--out", default=RESULTS)
+    p.add_argument("--out", default=RESULTS, help="folder of the results (default: benchmarks/results)")
     args = p.parse_args(argv)
+    prov = provenance(argv)
     torch.set_num_threads(args.threads)
 
     results = []
@@ -233,18 +223,14 @@ def main(argv=None):
 
     for r in results:
         print_table(r, args.calls)
-    os.makedirs(args.out, exist_ok=True)
-    out = {"hardware": hardware(), "calls": args.calls, "results": results,
-           "error": "||x - x_ref|| / ||x_ref|| of the final sample, x_ref = reference solver"}
-    json_path = os.path.join(args.out, f"solvers_{case}.json")
-    with open(json_path, "w") as f:
-        json.dump(out, f, indent=1)
-    print(f"\nhardware: {out['hardware']['cpu']} ({out['hardware']['platform']}), torch {torch.__version__}, "
+    hw = {**hardware(), "torch_threads": torch.get_num_threads(), "numpy": np.__version__}
+    name = os.path.join(os.path.abspath(args.out), f"solvers_{case}")
+    json_path = write_result(name, "solvers", config_of(args), results, prov, hw,   # a row per grid case
+                             error="||x - x_ref|| / ||x_ref|| of the final sample, x_ref = reference solver")
+    print(f"\nhardware: {hw['device']} ({hw['platform']}), torch {torch.__version__}, "
           f"{args.threads} thread(s)\nwrote {json_path}")
     if not args.no_plot:
-        png = os.path.join(args.out, f"solvers_{case}.png")
-        plot(results, png)
-        print(f"wrote {png}")
+        print(f"wrote {plot(results, name)}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ step, and the waits each joint attention puts on the rank's critical path in a s
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -18,11 +17,12 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import RESULTS, hardware, table, write_json  # noqa: E402
-from support.diffusers_cases import call_kwargs, images, pipeline_path  # noqa: E402
+from common import (add_run, config_of, hardware, parser, patch_config, provenance, save_plot, table,  # noqa: E402
+                    write_result)
 
 from parafuse.diffusers import load_pipeline  # noqa: E402
 from parafuse.diffusers.emulator import emulate_pipeline  # noqa: E402
+from parafuse.diffusers.tiny import call_kwargs, images, pipeline_path  # noqa: E402
 
 # waits on the critical path per joint attention in a stale step (ExchangeEngine.merge_text): exact
 # waits for the lse all-gather before it can reweight, and for the all-reduce after the image
@@ -35,15 +35,12 @@ def psnr(a, b) -> float:
     return float("inf") if mse == 0 else 10 * math.log10((b.max() - b.min()).item() ** 2 / mse)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None) -> None:
+    p = parser(__doc__, "text_merge_cpu")
     p.add_argument("--families", nargs="+", default=["sd3", "flux"])
-    p.add_argument("--ranks", nargs="+", type=int, default=[2, 3])
-    p.add_argument("--modes", nargs="+", default=["full", "partial"])
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--name", default="text_merge_cpu")
-    args = p.parse_args()
+    add_run(p, ranks=[2, 3], modes=["full", "partial"], steps=8, warmup=2)
+    args = p.parse_args(argv)
+    prov = provenance(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.families:
@@ -54,8 +51,8 @@ def main() -> None:
                 for mode in args.modes:
                     runs = {}
                     for merge in ("exact", "stale"):
-                        outs = emulate_pipeline(pipe, n, lambda q: images(q(**kw())), mode=mode,
-                                                warmup_steps=args.warmup, text_merge=merge)
+                        outs = emulate_pipeline(pipe, n, lambda q: images(q(**kw())),
+                                                patch_config(mode, args.warmup, text_merge=merge))
                         runs[merge] = outs[0][0]
                         stats = [s for _, s in outs]
                         rows.append({"family": family, "ranks": n, "mode": mode, "text_merge": merge,
@@ -68,11 +65,9 @@ def main() -> None:
                     rows[-1]["psnr_vs_exact_db"] = psnr(runs["stale"], runs["exact"])
                     print(table(rows[-2:], COLUMNS), flush=True)
     print(table(rows, COLUMNS))
-    path = write_json(args.name + ".json", {"hardware": hardware(), "steps": args.steps, "warmup": args.warmup,
-                                            "reference": "diffusers' single-process output (= sync to 1e-6)",
-                                            "rows": rows})
-    plot(rows, os.path.join(RESULTS, args.name + ".png"))
-    print("wrote", path)
+    path = write_result(args.name, "text_merge", config_of(args), rows, prov,
+                        reference="diffusers' single-process output (= sync to 1e-6)")
+    print("wrote", path, "and", plot(rows, args.name))
 
 
 COLUMNS = [("family", "family"), ("ranks", "N"), ("mode", "mode"), ("text_merge", "text merge"),
@@ -81,7 +76,7 @@ COLUMNS = [("family", "family"), ("ranks", "N"), ("mode", "mode"), ("text_merge"
            ("blocking_waits_per_joint_attention", "blocking waits")]
 
 
-def plot(rows: list[dict], path: str) -> None:
+def plot(rows: list[dict], name: str) -> str:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -97,7 +92,7 @@ def plot(rows: list[dict], path: str) -> None:
     ax.set_title(f"text-query merge, tiny random-weight pipelines ({hardware()['device']})", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    return save_plot(fig, name, dpi=110)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ For each N:
 - patch parallel: `torchrun --nproc_per_node N` runs this script as a worker; it makes the same
   image twice in one process. Cold = launch to the first image done (process start, imports,
   model load, shape trace, patch plan, the first image's denoising and decode - and its graph
-  capture with --cuda-graphs); warm = the second image alone.
+  capture with --cuda-graphs); warm = the next image alone (the median of --repeat images).
 - independent: N plain processes at once (one device each on CUDA: CUDA_VISIBLE_DEVICES=i; on CPU
   the cores are split between them), each making its own image twice: warm latency per image, and
   throughput = the sum over processes of 1 / warm.
@@ -26,6 +26,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import add_device, add_run, add_timing, parser, patch_config, time_calls  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHED_AT = "PARAFUSE_BENCH_LAUNCHED_AT"     # wall-clock time the launcher started the process
 
@@ -33,22 +35,19 @@ LAUNCHED_AT = "PARAFUSE_BENCH_LAUNCHED_AT"     # wall-clock time the launcher st
 def worker(a) -> None:
     import torch
 
-    from parafuse.runtime import ParallelConfig, Request, Runtime
+    from parafuse.runtime import Request, Runtime
 
-    rt = Runtime(a.model, ParallelConfig(a.mode, a.warmup), device=a.device, cuda_graphs=a.cuda_graphs)
+    rt = Runtime(a.model, patch_config(a.mode, a.warmup, cuda_graphs=a.cuda_graphs), device=a.device)
     req = Request(a.size, a.size, a.steps, "dpmpp-2m", 1.0, 0, 0 if rt.spec.num_classes else None)
     rt.generate(req)
     if rt.device.type == "cuda":
         torch.cuda.synchronize()
     cold = time.time() - float(os.environ[LAUNCHED_AT])
-    t0 = time.perf_counter()
-    rt.generate(req)
-    if rt.device.type == "cuda":
-        torch.cuda.synchronize()
-    warm = time.perf_counter() - t0
+    warm = time_calls(lambda: rt.generate(req), rt.device, repeat=a.repeat, warmup=0)
     if rt.layout.rank == 0:
         with open(a.worker_out, "w") as f:
-            json.dump({"cold_s": cold, "warm_s": warm, "world_size": rt.layout.world_size}, f)
+            json.dump({"cold_s": cold, "warm_s": warm["seconds"], "warm_count": warm["count"],
+                       "world_size": rt.layout.world_size}, f)
     rt.close()
 
 
@@ -65,7 +64,7 @@ def finish(proc: subprocess.Popen, what: str) -> None:
 
 def measure(a, n: int, tmp: str) -> dict:
     me = [os.path.abspath(__file__), "--worker", "--model", a.model, "--size", str(a.size), "--steps",
-          str(a.steps), "--warmup", str(a.warmup), "--device", a.device] + (["--cuda-graphs"] if a.cuda_graphs else [])
+          str(a.steps), "--warmup", str(a.warmup), "--device", a.device, "--repeat", str(a.repeat)] + (["--cuda-graphs"] if a.cuda_graphs else [])
     cores = os.cpu_count() or 1
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "kernels")]),
                OMP_NUM_THREADS=str(max(1, cores // n)))
@@ -93,16 +92,11 @@ def measure(a, n: int, tmp: str) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="default")
-    p.add_argument("--size", type=int, default=512)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=4)
-    p.add_argument("--mode", default="partial")
-    p.add_argument("--ranks", nargs="+", type=int, default=[1, 2])
-    p.add_argument("--device", default="cpu")
+    p = parser(__doc__, "throughput_cpu")
+    add_run(p, model="default", size=512, steps=20, warmup=4, mode="partial", ranks=[1, 2])
+    add_device(p, device="cpu", dtype=False)
+    add_timing(p, repeat=1, warmup=None)     # the cold image is each process's warm-up
     p.add_argument("--cuda-graphs", action="store_true")
-    p.add_argument("--name", default="throughput_cpu")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -110,9 +104,9 @@ def main(argv=None) -> int:
         worker(a)
         return 0
 
-    from common import RESULTS, hardware, table, write_json
+    from common import config_of, hardware, provenance, save_plot, table, write_result
 
-    hw = hardware()
+    prov, hw = provenance(argv), hardware()
     with tempfile.TemporaryDirectory() as tmp:
         rows = []
         for n in a.ranks:
@@ -126,8 +120,7 @@ def main(argv=None) -> int:
                        ("patch_cold_s", "cold s"), ("solo_warm_s", "N images: warm s each"),
                        ("solo_images_per_s", "N images: images/s"), ("patch_images_per_s", "1 on N: images/s"),
                        ("solo_cold_s", "N images: cold s")]))
-    path = write_json(f"{a.name}.json", {"hardware": hw, "command": "python benchmarks/throughput.py " + " ".join(
-        sys.argv[1:] if argv is None else argv), "args": vars(a), "rows": rows})
+    path = write_result(a.name, "throughput", config_of(a), rows, prov, hw)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -144,8 +137,7 @@ def main(argv=None) -> int:
         ax.legend(fontsize=8)
     fig.suptitle(f"{a.model} {a.size}², {a.steps} steps, {a.mode} — {hw['device']}; python benchmarks/throughput.py")
     fig.tight_layout()
-    fig.savefig(os.path.join(RESULTS, f"{a.name}.png"), dpi=100)
-    print(f"wrote {path} and {a.name}.png")
+    print(f"wrote {path} and {save_plot(fig, a.name)}")
     return 0
 
 

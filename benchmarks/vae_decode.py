@@ -20,13 +20,14 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
+from common import (add_run, add_timing, config_of, hardware, parser, provenance, save_plot, table,  # noqa: E402
+                    time_calls, write_result)
 
 
 def build_vae():
@@ -55,17 +56,18 @@ def worker(how: str, size: int, repeat: int, out_dir: str) -> None:
 
         parallelize_vae(vae)
         rank = dist.get_rank()
-    before, seconds = peak_mib(), []
+    before, last = peak_mib(), {}
+
+    def decode():
+        last["image"] = vae.decode(z).sample
     with torch.no_grad():
-        for _ in range(repeat):
-            start = time.perf_counter()
-            image = vae.decode(z).sample
-            seconds.append(time.perf_counter() - start)
-    after = peak_mib()
+        timed = time_calls(decode, "cpu", repeat=repeat, warmup=0)
+    after, image = peak_mib(), last["image"]
     if rank == 0:
         torch.save(image, os.path.join(out_dir, f"{how}.pt"))
     with open(os.path.join(out_dir, f"{how}.rank{rank}.json"), "w") as f:
-        json.dump({"seconds": min(seconds), "peak_mib": after, "before_mib": before}, f)
+        json.dump({"seconds": timed["seconds_min"], "median_seconds": timed["seconds"], "peak_mib": after,
+                   "before_mib": before}, f)
     if how == "strips":
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -94,20 +96,17 @@ COLUMNS = [("size", "image"), ("method", "decode"), ("seconds", "seconds"),
            ("max_abs_diff", "max |diff| vs plain"), ("relative_diff", "÷ max |plain|")]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", nargs="+", type=int, default=[512, 1024])
-    p.add_argument("--ranks", nargs="+", type=int, default=[2, 4])
-    p.add_argument("--repeat", type=int, default=2)
-    p.add_argument("--name", default="vae_decode_cpu")
+def main(argv=None) -> None:
+    p = parser(__doc__, "vae_decode_cpu")
+    add_run(p, sizes=[512, 1024], ranks=[2, 4])
+    add_timing(p, repeat=2, warmup=None)        # each decode's time: the fastest of --repeat (the first warms up)
     p.add_argument("--worker", choices=["plain", "tiling", "strips"], help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.worker:
         return worker(args.worker, args.size, args.repeat, args.out)
-
-    from common import RESULTS, hardware, table, write_json
+    prov = provenance(argv)
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -121,21 +120,19 @@ def main() -> None:
                 rows.append(r)
             print(table(rows[-len(runs):], COLUMNS), flush=True)
     print(table(rows, COLUMNS))
-    path = write_json(args.name + ".json", {
-        "hardware": hardware(), "threads_per_process": 1, "repeat": args.repeat,
-        "vae": "AutoencoderKL, block_out_channels (32, 32, 64, 64), 2 resnets per block, fp32, random weights",
-        "memory": "ru_maxrss of a fresh process per configuration (per rank for strips); decode_mib = peak "
-                  "after minus peak before the decodes", "rows": rows})
-    plot(rows, os.path.join(RESULTS, args.name + ".png"))
-    print("wrote", path)
+    path = write_result(
+        args.name, "vae_decode", config_of(args), rows, prov, threads_per_process=1,
+        vae="AutoencoderKL, block_out_channels (32, 32, 64, 64), 2 resnets per block, fp32, random weights",
+        memory="ru_maxrss of a fresh process per configuration (per rank for strips); decode_mib = peak "
+               "after minus peak before the decodes")
+    print("wrote", path, "and", plot(rows, args.name))
 
 
-def plot(rows: list[dict], path: str) -> None:
+def plot(rows: list[dict], name: str) -> str:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from common import hardware
 
     sizes = sorted({r["size"] for r in rows})
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -151,7 +148,7 @@ def plot(rows: list[dict], path: str) -> None:
     axes[0].legend(fontsize=8)
     fig.suptitle(f"VAE decode, random-weight AutoencoderKL ({hardware()['device']}, 1 thread per process)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    return save_plot(fig, name, dpi=110)
 
 
 if __name__ == "__main__":

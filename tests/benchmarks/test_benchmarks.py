@@ -19,6 +19,8 @@ def test_gpu_check_smoke_on_cpu(tmp_path):
                           env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
+    assert res["schema"] == "parafuse.bench/1" and res["benchmark"] == "gpu_check" and res["config"]["smoke"]
+    assert {r["section"].split()[0] for r in res["rows"]} >= {"cli", "sync", "scaling"}   # the summary table's rows
     sections = res["sections"]
     assert set(sections) == {"cli", "nccl", "sync", "scaling", "graphs", "bandwidth", "kernels", "bottleneck",
                              "projection"}
@@ -61,8 +63,10 @@ def test_gpu_check_pipelines_smoke_on_cpu(tmp_path):
     assert set(loops) == {"sdxl", "flux"} and all(r["rank"]["evaluations"] == r["steps"] for r in loops.values())
     assert loops["sdxl"]["full_emulated_psnr_db"] > 30 and loops["sdxl"]["partial_emulated_psnr_db"] > 30
     # each row was written to the sections' own JSON as it ended
-    written = json.loads((tmp_path / "gpu_check_pipelines.json").read_text())["sections"]
-    assert written["pipelines"]["rows"] == json.loads(json.dumps(sections["pipelines"]["result"]["rows"]))
+    written = json.loads((tmp_path / "gpu_check_pipelines.json").read_text())
+    assert written["schema"] == "parafuse.bench/1" and set(written["sections"]) == {"pipelines", "pipelines_4096"}
+    assert [{k: v for k, v in r.items() if k != "section"} for r in written["rows"] if r["section"] == "pipelines"] == \
+        json.loads(json.dumps(sections["pipelines"]["result"]["rows"]))
     assert "target pipelines flux 2048² full N=8 >= 6.0x" in proc.stdout
     sdxl_target = next(line for line in proc.stdout.splitlines() if "target pipelines sdxl 2048² full N=8" in line)
     assert "; partial" in sdxl_target and "dB against serial" in sdxl_target
@@ -110,9 +114,9 @@ def test_scaling_rows_measure_each_kernel_choice(monkeypatch):
 
     asked, real = [], scaling.Runtime
 
-    def runtime(*args, kernels="torch", **kwargs):
-        asked.append((kwargs.get("layout") is not None, kernels))
-        return real(*args, **kwargs)
+    def runtime(model, config, **kwargs):           # the run's PatchConfig carries its kernels
+        asked.append((kwargs.get("layout") is not None, str(config.kernels)))
+        return real(model, config.replace(kernels="torch"), **kwargs)
 
     monkeypatch.setattr(scaling, "Runtime", runtime)
     rows = scaling.scaling_rows("unet-small", [32], [1, 2], ["full"], torch.device("cpu"), None, repeat=1,
@@ -276,18 +280,19 @@ def test_kernels_benchmark_smoke_on_cpu(tmp_path):
                                    OMP_NUM_THREADS="1", TRITON_INTERPRET="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
-    assert res["smoke"] and {"attention", "update", "groupnorm"} <= set(res)
-    assert {(r["model"], r["n"], r["mode"]) for r in res["attention"]} >= {("pixart", 4, "partial"), ("flux", 1, "full")}
-    assert all(r["triton_tflops"] > 0 and r["sdpa_tflops"] > 0 for r in res["attention"])
+    assert res["schema"] == "parafuse.bench/1" and res["benchmark"] == "kernel_timings" and res["config"]["smoke"]
+    assert res["smoke"] and {"rows", "update", "groupnorm"} <= set(res)      # rows: the attention rows
+    assert {(r["model"], r["n"], r["mode"]) for r in res["rows"]} >= {("pixart", 4, "partial"), ("flux", 1, "full")}
+    assert all(r["triton_tflops"] > 0 and r["sdpa_tflops"] > 0 for r in res["rows"])
     assert all(r["triton_us"] > 0 and r["triton_spread"] >= 0 and "triton_config" in r and r["shape"] in ("short", "long")
-               for r in res["attention"])
-    assert res["commit"] and res["batch"] == 2
+               for r in res["rows"])
+    assert res["provenance"]["commit"] and res["batch"] == 2
     # the auto table the run writes is well-formed, one entry per head dim and shape class, from this run
     from parafuse.attention import check_auto_table
     entries = check_auto_table(json.loads(auto.read_text()))
-    assert set(entries) == {("cpu", r["head_dim"], r["shape"]) for r in res["attention"]}
+    assert set(entries) == {("cpu", r["head_dim"], r["shape"]) for r in res["rows"]}
     assert all("--smoke" in e["source"] for e in entries.values())
-    assert all(r["prologue_speedup"] > 0 for r in res["attention"] if r["model"] == "flux")
+    assert all(r["prologue_speedup"] > 0 for r in res["rows"] if r["model"] == "flux")
     assert {(r["shape"], r["dtype"]) for r in res["update"]} >= {("large", "float32"), ("large", "bfloat16")}
     assert res["groupnorm_bits"]["reruns_equal"] is True
     assert (tmp_path / "kernels.png").exists()

@@ -286,5 +286,6 @@ def test_reproject_recomputes_a_committed_validation_without_measuring(tmp_path)
         assert c["projected_pessimistic_step_seconds"] >= c["projected_step_seconds"]
         assert c["pessimistic_relative_error"] == pytest.approx(
             c["projected_pessimistic_step_seconds"] / c["measured_torchrun_seconds"] - 1)
-    assert {r["mode"] for r in after["projections"]} >= {"full", "partial", "sync"}
+    assert after["schema"] == "parafuse.bench/1" and after["benchmark"] == "project"     # rewritten in the schema
+    assert {r["mode"] for r in after["rows"]} >= {"full", "partial", "sync"}                # rows: the projections
     assert after["provenance"]["commit"] and after["validation"]["mean_abs_pessimistic_relative_error"]
