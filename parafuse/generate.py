@@ -18,7 +18,6 @@ from parafuse.job import join_job, output_paths, report_moved
 from parafuse.models import MODELS
 from parafuse.parallel.config import FIELDS, PatchConfig
 from parafuse.parallel.config import defaults as config_defaults
-from parafuse.parallel.config import settings as config_settings
 from parafuse.solvers import SOLVERS
 from parafuse.stages import (DEFAULT_SHIFT_REFERENCE_PX, DEFAULT_SHIFT_SCALES, DEFAULT_STEPS, DEFAULT_STRENGTHS,
                              PUBLISHED_BASE_SHIFT, PUBLISHED_SHIFTS, PUBLISHED_STEPS, PUBLISHED_STRENGTHS, SCHEDULES)
@@ -197,34 +196,6 @@ def check_args(args) -> PatchConfig:
     return config
 
 
-def weights_fingerprint(path: str | None) -> tuple | None:
-    """(size, SHA-256 of the safetensors header) of a weights file: ranks given files of the same
-    name but different contents are told apart without reading the tensors."""
-    import hashlib
-    import struct
-    if path is None:
-        return None
-    with open(path, "rb") as f:
-        head = f.read(8)
-        length = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
-        header = f.read(min(length, 100 << 20))
-    return os.path.getsize(path), hashlib.sha256(header).hexdigest()
-
-
-def check_ranks_agree(runtime, req, weights) -> None:
-    """Before the first step: the resolved request and settings, the model and the weights are the
-    same on every rank (parafuse.parallel.agreement), compared over the runtime's transport."""
-    from dataclasses import fields
-
-    from parafuse.parallel import agreement
-    values = {f"request.{f.name}": getattr(req, f.name) for f in fields(req)}
-    values.update({f"parallel.{k}": v for k, v in config_settings(runtime.parallel).items()})
-    values.update({"model": runtime.spec.name, "dtype": runtime.config.dtype, "kernels": runtime.kernels,
-                   "attention backend": runtime.attention_backend, "cuda graphs": runtime.cuda_graphs,
-                   "weights file (size, header hash)": weights})
-    agreement.check_same(values, "the request", transport=runtime.transport)
-
-
 def check_finite_weights(model, path: str) -> None:
     import torch
     bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
@@ -243,9 +214,7 @@ def run(args) -> int:
     if runtime.spec.untrained and runtime.layout.rank == 0:
         print(f"parafuse.generate: note: model {args.model!r} is untrained (random weights, for benchmarks): "
               f"its images are noise, its timings real", file=sys.stderr)
-    with runtime.watchdog.guard("comparing the ranks' requests", 1) if runtime.watchdog else nullcontext():
-        check_ranks_agree(runtime, req, weights_fingerprint(args.weights))
-    result = runtime.generate(req, progress=not args.no_progress)
+    result = runtime.generate(req, progress=not args.no_progress)     # compares the ranks' requests first
     with runtime.watchdog.guard("gathering rank statistics") if runtime.watchdog else nullcontext():
         ranks = runtime.gather_rank_stats(result)
     comparison = compare(args, runtime, req, result, reference) if runtime.layout.rank == 0 else None

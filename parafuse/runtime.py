@@ -8,17 +8,18 @@ the latent; the image is gathered once, at the end, on rank 0.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
 
 from parafuse.checks import (CheckError, check_fits, check_numbers, check_request, check_runtime_args, check_schedule,
                              strip_geometry)
-from parafuse.models import ModelSpec, load_model
+from parafuse.models import ModelSpec, load_model, weights_fingerprint
 from parafuse.parallel import kv_codec
 from parafuse.parallel.adapter import BUILTIN
 from parafuse.parallel.config import DEFAULT_MODE, DEFAULT_WARMUP_STEPS, ConfigError, Kernels, PatchConfig
+from parafuse.parallel.config import settings as config_settings
 from parafuse.parallel.distributed import ParallelLayout
 from parafuse.parallel.emulator import emulate_ranks
 from parafuse.parallel.geometry import GeometryError, StripGeometry
@@ -107,6 +108,7 @@ class Runtime:
             raise RequestError(str(e)) from None
         if isinstance(model, str):
             model = load_model(model, weights, device=self.device)
+        self.weights = weights_fingerprint(weights)       # compared across the ranks with each request
         self.spec: ModelSpec = model.spec
         if self.config.cfg_parallel and not self.conditional:
             raise RequestError(f"--cfg-parallel needs a conditional model; {self.spec.name!r} is unconditional")
@@ -311,6 +313,7 @@ class Runtime:
     @torch.no_grad()
     def generate(self, req: Request, progress: bool = False) -> Result:
         geometry = self.check(req)
+        self.session.check_same_call(self.call_values(req), "the request")
         run = Denoising(self, req, progress)
         self.session.reset_counts()
         start = time.perf_counter()
@@ -334,6 +337,16 @@ class Runtime:
                                          run.change_seconds)}
         stats = self.session.rank_stats(geometry.rows[self.layout.patch_index], run.state_bytes, sum(run.evals))
         return Result(image, latent, stats, timing)
+
+    def call_values(self, req: Request) -> dict:
+        """What must be the same on every rank for `req`: the resolved request, the parallel
+        settings, the model, dtype, kernels, attention backend, CUDA graphs and the weights file."""
+        values = {f"request.{f.name}": getattr(req, f.name) for f in fields(req)}
+        values.update({f"parallel.{k}": v for k, v in config_settings(self.config).items()})
+        values.update({"model": self.spec.name, "dtype": self.config.dtype, "kernels": self.kernels,
+                       "attention backend": self.attention_backend, "cuda graphs": self.cuda_graphs,
+                       "weights file (size, header hash)": self.weights})
+        return values
 
     def eval_flops(self, req: Request, geometry: StripGeometry) -> float:
         """FLOPs of one model evaluation of the whole image at `geometry`: both guidance branches

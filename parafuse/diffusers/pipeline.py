@@ -22,7 +22,6 @@ import torch.nn as nn
 from parafuse.diffusers.adapter import DiffusersAdapter, UnsupportedModelError, is_flux, is_joint
 from parafuse.diffusers.strips import StripControlNet, StripDecoder, StripDenoiser
 from parafuse.parallel import kv_codec as kv_codec_module
-from parafuse.parallel.agreement import check_same
 from parafuse.parallel.config import ConfigError, Mode, PatchConfig, dtype_name
 from parafuse.parallel.distributed import ParallelLayout
 from parafuse.parallel.session import PatchSession
@@ -146,7 +145,7 @@ class ParallelPipeline:
         gets a generator of it (`self.seed`)."""
         transport = self.session.transport
         if transport is None or transport.world_size == 1 or not transport.reaches_peers:
-            return kwargs
+            return kwargs               # nothing to compare, nor a seed to share (the session's rule)
         # every parameter of the pipeline's signature, given or not: the same names on every rank
         signature = inspect.signature(self.pipe.__call__)
         try:
@@ -155,7 +154,7 @@ class ParallelPipeline:
             given, invalid = {}, e
         values = {name: fingerprint(given[name]) if name in given else "not given" for name in signature.parameters}
         values["(a call the signature takes)"] = repr(invalid)
-        check_same(values, "the pipeline call's arguments", transport=transport)
+        self.session.check_same_call(values, "the pipeline call's arguments")
         if invalid is not None:
             raise invalid
         if "generator" in signature.parameters and kwargs.get("generator") is None:

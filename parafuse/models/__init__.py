@@ -6,7 +6,9 @@ for, and how images map to its latent.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import struct
 from dataclasses import dataclass, field
 
 import torch
@@ -140,6 +142,18 @@ def check_weights(spec: ModelSpec, path: str) -> dict[str, torch.Tensor]:
                          f"{len(missing)} missing, {len(extra)} unexpected, {len(wrong)} wrongly shaped tensors"
                          f" (first: {(missing + extra + wrong)[0]})")
     return state
+
+
+def weights_fingerprint(path: str | None) -> tuple | None:
+    """(size, SHA-256 of the safetensors header) of a weights file: ranks given files of the same
+    name but different contents are told apart without reading the tensors."""
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        header = f.read(min(length, 100 << 20))
+    return os.path.getsize(path), hashlib.sha256(header).hexdigest()
 
 
 def load_model(name: str, weights: str | None = None, seed: int = 0, device: str | torch.device = "cpu") -> nn.Module:

@@ -30,6 +30,7 @@ from parafuse.checks import check_device
 from parafuse.graphs import GraphedEvaluations, capture_cuda_graph
 from parafuse.health import FiniteWatch
 from parafuse.parallel.adapter import BUILTIN
+from parafuse.parallel.agreement import check_same
 from parafuse.parallel.config import ConfigError, PatchConfig
 from parafuse.parallel.distributed import ParallelLayout, init_distributed, launched_by_torchrun, pick_device
 from parafuse.parallel.engine import ExchangeEngine
@@ -135,6 +136,17 @@ class PatchSession:
         door does not know; it checks every CHECK_EVERY evaluations and at `finish`)."""
         return FiniteWatch(self.transport, self.layout.rank, self.layout.world_size, self.device, num_evals,
                            engine=self.engine)
+
+    def check_same_call(self, values: dict, what: str) -> None:
+        """Before any compute of a call, both doors: `values` compared across the ranks
+        (`agreement.check_same`), a difference refused on every rank naming the values and the ranks.
+        Skipped where no peer is reached (one rank; the Null and Loopback transports measure a rank
+        alone, so its peers' values are not there to compare)."""
+        tr = self.transport
+        if tr is None or tr.world_size == 1 or not tr.reaches_peers:
+            return
+        with self.watchdog.guard(f"comparing the ranks' {what}", 1) if self.watchdog else nullcontext():
+            check_same(values, what, transport=tr)
 
     def guard(self, what: str):
         """The host deadline around a request (none without a watchdog): the first steps - warmup,

@@ -297,7 +297,7 @@ def test_agreement_names_the_value_and_the_ranks_on_every_rank():
 def test_weights_fingerprint_tells_files_of_one_size_apart(tmp_path):
     from safetensors.torch import save_file
 
-    from parafuse.generate import weights_fingerprint
+    from parafuse.models import weights_fingerprint
     save_file({"w": torch.zeros(4)}, str(tmp_path / "a.safetensors"))
     save_file({"v": torch.zeros(4)}, str(tmp_path / "b.safetensors"))
     a, b = (weights_fingerprint(str(tmp_path / n)) for n in ("a.safetensors", "b.safetensors"))
@@ -480,25 +480,33 @@ def test_pipeline_overflow_writes_nothing_at_n_1_and_2(tmp_path, capsys, huge_sd
 
 # ---- 2, the resolved request: compared before the first step -----------------------------------
 def test_resolved_request_is_compared_before_the_first_step():
-    """generate.check_ranks_agree over the emulator's transport: a weights file of another content
-    on rank 1 (same name, same size) is named, on both ranks, before any step."""
-    from parafuse.generate import check_ranks_agree
+    """Runtime.generate (the library door, and the CLI through it) over the emulator's transport: a
+    weights file of another content on rank 1 (same name, same size), then a request of another
+    seed, are named on both ranks before any step."""
     from parafuse.models import load_model
     from parafuse.parallel.agreement import DisagreementError
     from parafuse.parallel.distributed import ParallelLayout
     from parafuse.parallel.emulator import run_ranks
     from parafuse.parallel.transport import ThreadHub, ThreadTransport
     from parafuse.runtime import ParallelConfig, Runtime
-    hub, errors = ThreadHub(2), {}
+    hub, errors, steps = ThreadHub(2), {}, {}
 
     def body(rank):
         rt = Runtime(load_model("dit-small"), ParallelConfig("full", 1), layout=ParallelLayout(rank, 2),
                      transport=ThreadTransport(rank, hub))
-        check_ranks_agree(rt, _request(), (100, "a"))                   # the same everywhere: passes
-        try:
-            check_ranks_agree(rt, _request(), (100, "a" if rank == 0 else "b"))
-        except DisagreementError as e:
-            errors[rank] = str(e)
+        rt.weights = (100, "a")
+        rt.session.check_same_call(rt.call_values(_request()), "the request")      # the same everywhere: passes
+        rt.engine.begin_step = lambda step: steps.setdefault(rank, step)            # any step would be seen
+        for weights, request in (((100, "a" if rank == 0 else "b"), _request()),
+                                 ((100, "a"), _request(seed=rank))):
+            rt.weights = weights
+            try:
+                rt.generate(request)
+            except DisagreementError as e:
+                errors.setdefault(rank, []).append(str(e))
     run_ranks(hub, body)
-    assert errors[0] == errors[1] == ("ranks disagree on the request: weights file (size, header hash) (rank 0 vs "
-                                      "rank 1): start every rank with the same values")
+    assert not steps
+    assert errors[0] == errors[1] == [
+        "ranks disagree on the request: weights file (size, header hash) (rank 0 vs rank 1): start every rank "
+        "with the same values",
+        "ranks disagree on the request: request.seed (rank 0 vs rank 1): start every rank with the same values"]
