@@ -145,7 +145,7 @@ class PatchSession:
         tr = self.transport
         if tr is None or tr.world_size == 1 or not tr.reaches_peers:
             return
-        with self.watchdog.guard(f"comparing the ranks' {what}", 1) if self.watchdog else nullcontext():
+        with self.watchdog.guard(f"comparing {what} across the ranks", 1) if self.watchdog else nullcontext():
             check_same(values, what, transport=tr)
 
     def guard(self, what: str):
