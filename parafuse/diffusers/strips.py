@@ -70,13 +70,24 @@ def eager(model: nn.Module):
         inner._compiled_call_impl = compiled
 
 
+def compile_context(model: nn.Module):
+    """torch.compile's context of `model` (its settings: `fullgraph`, the backend), either form:
+    `torch.compile(model)`'s OptimizedModule holds it, `model.compile()`'s compiled call closes over
+    it; None for a model not compiled."""
+    ctx = getattr(model, "dynamo_ctx", None)
+    compiled_call = model.__dict__.get("_compiled_call_impl")
+    if ctx is None and compiled_call is not None:
+        ctx = inspect.getclosurevars(compiled_call).nonlocals.get("self")
+    return ctx
+
+
 def check_compiled(model: nn.Module) -> None:
     """A compiled denoiser runs parafuse's hooks outside (torch.compile(model)) or inside
     (model.compile()) the compiled region, whose patch layers break the graph at every exchange:
     fullgraph=True cannot hold and is refused before any compute."""
-    ctx = getattr(model, "dynamo_ctx", None)
-    if getattr(ctx, "fullgraph", False):
-        raise UnsupportedModelError(f"{type(model._orig_mod).__name__} was compiled with fullgraph=True, but "
+    if getattr(compile_context(model), "fullgraph", False):
+        raise UnsupportedModelError(f"{type(getattr(model, '_orig_mod', model)).__name__} was compiled with "
+                                    f"fullgraph=True, but "
                                     f"parafuse's exchanges break the graph at every patch layer: compile it "
                                     f"without fullgraph")
 

@@ -201,9 +201,10 @@ def test_compiled_denoiser_turns_parafuse_graphs_off(root):
     assert rel(out, uncompiled(root)) <= 1e-5
 
 
-def test_fullgraph_compile_is_refused_before_compute(root):
-    with pytest.raises(RuntimeError, match="fullgraph=True"):
-        compiled_run(root, "after", fullgraph=True)
+@pytest.mark.parametrize("when", ["after", "in-place"])
+def test_fullgraph_compile_is_refused_before_compute(root, when):
+    with pytest.raises(RuntimeError, match="UNet2DConditionModel was compiled with fullgraph=True"):
+        compiled_run(root, when, fullgraph=True)
 
 
 @pytest.mark.slow
