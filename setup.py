@@ -26,7 +26,7 @@ setup(
                   "parafuse": ["attention_auto.json"]},
     install_requires=[TORCH, "triton>=3.2; platform_system == 'Linux'", "numpy", "pillow", "safetensors", "tqdm"],
     extras_require={
-        "test": ["pytest", "diffusers>=0.30", "transformers", "peft", "scikit-image", "scipy", "matplotlib"],
+        "test": ["pytest", "pytest-xdist", "diffusers>=0.30", "transformers", "peft", "scikit-image", "scipy", "matplotlib"],
         "train": ["scikit-image"],
         # diffusers pipelines exist only beside transformers; peft is diffusers' LoRA backend
         "diffusers": ["diffusers>=0.30", "transformers", "peft"],
