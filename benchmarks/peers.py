@@ -335,9 +335,12 @@ def text_dtype_rows(cfg: Config, size: int, ranks: list[int], steps: int, warmup
                 counted = parafuse_bytes(cfg, size, n, 2, "full", codec, "stale", MEASURED_LAYERS, text_len,
                                          TINY_VAE, text_itemsize=itemsize)
                 images[partials] = r["image"]
+                # the finite-value watch's 8-byte agreement (parafuse.health, every 8 steps) falls in the
+                # last step of an 8-step run: not steady traffic, left out of the check
+                steady = {k: v for k, v in r["per_step"][-1].items() if k != "control"}
                 rows.append({"config": cfg.name, "size": size, "n": n, "system": label("full", codec, "stale"),
                              "partials": partials, "bytes_per_step": r["per_step"][-1], "max_abs": r["max_abs"],
-                             "psnr_db": r["psnr_db"], "check": check(r["per_step"][-1], counted)})
+                             "psnr_db": r["psnr_db"], "check": check(steady, counted)})
             diff = (images["bf16"].float() - images["float32"].float()).abs().max().item()
             rows[-2].update(max_abs_vs_float32_partials=diff,
                             psnr_vs_float32_partials_db=psnr(images["bf16"], images["float32"]))
