@@ -529,10 +529,15 @@ class ThreadTransport(Transport):
                 buf.fill_(float("nan")) if buf.is_floating_point() else buf.fill_(-1 if buf.is_signed() else 255)
             waits.append(lambda buf=buf, peer=peer, seq=seq: self.hub.take(peer, self.rank, seq, kind, buf, channel))
         nbytes = sum(t.numel() * t.element_size() for t, _ in sends)
-        return Pending(self._modelled(channel, kind, nbytes, len(sends)) + waits, [t for t, _ in sends + recvs])
+        cuda = any(t.is_cuda for t, _ in sends)
+        return Pending(self._modelled(channel, kind, nbytes, len(sends), cuda) + waits, [t for t, _ in sends + recvs])
 
-    def _modelled(self, channel: str, kind: str, nbytes: int, hops: int) -> list:
-        """With a modelled link: a wait that returns no sooner than the operation's modelled finish."""
+    def _modelled(self, channel: str, kind: str, nbytes: int, hops: int, cuda: bool = False) -> list:
+        """With a modelled link: a wait that returns no sooner than the operation's modelled finish.
+        On CUDA the host waits for this rank's stream first: the transfer starts when the data
+        exists, not when the host ran ahead to post it."""
+        if self.hub.link is not None and hops and cuda:
+            torch.cuda.current_stream().synchronize()
         finish = self.hub.schedule(self.rank, channel, kind, nbytes, hops) if hops else None
         if finish is None:
             return []
@@ -555,5 +560,5 @@ class ThreadTransport(Transport):
         if self.hub.strict and t.is_floating_point():
             t.fill_(float("nan"))
         n = len(group)
-        modelled = self._modelled(MAIN, kind, ring_bytes(t.numel() * t.element_size(), n), 2 * (n - 1))
+        modelled = self._modelled(MAIN, kind, ring_bytes(t.numel() * t.element_size(), n), 2 * (n - 1), t.is_cuda)
         return Pending(modelled + [lambda: self.hub.reduced(group, self.rank, seq, t)], [t])
