@@ -704,10 +704,16 @@ def validate_emulator(model_name: str, size: int, n: int = 2, steps: int = 12, d
         for mode, channel in configs:
             free_steps[(mode, channel)] += emulated_steps(model, req, mode, n, device, channel, free)
             modelled_steps[(mode, channel)] += emulated_steps(model, req, mode, n, device, channel, link)
+    def spread(steps_s):       # interquartile range over the median: how noisy the machine made the steps
+        q = statistics.quantiles(steps_s, n=4)
+        return (q[2] - q[0]) / q[1]
+
     rows = []
     for mode, channel in configs:
         rows.append({"model": model_name, "size": size, "mode": mode, "n": n, "stale_channel": channel,
                      "compute_seconds": statistics.median(free_steps[(mode, channel)]),
+                     "free_link_spread": spread(free_steps[(mode, channel)]),
+                     "emulated_spread": spread(modelled_steps[(mode, channel)]),
                      "bytes_per_step": counted[mode][0], "messages_per_step": counted[mode][1],
                      "emulated_seconds": statistics.median(modelled_steps[(mode, channel)]),
                      "free_link_steps": free_steps[(mode, channel)], "emulated_steps": modelled_steps[(mode, channel)]})
@@ -724,7 +730,7 @@ def emulator_errors(checks: list[dict]) -> dict:
 
 
 EMULATOR_COLUMNS = [("model", "model"), ("size", "px"), ("mode", "mode"), ("n", "N"), ("stale_channel", "stale comm."),
-                    ("compute_ms", "free-link step ms"), ("projected_ms", "optimistic ms"),
+                    ("compute_ms", "free-link step ms"), ("free_link_spread", "its IQR / median"), ("projected_ms", "optimistic ms"),
                     ("emulated_ms", "emulated ms"), ("pess_ms", "pessimistic ms"),
                     ("relative_error", "optimistic error"), ("pessimistic_relative_error", "pessimistic error"),
                     ("within_bounds", "within bounds")]
@@ -740,6 +746,7 @@ def run_emulator_validation(args, argv) -> None:
     """`--validate-emulator`: every --models at the first --sizes, N = 2, written to
     project_emulator_<name>.json."""
     prov = provenance(argv)
+    load_before = os.getloadavg()[0]
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))     # each emulated rank a share of the cores
     link = Link("modelled", args.emulator_link[1] * 1e6, args.emulator_link[0] * 1e-6, "given (--emulator-link)") \
         if args.emulator_link else None
@@ -753,6 +760,8 @@ def run_emulator_validation(args, argv) -> None:
         "hardware": hardware(), "device": args.device, "runs": [{k: v for k, v in r.items() if k != "checks"}
                                                                  for r in runs],
         "checks": checks, "bound_slack": BOUND_SLACK,
+        # 1-minute load average before and after: steps on a machine busy with other work are noisy
+        "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
         "mean_abs_relative_error": statistics.fmean(abs(c["relative_error"]) for c in checks),
         "mean_abs_pessimistic_relative_error": statistics.fmean(abs(c["pessimistic_relative_error"]) for c in checks)})
     print(f"wrote {path}")

@@ -167,14 +167,24 @@ def emulator_validation_section() -> list[str]:
                 "link modelled in the thread transport (latency + bytes / bandwidth, one FIFO per rank and "
                 "communicator); each row's compute is the same emulated run over a free link, and both bounds are "
                 f"projected from it with the same link figures. Link: {links}. Error: projected / emulated − 1; "
-                f"within bounds: the emulated step inside [optimistic, pessimistic] ± {res['bound_slack']:.0%}.", "",
+                f"within bounds: the emulated step inside [optimistic, pessimistic] ± {res['bound_slack']:.0%}; "
+                "IQR / median: the spread of the free-link steps, the machine's noise. "
+                + load_note(res.get("load_average_1min"), res["hardware"]), "",
                 table(rows, [("model", "model"), ("size", "px"), ("mode", "mode"), ("stale_channel", "stale comm."),
-                             ("compute_ms", "free-link step ms"), ("projected_ms", "optimistic ms"),
+                             ("compute_ms", "free-link step ms"), ("free_link_spread", "its IQR / median"),
+                             ("projected_ms", "optimistic ms"),
                              ("emulated_ms", "emulated ms"), ("pess_ms", "pessimistic ms"),
                              ("relative_error", "optimistic error"),
                              ("pessimistic_relative_error", "pessimistic error"), ("within_bounds", "within bounds")]),
                 ""]
     return out
+
+
+def load_note(load: dict | None, hardware: dict) -> str:
+    if not load:
+        return ""
+    return (f"1-minute load average {load['before']:.1f} before, {load['after']:.1f} after "
+            f"({hardware.get('device', '?')}).")
 
 
 def gpu_scaling_rows(g: dict) -> list[dict]:
