@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 28's GPU checks, prepared on a CPU-only session, for a session with one GPU (H100/H200) to run
-# as they are: about 9 minutes of device time in all. Before copying the tree to the GPU machine, stamp
+# as they are: about 10 minutes of device time in all. Before copying the tree to the GPU machine, stamp
 # the commit here (the copy has no git): `python benchmarks/common.py stamp` (writes benchmarks/stamp.json).
 # Every JSON written carries that commit, the device, driver/CUDA/torch/Triton/NCCL versions and the command.
 #
@@ -10,6 +10,9 @@
 # 2. 4096², N = 1 and 8, graphed, both kernel choices, full / sync / partial, unet-xl and dit-xl (dit-xl graphed is
 #    new), 10 repeats: replaces scaling_h100_4096_graphs_kernels.json (one configuration, one figure), then its
 #    projection. Afterwards, on the CPU side: python benchmarks/report.py (docs/performance.md) and commit.
+# 3. The projection against the one-GPU emulator with a modelled link (item 4; ~60 s estimated, not yet run on a
+#    GPU): the default U-Net at 256², N = 2 ranks as threads on the GPU, sync / full / partial with and without the
+#    stale communicator; skipped when its JSON exists (benchmarks/results/project_emulator_<gpu>.json).
 set -euo pipefail
 export PYTHONPATH=.:kernels
 test -f benchmarks/stamp.json || echo "warning: no benchmarks/stamp.json: the results will say commit unknown" >&2
@@ -22,4 +25,8 @@ timeout 300 python benchmarks/scaling.py --models unet-xl dit-xl --sizes 4096 --
     --name "scaling_${short}_4096_graphs_kernels"
 python benchmarks/project.py --scaling "benchmarks/results/scaling_${short}_4096_graphs_kernels.json" \
     --name "${short}_4096_graphs_kernels"
+emulator=benchmarks/results/project_emulator_${short}.json
+test -f "$emulator" || timeout 120 python benchmarks/project.py --validate-emulator --device cuda --models default \
+    --sizes 256 --emulator-repeats 2 --name "emulator_${short}" || echo "warning: the emulator validation failed" >&2
 mkdir -p "${OUT:-/tmp/out}" && cp "$out" benchmarks/results/*"${short}_4096_graphs_kernels"* "${OUT:-/tmp/out}/"
+if [ -f "$emulator" ]; then cp "$emulator" "${OUT:-/tmp/out}/"; fi

@@ -14,6 +14,10 @@ Measured here (CPU, small images, random weights, float32):
   after every step (steady state: the last step).
 - exactness: each run's final latents against diffusers' single-process output of the same call
   (max abs difference, PSNR).
+- the stale text merge's partial outputs in the compute dtype: the pipeline in bf16, `full` (and
+  `--kv-codec sign`) with the stale merge sending them in bf16 (what parafuse does) and in float32
+  (`PatchPlan.text_dtype` patched), each against diffusers' single-process bf16 output and against
+  each other; their bytes check the closed forms at e = 2.
 
 Counted, not run, at 2048² and 4096² (a 4096² Flux step on two CPU cores would take hours): the
 closed forms below, per step and rank, which the measured rows check kind by kind (`check`
@@ -26,7 +30,7 @@ measured here 1/4), L = text tokens (512 for Flux-dev), C = 3072, H = 24 heads o
     parafuse  attn_kv          A x (N-1) x T/N x 2C x e (exact), x payload/2C with --kv-codec
                                sign (2C/8 + 2e bytes a token)                      stale in full, critical in sync
               text_attn exact  A x [(N-1) x H x L x 4 (lse) + 2(N-1)/N x H x L x d x 4 (all-reduce)]   critical
-              text_attn stale  A x (N-1) x H x L x (d+1) x 4                        stale
+              text_attn stale  A x (N-1) x H x L x (4 (lse) + d x e (the output))  stale
               gather           (N-1) x T/N x 64 x e (the denoiser output every step)  critical
 
     python benchmarks/peers.py                       # CPU: measure, check, count, write JSON and table
@@ -35,6 +39,7 @@ measured here 1/4), L = text tokens (512 for Flux-dev), C = 3072, H = 24 heads o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -42,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
+from unittest import mock
 
 import torch
 
@@ -98,12 +104,12 @@ def pipeline(cfg: Config, seed: int = 0):
                         tokenizer_2=None, transformer=transformer)
 
 
-def call_kwargs(cfg: Config, size: int, steps: int, text_len: int) -> dict:
+def call_kwargs(cfg: Config, size: int, steps: int, text_len: int, dtype: torch.dtype = torch.float32) -> dict:
     g = torch.Generator().manual_seed(100)
     return dict(height=size, width=size, num_inference_steps=steps, guidance_scale=3.5, output_type="latent",
                 generator=torch.Generator().manual_seed(0),
-                prompt_embeds=torch.randn(1, text_len, cfg.text_dim, generator=g),
-                pooled_prompt_embeds=torch.randn(1, cfg.pooled_dim, generator=g))
+                prompt_embeds=torch.randn(1, text_len, cfg.text_dim, generator=g).to(dtype),
+                pooled_prompt_embeds=torch.randn(1, cfg.pooled_dim, generator=g).to(dtype))
 
 
 FLUX_VAE, TINY_VAE = 8, 4      # Flux's VAE halves the side 3 times, the measured pipeline's tiny one twice
@@ -129,15 +135,17 @@ def ulysses_bytes(cfg: Config, size: int, n: int, itemsize: int, layers: int | N
 
 
 def parafuse_bytes(cfg: Config, size: int, n: int, itemsize: int, mode: str, codec: str, merge: str,
-                   layers: int | None = None, text_len: int | None = None, vae: int = FLUX_VAE) -> dict:
-    """{kind: (bytes per step per rank, on the critical path)} of parafuse's steady state."""
+                   layers: int | None = None, text_len: int | None = None, vae: int = FLUX_VAE,
+                   text_itemsize: int | None = None) -> dict:
+    """{kind: (bytes per step per rank, on the critical path)} of parafuse's steady state; the stale
+    text merge's partial outputs in the activation dtype (`text_itemsize`: another, for comparison)."""
     a, t, l = layers or cfg.layers, tokens(size, vae), text_len or cfg.text_len
     stale = mode != "sync"
     token = payload_bytes(cfg.width, itemsize) if codec == "sign" and stale else 2 * cfg.width * itemsize
     if merge == "exact":
         text = a * ((n - 1) * cfg.heads * l * 4 + 2 * (n - 1) / n * cfg.heads * l * cfg.head_dim * 4)
     else:
-        text = a * (n - 1) * cfg.heads * l * (cfg.head_dim + 1) * 4
+        text = a * (n - 1) * cfg.heads * l * (4 + cfg.head_dim * (text_itemsize or itemsize))
     return {"attn_kv": (a * (n - 1) * t / n * token, not stale),
             "text_attn": (text, not (stale and merge == "stale")),
             "gather": ((n - 1) * t / n * OUT_CHANNELS * itemsize, True)}
@@ -226,7 +234,7 @@ def run_ulysses(cfg: Config, size: int, n: int, steps: int, text_len: int, log=p
 
 # ---- parafuse in the thread emulator -------------------------------------------------------------
 def run_parafuse(pipe, cfg: Config, size: int, n: int, steps: int, text_len: int, mode: str, codec: str, merge: str,
-                 warmup: int, reference: torch.Tensor, log=print) -> dict:
+                 warmup: int, reference: torch.Tensor, log=print, dtype: torch.dtype = torch.float32) -> dict:
     from parafuse.diffusers.emulator import emulate_pipeline
 
     def call(par):
@@ -235,7 +243,7 @@ def run_parafuse(pipe, cfg: Config, size: int, n: int, steps: int, text_len: int
         def on_step(p, i, t, kw):
             per_step.append(dict(par.strips.transport.totals()[0]))
             return kw
-        out = par(**call_kwargs(cfg, size, steps, text_len), callback_on_step_end=on_step)
+        out = par(**call_kwargs(cfg, size, steps, text_len, dtype), callback_on_step_end=on_step)
         steps_ = [{k: v - prev.get(k, 0) for k, v in cur.items() if v - prev.get(k, 0)}
                   for prev, cur in zip([{}] + per_step, per_step)]
         return (None if out is None else out.images), steps_
@@ -247,7 +255,8 @@ def run_parafuse(pipe, cfg: Config, size: int, n: int, steps: int, text_len: int
     image = outs[0][0][0]
     # the busiest rank: the most bytes in the last (steady) step
     busiest = max((o[0][1] for o in outs), key=lambda s: sum(s[-1].values()))
-    res = {"per_step": busiest, "max_abs": (image - reference).abs().max().item(), "psnr_db": psnr(image, reference)}
+    res = {"per_step": busiest, "max_abs": (image.float() - reference.float()).abs().max().item(),
+           "psnr_db": psnr(image, reference), "image": image}
     log(f"parafuse {mode} {codec} {merge} {cfg.name} {size}² N={n}: steady bytes {busiest[-1]}, "
         f"PSNR {res['psnr_db']:.1f} dB")
     return res
@@ -297,6 +306,47 @@ def measure(cfg: Config, size: int, ranks: list[int], steps: int, warmup: int, t
     return rows
 
 
+@contextlib.contextmanager
+def float32_partials():
+    """The stale text merge sending float32 partial outputs (what it did before they went in the
+    compute dtype): the comparison's other arm."""
+    from parafuse.parallel.plan import PatchPlan
+
+    with mock.patch.object(PatchPlan, "text_dtype", property(lambda plan: torch.float32)):
+        yield
+
+
+def text_dtype_rows(cfg: Config, size: int, ranks: list[int], steps: int, warmup: int, text_len: int,
+                    log=print) -> list[dict]:
+    """The pipeline in bf16, `full` and `full --kv-codec sign` with the stale text merge, its
+    partial outputs sent in bf16 and in float32: each against diffusers' single-process bf16 output,
+    the bf16 one also against the float32 one; bytes checked against the closed forms at e = 2."""
+    bf16 = torch.bfloat16
+    pipe = pipeline(cfg).to(bf16)
+    reference = pipe(**call_kwargs(cfg, size, steps, text_len, bf16)).images
+    rows = []
+    for n in ranks:
+        for codec in ("none", "sign"):
+            images = {}
+            for partials, itemsize in (("bf16", 2), ("float32", 4)):
+                with float32_partials() if partials == "float32" else contextlib.nullcontext():
+                    r = run_parafuse(pipe, cfg, size, n, steps, text_len, "full", codec, "stale", warmup, reference,
+                                     log, dtype=bf16)
+                counted = parafuse_bytes(cfg, size, n, 2, "full", codec, "stale", MEASURED_LAYERS, text_len,
+                                         TINY_VAE, text_itemsize=itemsize)
+                images[partials] = r["image"]
+                # the finite-value watch's 8-byte agreement (parafuse.health, every 8 steps) falls in the
+                # last step of an 8-step run: not steady traffic, left out of the check
+                steady = {k: v for k, v in r["per_step"][-1].items() if k != "control"}
+                rows.append({"config": cfg.name, "size": size, "n": n, "system": label("full", codec, "stale"),
+                             "partials": partials, "bytes_per_step": r["per_step"][-1], "max_abs": r["max_abs"],
+                             "psnr_db": r["psnr_db"], "check": check(steady, counted)})
+            diff = (images["bf16"].float() - images["float32"].float()).abs().max().item()
+            rows[-2].update(max_abs_vs_float32_partials=diff,
+                            psnr_vs_float32_partials_db=psnr(images["bf16"], images["float32"]))
+    return rows
+
+
 def counted_rows(cfg: Config, sizes: list[int], ranks: list[int], itemsize: int) -> list[dict]:
     """Flux-dev per step and rank (A = 19 + 38, L = 512) at `sizes`, from the closed forms."""
     rows = []
@@ -321,6 +371,11 @@ COLUMNS = [("size", "px"), ("n", "N"), ("system", "system"), ("total_mb", "MB/st
 MEASURED_COLUMNS = [("config", "widths"), ("size", "px"), ("n", "N"), ("system", "system"), ("total_kb", "KB/step"),
                     ("max_abs", "max abs vs single process"), ("psnr_db", "PSNR dB"), ("worst_check", "closed form off by")]
 
+TEXT_DTYPE_COLUMNS = [("config", "widths"), ("size", "px"), ("n", "N"), ("system", "system"),
+                      ("partials", "text partials"), ("total_kb", "KB/step"), ("max_abs", "max abs vs single process"),
+                      ("psnr_db", "PSNR dB"), ("max_abs_vs_float32_partials", "max abs vs float32 partials"),
+                      ("psnr_vs_float32_partials_db", "PSNR vs float32 partials"), ("worst_check", "closed form off by")]
+
 
 def main(argv=None) -> int:
     p = parser(__doc__, "peers_cpu")
@@ -334,6 +389,9 @@ def main(argv=None) -> int:
     p.add_argument("--count-sizes", nargs="+", type=int, default=[2048, 4096])
     p.add_argument("--count-ranks", nargs="+", type=int, default=[2, 8])
     p.add_argument("--dtype-bytes", type=int, default=2, help="activation bytes of the counted rows (bf16: 2)")
+    p.add_argument("--text-dtype-steps", type=int, default=8,
+                   help="steps of the bf16 runs comparing the stale text merge's partials in bf16 and float32 "
+                        "(at --config, N = --ranks; and narrow, N = --narrow-ranks); 0: skip them")
     p.add_argument("--smoke", action="store_true", help="narrow widths, 64², N = 2 only")
     a = p.parse_args(argv)
     if a.ulysses_worker:
@@ -342,18 +400,29 @@ def main(argv=None) -> int:
     prov = provenance(argv)
     torch.set_num_threads(1)
     if a.smoke:
-        a.config, a.size, a.ranks, a.narrow_ranks, a.steps, a.text_len = "narrow", 64, [2], [], 3, 16
+        a.config, a.size, a.ranks, a.narrow_ranks, a.steps, a.text_len, a.text_dtype_steps = \
+            "narrow", 64, [2], [], 3, 16, 0
     cfg = {"flux": FLUX, "narrow": NARROW}[a.config]
     measured = measure(cfg, a.size, a.ranks, a.steps, a.warmup, a.text_len)
     if a.narrow_ranks and cfg is not NARROW:
         measured += measure(NARROW, a.size, a.narrow_ranks, a.steps, a.warmup, a.text_len)
-    worst = max((v for r in measured for v in r["check"].values()), default=0.0)
+    text_dtype = []
+    if a.text_dtype_steps:
+        text_dtype = text_dtype_rows(cfg, a.size, a.ranks, a.text_dtype_steps, a.warmup, a.text_len)
+        if a.narrow_ranks and cfg is not NARROW:
+            text_dtype += text_dtype_rows(NARROW, a.size, a.narrow_ranks, a.text_dtype_steps, a.warmup, a.text_len)
+    worst = max((v for r in measured + text_dtype for v in r["check"].values()), default=0.0)
     counted = counted_rows(FLUX, a.count_sizes, a.count_ranks, a.dtype_bytes)
 
     print(f"\nmeasured on {hardware()['device']} (float32, {MEASURED_LAYERS} joint attentions, {a.text_len} text "
           f"tokens, {a.steps} steps, warmup {a.warmup}; bytes of the busiest rank's last step)\n")
     print(table([{**r, "total_kb": sum(r["bytes_per_step"].values()) / 1e3,
                   "worst_check": max(r["check"].values(), default=0.0)} for r in measured], MEASURED_COLUMNS))
+    if text_dtype:
+        print(f"\nthe stale text merge's partial outputs in bf16 (parafuse) and float32, the pipeline in bf16, "
+              f"{a.text_dtype_steps} steps, warmup {a.warmup}\n")
+        print(table([{**r, "total_kb": sum(r["bytes_per_step"].values()) / 1e3,
+                      "worst_check": max(r["check"].values(), default=0.0)} for r in text_dtype], TEXT_DTYPE_COLUMNS))
     print(f"\ncounted: Flux-dev (19 + 38 joint attentions, 512 text tokens, {8 * a.dtype_bytes}-bit activations), "
           f"steady step; the closed forms match the measured rows to {worst:.1e}\n")
     print(table([{**r, "total_mb": r["total_bytes"] / 1e6, "critical_mb": r["critical_bytes"] / 1e6,
@@ -370,7 +439,8 @@ def main(argv=None) -> int:
     if worst > 1e-6:
         print(f"\nnote: a closed form is off a measured row by {worst:.1e}: the counted rows are not to be trusted")
     path = write_result(a.name, "peers", config_of(a), measured + counted, prov,     # rows: measured True/False
-                        model_config=asdict(FLUX), closed_forms_worst_relative_difference=worst, target=verdict)
+                        model_config=asdict(FLUX), text_dtype=text_dtype,
+                        closed_forms_worst_relative_difference=worst, target=verdict)
     print(f"wrote {path}")
     return 0
 

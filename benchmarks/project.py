@@ -627,6 +627,147 @@ def validation_notes(v: dict) -> list[str]:
     return notes
 
 
+# ---- validation against the thread emulator with a modelled link ---------------------------------
+EMULATOR_MODES = ("sync", "full", "partial")
+BOUND_SLACK = 0.05        # `within_bounds` allows the emulated step this much outside [optimistic, pessimistic]
+
+
+def emulator_link(compute: float, bytes_per_step: dict, messages_per_step: dict, comm_share: float = 0.5,
+                  latency_share: float = 0.1) -> Link:
+    """The modelled link of the emulator validation, sized from `full`'s free-link step on the device
+    it runs on, so that communication is a visible part of the step there (CPU or GPU alike): its
+    bytes take `comm_share` of that step and its messages' latencies `latency_share`."""
+    nbytes, messages = sum(bytes_per_step.values()), sum(messages_per_step.values())
+    return Link("modelled", nbytes / (comm_share * compute), latency_share * compute / max(messages, 1),
+                f"modelled in the thread transport: full's bytes take {comm_share:.0%} and its messages' latencies "
+                f"{latency_share:.0%} of its free-link step ({compute * 1e3:.2f} ms)")
+
+
+def emulator_checks(rows: list[dict], link: Link) -> list[dict]:
+    """Both bounds, projected with `link` from each row's free-link emulated step (`compute_seconds`:
+    compute measured the same way, with the link's cost at zero) and its bytes and messages per step,
+    against the step emulated over the modelled link (`emulated_seconds`). Rows: mode, n,
+    stale_channel, compute_seconds, bytes_per_step, messages_per_step, emulated_seconds. The
+    pessimistic bound of a stale-channel row is the stale communicator's (no queueing)."""
+    checks = []
+    for r in rows:
+        args = (r["compute_seconds"], r["bytes_per_step"], r["messages_per_step"], r["mode"], r["n"], link)
+        optimistic = step_seconds(*args)[2]
+        pessimistic = pessimistic_seconds(*args, charge=None, stale_channel=r["stale_channel"])[-1]
+        real = r["emulated_seconds"]
+        checks.append({**r, "link": link.name, "projected_step_seconds": optimistic,
+                       "projected_pessimistic_step_seconds": pessimistic,
+                       "relative_error": optimistic / real - 1, "pessimistic_relative_error": pessimistic / real - 1,
+                       "within_bounds": (1 - BOUND_SLACK) * optimistic <= real <= (1 + BOUND_SLACK) * pessimistic})
+    return checks
+
+
+def emulated_steps(model, req, mode: str, n: int, device: str, stale_channel: bool, link: Link) -> list[float]:
+    """Seconds of the steady steps (after the warmup and the first stale step, which starts with an
+    idle link) of one run of the thread emulator over `link`: per step the slowest rank's."""
+    from parafuse.runtime import ParallelConfig, emulate
+
+    warmup = 2
+    _, results = emulate(model, n, ParallelConfig(mode, warmup, stale_channel=stale_channel), req, device=device,
+                         link=(link.latency, link.bandwidth))
+    return [max(s) for s in zip(*(r[0].timing["step_seconds"] for r in results))][warmup + 1:]
+
+
+def validate_emulator(model_name: str, size: int, n: int = 2, steps: int = 12, device: str = "cpu",
+                      link: Link | None = None, repeats: int = 3, log=print) -> dict:
+    """The thread emulator over a modelled link (ThreadHub: latency + bytes / bandwidth, one FIFO per
+    rank and communicator) against both bounds, for sync, full and partial with one communicator and
+    with the opt-in stale one. Each row's compute is the same emulated run over a free link (latency
+    0, infinite bandwidth: the same code, syncs included); bytes and messages per step are one strip's
+    steady step (scaling.measure, NullTransport), the busiest strip's. Free and modelled runs
+    alternate, `repeats` times each, and the median of all their steady steps is taken (a machine
+    shared with other work slows them alike). `link` None: `emulator_link`."""
+    import scaling
+    from parafuse.models import load_model
+    from parafuse.runtime import Request
+
+    model = load_model(model_name, device=device)
+    req = Request(size, size, steps, "ddim", 1.0, seed=0, label=0 if model.spec.num_classes else None)
+    free = Link("free", float("inf"), 0.0, "no cost: the same transport code, the link's time zero")
+    counted = {}
+    for mode in EMULATOR_MODES:
+        strips = [scaling.measure(model, req, torch.device(device), None, mode, n, s, repeat=1) for s in range(n)]
+        busiest = max(strips, key=lambda r: sum(r["bytes_per_step"].values()))
+        counted[mode] = (busiest["bytes_per_step"], busiest["messages_per_step"])
+    configs = [(mode, channel) for mode in EMULATOR_MODES for channel in (False, True)]
+    free_steps = {c: [] for c in configs}
+    modelled_steps = {c: [] for c in configs}
+    if link is None:
+        free_steps[("full", False)] += emulated_steps(model, req, "full", n, device, False, free)
+        link = emulator_link(statistics.median(free_steps[("full", False)]), *counted["full"])
+    log(f"{model_name} {size}² N={n} on {device}: link {link.latency * 1e6:.1f} µs, {link.bandwidth / 1e6:.1f} MB/s")
+    for _ in range(repeats):
+        for mode, channel in configs:
+            free_steps[(mode, channel)] += emulated_steps(model, req, mode, n, device, channel, free)
+            modelled_steps[(mode, channel)] += emulated_steps(model, req, mode, n, device, channel, link)
+    def spread(steps_s):       # interquartile range over the median: how noisy the machine made the steps
+        q = statistics.quantiles(steps_s, n=4)
+        return (q[2] - q[0]) / q[1]
+
+    rows = []
+    for mode, channel in configs:
+        rows.append({"model": model_name, "size": size, "mode": mode, "n": n, "stale_channel": channel,
+                     "compute_seconds": statistics.median(free_steps[(mode, channel)]),
+                     "free_link_spread": spread(free_steps[(mode, channel)]),
+                     "emulated_spread": spread(modelled_steps[(mode, channel)]),
+                     "bytes_per_step": counted[mode][0], "messages_per_step": counted[mode][1],
+                     "emulated_seconds": statistics.median(modelled_steps[(mode, channel)]),
+                     "free_link_steps": free_steps[(mode, channel)], "emulated_steps": modelled_steps[(mode, channel)]})
+        log(f"  {mode}{' (stale channel)' if channel else ''}: free {rows[-1]['compute_seconds'] * 1e3:.1f} ms, "
+            f"modelled link {rows[-1]['emulated_seconds'] * 1e3:.1f} ms")
+    return {"model": model_name, "size": size, "n": n, "link": asdict(link), "device": device, "steps": steps,
+            "repeats": repeats, "checks": emulator_checks(rows, link)}
+
+
+def emulator_errors(checks: list[dict]) -> dict:
+    """{"mode[, stale channel]": (optimistic error, pessimistic error)} per row: what report.py shows."""
+    return {f"{c['model']} {c['mode']}" + (", stale channel" if c["stale_channel"] else ""):
+            (c["relative_error"], c["pessimistic_relative_error"]) for c in checks}
+
+
+EMULATOR_COLUMNS = [("model", "model"), ("size", "px"), ("mode", "mode"), ("n", "N"), ("stale_channel", "stale comm."),
+                    ("compute_ms", "free-link step ms"), ("free_link_spread", "its IQR / median"), ("projected_ms", "optimistic ms"),
+                    ("emulated_ms", "emulated ms"), ("pess_ms", "pessimistic ms"),
+                    ("relative_error", "optimistic error"), ("pessimistic_relative_error", "pessimistic error"),
+                    ("within_bounds", "within bounds")]
+
+
+def emulator_table(checks: list[dict]) -> str:
+    return table([{**c, "compute_ms": c["compute_seconds"] * 1e3, "projected_ms": c["projected_step_seconds"] * 1e3,
+                   "emulated_ms": c["emulated_seconds"] * 1e3, "pess_ms": c["projected_pessimistic_step_seconds"] * 1e3}
+                  for c in checks], EMULATOR_COLUMNS)
+
+
+def run_emulator_validation(args, argv) -> None:
+    """`--validate-emulator`: every --models at the first --sizes, N = 2, written to
+    project_emulator_<name>.json."""
+    prov = provenance(argv)
+    load_before = os.getloadavg()[0]
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))     # each emulated rank a share of the cores
+    link = Link("modelled", args.emulator_link[1] * 1e6, args.emulator_link[0] * 1e-6, "given (--emulator-link)") \
+        if args.emulator_link else None
+    runs = [validate_emulator(m, args.sizes[0], 2, args.emulator_steps, args.device, link, args.emulator_repeats)
+            for m in args.models]
+    checks = [c for r in runs for c in r["checks"]]
+    print(f"\nthe thread emulator over a modelled link against both bounds ({args.device})\n")
+    print(emulator_table(checks))
+    name = args.name or ("emulator_cpu" if args.device == "cpu" else "emulator_gpu")
+    path = write_result(f"project_{name}", "project", config_of(args), checks, prov,
+                        device=args.device, runs=[{k: v for k, v in r.items() if k != "checks"} for r in runs],
+                        bound_slack=BOUND_SLACK,
+                        # 1-minute load average before and after: steps on a busy machine are noisy
+                        load_average_1min={"before": load_before, "after": os.getloadavg()[0]},
+                        mean_abs_relative_error=statistics.fmean(abs(c["relative_error"]) for c in checks),
+                        mean_abs_pessimistic_relative_error=statistics.fmean(abs(c["pessimistic_relative_error"])
+                                                                             for c in checks))
+    print(f"wrote {path}")
+
+
 # ---- output --------------------------------------------------------------------------------------
 def plot(projections: list[dict], validation: dict | None, name: str, hw: str) -> str | None:
     """The projection plot beside the result `name` (its path; None without matplotlib)."""
@@ -747,6 +888,9 @@ def main(argv=None) -> None:
     src.add_argument("--measure", action="store_true", help="measure the rows here (CPU, as scaling.scaling_rows)")
     src.add_argument("--reproject", metavar="JSON", help="recompute a committed project_*.json from its own "
                                                           "measurements (nothing measured again)")
+    src.add_argument("--validate-emulator", action="store_true",
+                     help="the thread emulator over a modelled link against both bounds: sync, full, partial, with "
+                          "and without the stale communicator, N = 2, each --models at the first --sizes (--device)")
     add_run(p, models=["dit-small"], sizes=[256], ranks=[1, 2, 4, 8], modes=["full", "partial"])
     add_timing(p, repeat=5, warmup=2)
     p.add_argument("--links", nargs="+", default=["nvlink4", "pcie4", "ib400"], choices=[*LINKS, *MEASURED],
@@ -762,7 +906,15 @@ def main(argv=None) -> None:
     p.add_argument("--validate-steps", type=int, default=20, help="steps of each torchrun run (2 warmup steps)")
     p.add_argument("--name", default=None, help="output name: project_<name>.json/.png (default: cpu, or the "
                                                 "scaling file's suffix)")
+    p.add_argument("--device", default="cpu", help="--validate-emulator: the emulated ranks' device (cuda: one GPU)")
+    p.add_argument("--emulator-link", nargs=2, type=float, metavar=("LATENCY_US", "MB_PER_S"), default=None,
+                   help="--validate-emulator: the modelled link (default: sized from full's free-link step)")
+    p.add_argument("--emulator-steps", type=int, default=12, help="--validate-emulator: steps of each run (2 warmup)")
+    p.add_argument("--emulator-repeats", type=int, default=3, help="--validate-emulator: runs of each configuration")
     args = p.parse_args(argv)
+    if args.validate_emulator:
+        run_emulator_validation(args, argv)
+        return
     if args.reproject:
         print(f"wrote {reproject(args.reproject, argv)}")
         return

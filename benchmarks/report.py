@@ -153,6 +153,38 @@ def speedup_section(scaling: dict | None, project: dict | None, gpus: list[dict]
     return out
 
 
+def emulator_validation_section() -> list[str]:
+    """benchmarks/project.py --validate-emulator: the thread emulator over a modelled link against
+    both bounds of the projection, one table per committed result (CPU, and the one-GPU emulator)."""
+    from project import EMULATOR_COLUMNS
+
+    out = []
+    for path, res in read_results("project_emulator_*.json"):
+        cmd = res["provenance"].get("command") or "python benchmarks/project.py --validate-emulator"
+        links = "; ".join(f"{r['model']} {r['size']}²: {r['link']['latency'] * 1e6:.0f} µs, "
+                          f"{r['link']['bandwidth'] / 1e6:.0f} MB/s ({r['link']['source']})" for r in res["runs"])
+        rows = [{**c, "compute_ms": c["compute_seconds"] * 1e3, "projected_ms": c["projected_step_seconds"] * 1e3,
+                 "emulated_ms": c["emulated_seconds"] * 1e3, "pess_ms": c["projected_pessimistic_step_seconds"] * 1e3,
+                 "stale_channel": "yes" if c["stale_channel"] else "no", "within_bounds": "yes" if c["within_bounds"]
+                 else "no"} for c in res.get("checks") or res["rows"]]      # a legacy file's checks, else rows
+        out += [f"**The projection against the thread emulator with a modelled link** (`{cmd}` on {hw(res)}, "
+                f"emulated ranks on {res['device']}, at {origin(res, path)}): N = 2 ranks as threads over a "
+                "link modelled in the thread transport (latency + bytes / bandwidth, one FIFO per rank and "
+                "communicator); each row's compute is the same emulated run over a free link, and both bounds are "
+                f"projected from it with the same link figures. Link: {links}. Error: projected / emulated − 1; "
+                f"within bounds: the emulated step inside [optimistic, pessimistic] ± {res['bound_slack']:.0%}; "
+                "IQR / median: the spread of the free-link steps, the machine's noise. "
+                + load_note(res.get("load_average_1min"), res["hardware"]), "", table(rows, EMULATOR_COLUMNS), ""]
+    return out
+
+
+def load_note(load: dict | None, hardware: dict) -> str:
+    if not load:
+        return ""
+    return (f"1-minute load average {load['before']:.1f} before, {load['after']:.1f} after "
+            f"({hardware.get('device', '?')}).")
+
+
 def gpu_scaling_rows(g: dict) -> list[dict]:
     """Every per-rank compute row measured on the GPU of gpu_check result `g`: its scaling and graphs
     sections and the scaling.py runs on the same device, each with the command that produced it."""
@@ -423,7 +455,29 @@ def peers_section(res: dict | None) -> list[str]:
                     "critical_kinds": ", ".join(r["critical_kinds"])} for r in res["rows"] if not r["measured"]],
                   [("size", "px"), ("n", "N"), ("system", "system"), ("total_mb", "MB/step/rank"),
                    ("critical_mb", "MB on the critical path"), ("share_of_ulysses", "x Ulysses' bytes"),
-                   ("critical_kinds", "critical kinds")]), ""]
+                   ("critical_kinds", "critical kinds")]), ""] + text_dtype_rows(res)
+
+
+def text_dtype_rows(res: dict) -> list[str]:
+    """peers.py's bf16 runs: the stale text merge's partial outputs in bf16 (what parafuse sends)
+    against float32 ones, quality beside bytes."""
+    rows = res.get("text_dtype")
+    if not rows:
+        return []
+    return ["The stale text merge sends each strip's partial text output in the compute dtype and its "
+            "log-sum-exps in float32. Its cost, measured: the same pipeline in bf16 "
+            f"({res['config']['text_dtype_steps']} steps, warmup {res['config']['warmup']}), the partial outputs sent in "
+            "bf16 and in float32; final latents against diffusers' single-process bf16 output, and the bf16 run "
+            "against the float32 one (the bytes of the bf16 rows check the closed form at 2-byte activations).", "",
+            table([{**r, "total_kb": sum(r["bytes_per_step"].values()) / 1e3,
+                    "text_kb": r["bytes_per_step"].get("text_attn", 0) / 1e3,
+                    "worst": max(r["check"].values(), default=0.0)} for r in rows],
+                  [("config", "widths"), ("size", "px"), ("n", "N"), ("system", "system"),
+                   ("partials", "text partials"), ("text_kb", "text_attn KB/step"), ("total_kb", "KB/step"),
+                   ("max_abs", "max abs vs single process"), ("psnr_db", "PSNR dB"),
+                   ("max_abs_vs_float32_partials", "max abs vs float32 partials"),
+                   ("psnr_vs_float32_partials_db", "PSNR vs float32 partials dB"), ("worst", "closed form off by")]),
+            ""]
 
 
 def throughput_section(res: dict | None) -> list[str]:
@@ -638,6 +692,7 @@ def section() -> tuple[str, tuple]:
              "baselines), `report_quality.png` (PSNR vs N).", ""]
     lines += scoreboard_section()
     lines += speedup_section(scaling, project, gpus)
+    lines += emulator_validation_section()
     lines += gpu_section(gpus)
     lines += quality_section(quality)
     lines += extra_quality("quality_1024_cpu.json", "The U-Net at 1024²: the issue's quality target")

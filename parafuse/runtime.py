@@ -487,9 +487,10 @@ class Denoising:
 
 
 def emulate(model: nn.Module, world_size: int, parallel: PatchConfig, requests, device: str = "cpu",
-            on_rank=None, dtype=None, strict: bool = True, kernels: str = "torch"):
+            on_rank=None, dtype=None, strict: bool = True, kernels: str = "torch", link=None):
     """Run `requests` (one Request or a list) on `world_size` emulated ranks (threads of this
-    process, `parafuse.parallel.emulator`), each with its own copy of `model`.
+    process, `parafuse.parallel.emulator`), each with its own copy of `model`; `link` (latency s,
+    bandwidth B/s): a modelled link (ThreadHub).
 
     Returns (runtimes, results): per rank, its Runtime and its list of Results (in request order).
     `on_rank(runtime)` is called in each rank's thread after set-up (tests use it to add hooks)."""
@@ -508,5 +509,5 @@ def emulate(model: nn.Module, world_size: int, parallel: PatchConfig, requests, 
         results[layout.rank] = [rt.generate(r) for r in requests]
         rt.close()
 
-    emulate_ranks(world_size, parallel, run, device, strict)
+    emulate_ranks(world_size, parallel, run, device, strict, link)
     return runtimes, results

@@ -23,12 +23,14 @@ from parafuse.parallel.distributed import ParallelLayout
 from parafuse.parallel.transport import ThreadHub, ThreadTransport
 
 
-def emulate_ranks(world_size: int, config, body, device: str = "cpu", strict: bool = True) -> None:
+def emulate_ranks(world_size: int, config, body, device: str = "cpu", strict: bool = True,
+                  link: tuple[float, float] | None = None) -> None:
     """`body(layout, transport)` once per emulated rank of a job run with `config` (a PatchConfig:
     its CFG degree and channels), each on its own thread (and, on CUDA, its own stream), connected
     by one `ThreadHub`: what both front doors' emulators run on. `strict`: the transport enforces
-    NCCL's rules (see ThreadHub) and poisons receive buffers."""
-    hub = ThreadHub(world_size, strict=strict)
+    NCCL's rules (see ThreadHub) and poisons receive buffers. `link` (latency s, bandwidth B/s): a
+    modelled link, one FIFO per rank and communicator (ThreadHub)."""
+    hub = ThreadHub(world_size, strict=strict, link=link)
     cuda = torch.device(device).type == "cuda"
 
     def run(rank: int):

@@ -150,7 +150,10 @@ class ExchangeEngine:
                 bufs["packed_in"] = torch.zeros((tokens, batch, row), dtype=torch.uint8, device=device)
                 kv_codec.bit_shifts(device)
             if site.text and stale.text == "stale":
-                bufs["text"] = torch.zeros(plan.text_shape(site), dtype=torch.float32, device=device)
+                # every strip's message in a row of bytes, rounded up to 4: each row's float32
+                # log-sum-exps start aligned
+                row = -(-plan.text_message_bytes(site) // 4) * 4
+                bufs["text"] = torch.zeros((self.n, row), dtype=torch.uint8, device=device)
             return bufs
         return {}
 
@@ -353,7 +356,8 @@ class ExchangeEngine:
         float32) and its log-sum-exp `lse` [B, heads, L]. Returns a function that completes the
         merge and returns the merged output [B, heads, L, d]; call it as late as possible (after
         the image attention), so that the exchange runs behind that compute. The step plan says how
-        (`StepPlan.text`), all under the kind `text_attn`:
+        (`StepPlan.text`), all under the kind `text_attn`; gather and stale send each strip's output
+        in the compute dtype and its lse in float32 (one message a peer, `text_partials`):
 
             exact    lse all-gathered (small; waited here), `out` reweighted by exp(lse - total)
                      and all-reduced in place (waited by the returned function)
@@ -369,17 +373,18 @@ class ExchangeEngine:
             return lambda: (posted.wait(), out)[1]
         pending_key = key + "/text"
         self._wait(pending_key)
-        parts = self.buffers[key]["text"]     # [strips, B, heads, L, d + 1], allocated by the plan
-        mine = parts[self.strip]
-        mine[..., :-1].copy_(out)
-        mine[..., -1].copy_(lse)
+        site = self.plan.sites[key]
+        messages, lses, outs = text_partials(self.buffers[key]["text"], self.plan.text_shape(site),
+                                             self.plan.text_message_bytes(site), self.plan.text_dtype)
+        lses[self.strip].copy_(lse)
+        outs[self.strip].copy_(out)            # rounded to the compute dtype, as the peers receive it
         others = [j for j in range(self.n) if j != self.strip]
-        sends = [(mine, self.peer(j)) for j in others]
-        recvs = [(parts[j], self.peer(j)) for j in others]
+        sends = [(messages[self.strip], self.peer(j)) for j in others]
+        recvs = [(messages[j], self.peer(j)) for j in others]
         if how == "gather":
             posted = self.transport.start(sends, recvs, "text_attn")
-            return lambda: (posted.wait(), merge_partials(parts))[1]
-        merged = merge_partials(parts)         # read the previous step's rows before the receives land
+            return lambda: (posted.wait(), merge_partials(outs, lses))[1]
+        merged = merge_partials(outs, lses)    # read the previous step's rows before the receives land
         self.pending[pending_key] = self.transport.start(sends, recvs, "text_attn")
         return lambda: merged
 
@@ -502,13 +507,27 @@ class ExchangeEngine:
         return torch.cat(parts, dim=dim)
 
 
-def merge_partials(parts: torch.Tensor) -> torch.Tensor:
+def text_partials(raw: torch.Tensor, shape: tuple[int, int, int, int], message_bytes: int,
+                  dtype: torch.dtype) -> tuple[list, list, list]:
+    """Views of the stale text merge's buffer `raw` [strips, row bytes] (uint8): per strip its
+    message (the first `message_bytes` of its row: what is sent), its log-sum-exps [B, heads, L]
+    (float32, first) and its output [B, heads, L, d] (`dtype`, the compute dtype, after them)."""
+    b, heads, text, d = shape
+    lse_bytes = b * heads * text * 4
+    messages = [row[:message_bytes] for row in raw]
+    lses = [m[:lse_bytes].view(torch.float32).view(b, heads, text) for m in messages]
+    outs = [m[lse_bytes:].view(dtype).view(b, heads, text, d) for m in messages]
+    return messages, lses, outs
+
+
+def merge_partials(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> torch.Tensor:
     """Softmax attention over the union of the strips' keys, from each strip's partial result:
-    parts [strips, ..., d + 1] holds each strip's output over its own keys and, last, its
-    log-sum-exp. Added in strip order: the same bits wherever it is computed."""
-    lse = parts[..., -1]
+    outs[j] its output over its own keys, lses[j] their log-sum-exp (float32). In float32 (a
+    compute-dtype output is promoted by its weight), added in strip order: the same bits wherever
+    it is computed."""
+    lse = torch.stack(lses)
     weights = torch.exp(lse - torch.logsumexp(lse, 0))[..., None]
-    return sum_in_rank_order([parts[j, ..., :-1] * weights[j] for j in range(parts.shape[0])])
+    return sum_in_rank_order([outs[j] * weights[j] for j in range(len(outs))])
 
 
 def moments_from_sums(sums: torch.Tensor, count: float) -> torch.Tensor:

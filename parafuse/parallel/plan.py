@@ -135,10 +135,24 @@ class PatchPlan:
         lv = self.level(site)
         return ((above + lv.rows[self.strip] + below) * lv.width, self.batch, 2 * site.channels)
 
-    def text_shape(self, site: Site) -> tuple[int, ...]:
-        """[strips, B, heads, text tokens, head dim + 1]: every strip's partial output of the text
-        queries of joint attention `site`, its log-sum-exp in the last place (float32)."""
-        return (self.n, self.batch, site.heads, site.text, site.channels // site.heads + 1)
+    def text_shape(self, site: Site) -> tuple[int, int, int, int]:
+        """[B, heads, text tokens, head dim]: one strip's partial output of the text queries of
+        joint attention `site` (its log-sum-exps: the same less the last)."""
+        return (self.batch, site.heads, site.text, site.channels // site.heads)
+
+    @property
+    def text_dtype(self) -> torch.dtype:
+        """The dtype of the partial text outputs the stale text merge sends: the compute dtype (the
+        merged output is cast to it; rounding each strip's part costs about as much as that cast,
+        tests/parallel/test_text_merge.py, benchmarks/peers.py). Their log-sum-exps stay float32:
+        they are exponentiated, and bf16 rounds an lse of 10 by up to 0.02: 2% on its weight."""
+        return self.dtype
+
+    def text_message_bytes(self, site: Site) -> int:
+        """Bytes of one strip's partial text result as the stale text merge sends it: its
+        log-sum-exps in float32, its output in `text_dtype`."""
+        b, heads, text, d = self.text_shape(site)
+        return b * heads * text * (4 + d * self.text_dtype.itemsize)
 
     # ---- conv halos ----------------------------------------------------------------------
     def halo_shapes(self, site: Site) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections import defaultdict
 
 import torch
@@ -325,6 +326,12 @@ class StreamOrder:
         used.record_stream(stream)
 
 
+def sleep_until(finish: float | None) -> None:
+    """Return no sooner than `finish` (time.perf_counter), a modelled link's finish time."""
+    if finish is not None:
+        time.sleep(max(0.0, finish - time.perf_counter()))
+
+
 class ThreadHub:
     """Mailboxes between the N threads of the emulator, with NCCL's rules made strict.
 
@@ -346,7 +353,9 @@ class ThreadHub:
     - `link` (latency s, bandwidth B/s), optional: a modelled link, one FIFO per (rank, channel): an
       operation starts when the rank's previous one on its channel has finished, takes latency +
       bytes / bandwidth (an all-reduce 2(n-1) latencies + its ring bytes), and `wait` returns no
-      sooner than its modelled finish; `finish_times` records (rank, channel, kind, finish).
+      sooner than its modelled finish - on both sides: a receive no sooner than its sender's send
+      finished, an all-reduce no sooner than every rank's part of it; `finish_times` records (rank,
+      channel, kind, finish).
     """
 
     def __init__(self, world_size: int, timeout: float = 300.0, strict: bool = True,
@@ -418,8 +427,6 @@ class ThreadHub:
         """The modelled finish time (time.perf_counter) of an operation posted now, or None without a link."""
         if self.link is None:
             return None
-        import time
-
         latency, bandwidth = self.link
         with self._cond:
             start = max(time.perf_counter(), self._busy[(rank, channel)])
@@ -428,13 +435,15 @@ class ThreadHub:
         return finish
 
     # ---- point to point ------------------------------------------------------------------
-    def put(self, src: int, dst: int, kind: str, t: torch.Tensor, channel: str = MAIN, post: int = 0) -> None:
-        """`t` is the message itself (the sender's copy), produced on the caller's stream."""
+    def put(self, src: int, dst: int, kind: str, t: torch.Tensor, channel: str = MAIN, post: int = 0,
+            finish: float | None = None) -> None:
+        """`t` is the message itself (the sender's copy), produced on the caller's stream; `finish`:
+        its modelled arrival (a modelled link), before which no receive of it completes."""
         ready = self.order.mark(t)
         with self._cond:
             seq = self._sent[(channel, src, dst)]
             self._sent[(channel, src, dst)] += 1
-            self._messages[(channel, src, dst, seq)] = (kind, t, ready)
+            self._messages[(channel, src, dst, seq)] = (kind, t, ready, finish)
             self._pair_posted((channel, src, dst, seq), src, post, dst)
             self._cond.notify_all()
 
@@ -457,7 +466,8 @@ class ThreadHub:
         key = (channel, src, dst, seq)
         with self._cond:
             self._wait_for(lambda: key in self._messages, dst, f"message {seq} from rank {src}")
-            got_kind, t, ready = self._messages.pop(key)
+            got_kind, t, ready, finish = self._messages.pop(key)
+        sleep_until(finish)
         if got_kind != kind or t.numel() * t.element_size() != buf.numel() * buf.element_size():
             raise ExchangeMismatch(
                 f"rank {dst}'s receive #{seq} from rank {src} expects {kind} of {buf.numel() * buf.element_size()} "
@@ -467,13 +477,14 @@ class ThreadHub:
         buf.copy_(t.view(buf.shape))
 
     # ---- all-reduce ----------------------------------------------------------------------
-    def contribute(self, group: tuple[int, ...], rank: int, kind: str, t: torch.Tensor, post: int = 0) -> int:
+    def contribute(self, group: tuple[int, ...], rank: int, kind: str, t: torch.Tensor, post: int = 0,
+                   finish: float | None = None) -> int:
         ready = self.order.mark(t)
         with self._cond:
             seq = self._reduce_posted[(group, rank)]
             self._reduce_posted[(group, rank)] += 1
             parts = self._reductions.setdefault((group, seq), {})
-            parts[rank] = (kind, t, ready)
+            parts[rank] = (kind, t, ready, finish)
             self._reduce_posts.setdefault((group, seq), {})[rank] = post
             if len(parts) == len(group):          # every rank posted it: shared by every pair of the group
                 posts = self._reduce_posts.pop((group, seq))
@@ -492,8 +503,9 @@ class ThreadHub:
             self._reduce_taken[key] += 1
             if self._reduce_taken[key] == len(group):
                 del self._reductions[key], self._reduce_taken[key]
-        mine_kind, mine, _ = parts[rank]
-        for r, (kind, t, ready) in parts.items():
+        sleep_until(max((p[3] for p in parts.values() if p[3] is not None), default=None))
+        mine_kind, mine, _, _ = parts[rank]
+        for r, (kind, t, ready, _) in parts.items():
             if kind != mine_kind or t.shape != mine.shape:
                 raise ExchangeMismatch(
                     f"all-reduce #{seq} of group {list(group)}: rank {rank} posted {mine_kind} {tuple(mine.shape)}, "
@@ -514,12 +526,14 @@ class ThreadTransport(Transport):
 
     def _post(self, sends, recvs, kind) -> Pending:
         channel, post = self.channel(kind), self.hub.next_post(self.rank)
-        waits = []
+        nbytes = sum(t.numel() * t.element_size() for t, _ in sends)
+        finish = self._modelled(channel, kind, nbytes, len(sends), any(t.is_cuda for t, _ in sends))
+        waits = [lambda: sleep_until(finish)] if finish is not None else []
         for t, peer in sends:
             # the bytes are taken now (a real send reads its buffer while in flight); strict mode
             # checks at the wait that the buffer was left alone meanwhile
             sent = t.detach().clone()
-            self.hub.put(self.rank, peer, kind, sent, channel, post)
+            self.hub.put(self.rank, peer, kind, sent, channel, post, finish)
             if self.hub.strict:
                 waits.append(lambda t=t, sent=sent, peer=peer: self._check_unchanged(t, sent, peer, kind))
         for buf, peer in recvs:
@@ -528,16 +542,17 @@ class ThreadTransport(Transport):
                 # bytes of all ones: a float NaN, and NaN scales in a K/V codec's byte payload
                 buf.fill_(float("nan")) if buf.is_floating_point() else buf.fill_(-1 if buf.is_signed() else 255)
             waits.append(lambda buf=buf, peer=peer, seq=seq: self.hub.take(peer, self.rank, seq, kind, buf, channel))
-        nbytes = sum(t.numel() * t.element_size() for t, _ in sends)
-        return Pending(self._modelled(channel, kind, nbytes, len(sends)) + waits, [t for t, _ in sends + recvs])
+        return Pending(waits, [t for t, _ in sends + recvs])
 
-    def _modelled(self, channel: str, kind: str, nbytes: int, hops: int) -> list:
-        """With a modelled link: a wait that returns no sooner than the operation's modelled finish."""
-        finish = self.hub.schedule(self.rank, channel, kind, nbytes, hops) if hops else None
-        if finish is None:
-            return []
-        import time
-        return [lambda: time.sleep(max(0.0, finish - time.perf_counter()))]
+    def _modelled(self, channel: str, kind: str, nbytes: int, hops: int, cuda: bool = False) -> float | None:
+        """With a modelled link: the operation's modelled finish (None without one, or nothing to
+        send). On CUDA the host waits for this rank's stream first: the transfer starts when the
+        data exists, not when the host ran ahead to post it."""
+        if self.hub.link is None or not hops:
+            return None
+        if cuda:
+            torch.cuda.current_stream().synchronize()
+        return self.hub.schedule(self.rank, channel, kind, nbytes, hops)
 
     def _check_unchanged(self, t: torch.Tensor, sent: torch.Tensor, peer: int, kind: str) -> None:
         if not torch.equal(_bits(t), _bits(sent)):
@@ -551,9 +566,10 @@ class ThreadTransport(Transport):
         return self._reduce_over(t, tuple(self.group), kind)
 
     def _reduce_over(self, t, group: tuple[int, ...], kind: str) -> Pending:
-        seq = self.hub.contribute(group, self.rank, kind, t.detach().clone(), self.hub.next_post(self.rank))
+        n = len(group)
+        post = self.hub.next_post(self.rank)
+        finish = self._modelled(MAIN, kind, ring_bytes(t.numel() * t.element_size(), n), 2 * (n - 1), t.is_cuda)
+        seq = self.hub.contribute(group, self.rank, kind, t.detach().clone(), post, finish)
         if self.hub.strict and t.is_floating_point():
             t.fill_(float("nan"))
-        n = len(group)
-        modelled = self._modelled(MAIN, kind, ring_bytes(t.numel() * t.element_size(), n), 2 * (n - 1))
-        return Pending(modelled + [lambda: self.hub.reduced(group, self.rank, seq, t)], [t])
+        return Pending([lambda: self.hub.reduced(group, self.rank, seq, t)], [t])

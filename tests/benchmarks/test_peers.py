@@ -14,7 +14,10 @@ def test_closed_forms_by_hand():
     assert p["attn_kv"] == (57 * 7 * t / 8 * (2 * 3072 // 8 + 4), False)         # stale: off the critical path
     assert p["text_attn"] == (57 * (7 * 24 * 512 * 4 + 2 * 7 / 8 * 24 * 512 * 128 * 4), True)
     assert peers.parafuse_bytes(cfg, 4096, 8, 2, "sync", "sign", "exact")["attn_kv"] == (57 * 7 * t / 8 * 2 * 3072 * 2, True)
-    assert peers.parafuse_bytes(cfg, 4096, 8, 2, "full", "none", "stale")["text_attn"] == (57 * 7 * 24 * 512 * 129 * 4, False)
+    # the stale merge: each peer gets every text token's lse (float32) and output (bf16) per head
+    assert peers.parafuse_bytes(cfg, 4096, 8, 2, "full", "none", "stale")["text_attn"] == \
+        (57 * 7 * 24 * 512 * (4 + 128 * 2), False)
+    assert peers.parafuse_bytes(cfg, 4096, 8, 4, "full", "none", "stale")["text_attn"] == (57 * 7 * 24 * 512 * 129 * 4, False)
 
 
 def test_measured_bytes_match_the_closed_forms_and_exact_modes_are_exact():

@@ -289,3 +289,33 @@ def test_reproject_recomputes_a_committed_validation_without_measuring(tmp_path)
     assert after["schema"] == "parafuse.bench/1" and after["benchmark"] == "project"     # rewritten in the schema
     assert {r["mode"] for r in after["rows"]} >= {"full", "partial", "sync"}                # rows: the projections
     assert after["provenance"]["commit"] and after["validation"]["mean_abs_pessimistic_relative_error"]
+
+
+def test_emulator_validation_compares_both_bounds_from_the_free_link_step():
+    """benchmarks/project.py --validate-emulator's arithmetic: the link sized from full's free-link
+    step, each row's bounds from its free-link step, bytes and messages, and the errors against the
+    emulated step; a stale-channel row's pessimistic bound does not queue the all-reduces."""
+    from project import emulator_checks, emulator_link
+
+    b = {"attn_kv": 2_000_000, "norm_stats": 96, "latent_halo": 4096}
+    m = {"attn_kv": 4, "norm_stats": 3, "latent_halo": 1}
+    link = emulator_link(0.04, b, m)
+    assert link.bandwidth == pytest.approx(sum(b.values()) / 0.02) and link.latency == pytest.approx(0.004 / 8)
+    rows = [{"mode": mode, "n": 2, "stale_channel": channel, "compute_seconds": 0.04, "bytes_per_step": b,
+             "messages_per_step": m, "emulated_seconds": 0.05} for mode in ("sync", "full") for channel in (False, True)]
+    by = {(c["mode"], c["stale_channel"]): c for c in emulator_checks(rows, link)}
+    kv = 4 * link.latency + 2e6 / link.bandwidth
+    norm = 3 * 2 * link.latency + 96 / link.bandwidth          # all-reduces: 2(N-1) hops
+    halo = link.latency + 4096 / link.bandwidth
+    assert by[("sync", False)]["projected_step_seconds"] == pytest.approx(0.04 + kv + norm + halo)
+    assert by[("sync", False)]["projected_pessimistic_step_seconds"] == pytest.approx(0.04 + kv + norm + halo)
+    assert by[("full", False)]["projected_step_seconds"] == pytest.approx(max(0.04, kv) + norm + halo)
+    # one communicator: the stale K/V queued ahead of the GroupNorm all-reduces
+    assert by[("full", False)]["projected_pessimistic_step_seconds"] == pytest.approx(0.04 + kv + norm + halo)
+    # the stale communicator: one post's K/V (4 messages to one peer: 4 posts) exposed at the end of the step
+    assert by[("full", True)]["projected_pessimistic_step_seconds"] == pytest.approx(max(0.04, kv) + kv / 4 + norm + halo)
+    c = by[("full", False)]
+    assert c["relative_error"] == pytest.approx(c["projected_step_seconds"] / 0.05 - 1)
+    assert c["pessimistic_relative_error"] == pytest.approx(c["projected_pessimistic_step_seconds"] / 0.05 - 1)
+    assert c["within_bounds"] == (0.95 * c["projected_step_seconds"] <= 0.05 <= 1.05 * c["projected_pessimistic_step_seconds"])
+    assert not by[("sync", False)]["within_bounds"]         # 0.05 s is below what sync must take

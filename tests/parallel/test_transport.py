@@ -286,6 +286,32 @@ def test_a_modelled_link_queues_the_all_reduce_behind_stale_traffic_on_one_commu
         assert finish[True][r] < -0.04
 
 
+def test_a_modelled_link_delays_the_receiver_and_the_all_reduce_to_the_senders_finish():
+    """A receive completes no sooner than its sender's modelled send finished, even where the
+    receiver sends nothing itself; an all-reduce no sooner than the last rank's part of it (rank 0
+    posts its part late: a rank's own post time is not when the sum exists)."""
+    import time
+
+    hub = ThreadHub(2, timeout=5.0, link=(1e-3, 1e6))
+    done = {}
+
+    def fn(rank, tr):
+        if rank == 0:
+            tr.start([(torch.ones(5000), 1)], [], "attn_kv").wait()           # 20 kB: 21 ms
+            time.sleep(0.01)
+        else:
+            tr.start([], [(torch.empty(5000), 0)], "attn_kv").wait()
+            done["recv"] = time.perf_counter()
+        tr.all_reduce(torch.ones(2), "norm_stats").wait()
+        done[("reduce", rank)] = time.perf_counter()
+
+    run_ranks(2, fn, hub)
+    finish = {(r, kind): f for r, _, kind, f in hub.finish_times}
+    assert (1, "attn_kv") not in finish                   # rank 1 sent nothing: its own FIFO is idle
+    assert done["recv"] >= finish[(0, "attn_kv")]
+    assert done[("reduce", 1)] >= finish[(0, "norm_stats")] > finish[(1, "norm_stats")]
+
+
 @pytest.mark.parametrize("model", ["unet-small", "dit-small"])
 def test_the_stale_channel_changes_neither_results_nor_bytes(model):
     """The engine over transports with the stale channel (halos and K/V routed to it): the same
