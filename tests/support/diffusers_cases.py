@@ -22,5 +22,8 @@ TORCHRUN_CASES = {
 NAMED_TORCHRUN_CASES = {
     "sd-controlnet-sync": ("sd-controlnet", dict(mode="sync")),
     "sd-controlnet-full": ("sd-controlnet", dict(mode="full", warmup_steps=1)),
+    # rank 1 calls with another guidance_scale first (refused on both ranks over gloo), then the same
+    # call as rank 0 on the same parallel pipeline
+    "sd-controlnet-disagree": ("sd-controlnet", dict(mode="full", warmup_steps=1)),
 }
 ALL_TORCHRUN_CASES = {**TORCHRUN_CASES, **NAMED_TORCHRUN_CASES}
