@@ -234,8 +234,9 @@ def peft_lora(unet):
 def test_peft_lora_loaded_before_or_after_parallelize_keeps_working(root):
     """diffusers' own LoRA API (`load_lora_weights`, PEFT layers around to_q/to_k/to_v/to_out and
     the 3x3 convs), before parallelize and after it: sync equals single-process diffusers with the
-    same LoRA; and after fuse_lora + unload_lora_weights (plain layers whose weights PEFT changed in
-    place, through .data: no new storage, no version bump) the merged weights are the ones used.
+    same LoRA; unload_lora_weights gives the plain pipeline's image back; and after fuse_lora +
+    unload_lora_weights (plain layers whose weights PEFT changed in place, through .data: no new
+    storage, no version bump) the merged weights are the ones used.
     PEFT's layers are modules around the projections, so K/V go through them, and a LoRA conv's
     lora_A gets its halo rows."""
     import copy
@@ -262,12 +263,17 @@ def test_peft_lora_loaded_before_or_after_parallelize_keeps_working(root):
             p.load_lora_weights(lora)                    # ParallelPipeline passes it to the pipeline
         got.append(images(p(**call_kwargs("sd"))))
         with one_at_a_time:
+            p.unload_lora_weights()                      # unfused: the plain layers back, as they were
+        got.append(images(p(**call_kwargs("sd"))))
+        with one_at_a_time:
+            p.load_lora_weights(lora)
             p.fuse_lora()                                # merged into the base weights in place (.data +=)
             p.unload_lora_weights()                      # plain nn.Linear again, with the merged weights
         got.append(images(p(**call_kwargs("sd"))))
         return got
-    (plain_out, loaded, fused), _ = emulate_pipeline(pipe(root, "sd"), 2, load_after, mode="sync")[0]
+    (plain_out, loaded, unloaded, fused), _ = emulate_pipeline(pipe(root, "sd"), 2, load_after, mode="sync")[0]
     assert (plain_out - serial(root, "sd")).abs().max() <= SYNC_TOL
+    assert torch.equal(unloaded, plain_out)
     assert (loaded - ref).abs().max() <= SYNC_TOL and (fused - ref).abs().max() <= SYNC_TOL
 
 
