@@ -45,6 +45,8 @@ RESERVE = 10            # seconds kept at the end of --limit: the copy to $OUT a
 OUT_FILES = 8           # the device tool brings back at most 8 files from $OUT
 LIVE_AUTO = os.path.join(ROOT, "parafuse", "attention_auto.json")
 ASSUMED_GPU = "NVIDIA H100 80GB HBM3"    # --plan off the GPU: the kind a first call gets
+STEPS = ("pipelines", "like_with_like", "scaling_4096", "project_4096", "emulator", "kernel_sweep", "pipelines_4096",
+         "rest")     # plan_steps' names, highest priority first
 
 
 @dataclasses.dataclass
@@ -332,6 +334,9 @@ def main(argv=None) -> int:
                    help="the results folder (default: benchmarks/results; with --smoke /tmp/gpu_session_smoke)")
     p.add_argument("--out-dir", default=os.environ.get("OUT"), help="where the written files are copied "
                                                                     "(default: $OUT, where it is set)")
+    p.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS),
+                   help="run only these steps (their priority order kept): a session whose commit differs from the "
+                        "one that ran the first steps may go on with the later ones")
     p.add_argument("--gpu-name", default=None, help="--plan off the GPU: the device whose file names to check "
                                                     f"(default: the GPU here, else {ASSUMED_GPU!r})")
     a = p.parse_args(argv)
@@ -358,7 +363,7 @@ def main(argv=None) -> int:
           f"device {device_name}; results in {a.results}; limit {a.limit:.0f} s"
           + (" (plan: each step assumed to take its budget)" if mode == "plan" else "")
           + (" (stub: no step runs)" if mode == "stub" else ""), flush=True)
-    steps = plan_steps(a, device_name)
+    steps = [s for s in plan_steps(a, device_name) if s.name in a.steps]
     rows = session(a, steps, state, mode)
     print("\n" + table(rows, [("step", "step"), ("status", "status"), ("seconds", "seconds")]))
     remain = [r["step"] for r in rows if r.get("remains")]
