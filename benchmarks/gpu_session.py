@@ -92,7 +92,7 @@ def plan_steps(a, device_name: str) -> list[Step]:
                         "partial", "--kernels", "torch", "--device", "cpu", "--repeat", "1", "--timing-warmup", "0",
                         "--torchrun-size", "0", "--budget", "60"]
         emulator_argv = ["--device", "cpu", "--models", "dit-small", "--sizes", "64", "--emulator-steps", "4",
-                         "--emulator-repeats", "1"]
+                         "--emulator-repeats", "2"]     # its spread needs two runs
     else:
         scaling_argv = ["--models", "unet-xl", "dit-xl", "--sizes", "4096", "--ranks", "1", "8", "--modes", "full",
                         "sync", "partial", "--cuda-graphs", "--kernels", "torch", "triton", "--device", a.device,
@@ -371,7 +371,7 @@ def main(argv=None) -> int:
         print(f"\nremaining: {' '.join(remain)}; the same command (a fresh --limit) continues with them "
               "(a failed step is tried again)")
     if a.out_dir and os.path.isdir(a.out_dir) and mode != "plan":
-        print(f"copied to {a.out_dir}: {' '.join(sorted(os.listdir(a.out_dir)))}")
+        print(f"copied to {a.out_dir}: {' '.join(sorted(os.listdir(a.out_dir))) or 'nothing (nothing written)'}")
     if mode == "plan":
         return 0
     return 1 if any(r.get("failed") for r in rows) else 3 if remain else 0

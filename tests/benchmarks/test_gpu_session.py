@@ -6,7 +6,9 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
+import time
 
 import pytest
 
@@ -141,3 +143,14 @@ def test_the_entry_script_refuses_without_a_commit_or_without_diffusers(tmp_path
     (tmp_path / "benchmarks" / "stamp.json").write_text("{}")
     proc = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and ".wheels" in proc.stderr and len(proc.stderr.splitlines()) == 1
+
+
+def test_a_step_past_its_time_is_stopped_with_its_children(tmp_path):
+    t0, pid_file = time.monotonic(), tmp_path / "pid"
+    child = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+             f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)")
+    rc, stopped = gpu_session.run_process([sys.executable, "-c", child], 3, dict(os.environ))
+    assert stopped and rc != 0 and time.monotonic() - t0 < 20
+    stat = f"/proc/{int(pid_file.read_text())}/stat"
+    time.sleep(0.2)      # the step's whole process group was ended: the grandchild is gone, or a zombie
+    assert not os.path.exists(stat) or open(stat).read().rsplit(")", 1)[1].split()[0] == "Z"
