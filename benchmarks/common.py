@@ -113,14 +113,30 @@ def command_line(argv: list[str] | None = None) -> str:
     return "python " + shlex.join([script, *args[1:]])
 
 
+def code_state() -> tuple[dict, str]:
+    """(the code a result here would come from: {commit, dirty, dirty_paths}, its source): git, else
+    the stamp, else unknown (commit None)."""
+    state = git_state()
+    if state is not None:
+        return state, "git"
+    if os.path.exists(STAMP):
+        with open(STAMP) as f:
+            return json.load(f), "stamp"
+    return {"commit": None, "dirty": None}, "unknown"
+
+
+def same_code(prov: dict | None, state: dict) -> bool:
+    """Whether a result's provenance is of the code `state` describes: the same known commit, and the
+    same dirty files where either tree was dirty (a rerun may skip what such a result measured)."""
+    prov = prov or {}
+    return (state.get("commit") is not None and prov.get("commit") == state["commit"]
+            and bool(prov.get("dirty")) == bool(state.get("dirty"))
+            and sorted(prov.get("dirty_paths") or []) == sorted(state.get("dirty_paths") or []))
+
+
 def provenance(argv: list[str] | None = None) -> dict:
     """Where a result comes from: commit (git, else the stamp), dirty state, device, versions, command."""
-    state = git_state()
-    source = "git"
-    if state is None and os.path.exists(STAMP):
-        state, source = json.load(open(STAMP)), "stamp"
-    elif state is None:
-        state, source = {"commit": None, "dirty": None}, "unknown"
+    state, source = code_state()
     dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     return {"commit": state.get("commit"), "dirty": state.get("dirty"), "dirty_paths": state.get("dirty_paths", []),
             "commit_source": source, "device": device_name(dev), **versions(), "command": command_line(argv),

@@ -34,7 +34,10 @@ reports):
     pipelines  diffusers' SDXL U-Net and Flux-dev transformer at their published sizes through
                `parafuse.parallelize`, 2048² first (pipelines_4096: 4096², last); benchmarks/pipelines_gpu.py
 
-The JSON goes to benchmarks/results/gpu_check_<device>.json; a table is printed last.
+The JSON goes to benchmarks/results/gpu_check_<device>.json; a table is printed last. A section whose
+result in that JSON is already of this commit (git, else benchmarks/stamp.json) is skipped, so the same
+command run again continues where the last one stopped (--rerun measures it again); with --time-limit a
+section whose budget exceeds the time left is not started. benchmarks/gpu_session.sh runs it so.
 """
 from __future__ import annotations
 
@@ -50,8 +53,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (RESULTS, add_device, config_of, hardware, median_seconds, parser, patch_config,  # noqa: E402
-                    provenance, read_result, rewrite_result, table, write_result)
+from common import (RESULTS, add_device, code_state, config_of, hardware, median_seconds, parser,  # noqa: E402
+                    patch_config, provenance, read_result, rewrite_result, same_code, table, write_result)
 from pipelines_gpu import BUDGETS as PIPELINE_BUDGETS, section_pipelines, section_pipelines_4096, summary_rows  # noqa: E402,F401
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -558,26 +561,65 @@ def write(path: str, a, prov: dict, results: dict, rows: list[dict]) -> str:
                         smoke=results["smoke"], sections=results["sections"])
 
 
+def device_slug(name: str) -> str:
+    """A device's name in result file names: "NVIDIA H100 80GB HBM3" -> nvidia_h100_80gb_hbm3."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+READS = {"projection": ("scaling", "graphs")}     # a section computed from other sections' rows
+
+
+def section_done(sections: dict, name: str, state: dict) -> bool:
+    """Whether `sections` holds `name`'s result for the code `state` describes (common.code_state), so
+    that a rerun may skip it: of that commit, without an error, and, for a section computed from others'
+    rows (READS), no older than their results, which are done too."""
+    sec = sections.get(name)
+    if not sec or "error" in sec or not same_code(sec.get("provenance"), state):
+        return False
+    at = sec["provenance"].get("at") or ""
+    return all(section_done(sections, r, state) and (sections[r]["provenance"].get("at") or "") <= at
+               for r in READS.get(name, ()))
+
+
 def main(argv=None) -> int:
     p = parser(__doc__)
     p.add_argument("--only", choices=SECTIONS, nargs="+", default=list(SECTIONS))
     add_device(p, dtype=False)
     p.add_argument("--smoke", action="store_true", help="tiny models and sizes: checks this script's logic on CPU")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/gpu_check_<device>.json)")
+    p.add_argument("--rerun", action="store_true",
+                   help="measure the sections again even where the JSON holds their result for this commit")
+    p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="do not start a section whose budget (BUDGETS) exceeds what is left of SECONDS")
     p.add_argument("--reproject", metavar="JSON", default=None,
                    help="no measurement: recompute the projection section of a committed result from its own rows "
                         "(arithmetic, any machine) and write it back, every other section and the hardware kept")
     a = p.parse_args(argv)
     if a.reproject:
         return reproject(a.reproject, argv)
+    t_start = time.perf_counter()
     hw = hardware() if a.device != "cpu" else {**hardware(), "device": "cpu"}
-    slug = re.sub(r"[^a-z0-9]+", "_", (torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu").lower())
-    path = a.out or os.path.join(RESULTS, f"gpu_check_{slug.strip('_')}.json")
+    slug = device_slug(torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu")
+    path = a.out or os.path.join(RESULTS, f"gpu_check_{slug}.json")
     prov = provenance(argv)      # stamped before the run; each section carries the provenance of the run that made it
+    state, _ = code_state()
     results = {"hardware": hardware(), "smoke": a.smoke, "sections": {}}
-    if os.path.exists(path) and a.only != list(SECTIONS):      # --only: keep the other sections' results
-        results["sections"] = read_result(path).get("sections", {})
+    if os.path.exists(path):     # keep the other sections' results, and those of this commit to skip
+        before = read_result(path)
+        if bool(before.get("smoke")) == a.smoke:
+            results["sections"] = before.get("sections", {})
+    ran, not_started = [], []
     for name in a.only:
+        if not a.rerun and section_done(results["sections"], name, state):
+            print(f"== {name}: done for this commit ({results['sections'][name]['provenance'].get('at')}): "
+                  f"skipped (--rerun measures it again)", flush=True)
+            continue
+        left = None if a.time_limit is None else a.time_limit - (time.perf_counter() - t_start)
+        if left is not None and BUDGETS[name] > left:
+            print(f"== {name}: not started: budget {BUDGETS[name]} s, {max(left, 0):.0f} s left of --time-limit",
+                  flush=True)
+            not_started.append(name)
+            continue
         t0 = time.perf_counter()
         print(f"== {name} (budget {BUDGETS[name]} s)", flush=True)
         try:
@@ -588,14 +630,18 @@ def main(argv=None) -> int:
         sec["seconds"] = time.perf_counter() - t0
         sec["provenance"] = prov
         results["sections"][name] = sec
+        ran.append(name)
         write(path, a, prov, results, rows=[])      # after each section: a later one may not finish
         print(json.dumps(sec, default=str)[:2000], flush=True)
     print(f"\n{hw['device']}, torch {torch.__version__}\n")
     rows = summary(results) + target_rows(results)
     print(table(rows, [("section", "section"), ("result", "result")]))
-    write(path, a, prov, results, rows)
-    print(f"\nwrote {path}")
-    return 0 if all("error" not in s for s in results["sections"].values()) else 1
+    if ran:
+        write(path, a, prov, results, rows)
+        print(f"\nwrote {path}")
+    if not_started:
+        print(f"not started (--time-limit): {' '.join(not_started)}; the same command continues with them")
+    return 0 if all("error" not in results["sections"][n] for n in ran) else 1
 
 
 if __name__ == "__main__":

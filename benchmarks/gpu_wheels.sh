@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The wheels the GPU machines lack for gpu_check's pipelines sections, into .wheels/ (git-ignored),
 # for their Python 3.12 on x86-64; the device tool carries them (carry=[".wheels"]) and
-# benchmarks/gpu_run.sh installs them there. Run here, where pip reaches the registry:
+# benchmarks/gpu_session.sh installs them there. Run here, where pip reaches the registry:
 #
 #     bash benchmarks/gpu_wheels.sh            # PYTHON=/path/to/python to pick the pip
 #
