@@ -30,7 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.models.attention_processor import (CROSS_ATTENTION_PROCESSORS, Attention, AttnProcessor,
-                                                  AttnProcessor2_0, FusedAttnProcessor2_0, JointAttnProcessor2_0,
+                                                  AttnProcessor2_0, FusedAttnProcessor2_0, IPAdapterAttnProcessor,
+                                                  IPAdapterAttnProcessor2_0, JointAttnProcessor2_0,
                                                   SlicedAttnAddedKVProcessor, SlicedAttnProcessor)
 from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed
 from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DModel
@@ -48,6 +49,10 @@ except ImportError:                    # older diffusers
 from diffusers.models.embeddings import apply_rotary_emb
 
 DEFAULT_PROCESSORS = (AttnProcessor2_0, AttnProcessor)
+# on a cross-attention module only (its calls go to the processor parafuse wrapped): IP-Adapter's
+# add the image prompt's tokens beside the text's, and each query row attends to both - row-local
+# on a strip, except with `ip_adapter_masks`, which the pipeline door refuses
+CROSS_PROCESSORS = DEFAULT_PROCESSORS + (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0)
 
 
 class UnsupportedModelError(ValueError):
@@ -136,7 +141,7 @@ class DiffusersAdapter:
                         raise unsupported(name, m, f"joint text+image attention with processor {type(inner).__name__} "
                                                    f"(parafuse splits diffusers' JointAttnProcessor2_0)"
                                                    f"{processor_hint(model, m, self.owner)}")
-                elif not isinstance(inner, DEFAULT_PROCESSORS):
+                elif not isinstance(inner, CROSS_PROCESSORS if m.is_cross_attention else DEFAULT_PROCESSORS):
                     raise unsupported(name, m, f"attention processor {type(inner).__name__} (parafuse runs "
                                                f"self-attention itself and knows only diffusers' default "
                                                f"processors){processor_hint(model, m, self.owner)}")
@@ -214,6 +219,16 @@ class StripAttnProcessor:
     local rows | rows from below], whose local rows this processor writes (`_project_kv`).
     Cross-attention calls (and every call
     while the shape trace runs) go to the processor this one replaced."""
+
+    plain = AttnProcessor2_0       # the diffusers processor this one stands for
+
+    def __new__(cls, *args, **kwargs):
+        # diffusers' loaders rebuild processors from their class with no arguments (load_ip_adapter:
+        # `processor.__class__()` for every self-attention): that gives the plain processor, which
+        # the next call of the parallel pipeline wraps again
+        if not args and not kwargs:
+            return cls.plain()
+        return super().__new__(cls)
 
     def __init__(self, engine: ExchangeEngine, key: str, inner, adapter: DiffusersAdapter):
         self.engine, self.key, self.inner, self.adapter = engine, key, inner, adapter
@@ -344,6 +359,8 @@ class StripJointProcessor(StripAttnProcessor):
     every rank), or with `text_merge="stale"` in the stale modes from the other strips' previous
     partial outputs and this strip's fresh one."""
 
+    plain = JointAttnProcessor2_0
+
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, *args, **kwargs):
         if self.adapter.tracing:
@@ -415,6 +432,8 @@ class StripFluxProcessor(StripJointProcessor):
     embedding from the strip's `img_ids`) before they enter the K/V buffer; image queries attend to
     this step's text K/V and the mode's image K/V, text queries to every image token, merged
     across strips as in StripJointProcessor."""
+
+    plain = FluxAttnProcessor
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, image_rotary_emb=None, **kwargs):

@@ -277,6 +277,66 @@ def test_peft_lora_loaded_before_or_after_parallelize_keeps_working(root):
     assert (loaded - ref).abs().max() <= SYNC_TOL and (fused - ref).abs().max() <= SYNC_TOL
 
 
+def ip_adapter(unet, image_dim: int = 8) -> dict:
+    """A random IP-Adapter in diffusers' state-dict format for `unet`: the image projection (an image
+    embedding of `image_dim` to 4 tokens) and a to_k_ip / to_v_ip pair per cross-attention, numbered
+    as diffusers numbers them (1, 3, 5, ... over `attn_processors`, the cross-attentions' ids)."""
+    g = torch.Generator().manual_seed(0)
+    cross = unet.config.cross_attention_dim
+    proj = {"proj.weight": torch.randn(4 * cross, image_dim, generator=g), "proj.bias": torch.zeros(4 * cross),
+            "norm.weight": torch.ones(cross), "norm.bias": torch.zeros(cross)}
+    ip, key_id = {}, 1
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        block = name.split(".")[0]
+        width = (unet.config.block_out_channels[-1] if block == "mid_block" else
+                 unet.config.block_out_channels[int(name.split(".")[1])] if block == "down_blocks" else
+                 list(reversed(unet.config.block_out_channels))[int(name.split(".")[1])])
+        for kind in ("to_k_ip", "to_v_ip"):
+            ip[f"{key_id}.{kind}.weight"] = torch.randn(width, cross, generator=g) / cross ** 0.5
+        key_id += 2
+    return {"image_proj": proj, "ip_adapter": ip}
+
+
+def test_ip_adapter_loaded_before_or_after_parallelize_keeps_working(root):
+    """diffusers' IP-Adapter (`load_ip_adapter`: new processors on every attention, the
+    cross-attentions' with image K/V projections, and an image projection on the U-Net), loaded
+    before parallelize and after it, called with `ip_adapter_image_embeds`: sync equals
+    single-process diffusers with the same adapter and the adapter changes the image. Loading it
+    after parallelize rebuilds every processor from its class with no arguments (parafuse's give
+    the plain processor back, wrapped again at the next call). IP-Adapter masks are refused."""
+    import copy
+
+    adapter = ip_adapter(pipe(root, "sd").unet)
+    embeds = [torch.randn(2, 1, 8, generator=torch.Generator().manual_seed(1))]     # negative, positive
+    def kwargs():                                           # a fresh generator each call
+        return {**call_kwargs("sd"), "ip_adapter_image_embeds": embeds}
+
+    def load(p):
+        p.load_ip_adapter(adapter, subfolder="", weight_name="", image_encoder_folder=None, low_cpu_mem_usage=False)
+    plain = copy.deepcopy(pipe(root, "sd"))
+    load(plain)
+    ref = images(plain(**kwargs()))
+    assert (ref - serial(root, "sd")).abs().max() > 1e-2                     # the adapter changes the output
+
+    before = emulate_pipeline(plain, 2, lambda p: images(p(**kwargs())), mode="sync")
+    assert (before[0][0] - ref).abs().max() <= SYNC_TOL
+
+    def load_after(p):
+        got = [images(p(**call_kwargs("sd")))]
+        load(p)                                              # ParallelPipeline passes it to the pipeline
+        got.append(images(p(**kwargs())))
+        return got
+    (plain_out, loaded), _ = emulate_pipeline(copy.deepcopy(pipe(root, "sd")), 2, load_after, mode="sync")[0]
+    assert (plain_out - serial(root, "sd")).abs().max() <= SYNC_TOL
+    assert (loaded - ref).abs().max() <= SYNC_TOL
+
+    masked = {**kwargs(), "cross_attention_kwargs": {"ip_adapter_masks": [torch.ones(1, 1, 16, 16)]}}
+    with pytest.raises(RuntimeError, match="call without ip_adapter_masks"):       # resized to the whole grid
+        emulate_pipeline(plain, 2, lambda p: p(**masked), mode="sync")
+
+
 def _tiny(cls, **config):
     torch.manual_seed(0)
     return cls(**config)
