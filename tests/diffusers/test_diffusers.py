@@ -4,8 +4,6 @@ output (sync), the thread emulator (full, partial: torchrun must equal it) and c
 counts."""
 import math
 import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
