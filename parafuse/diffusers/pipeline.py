@@ -105,6 +105,10 @@ class ParallelPipeline:
         if self.config.cfg_parallel and not sequential and kwargs.get("guidance_scale", 2.0) <= 1.0:
             raise UnsupportedModelError("cfg_parallel splits the two guidance branches across ranks; it needs "
                                         "guidance_scale > 1 (Flux: true_cfg_scale > 1 and a negative prompt)")
+        if sequential and self.config.cfg_parallel and self.controlnets:
+            raise UnsupportedModelError("cfg_parallel with a ControlNet in a pipeline that calls the denoiser once "
+                                        "per guidance branch (true CFG) is not supported yet: parallelize with "
+                                        "cfg_parallel=False")
         if sequential and not self.config.cfg_parallel and self.config.mode not in ("sync", "none"):
             raise UnsupportedModelError(f"true CFG calls the denoiser once per guidance branch, so in mode "
                                         f"{self.config.mode.value!r} each call's stale exchange state would come "
@@ -121,8 +125,12 @@ class ParallelPipeline:
         self.session.reset_counts()
         self.strips.begin_image(sequential_cfg=sequential)
         self.strips.partners = self.controlnets
+        # cfg_parallel: each ControlNet computes this rank's guidance branch, as the denoiser does, where
+        # the pipeline gives it both (guess mode gives it the conditional batch alone: every rank runs it)
+        halve = self.layout.cfg_degree == 2 and not kwargs.get("guess_mode") and \
+            not any(getattr(c.model.config, "global_pool_conditions", False) for c in self.controlnets)
         for c in self.controlnets:
-            c.begin_image()
+            c.begin_image(halve=halve)
         start = time.perf_counter()
         try:
             with self.session.guard(f"{type(self.pipe).__name__} call"):
@@ -300,8 +308,6 @@ def controlnets_of(pipe) -> list[nn.Module]:
 def strip_controlnet(net: nn.Module, session: PatchSession) -> StripControlNet:
     """`net` computing this rank's strip: its own session (the denoiser's settings, layout and
     transport), checked and its patch layers swapped in."""
-    if session.config.cfg_parallel:
-        raise ConfigError("cfg_parallel with a ControlNet is not supported yet: parallelize with cfg_parallel=False")
     if not hasattr(net, "controlnet_cond_embedding") and (not hasattr(net, "controlnet_x_embedder")
                                                           or getattr(net, "input_hint_block", None) is not None):
         raise UnsupportedModelError(f"{type(net).__name__}'s conditioning is neither an image through a "

@@ -596,7 +596,11 @@ class StripControlNet(StripModel):
     of the strip plus a halo covering its embedding's reach (plain convs; the halo rows are cropped
     from the embedding's output); its residuals stay strips - exactly what the denoiser's strip adds
     (`down_block_additional_residuals`, `mid_block_additional_residual`: tensor arguments of the
-    denoiser call, so they enter the CUDA graphs' static buffers)."""
+    denoiser call, so they enter the CUDA graphs' static buffers). With cfg_parallel (`halve`), the
+    ControlNet computes this rank's guidance branch, as the denoiser does: its residuals are that
+    branch's half, which the denoiser's strip takes as they are."""
+
+    halve = False
 
     def __init__(self, model: nn.Module, session: PatchSession, owner: str):
         self.token_cond = not hasattr(model, "controlnet_cond_embedding")     # Flux's: packed latent tokens
@@ -616,8 +620,18 @@ class StripControlNet(StripModel):
         self._handles += [embedding.register_forward_pre_hook(self._cond_in),
                           embedding.register_forward_hook(self._cond_out)]
 
+    def begin_image(self, halve: bool = False) -> None:
+        """`halve`: the pipeline calls the ControlNet with the whole CFG batch (both guidance
+        branches), of which this rank computes its branch's half."""
+        super().begin_image()
+        self.halve = halve
+
     def _before(self, module, args, kwargs):
-        """Flux's conditioning: latent tokens of the same grid as the sample, cut to the strip's."""
+        """The guidance branch's half of the batch (`halve`), then the strip's rows; Flux's
+        conditioning: latent tokens of the same grid as the sample, cut to the strip's."""
+        if self.halve and not self.tracing:
+            batch = self._sample(args, kwargs).shape[0]
+            args, kwargs = _batch_half((args, kwargs), batch, self.layout.branch)
         out = super()._before(module, args, kwargs)
         if not self.token_cond or out is None or self.engine is None:
             return out

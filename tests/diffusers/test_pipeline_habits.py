@@ -4,9 +4,7 @@ hints, modules changed behind parafuse's back, ControlNet, and ranks given diffe
 random-weight pipelines of tests/diffusers_cases.py on the thread emulator, against diffusers'
 own single-process output."""
 import copy
-import os
 import re
-import sys
 
 import pytest
 import torch
@@ -386,6 +384,38 @@ def test_controlnet_sync_equals_diffusers(root, family, n):
                              lambda p: images(p(**call_kwargs(family.removesuffix("-controlnet")))), mode="sync")
     assert all(stats["bytes_sent"]["attn_kv"] > base["bytes_sent"]["attn_kv"]
                for (_, stats), (_, base) in zip(outs, plain))
+
+
+@pytest.mark.parametrize("family,guess", [("sd-controlnet", False), ("sdxl-controlnet", False),
+                                          ("sd-controlnet", True)])
+def test_controlnet_with_cfg_parallel_equals_diffusers_and_computes_one_branch(root, family, guess):
+    """cfg_parallel, N = 4 (2 branches x 2 strips), sync: = diffusers, and each rank's ControlNet ran
+    its guidance branch's half of the batch (1 of the CFG batch's 2), as the denoiser does; in guess
+    mode the pipeline gives the ControlNet the conditional batch alone, which every rank runs."""
+    from support.diffusers_cases import controlnet_kwargs
+
+    kwargs_of = (lambda: {**controlnet_kwargs(family), "guess_mode": guess})
+    batches = []
+
+    def call(par):
+        par.pipe.controlnet.conv_in.register_forward_pre_hook(lambda m, a: batches.append(a[0].shape[0]))
+        return images(par(**kwargs_of()))
+    ref = images(fresh(root, family)(**kwargs_of()))
+    outs = emulate_pipeline(fresh(root, family), 4, call, mode="sync", cfg_parallel=True)
+    assert ref.abs().max() > 0.1 and rel(outs[0][0], ref) <= 1e-5
+    assert batches and set(batches) == {1}
+
+
+def test_controlnet_with_true_cfg_and_cfg_parallel_is_refused_before_compute(root):
+    """FluxControlNetPipeline's true CFG (a ControlNet call a step, a transformer call per branch)
+    with cfg_parallel where the ControlNet is split (N = 4: 2 branches x 2 strips): refused."""
+    from support.diffusers_cases import controlnet_kwargs
+
+    kwargs = {**controlnet_kwargs("flux-controlnet"), "true_cfg_scale": 2.0}
+    kwargs.update(negative_prompt_embeds=kwargs["prompt_embeds"],
+                  negative_pooled_prompt_embeds=kwargs["pooled_prompt_embeds"])
+    ranks_raise("cfg_parallel with a ControlNet in a pipeline that calls the denoiser once per guidance branch",
+                fresh(root, "flux-controlnet"), 4, lambda p: p(**kwargs), cfg_parallel=True)
 
 
 def test_multi_controlnet_and_img2img_tile_upscale(root):
