@@ -153,6 +153,17 @@ class StripModel:
     def _sample(self, args: tuple, kwargs: dict) -> torch.Tensor:
         return args[0] if args else kwargs[self.sample_name]
 
+    def _branch_half(self, args: tuple, kwargs: dict, what: str) -> tuple[tuple, dict]:
+        """cfg_parallel: this rank's guidance branch of a call given the whole CFG batch."""
+        batch = self._sample(args, kwargs).shape[0]
+        if batch % 2:
+            raise UnsupportedModelError(f"cfg_parallel splits the two guidance branches of the {what}'s batch, "
+                                        f"but the pipeline called it with batch {batch}: it needs guidance_scale "
+                                        f"> 1 and a pipeline that does classifier-free guidance (Flux: "
+                                        f"true_cfg_scale > 1 with a negative prompt; its guidance_scale is "
+                                        f"distilled guidance, not CFG)")
+        return _batch_half((args, kwargs), batch, self.layout.branch)
+
     def _with_sample(self, args: tuple, kwargs: dict, sample: torch.Tensor) -> tuple[tuple, dict]:
         if args:
             return (sample,) + tuple(args[1:]), kwargs
@@ -446,14 +457,7 @@ class StripDenoiser(StripModel):
             if self._skip:
                 return None
         elif self.layout.cfg_degree == 2:
-            batch = self._sample(args, kwargs).shape[0]
-            if batch % 2:
-                raise UnsupportedModelError(f"cfg_parallel splits the two guidance branches of the denoiser's batch, "
-                                            f"but the pipeline called it with batch {batch}: it needs guidance_scale "
-                                            f"> 1 and a pipeline that does classifier-free guidance (Flux: "
-                                            f"true_cfg_scale > 1 with a negative prompt; its guidance_scale is "
-                                            f"distilled guidance, not CFG)")
-            args, kwargs = _batch_half((args, kwargs), batch, self.layout.branch)
+            args, kwargs = self._branch_half(args, kwargs, "denoiser")
         return super()._before(module, args, kwargs) or (args, kwargs)
 
     def _branch_forward(self, *args, **kwargs):
@@ -630,8 +634,7 @@ class StripControlNet(StripModel):
         """The guidance branch's half of the batch (`halve`), then the strip's rows; Flux's
         conditioning: latent tokens of the same grid as the sample, cut to the strip's."""
         if self.halve and not self.tracing:
-            batch = self._sample(args, kwargs).shape[0]
-            args, kwargs = _batch_half((args, kwargs), batch, self.layout.branch)
+            args, kwargs = self._branch_half(args, kwargs, "ControlNet")
         out = super()._before(module, args, kwargs)
         if not self.token_cond or out is None or self.engine is None:
             return out
