@@ -81,15 +81,42 @@ def compile_context(model: nn.Module):
     return ctx
 
 
+def compiled_cuda_graphs(ctx) -> str | None:
+    """How torch.compile's context `ctx` records CUDA graphs of its own, or None: inductor's
+    `triton.cudagraphs` (`mode="reduce-overhead"` and `"max-autotune"` set it, as can `options` or
+    inductor's global config) or the `cudagraphs` backend. The backend is found by following the
+    wrappers dynamo puts around it (`_torchdynamo_orig_backend`)."""
+    backend, seen = getattr(ctx, "callback", None), set()
+    while backend is not None and id(backend) not in seen:
+        seen.add(id(backend))
+        name = getattr(backend, "compiler_name", None)
+        if name == "cudagraphs":
+            return 'backend="cudagraphs"'
+        if name == "inductor" and hasattr(backend, "get_compiler_config"):
+            from torch._inductor import config as inductor_config
+            if (backend.get_compiler_config() or {}).get("triton.cudagraphs", inductor_config.triton.cudagraphs):
+                return 'inductor\'s CUDA graphs (mode="reduce-overhead" or "max-autotune" turn them on)'
+        backend = getattr(backend, "_torchdynamo_orig_backend", None)
+    return None
+
+
 def check_compiled(model: nn.Module) -> None:
     """A compiled denoiser runs parafuse's hooks outside (torch.compile(model)) or inside
     (model.compile()) the compiled region, whose patch layers break the graph at every exchange:
-    fullgraph=True cannot hold and is refused before any compute."""
-    if getattr(compile_context(model), "fullgraph", False):
-        raise UnsupportedModelError(f"{type(getattr(model, '_orig_mod', model)).__name__} was compiled with "
-                                    f"fullgraph=True, but "
-                                    f"parafuse's exchanges break the graph at every patch layer: compile it "
-                                    f"without fullgraph")
+    fullgraph=True cannot hold. torch.compile's own CUDA graphs (cudagraph trees, replaying the
+    pieces between exchanges from one memory pool) beside parafuse's transfers on another stream
+    and its state kept across steps have never run on a GPU: refused rather than left to chance.
+    Both refusals come before any compute."""
+    ctx, name = compile_context(model), type(getattr(model, "_orig_mod", model)).__name__
+    if getattr(ctx, "fullgraph", False):
+        raise UnsupportedModelError(f"{name} was compiled with fullgraph=True, but parafuse's exchanges break the "
+                                    f"graph at every patch layer: compile it without fullgraph")
+    graphs = compiled_cuda_graphs(ctx)
+    if graphs:
+        raise UnsupportedModelError(f"{name} was compiled with {graphs}, which parafuse does not run under its "
+                                    f"exchanges: compile with mode=\"max-autotune-no-cudagraphs\" or "
+                                    f"the default mode (parafuse's own CUDA graphs, cuda_graphs=True, are for an "
+                                    f"uncompiled denoiser)")
 
 
 class StripModel:

@@ -205,6 +205,17 @@ def test_fullgraph_compile_is_refused_before_compute(root, when):
         compiled_run(root, when, fullgraph=True)
 
 
+@pytest.mark.parametrize("when,options", [("before", {"backend": "inductor", "mode": "reduce-overhead"}),
+                                          ("in-place", {"backend": "inductor", "mode": "max-autotune"}),
+                                          ("after", {"backend": "cudagraphs"})])
+def test_compile_with_its_own_cuda_graphs_is_refused_before_compute(root, when, options):
+    """torch.compile's CUDA graphs under parafuse's exchanges have never run on a GPU: refused at the
+    first denoiser call, before anything is compiled (on the old code inductor compiled and ran)."""
+    with pytest.raises(RuntimeError, match=r"UNet2DConditionModel was compiled with (inductor's CUDA graphs|"
+                                           r"backend=\"cudagraphs\").*max-autotune-no-cudagraphs"):
+        compiled_run(root, when, **options)
+
+
 @pytest.mark.slow
 def test_inductor_compiled_denoiser_equals_the_uncompiled_parallel_output(root):
     (out, _), _ = compiled_run(root, "before", backend="inductor")[0]
