@@ -32,7 +32,7 @@ from diffusers.models.embeddings import PatchEmbed
 
 from parafuse.checks import check_strip_memory
 from parafuse.diffusers.adapter import DiffusersAdapter, StripAttnProcessor, StripPatchEmbed, UnsupportedModelError
-from parafuse.parallel.geometry import StripGeometry
+from parafuse.parallel.geometry import GeometryError, StripGeometry
 from parafuse.parallel.parallelize import parallelize as swap_layers, unparallelize
 from parafuse.parallel.plan import LOCAL, PatchPlan
 from parafuse.parallel.session import PatchSession, StepClock
@@ -212,6 +212,7 @@ class StripModel:
             raise UnsupportedModelError(
                 f"{type(self.model).__name__} was called with a {tuple(sample.shape)} input inside an image planned "
                 f"for {self._input_shape}: parafuse plans one geometry per pipeline call")
+        kwargs = self._strip_kwargs(kwargs)
         self._begin_evaluation()
         i = self.layout.patch_index
         if self._tokens:            # [B, h*w, C] row-major over the grid, and the grid's ids
@@ -222,6 +223,11 @@ class StripModel:
         level = self.geometry.level_of_width(sample.shape[-1])
         top = level.offsets[i]
         return self._with_sample(args, kwargs, sample[:, :, top: top + level.rows[i]].contiguous())
+
+    def _strip_kwargs(self, kwargs: dict) -> dict:
+        """This rank's part of the call's other arguments, before the evaluation starts (the
+        denoiser's residuals: `StripDenoiser`)."""
+        return kwargs
 
     def _begin_evaluation(self) -> None:
         """Evaluation `self.evaluations` of this image starts: the heartbeat, the engine's step plan."""
@@ -376,20 +382,53 @@ class StripDenoiser(StripModel):
             self._version = self._model_version()
 
     def _configure(self, args, kwargs, sample):
-        """The trace without a ControlNet's residuals: strips already (`StripControlNet`), and sums
-        that change no site. The ControlNets' strips must be the denoiser's."""
-        if kwargs.get("down_intrablock_additional_residuals") is not None:
-            raise UnsupportedModelError("T2I-Adapter residuals (down_intrablock_additional_residuals) are whole-image "
-                                        "and parafuse does not split a T2I-Adapter yet")
+        """The trace without the residuals (`RESIDUALS`): sums that change no site. The ControlNets'
+        strips must be the denoiser's."""
         super()._configure(args, {k: None if k in RESIDUALS else v for k, v in kwargs.items()}, sample)
         for net in self.partners:
             if net.geometry is not None and net.geometry.rows != self.geometry.rows:
                 raise UnsupportedModelError(f"the ControlNet's strips {net.geometry.rows} are not the denoiser's "
                                             f"{self.geometry.rows} (their layers' resolutions differ)")
-        down = kwargs.get(RESIDUALS[0])
-        if down and down[0].shape[-2] != self.geometry.rows[self.layout.patch_index]:
-            raise UnsupportedModelError("ControlNet residuals of the whole image reached the denoiser's strip: give "
-                                        "the pipeline its ControlNet as pipe.controlnet, which parafuse splits too")
+
+    def _strip_kwargs(self, kwargs: dict) -> dict:
+        """The residuals (`RESIDUALS`: ControlNet and T2I-Adapter features the denoiser adds to its
+        activations) at this strip's rows, by one rule for every tensor: one as tall as the whole
+        image at its level (named by its width: strips are full-width; a token sequence [B, h*w, C]
+        at the latent's grid) is cut to this strip's rows there; one already the strip's
+        (`StripControlNet`'s) is taken as is; anything else is refused before the evaluation. A cut
+        is a contiguous copy, so the CUDA graphs' static buffers take it as any tensor argument."""
+        out = dict(kwargs)
+        for name in (n for n in RESIDUALS if kwargs.get(n) is not None):
+            flat, spec = tree_flatten(kwargs[name])
+            many = isinstance(kwargs[name], (list, tuple))
+            out[name] = tree_unflatten([self._residual_strip(t, name, j if many else None)
+                                        if isinstance(t, torch.Tensor) else t for j, t in enumerate(flat)], spec)
+        return out
+
+    def _residual_strip(self, t: torch.Tensor, name: str, j: int | None) -> torch.Tensor:
+        i, what = self.layout.patch_index, name if j is None else f"{name}[{j}]"
+        if self._tokens:            # Flux's ControlNet samples: tokens of the latent's grid, row-major
+            w, level = self.geometry.width, self.geometry.level(1)
+            top, rows = level.offsets[i] * w, level.rows[i] * w
+            whole, place = level.height * w, f"tokens of the {level.height}x{w} latent grid"
+            dim = 1
+        else:
+            try:
+                level = self.geometry.level_of_width(t.shape[-1])
+            except GeometryError:
+                raise UnsupportedModelError(
+                    f"{what} is {tuple(t.shape)}, but its width {t.shape[-1]} is no level of the "
+                    f"{self.geometry.height}x{self.geometry.width} latent: pass residuals computed for this "
+                    f"image's size") from None
+            top, rows, whole, dim = level.offsets[i], level.rows[i], level.height, t.dim() - 2
+            place = f"rows at 1/{level.factor} of the latent"
+        if t.shape[dim] == rows:
+            return t
+        if t.shape[dim] == whole:
+            return t.narrow(dim, top, rows).contiguous()
+        raise UnsupportedModelError(f"{what} is {tuple(t.shape)}: {t.shape[dim]} {place}, neither the whole image's "
+                                    f"{whole} nor strip {i}'s {rows}: pass residuals of the whole image (parafuse cuts "
+                                    f"them) computed for this image's size")
 
     def _restore_forward(self) -> None:
         """The model's forward as it was before `begin_image` shadowed it (an OptimizedModule keeps
@@ -590,9 +629,10 @@ class StripDecoder(StripModel):
         return super()._before(module, args, kwargs)
 
 
-# a ControlNet's residuals, to the U-Net and to Flux's transformer
-RESIDUALS = ("down_block_additional_residuals", "mid_block_additional_residual", "controlnet_block_samples",
-             "controlnet_single_block_samples")
+# the residuals a denoiser call adds to its activations: a ControlNet's, to the U-Net and to Flux's
+# transformer, and a T2I-Adapter's, to the U-Net (`StripDenoiser._strip_kwargs`)
+RESIDUALS = ("down_block_additional_residuals", "mid_block_additional_residual", "down_intrablock_additional_residuals",
+             "controlnet_block_samples", "controlnet_single_block_samples")
 
 
 class ControlNetAdapter(DiffusersAdapter):

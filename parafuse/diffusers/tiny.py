@@ -219,18 +219,65 @@ BUILDERS.update({"sd-controlnet": build_sd_controlnet, "sdxl-controlnet": build_
                  "flux-controlnet": build_flux_controlnet})
 
 
+def _adapter(seed: int, **config):
+    """A T2I-Adapter, diffusers' own random initialisation (no zero-initialised layers)."""
+    from diffusers import T2IAdapter
+    _seeded(seed)
+    return T2IAdapter(in_channels=3, num_res_blocks=1, **config)
+
+
+def build_sd_adapter(path: str) -> None:
+    """SD's tiny pipeline with a T2I-Adapter: features at the U-Net's two levels (latent rows and
+    half of them), the image unshuffled by the tiny VAE's factor 4."""
+    from diffusers import StableDiffusionAdapterPipeline
+
+    from parafuse.diffusers.pipeline import load_pipeline
+    sd = load_pipeline(pipeline_path(os.path.dirname(path), "sd"))
+    StableDiffusionAdapterPipeline(**{k: v for k, v in sd.components.items() if k != "image_encoder"},
+                                   adapter=_adapter(9, channels=(16, 32), downscale_factor=4,
+                                                    adapter_type="full_adapter"),
+                                   requires_safety_checker=False).save_pretrained(path)
+
+
+def build_sdxl_adapter(path: str) -> None:
+    """An SDXL-shaped tiny U-Net (a first down block without attention, then two with; three levels)
+    and SDXL's T2I-Adapter: four features, at half the latent's rows (added after the first block's
+    downsampler, then inside the second block) and a quarter (inside the third block, and to the
+    mid block's output)."""
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLAdapterPipeline, UNet2DConditionModel
+    _seeded(10)
+    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(16, 16, 32),
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                                cross_attention_dim=TEXT_DIM, attention_head_dim=8, norm_num_groups=8,
+                                transformer_layers_per_block=(1, 1, 1), addition_embed_type="text_time",
+                                addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + POOLED_DIM)
+    _wake(unet, 10)
+    StableDiffusionXLAdapterPipeline(vae=_vae(), text_encoder=None, text_encoder_2=None, tokenizer=None,
+                                     tokenizer_2=None, unet=unet,
+                                     adapter=_adapter(11, channels=(16, 16, 32, 32), downscale_factor=8,
+                                                      adapter_type="full_adapter_xl"),
+                                     scheduler=EulerAncestralDiscreteScheduler(prediction_type=V)
+                                     ).save_pretrained(path)
+
+
+BUILDERS.update({"sd-adapter": build_sd_adapter, "sdxl-adapter": build_sdxl_adapter})
+
+
 def control_image(seed: int = 3, height: int = HEIGHT, width: int = WIDTH) -> torch.Tensor:
     """A conditioning image in [0, 1] (what a ControlNet pipeline takes as `image`)."""
     return torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(seed))
 
 
 def controlnet_kwargs(family: str, **kw) -> dict:
-    """The call of a ControlNet family: its base family's call and a conditioning image."""
-    base = family.removesuffix("-controlnet")
+    """The call of a ControlNet or T2I-Adapter family: its base family's call and a conditioning
+    image."""
+    base = family.removesuffix("-controlnet").removesuffix("-adapter")
     key = "control_image" if base == "flux" else "image"
     return {**call_kwargs(base, **kw), key: control_image()}
 
 
 def family_kwargs(family: str) -> dict:
-    """The call of any family of this file, a ControlNet one included."""
-    return controlnet_kwargs(family) if family.endswith("-controlnet") else call_kwargs(family)
+    """The call of any family of this file, a ControlNet or T2I-Adapter one included."""
+    return controlnet_kwargs(family) if family.endswith(("-controlnet", "-adapter")) else call_kwargs(family)

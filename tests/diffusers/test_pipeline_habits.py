@@ -1,7 +1,7 @@
 """The pipeline door used as diffusers users use a pipeline (issue 27): attribute writes, `.to()`,
 a raw pipeline called behind the wrapper, a second `parallelize`, torch.compile, the refusals'
 hints, modules changed behind parafuse's back, ControlNet, and ranks given different calls. Tiny
-random-weight pipelines of tests/diffusers_cases.py on the thread emulator, against diffusers'
+random-weight pipelines of tests/support/diffusers_cases.py on the thread emulator, against diffusers'
 own single-process output."""
 import copy
 import re
@@ -478,9 +478,12 @@ def test_controlnet_stale_modes_within_3db_of_the_pipeline_without_it(root, mode
     assert with_net >= without - 3, (with_net, without)
 
 
-def test_controlnet_residuals_enter_the_graphs_static_buffers(root):
+@pytest.mark.parametrize("family,scale", [("sd-controlnet", "controlnet_conditioning_scale"),
+                                          ("sd-adapter", "adapter_conditioning_scale")])
+def test_controlnet_residuals_enter_the_graphs_static_buffers(root, family, scale):
     """Graphed (a replay reruns the captured region on its static inputs) equals eager across two
-    calls with different conditioning images: the residuals were copied into the static buffers."""
+    calls with different conditioning images: the residuals - a ControlNet's strips, a T2I-Adapter's
+    whole-image features cut to the strip - were copied into the static buffers."""
     from support.diffusers_cases import control_image, controlnet_kwargs
 
     from parafuse.graphs import rerun_capture
@@ -489,12 +492,11 @@ def test_controlnet_residuals_enter_the_graphs_static_buffers(root):
         def run(par):
             if graphed:
                 par.strips.graphed, par.session.capture = True, rerun_capture
-            first = images(par(**controlnet_kwargs("sd-controlnet")))
-            second = images(par(**{**controlnet_kwargs("sd-controlnet"), "image": control_image(9),
-                                    "controlnet_conditioning_scale": 20.0}))
+            first = images(par(**controlnet_kwargs(family)))
+            second = images(par(**{**controlnet_kwargs(family), "image": control_image(9), scale: 20.0}))
             return first, second, par.strips.captures
         return run
-    pipe = fresh(root, "sd-controlnet")
+    pipe = fresh(root, family)
     (e1, e2, _), _ = emulate_pipeline(pipe, 2, call(False), mode="full", warmup_steps=1)[0]
     (g1, g2, captures), _ = emulate_pipeline(pipe, 2, call(True), mode="full", warmup_steps=1)[0]
     assert captures >= 1 and rel(e1, e2) > 1e-2
@@ -593,19 +595,116 @@ def test_generator_none_gets_rank_zero_seed_on_every_rank(root):
     assert (out - ref).abs().max() <= SYNC_TOL
 
 
-def test_whole_image_controlnet_residuals_are_refused(root):
-    """Residuals the user computed with a plain ControlNet, handed to the parallel U-Net's call."""
+# ---- T2I-Adapters, and residuals of the whole image ---------------------------------------------
+@pytest.mark.parametrize("family,n,cfg", [("sd-adapter", 2, False), ("sd-adapter", 3, False), ("sdxl-adapter", 2, False),
+                                          ("sdxl-adapter", 3, False), ("sdxl-adapter", 4, True)])
+def test_t2i_adapter_sync_equals_diffusers(root, family, n, cfg):
+    """StableDiffusion(XL)AdapterPipeline: the adapter runs whole on every rank, once per image; its
+    features (down_intrablock_additional_residuals, whole-image) reach each strip cut to the strip's
+    rows at their level (SDXL's: after a down block without attention, inside two with, and on the
+    mid block's output), and with cfg_parallel (N = 4: 2 branches x 2 strips) halved to the rank's
+    guidance branch. sync = diffusers; the conditioning image shapes the output."""
+    from support.diffusers_cases import control_image, controlnet_kwargs
+
+    def call(par):
+        seen = []               # what the U-Net's forward gets: after parafuse's hook (registered first)
+
+        def see(module, args, kwargs):
+            if kwargs["down_intrablock_additional_residuals"] is not None:     # not the shape trace
+                seen.append((args[0].shape, [r.shape for r in kwargs["down_intrablock_additional_residuals"]]))
+        par.pipe.unet.register_forward_pre_hook(see, with_kwargs=True)
+        out = images(par(**controlnet_kwargs(family)))
+        return out, seen, par.strips.geometry, par.layout.patch_index
+    ref = images(fresh(root, family)(**controlnet_kwargs(family)))
+    outs = emulate_pipeline(fresh(root, family), n, call, mode="sync", cfg_parallel=cfg)
+    assert ref.abs().max() > 0.1 and rel(outs[0][0][0], ref) <= 1e-5
+    other = images(fresh(root, family)(**{**controlnet_kwargs(family), "image": control_image(9)}))
+    assert rel(other, ref) > 1e-2                 # the adapter's features shape the output
+    for (_, seen, geometry, i), _ in outs:
+        assert len(seen) == 3                     # one evaluation a step
+        for sample, residuals in seen:
+            assert sample[0] == (1 if cfg else 2) and len(residuals) == (4 if family == "sdxl-adapter" else 2)
+            for r in residuals:
+                assert r[0] == sample[0] and r[-2] == geometry.level_of_width(r[-1]).rows[i]
+
+
+def _whole_image_controlnet_call(plain, seed=5):
+    """The SD U-Net's arguments with a plain ControlNet's residuals of the whole image (a user's
+    own loop)."""
     from support.diffusers_cases import controlnet_kwargs
 
-    plain = fresh(root, "sd-controlnet")
-    g = torch.Generator().manual_seed(5)
+    g = torch.Generator().manual_seed(seed)
     x, ctx = torch.randn(2, 4, 40, 24, generator=g), torch.randn(2, 5, 16, generator=g)
     cond = controlnet_kwargs("sd-controlnet")["image"].repeat(2, 1, 1, 1)
     with torch.no_grad():
         down, mid = plain.controlnet(x, 500, encoder_hidden_states=ctx, controlnet_cond=cond, return_dict=False)
+    return (x, 500), dict(encoder_hidden_states=ctx, down_block_additional_residuals=down,
+                          mid_block_additional_residual=mid)
+
+
+def test_whole_image_controlnet_residuals_equal_the_plain_unet(root):
+    """Residuals the user computed with a plain ControlNet, handed to the parallel U-Net's direct
+    call (N = 3, uneven strips): cut to each strip, = the plain U-Net's output on every rank."""
+    plain = fresh(root, "sd-controlnet")
+    args, kwargs = _whole_image_controlnet_call(plain)
+    with torch.no_grad():
+        ref = plain.unet(*args, **kwargs).sample
+        assert rel(plain.unet(*args, encoder_hidden_states=kwargs["encoder_hidden_states"]).sample, ref) > 1e-2
 
     def call(par):
         with torch.no_grad():
-            par.unet(x, 500, encoder_hidden_states=ctx, down_block_additional_residuals=down,
-                     mid_block_additional_residual=mid)
-    ranks_raise("whole image reached the denoiser's strip", plain, 2, call, mode="sync")
+            return par.unet(*args, **kwargs).sample
+    outs = emulate_pipeline(plain, 3, call, mode="sync")
+    assert all(rel(out, ref) <= 1e-5 for out, _ in outs)
+
+
+def test_whole_image_flux_controlnet_samples_equal_the_plain_transformer(root):
+    """Flux's ControlNet samples (token sequences of the latent grid) of the whole image, handed to
+    the parallel transformer's direct call: cut to each strip's tokens, = the plain transformer."""
+    plain = fresh(root, "flux-controlnet")
+    g = torch.Generator().manual_seed(6)
+    h, w = 40 // 2, 24 // 2                    # the packed latent's grid (2x2 patches)
+    x, cond = torch.randn(1, h * w, 16, generator=g), torch.randn(1, h * w, 16, generator=g)
+    ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(float(h)), torch.arange(float(w)), indexing="ij"), -1)
+    common = dict(timestep=torch.tensor([0.5]), encoder_hidden_states=torch.randn(1, 5, 16, generator=g),
+                  pooled_projections=torch.randn(1, 32, generator=g), img_ids=ids.reshape(-1, 3),
+                  txt_ids=torch.zeros(5, 3), return_dict=False)
+    if plain.transformer.config.guidance_embeds:
+        common["guidance"] = torch.tensor([3.5])
+    with torch.no_grad():
+        blocks, single = plain.controlnet(hidden_states=x, controlnet_cond=cond, **common)
+        kwargs = dict(hidden_states=x, controlnet_block_samples=blocks, controlnet_single_block_samples=single,
+                      **common)
+        ref = plain.transformer(**kwargs)[0]
+        assert rel(plain.transformer(hidden_states=x, **common)[0], ref) > 1e-2
+
+    def call(par):
+        with torch.no_grad():
+            return par.transformer(**kwargs)[0]
+    outs = emulate_pipeline(plain, 3, call, mode="sync")
+    assert all(rel(out, ref) <= 1e-5 for out, _ in outs)
+
+
+@pytest.mark.parametrize("wrong", ["height", "width"])
+def test_residual_of_a_wrong_size_is_refused_before_compute(root, wrong):
+    """A residual neither the whole image's height at its level nor the strip's (one of a smaller
+    image), or of a width that is no level of the latent: refused on every rank with one line that
+    names it, before the evaluation."""
+    plain = fresh(root, "sd-controlnet")
+    args, kwargs = _whole_image_controlnet_call(plain)
+    down = list(kwargs["down_block_additional_residuals"])
+    down[1] = down[1][:, :, :-4] if wrong == "height" else down[1][:, :, :, :-4]
+    kwargs = {**kwargs, "down_block_additional_residuals": tuple(down)}
+
+    def call(par):
+        try:
+            with torch.no_grad():
+                par.unet(*args, **kwargs)
+        except UnsupportedModelError as e:
+            return str(e), par.strips.evaluations
+    outs = emulate_pipeline(plain, 2, call, mode="sync")
+    for (message, evaluations), _ in outs:
+        assert message.startswith("down_block_additional_residuals[1] is (2, 16, ") and "\n" not in message
+        assert ("neither the whole image's 40 nor strip" if wrong == "height" else "is no level of the 40x24") \
+            in message
+        assert evaluations == 0
