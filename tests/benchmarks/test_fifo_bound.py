@@ -1,0 +1,158 @@
+"""The trace-driven pessimistic bound (benchmarks/project.py `replay_timeline`): hand-made timelines
+with closed-form answers, its place between the other two bounds, and the recorder that makes the
+timelines (parafuse.parallel.transport.TimelineRecorder) counting what NullTransport counts."""
+import random
+
+import pytest
+
+from project import (Link, fifo_seconds, kind_seconds, pessimistic_seconds, project_rows,  # noqa: E402
+                     replay_timeline, split_comm, step_seconds, timeline_bytes)
+
+# 1 byte per second, no latency: a transfer takes its bytes in seconds
+SLOW = Link("slow", bandwidth=1.0, latency=0.0, source="synthetic")
+
+
+def tl(seconds, *events):
+    return {"seconds": seconds, "graphed": False, "events": [list(e) for e in events]}
+
+
+def test_an_all_reduce_posted_after_stale_traffic_waits_for_it():
+    # K/V (3 s of link) posted at 0 and waited one step later; an all-reduce (1 s) posted at 1 and waited at once
+    t = tl(10, (0, "wait_prev", 0, "attn_kv", 3, 1), (0, "post", 0, "attn_kv", 3, 1),
+           (1, "post", 1, "norm_stats", 1, 1), (1, "wait", 1, "norm_stats", 1, 1))
+    one = replay_timeline(t, SLOW, 2)
+    # behind the K/V: posted at 1, it waits for the 2 s of K/V left, then takes its own 1
+    assert one["step"] == pytest.approx(10 + 2 + 1) and one["stall"] == pytest.approx(3)
+    # posted together, nothing overlaps: the existing pessimistic bound's serialised step
+    both = tl(10, *[[0, *e[1:]] for e in t["events"]])
+    assert replay_timeline(both, SLOW, 2)["step"] == pytest.approx(10 + 3 + 1)
+    # on the opt-in stale communicator the all-reduce has the main one to itself
+    assert replay_timeline(t, SLOW, 2, stale_channel=True)["step"] == pytest.approx(10 + 1)
+
+
+def test_stale_posts_spread_over_enough_compute_do_not_stall():
+    events = [e for k in range(4)
+              for e in ((2 * k, "wait_prev", k, "attn_kv", 1, 1), (2 * k, "post", k, "attn_kv", 1, 1))]
+    t = tl(10, *events, (8, "post", 4, "norm_stats", 1, 1), (8, "wait", 4, "norm_stats", 1, 1))
+    assert replay_timeline(t, SLOW, 2)["step"] == pytest.approx(10 + 1)     # only the all-reduce's own second
+
+
+def test_graphs_drain_every_post_at_the_step_end():
+    t = tl(10, (5, "wait_prev", 0, "attn_kv", 3, 1), (9, "post", 0, "attn_kv", 3, 1))
+    assert replay_timeline(t, SLOW, 2, drain=False)["step"] == pytest.approx(10)    # done by 5 of the next step
+    assert replay_timeline(t, SLOW, 2, drain=True)["step"] == pytest.approx(12)     # exposed: 9 + 3
+    assert replay_timeline({**t, "graphed": True}, SLOW, 2)["step"] == pytest.approx(12)   # a graph replay's trace
+
+
+def test_a_backlog_carries_into_the_next_step():
+    # 15 s of K/V a step against 10 s of compute, waited a step later: the link sets the pace
+    t = tl(10, (0, "wait_prev", 0, "attn_kv", 15, 1), (0, "post", 0, "attn_kv", 15, 1))
+    assert replay_timeline(t, SLOW, 2)["step"] == pytest.approx(15)
+
+
+def test_compute_is_scaled_to_the_rows_and_charged():
+    t = tl(2, (1, "post", 0, "norm_stats", 1, 1), (1, "wait", 0, "norm_stats", 1, 1))
+    r = replay_timeline(t, SLOW, 2, compute=10, charge=1)
+    assert r["step"] == pytest.approx(11 + 1) and r["compute"] == pytest.approx(11)
+
+
+def test_a_post_costs_what_the_other_bounds_charge_its_kind():
+    link = Link("l", bandwidth=1e9, latency=1e-5, source="synthetic")
+    for kind, nbytes, messages, n in (("attn_kv", 2e6, 7, 8), ("norm_stats", 112, 1, 8), ("conv_halo", 4096, 2, 4)):
+        t = tl(0, (0, "post", 0, kind, nbytes, messages), (0, "wait", 0, kind, nbytes, messages))
+        assert replay_timeline(t, link, n)["step"] == pytest.approx(kind_seconds(kind, nbytes, messages, n, link))
+
+
+def random_timeline(rng, posts=12, seconds=1.0):
+    """Stale K/V and halos posted and waited one step later, all-reduces and halos waited at once."""
+    events, t = [], 0.0
+    for k in range(posts):
+        t += rng.uniform(0, seconds / posts)
+        if rng.random() < 0.5:
+            kind = rng.choice(["attn_kv", "conv_halo"])
+            b = rng.uniform(0, 0.2 * seconds * 1e6)
+            events += [[t, "wait_prev", k, kind, b, 2], [t, "post", k, kind, b, 2]]
+        else:
+            kind = rng.choice(["norm_stats", "latent_halo"])
+            b = rng.uniform(0, 0.02 * seconds * 1e6)
+            events += [[t, "post", k, kind, b, 1], [t, "wait", k, kind, b, 1]]
+    return {"seconds": max(t, seconds), "graphed": False, "events": events}
+
+
+@pytest.mark.parametrize("drain", [False, True])
+def test_fifo_lies_between_the_optimistic_and_the_serialised_bound(drain):
+    """Proof sketch (project.py docstring): while compute is blocked the link is busy, so a steady
+    step is at most compute + all its transfers; every waited-at-once post stalls compute by at
+    least its own transfer, and the link moves at most a step's time of bytes per step, so it is at
+    least max(compute, stale) + critical. Checked here on random timelines and links."""
+    rng = random.Random(0)
+    for _ in range(200):
+        t = random_timeline(rng)
+        link = Link("r", bandwidth=rng.choice([1e6, 3e6, 3e7]), latency=rng.choice([0.0, 1e-4, 1e-3]), source="")
+        b, m = timeline_bytes(t)
+        compute = t["seconds"]
+        optimistic = step_seconds(compute, b, m, "full", 2, link)[2]
+        stale, critical, _ = split_comm(b, m, "full", 2, link, concurrent=False)
+        fifo = replay_timeline(t, link, 2, drain=drain, steps=40)["step"]
+        channel = replay_timeline(t, link, 2, drain=drain, steps=40, stale_channel=True)["step"]
+        assert optimistic * (1 - 1e-9) <= fifo <= (compute + stale + critical) * (1 + 1e-9)
+        assert channel <= fifo * (1 + 1e-9)
+        # two communicators are two FIFOs that run at once (as the emulator models them): below the
+        # one-link optimistic bound only where the stale traffic alone outlasts compute
+        assert channel >= (compute + critical) * (1 - 1e-9)
+        if stale <= compute:
+            assert channel >= optimistic * (1 - 1e-9)
+        if "norm_stats" in b:       # the existing bound's serialised case: the fifo bound is at most it
+            assert fifo <= pessimistic_seconds(compute, b, m, "full", 2, link, None)[-1] * (1 + 1e-9)
+
+
+def test_projected_rows_get_fifo_keys_only_at_a_measured_n_with_a_timeline():
+    t = tl(0.02, (0, "wait_prev", 0, "attn_kv", 1e6, 1), (0, "post", 0, "attn_kv", 1e6, 1),
+           (5e-4, "post", 1, "norm_stats", 100, 1), (5e-4, "wait", 1, "norm_stats", 100, 1))
+    b, m = timeline_bytes(t)
+    rows = [{"model": "m", "size": 64, "mode": "serial", "n": 1, "seconds": 0.04, "bytes_per_step": {}},
+            {"model": "m", "size": 64, "mode": "full", "n": 2, "seconds": 0.02, "serial_seconds": 0.04,
+             "bytes_per_step": b, "messages_per_step": m, "timeline": t}]
+    link = Link("l", bandwidth=1e9, latency=1e-5, source="synthetic")
+    out = {(r["mode"], r["n"]): r for r in project_rows(rows, link, max_n=4, derive_sync=True)}
+    r = out[("full", 2)]
+    assert r["projected_fifo_counts_match"] and not r["projected_fifo_drained"]
+    eps = 1e-12
+    assert r["projected_step_seconds"] - eps <= r["projected_fifo_step_seconds"]
+    assert r["projected_fifo_step_seconds"] <= r["projected_pessimistic_step_seconds"] + eps
+    # the K/V (10 µs + 1 ms) posted at 0, the all-reduce (2 hops x 10 µs + 100 B) at 0.5 ms, waited at once
+    assert r["projected_fifo_step_seconds"] == pytest.approx(0.02 + 1.01e-3 + 2e-5 + 100 / 1e9 - 5e-4)
+    assert r["projected_fifo_speedup"] == pytest.approx(0.04 / r["projected_fifo_step_seconds"])
+    assert r["projected_fifo_stale_channel_step_seconds"] == pytest.approx(0.02 + 2e-5 + 100 / 1e9)
+    assert fifo_seconds(rows[1], 0.02, link, 2, "full", 0.0)["projected_fifo_step_seconds"] == pytest.approx(
+        r["projected_fifo_step_seconds"])
+    for key in (("full", 3), ("full", 4), ("sync", 2)):      # not recorded: no fifo row (sync's is full's compute)
+        assert not any(k.startswith("projected_fifo") for k in out[key])
+
+
+def test_the_recorder_counts_what_the_null_transport_counts_and_records_steady_steps():
+    import torch
+
+    import scaling
+    from parafuse.models import load_model
+    from parafuse.runtime import Request
+
+    model = load_model("unet-small")
+    req = Request(64, 64, 8, "ddim", 1.0, seed=0, label=3)
+    dev = torch.device("cpu")
+    for mode in ("full", "sync"):
+        plain = scaling.measure(model, req, dev, None, mode, 4, 1, repeat=1, timing_warmup=0)
+        rec = scaling.measure(model, req, dev, None, mode, 4, 1, repeat=1, timing_warmup=0, timeline=True)
+        assert rec["bytes_per_step"] == plain["bytes_per_step"] and plain["bytes_per_step"]
+        assert rec["messages_per_step"] == plain["messages_per_step"]
+        t = rec["timeline"]
+        assert timeline_bytes(t) == (plain["bytes_per_step"], plain["messages_per_step"])
+        kinds = {e[1] for e in t["events"]}
+        assert kinds == ({"post", "wait", "wait_prev"} if mode == "full" else {"post", "wait"})
+        times = [e[0] for e in t["events"]]
+        assert times == sorted(times) and 0 <= times[0] and times[-1] <= t["seconds"]
+        posts = [e for e in t["events"] if e[1] == "post"]
+        assert [e[2] for e in posts] == list(range(len(posts)))
+        # every post is waited exactly once, in this step or (stale) in the next
+        waits = sorted(e[2] for e in t["events"] if e[1] != "post")
+        assert waits == list(range(len(posts)))
