@@ -648,14 +648,14 @@ class TimelineRecorder(Transport):
         if capturing and not self._capturing:
             self._captured = []          # a new capture: its events replace the last one's
         self._capturing = capturing
+        into = self._captured if capturing else (self._open["events"] if self._open is not None else None)
         before = (sum(self.bytes_sent[kind].values()), self.messages_sent[kind])
-        marker = self._marker(device)
+        marker = self._marker(device) if into is not None else None    # outside a step: nothing stamped
         pending = post()
         nbytes = sum(self.bytes_sent[kind].values()) - before[0]
         messages = self.messages_sent[kind] - before[1]
         pid = self._next_id
         self._next_id += 1
-        into = self._captured if capturing else (self._open["events"] if self._open is not None else None)
         if capturing:
             index = sum(1 for e in self._captured if e[1] == "post")
             self._where[pid] = (-1, index)       # -1: the captured step

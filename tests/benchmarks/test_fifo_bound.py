@@ -156,3 +156,23 @@ def test_the_recorder_counts_what_the_null_transport_counts_and_records_steady_s
         # every post is waited exactly once, in this step or (stale) in the next
         waits = sorted(e[2] for e in t["events"] if e[1] != "post")
         assert waits == list(range(len(posts)))
+
+
+def test_the_emulator_validation_replays_each_rows_trace_through_its_link():
+    from project import emulator_checks, emulator_columns
+
+    t = tl(0.02, (0, "wait_prev", 0, "attn_kv", 1e6, 1), (0, "post", 0, "attn_kv", 1e6, 1),
+           (5e-4, "post", 1, "norm_stats", 100, 1), (5e-4, "wait", 1, "norm_stats", 100, 1))
+    b, m = timeline_bytes(t)
+    link = Link("modelled", bandwidth=1e9, latency=1e-5, source="synthetic")
+    rows = [{"model": "m", "size": 64, "mode": "full", "n": 2, "stale_channel": channel, "compute_seconds": 0.02,
+             "bytes_per_step": b, "messages_per_step": m, "emulated_seconds": 0.0215, "timeline": t}
+            for channel in (False, True)]
+    one, two = emulator_checks(rows, link)
+    assert one["projected_fifo_step_seconds"] == pytest.approx(0.02 + 1.01e-3 + 2e-5 + 1e-7 - 5e-4)
+    assert two["projected_fifo_step_seconds"] == pytest.approx(0.02 + 2e-5 + 1e-7)
+    assert one["fifo_relative_error"] == pytest.approx(one["projected_fifo_step_seconds"] / 0.0215 - 1)
+    assert one["within_fifo"] and not two["within_fifo"]          # 21.5 ms: within 20.53 + 5%, above 20.02 + 5%
+    assert [k for k, _ in emulator_columns([one])][-3:] == ["fifo_ms", "fifo_relative_error", "within_fifo"]
+    no_trace = emulator_checks([{k: v for k, v in rows[0].items() if k != "timeline"}], link)
+    assert "projected_fifo_step_seconds" not in no_trace[0] and "fifo_ms" not in dict(emulator_columns(no_trace))
