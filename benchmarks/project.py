@@ -101,7 +101,12 @@ torchrun run. NCCL_SM_SHARE (assumed): NCCL's up to 32 channels, one CTA each, o
 Emulator validation (`--validate-emulator`, see `validate_emulator`): the thread emulator over a
 modelled link against the optimistic and pessimistic bounds (± BOUND_SLACK) and the trace-driven
 one (the free-link run's recorded step replayed through the same link: fifo error = fifo /
-emulated − 1, the emulated step should be at or below fifo + BOUND_SLACK).
+emulated − 1, the emulated step should be at or below fifo + BOUND_SLACK). Beside it, not a
+bound: every rank's recorded free-link run replayed together (`replay_ranks`, their step-to-step
+jitter included: an all-reduce ends when the later rank's part does), which shows how much of the
+emulated step the one-rank trace's assumption (all ranks post at the same times) leaves out. The
+emulator also sleeps to each modelled finish, and a thread wakes late from a sleep (tens of µs on
+this CPU), which no replay charges.
 
 Validation (`--validate`): the CPU rows projected with the fitted links against real gloo
 `torchrun` runs for N up to the core count, both bounds; the per-rank compute measured with the
@@ -803,16 +808,17 @@ def emulator_checks(rows: list[dict], link: Link) -> list[dict]:
                                    stale_channel=r["stale_channel"], stale_kinds=kinds, drain=False)["step"]
             checks[-1].update(projected_fifo_step_seconds=fifo, fifo_relative_error=fifo / real - 1,
                               within_fifo=real <= (1 + BOUND_SLACK) * fifo)
+        if "fifo_all_ranks_seconds" in r:
+            checks[-1]["fifo_all_ranks_relative_error"] = r["fifo_all_ranks_seconds"] / real - 1
     return checks
 
 
-def emulated_timeline(model, req, mode: str, n: int, device: str, warmup: int = 2) -> dict:
+def emulated_timelines(model, req, mode: str, n: int, device: str, warmup: int = 2) -> dict[str, list[list[dict]]]:
     """One free-link run of the thread emulator with each rank's transport wrapped in a
-    `TimelineRecorder` (steps cut where the session begins one): the steady step of the slowest rank
-    (its median step among the steady ones: after the warmup and the first stale step, before the
-    last), with each post's bytes and messages the most any rank's same post had (posts aligned by
-    their order and kind: every rank posts the same sequence). Wall clock: a wait's time blocked for
-    the peer is in the gap after it, as it is in the free-link step the other bounds call compute."""
+    `TimelineRecorder` (steps cut where the session begins one): per rank, every step's timeline,
+    on two clocks: "wall" (a wait's time blocked for the peer is in the gap after it, as it is in
+    the free-link step the other bounds call compute: for the one-rank replay) and "compute" (that
+    time left out: for replaying every rank together, which makes the waits for peers again)."""
     import copy
 
     from parafuse.parallel.emulator import emulate_ranks
@@ -833,11 +839,67 @@ def emulated_timeline(model, req, mode: str, n: int, device: str, warmup: int = 
         rt.close()
 
     emulate_ranks(n, config, run, device)
-    # steady: after the warmup and the first stale step, before the last (which gathers); a run too
-    # short for that (a smoke run) gives what it has after the warmup
-    per_rank = [(lambda tls: tls[warmup + 1:-1] or tls[warmup:] or tls[-1:])(rec.timelines()) for rec in recorders]
+    return {clock: [rec.timelines(clock) for rec in recorders] for clock in ("wall", "compute")}
+
+
+def steady_timeline(runs: list[list[dict]], warmup: int = 2) -> dict:
+    """The single-rank timeline of `emulated_timelines`' runs: the steady step of the slowest rank
+    (its median step among the steady ones: after the warmup and the first stale step, before the
+    last, which gathers; a run too short for that, a smoke run, gives what follows the warmup), with
+    each post's bytes and messages the most any rank's same post had (`busiest_posts`)."""
+    per_rank = [tls[warmup + 1:-1] or tls[warmup:] or tls[-1:] for tls in runs]
     medians = [sorted(steps, key=lambda s: s["seconds"])[len(steps) // 2] for steps in per_rank]
     return busiest_posts(max(medians, key=lambda s: s["seconds"]), medians)
+
+
+def replay_ranks(runs: list[list[dict]], link: Link, n: int, mode: str = "full", stale_channel: bool = False,
+                 stale_kinds: tuple[str, ...] = STALE_CHANNEL_KINDS, scale: float = 1.0) -> list[float]:
+    """Every rank's recorded run (consecutive steps of `emulated_timelines`, each rank's own gaps,
+    its jitter included, times `scale`) replayed together, one FIFO per rank and communicator, each
+    post costed as in `replay_timeline`: a wait completes when the same post (step, number) of every
+    rank has finished (at N = 2 the one peer, as the emulator's receives and all-reduces do). Returns
+    the durations of the steps after the first (the slowest rank's step ends, differenced). Not a
+    bound: what the single-rank trace's assumption (every rank posts at the same times) leaves out."""
+    ranks = len(runs)
+    seqs = []
+    for steps in runs:
+        seq = []
+        for k, st in enumerate(steps):
+            last = 0.0
+            for t, what, post, kind, nbytes, messages in st["events"]:
+                seq.append(((t - last) * scale, what, k - 1 if what == "wait_prev" else k, post, kind, nbytes,
+                            messages))
+                last = t
+            seq.append(((st["seconds"] - last) * scale, "end", k, None, None, 0, 0))
+        seqs.append(seq)
+    now, at = [0.0] * ranks, [0] * ranks
+    busy = [{MAIN: 0.0, STALE: 0.0} for _ in range(ranks)]
+    finish: list[dict] = [{} for _ in range(ranks)]
+    ends: list[list[float]] = [[] for _ in range(ranks)]
+    while any(at[r] < len(seqs[r]) for r in range(ranks)):
+        moved = False
+        for r in range(ranks):
+            while at[r] < len(seqs[r]):
+                gap, what, k, post, kind, nbytes, messages = seqs[r][at[r]]
+                key = (k, post)
+                if what in ("wait", "wait_prev", "wait_older") and k >= 0 and post is not None:
+                    if any(key not in finish[q] for q in range(ranks)):
+                        break               # a peer has not posted it yet: replay the peers first
+                now[r] += gap
+                if what == "post":
+                    channel = timeline_channel(kind, stale_channel, stale_kinds)
+                    busy[r][channel] = finish[r][key] = max(now[r], busy[r][channel]) + kind_seconds(
+                        kind, nbytes, messages, n, link, default_law(kind, mode), concurrent=False)
+                elif what == "end":
+                    ends[r].append(now[r])
+                elif k >= 0 and post is not None:
+                    now[r] = max([now[r]] + [finish[q][key] for q in range(ranks)])
+                at[r] += 1
+                moved = True
+        if not moved:
+            raise ValueError("the ranks' timelines wait for posts no rank makes: not one run's recordings")
+    done = [max(e[k] for e in ends) for k in range(min(map(len, ends)))]
+    return [b - a for a, b in zip(done, done[1:])]
 
 
 def busiest_posts(timeline: dict, others: list[dict]) -> dict:
@@ -889,12 +951,14 @@ def validate_emulator(model_name: str, size: int, n: int = 2, steps: int = 12, d
     model = load_model(model_name, device=device)
     req = Request(size, size, steps, "ddim", 1.0, seed=0, label=0 if model.spec.num_classes else None)
     free = Link("free", float("inf"), 0.0, "no cost: the same transport code, the link's time zero")
-    counted, timelines = {}, {}
+    counted, runs, timelines = {}, {}, {}
     for mode in EMULATOR_MODES:
         strips = [scaling.measure(model, req, torch.device(device), None, mode, n, s, repeat=1) for s in range(n)]
         busiest = max(strips, key=lambda r: sum(r["bytes_per_step"].values()))
         counted[mode] = (busiest["bytes_per_step"], busiest["messages_per_step"])
-        timelines[mode] = compact_timeline(emulated_timeline(model, req, mode, n, device))
+        recorded = emulated_timelines(model, req, mode, n, device)
+        runs[mode] = recorded["compute"]
+        timelines[mode] = compact_timeline(steady_timeline(recorded["wall"]))
     configs = [(mode, channel) for mode in EMULATOR_MODES for channel in (False, True)]
     free_steps = {c: [] for c in configs}
     modelled_steps = {c: [] for c in configs}
@@ -912,7 +976,15 @@ def validate_emulator(model_name: str, size: int, n: int = 2, steps: int = 12, d
 
     rows = []
     for mode, channel in configs:
+        # all ranks' recorded runs (compute clock) replayed together, scaled so that their free-link replay
+        # is this row's free-link step: what the single rank's trace leaves out (the ranks' jitter: an
+        # all-reduce ends when the later rank's part does)
+        joint_free = replay_ranks(runs[mode], free, n, mode)
+        joint = replay_ranks(runs[mode], link, n, mode, channel,
+                             scale=statistics.median(free_steps[(mode, channel)])
+                             / statistics.median(joint_free[2:-1] or joint_free))
         rows.append({"model": model_name, "size": size, "mode": mode, "n": n, "stale_channel": channel,
+                     "fifo_all_ranks_seconds": statistics.median(joint[2:-1] or joint),
                      "compute_seconds": statistics.median(free_steps[(mode, channel)]),
                      "free_link_spread": spread(free_steps[(mode, channel)]),
                      "emulated_spread": spread(modelled_steps[(mode, channel)]),
@@ -939,7 +1011,8 @@ EMULATOR_COLUMNS = [("model", "model"), ("size", "px"), ("mode", "mode"), ("n", 
                     ("within_bounds", "within bounds")]
 # the trace-driven bound's columns, where the rows have it (results before it do not)
 EMULATOR_FIFO_COLUMNS = [("fifo_ms", "fifo (trace) ms"), ("fifo_relative_error", "fifo error"),
-                         ("within_fifo", "at or below fifo")]
+                         ("within_fifo", "at or below fifo"), ("fifo_all_ms", "all ranks' runs replayed ms"),
+                         ("fifo_all_ranks_relative_error", "its error")]
 
 
 def emulator_columns(checks: list[dict]) -> list[tuple[str, str]]:
@@ -950,7 +1023,8 @@ def emulator_columns(checks: list[dict]) -> list[tuple[str, str]]:
 def emulator_table(checks: list[dict]) -> str:
     return table([{**c, "compute_ms": c["compute_seconds"] * 1e3, "projected_ms": c["projected_step_seconds"] * 1e3,
                    "emulated_ms": c["emulated_seconds"] * 1e3, "pess_ms": c["projected_pessimistic_step_seconds"] * 1e3,
-                   "fifo_ms": c["projected_fifo_step_seconds"] * 1e3 if "projected_fifo_step_seconds" in c else ""}
+                   "fifo_ms": c["projected_fifo_step_seconds"] * 1e3 if "projected_fifo_step_seconds" in c else "",
+                   "fifo_all_ms": c["fifo_all_ranks_seconds"] * 1e3 if "fifo_all_ranks_seconds" in c else ""}
                   for c in checks], emulator_columns(checks))
 
 

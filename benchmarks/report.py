@@ -167,7 +167,8 @@ def emulator_validation_section() -> list[str]:
                  "emulated_ms": c["emulated_seconds"] * 1e3, "pess_ms": c["projected_pessimistic_step_seconds"] * 1e3,
                  "stale_channel": "yes" if c["stale_channel"] else "no", "within_bounds": "yes" if c["within_bounds"]
                  else "no", **({"fifo_ms": c["projected_fifo_step_seconds"] * 1e3,
-                               "within_fifo": "yes" if c["within_fifo"] else "no"}
+                               "within_fifo": "yes" if c["within_fifo"] else "no",
+                               "fifo_all_ms": c.get("fifo_all_ranks_seconds", 0) * 1e3 or ""}
                               if "projected_fifo_step_seconds" in c else {})}
                 for c in res.get("checks") or res["rows"]]      # a legacy file's checks, else rows
         fifo = any("fifo_ms" in r for r in rows)
@@ -180,7 +181,8 @@ def emulator_validation_section() -> list[str]:
                 "IQR / median: the spread of the free-link steps, the machine's noise. "
                 + ("fifo (trace): the trace-driven bound, the free-link run's recorded step replayed through the "
                    "same link, one FIFO per communicator; at or below fifo: emulated ≤ fifo + "
-                   f"{res['bound_slack']:.0%}. "
+                   f"{res['bound_slack']:.0%}; all ranks' runs replayed: every rank's recorded free-link run "
+                   "replayed together (their jitter included), not a bound: what the one-rank trace leaves out. "
                    if fifo else "")
                 + load_note(res.get("load_average_1min"), res["hardware"]), "", table(rows, emulator_columns(rows)),
                 ""]

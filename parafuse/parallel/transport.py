@@ -587,8 +587,9 @@ class TimelineRecorder(Transport):
     per wait of that post, a timestamp when compute reached the wait. Steps are what lies between
     two `boundary()` calls (the caller knows where a step starts: the engine is not told).
 
-    Timestamps: on CPU `time.perf_counter()` (wall clock: the time a wait blocks for a peer stays in
-    the gap after it, as it does in the step); on CUDA a timing event
+    Timestamps: on CPU `time.perf_counter()`: wall clock (the time a wait blocks for a peer stays in
+    the gap after it, as it does in the step), or with `timelines("compute")` less the time blocked
+    inside `inner`'s waits (what a replay of every rank together needs); on CUDA a timing event
     with `external=True` recorded on the current stream - recorded into the graph while a CUDA graph
     is captured, so each replay stamps it again (`torch.cuda.Event(external=True)`; unrun here, no
     GPU). A step that posted nothing itself while an earlier capture recorded posts is a replay of
@@ -605,6 +606,7 @@ class TimelineRecorder(Transport):
         super().__init__(inner.rank, inner.world_size, inner.group, inner.stale_channel, inner.stale_kinds)
         self.inner = inner
         self.reaches_peers = inner.reaches_peers
+        self._blocked = 0.0             # CPU: seconds spent inside inner's waits so far
         self._where: dict[int, tuple[int, int]] = {}    # post id -> (step, index in that step)
         self._next_id = 0
         self._step = -1                 # the open step (-1: none)
@@ -624,7 +626,7 @@ class TimelineRecorder(Transport):
             event = torch.cuda.Event(enable_timing=True, external=True)
             event.record(torch.cuda.current_stream(device))
             return event
-        return time.perf_counter()
+        return time.perf_counter(), self._blocked
 
     def boundary(self, device: torch.device | str | None = None) -> None:
         """End the open step (if any) and start the next one here."""
@@ -671,7 +673,9 @@ class TimelineRecorder(Transport):
             target = self._captured if w_capturing else (self._open["events"] if self._open is not None else None)
             if target is not None:
                 target.append([self._marker(device), "wait", pid, kind, nbytes, messages])
+            t0 = time.perf_counter()
             pending.wait()
+            self._blocked += time.perf_counter() - t0
         return Pending([waited], pending.tensors)
 
     def start(self, sends, recvs, kind: str) -> Pending:
@@ -700,16 +704,20 @@ class TimelineRecorder(Transport):
         return self.inner._agree(t)
 
     # ---- reading the timelines ---------------------------------------------------------------------
-    def timelines(self) -> list[dict]:
-        """The recorded (closed) steps' timelines, oldest first (CUDA: synchronises first)."""
+    def timelines(self, clock: str = "wall") -> list[dict]:
+        """The recorded (closed) steps' timelines, oldest first (CUDA: synchronises first). `clock`
+        on CPU: "wall", or "compute" (time blocked in waits left out)."""
         out = []
+        compute = clock == "compute"
         for st in self._done:
-            cuda = not isinstance(st["start"], float)
+            cuda = not isinstance(st["start"], tuple)
             if cuda:
                 st["end"].synchronize()
 
             def since(m, st=st, cuda=cuda):
-                return st["start"].elapsed_time(m) / 1e3 if cuda else m - st["start"]
+                if cuda:
+                    return st["start"].elapsed_time(m) / 1e3
+                return m[0] - st["start"][0] - (m[1] - st["start"][1] if compute else 0.0)
             events, graphed = st["events"], False
             if not any(e[1] == "post" for e in events) and self._captured:
                 events, graphed = self._captured, True
@@ -720,6 +728,6 @@ class TimelineRecorder(Transport):
                     what = "wait_prev" if step == st["step"] - 1 else "wait_older"
                 rows.append((since(marker), what, index, kind, nbytes, messages))
             rows.sort(key=lambda r: r[0])
-            out.append({"seconds": since(st["end"]), "clock": "cuda-events" if cuda else "perf_counter",
+            out.append({"seconds": since(st["end"]), "clock": "cuda-events" if cuda else f"perf_counter, {clock}",
                         "graphed": graphed, "events": rows})
         return out
