@@ -218,3 +218,35 @@ def test_the_compute_clock_leaves_out_the_time_a_wait_blocks():
     wall, compute = rec.timelines()[0], rec.timelines("compute")[0]
     assert [e[1] for e in wall["events"]] == ["post", "wait"] and wall["events"][0][4:] == (16, 1)
     assert wall["seconds"] >= 0.05 > compute["seconds"] + 0.04
+
+
+def test_a_scaling_row_carries_the_slowest_strips_timeline_with_the_busiest_strips_counts():
+    """scaling.py --timeline end to end: N = 4 measures the first strip (one neighbour) and a middle
+    one (two); the row's timeline adds up to the row's counts (the busiest strip's), and project.py
+    gives that N, and only it, the trace-driven bound."""
+    import torch
+
+    import scaling
+    from project import LINKS
+
+    rows = scaling.scaling_rows("unet-small", [64], [1, 4], ["full"], torch.device("cpu"), None, repeat=1,
+                                log=lambda *_: None, timing_warmup=0, timeline=True)
+    strip = next(r for r in rows if r["mode"] == "full")
+    assert timeline_bytes(strip["timeline"]) == (strip["bytes_per_step"], strip["messages_per_step"])
+    out = [r for r in project_rows(rows, LINKS["pcie4"], max_n=8) if "projected_fifo_step_seconds" in r]
+    assert [r["n"] for r in out] == [4] and out[0]["projected_fifo_counts_match"]
+    assert out[0]["projected_fifo_step_seconds"] <= out[0]["projected_pessimistic_step_seconds"] * (1 + 1e-9)
+
+
+def test_busiest_posts_takes_each_posts_largest_counts_where_the_strips_post_alike():
+    from project import busiest_posts
+
+    edge = tl(1, (0.1, "post", 0, "conv_halo", 10, 1), (0.2, "wait", 0, "conv_halo", 10, 1),
+              (0.3, "post", 1, "norm_stats", 8, 1))
+    inner = tl(2, (0.5, "post", 0, "conv_halo", 20, 2), (0.6, "wait", 0, "conv_halo", 20, 2),
+               (0.7, "post", 1, "norm_stats", 8, 1))
+    got = busiest_posts(edge, [edge, inner])
+    assert got["seconds"] == 1 and [e[0] for e in got["events"]] == [0.1, 0.2, 0.3]     # the slow strip's times
+    assert timeline_bytes(got) == ({"conv_halo": 20, "norm_stats": 8}, {"conv_halo": 2, "norm_stats": 1})
+    other = tl(1, (0.1, "post", 0, "attn_kv", 99, 9))
+    assert busiest_posts(edge, [edge, other]) == edge          # different sequences: left as recorded
