@@ -279,6 +279,15 @@ def gpu_section(gpus: list[dict]) -> list[str]:
                 if all(key in r for r in prow):
                     out += [f"{what}:", "", pivot(prow, ("model", "size", "mode", "graphs", "kernels", "link"), key),
                             ""]
+            traced = [r for r in prow if "projected_fifo_speedup" in r]
+            if traced:       # the trace-driven bound exists only where a step's timeline was recorded
+                out += ["trace-driven pessimistic (fifo): the measured N's recorded step (posts and waits, one "
+                        "rank, every rank assumed to post at the same times) replayed through one FIFO link per "
+                        "communicator, with the same costs and charge:", "",
+                        pivot(traced, ("model", "size", "mode", "graphs", "kernels", "link"), "projected_fifo_speedup"),
+                        "", "trace-driven, stale traffic on its own communicator:", "",
+                        pivot(traced, ("model", "size", "mode", "graphs", "kernels", "link"),
+                              "projected_fifo_stale_channel_speedup"), ""]
     return out
 
 
@@ -647,7 +656,9 @@ def headline_rows(gpus: list[dict]) -> list[dict]:
                                      f"{'CUDA graphs' if graphed else 'eager'}",
                              "figure": f"{r['projected_pessimistic_speedup']:.2f}× pessimistic, "
                                        f"{r['projected_speedup']:.2f}× optimistic; "
-                                       f"{r['projected_stale_channel_speedup']:.2f}× pessimistic with `--stale-channel`",
+                                       f"{r['projected_stale_channel_speedup']:.2f}× pessimistic with `--stale-channel`"
+                                       + (f"; {r['projected_fifo_speedup']:.2f}× trace-driven pessimistic"
+                                          if "projected_fifo_speedup" in r else ""),
                              "where": f"arithmetic: {where}"})
     return rows
 
