@@ -61,14 +61,17 @@ with the opt-in stale communicator, `projected_stale_channel_*`):
   wait directly follows its post (the engine's all-reduces) each stalls compute by at least its
   transfer, and a step moves at most a step's time of bytes, so fifo >= max(compute, stale) +
   critical, the optimistic step. A trace with host time between a post and its wait (CPU traces:
-  µs of Python) lets that time overlap the transfer and can fall just below the optimistic step;
-  the pessimistic bound's other case (max(compute', stale) + one post's tail + critical) assumes
-  stale posts spread over the step, which a trace need not show. On two communicators that run at
-  once the fifo step can fall below the one-link optimistic bound where stale traffic alone
-  outlasts compute. It is a projection from a trace, not a measurement, and pessimistic only as
-  far as the trace's post times hold on the real system: the recorded rank is the slowest strip
-  (with the busiest strip's bytes per post), every rank is assumed to post at the same times, and
-  a receive is assumed ready when this rank's own FIFO reaches it.
+  Python, and the emulator's copy of each sent tensor) lets that time overlap the transfer, and
+  can fall below the optimistic step (a few per cent on the CPU emulator's sync rows). The
+  pessimistic bound's other case (max(compute', stale) + one post's tail + critical) assumes stale
+  posts spread over the step: where a trace bunches several at the step's end the fifo step can
+  exceed it. On two communicators that run at once the fifo step can fall below the one-link
+  optimistic bound where stale traffic alone outlasts compute. It is a projection from a trace,
+  not a measurement, and pessimistic only as far as the trace's post times hold on the real
+  system: the recorded rank is the slowest strip (with the busiest strip's bytes per post), every
+  rank is assumed to post at the same times (ranks whose timing jitters from step to step meet at
+  each all-reduce later than that: `replay_ranks` shows by how much in the emulator), and a
+  receive is assumed ready when this rank's own FIFO reaches it.
 Projected speedup = serial_seconds / projected step.
 
 N not measured. Per (model, size, mode) the points are the measured N plus N = 1 (the serial
