@@ -250,3 +250,13 @@ def test_busiest_posts_takes_each_posts_largest_counts_where_the_strips_post_ali
     assert timeline_bytes(got) == ({"conv_halo": 20, "norm_stats": 8}, {"conv_halo": 2, "norm_stats": 1})
     other = tl(1, (0.1, "post", 0, "attn_kv", 99, 9))
     assert busiest_posts(edge, [edge, other]) == edge          # different sequences: left as recorded
+
+
+def test_stale_posts_bunched_at_a_drained_steps_end_exceed_the_one_post_tail():
+    """The limitation the docstring states: with nothing critical mid-step the existing pessimistic
+    bound exposes one post's stale traffic at the drain; a trace with two at the very end exposes both."""
+    t = {**tl(10, (10, "post", 0, "attn_kv", 2, 1), (10, "post", 1, "attn_kv", 2, 1)), "graphed": True}
+    b, m = timeline_bytes(t)
+    fifo = replay_timeline(t, SLOW, 2)["step"]
+    assert fifo == pytest.approx(10 + 2 + 2)
+    assert pessimistic_seconds(10, b, m, "full", 2, SLOW, None)[-1] == pytest.approx(10 + 2)     # max(10, 4) + 2
