@@ -90,13 +90,15 @@ def plan_steps(a, device_name: str) -> list[Step]:
     if smoke:
         scaling_argv = ["--models", "dit-small", "--sizes", "128", "--ranks", "1", "2", "--modes", "full", "sync",
                         "partial", "--kernels", "torch", "--device", "cpu", "--repeat", "1", "--timing-warmup", "0",
-                        "--torchrun-size", "0", "--budget", "60"]
+                        "--torchrun-size", "0", "--budget", "60", "--timeline"]
         emulator_argv = ["--device", "cpu", "--models", "dit-small", "--sizes", "64", "--emulator-steps", "4",
                          "--emulator-repeats", "2"]     # its spread needs two runs
     else:
         scaling_argv = ["--models", "unet-xl", "dit-xl", "--sizes", "4096", "--ranks", "1", "8", "--modes", "full",
                         "sync", "partial", "--cuda-graphs", "--kernels", "torch", "triton", "--device", a.device,
-                        "--dtype", "bf16", "--repeat", "10", "--budget", "240"]
+                        "--dtype", "bf16", "--repeat", "10", "--budget", "240",
+                        # each strip row's graphed step timeline: project.py's trace-driven bound (projected_fifo_*)
+                        "--timeline"]
         emulator_argv = ["--device", a.device, "--models", "default", "--sizes", "256", "--emulator-repeats", "2"]
     projected, emulator = f"project_{tag}_4096_graphs_kernels", f"project_emulator_{tag}"
     kernels, auto = at(f"kernel_timings_{tag}.json"), at(f"kernel_timings_{tag}_auto.json")
@@ -109,10 +111,11 @@ def plan_steps(a, device_name: str) -> list[Step]:
                   ("pipelines",)),
         gpu_check("like_with_like", "issue 28: per-rank scaling, CUDA graphs, their projection",
                   ("scaling", "graphs", "projection")),
-        Step("scaling_4096", "4096², N = 1 and 8, graphed, both kernels, full/sync/partial, unet-xl and dit-xl",
+        Step("scaling_4096", "4096², N = 1 and 8, graphed, both kernels, full/sync/partial, unet-xl and dit-xl, "
+             "with each strip row's graphed step timeline",
              py + ["benchmarks/scaling.py", *scaling_argv, "--name", scaling if inside else at(scaling)],
              [(at(scaling + ".json"), None)], budget=300),
-        Step("project_4096", "the 4096² rows projected to N = 1..16 (both bounds)",
+        Step("project_4096", "the 4096² rows projected to N = 1..16 (both bounds; the trace-driven one at N = 8)",
              py + ["benchmarks/project.py", "--scaling", at(scaling + ".json"), "--name", projected[8:]],
              [(at(projected + ".json"), None)], budget=30, reads=(at(scaling + ".json"),), moves=moved(projected)),
         Step("emulator", "the projection against the one-GPU emulator over a modelled link, N = 2",

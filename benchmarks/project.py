@@ -42,6 +42,36 @@ with the opt-in stale communicator, `projected_stale_channel_*`):
     committed JSON, never typed in), as a fraction of compute, (b) the same loss per byte, times
     this row's bytes, (c) NCCL_SM_SHARE of the SMs for the whole stale transfer time. Not charged
     in sync (nothing overlaps) nor where no loopback figure is given (the CPU validation).
+- trace-driven (`projected_fifo_*`, rows whose scaling run recorded a timeline: `scaling.py
+  --timeline`, measured N only). The pessimistic bound above serialises *all* of a step's stale
+  traffic ahead of the critical collectives, the worst over every placement of the posts; the
+  trace says where they are. One rank's recorded steady step (`TimelineRecorder`: each post's kind,
+  bytes and messages, each wait, stamped on the compute stream; under graphs a replay's, stamped by
+  CUDA events captured in the graph) is replayed (`replay_timeline`) through one FIFO per
+  communicator: compute between events is the recorded gaps scaled to the row's compute' (compute
+  + the same charge), a post queues its transfer (`kind_seconds`, the cost the other bounds use)
+  behind what its FIFO holds, a wait blocks compute until its transfer ends, stale posts waited in
+  the next step carry over (identical steps from an idle link, the steady one taken), and under
+  graphs everything is drained by the step's end. `projected_fifo_stale_channel_*`: the stale
+  kinds on their own FIFO (`STALE_CHANNEL_KINDS`, as the transport routes them), run at the same
+  time as the main one (as the emulator models two communicators). Which post is stale or
+  critical is not decided here: what is waited when is the trace's.
+  While compute is blocked its FIFO is busy, so in the steady state fifo <= compute' + stale +
+  critical, the serialised pessimistic step (tested on random timelines); and where every critical
+  wait directly follows its post (the engine's all-reduces) each stalls compute by at least its
+  transfer, and a step moves at most a step's time of bytes, so fifo >= max(compute, stale) +
+  critical, the optimistic step. A trace with host time between a post and its wait (CPU traces:
+  Python, and the emulator's copy of each sent tensor) lets that time overlap the transfer, and
+  can fall below the optimistic step (a few per cent on the CPU emulator's sync rows). The
+  pessimistic bound's other case (max(compute', stale) + one post's tail + critical) assumes stale
+  posts spread over the step: where a trace bunches several at the step's end the fifo step can
+  exceed it. On two communicators that run at once the fifo step can fall below the one-link
+  optimistic bound where stale traffic alone outlasts compute. It is a projection from a trace,
+  not a measurement, and pessimistic only as far as the trace's post times hold on the real
+  system: the recorded rank is the slowest strip (with the busiest strip's bytes per post), every
+  rank is assumed to post at the same times (ranks whose timing jitters from step to step meet at
+  each all-reduce later than that: `replay_ranks` shows by how much in the emulator), and a
+  receive is assumed ready when this rank's own FIFO reaches it.
 Projected speedup = serial_seconds / projected step.
 
 N not measured. Per (model, size, mode) the points are the measured N plus N = 1 (the serial
@@ -71,6 +101,16 @@ between two processes, 1 KB..8 MB, least squares of latency + bytes/bandwidth (r
 residuals); `measured-loaded` the same with a busy compute thread in each process, as in a
 torchrun run. NCCL_SM_SHARE (assumed): NCCL's up to 32 channels, one CTA each, of an H100's 132 SMs.
 
+Emulator validation (`--validate-emulator`, see `validate_emulator`): the thread emulator over a
+modelled link against the optimistic and pessimistic bounds (± BOUND_SLACK) and the trace-driven
+one (the free-link run's recorded step replayed through the same link: fifo error = fifo /
+emulated − 1, the emulated step should be at or below fifo + BOUND_SLACK). Beside it, not a
+bound: every rank's recorded free-link run replayed together (`replay_ranks`, their step-to-step
+jitter included: an all-reduce ends when the later rank's part does), which shows how much of the
+emulated step the one-rank trace's assumption (all ranks post at the same times) leaves out. The
+emulator also sleeps to each modelled finish, and a thread wakes late from a sleep (tens of µs on
+this CPU), which no replay charges.
+
 Validation (`--validate`): the CPU rows projected with the fitted links against real gloo
 `torchrun` runs for N up to the core count, both bounds; the per-rank compute measured with the
 thread count torchrun gives each rank (cores // N); the real step is the median steady-state step.
@@ -93,6 +133,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (RESULTS, SCHEMA, add_run, add_timing, config_of, hardware, parser, provenance,  # noqa: E402
                     read_result, rewrite_result, save_plot, table, timing_stats, write_result)
+from parafuse.parallel.transport import MAIN, STALE, STALE_CHANNEL_KINDS  # noqa: E402
 
 
 # ---- links ---------------------------------------------------------------------------------------
@@ -320,6 +361,99 @@ def pessimistic_seconds(compute: float, bytes_per_step: dict, messages_per_step:
     return extra, stale, critical, tail, max(compute + extra, stale) + tail + critical
 
 
+# ---- the trace-driven bound: one rank's recorded timeline through one FIFO link per communicator --
+FIFO_STEPS = 12           # identical steps replayed from an idle link; the steady step is the mean of the last
+FIFO_STEADY = 4           # FIFO_STEADY of them
+
+
+def timeline_channel(kind: str, stale_channel: bool, stale_kinds: tuple[str, ...] = STALE_CHANNEL_KINDS) -> str:
+    """The communicator a recorded post goes to: the transport's rule (`Transport.channel`; the
+    kinds it may carry on the stale one are point-to-point kinds, all-reduces stay on the main one)."""
+    return STALE if stale_channel and kind in stale_kinds else MAIN
+
+
+def replay_timeline(timeline: dict, link: Link, n: int, mode: str = "full", compute: float | None = None,
+                    charge: float = 0.0, stale_channel: bool = False,
+                    stale_kinds: tuple[str, ...] = STALE_CHANNEL_KINDS, drain: bool | None = None,
+                    steps: int = FIFO_STEPS) -> dict:
+    """One recorded step (`TimelineRecorder.timelines()`: its duration and its (t, event, post, kind,
+    bytes, messages) events) replayed through one FIFO link per communicator, `steps` identical
+    steps in a row from an idle link; returns {"step", "compute", "stall", "steps"} seconds, "step"
+    the mean of the last FIFO_STEADY steps (the steady state).
+
+    - Compute: the recorded gaps between events, scaled so that the step's compute is `compute`
+      (the row's measured per-rank compute; None: the recording's own) plus `charge` (the
+      pessimistic bound's SM/HBM charge, `Charge.seconds`), spread over the step in proportion.
+    - A post enqueues its transfer behind whatever its FIFO holds (the communicator's: MAIN, or
+      STALE for `stale_kinds` with `stale_channel`): `kind_seconds`, the rule the other bounds use
+      (latency per message and hop, an all-reduce 2(N-1) hops; bytes / bandwidth; past one node
+      the off-node share after the rest).
+    - A wait blocks compute until its post's transfer has finished: "wait" one of this step's posts,
+      "wait_prev" the same post of the previous step (a stale exchange; the first step's are free).
+    - `drain` (default: the row was graphed, or the timeline is a graph replay's): every post is
+      finished before the step ends (a CUDA graph drains its exchanges: a one-step window).
+    Nothing here decides which kind is stale or critical: what is waited when is the trace's."""
+    events, recorded = timeline["events"], timeline["seconds"]
+    if compute is None:
+        compute = recorded
+    scale = (compute + charge) / recorded if recorded > 0 else 0.0
+    drain = timeline.get("graphed", False) if drain is None else drain
+    if any(e[1] not in ("post", "wait", "wait_prev") for e in events):
+        raise ValueError("the timeline waits for a post older than the previous step: not a steady step")
+    cost = {}
+    for t, what, post, kind, nbytes, messages in events:
+        if what == "post":
+            cost[post] = (timeline_channel(kind, stale_channel, stale_kinds),
+                          kind_seconds(kind, nbytes, messages, n, link, default_law(kind, mode), concurrent=False))
+    busy = {MAIN: 0.0, STALE: 0.0}
+    now, prev_finish, durations = 0.0, {}, []
+    for _ in range(steps):
+        begin, last, finish = now, 0.0, {}
+        for t, what, post, kind, nbytes, messages in events:
+            now += (t - last) * scale
+            last = t
+            if what == "post":
+                channel, seconds = cost[post]
+                busy[channel] = finish[post] = max(now, busy[channel]) + seconds
+            elif what == "wait":
+                now = max(now, finish[post])
+            elif not drain:                  # wait_prev: under a drain the previous step's posts are done
+                now = max(now, prev_finish.get(post, 0.0))
+        now += (recorded - last) * scale
+        if drain:
+            now = max([now] + list(finish.values()))
+        durations.append(now - begin)
+        prev_finish = finish
+    step = statistics.fmean(durations[-FIFO_STEADY:])
+    return {"step": step, "compute": compute + charge, "stall": step - compute - charge, "steps": durations}
+
+
+def timeline_bytes(timeline: dict) -> tuple[dict, dict]:
+    """(bytes, messages) per kind of the timeline's posts: the counts the row reports, if it is one step."""
+    nbytes, messages = {}, {}
+    for t, what, post, kind, b, m in timeline["events"]:
+        if what == "post":
+            nbytes[kind] = nbytes.get(kind, 0) + b
+            messages[kind] = messages.get(kind, 0) + m
+    return nbytes, messages
+
+
+def fifo_seconds(row: dict, compute: float, link: Link, n: int, mode: str, charge: float,
+                 stale_text: bool = False) -> dict:
+    """`projected_fifo_*` of a measured row with a timeline: one communicator, and the opt-in stale one."""
+    tl = row["timeline"]
+    drain = bool(row.get("cuda_graphs")) or tl.get("graphed", False)
+    one = replay_timeline(tl, link, n, mode, compute, charge, drain=drain)
+    kinds = STALE_CHANNEL_KINDS + (("text_attn",) if stale_text else ())
+    two = replay_timeline(tl, link, n, mode, compute, charge, stale_channel=True, stale_kinds=kinds, drain=drain)
+    nbytes, messages = timeline_bytes(tl)
+    return {"projected_fifo_step_seconds": one["step"], "projected_fifo_stall_seconds": one["stall"],
+            "projected_fifo_stale_channel_step_seconds": two["step"],
+            "projected_fifo_drained": drain,
+            "projected_fifo_counts_match": nbytes == {k: v for k, v in row.get("bytes_per_step", {}).items() if v}
+            and messages == {k: v for k, v in row.get("messages_per_step", {}).items() if v}}
+
+
 # ---- interpolation over N ------------------------------------------------------------------------
 def interpolate(points: dict[int, float], n: int, inverse: bool = True) -> tuple[float, str]:
     """Value at `n` from {N: value}, piecewise linear in 1/N (`inverse`) or in N, through the two
@@ -358,7 +492,7 @@ def with_sync_from_full(rows: list[dict]) -> list[dict]:
     full's per-rank compute, bytes and messages (sync does the same work, waiting at every exchange),
     marked `compute_from: full`."""
     measured = {(r["model"], r["size"], r.get("kernels", "torch"), r["n"]) for r in rows if r.get("mode") == "sync"}
-    derived = [{**r, "mode": "sync", "compute_from": "full"} for r in rows
+    derived = [{**{k: v for k, v in r.items() if k != "timeline"}, "mode": "sync", "compute_from": "full"} for r in rows
                if r.get("mode") == "full" and (r["model"], r["size"], r.get("kernels", "torch"), r["n"]) not in measured]
     return rows + derived
 
@@ -386,7 +520,11 @@ def project_rows(rows: list[dict], link: Link, max_n: int = 16, norm_on_critical
     projected_comm_critical_seconds, projected_step_seconds, projected_speedup, projected_bound
     ("compute" or "comm") (the optimistic bound); projected_pessimistic_{charge,comm_async,
     comm_critical,tail,step}_seconds, projected_pessimistic_speedup; projected_stale_channel_step_seconds,
-    projected_stale_channel_speedup."""
+    projected_stale_channel_speedup; and where the row of a measured N carries its recorded `timeline`
+    (scaling.py --timeline), the trace-driven bound `fifo_seconds`: projected_fifo_{step,stall,
+    stale_channel_step}_seconds, projected_fifo_speedup, projected_fifo_stale_channel_speedup,
+    projected_fifo_drained, projected_fifo_counts_match (the timeline's posts add up to the row's
+    bytes and messages). Other N get no fifo keys: a trace is of one N."""
     rows = [r for r in rows if "skipped" not in r and "seconds" in r and "mode" in r]
     if derive_sync:
         rows = with_sync_from_full(rows)
@@ -443,6 +581,12 @@ def project_rows(rows: list[dict], link: Link, max_n: int = 16, norm_on_critical
                         "projected_pessimistic_speedup": serial_s / p_step,
                         "projected_stale_channel_step_seconds": channel_step,
                         "projected_stale_channel_speedup": serial_s / channel_step})
+            if source == "measured" and n > 1 and "timeline" in measured[n]:
+                # the trace-driven bound: only where this N's own step was recorded (nothing scaled to other N)
+                fifo = fifo_seconds(measured[n], c, link, n, mode, extra, stale_text)
+                out[-1].update(fifo, projected_fifo_speedup=serial_s / fifo["projected_fifo_step_seconds"],
+                               projected_fifo_stale_channel_speedup=serial_s
+                               / fifo["projected_fifo_stale_channel_step_seconds"])
     return out
 
 
@@ -659,7 +803,128 @@ def emulator_checks(rows: list[dict], link: Link) -> list[dict]:
                        "projected_pessimistic_step_seconds": pessimistic,
                        "relative_error": optimistic / real - 1, "pessimistic_relative_error": pessimistic / real - 1,
                        "within_bounds": (1 - BOUND_SLACK) * optimistic <= real <= (1 + BOUND_SLACK) * pessimistic})
+        if r.get("timeline"):
+            # the trace-driven bound: the rank's recorded free-link step replayed through the same link,
+            # one FIFO per communicator as the emulator has (eager: stale posts waited the next step)
+            kinds = STALE_CHANNEL_KINDS
+            fifo = replay_timeline(r["timeline"], link, r["n"], r["mode"], r["compute_seconds"],
+                                   stale_channel=r["stale_channel"], stale_kinds=kinds, drain=False)["step"]
+            checks[-1].update(projected_fifo_step_seconds=fifo, fifo_relative_error=fifo / real - 1,
+                              within_fifo=real <= (1 + BOUND_SLACK) * fifo)
+        if "fifo_all_ranks_seconds" in r:
+            checks[-1]["fifo_all_ranks_relative_error"] = r["fifo_all_ranks_seconds"] / real - 1
     return checks
+
+
+def emulated_timelines(model, req, mode: str, n: int, device: str, warmup: int = 2) -> dict[str, list[list[dict]]]:
+    """One free-link run of the thread emulator with each rank's transport wrapped in a
+    `TimelineRecorder` (steps cut where the session begins one): per rank, every step's timeline,
+    on two clocks: "wall" (a wait's time blocked for the peer is in the gap after it, as it is in
+    the free-link step the other bounds call compute: for the one-rank replay) and "compute" (that
+    time left out: for replaying every rank together, which makes the waits for peers again)."""
+    import copy
+
+    from parafuse.parallel.emulator import emulate_ranks
+    from parafuse.parallel.transport import TimelineRecorder
+    from parafuse.runtime import ParallelConfig, Runtime
+
+    config = ParallelConfig(mode, warmup)
+    recorders: list = [None] * n
+    cuda = torch.device(device).type == "cuda"
+
+    def run(layout, transport):
+        rec = recorders[layout.rank] = TimelineRecorder(transport)
+        rt = Runtime(copy.deepcopy(model), config, device, layout=layout, transport=rec)
+        begin = rt.session.begin_step
+        rt.session.begin_step = lambda k: (rec.boundary(device if cuda else None), begin(k))[1]
+        rt.generate(req)
+        rec.finish(device if cuda else None)
+        rt.close()
+
+    emulate_ranks(n, config, run, device)
+    return {clock: [rec.timelines(clock) for rec in recorders] for clock in ("wall", "compute")}
+
+
+def steady_timeline(runs: list[list[dict]], warmup: int = 2) -> dict:
+    """The single-rank timeline of `emulated_timelines`' runs: the steady step of the slowest rank
+    (its median step among the steady ones: after the warmup and the first stale step, before the
+    last, which gathers; a run too short for that, a smoke run, gives what follows the warmup), with
+    each post's bytes and messages the most any rank's same post had (`busiest_posts`)."""
+    per_rank = [tls[warmup + 1:-1] or tls[warmup:] or tls[-1:] for tls in runs]
+    medians = [sorted(steps, key=lambda s: s["seconds"])[len(steps) // 2] for steps in per_rank]
+    return busiest_posts(max(medians, key=lambda s: s["seconds"]), medians)
+
+
+def replay_ranks(runs: list[list[dict]], link: Link, n: int, mode: str = "full", stale_channel: bool = False,
+                 stale_kinds: tuple[str, ...] = STALE_CHANNEL_KINDS, scale: float = 1.0) -> list[float]:
+    """Every rank's recorded run (consecutive steps of `emulated_timelines`, each rank's own gaps,
+    its jitter included, times `scale`) replayed together, one FIFO per rank and communicator, each
+    post costed as in `replay_timeline`: a wait completes when the same post (step, number) of every
+    rank has finished (at N = 2 the one peer, as the emulator's receives and all-reduces do). Returns
+    the durations of the steps after the first (the slowest rank's step ends, differenced). Not a
+    bound: what the single-rank trace's assumption (every rank posts at the same times) leaves out."""
+    ranks = len(runs)
+    seqs = []
+    for steps in runs:
+        seq = []
+        for k, st in enumerate(steps):
+            last = 0.0
+            for t, what, post, kind, nbytes, messages in st["events"]:
+                seq.append(((t - last) * scale, what, k - 1 if what == "wait_prev" else k, post, kind, nbytes,
+                            messages))
+                last = t
+            seq.append(((st["seconds"] - last) * scale, "end", k, None, None, 0, 0))
+        seqs.append(seq)
+    now, at = [0.0] * ranks, [0] * ranks
+    busy = [{MAIN: 0.0, STALE: 0.0} for _ in range(ranks)]
+    finish: list[dict] = [{} for _ in range(ranks)]
+    ends: list[list[float]] = [[] for _ in range(ranks)]
+    while any(at[r] < len(seqs[r]) for r in range(ranks)):
+        moved = False
+        for r in range(ranks):
+            while at[r] < len(seqs[r]):
+                gap, what, k, post, kind, nbytes, messages = seqs[r][at[r]]
+                key = (k, post)
+                if what in ("wait", "wait_prev", "wait_older") and k >= 0 and post is not None:
+                    if any(key not in finish[q] for q in range(ranks)):
+                        break               # a peer has not posted it yet: replay the peers first
+                now[r] += gap
+                if what == "post":
+                    channel = timeline_channel(kind, stale_channel, stale_kinds)
+                    busy[r][channel] = finish[r][key] = max(now[r], busy[r][channel]) + kind_seconds(
+                        kind, nbytes, messages, n, link, default_law(kind, mode), concurrent=False)
+                elif what == "end":
+                    ends[r].append(now[r])
+                elif k >= 0 and post is not None:
+                    now[r] = max([now[r]] + [finish[q][key] for q in range(ranks)])
+                at[r] += 1
+                moved = True
+        if not moved:
+            raise ValueError("the ranks' timelines wait for posts no rank makes: not one run's recordings")
+    done = [max(e[k] for e in ends) for k in range(min(map(len, ends)))]
+    return [b - a for a, b in zip(done, done[1:])]
+
+
+def busiest_posts(timeline: dict, others: list[dict]) -> dict:
+    """`timeline` with each post's bytes and messages the largest among the same post (by order and
+    kind) of `others` (the other strips' steps: the row's counts are the busiest strip's); unchanged
+    where their post sequences differ."""
+    def posts(tl):
+        return [e for e in tl["events"] if e[1] == "post"]
+    mine = posts(timeline)
+    if any([e[3] for e in posts(o)] != [e[3] for e in mine] for o in others):
+        return timeline
+    most = {e[2]: (max(p[i][4] for p in map(posts, others)), max(p[i][5] for p in map(posts, others)))
+            for i, e in enumerate(mine)}
+    events = [[*e[:4], max(e[4], most[e[2]][0]), max(e[5], most[e[2]][1])] if e[1] == "post" else list(e)
+              for e in timeline["events"]]
+    return {**timeline, "events": events}
+
+
+def compact_timeline(timeline: dict) -> dict:
+    """A timeline for a results JSON: times rounded to nanoseconds."""
+    return {**timeline, "seconds": round(timeline["seconds"], 9),
+            "events": [[round(e[0], 9), *e[1:]] for e in timeline["events"]]}
 
 
 def emulated_steps(model, req, mode: str, n: int, device: str, stale_channel: bool, link: Link) -> list[float]:
@@ -689,11 +954,14 @@ def validate_emulator(model_name: str, size: int, n: int = 2, steps: int = 12, d
     model = load_model(model_name, device=device)
     req = Request(size, size, steps, "ddim", 1.0, seed=0, label=0 if model.spec.num_classes else None)
     free = Link("free", float("inf"), 0.0, "no cost: the same transport code, the link's time zero")
-    counted = {}
+    counted, runs, timelines = {}, {}, {}
     for mode in EMULATOR_MODES:
         strips = [scaling.measure(model, req, torch.device(device), None, mode, n, s, repeat=1) for s in range(n)]
         busiest = max(strips, key=lambda r: sum(r["bytes_per_step"].values()))
         counted[mode] = (busiest["bytes_per_step"], busiest["messages_per_step"])
+        recorded = emulated_timelines(model, req, mode, n, device)
+        runs[mode] = recorded["compute"]
+        timelines[mode] = compact_timeline(steady_timeline(recorded["wall"]))
     configs = [(mode, channel) for mode in EMULATOR_MODES for channel in (False, True)]
     free_steps = {c: [] for c in configs}
     modelled_steps = {c: [] for c in configs}
@@ -711,13 +979,22 @@ def validate_emulator(model_name: str, size: int, n: int = 2, steps: int = 12, d
 
     rows = []
     for mode, channel in configs:
+        # all ranks' recorded runs (compute clock) replayed together, scaled so that their free-link replay
+        # is this row's free-link step: what the single rank's trace leaves out (the ranks' jitter: an
+        # all-reduce ends when the later rank's part does)
+        joint_free = replay_ranks(runs[mode], free, n, mode)
+        joint = replay_ranks(runs[mode], link, n, mode, channel,
+                             scale=statistics.median(free_steps[(mode, channel)])
+                             / statistics.median(joint_free[2:-1] or joint_free))
         rows.append({"model": model_name, "size": size, "mode": mode, "n": n, "stale_channel": channel,
+                     "fifo_all_ranks_seconds": statistics.median(joint[2:-1] or joint),
                      "compute_seconds": statistics.median(free_steps[(mode, channel)]),
                      "free_link_spread": spread(free_steps[(mode, channel)]),
                      "emulated_spread": spread(modelled_steps[(mode, channel)]),
                      "bytes_per_step": counted[mode][0], "messages_per_step": counted[mode][1],
                      "emulated_seconds": statistics.median(modelled_steps[(mode, channel)]),
-                     "free_link_steps": free_steps[(mode, channel)], "emulated_steps": modelled_steps[(mode, channel)]})
+                     "free_link_steps": free_steps[(mode, channel)], "emulated_steps": modelled_steps[(mode, channel)],
+                     "timeline": timelines[mode]})
         log(f"  {mode}{' (stale channel)' if channel else ''}: free {rows[-1]['compute_seconds'] * 1e3:.1f} ms, "
             f"modelled link {rows[-1]['emulated_seconds'] * 1e3:.1f} ms")
     return {"model": model_name, "size": size, "n": n, "link": asdict(link), "device": device, "steps": steps,
@@ -735,12 +1012,23 @@ EMULATOR_COLUMNS = [("model", "model"), ("size", "px"), ("mode", "mode"), ("n", 
                     ("emulated_ms", "emulated ms"), ("pess_ms", "pessimistic ms"),
                     ("relative_error", "optimistic error"), ("pessimistic_relative_error", "pessimistic error"),
                     ("within_bounds", "within bounds")]
+# the trace-driven bound's columns, where the rows have it (results before it do not)
+EMULATOR_FIFO_COLUMNS = [("fifo_ms", "fifo (trace) ms"), ("fifo_relative_error", "fifo error"),
+                         ("within_fifo", "at or below fifo"), ("fifo_all_ms", "all ranks' runs replayed ms"),
+                         ("fifo_all_ranks_relative_error", "its error")]
+
+
+def emulator_columns(checks: list[dict]) -> list[tuple[str, str]]:
+    return EMULATOR_COLUMNS + (EMULATOR_FIFO_COLUMNS if any("projected_fifo_step_seconds" in c for c in checks)
+                               else [])
 
 
 def emulator_table(checks: list[dict]) -> str:
     return table([{**c, "compute_ms": c["compute_seconds"] * 1e3, "projected_ms": c["projected_step_seconds"] * 1e3,
-                   "emulated_ms": c["emulated_seconds"] * 1e3, "pess_ms": c["projected_pessimistic_step_seconds"] * 1e3}
-                  for c in checks], EMULATOR_COLUMNS)
+                   "emulated_ms": c["emulated_seconds"] * 1e3, "pess_ms": c["projected_pessimistic_step_seconds"] * 1e3,
+                   "fifo_ms": c["projected_fifo_step_seconds"] * 1e3 if "projected_fifo_step_seconds" in c else "",
+                   "fifo_all_ms": c["fifo_all_ranks_seconds"] * 1e3 if "fifo_all_ranks_seconds" in c else ""}
+                  for c in checks], emulator_columns(checks))
 
 
 def run_emulator_validation(args, argv) -> None:
@@ -764,7 +1052,11 @@ def run_emulator_validation(args, argv) -> None:
                         load_average_1min={"before": load_before, "after": os.getloadavg()[0]},
                         mean_abs_relative_error=statistics.fmean(abs(c["relative_error"]) for c in checks),
                         mean_abs_pessimistic_relative_error=statistics.fmean(abs(c["pessimistic_relative_error"])
-                                                                             for c in checks))
+                                                                             for c in checks),
+                        # the trace-driven bound: fifo / emulated - 1 per row (>= 0: the emulated step at or below it)
+                        fifo_relative_error={f"{c['model']} {c['mode']}" + (", stale channel" if c["stale_channel"]
+                                                                            else ""): c["fifo_relative_error"]
+                                             for c in checks if "fifo_relative_error" in c})
     print(f"wrote {path}")
 
 

@@ -156,7 +156,7 @@ def speedup_section(scaling: dict | None, project: dict | None, gpus: list[dict]
 def emulator_validation_section() -> list[str]:
     """benchmarks/project.py --validate-emulator: the thread emulator over a modelled link against
     both bounds of the projection, one table per committed result (CPU, and the one-GPU emulator)."""
-    from project import EMULATOR_COLUMNS
+    from project import emulator_columns
 
     out = []
     for path, res in read_results("project_emulator_*.json"):
@@ -166,7 +166,12 @@ def emulator_validation_section() -> list[str]:
         rows = [{**c, "compute_ms": c["compute_seconds"] * 1e3, "projected_ms": c["projected_step_seconds"] * 1e3,
                  "emulated_ms": c["emulated_seconds"] * 1e3, "pess_ms": c["projected_pessimistic_step_seconds"] * 1e3,
                  "stale_channel": "yes" if c["stale_channel"] else "no", "within_bounds": "yes" if c["within_bounds"]
-                 else "no"} for c in res.get("checks") or res["rows"]]      # a legacy file's checks, else rows
+                 else "no", **({"fifo_ms": c["projected_fifo_step_seconds"] * 1e3,
+                               "within_fifo": "yes" if c["within_fifo"] else "no",
+                               "fifo_all_ms": c.get("fifo_all_ranks_seconds", 0) * 1e3 or ""}
+                              if "projected_fifo_step_seconds" in c else {})}
+                for c in res.get("checks") or res["rows"]]      # a legacy file's checks, else rows
+        fifo = any("fifo_ms" in r for r in rows)
         out += [f"**The projection against the thread emulator with a modelled link** (`{cmd}` on {hw(res)}, "
                 f"emulated ranks on {res['device']}, at {origin(res, path)}): N = 2 ranks as threads over a "
                 "link modelled in the thread transport (latency + bytes / bandwidth, one FIFO per rank and "
@@ -174,7 +179,13 @@ def emulator_validation_section() -> list[str]:
                 f"projected from it with the same link figures. Link: {links}. Error: projected / emulated − 1; "
                 f"within bounds: the emulated step inside [optimistic, pessimistic] ± {res['bound_slack']:.0%}; "
                 "IQR / median: the spread of the free-link steps, the machine's noise. "
-                + load_note(res.get("load_average_1min"), res["hardware"]), "", table(rows, EMULATOR_COLUMNS), ""]
+                + ("fifo (trace): the trace-driven bound, the free-link run's recorded step replayed through the "
+                   "same link, one FIFO per communicator; at or below fifo: emulated ≤ fifo + "
+                   f"{res['bound_slack']:.0%}; all ranks' runs replayed: every rank's recorded free-link run "
+                   "replayed together (their jitter included), not a bound: what the one-rank trace leaves out. "
+                   if fifo else "")
+                + load_note(res.get("load_average_1min"), res["hardware"]), "", table(rows, emulator_columns(rows)),
+                ""]
     return out
 
 
@@ -268,6 +279,15 @@ def gpu_section(gpus: list[dict]) -> list[str]:
                 if all(key in r for r in prow):
                     out += [f"{what}:", "", pivot(prow, ("model", "size", "mode", "graphs", "kernels", "link"), key),
                             ""]
+            traced = [r for r in prow if "projected_fifo_speedup" in r]
+            if traced:       # the trace-driven bound exists only where a step's timeline was recorded
+                out += ["trace-driven pessimistic (fifo): the measured N's recorded step (posts and waits, one "
+                        "rank, every rank assumed to post at the same times) replayed through one FIFO link per "
+                        "communicator, with the same costs and charge:", "",
+                        pivot(traced, ("model", "size", "mode", "graphs", "kernels", "link"), "projected_fifo_speedup"),
+                        "", "trace-driven, stale traffic on its own communicator:", "",
+                        pivot(traced, ("model", "size", "mode", "graphs", "kernels", "link"),
+                              "projected_fifo_stale_channel_speedup"), ""]
     return out
 
 
@@ -636,7 +656,9 @@ def headline_rows(gpus: list[dict]) -> list[dict]:
                                      f"{'CUDA graphs' if graphed else 'eager'}",
                              "figure": f"{r['projected_pessimistic_speedup']:.2f}× pessimistic, "
                                        f"{r['projected_speedup']:.2f}× optimistic; "
-                                       f"{r['projected_stale_channel_speedup']:.2f}× pessimistic with `--stale-channel`",
+                                       f"{r['projected_stale_channel_speedup']:.2f}× pessimistic with `--stale-channel`"
+                                       + (f"; {r['projected_fifo_speedup']:.2f}× trace-driven pessimistic"
+                                          if "projected_fifo_speedup" in r else ""),
                              "where": f"arithmetic: {where}"})
     return rows
 

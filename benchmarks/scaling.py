@@ -18,6 +18,10 @@ to issue one step (`host_seconds`) and flags `host_bound` where issuing takes at
 step: the GPU then waits for Python, and the row measures the host, not the kernels. `sync` is
 among the default modes, beside full and partial.
 
+With `--timeline` each strip row also carries one steady step's timeline: when each exchange was
+posted and waited on the compute stream, with its kind, bytes and messages (`TimelineRecorder`
+around the transport; same counts), which `benchmarks/project.py` replays through a FIFO link.
+
 With `--transport loopback` the step also does its communication, as device-to-device copies on
 a side stream (`LoopbackTransport`), which overlap compute as NCCL's would. On CPU it also times
 real `torchrun` runs (gloo) for N up to the core count: mean seconds of the steady-state steps
@@ -44,7 +48,7 @@ from common import (add_device, add_run, add_timing, config_flags, config_of, ha
 from parafuse.models import load_model  # noqa: E402
 from parafuse.parallel.distributed import ParallelLayout  # noqa: E402
 from parafuse.parallel.parallelize import unparallelize  # noqa: E402
-from parafuse.parallel.transport import LoopbackTransport, NullTransport  # noqa: E402
+from parafuse.parallel.transport import LoopbackTransport, NullTransport, TimelineRecorder  # noqa: E402
 from parafuse.profile import OpCounter  # noqa: E402
 from parafuse.parallel.config import Kernels  # noqa: E402
 from parafuse.runtime import Request, Runtime  # noqa: E402
@@ -73,20 +77,24 @@ def serial_runtime(model, device, dtype, cuda_graphs: bool, kernels: str, patch_
 
 def measure(model, req: Request, device, dtype, mode: str | None, n: int, strip: int, warmup_steps: int = 1,
             repeat: int = 5, cuda_graphs: bool = False, transport: str = "null", kernels: str = "torch",
-            timing_warmup: int = 2) -> dict:
+            timing_warmup: int = 2, timeline: bool = False) -> dict:
     """One strip's steady-state step (or the serial step, mode None): seconds (median, with the
     spread of the timed calls), host seconds, bytes per step by kind, state bytes, ATen ops, memory.
     `transport`: "null" (compute alone) or "loopback" (the step's communication done as device
     copies on a side stream). `kernels`: the patch layers' - the serial step's too: other than
     "torch", a one-strip engine puts the same patch layers into the serial model. Memory is
     measured from after the model is in its dtype. Timed by common.time_calls (`timing_warmup`
-    untimed calls, then `repeat`, at most 20 s of them). Leaves `model` plain."""
+    untimed calls, then `repeat`, at most 20 s of them). `timeline`: the transport wrapped in a
+    `TimelineRecorder` (it counts the same bytes), and the row's `timeline` one steady step's posts
+    and waits after the timed calls (under graphs a replay's, stamped by the captured events).
+    Leaves `model` plain."""
     if mode is None:
         rt = serial_runtime(model, device, dtype, cuda_graphs, kernels, patch_layers=kernels != "torch")
     else:
+        moves = (LoopbackTransport if transport == "loopback" else NullTransport)(strip, n)
         rt = Runtime(model, patch_config(mode, warmup_steps, dtype=dtype, cuda_graphs=cuda_graphs, kernels=kernels),
                      device=str(device), layout=ParallelLayout(strip, n),
-                     transport=(LoopbackTransport if transport == "loopback" else NullTransport)(strip, n))
+                     transport=TimelineRecorder(moves) if timeline else moves)
     weights = None
     if device.type == "cuda":          # from here: the model is in its dtype on the device
         torch.cuda.synchronize(device)
@@ -105,7 +113,11 @@ def measure(model, req: Request, device, dtype, mode: str | None, n: int, strip:
         sent = rt.transport.totals()[0] if rt.transport is not None else {}
         messages = dict(rt.transport.messages_sent) if rt.transport is not None else {}
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-        return {"seconds": seconds, "seconds_min": timed["seconds_min"], "seconds_max": timed["seconds_max"],
+        recorded = {}
+        if timeline and mode is not None:
+            recorded["timeline"] = recorded_step(rt.transport, step, device)
+        return {**recorded, "seconds": seconds, "seconds_min": timed["seconds_min"],
+                "seconds_max": timed["seconds_max"],
                 "repeats": timed["count"], "timing": timed["timing"],
                 "host_seconds": host_seconds, "ops_per_ms": ops.total / (seconds * 1e3),
                 "host_bound": (host_seconds >= HOST_BOUND * seconds and not cuda_graphs) if device.type == "cuda"
@@ -121,13 +133,29 @@ def measure(model, req: Request, device, dtype, mode: str | None, n: int, strip:
         unparallelize(model)
 
 
+def recorded_step(recorder: TimelineRecorder, step, device) -> dict:
+    """One steady step's timeline: two steps between boundaries, the second kept (its stale waits
+    are of the first one's posts)."""
+    from project import compact_timeline
+
+    marks = device if device.type == "cuda" else None
+    recorder.boundary(marks)
+    step()
+    recorder.boundary(marks)
+    step()
+    recorder.finish(marks)
+    return compact_timeline(recorder.timelines()[-1])
+
+
 def scaling_rows(model_name: str, sizes, ranks, modes, device, dtype, repeat: int = 5,
                  deadline: float | None = None, log=print, cuda_graphs: bool = False,
-                 transport: str = "null", kernels=("torch",), serial_rows=(), timing_warmup: int = 2) -> list[dict]:
+                 transport: str = "null", kernels=("torch",), serial_rows=(), timing_warmup: int = 2,
+                 timeline: bool = False) -> list[dict]:
     """Rows of (model, size, N, mode, kernels): the slowest strip's step against the serial step,
     both graphed or both eager, both on the same kernels (like with like). `kernels`: the patch
     layers' kernels to measure each strip with, and a serial row with each (`kernel_gain`: the
-    PyTorch serial step over it, where both were measured). `serial_rows`:
+    PyTorch serial step over it, where both were measured). `timeline`: each strip row carries one
+    steady step's recorded posts and waits (`measure`; project.py's trace-driven bound). `serial_rows`:
     serial rows of an earlier call (same model, device and graphs), reused instead of measured again
     and not repeated in the result."""
     model = load_model(model_name, device=device)
@@ -163,7 +191,7 @@ def scaling_rows(model_name: str, sizes, ranks, modes, device, dtype, repeat: in
                         continue
                     serial = serials[kern]
                     rows.append(strip_row(model, model_name, size, req, device, dtype, mode, n, serial, repeat,
-                                          cuda_graphs, transport, kern, timing_warmup))
+                                          cuda_graphs, transport, kern, timing_warmup, timeline))
                     r = rows[-1]
                     if "torch" in serials:       # against the PyTorch serial step: the kernel gain included
                         r["speedup_vs_torch_serial"] = serials["torch"]["seconds"] / r["seconds"]
@@ -176,12 +204,19 @@ def scaling_rows(model_name: str, sizes, ranks, modes, device, dtype, repeat: in
 
 
 def strip_row(model, model_name, size, req, device, dtype, mode, n, serial, repeat, cuda_graphs, transport,
-              kernels, timing_warmup: int = 2) -> dict:
-    """The slower of the first and a middle strip against the serial step."""
+              kernels, timing_warmup: int = 2, timeline: bool = False) -> dict:
+    """The slower of the first and a middle strip against the serial step. With `timeline`, the
+    slower strip's recorded step, each post's bytes and messages the busier strip's (as the row's
+    counts are)."""
     strips = sorted({0, n // 2})
     per = {s: measure(model, req, device, dtype, mode, n, s, repeat=repeat, cuda_graphs=cuda_graphs,
-                      transport=transport, kernels=kernels, timing_warmup=timing_warmup) for s in strips}
+                      transport=transport, kernels=kernels, timing_warmup=timing_warmup, timeline=timeline)
+           for s in strips}
     slow = max(per, key=lambda s: per[s]["seconds"])
+    if timeline:
+        from project import busiest_posts
+
+        per[slow]["timeline"] = busiest_posts(per[slow]["timeline"], [per[s]["timeline"] for s in strips])
     # traffic of the busiest strip, per kind: the slowest can be the first strip, with one
     # neighbour and half the neighbour traffic of a middle one
     busiest = {key: {k: max(per[s][key].get(k, 0) for s in per) for k in {k for s in per for k in per[s][key]}}
@@ -284,6 +319,9 @@ def main(argv=None) -> None:
     p.add_argument("--transport", choices=("null", "loopback"), default="null",
                    help="null: compute alone; loopback: with the step's communication as device copies")
     p.add_argument("--budget", type=float, default=None, help="seconds; configurations past it are skipped")
+    p.add_argument("--timeline", action="store_true",
+                   help="record one steady step's posts and waits per strip row (with --cuda-graphs: a replay's, "
+                        "stamped by CUDA events captured in the graph): project.py's trace-driven bound")
     p.add_argument("--torchrun-size", type=int, default=256, help="CPU: image size of the real torchrun runs (0: none)")
     args = p.parse_args(argv)
     prov = provenance(argv)
@@ -293,7 +331,7 @@ def main(argv=None) -> None:
     for m in args.models:
         rows += scaling_rows(m, args.sizes, args.ranks, args.modes, device, args.dtype, args.repeat, deadline,
                              cuda_graphs=args.cuda_graphs, transport=args.transport, kernels=args.kernels,
-                             timing_warmup=args.timing_warmup)
+                             timing_warmup=args.timing_warmup, timeline=args.timeline)
     real = []
     if device.type == "cpu" and args.torchrun_size:
         for m in args.models:

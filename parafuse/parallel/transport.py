@@ -573,3 +573,161 @@ class ThreadTransport(Transport):
         if self.hub.strict and t.is_floating_point():
             t.fill_(float("nan"))
         return Pending([lambda: self.hub.reduced(group, self.rank, seq, t)], [t])
+
+
+class TimelineRecorder(Transport):
+    """One rank's timeline of posts and waits, recorded around another transport (`inner`, which
+    moves the bytes, or not: a NullTransport) without changing the engine: what
+    `benchmarks/project.py`'s trace-driven bound replays through a modelled link.
+
+    It counts bytes and messages itself, by `Transport`'s own rules (`start`, `all_reduce`, `agree`),
+    so its counts are the ones `inner` would have made; `inner` only moves the data (`_post`,
+    `_all_reduce`, `_agree`), and anything else is asked of it (`__getattr__`). Per post it notes
+    the kind, the bytes and messages it added to the counts, and a timestamp on the compute stream;
+    per wait of that post, a timestamp when compute reached the wait. Steps are what lies between
+    two `boundary()` calls (the caller knows where a step starts: the engine is not told).
+
+    Timestamps: on CPU `time.perf_counter()`: wall clock (the time a wait blocks for a peer stays in
+    the gap after it, as it does in the step), or with `timelines("compute")` less the time blocked
+    inside `inner`'s waits (what a replay of every rank together needs); on CUDA a timing event
+    with `external=True` recorded on the current stream - recorded into the graph while a CUDA graph
+    is captured, so each replay stamps it again (`torch.cuda.Event(external=True)`; unrun here, no
+    GPU). A step that posted nothing itself while an earlier capture recorded posts is a replay of
+    that capture: its timeline is the captured events, stamped by the latest replay.
+
+    `timelines()`: per recorded step, {"seconds": its duration, "clock", "graphed", "events": [(t
+    seconds from the step's start, event, post, kind, bytes, messages)]}, event "post", "wait" (of
+    this step's post number `post`) or "wait_prev" (of the previous step's post `post`: a stale
+    exchange waited one step later); posts are numbered from 0 in each step; messages are the sends
+    of a point-to-point batch, 1 for an all-reduce (the projection's `_on_link` charges an all-reduce
+    its 2(N-1) hops)."""
+
+    def __init__(self, inner: Transport):
+        super().__init__(inner.rank, inner.world_size, inner.group, inner.stale_channel, inner.stale_kinds)
+        self.inner = inner
+        self.reaches_peers = inner.reaches_peers
+        self._blocked = 0.0             # CPU: seconds spent inside inner's waits so far
+        self._where: dict[int, tuple[int, int]] = {}    # post id -> (step, index in that step)
+        self._next_id = 0
+        self._step = -1                 # the open step (-1: none)
+        self._open: dict | None = None  # {"start": marker, "events": [...], "posts": count}
+        self._captured: list | None = None              # the events recorded in the latest capture
+        self._capturing = False
+        self._done: list[dict] = []
+
+    def __getattr__(self, name):
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    # ---- the clock -----------------------------------------------------------------------------
+    def _marker(self, device: torch.device | None):
+        if device is not None and device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True, external=True)
+            event.record(torch.cuda.current_stream(device))
+            return event
+        return time.perf_counter(), self._blocked
+
+    def boundary(self, device: torch.device | str | None = None) -> None:
+        """End the open step (if any) and start the next one here."""
+        device = None if device is None else torch.device(device)
+        marker = self._marker(device)
+        if self._open is not None:
+            self._open["end"] = marker
+            self._done.append(self._open)
+        self._step += 1
+        self._open = {"start": marker, "events": [], "posts": 0, "step": self._step}
+
+    def finish(self, device: torch.device | str | None = None) -> None:
+        """End the open step; no new one starts."""
+        self.boundary(device)
+        self._open = None
+
+    # ---- recording posts and waits ----------------------------------------------------------------
+    def _note(self, kind: str, tensors, post) -> Pending:
+        device = next((t.device for t in tensors if t.is_cuda), None)
+        capturing = device is not None and torch.cuda.is_current_stream_capturing()
+        if capturing and not self._capturing:
+            self._captured = []          # a new capture: its events replace the last one's
+        self._capturing = capturing
+        into = self._captured if capturing else (self._open["events"] if self._open is not None else None)
+        before = (sum(self.bytes_sent[kind].values()), self.messages_sent[kind])
+        marker = self._marker(device) if into is not None else None    # outside a step: nothing stamped
+        pending = post()
+        nbytes = sum(self.bytes_sent[kind].values()) - before[0]
+        messages = self.messages_sent[kind] - before[1]
+        pid = self._next_id
+        self._next_id += 1
+        if capturing:
+            index = sum(1 for e in self._captured if e[1] == "post")
+            self._where[pid] = (-1, index)       # -1: the captured step
+        elif self._open is not None:
+            index = self._open["posts"]
+            self._open["posts"] += 1
+            self._where[pid] = (self._step, index)
+        if into is not None:
+            into.append([marker, "post", pid, kind, nbytes, messages])
+
+        def waited():            # compute reached the wait: stamped before inner's wait blocks
+            w_capturing = device is not None and torch.cuda.is_current_stream_capturing()
+            target = self._captured if w_capturing else (self._open["events"] if self._open is not None else None)
+            if target is not None:
+                target.append([self._marker(device), "wait", pid, kind, nbytes, messages])
+            t0 = time.perf_counter()
+            pending.wait()
+            self._blocked += time.perf_counter() - t0
+        return Pending([waited], pending.tensors)
+
+    def start(self, sends, recvs, kind: str) -> Pending:
+        if not sends and not recvs:
+            return super().start(sends, recvs, kind)
+        return self._note(kind, [t for t, _ in sends + recvs], lambda: super(TimelineRecorder, self).start(
+            sends, recvs, kind))
+
+    def all_reduce(self, t: torch.Tensor, kind: str) -> Pending:
+        if len(self.group) == 1:
+            return super().all_reduce(t, kind)
+        return self._note(kind, [t], lambda: super(TimelineRecorder, self).all_reduce(t, kind))
+
+    def agree(self, t: torch.Tensor) -> Pending:
+        if self.world_size == 1:
+            return super().agree(t)
+        return self._note("control", [t], lambda: super(TimelineRecorder, self).agree(t))
+
+    def _post(self, sends, recvs, kind) -> Pending:
+        return self.inner._post(sends, recvs, kind)
+
+    def _all_reduce(self, t, kind) -> Pending:
+        return self.inner._all_reduce(t, kind)
+
+    def _agree(self, t) -> Pending:
+        return self.inner._agree(t)
+
+    # ---- reading the timelines ---------------------------------------------------------------------
+    def timelines(self, clock: str = "wall") -> list[dict]:
+        """The recorded (closed) steps' timelines, oldest first (CUDA: synchronises first). `clock`
+        on CPU: "wall", or "compute" (time blocked in waits left out)."""
+        out = []
+        compute = clock == "compute"
+        for st in self._done:
+            cuda = not isinstance(st["start"], tuple)
+            if cuda:
+                st["end"].synchronize()
+
+            def since(m, st=st, cuda=cuda):
+                if cuda:
+                    return st["start"].elapsed_time(m) / 1e3
+                return m[0] - st["start"][0] - (m[1] - st["start"][1] if compute else 0.0)
+            events, graphed = st["events"], False
+            if not any(e[1] == "post" for e in events) and self._captured:
+                events, graphed = self._captured, True
+            rows = []
+            for marker, what, pid, kind, nbytes, messages in events:
+                step, index = self._where.get(pid, (None, None))
+                if not graphed and what == "wait" and step != st["step"]:
+                    what = "wait_prev" if step == st["step"] - 1 else "wait_older"
+                rows.append((since(marker), what, index, kind, nbytes, messages))
+            rows.sort(key=lambda r: r[0])
+            out.append({"seconds": since(st["end"]), "clock": "cuda-events" if cuda else f"perf_counter, {clock}",
+                        "graphed": graphed, "events": rows})
+        return out
