@@ -97,7 +97,7 @@ def plan_steps(a, device_name: str) -> list[Step]:
         scaling_argv = ["--models", "unet-xl", "dit-xl", "--sizes", "4096", "--ranks", "1", "8", "--modes", "full",
                         "sync", "partial", "--cuda-graphs", "--kernels", "torch", "triton", "--device", a.device,
                         "--dtype", "bf16", "--repeat", "10", "--budget", "240",
-                        # each strip row's graphed step timeline: project.py's trace-driven bound (projected_fifo_*)
+                        # each strip row's graphed step timeline: project.py's trace-driven estimate (projected_fifo_*)
                         "--timeline"]
         emulator_argv = ["--device", a.device, "--models", "default", "--sizes", "256", "--emulator-repeats", "2"]
     projected, emulator = f"project_{tag}_4096_graphs_kernels", f"project_emulator_{tag}"

@@ -179,7 +179,7 @@ def emulator_validation_section() -> list[str]:
                 f"projected from it with the same link figures. Link: {links}. Error: projected / emulated − 1; "
                 f"within bounds: the emulated step inside [optimistic, pessimistic] ± {res['bound_slack']:.0%}; "
                 "IQR / median: the spread of the free-link steps, the machine's noise. "
-                + ("fifo (trace): the trace-driven bound, the free-link run's recorded step replayed through the "
+                + ("fifo (trace): the trace-driven estimate, the free-link run's recorded step replayed through the "
                    "same link, one FIFO per communicator; at or below fifo: emulated ≤ fifo + "
                    f"{res['bound_slack']:.0%}; all ranks' runs replayed: every rank's recorded free-link run "
                    "replayed together (their jitter included), not a bound: what the one-rank trace leaves out. "
@@ -280,8 +280,8 @@ def gpu_section(gpus: list[dict]) -> list[str]:
                     out += [f"{what}:", "", pivot(prow, ("model", "size", "mode", "graphs", "kernels", "link"), key),
                             ""]
             traced = [r for r in prow if "projected_fifo_speedup" in r]
-            if traced:       # the trace-driven bound exists only where a step's timeline was recorded
-                out += ["trace-driven pessimistic (fifo): the measured N's recorded step (posts and waits, one "
+            if traced:       # the trace-driven estimate exists only where a step's timeline was recorded
+                out += ["trace-driven estimate (fifo), not a bound: the measured N's recorded step (posts and waits, one "
                         "rank, every rank assumed to post at the same times) replayed through one FIFO link per "
                         "communicator, with the same costs and charge:", "",
                         pivot(traced, ("model", "size", "mode", "graphs", "kernels", "link"), "projected_fifo_speedup"),
@@ -657,7 +657,7 @@ def headline_rows(gpus: list[dict]) -> list[dict]:
                              "figure": f"{r['projected_pessimistic_speedup']:.2f}× pessimistic, "
                                        f"{r['projected_speedup']:.2f}× optimistic; "
                                        f"{r['projected_stale_channel_speedup']:.2f}× pessimistic with `--stale-channel`"
-                                       + (f"; {r['projected_fifo_speedup']:.2f}× trace-driven pessimistic"
+                                       + (f"; {r['projected_fifo_speedup']:.2f}× trace-driven estimate"
                                           if "projected_fifo_speedup" in r else ""),
                              "where": f"arithmetic: {where}"})
     return rows

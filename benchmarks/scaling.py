@@ -155,7 +155,7 @@ def scaling_rows(model_name: str, sizes, ranks, modes, device, dtype, repeat: in
     both graphed or both eager, both on the same kernels (like with like). `kernels`: the patch
     layers' kernels to measure each strip with, and a serial row with each (`kernel_gain`: the
     PyTorch serial step over it, where both were measured). `timeline`: each strip row carries one
-    steady step's recorded posts and waits (`measure`; project.py's trace-driven bound). `serial_rows`:
+    steady step's recorded posts and waits (`measure`; project.py's trace-driven estimate). `serial_rows`:
     serial rows of an earlier call (same model, device and graphs), reused instead of measured again
     and not repeated in the result."""
     model = load_model(model_name, device=device)
@@ -321,7 +321,7 @@ def main(argv=None) -> None:
     p.add_argument("--budget", type=float, default=None, help="seconds; configurations past it are skipped")
     p.add_argument("--timeline", action="store_true",
                    help="record one steady step's posts and waits per strip row (with --cuda-graphs: a replay's, "
-                        "stamped by CUDA events captured in the graph): project.py's trace-driven bound")
+                        "stamped by CUDA events captured in the graph): project.py's trace-driven estimate")
     p.add_argument("--torchrun-size", type=int, default=256, help="CPU: image size of the real torchrun runs (0: none)")
     args = p.parse_args(argv)
     prov = provenance(argv)

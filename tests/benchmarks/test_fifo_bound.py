@@ -1,4 +1,4 @@
-"""The trace-driven pessimistic bound (benchmarks/project.py `replay_timeline`): hand-made timelines
+"""The trace-driven estimate (benchmarks/project.py `replay_timeline`): hand-made timelines
 with closed-form answers, its place between the other two bounds, and the recorder that makes the
 timelines (parafuse.parallel.transport.TimelineRecorder) counting what NullTransport counts."""
 import random
@@ -102,7 +102,7 @@ def test_fifo_lies_between_the_optimistic_and_the_serialised_bound(drain):
         assert channel >= (compute + critical) * (1 - 1e-9)
         if stale <= compute:
             assert channel >= optimistic * (1 - 1e-9)
-        if "norm_stats" in b:       # the existing bound's serialised case: the fifo bound is at most it
+        if "norm_stats" in b:       # the existing bound's serialised case: the fifo estimate is at most it
             assert fifo <= pessimistic_seconds(compute, b, m, "full", 2, link, None)[-1] * (1 + 1e-9)
 
 
@@ -223,7 +223,7 @@ def test_the_compute_clock_leaves_out_the_time_a_wait_blocks():
 def test_a_scaling_row_carries_the_slowest_strips_timeline_with_the_busiest_strips_counts():
     """scaling.py --timeline end to end: N = 4 measures the first strip (one neighbour) and a middle
     one (two); the row's timeline adds up to the row's counts (the busiest strip's), and project.py
-    gives that N, and only it, the trace-driven bound."""
+    gives that N, and only it, the trace-driven estimate."""
     import torch
 
     import scaling
