@@ -582,6 +582,19 @@ def test_an_argument_differing_on_one_rank_is_refused_on_every_rank(root, name):
         assert evaluations == 0                        # refused before any denoising
 
 
+@pytest.mark.parametrize("family,n,settings", [("sd", 3, {}), ("sdxl", 4, {"cfg_parallel": True}),
+                                              ("pixart", 2, {})])
+def test_several_images_per_prompt_equal_diffusers(root, family, n, settings):
+    """num_images_per_prompt = 2: a batch of two images (with CFG, four rows the guidance branches
+    split) = diffusers' batch, image by image."""
+    kwargs = lambda: {**call_kwargs(family), "num_images_per_prompt": 2}      # noqa: E731 (a fresh generator)
+    ref = images(fresh(root, family)(**kwargs()))
+    out = emulate_pipeline(fresh(root, family), n, lambda p: images(p(**kwargs())), mode="sync", **settings)[0][0]
+    assert out.shape[0] == 2 and out.shape == ref.shape
+    assert all(rel(out[i], ref[i]) <= 1e-5 for i in range(2))
+    assert rel(out[0], out[1]) > 1e-2                # two different images, not one repeated
+
+
 def test_generator_none_gets_rank_zero_seed_on_every_rank(root):
     def call(par):
         torch.manual_seed(100 + par.layout.rank)        # every rank's global RNG differs
