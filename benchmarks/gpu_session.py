@@ -45,8 +45,8 @@ RESERVE = 10            # seconds kept at the end of --limit: the copy to $OUT a
 OUT_FILES = 8           # the device tool brings back at most 8 files from $OUT
 LIVE_AUTO = os.path.join(ROOT, "parafuse", "attention_auto.json")
 ASSUMED_GPU = "NVIDIA H100 80GB HBM3"    # --plan off the GPU: the kind a first call gets
-STEPS = ("pipelines", "like_with_like", "scaling_4096", "project_4096", "emulator", "kernel_sweep", "pipelines_4096",
-         "rest")     # plan_steps' names, highest priority first
+STEPS = ("pipelines", "like_with_like", "scaling_4096", "project_4096", "timeline_4096", "project_timeline",
+         "emulator", "kernel_sweep", "pipelines_4096", "rest")     # plan_steps' names, highest priority first
 
 
 @dataclasses.dataclass
@@ -60,6 +60,8 @@ class Step:
     reads: tuple[str, ...] = ()                # other steps' result paths it is computed from
     moves: tuple[str, ...] = ()                # files the script writes into benchmarks/results, moved to --results
     seed: tuple[str, str] | None = None        # (source, path): copied before the step where the path is missing
+    config_key: str | None = None              # done only if its JSON's config sets this (a step that rewrites
+                                               # an earlier step's file with more in it)
 
 
 def gpu_short(device_name: str) -> str:
@@ -90,17 +92,25 @@ def plan_steps(a, device_name: str) -> list[Step]:
     if smoke:
         scaling_argv = ["--models", "dit-small", "--sizes", "128", "--ranks", "1", "2", "--modes", "full", "sync",
                         "partial", "--kernels", "torch", "--device", "cpu", "--repeat", "1", "--timing-warmup", "0",
-                        "--torchrun-size", "0", "--budget", "60", "--timeline"]
+                        "--torchrun-size", "0", "--budget", "60"]
+        timeline_argv = ["--models", "dit-small", "--sizes", "128", "--ranks", "1", "2", "--modes", "full",
+                         "--kernels", "torch", "--device", "cpu", "--repeat", "1", "--timing-warmup", "0",
+                         "--torchrun-size", "0", "--timeline"]
         emulator_argv = ["--device", "cpu", "--models", "dit-small", "--sizes", "64", "--emulator-steps", "4",
                          "--emulator-repeats", "2"]     # its spread needs two runs
     else:
         scaling_argv = ["--models", "unet-xl", "dit-xl", "--sizes", "4096", "--ranks", "1", "8", "--modes", "full",
                         "sync", "partial", "--cuda-graphs", "--kernels", "torch", "triton", "--device", a.device,
-                        "--dtype", "bf16", "--repeat", "10", "--budget", "240",
-                        # each strip row's graphed step timeline: project.py's trace-driven estimate (projected_fifo_*)
-                        "--timeline"]
+                        "--dtype", "bf16", "--repeat", "10", "--budget", "240"]
+        # the graphed N = 8 step's timeline (projected_fifo_*), in a run of its own: the recorder's
+        # events in the captured graph stay out of the timed rows above, and its CUDA-event path,
+        # never run before, cannot cost them
+        timeline_argv = ["--models", "unet-xl", "--sizes", "4096", "--ranks", "1", "8", "--modes", "full", "sync",
+                         "--cuda-graphs", "--kernels", "torch", "--device", a.device, "--dtype", "bf16",
+                         "--repeat", "5", "--budget", "150", "--timeline"]
         emulator_argv = ["--device", a.device, "--models", "default", "--sizes", "256", "--emulator-repeats", "2"]
     projected, emulator = f"project_{tag}_4096_graphs_kernels", f"project_emulator_{tag}"
+    timeline = f"scaling_{tag}_4096_timeline"
     kernels, auto = at(f"kernel_timings_{tag}.json"), at(f"kernel_timings_{tag}_auto.json")
 
     def moved(name: str) -> tuple[str, ...]:
@@ -111,13 +121,21 @@ def plan_steps(a, device_name: str) -> list[Step]:
                   ("pipelines",)),
         gpu_check("like_with_like", "issue 28: per-rank scaling, CUDA graphs, their projection",
                   ("scaling", "graphs", "projection")),
-        Step("scaling_4096", "4096², N = 1 and 8, graphed, both kernels, full/sync/partial, unet-xl and dit-xl, "
-             "with each strip row's graphed step timeline",
+        Step("scaling_4096", "4096², N = 1 and 8, graphed, both kernels, full/sync/partial, unet-xl and dit-xl",
              py + ["benchmarks/scaling.py", *scaling_argv, "--name", scaling if inside else at(scaling)],
              [(at(scaling + ".json"), None)], budget=300),
-        Step("project_4096", "the 4096² rows projected to N = 1..16 (both bounds; the trace-driven one at N = 8)",
+        Step("project_4096", "the 4096² rows projected to N = 1..16 (both bounds)",
              py + ["benchmarks/project.py", "--scaling", at(scaling + ".json"), "--name", projected[8:]],
              [(at(projected + ".json"), None)], budget=30, reads=(at(scaling + ".json"),), moves=moved(projected)),
+        Step("timeline_4096", "unet-xl 4096² N = 8 full/sync, graphed: one steady step's recorded posts and waits",
+             py + ["benchmarks/scaling.py", *timeline_argv, "--name", timeline if inside else at(timeline)],
+             [(at(timeline + ".json"), None)], budget=180),
+        Step("project_timeline", "step 4's projection again, the timelines joined to its rows: the trace-driven "
+             "estimate at N = 8 beside both bounds, in the same file",
+             py + ["benchmarks/project.py", "--scaling", at(scaling + ".json"), "--timelines", at(timeline + ".json"),
+                   "--name", projected[8:]],
+             [(at(projected + ".json"), None)], budget=30, reads=(at(scaling + ".json"), at(timeline + ".json")),
+             moves=moved(projected), config_key="timelines"),
         Step("emulator", "the projection against the one-GPU emulator over a modelled link, N = 2",
              py + ["benchmarks/project.py", "--validate-emulator", *emulator_argv, "--name", emulator[8:]],
              [(at(emulator + ".json"), None)], budget=120, moves=moved(emulator)),
@@ -152,7 +170,8 @@ def pending(step: Step, state: dict, smoke: bool) -> list:
     """What of `step` is not yet done for this code: its sections (gpu_check), else [the step]."""
     if step.sections:
         return [s for p, s in step.results if not result_done(p, s, state, smoke)]
-    done = all(result_done(p, s, state, smoke) for p, s in step.results) and newer_than_reads(step)
+    done = all(result_done(p, s, state, smoke) for p, s in step.results) and newer_than_reads(step) \
+        and all(read_result(p)["config"].get(step.config_key) for p, _ in step.results if step.config_key)
     return [] if done else [step.name]
 
 
@@ -214,7 +233,8 @@ def stub(step: Step, todo: list, prov: dict, smoke: bool) -> None:
         if section is not None and section not in todo:
             continue
         if section is None:
-            write_result(path, "gpu_session_stub", {"step": step.name}, [], prov)
+            write_result(path, "gpu_session_stub", {"step": step.name, **({step.config_key: "stub"}
+                                                                         if step.config_key else {})}, [], prov)
             continue
         sections = read_result(path)["sections"] if os.path.exists(path) else {}
         sections[section] = {"result": {"stub": True}, "seconds": 0.0, "provenance": prov}

@@ -43,7 +43,8 @@ with the opt-in stale communicator, `projected_stale_channel_*`):
     this row's bytes, (c) NCCL_SM_SHARE of the SMs for the whole stale transfer time. Not charged
     in sync (nothing overlaps) nor where no loopback figure is given (the CPU validation).
 - trace-driven (`projected_fifo_*`, rows whose scaling run recorded a timeline: `scaling.py
-  --timeline`, measured N only). The pessimistic bound above serialises *all* of a step's stale
+  --timeline`, or a separate such run of the same configurations joined with `--timelines`, which
+  keeps the recorder's events out of the timed rows; measured N only). The pessimistic bound above serialises *all* of a step's stale
   traffic ahead of the critical collectives, the worst over every placement of the posts; the
   trace says where they are. One rank's recorded steady step (`TimelineRecorder`: each post's kind,
   bytes and messages, each wait, stamped on the compute stream; under graphs a replay's, stamped by
@@ -438,6 +439,29 @@ def timeline_bytes(timeline: dict) -> tuple[dict, dict]:
             nbytes[kind] = nbytes.get(kind, 0) + b
             messages[kind] = messages.get(kind, 0) + m
     return nbytes, messages
+
+
+TIMELINE_KEY = ("model", "size", "mode", "n", "kernels", "cuda_graphs", "dtype")
+
+
+def join_timelines(rows: list[dict], traced: list[dict]) -> list[str]:
+    """Each `traced` row's timeline (a `scaling.py --timeline` run of the same configurations, kept
+    apart so that the recorder's events stay out of the timed rows) joined to the row of `rows`
+    with the same model, size, mode, N, kernels, graphs and dtype; the rows' measured compute is
+    what the replay scales the timeline to. Returns the joined rows' names. A traced row matching
+    no row is an error: the two runs were not of the same configurations."""
+    key = lambda r: tuple(r.get(k, "torch" if k == "kernels" else None) for k in TIMELINE_KEY)   # noqa: E731
+    by_key = {key(r): r for r in rows if r.get("mode") not in (None, "serial")}
+    joined = []
+    for t in (t for t in traced if "timeline" in t):
+        row = by_key.get(key(t))
+        if row is None:
+            raise ValueError(f"the timeline of {dict(zip(TIMELINE_KEY, key(t)))} has no row of that configuration "
+                             f"in the --scaling JSON: record the timelines with the same model, size, mode, N, "
+                             f"kernels, graphs and dtype")
+        row["timeline"] = t["timeline"]
+        joined.append(f"{row['model']} {row['size']}² {row['mode']} N={row['n']} {key(t)[4]}")
+    return joined
 
 
 def fifo_seconds(row: dict, compute: float, link: Link, n: int, mode: str, charge: float,
@@ -1179,6 +1203,10 @@ def main(argv=None) -> None:
     p = parser(__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--scaling", help="a benchmarks/scaling.py JSON whose rows to project")
+    p.add_argument("--timelines", metavar="JSON", default=None,
+                   help="with --scaling: a scaling.py --timeline JSON of the same configurations, whose step "
+                        "timelines join the --scaling rows they match (the rows' own compute is kept): the "
+                        "trace-driven estimate without the recorder in the timed rows")
     src.add_argument("--measure", action="store_true", help="measure the rows here (CPU, as scaling.scaling_rows)")
     src.add_argument("--reproject", metavar="JSON", help="recompute a committed project_*.json from its own "
                                                           "measurements (nothing measured again)")
@@ -1206,6 +1234,8 @@ def main(argv=None) -> None:
     p.add_argument("--emulator-steps", type=int, default=12, help="--validate-emulator: steps of each run (2 warmup)")
     p.add_argument("--emulator-repeats", type=int, default=3, help="--validate-emulator: runs of each configuration")
     args = p.parse_args(argv)
+    if args.timelines and not args.scaling:
+        p.error("--timelines goes with --scaling")
     if args.validate_emulator:
         run_emulator_validation(args, argv)
         return
@@ -1227,6 +1257,9 @@ def main(argv=None) -> None:
         rows, hw = data["rows"], hardware()
         compute_on = data.get("hardware", {}).get("device", "unknown hardware")
         name = args.name or os.path.splitext(os.path.basename(args.scaling))[0].removeprefix("scaling_")
+        if args.timelines:
+            joined = join_timelines(rows, read_result(args.timelines)["rows"])
+            print(f"timelines of {args.timelines} joined to {len(joined)} rows: {', '.join(joined) or 'none'}")
 
     notes = []
     if any("messages_per_step" not in r for r in rows if "seconds" in r and r.get("mode") != "serial"):

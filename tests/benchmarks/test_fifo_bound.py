@@ -260,3 +260,21 @@ def test_stale_posts_bunched_at_a_drained_steps_end_exceed_the_one_post_tail():
     fifo = replay_timeline(t, SLOW, 2)["step"]
     assert fifo == pytest.approx(10 + 2 + 2)
     assert pessimistic_seconds(10, b, m, "full", 2, SLOW, None)[-1] == pytest.approx(10 + 2)     # max(10, 4) + 2
+
+
+def test_timelines_of_a_separate_run_join_the_rows_of_the_same_configuration():
+    """project.py --timelines: the recorder runs apart from the timed rows (its CUDA events stay out
+    of them); its timelines join the rows of the same configuration, whose compute is kept, and a
+    timeline of a configuration the rows lack is an error, not dropped."""
+    from project import join_timelines
+
+    base = {"model": "unet-xl", "size": 4096, "n": 8, "kernels": "torch", "cuda_graphs": True, "dtype": "bf16"}
+    rows = [{**base, "mode": "serial", "n": 1, "seconds": 8.0},
+            {**base, "mode": "full", "seconds": 1.0}, {**base, "mode": "full", "kernels": "triton", "seconds": 0.9}]
+    trace = tl(1.3, (0, "post", 0, "attn_kv", 3, 1))
+    traced = [{**base, "mode": "full", "seconds": 1.3, "timeline": trace}, {**base, "mode": "serial", "n": 1}]
+    assert join_timelines(rows, traced) == ["unet-xl 4096² full N=8 torch"]
+    assert rows[1]["timeline"] is trace and rows[1]["seconds"] == 1.0
+    assert "timeline" not in rows[2] and "timeline" not in rows[0]
+    with pytest.raises(ValueError, match="no row of that configuration"):
+        join_timelines(rows, [{**base, "mode": "partial", "timeline": trace}])

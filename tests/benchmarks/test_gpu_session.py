@@ -79,7 +79,7 @@ def test_a_step_past_the_limit_is_not_started_and_a_rerun_continues(session, tmp
     assert session(100_000) == 0                                      # the same command again: the rest
     got = statuses(capsys)
     assert got["pipelines"] == "done before, this commit"
-    assert all(got[s] == "done now" for s in got if s != "pipelines"), got
+    assert all(got[s] == "done now" for s in got if s != "pipelines"), list(got.items())
     assert set(json.loads(check.read_text())["sections"]) == set(gpu_check.SECTIONS)
 
     # a result of another commit is measured again; the projection of rows newer than it, too
