@@ -44,8 +44,8 @@ with the opt-in stale communicator, `projected_stale_channel_*`):
     in sync (nothing overlaps) nor where no loopback figure is given (the CPU validation).
 - trace-driven (`projected_fifo_*`, rows whose scaling run recorded a timeline: `scaling.py
   --timeline`, or a separate such run of the same configurations joined with `--timelines`, which
-  keeps the recorder's events out of the timed rows; measured N only). The pessimistic bound above serialises *all* of a step's stale
-  traffic ahead of the critical collectives, the worst over every placement of the posts; the
+  keeps the recorder's events out of the timed rows; measured N only). The pessimistic bound
+  above serialises *all* of a step's stale traffic ahead of the critical collectives, the worst over every placement of the posts; the
   trace says where they are. One rank's recorded steady step (`TimelineRecorder`: each post's kind,
   bytes and messages, each wait, stamped on the compute stream; under graphs a replay's, stamped by
   CUDA events captured in the graph) is replayed (`replay_timeline`) through one FIFO per
@@ -71,8 +71,8 @@ with the opt-in stale communicator, `projected_stale_channel_*`):
   not a measurement, and an estimate, not a bound: on the CPU emulator the emulated step has come
   out above it by more than BOUND_SLACK (`within_fifo` False in the committed validation), since
   it charges neither the ranks' jitter nor the emulator's late thread wake-ups. It holds only as
-  far as the trace's post times hold on the real system: the recorded rank is the slowest strip (with the busiest strip's bytes per post), every
-  rank is assumed to post at the same times (ranks whose timing jitters from step to step meet at
+  far as the trace's post times hold on the real system: the recorded rank is the slowest strip
+  (with the busiest strip's bytes per post), every rank is assumed to post at the same times (ranks whose timing jitters from step to step meet at
   each all-reduce later than that: `replay_ranks` shows by how much in the emulator), and a
   receive is assumed ready when this rank's own FIFO reaches it.
 Projected speedup = serial_seconds / projected step.
@@ -136,7 +136,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (RESULTS, SCHEMA, add_run, add_timing, config_of, hardware, parser, provenance,  # noqa: E402
                     read_result, rewrite_result, save_plot, table, timing_stats, write_result)
-from parafuse.parallel.transport import MAIN, STALE, STALE_CHANNEL_KINDS  # noqa: E402
+from parafuse.parallel.transport import MAIN, STALE, STALE_CHANNEL_KINDS, channel_of  # noqa: E402
 
 
 # ---- links ---------------------------------------------------------------------------------------
@@ -369,10 +369,12 @@ FIFO_STEPS = 12           # identical steps replayed from an idle link; the stea
 FIFO_STEADY = 4           # FIFO_STEADY of them
 
 
-def timeline_channel(kind: str, stale_channel: bool, stale_kinds: tuple[str, ...] = STALE_CHANNEL_KINDS) -> str:
-    """The communicator a recorded post goes to: the transport's rule (`Transport.channel`; the
-    kinds it may carry on the stale one are point-to-point kinds, all-reduces stay on the main one)."""
-    return STALE if stale_channel and kind in stale_kinds else MAIN
+def post_cost(kind: str, nbytes: float, messages: float, n: int, link: Link, mode: str, stale_channel: bool,
+              stale_kinds: tuple[str, ...]) -> tuple[str, float]:
+    """(communicator, seconds on its link) of one recorded post: the transport's routing
+    (`channel_of`) and the cost the other bounds charge its kind (`kind_seconds`)."""
+    return (channel_of(kind, stale_channel, stale_kinds),
+            kind_seconds(kind, nbytes, messages, n, link, default_law(kind, mode), concurrent=False))
 
 
 def replay_timeline(timeline: dict, link: Link, n: int, mode: str = "full", compute: float | None = None,
@@ -403,11 +405,8 @@ def replay_timeline(timeline: dict, link: Link, n: int, mode: str = "full", comp
     drain = timeline.get("graphed", False) if drain is None else drain
     if any(e[1] not in ("post", "wait", "wait_prev") for e in events):
         raise ValueError("the timeline waits for a post older than the previous step: not a steady step")
-    cost = {}
-    for t, what, post, kind, nbytes, messages in events:
-        if what == "post":
-            cost[post] = (timeline_channel(kind, stale_channel, stale_kinds),
-                          kind_seconds(kind, nbytes, messages, n, link, default_law(kind, mode), concurrent=False))
+    cost = {post: post_cost(kind, nbytes, messages, n, link, mode, stale_channel, stale_kinds)
+            for t, what, post, kind, nbytes, messages in events if what == "post"}
     busy = {MAIN: 0.0, STALE: 0.0}
     now, prev_finish, durations = 0.0, {}, []
     for _ in range(steps):
@@ -832,9 +831,8 @@ def emulator_checks(rows: list[dict], link: Link) -> list[dict]:
         if r.get("timeline"):
             # the trace-driven estimate: the rank's recorded free-link step replayed through the same link,
             # one FIFO per communicator as the emulator has (eager: stale posts waited the next step)
-            kinds = STALE_CHANNEL_KINDS
             fifo = replay_timeline(r["timeline"], link, r["n"], r["mode"], r["compute_seconds"],
-                                   stale_channel=r["stale_channel"], stale_kinds=kinds, drain=False)["step"]
+                                   stale_channel=r["stale_channel"], drain=False)["step"]
             checks[-1].update(projected_fifo_step_seconds=fifo, fifo_relative_error=fifo / real - 1,
                               within_fifo=real <= (1 + BOUND_SLACK) * fifo)
         if "fifo_all_ranks_seconds" in r:
@@ -916,9 +914,8 @@ def replay_ranks(runs: list[list[dict]], link: Link, n: int, mode: str = "full",
                         break               # a peer has not posted it yet: replay the peers first
                 now[r] += gap
                 if what == "post":
-                    channel = timeline_channel(kind, stale_channel, stale_kinds)
-                    busy[r][channel] = finish[r][key] = max(now[r], busy[r][channel]) + kind_seconds(
-                        kind, nbytes, messages, n, link, default_law(kind, mode), concurrent=False)
+                    channel, seconds = post_cost(kind, nbytes, messages, n, link, mode, stale_channel, stale_kinds)
+                    busy[r][channel] = finish[r][key] = max(now[r], busy[r][channel]) + seconds
                 elif what == "end":
                     ends[r].append(now[r])
                 elif k >= 0 and post is not None:
@@ -1049,12 +1046,16 @@ def emulator_columns(checks: list[dict]) -> list[tuple[str, str]]:
                                else [])
 
 
+def emulator_row(c: dict) -> dict:
+    """One emulator check with its times in ms, as `emulator_columns` names them (here and in report.py)."""
+    ms = {"compute_ms": "compute_seconds", "projected_ms": "projected_step_seconds", "emulated_ms": "emulated_seconds",
+          "pess_ms": "projected_pessimistic_step_seconds", "fifo_ms": "projected_fifo_step_seconds",
+          "fifo_all_ms": "fifo_all_ranks_seconds"}
+    return {**c, **{k: c[v] * 1e3 if v in c else "" for k, v in ms.items()}}
+
+
 def emulator_table(checks: list[dict]) -> str:
-    return table([{**c, "compute_ms": c["compute_seconds"] * 1e3, "projected_ms": c["projected_step_seconds"] * 1e3,
-                   "emulated_ms": c["emulated_seconds"] * 1e3, "pess_ms": c["projected_pessimistic_step_seconds"] * 1e3,
-                   "fifo_ms": c["projected_fifo_step_seconds"] * 1e3 if "projected_fifo_step_seconds" in c else "",
-                   "fifo_all_ms": c["fifo_all_ranks_seconds"] * 1e3 if "fifo_all_ranks_seconds" in c else ""}
-                  for c in checks], emulator_columns(checks))
+    return table([emulator_row(c) for c in checks], emulator_columns(checks))
 
 
 def run_emulator_validation(args, argv) -> None:

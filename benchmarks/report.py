@@ -156,22 +156,17 @@ def speedup_section(scaling: dict | None, project: dict | None, gpus: list[dict]
 def emulator_validation_section() -> list[str]:
     """benchmarks/project.py --validate-emulator: the thread emulator over a modelled link against
     both bounds of the projection, one table per committed result (CPU, and the one-GPU emulator)."""
-    from project import emulator_columns
+    from project import emulator_columns, emulator_row
 
     out = []
     for path, res in read_results("project_emulator_*.json"):
         cmd = res["provenance"].get("command") or "python benchmarks/project.py --validate-emulator"
         links = "; ".join(f"{r['model']} {r['size']}²: {r['link']['latency'] * 1e6:.0f} µs, "
                           f"{r['link']['bandwidth'] / 1e6:.0f} MB/s ({r['link']['source']})" for r in res["runs"])
-        rows = [{**c, "compute_ms": c["compute_seconds"] * 1e3, "projected_ms": c["projected_step_seconds"] * 1e3,
-                 "emulated_ms": c["emulated_seconds"] * 1e3, "pess_ms": c["projected_pessimistic_step_seconds"] * 1e3,
-                 "stale_channel": "yes" if c["stale_channel"] else "no", "within_bounds": "yes" if c["within_bounds"]
-                 else "no", **({"fifo_ms": c["projected_fifo_step_seconds"] * 1e3,
-                               "within_fifo": "yes" if c["within_fifo"] else "no",
-                               "fifo_all_ms": c.get("fifo_all_ranks_seconds", 0) * 1e3 or ""}
-                              if "projected_fifo_step_seconds" in c else {})}
-                for c in res.get("checks") or res["rows"]]      # a legacy file's checks, else rows
-        fifo = any("fifo_ms" in r for r in rows)
+        checks = res.get("checks") or res["rows"]       # a legacy file's checks, else rows
+        yes_no = {k: {True: "yes", False: "no"} for k in ("stale_channel", "within_bounds", "within_fifo")}
+        rows = [{**emulator_row(c), **{k: yes_no[k][c[k]] for k in yes_no if k in c}} for c in checks]
+        fifo = any("projected_fifo_step_seconds" in c for c in checks)
         out += [f"**The projection against the thread emulator with a modelled link** (`{cmd}` on {hw(res)}, "
                 f"emulated ranks on {res['device']}, at {origin(res, path)}): N = 2 ranks as threads over a "
                 "link modelled in the thread transport (latency + bytes / bandwidth, one FIFO per rank and "
@@ -281,8 +276,8 @@ def gpu_section(gpus: list[dict]) -> list[str]:
                             ""]
             traced = [r for r in prow if "projected_fifo_speedup" in r]
             if traced:       # the trace-driven estimate exists only where a step's timeline was recorded
-                out += ["trace-driven estimate (fifo), not a bound: the measured N's recorded step (posts and waits, one "
-                        "rank, every rank assumed to post at the same times) replayed through one FIFO link per "
+                out += ["trace-driven estimate (fifo), not a bound: the measured N's recorded step (posts and "
+                        "waits, one rank, every rank assumed to post at the same times) replayed through one FIFO link per "
                         "communicator, with the same costs and charge:", "",
                         pivot(traced, ("model", "size", "mode", "graphs", "kernels", "link"), "projected_fifo_speedup"),
                         "", "trace-driven, stale traffic on its own communicator:", "",

@@ -216,13 +216,17 @@ class StripModel:
         self._begin_evaluation()
         i = self.layout.patch_index
         if self._tokens:            # [B, h*w, C] row-major over the grid, and the grid's ids
-            w, top, rows = self.geometry.width, self.geometry.level(1).offsets[i], self.geometry.rows[i]
-            ids = kwargs["img_ids"]
-            kwargs = {**kwargs, "img_ids": ids[..., top * w: (top + rows) * w, :]}
-            return self._with_sample(args, kwargs, sample[:, top * w: (top + rows) * w].contiguous())
+            a, b = self._token_span()
+            kwargs = {**kwargs, "img_ids": kwargs["img_ids"][..., a:b, :]}
+            return self._with_sample(args, kwargs, sample[:, a:b].contiguous())
         level = self.geometry.level_of_width(sample.shape[-1])
         top = level.offsets[i]
         return self._with_sample(args, kwargs, sample[:, :, top: top + level.rows[i]].contiguous())
+
+    def _token_span(self) -> tuple[int, int]:
+        """This strip's tokens [a, b) of a sequence row-major over the latent grid (Flux's)."""
+        top, end = self.geometry.row_range(self.layout.patch_index)
+        return top * self.geometry.width, end * self.geometry.width
 
     def _strip_kwargs(self, kwargs: dict) -> dict:
         """This rank's part of the call's other arguments, before the evaluation starts (the
@@ -408,10 +412,9 @@ class StripDenoiser(StripModel):
     def _residual_strip(self, t: torch.Tensor, name: str, j: int | None) -> torch.Tensor:
         i, what = self.layout.patch_index, name if j is None else f"{name}[{j}]"
         if self._tokens:            # Flux's ControlNet samples: tokens of the latent's grid, row-major
-            w, level = self.geometry.width, self.geometry.level(1)
-            top, rows = level.offsets[i] * w, level.rows[i] * w
-            whole, place = level.height * w, f"tokens of the {level.height}x{w} latent grid"
-            dim = 1
+            top, end = self._token_span()
+            rows, whole, dim = end - top, self.geometry.height * self.geometry.width, 1
+            place = f"tokens of the {self.geometry.height}x{self.geometry.width} latent grid"
         else:
             try:
                 level = self.geometry.level_of_width(t.shape[-1])
@@ -706,10 +709,8 @@ class StripControlNet(StripModel):
         if not self.token_cond or out is None or self.engine is None:
             return out
         args, kwargs = out
-        w, i = self.geometry.width, self.layout.patch_index
-        top, rows = self.geometry.level(1).offsets[i], self.geometry.rows[i]
-        cond = kwargs["controlnet_cond"]
-        return args, {**kwargs, "controlnet_cond": cond[:, top * w: (top + rows) * w].contiguous()}
+        a, b = self._token_span()
+        return args, {**kwargs, "controlnet_cond": kwargs["controlnet_cond"][:, a:b].contiguous()}
 
     def _configure(self, args, kwargs, sample):
         if self.token_cond:

@@ -45,6 +45,11 @@ STALE_CHANNEL_KINDS = ("attn_kv", "conv_halo")     # what the opt-in stale chann
 MAIN, STALE = "main", "stale"                       # the channels (communicators)
 
 
+def channel_of(kind: str, stale_channel: bool, stale_kinds: tuple[str, ...] = STALE_CHANNEL_KINDS) -> str:
+    """The communicator a point-to-point message of `kind` goes to (all-reduces: always MAIN)."""
+    return STALE if stale_channel and kind in stale_kinds else MAIN
+
+
 class ExchangeMismatch(RuntimeError):
     """Two ranks posted operations that do not pair up (another kind or size): on NCCL this would
     hang or silently deliver the wrong bytes."""
@@ -131,7 +136,7 @@ class Transport:
 
     def channel(self, kind: str) -> str:
         """The communicator a point-to-point message of `kind` goes to (all-reduces: always MAIN)."""
-        return STALE if self.stale_channel and kind in self.stale_kinds else MAIN
+        return channel_of(kind, self.stale_channel, self.stale_kinds)
 
     def _post(self, sends, recvs, kind) -> Pending:
         raise NotImplementedError
