@@ -129,14 +129,15 @@ class StripModel:
     def __init__(self, model: nn.Module, session: PatchSession, adapter: DiffusersAdapter):
         self.model, self.session, self.adapter = model, session, adapter
         self.engine, self.layout, self.transport = session.engine, session.layout, session.transport
-        self.sample_name = next(iter(inspect.signature(getattr(model, "_orig_mod", model).forward).parameters))
+        self._signature = inspect.signature(getattr(model, "_orig_mod", model).forward)
+        self.sample_name = next(iter(self._signature.parameters))
         self._traces: dict[tuple[int, ...], Trace] = {}           # per input size
         self._structure = None
         self.geometry: StripGeometry | None = None
         self._tokens = False                                      # the input is a token grid (Flux)
         self.evaluations = 0
         self.tracing = False
-        self._handles = [model.register_forward_pre_hook(self._before, with_kwargs=True),
+        self._handles = [model.register_forward_pre_hook(self._by_name, with_kwargs=True),
                          model.register_forward_hook(self._after, with_kwargs=True)]
 
     def begin_image(self) -> None:
@@ -177,6 +178,17 @@ class StripModel:
                 m.__class__ = PatchEmbed
 
     # ---- hooks ---------------------------------------------------------------------------------
+    def _by_name(self, module, args, kwargs):
+        """The pre-hook: every argument after the sample passed by its name, so that the rules
+        that find an argument (the residuals cut to the strip, Flux's `img_ids`, the CFG half of
+        the batch) find it however the caller passed it - `unet(x, t, text, None, ..., residuals)`
+        as `unet(x, t, encoder_hidden_states=text, ...)`."""
+        if len(args) > 1 and not any(p.kind is p.VAR_POSITIONAL for p in self._signature.parameters.values()):
+            named = self._signature.bind_partial(*args).arguments
+            args, kwargs = args[:1], {**{k: v for k, v in named.items() if k != self.sample_name}, **kwargs}
+            return self._before(module, args, kwargs) or (args, kwargs)
+        return self._before(module, args, kwargs)
+
     def _sample(self, args: tuple, kwargs: dict) -> torch.Tensor:
         return args[0] if args else kwargs[self.sample_name]
 

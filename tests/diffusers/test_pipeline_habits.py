@@ -655,14 +655,20 @@ def _whole_image_controlnet_call(plain, seed=5):
                           mid_block_additional_residual=mid)
 
 
-def test_whole_image_controlnet_residuals_equal_the_plain_unet(root):
+@pytest.mark.parametrize("passed", ["by keyword", "by position"])
+def test_whole_image_controlnet_residuals_equal_the_plain_unet(root, passed):
     """Residuals the user computed with a plain ControlNet, handed to the parallel U-Net's direct
-    call (N = 3, uneven strips): cut to each strip, = the plain U-Net's output on every rank."""
+    call (N = 3, uneven strips) by keyword, or by position with every argument before them:
+    cut to each strip, = the plain U-Net's output on every rank."""
     plain = fresh(root, "sd-controlnet")
     args, kwargs = _whole_image_controlnet_call(plain)
     with torch.no_grad():
         ref = plain.unet(*args, **kwargs).sample
         assert rel(plain.unet(*args, encoder_hidden_states=kwargs["encoder_hidden_states"]).sample, ref) > 1e-2
+    if passed == "by position":   # sample, timestep, text, class labels, timestep cond, mask, cross-attention
+        # kwargs, added conds, then the residuals
+        args, kwargs = args + (kwargs["encoder_hidden_states"], None, None, None, None, None,
+                               kwargs["down_block_additional_residuals"], kwargs["mid_block_additional_residual"]), {}
 
     def call(par):
         with torch.no_grad():
