@@ -479,7 +479,8 @@ def test_controlnet_stale_modes_within_3db_of_the_pipeline_without_it(root, mode
 
 
 @pytest.mark.parametrize("family,scale", [("sd-controlnet", "controlnet_conditioning_scale"),
-                                          ("sd-adapter", "adapter_conditioning_scale")])
+                                          ("sd-adapter", "adapter_conditioning_scale"),
+                                          ("sdxl-adapter", "adapter_conditioning_scale")])
 def test_controlnet_residuals_enter_the_graphs_static_buffers(root, family, scale):
     """Graphed (a replay reruns the captured region on its static inputs) equals eager across two
     calls with different conditioning images: the residuals - a ControlNet's strips, a T2I-Adapter's
@@ -639,6 +640,33 @@ def test_t2i_adapter_sync_equals_diffusers(root, family, n, cfg):
             assert sample[0] == (1 if cfg else 2) and len(residuals) == (4 if family == "sdxl-adapter" else 2)
             for r in residuals:
                 assert r[0] == sample[0] and r[-2] == geometry.level_of_width(r[-1]).rows[i]
+
+
+def test_multi_adapter_sync_equals_diffusers(root):
+    """A MultiAdapter (two T2I-Adapters, two conditioning images, two scales; their features summed
+    whole on every rank, then cut to the strip by the one rule), N = 3: sync = diffusers, and each
+    adapter shapes the output."""
+    import copy
+
+    from diffusers import MultiAdapter
+    from support.diffusers_cases import control_image, controlnet_kwargs
+
+    def with_two(pipe):
+        second = copy.deepcopy(pipe.adapter)
+        with torch.no_grad():
+            for p in second.parameters():
+                p.mul_(-0.5)                  # another adapter: its features point elsewhere
+        pipe.adapter = MultiAdapter([pipe.adapter, second])
+        return pipe
+
+    def kwargs(second_image=9):
+        return {**controlnet_kwargs("sd-adapter"), "image": [control_image(3), control_image(second_image)],
+                "adapter_conditioning_scale": [1.0, 0.7]}
+    ref = images(with_two(fresh(root, "sd-adapter"))(**kwargs()))
+    assert rel(images(fresh(root, "sd-adapter")(**controlnet_kwargs("sd-adapter"))), ref) > 1e-2
+    assert rel(images(with_two(fresh(root, "sd-adapter"))(**kwargs(second_image=10))), ref) > 1e-2
+    out = emulate_pipeline(with_two(fresh(root, "sd-adapter")), 3, lambda p: images(p(**kwargs())), mode="sync")
+    assert rel(out[0][0], ref) <= 1e-5
 
 
 def _whole_image_controlnet_call(plain, seed=5):
