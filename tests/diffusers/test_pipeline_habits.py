@@ -506,21 +506,23 @@ def test_controlnet_residuals_enter_the_graphs_static_buffers(root, family, scal
 
 @pytest.mark.torchrun
 def test_controlnet_under_torchrun(root, tmp_path):
-    """N = 2 under torchrun (gloo): sync equals diffusers, full equals the emulator, bytes included;
-    a call whose guidance_scale differs on rank 1 is refused on both ranks over gloo (item 4), and the
-    same pipeline's next, equal call is full's image."""
+    """N = 2 under torchrun (gloo): sync equals diffusers, full equals the emulator, bytes included,
+    for a ControlNet and a T2I-Adapter; a call whose guidance_scale differs on rank 1 is refused on
+    both ranks over gloo (item 4), and the same pipeline's next, equal call is full's image."""
     from support.diffusers_cases import NAMED_TORCHRUN_CASES, controlnet_kwargs
     from test_diffusers import launch_torchrun
 
-    got = launch_torchrun(root, tmp_path, 2, ["sd-controlnet-sync", "sd-controlnet-full", "sd-controlnet-disagree"])
+    got = launch_torchrun(root, tmp_path, 2, ["sd-controlnet-sync", "sd-controlnet-full", "sd-controlnet-disagree",
+                                              "sd-adapter-full"])
     ref = images(fresh(root, "sd-controlnet")(**controlnet_kwargs("sd-controlnet")))
     assert rel(got["sd-controlnet-sync"][0]["images"], ref) <= 1e-5
     assert got["sd-controlnet-sync"][1]["images"] is None
-    emu = emulate_pipeline(fresh(root, "sd-controlnet"), 2, lambda p: images(p(**controlnet_kwargs("sd-controlnet"))),
-                           **NAMED_TORCHRUN_CASES["sd-controlnet-full"][1])
-    assert (got["sd-controlnet-full"][0]["images"] - emu[0][0]).abs().max() <= 1e-5
-    for r in range(2):
-        assert got["sd-controlnet-full"][r]["rank_stats"]["bytes_sent"] == emu[r][1]["bytes_sent"]
+    for case in ("sd-controlnet-full", "sd-adapter-full"):
+        family, settings = NAMED_TORCHRUN_CASES[case]
+        emu = emulate_pipeline(fresh(root, family), 2, lambda p: images(p(**controlnet_kwargs(family))), **settings)
+        assert (got[case][0]["images"] - emu[0][0]).abs().max() <= 1e-5
+        for r in range(2):
+            assert got[case][r]["rank_stats"]["bytes_sent"] == emu[r][1]["bytes_sent"]
     refusals = [got["sd-controlnet-disagree"][r]["refusal"] for r in range(2)]
     assert refusals[0] == refusals[1] == ("ranks disagree on the pipeline call's arguments: guidance_scale (rank 0 "
                                           "vs rank 1): start every rank with the same values")

@@ -25,5 +25,6 @@ NAMED_TORCHRUN_CASES = {
     # rank 1 calls with another guidance_scale first (refused on both ranks over gloo), then the same
     # call as rank 0 on the same parallel pipeline
     "sd-controlnet-disagree": ("sd-controlnet", dict(mode="full", warmup_steps=1)),
+    "sd-adapter-full": ("sd-adapter", dict(mode="full", warmup_steps=1)),        # T2I features cut over gloo
 }
 ALL_TORCHRUN_CASES = {**TORCHRUN_CASES, **NAMED_TORCHRUN_CASES}
