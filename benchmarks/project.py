@@ -32,10 +32,13 @@ with the opt-in stale communicator, `projected_stale_channel_*`):
     collective posted after stale traffic waits for all of it. Where critical collectives are
     posted inside the step (norm_stats with exact statistics, text_attn, reduce), all stale traffic
     is charged serialised ahead of them: step = compute' + stale + critical. The opt-in stale
-    communicator (issue 28 item 3) removes the queueing: its own row, `projected_stale_channel_*`.
+    communicator (issue 28 item 3) removes the queueing, not the sharing of the rank's one link:
+    its own row, `projected_stale_channel_*`.
   * Otherwise (or on the stale communicator) the overlap window is one step (under CUDA graphs
     every exchange is drained at the end of the step): step = max(compute', stale) + tail +
-    critical, where tail is one post's stale traffic (the largest), exposed at the drain.
+    critical, where tail is one post's stale traffic (the largest), exposed at the drain. On the
+    stale communicator the critical kinds' bytes are charged as moving beside stale traffic at
+    half the link's bandwidth: critical and stale each take their bytes' time on the link longer.
   * compute' = compute + charge: NCCL's kernels take SMs and HBM bandwidth while they move bytes.
     charge = the largest of (a) the loss the on-device loopback run showed (side-stream copies of
     one rank's traffic inside its graphed step, `gpu_check.py`'s graphs section: read from the
@@ -55,7 +58,9 @@ with the opt-in stale communicator, `projected_stale_channel_*`):
   the next step carry over (identical steps from an idle link, the steady one taken), and under
   graphs everything is drained by the step's end. `projected_fifo_stale_channel_*`: the stale
   kinds on their own FIFO (`STALE_CHANNEL_KINDS`, as the transport routes them), run at the same
-  time as the main one (as the emulator models two communicators). Which post is stale or
+  time as the main one on the rank's one link: the transfers moving bytes at a moment split its
+  bandwidth (`SharedLink`; the emulator's validation replays each communicator on a link of its
+  own, as the emulator models them). Which post is stale or
   critical is not decided here: what is waited when is the trace's.
   While compute is blocked its FIFO is busy, so in the steady state fifo <= compute' + stale +
   critical, the serialised pessimistic step (tested on random timelines); and where every critical
@@ -66,8 +71,9 @@ with the opt-in stale communicator, `projected_stale_channel_*`):
   can fall below the optimistic step (a few per cent on the CPU emulator's sync rows). The
   pessimistic bound's other case (max(compute', stale) + one post's tail + critical) assumes stale
   posts spread over the step: where a trace bunches several at the step's end the fifo step can
-  exceed it. On two communicators that run at once the fifo step can fall below the one-link
-  optimistic bound where stale traffic alone outlasts compute. It is a projection from a trace,
+  exceed it. On two communicators with links of their own (the emulator's validation) the fifo
+  step can fall below the one-link optimistic bound where stale traffic alone outlasts compute;
+  sharing one link, it lies between that and the one-communicator fifo step (tested). It is a projection from a trace,
   not a measurement, and an estimate, not a bound: on the CPU emulator the emulated step has come
   out above it by more than BOUND_SLACK (`within_fifo` False in the committed validation), since
   it charges neither the ranks' jitter nor the emulator's late thread wake-ups. It holds only as
@@ -270,6 +276,12 @@ def kind_seconds(kind: str, nbytes: float, messages: float | None, n: int, link:
     return max(inside, outside) if concurrent else inside + outside
 
 
+def bytes_seconds(kind: str, nbytes: float, n: int, link: Link, law: str) -> float:
+    """The part of `kind_seconds` (serialised off-node share) that moves bytes, without the
+    latencies: what two communicators on one link share."""
+    return kind_seconds(kind, nbytes, 0, n, link, law, concurrent=False)
+
+
 def step_seconds(compute: float, bytes_per_step: dict, messages_per_step: dict | None, mode: str, n: int,
                  link: Link, norm_on_critical_path: bool = True, laws: dict | None = None,
                  stale_text: bool = False) -> tuple[float, float, float]:
@@ -341,9 +353,12 @@ def charge_from_rows(rows: list[dict], where: str, sm_share: float = NCCL_SM_SHA
 
 def pessimistic_seconds(compute: float, bytes_per_step: dict, messages_per_step: dict | None, mode: str, n: int,
                         link: Link, charge: Charge | None, norm_on_critical_path: bool = True,
-                        laws: dict | None = None, stale_text: bool = False,
-                        stale_channel: bool = False) -> tuple[float, float, float, float, float]:
-    """Pessimistic bound: (charge, stale, critical, tail, step) seconds of one steady-state step."""
+                        laws: dict | None = None, stale_text: bool = False, stale_channel: bool = False,
+                        shared_link: bool = True) -> tuple[float, float, float, float, float]:
+    """Pessimistic bound: (charge, stale, critical, tail, step) seconds of one steady-state step.
+    On the stale communicator (`stale_channel`) over one link (`shared_link`), the critical
+    transfers' bytes are charged as moving beside stale traffic at half the bandwidth, and the
+    stale traffic as slowed by as much."""
     stale, critical, per_kind = split_comm(bytes_per_step, messages_per_step, mode, n, link, norm_on_critical_path,
                                            laws, stale_text, concurrent=False)
     if mode not in ASYNC_MODES:
@@ -361,7 +376,11 @@ def pessimistic_seconds(compute: float, bytes_per_step: dict, messages_per_step:
         law = (laws or {}).get(k) or default_law(k, mode)
         count = posts(law, (messages_per_step or {}).get(k, 0), n)
         tail = max(tail, per_kind[k] / count if count else per_kind[k])
-    return extra, stale, critical, tail, max(compute + extra, stale) + tail + critical
+    shared = 0.0
+    if stale_channel and shared_link and stale:
+        shared = sum(bytes_seconds(k, bytes_per_step.get(k, 0), n, link, (laws or {}).get(k) or default_law(k, mode))
+                     for k in per_kind if k not in stale_kinds)
+    return extra, stale + shared, critical + shared, tail, max(compute + extra, stale + shared) + tail + critical + shared
 
 
 # ---- the trace-driven estimate: one rank's recorded timeline through one FIFO link per communicator --
@@ -377,14 +396,68 @@ def post_cost(kind: str, nbytes: float, messages: float, n: int, link: Link, mod
             kind_seconds(kind, nbytes, messages, n, link, default_law(kind, mode), concurrent=False))
 
 
+class SharedLink:
+    """One rank's link with a FIFO per communicator. A transfer starts when it reaches its FIFO's
+    head: first its latencies, then its bytes. With `shared`, the communicators whose transfers are
+    moving bytes at a moment split the link's bandwidth evenly (one NVLink port, one NIC: two
+    communicators run at once but move no more bytes together than one); without it each FIFO has
+    a link of its own (as the thread emulator models two communicators)."""
+
+    def __init__(self, shared: bool):
+        self.shared, self.now = shared, 0.0
+        self.queues: dict[str, list] = {MAIN: [], STALE: []}     # [key, latency left, bytes seconds left]
+        self.finish: dict = {}
+
+    def post(self, at: float, key, channel: str, latency: float, nbytes: float) -> None:
+        self.run(at)
+        self.queues[channel].append([key, latency, nbytes])
+
+    def run(self, until: float, key=None) -> None:
+        """Move the transfers on to time `until`, or (`key`) until that transfer has finished."""
+        while True:
+            if key is not None and key in self.finish:
+                return
+            heads = [q[0] for q in self.queues.values() if q]
+            if not heads:
+                if key is not None:
+                    raise ValueError(f"a wait for {key!r}, which was never posted")
+                self.now = max(self.now, until)
+                return
+            moving = sum(1 for h in heads if h[1] <= 0)
+            rate = 1 / moving if self.shared and moving else 1.0
+            dt = min(h[1] if h[1] > 0 else h[2] / rate for h in heads)
+            if key is None:
+                dt = min(dt, until - self.now)
+                if dt <= 0:
+                    return
+            for h in heads:
+                if h[1] > 0:
+                    h[1] -= dt
+                else:
+                    h[2] -= dt * rate
+            self.now += dt
+            for q in self.queues.values():
+                while q and q[0][1] <= 1e-15 and q[0][2] <= 1e-15:
+                    self.finish[q.pop(0)[0]] = self.now
+                if q and q[0][1] < 0:           # the latencies' overshoot of the step (floating point)
+                    q[0][1] = 0.0
+
+    def drained(self) -> float:
+        """When the last posted transfer finishes."""
+        for channel, q in self.queues.items():
+            while q:
+                self.run(0.0, q[-1][0])
+        return self.now
+
+
 def replay_timeline(timeline: dict, link: Link, n: int, mode: str = "full", compute: float | None = None,
                     charge: float = 0.0, stale_channel: bool = False,
                     stale_kinds: tuple[str, ...] = STALE_CHANNEL_KINDS, drain: bool | None = None,
-                    steps: int = FIFO_STEPS) -> dict:
+                    steps: int = FIFO_STEPS, shared_link: bool = True) -> dict:
     """One recorded step (`TimelineRecorder.timelines()`: its duration and its (t, event, post, kind,
-    bytes, messages) events) replayed through one FIFO link per communicator, `steps` identical
-    steps in a row from an idle link; returns {"step", "compute", "stall", "steps"} seconds, "step"
-    the mean of the last FIFO_STEADY steps (the steady state).
+    bytes, messages) events) replayed through one FIFO per communicator on the rank's link, `steps`
+    identical steps in a row from an idle link; returns {"step", "compute", "stall", "steps"}
+    seconds, "step" the mean of the last FIFO_STEADY steps (the steady state).
 
     - Compute: the recorded gaps between events, scaled so that the step's compute is `compute`
       (the row's measured per-rank compute; None: the recording's own) plus `charge` (the
@@ -392,7 +465,9 @@ def replay_timeline(timeline: dict, link: Link, n: int, mode: str = "full", comp
     - A post enqueues its transfer behind whatever its FIFO holds (the communicator's: MAIN, or
       STALE for `stale_kinds` with `stale_channel`): `kind_seconds`, the rule the other bounds use
       (latency per message and hop, an all-reduce 2(N-1) hops; bytes / bandwidth; past one node
-      the off-node share after the rest).
+      the off-node share after the rest). With two communicators, `shared_link` (the projection's
+      default) splits the bandwidth between the transfers moving bytes at once (`SharedLink`); the
+      emulator's validation replays without it, since the emulator gives each its own link.
     - A wait blocks compute until its post's transfer has finished: "wait" one of this step's posts,
       "wait_prev" the same post of the previous step (a stale exchange; the first step's are free).
     - `drain` (default: the row was graphed, or the timeline is a graph replay's): every post is
@@ -405,27 +480,29 @@ def replay_timeline(timeline: dict, link: Link, n: int, mode: str = "full", comp
     drain = timeline.get("graphed", False) if drain is None else drain
     if any(e[1] not in ("post", "wait", "wait_prev") for e in events):
         raise ValueError("the timeline waits for a post older than the previous step: not a steady step")
-    cost = {post: post_cost(kind, nbytes, messages, n, link, mode, stale_channel, stale_kinds)
-            for t, what, post, kind, nbytes, messages in events if what == "post"}
-    busy = {MAIN: 0.0, STALE: 0.0}
-    now, prev_finish, durations = 0.0, {}, []
-    for _ in range(steps):
-        begin, last, finish = now, 0.0, {}
+    cost = {}
+    for t, what, post, kind, nbytes, messages in events:
+        if what == "post":
+            channel, seconds = post_cost(kind, nbytes, messages, n, link, mode, stale_channel, stale_kinds)
+            moving = bytes_seconds(kind, nbytes, n, link, default_law(kind, mode))
+            cost[post] = (channel, seconds - moving, moving)
+    wire = SharedLink(shared_link)
+    now, durations = 0.0, []
+    for k in range(steps):
+        begin, last = now, 0.0
         for t, what, post, kind, nbytes, messages in events:
             now += (t - last) * scale
             last = t
             if what == "post":
-                channel, seconds = cost[post]
-                busy[channel] = finish[post] = max(now, busy[channel]) + seconds
-            elif what == "wait":
-                now = max(now, finish[post])
-            elif not drain:                  # wait_prev: under a drain the previous step's posts are done
-                now = max(now, prev_finish.get(post, 0.0))
+                wire.post(now, (k, post), *cost[post])
+            elif what == "wait" or (what == "wait_prev" and k > 0 and not drain):
+                # wait_prev under a drain: the previous step's posts are done
+                wire.run(now, (k if what == "wait" else k - 1, post))
+                now = max(now, wire.finish[(k if what == "wait" else k - 1, post)])
         now += (recorded - last) * scale
         if drain:
-            now = max([now] + list(finish.values()))
+            now = max(now, wire.drained())
         durations.append(now - begin)
-        prev_finish = finish
     step = statistics.fmean(durations[-FIFO_STEADY:])
     return {"step": step, "compute": compute + charge, "stall": step - compute - charge, "steps": durations}
 
@@ -822,7 +899,7 @@ def emulator_checks(rows: list[dict], link: Link) -> list[dict]:
     for r in rows:
         args = (r["compute_seconds"], r["bytes_per_step"], r["messages_per_step"], r["mode"], r["n"], link)
         optimistic = step_seconds(*args)[2]
-        pessimistic = pessimistic_seconds(*args, charge=None, stale_channel=r["stale_channel"])[-1]
+        pessimistic = pessimistic_seconds(*args, charge=None, stale_channel=r["stale_channel"], shared_link=False)[-1]
         real = r["emulated_seconds"]
         checks.append({**r, "link": link.name, "projected_step_seconds": optimistic,
                        "projected_pessimistic_step_seconds": pessimistic,
@@ -830,9 +907,10 @@ def emulator_checks(rows: list[dict], link: Link) -> list[dict]:
                        "within_bounds": (1 - BOUND_SLACK) * optimistic <= real <= (1 + BOUND_SLACK) * pessimistic})
         if r.get("timeline"):
             # the trace-driven estimate: the rank's recorded free-link step replayed through the same link,
-            # one FIFO per communicator as the emulator has (eager: stale posts waited the next step)
+            # one FIFO per communicator, each on a link of its own, as the emulator has (eager: stale posts
+            # waited the next step)
             fifo = replay_timeline(r["timeline"], link, r["n"], r["mode"], r["compute_seconds"],
-                                   stale_channel=r["stale_channel"], drain=False)["step"]
+                                   stale_channel=r["stale_channel"], drain=False, shared_link=False)["step"]
             checks[-1].update(projected_fifo_step_seconds=fifo, fifo_relative_error=fifo / real - 1,
                               within_fifo=real <= (1 + BOUND_SLACK) * fifo)
         if "fifo_all_ranks_seconds" in r:
@@ -1336,6 +1414,9 @@ def main(argv=None) -> None:
               "(sync); pessimistic: stale traffic serialised ahead of mid-step critical collectives on one "
               "communicator, else max(compute + charge, stale) + one post's tail + critical; comm = messages x "
               "latency + bytes / bandwidth, all-reduce 2(N-1) latency hops, N > 8 over ib400; see the docstring",
+        # the stale communicator's rows share the rank's link with the main one (half the bandwidth for
+        # critical bytes beside stale traffic); absent in projections made before that was charged
+        stale_channel_link="shared",
         charge=asdict(charge) if charge else None,
         norm_stats_on_critical_path=True,
         links=[asdict(k) for k in links],

@@ -268,7 +268,10 @@ def gpu_section(gpus: list[dict]) -> list[str]:
                     "(communication hides behind compute) and pessimistic (stale traffic queued ahead of the exact "
                     "all-reduces on one communicator, an SM/HBM charge of at least the on-device loopback loss, "
                     f"one-step overlap window; charge: {charge}), and the pessimistic bound with the opt-in stale "
-                    "communicator. N > 8: nodes of 8 over 400 Gb/s InfiniBand.", ""]
+                    "communicator" + (" (on the rank's one link: critical bytes beside stale traffic at half its "
+                                      "bandwidth)" if proj.get("stale_channel_link") == "shared" else
+                                      " (on a link of its own: made before the shared link was charged)")
+                    + ". N > 8: nodes of 8 over 400 Gb/s InfiniBand.", ""]
             for key, what in (("projected_speedup", "optimistic"), ("projected_pessimistic_speedup", "pessimistic"),
                               ("projected_stale_channel_speedup", "pessimistic, stale traffic on its own communicator")):
                 if all(key in r for r in prow):

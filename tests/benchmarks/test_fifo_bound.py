@@ -26,8 +26,35 @@ def test_an_all_reduce_posted_after_stale_traffic_waits_for_it():
     # posted together, nothing overlaps: the existing pessimistic bound's serialised step
     both = tl(10, *[[0, *e[1:]] for e in t["events"]])
     assert replay_timeline(both, SLOW, 2)["step"] == pytest.approx(10 + 3 + 1)
-    # on the opt-in stale communicator the all-reduce has the main one to itself
-    assert replay_timeline(t, SLOW, 2, stale_channel=True)["step"] == pytest.approx(10 + 1)
+    # on the opt-in stale communicator the all-reduce queues behind nothing, but shares the link with
+    # the K/V still moving: half the bandwidth for its 1 s of bytes
+    assert replay_timeline(t, SLOW, 2, stale_channel=True)["step"] == pytest.approx(10 + 2)
+    # a link of its own for each communicator (the emulator's model): the all-reduce's own second
+    assert replay_timeline(t, SLOW, 2, stale_channel=True, shared_link=False)["step"] == pytest.approx(10 + 1)
+
+
+def test_two_communicators_on_one_link_split_its_bandwidth():
+    from project import MAIN, STALE, SharedLink
+
+    def finishes(shared):
+        wire = SharedLink(shared)
+        wire.post(0.0, "a", MAIN, 1.0, 2.0)      # 1 s of latencies, then 2 s of bytes
+        wire.post(0.0, "b", STALE, 0.0, 2.0)     # 2 s of bytes at once
+        return wire.drained(), wire.finish
+    end, at = finishes(shared=True)
+    # b alone moves 1 s of its bytes while a's latencies run, then both move at half the rate: b's last
+    # second takes 2 (done at 3), a has 1 s left then, alone (done at 4)
+    assert at == pytest.approx({"a": 4.0, "b": 3.0}) and end == pytest.approx(4.0)
+    end, at = finishes(shared=False)
+    assert at == pytest.approx({"a": 3.0, "b": 2.0}) and end == pytest.approx(3.0)
+
+
+def test_the_stale_channels_pessimistic_bound_charges_the_shared_link():
+    b, m = {"attn_kv": 8.0, "norm_stats": 2.0}, {"attn_kv": 1, "norm_stats": 1}
+    *_, own = pessimistic_seconds(10.0, b, m, "full", 2, SLOW, None, stale_channel=True, shared_link=False)
+    *_, shared = pessimistic_seconds(10.0, b, m, "full", 2, SLOW, None, stale_channel=True)
+    # the all-reduce's 2 s of bytes at half the link beside the K/V: 2 s more, the K/V's 8 + 2 still under compute
+    assert own == pytest.approx(max(10, 8) + 8 + 2) and shared == pytest.approx(own + 2)
 
 
 def test_stale_posts_spread_over_enough_compute_do_not_stall():
@@ -95,13 +122,16 @@ def test_fifo_lies_between_the_optimistic_and_the_serialised_bound(drain):
         stale, critical, _ = split_comm(b, m, "full", 2, link, concurrent=False)
         fifo = replay_timeline(t, link, 2, drain=drain, steps=40)["step"]
         channel = replay_timeline(t, link, 2, drain=drain, steps=40, stale_channel=True)["step"]
+        own_links = replay_timeline(t, link, 2, drain=drain, steps=40, stale_channel=True, shared_link=False)["step"]
         assert optimistic * (1 - 1e-9) <= fifo <= (compute + stale + critical) * (1 + 1e-9)
-        assert channel <= fifo * (1 + 1e-9)
-        # two communicators are two FIFOs that run at once (as the emulator models them): below the
-        # one-link optimistic bound only where the stale traffic alone outlasts compute
-        assert channel >= (compute + critical) * (1 - 1e-9)
+        # two communicators sharing one link: never faster than each on a link of its own, never
+        # slower than one FIFO (the link keeps moving bytes while compute waits)
+        assert own_links * (1 - 1e-9) <= channel <= fifo * (1 + 1e-9)
+        # on links of their own (as the emulator models them) two FIFOs can fall below the one-link
+        # optimistic bound only where the stale traffic alone outlasts compute
+        assert own_links >= (compute + critical) * (1 - 1e-9)
         if stale <= compute:
-            assert channel >= optimistic * (1 - 1e-9)
+            assert own_links >= optimistic * (1 - 1e-9)
         if "norm_stats" in b:       # the existing bound's serialised case: the fifo estimate is at most it
             assert fifo <= pessimistic_seconds(compute, b, m, "full", 2, link, None)[-1] * (1 + 1e-9)
 
@@ -123,7 +153,8 @@ def test_projected_rows_get_fifo_keys_only_at_a_measured_n_with_a_timeline():
     # the K/V (10 µs + 1 ms) posted at 0, the all-reduce (2 hops x 10 µs + 100 B) at 0.5 ms, waited at once
     assert r["projected_fifo_step_seconds"] == pytest.approx(0.02 + 1.01e-3 + 2e-5 + 100 / 1e9 - 5e-4)
     assert r["projected_fifo_speedup"] == pytest.approx(0.04 / r["projected_fifo_step_seconds"])
-    assert r["projected_fifo_stale_channel_step_seconds"] == pytest.approx(0.02 + 2e-5 + 100 / 1e9)
+    # on its own communicator the all-reduce's 100 B move beside the K/V's: at half the bandwidth
+    assert r["projected_fifo_stale_channel_step_seconds"] == pytest.approx(0.02 + 2e-5 + 2 * 100 / 1e9, rel=1e-12)
     assert fifo_seconds(rows[1], 0.02, link, 2, "full", 0.0)["projected_fifo_step_seconds"] == pytest.approx(
         r["projected_fifo_step_seconds"])
     for key in (("full", 3), ("full", 4), ("sync", 2)):      # not recorded: no fifo row (sync's is full's compute)
