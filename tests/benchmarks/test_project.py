@@ -171,10 +171,14 @@ def test_pessimistic_serialises_stale_traffic_ahead_of_exact_all_reduces():
     assert extra == pytest.approx(charge) and stale == pytest.approx(kv + halo) and crit == pytest.approx(critical)
     assert tail == 0 and step == pytest.approx(compute + charge + kv + halo + critical)
     # the opt-in stale communicator: no queueing; the largest single post of stale traffic is exposed
-    # at the step's end (attn_kv: 6 messages to 3 peers = 2 posts; conv_halo: 20 to 2 neighbours = 10)
+    # at the step's end (attn_kv: 6 messages to 3 peers = 2 posts; conv_halo: 20 to 2 neighbours = 10);
+    # on the rank's one link the critical bytes move beside stale traffic at half the bandwidth
     *_, tail, step = pessimistic_seconds(compute, b, m, "full", n, LINK, CHARGE, stale_channel=True)
+    shared = (1e4 + 100) / 1e9
     assert tail == pytest.approx(max(kv / 2, halo / 10))
-    assert step == pytest.approx(max(compute + charge, kv + halo) + tail + critical)
+    assert step == pytest.approx(max(compute + charge, kv + halo + shared) + tail + critical + shared)
+    *_, own = pessimistic_seconds(compute, b, m, "full", n, LINK, CHARGE, stale_channel=True, shared_link=False)
+    assert own == pytest.approx(max(compute + charge, kv + halo) + tail + critical)
     # statistics off the critical path (--norm corrected): nothing critical mid-step, no queueing either
     *_, step2 = pessimistic_seconds(compute, b, m, "full", n, LINK, CHARGE, norm_on_critical_path=False)
     assert step2 < compute + charge + kv + halo + critical
