@@ -650,6 +650,17 @@ RESIDUALS = ("down_block_additional_residuals", "mid_block_additional_residual",
              "controlnet_block_samples", "controlnet_single_block_samples")
 
 
+# where a ControlNet embeds a conditioning image (its convs, from the pixels down to the latent's
+# rows): SD/SDXL's ControlNetModel, and Flux's XLabs-style ControlNet, whose embedding's output is
+# then packed into the latent's tokens; Flux's other ControlNets take latent tokens (`StripControlNet`)
+IMAGE_EMBEDDINGS = ("controlnet_cond_embedding", "input_hint_block")
+
+
+def image_embedding(net: nn.Module) -> str | None:
+    """The attribute naming `net`'s conditioning-image embedding (`IMAGE_EMBEDDINGS`), None if it has none."""
+    return next((name for name in IMAGE_EMBEDDINGS if getattr(net, name, None) is not None), None)
+
+
 class ControlNetAdapter(DiffusersAdapter):
     """The diffusers adapter, less the conditioning embedding: its convs run at the conditioning
     image's resolution (the VAE's factor finer than the latent), plain, on a slice of the image with
@@ -664,8 +675,9 @@ class ControlNetAdapter(DiffusersAdapter):
 
 
 class _EmbeddingShape(nn.Module):
-    """The conditioning embedding during the shape trace: zeros of its output's shape (the latent
-    grid), so that the trace sees only latent-resolution layers."""
+    """The conditioning embedding during the shape trace: zeros of its output's shape (`grid`: the
+    latent's, or Flux's token grid times its packing), so that the trace sees only the layers of the
+    latent's resolution."""
 
     def __init__(self, channels: int, grid: tuple[int, int]):
         super().__init__()
@@ -678,22 +690,29 @@ class _EmbeddingShape(nn.Module):
 class StripControlNet(StripModel):
     """A ControlNet (`pipe.controlnet`, or each net of a MultiControlNetModel) computing this rank's
     strip with its own patch layers and plan (its own session on the denoiser's transport, the
-    denoiser's settings): the latent's rows in, as for the denoiser; the conditioning image's rows
-    of the strip plus a halo covering its embedding's reach (plain convs; the halo rows are cropped
-    from the embedding's output); its residuals stay strips - exactly what the denoiser's strip adds
-    (`down_block_additional_residuals`, `mid_block_additional_residual`: tensor arguments of the
-    denoiser call, so they enter the CUDA graphs' static buffers). With cfg_parallel (`halve`), the
-    ControlNet computes this rank's guidance branch, as the denoiser does: its residuals are that
-    branch's half, which the denoiser's strip takes as they are."""
+    denoiser's settings): the latent's rows in, as for the denoiser; its conditioning cut to the
+    strip, and its residuals left as strips - exactly what the denoiser's strip adds
+    (`down_block_additional_residuals`, `mid_block_additional_residual`, Flux's
+    `controlnet_block_samples`: tensor arguments of the denoiser call, so they enter the CUDA
+    graphs' static buffers). With cfg_parallel (`halve`), the ControlNet computes this rank's
+    guidance branch, as the denoiser does: its residuals are that branch's half, which the
+    denoiser's strip takes as they are.
+
+    The conditioning is either an image through an embedding (`image_embedding`: SD/SDXL's, and
+    Flux's input_hint_block, whose output diffusers packs patch_size x patch_size into each token):
+    the embedding runs plain on the image's rows of the strip plus a halo covering its convs' reach,
+    and the halo rows are cropped from its output (`_cond_in`, `_cond_out`); or it is Flux's latent
+    tokens of the sample's grid (`token_cond`), cut to the strip's span."""
 
     halve = False
 
     def __init__(self, model: nn.Module, session: PatchSession, owner: str):
-        self.token_cond = not hasattr(model, "controlnet_cond_embedding")     # Flux's: packed latent tokens
+        self.embedding_name = image_embedding(model)
+        self.token_cond = self.embedding_name is None
         if self.token_cond:
             super().__init__(model, session, DiffusersAdapter(owner))
             return
-        embedding = model.controlnet_cond_embedding
+        embedding = getattr(model, self.embedding_name)
         super().__init__(model, session, ControlNetAdapter(embedding, owner))
         convs = [m for m in embedding.modules() if isinstance(m, nn.Conv2d)]
         self.factor = math.prod(c.stride[0] for c in convs)
@@ -701,7 +720,8 @@ class StripControlNet(StripModel):
         for c in convs:
             reach += (c.kernel_size[0] // 2) * c.dilation[0] * stride
             stride *= c.stride[0]
-        self.halo = -(-reach // self.factor) + 1                  # in latent rows
+        self.halo = -(-reach // self.factor) + 1                  # in the embedding's output rows
+        self.packing = 1               # the embedding's output rows a row of the strips' grid packs
         self._crop = None
         self._handles += [embedding.register_forward_pre_hook(self._cond_in),
                           embedding.register_forward_hook(self._cond_out)]
@@ -714,7 +734,8 @@ class StripControlNet(StripModel):
 
     def _before(self, module, args, kwargs):
         """The guidance branch's half of the batch (`halve`), then the strip's rows; Flux's
-        conditioning: latent tokens of the same grid as the sample, cut to the strip's."""
+        conditioning tokens (`token_cond`): latent tokens of the same grid as the sample, cut to the
+        strip's."""
         if self.halve and not self.tracing:
             args, kwargs = self._branch_half(args, kwargs, "ControlNet")
         out = super()._before(module, args, kwargs)
@@ -725,27 +746,37 @@ class StripControlNet(StripModel):
         return args, {**kwargs, "controlnet_cond": kwargs["controlnet_cond"][:, a:b].contiguous()}
 
     def _configure(self, args, kwargs, sample):
+        """The trace with the embedding's output shape in place of the embedding (`_EmbeddingShape`);
+        a token grid's row packs patch_size of the embedding's rows (diffusers' reshape in Flux's
+        ControlNet forward)."""
         if self.token_cond:
             return super()._configure(args, kwargs, sample)
-        embedding = self.layers.controlnet_cond_embedding
+        grid, tokens = self._grid(kwargs, sample)
+        self.packing = self.layers.config.patch_size if tokens else 1
+        embedding = getattr(self.layers, self.embedding_name)
         channels = [m for m in embedding.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
-        self.layers._modules["controlnet_cond_embedding"] = _EmbeddingShape(channels, tuple(sample.shape[-2:]))
+        self.layers._modules[self.embedding_name] = _EmbeddingShape(channels, (grid[0] * self.packing,
+                                                                               grid[1] * self.packing))
         try:
             super()._configure(args, kwargs, sample)
         finally:
-            self.layers._modules["controlnet_cond_embedding"] = embedding
+            self.layers._modules[self.embedding_name] = embedding
 
     def _cond_in(self, module, args):
+        """The image's rows of this strip plus the halo, at whole output rows of the embedding (a
+        multiple of its stride, so the strided convs sample the rows they sample on the whole image)."""
         if self.tracing or self.engine is None:
             return None
         cond = args[0]
-        level = self.geometry.level(1)
-        i, f = self.layout.patch_index, self.factor
-        if cond.shape[-2] != level.height * f or cond.shape[-1] != self.geometry.width * f:
+        level, p, f = self.geometry.level(1), self.packing, self.factor
+        height, width = level.height * p, self.geometry.width * p          # the embedding's output
+        if cond.shape[-2] != height * f or cond.shape[-1] != width * f:
+            grid = "token grid's" if self._tokens else "latent's"
             raise UnsupportedModelError(f"the ControlNet's conditioning image is {tuple(cond.shape[-2:])}, not the "
-                                        f"latent's {level.height}x{self.geometry.width} times {f}")
-        top, rows = level.offsets[i], level.rows[i]
-        start, end = max(0, top - self.halo), min(level.height, top + rows + self.halo)
+                                        f"{grid} {level.height}x{self.geometry.width} times {p * f}")
+        i = self.layout.patch_index
+        top, rows = level.offsets[i] * p, level.rows[i] * p
+        start, end = max(0, top - self.halo), min(height, top + rows + self.halo)
         self._crop = (top - start, rows)
         return (cond[..., start * f: end * f, :].contiguous(),) + tuple(args[1:])
 

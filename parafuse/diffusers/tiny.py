@@ -4,7 +4,8 @@ the calls made of them: what the tests, the benchmarks and the GPU check's smoke
 
 Weights are diffusers' own random initialisation except the zero-initialised output layers
 (conv_out, PixArt's proj_out), which would make every output - and every comparison - trivially
-zero: they get small random weights."""
+zero: they get small random weights; and the XLabs-style ControlNet's hint convs, which get
+He-normal weights (`build_flux_hint_controlnet`)."""
 from __future__ import annotations
 
 import os
@@ -35,11 +36,12 @@ def _wake(module: torch.nn.Module, seed: int) -> None:
                 p.copy_(0.05 * torch.randn(p.shape, generator=g))
 
 
-def _vae(**extra):
+def _vae(levels: int = 3, **extra):
+    """The tiny VAE: `levels` blocks, each but the last halving the image (factor 4 by default)."""
     from diffusers import AutoencoderKL
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-                         up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 16), latent_channels=4,
-                         norm_num_groups=4, layers_per_block=1, **extra)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * levels,
+                         up_block_types=("UpDecoderBlock2D",) * levels, block_out_channels=(8,) + (16,) * (levels - 1),
+                         latent_channels=4, norm_num_groups=4, layers_per_block=1, **extra)
 
 
 def _unet(**extra):
@@ -113,7 +115,7 @@ def build_sd3(path: str) -> None:
                              text_encoder_3=None, tokenizer_3=None).save_pretrained(path)
 
 
-def build_flux(path: str) -> None:
+def build_flux(path: str, vae_levels: int = 3) -> None:
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     _seeded(0)
     # dual-stream blocks with text as encoder_hidden_states, single-stream blocks over [text | image]
@@ -123,11 +125,18 @@ def build_flux(path: str) -> None:
     _wake(transformer, 5)
     scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=64,
                                                 max_image_seq_len=1024, base_shift=0.5, max_shift=1.15)
-    FluxPipeline(scheduler=scheduler, vae=_vae(shift_factor=0.1), text_encoder=None, tokenizer=None, text_encoder_2=None,
-                 tokenizer_2=None, transformer=transformer).save_pretrained(path)
+    FluxPipeline(scheduler=scheduler, vae=_vae(vae_levels, shift_factor=0.1), text_encoder=None, tokenizer=None,
+                 text_encoder_2=None, tokenizer_2=None, transformer=transformer).save_pretrained(path)
 
 
-BUILDERS = {"sd": build_sd, "sd-lite": build_sd_lite, "sdxl": build_sdxl, "pixart": build_pixart, "sd3": build_sd3, "flux": build_flux}
+def build_flux_f8(path: str) -> None:
+    """Flux with a VAE of Flux's own factor 8 (a 20 x 12 latent, 10 x 6 tokens: uneven strips at
+    N = 3), which an XLabs-style ControlNet's input_hint_block matches (`build_flux_hint_controlnet`)."""
+    build_flux(path, vae_levels=4)
+
+
+BUILDERS = {"sd": build_sd, "sd-lite": build_sd_lite, "sdxl": build_sdxl, "pixart": build_pixart, "sd3": build_sd3,
+            "flux": build_flux, "flux-f8": build_flux_f8}
 
 
 def pipeline_path(root: str, family: str) -> str:
@@ -146,7 +155,7 @@ def call_kwargs(family: str, guidance: float = 3.0, seed: int = 0, output_type: 
     kw = dict(height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, guidance_scale=guidance,
               generator=torch.Generator().manual_seed(seed), output_type=output_type,
               prompt_embeds=emb, negative_prompt_embeds=neg)
-    if family == "flux":        # guidance-distilled: no negative branch (true_cfg_scale 1)
+    if family.startswith("flux"):        # guidance-distilled: no negative branch (true_cfg_scale 1)
         del kw["negative_prompt_embeds"]
         kw["pooled_prompt_embeds"] = torch.randn(1, POOLED_DIM, generator=g)
     if family in ("sdxl", "sd3"):
@@ -164,16 +173,22 @@ def images(out) -> torch.Tensor | None:
     return None if out is None else out.images
 
 
-def _controlnet(unet, seed: int):
-    """A ControlNet of the tiny U-Net (diffusers' from_unet), its conditioning embedding down by the
-    tiny VAE's factor 4, its zero-initialised convs woken (else its residuals would all be zero)."""
-    from diffusers import ControlNetModel
-    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16))
+def _wake_zeros(net: torch.nn.Module, seed: int) -> None:
+    """Small random weights for every zero-initialised parameter of a ControlNet (else its residuals
+    would all be zero)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in net.parameters():
             if p.abs().max() == 0:
                 p.copy_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def _controlnet(unet, seed: int):
+    """A ControlNet of the tiny U-Net (diffusers' from_unet), its conditioning embedding down by the
+    tiny VAE's factor 4, its zero-initialised convs woken (`_wake_zeros`)."""
+    from diffusers import ControlNetModel
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16))
+    _wake_zeros(net, seed)
     return net
 
 
@@ -207,16 +222,36 @@ def build_flux_controlnet(path: str) -> None:
     _seeded(8)
     net = FluxControlNetModel.from_transformer(flux.transformer, num_layers=1, num_single_layers=1,
                                                attention_head_dim=8, num_attention_heads=2)
-    g = torch.Generator().manual_seed(8)
+    _wake_zeros(net, 8)
+    FluxControlNetPipeline(**flux.components, controlnet=net).save_pretrained(path)
+
+
+def build_flux_hint_controlnet(path: str) -> None:
+    """Flux with an XLabs-style ControlNet: its conditioning is the control image in pixels, embedded
+    by its input_hint_block (diffusers' fixed three stride-2 convs: down by 8, the VAE's factor) to 4
+    channels at the latent's rows, packed 2 x 2 (patch_size 2) into the latent's 16-channel tokens."""
+    from diffusers import FluxControlNetModel, FluxControlNetPipeline
+
+    from parafuse.diffusers.pipeline import load_pipeline
+    flux = load_pipeline(pipeline_path(os.path.dirname(path), "flux-f8"))
+    _seeded(12)
+    config = flux.transformer.config
+    net = FluxControlNetModel(patch_size=2, in_channels=config.in_channels, num_layers=1, num_single_layers=1,
+                              attention_head_dim=8, num_attention_heads=2, joint_attention_dim=config.joint_attention_dim,
+                              pooled_projection_dim=config.pooled_projection_dim, axes_dims_rope=config.axes_dims_rope,
+                              conditioning_embedding_channels=config.in_channels // 4)
+    _wake_zeros(net, 12)
+    # diffusers' default init shrinks the signal at each of the hint's eight convs, so the output would
+    # barely depend on the control image: He-normal weights keep its scale
+    g = torch.Generator().manual_seed(13)
     with torch.no_grad():
-        for p in net.parameters():
-            if p.abs().max() == 0:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+        for conv in (m for m in net.input_hint_block.modules() if isinstance(m, torch.nn.Conv2d)):
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * (2 / conv.weight[0].numel()) ** 0.5)
     FluxControlNetPipeline(**flux.components, controlnet=net).save_pretrained(path)
 
 
 BUILDERS.update({"sd-controlnet": build_sd_controlnet, "sdxl-controlnet": build_sdxl_controlnet,
-                 "flux-controlnet": build_flux_controlnet})
+                 "flux-controlnet": build_flux_controlnet, "flux-f8-controlnet": build_flux_hint_controlnet})
 
 
 def _adapter(seed: int, **config):
@@ -274,7 +309,7 @@ def controlnet_kwargs(family: str, **kw) -> dict:
     """The call of a ControlNet or T2I-Adapter family: its base family's call and a conditioning
     image."""
     base = family.removesuffix("-controlnet").removesuffix("-adapter")
-    key = "control_image" if base == "flux" else "image"
+    key = "control_image" if base.startswith("flux") else "image"
     return {**call_kwargs(base, **kw), key: control_image()}
 
 

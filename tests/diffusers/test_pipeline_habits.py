@@ -379,14 +379,21 @@ def controlnet_run(root, family, n, kwargs_of=None, pipe_of=None, **settings):
     return outs, ref
 
 
+def control_key(family):
+    """The ControlNet pipeline's conditioning-image argument."""
+    return "control_image" if family.startswith("flux") else "image"
+
+
+# flux-f8-controlnet: Flux's XLabs-style ControlNet (input_hint_block on the control image's pixels)
 @pytest.mark.parametrize("family,n", [("sd-controlnet", 2), ("sd-controlnet", 3), ("sdxl-controlnet", 2),
-                                      ("sdxl-controlnet", 3), ("flux-controlnet", 2), ("flux-controlnet", 3)])
+                                      ("sdxl-controlnet", 3), ("flux-controlnet", 2), ("flux-controlnet", 3),
+                                      ("flux-f8-controlnet", 2), ("flux-f8-controlnet", 3)])
 def test_controlnet_sync_equals_diffusers(root, family, n):
     from support.diffusers_cases import control_image, controlnet_kwargs
 
     outs, ref = controlnet_run(root, family, n, mode="sync")
     assert ref.abs().max() > 0.1 and rel(outs[0][0], ref) <= 1e-5
-    key = "control_image" if family == "flux-controlnet" else "image"
+    key = control_key(family)
     other = images(fresh(root, family)(**{**controlnet_kwargs(family), key: control_image(9)}))
     assert rel(other, ref) > 1e-4                 # the ControlNet's conditioning shapes the output
     # each rank computed only its strip of the ControlNet: the ControlNet's own exchanges, beside the
@@ -417,21 +424,70 @@ def test_controlnet_with_cfg_parallel_equals_diffusers_and_computes_one_branch(r
     assert batches and set(batches) == {1}
 
 
-def test_controlnet_with_true_cfg_and_cfg_parallel_is_refused_before_compute(root):
+@pytest.mark.parametrize("family", ["flux-controlnet", "flux-f8-controlnet"])
+def test_controlnet_with_true_cfg_and_cfg_parallel_is_refused_before_compute(root, family):
     """FluxControlNetPipeline's true CFG (a ControlNet call a step, a transformer call per branch)
     with cfg_parallel where the ControlNet is split (N = 4: 2 branches x 2 strips): refused; and
-    without true CFG (no guidance branches to split), refused at the ControlNet's call."""
+    without true CFG (no guidance branches to split), refused at the ControlNet's call. Both
+    ControlNets: on latent tokens, and XLabs-style (input_hint_block)."""
     from support.diffusers_cases import controlnet_kwargs
 
-    kwargs = {**controlnet_kwargs("flux-controlnet"), "true_cfg_scale": 2.0}
+    kwargs = {**controlnet_kwargs(family), "true_cfg_scale": 2.0}
     kwargs.update(negative_prompt_embeds=kwargs["prompt_embeds"],
                   negative_pooled_prompt_embeds=kwargs["pooled_prompt_embeds"])
     ranks_raise("cfg_parallel with a ControlNet in a pipeline that calls the denoiser once per guidance branch",
-                fresh(root, "flux-controlnet"), 4, lambda p: p(**kwargs), cfg_parallel=True)
+                fresh(root, family), 4, lambda p: p(**kwargs), cfg_parallel=True)
     # without true CFG, Flux has no guidance branches: the ControlNet, called first, refuses its batch of 1
     ranks_raise("cfg_parallel splits the two guidance branches of the ControlNet's batch, but the pipeline called "
-                "it with batch 1", fresh(root, "flux-controlnet"), 4,
-                lambda p: p(**controlnet_kwargs("flux-controlnet")), cfg_parallel=True)
+                "it with batch 1", fresh(root, family), 4,
+                lambda p: p(**controlnet_kwargs(family)), cfg_parallel=True)
+
+
+def test_controlnet_whose_conditioning_cannot_be_split_is_refused(root):
+    """SD3's ControlNet (its conditioning through a patch embedding of its own) is neither of the
+    conditionings parafuse cuts to a strip: refused at parallelize, naming those it splits."""
+    from types import SimpleNamespace
+
+    from diffusers import SD3ControlNetModel
+
+    from support.diffusers_cases import POOLED_DIM, TEXT_DIM
+
+    torch.manual_seed(0)
+    net = SD3ControlNetModel(sample_size=16, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                             num_attention_heads=2, joint_attention_dim=TEXT_DIM, caption_projection_dim=16,
+                             pooled_projection_dim=POOLED_DIM, out_channels=4, pos_embed_max_size=32)
+    pipe = SimpleNamespace(transformer=fresh(root, "sd3").transformer, controlnet=net)
+    ranks_raise(r"SD3ControlNetModel's conditioning is neither an image through a controlnet_cond_embedding "
+                r"\(ControlNetModel\) or an input_hint_block \(Flux's XLabs-style ControlNet\) nor latent tokens",
+                pipe, 2, lambda p: None, mode="sync")
+
+
+def test_flux_hint_controlnet_samples_are_diffusers_at_the_strips_tokens(root):
+    """Flux's XLabs-style ControlNet (its input_hint_block embeds the control image's pixels by
+    three stride-2 convs; diffusers packs the output 2 x 2 into tokens), sync, N = 3 (uneven strips:
+    4, 3, 3 token rows of 10): at every step each rank's ControlNet returns exactly diffusers'
+    whole-image samples at its strip's tokens - its image rows, the halo covering the convs' reach
+    and the crop are the strip's."""
+    from support.diffusers_cases import controlnet_kwargs
+
+    family = "flux-f8-controlnet"
+    plain, whole = fresh(root, family), []
+    plain.controlnet.register_forward_hook(lambda m, a, out: whole.append(out))
+    images(plain(**controlnet_kwargs(family)))
+
+    def call(par):
+        net, samples = par.controlnets[0], []
+        par.pipe.controlnet.register_forward_hook(lambda m, a, out: None if net.tracing else samples.append(out))
+        images(par(**controlnet_kwargs(family)))
+        return samples, net.geometry, par.layout.patch_index
+    outs = emulate_pipeline(fresh(root, family), 3, call, mode="sync")
+    assert outs[0][0][1].rows == (4, 3, 3)
+    for (samples, geometry, i), _ in outs:
+        a, b = (row * geometry.width for row in geometry.row_range(i))       # the strip's tokens
+        assert len(samples) == len(whole) == 3
+        for got, want in zip(samples, whole):
+            for g, w in zip(got[0] + got[1], want[0] + want[1]):
+                assert g.shape == w[:, a:b].shape and rel(g, w[:, a:b]) <= 1e-6
 
 
 def test_multi_controlnet_and_img2img_tile_upscale(root):
@@ -467,7 +523,8 @@ def psnr(a, b):
     return (10 * torch.log10((b.max() - b.min()) ** 2 / ((a - b) ** 2).mean())).item()
 
 
-@pytest.mark.parametrize("family", ["sd-controlnet", "flux-controlnet", "sd-adapter", "sdxl-adapter"])
+@pytest.mark.parametrize("family", ["sd-controlnet", "flux-controlnet", "flux-f8-controlnet", "sd-adapter",
+                                    "sdxl-adapter"])
 @pytest.mark.parametrize("mode", ["full", "partial"])
 def test_controlnet_stale_modes_within_3db_of_the_pipeline_without_it(root, mode, family):
     """A ControlNet's or T2I-Adapter's stale modes (N = 2) against the same pipeline's sync output:
@@ -490,6 +547,7 @@ def test_controlnet_stale_modes_within_3db_of_the_pipeline_without_it(root, mode
 
 
 @pytest.mark.parametrize("family,scale", [("sd-controlnet", "controlnet_conditioning_scale"),
+                                          ("flux-f8-controlnet", "controlnet_conditioning_scale"),
                                           ("sd-adapter", "adapter_conditioning_scale"),
                                           ("sdxl-adapter", "adapter_conditioning_scale")])
 def test_controlnet_residuals_enter_the_graphs_static_buffers(root, family, scale):
@@ -505,7 +563,7 @@ def test_controlnet_residuals_enter_the_graphs_static_buffers(root, family, scal
             if graphed:
                 par.strips.graphed, par.session.capture = True, rerun_capture
             first = images(par(**controlnet_kwargs(family)))
-            second = images(par(**{**controlnet_kwargs(family), "image": control_image(9), scale: 20.0}))
+            second = images(par(**{**controlnet_kwargs(family), control_key(family): control_image(9), scale: 20.0}))
             return first, second, par.strips.captures
         return run
     pipe = fresh(root, family)
