@@ -43,9 +43,9 @@ from parafuse.parallel.layers import PatchConv2d, PatchGroupNorm, _adopt
 
 try:                                   # the newer attention classes (Flux, Wan, ...): Flux's is split
     from diffusers.models.attention import AttentionModuleMixin
-    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, FluxIPAdapterAttnProcessor
 except ImportError:                    # older diffusers
-    AttentionModuleMixin = FluxAttnProcessor = ()
+    AttentionModuleMixin = FluxAttnProcessor = FluxIPAdapterAttnProcessor = ()
 from diffusers.models.embeddings import apply_rotary_emb
 
 DEFAULT_PROCESSORS = (AttnProcessor2_0, AttnProcessor)
@@ -53,6 +53,9 @@ DEFAULT_PROCESSORS = (AttnProcessor2_0, AttnProcessor)
 # add the image prompt's tokens beside the text's, and each query row attends to both - row-local
 # on a strip, except with `ip_adapter_masks`, which the pipeline door refuses
 CROSS_PROCESSORS = DEFAULT_PROCESSORS + (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0)
+# Flux's attention: its IP-Adapter processor adds, on the dual-stream blocks, the image queries'
+# attention to the image prompt's tokens - row-local too (StripFluxProcessor computes it on the strip)
+FLUX_PROCESSORS = (FluxAttnProcessor, FluxIPAdapterAttnProcessor)
 
 
 class UnsupportedModelError(ValueError):
@@ -70,9 +73,10 @@ def _inner(processor):
 
 
 def is_flux(attn: nn.Module) -> bool:
-    """Flux's attention (a dual-stream joint block, or a single-stream block over [text | image])."""
+    """Flux's attention (a dual-stream joint block, or a single-stream block over [text | image]),
+    with or without its IP-Adapter."""
     return isinstance(attn, AttentionModuleMixin) and isinstance(_inner(getattr(attn, "processor", None)),
-                                                                 FluxAttnProcessor)
+                                                                 FLUX_PROCESSORS)
 
 
 def is_joint(attn: nn.Module) -> bool:
@@ -126,7 +130,8 @@ class DiffusersAdapter:
                                            f"zero padding is split into strips)")
             if isinstance(m, AttentionModuleMixin) and not isinstance(m, Attention) and not is_flux(m):
                 raise unsupported(name, m, f"attention with processor {type(_inner(m.processor)).__name__} (of the "
-                                           f"AttentionModuleMixin families parafuse splits Flux's FluxAttnProcessor)")
+                                           f"AttentionModuleMixin families parafuse splits Flux's FluxAttnProcessor "
+                                           f"and FluxIPAdapterAttnProcessor)")
             if is_flux(m) and getattr(m, "fused_projections", False):
                 raise unsupported(name, m, f"fused QKV projections{processor_hint(model, m, self.owner)}")
             if isinstance(m, Attention):
@@ -431,14 +436,29 @@ class StripFluxProcessor(StripJointProcessor):
     are RMS-normed and rotated (RoPE of the whole grid's ids, sliced: the model computes the rotary
     embedding from the strip's `img_ids`) before they enter the K/V buffer; image queries attend to
     this step's text K/V and the mode's image K/V, text queries to every image token, merged
-    across strips as in StripJointProcessor."""
+    across strips as in StripJointProcessor.
+
+    Wrapping diffusers' FluxIPAdapterAttnProcessor (`pipe.load_ip_adapter`), a dual-stream block
+    also returns the IP-Adapter's term (`_image_prompt`) as the block's third output."""
 
     plain = FluxAttnProcessor
 
+    # the IP-Adapter's scale, which `pipe.set_ip_adapter_scale` sets on every dual-stream block's
+    # processor: the wrapped one's
+    scale = property(lambda self: self.inner.scale, lambda self, value: setattr(self.inner, "scale", value))
+
+    # named, not left to **kwargs: FluxAttention passes on only the keyword arguments the
+    # processor's signature names
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, image_rotary_emb=None, **kwargs):
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb=None,
+                 ip_hidden_states: list[torch.Tensor] | None = None, ip_adapter_masks=None):
+        adapted = isinstance(self.inner, FluxIPAdapterAttnProcessor)
+        if adapted and encoder_hidden_states is not None and ip_hidden_states is None:
+            raise UnsupportedModelError(f"Flux attention {self.key!r} has an IP-Adapter but the call has no image "
+                                        f"prompt: pass ip_adapter_image_embeds, or call pipe.unload_ip_adapter()")
         if self.adapter.tracing:
-            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **kwargs)
+            ip = {"ip_hidden_states": ip_hidden_states} if adapted else {}
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **ip)
         if attention_mask is not None or image_rotary_emb is None:
             raise UnsupportedModelError(f"Flux attention {self.key!r} called with a mask or without rotary embeddings")
         buf, start, end = self.engine.kv_buffer(self.key)
@@ -455,10 +475,13 @@ class StripFluxProcessor(StripJointProcessor):
                                         f"hold the strip's {tokens} image tokens")
         cos, sin = image_rotary_emb
 
-        def prepare(t, norm, rows):                 # [B, T, inner] -> normed, rotated [B, T, heads, d]
+        def rotate(t, rows):
+            return apply_rotary_emb(t, (cos[rows], sin[rows]), sequence_dim=1)
+
+        def prepare(t, norm, rows):                 # [B, T, inner] -> normed, rotated (given rows) [B, T, heads, d]
             t = t.unflatten(-1, (-1, attn.head_dim))
             t = norm(t) if norm is not None else t
-            return apply_rotary_emb(t, (cos[rows], sin[rows]), sequence_dim=1) if rows is not None else t
+            return rotate(t, rows) if rows is not None else t
 
         img, txt = slice(text_len, None), slice(None, text_len)
         key = prepare(attn.to_k(image), attn.norm_k, img)
@@ -466,7 +489,9 @@ class StripFluxProcessor(StripJointProcessor):
         buf[start:end, :, buf.shape[-1] // 2:].copy_(attn.to_v(image).transpose(0, 1))
         self.engine.exchange_kv(self.key, buf, before=True)
 
-        query = prepare(attn.to_q(image), attn.norm_q, img).transpose(1, 2)          # [B, heads, T, d]
+        query = prepare(attn.to_q(image), attn.norm_q, None)         # the IP-Adapter's queries are not rotated
+        image_prompt = self._image_prompt(attn, query, ip_hidden_states) if dual else None
+        query = rotate(query, img).transpose(1, 2)                    # [B, heads, T, d]
         if dual:
             text_q = prepare(attn.add_q_proj(text), attn.norm_added_q, txt)
             text_k = prepare(attn.add_k_proj(text), attn.norm_added_k, txt)
@@ -486,4 +511,23 @@ class StripFluxProcessor(StripJointProcessor):
         text_out = text_out.transpose(1, 2).flatten(2).to(query.dtype)
         if not dual:
             return torch.cat([text_out, image_out], 1)
-        return attn.to_out[1](attn.to_out[0](image_out)), attn.to_add_out(text_out)
+        out = attn.to_out[1](attn.to_out[0](image_out)), attn.to_add_out(text_out)
+        return out if image_prompt is None else (*out, image_prompt)
+
+    def _image_prompt(self, attn, query: torch.Tensor, ip_hidden_states: list[torch.Tensor] | None):
+        """The IP-Adapter's term of a dual-stream block, or None without one: the strip's image
+        queries `query` [B, T, heads, d] (normed, not rotated) attend to each adapter's image-prompt
+        tokens through its own to_k_ip / to_v_ip, times its scale, summed over the adapters. Those
+        tokens are the same on every strip, so the strip's rows of the term are exactly its rows
+        of the unsplit term. `ip_adapter_masks` reach diffusers' processor too, which leaves them
+        unused: ignored here as there."""
+        ip = self.inner
+        if not isinstance(ip, FluxIPAdapterAttnProcessor):
+            return None
+        q = query.transpose(1, 2)
+        out = torch.zeros_like(q)
+        for tokens, scale, to_k, to_v in zip(ip_hidden_states, ip.scale, ip.to_k_ip, ip.to_v_ip):
+            k = to_k(tokens).view(q.shape[0], -1, attn.heads, attn.head_dim).transpose(1, 2)
+            v = to_v(tokens).view(q.shape[0], -1, attn.heads, attn.head_dim).transpose(1, 2)
+            out = out + scale * F.scaled_dot_product_attention(q, k, v)
+        return out.transpose(1, 2).flatten(2).to(query.dtype)

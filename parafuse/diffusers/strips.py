@@ -31,7 +31,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from diffusers.models.embeddings import PatchEmbed
 
 from parafuse.checks import check_strip_memory
-from parafuse.diffusers.adapter import DiffusersAdapter, StripAttnProcessor, StripPatchEmbed, UnsupportedModelError
+from parafuse.diffusers.adapter import (DiffusersAdapter, StripAttnProcessor, StripPatchEmbed, UnsupportedModelError,
+                                        _inner)
 from parafuse.parallel.geometry import GeometryError, StripGeometry
 from parafuse.parallel.parallelize import parallelize as swap_layers, unparallelize
 from parafuse.parallel.plan import LOCAL, PatchPlan
@@ -480,17 +481,20 @@ class StripDenoiser(StripModel):
 
     def _model_version(self) -> tuple:
         """What a captured graph depends on besides its inputs: every module and attention processor
-        (a LoRA loaded or unloaded, a processor swapped) and every parameter's storage (`.to()`, a
+        (a LoRA loaded or unloaded, a processor swapped), an IP-Adapter processor's scale (a Python
+        number the graph holds: `set_ip_adapter_scale`) and every parameter's storage (`.to()`, a
         weight replaced)."""
-        return (tuple((name, id(m), id(getattr(m, "processor", None))) for name, m in self.model.named_modules()),
+        return (tuple((name, id(m), id(processor), repr(getattr(_inner(processor), "scale", None)))
+                      for name, m in self.model.named_modules() for processor in [getattr(m, "processor", None)]),
                 tuple(p.data_ptr() for p in self.model.parameters()))
 
     def _forward(self, *args, **kwargs):
         """The model's own forward on this rank's inputs, replayed from a CUDA graph in the steady
         state (every step of a serial or `sync` run; the stale steps after warmup otherwise). Every
         tensor argument - latents, timestep, prompt embeddings, added conditions, guidance, ids,
-        ControlNet residuals - is copied into its static buffer before a replay; a call whose other
-        arguments or tensor shapes differ has a graph of its own."""
+        ControlNet residuals, image-prompt embeddings (nested in joint_attention_kwargs: every
+        container is flattened) - is copied into its static buffer before a replay; a call whose
+        other arguments or tensor shapes differ has a graph of its own."""
         forward = type(self.model).forward
         engine = self.engine
         if not self._graphs_on or self.tracing or (engine is not None and engine.step is not engine.plan.stale_step):
