@@ -9,7 +9,8 @@ can rename:
                processor, which runs self-attention calls (no `encoder_hidden_states`) on the
                strip's queries over the engine's K/V buffer, runs joint text+image attention (SD3,
                Flux) with the text replicated and its queries merged across strips, and
-               hands cross-attention calls to the processor it replaced
+               hands cross-attention calls to the processor it replaced (IP-Adapter masks cut to
+               the strip's tokens)
     positions  a `PatchEmbed` with sin-cos positions: positions of the whole grid, sliced
 
 Whether an attention call is a self-attention over the image grid is decided by behaviour, in the
@@ -33,6 +34,7 @@ from diffusers.models.attention_processor import (CROSS_ATTENTION_PROCESSORS, At
                                                   AttnProcessor2_0, FusedAttnProcessor2_0, IPAdapterAttnProcessor,
                                                   IPAdapterAttnProcessor2_0, JointAttnProcessor2_0,
                                                   SlicedAttnAddedKVProcessor, SlicedAttnProcessor)
+from diffusers.image_processor import IPAdapterMaskProcessor
 from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed
 from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DModel
 
@@ -49,10 +51,11 @@ except ImportError:                    # older diffusers
 from diffusers.models.embeddings import apply_rotary_emb
 
 DEFAULT_PROCESSORS = (AttnProcessor2_0, AttnProcessor)
-# on a cross-attention module only (its calls go to the processor parafuse wrapped): IP-Adapter's
-# add the image prompt's tokens beside the text's, and each query row attends to both - row-local
-# on a strip, except with `ip_adapter_masks`, which the pipeline door refuses
-CROSS_PROCESSORS = DEFAULT_PROCESSORS + (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0)
+# IP-Adapter's add the image prompt's tokens beside the text's, and each query row attends to both:
+# row-local on a strip; their `ip_adapter_masks` are cut to the strip's tokens first (`_strip_masks`)
+IP_PROCESSORS = (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0)
+# on a cross-attention module only (its calls go to the processor parafuse wrapped)
+CROSS_PROCESSORS = DEFAULT_PROCESSORS + IP_PROCESSORS
 # Flux's attention: its IP-Adapter processor adds, on the dual-stream blocks, the image queries'
 # attention to the image prompt's tokens - row-local too (StripFluxProcessor computes it on the strip)
 FLUX_PROCESSORS = (FluxAttnProcessor, FluxIPAdapterAttnProcessor)
@@ -222,8 +225,8 @@ class StripAttnProcessor:
 
     Self-attention calls: the strip's queries attend to the engine's K/V buffer [rows from above |
     local rows | rows from below], whose local rows this processor writes (`_project_kv`).
-    Cross-attention calls (and every call
-    while the shape trace runs) go to the processor this one replaced."""
+    Cross-attention calls (and every call while the shape trace runs) go to the processor this one
+    replaced, an IP-Adapter's with its masks cut to the strip (`_strip_masks`)."""
 
     plain = AttnProcessor2_0       # the diffusers processor this one stands for
 
@@ -239,8 +242,14 @@ class StripAttnProcessor:
         self.engine, self.key, self.inner, self.adapter = engine, key, inner, adapter
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs):
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args,
+                 ip_adapter_masks: list | None = None, **kwargs):
+        # `ip_adapter_masks` is named so that `Attention.forward` passes it on (it keeps the keywords a
+        # processor's signature names); as there, only a processor that reads it gets it
         if encoder_hidden_states is not None or self.adapter.tracing:
+            if ip_adapter_masks is not None and isinstance(self.inner, IP_PROCESSORS):
+                kwargs["ip_adapter_masks"] = (ip_adapter_masks if self.adapter.tracing else
+                                              self._strip_masks(ip_adapter_masks, hidden_states))
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         if attention_mask is not None:
             raise UnsupportedModelError(f"self-attention {self.key!r} was given an attention mask; masked "
@@ -279,6 +288,23 @@ class StripAttnProcessor:
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+    def _strip_masks(self, masks: list, hidden_states: torch.Tensor) -> list:
+        """IP-Adapter masks (a [B, images, H, W] tensor or None per adapter) as this strip's: each
+        image's mask downsampled by diffusers for the whole image's queries at this call's level (its
+        own aspect guess, padding and cut), then this strip's tokens of it as one row [B, images, 1, T],
+        which diffusers' downsample inside the wrapped processor passes through unchanged (for T
+        queries a 1 x T mask gives a 1 x T grid, and a bicubic resize to its own size is the identity)."""
+        tokens = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states.shape[2] * hidden_states.shape[3]
+        strip = self.engine.strip
+        level = self.engine.geometry.level_of_tokens(tokens, strip)
+        start, whole = level.offsets[strip] * level.width, level.height * level.width
+
+        def cut(mask: torch.Tensor) -> torch.Tensor:
+            rows = [IPAdapterMaskProcessor.downsample(mask[:, i], 1, whole, 1)[:, start: start + tokens, 0]
+                    for i in range(mask.shape[1])]
+            return torch.stack(rows, 1).unsqueeze(2)
+        return [None if m is None else cut(m) for m in masks]
 
     def _write_local_kv(self, attn: Attention, image: torch.Tensor, what: str, unit: str,
                         why: str = "") -> tuple[torch.Tensor, int, int]:

@@ -114,9 +114,6 @@ class ParallelPipeline:
                                         f"{self.config.mode.value!r} each call's stale exchange state would come "
                                         f"from the other branch: parallelize with cfg_parallel=True (each branch on "
                                         f"its own ranks) or mode='sync'")
-        if "ip_adapter_masks" in (kwargs.get("cross_attention_kwargs") or {}):
-            raise UnsupportedModelError("IP-Adapter masks are resized to the whole image's grid inside each "
-                                        "cross-attention, which sees one strip's rows: call without ip_adapter_masks")
         if self.decoder is not None and getattr(self.pipe.vae, "use_tiling", False):
             raise UnsupportedModelError("the VAE decodes by strips across the ranks; tiling would cut them again: "
                                         "call pipe.vae.disable_tiling(), or parallelize with parallel_decode=False")

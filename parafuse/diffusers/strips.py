@@ -52,6 +52,29 @@ def _batch_half(obj, batch: int, half: int):
     return obj
 
 
+def listed_ip_masks(kwargs: dict, device: torch.device) -> dict:
+    """`kwargs` with cross_attention_kwargs' `ip_adapter_masks` as diffusers reads them - one tensor
+    [1, images, H, W] (or None) per IP-Adapter, its older single tensor [adapters, 1, H, W] read as
+    diffusers reads it - and on the denoiser's device: a list, which halving the CFG batch leaves
+    whole (a tensor of `batch` adapters would be cut), on the device where the cross-attentions
+    downsample it at every call (`StripAttnProcessor._strip_masks`), so that a CUDA graph captures
+    that work and replays it from the masks' static buffers."""
+    extra = kwargs.get("cross_attention_kwargs") or {}
+    masks = extra.get("ip_adapter_masks")
+    if masks is None:
+        return kwargs
+    if isinstance(masks, torch.Tensor):
+        masks = list(masks.unsqueeze(1))
+    for j, m in enumerate(masks):
+        if m is not None and (not isinstance(m, torch.Tensor) or m.dim() != 4):
+            got = tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
+            raise ValueError(f"ip_adapter_masks[{j}] is {got}, not a [1, images, height, width] tensor (one per "
+                             f"IP-Adapter, or None): make the masks with diffusers' "
+                             f"IPAdapterMaskProcessor().preprocess")
+    masks = [None if m is None else m.to(device) for m in masks]
+    return {**kwargs, "cross_attention_kwargs": {**extra, "ip_adapter_masks": masks}}
+
+
 def is_compiled(model: nn.Module) -> bool:
     """`torch.compile(model)` (an OptimizedModule) or `model.compile()`."""
     return hasattr(model, "_orig_mod") or model.__dict__.get("_compiled_call_impl") is not None
@@ -492,9 +515,10 @@ class StripDenoiser(StripModel):
         """The model's own forward on this rank's inputs, replayed from a CUDA graph in the steady
         state (every step of a serial or `sync` run; the stale steps after warmup otherwise). Every
         tensor argument - latents, timestep, prompt embeddings, added conditions, guidance, ids,
-        ControlNet residuals, image-prompt embeddings (nested in joint_attention_kwargs: every
-        container is flattened) - is copied into its static buffer before a replay; a call whose
-        other arguments or tensor shapes differ has a graph of its own."""
+        ControlNet residuals, IP-Adapter masks, image-prompt embeddings (nested in
+        cross_attention_kwargs / joint_attention_kwargs: every container is flattened) - is copied
+        into its static buffer before a replay; a call whose other arguments or tensor shapes differ
+        has a graph of its own."""
         forward = type(self.model).forward
         engine = self.engine
         if not self._graphs_on or self.tracing or (engine is not None and engine.step is not engine.plan.stale_step):
@@ -528,6 +552,7 @@ class StripDenoiser(StripModel):
         if not self.active:
             self._outside_call()
         self._check_modules()
+        kwargs = listed_ip_masks(kwargs, self._sample(args, kwargs).device)
         if self.sequential_cfg:
             branch = self._calls % 2                  # the pipeline's order: conditional, then unconditional
             self._calls += 1

@@ -84,6 +84,17 @@ class StripGeometry:
             raise GeometryError(f"activation width {width} is not a level of a {self.width}-wide latent")
         return self.level(self.width // width)
 
+    def level_of_tokens(self, tokens: int, strip: int) -> Level:
+        """The level at which strip `strip` holds `tokens` positions (its rows times the level's
+        width), for a flattened activation that has lost its width: at most one level matches,
+        since a strip's positions shrink with the square of the level's factor."""
+        for factor in (f for f in range(1, self.unit + 1) if self.unit % f == 0):
+            level = self.level(factor)
+            if level.rows[strip] * level.width == tokens:
+                return level
+        raise GeometryError(f"{tokens} tokens are no level of strip {strip} of a {self.height}x{self.width} latent "
+                            f"split into {self.n}")
+
     def check_halo(self, factor: int, top: int, bottom: int, what: str) -> None:
         """Raise before any compute if a neighbour strip is thinner than the halo taken from it."""
         lv = self.level(factor)

@@ -15,7 +15,8 @@ import transformers  # noqa: E402,F401
 
 from parafuse.health import CHECK_EVERY  # noqa: E402
 from parafuse.parallel.transport import ring_bytes  # noqa: E402
-from support.diffusers_cases import ALL_TORCHRUN_CASES, STEPS, TORCHRUN_CASES, call_kwargs, images, pipeline_path  # noqa: E402
+from support.diffusers_cases import (ALL_TORCHRUN_CASES, HEIGHT, STEPS, TORCHRUN_CASES, WIDTH,  # noqa: E402
+                                     call_kwargs, images, pipeline_path)
 
 import parafuse  # noqa: E402
 from parafuse.diffusers import UnsupportedModelError, load_pipeline  # noqa: E402
@@ -275,11 +276,11 @@ def test_peft_lora_loaded_before_or_after_parallelize_keeps_working(root):
     assert (loaded - ref).abs().max() <= SYNC_TOL and (fused - ref).abs().max() <= SYNC_TOL
 
 
-def ip_adapter(unet, image_dim: int = 8) -> dict:
+def ip_adapter(unet, image_dim: int = 8, seed: int = 0) -> dict:
     """A random IP-Adapter in diffusers' state-dict format for `unet`: the image projection (an image
     embedding of `image_dim` to 4 tokens) and a to_k_ip / to_v_ip pair per cross-attention, numbered
     as diffusers numbers them (1, 3, 5, ... over `attn_processors`, the cross-attentions' ids)."""
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     cross = unet.config.cross_attention_dim
     proj = {"proj.weight": torch.randn(4 * cross, image_dim, generator=g), "proj.bias": torch.zeros(4 * cross),
             "norm.weight": torch.ones(cross), "norm.bias": torch.zeros(cross)}
@@ -303,7 +304,7 @@ def test_ip_adapter_loaded_before_or_after_parallelize_keeps_working(root):
     before parallelize and after it, called with `ip_adapter_image_embeds`: sync equals
     single-process diffusers with the same adapter and the adapter changes the image. Loading it
     after parallelize rebuilds every processor from its class with no arguments (parafuse's give
-    the plain processor back, wrapped again at the next call). IP-Adapter masks are refused."""
+    the plain processor back, wrapped again at the next call)."""
     import copy
 
     adapter = ip_adapter(pipe(root, "sd").unet)
@@ -330,9 +331,93 @@ def test_ip_adapter_loaded_before_or_after_parallelize_keeps_working(root):
     assert (plain_out - serial(root, "sd")).abs().max() <= SYNC_TOL
     assert (loaded - ref).abs().max() <= SYNC_TOL
 
-    masked = {**kwargs(), "cross_attention_kwargs": {"ip_adapter_masks": [torch.ones(1, 1, 16, 16)]}}
-    with pytest.raises(RuntimeError, match="call without ip_adapter_masks"):       # resized to the whole grid
-        emulate_pipeline(plain, 2, lambda p: p(**masked), mode="sync")
+
+def ip_masks() -> list:
+    """IP-Adapter masks for two adapters, one [1, images, H, W] tensor each (as diffusers'
+    `IPAdapterMaskProcessor.preprocess` gives them): the first adapter's two images at the image's
+    size (160 x 96, not square), one on the top-left block, one on a bottom-right block; the second's
+    one image on a square mask, whose aspect diffusers' downsample guesses as a 30 x 32 grid for the
+    40 x 24 latent - what a strip's mask must reproduce too."""
+    first = torch.zeros(1, 2, HEIGHT, WIDTH)
+    first[0, 0, : HEIGHT * 3 // 5, : WIDTH // 2] = 1
+    first[0, 1, HEIGHT // 4:, WIDTH // 3:] = 1
+    second = torch.zeros(1, 1, 64, 64)
+    second[0, 0, 10:40, 20:] = 1
+    return [first, second]
+
+
+def two_ip_adapters(p, images_per_adapter=(2, 1)) -> dict:
+    """Two IP-Adapters loaded on `p`; the call's image embeddings (negative, positive), as many
+    images for each adapter as `images_per_adapter` says."""
+    p.load_ip_adapter([ip_adapter(p.unet, seed=0), ip_adapter(p.unet, seed=1)], subfolder=["", ""],
+                      weight_name=["", ""], image_encoder_folder=None, low_cpu_mem_usage=False)
+    g = torch.Generator().manual_seed(1)
+    return {"ip_adapter_image_embeds": [torch.randn(2, k, 8, generator=g) for k in images_per_adapter]}
+
+
+_masked = {}
+
+
+def masked_ip_reference(root, family):
+    """The family's pipeline with two IP-Adapters, its call with `ip_masks()`, and diffusers' own
+    single-process output of that call (asserted to differ clearly from the unmasked output)."""
+    if family not in _masked:
+        import copy
+
+        plain = copy.deepcopy(pipe(root, family))
+        embeds = two_ip_adapters(plain)
+
+        def kwargs(masks):                                  # a fresh generator each call
+            return {**call_kwargs(family), **embeds, "cross_attention_kwargs": {"ip_adapter_masks": masks}}
+        ref = images(plain(**kwargs(ip_masks())))
+        assert (ref - images(plain(**kwargs(None)))).abs().max() > 1e-2          # the masks change the image
+        _masked[family] = plain, kwargs, ref
+    return _masked[family]
+
+
+@pytest.mark.parametrize("family,n,cfg_parallel", [("sd", 2, False), ("sd", 3, False), ("sdxl", 3, False),
+                                                   ("sdxl", 4, True)])
+def test_ip_adapter_masks_equal_diffusers(root, family, n, cfg_parallel):
+    """IP-Adapter masks (two adapters, two images on the first, masks varying over rows and columns
+    of a non-square image, one of another aspect): each cross-attention on a strip gets the mask
+    diffusers downsamples for the whole image's queries at its level, cut to the strip's tokens, so
+    sync equals single-process diffusers with the same masks - with cfg_parallel too (each rank's
+    guidance branch, its image embeddings halved, the masks whole)."""
+    plain, kwargs, ref = masked_ip_reference(root, family)
+    outs = emulate_pipeline(plain, n, lambda p: images(p(**kwargs(ip_masks()))), mode="sync",
+                            cfg_parallel=cfg_parallel)
+    assert (outs[0][0] - ref).abs().max() <= SYNC_TOL
+
+
+def test_ip_adapter_masks_in_diffusers_older_single_tensor_form(root):
+    """diffusers still reads `ip_adapter_masks` given as one tensor [adapters, 1, H, W] (one image
+    per adapter): with two adapters and cfg_parallel (a CFG batch of 2, as many as the adapters) the
+    tensor is read as diffusers reads it, not halved as the batch is - sync equals diffusers."""
+    import copy
+
+    plain = copy.deepcopy(pipe(root, "sd"))
+    embeds = two_ip_adapters(plain, images_per_adapter=(1, 1))
+    masks = ip_masks()[0].transpose(0, 1)                   # the first adapter's two masks, one per adapter
+
+    def kwargs():
+        return {**call_kwargs("sd"), **embeds, "cross_attention_kwargs": {"ip_adapter_masks": masks}}
+    ref = images(plain(**kwargs()))
+    outs = emulate_pipeline(plain, 4, lambda p: images(p(**kwargs())), mode="sync", cfg_parallel=True)
+    assert (outs[0][0] - ref).abs().max() <= SYNC_TOL
+
+
+def test_a_mask_of_another_shape_is_refused_before_the_denoiser_runs(root):
+    """A mask that is not [1, images, H, W] (here [images, H, W]: the leading 1 left out) is refused
+    with one line naming the mask, its shape and the tool that makes it, at the first denoiser call,
+    before its evaluation starts."""
+    plain, kwargs, _ = masked_ip_reference(root, "sd")
+
+    def call(p):
+        with pytest.raises(ValueError, match=r"ip_adapter_masks\[0\] is \(2, 160, 96\), not a \[1, images, "
+                                             r"height, width\] tensor .*IPAdapterMaskProcessor"):
+            p(**kwargs([m[0] for m in ip_masks()]))
+        return p.strips.evaluations
+    assert [evaluations for evaluations, _ in emulate_pipeline(plain, 2, call, mode="sync")] == [0, 0]
 
 
 def flux_ip_adapter(transformer, image_dim: int = 8) -> dict:

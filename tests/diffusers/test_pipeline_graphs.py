@@ -89,6 +89,31 @@ def test_a_graph_that_ignored_the_new_prompt_would_be_caught(root):
     assert not torch.equal(got, want)
 
 
+def test_ip_adapter_masks_enter_the_graphs_static_buffers(root):
+    """IP-Adapter masks are tensor arguments too: two calls with different masks (the second's
+    flipped top to bottom), graphed equal eager - the masks were copied into their static buffers
+    and each strip's mask is cut from them inside the captured region, never kept from the capture."""
+    from test_diffusers import ip_masks, two_ip_adapters
+
+    pipe = load_pipeline(pipeline_path(root, "sd"))
+    embeds = two_ip_adapters(pipe)
+
+    def call(graphed):
+        def run(par):
+            if graphed:
+                par.strips.graphed, par.session.capture = True, rerun_capture
+            out = [images(par(**call_kwargs("sd"), **embeds, cross_attention_kwargs={"ip_adapter_masks": masks}))
+                   for masks in (ip_masks(), [m.flip(-2) for m in ip_masks()])]
+            return out, par.strips.captures
+        return run
+    (want, _), _ = emulate_pipeline(pipe, 2, call(False), mode="sync")[0]
+    (got, captures), _ = emulate_pipeline(pipe, 2, call(True), mode="sync")[0]
+    assert captures >= 1
+    assert (want[0] - want[1]).abs().max() > 1e-2          # the masks matter
+    for w, g in zip(want, got):
+        assert torch.equal(w, g)
+
+
 def test_a_changed_module_makes_a_new_capture(root):
     pipe = load_pipeline(pipeline_path(root, "sd"))
 

@@ -29,6 +29,18 @@ def test_uneven_strips_in_units():
     assert g.level_of_width(8).factor == 4
 
 
+def test_a_strips_token_count_names_its_level():
+    """A flattened activation (a cross-attention's queries) names its level by the strip's token
+    count, at every level and strip of uneven strips; a count of no level is refused."""
+    g = StripGeometry(height=20 * 8, width=24, n=3, unit=8)
+    for factor in (1, 2, 4, 8):
+        level = g.level(factor)
+        for strip in range(3):
+            assert g.level_of_tokens(level.rows[strip] * level.width, strip) == level
+    with pytest.raises(GeometryError, match="no level of strip 2"):
+        g.level_of_tokens(g.level(2).rows[0] * g.level(2).width, 2)        # strip 0's count, strip 2's rows
+
+
 def test_any_strip_count():
     for n in range(1, 9):
         g = StripGeometry(64, 64, n, 8)
