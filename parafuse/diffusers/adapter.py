@@ -469,10 +469,6 @@ class StripFluxProcessor(StripJointProcessor):
 
     plain = FluxAttnProcessor
 
-    # the IP-Adapter's scale, which `pipe.set_ip_adapter_scale` sets on every dual-stream block's
-    # processor: the wrapped one's
-    scale = property(lambda self: self.inner.scale, lambda self, value: setattr(self.inner, "scale", value))
-
     # named, not left to **kwargs: FluxAttention passes on only the keyword arguments the
     # processor's signature names
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from parafuse.diffusers.adapter import DiffusersAdapter, UnsupportedModelError, is_flux, is_joint
-from parafuse.diffusers.strips import StripControlNet, StripDecoder, StripDenoiser, image_embedding
+from parafuse.diffusers.strips import StripControlNet, StripDecoder, StripDenoiser, image_embedding, plain_processors
 from parafuse.parallel import kv_codec as kv_codec_module
 from parafuse.parallel.config import ConfigError, Mode, PatchConfig, dtype_name
 from parafuse.parallel.distributed import ParallelLayout
@@ -56,6 +56,8 @@ class ParallelPipeline:
         object.__setattr__(self, "controlnets", [])
         object.__setattr__(self, "seed", None)     # the seed rank 0 drew for the last call without a generator
         pipe.__dict__["_parafuse_parallel"] = True      # a second parallelize of this pipeline is refused
+        if hasattr(type(pipe), "set_ip_adapter_scale"):   # the raw pipeline's too (`set_ip_adapter_scale`)
+            pipe.__dict__["set_ip_adapter_scale"] = self.set_ip_adapter_scale
 
     config = property(lambda self: self.session.config)
     layout = property(lambda self: self.session.layout)
@@ -70,6 +72,13 @@ class ParallelPipeline:
             object.__setattr__(self, name, value)
         else:
             setattr(self.pipe, name, value)
+
+    def set_ip_adapter_scale(self, scale) -> None:
+        """diffusers' `set_ip_adapter_scale`, run with the denoiser's own processors in place of
+        parafuse's wrappers (`plain_processors`): it sets the processors it finds by class. Called
+        on the raw pipeline too, where `parallelize` puts this method."""
+        with plain_processors(self.strips.layers):
+            type(self.pipe).set_ip_adapter_scale(self.pipe, scale)
 
     def to(self, *args, **kwargs) -> "ParallelPipeline":
         """diffusers' `.to()` (device, dtype), returning this parallel pipeline, not the raw one."""
@@ -187,6 +196,7 @@ class ParallelPipeline:
             c.remove()
         self.session.close()
         self.pipe.__dict__.pop("_parafuse_parallel", None)
+        self.pipe.__dict__.pop("set_ip_adapter_scale", None)
 
 
 def fingerprint(value) -> str:

@@ -75,6 +75,23 @@ def listed_ip_masks(kwargs: dict, device: torch.device) -> dict:
     return {**kwargs, "cross_attention_kwargs": {**extra, "ip_adapter_masks": masks}}
 
 
+@contextmanager
+def plain_processors(model: nn.Module):
+    """The attention processors parafuse wrapped put back in place of their wrappers while the
+    block runs, for diffusers code that finds processors by their class (`set_ip_adapter_scale`
+    sets the scale of the IP-Adapter processors it finds, and would silently skip the wrappers);
+    the wrappers, back afterwards, call the processors it changed."""
+    wrapped = [(m, m.processor) for m in model.modules()
+               if isinstance(getattr(m, "processor", None), StripAttnProcessor)]
+    for m, wrapper in wrapped:
+        m.set_processor(wrapper.inner)
+    try:
+        yield
+    finally:
+        for m, wrapper in wrapped:
+            m.set_processor(wrapper)
+
+
 def is_compiled(model: nn.Module) -> bool:
     """`torch.compile(model)` (an OptimizedModule) or `model.compile()`."""
     return hasattr(model, "_orig_mod") or model.__dict__.get("_compiled_call_impl") is not None

@@ -304,7 +304,9 @@ def test_ip_adapter_loaded_before_or_after_parallelize_keeps_working(root):
     before parallelize and after it, called with `ip_adapter_image_embeds`: sync equals
     single-process diffusers with the same adapter and the adapter changes the image. Loading it
     after parallelize rebuilds every processor from its class with no arguments (parafuse's give
-    the plain processor back, wrapped again at the next call)."""
+    the plain processor back, wrapped again at the next call). `set_ip_adapter_scale` after
+    parallelize, on the parallel pipeline or on the raw one, reaches the wrapped processors
+    (diffusers finds them by class): = diffusers at the same scale."""
     import copy
 
     adapter = ip_adapter(pipe(root, "sd").unet)
@@ -326,10 +328,19 @@ def test_ip_adapter_loaded_before_or_after_parallelize_keeps_working(root):
         got = [images(p(**call_kwargs("sd")))]
         load(p)                                              # ParallelPipeline passes it to the pipeline
         got.append(images(p(**kwargs())))
+        p.set_ip_adapter_scale(0.0)
+        got.append(images(p(**kwargs())))
+        p.pipe.set_ip_adapter_scale(0.4)                     # the raw pipeline, as a user may still hold it
+        got.append(images(p(**kwargs())))
         return got
-    (plain_out, loaded), _ = emulate_pipeline(copy.deepcopy(pipe(root, "sd")), 2, load_after, mode="sync")[0]
+    (plain_out, loaded, off, partly), _ = emulate_pipeline(copy.deepcopy(pipe(root, "sd")), 2, load_after,
+                                                           mode="sync")[0]
     assert (plain_out - serial(root, "sd")).abs().max() <= SYNC_TOL
     assert (loaded - ref).abs().max() <= SYNC_TOL
+    assert (off - serial(root, "sd")).abs().max() <= SYNC_TOL       # scale 0: the adapter adds nothing
+    plain.set_ip_adapter_scale(0.4)
+    at_04 = images(plain(**kwargs()))
+    assert (partly - at_04).abs().max() <= SYNC_TOL and (at_04 - ref).abs().max() > 1e-2
 
 
 def ip_masks() -> list:
