@@ -17,7 +17,9 @@ Whether an attention call is a self-attention over the image grid is decided by 
 shape trace (`parafuse.diffusers.strips`): a call without `encoder_hidden_states` over h*w tokens of
 the latent grid. What cannot be split by rows is refused before any compute, naming the module:
 attention processors other than diffusers' default, joint (SD3) and Flux ones, fused QKV
-projections, convs with non-zero padding modes.
+projections, convs with non-zero padding modes, and hooks on a module's forward (`hook_refusal`):
+accelerate's offload and every diffusers HookRegistry hook - caches, group offloading, layerwise
+casting, context parallelism - with the call that removes it where diffusers has one.
 
 PEFT LoRA: `to_k`/`to_v` write into the K/V buffer with one GEMM each while they are plain
 `nn.Linear` layers, reading their weights at every call (never a cached [W_k; W_v], which PEFT's
@@ -26,6 +28,8 @@ called (LoRA included) and their outputs copied into the buffer. Modules that Lo
 `parallelize` (a LoRA conv's `lora_A`) are swapped at the next pipeline call.
 """
 from __future__ import annotations
+
+import importlib
 
 import torch
 import torch.nn as nn
@@ -49,6 +53,11 @@ try:                                   # the newer attention classes (Flux, Wan,
 except ImportError:                    # older diffusers
     AttentionModuleMixin = FluxAttnProcessor = FluxIPAdapterAttnProcessor = ()
 from diffusers.models.embeddings import apply_rotary_emb
+
+try:                                   # diffusers' model hooks (caches, group offloading, layerwise casting)
+    from diffusers.hooks import HookRegistry
+except ImportError:                    # older diffusers: none
+    HookRegistry = ()
 
 DEFAULT_PROCESSORS = (AttnProcessor2_0, AttnProcessor)
 # IP-Adapter's add the image prompt's tokens beside the text's, and each query row attends to both:
@@ -111,6 +120,73 @@ def processor_hint(model: nn.Module, module: nn.Module, owner: str) -> str:
     return f"; call {owner}.set_default_attn_processor() first" if works else ""
 
 
+def _hook_classes(module: str, *names: str) -> tuple[type, ...]:
+    """The hook classes `names` of `diffusers.hooks.<module>` that this diffusers release has."""
+    try:
+        found = importlib.import_module(f"diffusers.hooks.{module}")
+    except ImportError:
+        return ()
+    return tuple(getattr(found, n) for n in names if hasattr(found, n))
+
+
+# diffusers' model hooks (a HookRegistry on a module wraps its forward), by what they do on a strip
+OFFLOAD_HOOKS = _hook_classes("group_offloading", "GroupOffloadingHook", "LazyPrefetchGroupOffloadingHook",
+                              "LayerExecutionTrackerHook")
+CASTING_HOOKS = _hook_classes("layerwise_casting", "LayerwiseCastingHook", "PeftInputAutocastDisableHook")
+CONTEXT_PARALLEL_HOOKS = _hook_classes("context_parallel", "ContextParallelSplitHook", "ContextParallelGatherHook")
+CACHE_HOOKS = (_hook_classes("first_block_cache", "FBCHeadBlockHook", "FBCBlockHook")
+               + _hook_classes("pyramid_attention_broadcast", "PyramidAttentionBroadcastHook")
+               + _hook_classes("faster_cache", "FasterCacheDenoiserHook", "FasterCacheBlockHook")
+               + _hook_classes("mag_cache", "MagCacheHeadHook", "MagCacheBlockHook")
+               + _hook_classes("taylorseer_cache", "TaylorSeerCacheHook")
+               + _hook_classes("sea_cache", "SeaCacheRootHook", "SeaCacheLeaderBlockHook", "SeaCacheBlockHook",
+                               "SeaCachePostNormHook")
+               + _hook_classes("text_kv_cache", "TextKVCacheTransformerHook", "TextKVCacheBlockHook"))
+
+
+def diffusers_hooks(module: nn.Module) -> list:
+    """The hooks of a diffusers HookRegistry on `module`'s own forward (an empty registry is what
+    `cache_context` and removed hooks leave behind)."""
+    registry = module.__dict__.get("_diffusers_hook")
+    return list(registry.hooks.values()) if isinstance(registry, HookRegistry) else []
+
+
+def hook_refusal(module: nn.Module, model: nn.Module, owner: str) -> str | None:
+    """Why `module` of `model` (named `owner` in hints) cannot run on a strip because of a hook on its
+    forward or diffusers' own parallelism on it, and what to do; None if nothing is on it. Every
+    diffusers hook is refused: each family runs differently on a strip than on the whole image, and
+    any other is unchecked. A hint `call ... first` is given only where a diffusers call removes it."""
+    if "_hf_hook" in module.__dict__:
+        return ("an accelerate hook (CPU offload) moves its weights during the call, while patch parallelism "
+                "splits the activations across GPUs; call pipe.remove_all_hooks() first, then pipe.to(device)")
+    if getattr(module, "_parallel_config", None) is not None:
+        return ("diffusers' own parallelism (enable_parallelism) splits this model across GPUs, a second "
+                "parallelism beside parafuse's strips: load the model without it (parafuse splits the rows itself)")
+    for hook in diffusers_hooks(module):
+        what = type(hook).__name__
+        if isinstance(hook, OFFLOAD_HOOKS):
+            return (f"diffusers' group offloading ({what}) moves its weights between devices during the call, while "
+                    f"patch parallelism splits the activations across GPUs: load the model again without "
+                    f"enable_group_offload and move it to its GPU (diffusers has no call that removes it)")
+        if isinstance(hook, CASTING_HOOKS):
+            return (f"diffusers' layerwise casting ({what}) keeps its weights in a storage dtype and casts them in "
+                    f"the layer's own forward, which parafuse's patch layers and K/V projections do not run: load "
+                    f"the model again without enable_layerwise_casting (diffusers cannot undo it)")
+        if isinstance(hook, CONTEXT_PARALLEL_HOOKS):
+            return (f"diffusers' context parallelism ({what}) splits this model's sequence across GPUs, a second "
+                    f"parallelism beside parafuse's strips: load the model without enable_parallelism")
+        if isinstance(hook, CACHE_HOOKS):
+            fix = (f"; call {owner}.disable_cache() first" if getattr(model, "is_cache_enabled", False)
+                   else ": load the model again without it")
+            return (f"diffusers' cache hook {what} skips computation by its own state (a statistic of the "
+                    f"activations, which on a strip are this rank's rows alone, or a schedule that leaves "
+                    f"parafuse's per-layer exchanges out of step), so the ranks could skip differently: a hang or "
+                    f"a wrong image{fix}")
+        return (f"a diffusers hook ({what}) wraps this module's forward, which parafuse has not checked against "
+                f"strips: remove it (HookRegistry.remove_hook) before parallelizing")
+    return None
+
+
 class DiffusersAdapter:
     name = "diffusers"
 
@@ -121,10 +197,9 @@ class DiffusersAdapter:
     def check(self, model: nn.Module) -> None:
         """Raise UnsupportedModelError, naming the module, for anything that cannot be split by rows."""
         for name, m in model.named_modules():
-            if hasattr(m, "_hf_hook"):
-                raise unsupported(name or self.owner, m, "an accelerate hook (CPU offload) moves its weights during the call, "
-                                           "while patch parallelism splits the activations across GPUs; call "
-                                           "pipe.remove_all_hooks() first, then pipe.to(device)")
+            why = hook_refusal(m, model, self.owner)
+            if why:
+                raise unsupported(name or self.owner, m, why)
             if isinstance(m, DiTTransformer2DModel):
                 raise unsupported(name, m, "DiT unpatchifies its output as a square grid (height = width = "
                                            "sqrt(tokens)), which a strip is not")

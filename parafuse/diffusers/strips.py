@@ -32,7 +32,7 @@ from diffusers.models.embeddings import PatchEmbed
 
 from parafuse.checks import check_strip_memory
 from parafuse.diffusers.adapter import (DiffusersAdapter, StripAttnProcessor, StripPatchEmbed, UnsupportedModelError,
-                                        _inner)
+                                        _inner, diffusers_hooks)
 from parafuse.parallel.geometry import GeometryError, StripGeometry
 from parafuse.parallel.parallelize import parallelize as swap_layers, unparallelize
 from parafuse.parallel.plan import LOCAL, PatchPlan
@@ -416,16 +416,17 @@ class StripDenoiser(StripModel):
         self.active = False
 
     def _modules_state(self) -> tuple:
-        """Every module, its attention processor and whether an accelerate hook (offload) is on it:
-        what a pipeline can change behind parafuse's back between `begin_image` and a call."""
-        return tuple((id(m), id(getattr(m, "processor", None)), "_hf_hook" in m.__dict__)
-                     for m in self.layers.modules())
+        """Every module, its attention processor and the hooks on its forward (accelerate's offload,
+        diffusers' caches, offloading, casting): what a pipeline can change behind parafuse's back
+        between `begin_image` and a call."""
+        return tuple((id(m), id(getattr(m, "processor", None)), id(m.__dict__.get("_hf_hook")),
+                      tuple(map(id, diffusers_hooks(m)))) for m in self.layers.modules())
 
     def _check_modules(self) -> None:
         """At every denoiser call: a module or processor changed since the image's patch layers were
         swapped in (PAG installing its processors inside `__call__`, `set_attn_processor`, a LoRA
-        unloaded, offload hooks) is re-patched - checked (refused, naming it, if it cannot be split)
-        and swapped - before the image's first evaluation, and refused at any later one."""
+        unloaded, accelerate's or diffusers' hooks) is re-patched - checked (refused, naming it, if it
+        cannot be split) and swapped - before the image's first evaluation, and refused at any later one."""
         if self.engine is None or self._modules_state() == self._patched:
             return
         if self.evaluations or self.geometry is not None:

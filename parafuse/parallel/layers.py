@@ -17,9 +17,12 @@ from parafuse.parallel.engine import ExchangeEngine
 
 
 def _adopt(cls, module: nn.Module, engine: ExchangeEngine, key: str):
-    """A `cls` instance that shares `module`'s parameters, buffers and settings."""
+    """A `cls` instance that shares `module`'s parameters, buffers and settings. Not a `forward` on
+    the instance: a removed hook (accelerate's `remove_all_hooks`, diffusers' `remove_hook`) leaves
+    the plain layer's own bound to `module` there, which would shadow the patch layer's forward
+    (live hooks are refused before any layer is swapped)."""
     new = cls.__new__(cls)
-    new.__dict__ = dict(module.__dict__)
+    new.__dict__ = {k: v for k, v in module.__dict__.items() if k != "forward"}
     new.engine = engine
     new.key = key
     return new

@@ -1,6 +1,7 @@
 """The pipeline door used as diffusers users use a pipeline (issue 27): attribute writes, `.to()`,
 a raw pipeline called behind the wrapper, a second `parallelize`, torch.compile, the refusals'
-hints, modules changed behind parafuse's back, ControlNet, and ranks given different calls. Tiny
+hints, modules changed behind parafuse's back, diffusers' model hooks (caches, offloading,
+layerwise casting), ControlNet, and ranks given different calls. Tiny
 random-weight pipelines of tests/support/diffusers_cases.py on the thread emulator, against diffusers'
 own single-process output."""
 import copy
@@ -348,12 +349,100 @@ def test_processor_changed_during_an_image_is_refused(root):
                 lambda par: par(**call_kwargs("sd"), callback_on_step_end=swap), mode="sync")
 
 
-def test_offload_hooks_are_refused_and_the_hint_works(root):
+@pytest.mark.parametrize("offload", ["model", "sequential"])
+def test_offload_hooks_are_refused_and_the_hint_works(root, offload):
+    """enable_model_cpu_offload hooks the U-Net; enable_sequential_cpu_offload also every module with
+    parameters of its own, whose convs keep the forward the removed hook put back on them."""
     from accelerate.hooks import ModelHook, add_hook_to_module
 
     plain = fresh(root, "sd")
-    add_hook_to_module(plain.unet, ModelHook())               # what enable_model_cpu_offload puts there
+    for m in plain.unet.modules():
+        if m is plain.unet or (offload == "sequential" and next(m.parameters(recurse=False), None) is not None):
+            add_hook_to_module(m, ModelHook())
     assert follow_hints(root, "sd", plain) == ["pipe.remove_all_hooks()"]
+
+
+def _cache(name):
+    """diffusers' cache config `name`, as `enable_cache` takes it (for the tiny Flux transformer)."""
+    from diffusers.hooks import (FasterCacheConfig, FirstBlockCacheConfig, MagCacheConfig,
+                                 PyramidAttentionBroadcastConfig, SeaCacheConfig, TaylorSeerCacheConfig)
+    return {"first-block": lambda: FirstBlockCacheConfig(threshold=0.3),
+            "pyramid": lambda: PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2,
+                                                               current_timestep_callback=lambda: 500),
+            "faster": lambda: FasterCacheConfig(current_timestep_callback=lambda: 500, is_guidance_distilled=True),
+            "taylorseer": lambda: TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1),
+            "mag": lambda: MagCacheConfig(calibrate=True, num_inference_steps=3),
+            "sea": lambda: SeaCacheConfig()}[name]()
+
+
+@pytest.mark.parametrize("cache", ["first-block", "pyramid", "faster", "taylorseer", "mag", "sea"])
+def test_diffusers_caches_are_refused_and_the_hint_works(root, cache):
+    plain = fresh(root, "flux")
+    plain.transformer.enable_cache(_cache(cache))
+    assert follow_hints(root, "flux", plain) == ["pipe.transformer.disable_cache()"]
+
+
+def test_diffusers_cache_without_enable_cache_is_refused_without_a_call_hint(root):
+    from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+
+    plain = fresh(root, "flux")
+    apply_first_block_cache(plain.transformer, FirstBlockCacheConfig(threshold=0.3))  # disable_cache cannot undo it
+    with pytest.raises(UnsupportedModelError, match=r"'transformer_blocks\.0'.*cache hook FBCHeadBlockHook.*"
+                                                    r"load the model again without it") as e:
+        parafuse.parallelize(plain, mode="sync")
+    assert "; call" not in str(e.value)
+
+
+@pytest.mark.parametrize("habit,match", [
+    ("layerwise casting", r"layerwise casting \(LayerwiseCastingHook\).*without enable_layerwise_casting"),
+    ("group offload", r"group offloading \(GroupOffloadingHook\).*without enable_group_offload"),
+    ("layer skip", r"a diffusers hook \(\w+SkipHook\) wraps this module's forward"),
+])
+def test_diffusers_hooks_without_a_fix_are_refused_without_a_hint(root, habit, match):
+    from diffusers.hooks import LayerSkipConfig, apply_layer_skip
+
+    family = "flux" if habit == "layer skip" else "sd"
+    plain = fresh(root, family)
+    model = plain.transformer if family == "flux" else plain.unet
+    {"layerwise casting": lambda: model.enable_layerwise_casting(storage_dtype=torch.bfloat16,
+                                                                 compute_dtype=torch.float32),
+     "group offload": lambda: model.enable_group_offload(onload_device=torch.device("cpu"), offload_type="leaf_level"),
+     "layer skip": lambda: apply_layer_skip(model, LayerSkipConfig(indices=[0], fqn="transformer_blocks")),
+     }[habit]()
+    with pytest.raises(UnsupportedModelError, match=match) as e:
+        parafuse.parallelize(plain, mode="sync")
+    assert "; call" not in str(e.value)
+
+
+def test_cache_enabled_after_parallelize_is_refused_before_compute(root):
+    """Between calls: refused at the next call, on every rank, before the denoiser runs; the hint
+    followed, the next call = diffusers. During an image (a step callback): refused at the next
+    denoiser call, before that evaluation."""
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    def enable(pipe, i, t, kwargs):
+        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.3))
+        return kwargs
+
+    def call(par):
+        images(par(**call_kwargs("flux")))
+        par.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.3))
+        evaluations = []
+        handle = par.transformer.register_forward_pre_hook(lambda *a: evaluations.append(1))
+        with pytest.raises(UnsupportedModelError, match=r"cache hook FBCHeadBlockHook.*; call "
+                                                        r"pipe\.transformer\.disable_cache\(\) first") as between:
+            par(**call_kwargs("flux"))
+        ran_between = len(evaluations)
+        par.transformer.disable_cache()
+        out = images(par(**call_kwargs("flux")))
+        evaluations.clear()
+        with pytest.raises(UnsupportedModelError, match="changed during an image"):
+            par(**call_kwargs("flux"), callback_on_step_end=enable)
+        handle.remove()
+        return out, ran_between, len(evaluations), str(between.value)
+    outs = emulate_pipeline(fresh(root, "flux"), 2, call, mode="sync")
+    assert (outs[0][0][0] - sync_ref(root, "flux")).abs().max() <= SYNC_TOL
+    assert all(o[0][1] == 0 and o[0][2] == 1 for o in outs)     # none before the refusal; one step, then refused
 
 
 def test_dit_is_refused_by_parallelize():
