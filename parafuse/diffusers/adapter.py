@@ -80,15 +80,16 @@ def unsupported(name: str, module: nn.Module, why: str) -> UnsupportedModelError
         f"denoisers of SD 1.x/2.x, SDXL (UNet2DConditionModel), PixArt, SD3 and Flux, and AutoencoderKL decoders")
 
 
-def _inner(processor):
+def inner_processor(processor):
+    """The processor parafuse's wrapper stands for (the processor itself if it is no wrapper)."""
     return processor.inner if isinstance(processor, StripAttnProcessor) else processor
 
 
 def is_flux(attn: nn.Module) -> bool:
     """Flux's attention (a dual-stream joint block, or a single-stream block over [text | image]),
     with or without its IP-Adapter."""
-    return isinstance(attn, AttentionModuleMixin) and isinstance(_inner(getattr(attn, "processor", None)),
-                                                                 FLUX_PROCESSORS)
+    return isinstance(attn, AttentionModuleMixin) and isinstance(
+        inner_processor(getattr(attn, "processor", None)), FLUX_PROCESSORS)
 
 
 def is_joint(attn: nn.Module) -> bool:
@@ -102,7 +103,7 @@ def processor_hint(model: nn.Module, module: nn.Module, owner: str) -> str:
     default-processor hint only where `set_default_attn_processor()` (tried, then undone) does give
     `module` a processor parafuse splits - it is missing on some models (SD3.5, CogView3) and on
     others installs a processor as foreign as the one it replaces (HunyuanDiT's)."""
-    inner = _inner(module.processor)
+    inner = inner_processor(module.processor)
     if isinstance(inner, (SlicedAttnProcessor, SlicedAttnAddedKVProcessor)):
         return "; call pipe.disable_attention_slicing() first"
     if isinstance(inner, FusedAttnProcessor2_0) or getattr(module, "fused_projections", False):
@@ -207,13 +208,14 @@ class DiffusersAdapter:
                 raise unsupported(name, m, f"padding {m.padding!r} / padding mode {m.padding_mode!r} (only explicit "
                                            f"zero padding is split into strips)")
             if isinstance(m, AttentionModuleMixin) and not isinstance(m, Attention) and not is_flux(m):
-                raise unsupported(name, m, f"attention with processor {type(_inner(m.processor)).__name__} (of the "
-                                           f"AttentionModuleMixin families parafuse splits Flux's FluxAttnProcessor "
-                                           f"and FluxIPAdapterAttnProcessor)")
+                processor = type(inner_processor(m.processor)).__name__
+                raise unsupported(name, m, f"attention with processor {processor} (of the AttentionModuleMixin "
+                                           f"families parafuse splits Flux's FluxAttnProcessor and "
+                                           f"FluxIPAdapterAttnProcessor)")
             if is_flux(m) and getattr(m, "fused_projections", False):
                 raise unsupported(name, m, f"fused QKV projections{processor_hint(model, m, self.owner)}")
             if isinstance(m, Attention):
-                inner = _inner(m.processor)
+                inner = inner_processor(m.processor)
                 if is_joint(m) and getattr(m, "add_q_proj", None) is None:    # Kandinsky / UnCLIP: text K/V beside the image's
                     raise unsupported(name, m, f"attention with added text key/value projections (processor "
                                                f"{type(inner).__name__}), whose image queries attend to text and "

@@ -32,7 +32,7 @@ from diffusers.models.embeddings import PatchEmbed
 
 from parafuse.checks import check_strip_memory
 from parafuse.diffusers.adapter import (DiffusersAdapter, StripAttnProcessor, StripPatchEmbed, UnsupportedModelError,
-                                        _inner, diffusers_hooks)
+                                        inner_processor, diffusers_hooks)
 from parafuse.parallel.geometry import GeometryError, StripGeometry
 from parafuse.parallel.parallelize import parallelize as swap_layers, unparallelize
 from parafuse.parallel.plan import LOCAL, PatchPlan
@@ -525,7 +525,7 @@ class StripDenoiser(StripModel):
         (a LoRA loaded or unloaded, a processor swapped), an IP-Adapter processor's scale (a Python
         number the graph holds: `set_ip_adapter_scale`) and every parameter's storage (`.to()`, a
         weight replaced)."""
-        return (tuple((name, id(m), id(processor), repr(getattr(_inner(processor), "scale", None)))
+        return (tuple((name, id(m), id(processor), repr(getattr(inner_processor(processor), "scale", None)))
                       for name, m in self.model.named_modules() for processor in [getattr(m, "processor", None)]),
                 tuple(p.data_ptr() for p in self.model.parameters()))
 

@@ -237,7 +237,8 @@ def build_flux_hint_controlnet(path: str) -> None:
     _seeded(12)
     config = flux.transformer.config
     net = FluxControlNetModel(patch_size=2, in_channels=config.in_channels, num_layers=1, num_single_layers=1,
-                              attention_head_dim=8, num_attention_heads=2, joint_attention_dim=config.joint_attention_dim,
+                              attention_head_dim=8, num_attention_heads=2,
+                              joint_attention_dim=config.joint_attention_dim,
                               pooled_projection_dim=config.pooled_projection_dim, axes_dims_rope=config.axes_dims_rope,
                               conditioning_embedding_channels=config.in_channels // 4)
     _wake_zeros(net, 12)
