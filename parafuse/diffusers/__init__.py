@@ -4,6 +4,8 @@ adapter    which modules of a diffusers denoiser are parallel sites, by type and
            attention processor and strip position embedding parafuse installs
 strips     hooks that make the denoiser compute this rank's strip of the latent: shape trace,
            patch plan, strip in, gathered output out
+freeu      FreeU's filter of the whole image's skip features, computed on the strips (one small
+           reduction of its Fourier coefficients per up block)
 pipeline   `parallelize(pipe, ...)`, the parallel pipeline, `parallelize_vae(vae)` (the decoder
            alone), loading a pipeline from a folder
 emulator   N ranks as threads of one process (the reference for torchrun runs)

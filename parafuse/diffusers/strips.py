@@ -32,7 +32,8 @@ from diffusers.models.embeddings import PatchEmbed
 
 from parafuse.checks import check_strip_memory
 from parafuse.diffusers.adapter import (DiffusersAdapter, StripAttnProcessor, StripPatchEmbed, UnsupportedModelError,
-                                        inner_processor, diffusers_hooks)
+                                        diffusers_hooks, inner_processor)
+from parafuse.diffusers.freeu import StripFreeU, freeu_scales
 from parafuse.parallel.geometry import GeometryError, StripGeometry
 from parafuse.parallel.parallelize import parallelize as swap_layers, unparallelize
 from parafuse.parallel.plan import LOCAL, PatchPlan
@@ -371,7 +372,10 @@ class StripDenoiser(StripModel):
     only its own branch's call; at the other call the model is not run (`_branch_forward`): the
     group of the second branch returns an empty output at the first call and fills it in place at
     the second, when the outputs are swapped - the pipeline reads neither output before its second
-    call returns."""
+    call returns.
+
+    FreeU (`enable_freeu`), whose filter needs the whole image's low frequencies, runs on the strip
+    by hooks of its own on the U-Net's up blocks (`parafuse.diffusers.freeu`)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -387,6 +391,7 @@ class StripDenoiser(StripModel):
         self.active = self._direct = False    # inside the parallel pipeline's call / a direct denoiser call
         self._own_forward = None              # the forward begin_image shadowed (False: none of its own)
         self.partners: list = []              # the pipeline's StripControlNets (their strips must be these)
+        self.freeu = StripFreeU(self)         # FreeU's filter of the whole image, on the strip
 
     def begin_image(self, sequential_cfg: bool = False) -> None:
         super().begin_image()
@@ -499,6 +504,7 @@ class StripDenoiser(StripModel):
 
     def remove(self) -> None:
         self._restore_forward()
+        self.freeu.remove()
         super().remove()
 
     def _outside_call(self) -> None:
@@ -522,10 +528,12 @@ class StripDenoiser(StripModel):
 
     def _model_version(self) -> tuple:
         """What a captured graph depends on besides its inputs: every module and attention processor
-        (a LoRA loaded or unloaded, a processor swapped), an IP-Adapter processor's scale (a Python
-        number the graph holds: `set_ip_adapter_scale`) and every parameter's storage (`.to()`, a
-        weight replaced)."""
-        return (tuple((name, id(m), id(processor), repr(getattr(inner_processor(processor), "scale", None)))
+        (a LoRA loaded or unloaded, a processor swapped), the Python numbers a graph holds - an
+        IP-Adapter processor's scale (`set_ip_adapter_scale`), an up block's FreeU scales
+        (`enable_freeu`, `disable_freeu`) - and every parameter's storage (`.to()`, a weight
+        replaced)."""
+        return (tuple((name, id(m), id(processor), repr(getattr(inner_processor(processor), "scale", None)),
+                       freeu_scales(m))
                       for name, m in self.model.named_modules() for processor in [getattr(m, "processor", None)]),
                 tuple(p.data_ptr() for p in self.model.parameters()))
 

@@ -133,13 +133,16 @@ def test_a_changed_module_makes_a_new_capture(root):
     assert kept and before >= 1 and after == before  # the old graphs dropped, as many new ones captured
 
 
-@pytest.mark.parametrize("family", ["sd", "flux"])
-def test_steady_denoiser_call_is_capturable(root, family):
+@pytest.mark.parametrize("family,freeu", [("sd", False), ("sd", True), ("flux", False)])
+def test_steady_denoiser_call_is_capturable(root, family, freeu):
     """The region a graph captures - the denoiser's forward on a strip, in the stale plan, on static
-    inputs - issues the same ops on the same tensors twice, reads nothing on the host, leaks nothing."""
+    inputs - issues the same ops on the same tensors twice, reads nothing on the host, leaks nothing;
+    with FreeU, its reduction and filter included."""
     pipe = load_pipeline(pipeline_path(root, family))
     name = "unet" if family == "sd" else "transformer"
     model = getattr(pipe, name)
+    if freeu:
+        model.enable_freeu(s1=0.9, s2=0.2, b1=1.5, b2=1.6)
     par = parafuse.parallelize(SimpleNamespace(**{name: model}), mode="full", warmup_steps=1, parallel_decode=False,
                                layout=ParallelLayout(1, 3), transport=NullTransport(1, 3))
     traces, leaks = [], []
@@ -179,6 +182,7 @@ def test_steady_denoiser_call_is_capturable(root, family):
     names = {op[0] for op in traces[0]}
     assert not names & HOST_READS, names & HOST_READS
     assert leaks == [[], []], [[tuple(t.shape) for t in group] for group in leaks]
+    assert (sum(par.session.transport.bytes_sent["reduce"].values()) > 0) == freeu     # FreeU's reduction ran
 
 
 def denoiser_kwargs(family, pipe):

@@ -915,3 +915,138 @@ def test_residual_of_a_wrong_size_is_refused_before_compute(root, wrong):
         assert ("neither the whole image's 40 nor strip" if wrong == "height" else "is no level of the 40x24") \
             in message
         assert evaluations == 0
+
+
+# ---- FreeU (`enable_freeu`): the skip features' low frequencies of the whole image ----------------
+# the FreeU authors' values for SD 1.x and SDXL
+FREEU = {"sd": dict(s1=0.9, s2=0.2, b1=1.5, b2=1.6), "sdxl": dict(s1=0.6, s2=0.4, b1=1.1, b2=1.2)}
+FILTER_TOL = 2e-6           # float32, inputs ~N(0, 1): diffusers' FFT and the strips' sums round differently
+
+
+@pytest.mark.parametrize("height", [1, 2, 3, 8, 13])
+@pytest.mark.parametrize("width", [1, 2, 5, 12])
+def test_freeu_filter_equals_diffusers_fourier_filter(height, width):
+    """parafuse's FreeU filter (the box's few Fourier coefficients, no FFT) = diffusers'
+    fourier_filter(threshold=1) on random float32 images, odd and even sizes, H and W = 1 and 2
+    (where the box's slice keeps one frequency, or both); and cut into uneven strips, each
+    strip's rows filtered from the coefficients summed over the strips = the whole image's."""
+    from diffusers.utils.torch_utils import fourier_filter as diffusers_filter
+
+    from parafuse.diffusers.freeu import box_coefficients, filtered_rows, fourier_filter
+
+    g = torch.Generator().manual_seed(height * 100 + width)
+    x = torch.randn(2, 3, height, width, generator=g)
+    cuts = sorted({0, height // 3, (height + 1) // 2, height})         # H = 13: strips of 4, 3, 6 rows
+    for scale in (0.2, 0.9, 1.4):
+        want = diffusers_filter(x, threshold=1, scale=scale)
+        torch.testing.assert_close(fourier_filter(x, scale), want, rtol=0, atol=FILTER_TOL)
+        spans = list(zip(cuts, cuts[1:]))
+        whole = sum(box_coefficients(x[:, :, a:b], a, height) for a, b in spans)
+        strips = torch.cat([filtered_rows(x[:, :, a:b], whole, scale, a, height) for a, b in spans], 2)
+        torch.testing.assert_close(strips, want, rtol=0, atol=FILTER_TOL)
+    assert (want - x).abs().max() > 1e-2                  # the filter does filter
+
+
+def freeu_coefficients(pipe, kwargs) -> tuple[torch.Tensor, int]:
+    """`pipe(**kwargs)`'s images and how many box coefficients its FreeU takes of the whole image:
+    per call of an up block of resolution_idx 0 or 1, per skip feature [B, C, h, w] it gets,
+    B * C * min(h, 2) * min(w, 2) (frequencies 0 and -1 of each axis)."""
+    count = [0]
+
+    def see(block, args, kw):
+        if block.resolution_idx in (0, 1):
+            count[0] += sum(s.shape[0] * s.shape[1] * min(s.shape[2], 2) * min(s.shape[3], 2)
+                            for s in kw["res_hidden_states_tuple"])
+    handles = [b.register_forward_pre_hook(see, with_kwargs=True) for b in pipe.unet.up_blocks]
+    out = images(pipe(**kwargs))
+    for h in handles:
+        h.remove()
+    return out, count[0]
+
+
+def with_freeu(pipe, family):
+    pipe.enable_freeu(**FREEU[family])
+    return pipe
+
+
+@pytest.mark.parametrize("family,n,cfg", [("sd", 2, False), ("sd", 3, False), ("sdxl", 2, False), ("sdxl", 3, False),
+                                          ("sdxl", 4, True), ("sdxl", 2, True)])
+def test_freeu_sync_equals_diffusers(root, family, n, cfg):
+    """FreeU enabled before parallelize, sync, N = 2 and 3 (uneven strips), SDXL with cfg_parallel
+    (N = 4: 2 branches x 2 strips; N = 2: each branch's whole image on one rank, diffusers' own
+    FreeU): = diffusers with FreeU, which changes the image. The coefficients' reduction is counted
+    under `reduce`: each strip sends its share of every coefficient (complex64) to each other strip
+    of its patch group, every evaluation, for its guidance branch's batch."""
+    ref, coefficients = freeu_coefficients(with_freeu(fresh(root, family), family), call_kwargs(family))
+    assert rel(ref, sync_ref(root, family)) > 0.1                  # FreeU changes the image
+    outs = emulate_pipeline(with_freeu(fresh(root, family), family), n, lambda p: images(p(**call_kwargs(family))),
+                            mode="sync", cfg_parallel=cfg)
+    assert rel(outs[0][0], ref) <= 1e-5
+    strips, branches = (n // 2, 2) if cfg else (n, 1)
+    for _, stats in outs:
+        assert stats["bytes_sent"]["reduce"] == stats["bytes_received"]["reduce"] == \
+            coefficients // branches * 8 * (strips - 1)
+
+
+def test_freeu_enabled_after_parallelize_and_disabled_between_calls(root):
+    """`enable_freeu` on the parallel pipeline (diffusers' method, setting the U-Net's up blocks)
+    after a plain call, then `disable_freeu()`, SD N = 3: = diffusers' plain image, its FreeU
+    image, and the plain image again, with no `reduce` bytes without FreeU."""
+    def call(par):
+        got = [images(par(**call_kwargs("sd")))]
+        par.enable_freeu(**FREEU["sd"])
+        got.append(images(par(**call_kwargs("sd"))))
+        reduced = par.rank_stats["bytes_sent"]["reduce"]
+        par.disable_freeu()
+        got.append(images(par(**call_kwargs("sd"))))
+        return got, reduced, par.rank_stats["bytes_sent"]["reduce"]
+    freeu = images(with_freeu(fresh(root, "sd"), "sd")(**call_kwargs("sd")))
+    outs = emulate_pipeline(fresh(root, "sd"), 3, call, mode="sync")
+    (plain, on, off), _, _ = outs[0][0]
+    assert rel(plain, sync_ref(root, "sd")) <= 1e-5 and rel(off, sync_ref(root, "sd")) <= 1e-5
+    assert rel(on, freeu) <= 1e-5 and rel(freeu, sync_ref(root, "sd")) > 0.1
+    assert all(reduced > 0 and after == 0 for (_, reduced, after), _ in outs)
+
+
+@pytest.mark.parametrize("mode", ["full", "partial"])
+def test_freeu_stale_modes_within_3db_of_the_pipeline_without_it(root, mode):
+    """FreeU's reduction is exact in the stale modes too (waited for at each up block); what they
+    lose - stale K/V, halos and GroupNorm statistics - stays within 3 dB of the same mode without
+    FreeU (SD, N = 2), each against its own diffusers output."""
+    settings = dict(mode=mode, warmup_steps=1, **({"halo_portion": 0.3} if mode == "partial" else {}))
+    ref = images(with_freeu(fresh(root, "sd"), "sd")(**call_kwargs("sd")))
+    run = emulate_pipeline(with_freeu(fresh(root, "sd"), "sd"), 2, lambda p: images(p(**call_kwargs("sd"))),
+                           **settings)
+    plain = emulate_pipeline(fresh(root, "sd"), 2, lambda p: images(p(**call_kwargs("sd"))), **settings)
+    with_freeu_db, without = psnr(run[0][0], ref), psnr(plain[0][0], sync_ref(root, "sd"))
+    assert with_freeu_db >= without - 3, (with_freeu_db, without)
+    assert run[0][1]["bytes_sent"]["reduce"] > 0
+
+
+def test_freeu_scales_are_held_by_the_graphs(root):
+    """CUDA graphs (replay = rerun on static inputs), SD N = 2, full: graphed = eager across FreeU
+    on, other scales and FreeU off; a graph holds the scales it was captured with (Python numbers),
+    so each change drops the graphs and captures new ones."""
+    from parafuse.graphs import rerun_capture
+
+    other = dict(s1=0.5, s2=0.7, b1=1.2, b2=1.3)
+
+    def call(graphed):
+        def run(par):
+            if graphed:
+                par.strips.graphed, par.session.capture = True, rerun_capture
+            got, fresh_graphs = [images(par(**call_kwargs("sd")))], []
+            for change in (lambda: par.enable_freeu(**other), par.disable_freeu):
+                old = list(par.strips._graphs.values())
+                change()
+                got.append(images(par(**call_kwargs("sd"))))
+                fresh_graphs.append(bool(old) and not any(g is o for g in par.strips._graphs.values() for o in old))
+            return got, par.strips.captures, fresh_graphs
+        return run
+    pipe = with_freeu(fresh(root, "sd"), "sd")
+    (eager, _, _), _ = emulate_pipeline(pipe, 2, call(False), mode="full", warmup_steps=1)[0]
+    (graphed, captures, fresh_graphs), _ = emulate_pipeline(pipe, 2, call(True), mode="full", warmup_steps=1)[0]
+    assert captures >= 1 and all(fresh_graphs)
+    assert rel(eager[0], eager[1]) > 1e-2 and rel(eager[1], eager[2]) > 1e-2
+    for e, g in zip(eager, graphed):
+        assert torch.equal(e, g)
