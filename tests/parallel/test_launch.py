@@ -1,6 +1,7 @@
 """The launchers: one node, and two "nodes" on localhost through torchrun's c10d rendezvous."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -15,6 +16,12 @@ ARGS = ["--model", "dit-small", "--height", "32", "--width", "32", "--steps", "2
 
 def env(**extra):
     return dict(os.environ, PYTHON=sys.executable, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", **extra)
+
+
+def why(stderr: str) -> list[str]:
+    """The lines of a failed node's stderr that say what went wrong (a C++ abort's `what()`, a
+    Python error), which its last lines - torchrun's summary - do not."""
+    return [line for line in stderr.splitlines() if re.search(r"terminate called|what\(\)|Error|error:", line)][:20]
 
 
 @pytest.mark.torchrun
@@ -37,7 +44,8 @@ def test_two_nodes_on_localhost(tmp_path):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for node in (0, 1)]
     outs = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    # a worker's own error comes before torchrun's summary at the end of stderr: both, per node
+    assert all(p.returncode == 0 for p in procs), [(why(o[1]), o[1][-1500:]) for o in outs]
     report = json.loads(rep.read_text())
     assert report["world_size"] == 2 and report["mode"] == "partial"
     assert report["ranks"][1]["bytes_sent"]["attn_kv"] > 0
