@@ -406,10 +406,15 @@ def build_flux_kontext(path: str) -> None:
     _from_base(FluxKontextPipeline, "flux", path)
 
 
+def build_flux_kontext_inpaint(path: str) -> None:
+    from diffusers import FluxKontextInpaintPipeline
+    _from_base(FluxKontextInpaintPipeline, "flux", path)
+
+
 IMAGE_FAMILIES = {"sd-img2img": build_sd_img2img, "sd-inpaint": build_sd_inpaint, "sdxl-img2img": build_sdxl_img2img,
                   "sdxl-refiner": build_sdxl_refiner, "sdxl-inpaint": build_sdxl_inpaint,
                   "flux-img2img": build_flux_img2img, "flux-inpaint": build_flux_inpaint, "flux-fill": build_flux_fill,
-                  "flux-kontext": build_flux_kontext}
+                  "flux-kontext": build_flux_kontext, "flux-kontext-inpaint": build_flux_kontext_inpaint}
 BUILDERS.update(IMAGE_FAMILIES)
 
 
@@ -436,6 +441,6 @@ def image_kwargs(family: str, image_seed: int = 5, mask_seed: int = 6, **kw) -> 
         call.update(image=F.interpolate(small, size=(HEIGHT, WIDTH), mode="bicubic").clamp(0, 1), strength=0.5)
     if family == "sdxl-refiner":
         call["strength"] = 0.7                     # the refiner's default 0.3 of 3 steps is none
-    if family == "flux-kontext":
+    if family.startswith("flux-kontext"):
         call.update(max_area=HEIGHT * WIDTH, _auto_resize=False)       # the call's size, not a megapixel
     return call

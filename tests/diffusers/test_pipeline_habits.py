@@ -1111,20 +1111,38 @@ def test_sdxl_refiner_handoff_equals_diffusers(root):
     assert all(evaluations == 2 for (_, evaluations), _ in outs)          # the second half of 4 steps
 
 
-def test_flux_kontext_conditioning_image_is_refused_before_compute(root):
-    """FluxKontextPipeline appends the conditioning image's tokens to the sequence as a second grid
-    (img_ids' first coordinate 1): refused at the first denoiser call, before it computes, on every
-    rank; the hint (a call without `image`, text to image) = diffusers."""
+@pytest.mark.parametrize("family", ["flux-kontext", "flux-kontext-inpaint"])
+def test_flux_kontext_conditioning_image_is_refused_before_compute(root, family):
+    """Flux Kontext's pipelines append the conditioning image's tokens to the sequence as a second
+    grid (img_ids' first coordinate 1): refused on every rank at the call, before the VAE encodes
+    the image; the transformer called directly with such a sequence is refused before it computes
+    (`StripModel._grid`); the hint (FluxKontextPipeline without `image`, text to image) = diffusers."""
     from support.diffusers_cases import image_kwargs
 
     def call(par):
+        par.pipe.vae.encoder.register_forward_hook(lambda m, a, out: pytest.fail("the VAE encoded"))
+        par(**image_kwargs(family))
+    ranks_raise(f"{'FluxKontextInpaintPipeline' if family.endswith('inpaint') else 'FluxKontextPipeline'} appends "
+                r"the conditioning image's tokens .* second grid.*call FluxKontextPipeline without `image`",
+                fresh(root, family), 2, call, mode="sync")
+    if family.endswith("inpaint"):
+        return
+
+    plain = fresh(root, family)
+    sequence = []
+    plain.transformer.register_forward_pre_hook(lambda m, a, kw: sequence.append(kw) if not sequence else None,
+                                                with_kwargs=True)
+    plain(**{**image_kwargs(family), "num_inference_steps": 1})
+
+    def direct(par):
         par.pipe.transformer.register_forward_hook(lambda m, a, out: pytest.fail("the transformer ran"))
-        par(**image_kwargs("flux-kontext"))
+        with torch.no_grad():
+            par.transformer(**sequence[0])
     ranks_raise(r"FluxTransformer2DModel's token sequence holds a second image grid \(240 of its 480 tokens marked "
-                r"by img_ids' first coordinate.*call without `image`", fresh(root, "flux-kontext"), 2, call,
-                mode="sync")
+                r"by img_ids' first coordinate", fresh(root, family), 2, direct, mode="sync")
+
     def without():
-        return {**image_kwargs("flux-kontext"), "image": None}
-    ref = images(fresh(root, "flux-kontext")(**without()))
-    out = emulate_pipeline(fresh(root, "flux-kontext"), 2, lambda p: images(p(**without())), mode="sync")[0][0]
+        return {**image_kwargs(family), "image": None}
+    ref = images(fresh(root, family)(**without()))
+    out = emulate_pipeline(fresh(root, family), 2, lambda p: images(p(**without())), mode="sync")[0][0]
     assert rel(out, ref) <= 1e-5
