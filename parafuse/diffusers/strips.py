@@ -300,6 +300,14 @@ class StripModel:
         ids = kwargs.get("img_ids")
         if sample.dim() == 3 and ids is not None:
             ids = ids[0] if ids.dim() == 3 else ids
+            if ids[:, 0].any():
+                # FluxKontextPipeline's conditioning image: a second grid of tokens after the latent's, marked
+                # by img_ids' first coordinate; a strip of the sequence would hold rows of neither grid
+                raise UnsupportedModelError(
+                    f"{type(self.model).__name__}'s token sequence holds a second image grid "
+                    f"({int(ids[:, 0].ne(0).sum())} of its {sample.shape[1]} tokens marked by img_ids' first "
+                    f"coordinate, as FluxKontextPipeline appends the conditioning image's): parafuse splits one "
+                    f"grid by rows; call without `image`, or run this pipeline without parafuse")
             rows, cols = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
             if rows * cols == sample.shape[1] and torch.equal(ids[:, 1] * cols + ids[:, 2],
                                                                torch.arange(rows * cols, device=ids.device)):

@@ -44,12 +44,16 @@ def _vae(levels: int = 3, **extra):
                          latent_channels=4, norm_num_groups=4, layers_per_block=1, **extra)
 
 
-def _unet(**extra):
+def _unet(in_channels: int = 4, **extra):
     from diffusers import UNet2DConditionModel
-    return UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+    return UNet2DConditionModel(sample_size=16, in_channels=in_channels, out_channels=4, layers_per_block=1,
                                 block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=TEXT_DIM,
                                 attention_head_dim=8, norm_num_groups=8, **extra)
+
+
+# SDXL's U-Net: the pooled text and the size ids added to the time embedding
+SDXL_TIME = dict(addition_embed_type="text_time", addition_time_embed_dim=8, transformer_layers_per_block=(1, 1))
 
 
 def build_sd(path: str) -> None:
@@ -80,8 +84,7 @@ def build_sd_lite(path: str) -> None:
 def build_sdxl(path: str) -> None:
     from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
     _seeded(0)
-    unet = _unet(addition_embed_type="text_time", addition_time_embed_dim=8,
-                 projection_class_embeddings_input_dim=6 * 8 + POOLED_DIM, transformer_layers_per_block=(1, 1))
+    unet = _unet(**SDXL_TIME, projection_class_embeddings_input_dim=6 * 8 + POOLED_DIM)
     _wake(unet, 2)
     # a stochastic scheduler: its noise is drawn for the whole latent from the generator on every rank
     StableDiffusionXLPipeline(vae=_vae(), text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
@@ -315,5 +318,129 @@ def controlnet_kwargs(family: str, **kw) -> dict:
 
 
 def family_kwargs(family: str) -> dict:
-    """The call of any family of this file, a ControlNet or T2I-Adapter one included."""
+    """The call of any family of this file, a ControlNet, T2I-Adapter or image-conditioned one included."""
+    if family in IMAGE_FAMILIES:
+        return image_kwargs(family)
     return controlnet_kwargs(family) if family.endswith(("-controlnet", "-adapter")) else call_kwargs(family)
+
+
+# ---- image-conditioned pipelines: img2img, inpainting, Flux Fill and Kontext ------------------------
+def _from_base(cls, base: str, path: str, **components) -> None:
+    """`cls` built from the base family's tiny components (those `cls` takes), `components` replacing
+    or adding some."""
+    import inspect
+
+    from parafuse.diffusers.pipeline import load_pipeline
+    pipe = load_pipeline(pipeline_path(os.path.dirname(path), base))
+    takes = inspect.signature(cls.__init__).parameters
+    kept = {k: v for k, v in pipe.components.items() if k in takes}
+    cls(**{**kept, **components}).save_pretrained(path)
+
+
+def _inpainting_unet(seed: int, **extra):
+    """The tiny U-Net with SD's inpainting input: 9 channels, the latent, the mask and the masked
+    image's latent concatenated."""
+    _seeded(seed)
+    unet = _unet(in_channels=9, **extra)
+    _wake(unet, seed)
+    return unet
+
+
+def build_sd_img2img(path: str) -> None:
+    from diffusers import StableDiffusionImg2ImgPipeline
+    _from_base(StableDiffusionImg2ImgPipeline, "sd", path, requires_safety_checker=False)
+
+
+def build_sd_inpaint(path: str) -> None:
+    from diffusers import StableDiffusionInpaintPipeline
+    _from_base(StableDiffusionInpaintPipeline, "sd", path, unet=_inpainting_unet(14), requires_safety_checker=False)
+
+
+def build_sdxl_img2img(path: str) -> None:
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+    _from_base(StableDiffusionXLImg2ImgPipeline, "sdxl", path)
+
+
+def build_sdxl_refiner(path: str) -> None:
+    """SDXL's refiner: img2img with an aesthetic score in place of the target size (5 time ids, not 6)."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+    _seeded(15)
+    unet = _unet(**SDXL_TIME, projection_class_embeddings_input_dim=5 * 8 + POOLED_DIM)
+    _wake(unet, 15)
+    _from_base(StableDiffusionXLImg2ImgPipeline, "sdxl", path, unet=unet, requires_aesthetics_score=True)
+
+
+def build_sdxl_inpaint(path: str) -> None:
+    from diffusers import StableDiffusionXLInpaintPipeline
+    unet = _inpainting_unet(16, **SDXL_TIME, projection_class_embeddings_input_dim=6 * 8 + POOLED_DIM)
+    _from_base(StableDiffusionXLInpaintPipeline, "sdxl", path, unet=unet)
+
+
+def build_flux_img2img(path: str) -> None:
+    from diffusers import FluxImg2ImgPipeline
+    _from_base(FluxImg2ImgPipeline, "flux", path)
+
+
+def build_flux_inpaint(path: str) -> None:
+    from diffusers import FluxInpaintPipeline
+    _from_base(FluxInpaintPipeline, "flux", path)
+
+
+def build_flux_fill(path: str) -> None:
+    """Flux Fill: each token's channels are the latent's, the masked image latent's (both packed
+    2 x 2) and the mask's (the VAE's factor squared values per latent pixel, packed 2 x 2)."""
+    from diffusers import FluxFillPipeline, FluxTransformer2DModel
+
+    from parafuse.diffusers.pipeline import load_pipeline
+    flux = load_pipeline(pipeline_path(os.path.dirname(path), "flux"))
+    _seeded(17)
+    tokens, mask = flux.transformer.config.in_channels, flux.vae_scale_factor ** 2 * 2 * 2
+    transformer = FluxTransformer2DModel.from_config({**flux.transformer.config, "in_channels": 2 * tokens + mask,
+                                                      "out_channels": tokens})
+    _wake(transformer, 17)
+    _from_base(FluxFillPipeline, "flux", path, transformer=transformer)
+
+
+def build_flux_kontext(path: str) -> None:
+    from diffusers import FluxKontextPipeline
+    _from_base(FluxKontextPipeline, "flux", path)
+
+
+def build_flux_kontext_inpaint(path: str) -> None:
+    from diffusers import FluxKontextInpaintPipeline
+    _from_base(FluxKontextInpaintPipeline, "flux", path)
+
+
+IMAGE_FAMILIES = {"sd-img2img": build_sd_img2img, "sd-inpaint": build_sd_inpaint, "sdxl-img2img": build_sdxl_img2img,
+                  "sdxl-refiner": build_sdxl_refiner, "sdxl-inpaint": build_sdxl_inpaint,
+                  "flux-img2img": build_flux_img2img, "flux-inpaint": build_flux_inpaint, "flux-fill": build_flux_fill,
+                  "flux-kontext": build_flux_kontext, "flux-kontext-inpaint": build_flux_kontext_inpaint}
+BUILDERS.update(IMAGE_FAMILIES)
+
+
+def inpaint_mask(seed: int = 6, height: int = HEIGHT, width: int = WIDTH) -> torch.Tensor:
+    """A mask in {0, 1} (1: repaint): a random box, so that it crosses strip boundaries."""
+    g = torch.Generator().manual_seed(seed)
+    top, left = (int(torch.randint(0, s // 3, (1,), generator=g)) for s in (height, width))
+    mask = torch.zeros(1, 1, height, width)
+    mask[..., top: top + height // 2, left: left + width // 2] = 1
+    return mask
+
+
+def image_kwargs(family: str, image_seed: int = 5, mask_seed: int = 6, **kw) -> dict:
+    """The call of an image-conditioned family: its base family's call, an image, a mask for the
+    inpainting ones; img2img's image a small one upscaled four times at strength 0.5 (the hi-res
+    upscale's second pass, a partial schedule)."""
+    import torch.nn.functional as F
+    base = family.split("-")[0]
+    call = {**call_kwargs(base, **kw), "image": control_image(image_seed)}
+    if family.endswith(("inpaint", "fill")):
+        call["mask_image"] = inpaint_mask(mask_seed)
+    if family.endswith("img2img"):
+        small = control_image(image_seed, HEIGHT // 4, WIDTH // 4)
+        call.update(image=F.interpolate(small, size=(HEIGHT, WIDTH), mode="bicubic").clamp(0, 1), strength=0.5)
+    if family == "sdxl-refiner":
+        call["strength"] = 0.7                     # the refiner's default 0.3 of 3 steps is none
+    if family.startswith("flux-kontext"):
+        call.update(max_area=HEIGHT * WIDTH, _auto_resize=False)       # the call's size, not a megapixel
+    return call

@@ -1,7 +1,8 @@
 """The pipeline door used as diffusers users use a pipeline (issue 27): attribute writes, `.to()`,
 a raw pipeline called behind the wrapper, a second `parallelize`, torch.compile, the refusals'
 hints, modules changed behind parafuse's back, diffusers' model hooks (caches, offloading,
-layerwise casting), ControlNet, and ranks given different calls. Tiny
+layerwise casting), ControlNet, image-conditioned pipelines (img2img, inpainting, Fill, Kontext's
+refusal), and ranks given different calls. Tiny
 random-weight pipelines of tests/support/diffusers_cases.py on the thread emulator, against diffusers'
 own single-process output."""
 import copy
@@ -1050,3 +1051,98 @@ def test_freeu_scales_are_held_by_the_graphs(root):
     assert rel(eager[0], eager[1]) > 1e-2 and rel(eager[1], eager[2]) > 1e-2
     for e, g in zip(eager, graphed):
         assert torch.equal(e, g)
+
+
+# ---- image-conditioned pipelines: img2img (the hi-res upscale's second pass), inpainting, Fill ---------
+IMAGE_FAMILIES = ["sd-img2img", "sd-inpaint", "sdxl-img2img", "sdxl-inpaint", "flux-img2img", "flux-inpaint",
+                  "flux-fill"]
+
+
+def denoiser_calls(pipe) -> list:
+    """The plain pipeline's denoiser evaluations, one entry each."""
+    calls = []
+    (getattr(pipe, "unet", None) or pipe.transformer).register_forward_hook(lambda m, a, out: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("family", IMAGE_FAMILIES)
+def test_image_conditioned_sync_equals_diffusers(root, family, n):
+    """Img2img (strength 0.5: its partial schedule), inpainting (SD's and SDXL's 9-channel U-Nets: the
+    mask and the masked image's latent concatenated to the sample; Flux's by blending latents) and
+    Flux Fill (mask and image latents concatenated on the packed tokens' channels): all row-local,
+    so sync = diffusers at N = 2 and 3 (uneven strips), evaluation for evaluation; the image and
+    the mask change the output."""
+    from support.diffusers_cases import STEPS, image_kwargs
+
+    plain = fresh(root, family)
+    calls = denoiser_calls(plain)
+    ref = images(plain(**image_kwargs(family)))
+    outs = emulate_pipeline(fresh(root, family), n, lambda p: (images(p(**image_kwargs(family))), p.strips.evaluations),
+                            mode="sync")
+    assert ref.abs().max() > 0.1 and rel(outs[0][0][0], ref) <= 1e-5
+    assert all(evaluations == len(calls) for (_, evaluations), _ in outs)
+    if family.endswith("img2img"):
+        assert 0 < len(calls) < STEPS          # strength < 1: the schedule's tail only
+    assert rel(images(fresh(root, family)(**image_kwargs(family, image_seed=9))), ref) > 1e-3
+    if "img2img" not in family:
+        assert rel(images(fresh(root, family)(**image_kwargs(family, mask_seed=10))), ref) > 1e-3
+
+
+def test_sdxl_refiner_handoff_equals_diffusers(root):
+    """SDXL base to refiner (`denoising_end` / `denoising_start` at 0.5 of 4 steps; the refiner's
+    aesthetic-score time ids), both parallel, N = 3: each = diffusers. The base's latents come back
+    on rank 0 only (every other rank gets None), so a torchrun script must send them to the other
+    ranks itself; here each rank's refiner is given rank 0's."""
+    from support.diffusers_cases import call_kwargs, image_kwargs
+
+    def base_call():
+        return {**call_kwargs("sdxl"), "num_inference_steps": 4, "denoising_end": 0.5}
+
+    def refiner_call(latents):
+        return {**image_kwargs("sdxl-refiner"), "num_inference_steps": 4, "denoising_start": 0.5, "image": latents}
+    plain_latents = images(fresh(root, "sdxl")(**base_call()))
+    ref = images(fresh(root, "sdxl-refiner")(**refiner_call(plain_latents)))
+    latents = emulate_pipeline(fresh(root, "sdxl"), 3, lambda p: images(p(**base_call())), mode="sync")[0][0]
+    assert rel(latents, plain_latents) <= 1e-5
+    outs = emulate_pipeline(fresh(root, "sdxl-refiner"), 3, lambda p: (images(p(**refiner_call(latents))),
+                                                                       p.strips.evaluations), mode="sync")
+    assert ref.abs().max() > 0.1 and rel(outs[0][0][0], ref) <= 1e-5
+    assert all(evaluations == 2 for (_, evaluations), _ in outs)          # the second half of 4 steps
+
+
+@pytest.mark.parametrize("family", ["flux-kontext", "flux-kontext-inpaint"])
+def test_flux_kontext_conditioning_image_is_refused_before_compute(root, family):
+    """Flux Kontext's pipelines append the conditioning image's tokens to the sequence as a second
+    grid (img_ids' first coordinate 1): refused on every rank at the call, before the VAE encodes
+    the image; the transformer called directly with such a sequence is refused before it computes
+    (`StripModel._grid`); the hint (FluxKontextPipeline without `image`, text to image) = diffusers."""
+    from support.diffusers_cases import image_kwargs
+
+    def call(par):
+        par.pipe.vae.encoder.register_forward_hook(lambda m, a, out: pytest.fail("the VAE encoded"))
+        par(**image_kwargs(family))
+    ranks_raise(f"{'FluxKontextInpaintPipeline' if family.endswith('inpaint') else 'FluxKontextPipeline'} appends "
+                r"the conditioning image's tokens .* second grid.*call FluxKontextPipeline without `image`",
+                fresh(root, family), 2, call, mode="sync")
+    if family.endswith("inpaint"):
+        return
+
+    plain = fresh(root, family)
+    sequence = []
+    plain.transformer.register_forward_pre_hook(lambda m, a, kw: sequence.append(kw) if not sequence else None,
+                                                with_kwargs=True)
+    plain(**{**image_kwargs(family), "num_inference_steps": 1})
+
+    def direct(par):
+        par.pipe.transformer.register_forward_hook(lambda m, a, out: pytest.fail("the transformer ran"))
+        with torch.no_grad():
+            par.transformer(**sequence[0])
+    ranks_raise(r"FluxTransformer2DModel's token sequence holds a second image grid \(240 of its 480 tokens marked "
+                r"by img_ids' first coordinate", fresh(root, family), 2, direct, mode="sync")
+
+    def without():
+        return {**image_kwargs(family), "image": None}
+    ref = images(fresh(root, family)(**without()))
+    out = emulate_pipeline(fresh(root, family), 2, lambda p: images(p(**without())), mode="sync")[0][0]
+    assert rel(out, ref) <= 1e-5
