@@ -211,7 +211,7 @@ def door(pipe, n=1, strip=0, transport="null", **settings):
     layout = ParallelLayout(strip, n, 2 if cfg.cfg_parallel else 1)
     transport = None if n == 1 else {"null": ZerosTransport, "loopback": LoopbackTransport}[transport](
         strip, n, layout.patch_ranks)
-    return parafuse.parallelize(pipe, cfg, parallel_decode=False, layout=layout, transport=transport)
+    return parafuse.parallelize(pipe, cfg, parallel_vae=False, layout=layout, transport=transport)
 
 
 def timed(model, fam, kw, repeat, **settings) -> tuple[float, dict, object, object]:
@@ -240,7 +240,7 @@ def emulated(model, n, device, call, make_pipe, **settings) -> object:
         torch.cuda.synchronize(device)
 
     def body(layout, transport):
-        par = parafuse.parallelize(make_pipe(share_weights(model)), cfg, parallel_decode=False, layout=layout,
+        par = parafuse.parallelize(make_pipe(share_weights(model)), cfg, parallel_vae=False, layout=layout,
                                    transport=transport)
         try:
             results[layout.rank] = call(par)

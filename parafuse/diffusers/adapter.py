@@ -12,6 +12,9 @@ can rename:
                hands cross-attention calls to the processor it replaced (IP-Adapter masks cut to
                the strip's tokens)
     positions  a `PatchEmbed` with sin-cos positions: positions of the whole grid, sliced
+    downsample a `Downsample2D` that zero-pads its input's right column and bottom row before its
+               stride-2 conv (padding=0: the VAE encoder's): no site of its own, swapped for
+               `StripDownsample2D`, whose conv (the site) pads its unpadded input itself
 
 Whether an attention call is a self-attention over the image grid is decided by behaviour, in the
 shape trace (`parafuse.diffusers.strips`): a call without `encoder_hidden_states` over h*w tokens of
@@ -39,6 +42,7 @@ from diffusers.models.attention_processor import (CROSS_ATTENTION_PROCESSORS, At
                                                   IPAdapterAttnProcessor2_0, JointAttnProcessor2_0,
                                                   SlicedAttnAddedKVProcessor, SlicedAttnProcessor)
 from diffusers.image_processor import IPAdapterMaskProcessor
+from diffusers.models.downsampling import Downsample2D
 from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed
 from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DModel
 
@@ -238,6 +242,8 @@ class DiffusersAdapter:
             return "attn"
         if isinstance(module, PatchEmbed) and module.pos_embed is not None:
             return "positions"
+        if isinstance(module, Downsample2D) and module.use_conv and module.padding == 0 and module.norm is None:
+            return "downsample"
         return None
 
     # ---- what the shape trace (parafuse.parallel.trace) asks a model family ----------------------
@@ -280,6 +286,8 @@ class DiffusersAdapter:
                        else StripAttnProcessor)
                 module.set_processor(cls(engine, key, module.processor, self))
             return module
+        if kind == "downsample":
+            return module if isinstance(module, StripDownsample2D) else _adopt(StripDownsample2D, module, engine, key)
         if isinstance(module, StripPatchEmbed):
             return module
         strip = _adopt(StripPatchEmbed, module, engine, key)
@@ -417,6 +425,18 @@ class StripAttnProcessor:
             if norm is not None:        # per head, over the head dim: the same on [B, T, heads, d]
                 y = norm(y.unflatten(-1, (attn.heads, -1))).flatten(-2)
             half.copy_(y.transpose(0, 1))
+
+
+class StripDownsample2D(Downsample2D):
+    """diffusers' Downsample2D with padding=0 (the VAE encoder's): the input padded by a zero column
+    on the right and a zero row at the bottom, then a 3x3 stride-2 conv without padding. Its conv is
+    handed the unpadded input and pads it itself (`PatchConv2d`'s `pads`): on a strip the padded row
+    is the conv's bottom halo, the next strip's first row (zeros below the last strip)."""
+
+    PADS = (0, 1, 0, 1)            # left, right, top, bottom: diffusers' F.pad in Downsample2D.forward
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.conv(hidden_states, pads=self.PADS)
 
 
 class StripPatchEmbed(PatchEmbed):

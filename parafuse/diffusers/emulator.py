@@ -11,10 +11,12 @@ from parafuse.parallel.config import PatchConfig
 from parafuse.parallel.emulator import emulate_ranks
 
 
-def emulate_pipeline(pipe, world_size: int, call, config: PatchConfig | None = None, **settings):
+def emulate_pipeline(pipe, world_size: int, call, config: PatchConfig | None = None, parallel_vae: bool = True,
+                     **settings):
     """Run `call(parallel_pipe)` on `world_size` emulated ranks; returns per rank (call's result,
-    the rank's `rank_stats`). The settings: a PatchConfig and/or its fields as keywords, as
-    `parafuse.parallelize` takes them. `call` runs once per rank: give each its own generator inside it."""
+    the rank's `rank_stats`). The settings: a PatchConfig and/or its fields as keywords, and
+    `parallel_vae`, as `parafuse.parallelize` takes them. `call` runs once per rank: give each its
+    own generator inside it."""
     from parafuse.diffusers.pipeline import parallelize
 
     config = PatchConfig(**{k: v for k, v in settings.items() if v is not None}) if config is None else \
@@ -22,7 +24,7 @@ def emulate_pipeline(pipe, world_size: int, call, config: PatchConfig | None = N
     outputs: list = [None] * world_size
 
     def run(layout, transport):
-        par = parallelize(copy.deepcopy(pipe), config, layout=layout, transport=transport,
+        par = parallelize(copy.deepcopy(pipe), config, parallel_vae=parallel_vae, layout=layout, transport=transport,
                           **({"text_merge": settings["text_merge"]} if settings.get("text_merge") else {}))
         result = call(par)
         par.close()

@@ -5,9 +5,11 @@
 
 Every rank (launched by torchrun) calls the returned pipeline with the same arguments, generator
 seed included. The pipeline's own loop, scheduler and output types are kept: rank 0 gets the
-pipeline's usual output, every other rank None. The VAE decoder runs by strips too
-(`parallel_decode`, always synchronous: equal to the plain decode); without it, only rank 0
-decodes. `rank_stats` holds this rank's bytes per kind after each call (the decode's included).
+pipeline's usual output, every other rank None. The VAE runs by strips too (`parallel_vae`,
+always synchronous: equal to the plain VAE): its encoder (img2img, inpainting) with the encoded
+latent gathered on every rank, its decoder with the image gathered on rank 0; without it, every
+rank encodes the whole image and only rank 0 decodes. `rank_stats` holds this rank's bytes per
+kind after each call (the VAE's included).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from parafuse.diffusers.adapter import DiffusersAdapter, UnsupportedModelError, is_flux, is_joint
-from parafuse.diffusers.strips import StripControlNet, StripDecoder, StripDenoiser, image_embedding, plain_processors
+from parafuse.diffusers.strips import StripControlNet, StripDenoiser, StripVAE, image_embedding, plain_processors
 from parafuse.parallel import kv_codec as kv_codec_module
 from parafuse.parallel.config import ConfigError, Mode, PatchConfig, dtype_name
 from parafuse.parallel.distributed import ParallelLayout
@@ -28,6 +30,9 @@ from parafuse.parallel.session import PatchSession
 from parafuse.parallel.transport import Transport
 
 DENOISERS = ("unet", "transformer")
+# the VAE's parts that run by strips, and where each gathers its output: the encoded latent on
+# every rank (each samples it and runs the scheduler on the whole latent), the image on rank 0
+VAE_PARTS = {"encoder": None, "decoder": 0}
 
 
 def denoiser_of(pipe) -> tuple[str, nn.Module]:
@@ -45,14 +50,17 @@ class ParallelPipeline:
     `rank_stats` holds this rank's row of the report (the same schema as a built-in run's) and
     `timing` the call's seconds and seconds per denoiser evaluation."""
 
-    _OWN = frozenset({"pipe", "session", "strips", "decoder", "rank_stats", "timing", "_parallel_decode",
+    _OWN = frozenset({"pipe", "session", "strips", "encoder", "decoder", "rank_stats", "timing", "_parallel_vae",
                       "controlnets", "seed"})
 
-    def __init__(self, pipe, session: PatchSession, strips: StripDenoiser, decoder: StripDecoder | None,
-                 parallel_decode: bool = True):
-        for name, value in (("pipe", pipe), ("session", session), ("strips", strips), ("decoder", decoder),
-                            ("rank_stats", {}), ("timing", {}), ("_parallel_decode", parallel_decode)):
+    def __init__(self, pipe, session: PatchSession, strips: StripDenoiser, vae: dict[str, StripVAE],
+                 parallel_vae: bool = True):
+        """`vae`: the hooks on the VAE's parts (`VAE_PARTS`) that run by strips, by part name."""
+        for name, value in (("pipe", pipe), ("session", session), ("strips", strips), ("rank_stats", {}),
+                            ("timing", {}), ("_parallel_vae", parallel_vae)):
             object.__setattr__(self, name, value)
+        for part in VAE_PARTS:
+            object.__setattr__(self, part, vae.get(part))
         object.__setattr__(self, "controlnets", [])
         object.__setattr__(self, "seed", None)     # the seed rank 0 drew for the last call without a generator
         pipe.__dict__["_parafuse_parallel"] = True      # a second parallelize of this pipeline is refused
@@ -97,15 +105,19 @@ class ParallelPipeline:
             for c in self.controlnets:
                 c.remove()
             object.__setattr__(self, "controlnets", [strip_controlnet(net, self.session) for net in nets])
-        vae_decoder = getattr(getattr(self.pipe, "vae", None), "decoder", None) if self._parallel_decode else None
-        current = None if self.decoder is None else self.decoder.model
-        if self.session.engine is not None and vae_decoder is not current:
-            if self.decoder is not None:
-                self.decoder.remove()
-            if vae_decoder is not None:
-                check_decoder(vae_decoder, "parallelize with parallel_decode=False to decode on rank 0 alone")
-            object.__setattr__(self, "decoder",
-                               None if vae_decoder is None else strip_decoder(vae_decoder, self.session))
+        if self.session.engine is None:
+            return
+        for part, module in vae_parts(self.pipe, self._parallel_vae).items():
+            hooks = getattr(self, part)
+            if module is not (None if hooks is None else hooks.model):
+                if hooks is not None:
+                    hooks.remove()
+                object.__setattr__(self, part, None if module is None else strip_vae(module, part, self.session))
+
+    @property
+    def vae_hooks(self) -> list[StripVAE]:
+        """The hooks on the VAE's parts that run by strips."""
+        return [h for h in (getattr(self, part) for part in VAE_PARTS) if h is not None]
 
     def __call__(self, *args, **kwargs):
         kwargs = self._same_call_on_every_rank(args, kwargs)      # before anything a rank could do alone
@@ -124,9 +136,10 @@ class ParallelPipeline:
                                         f"{self.config.mode.value!r} each call's stale exchange state would come "
                                         f"from the other branch: parallelize with cfg_parallel=True (each branch on "
                                         f"its own ranks) or mode='sync'")
-        if self.decoder is not None and getattr(self.pipe.vae, "use_tiling", False):
-            raise UnsupportedModelError("the VAE decodes by strips across the ranks; tiling would cut them again: "
-                                        "call pipe.vae.disable_tiling(), or parallelize with parallel_decode=False")
+        if self.vae_hooks and getattr(self.pipe.vae, "use_tiling", False):
+            raise UnsupportedModelError("the VAE encodes and decodes by strips across the ranks; tiling would cut "
+                                        "them again: call pipe.vae.disable_tiling(), or parallelize with "
+                                        "parallel_vae=False")
         if self.layout.rank != 0 and self.decoder is None:
             kwargs["output_type"] = "latent"         # only rank 0 decodes
         self.session.reset_counts()
@@ -147,8 +160,8 @@ class ParallelPipeline:
             for c in self.controlnets:
                 c.end_image()
             self.strips.end_image()
-            if self.decoder is not None:
-                self.decoder.end_image()
+            for hooks in self.vae_hooks:
+                hooks.end_image()
         strips = self.strips
         self.timing = {"total_seconds": time.perf_counter() - start, "step_seconds": strips.clock.seconds()}
         rows = None if strips.geometry is None else strips.geometry.rows[self.layout.patch_index]
@@ -187,9 +200,9 @@ class ParallelPipeline:
     def close(self) -> None:
         """End this rank's session and take parafuse off the pipeline: hooks removed, plain layers
         back in place; the pipeline may then be parallelized again."""
-        if self.decoder is not None:
-            self.decoder.end_image()
-            self.decoder.remove()
+        for hooks in self.vae_hooks:
+            hooks.end_image()
+            hooks.remove()
         self.strips.end_image()
         self.strips.remove()
         for c in self.controlnets:
@@ -271,13 +284,17 @@ def calls_once_per_branch(pipe, kwargs: dict) -> bool:
     return kwargs.get("true_cfg_scale", 1.0) > 1 and negative
 
 
-def parallelize(pipe, config: PatchConfig | None = None, *, parallel_decode: bool = True,
+def parallelize(pipe, config: PatchConfig | None = None, *, parallel_vae: bool = True,
                 layout: ParallelLayout | None = None, transport: Transport | None = None,
                 **settings) -> ParallelPipeline:
-    """Make `pipe`'s denoiser (`pipe.unet` or `pipe.transformer`) and, with `parallel_decode`, its
-    VAE decoder patch-parallel across the ranks of torchrun's job (or of `layout`/`transport`: the
-    thread emulator); see the module docstring. The settings are a `PatchConfig`, or its fields as
-    keywords (`mode="partial", halo_portion=0.25, ...`; keywords given with a config replace its
+    """Make `pipe`'s denoiser (`pipe.unet` or `pipe.transformer`) and, with `parallel_vae`, its
+    VAE's encoder and decoder patch-parallel across the ranks of torchrun's job (or of
+    `layout`/`transport`: the thread emulator); see the module docstring. One switch for both parts
+    of the VAE: they are split by the same rule (always synchronous, equal to the plain VAE) for the
+    same reason (the whole image's activations on one GPU are what limits the resolution of an
+    img2img upscale and of the decode), and a user who keeps one whole - to save the exchanges at a
+    small size - keeps the other whole for the same reason. The settings are a `PatchConfig`, or
+    its fields as keywords (`mode="partial", halo_portion=0.25, ...`; keywords given with a config replace its
     fields). They are checked, and unsupported modules refused, before any process group or compute.
 
     `text_merge` (SD3, Flux): how the stale steps of `full` and `partial` merge the text queries of
@@ -287,6 +304,9 @@ def parallelize(pipe, config: PatchConfig | None = None, *, parallel_decode: boo
     if config is not None and not isinstance(config, PatchConfig):
         raise ConfigError(f"parallelize's settings must be a PatchConfig or its fields as keywords (mode=..., "
                           f"...), got {type(config).__name__} {config!r}")
+    if "parallel_decode" in settings:
+        raise ConfigError("parallel_decode is now parallel_vae (one switch for the VAE's encoder and decoder): "
+                          "pass parallel_vae=...")
     try:
         config = PatchConfig(**settings) if config is None else config.replace(**settings) if settings else config
     except TypeError as e:
@@ -309,16 +329,16 @@ def parallelize(pipe, config: PatchConfig | None = None, *, parallel_decode: boo
         for name, m in model.named_modules():
             if adapter.site_kind(m) == "attn" and not getattr(m, "is_cross_attention", False):
                 kv_codec_module.check_channels(m.to_k.out_features, f"attention {name!r}")
-    vae_decoder = getattr(getattr(pipe, "vae", None), "decoder", None) if parallel_decode else None
-    if vae_decoder is not None:
-        check_decoder(vae_decoder, "parallelize with parallel_decode=False to decode on rank 0 alone")
+    for part, module in vae_parts(pipe, parallel_vae).items():
+        if module is not None:
+            check_vae(module, part)
     session = PatchSession(config, device=param.device, layout=layout, transport=transport)
     if session.layout.rank != 0 and hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)     # one progress bar per job: rank 0's
-    decoder = None
-    if session.engine is not None and vae_decoder is not None:
-        decoder = strip_decoder(vae_decoder, session)
-    parallel = ParallelPipeline(pipe, session, strip_denoiser(model, session, adapter), decoder, parallel_decode)
+    vae = {} if session.engine is None else {part: strip_vae(module, part, session)
+                                              for part, module in vae_parts(pipe, parallel_vae).items()
+                                              if module is not None}
+    parallel = ParallelPipeline(pipe, session, strip_denoiser(model, session, adapter), vae, parallel_vae)
     if session.engine is not None:
         object.__setattr__(parallel, "controlnets", [strip_controlnet(net, session) for net in controlnets_of(pipe)])
     return parallel
@@ -363,37 +383,50 @@ def strip_denoiser(model: nn.Module, session: PatchSession, adapter: DiffusersAd
     return StripDenoiser(model, session, adapter)
 
 
-def check_decoder(vae_decoder: nn.Module, alternative: str) -> None:
+def vae_parts(pipe, parallel_vae: bool) -> dict[str, nn.Module | None]:
+    """The modules of `pipe.vae` that run by strips (`VAE_PARTS`), by part; None where the pipeline
+    has none, or for every part without `parallel_vae`."""
+    vae = getattr(pipe, "vae", None) if parallel_vae else None
+    return {part: getattr(vae, part, None) for part in VAE_PARTS}
+
+
+def check_vae(module: nn.Module, part: str) -> None:
     try:
-        DiffusersAdapter("pipe.vae").check(vae_decoder)
+        DiffusersAdapter("pipe.vae").check(module)
     except UnsupportedModelError as e:
-        raise UnsupportedModelError(f"VAE decoder: {e}; {alternative}") from None
+        raise UnsupportedModelError(f"VAE {part}: {e}; parallelize with parallel_vae=False to run the VAE whole "
+                                    f"(every rank encodes, rank 0 decodes)") from None
 
 
-def strip_decoder(vae_decoder: nn.Module, session: PatchSession) -> StripDecoder:
-    """`vae_decoder` decoding this rank's strip, always synchronously, the image gathered on strip 0:
-    its own engine on the session's transport (sync, no warmup; the session's kernels and deadlines:
-    the process has one watchdog, which a session's deadlines set)."""
-    lay, parent = session.layout, session.config
+def strip_vae(module: nn.Module, part: str, session: PatchSession) -> StripVAE:
+    """`module`, the VAE's `part`, computing this rank's strip, always synchronously, its output
+    gathered where `VAE_PARTS` says: checked (a VAE assigned after `parallelize` too), on its own
+    engine on the session's transport (sync, no warmup; the session's kernels and deadlines: the
+    process has one watchdog, which a session's deadlines set)."""
+    check_vae(module, part)
+    parent = session.config
     config = PatchConfig(mode=Mode.SYNC, warmup_steps=0, kernels=parent.kernels,
                          startup_timeout=parent.startup_timeout, exchange_timeout=parent.exchange_timeout)
-    decoder_session = PatchSession(config, device=session.device, layout=lay, transport=session.transport)
-    decoder = StripDecoder(vae_decoder, decoder_session, DiffusersAdapter("pipe.vae"))
-    decoder_session.attach(vae_decoder, decoder.adapter)
-    return decoder
+    part_session = PatchSession(config, device=session.device, layout=session.layout, transport=session.transport)
+    hooks = StripVAE(module, part_session, DiffusersAdapter("pipe.vae"), gather_to=VAE_PARTS[part])
+    part_session.attach(module, hooks.adapter)
+    return hooks
 
 
 def parallelize_vae(vae, *, layout: ParallelLayout | None = None,
-                    transport: Transport | None = None) -> StripDecoder | None:
-    """Only a VAE's decoder by strips, across the ranks of torchrun's job (or `layout`/`transport`):
-    every rank calls `vae.decode(z)` with the same whole latent; rank 0 gets the image, the others
-    zeros of its shape. Returns the hooks (`.remove()` undoes them), None on a single rank."""
-    check_decoder(vae.decoder, "decode it on one rank")
+                    transport: Transport | None = None) -> list[StripVAE] | None:
+    """Only a VAE by strips (its encoder and decoder, as `parallelize`'s `parallel_vae`), across the
+    ranks of torchrun's job (or `layout`/`transport`): every rank calls `vae.encode(x)` with the same
+    whole image and gets the whole latent distribution, and `vae.decode(z)` with the same whole
+    latent, where rank 0 gets the image, the others zeros of its shape. Returns the hooks on the
+    encoder and the decoder (each `.remove()` undoes itself), None on a single rank."""
+    for part in VAE_PARTS:
+        check_vae(getattr(vae, part), part)
     session = PatchSession(PatchConfig(mode=Mode.SYNC, warmup_steps=0), device=next(vae.parameters()).device,
                            layout=layout, transport=transport)
     if session.engine is None:
         return None
-    return strip_decoder(vae.decoder, session)
+    return [strip_vae(getattr(vae, part), part, session) for part in VAE_PARTS]
 
 
 def _dtype_keyword() -> str:

@@ -1,4 +1,4 @@
-"""A diffusers denoiser (`pipe.unet` / `pipe.transformer`) or VAE decoder that runs on this rank's strip.
+"""A diffusers denoiser (`pipe.unet` / `pipe.transformer`), VAE encoder or decoder that runs on this rank's strip.
 
 The pipeline keeps calling its models with the whole latent; two hooks on each model do the rest:
 
@@ -8,7 +8,8 @@ The pipeline keeps calling its models with the whole latent; two hooks on each m
              starts an engine step and hands the model this rank's rows of its input (and, with
              CFG parallel, this rank's half of the denoiser's batch)
     after    the strips of the output are gathered (kind `gather`): the denoiser's on every rank
-             (the CFG halves swapped with the peer, kind `cfg`), the decoder's image on strip 0
+             (the CFG halves swapped with the peer, kind `cfg`) and the VAE encoder's on every
+             rank, the decoder's image on strip 0
 
 Who owns the latents: every rank runs the pipeline's own loop and its scheduler on the whole latent,
 redundantly, after gathering the model output at each step. That is exact for every scheduler
@@ -28,11 +29,9 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from diffusers.models.embeddings import PatchEmbed
-
 from parafuse.checks import check_strip_memory
-from parafuse.diffusers.adapter import (DiffusersAdapter, StripAttnProcessor, StripPatchEmbed, UnsupportedModelError,
-                                        diffusers_hooks, inner_processor)
+from parafuse.diffusers.adapter import (DiffusersAdapter, StripAttnProcessor, StripDownsample2D, StripPatchEmbed,
+                                        UnsupportedModelError, diffusers_hooks, inner_processor)
 from parafuse.diffusers.freeu import StripFreeU, freeu_scales
 from parafuse.parallel.geometry import GeometryError, StripGeometry
 from parafuse.parallel.parallelize import parallelize as swap_layers, unparallelize
@@ -216,8 +215,8 @@ class StripModel:
             processor = getattr(m, "processor", None)
             if isinstance(processor, StripAttnProcessor):
                 m.set_processor(processor.inner)
-            if isinstance(m, StripPatchEmbed):
-                m.__class__ = PatchEmbed
+            if isinstance(m, (StripPatchEmbed, StripDownsample2D)):
+                m.__class__ = type(m).__mro__[1]          # the diffusers class it stands for
 
     # ---- hooks ---------------------------------------------------------------------------------
     def _by_name(self, module, args, kwargs):
@@ -694,17 +693,46 @@ class StripDenoiser(StripModel):
         return out
 
 
-class StripDecoder(StripModel):
-    """A VAE decoder (`pipe.vae.decoder`) decoding this rank's rows of the latent, always
-    synchronous (one pass, equal to the plain decode); every call is a new image. The image is
-    gathered on strip 0; the other strips get zeros of its shape, which their pipeline discards."""
+def downsampling(module: nn.Module) -> int:
+    """Input rows per output row of `module`: the product of its convs' row strides."""
+    return math.prod(m.stride[0] for m in module.modules() if isinstance(m, nn.Conv2d))
 
-    gather_to = 0
+
+class StripVAE(StripModel):
+    """A VAE's encoder (`pipe.vae.encoder`) or decoder (`pipe.vae.decoder`) computing this rank's
+    rows, always synchronous (one pass, equal to the plain model); every call is a new image. The
+    strips are the same at either end: the trace's levels run from the image (factor 1) to the
+    latent (the VAE's factor, the unit), so a strip's image rows are its latent rows times the
+    factor. `gather_to`: the encoder's output on every strip (None: every rank samples the latent
+    and runs the scheduler on the whole of it), the decoder's image on strip 0 (the other strips get
+    zeros of its shape, which their pipeline discards)."""
+
+    def __init__(self, model: nn.Module, session: PatchSession, adapter: DiffusersAdapter, gather_to: int | None):
+        super().__init__(model, session, adapter)
+        self.gather_to = gather_to
+        self.factor = downsampling(model)          # the encoder's; 1 for the decoder, which upsamples
 
     def _before(self, module, args, kwargs):
         if not self.tracing:
             self.begin_image()
         return super()._before(module, args, kwargs)
+
+    def _configure(self, args, kwargs, sample):
+        """An input whose size is not a multiple of the model's downsampling is refused before the
+        trace: its strided convs would pad rows that a strip cannot see."""
+        if sample.shape[-2] % self.factor or sample.shape[-1] % self.factor:
+            raise GeometryError(f"the VAE {type(self.layers).__name__.lower()} was given a {sample.shape[-2]}x"
+                                f"{sample.shape[-1]} image, not a multiple of its downsampling factor {self.factor}: "
+                                f"resize or crop it to a multiple of {self.factor}")
+        super()._configure(args, kwargs, sample)
+
+    def _after(self, module, args, kwargs, output):
+        """The whole output, and the whole-image K/V of the mid-block's attention freed: a VAE call
+        is one pass, and the encoder's would otherwise stay allocated through the denoising."""
+        output = super()._after(module, args, kwargs, output)
+        if self.engine is not None and not self.tracing:
+            self.engine.scratch.clear()
+        return output
 
 
 # the residuals a denoiser call adds to its activations: a ControlNet's, to the U-Net and to Flux's
@@ -778,7 +806,7 @@ class StripControlNet(StripModel):
         embedding = getattr(model, self.embedding_name)
         super().__init__(model, session, ControlNetAdapter(embedding, owner))
         convs = [m for m in embedding.modules() if isinstance(m, nn.Conv2d)]
-        self.factor = math.prod(c.stride[0] for c in convs)
+        self.factor = downsampling(embedding)
         reach, stride = 0, 1           # the embedding's reach in image rows, below its output's rows
         for c in convs:
             reach += (c.kernel_size[0] // 2) * c.dilation[0] * stride

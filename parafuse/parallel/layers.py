@@ -29,12 +29,20 @@ def _adopt(cls, module: nn.Module, engine: ExchangeEngine, key: str):
 
 
 class PatchConv2d(nn.Conv2d):
-    """Conv2d on a strip: attaches the neighbours' halo rows, then convolves without row padding."""
+    """Conv2d on a strip: attaches the neighbours' halo rows, then convolves without row padding.
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    `pads` (left, right, top, bottom): a zero padding of `x` its caller leaves to this conv, which has
+    none of its own (diffusers' VAE encoder pads right and bottom by one before a stride-2 conv:
+    `StripDownsample2D`). The shape trace then sees the unpadded grid, and on a strip the halo rows
+    stand for the padded rows - the plan's halo of a conv without padding is its top 0 and bottom
+    d(k-1)-s+1, the next strip's first row or zeros at the image's edge - so only columns are padded."""
+
+    def forward(self, x: torch.Tensor, pads: tuple[int, int, int, int] | None = None) -> torch.Tensor:
         if self.engine.step.halos == "zeros":     # no exchange: the strip is padded like an image
-            return super().forward(x)
+            return super().forward(x if pads is None else F.pad(x, pads))
         x = self.engine.conv_input(self.key, x)
+        if pads is not None:
+            return F.conv2d(F.pad(x, pads[:2]), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
         return F.conv2d(x, self.weight, self.bias, self.stride, (0, self.padding[1]), self.dilation, self.groups)
 
 

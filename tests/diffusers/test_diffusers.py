@@ -738,6 +738,94 @@ def test_vae_decode_by_strips_equals_plain_decode(root, n):
     assert sent["conv_halo"] > 0 and sent["norm_stats"] > 0 and sent["attn_kv"] > 0
 
 
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_vae_encode_by_strips_equals_plain_encode(root, n):
+    """The VAE encoder (convs, the padded stride-2 downsamplers, GroupNorms, the mid-block attention)
+    runs by strips, always synchronously whatever the denoiser's mode, and every rank gets the whole
+    latent distribution; 164 rows are 41 latent rows, uneven strips at every N."""
+    vae = pipe(root, "sd").vae
+    x = torch.randn(1, 3, 164, 96, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        plain = vae.encode(x).latent_dist
+
+    def encode(p):
+        with torch.no_grad():
+            dist = p.vae.encode(x).latent_dist
+        return dist.mean, dist.std, p.strips.transport.totals()
+    outs = [out for out, _ in emulate_pipeline(pipe(root, "sd"), n, encode, mode="full", warmup_steps=1)]
+    for mean, std, _ in outs:
+        assert rel(mean, plain.mean) <= 1e-5 and rel(std, plain.std) <= 1e-5
+    latent_rows = StripGeometry(164, 96, n, 4).level(4).rows          # the tiny VAE downsamples 4x
+    assert len(set(latent_rows)) == 2
+    moments = 2 * vae.config.latent_channels                          # mean and log-variance
+    for r, (_, _, (sent, received)) in enumerate(outs):
+        assert received["gather"] == moments * 24 * 4 * (sum(latent_rows) - latent_rows[r])
+        assert sent["gather"] == moments * 24 * 4 * latent_rows[r] * (n - 1)
+        assert sent["latent_halo"] > 0 and sent["conv_halo"] > 0 and sent["norm_stats"] > 0 and sent["attn_kv"] > 0
+
+
+def img2img(root):
+    from diffusers import StableDiffusionImg2ImgPipeline
+    return StableDiffusionImg2ImgPipeline(**pipe(root, "sd").components)
+
+
+def img2img_kwargs():
+    kw = {k: v for k, v in call_kwargs("sd").items() if k not in ("height", "width")}
+    return {**kw, "image": torch.rand(1, 3, HEIGHT, WIDTH, generator=torch.Generator().manual_seed(4)),
+            "strength": 0.7}
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_img2img_sync_with_the_encoder_split_equals_diffusers(root, n):
+    """StableDiffusionImg2ImgPipeline encodes its image by strips: sync = diffusers; the encoder's
+    exchanges are what the same call adds over parallel_vae=False - its gather in closed form (every
+    rank receives the other strips' rows of the latent distribution), its halos, GroupNorm sums and
+    K/V - and nothing else."""
+    ref = images(img2img(root)(**img2img_kwargs()))
+    outs = emulate_pipeline(img2img(root), n, lambda p: images(p(**img2img_kwargs())), mode="sync")
+    whole = emulate_pipeline(img2img(root), n, lambda p: images(p(**img2img_kwargs())), mode="sync",
+                             parallel_vae=False)
+    assert rel(outs[0][0], ref) <= 1e-5 and rel(whole[0][0], ref) <= 1e-5
+    latent_rows = StripGeometry(HEIGHT, WIDTH, n, 4).level(4).rows
+    moments = 2 * pipe(root, "sd").vae.config.latent_channels
+    for r in range(n):
+        split, plain = outs[r][1]["bytes_received"], whole[r][1]["bytes_received"]
+        added = {k: split[k] - plain[k] for k in split if split[k] != plain[k]}
+        assert added.pop("gather") == moments * (WIDTH // 4) * 4 * (sum(latent_rows) - latent_rows[r])
+        assert set(added) == {"latent_halo", "conv_halo", "norm_stats", "attn_kv"}
+        assert all(v > 0 for v in added.values())
+
+
+def test_vae_encode_refusals(root):
+    """Refused before the encoder computes: tiling (an img2img call), an image whose size is not a
+    multiple of the VAE's downsampling, one with fewer latent rows than strips; the old keyword."""
+    import copy
+
+    from parafuse.parallel.config import ConfigError
+    from parafuse.parallel.geometry import GeometryError
+
+    p = img2img(root)
+    tiled = copy.deepcopy(p)
+    tiled.vae.enable_tiling()
+
+    def call(par):
+        with pytest.raises(UnsupportedModelError, match="encodes and decodes by strips.*disable_tiling"):
+            par(**img2img_kwargs())
+        par.vae.disable_tiling()
+        with torch.no_grad():
+            with pytest.raises(GeometryError, match="162x96 image, not a multiple of its downsampling factor 4"):
+                par.vae.encode(torch.zeros(1, 3, 162, 96))
+            with pytest.raises(GeometryError, match="fewer than the 2 strips"):
+                par.vae.encode(torch.zeros(1, 3, 4, 96))
+    emulate_pipeline(tiled, 2, call)
+    with pytest.raises(ConfigError, match="parallel_decode is now parallel_vae"):
+        parafuse.parallelize(copy.deepcopy(p), parallel_decode=False)
+
+
 def test_vae_tiling_is_refused(root):
     import copy
 

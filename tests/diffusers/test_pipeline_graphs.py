@@ -143,7 +143,7 @@ def test_steady_denoiser_call_is_capturable(root, family, freeu):
     model = getattr(pipe, name)
     if freeu:
         model.enable_freeu(s1=0.9, s2=0.2, b1=1.5, b2=1.6)
-    par = parafuse.parallelize(SimpleNamespace(**{name: model}), mode="full", warmup_steps=1, parallel_decode=False,
+    par = parafuse.parallelize(SimpleNamespace(**{name: model}), mode="full", warmup_steps=1, parallel_vae=False,
                                layout=ParallelLayout(1, 3), transport=NullTransport(1, 3))
     traces, leaks = [], []
 

@@ -145,7 +145,7 @@ def test_unet_pipeline_sites_see_their_silu(root):
     from parafuse.parallel.distributed import ParallelLayout
     from parafuse.parallel.transport import NullTransport
     unet = load_pipeline(pipeline_path(root, "sd")).unet
-    par = parafuse.parallelize(SimpleNamespace(unet=unet), mode="sync", parallel_decode=False,
+    par = parafuse.parallelize(SimpleNamespace(unet=unet), mode="sync", parallel_vae=False,
                                layout=ParallelLayout(0, 2), transport=NullTransport(0, 2))
     kw = call_kwargs("sd")
     with torch.no_grad():
