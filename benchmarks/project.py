@@ -48,8 +48,8 @@ with the opt-in stale communicator, `projected_stale_channel_*`):
 - trace-driven (`projected_fifo_*`, rows whose scaling run recorded a timeline: `scaling.py
   --timeline`, or a separate such run of the same configurations joined with `--timelines`, which
   keeps the recorder's events out of the timed rows; measured N only). The pessimistic bound
-  above serialises *all* of a step's stale traffic ahead of the critical collectives, the worst over every placement of the posts; the
-  trace says where they are. One rank's recorded steady step (`TimelineRecorder`: each post's kind,
+  above serialises *all* of a step's stale traffic ahead of the critical collectives, the worst
+  over every placement of the posts; the trace says where they are. One rank's recorded steady step (`TimelineRecorder`: each post's kind,
   bytes and messages, each wait, stamped on the compute stream; under graphs a replay's, stamped by
   CUDA events captured in the graph) is replayed (`replay_timeline`) through one FIFO per
   communicator: compute between events is the recorded gaps scaled to the row's compute' (compute
@@ -78,8 +78,9 @@ with the opt-in stale communicator, `projected_stale_channel_*`):
   out above it by more than BOUND_SLACK (`within_fifo` False in the committed validation), since
   it charges neither the ranks' jitter nor the emulator's late thread wake-ups. It holds only as
   far as the trace's post times hold on the real system: the recorded rank is the slowest strip
-  (with the busiest strip's bytes per post), every rank is assumed to post at the same times (ranks whose timing jitters from step to step meet at
-  each all-reduce later than that: `replay_ranks` shows by how much in the emulator), and a
+  (with the busiest strip's bytes per post), every rank is assumed to post at the same times
+  (ranks whose timing jitters from step to step meet at each all-reduce later than that:
+  `replay_ranks` shows by how much in the emulator), and a
   receive is assumed ready when this rank's own FIFO reaches it.
 Projected speedup = serial_seconds / projected step.
 
@@ -371,16 +372,18 @@ def pessimistic_seconds(compute: float, bytes_per_step: dict, messages_per_step:
     mid_step = [k for k in MID_STEP_CRITICAL if k not in stale_kinds and (messages_per_step or bytes_per_step).get(k)]
     if mid_step and stale and not stale_channel:
         return extra, stale, critical, 0.0, compute + extra + stale + critical
+    def law(k):
+        return (laws or {}).get(k) or default_law(k, mode)
     tail = 0.0
     for k in stale_kinds:
-        law = (laws or {}).get(k) or default_law(k, mode)
-        count = posts(law, (messages_per_step or {}).get(k, 0), n)
+        count = posts(law(k), (messages_per_step or {}).get(k, 0), n)
         tail = max(tail, per_kind[k] / count if count else per_kind[k])
     shared = 0.0
     if stale_channel and shared_link and stale:
-        shared = sum(bytes_seconds(k, bytes_per_step.get(k, 0), n, link, (laws or {}).get(k) or default_law(k, mode))
+        shared = sum(bytes_seconds(k, bytes_per_step.get(k, 0), n, link, law(k))
                      for k in per_kind if k not in stale_kinds)
-    return extra, stale + shared, critical + shared, tail, max(compute + extra, stale + shared) + tail + critical + shared
+    stale, critical = stale + shared, critical + shared
+    return extra, stale, critical, tail, max(compute + extra, stale) + tail + critical
 
 
 # ---- the trace-driven estimate: one rank's recorded timeline through one FIFO link per communicator --
@@ -442,11 +445,16 @@ class SharedLink:
                 if q and q[0][1] < 0:           # the latencies' overshoot of the step (floating point)
                     q[0][1] = 0.0
 
+    def finish_of(self, key) -> float:
+        """When transfer `key` finishes (the link moved on to then)."""
+        self.run(0.0, key)
+        return self.finish[key]
+
     def drained(self) -> float:
         """When the last posted transfer finishes."""
-        for channel, q in self.queues.items():
+        for q in self.queues.values():
             while q:
-                self.run(0.0, q[-1][0])
+                self.finish_of(q[-1][0])
         return self.now
 
 
@@ -497,8 +505,7 @@ def replay_timeline(timeline: dict, link: Link, n: int, mode: str = "full", comp
                 wire.post(now, (k, post), *cost[post])
             elif what == "wait" or (what == "wait_prev" and k > 0 and not drain):
                 # wait_prev under a drain: the previous step's posts are done
-                wire.run(now, (k if what == "wait" else k - 1, post))
-                now = max(now, wire.finish[(k if what == "wait" else k - 1, post)])
+                now = max(now, wire.finish_of((k if what == "wait" else k - 1, post)))
         now += (recorded - last) * scale
         if drain:
             now = max(now, wire.drained())

@@ -112,6 +112,8 @@ class ParallelPipeline:
             if module is not (None if hooks is None else hooks.model):
                 if hooks is not None:
                     hooks.remove()
+                if module is not None:
+                    check_vae(module, part)
                 object.__setattr__(self, part, None if module is None else strip_vae(module, part, self.session))
 
     @property
@@ -329,15 +331,13 @@ def parallelize(pipe, config: PatchConfig | None = None, *, parallel_vae: bool =
         for name, m in model.named_modules():
             if adapter.site_kind(m) == "attn" and not getattr(m, "is_cross_attention", False):
                 kv_codec_module.check_channels(m.to_k.out_features, f"attention {name!r}")
-    for part, module in vae_parts(pipe, parallel_vae).items():
-        if module is not None:
-            check_vae(module, part)
+    parts = {part: module for part, module in vae_parts(pipe, parallel_vae).items() if module is not None}
+    for part, module in parts.items():
+        check_vae(module, part)
     session = PatchSession(config, device=param.device, layout=layout, transport=transport)
     if session.layout.rank != 0 and hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)     # one progress bar per job: rank 0's
-    vae = {} if session.engine is None else {part: strip_vae(module, part, session)
-                                              for part, module in vae_parts(pipe, parallel_vae).items()
-                                              if module is not None}
+    vae = {} if session.engine is None else {part: strip_vae(module, part, session) for part, module in parts.items()}
     parallel = ParallelPipeline(pipe, session, strip_denoiser(model, session, adapter), vae, parallel_vae)
     if session.engine is not None:
         object.__setattr__(parallel, "controlnets", [strip_controlnet(net, session) for net in controlnets_of(pipe)])
@@ -400,10 +400,9 @@ def check_vae(module: nn.Module, part: str) -> None:
 
 def strip_vae(module: nn.Module, part: str, session: PatchSession) -> StripVAE:
     """`module`, the VAE's `part`, computing this rank's strip, always synchronously, its output
-    gathered where `VAE_PARTS` says: checked (a VAE assigned after `parallelize` too), on its own
-    engine on the session's transport (sync, no warmup; the session's kernels and deadlines: the
+    gathered where `VAE_PARTS` says (checked by the caller, `check_vae`, before any session), on its
+    own engine on the session's transport (sync, no warmup; the session's kernels and deadlines: the
     process has one watchdog, which a session's deadlines set)."""
-    check_vae(module, part)
     parent = session.config
     config = PatchConfig(mode=Mode.SYNC, warmup_steps=0, kernels=parent.kernels,
                          startup_timeout=parent.startup_timeout, exchange_timeout=parent.exchange_timeout)

@@ -172,6 +172,8 @@ class StripModel:
         self.engine, self.layout, self.transport = session.engine, session.layout, session.transport
         self._signature = inspect.signature(getattr(model, "_orig_mod", model).forward)
         self.sample_name = next(iter(self._signature.parameters))
+        # positional arguments can be bound to names (no *args in the forward): `_by_name`
+        self._bindable = not any(p.kind is p.VAR_POSITIONAL for p in self._signature.parameters.values())
         self._traces: dict[tuple[int, ...], Trace] = {}           # per input size
         self._structure = None
         self.geometry: StripGeometry | None = None
@@ -224,7 +226,7 @@ class StripModel:
         that find an argument (the residuals cut to the strip, Flux's `img_ids`, the CFG half of
         the batch) find it however the caller passed it - `unet(x, t, text, None, ..., residuals)`
         as `unet(x, t, encoder_hidden_states=text, ...)`."""
-        if len(args) > 1 and not any(p.kind is p.VAR_POSITIONAL for p in self._signature.parameters.values()):
+        if len(args) > 1 and self._bindable:
             named = self._signature.bind_partial(*args).arguments
             args, kwargs = args[:1], {**{k: v for k, v in named.items() if k != self.sample_name}, **kwargs}
             return self._before(module, args, kwargs) or (args, kwargs)
