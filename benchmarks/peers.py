@@ -14,10 +14,10 @@ Measured here (CPU, small images, random weights, float32):
   after every step (steady state: the last step).
 - exactness: each run's final latents against diffusers' single-process output of the same call
   (max abs difference, PSNR).
-- the stale text merge's partial outputs in the compute dtype: the pipeline in bf16, `full` (and
-  `--kv-codec sign`) with the stale merge sending them in bf16 (what parafuse does) and in float32
-  (`PatchPlan.text_dtype` patched), each against diffusers' single-process bf16 output and against
-  each other; their bytes check the closed forms at e = 2.
+- the text merges' partial outputs in the compute dtype: the pipeline in bf16, `full` (and
+  `--kv-codec sign`) with each merge (stale and exact) sending them in bf16 (what parafuse does)
+  and in float32 (`PatchPlan.text_dtype` patched), each against diffusers' single-process bf16
+  output and against each other; their bytes check the closed forms at e = 2.
 
 Counted, not run, at 2048² and 4096² (a 4096² Flux step on two CPU cores would take hours): the
 closed forms below, per step and rank, which the measured rows check kind by kind (`check`
@@ -29,7 +29,7 @@ measured here 1/4), L = text tokens (512 for Flux-dev), C = 3072, H = 24 heads o
               gather           (N-1) x T/N x 64 x e (the output, at proj_out)      critical
     parafuse  attn_kv          A x (N-1) x T/N x 2C x e (exact), x payload/2C with --kv-codec
                                sign (2C/8 + 2e bytes a token)                      stale in full, critical in sync
-              text_attn exact  A x [(N-1) x H x L x 4 (lse) + 2(N-1)/N x H x L x d x 4 (all-reduce)]   critical
+              text_attn exact  A x [(N-1) x H x L x 4 (lse) + 2(N-1)/N x H x L x d x e (all-reduce)]   critical
               text_attn stale  A x (N-1) x H x L x (4 (lse) + d x e (the output))  stale
               gather           (N-1) x T/N x 64 x e (the denoiser output every step)  critical
 
@@ -137,15 +137,16 @@ def ulysses_bytes(cfg: Config, size: int, n: int, itemsize: int, layers: int | N
 def parafuse_bytes(cfg: Config, size: int, n: int, itemsize: int, mode: str, codec: str, merge: str,
                    layers: int | None = None, text_len: int | None = None, vae: int = FLUX_VAE,
                    text_itemsize: int | None = None) -> dict:
-    """{kind: (bytes per step per rank, on the critical path)} of parafuse's steady state; the stale
-    text merge's partial outputs in the activation dtype (`text_itemsize`: another, for comparison)."""
+    """{kind: (bytes per step per rank, on the critical path)} of parafuse's steady state; the text
+    merges' partial outputs in the activation dtype (`text_itemsize`: another, for comparison)."""
     a, t, l = layers or cfg.layers, tokens(size, vae), text_len or cfg.text_len
     stale = mode != "sync"
     token = payload_bytes(cfg.width, itemsize) if codec == "sign" and stale else 2 * cfg.width * itemsize
+    e_text = text_itemsize or itemsize
     if merge == "exact":
-        text = a * ((n - 1) * cfg.heads * l * 4 + 2 * (n - 1) / n * cfg.heads * l * cfg.head_dim * 4)
+        text = a * ((n - 1) * cfg.heads * l * 4 + 2 * (n - 1) / n * cfg.heads * l * cfg.head_dim * e_text)
     else:
-        text = a * (n - 1) * cfg.heads * l * (4 + cfg.head_dim * (text_itemsize or itemsize))
+        text = a * (n - 1) * cfg.heads * l * (4 + cfg.head_dim * e_text)
     return {"attn_kv": (a * (n - 1) * t / n * token, not stale),
             "text_attn": (text, not (stale and merge == "stale")),
             "gather": ((n - 1) * t / n * OUT_CHANNELS * itemsize, True)}
@@ -308,7 +309,7 @@ def measure(cfg: Config, size: int, ranks: list[int], steps: int, warmup: int, t
 
 @contextlib.contextmanager
 def float32_partials():
-    """The stale text merge sending float32 partial outputs (what it did before they went in the
+    """The text merges sending float32 partial outputs (what they did before they went in the
     compute dtype): the comparison's other arm."""
     from parafuse.parallel.plan import PatchPlan
 
@@ -318,27 +319,27 @@ def float32_partials():
 
 def text_dtype_rows(cfg: Config, size: int, ranks: list[int], steps: int, warmup: int, text_len: int,
                     log=print) -> list[dict]:
-    """The pipeline in bf16, `full` and `full --kv-codec sign` with the stale text merge, its
-    partial outputs sent in bf16 and in float32: each against diffusers' single-process bf16 output,
-    the bf16 one also against the float32 one; bytes checked against the closed forms at e = 2."""
+    """The pipeline in bf16, `full` and `full --kv-codec sign` with each text merge, its partial
+    outputs sent in bf16 and in float32: each against diffusers' single-process bf16 output, the
+    bf16 one also against the float32 one; bytes checked against the closed forms at e = 2."""
     bf16 = torch.bfloat16
     pipe = pipeline(cfg).to(bf16)
     reference = pipe(**call_kwargs(cfg, size, steps, text_len, bf16)).images
     rows = []
     for n in ranks:
-        for codec in ("none", "sign"):
+        for codec, merge in ((c, m) for m in ("stale", "exact") for c in ("none", "sign")):
             images = {}
             for partials, itemsize in (("bf16", 2), ("float32", 4)):
                 with float32_partials() if partials == "float32" else contextlib.nullcontext():
-                    r = run_parafuse(pipe, cfg, size, n, steps, text_len, "full", codec, "stale", warmup, reference,
+                    r = run_parafuse(pipe, cfg, size, n, steps, text_len, "full", codec, merge, warmup, reference,
                                      log, dtype=bf16)
-                counted = parafuse_bytes(cfg, size, n, 2, "full", codec, "stale", MEASURED_LAYERS, text_len,
+                counted = parafuse_bytes(cfg, size, n, 2, "full", codec, merge, MEASURED_LAYERS, text_len,
                                          TINY_VAE, text_itemsize=itemsize)
                 images[partials] = r["image"]
                 # the finite-value watch's 8-byte agreement (parafuse.health, every 8 steps) falls in the
                 # last step of an 8-step run: not steady traffic, left out of the check
                 steady = {k: v for k, v in r["per_step"][-1].items() if k != "control"}
-                rows.append({"config": cfg.name, "size": size, "n": n, "system": label("full", codec, "stale"),
+                rows.append({"config": cfg.name, "size": size, "n": n, "system": label("full", codec, merge),
                              "partials": partials, "bytes_per_step": r["per_step"][-1], "max_abs": r["max_abs"],
                              "psnr_db": r["psnr_db"], "check": check(steady, counted)})
             diff = (images["bf16"].float() - images["float32"].float()).abs().max().item()
@@ -390,7 +391,7 @@ def main(argv=None) -> int:
     p.add_argument("--count-ranks", nargs="+", type=int, default=[2, 8])
     p.add_argument("--dtype-bytes", type=int, default=2, help="activation bytes of the counted rows (bf16: 2)")
     p.add_argument("--text-dtype-steps", type=int, default=8,
-                   help="steps of the bf16 runs comparing the stale text merge's partials in bf16 and float32 "
+                   help="steps of the bf16 runs comparing the text merges' partials in bf16 and float32 "
                         "(at --config, N = --ranks; and narrow, N = --narrow-ranks); 0: skip them")
     p.add_argument("--smoke", action="store_true", help="narrow widths, 64², N = 2 only")
     a = p.parse_args(argv)
@@ -419,7 +420,7 @@ def main(argv=None) -> int:
     print(table([{**r, "total_kb": sum(r["bytes_per_step"].values()) / 1e3,
                   "worst_check": max(r["check"].values(), default=0.0)} for r in measured], MEASURED_COLUMNS))
     if text_dtype:
-        print(f"\nthe stale text merge's partial outputs in bf16 (parafuse) and float32, the pipeline in bf16, "
+        print(f"\nthe text merges' partial outputs in bf16 (parafuse) and float32, the pipeline in bf16, "
               f"{a.text_dtype_steps} steps, warmup {a.warmup}\n")
         print(table([{**r, "total_kb": sum(r["bytes_per_step"].values()) / 1e3,
                       "worst_check": max(r["check"].values(), default=0.0)} for r in text_dtype], TEXT_DTYPE_COLUMNS))

@@ -477,13 +477,14 @@ def peers_section(res: dict | None) -> list[str]:
 
 
 def text_dtype_rows(res: dict) -> list[str]:
-    """peers.py's bf16 runs: the stale text merge's partial outputs in bf16 (what parafuse sends)
-    against float32 ones, quality beside bytes."""
+    """peers.py's bf16 runs: the text merges' partial outputs in bf16 (what parafuse sends) against
+    float32 ones, quality beside bytes."""
     rows = res.get("text_dtype")
     if not rows:
         return []
-    return ["The stale text merge sends each strip's partial text output in the compute dtype and its "
-            "log-sum-exps in float32. Its cost, measured: the same pipeline in bf16 "
+    return ["Both text merges send each strip's partial text output in the compute dtype (the stale merge "
+            "to every peer, the exact one through its all-reduce) and its log-sum-exps in float32. The cost, "
+            "measured: the same pipeline in bf16 "
             f"({res['config']['text_dtype_steps']} steps, warmup {res['config']['warmup']}), the partial outputs sent in "
             "bf16 and in float32; final latents against diffusers' single-process bf16 output, and the bf16 run "
             "against the float32 one (the bytes of the bf16 rows check the closed form at 2-byte activations).", "",

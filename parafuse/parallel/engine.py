@@ -359,8 +359,9 @@ class ExchangeEngine:
         (`StepPlan.text`), all under the kind `text_attn`; gather and stale send each strip's output
         in the compute dtype and its lse in float32 (one message a peer, `text_partials`):
 
-            exact    lse all-gathered (small; waited here), `out` reweighted by exp(lse - total)
-                     and all-reduced in place (waited by the returned function)
+            exact    lse all-gathered (small; waited here), `out` reweighted by exp(lse - total),
+                     rounded to the compute dtype (`PatchPlan.text_dtype`) and all-reduced
+                     (waited by the returned function; the sum arrives in that dtype)
             gather   every strip's (out, lse) all-gathered and merged in rank order (exact, the
                      same bits on every rank); fills the buffer that stale steps read
             stale    this strip's (out, lse) merged with the other strips' of the previous step;
@@ -368,9 +369,9 @@ class ExchangeEngine:
         how = self.step.text
         if how == "exact":
             everyone = self.gather_rows(lse[None], 0, (1,) * self.n, kind="text_attn")
-            out *= torch.exp(lse - torch.logsumexp(everyone, 0))[..., None]
-            posted = self.transport.all_reduce(out, "text_attn")
-            return lambda: (posted.wait(), out)[1]
+            weighted = (out * torch.exp(lse - torch.logsumexp(everyone, 0))[..., None]).to(self.plan.text_dtype)
+            posted = self.transport.all_reduce(weighted, "text_attn")
+            return lambda: (posted.wait(), weighted)[1]
         pending_key = key + "/text"
         self._wait(pending_key)
         site = self.plan.sites[key]

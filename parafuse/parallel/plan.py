@@ -142,10 +142,11 @@ class PatchPlan:
 
     @property
     def text_dtype(self) -> torch.dtype:
-        """The dtype of the partial text outputs the stale text merge sends: the compute dtype (the
-        merged output is cast to it; rounding each strip's part costs about as much as that cast,
-        tests/parallel/test_text_merge.py, benchmarks/peers.py). Their log-sum-exps stay float32:
-        they are exponentiated, and bf16 rounds an lse of 10 by up to 0.02: 2% on its weight."""
+        """The dtype of the partial text outputs both text merges send (the stale one to its peers,
+        the exact one through its all-reduce): the compute dtype (the merged output is cast to it;
+        rounding each strip's part costs about as much as that cast, tests/parallel/test_text_merge.py,
+        benchmarks/peers.py). Their log-sum-exps stay float32: they are exponentiated, and bf16
+        rounds an lse of 10 by up to 0.02: 2% on its weight."""
         return self.dtype
 
     def text_message_bytes(self, site: Site) -> int:

@@ -12,7 +12,8 @@ def test_closed_forms_by_hand():
     assert u["attn_all_to_all"] == (57 * 4 * 7 / 8 * (t + 512) / 8 * 3072 * 2, True)
     p = peers.parafuse_bytes(cfg, 4096, 8, 2, "full", "sign", "exact")
     assert p["attn_kv"] == (57 * 7 * t / 8 * (2 * 3072 // 8 + 4), False)         # stale: off the critical path
-    assert p["text_attn"] == (57 * (7 * 24 * 512 * 4 + 2 * 7 / 8 * 24 * 512 * 128 * 4), True)
+    # the exact merge: every peer's lse (float32) all-gathered, the reweighted output (bf16) all-reduced
+    assert p["text_attn"] == (57 * (7 * 24 * 512 * 4 + 2 * 7 / 8 * 24 * 512 * 128 * 2), True)
     assert peers.parafuse_bytes(cfg, 4096, 8, 2, "sync", "sign", "exact")["attn_kv"] == (57 * 7 * t / 8 * 2 * 3072 * 2, True)
     # the stale merge: each peer gets every text token's lse (float32) and output (bf16) per head
     assert peers.parafuse_bytes(cfg, 4096, 8, 2, "full", "none", "stale")["text_attn"] == \

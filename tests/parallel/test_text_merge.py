@@ -77,3 +77,43 @@ def test_stale_merge_sends_the_output_in_the_compute_dtype_and_the_lse_in_float3
     for e in engines:
         assert dict(e.transport.bytes_sent["text_attn"]) == {j: steps * message for j in range(n) if j != e.strip}
         assert e.transport.messages_sent["text_attn"] == steps * (n - 1)
+
+
+def test_exact_merge_all_reduces_the_output_in_the_compute_dtype():
+    """bf16 plan, 3 emulated ranks, exact merge: each strip's output is reweighted by its share of
+    the whole softmax in float32, rounded to bf16 and summed in rank order (the emulator's
+    all-reduce, as NCCL's ring sums in the tensor's dtype): the same bits on every rank, within
+    the cast-cost bound of the float32 merge, and B x heads x L x d x 2 bytes all-reduced besides
+    the float32 log-sum-exps all-gathered."""
+    from parafuse.parallel.transport import ring_bytes, sum_in_rank_order
+
+    n, batch, heads, text, d, image = 3, 1, 2, 4, 8, 5
+    g = torch.Generator().manual_seed(3)
+    q = 2 * torch.randn(batch, heads, text, d, generator=g)
+    kv = [(2 * torch.randn(batch, heads, image, d, generator=g), torch.randn(batch, heads, image, d, generator=g))
+          for _ in range(n)]
+    site = Site("attn", "attn", 1, heads * d, heads=heads, text=text)
+    hub, results, engines = ThreadHub(n), [None] * n, [None] * n
+
+    def body(rank):
+        config = PatchConfig(mode="full", warmup_steps=1, text_merge="exact")
+        engine = engines[rank] = ExchangeEngine(ThreadTransport(rank, hub), list(range(n)), config)
+        plan = PatchPlan([site], StripGeometry(image * n, 1, n, 1), rank, batch, torch.bfloat16, engine.settings)
+        engine.configure(plan, torch.device("cpu"))
+        engine.begin_step(0)
+        results[rank] = engine.merge_text("attn", *partial_attention(q, *kv[rank]))()
+        engine.drain()
+
+    run_ranks(hub, body)
+    partial = [partial_attention(q, k, v) for k, v in kv]
+    total = torch.logsumexp(torch.stack([lse for _, lse in partial]), 0)
+    want = sum_in_rank_order([(o * torch.exp(lse - total)[..., None]).to(torch.bfloat16) for o, lse in partial])
+    ref = merge_partials([o for o, _ in partial], [lse for _, lse in partial])
+    for rank in range(n):
+        assert results[rank].dtype == torch.bfloat16
+        assert torch.equal(results[rank], want), rank
+    cast = ref.to(torch.bfloat16).float() - ref
+    assert (want.float() - ref).abs().max() <= 3 * cast.abs().max()
+    lse_bytes, out_bytes = batch * heads * text * 4, batch * heads * text * d * 2
+    for e in engines:
+        assert sum(e.transport.bytes_sent["text_attn"].values()) == (n - 1) * lse_bytes + ring_bytes(out_bytes, n)
