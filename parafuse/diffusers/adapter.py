@@ -45,6 +45,7 @@ from diffusers.image_processor import IPAdapterMaskProcessor
 from diffusers.models.downsampling import Downsample2D
 from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed
 from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DModel
+from diffusers.models.transformers.transformer_sd3 import SD3SingleTransformerBlock
 
 from parafuse.attention import attention
 from parafuse.parallel.adapter import BUILTIN
@@ -69,6 +70,10 @@ DEFAULT_PROCESSORS = (AttnProcessor2_0, AttnProcessor)
 IP_PROCESSORS = (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0)
 # on a cross-attention module only (its calls go to the processor parafuse wrapped)
 CROSS_PROCESSORS = DEFAULT_PROCESSORS + IP_PROCESSORS
+# on the attention of SD3's single blocks (SD3.5's 8B ControlNets'): SD3's joint processor without
+# text projections, which computes the default processor's self-attention. (SD3.5 Medium's dual
+# attention, the same processor on a self-attention, is untested: refused)
+SINGLE_BLOCK_PROCESSORS = DEFAULT_PROCESSORS + (JointAttnProcessor2_0,)
 # Flux's attention: its IP-Adapter processor adds, on the dual-stream blocks, the image queries'
 # attention to the image prompt's tokens - row-local too (StripFluxProcessor computes it on the strip)
 FLUX_PROCESSORS = (FluxAttnProcessor, FluxIPAdapterAttnProcessor)
@@ -201,6 +206,7 @@ class DiffusersAdapter:
 
     def check(self, model: nn.Module) -> None:
         """Raise UnsupportedModelError, naming the module, for anything that cannot be split by rows."""
+        single = {id(b.attn) for b in model.modules() if isinstance(b, SD3SingleTransformerBlock)}
         for name, m in model.named_modules():
             why = hook_refusal(m, model, self.owner)
             if why:
@@ -230,7 +236,8 @@ class DiffusersAdapter:
                         raise unsupported(name, m, f"joint text+image attention with processor {type(inner).__name__} "
                                                    f"(parafuse splits diffusers' JointAttnProcessor2_0)"
                                                    f"{processor_hint(model, m, self.owner)}")
-                elif not isinstance(inner, CROSS_PROCESSORS if m.is_cross_attention else DEFAULT_PROCESSORS):
+                elif not isinstance(inner, SINGLE_BLOCK_PROCESSORS if id(m) in single else
+                                    CROSS_PROCESSORS if m.is_cross_attention else DEFAULT_PROCESSORS):
                     raise unsupported(name, m, f"attention processor {type(inner).__name__} (parafuse runs "
                                                f"self-attention itself and knows only diffusers' default "
                                                f"processors){processor_hint(model, m, self.owner)}")

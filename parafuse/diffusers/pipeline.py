@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 
 from parafuse.diffusers.adapter import DiffusersAdapter, UnsupportedModelError, is_flux, is_joint
-from parafuse.diffusers.strips import StripControlNet, StripDenoiser, StripVAE, image_embedding, plain_processors
+from parafuse.diffusers.strips import (StripControlNet, StripDenoiser, StripVAE, image_embedding, latent_embedding,
+                                       plain_processors)
 from parafuse.parallel import kv_codec as kv_codec_module
 from parafuse.parallel.config import ConfigError, Mode, PatchConfig, dtype_name
 from parafuse.parallel.distributed import ParallelLayout
@@ -355,11 +356,11 @@ def controlnets_of(pipe) -> list[nn.Module]:
 def strip_controlnet(net: nn.Module, session: PatchSession) -> StripControlNet:
     """`net` computing this rank's strip: its own session (the denoiser's settings, layout and
     transport), checked and its patch layers swapped in."""
-    if image_embedding(net) is None and not hasattr(net, "controlnet_x_embedder"):
+    if image_embedding(net) is None and latent_embedding(net) is None:
         raise UnsupportedModelError(f"{type(net).__name__}'s conditioning is neither an image through a "
                                     f"controlnet_cond_embedding (ControlNetModel) or an input_hint_block (Flux's "
-                                    f"XLabs-style ControlNet) nor latent tokens (Flux's other ControlNets): "
-                                    f"parafuse cannot split it")
+                                    f"XLabs-style ControlNet) nor a latent of the sample's grid (Flux's other "
+                                    f"ControlNets, SD3's): parafuse cannot split it")
     net_session = PatchSession(session.config, device=session.device, layout=session.layout,
                                transport=session.transport)
     strips = StripControlNet(net, net_session, "pipe.controlnet")

@@ -269,14 +269,20 @@ class StripModel:
                 f"for {self._input_shape}: parafuse plans one geometry per pipeline call")
         kwargs = self._strip_kwargs(kwargs)
         self._begin_evaluation()
-        i = self.layout.patch_index
-        if self._tokens:            # [B, h*w, C] row-major over the grid, and the grid's ids
+        if self._tokens:            # the grid's ids, cut as its tokens
             a, b = self._token_span()
             kwargs = {**kwargs, "img_ids": kwargs["img_ids"][..., a:b, :]}
-            return self._with_sample(args, kwargs, sample[:, a:b].contiguous())
-        level = self.geometry.level_of_width(sample.shape[-1])
-        top = level.offsets[i]
-        return self._with_sample(args, kwargs, sample[:, :, top: top + level.rows[i]].contiguous())
+        return self._with_sample(args, kwargs, self._strip_of(sample))
+
+    def _strip_of(self, t: torch.Tensor) -> torch.Tensor:
+        """This strip's part of `t`, a tensor of the input's grid: its tokens of a sequence [B, h*w, C]
+        row-major over the grid (Flux's), its rows of an image [B, C, H, W] at its width's level."""
+        if self._tokens:
+            a, b = self._token_span()
+            return t[:, a:b].contiguous()
+        level = self.geometry.level_of_width(t.shape[-1])
+        top = level.offsets[self.layout.patch_index]
+        return t[:, :, top: top + level.rows[self.layout.patch_index]].contiguous()
 
     def _token_span(self) -> tuple[int, int]:
         """This strip's tokens [a, b) of a sequence row-major over the latent grid (Flux's)."""
@@ -390,6 +396,7 @@ class StripDenoiser(StripModel):
         super().__init__(*args, **kwargs)
         self.sequential_cfg = False
         self._calls, self._skip, self._held, self._pair, self._shapes = 0, False, None, None, {}
+        self._token_level = None              # the level of the attention sites, if they share one
         self.clock = StepClock(self.session.device)
         self.watch = self.session.watch(None)
         self.state_bytes = 0
@@ -457,6 +464,9 @@ class StripDenoiser(StripModel):
         """The trace without the residuals (`RESIDUALS`): sums that change no site. The ControlNets'
         strips must be the denoiser's."""
         super()._configure(args, {k: None if k in RESIDUALS else v for k, v in kwargs.items()}, sample)
+        # the level of the transformer blocks, whose hidden states ControlNet samples add to as tokens
+        factors = {s.factor for s in self._traces[tuple(sample.shape[1:])].sites if s.kind == "attn"}
+        self._token_level = self.geometry.level(factors.pop()) if len(factors) == 1 else None
         for net in self.partners:
             if net.geometry is not None and net.geometry.rows != self.geometry.rows:
                 raise UnsupportedModelError(f"the ControlNet's strips {net.geometry.rows} are not the denoiser's "
@@ -466,9 +476,10 @@ class StripDenoiser(StripModel):
         """The residuals (`RESIDUALS`: ControlNet and T2I-Adapter features the denoiser adds to its
         activations) at this strip's rows, by one rule for every tensor: one as tall as the whole
         image at its level (named by its width: strips are full-width; a token sequence [B, h*w, C]
-        at the latent's grid) is cut to this strip's rows there; one already the strip's
-        (`StripControlNet`'s) is taken as is; anything else is refused before the evaluation. A cut
-        is a contiguous copy, so the CUDA graphs' static buffers take it as any tensor argument."""
+        - Flux's and SD3's ControlNet samples - at the grid of the model's attention) is cut to this
+        strip's rows there; one already the strip's (`StripControlNet`'s) is taken as is; anything
+        else is refused before the evaluation. A cut is a contiguous copy, so the CUDA graphs'
+        static buffers take it as any tensor argument."""
         out = dict(kwargs)
         for name in (n for n in RESIDUALS if kwargs.get(n) is not None):
             flat, spec = tree_flatten(kwargs[name])
@@ -479,10 +490,15 @@ class StripDenoiser(StripModel):
 
     def _residual_strip(self, t: torch.Tensor, name: str, j: int | None) -> torch.Tensor:
         i, what = self.layout.patch_index, name if j is None else f"{name}[{j}]"
-        if self._tokens:            # Flux's ControlNet samples: tokens of the latent's grid, row-major
-            top, end = self._token_span()
-            rows, whole, dim = end - top, self.geometry.height * self.geometry.width, 1
-            place = f"tokens of the {self.geometry.height}x{self.geometry.width} latent grid"
+        if t.dim() == 3:            # ControlNet samples (Flux's, SD3's): tokens of the blocks' grid, row-major
+            level = self._token_level
+            if level is None:
+                raise UnsupportedModelError(f"{what} is {tuple(t.shape)}, a token sequence, but "
+                                            f"{type(self.model).__name__}'s attention runs at several levels: pass "
+                                            f"it as [B, C, H, W], the shape of the activations it is added to")
+            top, rows, whole = (n * level.width for n in (level.offsets[i], level.rows[i], level.height))
+            dim = 1
+            place = f"tokens of the {level.height}x{level.width} grid at 1/{level.factor} of the latent"
         else:
             try:
                 level = self.geometry.level_of_width(t.shape[-1])
@@ -738,20 +754,28 @@ class StripVAE(StripModel):
 
 
 # the residuals a denoiser call adds to its activations: a ControlNet's, to the U-Net and to Flux's
-# transformer, and a T2I-Adapter's, to the U-Net (`StripDenoiser._strip_kwargs`)
+# and SD3's transformers, and a T2I-Adapter's, to the U-Net (`StripDenoiser._strip_kwargs`)
 RESIDUALS = ("down_block_additional_residuals", "mid_block_additional_residual", "down_intrablock_additional_residuals",
-             "controlnet_block_samples", "controlnet_single_block_samples")
+             "controlnet_block_samples", "controlnet_single_block_samples", "block_controlnet_hidden_states")
 
 
 # where a ControlNet embeds a conditioning image (its convs, from the pixels down to the latent's
 # rows): SD/SDXL's ControlNetModel, and Flux's XLabs-style ControlNet, whose embedding's output is
-# then packed into the latent's tokens; Flux's other ControlNets take latent tokens (`StripControlNet`)
+# then packed into the latent's tokens
 IMAGE_EMBEDDINGS = ("controlnet_cond_embedding", "input_hint_block")
+# where a ControlNet embeds a conditioning latent of its sample's grid, row for row (`StripControlNet`):
+# Flux's other ControlNets (a linear layer on latent tokens), SD3's (a patch embedding, no positions)
+LATENT_EMBEDDINGS = ("controlnet_x_embedder", "pos_embed_input")
 
 
 def image_embedding(net: nn.Module) -> str | None:
     """The attribute naming `net`'s conditioning-image embedding (`IMAGE_EMBEDDINGS`), None if it has none."""
     return next((name for name in IMAGE_EMBEDDINGS if getattr(net, name, None) is not None), None)
+
+
+def latent_embedding(net: nn.Module) -> str | None:
+    """The attribute naming `net`'s conditioning-latent embedding (`LATENT_EMBEDDINGS`), None if it has none."""
+    return next((name for name in LATENT_EMBEDDINGS if getattr(net, name, None) is not None), None)
 
 
 class ControlNetAdapter(DiffusersAdapter):
@@ -786,23 +810,24 @@ class StripControlNet(StripModel):
     denoiser's settings): the latent's rows in, as for the denoiser; its conditioning cut to the
     strip, and its residuals left as strips - exactly what the denoiser's strip adds
     (`down_block_additional_residuals`, `mid_block_additional_residual`, Flux's
-    `controlnet_block_samples`: tensor arguments of the denoiser call, so they enter the CUDA
-    graphs' static buffers). With cfg_parallel (`halve`), the ControlNet computes this rank's
+    `controlnet_block_samples`, SD3's `block_controlnet_hidden_states`: tensor arguments of the
+    denoiser call, so they enter the CUDA graphs' static buffers). With cfg_parallel (`halve`), the ControlNet computes this rank's
     guidance branch, as the denoiser does: its residuals are that branch's half, which the
     denoiser's strip takes as they are.
 
     The conditioning is either an image through an embedding (`image_embedding`: SD/SDXL's, and
     Flux's input_hint_block, whose output diffusers packs patch_size x patch_size into each token):
     the embedding runs plain on the image's rows of the strip plus a halo covering its convs' reach,
-    and the halo rows are cropped from its output (`_cond_in`, `_cond_out`); or it is Flux's latent
-    tokens of the sample's grid (`token_cond`), cut to the strip's span."""
+    and the halo rows are cropped from its output (`_cond_in`, `_cond_out`); or it is a latent of
+    the sample's grid (`latent_cond`: Flux's tokens, SD3's [B, C, H, W] latent of the control image,
+    patch-embedded like the sample), cut to the strip as the sample is (`_strip_of`)."""
 
     halve = False
 
     def __init__(self, model: nn.Module, session: PatchSession, owner: str):
         self.embedding_name = image_embedding(model)
-        self.token_cond = self.embedding_name is None
-        if self.token_cond:
+        self.latent_cond = self.embedding_name is None
+        if self.latent_cond:
             super().__init__(model, session, DiffusersAdapter(owner))
             return
         embedding = getattr(model, self.embedding_name)
@@ -826,23 +851,21 @@ class StripControlNet(StripModel):
         self.halve = halve
 
     def _before(self, module, args, kwargs):
-        """The guidance branch's half of the batch (`halve`), then the strip's rows; Flux's
-        conditioning tokens (`token_cond`): latent tokens of the same grid as the sample, cut to the
-        strip's."""
+        """The guidance branch's half of the batch (`halve`), then the strip's rows; a conditioning
+        latent (`latent_cond`) of the sample's grid, cut to the strip's as the sample is."""
         if self.halve and not self.tracing:
             args, kwargs = self._branch_half(args, kwargs, "ControlNet")
         out = super()._before(module, args, kwargs)
-        if not self.token_cond or out is None or self.engine is None:
+        if not self.latent_cond or out is None or self.engine is None:
             return out
         args, kwargs = out
-        a, b = self._token_span()
-        return args, {**kwargs, "controlnet_cond": kwargs["controlnet_cond"][:, a:b].contiguous()}
+        return args, {**kwargs, "controlnet_cond": self._strip_of(kwargs["controlnet_cond"])}
 
     def _configure(self, args, kwargs, sample):
         """The trace with the embedding's output shape in place of the embedding (`_EmbeddingShape`);
         a token grid's row packs patch_size of the embedding's rows (diffusers' reshape in Flux's
         ControlNet forward)."""
-        if self.token_cond:
+        if self.latent_cond:
             return super()._configure(args, kwargs, sample)
         grid, tokens = self._grid(kwargs, sample)
         self.packing = self.layers.config.patch_size if tokens else 1

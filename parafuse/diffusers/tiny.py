@@ -4,8 +4,10 @@ the calls made of them: what the tests, the benchmarks and the GPU check's smoke
 
 Weights are diffusers' own random initialisation except the zero-initialised output layers
 (conv_out, PixArt's proj_out), which would make every output - and every comparison - trivially
-zero: they get small random weights; and the XLabs-style ControlNet's hint convs, which get
-He-normal weights (`build_flux_hint_controlnet`)."""
+zero: they get small random weights; the XLabs-style ControlNet's hint convs, which get
+He-normal weights (`build_flux_hint_controlnet`); and SD3's ControlNets, whose control-latent
+embedding and block outputs get unit-gain weights, and whose pipeline's VAE gets a sharp
+posterior (`_sd3_controlnet`)."""
 from __future__ import annotations
 
 import os
@@ -161,7 +163,7 @@ def call_kwargs(family: str, guidance: float = 3.0, seed: int = 0, output_type: 
     if family.startswith("flux"):        # guidance-distilled: no negative branch (true_cfg_scale 1)
         del kw["negative_prompt_embeds"]
         kw["pooled_prompt_embeds"] = torch.randn(1, POOLED_DIM, generator=g)
-    if family in ("sdxl", "sd3"):
+    if family in ("sdxl", "sd3", "sd35"):          # sd35: SD3's pipeline with an SD3.5-style ControlNet
         kw.update(pooled_prompt_embeds=torch.randn(1, POOLED_DIM, generator=g),
                   negative_pooled_prompt_embeds=torch.randn(1, POOLED_DIM, generator=g))
     if family == "pixart":
@@ -254,8 +256,58 @@ def build_flux_hint_controlnet(path: str) -> None:
     FluxControlNetPipeline(**flux.components, controlnet=net).save_pretrained(path)
 
 
+def _sd3_controlnet(path: str, seed: int, sd35: bool) -> None:
+    """SD3's tiny pipeline with an SD3ControlNetModel of one block at the transformer's width, its
+    zero-initialised layers (the control latent's patch embedding, the block outputs) woken. SD3's
+    layout: a position embedding of its own, joint attention with the text; SD3.5's (its 8B
+    ControlNets', `sd35`): no position embedding (the pipeline gives it the transformer's), no text
+    (self-attention blocks), the pooled text not forced to zeros.
+
+    diffusers' SD3 ControlNet pipeline samples the control image's latent from the global RNG (it
+    passes no generator), which the emulator's ranks share, drawing in turn: the tiny VAE's
+    posterior is made sharp (its log-variance at diffusers' floor, -30: a standard deviation of
+    e^-15), so that the sample is its mean to float precision."""
+    import copy
+
+    from diffusers import SD3ControlNetModel, StableDiffusion3ControlNetPipeline
+
+    from parafuse.diffusers.pipeline import load_pipeline
+    sd3 = load_pipeline(pipeline_path(os.path.dirname(path), "sd3"))
+    config = sd3.transformer.config
+    vae = copy.deepcopy(sd3.vae)
+    with torch.no_grad():
+        vae.quant_conv.bias[vae.config.latent_channels:] = -40.0        # the log-variance's channels
+    layout = (dict(use_pos_embed=False, pos_embed_type=None, joint_attention_dim=None,
+                   force_zeros_for_pooled_projection=False) if sd35 else
+              dict(joint_attention_dim=config.joint_attention_dim, caption_projection_dim=config.caption_projection_dim,
+                   pos_embed_max_size=config.pos_embed_max_size, qk_norm=config.qk_norm))
+    _seeded(seed)
+    net = SD3ControlNetModel(sample_size=config.sample_size, patch_size=config.patch_size,
+                             in_channels=config.in_channels, num_layers=1, attention_head_dim=config.attention_head_dim,
+                             num_attention_heads=config.num_attention_heads,
+                             pooled_projection_dim=config.pooled_projection_dim, out_channels=config.out_channels,
+                             **layout)
+    _wake_zeros(net, seed)
+    # woken at 0.05, the control latent's patch embedding and the block outputs would barely let the
+    # control image through: unit-gain weights (variance 1 / fan-in)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in (net.pos_embed_input.proj, *net.controlnet_blocks):
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) / layer.weight[0].numel() ** 0.5)
+    StableDiffusion3ControlNetPipeline(**{**sd3.components, "vae": vae}, controlnet=net).save_pretrained(path)
+
+
+def build_sd3_controlnet(path: str) -> None:
+    _sd3_controlnet(path, 18, sd35=False)
+
+
+def build_sd35_controlnet(path: str) -> None:
+    _sd3_controlnet(path, 19, sd35=True)
+
+
 BUILDERS.update({"sd-controlnet": build_sd_controlnet, "sdxl-controlnet": build_sdxl_controlnet,
-                 "flux-controlnet": build_flux_controlnet, "flux-f8-controlnet": build_flux_hint_controlnet})
+                 "flux-controlnet": build_flux_controlnet, "flux-f8-controlnet": build_flux_hint_controlnet,
+                 "sd3-controlnet": build_sd3_controlnet, "sd35-controlnet": build_sd35_controlnet})
 
 
 def _adapter(seed: int, **config):
@@ -309,12 +361,16 @@ def control_image(seed: int = 3, height: int = HEIGHT, width: int = WIDTH) -> to
     return torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(seed))
 
 
+def control_key(family: str) -> str:
+    """The ControlNet or T2I-Adapter pipeline's conditioning-image argument."""
+    return "control_image" if family.startswith(("flux", "sd3")) else "image"
+
+
 def controlnet_kwargs(family: str, **kw) -> dict:
     """The call of a ControlNet or T2I-Adapter family: its base family's call and a conditioning
     image."""
     base = family.removesuffix("-controlnet").removesuffix("-adapter")
-    key = "control_image" if base.startswith("flux") else "image"
-    return {**call_kwargs(base, **kw), key: control_image()}
+    return {**call_kwargs(base, **kw), control_key(family): control_image()}
 
 
 def family_kwargs(family: str) -> dict:

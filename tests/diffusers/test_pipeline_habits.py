@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 
-from support.diffusers_cases import call_kwargs, images, pipeline_path  # noqa: E402
+from support.diffusers_cases import call_kwargs, control_key, images, pipeline_path  # noqa: E402
 
 import parafuse  # noqa: E402
 from parafuse.diffusers import UnsupportedModelError, load_pipeline  # noqa: E402
@@ -469,11 +469,6 @@ def controlnet_run(root, family, n, kwargs_of=None, pipe_of=None, **settings):
     return outs, ref
 
 
-def control_key(family):
-    """The ControlNet pipeline's conditioning-image argument."""
-    return "control_image" if family.startswith("flux") else "image"
-
-
 # flux-f8-controlnet: Flux's XLabs-style ControlNet (input_hint_block on the control image's pixels)
 @pytest.mark.parametrize("family,n", [("sd-controlnet", 2), ("sd-controlnet", 3), ("sdxl-controlnet", 2),
                                       ("sdxl-controlnet", 3), ("flux-controlnet", 2), ("flux-controlnet", 3),
@@ -495,18 +490,20 @@ def test_controlnet_sync_equals_diffusers(root, family, n):
 
 
 @pytest.mark.parametrize("family,guess", [("sd-controlnet", False), ("sdxl-controlnet", False),
-                                          ("sd-controlnet", True)])
+                                          ("sd-controlnet", True), ("sd3-controlnet", False)])
 def test_controlnet_with_cfg_parallel_equals_diffusers_and_computes_one_branch(root, family, guess):
     """cfg_parallel, N = 4 (2 branches x 2 strips), sync: = diffusers, and each rank's ControlNet ran
     its guidance branch's half of the batch (1 of the CFG batch's 2), as the denoiser does; in guess
-    mode the pipeline gives the ControlNet the conditional batch alone, which every rank runs."""
+    mode the pipeline gives the ControlNet the conditional batch alone, which every rank runs.
+    SD3's pipeline batches its branches as SD's does (it has no guess mode)."""
     from support.diffusers_cases import controlnet_kwargs
 
-    kwargs_of = (lambda: {**controlnet_kwargs(family), "guess_mode": guess})
+    kwargs_of = (lambda: {**controlnet_kwargs(family), **({"guess_mode": True} if guess else {})})
     batches = []
 
     def call(par):
-        par.pipe.controlnet.conv_in.register_forward_pre_hook(lambda m, a: batches.append(a[0].shape[0]))
+        first = next(m for m in par.pipe.controlnet.modules() if isinstance(m, torch.nn.Conv2d))   # on the sample
+        first.register_forward_pre_hook(lambda m, a: batches.append(a[0].shape[0]))
         return images(par(**kwargs_of()))
     ref = images(fresh(root, family)(**kwargs_of()))
     outs = emulate_pipeline(fresh(root, family), 4, call, mode="sync", cfg_parallel=True)
@@ -534,22 +531,22 @@ def test_controlnet_with_true_cfg_and_cfg_parallel_is_refused_before_compute(roo
 
 
 def test_controlnet_whose_conditioning_cannot_be_split_is_refused(root):
-    """SD3's ControlNet (its conditioning through a patch embedding of its own) is neither of the
-    conditionings parafuse cuts to a strip: refused at parallelize, naming those it splits."""
+    """Sana's ControlNet (its conditioning through its own patch embedding and an input block) is
+    none of the conditionings parafuse cuts to a strip: refused at parallelize, naming those it splits."""
     from types import SimpleNamespace
 
-    from diffusers import SD3ControlNetModel
+    from diffusers import SanaControlNetModel
 
-    from support.diffusers_cases import POOLED_DIM, TEXT_DIM
+    from support.diffusers_cases import TEXT_DIM
 
     torch.manual_seed(0)
-    net = SD3ControlNetModel(sample_size=16, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
-                             num_attention_heads=2, joint_attention_dim=TEXT_DIM, caption_projection_dim=16,
-                             pooled_projection_dim=POOLED_DIM, out_channels=4, pos_embed_max_size=32)
+    net = SanaControlNetModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+                              num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
+                              caption_channels=TEXT_DIM, sample_size=16)
     pipe = SimpleNamespace(transformer=fresh(root, "sd3").transformer, controlnet=net)
-    ranks_raise(r"SD3ControlNetModel's conditioning is neither an image through a controlnet_cond_embedding "
-                r"\(ControlNetModel\) or an input_hint_block \(Flux's XLabs-style ControlNet\) nor latent tokens",
-                pipe, 2, lambda p: None, mode="sync")
+    ranks_raise(r"SanaControlNetModel's conditioning is neither an image through a controlnet_cond_embedding "
+                r"\(ControlNetModel\) or an input_hint_block \(Flux's XLabs-style ControlNet\) nor a latent of the "
+                r"sample's grid \(Flux's other ControlNets, SD3's\)", pipe, 2, lambda p: None, mode="sync")
 
 
 def test_flux_hint_controlnet_samples_are_diffusers_at_the_strips_tokens(root):
@@ -578,6 +575,58 @@ def test_flux_hint_controlnet_samples_are_diffusers_at_the_strips_tokens(root):
         for got, want in zip(samples, whole):
             for g, w in zip(got[0] + got[1], want[0] + want[1]):
                 assert g.shape == w[:, a:b].shape and rel(g, w[:, a:b]) <= 1e-6
+
+
+def sd3_multi(p):
+    """SD3's tiny ControlNet pipeline with two ControlNets (an SD3MultiControlNetModel): its own and
+    a copy with its weights scaled by 0.8."""
+    from diffusers import StableDiffusion3ControlNetPipeline
+
+    second = copy.deepcopy(p.controlnet)
+    with torch.no_grad():
+        for q in second.parameters():
+            q.mul_(0.8)
+    return StableDiffusion3ControlNetPipeline(**{**p.components, "controlnet": [p.controlnet, second]})
+
+
+@pytest.mark.parametrize("family,n,multi", [("sd3-controlnet", 2, False), ("sd3-controlnet", 3, False),
+                                            ("sd35-controlnet", 3, False), ("sd3-controlnet", 2, True)])
+def test_sd3_controlnet_sync_equals_diffusers_and_its_samples_are_the_strips(root, family, n, multi):
+    """SD3's ControlNet (a position embedding of its own, joint attention with the text) and the
+    SD3.5 8B ControlNets' layout (the transformer's position embedding, self-attention blocks), sync,
+    N = 2 and 3 (uneven strips: 7, 7, 6 patch rows); two SD3 ControlNets (SD3MultiControlNetModel),
+    N = 2: = diffusers, the control image changes the output, and at every step each rank's
+    ControlNet returns diffusers' whole-image block samples at its strip's tokens (its control latent
+    and position embedding were the strip's rows of the whole image's)."""
+    from support.diffusers_cases import control_image, controlnet_kwargs
+
+    def kwargs_of(seed=3):
+        if not multi:
+            return {**controlnet_kwargs(family), "control_image": control_image(seed)}
+        return {**controlnet_kwargs(family), "control_image": [control_image(seed), control_image(seed + 1)],
+                "controlnet_conditioning_scale": [1.0, 0.5]}
+    plain, whole = fresh(root, family), []
+    plain = sd3_multi(plain) if multi else plain
+    plain.controlnet.register_forward_hook(lambda m, a, out: whole.append(out[0]))
+    ref = images(plain(**kwargs_of()))
+    samples = whole[:]
+    assert rel(images(plain(**kwargs_of(seed=9))), ref) > 1e-2          # the control image shapes the output
+    patch = plain.transformer.config.patch_size
+
+    def call(par):
+        got = []
+        par.pipe.controlnet.register_forward_hook(
+            lambda m, a, out: None if any(c.tracing for c in par.controlnets) else got.append(out[0]))
+        return images(par(**kwargs_of())), got, par.controlnets[0].geometry, par.layout.patch_index
+    outs = emulate_pipeline(plain, n, call, mode="sync")
+    assert rel(outs[0][0][0], ref) <= 1e-5
+    assert n == 2 or outs[0][0][2].rows == (14, 14, 12)
+    for (_, got, geometry, i), _ in outs:
+        a, b = (row // patch * geometry.width // patch for row in geometry.row_range(i))     # the strip's tokens
+        assert len(got) == len(samples) == 3
+        for step, want in zip(got, samples):
+            for g, w in zip(step, want):
+                assert g.shape == w[:, a:b].shape and rel(g, w[:, a:b]) <= 1e-5
 
 
 def test_multi_controlnet_and_img2img_tile_upscale(root):
@@ -613,8 +662,8 @@ def psnr(a, b):
     return (10 * torch.log10((b.max() - b.min()) ** 2 / ((a - b) ** 2).mean())).item()
 
 
-@pytest.mark.parametrize("family", ["sd-controlnet", "flux-controlnet", "flux-f8-controlnet", "sd-adapter",
-                                    "sdxl-adapter"])
+@pytest.mark.parametrize("family", ["sd-controlnet", "flux-controlnet", "flux-f8-controlnet", "sd3-controlnet",
+                                    "sd-adapter", "sdxl-adapter"])
 @pytest.mark.parametrize("mode", ["full", "partial"])
 def test_controlnet_stale_modes_within_3db_of_the_pipeline_without_it(root, mode, family):
     """A ControlNet's or T2I-Adapter's stale modes (N = 2) against the same pipeline's sync output:
@@ -638,6 +687,7 @@ def test_controlnet_stale_modes_within_3db_of_the_pipeline_without_it(root, mode
 
 @pytest.mark.parametrize("family,scale", [("sd-controlnet", "controlnet_conditioning_scale"),
                                           ("flux-f8-controlnet", "controlnet_conditioning_scale"),
+                                          ("sd3-controlnet", "controlnet_conditioning_scale"),
                                           ("sd-adapter", "adapter_conditioning_scale"),
                                           ("sdxl-adapter", "adapter_conditioning_scale")])
 def test_controlnet_residuals_enter_the_graphs_static_buffers(root, family, scale):
@@ -881,27 +931,50 @@ def test_whole_image_flux_controlnet_samples_equal_the_plain_transformer(root):
         common["guidance"] = torch.tensor([3.5])
     with torch.no_grad():
         blocks, single = plain.controlnet(hidden_states=x, controlnet_cond=cond, **common)
-        kwargs = dict(hidden_states=x, controlnet_block_samples=blocks, controlnet_single_block_samples=single,
-                      **common)
-        ref = plain.transformer(**kwargs)[0]
-        assert rel(plain.transformer(hidden_states=x, **common)[0], ref) > 1e-2
+    direct_call_equals_the_plain_transformer(plain, dict(hidden_states=x, **common), controlnet_block_samples=blocks,
+                                             controlnet_single_block_samples=single)
+
+
+def test_whole_image_sd3_controlnet_samples_equal_the_plain_transformer(root):
+    """SD3's ControlNet samples of the whole image (token sequences of the patch grid, at half the
+    latent's rows) handed to the parallel transformer's direct call: cut to each strip's patch
+    tokens, = the plain transformer."""
+    plain = fresh(root, "sd3-controlnet")
+    g = torch.Generator().manual_seed(6)
+    x, cond = torch.randn(1, 4, 40, 24, generator=g), torch.randn(1, 4, 40, 24, generator=g)
+    common = dict(timestep=torch.tensor([500.0]), encoder_hidden_states=torch.randn(1, 5, 16, generator=g),
+                  pooled_projections=torch.randn(1, 32, generator=g), return_dict=False)
+    with torch.no_grad():
+        samples = plain.controlnet(hidden_states=x, controlnet_cond=cond, **common)[0]
+    direct_call_equals_the_plain_transformer(plain, dict(hidden_states=x, **common),
+                                             block_controlnet_hidden_states=samples)
+
+
+def direct_call_equals_the_plain_transformer(plain, call_kwargs: dict, **samples):
+    """The ControlNet's whole-image `samples` change the plain transformer's output, and the parallel
+    transformer's direct call with them (N = 3, sync) equals the plain one's on every rank."""
+    with torch.no_grad():
+        ref = plain.transformer(**call_kwargs, **samples)[0]
+        assert rel(plain.transformer(**call_kwargs)[0], ref) > 1e-2
 
     def call(par):
         with torch.no_grad():
-            return par.transformer(**kwargs)[0]
+            return par.transformer(**call_kwargs, **samples)[0]
     outs = emulate_pipeline(plain, 3, call, mode="sync")
     assert all(rel(out, ref) <= 1e-5 for out, _ in outs)
 
 
-@pytest.mark.parametrize("wrong", ["height", "width"])
+@pytest.mark.parametrize("wrong", ["height", "width", "tokens"])
 def test_residual_of_a_wrong_size_is_refused_before_compute(root, wrong):
     """A residual neither the whole image's height at its level nor the strip's (one of a smaller
-    image), or of a width that is no level of the latent: refused on every rank with one line that
-    names it, before the evaluation."""
+    image), of a width that is no level of the latent, or flattened to tokens for a U-Net (whose
+    attention runs at several levels, so no one grid names them): refused on every rank with one
+    line that names it, before the evaluation."""
     plain = fresh(root, "sd-controlnet")
     args, kwargs = _whole_image_controlnet_call(plain)
     down = list(kwargs["down_block_additional_residuals"])
-    down[1] = down[1][:, :, :-4] if wrong == "height" else down[1][:, :, :, :-4]
+    down[1] = {"height": down[1][:, :, :-4], "width": down[1][:, :, :, :-4],
+               "tokens": down[1].flatten(2).transpose(1, 2)}[wrong]
     kwargs = {**kwargs, "down_block_additional_residuals": tuple(down)}
 
     def call(par):
@@ -912,8 +985,9 @@ def test_residual_of_a_wrong_size_is_refused_before_compute(root, wrong):
             return str(e), par.strips.evaluations
     outs = emulate_pipeline(plain, 2, call, mode="sync")
     for (message, evaluations), _ in outs:
-        assert message.startswith("down_block_additional_residuals[1] is (2, 16, ") and "\n" not in message
-        assert ("neither the whole image's 40 nor strip" if wrong == "height" else "is no level of the 40x24") \
+        assert message.startswith("down_block_additional_residuals[1] is (2, ") and "\n" not in message
+        assert {"height": "neither the whole image's 40 nor strip", "width": "is no level of the 40x24",
+                "tokens": "a token sequence, but UNet2DConditionModel's attention runs at several levels"}[wrong] \
             in message
         assert evaluations == 0
 

@@ -1,12 +1,12 @@
 """The diffusers pipelines' test cases: the tiny pipelines and their calls (parafuse.diffusers.tiny)
 and the torchrun cases the worker runs."""
 from parafuse.diffusers.tiny import (BUILDERS, HEIGHT, POOLED_DIM, STEPS, TEXT_DIM, TEXT_LEN, WIDTH, call_kwargs,
-                                     control_image, controlnet_kwargs, family_kwargs, image_kwargs, images,
-                                     pipeline_path)
+                                     control_image, control_key, controlnet_kwargs, family_kwargs, image_kwargs,
+                                     images, pipeline_path)
 
 __all__ = ["BUILDERS", "HEIGHT", "POOLED_DIM", "STEPS", "TEXT_DIM", "TEXT_LEN", "WIDTH", "TORCHRUN_CASES",
-           "NAMED_TORCHRUN_CASES", "ALL_TORCHRUN_CASES", "call_kwargs", "control_image", "controlnet_kwargs",
-           "family_kwargs", "image_kwargs", "images", "pipeline_path"]
+           "NAMED_TORCHRUN_CASES", "ALL_TORCHRUN_CASES", "call_kwargs", "control_image", "control_key",
+           "controlnet_kwargs", "family_kwargs", "image_kwargs", "images", "pipeline_path"]
 
 # torchrun cases: name -> (family, parallelize kwargs)
 TORCHRUN_CASES = {
