@@ -25,6 +25,7 @@ from parafuse.diffusers.adapter import DiffusersAdapter, UnsupportedModelError, 
 from parafuse.diffusers.strips import (StripControlNet, StripDenoiser, StripVAE, image_embedding, latent_embedding,
                                        plain_processors)
 from parafuse.parallel import kv_codec as kv_codec_module
+from parafuse.parallel.agreement import tensors_of_rank0
 from parafuse.parallel.config import ConfigError, Mode, PatchConfig, dtype_name
 from parafuse.parallel.distributed import ParallelLayout
 from parafuse.parallel.session import PatchSession
@@ -176,7 +177,8 @@ class ParallelPipeline:
         content, generators by state) compared across the ranks, a difference refused on every rank
         naming the argument and the ranks (`agreement.check_same`). Without a generator, the
         pipeline would draw its noise from each rank's global RNG: rank 0 draws a seed, every rank
-        gets a generator of it (`self.seed`)."""
+        gets a generator of it (`self.seed`). Then every rank takes rank 0's global RNG states
+        (`share_global_rng`)."""
         transport = self.session.transport
         if transport is None or transport.world_size == 1 or not transport.reaches_peers:
             return kwargs               # nothing to compare, nor a seed to share (the session's rule)
@@ -195,9 +197,9 @@ class ParallelPipeline:
             seed = torch.zeros(1, dtype=torch.int64)
             if self.layout.rank == 0:
                 seed[0] = torch.randint(0, 2 ** 62, (1,))      # rank 0's global RNG, as a plain pipeline would use
-            transport.agree(seed).wait()                       # the sum: rank 0's seed on every rank
-            object.__setattr__(self, "seed", int(seed))
+            object.__setattr__(self, "seed", int(tensors_of_rank0([seed], transport)[0]))
             kwargs = {**kwargs, "generator": torch.Generator().manual_seed(self.seed)}
+        share_global_rng(transport, self.session.device)
         return kwargs
 
     def close(self) -> None:
@@ -214,6 +216,22 @@ class ParallelPipeline:
         self.session.close()
         self.pipe.__dict__.pop("_parafuse_parallel", None)
         self.pipe.__dict__.pop("set_ip_adapter_scale", None)
+
+
+def share_global_rng(transport: Transport, device: torch.device) -> None:
+    """Rank 0's global RNG states - the CPU's and, on a GPU, that device's - set on every rank.
+    diffusers draws from them where a pipeline passes no generator (SD3's ControlNet pipeline
+    samples the control image's latent so), and each rank draws the same numbers only from the
+    same state: ranks seeded apart, or rank 0 alone having drawn the call's seed, would condition
+    their strips on different draws. The emulator's ranks share one process, and its RNGs."""
+    if transport.ranks_share_process:
+        return
+    cuda = device.type == "cuda"
+    states = [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if cuda else [])
+    states = tensors_of_rank0(states, transport)
+    torch.set_rng_state(states[0])
+    if cuda:
+        torch.cuda.set_rng_state(states[1], device)
 
 
 def fingerprint(value) -> str:

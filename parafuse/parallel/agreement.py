@@ -86,6 +86,20 @@ def _ranks(transport):
     return dist.get_rank(), dist.get_world_size(), total
 
 
+def tensors_of_rank0(tensors: list[torch.Tensor], transport) -> list[torch.Tensor]:
+    """Rank 0's `tensors` (CPU, any dtypes and shapes, the same on every rank) on every rank of the
+    job, in one sum over `transport` (`agree`): their bytes packed into int64 words, which the
+    other ranks leave at zero."""
+    raw = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]
+    sizes = [r.numel() for r in raw]
+    words = torch.zeros(-(-sum(sizes) // 8), dtype=torch.int64)
+    if transport.rank == 0:
+        words.view(torch.uint8)[:sum(sizes)] = torch.cat(raw)
+    transport.agree(words).wait()
+    parts = words.view(torch.uint8)[:sum(sizes)].split(sizes)
+    return [p.clone().view(t.dtype).view(t.shape) for p, t in zip(parts, tensors)]
+
+
 def from_rank0(message: str | None) -> str | None:
     """Rank 0's `message` on every rank (torch.distributed; a single process keeps its own): a
     verdict that only rank 0 can reach, such as whether an output folder takes new files."""

@@ -83,6 +83,8 @@ class Transport:
     # whether the peers are real ranks that answer (torch.distributed, emulated threads), or stand-ins
     # of one rank's measurement (Null, Loopback): what a comparison across ranks can rely on
     reaches_peers = True
+    # whether the ranks are threads of one process (the emulator): one global RNG, one set of modules
+    ranks_share_process = False
 
     def __init__(self, rank: int, world_size: int, group: list[int] | None = None, stale_channel: bool = False,
                  stale_kinds: tuple[str, ...] = STALE_CHANNEL_KINDS):
@@ -201,20 +203,26 @@ class TorchTransport(Transport):
         return Pending([w.wait for w in works], [t for t, _ in sends + recvs])
 
     def _all_reduce(self, t, kind) -> Pending:
-        import torch.distributed as dist
-
         if not self._p2p_all_reduce:
-            work = dist.all_reduce(t, group=self._group, async_op=True)
-            return Pending([work.wait], [t])
+            return self._device_sum(t, self._group)
         return self._p2p_sum(t, self.group)
 
     def _agree(self, t) -> Pending:
+        if not self._p2p_all_reduce:
+            return self._device_sum(t, None)
+        return self._p2p_sum(t, list(range(self.world_size)))
+
+    def _device_sum(self, t, group) -> Pending:
+        """dist.all_reduce on NCCL, which reduces device memory only: a host tensor (the agreement's
+        digests, the seed and RNG states a pipeline call shares) is summed through a copy on this
+        process's GPU and copied back at the wait."""
         import torch.distributed as dist
 
-        if not self._p2p_all_reduce:
-            work = dist.all_reduce(t, async_op=True)
+        on_device = t if t.is_cuda else t.to(torch.device("cuda", torch.cuda.current_device()))
+        work = dist.all_reduce(on_device, group=group, async_op=True)
+        if on_device is t:
             return Pending([work.wait], [t])
-        return self._p2p_sum(t, list(range(self.world_size)))
+        return Pending([work.wait, lambda: t.copy_(on_device)], [t, on_device])
 
     def _p2p_sum(self, t, group: list[int]) -> Pending:
         import torch.distributed as dist
@@ -525,6 +533,8 @@ class ThreadHub:
 
 
 class ThreadTransport(Transport):
+    ranks_share_process = True
+
     def __init__(self, rank: int, hub: ThreadHub, group: list[int] | None = None, **channels):
         super().__init__(rank, hub.world_size, group, **channels)
         self.hub = hub
@@ -610,7 +620,7 @@ class TimelineRecorder(Transport):
     def __init__(self, inner: Transport):
         super().__init__(inner.rank, inner.world_size, inner.group, inner.stale_channel, inner.stale_kinds)
         self.inner = inner
-        self.reaches_peers = inner.reaches_peers
+        self.reaches_peers, self.ranks_share_process = inner.reaches_peers, inner.ranks_share_process
         self._blocked = 0.0             # CPU: seconds spent inside inner's waits so far
         self._where: dict[int, tuple[int, int]] = {}    # post id -> (step, index in that step)
         self._next_id = 0
