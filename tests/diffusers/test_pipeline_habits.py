@@ -537,6 +537,23 @@ def test_layerwise_casting_enabled_after_parallelize_turns_graphs_off(root):
     assert dtypes == {FLOAT8} and swapped > 0
 
 
+def test_layerwise_casting_with_flux_true_cfg_and_cfg_parallel_equals_diffusers(root):
+    """Flux's true CFG with cfg_parallel (N = 2, a branch per rank): the rank that skips the other
+    branch's call takes its output's shape from a shape-only run, which runs the cast layers on fake
+    weights of their compute dtype (their own stay float8): = diffusers with the casting."""
+    g = torch.Generator().manual_seed(11)
+    kwargs = call_kwargs("flux")
+    kwargs.update(true_cfg_scale=2.5, negative_prompt_embeds=torch.randn(kwargs["prompt_embeds"].shape, generator=g),
+                  negative_pooled_prompt_embeds=torch.randn(kwargs["pooled_prompt_embeds"].shape, generator=g))
+    ref = images(cast(fresh(root, "flux"), "flux")(**{**kwargs, "generator": torch.Generator().manual_seed(0)}))
+
+    def call(par):
+        out = images(par(**{**kwargs, "generator": torch.Generator().manual_seed(0)}))
+        return out, cast_weights(par.pipe, "flux")[0]
+    outs = emulate_pipeline(cast_pipes(root, "flux", 2), 2, call, mode="sync", cfg_parallel=True)
+    assert rel(outs[0][0][0], ref) <= 1e-5 and all(o[0][1] == {FLOAT8} for o in outs)
+
+
 @pytest.mark.parametrize("family", ["sd", "flux"])
 def test_layerwise_casting_full_mode_within_3db_of_full_without_it(root, family):
     """What full mode (N = 2) loses against diffusers with the casting stays within 3 dB of what it
