@@ -395,8 +395,8 @@ def test_diffusers_cache_without_enable_cache_is_refused_without_a_call_hint(roo
 
 
 @pytest.mark.parametrize("habit,match", [
-    ("layerwise casting", r"'pipe\.unet' .*layerwise casting \(LayerwiseCastingHook\) on a module with submodules.*layer "
-                          r"by layer, with enable_layerwise_casting"),
+    ("layerwise casting", r"'pipe\.unet' .*layerwise casting \(LayerwiseCastingHook\) on a module with "
+                          r"submodules.*layer by layer, with enable_layerwise_casting"),
     ("group offload", r"group offloading \(GroupOffloadingHook\).*without enable_group_offload"),
     ("layer skip", r"a diffusers hook \(\w+SkipHook\) wraps this module's forward"),
 ])
