@@ -497,14 +497,15 @@ def test_layerwise_casting_sync_equals_diffusers_with_it(root, family, n):
     pipeline's U-Net, ControlNet and VAE, the image decoded by strips): sync = diffusers with the same
     casting, which changes the output (SD, Flux); after the call every layer diffusers casts, the
     patch layers swapped in for them included, holds its weights in float8; after close() the raw
-    pipeline's layers are diffusers' with their hooks, and its output is diffusers'."""
+    pipeline's layers are diffusers' with their hooks, and its output is diffusers' (SD, Flux: the
+    ControlNet pipeline's layers go back by the same rule, and its whole image is the slow run)."""
     ref = cast_ref(root, family)
 
     def call(par):
         out = images(par(**cast_kwargs(family)))
         during = cast_weights(par.pipe, family)
         par.close()
-        raw = images(par.pipe(**cast_kwargs(family))) if par.layout.rank == 0 else None
+        raw = images(par.pipe(**cast_kwargs(family))) if par.layout.rank == 0 and family != "sd-controlnet" else None
         return out, during, cast_weights(par.pipe, family), raw
     outs = emulate_pipeline(cast_pipes(root, family, n), n, call, mode="sync")
     out, during, after, raw = outs[0][0]
@@ -513,7 +514,7 @@ def test_layerwise_casting_sync_equals_diffusers_with_it(root, family, n):
     assert all(o[0][1][0] == {FLOAT8} for o in outs)
     assert during[2] > 0 or family == "flux"                      # Flux swaps none of the layers it casts
     assert after == (during[0], during[1], 0) == cast_weights(cast(fresh(root, family), family), family)
-    assert rel(raw, ref) == 0
+    assert family == "sd-controlnet" or rel(raw, ref) == 0
 
 
 def test_layerwise_casting_enabled_after_parallelize_turns_graphs_off(root):
