@@ -21,8 +21,15 @@ shape trace (`parafuse.diffusers.strips`): a call without `encoder_hidden_states
 the latent grid. What cannot be split by rows is refused before any compute, naming the module:
 attention processors other than diffusers' default, joint (SD3) and Flux ones, fused QKV
 projections, convs with non-zero padding modes, and hooks on a module's forward (`hook_refusal`):
-accelerate's offload and every diffusers HookRegistry hook - caches, group offloading, layerwise
-casting, context parallelism - with the call that removes it where diffusers has one.
+accelerate's offload and every diffusers HookRegistry hook - caches, group offloading, context
+parallelism, layerwise casting of a module with submodules - with the call that removes it where
+diffusers has one.
+
+diffusers' layerwise casting of leaf layers (`enable_layerwise_casting`) runs on a strip: each layer
+keeps its weights in the storage dtype and casts them around its own forward, a patch layer swapped
+in for it included (`parafuse.parallel.layers.stand_in` puts the hook on it); the K/V projections
+are called as modules when a hook is on them (`_project_kv`), and the shape-only runs give the cast
+layers fake weights of their compute dtype (`DiffusersAdapter.shape_run`).
 
 PEFT LoRA: `to_k`/`to_v` write into the K/V buffer with one GEMM each while they are plain
 `nn.Linear` layers, reading their weights at every call (never a cached [W_k; W_v], which PEFT's
@@ -33,6 +40,7 @@ called (LoRA included) and their outputs copied into the buffer. Modules that Lo
 from __future__ import annotations
 
 import importlib
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -142,7 +150,10 @@ def _hook_classes(module: str, *names: str) -> tuple[type, ...]:
 # diffusers' model hooks (a HookRegistry on a module wraps its forward), by what they do on a strip
 OFFLOAD_HOOKS = _hook_classes("group_offloading", "GroupOffloadingHook", "LazyPrefetchGroupOffloadingHook",
                               "LayerExecutionTrackerHook")
+# layerwise casting: a leaf layer's hook casts its weights around its forward, which runs on a strip as
+# on the whole image; PEFT's switch on a LoRA layer around such a layer only stops PEFT casting the input
 CASTING_HOOKS = _hook_classes("layerwise_casting", "LayerwiseCastingHook", "PeftInputAutocastDisableHook")
+LAYER_CASTING = _hook_classes("layerwise_casting", "LayerwiseCastingHook")
 CONTEXT_PARALLEL_HOOKS = _hook_classes("context_parallel", "ContextParallelSplitHook", "ContextParallelGatherHook")
 CACHE_HOOKS = (_hook_classes("first_block_cache", "FBCHeadBlockHook", "FBCBlockHook")
                + _hook_classes("pyramid_attention_broadcast", "PyramidAttentionBroadcastHook")
@@ -161,11 +172,25 @@ def diffusers_hooks(module: nn.Module) -> list:
     return list(registry.hooks.values()) if isinstance(registry, HookRegistry) else []
 
 
+def cast_layers(model: nn.Module) -> list[tuple[nn.Module, object]]:
+    """Every layer of `model` under diffusers' layerwise casting, with its hook."""
+    return [(m, hook) for m in model.modules() for hook in diffusers_hooks(m) if isinstance(hook, LAYER_CASTING)]
+
+
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype `model` computes in, by diffusers' rule (`ModelMixin.dtype`): its layerwise casting's
+    compute dtype, else that of its first floating parameter (its weights may be in a storage dtype)."""
+    from diffusers.models.modeling_utils import get_parameter_dtype
+
+    return get_parameter_dtype(model)
+
+
 def hook_refusal(module: nn.Module, model: nn.Module, owner: str) -> str | None:
     """Why `module` of `model` (named `owner` in hints) cannot run on a strip because of a hook on its
     forward or diffusers' own parallelism on it, and what to do; None if nothing is on it. Every
-    diffusers hook is refused: each family runs differently on a strip than on the whole image, and
-    any other is unchecked. A hint `call ... first` is given only where a diffusers call removes it."""
+    diffusers hook but layerwise casting of a leaf layer is refused: each family runs differently on
+    a strip than on the whole image, and any other is unchecked. A hint `call ... first` is given only
+    where a diffusers call removes it."""
     if "_hf_hook" in module.__dict__:
         return ("an accelerate hook (CPU offload) moves its weights during the call, while patch parallelism "
                 "splits the activations across GPUs; call pipe.remove_all_hooks() first, then pipe.to(device)")
@@ -179,9 +204,11 @@ def hook_refusal(module: nn.Module, model: nn.Module, owner: str) -> str | None:
                     f"patch parallelism splits the activations across GPUs: load the model again without "
                     f"enable_group_offload and move it to its GPU (diffusers has no call that removes it)")
         if isinstance(hook, CASTING_HOOKS):
-            return (f"diffusers' layerwise casting ({what}) keeps its weights in a storage dtype and casts them in "
-                    f"the layer's own forward, which parafuse's patch layers and K/V projections do not run: load "
-                    f"the model again without enable_layerwise_casting (diffusers cannot undo it)")
+            if not isinstance(hook, LAYER_CASTING) or next(module.children(), None) is None:
+                continue                  # a leaf layer's casting, or PEFT's switch around one: runs on a strip
+            return (f"diffusers' layerwise casting ({what}) on a module with submodules casts all their weights "
+                    f"around its own forward, which parafuse replaces (the denoiser's, the layers it swaps): load "
+                    f"the model again and cast it layer by layer, with enable_layerwise_casting")
         if isinstance(hook, CONTEXT_PARALLEL_HOOKS):
             return (f"diffusers' context parallelism ({what}) splits this model's sequence across GPUs, a second "
                     f"parallelism beside parafuse's strips: load the model without enable_parallelism")
@@ -280,6 +307,26 @@ class DiffusersAdapter:
 
     def refuse(self, name: str, module: nn.Module, why: str) -> Exception:
         return unsupported(name, module, why)
+
+    @contextmanager
+    def shape_run(self, model: nn.Module):
+        """Inside a FakeTensorMode, for a shape-only run of `model`: each layer under layerwise
+        casting runs its class's forward on fake weights of its compute dtype (made under the mode:
+        no memory), its own weights and its hook back after the run. The hook converts the layer by
+        `module.to()`, which for a fake tensor swaps it into the parameter in place: the real weights
+        would become fakes (and a second conversion fails)."""
+        saved = []
+        for m, hook in cast_layers(model):
+            saved.append((m, m.__dict__.pop("forward"), dict(m._parameters)))
+            for name, p in m._parameters.items():
+                if p is not None:
+                    m._parameters[name] = torch.empty_like(p, dtype=hook.compute_dtype)
+        try:
+            yield
+        finally:
+            for m, forward, weights in saved:
+                m.forward = forward
+                m._parameters.update(weights)
 
     def patch(self, kind: str, module: nn.Module, engine: ExchangeEngine, key: str) -> nn.Module:
         """The module to put in place of `module` (the same one, with a processor, for attention)."""
@@ -416,13 +463,14 @@ class StripAttnProcessor:
 
         A plain nn.Linear projection of one sample writes straight into its half of the buffer
         (one GEMM each, reading the layer's weight as it is now); anything else - a PEFT LoRA layer
-        around to_k / to_v, a key norm - is called as the module and copied in. No weight is cached
-        or concatenated: PEFT's fuse_lora changes the weight in place through `.data`, which
-        neither moves its storage nor bumps its version, so a cached [W_k; W_v] would silently keep
-        the unfused weights."""
+        around to_k / to_v, a key norm, a hook on the layer's forward (layerwise casting, whose
+        weights are in their storage dtype until it runs) - is called as the module and copied in.
+        No weight is cached or concatenated: PEFT's fuse_lora changes the weight in place through
+        `.data`, which neither moves its storage nor bumps its version, so a cached [W_k; W_v] would
+        silently keep the unfused weights."""
         inner = out.shape[-1] // 2
         for proj, half, norm in ((attn.to_k, out[..., :inner], attn.norm_k), (attn.to_v, out[..., inner:], None)):
-            if type(proj) is nn.Linear and x.shape[0] == 1 and norm is None:
+            if type(proj) is nn.Linear and "forward" not in proj.__dict__ and x.shape[0] == 1 and norm is None:
                 if proj.bias is None:
                     torch.mm(x[0], proj.weight.t(), out=half[:, 0])
                 else:

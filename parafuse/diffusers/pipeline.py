@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn as nn
 
-from parafuse.diffusers.adapter import DiffusersAdapter, UnsupportedModelError, is_flux, is_joint
+from parafuse.diffusers.adapter import DiffusersAdapter, UnsupportedModelError, compute_dtype, is_flux, is_joint
 from parafuse.diffusers.strips import (StripControlNet, StripDenoiser, StripVAE, image_embedding, latent_embedding,
                                        plain_processors)
 from parafuse.parallel import kv_codec as kv_codec_module
@@ -341,11 +341,11 @@ def parallelize(pipe, config: PatchConfig | None = None, *, parallel_vae: bool =
     if settings.get("text_merge") is not None and not any(is_joint(m) or is_flux(m) for m in model.modules()):
         raise ConfigError(f"text_merge={settings['text_merge']!r} (--text-merge) merges the text queries of joint "
                           f"text+image attention (SD3, Flux); {type(model).__name__} has none: leave it out")
-    param = next(model.parameters())
-    if config.torch_dtype is not None and config.torch_dtype != param.dtype:
-        raise ConfigError(f"dtype {config.dtype.value!r} asked for, but {type(model).__name__} is in {param.dtype}: "
+    dtype = compute_dtype(model)
+    if config.torch_dtype is not None and config.torch_dtype != dtype:
+        raise ConfigError(f"dtype {config.dtype.value!r} asked for, but {type(model).__name__} is in {dtype}: "
                           f"call pipe.to({config.torch_dtype}) first, or leave dtype out")
-    config = config.replace(dtype=dtype_name(param.dtype))
+    config = config.replace(dtype=dtype_name(dtype))
     if config.kv_codec != "none":
         for name, m in model.named_modules():
             if adapter.site_kind(m) == "attn" and not getattr(m, "is_cross_attention", False):
@@ -353,7 +353,7 @@ def parallelize(pipe, config: PatchConfig | None = None, *, parallel_vae: bool =
     parts = {part: module for part, module in vae_parts(pipe, parallel_vae).items() if module is not None}
     for part, module in parts.items():
         check_vae(module, part)
-    session = PatchSession(config, device=param.device, layout=layout, transport=transport)
+    session = PatchSession(config, device=next(model.parameters()).device, layout=layout, transport=transport)
     if session.layout.rank != 0 and hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)     # one progress bar per job: rank 0's
     vae = {} if session.engine is None else {part: strip_vae(module, part, session) for part, module in parts.items()}
@@ -394,9 +394,9 @@ def strip_denoiser(model: nn.Module, session: PatchSession, adapter: DiffusersAd
     if adapter is None:
         adapter = DiffusersAdapter(owner)
         adapter.check(model)
-        param = next(model.parameters())
-        if param.dtype != session.config.torch_dtype:
-            raise ConfigError(f"the new {type(model).__name__} is in {param.dtype}, the parallel pipeline in "
+        dtype = compute_dtype(model)
+        if dtype != session.config.torch_dtype:
+            raise ConfigError(f"the new {type(model).__name__} is in {dtype}, the parallel pipeline in "
                               f"{session.config.torch_dtype}: convert it before assigning it")
     session.attach(getattr(model, "_orig_mod", model), adapter)     # torch.compile(model): its module's layers
     return StripDenoiser(model, session, adapter)

@@ -31,7 +31,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from parafuse.checks import check_strip_memory
 from parafuse.diffusers.adapter import (DiffusersAdapter, StripAttnProcessor, StripDownsample2D, StripPatchEmbed,
-                                        UnsupportedModelError, diffusers_hooks, inner_processor)
+                                        UnsupportedModelError, cast_layers, compute_dtype, diffusers_hooks,
+                                        inner_processor)
 from parafuse.diffusers.freeu import StripFreeU, freeu_scales
 from parafuse.parallel.geometry import GeometryError, StripGeometry
 from parafuse.parallel.parallelize import parallelize as swap_layers, unparallelize
@@ -339,8 +340,7 @@ class StripModel:
         for s in trace.sites:
             if s.kind == "conv":
                 geometry.check_halo(s.factor, s.top, s.bottom, f"conv {s.key}")
-        dtype = next(self.model.parameters()).dtype
-        plan = self.session.plan(trace.sites, geometry, sample.shape[0], dtype)
+        plan = self.session.plan(trace.sites, geometry, sample.shape[0], compute_dtype(self.layers))
         self.check_fits(plan, sample)
         self.session.begin_image(plan)
         self.geometry, self._input_shape = geometry, sample.shape
@@ -401,7 +401,7 @@ class StripDenoiser(StripModel):
         self.watch = self.session.watch(None)
         self.state_bytes = 0
         self.graphed = bool(self.session.config.cuda_graphs)   # CUDA graphs of the steady denoiser call
-        self._graphs_on = self.graphed            # this image's: off for a compiled denoiser
+        self._graphs_on = self.graphed            # this image's: off for a compiled or layerwise-cast denoiser
         self._graphs: dict = {}          # per call signature (parafuse.graphs.GraphedEvaluations)
         self._version = self._buffers = None
         self.active = self._direct = False    # inside the parallel pipeline's call / a direct denoiser call
@@ -419,9 +419,13 @@ class StripDenoiser(StripModel):
         self.sequential_cfg = sequential_cfg and self.layout.cfg_degree == 2
         self._calls, self._skip, self._held, self._pair = 0, False, None, None
         check_compiled(self.model)
-        # a compiled denoiser is torch.compile's to schedule: parafuse's own CUDA graphs stay off
-        self._graphs_on = self.graphed and not is_compiled(self.model)
-        if self._graphs_on:
+        # a compiled denoiser is torch.compile's to schedule: parafuse's own CUDA graphs stay off; so
+        # they do under layerwise casting, whose hooks give the weights new storage at every call (a
+        # graph would replay reads of the storage they had at its capture)
+        self._graphs_on = self.graphed and not is_compiled(self.model) and not cast_layers(self.layers)
+        if not self._graphs_on:
+            self._graphs.clear()            # none kept (nor their memory) while they are off
+        else:
             version = self._model_version()
             if version != self._version:    # a module, processor or parameter changed: capture anew
                 self._graphs.clear()
@@ -648,7 +652,8 @@ class StripDenoiser(StripModel):
                 self.engine.step = LOCAL
             self.adapter.tracing = True
             try:
-                with FakeTensorMode(allow_non_fake_inputs=True), eager(self.model) as model:
+                with FakeTensorMode(allow_non_fake_inputs=True), eager(self.model) as model, \
+                        self.adapter.shape_run(model):
                     out = type(model).forward(model, *args, **{**kwargs, "return_dict": False})[0]
             finally:
                 self.adapter.tracing = False

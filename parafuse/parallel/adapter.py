@@ -14,6 +14,8 @@ built-in models are the first family; the diffusers families add adapters of the
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn as nn
 
@@ -61,6 +63,10 @@ class BuiltinAdapter:
 
     def refuse(self, name: str, module: nn.Module, why: str) -> Exception:
         return ValueError(f"parafuse cannot parallelise module {name!r} ({type(module).__name__}): {why}")
+
+    def shape_run(self, model: nn.Module):
+        """What `model` needs around a shape-only run under FakeTensorMode: nothing."""
+        return nullcontext()
 
     def example_kwargs(self, spec, device: torch.device, dtype: torch.dtype) -> dict:
         """Conditioning for a shape trace: a short text context for cross-attention models."""

@@ -17,14 +17,31 @@ from parafuse.parallel.engine import ExchangeEngine
 
 
 def _adopt(cls, module: nn.Module, engine: ExchangeEngine, key: str):
-    """A `cls` instance that shares `module`'s parameters, buffers and settings. Not a `forward` on
-    the instance: a removed hook (accelerate's `remove_all_hooks`, diffusers' `remove_hook`) leaves
-    the plain layer's own bound to `module` there, which would shadow the patch layer's forward
-    (live hooks are refused before any layer is swapped)."""
-    new = cls.__new__(cls)
-    new.__dict__ = {k: v for k, v in module.__dict__.items() if k != "forward"}
+    """A `cls` instance that shares `module`'s parameters, buffers and settings (`stand_in`)."""
+    new = stand_in(cls, module)
     new.engine = engine
     new.key = key
+    return new
+
+
+def stand_in(cls, module: nn.Module, drop: tuple[str, ...] = ()) -> nn.Module:
+    """A `cls` instance standing for `module` (a patch layer swapped in, or the plain layer swapped
+    back): `module`'s parameters, buffers and settings, less `drop` and what is bound to `module`
+    itself - a `forward` on the instance (a hook's wrapper, or the plain layer's own forward that a
+    removed hook - accelerate's `remove_all_hooks`, diffusers' `remove_hook` - leaves bound there,
+    which would shadow `cls`'s) and diffusers' hook registry, whose hooks call `module`. diffusers'
+    layerwise casting, the one hook a swapped layer keeps (the others are refused before any layer
+    is swapped), is put on the new instance by diffusers' own call, so that it casts the weights
+    around `cls`'s forward as around `module`'s."""
+    new = cls.__new__(cls)
+    new.__dict__ = {k: v for k, v in module.__dict__.items() if k not in ("forward", "_diffusers_hook") + drop}
+    registry = module.__dict__.get("_diffusers_hook")
+    if registry is not None:              # only diffusers makes one: it is installed
+        from diffusers.hooks.layerwise_casting import LayerwiseCastingHook, apply_layerwise_casting_hook
+
+        for hook in registry.hooks.values():
+            if isinstance(hook, LayerwiseCastingHook):
+                apply_layerwise_casting_hook(new, hook.storage_dtype, hook.compute_dtype, hook.non_blocking)
     return new
 
 

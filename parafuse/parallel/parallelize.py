@@ -5,7 +5,8 @@ import torch.nn as nn
 
 from parafuse.parallel.adapter import BUILTIN
 from parafuse.parallel.engine import ExchangeEngine
-from parafuse.parallel.layers import PatchAttention, PatchConv2d, PatchGridPositions, PatchGroupNorm, _adopt
+from parafuse.parallel.layers import (PatchAttention, PatchConv2d, PatchGridPositions, PatchGroupNorm, _adopt,
+                                      stand_in)
 
 PATCH_LAYERS = {"conv": PatchConv2d, "norm": PatchGroupNorm, "attn": PatchAttention, "positions": PatchGridPositions}
 
@@ -54,8 +55,5 @@ def unparallelize(model: nn.Module) -> int:
 
 def _plain(layer: nn.Module) -> nn.Module:
     """The plain layer (the patch layer's base class) with `layer`'s parameters and settings."""
-    cls = type(layer).__mro__[1]
-    plain = cls.__new__(cls)
-    plain.__dict__ = {k: v for k, v in layer.__dict__.items()
-                      if k not in ("engine", "key", "_kv_weight", "_kv_bias", "_affine_key", "_affine_cache")}
-    return plain
+    return stand_in(type(layer).__mro__[1], layer,
+                    drop=("engine", "key", "_kv_weight", "_kv_bias", "_affine_key", "_affine_cache"))

@@ -105,7 +105,7 @@ def trace_model(model: nn.Module, adapter, args: tuple, kwargs: dict, sample: to
             handles.append(m.register_forward_hook(hook(name, kind), with_kwargs=True))
     adapter.tracing = True
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True), _value_readers(readers):
+        with FakeTensorMode(allow_non_fake_inputs=True), adapter.shape_run(model), _value_readers(readers):
             model(*args, **kwargs)
     finally:
         adapter.tracing = False

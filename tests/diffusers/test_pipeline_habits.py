@@ -395,18 +395,19 @@ def test_diffusers_cache_without_enable_cache_is_refused_without_a_call_hint(roo
 
 
 @pytest.mark.parametrize("habit,match", [
-    ("layerwise casting", r"layerwise casting \(LayerwiseCastingHook\).*without enable_layerwise_casting"),
+    ("layerwise casting", r"'pipe\.unet' .*layerwise casting \(LayerwiseCastingHook\) on a module with "
+                          r"submodules.*layer by layer, with enable_layerwise_casting"),
     ("group offload", r"group offloading \(GroupOffloadingHook\).*without enable_group_offload"),
     ("layer skip", r"a diffusers hook \(\w+SkipHook\) wraps this module's forward"),
 ])
 def test_diffusers_hooks_without_a_fix_are_refused_without_a_hint(root, habit, match):
-    from diffusers.hooks import LayerSkipConfig, apply_layer_skip
+    from diffusers.hooks import LayerSkipConfig, apply_layer_skip, apply_layerwise_casting
 
     family = "flux" if habit == "layer skip" else "sd"
     plain = fresh(root, family)
     model = plain.transformer if family == "flux" else plain.unet
-    {"layerwise casting": lambda: model.enable_layerwise_casting(storage_dtype=torch.bfloat16,
-                                                                 compute_dtype=torch.float32),
+    {"layerwise casting": lambda: apply_layerwise_casting(model, torch.bfloat16, torch.float32,  # the whole U-Net
+                                                          skip_modules_pattern=None),
      "group offload": lambda: model.enable_group_offload(onload_device=torch.device("cpu"), offload_type="leaf_level"),
      "layer skip": lambda: apply_layer_skip(model, LayerSkipConfig(indices=[0], fqn="transformer_blocks")),
      }[habit]()
@@ -444,6 +445,125 @@ def test_cache_enabled_after_parallelize_is_refused_before_compute(root):
     outs = emulate_pipeline(fresh(root, "flux"), 2, call, mode="sync")
     assert (outs[0][0][0] - sync_ref(root, "flux")).abs().max() <= SYNC_TOL
     assert all(o[0][1] == 0 and o[0][2] == 1 for o in outs)     # none before the refusal; one step, then refused
+
+
+# ---- diffusers' layerwise casting on the strips ----------------------------------------------------
+# weights stored in float8 (CPU torch casts it), computed in float32. Each rank gets a pipeline loaded and
+# cast of its own: a deep copy of a cast layer calls the original layer's forward (diffusers' hook holds it)
+FLOAT8 = torch.float8_e4m3fn
+CAST_PARTS = {"sd": ("unet",), "flux": ("transformer",), "sd-controlnet": ("unet", "controlnet", "vae")}
+_cast_refs = {}
+
+
+def cast(pipe, family):
+    for part in CAST_PARTS[family]:
+        getattr(pipe, part).enable_layerwise_casting(storage_dtype=FLOAT8, compute_dtype=torch.float32)
+    return pipe
+
+
+def cast_pipes(root, family, n):
+    """One cast pipeline per rank (`emulate_pipeline` takes the list)."""
+    return [cast(fresh(root, family), family) for _ in range(n)]
+
+
+def cast_kwargs(family):
+    """The family's call; the ControlNet's decodes the image (the VAE runs by strips)."""
+    from support.diffusers_cases import controlnet_kwargs
+
+    return controlnet_kwargs(family, output_type="pt") if family.endswith("-controlnet") else call_kwargs(family)
+
+
+def cast_ref(root, family):
+    """diffusers' own output with the same casting."""
+    if family not in _cast_refs:
+        _cast_refs[family] = images(cast(fresh(root, family), family)(**cast_kwargs(family)))
+    return _cast_refs[family]
+
+
+def cast_weights(pipe, family) -> tuple[set, int, int]:
+    """The dtypes of the weights of every layer diffusers casts in the family's cast parts, how many
+    such layers there are, and how many of them are parafuse's patch layers."""
+    from parafuse.diffusers.adapter import cast_layers
+    from parafuse.parallel.layers import PatchConv2d
+
+    layers = [m for part in CAST_PARTS[family] for m, _ in cast_layers(getattr(pipe, part))]
+    return {p.dtype for m in layers for p in m.parameters()}, len(layers), sum(isinstance(m, PatchConv2d)
+                                                                                for m in layers)
+
+
+@pytest.mark.parametrize("family,n", [("sd", 2), ("sd", 3), ("flux", 2), ("flux", 3), ("sd-controlnet", 2)])
+def test_layerwise_casting_sync_equals_diffusers_with_it(root, family, n):
+    """enable_layerwise_casting before parallelize (SD's U-Net, Flux's transformer; a ControlNet
+    pipeline's U-Net, ControlNet and VAE, the image decoded by strips): sync = diffusers with the same
+    casting, which changes the output (SD, Flux); after the call every layer diffusers casts, the
+    patch layers swapped in for them included, holds its weights in float8; after close() the raw
+    pipeline's layers are diffusers' with their hooks, and its output is diffusers' (SD, Flux: the
+    ControlNet pipeline's layers go back by the same rule, and its whole image is the slow run)."""
+    ref = cast_ref(root, family)
+
+    def call(par):
+        out = images(par(**cast_kwargs(family)))
+        during = cast_weights(par.pipe, family)
+        par.close()
+        raw = images(par.pipe(**cast_kwargs(family))) if par.layout.rank == 0 and family != "sd-controlnet" else None
+        return out, during, cast_weights(par.pipe, family), raw
+    outs = emulate_pipeline(cast_pipes(root, family, n), n, call, mode="sync")
+    out, during, after, raw = outs[0][0]
+    assert rel(out, ref) <= 1e-5
+    assert family == "sd-controlnet" or rel(ref, sync_ref(root, family)) > 3e-3       # the casting shows
+    assert all(o[0][1][0] == {FLOAT8} for o in outs)
+    assert during[2] > 0 or family == "flux"                      # Flux swaps none of the layers it casts
+    assert after == (during[0], during[1], 0) == cast_weights(cast(fresh(root, family), family), family)
+    assert family == "sd-controlnet" or rel(raw, ref) == 0
+
+
+def test_layerwise_casting_enabled_after_parallelize_turns_graphs_off(root):
+    """enable_layerwise_casting on the parallel pipeline's U-Net between calls (SD, N = 2): the next
+    call = diffusers with the casting, its patch layers cast too; CUDA graphs (replay = rerun on
+    static inputs), captured in the call before, are off and dropped: the casts give the weights new
+    storage at every call, which a graph's replay would not read."""
+    from parafuse.graphs import rerun_capture
+
+    def call(par):
+        par.strips.graphed, par.session.capture = True, rerun_capture
+        plain = images(par(**call_kwargs("sd")))
+        captured = par.strips.captures
+        cast(par, "sd")
+        out = images(par(**call_kwargs("sd")))
+        return plain, captured, out, par.strips.captures, cast_weights(par.pipe, "sd")
+    (plain, captured, out, captures, (dtypes, _, swapped)), _ = emulate_pipeline(fresh(root, "sd"), 2, call,
+                                                                                 mode="sync")[0]
+    assert captured >= 1 and captures == 0
+    assert rel(plain, sync_ref(root, "sd")) <= 1e-5 and rel(out, cast_ref(root, "sd")) <= 1e-5
+    assert dtypes == {FLOAT8} and swapped > 0
+
+
+def test_layerwise_casting_with_flux_true_cfg_and_cfg_parallel_equals_diffusers(root):
+    """Flux's true CFG with cfg_parallel (N = 2, a branch per rank): the rank that skips the other
+    branch's call takes its output's shape from a shape-only run, which runs the cast layers on fake
+    weights of their compute dtype (their own stay float8): = diffusers with the casting."""
+    g = torch.Generator().manual_seed(11)
+    kwargs = call_kwargs("flux")
+    kwargs.update(true_cfg_scale=2.5, negative_prompt_embeds=torch.randn(kwargs["prompt_embeds"].shape, generator=g),
+                  negative_pooled_prompt_embeds=torch.randn(kwargs["pooled_prompt_embeds"].shape, generator=g))
+    ref = images(cast(fresh(root, "flux"), "flux")(**{**kwargs, "generator": torch.Generator().manual_seed(0)}))
+
+    def call(par):
+        out = images(par(**{**kwargs, "generator": torch.Generator().manual_seed(0)}))
+        return out, cast_weights(par.pipe, "flux")[0]
+    outs = emulate_pipeline(cast_pipes(root, "flux", 2), 2, call, mode="sync", cfg_parallel=True)
+    assert rel(outs[0][0][0], ref) <= 1e-5 and all(o[0][1] == {FLOAT8} for o in outs)
+
+
+@pytest.mark.parametrize("family", ["sd", "flux"])
+def test_layerwise_casting_full_mode_within_3db_of_full_without_it(root, family):
+    """What full mode (N = 2) loses against diffusers with the casting stays within 3 dB of what it
+    loses without it."""
+    settings = dict(mode="full", warmup_steps=1)
+    run = emulate_pipeline(cast_pipes(root, family, 2), 2, lambda p: images(p(**call_kwargs(family))), **settings)
+    plain = emulate_pipeline(fresh(root, family), 2, lambda p: images(p(**call_kwargs(family))), **settings)
+    with_cast, without = psnr(run[0][0], cast_ref(root, family)), psnr(plain[0][0], sync_ref(root, family))
+    assert with_cast >= without - 3, (with_cast, without)
 
 
 def test_dit_is_refused_by_parallelize():
