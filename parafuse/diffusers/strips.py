@@ -411,6 +411,10 @@ class StripDenoiser(StripModel):
 
     def begin_image(self, sequential_cfg: bool = False) -> None:
         super().begin_image()
+        if self.graphed and cast_layers(self.layers):
+            raise UnsupportedModelError("layerwise casting gives the cast layers' weights new storage at every call, "
+                                        "which a CUDA graph's replay would not read: parallelize with "
+                                        "cuda_graphs=False, or load the model without enable_layerwise_casting")
         self.active = True
         self._patched = self._modules_state()
         self.clock = StepClock(self.session.device)
@@ -419,10 +423,8 @@ class StripDenoiser(StripModel):
         self.sequential_cfg = sequential_cfg and self.layout.cfg_degree == 2
         self._calls, self._skip, self._held, self._pair = 0, False, None, None
         check_compiled(self.model)
-        # a compiled denoiser is torch.compile's to schedule: parafuse's own CUDA graphs stay off; so
-        # they do under layerwise casting, whose hooks give the weights new storage at every call (a
-        # graph would replay reads of the storage they had at its capture)
-        self._graphs_on = self.graphed and not is_compiled(self.model) and not cast_layers(self.layers)
+        # a compiled denoiser is torch.compile's to schedule: parafuse's own CUDA graphs stay off
+        self._graphs_on = self.graphed and not is_compiled(self.model)
         if not self._graphs_on:
             self._graphs.clear()            # none kept (nor their memory) while they are off
         else:

@@ -517,25 +517,32 @@ def test_layerwise_casting_sync_equals_diffusers_with_it(root, family, n):
     assert family == "sd-controlnet" or rel(raw, ref) == 0
 
 
-def test_layerwise_casting_enabled_after_parallelize_turns_graphs_off(root):
-    """enable_layerwise_casting on the parallel pipeline's U-Net between calls (SD, N = 2): the next
-    call = diffusers with the casting, its patch layers cast too; CUDA graphs (replay = rerun on
-    static inputs), captured in the call before, are off and dropped: the casts give the weights new
-    storage at every call, which a graph's replay would not read."""
+def test_layerwise_casting_enabled_after_parallelize_works_and_is_refused_with_graphs(root):
+    """enable_layerwise_casting on the parallel pipeline's U-Net between calls (SD, N = 2): eager,
+    the next call = diffusers with the casting, its patch layers cast too. With CUDA graphs (replay =
+    rerun on static inputs), captured in the call before, the next call is refused before any
+    evaluation, on every rank, naming the setting to change: the casts give the weights new storage
+    at every call, which a graph's replay would not read (never silently eager)."""
     from parafuse.graphs import rerun_capture
 
-    def call(par):
-        par.strips.graphed, par.session.capture = True, rerun_capture
+    def call(par, graphed):
+        par.strips.graphed, par.session.capture = graphed, rerun_capture
         plain = images(par(**call_kwargs("sd")))
         captured = par.strips.captures
         cast(par, "sd")
-        out = images(par(**call_kwargs("sd")))
-        return plain, captured, out, par.strips.captures, cast_weights(par.pipe, "sd")
-    (plain, captured, out, captures, (dtypes, _, swapped)), _ = emulate_pipeline(fresh(root, "sd"), 2, call,
-                                                                                 mode="sync")[0]
-    assert captured >= 1 and captures == 0
-    assert rel(plain, sync_ref(root, "sd")) <= 1e-5 and rel(out, cast_ref(root, "sd")) <= 1e-5
+        try:
+            out = images(par(**call_kwargs("sd")))
+        except UnsupportedModelError as e:
+            return plain, captured, str(e), par.strips.evaluations
+        return plain, captured, out, cast_weights(par.pipe, "sd")
+    (plain, captured, out, (dtypes, _, swapped)), _ = emulate_pipeline(fresh(root, "sd"), 2, lambda p: call(p, False),
+                                                                       mode="sync")[0]
+    assert captured == 0 and rel(plain, sync_ref(root, "sd")) <= 1e-5 and rel(out, cast_ref(root, "sd")) <= 1e-5
     assert dtypes == {FLOAT8} and swapped > 0
+    refused = emulate_pipeline(fresh(root, "sd"), 2, lambda p: call(p, True), mode="sync")
+    assert rel(refused[0][0][0], sync_ref(root, "sd")) <= 1e-5          # rank 0's image of the graphed call
+    for (_, captured, message, evaluations), _ in refused:
+        assert captured >= 1 and "cuda_graphs=False" in message and evaluations == 0
 
 
 def test_layerwise_casting_with_flux_true_cfg_and_cfg_parallel_equals_diffusers(root):
