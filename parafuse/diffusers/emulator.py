@@ -12,11 +12,13 @@ from parafuse.parallel.emulator import emulate_ranks
 
 
 def emulate_pipeline(pipe, world_size: int, call, config: PatchConfig | None = None, parallel_vae: bool = True,
-                     **settings):
+                     prepare=None, **settings):
     """Run `call(parallel_pipe)` on `world_size` emulated ranks; returns per rank (call's result,
     the rank's `rank_stats`). The settings: a PatchConfig and/or its fields as keywords, and
     `parallel_vae`, as `parafuse.parallelize` takes them. `call` runs once per rank: give each its
-    own generator inside it."""
+    own generator inside it. `prepare(pipe)`, if given, runs on each rank's copy before
+    `parallelize`: diffusers' model hooks (`enable_cache`) must be added there, since a copy's
+    hooks still call the original's modules and state."""
     from parafuse.diffusers.pipeline import parallelize
 
     config = PatchConfig(**{k: v for k, v in settings.items() if v is not None}) if config is None else \
@@ -24,7 +26,10 @@ def emulate_pipeline(pipe, world_size: int, call, config: PatchConfig | None = N
     outputs: list = [None] * world_size
 
     def run(layout, transport):
-        par = parallelize(copy.deepcopy(pipe), config, parallel_vae=parallel_vae, layout=layout, transport=transport,
+        own = copy.deepcopy(pipe)
+        if prepare is not None:
+            prepare(own)
+        par = parallelize(own, config, parallel_vae=parallel_vae, layout=layout, transport=transport,
                           **({"text_merge": settings["text_merge"]} if settings.get("text_merge") else {}))
         result = call(par)
         par.close()
