@@ -409,6 +409,7 @@ class StripDenoiser(StripModel):
     def begin_image(self, sequential_cfg: bool = False) -> None:
         super().begin_image()
         self.active = True
+        self._direct = False        # a direct call refused before its evaluation left it set
         self._patched = self._modules_state()
         self.clock = StepClock(self.session.device)
         self.watch = self.session.watch(None)     # the pipeline's loop length is its own

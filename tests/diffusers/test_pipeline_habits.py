@@ -590,7 +590,9 @@ def test_first_block_cache_refusals_before_compute(root):
     """Refused before the denoiser runs, on every rank, one line each: with parafuse's CUDA graphs
     (a host decision inside the denoiser call); in a pipeline whose loop sets no cache context
     (PixArt's, the cache applied by `apply_first_block_cache`: diffusers itself fails inside the
-    first block there); with cfg_parallel where one call holds both guidance branches (PixArt's)."""
+    first block there) and in a direct transformer call outside `cache_context`, after which the
+    pipeline's call = diffusers; with cfg_parallel where one call holds both guidance branches
+    (PixArt's)."""
     from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
 
     def graphed(par):
@@ -603,6 +605,19 @@ def test_first_block_cache_refusals_before_compute(root):
         return len(evaluations)
     assert all(o[0] == 0 for o in emulate_pipeline(fresh(root, "flux"), 2, graphed, prepare=fbc, mode="full",
                                                    warmup_steps=1))
+
+    plain, arguments = fresh(root, "flux"), []
+    handle = plain.transformer.register_forward_pre_hook(lambda m, a, k: arguments.append(k), with_kwargs=True)
+    plain(**call_kwargs("flux"))
+    handle.remove()
+
+    def direct(par):
+        with pytest.raises(UnsupportedModelError, match=r"called outside one .*call pipe\.transformer\."
+                                                        r"disable_cache\(\) first"):
+            par.transformer(**arguments[0])
+        return images(par(**call_kwargs("flux")))
+    out = emulate_pipeline(fresh(root, "flux"), 2, direct, prepare=fbc, mode="sync")[0][0]
+    assert (out - fbc_reference(root, call_kwargs("flux"))[0]).abs().max() <= SYNC_TOL
 
     def cached(pipe):
         apply_first_block_cache(pipe.transformer, FirstBlockCacheConfig(threshold=FBC_THRESHOLD))
