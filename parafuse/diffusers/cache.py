@@ -24,10 +24,11 @@ spans ranks of both, is refused. The cached residuals stay row-local: each strip
 `StripFirstBlockCache` keeps diffusers' hooks and their state, and gives the head block's hook and
 the hooks' state manager parafuse's subclasses for the image (`adopt`), diffusers' classes back
 after it (`release`): between pipeline calls and after `close()` they are diffusers' own. The head
-hook decides by the reduction (diffusers' own decision where a rank holds the whole image or the
-mode exchanges nothing); in the shape-only runs (the trace, the output shape of a skipped CFG
-branch) it computes every block and the state manager hands out a scratch state, so that the fake
-tensors never enter the cache's state. A decision read on the host inside the denoiser call cannot
+hook decides by the reduction, in every mode (mode none too exchanges inside the model: joint
+attention's text merge), and by diffusers' own rule where a rank holds its whole image; in the
+shape-only runs (the trace, the output shape of a skipped CFG branch) it computes every block and
+the state manager hands out a scratch state, so that the fake tensors never enter the cache's
+state. A decision read on the host inside the denoiser call cannot
 be replayed from one CUDA graph: the cache with parafuse's `cuda_graphs` is refused.
 
 A skipped step posts no exchange for the skipped blocks, and every rank skips the same ones: each
@@ -40,7 +41,6 @@ from __future__ import annotations
 import torch
 
 from parafuse.diffusers.adapter import UnsupportedModelError, cache_removal, diffusers_hooks
-from parafuse.parallel.plan import LOCAL
 from parafuse.parallel.reduce import StripReduce
 
 try:
@@ -59,7 +59,9 @@ class StripHeadHook(FBCHeadBlockHook):
             return True                 # the shape-only runs run every block
         previous = self.state_manager.get_state().head_block_residual
         engine = self.cache.strips.engine
-        if previous is None or engine is None or engine.step is LOCAL:
+        # the reduction in every mode: even mode none exchanges inside the model (joint attention's
+        # text merge), so ranks deciding alone could post different exchanges
+        if previous is None or engine is None:
             return super()._should_compute_remaining_blocks(hidden_states_residual)
         sums = torch.stack([(hidden_states_residual - previous).abs().sum(dtype=torch.float32),
                             previous.abs().sum(dtype=torch.float32)])
