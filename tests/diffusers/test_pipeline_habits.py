@@ -570,11 +570,11 @@ def test_first_block_cache_with_true_cfg_and_cfg_parallel_equals_diffusers(root,
 
 
 @pytest.mark.parametrize("mode", ["full", "none"])
-def test_first_block_cache_full_mode_within_3db_of_the_pipeline_without_it(root, mode):
+def test_first_block_cache_full_and_none_within_3db_of_the_pipeline_without_it(root, mode):
     """Mode full (N = 2) with the cache skipping a step's tail: its blocks post no exchange, on every
-    rank, and wait for their last one at their next use; within 3 dB of full without the cache,
-    each against its own diffusers output. Mode none too (whose text merge still exchanges: ranks
-    deciding alone posted different exchanges there)."""
+    rank, and wait for their last one at their next use; within 3 dB of the same mode without the
+    cache, each against its own diffusers output. Mode none too (whose text merge still exchanges:
+    ranks deciding alone posted different exchanges there)."""
     settings = dict(mode=mode, warmup_steps=1)
     ref = fbc_reference(root, call_kwargs("flux"))[0]
 
