@@ -23,7 +23,8 @@ attention processors other than diffusers' default, joint (SD3) and Flux ones, f
 projections, convs with non-zero padding modes, and hooks on a module's forward (`hook_refusal`):
 accelerate's offload and every diffusers HookRegistry hook - caches, group offloading, context
 parallelism, layerwise casting of a module with submodules - with the call that removes it where
-diffusers has one.
+diffusers has one; a denoiser's first-block cache is the exception (it runs on the strip:
+`parafuse.diffusers.cache`).
 
 diffusers' layerwise casting of leaf layers (`enable_layerwise_casting`) runs on a strip: each layer
 keeps its weights in the storage dtype and casts them around its own forward, a patch layer swapped
@@ -155,7 +156,10 @@ OFFLOAD_HOOKS = _hook_classes("group_offloading", "GroupOffloadingHook", "LazyPr
 CASTING_HOOKS = _hook_classes("layerwise_casting", "LayerwiseCastingHook", "PeftInputAutocastDisableHook")
 LAYER_CASTING = _hook_classes("layerwise_casting", "LayerwiseCastingHook")
 CONTEXT_PARALLEL_HOOKS = _hook_classes("context_parallel", "ContextParallelSplitHook", "ContextParallelGatherHook")
-CACHE_HOOKS = (_hook_classes("first_block_cache", "FBCHeadBlockHook", "FBCBlockHook")
+# diffusers' first-block cache, which runs on a denoiser's strip deciding for the whole image
+# (parafuse.diffusers.cache); on any other model it is refused with the other caches
+FIRST_BLOCK_CACHE_HOOKS = _hook_classes("first_block_cache", "FBCHeadBlockHook", "FBCBlockHook")
+CACHE_HOOKS = (FIRST_BLOCK_CACHE_HOOKS
                + _hook_classes("pyramid_attention_broadcast", "PyramidAttentionBroadcastHook")
                + _hook_classes("faster_cache", "FasterCacheDenoiserHook", "FasterCacheBlockHook")
                + _hook_classes("mag_cache", "MagCacheHeadHook", "MagCacheBlockHook")
@@ -185,12 +189,22 @@ def compute_dtype(model: nn.Module) -> torch.dtype:
     return get_parameter_dtype(model)
 
 
-def hook_refusal(module: nn.Module, model: nn.Module, owner: str) -> str | None:
+def cache_removal(model: nn.Module, owner: str) -> str:
+    """How the user takes a diffusers cache off `model` (named `owner`): `disable_cache()` where
+    `enable_cache` put it there; a cache applied with `apply_first_block_cache` & co. has no call
+    that removes it."""
+    if getattr(model, "is_cache_enabled", False):
+        return f"call {owner}.disable_cache() first"
+    return "load the model again without it"
+
+
+def hook_refusal(module: nn.Module, model: nn.Module, owner: str, first_block_cache: bool = False) -> str | None:
     """Why `module` of `model` (named `owner` in hints) cannot run on a strip because of a hook on its
     forward or diffusers' own parallelism on it, and what to do; None if nothing is on it. Every
-    diffusers hook but layerwise casting of a leaf layer is refused: each family runs differently on
-    a strip than on the whole image, and any other is unchecked. A hint `call ... first` is given only
-    where a diffusers call removes it."""
+    diffusers hook is refused - each family runs differently on a strip than on the whole image, and
+    any other is unchecked - except layerwise casting of a leaf layer and, where `first_block_cache`
+    (a denoiser's), the first-block cache's. A hint `call ... first` is given only where a diffusers
+    call removes it."""
     if "_hf_hook" in module.__dict__:
         return ("an accelerate hook (CPU offload) moves its weights during the call, while patch parallelism "
                 "splits the activations across GPUs; call pipe.remove_all_hooks() first, then pipe.to(device)")
@@ -199,6 +213,8 @@ def hook_refusal(module: nn.Module, model: nn.Module, owner: str) -> str | None:
                 "parallelism beside parafuse's strips: load the model without it (parafuse splits the rows itself)")
     for hook in diffusers_hooks(module):
         what = type(hook).__name__
+        if first_block_cache and isinstance(hook, FIRST_BLOCK_CACHE_HOOKS):
+            continue
         if isinstance(hook, OFFLOAD_HOOKS):
             return (f"diffusers' group offloading ({what}) moves its weights between devices during the call, while "
                     f"patch parallelism splits the activations across GPUs: load the model again without "
@@ -213,12 +229,13 @@ def hook_refusal(module: nn.Module, model: nn.Module, owner: str) -> str | None:
             return (f"diffusers' context parallelism ({what}) splits this model's sequence across GPUs, a second "
                     f"parallelism beside parafuse's strips: load the model without enable_parallelism")
         if isinstance(hook, CACHE_HOOKS):
-            fix = (f"; call {owner}.disable_cache() first" if getattr(model, "is_cache_enabled", False)
-                   else ": load the model again without it")
+            removal = cache_removal(model, owner)
+            fix = f"; {removal}" if removal.startswith("call") else f": {removal}"
             return (f"diffusers' cache hook {what} skips computation by its own state (a statistic of the "
                     f"activations, which on a strip are this rank's rows alone, or a schedule that leaves "
                     f"parafuse's per-layer exchanges out of step), so the ranks could skip differently: a hang or "
-                    f"a wrong image{fix}")
+                    f"a wrong image (of diffusers' caches only the first-block cache runs on a parallel "
+                    f"denoiser){fix}")
         return (f"a diffusers hook ({what}) wraps this module's forward, which parafuse has not checked against "
                 f"strips: remove it (HookRegistry.remove_hook) before parallelizing")
     return None
@@ -227,15 +244,17 @@ def hook_refusal(module: nn.Module, model: nn.Module, owner: str) -> str | None:
 class DiffusersAdapter:
     name = "diffusers"
 
-    def __init__(self, owner: str = "the denoiser"):
+    def __init__(self, owner: str = "the denoiser", first_block_cache: bool = False):
         self.tracing = False       # set by the shape trace: patch modules run as the plain ones
         self.owner = owner         # how the hints name the model ("pipe.unet")
+        # a denoiser's: diffusers' first-block cache runs on its strip (parafuse.diffusers.cache)
+        self.first_block_cache = first_block_cache
 
     def check(self, model: nn.Module) -> None:
         """Raise UnsupportedModelError, naming the module, for anything that cannot be split by rows."""
         single = {id(b.attn) for b in model.modules() if isinstance(b, SD3SingleTransformerBlock)}
         for name, m in model.named_modules():
-            why = hook_refusal(m, model, self.owner)
+            why = hook_refusal(m, model, self.owner, self.first_block_cache)
             if why:
                 raise unsupported(name or self.owner, m, why)
             if isinstance(m, DiTTransformer2DModel):

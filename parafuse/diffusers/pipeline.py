@@ -336,7 +336,7 @@ def parallelize(pipe, config: PatchConfig | None = None, *, parallel_vae: bool =
         raise ConfigError(f"this {type(pipe).__name__} is already parallelized: keep using the pipeline the first "
                           f"parafuse.parallelize returned, or call its close() before parallelizing again")
     name, model = denoiser_of(pipe)
-    adapter = DiffusersAdapter(f"pipe.{name}")
+    adapter = DiffusersAdapter(f"pipe.{name}", first_block_cache=True)
     adapter.check(model)
     if settings.get("text_merge") is not None and not any(is_joint(m) or is_flux(m) for m in model.modules()):
         raise ConfigError(f"text_merge={settings['text_merge']!r} (--text-merge) merges the text queries of joint "
@@ -392,7 +392,7 @@ def strip_denoiser(model: nn.Module, session: PatchSession, adapter: DiffusersAd
     """The hooks that make `model` compute this rank's strip, its patch layers swapped in; a
     denoiser assigned after `parallelize` gets the same checks first."""
     if adapter is None:
-        adapter = DiffusersAdapter(owner)
+        adapter = DiffusersAdapter(owner, first_block_cache=True)
         adapter.check(model)
         dtype = compute_dtype(model)
         if dtype != session.config.torch_dtype:

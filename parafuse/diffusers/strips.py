@@ -33,6 +33,7 @@ from parafuse.checks import check_strip_memory
 from parafuse.diffusers.adapter import (DiffusersAdapter, StripAttnProcessor, StripDownsample2D, StripPatchEmbed,
                                         UnsupportedModelError, cast_layers, compute_dtype, diffusers_hooks,
                                         inner_processor)
+from parafuse.diffusers.cache import StripFirstBlockCache
 from parafuse.diffusers.freeu import StripFreeU, freeu_scales
 from parafuse.parallel.geometry import GeometryError, StripGeometry
 from parafuse.parallel.parallelize import parallelize as swap_layers, unparallelize
@@ -390,7 +391,9 @@ class StripDenoiser(StripModel):
     call returns.
 
     FreeU (`enable_freeu`), whose filter needs the whole image's low frequencies, runs on the strip
-    by hooks of its own on the U-Net's up blocks (`parafuse.diffusers.freeu`)."""
+    by hooks of its own on the U-Net's up blocks (`parafuse.diffusers.freeu`); diffusers' first-block
+    cache (`enable_cache(FirstBlockCacheConfig(...))`) by its own hooks, given parafuse's decision for
+    the image (`parafuse.diffusers.cache`)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -408,6 +411,7 @@ class StripDenoiser(StripModel):
         self._own_forward = None              # the forward begin_image shadowed (False: none of its own)
         self.partners: list = []              # the pipeline's StripControlNets (their strips must be these)
         self.freeu = StripFreeU(self)         # FreeU's filter of the whole image, on the strip
+        self.cache = StripFirstBlockCache(self)   # the first-block cache's whole-image decision
 
     def begin_image(self, sequential_cfg: bool = False) -> None:
         super().begin_image()
@@ -416,6 +420,7 @@ class StripDenoiser(StripModel):
                                         "which a CUDA graph's replay would not read: parallelize with "
                                         "cuda_graphs=False, or load the model without enable_layerwise_casting")
         self.active = True
+        self._direct = False        # a direct call refused before its evaluation left it set
         self._patched = self._modules_state()
         self.clock = StepClock(self.session.device)
         self.watch = self.session.watch(None)     # the pipeline's loop length is its own
@@ -432,12 +437,14 @@ class StripDenoiser(StripModel):
             if version != self._version:    # a module, processor or parameter changed: capture anew
                 self._graphs.clear()
                 self._version = version
+        self.cache.adopt()
         if self.sequential_cfg or self._graphs_on:   # an instance attribute, shadowing the class's forward
             self._own_forward = self.model.__dict__.get("forward", False)
             self.model.forward = self._branch_forward if self.sequential_cfg else self._forward
 
     def end_image(self) -> None:
         super().end_image()
+        self.cache.release()
         self._restore_forward()
         self._held = self._pair = None
         self.active = False
@@ -461,6 +468,7 @@ class StripDenoiser(StripModel):
                                         f"during an image (after evaluation {self.evaluations}): parafuse plans "
                                         f"each image once; change them between pipeline calls")
         StripModel.begin_image(self)
+        self.cache.adopt()
         self._patched = self._modules_state()
         if self._graphs_on:                   # the captured graphs ran the replaced modules
             self._graphs.clear()
@@ -535,6 +543,7 @@ class StripDenoiser(StripModel):
 
     def remove(self) -> None:
         self._restore_forward()
+        self.cache.release()
         self.freeu.remove()
         super().remove()
 
@@ -609,6 +618,7 @@ class StripDenoiser(StripModel):
         if not self.active:
             self._outside_call()
         self._check_modules()
+        self.cache.check_context()
         kwargs = listed_ip_masks(kwargs, self._sample(args, kwargs).device)
         if self.sequential_cfg:
             branch = self._calls % 2                  # the pipeline's order: conditional, then unconditional

@@ -16,7 +16,7 @@ import transformers  # noqa: E402,F401
 from parafuse.health import CHECK_EVERY  # noqa: E402
 from parafuse.parallel.transport import ring_bytes  # noqa: E402
 from support.diffusers_cases import (ALL_TORCHRUN_CASES, HEIGHT, STEPS, TORCHRUN_CASES, WIDTH,  # noqa: E402
-                                     call_kwargs, images, pipeline_path)
+                                     call_kwargs, flux_true_cfg_kwargs, images, pipeline_path)
 
 import parafuse  # noqa: E402
 from parafuse.diffusers import UnsupportedModelError, load_pipeline  # noqa: E402
@@ -996,15 +996,6 @@ def test_stale_text_merge_is_refused_outside_the_stale_modes(root):
             parafuse.parallelize(pipe(root, "sd3"), mode=mode, text_merge="stale")
     with pytest.raises(ValueError, match="unknown text_merge 'late'; valid: exact, stale"):
         parafuse.parallelize(pipe(root, "sd3"), mode="full", text_merge="late")
-
-
-def flux_true_cfg_kwargs():
-    """Flux with true classifier-free guidance: a negative prompt and true_cfg_scale > 1."""
-    g = torch.Generator().manual_seed(11)
-    kw = call_kwargs("flux")
-    kw.update(true_cfg_scale=2.5, negative_prompt_embeds=torch.randn(kw["prompt_embeds"].shape, generator=g),
-              negative_pooled_prompt_embeds=torch.randn(kw["pooled_prompt_embeds"].shape, generator=g))
-    return kw
 
 
 @pytest.mark.parametrize("n", [2, 4])

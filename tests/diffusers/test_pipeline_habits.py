@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 
-from support.diffusers_cases import call_kwargs, control_key, images, pipeline_path  # noqa: E402
+from support.diffusers_cases import STEPS, call_kwargs, control_key, flux_true_cfg_kwargs, images, pipeline_path  # noqa: E402
 
 import parafuse  # noqa: E402
 from parafuse.diffusers import UnsupportedModelError, load_pipeline  # noqa: E402
@@ -376,7 +376,7 @@ def _cache(name):
             "sea": lambda: SeaCacheConfig()}[name]()
 
 
-@pytest.mark.parametrize("cache", ["first-block", "pyramid", "faster", "taylorseer", "mag", "sea"])
+@pytest.mark.parametrize("cache", ["pyramid", "faster", "taylorseer", "mag", "sea"])
 def test_diffusers_caches_are_refused_and_the_hint_works(root, cache):
     plain = fresh(root, "flux")
     plain.transformer.enable_cache(_cache(cache))
@@ -384,11 +384,11 @@ def test_diffusers_caches_are_refused_and_the_hint_works(root, cache):
 
 
 def test_diffusers_cache_without_enable_cache_is_refused_without_a_call_hint(root):
-    from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+    from diffusers.hooks import apply_taylorseer_cache
 
     plain = fresh(root, "flux")
-    apply_first_block_cache(plain.transformer, FirstBlockCacheConfig(threshold=0.3))  # disable_cache cannot undo it
-    with pytest.raises(UnsupportedModelError, match=r"'transformer_blocks\.0'.*cache hook FBCHeadBlockHook.*"
+    apply_taylorseer_cache(plain.transformer, _cache("taylorseer"))       # disable_cache cannot undo it
+    with pytest.raises(UnsupportedModelError, match=r"cache hook TaylorSeerCacheHook.*"
                                                     r"load the model again without it") as e:
         parafuse.parallelize(plain, mode="sync")
     assert "; call" not in str(e.value)
@@ -420,18 +420,16 @@ def test_cache_enabled_after_parallelize_is_refused_before_compute(root):
     """Between calls: refused at the next call, on every rank, before the denoiser runs; the hint
     followed, the next call = diffusers. During an image (a step callback): refused at the next
     denoiser call, before that evaluation."""
-    from diffusers.hooks import FirstBlockCacheConfig
-
     def enable(pipe, i, t, kwargs):
-        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.3))
+        pipe.transformer.enable_cache(_cache("taylorseer"))
         return kwargs
 
     def call(par):
         images(par(**call_kwargs("flux")))
-        par.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.3))
+        par.transformer.enable_cache(_cache("taylorseer"))
         evaluations = []
         handle = par.transformer.register_forward_pre_hook(lambda *a: evaluations.append(1))
-        with pytest.raises(UnsupportedModelError, match=r"cache hook FBCHeadBlockHook.*; call "
+        with pytest.raises(UnsupportedModelError, match=r"cache hook TaylorSeerCacheHook.*; call "
                                                         r"pipe\.transformer\.disable_cache\(\) first") as between:
             par(**call_kwargs("flux"))
         ran_between = len(evaluations)
@@ -571,6 +569,203 @@ def test_layerwise_casting_full_mode_within_3db_of_full_without_it(root, family)
     plain = emulate_pipeline(fresh(root, family), 2, lambda p: images(p(**call_kwargs(family))), **settings)
     with_cast, without = psnr(run[0][0], cast_ref(root, family)), psnr(plain[0][0], sync_ref(root, family))
     assert with_cast >= without - 3, (with_cast, without)
+
+
+# ---- diffusers' first-block cache on the parallel denoiser (Flux) -----------------------------------
+# the tiny Flux, 3 steps: at this threshold step 1 skips the blocks after the first (the whole image's
+# ratio is 0.325) and step 2 runs them; at step 1 the last strip's own ratio is above it (N = 2: 0.334,
+# N = 3: 0.337) - the tests check both from diffusers' own residuals
+FBC_THRESHOLD = 0.33
+
+
+def fbc(pipe, threshold=FBC_THRESHOLD):
+    """`pipe` with diffusers' first-block cache on its transformer, as users enable it."""
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    return pipe
+
+
+def tail_runs(transformer) -> list:
+    """A list that grows by one at every evaluation whose last block runs (not skipped by the cache;
+    the shape-only runs' fake tensors not counted)."""
+    runs = []
+    last = transformer.single_transformer_blocks[-1].proj_out
+    last.register_forward_pre_hook(lambda m, a: runs.append(1) if type(a[0]) is torch.Tensor else None)
+    return runs
+
+
+def fbc_reference(root, kwargs, threshold=FBC_THRESHOLD):
+    """diffusers' own image with the cache, how many evaluations ran every block, and each decision
+    diffusers took: (cache context, residual, the last computed residual, whether it computed)."""
+    from parafuse.diffusers.adapter import diffusers_hooks
+
+    plain = fbc(fresh(root, "flux"), threshold)
+    head = diffusers_hooks(plain.transformer.transformer_blocks[0])[0]
+    decide, decisions = head._should_compute_remaining_blocks, []
+
+    def spy(residual):
+        last = head.state_manager.get_state().head_block_residual
+        computes = decide(residual)
+        if last is not None:
+            decisions.append((head.state_manager.context.name, residual, last, computes))
+        return computes
+    head._should_compute_remaining_blocks = spy
+    runs = tail_runs(plain.transformer)
+    return images(plain(**kwargs)), len(runs), decisions
+
+
+def ratio(residual, last) -> float:
+    """diffusers' statistic: mean |residual - last| / mean |last|."""
+    return ((residual - last).abs().mean() / last.abs().mean()).item()
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_first_block_cache_sync_equals_diffusers(root, n):
+    """The cache enabled before parallelize, sync, N = 2 and 3 (uneven strips: 7, 7, 6 token rows):
+    = diffusers with the same cache, which skips one step's tail and changes the image; every rank
+    runs the tail at the steps diffusers runs it, although at the skipped step one strip's own rows
+    are above the threshold (a rank deciding alone would compute). The decision's sums are counted
+    under `reduce`: 8 bytes to each other strip per decision (every evaluation after the first)."""
+    ref, computed, decisions = fbc_reference(root, call_kwargs("flux"))
+    assert 0 < computed < STEPS and len(decisions) == STEPS - 1
+    assert (ref - sync_ref(root, "flux")).abs().max() > 10 * SYNC_TOL         # the cache changes the image
+
+    def call(par):
+        runs = tail_runs(par.transformer)
+        return images(par(**call_kwargs("flux"))), len(runs), par.strips._token_span()
+    outs = emulate_pipeline(fresh(root, "flux"), n, call, prepare=fbc, mode="sync")
+    assert (outs[0][0][0] - ref).abs().max() <= SYNC_TOL
+    for (_, runs, _), stats in outs:
+        assert runs == computed
+        assert stats["bytes_sent"]["reduce"] == stats["bytes_received"]["reduce"] == len(decisions) * 8 * (n - 1)
+    _, residual, last, _ = next(d for d in decisions if not d[3])
+    alone = [ratio(residual[:, a:b], last[:, a:b]) for (_, _, (a, b)), _ in outs]
+    assert ratio(residual, last) < FBC_THRESHOLD < max(alone)
+
+
+def test_first_block_cache_enabled_after_parallelize_disabled_between_calls_and_after_close(root):
+    """`enable_cache` on the parallel pipeline's transformer between calls, then `disable_cache()`,
+    N = 3: = diffusers' plain image, its cached image and the plain image again, with `reduce`
+    bytes only with the cache. Between calls and after `close()` the hooks are diffusers' own: the
+    raw pipeline, its cache enabled again, = diffusers."""
+    from diffusers.hooks.first_block_cache import FBCHeadBlockHook
+
+    from parafuse.diffusers.adapter import diffusers_hooks
+
+    def call(par):
+        got = [images(par(**call_kwargs("flux")))]
+        fbc(par)
+        got.append(images(par(**call_kwargs("flux"))))
+        reduced = par.rank_stats["bytes_sent"]["reduce"]
+        own = type(diffusers_hooks(par.transformer.transformer_blocks[0])[0]) is FBCHeadBlockHook
+        par.transformer.disable_cache()
+        got.append(images(par(**call_kwargs("flux"))))
+        fbc(par)
+        return got, reduced, par.rank_stats["bytes_sent"]["reduce"], own, par.pipe
+    outs = emulate_pipeline(fresh(root, "flux"), 3, call, mode="sync")
+    ref = fbc_reference(root, call_kwargs("flux"))[0]
+    (plain, cached, off), _, _, _, raw = outs[0][0]
+    assert (plain - sync_ref(root, "flux")).abs().max() <= SYNC_TOL
+    assert (off - sync_ref(root, "flux")).abs().max() <= SYNC_TOL
+    assert (cached - ref).abs().max() <= SYNC_TOL
+    assert all(reduced > 0 and after == 0 and own for (_, reduced, after, own, _), _ in outs)
+    assert (images(raw(**call_kwargs("flux"))) - ref).abs().max() <= SYNC_TOL
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_first_block_cache_with_true_cfg_and_cfg_parallel_equals_diffusers(root, n):
+    """Flux's true CFG with cfg_parallel, N = 4 (2 branches x 2 strips; N = 2: each branch's whole
+    image on one rank, diffusers' own decision), sync: = diffusers, which keeps one cache state per
+    branch (`cache_context("cond")`, `("uncond")`) and at this threshold skips the conditional
+    branch's tail at step 1 only; each branch's ranks decide for their own branch, summing over
+    their own strips."""
+    threshold = 0.34
+    ref, computed, decisions = fbc_reference(root, flux_true_cfg_kwargs(), threshold)
+    runs_of = {name: STEPS - sum(not d[3] for d in decisions if d[0] == name) for name in ("cond", "uncond")}
+    assert runs_of == {"cond": STEPS - 1, "uncond": STEPS} and computed == sum(runs_of.values())
+
+    def call(par):
+        runs = tail_runs(par.transformer)
+        return images(par(**flux_true_cfg_kwargs())), len(runs), par.layout.branch
+    outs = emulate_pipeline(fresh(root, "flux"), n, call, prepare=lambda p: fbc(p, threshold), mode="sync",
+                            cfg_parallel=True)
+    assert (outs[0][0][0] - ref).abs().max() <= SYNC_TOL
+    for (_, runs, branch), stats in outs:
+        assert runs == runs_of[("cond", "uncond")[branch]]
+        assert stats["bytes_sent"]["reduce"] == (STEPS - 1) * 8 * (n // 2 - 1)
+
+
+@pytest.mark.parametrize("mode", ["full", "none"])
+def test_first_block_cache_full_and_none_within_3db_of_the_pipeline_without_it(root, mode):
+    """Mode full (N = 2) with the cache skipping a step's tail: its blocks post no exchange, on every
+    rank, and wait for their last one at their next use; within 3 dB of the same mode without the
+    cache, each against its own diffusers output. Mode none too (whose text merge still exchanges:
+    ranks deciding alone posted different exchanges there)."""
+    settings = dict(mode=mode, warmup_steps=1)
+    ref = fbc_reference(root, call_kwargs("flux"))[0]
+
+    def call(par):
+        runs = tail_runs(par.transformer)
+        return images(par(**call_kwargs("flux"))), len(runs)
+    run = emulate_pipeline(fresh(root, "flux"), 2, call, prepare=fbc, **settings)
+    plain = emulate_pipeline(fresh(root, "flux"), 2, lambda p: images(p(**call_kwargs("flux"))), **settings)
+    assert all(runs < STEPS for (_, runs), _ in run)
+    with_cache, without = psnr(run[0][0][0], ref), psnr(plain[0][0], sync_ref(root, "flux"))
+    assert with_cache >= without - 3, (with_cache, without)
+
+
+def test_first_block_cache_refusals_before_compute(root):
+    """Refused before the denoiser runs, on every rank, one line each: with parafuse's CUDA graphs
+    (a host decision inside the denoiser call); in a pipeline whose loop sets no cache context
+    (PixArt's, the cache applied by `apply_first_block_cache`: diffusers itself fails inside the
+    first block there) and in a direct transformer call outside `cache_context`, after which the
+    pipeline's call = diffusers; with cfg_parallel where one call holds both guidance branches
+    (PixArt's)."""
+    from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+
+    def graphed(par):
+        par.strips.graphed = True
+        evaluations = []
+        par.transformer.register_forward_pre_hook(lambda *a: evaluations.append(1))
+        with pytest.raises(UnsupportedModelError, match=r"first-block cache decides on the host.*cuda_graphs=False, "
+                                                        r"or call pipe\.transformer\.disable_cache\(\) first"):
+            par(**call_kwargs("flux"))
+        return len(evaluations)
+    assert all(o[0] == 0 for o in emulate_pipeline(fresh(root, "flux"), 2, graphed, prepare=fbc, mode="full",
+                                                   warmup_steps=1))
+
+    plain, arguments = fresh(root, "flux"), []
+    handle = plain.transformer.register_forward_pre_hook(lambda m, a, k: arguments.append(k), with_kwargs=True)
+    plain(**call_kwargs("flux"))
+    handle.remove()
+
+    def direct(par):
+        with pytest.raises(UnsupportedModelError, match=r"called outside one .*call pipe\.transformer\."
+                                                        r"disable_cache\(\) first"):
+            par.transformer(**arguments[0])
+        return images(par(**call_kwargs("flux")))
+    out = emulate_pipeline(fresh(root, "flux"), 2, direct, prepare=fbc, mode="sync")[0][0]
+    assert (out - fbc_reference(root, call_kwargs("flux"))[0]).abs().max() <= SYNC_TOL
+
+    def cached(pipe):
+        apply_first_block_cache(pipe.transformer, FirstBlockCacheConfig(threshold=FBC_THRESHOLD))
+        return pipe
+    with pytest.raises(ValueError, match="No cache context is set"):
+        cached(fresh(root, "pixart"))(**call_kwargs("pixart"))
+
+    def uncontexted(par):
+        evaluations = []
+        par.transformer.transformer_blocks[0].register_forward_pre_hook(lambda *a: evaluations.append(1))
+        with pytest.raises(UnsupportedModelError, match=r"outside one .* load the model again without it"):
+            par(**call_kwargs("pixart"))
+        return len(evaluations)
+    assert all(o[0] == 0 for o in emulate_pipeline(fresh(root, "pixart"), 2, uncontexted, prepare=cached,
+                                                   mode="sync"))
+    with pytest.raises(RuntimeError, match=r"decides from the whole CFG batch.*cfg_parallel=False, or load the "
+                                           r"model again without it"):
+        emulate_pipeline(fresh(root, "pixart"), 2, lambda p: p(**call_kwargs("pixart")), prepare=cached,
+                         mode="sync", cfg_parallel=True)
 
 
 def test_dit_is_refused_by_parallelize():

@@ -1,12 +1,23 @@
 """The diffusers pipelines' test cases: the tiny pipelines and their calls (parafuse.diffusers.tiny)
 and the torchrun cases the worker runs."""
+import torch
+
 from parafuse.diffusers.tiny import (BUILDERS, HEIGHT, POOLED_DIM, STEPS, TEXT_DIM, TEXT_LEN, WIDTH, call_kwargs,
                                      control_image, control_key, controlnet_kwargs, family_kwargs, image_kwargs,
                                      images, pipeline_path)
 
 __all__ = ["BUILDERS", "HEIGHT", "POOLED_DIM", "STEPS", "TEXT_DIM", "TEXT_LEN", "WIDTH", "TORCHRUN_CASES",
            "NAMED_TORCHRUN_CASES", "ALL_TORCHRUN_CASES", "call_kwargs", "control_image", "control_key",
-           "controlnet_kwargs", "family_kwargs", "image_kwargs", "images", "pipeline_path"]
+           "controlnet_kwargs", "family_kwargs", "flux_true_cfg_kwargs", "image_kwargs", "images", "pipeline_path"]
+
+
+def flux_true_cfg_kwargs():
+    """Flux with true classifier-free guidance: a negative prompt and true_cfg_scale > 1."""
+    g = torch.Generator().manual_seed(11)
+    kw = call_kwargs("flux")
+    kw.update(true_cfg_scale=2.5, negative_prompt_embeds=torch.randn(kw["prompt_embeds"].shape, generator=g),
+              negative_pooled_prompt_embeds=torch.randn(kw["pooled_prompt_embeds"].shape, generator=g))
+    return kw
 
 # torchrun cases: name -> (family, parallelize kwargs)
 TORCHRUN_CASES = {
