@@ -28,9 +28,9 @@ diffusers has one; a denoiser's first-block cache is the exception (it runs on t
 
 diffusers' layerwise casting of leaf layers (`enable_layerwise_casting`) runs on a strip: each layer
 keeps its weights in the storage dtype and casts them around its own forward, a patch layer swapped
-in for it included (`parafuse.parallel.layers.stand_in` puts the hook on it); the K/V projections
-are called as modules when a hook is on them (`_project_kv`), and the shape-only runs give the cast
-layers fake weights of their compute dtype (`DiffusersAdapter.shape_run`).
+in for it included (`keep_layerwise_casting`, a rule of every swap: `parafuse.parallel.layers.stand_in`);
+the K/V projections are called as modules when a hook is on them (`_project_kv`), and the shape-only
+runs give the cast layers fake weights of their compute dtype (`DiffusersAdapter.shape_run`).
 
 PEFT LoRA: `to_k`/`to_v` write into the K/V buffer with one GEMM each while they are plain
 `nn.Linear` layers, reading their weights at every call (never a cached [W_k; W_v], which PEFT's
@@ -59,7 +59,7 @@ from diffusers.models.transformers.transformer_sd3 import SD3SingleTransformerBl
 from parafuse.attention import attention
 from parafuse.parallel.adapter import BUILTIN
 from parafuse.parallel.engine import ExchangeEngine
-from parafuse.parallel.layers import PatchConv2d, PatchGroupNorm, _adopt
+from parafuse.parallel.layers import STAND_IN_RULES, PatchConv2d, PatchGroupNorm, _adopt
 
 try:                                   # the newer attention classes (Flux, Wan, ...): Flux's is split
     from diffusers.models.attention import AttentionModuleMixin
@@ -174,6 +174,24 @@ def diffusers_hooks(module: nn.Module) -> list:
     `cache_context` and removed hooks leave behind)."""
     registry = module.__dict__.get("_diffusers_hook")
     return list(registry.hooks.values()) if isinstance(registry, HookRegistry) else []
+
+
+def keep_layerwise_casting(module: nn.Module, new: nn.Module) -> None:
+    """A layer swapped in for `module` (`parafuse.parallel.layers.stand_in`) takes no diffusers hook
+    registry of `module`'s (its hooks call `module`); diffusers' layerwise casting, the one hook a
+    swapped layer keeps (the others are refused before any layer is swapped), is put on `new` by
+    diffusers' own call, so that it casts the weights around `new`'s forward as around `module`'s."""
+    registry = new.__dict__.pop("_diffusers_hook", None)
+    if registry is None:
+        return
+    from diffusers.hooks.layerwise_casting import apply_layerwise_casting_hook
+
+    for hook in registry.hooks.values():
+        if isinstance(hook, LAYER_CASTING):
+            apply_layerwise_casting_hook(new, hook.storage_dtype, hook.compute_dtype, hook.non_blocking)
+
+
+STAND_IN_RULES.append(keep_layerwise_casting)        # the swaps of every diffusers model keep it
 
 
 def cast_layers(model: nn.Module) -> list[tuple[nn.Module, object]]:

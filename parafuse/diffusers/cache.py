@@ -65,8 +65,9 @@ class StripHeadHook(FBCHeadBlockHook):
             return super()._should_compute_remaining_blocks(hidden_states_residual)
         sums = torch.stack([(hidden_states_residual - previous).abs().sum(dtype=torch.float32),
                             previous.abs().sum(dtype=torch.float32)])
-        change, scale = self.cache.reduce.sum(sums).tolist()
-        return change / scale > self.threshold
+        change, scale = self.cache.reduce.sum(sums)
+        # a tensor ratio, as diffusers': a zero residual gives NaN or inf, not a ZeroDivisionError
+        return bool(change / scale > self.threshold)
 
 
 class StripStateManager(StateManager):

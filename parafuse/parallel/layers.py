@@ -24,24 +24,22 @@ def _adopt(cls, module: nn.Module, engine: ExchangeEngine, key: str):
     return new
 
 
+# what else a swapped layer keeps of the module it stands for, each rule `rule(module, new)`: a model
+# family's adapter registers its own (parafuse.diffusers.adapter: diffusers' layerwise casting), so
+# that this layer imports no family
+STAND_IN_RULES: list = []
+
+
 def stand_in(cls, module: nn.Module, drop: tuple[str, ...] = ()) -> nn.Module:
     """A `cls` instance standing for `module` (a patch layer swapped in, or the plain layer swapped
-    back): `module`'s parameters, buffers and settings, less `drop` and what is bound to `module`
-    itself - a `forward` on the instance (a hook's wrapper, or the plain layer's own forward that a
-    removed hook - accelerate's `remove_all_hooks`, diffusers' `remove_hook` - leaves bound there,
-    which would shadow `cls`'s) and diffusers' hook registry, whose hooks call `module`. diffusers'
-    layerwise casting, the one hook a swapped layer keeps (the others are refused before any layer
-    is swapped), is put on the new instance by diffusers' own call, so that it casts the weights
-    around `cls`'s forward as around `module`'s."""
+    back): `module`'s parameters, buffers and settings, less `drop` and a `forward` on the instance
+    (a hook's wrapper, or the plain layer's own forward that a removed hook - accelerate's
+    `remove_all_hooks`, diffusers' `remove_hook` - leaves bound to `module`, which would shadow
+    `cls`'s); then the families' `STAND_IN_RULES`."""
     new = cls.__new__(cls)
-    new.__dict__ = {k: v for k, v in module.__dict__.items() if k not in ("forward", "_diffusers_hook") + drop}
-    registry = module.__dict__.get("_diffusers_hook")
-    if registry is not None:              # only diffusers makes one: it is installed
-        from diffusers.hooks.layerwise_casting import LayerwiseCastingHook, apply_layerwise_casting_hook
-
-        for hook in registry.hooks.values():
-            if isinstance(hook, LayerwiseCastingHook):
-                apply_layerwise_casting_hook(new, hook.storage_dtype, hook.compute_dtype, hook.non_blocking)
+    new.__dict__ = {k: v for k, v in module.__dict__.items() if k not in ("forward",) + drop}
+    for rule in STAND_IN_RULES:
+        rule(module, new)
     return new
 
 
