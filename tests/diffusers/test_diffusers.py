@@ -1037,6 +1037,7 @@ def test_flux_true_cfg_runs_cfg_parallel(root, n):
     outs = emulate_pipeline(pipe(root, "flux"), n, lambda p: images(p(**flux_true_cfg_kwargs())), mode="sync",
                             cfg_parallel=True)
     assert (outs[0][0] - ref).abs().max() <= SYNC_TOL
+    same_latent_on_every_rank(outs)             # each branch's output swapped whole with the other's
     latent = ref.numel() * 4
     for _, stats in outs:
         assert stats["evaluations"] == STEPS                           # one evaluation a step, its own branch
