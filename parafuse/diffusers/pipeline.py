@@ -5,11 +5,14 @@
 
 Every rank (launched by torchrun) calls the returned pipeline with the same arguments, generator
 seed included. The pipeline's own loop, scheduler and output types are kept: rank 0 gets the
-pipeline's usual output, every other rank None. The VAE runs by strips too (`parallel_vae`,
-always synchronous: equal to the plain VAE): its encoder (img2img, inpainting) with the encoded
-latent gathered on every rank, its decoder with the image gathered on rank 0; without it, every
-rank encodes the whole image and only rank 0 decodes. `rank_stats` holds this rank's bytes per
-kind after each call (the VAE's included).
+pipeline's usual output, every other rank None - except with `output_type="latent"`, which every
+rank gets: each runs the scheduler on the whole latent from the same gathered denoiser output (its
+CFG halves in the same order with cfg_parallel; in every mode), so the ranks' latents are the same
+bits, and a base's latents go to a refiner's call on every rank without a broadcast. The VAE runs
+by strips too (`parallel_vae`, always synchronous: equal to the plain VAE): its encoder (img2img,
+inpainting) with the encoded latent gathered on every rank, its decoder with the image gathered on
+rank 0; without it, every rank encodes the whole image and only rank 0 decodes. `rank_stats` holds
+this rank's bytes per kind after each call (the VAE's included).
 """
 from __future__ import annotations
 
@@ -144,6 +147,7 @@ class ParallelPipeline:
             raise UnsupportedModelError("the VAE encodes and decodes by strips across the ranks; tiling would cut "
                                         "them again: call pipe.vae.disable_tiling(), or parallelize with "
                                         "parallel_vae=False")
+        latent_asked = kwargs.get("output_type") == "latent"       # then every rank returns its latent
         if self.layout.rank != 0 and self.decoder is None:
             kwargs["output_type"] = "latent"         # only rank 0 decodes
         self.session.reset_counts()
@@ -170,7 +174,7 @@ class ParallelPipeline:
         self.timing = {"total_seconds": time.perf_counter() - start, "step_seconds": strips.clock.seconds()}
         rows = None if strips.geometry is None else strips.geometry.rows[self.layout.patch_index]
         self.rank_stats = self.session.rank_stats(rows, strips.state_bytes, strips.evaluations)
-        return out if self.layout.rank == 0 else None
+        return out if self.layout.rank == 0 or latent_asked else None
 
     def _same_call_on_every_rank(self, args: tuple, kwargs: dict) -> dict:
         """Before any compute of an image: every argument of the call (tensors and images by

@@ -174,7 +174,8 @@ def call_kwargs(family: str, guidance: float = 3.0, seed: int = 0, output_type: 
 
 
 def images(out) -> torch.Tensor | None:
-    """The pipeline output's images (latents with output_type="latent"); None on ranks other than 0."""
+    """The pipeline output's images (latents with output_type="latent", which every rank gets); None
+    where the call returned none (an image's output, on ranks other than 0)."""
     return None if out is None else out.images
 
 

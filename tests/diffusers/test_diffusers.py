@@ -15,8 +15,9 @@ import transformers  # noqa: E402,F401
 
 from parafuse.health import CHECK_EVERY  # noqa: E402
 from parafuse.parallel.transport import ring_bytes  # noqa: E402
-from support.diffusers_cases import (ALL_TORCHRUN_CASES, HEIGHT, STEPS, TORCHRUN_CASES, WIDTH,  # noqa: E402
-                                     call_kwargs, flux_true_cfg_kwargs, images, pipeline_path)
+from support.diffusers_cases import (ALL_TORCHRUN_CASES, HANDOFFS, HEIGHT, PREPARED, STEPS, TORCHRUN_CASES,  # noqa: E402
+                                     WIDTH, base_kwargs, call_kwargs, family_kwargs, flux_true_cfg_kwargs, images,
+                                     ip_adapter, ip_masks, pipeline_path, refiner_kwargs, two_ip_adapters)
 
 import parafuse  # noqa: E402
 from parafuse.diffusers import UnsupportedModelError, load_pipeline  # noqa: E402
@@ -65,8 +66,14 @@ def test_sync_equals_diffusers(root, family, n):
     ref = serial(root, family)
     assert ref.abs().max() > 0.1                        # a real output, not an untrained model's zeros
     assert (outs[0][0] - ref).abs().max() <= SYNC_TOL
-    assert all(out is None for out, _ in outs[1:]), "ranks other than 0 get None"
+    same_latent_on_every_rank(outs)
     assert [stats["evaluations"] for _, stats in outs] == [STEPS] * n
+
+
+def same_latent_on_every_rank(outs) -> None:
+    """output_type="latent": every rank returns the latent, the same bits as rank 0's (each ran the
+    scheduler on the whole latent from the same gathered denoiser output)."""
+    assert all(torch.equal(out, outs[0][0]) for out, _ in outs[1:]), "a rank's latent differs from rank 0's"
 
 
 def test_sync_decoded_images_equal_diffusers(root):
@@ -74,6 +81,7 @@ def test_sync_decoded_images_equal_diffusers(root):
     ref = pipe(root, "sd")(**call_kwargs("sd", output_type="pt")).images
     assert outs[0][0].images.shape == ref.shape
     assert (outs[0][0].images - ref).abs().max() <= SYNC_TOL
+    assert all(out is None for out, _ in outs[1:]), "an image: ranks other than 0 get None"
 
 
 def test_bytes_closed_form_and_modes(root):
@@ -95,6 +103,8 @@ def test_bytes_closed_form_and_modes(root):
         assert sum(none.values()) == none["gather"] + none["control"]
         assert runs["partial"][r][1]["bytes_sent"]["attn_kv"] < runs["full"][r][1]["bytes_sent"]["attn_kv"]
         assert runs["sync"][r][1]["bytes_sent"] == runs["full"][r][1]["bytes_sent"]
+    for outs in runs.values():                  # stale or not, every rank steps the same gathered output
+        same_latent_on_every_rank(outs)
     quality = {mode: psnr(outs[0][0], ref) for mode, outs in runs.items()}
     assert quality["sync"] > 80
     for mode in ("full", "partial"):          # stale neighbours, fresh own strip: far better than none
@@ -106,6 +116,8 @@ def launch_torchrun(root, out, n, cases):
     rank's saved output and byte counts."""
     for name in cases:
         pipeline_path(root, ALL_TORCHRUN_CASES[name][0])
+        if name in HANDOFFS:
+            pipeline_path(root, HANDOFFS[name])
     proc = launch.run(n, os.path.join(ROOT, "tests", "support", "diffusers_worker.py"), root, str(out), *cases)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {name: [torch.load(out / f"{name}.rank{r}.pt", weights_only=False) for r in range(n)] for name in cases}
@@ -133,7 +145,7 @@ def test_torchrun_three_ranks(root, tmp_path):
 def test_torchrun_sync_equals_diffusers(root, torchrun_run):
     n, got = torchrun_run
     assert (got["sd-sync"][0]["images"] - serial(root, "sd")).abs().max() <= SYNC_TOL
-    assert got["sd-sync"][1]["images"] is None
+    assert torch.equal(got["sd-sync"][1]["images"], got["sd-sync"][0]["images"])     # the latent, on every rank
 
 
 @pytest.mark.parametrize("case", ["sd-full", "pixart-partial", "sd3-partial", "flux-partial", "flux-full-exact"])
@@ -147,12 +159,64 @@ def test_torchrun_async_modes_equal_emulator(root, torchrun_run, case):
     assert (emu[0][0] - serial(root, family)).abs().max() > 1e-3, "a stale mode that equals sync exchanged too much"
 
 
+def prepared(root, case):
+    """Case `case`'s pipeline as each of its ranks prepares it (a copy of the family's, with what
+    PREPARED loads or enables on it) and its call (fresh keyword arguments at each call)."""
+    import copy
+
+    family = ALL_TORCHRUN_CASES[case][0]
+    plain = copy.deepcopy(pipe(root, family))
+    return plain, PREPARED[case](plain) if case in PREPARED else lambda: family_kwargs(family)
+
+
+@pytest.mark.parametrize("case", ["sd-ip-masks-sync", "sd-freeu-sync", "sd-img2img-sync"])
+def test_torchrun_per_process_state_sync_equals_diffusers(root, torchrun_run, case):
+    """IP-Adapter masks (two adapters loaded in each process), FreeU (enabled in each) and img2img
+    (the VAE encoder by strips), each rank's pipeline its own process's (gloo, N = 2): sync =
+    diffusers with the same adapters, masks, FreeU or image."""
+    n, got = torchrun_run
+    plain, call = prepared(root, case)
+    ref = images(plain(**call()))
+    assert (got[case][0]["images"] - ref).abs().max() <= SYNC_TOL
+
+
+@pytest.mark.parametrize("case,kind", [("sd-freeu-full", "reduce"), ("sd-img2img-sync", "gather")])
+def test_torchrun_freeu_and_the_split_encoder_equal_the_emulator(root, torchrun_run, case, kind):
+    """FreeU in a stale mode (its coefficients' reduction over gloo, kind reduce) and img2img's
+    encoder by strips (its latent distribution gathered on every rank, kind gather): every rank's
+    latent and bytes, sent and received, = the emulator's."""
+    n, got = torchrun_run
+    plain, call = prepared(root, case)
+    emu = emulate_pipeline(plain, n, lambda p: images(p(**call())), **ALL_TORCHRUN_CASES[case][1])
+    for r in range(n):
+        assert (got[case][r]["images"] - emu[r][0]).abs().max() <= 1e-5
+        for sent in ("bytes_sent", "bytes_received"):
+            assert got[case][r]["rank_stats"][sent] == emu[r][1][sent]
+        assert got[case][r]["rank_stats"]["bytes_sent"][kind] > 0
+
+
+def test_torchrun_refiner_takes_every_ranks_own_base_latents(root, torchrun_run):
+    """The SDXL base to refiner handoff under torchrun (gloo, N = 2), no broadcast: the base's
+    latent output, on every rank, is the same bits in both processes and = diffusers'; each rank's
+    refiner, called with its own rank's latents, = diffusers' refiner output."""
+    n, got = torchrun_run
+    runs = got["sdxl-refiner-handoff"]
+    base = images(pipe(root, "sdxl")(**base_kwargs()))
+    ref = images(pipe(root, "sdxl-refiner")(**refiner_kwargs(base)))
+    for r in range(n):
+        assert torch.equal(runs[r]["base_latents"], runs[0]["base_latents"])
+        assert torch.equal(runs[r]["images"], runs[0]["images"])
+    assert (runs[0]["base_latents"] - base).abs().max() <= SYNC_TOL
+    assert (runs[0]["images"] - ref).abs().max() <= SYNC_TOL
+
+
 @pytest.mark.parametrize("family,n", [("sd", 2), ("sd", 4), ("sdxl", 2)])
 def test_cfg_parallel_sync_equals_diffusers(root, family, n):
     """The two guidance branches on two groups of n/2 strips each (n = 2: one strip per branch);
     every batched argument is halved (SDXL: its added text/time conditioning too)."""
     outs = emulated(root, family, n, mode="sync", cfg_parallel=True)
     assert (outs[0][0] - serial(root, family)).abs().max() <= SYNC_TOL
+    same_latent_on_every_rank(outs)             # the two branches' halves joined in the same order
     assert outs[0][1]["bytes_sent"]["cfg"] > 0
 
 
@@ -276,28 +340,6 @@ def test_peft_lora_loaded_before_or_after_parallelize_keeps_working(root):
     assert (loaded - ref).abs().max() <= SYNC_TOL and (fused - ref).abs().max() <= SYNC_TOL
 
 
-def ip_adapter(unet, image_dim: int = 8, seed: int = 0) -> dict:
-    """A random IP-Adapter in diffusers' state-dict format for `unet`: the image projection (an image
-    embedding of `image_dim` to 4 tokens) and a to_k_ip / to_v_ip pair per cross-attention, numbered
-    as diffusers numbers them (1, 3, 5, ... over `attn_processors`, the cross-attentions' ids)."""
-    g = torch.Generator().manual_seed(seed)
-    cross = unet.config.cross_attention_dim
-    proj = {"proj.weight": torch.randn(4 * cross, image_dim, generator=g), "proj.bias": torch.zeros(4 * cross),
-            "norm.weight": torch.ones(cross), "norm.bias": torch.zeros(cross)}
-    ip, key_id = {}, 1
-    for name in unet.attn_processors:
-        if name.endswith("attn1.processor"):
-            continue
-        block = name.split(".")[0]
-        width = (unet.config.block_out_channels[-1] if block == "mid_block" else
-                 unet.config.block_out_channels[int(name.split(".")[1])] if block == "down_blocks" else
-                 list(reversed(unet.config.block_out_channels))[int(name.split(".")[1])])
-        for kind in ("to_k_ip", "to_v_ip"):
-            ip[f"{key_id}.{kind}.weight"] = torch.randn(width, cross, generator=g) / cross ** 0.5
-        key_id += 2
-    return {"image_proj": proj, "ip_adapter": ip}
-
-
 def test_ip_adapter_loaded_before_or_after_parallelize_keeps_working(root):
     """diffusers' IP-Adapter (`load_ip_adapter`: new processors on every attention, the
     cross-attentions' with image K/V projections, and an image projection on the U-Net), loaded
@@ -341,29 +383,6 @@ def test_ip_adapter_loaded_before_or_after_parallelize_keeps_working(root):
     plain.set_ip_adapter_scale(0.4)
     at_04 = images(plain(**kwargs()))
     assert (partly - at_04).abs().max() <= SYNC_TOL and (at_04 - ref).abs().max() > 1e-2
-
-
-def ip_masks() -> list:
-    """IP-Adapter masks for two adapters, one [1, images, H, W] tensor each (as diffusers'
-    `IPAdapterMaskProcessor.preprocess` gives them): the first adapter's two images at the image's
-    size (160 x 96, not square), one on the top-left block, one on a bottom-right block; the second's
-    one image on a square mask, whose aspect diffusers' downsample guesses as a 30 x 32 grid for the
-    40 x 24 latent - what a strip's mask must reproduce too."""
-    first = torch.zeros(1, 2, HEIGHT, WIDTH)
-    first[0, 0, : HEIGHT * 3 // 5, : WIDTH // 2] = 1
-    first[0, 1, HEIGHT // 4:, WIDTH // 3:] = 1
-    second = torch.zeros(1, 1, 64, 64)
-    second[0, 0, 10:40, 20:] = 1
-    return [first, second]
-
-
-def two_ip_adapters(p, images_per_adapter=(2, 1)) -> dict:
-    """Two IP-Adapters loaded on `p`; the call's image embeddings (negative, positive), as many
-    images for each adapter as `images_per_adapter` says."""
-    p.load_ip_adapter([ip_adapter(p.unet, seed=0), ip_adapter(p.unet, seed=1)], subfolder=["", ""],
-                      weight_name=["", ""], image_encoder_folder=None, low_cpu_mem_usage=False)
-    g = torch.Generator().manual_seed(1)
-    return {"ip_adapter_image_embeds": [torch.randn(2, k, 8, generator=g) for k in images_per_adapter]}
 
 
 _masked = {}
@@ -1009,6 +1028,7 @@ def test_flux_true_cfg_runs_cfg_parallel(root, n):
     outs = emulate_pipeline(pipe(root, "flux"), n, lambda p: images(p(**flux_true_cfg_kwargs())), mode="sync",
                             cfg_parallel=True)
     assert (outs[0][0] - ref).abs().max() <= SYNC_TOL
+    same_latent_on_every_rank(outs)             # each branch's output swapped whole with the other's
     latent = ref.numel() * 4
     for _, stats in outs:
         assert stats["evaluations"] == STEPS                           # one evaluation a step, its own branch
