@@ -142,6 +142,16 @@ def test_torchrun_three_ranks(root, tmp_path):
         assert got["flux-partial"][r]["rank_stats"]["bytes_sent"] == emu[r][1]["bytes_sent"]
 
 
+def test_torchrun_ranks_leave_every_call_with_rank_zeros_global_rng(root, torchrun_run):
+    """Each rank seeds its global RNG apart before the call (the worker); every call gives every rank
+    rank 0's global RNG state (`share_global_rng`), whose draws diffusers makes where a pipeline
+    passes no generator: after the call, the ranks draw the same numbers, in every case."""
+    n, got = torchrun_run
+    for name, ranks in got.items():
+        for r in range(1, n):
+            assert torch.equal(ranks[r]["global_draw"], ranks[0]["global_draw"]), (name, r)
+
+
 def test_torchrun_sync_equals_diffusers(root, torchrun_run):
     n, got = torchrun_run
     assert (got["sd-sync"][0]["images"] - serial(root, "sd")).abs().max() <= SYNC_TOL

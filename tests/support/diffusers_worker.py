@@ -3,7 +3,8 @@ CPU): each rank loads the pipeline from its folder (a PREPARED case loads or ena
 calls `parafuse.parallelize` and the pipeline with the same arguments, and saves its output (the
 latent, on every rank) and byte counts (a `-disagree` case first calls with an argument that differs
 on rank 1, and saves the refusal; a HANDOFFS case first calls its base pipeline and saves the base's
-latents, which are its refiner's image on this rank).
+latents, which are its refiner's image on this rank). Each rank seeds its global RNG apart before
+the call and saves a draw from it after.
 Usage: torchrun --nproc_per_node N tests/support/diffusers_worker.py PIPELINES_DIR OUT_DIR [CASE ...] (default: all)"""
 import os
 import sys
@@ -39,9 +40,10 @@ def main(root: str, out_dir: str, *cases: str) -> None:
                 pipe(**{**family_kwargs(family), "guidance_scale": 3.0 + rank})
             except DisagreementError as e:
                 refusal = str(e)
+        torch.manual_seed(1000 + rank)        # the ranks' global RNGs apart: the call gives them rank 0's
         out = images(pipe(**call()))
-        torch.save({"images": out, "rank_stats": pipe.rank_stats, "refusal": refusal, "base_latents": latents},
-                   os.path.join(out_dir, f"{name}.rank{rank}.pt"))
+        torch.save({"images": out, "rank_stats": pipe.rank_stats, "refusal": refusal, "base_latents": latents,
+                    "global_draw": torch.rand(4)}, os.path.join(out_dir, f"{name}.rank{rank}.pt"))
         pipe.close()
     dist.barrier()
     dist.destroy_process_group()
