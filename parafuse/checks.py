@@ -267,11 +267,13 @@ def activation_floor(sites, geometry, batch: int, item: int) -> int:
 
 def strip_memory(plan, item: int) -> tuple[int, int]:
     """(exchange buffers, activation floor) in bytes of one strip under `plan`."""
+    from parafuse.parallel.plan import SiteKind
+
     buffers = 0
     for s in plan.sites.values():
-        if s.kind == "conv":
+        if s.kind == SiteKind.CONV:
             buffers += sum(math.prod(sh) for sh in plan.halo_shapes(s)) * item
-        elif s.kind == "attn":
+        elif s.kind == SiteKind.ATTN:
             kv = math.prod(plan.kv_shape(s, plan.stale_step.kv)) * item
             # --kv-codec sign keeps the mirror's drift beside the K/V buffer (parallel.kv_codec)
             buffers += kv * (2 if plan.settings.kv_codec != "none" and plan.stale_step.stale else 1)

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from parafuse.parallel.adapter import BUILTIN
 from parafuse.parallel.geometry import StripGeometry
-from parafuse.parallel.plan import Site
+from parafuse.parallel.plan import Site, SiteKind
 from parafuse.parallel.trace import Trace, trace_model
 
 
@@ -66,7 +66,7 @@ class ModelProfile:
     def check_strips(self, geometry: StripGeometry) -> None:
         """Raise GeometryError before any compute if a strip is thinner than a conv's halo."""
         for s in self.sites:
-            if s.kind == "conv":
+            if s.kind == SiteKind.CONV:
                 geometry.check_halo(s.factor, s.top, s.bottom, f"conv {s.key}")
 
 

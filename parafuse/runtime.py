@@ -23,7 +23,7 @@ from parafuse.parallel.config import settings as config_settings
 from parafuse.parallel.distributed import ParallelLayout
 from parafuse.parallel.emulator import emulate_ranks
 from parafuse.parallel.geometry import GeometryError, StripGeometry
-from parafuse.parallel.plan import PatchPlan
+from parafuse.parallel.plan import PatchPlan, SiteKind
 from parafuse.parallel.reduce import StripReduce
 from parafuse.parallel.session import PatchSession, StepClock
 from parafuse.parallel.transport import Transport
@@ -165,7 +165,7 @@ class Runtime:
                                    f"{self.layout.patch_degree} strips: {e}") from None
         if self.engine is not None and self.parallel.kv_codec != "none":
             for site in self.profile.sites:
-                if site.kind == "attn":
+                if site.kind == SiteKind.ATTN:
                     try:
                         kv_codec.check_channels(site.channels, f"model {spec.name!r}'s attention {site.key!r}")
                     except ValueError as e:

@@ -60,6 +60,7 @@ from parafuse.attention import attention
 from parafuse.parallel.adapter import BUILTIN
 from parafuse.parallel.engine import ExchangeEngine
 from parafuse.parallel.layers import STAND_IN_RULES, PatchConv2d, PatchGroupNorm, _adopt
+from parafuse.parallel.plan import SiteKind
 
 try:                                   # the newer attention classes (Flux, Wan, ...): Flux's is split
     from diffusers.models.attention import AttentionModuleMixin
@@ -306,15 +307,15 @@ class DiffusersAdapter:
                                                f"self-attention itself and knows only diffusers' default "
                                                f"processors){processor_hint(model, m, self.owner)}")
 
-    def site_kind(self, module: nn.Module) -> str | None:
+    def site_kind(self, module: nn.Module) -> SiteKind | None:
         if isinstance(module, (nn.Conv2d, nn.GroupNorm)):
             return BUILTIN.site_kind(module)
         if isinstance(module, Attention) or is_flux(module):
-            return "attn"
+            return SiteKind.ATTN
         if isinstance(module, PatchEmbed) and module.pos_embed is not None:
-            return "positions"
+            return SiteKind.POSITIONS
         if isinstance(module, Downsample2D) and module.use_conv and module.padding == 0 and module.norm is None:
-            return "downsample"
+            return SiteKind.DOWNSAMPLE
         return None
 
     # ---- what the shape trace (parafuse.parallel.trace) asks a model family ----------------------
@@ -365,19 +366,19 @@ class DiffusersAdapter:
                 m.forward = forward
                 m._parameters.update(weights)
 
-    def patch(self, kind: str, module: nn.Module, engine: ExchangeEngine, key: str) -> nn.Module:
+    def patch(self, kind: SiteKind, module: nn.Module, engine: ExchangeEngine, key: str) -> nn.Module:
         """The module to put in place of `module` (the same one, with a processor, for attention)."""
-        if kind == "conv":
+        if kind == SiteKind.CONV:
             return _adopt(PatchConv2d, module, engine, key)
-        if kind == "norm":
+        if kind == SiteKind.NORM:
             return _adopt(PatchGroupNorm, module, engine, key)
-        if kind == "attn":
+        if kind == SiteKind.ATTN:
             if not isinstance(module.processor, StripAttnProcessor):
                 cls = (StripFluxProcessor if is_flux(module) else StripJointProcessor if is_joint(module)
                        else StripAttnProcessor)
                 module.set_processor(cls(engine, key, module.processor, self))
             return module
-        if kind == "downsample":
+        if kind == SiteKind.DOWNSAMPLE:
             return module if isinstance(module, StripDownsample2D) else _adopt(StripDownsample2D, module, engine, key)
         if isinstance(module, StripPatchEmbed):
             return module

@@ -31,6 +31,7 @@ from parafuse.parallel import kv_codec as kv_codec_module
 from parafuse.parallel.agreement import tensors_of_rank0
 from parafuse.parallel.config import ConfigError, Mode, PatchConfig, dtype_name
 from parafuse.parallel.distributed import ParallelLayout
+from parafuse.parallel.plan import SiteKind
 from parafuse.parallel.session import PatchSession
 from parafuse.parallel.transport import Transport
 
@@ -352,7 +353,7 @@ def parallelize(pipe, config: PatchConfig | None = None, *, parallel_vae: bool =
     config = config.replace(dtype=dtype_name(dtype))
     if config.kv_codec != "none":
         for name, m in model.named_modules():
-            if adapter.site_kind(m) == "attn" and not getattr(m, "is_cross_attention", False):
+            if adapter.site_kind(m) == SiteKind.ATTN and not getattr(m, "is_cross_attention", False):
                 kv_codec_module.check_channels(m.to_k.out_features, f"attention {name!r}")
     parts = {part: module for part, module in vae_parts(pipe, parallel_vae).items() if module is not None}
     for part, module in parts.items():

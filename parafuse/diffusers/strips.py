@@ -37,7 +37,7 @@ from parafuse.diffusers.cache import StripFirstBlockCache
 from parafuse.diffusers.freeu import StripFreeU, freeu_scales
 from parafuse.parallel.geometry import GeometryError, StripGeometry
 from parafuse.parallel.parallelize import parallelize as swap_layers, unparallelize
-from parafuse.parallel.plan import LOCAL, PatchPlan
+from parafuse.parallel.plan import LOCAL, PatchPlan, SiteKind
 from parafuse.parallel.session import PatchSession, StepClock
 from parafuse.parallel.trace import Trace, trace_model
 
@@ -339,7 +339,7 @@ class StripModel:
         trace = self._traces[size]
         geometry = StripGeometry(trace.height, trace.width, self.layout.patch_degree, trace.unit)
         for s in trace.sites:
-            if s.kind == "conv":
+            if s.kind == SiteKind.CONV:
                 geometry.check_halo(s.factor, s.top, s.bottom, f"conv {s.key}")
         plan = self.session.plan(trace.sites, geometry, sample.shape[0], compute_dtype(self.layers))
         self.check_fits(plan, sample)
@@ -479,7 +479,7 @@ class StripDenoiser(StripModel):
         strips must be the denoiser's."""
         super()._configure(args, {k: None if k in RESIDUALS else v for k, v in kwargs.items()}, sample)
         # the level of the transformer blocks, whose hidden states ControlNet samples add to as tokens
-        factors = {s.factor for s in self._traces[tuple(sample.shape[1:])].sites if s.kind == "attn"}
+        factors = {s.factor for s in self._traces[tuple(sample.shape[1:])].sites if s.kind == SiteKind.ATTN}
         self._token_level = self.geometry.level(factors.pop()) if len(factors) == 1 else None
         for net in self.partners:
             if net.geometry is not None and net.geometry.rows != self.geometry.rows:
@@ -804,7 +804,7 @@ class ControlNetAdapter(DiffusersAdapter):
         super().__init__(owner)
         self.skip = {id(m) for m in embedding.modules()}
 
-    def site_kind(self, module: nn.Module) -> str | None:
+    def site_kind(self, module: nn.Module) -> SiteKind | None:
         return None if id(module) in self.skip else super().site_kind(module)
 
 

@@ -1,13 +1,8 @@
 """Model adapters: what the patch runtime needs to know of a model family.
 
 An adapter names, by module type and behaviour (never by class name strings that a library
-release can rename), which modules are parallel sites and of what kind:
-
-    conv       a Conv2d whose kernel reaches across rows: needs halo rows of its neighbours
-    norm       a GroupNorm: needs statistics over the whole image
-    attn       a self-attention: needs keys/values of other strips
-    positions  a grid position embedding: computed for the whole grid, sliced to the strip
-
+release can rename), which modules are parallel sites and of what kind (`site_kind` returns a
+`parafuse.parallel.plan.SiteKind`: CONV, NORM, ATTN, POSITIONS; what each needs is said there),
 and what example conditioning a shape trace needs. Everything else (1x1 convs, linear layers,
 LayerNorm, cross-attention, nearest upsampling) is row-local and runs unchanged on a strip. The
 built-in models are the first family; the diffusers families add adapters of their own.
@@ -21,25 +16,26 @@ import torch.nn as nn
 
 from parafuse.models.layers import Attention, GridPositions
 from parafuse.parallel.geometry import conv_halo
+from parafuse.parallel.plan import SiteKind
 
 
 class BuiltinAdapter:
     name = "builtin"
     tracing = False              # set during a shape trace (the built-in patch layers need not know)
 
-    def site_kind(self, module: nn.Module) -> str | None:
+    def site_kind(self, module: nn.Module) -> SiteKind | None:
         if isinstance(module, nn.Conv2d):
             if module.padding_mode != "zeros" or isinstance(module.padding, str):
                 raise ValueError(f"conv with padding {module.padding!r}/{module.padding_mode!r} is not supported "
                                  f"by the patch runtime (only explicit zero padding)")
             top, bottom = conv_halo(module.kernel_size[0], module.stride[0], module.padding[0], module.dilation[0])
-            return "conv" if top or bottom else None
+            return SiteKind.CONV if top or bottom else None
         if isinstance(module, nn.GroupNorm):
-            return "norm"
+            return SiteKind.NORM
         if isinstance(module, Attention) and not module.is_cross:
-            return "attn"
+            return SiteKind.ATTN
         if isinstance(module, GridPositions):
-            return "positions"
+            return SiteKind.POSITIONS
         return None
 
     # ---- what the shape trace (parafuse.parallel.trace) asks a model family ----------------------

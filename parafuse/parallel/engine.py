@@ -40,7 +40,7 @@ import torch
 
 from parafuse.parallel import kv_codec
 from parafuse.parallel.config import Kernels, Mode, PatchConfig
-from parafuse.parallel.plan import PatchPlan, Site, StepPlan
+from parafuse.parallel.plan import PatchPlan, Site, SiteKind, StepPlan
 from parafuse.parallel.transport import Pending, Transport, sum_in_rank_order
 
 def _spans(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -103,7 +103,7 @@ class ExchangeEngine:
     def _allocate(self, plan: PatchPlan, site: Site, device) -> dict[str, torch.Tensor]:
         dt, stale = plan.dtype, plan.stale_step
         all_gather = plan.settings.exchanges and plan.settings.pattern == "all-gather"
-        if site.kind == "conv":
+        if site.kind == SiteKind.CONV:
             top, bottom = plan.halo_shapes(site)
             bufs = {"top": torch.zeros(top, dtype=dt, device=device),
                     "bottom": torch.zeros(bottom, dtype=dt, device=device)}
@@ -123,7 +123,7 @@ class ExchangeEngine:
                     if plan.down is not None and site.top:
                         bufs["to_down"] = torch.empty(top, dtype=dt, device=device)
             return bufs
-        if site.kind == "norm":
+        if site.kind == SiteKind.NORM:
             shape = (2, plan.batch, site.groups)
             bufs = {"sums": torch.zeros(shape, dtype=torch.float32, device=device)}
             if stale.norm in ("corrected", "stale"):
@@ -133,7 +133,7 @@ class ExchangeEngine:
             if all_gather:
                 bufs["gathered"] = torch.zeros((self.n,) + shape, dtype=torch.float32, device=device)
             return bufs
-        if site.kind == "attn":
+        if site.kind == SiteKind.ATTN:
             bufs = {}
             if stale.kv != "whole":      # sync mode: every step uses the shared scratch
                 bufs["kv"] = torch.zeros(plan.kv_shape(site, stale.kv), dtype=dt, device=device)

@@ -7,8 +7,10 @@ from parafuse.parallel.adapter import BUILTIN
 from parafuse.parallel.engine import ExchangeEngine
 from parafuse.parallel.layers import (PatchAttention, PatchConv2d, PatchGridPositions, PatchGroupNorm, _adopt,
                                       stand_in)
+from parafuse.parallel.plan import SiteKind
 
-PATCH_LAYERS = {"conv": PatchConv2d, "norm": PatchGroupNorm, "attn": PatchAttention, "positions": PatchGridPositions}
+PATCH_LAYERS = {SiteKind.CONV: PatchConv2d, SiteKind.NORM: PatchGroupNorm, SiteKind.ATTN: PatchAttention,
+                SiteKind.POSITIONS: PatchGridPositions}
 
 
 def parallelize(model: nn.Module, engine: ExchangeEngine, adapter=BUILTIN) -> dict[str, int]:

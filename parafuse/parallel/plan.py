@@ -16,6 +16,7 @@ Nothing here touches tensors: the plan is a pure function of (sites, geometry, s
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from dataclasses import dataclass
 
@@ -25,10 +26,23 @@ from parafuse.parallel.config import Mode, PatchConfig
 from parafuse.parallel.geometry import Level, StripGeometry
 
 
+class SiteKind(enum.StrEnum):
+    """What a parallel site needs of the other strips. A StrEnum: a kind is equal to, hashes as,
+    prints and serializes as its old string ("conv", ...), so reports and string comparisons do
+    not change."""
+    CONV = "conv"              # a Conv2d whose kernel reaches across rows: halo rows of its neighbours
+    NORM = "norm"              # a GroupNorm: statistics over the whole image
+    ATTN = "attn"              # a self- (or joint) attention: keys/values of other strips
+    POSITIONS = "positions"    # a grid position embedding: computed for the whole grid, sliced to the strip
+    # diffusers' Downsample2D with padding=0: a layer to swap (`StripDownsample2D`), never a Site of
+    # its own (the shape trace records none): its conv is the conv site
+    DOWNSAMPLE = "downsample"
+
+
 @dataclass(frozen=True)
 class Site:
     key: str              # module path in the model
-    kind: str             # "conv" | "norm" | "attn" | "positions"
+    kind: SiteKind        # a string is taken as its SiteKind (an unknown one refused: ValueError)
     factor: int           # latent rows per row at this site's level
     channels: int = 0     # conv input channels / GroupNorm channels / attention width
     groups: int = 0       # GroupNorm groups
@@ -38,6 +52,9 @@ class Site:
     silu: bool = False    # a GroupNorm whose output's only reader is a SiLU (the traced graph says so)
     heads: int = 0        # joint text+image attention (SD3, Flux): its heads and replicated text tokens
     text: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "kind", SiteKind(self.kind))
 
 
 @dataclass(frozen=True)

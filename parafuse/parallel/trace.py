@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from parafuse.parallel.geometry import conv_halo
-from parafuse.parallel.plan import Site
+from parafuse.parallel.plan import Site, SiteKind
 
 # calls that read only a tensor's metadata, not its values
 _METADATA = {"size", "dim", "shape", "dtype", "device", "__get__", "is_contiguous", "stride", "numel"}
@@ -71,7 +71,7 @@ def trace_model(model: nn.Module, adapter, args: tuple, kwargs: dict, sample: to
     affine, attention = {}, {}
     norm_outputs, readers = {}, {}     # GroupNorm name -> output (kept alive: ids stay unique), its readers
 
-    def hook(name: str, kind: str | None):
+    def hook(name: str, kind: SiteKind | None):
         def fn(mod, args, kwargs, out):
             x = args[0] if args else kwargs.get("hidden_states")
             if isinstance(mod, nn.Conv2d):
@@ -84,18 +84,19 @@ def trace_model(model: nn.Module, adapter, args: tuple, kwargs: dict, sample: to
                 attention[name] = flops
             if name in seen or kind is None:
                 return
-            if kind in ("conv", "norm"):
+            if kind in (SiteKind.CONV, SiteKind.NORM):
                 seen[name] = (kind, mod, math.prod(x.shape[2:]), x is sample, {})
-                if kind == "norm":
+                if kind == SiteKind.NORM:
                     norm_outputs[name] = out
                     readers[id(out)] = []
-            elif kind == "attn":
+            elif kind == SiteKind.ATTN:
                 fields = adapter.attention_site(mod, args, kwargs, x, grid)
                 if fields is not None:
                     positions = fields.pop("positions")
                     seen[name] = (kind, mod, positions, False, fields)
-            elif kind == "positions":
+            elif kind == SiteKind.POSITIONS:
                 seen[name] = (kind, mod, adapter.grid_positions(mod, args, out), False, {})
+            # SiteKind.DOWNSAMPLE is a layer to swap, not a site: its conv is the site
         return fn
 
     handles = []
@@ -127,15 +128,15 @@ def trace_model(model: nn.Module, adapter, args: tuple, kwargs: dict, sample: to
     sites = []
     for name, (kind, mod, positions, first, fields) in seen.items():
         f = factor(name, mod, positions)
-        if kind == "conv":
+        if kind == SiteKind.CONV:
             top, bottom = conv_halo(mod.kernel_size[0], mod.stride[0], mod.padding[0], mod.dilation[0])
-            sites.append(Site(name, "conv", f, mod.in_channels, top=top, bottom=bottom, first=first))
-        elif kind == "norm":
+            sites.append(Site(name, SiteKind.CONV, f, mod.in_channels, top=top, bottom=bottom, first=first))
+        elif kind == SiteKind.NORM:
             silu = readers[id(norm_outputs[name])] == [F.silu]     # SiLU the only reader: the norm may apply it
-            sites.append(Site(name, "norm", f, mod.num_channels, groups=mod.num_groups, silu=silu))
-        elif kind == "attn":
-            sites.append(Site(name, "attn", f, **fields))
+            sites.append(Site(name, SiteKind.NORM, f, mod.num_channels, groups=mod.num_groups, silu=silu))
+        elif kind == SiteKind.ATTN:
+            sites.append(Site(name, SiteKind.ATTN, f, **fields))
         else:
-            sites.append(Site(name, "positions", f))
+            sites.append(Site(name, SiteKind.POSITIONS, f))
     return Trace(sites, math.lcm(*factors), height, width, affine, attention)
 

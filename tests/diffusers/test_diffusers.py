@@ -241,6 +241,25 @@ def test_pixart_positions_come_from_the_whole_grid(root, monkeypatch):
     assert (outs[0][0] - serial(root, "pixart")).abs().max() > 1e-3
 
 
+def test_diffusers_site_kinds_are_site_kind_members(root):
+    """The diffusers adapters (the denoiser's and the ControlNets') answer with SiteKind members or
+    None, never a bare string, across the families' denoisers and VAEs: every kind turns up (the
+    VAE encoder's Downsample2D is the DOWNSAMPLE layer)."""
+    from parafuse.diffusers.adapter import DiffusersAdapter
+    from parafuse.diffusers.strips import ControlNetAdapter
+    from parafuse.parallel.plan import SiteKind
+
+    seen = set()
+    for adapter in (DiffusersAdapter(), ControlNetAdapter(torch.nn.Identity(), "controlnet")):
+        for family in ("sd", "pixart", "sd3", "flux"):
+            p = pipe(root, family)
+            for model in (getattr(p, "unet", None) or p.transformer, p.vae):
+                kinds = {adapter.site_kind(m) for m in model.modules()} - {None}
+                assert all(type(k) is SiteKind for k in kinds), (family, kinds)
+                seen |= kinds
+    assert seen == set(SiteKind)
+
+
 class LowRank(torch.nn.Module):
     """What a PEFT LoRA layer does: base(x) + B(A(x)), A and B new modules around the base layer."""
 

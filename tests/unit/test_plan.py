@@ -1,9 +1,14 @@
 """The patch plan and what it fixes ahead of time: devices, memory by mode, the benchmark configs."""
+import dataclasses
+import json
 import math
 
 import pytest
 
 from parafuse.models import load_model
+from parafuse.parallel.adapter import BUILTIN
+from parafuse.parallel.parallelize import PATCH_LAYERS
+from parafuse.parallel.plan import Site, SiteKind
 from parafuse.parallel.distributed import ParallelLayout
 from parafuse.runtime import emulate
 from parafuse.parallel.geometry import StripGeometry
@@ -96,3 +101,34 @@ def test_fused_kv_weight_follows_weights_loaded_after_parallelize():
         rt.model.load_state_dict(weights)
     _, res = emulate(load_model("dit-small"), 2, ParallelConfig("sync"), req, on_rank=load_other)
     assert (res[0][0].latent - want).abs().max() <= 2e-4
+
+
+@pytest.mark.parametrize("name", ["unet-small-text", "dit-small"])
+def test_builtin_site_kinds_are_site_kind_members(name):
+    """The built-in adapter answers with SiteKind members (or None), never a bare string; the
+    sites the shape trace builds carry the same members."""
+    model = load_model(name, device="meta")
+    kinds = {BUILTIN.site_kind(m) for m in model.modules()} - {None}
+    assert kinds and all(type(k) is SiteKind for k in kinds)
+    sites = Runtime(model, ParallelConfig(), device="meta").profile.sites
+    assert {s.kind for s in sites} <= kinds and all(type(s.kind) is SiteKind for s in sites)
+    assert set(PATCH_LAYERS) == {SiteKind.CONV, SiteKind.NORM, SiteKind.ATTN, SiteKind.POSITIONS}
+
+
+def test_site_kind_from_a_string_is_the_member_and_an_unknown_one_is_refused():
+    assert Site("a", "conv", 1).kind is SiteKind.CONV
+    with pytest.raises(ValueError, match="'conv2d' is not a valid SiteKind"):
+        Site("a", "conv2d", 1)
+
+
+def test_site_kind_serializes_as_its_old_string():
+    """JSON, f-strings and str() of a kind are the plain strings they were before SiteKind, and a
+    kind is equal to and looked up as its string."""
+    sites = Runtime(load_model("unet-small-text", device="meta"), ParallelConfig(), device="meta").profile.sites
+    for s in sites:
+        plain = {**dataclasses.asdict(s), "kind": s.kind.value}
+        assert type(plain["kind"]) is str
+        assert json.dumps(dataclasses.asdict(s)) == json.dumps(plain)
+        assert f"{s.kind}" == str(s.kind) == s.kind.value and s.kind == s.kind.value
+        assert {s.kind.value: 1}[s.kind] == 1
+    assert {s.kind.value for s in sites} == {"conv", "norm", "attn"}
