@@ -404,7 +404,7 @@ class StripDenoiser(StripModel):
         self.watch = self.session.watch(None)
         self.state_bytes = 0
         self.graphed = bool(self.session.config.cuda_graphs)   # CUDA graphs of the steady denoiser call
-        self._graphs_on = self.graphed            # this image's: off for a compiled or layerwise-cast denoiser
+        self._graphs_on = self.graphed            # this image's: off for a compiled denoiser
         self._graphs: dict = {}          # per call signature (parafuse.graphs.GraphedEvaluations)
         self._version = self._buffers = None
         self.active = self._direct = False    # inside the parallel pipeline's call / a direct denoiser call
@@ -828,9 +828,9 @@ class StripControlNet(StripModel):
     strip, and its residuals left as strips - exactly what the denoiser's strip adds
     (`down_block_additional_residuals`, `mid_block_additional_residual`, Flux's
     `controlnet_block_samples`, SD3's `block_controlnet_hidden_states`: tensor arguments of the
-    denoiser call, so they enter the CUDA graphs' static buffers). With cfg_parallel (`halve`), the ControlNet computes this rank's
-    guidance branch, as the denoiser does: its residuals are that branch's half, which the
-    denoiser's strip takes as they are.
+    denoiser call, so they enter the CUDA graphs' static buffers). With cfg_parallel (`halve`), the
+    ControlNet computes this rank's guidance branch, as the denoiser does: its residuals are that
+    branch's half, which the denoiser's strip takes as they are.
 
     The conditioning is either an image through an embedding (`image_embedding`: SD/SDXL's, and
     Flux's input_hint_block, whose output diffusers packs patch_size x patch_size into each token):
