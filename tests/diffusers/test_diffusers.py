@@ -179,15 +179,20 @@ def prepared(root, case):
     return plain, PREPARED[case](plain) if case in PREPARED else lambda: family_kwargs(family)
 
 
-@pytest.mark.parametrize("case", ["sd-ip-masks-sync", "sd-freeu-sync", "sd-img2img-sync"])
+@pytest.mark.parametrize("case", ["sd-ip-masks-sync", "sd-freeu-sync", "sd-img2img-sync", "sd3-controlnet-sync",
+                                  "flux-first-block-cache-sync", "sd-layerwise-casting-sync"])
 def test_torchrun_per_process_state_sync_equals_diffusers(root, torchrun_run, case):
-    """IP-Adapter masks (two adapters loaded in each process), FreeU (enabled in each) and img2img
-    (the VAE encoder by strips), each rank's pipeline its own process's (gloo, N = 2): sync =
-    diffusers with the same adapters, masks, FreeU or image."""
+    """IP-Adapter masks (two adapters loaded in each process), FreeU (enabled in each), img2img
+    (the VAE encoder by strips), SD3's ControlNet, Flux's first-block cache (its decision's sums
+    over gloo) and layerwise float8 casting (enabled in each), each rank's pipeline its own
+    process's (gloo, N = 2): sync = diffusers with the same adapters, masks, FreeU, image,
+    ControlNet, cache or casting."""
     n, got = torchrun_run
     plain, call = prepared(root, case)
     ref = images(plain(**call()))
     assert (got[case][0]["images"] - ref).abs().max() <= SYNC_TOL
+    if case == "flux-first-block-cache-sync":      # every rank took the whole image's decisions over gloo
+        assert all(got[case][r]["rank_stats"]["bytes_sent"]["reduce"] > 0 for r in range(n))
 
 
 @pytest.mark.parametrize("case,kind", [("sd-freeu-full", "reduce"), ("sd-img2img-sync", "gather")])

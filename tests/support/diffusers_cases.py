@@ -11,7 +11,8 @@ __all__ = ["BUILDERS", "HEIGHT", "POOLED_DIM", "STEPS", "TEXT_DIM", "TEXT_LEN", 
            "NAMED_TORCHRUN_CASES", "ALL_TORCHRUN_CASES", "PREPARED", "HANDOFFS", "FREEU", "call_kwargs",
            "control_image", "control_key", "controlnet_kwargs", "family_kwargs", "flux_true_cfg_kwargs",
            "image_kwargs", "images", "pipeline_path", "ip_adapter", "ip_masks", "two_ip_adapters",
-           "load_masked_ip_adapters", "enable_freeu", "base_kwargs", "refiner_kwargs"]
+           "load_masked_ip_adapters", "enable_freeu", "enable_first_block_cache", "enable_layerwise_casting",
+           "base_kwargs", "refiner_kwargs"]
 
 # the FreeU authors' values for SD 1.x and SDXL
 FREEU = {"sd": dict(s1=0.9, s2=0.2, b1=1.5, b2=1.6), "sdxl": dict(s1=0.6, s2=0.4, b1=1.1, b2=1.2)}
@@ -75,6 +76,23 @@ def enable_freeu(pipe):
     return lambda: call_kwargs("sd")
 
 
+def enable_first_block_cache(pipe):
+    """diffusers' first-block cache on the Flux pipeline `pipe`'s transformer, at the threshold at
+    which the tiny Flux skips the blocks after the first at step 1 of 3 (tests/diffusers/
+    test_pipeline_habits.py, FBC_THRESHOLD); returns its plain call."""
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.33))
+    return lambda: call_kwargs("flux")
+
+
+def enable_layerwise_casting(pipe):
+    """The SD pipeline `pipe`'s U-Net under diffusers' layerwise casting (float8 storage, float32
+    compute); returns its plain call."""
+    pipe.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    return lambda: call_kwargs("sd")
+
+
 def base_kwargs() -> dict:
     """The SDXL base's call that hands its latents to the refiner: the first half of 4 steps."""
     return {**call_kwargs("sdxl"), "num_inference_steps": 4, "denoising_end": 0.5}
@@ -107,12 +125,16 @@ TORCHRUN_CASES = {
     "sd-freeu-sync": ("sd", dict(mode="sync")),
     "sd-freeu-full": ("sd", dict(mode="full", warmup_steps=1)),
     "sd-img2img-sync": ("sd-img2img", dict(mode="sync")),          # the VAE encoder by strips
+    "sd3-controlnet-sync": ("sd3-controlnet", dict(mode="sync")),
+    "flux-first-block-cache-sync": ("flux", dict(mode="sync")),
+    "sd-layerwise-casting-sync": ("sd", dict(mode="sync")),
     # the SDXL base's latents, every rank's own, are the refiner's image (HANDOFFS)
     "sdxl-refiner-handoff": ("sdxl-refiner", dict(mode="sync")),
 }
 
 # cases whose plain pipeline is changed before parallelize: name -> prepare(pipe), which returns the call
-PREPARED = {"sd-ip-masks-sync": load_masked_ip_adapters, "sd-freeu-sync": enable_freeu, "sd-freeu-full": enable_freeu}
+PREPARED = {"sd-ip-masks-sync": load_masked_ip_adapters, "sd-freeu-sync": enable_freeu, "sd-freeu-full": enable_freeu,
+            "flux-first-block-cache-sync": enable_first_block_cache, "sd-layerwise-casting-sync": enable_layerwise_casting}
 # refiner cases: name -> the base's family, called first (base_kwargs), its latents the refiner's image
 HANDOFFS = {"sdxl-refiner-handoff": "sdxl"}
 
