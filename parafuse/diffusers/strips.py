@@ -415,6 +415,13 @@ class StripDenoiser(StripModel):
 
     def begin_image(self, sequential_cfg: bool = False) -> None:
         super().begin_image()
+        try:
+            self._begin_image(sequential_cfg)
+        except BaseException:
+            self.end_image()            # a refusal leaves no half-begun image behind (`active`, a shadowed forward)
+            raise
+
+    def _begin_image(self, sequential_cfg: bool) -> None:
         if self.graphed and cast_layers(self.layers):
             raise UnsupportedModelError("layerwise casting gives the cast layers' weights new storage at every call, "
                                         "which a CUDA graph's replay would not read: parallelize with "

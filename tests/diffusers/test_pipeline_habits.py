@@ -532,7 +532,7 @@ def test_layerwise_casting_enabled_after_parallelize_works_and_is_refused_with_g
         try:
             out = images(par(**call_kwargs("sd")))
         except UnsupportedModelError as e:
-            return plain, captured, str(e), par.strips.evaluations
+            return plain, captured, str(e), (par.strips.evaluations, par.strips.active)
         return plain, captured, out, cast_weights(par.pipe, "sd")
     (plain, captured, out, (dtypes, _, swapped)), _ = emulate_pipeline(fresh(root, "sd"), 2, lambda p: call(p, False),
                                                                        mode="sync")[0]
@@ -540,8 +540,8 @@ def test_layerwise_casting_enabled_after_parallelize_works_and_is_refused_with_g
     assert dtypes == {FLOAT8} and swapped > 0
     refused = emulate_pipeline(fresh(root, "sd"), 2, lambda p: call(p, True), mode="sync")
     assert rel(refused[0][0][0], sync_ref(root, "sd")) <= 1e-5          # rank 0's image of the graphed call
-    for (_, captured, message, evaluations), _ in refused:
-        assert captured >= 1 and "cuda_graphs=False" in message and evaluations == 0
+    for (_, captured, message, after), _ in refused:       # no evaluation, no image left begun
+        assert captured >= 1 and "cuda_graphs=False" in message and after == (0, False)
 
 
 def test_layerwise_casting_with_flux_true_cfg_and_cfg_parallel_equals_diffusers(root):
@@ -732,9 +732,10 @@ def test_first_block_cache_refusals_before_compute(root):
         with pytest.raises(UnsupportedModelError, match=r"first-block cache decides on the host.*cuda_graphs=False, "
                                                         r"or call pipe\.transformer\.disable_cache\(\) first"):
             par(**call_kwargs("flux"))
-        return len(evaluations)
-    assert all(o[0] == 0 for o in emulate_pipeline(fresh(root, "flux"), 2, graphed, prepare=fbc, mode="full",
-                                                   warmup_steps=1))
+        return len(evaluations), par.strips.active
+    # no evaluation, and no image left begun (a refusal inside begin_image ends it)
+    assert all(o[0] == (0, False) for o in emulate_pipeline(fresh(root, "flux"), 2, graphed, prepare=fbc,
+                                                            mode="full", warmup_steps=1))
 
     plain, arguments = fresh(root, "flux"), []
     handle = plain.transformer.register_forward_pre_hook(lambda m, a, k: arguments.append(k), with_kwargs=True)
