@@ -37,7 +37,7 @@ from parafuse.parallel.engine import ExchangeEngine
 from parafuse.parallel.geometry import StripGeometry
 from parafuse.parallel.parallelize import parallelize
 from parafuse.parallel.plan import PatchPlan, Site
-from parafuse.parallel.transport import KINDS, ThreadTransport, TorchTransport, Transport
+from parafuse.parallel.transport import KINDS, TorchTransport, Transport
 
 
 class PatchSession:
@@ -51,7 +51,8 @@ class PatchSession:
             raise ConfigError(f"the parallel settings must be a PatchConfig, got {type(config).__name__}")
         check_device(None if device is None else str(device), allow_meta=True)
         self.device = pick_device(None if device is None else str(device))
-        config = config.on(self.device, emulated=isinstance(transport, ThreadTransport))
+        # emulated: the ranks are threads of one process (the emulator's transport, recorded or not)
+        config = config.on(self.device, emulated=transport is not None and transport.ranks_share_process)
         try:                    # None: the process's backend ($PARAFUSE_ATTENTION_BACKEND, else auto)
             backend = attention.use_backend(config.attention_backend, self.device)
         except attention.BackendError as e:
@@ -82,7 +83,7 @@ class PatchSession:
 
     @property
     def emulated(self) -> bool:
-        return isinstance(self.transport, ThreadTransport)
+        return self.transport is not None and self.transport.ranks_share_process
 
     # ---- the model -------------------------------------------------------------------------------
     def attach(self, model: nn.Module, adapter=BUILTIN) -> None:

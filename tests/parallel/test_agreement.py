@@ -32,3 +32,19 @@ def test_every_rank_gets_rank_zeros_tensors_bit_for_bit():
         for a, b in zip(got[rank], want):
             assert a.dtype == b.dtype and a.shape == b.shape
             assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), rank
+
+
+def test_a_recorded_emulator_transport_is_still_emulated():
+    """The emulator's ranks are threads of one process whether or not a TimelineRecorder wraps their
+    transport (project.py's emulator validation does): the session says so, and resolves CUDA graphs
+    off for them (a graph cannot wait on another thread's capture)."""
+    from parafuse.parallel.config import PatchConfig
+    from parafuse.parallel.distributed import ParallelLayout
+    from parafuse.parallel.session import PatchSession
+    from parafuse.parallel.transport import TimelineRecorder
+
+    hub = ThreadHub(2)
+    session = PatchSession(PatchConfig(mode="full"), device="cpu", layout=ParallelLayout(0, 2, 1),
+                           transport=TimelineRecorder(ThreadTransport(0, hub)))
+    assert session.emulated
+    assert not PatchConfig().on(torch.device("cuda"), emulated=session.emulated).cuda_graphs
