@@ -11,8 +11,8 @@ import re
 import pytest
 import torch
 
-from support.diffusers_cases import (FREEU, STEPS, call_kwargs, control_key, flux_true_cfg_kwargs, images,  # noqa: E402
-                                     pipeline_path)
+from support.diffusers_cases import (FBC_THRESHOLD, FREEU, STEPS, call_kwargs, control_key,  # noqa: E402
+                                     enable_first_block_cache, flux_true_cfg_kwargs, images, pipeline_path)
 
 import parafuse  # noqa: E402
 from parafuse.diffusers import UnsupportedModelError, load_pipeline  # noqa: E402
@@ -572,18 +572,10 @@ def test_layerwise_casting_full_mode_within_3db_of_full_without_it(root, family)
     assert with_cast >= without - 3, (with_cast, without)
 
 
-# ---- diffusers' first-block cache on the parallel denoiser (Flux) -----------------------------------
-# the tiny Flux, 3 steps: at this threshold step 1 skips the blocks after the first (the whole image's
-# ratio is 0.325) and step 2 runs them; at step 1 the last strip's own ratio is above it (N = 2: 0.334,
-# N = 3: 0.337) - the tests check both from diffusers' own residuals
-FBC_THRESHOLD = 0.33
-
-
+# ---- diffusers' first-block cache on the parallel denoiser (Flux; FBC_THRESHOLD: diffusers_cases) ------
 def fbc(pipe, threshold=FBC_THRESHOLD):
     """`pipe` with diffusers' first-block cache on its transformer, as users enable it."""
-    from diffusers.hooks import FirstBlockCacheConfig
-
-    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    enable_first_block_cache(pipe, threshold)
     return pipe
 
 

@@ -11,7 +11,8 @@ __all__ = ["BUILDERS", "HEIGHT", "POOLED_DIM", "STEPS", "TEXT_DIM", "TEXT_LEN", 
            "NAMED_TORCHRUN_CASES", "ALL_TORCHRUN_CASES", "PREPARED", "HANDOFFS", "FREEU", "call_kwargs",
            "control_image", "control_key", "controlnet_kwargs", "family_kwargs", "flux_true_cfg_kwargs",
            "image_kwargs", "images", "pipeline_path", "ip_adapter", "ip_masks", "two_ip_adapters",
-           "load_masked_ip_adapters", "enable_freeu", "enable_first_block_cache", "enable_layerwise_casting",
+           "load_masked_ip_adapters", "enable_freeu", "FBC_THRESHOLD", "enable_first_block_cache",
+           "enable_layerwise_casting",
            "base_kwargs", "refiner_kwargs"]
 
 # the FreeU authors' values for SD 1.x and SDXL
@@ -76,13 +77,19 @@ def enable_freeu(pipe):
     return lambda: call_kwargs("sd")
 
 
-def enable_first_block_cache(pipe):
-    """diffusers' first-block cache on the Flux pipeline `pipe`'s transformer, at the threshold at
-    which the tiny Flux skips the blocks after the first at step 1 of 3 (tests/diffusers/
-    test_pipeline_habits.py, FBC_THRESHOLD); returns its plain call."""
+# the tiny Flux, 3 steps: at this first-block cache threshold step 1 skips the blocks after the first
+# (the whole image's ratio is 0.325) and step 2 runs them; at step 1 the last strip's own ratio is above
+# it (N = 2: 0.334, N = 3: 0.337) - tests/diffusers/test_pipeline_habits.py checks both from diffusers'
+# own residuals
+FBC_THRESHOLD = 0.33
+
+
+def enable_first_block_cache(pipe, threshold: float = FBC_THRESHOLD):
+    """diffusers' first-block cache on the Flux pipeline `pipe`'s transformer, as users enable it;
+    returns its plain call."""
     from diffusers.hooks import FirstBlockCacheConfig
 
-    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.33))
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
     return lambda: call_kwargs("flux")
 
 
@@ -134,7 +141,8 @@ TORCHRUN_CASES = {
 
 # cases whose plain pipeline is changed before parallelize: name -> prepare(pipe), which returns the call
 PREPARED = {"sd-ip-masks-sync": load_masked_ip_adapters, "sd-freeu-sync": enable_freeu, "sd-freeu-full": enable_freeu,
-            "flux-first-block-cache-sync": enable_first_block_cache, "sd-layerwise-casting-sync": enable_layerwise_casting}
+            "flux-first-block-cache-sync": enable_first_block_cache,
+            "sd-layerwise-casting-sync": enable_layerwise_casting}
 # refiner cases: name -> the base's family, called first (base_kwargs), its latents the refiner's image
 HANDOFFS = {"sdxl-refiner-handoff": "sdxl"}
 
