@@ -369,7 +369,7 @@ class ExchangeEngine:
         how = self.step.text
         if how == "exact":
             everyone = self.gather_rows(lse[None], 0, (1,) * self.n, kind="text_attn")
-            weighted = (out * torch.exp(lse - torch.logsumexp(everyone, 0))[..., None]).to(self.plan.text_dtype)
+            weighted = out.mul_(torch.exp(lse - torch.logsumexp(everyone, 0))[..., None]).to(self.plan.text_dtype)
             posted = self.transport.all_reduce(weighted, "text_attn")
             return lambda: (posted.wait(), weighted)[1]
         pending_key = key + "/text"
