@@ -51,6 +51,7 @@ from diffusers.models.attention_processor import (CROSS_ATTENTION_PROCESSORS, At
                                                   IPAdapterAttnProcessor2_0, JointAttnProcessor2_0,
                                                   SlicedAttnAddedKVProcessor, SlicedAttnProcessor)
 from diffusers.image_processor import IPAdapterMaskProcessor
+from diffusers.models.attention import JointTransformerBlock
 from diffusers.models.downsampling import Downsample2D
 from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed
 from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DModel
@@ -80,9 +81,9 @@ DEFAULT_PROCESSORS = (AttnProcessor2_0, AttnProcessor)
 IP_PROCESSORS = (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0)
 # on a cross-attention module only (its calls go to the processor parafuse wrapped)
 CROSS_PROCESSORS = DEFAULT_PROCESSORS + IP_PROCESSORS
-# on the attention of SD3's single blocks (SD3.5's 8B ControlNets'): SD3's joint processor without
-# text projections, which computes the default processor's self-attention. (SD3.5 Medium's dual
-# attention, the same processor on a self-attention, is untested: refused)
+# on the attention of SD3's single blocks (SD3.5's 8B ControlNets') and on SD3.5 Medium's second
+# attention in a joint block (`attn2`, `use_dual_attention`): SD3's joint processor without text
+# projections, called without text, which computes the default processor's self-attention
 SINGLE_BLOCK_PROCESSORS = DEFAULT_PROCESSORS + (JointAttnProcessor2_0,)
 # Flux's attention: its IP-Adapter processor adds, on the dual-stream blocks, the image queries'
 # attention to the image prompt's tokens - row-local too (StripFluxProcessor computes it on the strip)
@@ -271,7 +272,8 @@ class DiffusersAdapter:
 
     def check(self, model: nn.Module) -> None:
         """Raise UnsupportedModelError, naming the module, for anything that cannot be split by rows."""
-        single = {id(b.attn) for b in model.modules() if isinstance(b, SD3SingleTransformerBlock)}
+        single = {id(b.attn) for b in model.modules() if isinstance(b, SD3SingleTransformerBlock)} | {
+            id(b.attn2) for b in model.modules() if isinstance(b, JointTransformerBlock) and b.use_dual_attention}
         for name, m in model.named_modules():
             why = hook_refusal(m, model, self.owner, self.first_block_cache)
             if why:

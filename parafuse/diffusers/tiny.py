@@ -120,6 +120,19 @@ def build_sd3(path: str) -> None:
                              text_encoder_3=None, tokenizer_3=None).save_pretrained(path)
 
 
+def build_sd35_medium(path: str) -> None:
+    """SD3.5 Medium's layout (MMDiT-X): the first block adds a self-attention over the image tokens
+    (`attn2`, SD3's joint processor called without text) beside its joint attention."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from parafuse.diffusers.pipeline import load_pipeline
+    sd3 = load_pipeline(pipeline_path(os.path.dirname(path), "sd3"))
+    _seeded(0)
+    transformer = SD3Transformer2DModel.from_config({**sd3.transformer.config, "dual_attention_layers": (0,)})
+    _wake(transformer, 20)
+    StableDiffusion3Pipeline(**{**sd3.components, "transformer": transformer}).save_pretrained(path)
+
+
 def build_flux(path: str, vae_levels: int = 3) -> None:
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     _seeded(0)
@@ -141,6 +154,7 @@ def build_flux_f8(path: str) -> None:
 
 
 BUILDERS = {"sd": build_sd, "sd-lite": build_sd_lite, "sdxl": build_sdxl, "pixart": build_pixart, "sd3": build_sd3,
+            "sd35-medium": build_sd35_medium,
             "flux": build_flux, "flux-f8": build_flux_f8}
 
 
@@ -163,7 +177,7 @@ def call_kwargs(family: str, guidance: float = 3.0, seed: int = 0, output_type: 
     if family.startswith("flux"):        # guidance-distilled: no negative branch (true_cfg_scale 1)
         del kw["negative_prompt_embeds"]
         kw["pooled_prompt_embeds"] = torch.randn(1, POOLED_DIM, generator=g)
-    if family in ("sdxl", "sd3", "sd35"):          # sd35: SD3's pipeline with an SD3.5-style ControlNet
+    if family in ("sdxl", "sd3", "sd35", "sd35-medium"):      # sd35: SD3's pipeline with an SD3.5-style ControlNet
         kw.update(pooled_prompt_embeds=torch.randn(1, POOLED_DIM, generator=g),
                   negative_pooled_prompt_embeds=torch.randn(1, POOLED_DIM, generator=g))
     if family == "pixart":

@@ -290,12 +290,13 @@ def test_refusals_without_a_working_fix_give_no_hint(root):
         parafuse.parallelize(plain, mode="sync")
     assert "call" not in str(e.value)
 
-    torch.manual_seed(0)     # SD3.5's dual attention: SD3's transformer has no set_default_attn_processor
+    torch.manual_seed(0)     # SD3's transformer has no set_default_attn_processor
     sd35 = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
                                  num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
                                  pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16,
                                  dual_attention_layers=(0,))
-    with pytest.raises(UnsupportedModelError) as e:
+    sd35.transformer_blocks[0].attn2.set_processor(Custom())     # SD3.5 Medium's self-attention
+    with pytest.raises(UnsupportedModelError, match=r"'transformer_blocks\.0\.attn2'.*processor Custom") as e:
         parafuse.parallelize(SimpleNamespace(transformer=sd35))
     assert "set_default_attn_processor" not in str(e.value) and "call" not in str(e.value)
 
