@@ -5,10 +5,10 @@ can rename:
 
     conv       an nn.Conv2d whose kernel reaches across rows (PatchConv2d, as for the built-in models)
     norm       an nn.GroupNorm (PatchGroupNorm)
-    attn       a diffusers `Attention` (or Flux's attention): parafuse installs its own attention
-               processor, which runs self-attention calls (no `encoder_hidden_states`) on the
-               strip's queries over the engine's K/V buffer, runs joint text+image attention (SD3,
-               Flux) with the text replicated and its queries merged across strips, and
+    attn       a diffusers `Attention` (or Flux's or FLUX.2's attention): parafuse installs its own
+               attention processor, which runs self-attention calls (no `encoder_hidden_states`) on
+               the strip's queries over the engine's K/V buffer, runs joint text+image attention
+               (SD3, Flux, FLUX.2) with the text replicated and its queries merged across strips, and
                hands cross-attention calls to the processor it replaced (IP-Adapter masks cut to
                the strip's tokens)
     positions  a `PatchEmbed` with sin-cos positions: positions of the whole grid, sliced
@@ -19,7 +19,7 @@ can rename:
 Whether an attention call is a self-attention over the image grid is decided by behaviour, in the
 shape trace (`parafuse.diffusers.strips`): a call without `encoder_hidden_states` over h*w tokens of
 the latent grid. What cannot be split by rows is refused before any compute, naming the module:
-attention processors other than diffusers' default, joint (SD3) and Flux ones, fused QKV
+attention processors other than diffusers' default, joint (SD3), Flux and FLUX.2 ones, fused QKV
 projections, convs with non-zero padding modes, and hooks on a module's forward (`hook_refusal`):
 accelerate's offload and every diffusers HookRegistry hook - caches, group offloading, context
 parallelism, layerwise casting of a module with submodules - with the call that removes it where
@@ -68,6 +68,10 @@ try:                                   # the newer attention classes (Flux, Wan,
     from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, FluxIPAdapterAttnProcessor
 except ImportError:                    # older diffusers
     AttentionModuleMixin = FluxAttnProcessor = FluxIPAdapterAttnProcessor = ()
+try:                                   # FLUX.2 (diffusers 0.36 on)
+    from diffusers.models.transformers.transformer_flux2 import Flux2AttnProcessor, Flux2ParallelSelfAttnProcessor
+except ImportError:
+    Flux2AttnProcessor = Flux2ParallelSelfAttnProcessor = ()
 from diffusers.models.embeddings import apply_rotary_emb
 
 try:                                   # diffusers' model hooks (caches, group offloading, layerwise casting)
@@ -86,8 +90,10 @@ CROSS_PROCESSORS = DEFAULT_PROCESSORS + IP_PROCESSORS
 # projections, called without text, which computes the default processor's self-attention
 SINGLE_BLOCK_PROCESSORS = DEFAULT_PROCESSORS + (JointAttnProcessor2_0,)
 # Flux's attention: its IP-Adapter processor adds, on the dual-stream blocks, the image queries'
-# attention to the image prompt's tokens - row-local too (StripFluxProcessor computes it on the strip)
-FLUX_PROCESSORS = (FluxAttnProcessor, FluxIPAdapterAttnProcessor)
+# attention to the image prompt's tokens - row-local too (StripFluxProcessor computes it on the strip).
+# FLUX.2's: the same joint attention, its single-stream blocks' projections fused with their MLP's
+# (StripFlux2SingleProcessor); its KV-cache processors (Flux2KleinKVPipeline's) are not split
+FLUX_PROCESSORS = (FluxAttnProcessor, FluxIPAdapterAttnProcessor, Flux2AttnProcessor, Flux2ParallelSelfAttnProcessor)
 
 
 class UnsupportedModelError(ValueError):
@@ -97,7 +103,8 @@ class UnsupportedModelError(ValueError):
 def unsupported(name: str, module: nn.Module, why: str) -> UnsupportedModelError:
     return UnsupportedModelError(
         f"parafuse cannot parallelise module {name!r} ({type(module).__name__}): {why}. Supported today: the "
-        f"denoisers of SD 1.x/2.x, SDXL (UNet2DConditionModel), PixArt, SD3 and Flux, and AutoencoderKL decoders")
+        f"denoisers of SD 1.x/2.x, SDXL (UNet2DConditionModel), PixArt, SD3, Flux and FLUX.2, and AutoencoderKL "
+        f"decoders")
 
 
 def inner_processor(processor):
@@ -106,10 +113,19 @@ def inner_processor(processor):
 
 
 def is_flux(attn: nn.Module) -> bool:
-    """Flux's attention (a dual-stream joint block, or a single-stream block over [text | image]),
-    with or without its IP-Adapter."""
+    """Flux's or FLUX.2's attention (a dual-stream joint block, or a single-stream block over
+    [text | image]), with or without Flux's IP-Adapter."""
     return isinstance(attn, AttentionModuleMixin) and isinstance(
         inner_processor(getattr(attn, "processor", None)), FLUX_PROCESSORS)
+
+
+def kv_width(attn: nn.Module) -> int:
+    """The channels of an attention's keys (and of its values): its plain `to_k`'s, else its inner
+    width - a LoRA layer may wrap to_k, and FLUX.2's single-stream attention has none (one
+    projection fused with its MLP's)."""
+    if type(getattr(attn, "to_k", None)) is nn.Linear:
+        return attn.to_k.out_features
+    return getattr(attn, "inner_kv_dim", None) or attn.inner_dim
 
 
 def is_joint(attn: nn.Module) -> bool:
@@ -288,7 +304,9 @@ class DiffusersAdapter:
                 processor = type(inner_processor(m.processor)).__name__
                 raise unsupported(name, m, f"attention with processor {processor} (of the AttentionModuleMixin "
                                            f"families parafuse splits Flux's FluxAttnProcessor and "
-                                           f"FluxIPAdapterAttnProcessor)")
+                                           f"FluxIPAdapterAttnProcessor and FLUX.2's Flux2AttnProcessor and "
+                                           f"Flux2ParallelSelfAttnProcessor; FLUX.2 [klein]'s KV-cache processors: "
+                                           f"use Flux2KleinPipeline)")
             if is_flux(m) and getattr(m, "fused_projections", False):
                 raise unsupported(name, m, f"fused QKV projections{processor_hint(model, m, self.owner)}")
             if isinstance(m, Attention):
@@ -325,7 +343,7 @@ class DiffusersAdapter:
         """A self- or joint attention site's image positions, width and text tokens; None for
         cross-attention (text keys: row-local on a strip)."""
         context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-        width = getattr(module, "inner_kv_dim", None) or module.inner_dim       # not to_k's: LoRA may wrap it
+        width = kv_width(module)
         if is_flux(module):            # image tokens of the whole grid (single blocks prepend the text)
             image = grid[0] * grid[1]
             text = context.shape[1] if context is not None else x.shape[1] - image
@@ -376,9 +394,7 @@ class DiffusersAdapter:
             return _adopt(PatchGroupNorm, module, engine, key)
         if kind == SiteKind.ATTN:
             if not isinstance(module.processor, StripAttnProcessor):
-                cls = (StripFluxProcessor if is_flux(module) else StripJointProcessor if is_joint(module)
-                       else StripAttnProcessor)
-                module.set_processor(cls(engine, key, module.processor, self))
+                module.set_processor(strip_processor_class(module)(engine, key, module.processor, self))
             return module
         if kind == SiteKind.DOWNSAMPLE:
             return module if isinstance(module, StripDownsample2D) else _adopt(StripDownsample2D, module, engine, key)
@@ -654,7 +670,9 @@ class StripFluxProcessor(StripJointProcessor):
     are RMS-normed and rotated (RoPE of the whole grid's ids, sliced: the model computes the rotary
     embedding from the strip's `img_ids`) before they enter the K/V buffer; image queries attend to
     this step's text K/V and the mode's image K/V, text queries to every image token, merged
-    across strips as in StripJointProcessor.
+    across strips as in StripJointProcessor. FLUX.2's attention runs the same steps
+    (`StripFlux2Processor`, `StripFlux2SingleProcessor`): only where its queries, keys and values
+    come from (`_project`) and what the block's output is made of (`_output`) differ.
 
     Wrapping diffusers' FluxIPAdapterAttnProcessor (`pipe.load_ip_adapter`), a dual-stream block
     also returns the IP-Adapter's term (`_image_prompt`) as the block's third output."""
@@ -673,20 +691,21 @@ class StripFluxProcessor(StripJointProcessor):
         if self.adapter.tracing:
             ip = {"ip_hidden_states": ip_hidden_states} if adapted else {}
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **ip)
+        return self._on_strip(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
+                              ip_hidden_states)
+
+    def _on_strip(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
+                  attention_mask: torch.Tensor | None, image_rotary_emb, ip_hidden_states=None):
         if attention_mask is not None or image_rotary_emb is None:
             raise UnsupportedModelError(f"Flux attention {self.key!r} called with a mask or without rotary embeddings")
         buf, start, end = self.engine.kv_buffer(self.key)
         tokens = end - start
         dual = encoder_hidden_states is not None
-        if dual:
-            image, text = hidden_states, encoder_hidden_states
-        else:
-            text_len = hidden_states.shape[1] - tokens
-            text, image = hidden_states[:, :text_len], hidden_states[:, text_len:]
-        text_len = text.shape[1]
-        if image.shape[1] != tokens or text_len < 0:
+        text_len = encoder_hidden_states.shape[1] if dual else hidden_states.shape[1] - tokens
+        if hidden_states.shape[1] - (0 if dual else text_len) != tokens or text_len < 0:
             raise UnsupportedModelError(f"Flux attention {self.key!r} got {hidden_states.shape[1]} tokens, which do not "
                                         f"hold the strip's {tokens} image tokens")
+        (q, k, v), (text_q, text_k, text_v), rest = self._project(attn, hidden_states, encoder_hidden_states, text_len)
         cos, sin = image_rotary_emb
 
         def rotate(t, rows):
@@ -698,21 +717,17 @@ class StripFluxProcessor(StripJointProcessor):
             return rotate(t, rows) if rows is not None else t
 
         img, txt = slice(text_len, None), slice(None, text_len)
-        key = prepare(attn.to_k(image), attn.norm_k, img)
+        key = prepare(k, attn.norm_k, img)
         buf[start:end, :, : buf.shape[-1] // 2].copy_(key.flatten(2).transpose(0, 1))
-        buf[start:end, :, buf.shape[-1] // 2:].copy_(attn.to_v(image).transpose(0, 1))
+        buf[start:end, :, buf.shape[-1] // 2:].copy_(v.transpose(0, 1))
         self.engine.exchange_kv(self.key, buf, before=True)
 
-        query = prepare(attn.to_q(image), attn.norm_q, None)         # the IP-Adapter's queries are not rotated
+        query = prepare(q, attn.norm_q, None)                         # the IP-Adapter's queries are not rotated
         image_prompt = self._image_prompt(attn, query, ip_hidden_states) if dual else None
         query = rotate(query, img).transpose(1, 2)                    # [B, heads, T, d]
-        if dual:
-            text_q = prepare(attn.add_q_proj(text), attn.norm_added_q, txt)
-            text_k = prepare(attn.add_k_proj(text), attn.norm_added_k, txt)
-            text_v = attn.add_v_proj(text).unflatten(-1, (-1, attn.head_dim))
-        else:
-            text_q, text_k = prepare(attn.to_q(text), attn.norm_q, txt), prepare(attn.to_k(text), attn.norm_k, txt)
-            text_v = attn.to_v(text).unflatten(-1, (-1, attn.head_dim))
+        norm_q, norm_k = (attn.norm_added_q, attn.norm_added_k) if dual else (attn.norm_q, attn.norm_k)
+        text_q, text_k = prepare(text_q, norm_q, txt), prepare(text_k, norm_k, txt)
+        text_v = text_v.unflatten(-1, (-1, attn.head_dim))
         text_q, text_k, text_v = (t.transpose(1, 2) for t in (text_q, text_k, text_v))
 
         def heads(t):                                   # [T, B, inner] buffer view -> [B, heads, T, d]
@@ -723,6 +738,21 @@ class StripFluxProcessor(StripJointProcessor):
 
         image_out = image_out.transpose(1, 2).flatten(2).to(query.dtype)
         text_out = text_out.transpose(1, 2).flatten(2).to(query.dtype)
+        return self._output(attn, image_out, text_out, dual, image_prompt, rest)
+
+    def _project(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None, text_len: int):
+        """The strip's image and the text's queries, keys and values [B, T, inner] (a dual-stream
+        block's text through its own projections), and what else the block's output needs (nothing)."""
+        if encoder_hidden_states is not None:
+            text, image = encoder_hidden_states, hidden_states
+            text_qkv = attn.add_q_proj(text), attn.add_k_proj(text), attn.add_v_proj(text)
+        else:
+            text, image = hidden_states[:, :text_len], hidden_states[:, text_len:]
+            text_qkv = attn.to_q(text), attn.to_k(text), attn.to_v(text)
+        return (attn.to_q(image), attn.to_k(image), attn.to_v(image)), text_qkv, None
+
+    def _output(self, attn, image_out: torch.Tensor, text_out: torch.Tensor, dual: bool, image_prompt, rest):
+        """The block's attention output from the image and text outputs [B, T, inner]."""
         if not dual:
             return torch.cat([text_out, image_out], 1)
         out = attn.to_out[1](attn.to_out[0](image_out)), attn.to_add_out(text_out)
@@ -745,3 +775,46 @@ class StripFluxProcessor(StripJointProcessor):
             v = to_v(tokens).view(q.shape[0], -1, attn.heads, attn.head_dim).transpose(1, 2)
             out = out + scale * F.scaled_dot_product_attention(q, k, v)
         return out.transpose(1, 2).flatten(2).to(query.dtype)
+
+
+class StripFlux2Processor(StripFluxProcessor):
+    """FLUX.2's dual-stream attention (Flux2Attention with Flux2AttnProcessor): Flux's steps."""
+
+    plain = Flux2AttnProcessor
+
+
+class StripFlux2SingleProcessor(StripFluxProcessor):
+    """FLUX.2's single-stream blocks (Flux2ParallelSelfAttention, a parallel attention + MLP block):
+    one fused projection `to_qkv_mlp_proj` gives each token of [text | strip] its query, key and
+    value and the MLP's input, the strip's image keys and values go into the K/V buffer (where the
+    stale modes' exchange reads and swaps them, as for every Flux attention), and the fused output
+    projection `to_out` takes the attention's output beside the MLP's activation."""
+
+    plain = Flux2ParallelSelfAttnProcessor
+
+    # Flux2ParallelSelfAttention passes (hidden_states, attention_mask, image_rotary_emb): no text argument
+    def __call__(self, attn, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 image_rotary_emb=None):
+        if self.adapter.tracing:
+            return self.inner(attn, hidden_states, attention_mask, image_rotary_emb)
+        return self._on_strip(attn, hidden_states, None, attention_mask, image_rotary_emb)
+
+    def _project(self, attn, hidden_states, encoder_hidden_states, text_len):
+        fused = attn.to_qkv_mlp_proj(hidden_states)
+        qkv, mlp = fused.split([3 * attn.inner_dim, fused.shape[-1] - 3 * attn.inner_dim], -1)
+        q, k, v = qkv.chunk(3, -1)
+        img, txt = slice(text_len, None), slice(None, text_len)
+        return (q[:, img], k[:, img], v[:, img]), (q[:, txt], k[:, txt], v[:, txt]), mlp
+
+    def _output(self, attn, image_out, text_out, dual, image_prompt, mlp):
+        return attn.to_out(torch.cat([torch.cat([text_out, image_out], 1), attn.mlp_act_fn(mlp)], -1))
+
+
+def strip_processor_class(attn: nn.Module) -> type[StripAttnProcessor]:
+    """The processor parafuse puts on an attention site, by the processor it wraps."""
+    inner = inner_processor(attn.processor)
+    if isinstance(inner, Flux2ParallelSelfAttnProcessor):
+        return StripFlux2SingleProcessor
+    if isinstance(inner, Flux2AttnProcessor):
+        return StripFlux2Processor
+    return StripFluxProcessor if is_flux(attn) else StripJointProcessor if is_joint(attn) else StripAttnProcessor

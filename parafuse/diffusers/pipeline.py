@@ -24,7 +24,8 @@ import time
 import torch
 import torch.nn as nn
 
-from parafuse.diffusers.adapter import DiffusersAdapter, UnsupportedModelError, compute_dtype, is_flux, is_joint
+from parafuse.diffusers.adapter import (DiffusersAdapter, UnsupportedModelError, compute_dtype, is_flux, is_joint,
+                                        kv_width)
 from parafuse.diffusers.strips import (StripControlNet, StripDenoiser, StripVAE, image_embedding, latent_embedding,
                                        plain_processors)
 from parafuse.parallel import kv_codec as kv_codec_module
@@ -281,13 +282,33 @@ def fingerprint(value) -> str:
     return h.hexdigest()
 
 
+# FLUX.2's pipelines that encode reference images and append their tokens to the latent's as further
+# grids (each at its own `img_ids` time coordinate): the call argument that gives them (None: every
+# call, the image to inpaint is one), and the text-to-image pipeline to call instead
+FLUX2_REFERENCES = (("Flux2Pipeline", "image", "Flux2Pipeline"), ("Flux2KleinPipeline", "image", "Flux2KleinPipeline"),
+                    ("Flux2KleinInpaintPipeline", None, "Flux2KleinPipeline"))
+
+
 def check_single_grid(pipe, args: tuple, kwargs: dict) -> None:
     """Before the VAE encodes anything: Flux Kontext's pipelines append a conditioning image's tokens to
-    the latent's as a second grid (its `img_ids` marked by their first coordinate), which parafuse's
-    strips, cuts of one row-major grid, cannot split. (The denoiser's own check, `StripModel._grid`,
-    refuses any such sequence; this one refuses before the image is encoded.)"""
+    the latent's as a second grid (its `img_ids` marked by their first coordinate), and FLUX.2's
+    their reference images' (`FLUX2_REFERENCES`), which parafuse's strips, cuts of one row-major
+    grid, cannot split. (The denoiser's own check, `StripModel._grid`, refuses any such sequence;
+    this one refuses before the image is encoded.)"""
+    import diffusers
     from diffusers import FluxKontextInpaintPipeline, FluxKontextPipeline
 
+    for name, argument, text_to_image in FLUX2_REFERENCES:
+        if isinstance(pipe, getattr(diffusers, name, ())):
+            given = argument is None or inspect.signature(pipe.__call__).bind_partial(
+                *args, **kwargs).arguments.get(argument) is not None
+            if given:
+                what = f"`{argument}`" if argument else "the image to inpaint and `image_reference`"
+                raise UnsupportedModelError(f"{name} appends the tokens of its reference images ({what}) to the "
+                                            f"latent's as further grids, and parafuse's strips cut one grid by rows: "
+                                            f"call {text_to_image} without `image` (text to image), or run it "
+                                            f"without parafuse")
+            return
     if isinstance(pipe, FluxKontextInpaintPipeline):
         conditioned = True                  # the image to inpaint is always appended
     elif isinstance(pipe, FluxKontextPipeline):
@@ -301,9 +322,16 @@ def check_single_grid(pipe, args: tuple, kwargs: dict) -> None:
 
 
 def calls_once_per_branch(pipe, kwargs: dict) -> bool:
-    """Whether this call of `pipe` does true classifier-free guidance as two denoiser calls per
-    step (FluxPipeline: `true_cfg_scale` > 1 and a negative prompt, its own rule)."""
-    if "true_cfg_scale" not in inspect.signature(pipe.__call__).parameters:
+    """Whether this call of `pipe` does classifier-free guidance as two denoiser calls per step, by
+    each pipeline's own rule: FluxPipeline's true CFG (`true_cfg_scale` > 1 and a negative prompt),
+    Flux2KleinPipeline's CFG (`guidance_scale` > 1 on a model not step-distilled)."""
+    import diffusers
+
+    parameters = inspect.signature(pipe.__call__).parameters
+    if isinstance(pipe, getattr(diffusers, "Flux2KleinPipeline", ())):
+        guidance = kwargs.get("guidance_scale", parameters["guidance_scale"].default)
+        return guidance > 1 and not pipe.config.is_distilled
+    if "true_cfg_scale" not in parameters:
         return False
     negative = kwargs.get("negative_prompt") is not None or (
         kwargs.get("negative_prompt_embeds") is not None and kwargs.get("negative_pooled_prompt_embeds") is not None)
@@ -354,7 +382,7 @@ def parallelize(pipe, config: PatchConfig | None = None, *, parallel_vae: bool =
     if config.kv_codec != "none":
         for name, m in model.named_modules():
             if adapter.site_kind(m) == SiteKind.ATTN and not getattr(m, "is_cross_attention", False):
-                kv_codec_module.check_channels(m.to_k.out_features, f"attention {name!r}")
+                kv_codec_module.check_channels(kv_width(m), f"attention {name!r}")
     parts = {part: module for part, module in vae_parts(pipe, parallel_vae).items() if module is not None}
     for part, module in parts.items():
         check_vae(module, part)

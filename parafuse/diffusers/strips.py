@@ -262,6 +262,10 @@ class StripModel:
         if torch.is_grad_enabled():
             raise UnsupportedModelError(f"parafuse's patch layers are inference-only: call {type(self.model).__name__} "
                                         f"under torch.no_grad() (diffusers pipelines do)")
+        if kwargs.get("kv_cache_mode") is not None or kwargs.get("kv_cache") is not None:
+            raise UnsupportedModelError(f"{type(self.model).__name__} was called with a K/V cache of reference images "
+                                        f"(kv_cache_mode={kwargs.get('kv_cache_mode')!r}), tokens of no row of the "
+                                        f"latent's grid: call it without kv_cache_mode and kv_cache")
         sample = self._sample(args, kwargs)
         if self.geometry is None:
             self._configure(args, kwargs, sample)
@@ -303,7 +307,8 @@ class StripModel:
 
     def _grid(self, kwargs: dict, sample: torch.Tensor) -> tuple[tuple[int, int], bool]:
         """The input's grid (rows, columns) and whether the input is a token sequence [B, rows*cols, C]
-        with `img_ids` naming each token's (_, row, column), as Flux's is."""
+        with `img_ids` naming each token's (grid, row, column), as Flux's are, or (time, row, column,
+        layer), as FLUX.2's are: one grid's tokens have every coordinate but the row and the column 0."""
         if sample.dim() == 4:
             return tuple(sample.shape[-2:]), False
         ids = kwargs.get("img_ids")
@@ -318,8 +323,8 @@ class StripModel:
                     f"coordinate, as FluxKontextPipeline appends the conditioning image's): parafuse splits one "
                     f"grid by rows; call without `image`, or run this pipeline without parafuse")
             rows, cols = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
-            if rows * cols == sample.shape[1] and torch.equal(ids[:, 1] * cols + ids[:, 2],
-                                                               torch.arange(rows * cols, device=ids.device)):
+            if rows * cols == sample.shape[1] and not ids[:, 3:].any() and torch.equal(
+                    ids[:, 1] * cols + ids[:, 2], torch.arange(rows * cols, device=ids.device)):
                 return (rows, cols), True
         raise UnsupportedModelError(f"{type(self.model).__name__}'s input {tuple(sample.shape)} is neither an image "
                                     f"[B, C, H, W] nor a row-major token grid named by img_ids")

@@ -153,9 +153,34 @@ def build_flux_f8(path: str) -> None:
     build_flux(path, vae_levels=4)
 
 
+def build_flux2(path: str) -> None:
+    """FLUX.2: dual-stream blocks (Flux2Attention), single-stream blocks whose attention and MLP
+    share one fused projection (Flux2ParallelSelfAttention), 4-axis rotary ids (t, h, w, l); its
+    VAE (AutoencoderKLFlux2) patchifies the latent 2 x 2 into each token's channels."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    _seeded(20)
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
+                                          attention_head_dim=8, num_attention_heads=2, joint_attention_dim=TEXT_DIM,
+                                          timestep_guidance_channels=16, axes_dims_rope=(2, 2, 2, 2))
+    _wake(transformer, 20)
+    vae = AutoencoderKLFlux2(down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                             block_out_channels=(8, 16, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4)
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=64,
+                                                max_image_seq_len=1024, base_shift=0.5, max_shift=1.15)
+    Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None,
+                  transformer=transformer).save_pretrained(path)
+
+
+def build_flux2_klein(path: str) -> None:
+    """FLUX.2 [klein]'s pipeline on the tiny FLUX.2's components: another text encoder (bypassed) and,
+    not step-distilled, classifier-free guidance as two transformer calls per step."""
+    from diffusers import Flux2KleinPipeline
+    _from_base(Flux2KleinPipeline, "flux2", path)
+
+
 BUILDERS = {"sd": build_sd, "sd-lite": build_sd_lite, "sdxl": build_sdxl, "pixart": build_pixart, "sd3": build_sd3,
             "sd35-medium": build_sd35_medium,
-            "flux": build_flux, "flux-f8": build_flux_f8}
+            "flux": build_flux, "flux-f8": build_flux_f8, "flux2": build_flux2, "flux2-klein": build_flux2_klein}
 
 
 def pipeline_path(root: str, family: str) -> str:
@@ -174,8 +199,9 @@ def call_kwargs(family: str, guidance: float = 3.0, seed: int = 0, output_type: 
     kw = dict(height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, guidance_scale=guidance,
               generator=torch.Generator().manual_seed(seed), output_type=output_type,
               prompt_embeds=emb, negative_prompt_embeds=neg)
-    if family.startswith("flux"):        # guidance-distilled: no negative branch (true_cfg_scale 1)
-        del kw["negative_prompt_embeds"]
+    if family.startswith("flux") and family != "flux2-klein":   # guidance-distilled: no negative branch
+        del kw["negative_prompt_embeds"]                       # (Flux's true_cfg_scale 1; FLUX.2 [klein]: CFG)
+    if family.startswith("flux") and not family.startswith("flux2"):      # FLUX.2 takes no pooled text
         kw["pooled_prompt_embeds"] = torch.randn(1, POOLED_DIM, generator=g)
     if family in ("sdxl", "sd3", "sd35", "sd35-medium"):      # sd35: SD3's pipeline with an SD3.5-style ControlNet
         kw.update(pooled_prompt_embeds=torch.randn(1, POOLED_DIM, generator=g),

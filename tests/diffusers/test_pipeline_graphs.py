@@ -58,7 +58,7 @@ def run(pipe, n, family, graphed: bool, **settings):
 
 
 @pytest.mark.parametrize("family,n,mode", [("sd", 1, "sync"), ("sd", 2, "full"), ("flux", 2, "partial"),
-                                          ("sdxl", 3, "sync")])
+                                          ("sdxl", 3, "sync"), ("flux2", 2, "partial")])
 def test_graphed_calls_with_two_prompts_equal_eager(root, family, n, mode):
     pipe = load_pipeline(pipeline_path(root, family))
     eager = run(pipe, n, family, False, mode=mode, warmup_steps=1)
@@ -133,7 +133,7 @@ def test_a_changed_module_makes_a_new_capture(root):
     assert kept and before >= 1 and after == before  # the old graphs dropped, as many new ones captured
 
 
-@pytest.mark.parametrize("family,freeu", [("sd", False), ("sd", True), ("flux", False)])
+@pytest.mark.parametrize("family,freeu", [("sd", False), ("sd", True), ("flux", False), ("flux2", False)])
 def test_steady_denoiser_call_is_capturable(root, family, freeu):
     """The region a graph captures - the denoiser's forward on a strip, in the stale plan, on static
     inputs - issues the same ops on the same tensors twice, reads nothing on the host, leaks nothing;
@@ -196,6 +196,11 @@ def denoiser_kwargs(family, pipe):
                 "encoder_hidden_states": torch.cat([ctx, ctx * 0.5]), "return_dict": False}
     t = pipe.transformer
     tokens, text = (h // 2) * (w // 2), kw["prompt_embeds"]
+    if family == "flux2":         # its packing and 4-axis ids (t, h, w, l), as Flux2Pipeline makes them
+        latents = torch.randn(1, t.config.in_channels, h // 2, w // 2, generator=g)
+        return {"hidden_states": type(pipe)._pack_latents(latents), "timestep": torch.tensor([0.5]),
+                "encoder_hidden_states": text, "img_ids": type(pipe)._prepare_latent_ids(latents),
+                "txt_ids": type(pipe)._prepare_text_ids(text), "guidance": torch.tensor([3.5]), "return_dict": False}
     ids = type(pipe)._prepare_latent_image_ids(1, h // 2, w // 2, "cpu", torch.float32)
     return {"hidden_states": torch.randn(1, tokens, t.config.in_channels, generator=g),
             "timestep": torch.tensor([0.5]), "encoder_hidden_states": text,
