@@ -129,7 +129,6 @@ class ParallelPipeline:
 
     def __call__(self, *args, **kwargs):
         kwargs = self._same_call_on_every_rank(args, kwargs)      # before anything a rank could do alone
-        check_single_grid(self.pipe, args, kwargs)
         self._follow_components()
         sequential = calls_once_per_branch(self.pipe, kwargs)
         if self.config.cfg_parallel and not sequential and kwargs.get("guidance_scale", 2.0) <= 1.0:
@@ -279,25 +278,6 @@ def fingerprint(value) -> str:
             h.update((type(v).__qualname__ if " at 0x" in text else text).encode())
     feed(value)
     return h.hexdigest()
-
-
-def check_single_grid(pipe, args: tuple, kwargs: dict) -> None:
-    """Before the VAE encodes anything: Flux Kontext's pipelines append a conditioning image's tokens to
-    the latent's as a second grid (its `img_ids` marked by their first coordinate), which parafuse's
-    strips, cuts of one row-major grid, cannot split. (The denoiser's own check, `StripModel._grid`,
-    refuses any such sequence; this one refuses before the image is encoded.)"""
-    from diffusers import FluxKontextInpaintPipeline, FluxKontextPipeline
-
-    if isinstance(pipe, FluxKontextInpaintPipeline):
-        conditioned = True                  # the image to inpaint is always appended
-    elif isinstance(pipe, FluxKontextPipeline):
-        conditioned = inspect.signature(pipe.__call__).bind_partial(*args, **kwargs).arguments.get("image") is not None
-    else:
-        return
-    if conditioned:
-        raise UnsupportedModelError(f"{type(pipe).__name__} appends the conditioning image's tokens to the latent's "
-                                    f"as a second grid, and parafuse's strips cut one grid by rows: call "
-                                    f"FluxKontextPipeline without `image` (text to image), or run it without parafuse")
 
 
 def calls_once_per_branch(pipe, kwargs: dict) -> bool:
