@@ -626,7 +626,9 @@ def test_first_block_cache_sync_equals_diffusers(root, n):
 
     def call(par):
         runs = tail_runs(par.transformer)
-        return images(par(**call_kwargs("flux"))), len(runs), par.strips._token_span()
+        out = images(par(**call_kwargs("flux")))
+        (span,) = par.strips.geometry.token_spans(par.layout.patch_index)       # the strip's tokens: one grid
+        return out, len(runs), span
     outs = emulate_pipeline(fresh(root, "flux"), n, call, prepare=fbc, mode="sync")
     assert (outs[0][0][0] - ref).abs().max() <= SYNC_TOL
     for (_, runs, _), stats in outs:
