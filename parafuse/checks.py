@@ -257,11 +257,11 @@ def estimate_memory(runtime, req, geometry) -> dict:
 
 
 def activation_floor(sites, geometry, batch: int, item: int) -> int:
-    """ACTIVATION_FLOOR times the largest activation of any site, at the strip's rows."""
+    """ACTIVATION_FLOOR times the largest activation of any site, at the strip's tokens (its rows
+    times the width, over every grid of a token sequence)."""
     largest = 0
     for s in sites:
-        lv = geometry.level(s.factor)
-        largest = max(largest, s.channels * max(lv.rows) * lv.width)
+        largest = max(largest, s.channels * max(geometry.tokens(s.factor)))
     return ACTIVATION_FLOOR * largest * batch * item
 
 

@@ -339,14 +339,15 @@ class DiffusersAdapter:
         return None
 
     # ---- what the shape trace (parafuse.parallel.trace) asks a model family ----------------------
-    def attention_site(self, module, args, kwargs, x, grid) -> dict | None:
-        """A self- or joint attention site's image positions, width and text tokens; None for
-        cross-attention (text keys: row-local on a strip)."""
+    def attention_site(self, module, args, kwargs, x, grids) -> dict | None:
+        """A self- or joint attention site's image positions (those of the first of the input's
+        `grids`, which name its level), width and text tokens; None for cross-attention (text keys:
+        row-local on a strip)."""
         context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
         width = kv_width(module)
-        if is_flux(module):            # image tokens of the whole grid (single blocks prepend the text)
-            image = grid[0] * grid[1]
-            text = context.shape[1] if context is not None else x.shape[1] - image
+        if is_flux(module):            # image tokens of every grid (single blocks prepend the text)
+            image = grids[0][0] * grids[0][1]
+            text = context.shape[1] if context is not None else x.shape[1] - sum(h * w for h, w in grids)
         elif context is None or is_joint(module):        # joint attention: hidden_states are the image
             image = x.shape[1] if x.ndim == 3 else x.shape[2] * x.shape[3]
             text = context.shape[1] if context is not None else 0

@@ -130,7 +130,6 @@ class ParallelPipeline:
 
     def __call__(self, *args, **kwargs):
         kwargs = self._same_call_on_every_rank(args, kwargs)      # before anything a rank could do alone
-        check_single_grid(self.pipe, args, kwargs)
         self._follow_components()
         sequential = calls_once_per_branch(self.pipe, kwargs)
         if self.config.cfg_parallel and not sequential and kwargs.get("guidance_scale", 2.0) <= 1.0:
@@ -260,7 +259,7 @@ def fingerprint(value) -> str:
             h.update(f"generator{v.device}".encode())
             feed(v.get_state())
         elif isinstance(v, np.ndarray):
-            feed(torch.from_numpy(np.ascontiguousarray(v)))
+            feed(torch.from_numpy(np.array(v)))            # a copy: a PIL image's array is read-only
         elif hasattr(v, "getdata") and hasattr(v, "mode"):            # a PIL image
             h.update(f"image{v.mode}{v.size}".encode())
             feed(np.asarray(v))
@@ -282,53 +281,16 @@ def fingerprint(value) -> str:
     return h.hexdigest()
 
 
-# FLUX.2's pipelines that encode reference images and append their tokens to the latent's as further
-# grids (each at its own `img_ids` time coordinate): the call argument that gives them (None: every
-# call, the image to inpaint is one), and the text-to-image pipeline to call instead
-FLUX2_REFERENCES = (("Flux2Pipeline", "image", "Flux2Pipeline"), ("Flux2KleinPipeline", "image", "Flux2KleinPipeline"),
-                    ("Flux2KleinInpaintPipeline", None, "Flux2KleinPipeline"))
-
-
-def check_single_grid(pipe, args: tuple, kwargs: dict) -> None:
-    """Before the VAE encodes anything: Flux Kontext's pipelines append a conditioning image's tokens to
-    the latent's as a second grid (its `img_ids` marked by their first coordinate), and FLUX.2's
-    their reference images' (`FLUX2_REFERENCES`), which parafuse's strips, cuts of one row-major
-    grid, cannot split. (The denoiser's own check, `StripModel._grid`, refuses any such sequence;
-    this one refuses before the image is encoded.)"""
-    import diffusers
-    from diffusers import FluxKontextInpaintPipeline, FluxKontextPipeline
-
-    for name, argument, text_to_image in FLUX2_REFERENCES:
-        if isinstance(pipe, getattr(diffusers, name, ())):
-            given = argument is None or inspect.signature(pipe.__call__).bind_partial(
-                *args, **kwargs).arguments.get(argument) is not None
-            if given:
-                what = f"`{argument}`" if argument else "the image to inpaint and `image_reference`"
-                raise UnsupportedModelError(f"{name} appends the tokens of its reference images ({what}) to the "
-                                            f"latent's as further grids, and parafuse's strips cut one grid by rows: "
-                                            f"call {text_to_image} without `image` (text to image), or run it "
-                                            f"without parafuse")
-            return
-    if isinstance(pipe, FluxKontextInpaintPipeline):
-        conditioned = True                  # the image to inpaint is always appended
-    elif isinstance(pipe, FluxKontextPipeline):
-        conditioned = inspect.signature(pipe.__call__).bind_partial(*args, **kwargs).arguments.get("image") is not None
-    else:
-        return
-    if conditioned:
-        raise UnsupportedModelError(f"{type(pipe).__name__} appends the conditioning image's tokens to the latent's "
-                                    f"as a second grid, and parafuse's strips cut one grid by rows: call "
-                                    f"FluxKontextPipeline without `image` (text to image), or run it without parafuse")
-
-
 def calls_once_per_branch(pipe, kwargs: dict) -> bool:
     """Whether this call of `pipe` does classifier-free guidance as two denoiser calls per step, by
     each pipeline's own rule: FluxPipeline's true CFG (`true_cfg_scale` > 1 and a negative prompt),
-    Flux2KleinPipeline's CFG (`guidance_scale` > 1 on a model not step-distilled)."""
+    FLUX.2 [klein]'s CFG (`guidance_scale` > 1 on a model not step-distilled; its inpainting
+    pipeline's too)."""
     import diffusers
 
     parameters = inspect.signature(pipe.__call__).parameters
-    if isinstance(pipe, getattr(diffusers, "Flux2KleinPipeline", ())):
+    if isinstance(pipe, tuple(getattr(diffusers, name) for name in ("Flux2KleinPipeline", "Flux2KleinInpaintPipeline")
+                             if hasattr(diffusers, name))):
         guidance = kwargs.get("guidance_scale", parameters["guidance_scale"].default)
         return guidance > 1 and not pipe.config.is_distilled
     if "true_cfg_scale" not in parameters:

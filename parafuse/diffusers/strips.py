@@ -162,6 +162,17 @@ def check_compiled(model: nn.Module) -> None:
                                     f"uncompiled denoiser)")
 
 
+def token_grid(ids: torch.Tensor) -> tuple[int, int] | None:
+    """(rows, columns) of one grid's `img_ids` [tokens, (_, row, column[, layer])] (Flux's ids;
+    FLUX.2's, whose fourth coordinate is 0 on an image's tokens), if they name its tokens row-major
+    from (0, 0); else None."""
+    rows, cols = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+    if rows * cols == ids.shape[0] and not ids[:, 3:].any() and torch.equal(ids[:, 1] * cols + ids[:, 2],
+                                                   torch.arange(rows * cols, device=ids.device)):
+        return rows, cols
+    return None
+
+
 class StripModel:
     """Hooks that make a diffusers model compute this rank's strip: the input's rows in, the output's
     strips gathered out (see the module docstring). Each call of the model is one engine step of
@@ -176,10 +187,11 @@ class StripModel:
         self.sample_name = next(iter(self._signature.parameters))
         # positional arguments can be bound to names (no *args in the forward): `_by_name`
         self._bindable = not any(p.kind is p.VAR_POSITIONAL for p in self._signature.parameters.values())
-        self._traces: dict[tuple[int, ...], Trace] = {}           # per input size
+        self._traces: dict[tuple, Trace] = {}           # per input size and grids
+        self.trace: Trace | None = None                 # this image's
         self._structure = None
         self.geometry: StripGeometry | None = None
-        self._tokens = False                                      # the input is a token grid (Flux)
+        self._tokens = False                                      # the input is a sequence of token grids (Flux)
         self.evaluations = 0
         self.tracing = False
         self._handles = [model.register_forward_pre_hook(self._by_name, with_kwargs=True),
@@ -275,25 +287,24 @@ class StripModel:
                 f"for {self._input_shape}: parafuse plans one geometry per pipeline call")
         kwargs = self._strip_kwargs(kwargs)
         self._begin_evaluation()
-        if self._tokens:            # the grid's ids, cut as its tokens
-            a, b = self._token_span()
-            kwargs = {**kwargs, "img_ids": kwargs["img_ids"][..., a:b, :]}
+        if self._tokens:            # the grids' ids, cut as their tokens (RoPE of the strip's positions)
+            kwargs = {**kwargs, "img_ids": self._tokens_of(kwargs["img_ids"], -2)}
         return self._with_sample(args, kwargs, self._strip_of(sample))
 
     def _strip_of(self, t: torch.Tensor) -> torch.Tensor:
-        """This strip's part of `t`, a tensor of the input's grid: its tokens of a sequence [B, h*w, C]
-        row-major over the grid (Flux's), its rows of an image [B, C, H, W] at its width's level."""
+        """This strip's part of `t`, a tensor of the input's grid: its tokens of a sequence [B, tokens,
+        C] of row-major grids (Flux's), its rows of an image [B, C, H, W] at its width's level."""
         if self._tokens:
-            a, b = self._token_span()
-            return t[:, a:b].contiguous()
+            return self._tokens_of(t, 1)
         level = self.geometry.level_of_width(t.shape[-1])
         top = level.offsets[self.layout.patch_index]
         return t[:, :, top: top + level.rows[self.layout.patch_index]].contiguous()
 
-    def _token_span(self) -> tuple[int, int]:
-        """This strip's tokens [a, b) of a sequence row-major over the latent grid (Flux's)."""
-        top, end = self.geometry.row_range(self.layout.patch_index)
-        return top * self.geometry.width, end * self.geometry.width
+    def _tokens_of(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """This strip's tokens of the sequence along `dim` of `t`: its rows of each grid, in sequence
+        order (`StripGeometry.token_spans`)."""
+        spans = self.geometry.token_spans(self.layout.patch_index)
+        return torch.cat([t.narrow(dim, a, b - a) for a, b in spans], dim)
 
     def _strip_kwargs(self, kwargs: dict) -> dict:
         """This rank's part of the call's other arguments, before the evaluation starts (the
@@ -305,44 +316,43 @@ class StripModel:
         self.session.begin_step(self.evaluations)
         self.evaluations += 1
 
-    def _grid(self, kwargs: dict, sample: torch.Tensor) -> tuple[tuple[int, int], bool]:
-        """The input's grid (rows, columns) and whether the input is a token sequence [B, rows*cols, C]
-        with `img_ids` naming each token's (grid, row, column), as Flux's are, or (time, row, column,
-        layer), as FLUX.2's are: one grid's tokens have every coordinate but the row and the column 0."""
+    def _grid(self, kwargs: dict, sample: torch.Tensor) -> tuple[tuple[tuple[int, int], ...], bool]:
+        """The input's grids (rows, columns), in sequence order, and whether the input is a token
+        sequence [B, tokens, C] named by `img_ids` (Flux's, FLUX.2's): one image [B, C, H, W] is one
+        grid; a sequence holds one grid per value of img_ids' first coordinate (Flux Kontext appends
+        the conditioning image's tokens, marked 1, to the latent's, marked 0), each row-major over its
+        (_, row, column) ids (`token_grid`), the grids one after another."""
         if sample.dim() == 4:
-            return tuple(sample.shape[-2:]), False
+            return (tuple(sample.shape[-2:]),), False
         ids = kwargs.get("img_ids")
         if sample.dim() == 3 and ids is not None:
             ids = ids[0] if ids.dim() == 3 else ids
-            if ids[:, 0].any():
-                # FluxKontextPipeline's conditioning image: a second grid of tokens after the latent's, marked
-                # by img_ids' first coordinate; a strip of the sequence would hold rows of neither grid
+            marks, counts = torch.unique_consecutive(ids[:, 0], return_counts=True)
+            if len(set(marks.tolist())) < len(marks):
                 raise UnsupportedModelError(
-                    f"{type(self.model).__name__}'s token sequence holds a second image grid "
-                    f"({int(ids[:, 0].ne(0).sum())} of its {sample.shape[1]} tokens marked by img_ids' first "
-                    f"coordinate, as FluxKontextPipeline appends the conditioning image's): parafuse splits one "
-                    f"grid by rows; call without `image`, or run this pipeline without parafuse")
-            rows, cols = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
-            if rows * cols == sample.shape[1] and not ids[:, 3:].any() and torch.equal(
-                    ids[:, 1] * cols + ids[:, 2], torch.arange(rows * cols, device=ids.device)):
-                return (rows, cols), True
+                    f"{type(self.model).__name__}'s img_ids interleave the grids of its token sequence (their first "
+                    f"coordinates run {marks.tolist()}): parafuse cuts grids whose tokens follow one another; pass "
+                    f"each grid's tokens together")
+            grids = [token_grid(g) for g in ids.split(counts.tolist())]
+            if ids.shape[0] == sample.shape[1] and None not in grids:
+                return tuple(grids), True
         raise UnsupportedModelError(f"{type(self.model).__name__}'s input {tuple(sample.shape)} is neither an image "
-                                    f"[B, C, H, W] nor a row-major token grid named by img_ids")
+                                    f"[B, C, H, W] nor a sequence of row-major token grids named by img_ids")
 
     def _configure(self, args: tuple, kwargs: dict, sample: torch.Tensor) -> None:
-        """The patch plan of this image's geometry, from a shape trace (once per input size)."""
-        grid, self._tokens = self._grid(kwargs, sample)
-        size = tuple(sample.shape[1:])
-        if size not in self._traces:
+        """The patch plan of this image's geometry, from a shape trace (once per input size and grids)."""
+        grids, self._tokens = self._grid(kwargs, sample)
+        key = (tuple(sample.shape[1:]), grids)
+        if key not in self._traces:
             saved, self.engine.step = self.engine.step, LOCAL      # the patch layers run as plain layers
             self.tracing = True
             try:
                 with eager(self.model) as model:
-                    self._traces[size] = trace_model(model, self.adapter, args, kwargs, sample, grid)
+                    self._traces[key] = trace_model(model, self.adapter, args, kwargs, sample, grids[0], grids[1:])
             finally:
                 self.tracing, self.engine.step = False, saved
-        trace = self._traces[size]
-        geometry = StripGeometry(trace.height, trace.width, self.layout.patch_degree, trace.unit)
+        trace = self.trace = self._traces[key]
+        geometry = StripGeometry(trace.height, trace.width, self.layout.patch_degree, trace.unit, trace.others)
         for s in trace.sites:
             if s.kind == SiteKind.CONV:
                 geometry.check_halo(s.factor, s.top, s.bottom, f"conv {s.key}")
@@ -373,12 +383,17 @@ class StripModel:
         if self.engine is None:
             return out
         if self._tokens:
-            dim, rows = 1, tuple(r * self.geometry.width for r in self.geometry.rows)
+            dim, rows = 1, self.geometry.tokens(1)
         else:
             dim, rows = 2, self.geometry.level_of_width(out.shape[-1]).rows
         full = self.engine.gather_rows(out, dim, rows, dst=self.gather_to, kind="gather")
         if full is None:        # not the gathering strip: a placeholder of the whole output's shape
-            full = out.new_zeros(out.shape[:dim] + (sum(rows),) + out.shape[dim + 1:])
+            return out.new_zeros(out.shape[:dim] + (sum(rows),) + out.shape[dim + 1:])
+        if self._tokens and self.geometry.others:
+            # gathered strip by strip, each strip's rows of every grid: each piece to its place in the sequence
+            spans = [span for j in range(self.geometry.n) for span in self.geometry.token_spans(j)]
+            pieces = dict(zip(spans, full.split([b - a for a, b in spans], dim)))
+            full = torch.cat([pieces[span] for span in sorted(pieces)], dim)
         return full
 
 
@@ -491,7 +506,7 @@ class StripDenoiser(StripModel):
         strips must be the denoiser's."""
         super()._configure(args, {k: None if k in RESIDUALS else v for k, v in kwargs.items()}, sample)
         # the level of the transformer blocks, whose hidden states ControlNet samples add to as tokens
-        factors = {s.factor for s in self._traces[tuple(sample.shape[1:])].sites if s.kind == SiteKind.ATTN}
+        factors = {s.factor for s in self.trace.sites if s.kind == SiteKind.ATTN}
         self._token_level = self.geometry.level(factors.pop()) if len(factors) == 1 else None
         for net in self.partners:
             if net.geometry is not None and net.geometry.rows != self.geometry.rows:
@@ -896,7 +911,7 @@ class StripControlNet(StripModel):
         ControlNet forward)."""
         if self.latent_cond:
             return super()._configure(args, kwargs, sample)
-        grid, tokens = self._grid(kwargs, sample)
+        (grid, *_), tokens = self._grid(kwargs, sample)
         self.packing = self.layers.config.patch_size if tokens else 1
         embedding = getattr(self.layers, self.embedding_name)
         channels = [m for m in embedding.modules() if isinstance(m, nn.Conv2d)][-1].out_channels

@@ -524,10 +524,21 @@ def inpaint_mask(seed: int = 6, height: int = HEIGHT, width: int = WIDTH) -> tor
     return mask
 
 
+# Flux Kontext's conditioning image (the inpainting pipeline's `image_reference`): another size than
+# the output's, a 16 x 8 token grid appended to the latent's 20 x 12 (strips of 6, 5, 5 rows at N = 3)
+KONTEXT_IMAGE = (HEIGHT * 4 // 5, WIDTH * 2 // 3)
+
+
+def kontext_key(family: str) -> str:
+    """The argument of a Flux Kontext pipeline that takes the conditioning image."""
+    return "image_reference" if family.endswith("inpaint") else "image"
+
+
 def image_kwargs(family: str, image_seed: int = 5, mask_seed: int = 6, **kw) -> dict:
     """The call of an image-conditioned family: its base family's call, an image, a mask for the
     inpainting ones; img2img's image a small one upscaled four times at strength 0.5 (the hi-res
-    upscale's second pass, a partial schedule)."""
+    upscale's second pass, a partial schedule); Kontext's conditioning image of another size than
+    the output (`KONTEXT_IMAGE`)."""
     import torch.nn.functional as F
     base = family.split("-")[0]
     call = {**call_kwargs(base, **kw), "image": control_image(image_seed)}
@@ -539,5 +550,6 @@ def image_kwargs(family: str, image_seed: int = 5, mask_seed: int = 6, **kw) -> 
     if family == "sdxl-refiner":
         call["strength"] = 0.7                     # the refiner's default 0.3 of 3 steps is none
     if family.startswith("flux-kontext"):
+        call[kontext_key(family)] = control_image(image_seed, *KONTEXT_IMAGE)
         call.update(max_area=HEIGHT * WIDTH, _auto_resize=False)       # the call's size, not a megapixel
     return call

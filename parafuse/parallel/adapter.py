@@ -39,7 +39,7 @@ class BuiltinAdapter:
         return None
 
     # ---- what the shape trace (parafuse.parallel.trace) asks a model family ----------------------
-    def attention_site(self, module, args, kwargs, x, grid) -> dict | None:
+    def attention_site(self, module, args, kwargs, x, grids) -> dict | None:
         """A self-attention site's positions and width (cross-attention is no site: `site_kind`)."""
         return {"positions": x.shape[1], "channels": x.shape[-1]}
 

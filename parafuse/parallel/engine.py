@@ -142,7 +142,7 @@ class ExchangeEngine:
                 # buffer (the local rows': the sender's own), the mirror of the local rows, and the
                 # byte payloads out (local rows) and in (laid out as the buffer)
                 tokens, batch, width = bufs["kv"].shape
-                local = plan.level(site).rows[self.strip] * plan.level(site).width
+                local = plan.strip_tokens(site)[self.strip]
                 row = kv_codec.payload_bytes(width // 2, dt)
                 bufs["drift"] = torch.zeros_like(bufs["kv"])
                 bufs["mirror"] = torch.zeros((local, batch, width), dtype=dt, device=device)
@@ -264,10 +264,7 @@ class ExchangeEngine:
         else:
             self._wait(key)
             buf = self.buffers[key]["kv"]
-        above, _ = self.plan.kv_rows(site, kv)
-        lv = self.plan.level(site)
-        start = above * lv.width
-        return buf, start, start + lv.rows[self.strip] * lv.width
+        return (buf,) + self.plan.local_tokens(site, kv)
 
     def exchange_kv(self, key: str, buf: torch.Tensor, before: bool) -> None:
         """Exchange the K/V buffer returned by `kv_buffer`, whose local rows the caller has written.
@@ -280,9 +277,7 @@ class ExchangeEngine:
         if kv == "local" or before != (kv == "whole"):
             return
         site = self.plan.sites[key]
-        above, _ = self.plan.kv_rows(site, kv)
-        w = self.plan.level(site).width
-        start, end = above * w, (above + self.plan.level(site).rows[self.strip]) * w
+        start, end = self.plan.local_tokens(site, kv)
         sends, recvs = self._kv_routes(site, kv, start, end)
         bufs = self.buffers.get(key, {})
         if kv != "whole" and "mirror" in bufs:
@@ -304,7 +299,7 @@ class ExchangeEngine:
             return
         pending.wait()
         if self.plan.stale_step.kv == "stale-window":
-            self._seed_window(key, buf, start, end)
+            self._seed_window(key, buf)
         if "mirror" in bufs:
             # the codec's mirrors start from this exact K/V (the receivers' copies are these bits)
             bufs["mirror"].copy_(buf[start:end])
@@ -319,35 +314,40 @@ class ExchangeEngine:
         return kv_codec
 
     def _kv_routes(self, site: Site, kv: str, start: int, end: int) -> tuple[list, list]:
-        """Token ranges of a K/V exchange: sends [((a, b), peer)] in the local rows (0 = the first
+        """Token ranges of a K/V exchange: sends [((a, b), peer)] in the local tokens (0 = the first
         local token), receives [((a, b), peer)] in the buffer. The whole image: the strip to every
-        rank, each strip's rows from it; windows: the first / last window rows up / down, the rows
-        above / below from the neighbours."""
-        lv, i = self.plan.level(site), self.strip
-        w, local = lv.width, end - start
+        rank, each strip's tokens from it; windows: the first / last window rows of each grid up /
+        down (`PatchPlan.window_spans`), the neighbours' one after another above / below the local
+        tokens. A pair of ranks matches its messages in posting order: both post them by grid."""
+        plan, i = self.plan, self.strip
         if kv in ("whole", "stale-whole"):
             others = [j for j in range(self.n) if j != i]
-            return ([((0, local), self.peer(j)) for j in others],
-                    [((lv.offsets[j] * w, (lv.offsets[j] + lv.rows[j]) * w), self.peer(j)) for j in others])
-        mine = self.plan.window_rows(lv, i) * w
+            return ([((0, end - start), self.peer(j)) for j in others],
+                    [((plan.strip_start(site, j), plan.strip_start(site, j + 1)), self.peer(j)) for j in others])
         sends, recvs = [], []
-        if self.plan.up is not None:
-            sends.append(((0, mine), self.peer(i - 1)))
-            recvs.append(((0, start), self.peer(i - 1)))
-        if self.plan.down is not None:
-            sends.append(((local - mine, local), self.peer(i + 1)))
-            recvs.append(((end, end + self.plan.kv_rows(site, kv)[1] * w), self.peer(i + 1)))
+        for j, down, at in ((plan.up, False, 0), (plan.down, True, end)):
+            if j is None:
+                continue
+            sends += [(span, self.peer(j)) for span in plan.window_spans(site, i, down)]
+            for a, b in plan.window_spans(site, j, not down):
+                recvs.append(((at, at + b - a), self.peer(j)))
+                at += b - a
         return sends, recvs
 
-    def _seed_window(self, key: str, whole: torch.Tensor, start: int, end: int) -> None:
-        """After a synchronous step in partial mode, copy the neighbours' rows that the window keeps,
-        so that the first stale step has a stale window to use."""
-        site = self.plan.sites[key]
-        above, below = self.plan.kv_rows(site, "stale-window")
-        w = self.plan.level(site).width
+    def _seed_window(self, key: str, whole: torch.Tensor) -> None:
+        """After a synchronous step in partial mode, copy the neighbours' tokens that the window keeps
+        (laid out as `_kv_routes` receives them) from the whole K/V `whole` (each strip's tokens at
+        its place), so that the first stale step has a stale window to use."""
+        site, plan, i = self.plan.sites[key], self.plan, self.strip
         win = self.buffers[key]["kv"]
-        win[: above * w].copy_(whole[start - above * w: start])
-        win[win.shape[0] - below * w:].copy_(whole[end: end + below * w])
+        below = plan.kv_tokens(site, "stale-window")[1]
+        for j, at in ((plan.up, 0), (plan.down, win.shape[0] - below)):
+            if j is None:
+                continue
+            first = plan.strip_start(site, j)
+            for a, b in plan.window_spans(site, j, down=j < i):
+                win[at: at + b - a].copy_(whole[first + a: first + b])
+                at += b - a
 
     # ---- joint attention: text queries over every strip's image keys ----------------------------
     def merge_text(self, key: str, out: torch.Tensor, lse: torch.Tensor) -> Callable[[], torch.Tensor]:

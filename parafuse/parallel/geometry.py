@@ -4,10 +4,15 @@ convolution needs. Pure functions of (height, width, number of strips, model uni
 Strips are cut in *units* of the model's downsample factor, so that every strip has a whole
 number of rows at every level (a stride-2 conv never straddles a strip boundary). Units are
 spread as evenly as possible: the first `units % n` strips get one more, so any n works.
+
+A token sequence may hold several grids one after another (Flux Kontext appends the conditioning
+image's tokens to the latent's): `others` are the grids after the first, each cut into the same
+number of strips by the same rule, and strip i holds its rows of every grid (`token_spans`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
 
 
 class GeometryError(ValueError):
@@ -46,6 +51,8 @@ class StripGeometry:
     width: int                  # latent columns
     n: int                      # number of strips
     unit: int                   # model downsample factor: strips are cut in multiples of this
+    # (height, width) of each further grid of a token sequence, after this one, in sequence order
+    others: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self):
         if self.n < 1:
@@ -58,6 +65,33 @@ class StripGeometry:
                 f"latent height {self.height} has only {self.height // self.unit} rows of {self.unit} "
                 f"(the model's downsample factor), fewer than the {self.n} strips: use fewer GPUs or a "
                 f"taller image (at least {self.n * self.unit} latent rows)")
+        for k, (h, w) in enumerate(self.others, 1):
+            try:
+                StripGeometry(h, w, self.n, self.unit)
+            except GeometryError as e:
+                raise GeometryError(f"grid {k + 1} of the token sequence ({h}x{w}, after the latent's "
+                                    f"{self.height}x{self.width}): {e}") from None
+
+    @cached_property
+    def grids(self) -> tuple[StripGeometry, ...]:
+        """Every grid of the token sequence, in sequence order: this one (without `others`), then each
+        of `others`, all cut into `n` strips in units of `unit`."""
+        return (replace(self, others=()),) + tuple(StripGeometry(h, w, self.n, self.unit) for h, w in self.others)
+
+    def tokens(self, factor: int) -> tuple[int, ...]:
+        """Tokens of every strip at level `factor`: its rows times the width, summed over the grids."""
+        levels = [g.level(factor) for g in self.grids]
+        return tuple(sum(lv.rows[j] * lv.width for lv in levels) for j in range(self.n))
+
+    def token_spans(self, strip: int, factor: int = 1) -> list[tuple[int, int]]:
+        """Strip `strip`'s tokens [a, b) of the whole sequence at level `factor` (the grids one after
+        another, each row-major), one span per grid."""
+        spans, start = [], 0
+        for lv in (g.level(factor) for g in self.grids):
+            top = start + lv.offsets[strip] * lv.width
+            spans.append((top, top + lv.rows[strip] * lv.width))
+            start += lv.height * lv.width
+        return spans
 
     @property
     def units(self) -> tuple[int, ...]:

@@ -133,24 +133,52 @@ class PatchPlan:
         return self.strip + 1 if self.strip < self.n - 1 else None
 
     # ---- attention -----------------------------------------------------------------------
+    # A site's K/V are tokens: the rows of the strips times the width, over every grid of a token
+    # sequence (`StripGeometry.tokens`); a buffer holds whole strips' tokens, each strip's in its own
+    # order (attention does not depend on the order of its keys).
     def window_rows(self, level: Level, strip: int) -> int:
         """Rows of strip `strip` that its neighbours attend to in `partial` mode (`window_rows`)."""
         return window_rows(level.rows[strip], self.settings.halo_portion)
 
-    def kv_rows(self, site: Site, kv: str) -> tuple[int, int]:
-        """Rows from above and below in the K/V buffer of `site` for the step plan's `kv`."""
-        lv, i = self.level(site), self.strip
+    def strip_tokens(self, site: Site) -> tuple[int, ...]:
+        """Every strip's tokens at `site`."""
+        return self.geometry.tokens(site.factor)
+
+    def strip_start(self, site: Site, strip: int) -> int:
+        """Where strip `strip`'s tokens start in a K/V buffer of every strip's (in strip order)."""
+        return sum(self.strip_tokens(site)[:strip])
+
+    def window_spans(self, site: Site, strip: int, down: bool) -> list[tuple[int, int]]:
+        """The tokens [a, b) of strip `strip` (0 = its first) that its neighbour below (`down`) or
+        above attends to in `partial` mode: the last or first window rows of each of its grids."""
+        spans, start = [], 0
+        for lv in (g.level(site.factor) for g in self.geometry.grids):
+            rows, k = lv.rows[strip], self.window_rows(lv, strip)
+            top = start + (rows - k) * lv.width if down else start
+            spans.append((top, top + k * lv.width))
+            start += rows * lv.width
+        return spans
+
+    def kv_tokens(self, site: Site, kv: str) -> tuple[int, int]:
+        """Tokens from above and below in the K/V buffer of `site` for the step plan's `kv`."""
+        tokens, i = self.strip_tokens(site), self.strip
         if kv in ("whole", "stale-whole"):
-            return lv.offsets[i], lv.height - lv.offsets[i] - lv.rows[i]
+            return self.strip_start(site, i), sum(tokens[i + 1:])
         if kv == "stale-window":
-            return (self.window_rows(lv, i - 1) if self.up is not None else 0,
-                    self.window_rows(lv, i + 1) if self.down is not None else 0)
+            def shown(strip, down):
+                return sum(b - a for a, b in self.window_spans(site, strip, down))
+            return (shown(i - 1, True) if self.up is not None else 0,
+                    shown(i + 1, False) if self.down is not None else 0)
         return 0, 0
 
+    def local_tokens(self, site: Site, kv: str) -> tuple[int, int]:
+        """The range [start, end) of this strip's own tokens in the K/V buffer of `site` for `kv`."""
+        start = self.kv_tokens(site, kv)[0]
+        return start, start + self.strip_tokens(site)[self.strip]
+
     def kv_shape(self, site: Site, kv: str) -> tuple[int, int, int]:
-        above, below = self.kv_rows(site, kv)
-        lv = self.level(site)
-        return ((above + lv.rows[self.strip] + below) * lv.width, self.batch, 2 * site.channels)
+        above, below = self.kv_tokens(site, kv)
+        return (above + self.strip_tokens(site)[self.strip] + below, self.batch, 2 * site.channels)
 
     def text_shape(self, site: Site) -> tuple[int, int, int, int]:
         """[B, heads, text tokens, head dim]: one strip's partial output of the text queries of

@@ -1,12 +1,13 @@
 """The one shape trace of a model: its parallel sites, read from one call without computing it.
 
-    trace = trace_model(model, adapter, args, kwargs, sample, grid)
+    trace = trace_model(model, adapter, args, kwargs, sample, grid, others)
     trace.sites    # every conv with a halo, GroupNorm, self-attention and grid position embedding
     trace.unit     # rows of the finest grid per row at the model's coarsest level
     trace.affine   # FLOPs of every conv and linear layer at this size (parafuse.profile extrapolates)
 
 The model is called once as `model(*args, **kwargs)` under FakeTensor (no memory, no compute) on
-its whole input `sample` (an image [B, C, H, W], or tokens [B, H*W, C] of the grid `grid`), with
+its whole input `sample` (an image [B, C, H, W], or tokens [B, H*W, C] of the grid `grid`, followed
+by the tokens of the grids `others` where the sequence holds several: Flux Kontext's), with
 forward hooks on the modules its adapter names. Each site's level comes from how many positions it
 sees against the finest grid the model computes on (the input for a denoiser; the image for a VAE
 decoder, which upsamples). A torch-function mode records who reads each GroupNorm's output: where
@@ -41,6 +42,7 @@ class Trace:
     width: int
     affine: dict = field(default_factory=dict)      # module -> FLOPs of a conv or linear layer
     attention: dict = field(default_factory=dict)   # module -> (FLOPs, self-attention?) where the adapter counts them
+    others: tuple = ()     # the sequence's further grids (height, width), at the finest grid's scale
 
 
 def _value_readers(readers: dict):
@@ -61,9 +63,10 @@ def _value_readers(readers: dict):
 
 
 def trace_model(model: nn.Module, adapter, args: tuple, kwargs: dict, sample: torch.Tensor,
-                grid: tuple[int, int]) -> Trace:
+                grid: tuple[int, int], others: tuple[tuple[int, int], ...] = ()) -> Trace:
     """See the module docstring. A module whose positions are not a grid of the model's is refused
-    (`adapter.refuse`)."""
+    (`adapter.refuse`). An attention site's level is that of the first grid's positions
+    (`adapter.attention_site`, told every grid)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     seen: dict[str, tuple] = {}        # name -> (kind, module, positions, reads the input, attention fields)
@@ -90,7 +93,7 @@ def trace_model(model: nn.Module, adapter, args: tuple, kwargs: dict, sample: to
                     norm_outputs[name] = out
                     readers[id(out)] = []
             elif kind == SiteKind.ATTN:
-                fields = adapter.attention_site(mod, args, kwargs, x, grid)
+                fields = adapter.attention_site(mod, args, kwargs, x, (grid,) + tuple(others))
                 if fields is not None:
                     positions = fields.pop("positions")
                     seen[name] = (kind, mod, positions, False, fields)
@@ -138,5 +141,6 @@ def trace_model(model: nn.Module, adapter, args: tuple, kwargs: dict, sample: to
             sites.append(Site(name, SiteKind.ATTN, f, **fields))
         else:
             sites.append(Site(name, SiteKind.POSITIONS, f))
-    return Trace(sites, math.lcm(*factors), height, width, affine, attention)
+    return Trace(sites, math.lcm(*factors), height, width, affine, attention,
+                 tuple((h * width // grid[1], w * width // grid[1]) for h, w in others))
 

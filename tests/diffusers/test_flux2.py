@@ -2,8 +2,8 @@
 blocks, single-stream blocks whose attention and MLP share one fused projection, 4-axis ids) and
 FLUX.2 [klein]'s pipeline on its components (`Flux2KleinPipeline`: classifier-free guidance as two
 transformer calls per step) against diffusers' own single-process output; the stale modes' K/V
-bytes in closed form and their quality against FLUX.1's at the same settings; the refusals of what
-appends tokens of other grids (reference images, the KV cache). The CUDA-graph path:
+bytes in closed form and their quality against FLUX.1's at the same settings; reference images (more
+token grids, cut by the strips); the refusal of the KV cache. The CUDA-graph path:
 tests/diffusers/test_pipeline_graphs.py."""
 import copy
 from types import SimpleNamespace
@@ -127,55 +127,70 @@ def reference_image():
     return Image.fromarray((control_image()[0].permute(1, 2, 0) * 255).byte().numpy())
 
 
-@pytest.mark.parametrize("family", ["flux2", "flux2-klein"])
-def test_flux2_reference_images_and_kv_cache_are_refused_before_compute(root, family):
-    """A reference image appends its tokens to the latent's as a further grid (img_ids' time
-    coordinate 10): the call is refused on every rank before the VAE encodes it, in one line naming
-    `image`; `Flux2KleinInpaintPipeline`, which appends the image to inpaint so, at every call. The
-    transformer called directly with such a sequence, with FLUX.2 [klein]'s KV cache
-    (`kv_cache_mode`), or with ids whose time or layer coordinate is not 0 (no tokens of one grid),
-    is refused before it runs; the KV pipeline's own processors at parallelize."""
+def reference_kwargs(family: str, **extra) -> dict:
+    """The family's call with two reference images of different sizes (their own token grids, at
+    img_ids' time coordinates 10 and 20, after the latent's 20 x 12)."""
+    small = reference_image().resize((64, 96))
+    return {**call_kwargs(family), "image": [reference_image(), small], **extra}
+
+
+def test_flux2_reference_images_run_by_strips_of_every_grid(root):
+    """Reference images append their tokens to the latent's as further grids, each of its image's
+    own size at its own time coordinate: each rank takes its rows of every grid, the Flux Kontext
+    rule (`StripModel._grid`). Flux2Pipeline with two references (grids 20 x 12, 20 x 12, 12 x 8):
+    sync at N = 2 and 3 = diffusers, the references changing the output; full at N = 3 within
+    3 dB of text-to-image full (each against its own diffusers output). Flux2KleinInpaintPipeline
+    (the image to inpaint appended so): sync N = 3 = diffusers; its CFG (two calls a step, the
+    FLUX.2 [klein] rule) with cfg_parallel N = 4 = diffusers."""
     from diffusers import Flux2KleinInpaintPipeline
 
-    def refused(name, what, **extra):
-        def call(p):
-            p.pipe.vae.encoder.register_forward_hook(lambda *a: pytest.fail("the VAE encoded"))
-            with pytest.raises(UnsupportedModelError, match=rf"^{name} appends the tokens of its reference images "
-                                                            rf"\({what}\) .* without `image` \(text to image\)"):
-                p(**call_kwargs(family), image=reference_image(), **extra)
-        return call
-    name = "Flux2KleinPipeline" if family.endswith("klein") else "Flux2Pipeline"
-    emulate_pipeline(pipe(root, family), 2, refused(name, "`image`"), mode="sync")
-    if family.endswith("klein"):
-        inpaint = Flux2KleinInpaintPipeline(**pipe(root, family).components)
-        emulate_pipeline(inpaint, 2, refused("Flux2KleinInpaintPipeline", "the image to inpaint and `image_reference`",
-                                             mask_image=inpaint_mask()), mode="sync")
-        return
+    plain = pipe(root, "flux2")
+    ref = images(plain(**reference_kwargs("flux2")))
+    assert (ref - serial(root, "flux2")).norm() > 1e-3 * ref.norm()         # the references count
+    grids = []
 
-    plain, sequence = copy.deepcopy(pipe(root, family)), []
+    def call(p):
+        out = images(p(**reference_kwargs("flux2")))
+        grids.append(tuple((g.height, g.width) for g in p.strips.geometry.grids))
+        return out
+    for n in (2, 3):
+        outs = emulate_pipeline(plain, n, call, mode="sync")
+        assert (outs[0][0] - ref).abs().max() <= SYNC_TOL, n
+    assert grids[-1] == ((20, 12), (20, 12), (12, 8))
+    full = emulate_pipeline(plain, 3, lambda p: images(p(**reference_kwargs("flux2"))), mode="full", warmup_steps=1)
+    text_to_image = emulated(root, "flux2", 3, mode="full", warmup_steps=1)
+    assert psnr(full[0][0], ref) > psnr(text_to_image[0][0], serial(root, "flux2")) - 3
+
+    inpaint = Flux2KleinInpaintPipeline(**pipe(root, "flux2-klein").components)
+    kwargs = lambda: {**call_kwargs("flux2-klein"), "image": reference_image(), "mask_image": inpaint_mask()}
+    ref = images(inpaint(**kwargs()))
+    for n, cfg_parallel in ((3, False), (4, True)):
+        outs = emulate_pipeline(inpaint, n, lambda p: images(p(**kwargs())), mode="sync", cfg_parallel=cfg_parallel)
+        assert (outs[0][0] - ref).abs().max() <= SYNC_TOL, n
+        assert [stats["evaluations"] for _, stats in outs] == [(1 if cfg_parallel else 2) * STEPS] * n
+
+
+def test_flux2_kv_cache_and_foreign_ids_are_refused_before_compute(root):
+    """The transformer called directly with FLUX.2 [klein]'s K/V cache of reference images
+    (`kv_cache_mode`), or with ids whose layer coordinate is not 0 (no image grid), is refused before
+    it runs; the KV pipeline's own processors at parallelize."""
+    plain, sequence = copy.deepcopy(pipe(root, "flux2")), []
     plain.transformer.register_forward_pre_hook(lambda m, a, kw: sequence.append(kw) if not sequence else None,
                                                 with_kwargs=True)
-    plain(**{**call_kwargs(family), "num_inference_steps": 1}, image=reference_image())
-    tokens = serial(root, family).shape[1]
-    assert sequence[0]["img_ids"][..., 0].ne(0).sum() == tokens          # the reference's tokens, as many
+    plain(**{**call_kwargs("flux2"), "num_inference_steps": 1})
 
     def direct(p):
         p.pipe.transformer.register_forward_hook(lambda *a: pytest.fail("the transformer ran"))
         with torch.no_grad():
-            marked = rf"second image grid \({tokens} of its {2 * tokens} tokens"
-            with pytest.raises(UnsupportedModelError, match=marked):
-                p.transformer(**sequence[0])
             with pytest.raises(UnsupportedModelError, match=r"kv_cache_mode='cached'.*call it without kv_cache_mode"):
                 p.transformer(**{**sequence[0], "kv_cache_mode": "cached"})
-            latent = {**sequence[0], "hidden_states": sequence[0]["hidden_states"][:, :tokens]}
-            for axis in (0, 3):             # the latent's own tokens, marked by the time or the layer coordinate
-                ids = sequence[0]["img_ids"][:, :tokens].clone()
-                ids[..., axis] = 1
-                with pytest.raises(UnsupportedModelError, match="second image grid|nor a row-major token grid"):
-                    p.transformer(**{**latent, "img_ids": ids})
-    emulate_pipeline(pipe(root, family), 2, direct, mode="sync")
+            ids = sequence[0]["img_ids"].clone()
+            ids[..., 3] = 1
+            with pytest.raises(UnsupportedModelError, match="nor a sequence of row-major token grids"):
+                p.transformer(**{**sequence[0], "img_ids": ids})
+    emulate_pipeline(pipe(root, "flux2"), 2, direct, mode="sync")
 
     from diffusers import Flux2KleinKVPipeline
-    kv = Flux2KleinKVPipeline(**copy.deepcopy(pipe(root, family)).components)   # its KV processors installed
+    kv = Flux2KleinKVPipeline(**copy.deepcopy(pipe(root, "flux2")).components)   # its KV processors installed
     with pytest.raises(UnsupportedModelError, match=r"Flux2KVAttnProcessor.*use Flux2KleinPipeline"):
         parafuse.parallelize(SimpleNamespace(transformer=kv.transformer))

@@ -1,4 +1,5 @@
 """What the K/V codec tests compare: every rank's received rows against their sender's mirror."""
+import torch
 
 
 def mirror_pairs(runtimes):
@@ -12,17 +13,18 @@ def mirror_pairs(runtimes):
         for key, bufs in eng.buffers.items():
             if "mirror" not in bufs:
                 continue
-            site, lv, i = eng.plan.sites[key], eng.plan.level(eng.plan.sites[key]), eng.strip
-            w, kv = lv.width, bufs["kv"]
+            site, i = eng.plan.sites[key], eng.strip
+            kv = bufs["kv"]
             if eng.mode == "full":
                 for j in range(eng.n):
                     if j != i:
                         theirs = runtimes[j].engine.buffers[key]["mirror"]
-                        pairs.append((kv[lv.offsets[j] * w:(lv.offsets[j] + lv.rows[j]) * w], theirs))
+                        pairs.append((kv[eng.plan.strip_start(site, j):eng.plan.strip_start(site, j + 1)], theirs))
             else:
-                above, below = eng.plan.kv_rows(site, "stale-window")
-                if above:
-                    pairs.append((kv[:above * w], runtimes[i - 1].engine.buffers[key]["mirror"][-above * w:]))
-                if below:
-                    pairs.append((kv[kv.shape[0] - below * w:], runtimes[i + 1].engine.buffers[key]["mirror"][:below * w]))
+                above, below = eng.plan.kv_tokens(site, "stale-window")
+                for j, held in ((i - 1, kv[:above]), (i + 1, kv[kv.shape[0] - below:])):
+                    if held.shape[0]:
+                        mirror = runtimes[j].engine.buffers[key]["mirror"]
+                        shown = eng.plan.window_spans(site, j, down=j < i)
+                        pairs.append((held, torch.cat([mirror[a:b] for a, b in shown])))
     return pairs

@@ -3,14 +3,14 @@ what some cases load or enable on a pipeline (IP-Adapters and their masks, FreeU
 refiner handoff's calls, and the torchrun cases the worker runs."""
 import torch
 
-from parafuse.diffusers.tiny import (BUILDERS, HEIGHT, POOLED_DIM, STEPS, TEXT_DIM, TEXT_LEN, WIDTH, call_kwargs,
-                                     control_image, control_key, controlnet_kwargs, family_kwargs, image_kwargs,
-                                     images, pipeline_path)
+from parafuse.diffusers.tiny import (BUILDERS, HEIGHT, KONTEXT_IMAGE, POOLED_DIM, STEPS, TEXT_DIM, TEXT_LEN, WIDTH,
+                                     call_kwargs, control_image, control_key, controlnet_kwargs, family_kwargs,
+                                     image_kwargs, images, kontext_key, pipeline_path)
 
 __all__ = ["BUILDERS", "HEIGHT", "POOLED_DIM", "STEPS", "TEXT_DIM", "TEXT_LEN", "WIDTH", "TORCHRUN_CASES",
-           "NAMED_TORCHRUN_CASES", "ALL_TORCHRUN_CASES", "PREPARED", "HANDOFFS", "FREEU", "call_kwargs",
+           "KONTEXT_IMAGE", "NAMED_TORCHRUN_CASES", "ALL_TORCHRUN_CASES", "PREPARED", "HANDOFFS", "FREEU", "call_kwargs",
            "control_image", "control_key", "controlnet_kwargs", "family_kwargs", "flux_true_cfg_kwargs",
-           "image_kwargs", "images", "pipeline_path", "ip_adapter", "ip_masks", "two_ip_adapters",
+           "image_kwargs", "images", "kontext_key", "pipeline_path", "ip_adapter", "ip_masks", "two_ip_adapters",
            "load_masked_ip_adapters", "enable_freeu", "FBC_THRESHOLD", "enable_first_block_cache",
            "enable_layerwise_casting",
            "base_kwargs", "refiner_kwargs"]
