@@ -31,8 +31,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from parafuse.checks import check_strip_memory
 from parafuse.diffusers.adapter import (DiffusersAdapter, StripAttnProcessor, StripDownsample2D, StripPatchEmbed,
-                                        UnsupportedModelError, cast_layers, compute_dtype, diffusers_hooks,
-                                        inner_processor)
+                                        StripQwenRope, UnsupportedModelError, cast_layers, compute_dtype,
+                                        diffusers_hooks, inner_processor)
 from parafuse.diffusers.cache import StripFirstBlockCache
 from parafuse.diffusers.freeu import StripFreeU, freeu_scales
 from parafuse.parallel.geometry import GeometryError, StripGeometry
@@ -219,7 +219,7 @@ class StripModel:
             processor = getattr(m, "processor", None)
             if isinstance(processor, StripAttnProcessor):
                 m.set_processor(processor.inner)
-            if isinstance(m, (StripPatchEmbed, StripDownsample2D)):
+            if isinstance(m, (StripPatchEmbed, StripQwenRope, StripDownsample2D)):
                 m.__class__ = type(m).__mro__[1]          # the diffusers class it stands for
 
     # ---- hooks ---------------------------------------------------------------------------------
@@ -271,9 +271,10 @@ class StripModel:
                 f"for {self._input_shape}: parafuse plans one geometry per pipeline call")
         kwargs = self._strip_kwargs(kwargs)
         self._begin_evaluation()
-        if self._tokens:            # the grid's ids, cut as its tokens
+        if self._tokens and kwargs.get("img_ids") is not None:     # Flux's grid ids, cut as its tokens
             a, b = self._token_span()
             kwargs = {**kwargs, "img_ids": kwargs["img_ids"][..., a:b, :]}
+        # (Qwen-Image's img_shapes stay the whole image's: StripQwenRope cuts the table made of them)
         return self._with_sample(args, kwargs, self._strip_of(sample))
 
     def _strip_of(self, t: torch.Tensor) -> torch.Tensor:
@@ -303,7 +304,9 @@ class StripModel:
 
     def _grid(self, kwargs: dict, sample: torch.Tensor) -> tuple[tuple[int, int], bool]:
         """The input's grid (rows, columns) and whether the input is a token sequence [B, rows*cols, C]
-        with `img_ids` naming each token's (_, row, column), as Flux's is."""
+        row-major over it, named by one of two arguments: `img_ids`, each token's (_, row, column), as
+        Flux's is; or `img_shapes`, per sample the (frames, rows, columns) of each grid in the
+        sequence, as Qwen-Image's is."""
         if sample.dim() == 4:
             return tuple(sample.shape[-2:]), False
         ids = kwargs.get("img_ids")
@@ -321,8 +324,20 @@ class StripModel:
             if rows * cols == sample.shape[1] and torch.equal(ids[:, 1] * cols + ids[:, 2],
                                                                torch.arange(rows * cols, device=ids.device)):
                 return (rows, cols), True
+        shapes = kwargs.get("img_shapes")
+        if sample.dim() == 3 and shapes is not None:
+            grids = {tuple(tuple(g) for g in (s if isinstance(s, list) else [s])) for s in shapes}
+            if len(grids) != 1 or len(next(iter(grids))) != 1 or next(iter(grids))[0][0] != 1:
+                # Qwen-Image's edit pipelines append the conditioning image's tokens as a second grid
+                raise UnsupportedModelError(
+                    f"{type(self.model).__name__}'s img_shapes {shapes} name more than one grid of one frame (as "
+                    f"Qwen-Image's edit pipelines append the conditioning image's tokens): parafuse splits one grid "
+                    f"by rows; use QwenImagePipeline (text to image), or run this pipeline without parafuse")
+            _, rows, cols = next(iter(grids))[0]
+            if rows * cols == sample.shape[1]:
+                return (rows, cols), True
         raise UnsupportedModelError(f"{type(self.model).__name__}'s input {tuple(sample.shape)} is neither an image "
-                                    f"[B, C, H, W] nor a row-major token grid named by img_ids")
+                                    f"[B, C, H, W] nor a row-major token grid named by img_ids or img_shapes")
 
     def _configure(self, args: tuple, kwargs: dict, sample: torch.Tensor) -> None:
         """The patch plan of this image's geometry, from a shape trace (once per input size)."""
@@ -383,8 +398,8 @@ class StripDenoiser(StripModel):
     swapped with the CFG peer (kind `cfg`).
 
     A pipeline that batches both branches into one call (SD, SDXL, PixArt, SD3) has its batch
-    halved. One that calls the denoiser once per branch (Flux's true CFG: the conditional call,
-    then the unconditional one, on the same latents) runs sequentially: each CFG group computes
+    halved. One that calls the denoiser once per branch (Flux's and Qwen-Image's true CFG: the
+    conditional call, then the unconditional one, on the same latents) runs sequentially: each CFG group computes
     only its own branch's call; at the other call the model is not run (`_branch_forward`): the
     group of the second branch returns an empty output at the first call and fills it in place at
     the second, when the outputs are swapped - the pipeline reads neither output before its second
