@@ -55,8 +55,6 @@ from diffusers.image_processor import IPAdapterMaskProcessor
 from diffusers.models.downsampling import Downsample2D
 from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed
 from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DModel
-from diffusers.models.transformers.transformer_qwenimage import (QwenDoubleStreamAttnProcessor2_0, QwenEmbedRope,
-                                                                 QwenImageTransformer2DModel, apply_rotary_emb_qwen)
 from diffusers.models.transformers.transformer_sd3 import SD3SingleTransformerBlock
 
 from parafuse.attention import attention
@@ -71,6 +69,13 @@ try:                                   # the newer attention classes (Flux, Wan,
 except ImportError:                    # older diffusers
     AttentionModuleMixin = FluxAttnProcessor = FluxIPAdapterAttnProcessor = ()
 from diffusers.models.embeddings import apply_rotary_emb
+
+try:                                   # Qwen-Image (diffusers 0.35 on)
+    from diffusers.models.transformers.transformer_qwenimage import (QwenDoubleStreamAttnProcessor2_0, QwenEmbedRope,
+                                                                     QwenImageTransformer2DModel, apply_rotary_emb_qwen)
+except ImportError:                    # older diffusers: no module is Qwen-Image's (StripQwenRope needs a base class)
+    QwenDoubleStreamAttnProcessor2_0 = QwenImageTransformer2DModel = ()
+    QwenEmbedRope, apply_rotary_emb_qwen = type("QwenEmbedRope", (nn.Module,), {}), None
 
 try:                                   # diffusers' model hooks (caches, group offloading, layerwise casting)
     from diffusers.hooks import HookRegistry
@@ -294,8 +299,8 @@ class DiffusersAdapter:
             if isinstance(m, nn.Conv3d):
                 raise unsupported(name, m, "a 3D convolution (a video VAE's, such as Qwen-Image's causal "
                                            "AutoencoderKLQwenImage), whose frames parafuse does not split")
-            if isinstance(m, QwenImageTransformer2DModel) and (m.zero_cond_t or not isinstance(m.pos_embed,
-                                                                                               QwenEmbedRope)):
+            if isinstance(m, QwenImageTransformer2DModel) and (getattr(m, "zero_cond_t", False) or
+                                                               not isinstance(m.pos_embed, QwenEmbedRope)):
                 raise unsupported(name, m, "zero_cond_t or the layered 3D rotary positions (Qwen-Image's edit and "
                                            "layered transformers) index every token of the whole sequence inside "
                                            "forward, which a strip's tokens do not match: use a text-to-image "

@@ -24,7 +24,8 @@ import time
 import torch
 import torch.nn as nn
 
-from parafuse.diffusers.adapter import DiffusersAdapter, UnsupportedModelError, compute_dtype, is_flux, is_joint
+from parafuse.diffusers.adapter import (DiffusersAdapter, QwenImageTransformer2DModel, UnsupportedModelError,
+                                        compute_dtype, is_flux, is_joint)
 from parafuse.diffusers.strips import (StripControlNet, StripDenoiser, StripVAE, image_embedding, latent_embedding,
                                        plain_processors)
 from parafuse.parallel import kv_codec as kv_codec_module
@@ -307,10 +308,11 @@ def check_pipeline(pipe, model: nn.Module) -> None:
     - edit (the conditioning image's tokens appended as a second grid), img2img, inpainting,
     ControlNet, layered - are refused before any compute. A Qwen-Image transformer called outside a
     pipeline (a direct call) is the user's own loop: `StripModel._grid` checks its grid."""
-    from diffusers import DiffusionPipeline, QwenImagePipeline, QwenImageTransformer2DModel
+    if not isinstance(model, QwenImageTransformer2DModel):
+        return
+    from diffusers import DiffusionPipeline, QwenImagePipeline
 
-    if isinstance(model, QwenImageTransformer2DModel) and isinstance(pipe, DiffusionPipeline) and \
-            not isinstance(pipe, QwenImagePipeline):
+    if isinstance(pipe, DiffusionPipeline) and not isinstance(pipe, QwenImagePipeline):
         raise UnsupportedModelError(f"{type(pipe).__name__} is not supported yet: of Qwen-Image's pipelines parafuse "
                                     f"splits the text-to-image QwenImagePipeline; use it, or run "
                                     f"{type(pipe).__name__} without parafuse")
