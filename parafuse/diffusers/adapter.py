@@ -829,15 +829,44 @@ class StripFluxProcessor(StripJointProcessor):
         return out.transpose(1, 2).flatten(2).to(query.dtype)
 
 
+# the attention_kwargs entry that carries Qwen-Image's text padding mask to StripQwenProcessor
+TEXT_MASK = "text_mask"
+
+
+def text_mask_to_attention(model: nn.Module, kwargs: dict) -> dict:
+    """A Qwen-Image transformer call's text padding mask moved from `encoder_hidden_states_mask`
+    to `attention_kwargs[TEXT_MASK]`, which the blocks hand their attention processors as it is,
+    where those are parafuse's (StripQwenProcessor: the model is split into strips; diffusers' own
+    would ignore it). Why: given the mask, diffusers' forward makes a device tensor of a Python int
+    at every call (`compute_text_seq_len_from_mask`: a host-to-device copy, which a CUDA graph cannot
+    capture) for a per-sample length the model never reads; without it the forward computes the
+    same - the rotary table's text length is the padded one either way, and the blocks use the mask
+    only in attention. The mask stays a tensor argument of the call (bool, as diffusers normalises
+    it): a graph's replay reads each call's mask from its static buffer. Its shape is checked here,
+    as diffusers' forward would have."""
+    mask = kwargs.get("encoder_hidden_states_mask")
+    if mask is None or not any(isinstance(getattr(m, "processor", None), StripQwenProcessor) for m in model.modules()):
+        return kwargs
+    text = kwargs.get("encoder_hidden_states")
+    if text is None or tuple(mask.shape) != tuple(text.shape[:2]):
+        raise ValueError(f"encoder_hidden_states_mask is {tuple(mask.shape)}, but encoder_hidden_states is "
+                         f"{None if text is None else tuple(text.shape)}: pass a mask [batch, text tokens] of "
+                         f"the prompt embeddings it masks")
+    extra = kwargs.get("attention_kwargs") or {}
+    return {**{k: v for k, v in kwargs.items() if k != "encoder_hidden_states_mask"},
+            "attention_kwargs": {**extra, TEXT_MASK: mask.to(torch.bool)}}
+
+
 class StripQwenProcessor(StripJointProcessor):
     """Qwen-Image's joint attention (QwenDoubleStreamAttnProcessor2_0) with image tokens in strips
     and text tokens replicated, text first as Flux's.
 
     Queries and keys are RMS-normed per head and rotated by the model's rotary table, whose image
     part StripQwenRope has cut to the strip's tokens; the strip's rotated keys and its values enter
-    the K/V buffer. The text's padding mask (`encoder_hidden_states_mask`, [B, text] bool, as the
-    model normalises it) masks the text keys for the image queries and in the text queries' partial
-    result on strip 0; every strip's image keys count (`_joint_attention`), as in diffusers' joint mask."""
+    the K/V buffer. The text's padding mask (`text_mask` [B, text] bool, which `text_mask_to_attention`
+    moved out of the transformer's `encoder_hidden_states_mask`) masks the text keys for the image
+    queries and in the text queries' partial result on strip 0; every strip's image keys count
+    (`_joint_attention`), as in diffusers' joint mask."""
 
     plain = QwenDoubleStreamAttnProcessor2_0
 
@@ -845,14 +874,17 @@ class StripQwenProcessor(StripJointProcessor):
     # processor's signature names
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  encoder_hidden_states_mask: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                 image_rotary_emb=None):
+                 image_rotary_emb=None, text_mask: torch.Tensor | None = None):
+        if encoder_hidden_states_mask is not None:
+            raise UnsupportedModelError(f"Qwen-Image attention {self.key!r} was given encoder_hidden_states_mask, "
+                                        f"which parafuse hands its processors as attention_kwargs' {TEXT_MASK!r}: "
+                                        f"call the parallelized transformer, not its blocks")
         if self.adapter.tracing:
-            return self.inner(attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, attention_mask,
-                              image_rotary_emb)
+            return self.inner(attn, hidden_states, encoder_hidden_states, text_mask, attention_mask, image_rotary_emb)
         if encoder_hidden_states is None or attention_mask is not None or image_rotary_emb is None:
             raise UnsupportedModelError(f"Qwen-Image attention {self.key!r} called without text tokens or rotary "
-                                        f"embeddings, or with an attention_mask (its text mask is "
-                                        f"encoder_hidden_states_mask)")
+                                        f"embeddings, or with an attention_mask (its text mask is the "
+                                        f"transformer's encoder_hidden_states_mask)")
         head_dim = attn.inner_dim // attn.heads
         image_freqs, text_freqs = image_rotary_emb
         buf, start, end = self.engine.kv_buffer(self.key)
@@ -880,9 +912,8 @@ class StripQwenProcessor(StripJointProcessor):
         def heads(t):                                   # [T, B, inner] buffer view -> [B, heads, T, d]
             return t.permute(1, 0, 2).unflatten(-1, (-1, head_dim)).transpose(1, 2)
 
-        mask = None if encoder_hidden_states_mask is None else encoder_hidden_states_mask.to(torch.bool)
         image, text = self._joint_attention(query, text_q, text_k, text_v, buf, start, end, heads, text_first=True,
-                                            text_mask=mask)
+                                            text_mask=text_mask)
         image = attn.to_out[0](image.transpose(1, 2).flatten(2).to(query.dtype))
         if len(attn.to_out) > 1:
             image = attn.to_out[1](image)

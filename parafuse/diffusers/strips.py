@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from parafuse.checks import check_strip_memory
 from parafuse.diffusers.adapter import (DiffusersAdapter, StripAttnProcessor, StripDownsample2D, StripPatchEmbed,
                                         StripQwenRope, UnsupportedModelError, cast_layers, compute_dtype,
-                                        diffusers_hooks, inner_processor)
+                                        diffusers_hooks, inner_processor, text_mask_to_attention)
 from parafuse.diffusers.cache import StripFirstBlockCache
 from parafuse.diffusers.freeu import StripFreeU, freeu_scales
 from parafuse.parallel.geometry import GeometryError, StripGeometry
@@ -641,7 +641,7 @@ class StripDenoiser(StripModel):
             self._outside_call()
         self._check_modules()
         self.cache.check_context()
-        kwargs = listed_ip_masks(kwargs, self._sample(args, kwargs).device)
+        kwargs = text_mask_to_attention(self.layers, listed_ip_masks(kwargs, self._sample(args, kwargs).device))
         if self.sequential_cfg:
             branch = self._calls % 2                  # the pipeline's order: conditional, then unconditional
             self._calls += 1
@@ -653,8 +653,8 @@ class StripDenoiser(StripModel):
                                             "branch needs the two calls of a step on the same latents, conditional "
                                             "first (as FluxPipeline's true CFG): this pipeline's calls are not")
             self._skip = branch != self.layout.branch
-            if self._skip:
-                return None
+            if self._skip:                            # (the shape-only run of `_output_shape` takes these)
+                return args, kwargs
         elif self.layout.cfg_degree == 2:
             args, kwargs = self._branch_half(args, kwargs, "denoiser")
         return super()._before(module, args, kwargs) or (args, kwargs)

@@ -133,11 +133,12 @@ def test_a_changed_module_makes_a_new_capture(root):
     assert kept and before >= 1 and after == before  # the old graphs dropped, as many new ones captured
 
 
-@pytest.mark.parametrize("family,freeu", [("sd", False), ("sd", True), ("flux", False)])
+@pytest.mark.parametrize("family,freeu", [("sd", False), ("sd", True), ("flux", False), ("qwen", False)])
 def test_steady_denoiser_call_is_capturable(root, family, freeu):
     """The region a graph captures - the denoiser's forward on a strip, in the stale plan, on static
     inputs - issues the same ops on the same tensors twice, reads nothing on the host, leaks nothing;
-    with FreeU, its reduction and filter included."""
+    with FreeU, its reduction and filter included; Qwen-Image with its prompt's padding mask (as its
+    pipeline passes it)."""
     pipe = load_pipeline(pipeline_path(root, family))
     name = "unet" if family == "sd" else "transformer"
     model = getattr(pipe, name)
@@ -186,7 +187,8 @@ def test_steady_denoiser_call_is_capturable(root, family, freeu):
 
 
 def denoiser_kwargs(family, pipe):
-    """One denoiser call's arguments as the family's pipeline makes them (batch 2 with CFG for SD)."""
+    """One denoiser call's arguments as the family's pipeline makes them (batch 2 with CFG for SD;
+    Qwen-Image's prompt with its padding mask)."""
     kw = call_kwargs(family)
     g = torch.Generator().manual_seed(3)
     h, w = kw["height"] // 4, kw["width"] // 4
@@ -196,6 +198,11 @@ def denoiser_kwargs(family, pipe):
                 "encoder_hidden_states": torch.cat([ctx, ctx * 0.5]), "return_dict": False}
     t = pipe.transformer
     tokens, text = (h // 2) * (w // 2), kw["prompt_embeds"]
+    if family == "qwen":
+        return {"hidden_states": torch.randn(1, tokens, t.config.in_channels, generator=g),
+                "timestep": torch.tensor([0.5]), "encoder_hidden_states": text,
+                "encoder_hidden_states_mask": kw["prompt_embeds_mask"], "img_shapes": [[(1, h // 2, w // 2)]],
+                "return_dict": False}
     ids = type(pipe)._prepare_latent_image_ids(1, h // 2, w // 2, "cpu", torch.float32)
     return {"hidden_states": torch.randn(1, tokens, t.config.in_channels, generator=g),
             "timestep": torch.tensor([0.5]), "encoder_hidden_states": text,

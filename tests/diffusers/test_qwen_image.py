@@ -130,25 +130,47 @@ def test_qwen_stale_modes_and_their_kv_bytes(root):
 
 
 def test_qwen_graphed_calls_equal_eager(root):
-    """The CUDA-graph path on CPU (`rerun_capture`, tests/diffusers/test_pipeline_graphs.py): two
-    calls with different prompt embeddings (the same mask), partial mode at N = 2, graphed equal
-    eager bit for bit: the embeddings enter the static buffers, the mask goes in as they do."""
-    from test_pipeline_graphs import run
+    """The CUDA-graph path on CPU (`rerun_capture`, tests/diffusers/test_pipeline_graphs.py), partial
+    mode at N = 2, three calls: the prompt; other embeddings with the same mask; those embeddings
+    with another mask (2 real tokens of 5). Graphed equal eager bit for bit, each call's output its
+    own, and one graph a rank, captured at the first call: the later calls replay it with their
+    embeddings and mask copied into its static buffers (a graph that kept the capture's mask would
+    give the third call the second's output)."""
+    from test_pipeline_graphs import two_prompts
 
-    eager = run(pipe(root), 2, "qwen", False, mode="partial", warmup_steps=1, parallel_vae=False)
-    graphed = run(pipe(root), 2, "qwen", True, mode="partial", warmup_steps=1, parallel_vae=False)
-    (want, _), _ = eager[0]
-    (got, captures), _ = graphed[0]
-    assert captures >= 1 and not torch.equal(want[0], want[1])
-    for w, g in zip(want, got):
-        assert torch.equal(w, g)
+    from parafuse.graphs import rerun_capture
+
+    def calls():                                      # each call its own generator
+        first, second = two_prompts("qwen")
+        third = two_prompts("qwen")[1]
+        third["prompt_embeds_mask"] = third["prompt_embeds_mask"] * (torch.arange(third["prompt_embeds"].shape[1]) < 2)
+        return first, second, third
+
+    def run(graphed: bool):
+        def call(par):
+            recorded = []
+
+            def capture(region, pool):                # rerun_capture, counted
+                recorded.append(region)
+                return rerun_capture(region, pool)
+            if graphed:
+                par.strips.graphed, par.session.capture = True, capture
+            return [images(par(**kw)) for kw in calls()], len(recorded)
+        return emulate_pipeline(pipe(root), 2, call, parallel_vae=False, mode="partial", warmup_steps=1)
+
+    eager, graphed = run(False), run(True)
+    want = eager[0][0][0]
+    assert not torch.equal(want[0], want[1]) and not torch.equal(want[1], want[2])     # embeddings, mask matter
+    for (got, captures), _ in graphed:
+        assert captures == 1
+        assert all(torch.equal(w, g) for w, g in zip(want, got))
 
 
 def test_qwen_refusals_before_compute(root):
     """One line each, before any compute: the 3D causal VAE by strips (with the fix), a Qwen-Image
     pipeline other than text to image, an edit transformer (zero_cond_t), a token sequence of two
-    grids (an edit pipeline's img_shapes) given to the transformer directly, and cfg_parallel
-    without true CFG."""
+    grids (an edit pipeline's img_shapes) and a text mask not of the prompt's shape given to the
+    transformer directly, and cfg_parallel without true CFG."""
     from types import SimpleNamespace
 
     from diffusers import QwenImageImg2ImgPipeline, QwenImageTransformer2DModel
@@ -168,6 +190,9 @@ def test_qwen_refusals_before_compute(root):
         with torch.no_grad(), pytest.raises(UnsupportedModelError, match=r"img_shapes .* more than one grid"):
             par.transformer(hidden_states=latent, encoder_hidden_states=text, timestep=torch.tensor([0.5]),
                             img_shapes=[[(1, 20, 12), (1, 20, 12)]])
+        with torch.no_grad(), pytest.raises(ValueError, match=r"encoder_hidden_states_mask is \(1, 4\), but .*\(1, 5,"):
+            par.transformer(hidden_states=latent[:, :240], encoder_hidden_states=text, timestep=torch.tensor([0.5]),
+                            encoder_hidden_states_mask=torch.ones(1, 4), img_shapes=[[(1, 20, 12)]])
 
     def no_negative(par):
         with pytest.raises(UnsupportedModelError, match="true_cfg_scale > 1 and a negative prompt"):
