@@ -836,8 +836,8 @@ TEXT_MASK = "text_mask"
 def text_mask_to_attention(model: nn.Module, kwargs: dict) -> dict:
     """A Qwen-Image transformer call's text padding mask moved from `encoder_hidden_states_mask`
     to `attention_kwargs[TEXT_MASK]`, which the blocks hand their attention processors as it is,
-    where those are parafuse's (StripQwenProcessor: the model is split into strips; diffusers' own
-    would ignore it). Why: given the mask, diffusers' forward makes a device tensor of a Python int
+    where those are parafuse's (StripQwenProcessor, with or without strips; diffusers' own would
+    ignore it). Why: given the mask, diffusers' forward makes a device tensor of a Python int
     at every call (`compute_text_seq_len_from_mask`: a host-to-device copy, which a CUDA graph cannot
     capture) for a per-sample length the model never reads; without it the forward computes the
     same - the rotary table's text length is the padded one either way, and the blocks use the mask
@@ -857,6 +857,16 @@ def text_mask_to_attention(model: nn.Module, kwargs: dict) -> dict:
             "attention_kwargs": {**extra, TEXT_MASK: mask.to(torch.bool)}}
 
 
+def wrap_qwen_attention(model: nn.Module, adapter: DiffusersAdapter) -> None:
+    """With one strip (no engine: N = 1, or cfg_parallel with one rank a branch) parafuse swaps no
+    layers, but Qwen-Image's attention still takes StripQwenProcessor, which hands diffusers'
+    processor the text mask: so that the mask stays out of the transformer's forward there too
+    (`text_mask_to_attention`), whose steady calls are graphed with or without strips."""
+    for name, m in model.named_modules():
+        if is_qwen(m) and not isinstance(m.processor, StripAttnProcessor):
+            adapter.patch(SiteKind.ATTN, m, None, name)
+
+
 class StripQwenProcessor(StripJointProcessor):
     """Qwen-Image's joint attention (QwenDoubleStreamAttnProcessor2_0) with image tokens in strips
     and text tokens replicated, text first as Flux's.
@@ -866,7 +876,8 @@ class StripQwenProcessor(StripJointProcessor):
     the K/V buffer. The text's padding mask (`text_mask` [B, text] bool, which `text_mask_to_attention`
     moved out of the transformer's `encoder_hidden_states_mask`) masks the text keys for the image
     queries and in the text queries' partial result on strip 0; every strip's image keys count
-    (`_joint_attention`), as in diffusers' joint mask."""
+    (`_joint_attention`), as in diffusers' joint mask. With one strip (no engine) it is diffusers'
+    processor, given that mask (`wrap_qwen_attention`)."""
 
     plain = QwenDoubleStreamAttnProcessor2_0
 
@@ -879,7 +890,7 @@ class StripQwenProcessor(StripJointProcessor):
             raise UnsupportedModelError(f"Qwen-Image attention {self.key!r} was given encoder_hidden_states_mask, "
                                         f"which parafuse hands its processors as attention_kwargs' {TEXT_MASK!r}: "
                                         f"call the parallelized transformer, not its blocks")
-        if self.adapter.tracing:
+        if self.adapter.tracing or self.engine is None:
             return self.inner(attn, hidden_states, encoder_hidden_states, text_mask, attention_mask, image_rotary_emb)
         if encoder_hidden_states is None or attention_mask is not None or image_rotary_emb is None:
             raise UnsupportedModelError(f"Qwen-Image attention {self.key!r} called without text tokens or rotary "

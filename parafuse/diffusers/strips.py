@@ -32,7 +32,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from parafuse.checks import check_strip_memory
 from parafuse.diffusers.adapter import (DiffusersAdapter, StripAttnProcessor, StripDownsample2D, StripPatchEmbed,
                                         StripQwenRope, UnsupportedModelError, cast_layers, compute_dtype,
-                                        diffusers_hooks, inner_processor, text_mask_to_attention)
+                                        diffusers_hooks, inner_processor, text_mask_to_attention,
+                                        wrap_qwen_attention)
 from parafuse.diffusers.cache import StripFirstBlockCache
 from parafuse.diffusers.freeu import StripFreeU, freeu_scales
 from parafuse.parallel.geometry import GeometryError, StripGeometry
@@ -187,7 +188,8 @@ class StripModel:
 
     def begin_image(self) -> None:
         """Before each image: swap in layers for modules added since (LoRA), forget the traces if
-        the model's structure changed, and start counting evaluations from 0."""
+        the model's structure changed (with one strip: Qwen-Image's attention processors only), and
+        start counting evaluations from 0."""
         if self.engine is not None:
             self.adapter.check(self.layers)
             swap_layers(self.layers, self.engine, self.adapter)
@@ -196,6 +198,8 @@ class StripModel:
                 self.adapter.rekey(self.layers)
                 self._traces.clear()
                 self._structure = structure
+        else:
+            wrap_qwen_attention(self.layers, self.adapter)
         self.geometry = None
         self.evaluations = 0
 

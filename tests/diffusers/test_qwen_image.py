@@ -129,22 +129,30 @@ def test_qwen_stale_modes_and_their_kv_bytes(root):
         assert quality < 80 and quality > flux - 3, (mode, quality, flux)
 
 
-def test_qwen_graphed_calls_equal_eager(root):
-    """The CUDA-graph path on CPU (`rerun_capture`, tests/diffusers/test_pipeline_graphs.py), partial
-    mode at N = 2, three calls: the prompt; other embeddings with the same mask; those embeddings
-    with another mask (2 real tokens of 5). Graphed equal eager bit for bit, each call's output its
-    own, and one graph a rank, captured at the first call: the later calls replay it with their
-    embeddings and mask copied into its static buffers (a graph that kept the capture's mask would
-    give the third call the second's output)."""
-    from test_pipeline_graphs import two_prompts
+def other_prompts(kw: dict, real: int | None = None) -> dict:
+    """`kw` with every prompt's embeddings flipped and scaled and, given `real`, every prompt's mask
+    keeping only its first `real` tokens."""
+    out = {k: v.flip(-1) * 0.7 if k.endswith("prompt_embeds") else v for k, v in kw.items()}
+    if real is not None:
+        out.update({k: v * (torch.arange(v.shape[1]) < real) for k, v in kw.items() if k.endswith("embeds_mask")})
+    return out
 
+
+@pytest.mark.parametrize("true_cfg,settings", [(False, dict(mode="partial", warmup_steps=1)),
+                                               (True, dict(mode="sync", cfg_parallel=True))])
+def test_qwen_graphed_calls_equal_eager(root, true_cfg, settings):
+    """The CUDA-graph path on CPU (`rerun_capture`, tests/diffusers/test_pipeline_graphs.py) at
+    N = 2 - in strips (partial), and with one strip a branch (true CFG, cfg_parallel: parafuse's
+    processor on the unsplit attention) - three calls: the prompts; other embeddings with the same
+    masks; those embeddings with other masks (1 real token). Graphed equal eager bit for bit, each
+    call's output its own, and one graph a rank, captured at the first call: the later calls replay
+    it with their embeddings and masks copied into its static buffers (a graph that kept the
+    capture's mask would give the third call the second's output)."""
     from parafuse.graphs import rerun_capture
 
     def calls():                                      # each call its own generator
-        first, second = two_prompts("qwen")
-        third = two_prompts("qwen")[1]
-        third["prompt_embeds_mask"] = third["prompt_embeds_mask"] * (torch.arange(third["prompt_embeds"].shape[1]) < 2)
-        return first, second, third
+        base = true_cfg_kwargs if true_cfg else lambda: call_kwargs("qwen")
+        return base(), other_prompts(base()), other_prompts(base(), real=1)
 
     def run(graphed: bool):
         def call(par):
@@ -156,11 +164,11 @@ def test_qwen_graphed_calls_equal_eager(root):
             if graphed:
                 par.strips.graphed, par.session.capture = True, capture
             return [images(par(**kw)) for kw in calls()], len(recorded)
-        return emulate_pipeline(pipe(root), 2, call, parallel_vae=False, mode="partial", warmup_steps=1)
+        return emulate_pipeline(pipe(root), 2, call, parallel_vae=False, **settings)
 
     eager, graphed = run(False), run(True)
     want = eager[0][0][0]
-    assert not torch.equal(want[0], want[1]) and not torch.equal(want[1], want[2])     # embeddings, mask matter
+    assert not torch.equal(want[0], want[1]) and not torch.equal(want[1], want[2])     # embeddings, masks matter
     for (got, captures), _ in graphed:
         assert captures == 1
         assert all(torch.equal(w, g) for w, g in zip(want, got))
