@@ -247,8 +247,8 @@ def prepare(args):
                          f"models have no text encoder (their text models take a context tensor through the library's "
                          f"Request(context=...))")
     if args.text_merge is not None:
-        raise ValueError("--text-merge: only for diffusers pipelines with joint text+image attention (SD3, Flux); "
-                         "the built-in models read text by cross-attention, which needs no merge")
+        raise ValueError("--text-merge: only for diffusers pipelines with joint text+image attention (SD3, Flux, "
+                         "Qwen-Image); the built-in models read text by cross-attention, which needs no merge")
     join_job(args, watch=True)
     req = Request(args.height, args.width, args.steps, args.solver, args.guidance, args.seed, args.label, args.batch,
                   solver_options={"spacing": args.spacing} if args.spacing else {}, schedule=args.schedule,

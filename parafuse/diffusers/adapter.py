@@ -8,10 +8,12 @@ can rename:
     attn       a diffusers `Attention` (or Flux's or FLUX.2's attention): parafuse installs its own
                attention processor, which runs self-attention calls (no `encoder_hidden_states`) on
                the strip's queries over the engine's K/V buffer, runs joint text+image attention
-               (SD3, Flux, FLUX.2) with the text replicated and its queries merged across strips, and
+               (SD3, Flux, FLUX.2, Qwen-Image) with the text replicated and its queries merged across
+               strips, and
                hands cross-attention calls to the processor it replaced (IP-Adapter masks cut to
                the strip's tokens)
-    positions  a `PatchEmbed` with sin-cos positions: positions of the whole grid, sliced
+    positions  a `PatchEmbed` with sin-cos positions, or Qwen-Image's rotary table (`QwenEmbedRope`):
+               positions of the whole grid, sliced
     downsample a `Downsample2D` that zero-pads its input's right column and bottom row before its
                stride-2 conv (padding=0: the VAE encoder's): no site of its own, swapped for
                `StripDownsample2D`, whose conv (the site) pads its unpadded input itself
@@ -19,8 +21,8 @@ can rename:
 Whether an attention call is a self-attention over the image grid is decided by behaviour, in the
 shape trace (`parafuse.diffusers.strips`): a call without `encoder_hidden_states` over h*w tokens of
 the latent grid. What cannot be split by rows is refused before any compute, naming the module:
-attention processors other than diffusers' default, joint (SD3), Flux and FLUX.2 ones, fused QKV
-projections, convs with non-zero padding modes, and hooks on a module's forward (`hook_refusal`):
+attention processors other than diffusers' default, joint (SD3, Qwen-Image), Flux and FLUX.2 ones, fused
+QKV projections, convs with non-zero padding modes, and hooks on a module's forward (`hook_refusal`):
 accelerate's offload and every diffusers HookRegistry hook - caches, group offloading, context
 parallelism, layerwise casting of a module with submodules - with the call that removes it where
 diffusers has one; a denoiser's first-block cache is the exception (it runs on the strip:
@@ -74,6 +76,13 @@ except ImportError:
     Flux2AttnProcessor = Flux2ParallelSelfAttnProcessor = ()
 from diffusers.models.embeddings import apply_rotary_emb
 
+try:                                   # Qwen-Image (diffusers 0.35 on)
+    from diffusers.models.transformers.transformer_qwenimage import (QwenDoubleStreamAttnProcessor2_0, QwenEmbedRope,
+                                                                     QwenImageTransformer2DModel, apply_rotary_emb_qwen)
+except ImportError:                    # older diffusers: no module is Qwen-Image's (StripQwenRope needs a base class)
+    QwenDoubleStreamAttnProcessor2_0 = QwenImageTransformer2DModel = ()
+    QwenEmbedRope, apply_rotary_emb_qwen = type("QwenEmbedRope", (nn.Module,), {}), None
+
 try:                                   # diffusers' model hooks (caches, group offloading, layerwise casting)
     from diffusers.hooks import HookRegistry
 except ImportError:                    # older diffusers: none
@@ -94,6 +103,9 @@ SINGLE_BLOCK_PROCESSORS = DEFAULT_PROCESSORS + (JointAttnProcessor2_0,)
 # FLUX.2's: the same joint attention, its single-stream blocks' projections fused with their MLP's
 # (StripFlux2SingleProcessor); its KV-cache processors (Flux2KleinKVPipeline's) are not split
 FLUX_PROCESSORS = (FluxAttnProcessor, FluxIPAdapterAttnProcessor, Flux2AttnProcessor, Flux2ParallelSelfAttnProcessor)
+# joint text+image attention parafuse splits: SD3's, and Qwen-Image's (text first, with the text's
+# padding mask: StripQwenProcessor)
+JOINT_PROCESSORS = (JointAttnProcessor2_0, QwenDoubleStreamAttnProcessor2_0)
 
 
 class UnsupportedModelError(ValueError):
@@ -103,8 +115,8 @@ class UnsupportedModelError(ValueError):
 def unsupported(name: str, module: nn.Module, why: str) -> UnsupportedModelError:
     return UnsupportedModelError(
         f"parafuse cannot parallelise module {name!r} ({type(module).__name__}): {why}. Supported today: the "
-        f"denoisers of SD 1.x/2.x, SDXL (UNet2DConditionModel), PixArt, SD3, Flux and FLUX.2, and AutoencoderKL "
-        f"decoders")
+        f"denoisers of SD 1.x/2.x, SDXL (UNet2DConditionModel), PixArt, SD3, Flux, FLUX.2 and Qwen-Image, and "
+        f"AutoencoderKL decoders")
 
 
 def inner_processor(processor):
@@ -126,6 +138,11 @@ def kv_width(attn: nn.Module) -> int:
     if type(getattr(attn, "to_k", None)) is nn.Linear:
         return attn.to_k.out_features
     return getattr(attn, "inner_kv_dim", None) or attn.inner_dim
+
+
+def is_qwen(attn: nn.Module) -> bool:
+    """Qwen-Image's joint attention (its dual-stream blocks' QwenDoubleStreamAttnProcessor2_0)."""
+    return isinstance(inner_processor(getattr(attn, "processor", None)), QwenDoubleStreamAttnProcessor2_0)
 
 
 def is_joint(attn: nn.Module) -> bool:
@@ -297,6 +314,15 @@ class DiffusersAdapter:
             if isinstance(m, DiTTransformer2DModel):
                 raise unsupported(name, m, "DiT unpatchifies its output as a square grid (height = width = "
                                            "sqrt(tokens)), which a strip is not")
+            if isinstance(m, nn.Conv3d):
+                raise unsupported(name, m, "a 3D convolution (a video VAE's, such as Qwen-Image's causal "
+                                           "AutoencoderKLQwenImage), whose frames parafuse does not split")
+            if isinstance(m, QwenImageTransformer2DModel) and (getattr(m, "zero_cond_t", False) or
+                                                               not isinstance(m.pos_embed, QwenEmbedRope)):
+                raise unsupported(name, m, "zero_cond_t or the layered 3D rotary positions (Qwen-Image's edit and "
+                                           "layered transformers) index every token of the whole sequence inside "
+                                           "forward, which a strip's tokens do not match: use a text-to-image "
+                                           "Qwen-Image transformer with QwenImagePipeline")
             if isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or isinstance(m.padding, str)):
                 raise unsupported(name, m, f"padding {m.padding!r} / padding mode {m.padding_mode!r} (only explicit "
                                            f"zero padding is split into strips)")
@@ -317,9 +343,10 @@ class DiffusersAdapter:
                                                f"image keys in one softmax; parafuse splits SD3's joint attention "
                                                f"and Flux's, not this one")
                 if is_joint(m):
-                    if not isinstance(inner, JointAttnProcessor2_0):
+                    if not isinstance(inner, JOINT_PROCESSORS):
                         raise unsupported(name, m, f"joint text+image attention with processor {type(inner).__name__} "
-                                                   f"(parafuse splits diffusers' JointAttnProcessor2_0)"
+                                                   f"(parafuse splits diffusers' JointAttnProcessor2_0 and "
+                                                   f"QwenDoubleStreamAttnProcessor2_0)"
                                                    f"{processor_hint(model, m, self.owner)}")
                 elif not isinstance(inner, SINGLE_BLOCK_PROCESSORS if id(m) in single else
                                     CROSS_PROCESSORS if m.is_cross_attention else DEFAULT_PROCESSORS):
@@ -332,7 +359,7 @@ class DiffusersAdapter:
             return BUILTIN.site_kind(module)
         if isinstance(module, Attention) or is_flux(module):
             return SiteKind.ATTN
-        if isinstance(module, PatchEmbed) and module.pos_embed is not None:
+        if isinstance(module, PatchEmbed) and module.pos_embed is not None or isinstance(module, QwenEmbedRope):
             return SiteKind.POSITIONS
         if isinstance(module, Downsample2D) and module.use_conv and module.padding == 0 and module.norm is None:
             return SiteKind.DOWNSAMPLE
@@ -356,6 +383,8 @@ class DiffusersAdapter:
         return {"positions": image, "channels": width, "heads": module.heads if text else 0, "text": text}
 
     def grid_positions(self, module, args, out) -> int:
+        if isinstance(module, QwenEmbedRope):        # (the image's table [tokens, d/2], the text's)
+            return out[0].shape[0]
         return out.shape[1]                          # PatchEmbed: one token per patch
 
     def counts_flops(self, module: nn.Module) -> bool:
@@ -373,19 +402,35 @@ class DiffusersAdapter:
         casting runs its class's forward on fake weights of its compute dtype (made under the mode:
         no memory), its own weights and its hook back after the run. The hook converts the layer by
         `module.to()`, which for a fake tensor swaps it into the parameter in place: the real weights
-        would become fakes (and a second conversion fails)."""
+        would become fakes (and a second conversion fails). Qwen-Image's rotary tables are computed
+        for real (small, and needed anyway): diffusers caches them per module and size
+        (`lru_cache`), and a table made under the fake mode would be cached as a fake for every
+        later call."""
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
         saved = []
+        ropes = [(m, m.__dict__.get("forward")) for m in model.modules() if isinstance(m, QwenEmbedRope)]
         for m, hook in cast_layers(model):
             saved.append((m, m.__dict__.pop("forward"), dict(m._parameters)))
             for name, p in m._parameters.items():
                 if p is not None:
                     m._parameters[name] = torch.empty_like(p, dtype=hook.compute_dtype)
+        for rope, _ in ropes:
+            def real(*args, forward=rope.forward, **kwargs):
+                with unset_fake_temporarily():
+                    return forward(*args, **kwargs)
+            rope.forward = real
         try:
             yield
         finally:
             for m, forward, weights in saved:
                 m.forward = forward
                 m._parameters.update(weights)
+            for rope, own in ropes:
+                if own is None:
+                    del rope.forward
+                else:
+                    rope.forward = own
 
     def patch(self, kind: SiteKind, module: nn.Module, engine: ExchangeEngine, key: str) -> nn.Module:
         """The module to put in place of `module` (the same one, with a processor, for attention)."""
@@ -399,10 +444,14 @@ class DiffusersAdapter:
             return module
         if kind == SiteKind.DOWNSAMPLE:
             return module if isinstance(module, StripDownsample2D) else _adopt(StripDownsample2D, module, engine, key)
-        if isinstance(module, StripPatchEmbed):
+        if isinstance(module, (StripPatchEmbed, StripQwenRope)):
             return module
-        strip = _adopt(StripPatchEmbed, module, engine, key)
-        strip.adapter, strip._grids = self, {}
+        if isinstance(module, QwenEmbedRope):
+            strip = _adopt(StripQwenRope, module, engine, key)
+        else:
+            strip = _adopt(StripPatchEmbed, module, engine, key)
+            strip._grids = {}
+        strip.adapter = self
         return strip
 
 
@@ -410,7 +459,7 @@ class DiffusersAdapter:
         """Name every patch layer and processor by its current path: a wrapper put around a layer
         (a LoRA layer's `base_layer`) moves it, and the plan's sites are keyed by path."""
         for name, m in model.named_modules():
-            if isinstance(m, (PatchConv2d, PatchGroupNorm, StripPatchEmbed)):
+            if isinstance(m, (PatchConv2d, PatchGroupNorm, StripPatchEmbed, StripQwenRope)):
                 m.key = name
             elif isinstance(getattr(m, "processor", None), StripAttnProcessor):
                 m.processor.key = name
@@ -586,6 +635,26 @@ class StripPatchEmbed(PatchEmbed):
         return self._grids[(height, width)]
 
 
+class StripQwenRope(QwenEmbedRope):
+    """Qwen-Image's rotary table on a strip: the model computes it inside forward from `img_shapes`,
+    which stay the whole image's (`StripModel._grid`), so the table is the whole grid's (and the
+    text's, which starts after the whole grid's largest side), its image part then sliced to the
+    strip's tokens - rows of the grid, row-major - as PatchEmbed's positions are. (The shape-only
+    runs compute it for real: `DiffusersAdapter.shape_run`.)"""
+
+    def forward(self, video_fhw, device=None, max_txt_seq_len=None):
+        image, text = super().forward(video_fhw, device=device, max_txt_seq_len=max_txt_seq_len)
+        if self.adapter.tracing:
+            return image, text
+        level = self.engine.geometry.level(1)            # Qwen-Image's tokens are its input's grid
+        if image.shape[0] != level.height * level.width:
+            raise UnsupportedModelError(f"Qwen-Image's rotary table {self.key!r} has {image.shape[0]} image positions, "
+                                        f"not the {level.height}x{level.width} token grid's: pass the img_shapes of "
+                                        f"the latent the pipeline called the transformer with")
+        top, rows = level.offsets[self.engine.strip], level.rows[self.engine.strip]
+        return image[top * level.width: (top + rows) * level.width], text
+
+
 class StripJointProcessor(StripAttnProcessor):
     """Joint text+image attention (SD3's JointAttnProcessor2_0) with image tokens in strips and text
     tokens replicated on every rank.
@@ -633,30 +702,45 @@ class StripJointProcessor(StripAttnProcessor):
             text = attn.to_add_out(text)
         return image, text
 
-    def _joint_attention(self, query, text_q, text_k, text_v, buf, start, end, heads, text_first: bool):
+    def _joint_attention(self, query, text_q, text_k, text_v, buf, start, end, heads, text_first: bool,
+                         text_mask: torch.Tensor | None = None):
         """Image queries over the whole K/V buffer joined with the text K/V (in the family's token
-        order: SD3 image first, Flux text first), then the exchange the stale modes post; text
-        queries over this strip's image keys (and, on strip 0 only, the text keys, so that they
-        enter exactly one partial result), merged across strips by the engine (`merge_text`)
-        while the image attention runs. `heads` views a [T, B, inner] buffer slice as [B, heads, T, d]."""
+        order: SD3 image first, Flux and Qwen-Image text first), then the exchange the stale modes
+        post; text queries over this strip's image keys (and, on strip 0 only, the text keys, so
+        that they enter exactly one partial result), merged across strips by the engine
+        (`merge_text`) while the image attention runs. `heads` views a [T, B, inner] buffer slice as
+        [B, heads, T, d]. `text_mask` [B, text] (bool; Qwen-Image's padding mask): the text keys it
+        masks out are left out of both, wherever they enter; the image keys of every strip, fresh
+        or stale, all count, as in diffusers' joint mask."""
         def joined(image_t, text_t):
             return torch.cat([text_t, image_t] if text_first else [image_t, text_t], 2)
 
+        def kept(image_keys: int) -> torch.Tensor | None:      # [B, 1, 1, keys]: the keys that count
+            if text_mask is None:
+                return None
+            image = text_mask.new_ones(text_mask.shape[0], image_keys)
+            return torch.cat([text_mask, image] if text_first else [image, text_mask], 1)[:, None, None]
+
         inner = buf.shape[-1] // 2
         local_k, local_v = heads(buf[start:end, :, :inner]), heads(buf[start:end, :, inner:])
+        local_mask = None
         if self.engine.strip == 0:
-            local_k, local_v = joined(local_k, text_k), joined(local_v, text_v)
-        text = self.engine.merge_text(self.key, *partial_attention(text_q, local_k, local_v))
+            local_k, local_v, local_mask = joined(local_k, text_k), joined(local_v, text_v), kept(end - start)
+        text = self.engine.merge_text(self.key, *partial_attention(text_q, local_k, local_v, local_mask))
         key, value = heads(buf[..., :inner]), heads(buf[..., inner:])
-        image = F.scaled_dot_product_attention(query, joined(key, text_k), joined(value, text_v))
+        image = F.scaled_dot_product_attention(query, joined(key, text_k), joined(value, text_v),
+                                               attn_mask=kept(buf.shape[0]))
         self.engine.exchange_kv(self.key, buf, before=False)
         return image, text()
 
 
-def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(q k^T / sqrt(d)) v over the keys `k` alone, in float32, and its log-sum-exp
-    [B, heads, L]: what the strips' results are merged from."""
+def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T / sqrt(d)) v over the keys `k` alone (those `keep` [B, 1, 1, keys] marks, if
+    given), in float32, and its log-sum-exp [B, heads, L]: what the strips' results are merged from."""
     scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
     top = scores.amax(-1, keepdim=True)
     weights = torch.exp(scores - top)
     total = weights.sum(-1, keepdim=True)
@@ -818,4 +902,107 @@ def strip_processor_class(attn: nn.Module) -> type[StripAttnProcessor]:
         return StripFlux2SingleProcessor
     if isinstance(inner, Flux2AttnProcessor):
         return StripFlux2Processor
-    return StripFluxProcessor if is_flux(attn) else StripJointProcessor if is_joint(attn) else StripAttnProcessor
+    return (StripFluxProcessor if is_flux(attn) else StripQwenProcessor if is_qwen(attn)
+            else StripJointProcessor if is_joint(attn) else StripAttnProcessor)
+
+
+# the attention_kwargs entry that carries Qwen-Image's text padding mask to StripQwenProcessor
+TEXT_MASK = "text_mask"
+
+
+def text_mask_to_attention(model: nn.Module, kwargs: dict) -> dict:
+    """A Qwen-Image transformer call's text padding mask moved from `encoder_hidden_states_mask`
+    to `attention_kwargs[TEXT_MASK]`, which the blocks hand their attention processors as it is,
+    where those are parafuse's (StripQwenProcessor, with or without strips; diffusers' own would
+    ignore it). Why: given the mask, diffusers' forward makes a device tensor of a Python int
+    at every call (`compute_text_seq_len_from_mask`: a host-to-device copy, which a CUDA graph cannot
+    capture) for a per-sample length the model never reads; without it the forward computes the
+    same - the rotary table's text length is the padded one either way, and the blocks use the mask
+    only in attention. The mask stays a tensor argument of the call (bool, as diffusers normalises
+    it): a graph's replay reads each call's mask from its static buffer. Its shape is checked here,
+    as diffusers' forward would have."""
+    mask = kwargs.get("encoder_hidden_states_mask")
+    if mask is None or not any(isinstance(getattr(m, "processor", None), StripQwenProcessor) for m in model.modules()):
+        return kwargs
+    text = kwargs.get("encoder_hidden_states")
+    if text is None or tuple(mask.shape) != tuple(text.shape[:2]):
+        raise ValueError(f"encoder_hidden_states_mask is {tuple(mask.shape)}, but encoder_hidden_states is "
+                         f"{None if text is None else tuple(text.shape)}: pass a mask [batch, text tokens] of "
+                         f"the prompt embeddings it masks")
+    extra = kwargs.get("attention_kwargs") or {}
+    return {**{k: v for k, v in kwargs.items() if k != "encoder_hidden_states_mask"},
+            "attention_kwargs": {**extra, TEXT_MASK: mask.to(torch.bool)}}
+
+
+def wrap_qwen_attention(model: nn.Module, adapter: DiffusersAdapter) -> None:
+    """With one strip (no engine: N = 1, or cfg_parallel with one rank a branch) parafuse swaps no
+    layers, but Qwen-Image's attention still takes StripQwenProcessor, which hands diffusers'
+    processor the text mask: so that the mask stays out of the transformer's forward there too
+    (`text_mask_to_attention`), whose steady calls are graphed with or without strips."""
+    for name, m in model.named_modules():
+        if is_qwen(m) and not isinstance(m.processor, StripAttnProcessor):
+            adapter.patch(SiteKind.ATTN, m, None, name)
+
+
+class StripQwenProcessor(StripJointProcessor):
+    """Qwen-Image's joint attention (QwenDoubleStreamAttnProcessor2_0) with image tokens in strips
+    and text tokens replicated, text first as Flux's.
+
+    Queries and keys are RMS-normed per head and rotated by the model's rotary table, whose image
+    part StripQwenRope has cut to the strip's tokens; the strip's rotated keys and its values enter
+    the K/V buffer. The text's padding mask (`text_mask` [B, text] bool, which `text_mask_to_attention`
+    moved out of the transformer's `encoder_hidden_states_mask`) masks the text keys for the image
+    queries and in the text queries' partial result on strip 0; every strip's image keys count
+    (`_joint_attention`), as in diffusers' joint mask. With one strip (no engine) it is diffusers'
+    processor, given that mask (`wrap_qwen_attention`)."""
+
+    plain = QwenDoubleStreamAttnProcessor2_0
+
+    # named, not left to **kwargs: Attention.forward passes on only the keyword arguments the
+    # processor's signature names
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 encoder_hidden_states_mask: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 image_rotary_emb=None, text_mask: torch.Tensor | None = None):
+        if encoder_hidden_states_mask is not None:
+            raise UnsupportedModelError(f"Qwen-Image attention {self.key!r} was given encoder_hidden_states_mask, "
+                                        f"which parafuse hands its processors as attention_kwargs' {TEXT_MASK!r}: "
+                                        f"call the parallelized transformer, not its blocks")
+        if self.adapter.tracing or self.engine is None:
+            return self.inner(attn, hidden_states, encoder_hidden_states, text_mask, attention_mask, image_rotary_emb)
+        if encoder_hidden_states is None or attention_mask is not None or image_rotary_emb is None:
+            raise UnsupportedModelError(f"Qwen-Image attention {self.key!r} called without text tokens or rotary "
+                                        f"embeddings, or with an attention_mask (its text mask is the "
+                                        f"transformer's encoder_hidden_states_mask)")
+        head_dim = attn.inner_dim // attn.heads
+        image_freqs, text_freqs = image_rotary_emb
+        buf, start, end = self.engine.kv_buffer(self.key)
+        if hidden_states.shape[1] != end - start or image_freqs.shape[0] != end - start:
+            raise UnsupportedModelError(f"Qwen-Image attention {self.key!r} got {hidden_states.shape[1]} image tokens "
+                                        f"and {image_freqs.shape[0]} rotary positions, but the strip has "
+                                        f"{end - start}")
+
+        def prepare(t, norm, freqs):           # [B, T, inner] -> normed, rotated [B, T, heads, d]
+            t = t.unflatten(-1, (-1, head_dim))
+            t = norm(t) if norm is not None else t
+            return t if freqs is None else apply_rotary_emb_qwen(t, freqs, use_real=False)
+
+        inner = buf.shape[-1] // 2
+        buf[start:end, :, :inner].copy_(prepare(attn.to_k(hidden_states), attn.norm_k, image_freqs)
+                                        .flatten(2).transpose(0, 1))
+        buf[start:end, :, inner:].copy_(attn.to_v(hidden_states).transpose(0, 1))
+        self.engine.exchange_kv(self.key, buf, before=True)
+
+        query = prepare(attn.to_q(hidden_states), attn.norm_q, image_freqs).transpose(1, 2)     # [B, heads, T, d]
+        text_q = prepare(attn.add_q_proj(encoder_hidden_states), attn.norm_added_q, text_freqs).transpose(1, 2)
+        text_k = prepare(attn.add_k_proj(encoder_hidden_states), attn.norm_added_k, text_freqs).transpose(1, 2)
+        text_v = prepare(attn.add_v_proj(encoder_hidden_states), None, None).transpose(1, 2)
+
+        def heads(t):                                   # [T, B, inner] buffer view -> [B, heads, T, d]
+            return t.permute(1, 0, 2).unflatten(-1, (-1, head_dim)).transpose(1, 2)
+
+        image, text = self._joint_attention(query, text_q, text_k, text_v, buf, start, end, heads, text_first=True,
+                                            text_mask=text_mask)
+        image = attn.to_out[0](image.transpose(1, 2).flatten(2).to(query.dtype))
+        if len(attn.to_out) > 1:
+            image = attn.to_out[1](image)
+        return image, attn.to_add_out(text.transpose(1, 2).flatten(2).to(query.dtype))

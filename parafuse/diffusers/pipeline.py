@@ -24,8 +24,8 @@ import time
 import torch
 import torch.nn as nn
 
-from parafuse.diffusers.adapter import (DiffusersAdapter, UnsupportedModelError, compute_dtype, is_flux, is_joint,
-                                        kv_width)
+from parafuse.diffusers.adapter import (DiffusersAdapter, QwenImageTransformer2DModel, UnsupportedModelError,
+                                        compute_dtype, is_flux, is_joint, kv_width)
 from parafuse.diffusers.strips import (StripControlNet, StripDenoiser, StripVAE, image_embedding, latent_embedding,
                                        plain_processors)
 from parafuse.parallel import kv_codec as kv_codec_module
@@ -132,9 +132,11 @@ class ParallelPipeline:
         kwargs = self._same_call_on_every_rank(args, kwargs)      # before anything a rank could do alone
         self._follow_components()
         sequential = calls_once_per_branch(self.pipe, kwargs)
-        if self.config.cfg_parallel and not sequential and kwargs.get("guidance_scale", 2.0) <= 1.0:
+        true_cfg = "true_cfg_scale" in inspect.signature(self.pipe.__call__).parameters
+        if self.config.cfg_parallel and not sequential and (true_cfg or kwargs.get("guidance_scale", 2.0) <= 1.0):
             raise UnsupportedModelError("cfg_parallel splits the two guidance branches across ranks; it needs "
-                                        "guidance_scale > 1 (Flux: true_cfg_scale > 1 and a negative prompt)")
+                                        "guidance_scale > 1 (Flux, Qwen-Image: true_cfg_scale > 1 and a negative "
+                                        "prompt)")
         if sequential and self.config.cfg_parallel and self.controlnets:
             raise UnsupportedModelError("cfg_parallel with a ControlNet in a pipeline that calls the denoiser once "
                                         "per guidance branch (true CFG) is not supported yet: parallelize with "
@@ -281,11 +283,27 @@ def fingerprint(value) -> str:
     return h.hexdigest()
 
 
+def check_pipeline(pipe, model: nn.Module) -> None:
+    """Of Qwen-Image's pipelines parafuse runs the text-to-image one (QwenImagePipeline); the others
+    - edit (the conditioning image's tokens appended as a second grid), img2img, inpainting,
+    ControlNet, layered - are refused before any compute. A Qwen-Image transformer called outside a
+    pipeline (a direct call) is the user's own loop: `StripModel._grid` checks its grid."""
+    if not isinstance(model, QwenImageTransformer2DModel):
+        return
+    from diffusers import DiffusionPipeline, QwenImagePipeline
+
+    if isinstance(pipe, DiffusionPipeline) and not isinstance(pipe, QwenImagePipeline):
+        raise UnsupportedModelError(f"{type(pipe).__name__} is not supported yet: of Qwen-Image's pipelines parafuse "
+                                    f"splits the text-to-image QwenImagePipeline; use it, or run "
+                                    f"{type(pipe).__name__} without parafuse")
+
+
 def calls_once_per_branch(pipe, kwargs: dict) -> bool:
     """Whether this call of `pipe` does classifier-free guidance as two denoiser calls per step, by
-    each pipeline's own rule: FluxPipeline's true CFG (`true_cfg_scale` > 1 and a negative prompt),
-    FLUX.2 [klein]'s CFG (`guidance_scale` > 1 on a model not step-distilled; its inpainting
-    pipeline's too)."""
+    each pipeline's own rule: true CFG (FluxPipeline, QwenImagePipeline: `true_cfg_scale` - its
+    default the pipeline's, Flux's 1, Qwen-Image's 4 - above 1 and a negative prompt, its text or
+    every negative prompt embedding the signature names, Flux's pooled one too); FLUX.2 [klein]'s
+    CFG (`guidance_scale` > 1 on a model not step-distilled; its inpainting pipeline's too)."""
     import diffusers
 
     parameters = inspect.signature(pipe.__call__).parameters
@@ -295,9 +313,9 @@ def calls_once_per_branch(pipe, kwargs: dict) -> bool:
         return guidance > 1 and not pipe.config.is_distilled
     if "true_cfg_scale" not in parameters:
         return False
-    negative = kwargs.get("negative_prompt") is not None or (
-        kwargs.get("negative_prompt_embeds") is not None and kwargs.get("negative_pooled_prompt_embeds") is not None)
-    return kwargs.get("true_cfg_scale", 1.0) > 1 and negative
+    embeddings = [name for name in parameters if name.startswith("negative_") and name.endswith("prompt_embeds")]
+    negative = kwargs.get("negative_prompt") is not None or all(kwargs.get(name) is not None for name in embeddings)
+    return kwargs.get("true_cfg_scale", parameters["true_cfg_scale"].default) > 1 and negative
 
 
 def parallelize(pipe, config: PatchConfig | None = None, *, parallel_vae: bool = True,
@@ -313,7 +331,7 @@ def parallelize(pipe, config: PatchConfig | None = None, *, parallel_vae: bool =
     its fields as keywords (`mode="partial", halo_portion=0.25, ...`; keywords given with a config replace its
     fields). They are checked, and unsupported modules refused, before any process group or compute.
 
-    `text_merge` (SD3, Flux): how the stale steps of `full` and `partial` merge the text queries of
+    `text_merge` (SD3, Flux, Qwen-Image): how the stale steps of `full` and `partial` merge the text queries of
     joint attention across strips ("stale", their default, or "exact"; `ExchangeEngine.merge_text`).
     `dtype`: the pipeline's own unless given (then it must be the denoiser's: `pipe.to(dtype)` first).
     `kernels`, `cuda_graphs`, `attention_backend`, the deadlines: as for built-in models."""
@@ -331,6 +349,7 @@ def parallelize(pipe, config: PatchConfig | None = None, *, parallel_vae: bool =
         raise ConfigError(f"this {type(pipe).__name__} is already parallelized: keep using the pipeline the first "
                           f"parafuse.parallelize returned, or call its close() before parallelizing again")
     name, model = denoiser_of(pipe)
+    check_pipeline(pipe, model)
     adapter = DiffusersAdapter(f"pipe.{name}", first_block_cache=True)
     adapter.check(model)
     if settings.get("text_merge") is not None and not any(is_joint(m) or is_flux(m) for m in model.modules()):

@@ -31,8 +31,9 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from parafuse.checks import check_strip_memory
 from parafuse.diffusers.adapter import (DiffusersAdapter, StripAttnProcessor, StripDownsample2D, StripPatchEmbed,
-                                        UnsupportedModelError, cast_layers, compute_dtype, diffusers_hooks,
-                                        inner_processor)
+                                        StripQwenRope, UnsupportedModelError, cast_layers, compute_dtype,
+                                        diffusers_hooks, inner_processor, text_mask_to_attention,
+                                        wrap_qwen_attention)
 from parafuse.diffusers.cache import StripFirstBlockCache
 from parafuse.diffusers.freeu import StripFreeU, freeu_scales
 from parafuse.parallel.geometry import GeometryError, StripGeometry
@@ -199,7 +200,8 @@ class StripModel:
 
     def begin_image(self) -> None:
         """Before each image: swap in layers for modules added since (LoRA), forget the traces if
-        the model's structure changed, and start counting evaluations from 0."""
+        the model's structure changed (with one strip: Qwen-Image's attention processors only), and
+        start counting evaluations from 0."""
         if self.engine is not None:
             self.adapter.check(self.layers)
             swap_layers(self.layers, self.engine, self.adapter)
@@ -208,6 +210,8 @@ class StripModel:
                 self.adapter.rekey(self.layers)
                 self._traces.clear()
                 self._structure = structure
+        else:
+            wrap_qwen_attention(self.layers, self.adapter)
         self.geometry = None
         self.evaluations = 0
 
@@ -231,7 +235,7 @@ class StripModel:
             processor = getattr(m, "processor", None)
             if isinstance(processor, StripAttnProcessor):
                 m.set_processor(processor.inner)
-            if isinstance(m, (StripPatchEmbed, StripDownsample2D)):
+            if isinstance(m, (StripPatchEmbed, StripQwenRope, StripDownsample2D)):
                 m.__class__ = type(m).__mro__[1]          # the diffusers class it stands for
 
     # ---- hooks ---------------------------------------------------------------------------------
@@ -287,8 +291,9 @@ class StripModel:
                 f"for {self._input_shape}: parafuse plans one geometry per pipeline call")
         kwargs = self._strip_kwargs(kwargs)
         self._begin_evaluation()
-        if self._tokens:            # the grids' ids, cut as their tokens (RoPE of the strip's positions)
+        if self._tokens and kwargs.get("img_ids") is not None:   # the grids' ids, cut as their tokens (RoPE)
             kwargs = {**kwargs, "img_ids": self._tokens_of(kwargs["img_ids"], -2)}
+        # (Qwen-Image's img_shapes stay the whole image's: StripQwenRope cuts the table made of them)
         return self._with_sample(args, kwargs, self._strip_of(sample))
 
     def _strip_of(self, t: torch.Tensor) -> torch.Tensor:
@@ -318,10 +323,12 @@ class StripModel:
 
     def _grid(self, kwargs: dict, sample: torch.Tensor) -> tuple[tuple[tuple[int, int], ...], bool]:
         """The input's grids (rows, columns), in sequence order, and whether the input is a token
-        sequence [B, tokens, C] named by `img_ids` (Flux's, FLUX.2's): one image [B, C, H, W] is one
-        grid; a sequence holds one grid per value of img_ids' first coordinate (Flux Kontext appends
-        the conditioning image's tokens, marked 1, to the latent's, marked 0), each row-major over its
-        (_, row, column) ids (`token_grid`), the grids one after another."""
+        sequence [B, tokens, C]. One image [B, C, H, W] is one grid. A sequence is named by one of two
+        arguments: `img_ids` (Flux's, FLUX.2's), one grid per value of their first coordinate (Flux
+        Kontext appends the conditioning image's tokens, marked 1, to the latent's, marked 0), each
+        row-major over its (_, row, column) ids (`token_grid`), the grids one after another; or
+        `img_shapes` (Qwen-Image's), per sample the (frames, rows, columns) of each grid, of which
+        parafuse takes one grid of one frame."""
         if sample.dim() == 4:
             return (tuple(sample.shape[-2:]),), False
         ids = kwargs.get("img_ids")
@@ -336,8 +343,21 @@ class StripModel:
             grids = [token_grid(g) for g in ids.split(counts.tolist())]
             if ids.shape[0] == sample.shape[1] and None not in grids:
                 return tuple(grids), True
+        shapes = kwargs.get("img_shapes")
+        if sample.dim() == 3 and shapes is not None:
+            grids = {tuple(tuple(g) for g in (s if isinstance(s, list) else [s])) for s in shapes}
+            if len(grids) != 1 or len(next(iter(grids))) != 1 or next(iter(grids))[0][0] != 1:
+                # Qwen-Image's edit pipelines append the conditioning image's tokens as a second grid
+                raise UnsupportedModelError(
+                    f"{type(self.model).__name__}'s img_shapes {shapes} name more than one grid of one frame (as "
+                    f"Qwen-Image's edit pipelines append the conditioning image's tokens): parafuse splits one grid "
+                    f"by rows; use QwenImagePipeline (text to image), or run this pipeline without parafuse")
+            _, rows, cols = next(iter(grids))[0]
+            if rows * cols == sample.shape[1]:
+                return ((rows, cols),), True
         raise UnsupportedModelError(f"{type(self.model).__name__}'s input {tuple(sample.shape)} is neither an image "
-                                    f"[B, C, H, W] nor a sequence of row-major token grids named by img_ids")
+                                    f"[B, C, H, W] nor a sequence of row-major token grids named by img_ids or "
+                                    f"img_shapes")
 
     def _configure(self, args: tuple, kwargs: dict, sample: torch.Tensor) -> None:
         """The patch plan of this image's geometry, from a shape trace (once per input size and grids)."""
@@ -403,8 +423,8 @@ class StripDenoiser(StripModel):
     swapped with the CFG peer (kind `cfg`).
 
     A pipeline that batches both branches into one call (SD, SDXL, PixArt, SD3) has its batch
-    halved. One that calls the denoiser once per branch (Flux's true CFG: the conditional call,
-    then the unconditional one, on the same latents) runs sequentially: each CFG group computes
+    halved. One that calls the denoiser once per branch (Flux's and Qwen-Image's true CFG: the
+    conditional call, then the unconditional one, on the same latents) runs sequentially: each CFG group computes
     only its own branch's call; at the other call the model is not run (`_branch_forward`): the
     group of the second branch returns an empty output at the first call and fills it in place at
     the second, when the outputs are swapped - the pipeline reads neither output before its second
@@ -646,7 +666,7 @@ class StripDenoiser(StripModel):
             self._outside_call()
         self._check_modules()
         self.cache.check_context()
-        kwargs = listed_ip_masks(kwargs, self._sample(args, kwargs).device)
+        kwargs = text_mask_to_attention(self.layers, listed_ip_masks(kwargs, self._sample(args, kwargs).device))
         if self.sequential_cfg:
             branch = self._calls % 2                  # the pipeline's order: conditional, then unconditional
             self._calls += 1
@@ -658,8 +678,8 @@ class StripDenoiser(StripModel):
                                             "branch needs the two calls of a step on the same latents, conditional "
                                             "first (as FluxPipeline's true CFG): this pipeline's calls are not")
             self._skip = branch != self.layout.branch
-            if self._skip:
-                return None
+            if self._skip:                            # (the shape-only run of `_output_shape` takes these)
+                return args, kwargs
         elif self.layout.cfg_degree == 2:
             args, kwargs = self._branch_half(args, kwargs, "denoiser")
         return super()._before(module, args, kwargs) or (args, kwargs)

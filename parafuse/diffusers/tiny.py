@@ -178,9 +178,31 @@ def build_flux2_klein(path: str) -> None:
     _from_base(Flux2KleinPipeline, "flux2", path)
 
 
+def build_qwen(path: str) -> None:
+    """Qwen-Image: dual-stream blocks (joint attention, text first, the text's padding mask), the
+    latent packed 2 x 2 into tokens as Flux's, and its 3D causal VAE (`AutoencoderKLQwenImage`,
+    factor 4 here: the same 40 x 24 latent and 20 x 12 tokens as the tiny Flux's)."""
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+    _seeded(20)
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                              attention_head_dim=8, num_attention_heads=2,
+                                              joint_attention_dim=TEXT_DIM, axes_dims_rope=(2, 2, 4))
+    _wake(transformer, 20)
+    g = torch.Generator().manual_seed(21)
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1,
+                                 temperal_downsample=[False, True],
+                                 latents_mean=(0.1 * torch.randn(4, generator=g)).tolist(),
+                                 latents_std=(1 + 0.1 * torch.rand(4, generator=g)).tolist())
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=64,
+                                                max_image_seq_len=1024, base_shift=0.5, max_shift=1.15)
+    QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None,
+                      transformer=transformer).save_pretrained(path)
+
+
 BUILDERS = {"sd": build_sd, "sd-lite": build_sd_lite, "sdxl": build_sdxl, "pixart": build_pixart, "sd3": build_sd3,
-            "sd35-medium": build_sd35_medium,
-            "flux": build_flux, "flux-f8": build_flux_f8, "flux2": build_flux2, "flux2-klein": build_flux2_klein}
+            "sd35-medium": build_sd35_medium, "flux": build_flux, "flux-f8": build_flux_f8, "flux2": build_flux2,
+            "flux2-klein": build_flux2_klein, "qwen": build_qwen}
 
 
 def pipeline_path(root: str, family: str) -> str:
@@ -203,6 +225,9 @@ def call_kwargs(family: str, guidance: float = 3.0, seed: int = 0, output_type: 
         del kw["negative_prompt_embeds"]                       # (Flux's true_cfg_scale 1; FLUX.2 [klein]: CFG)
     if family.startswith("flux") and not family.startswith("flux2"):      # FLUX.2 takes no pooled text
         kw["pooled_prompt_embeds"] = torch.randn(1, POOLED_DIM, generator=g)
+    if family == "qwen":                 # no CFG batch; true CFG is its own call (a negative prompt)
+        del kw["guidance_scale"], kw["negative_prompt_embeds"]
+        kw.update(true_cfg_scale=1.0, **qwen_prompt(emb, QWEN_VALID))
     if family in ("sdxl", "sd3", "sd35", "sd35-medium"):      # sd35: SD3's pipeline with an SD3.5-style ControlNet
         kw.update(pooled_prompt_embeds=torch.randn(1, POOLED_DIM, generator=g),
                   negative_pooled_prompt_embeds=torch.randn(1, POOLED_DIM, generator=g))
@@ -211,6 +236,19 @@ def call_kwargs(family: str, guidance: float = 3.0, seed: int = 0, output_type: 
                   negative_prompt=None,
                   use_resolution_binning=False)
     return kw
+
+
+# Qwen-Image's prompts are padded to the longest in a batch, the padding zeros masked out by
+# `prompt_embeds_mask`: the tiny call's prompt has this many real tokens of TEXT_LEN
+QWEN_VALID = 3
+
+
+def qwen_prompt(emb: torch.Tensor, valid: int, name: str = "prompt") -> dict:
+    """Qwen-Image's prompt arguments `{name}_embeds` and `{name}_embeds_mask` as its pipeline
+    makes them: the tokens after the first `valid` zeroed and masked out."""
+    mask = torch.zeros(emb.shape[:2], dtype=torch.long)
+    mask[:, :valid] = 1
+    return {f"{name}_embeds": emb * mask[..., None], f"{name}_embeds_mask": mask}
 
 
 def images(out) -> torch.Tensor | None:

@@ -266,9 +266,10 @@ FIELDS = {
                                  f"to (default {DEFAULT_HALO_PORTION}; refused for other modes)"),
     "norm_mode": Field(NormMode, "GroupNorm across strips (default: exact; corrected in distrifusion/pcpp, as "
                                  "published; local where nothing is exchanged)", flag="--norm"),
-    "text_merge": Field(TextMerge, "diffusers pipelines with joint text+image attention (SD3, Flux): how stale "
-                                   "steps merge the text queries across strips - stale (the default of full and "
-                                   "partial: the previous step's partial outputs) or exact (an all-reduce waited on)"),
+    "text_merge": Field(TextMerge, "diffusers pipelines with joint text+image attention (SD3, Flux, Qwen-Image): how "
+                                   "stale steps merge the text queries across strips - stale (the default of full "
+                                   "and partial: the previous step's partial outputs) or exact (an all-reduce waited "
+                                   "on)"),
     "kv_codec": Field(KVCodec, "stale K/V on the wire (full, partial): none (exact), sign (1 bit an element: the "
                                "sign of the residual against a predicted copy, a scale a token)"),
     "cfg_parallel": Field(bool, "split the two guidance branches across two groups of ranks"),

@@ -50,7 +50,7 @@ class Site:
     bottom: int = 0
     first: bool = False   # a conv that reads the model input: its halo is the latent's, always fresh
     silu: bool = False    # a GroupNorm whose output's only reader is a SiLU (the traced graph says so)
-    heads: int = 0        # joint text+image attention (SD3, Flux): its heads and replicated text tokens
+    heads: int = 0        # joint text+image attention (SD3, Flux, Qwen-Image): its heads and replicated text tokens
     text: int = 0
 
     def __post_init__(self):

@@ -70,7 +70,7 @@ def test_prompt_on_a_built_in_model(tmp_path, capsys):
 
 def test_text_merge_on_a_built_in_model(tmp_path, capsys):
     bad(tmp_path, capsys, "--text-merge", "exact",
-        match="--text-merge: only for diffusers pipelines with joint text+image attention (SD3, Flux)")
+        match="--text-merge: only for diffusers pipelines with joint text+image attention (SD3, Flux, Qwen-Image)")
 
 
 def test_unknown_solver_lists_valid(tmp_path, capsys):

@@ -133,18 +133,20 @@ def test_a_changed_module_makes_a_new_capture(root):
     assert kept and before >= 1 and after == before  # the old graphs dropped, as many new ones captured
 
 
-@pytest.mark.parametrize("family,freeu", [("sd", False), ("sd", True), ("flux", False), ("flux2", False)])
-def test_steady_denoiser_call_is_capturable(root, family, freeu):
+@pytest.mark.parametrize("family,freeu,strips", [("sd", False, 3), ("sd", True, 3), ("flux", False, 3),
+                                                 ("flux2", False, 3), ("qwen", False, 3), ("qwen", False, 1)])
+def test_steady_denoiser_call_is_capturable(root, family, freeu, strips):
     """The region a graph captures - the denoiser's forward on a strip, in the stale plan, on static
     inputs - issues the same ops on the same tensors twice, reads nothing on the host, leaks nothing;
-    with FreeU, its reduction and filter included."""
+    with FreeU, its reduction and filter included; Qwen-Image with its prompt's padding mask (as its
+    pipeline passes it), in strips and on one (no engine: every call is steady)."""
     pipe = load_pipeline(pipeline_path(root, family))
     name = "unet" if family == "sd" else "transformer"
     model = getattr(pipe, name)
     if freeu:
         model.enable_freeu(s1=0.9, s2=0.2, b1=1.5, b2=1.6)
     par = parafuse.parallelize(SimpleNamespace(**{name: model}), mode="full", warmup_steps=1, parallel_vae=False,
-                               layout=ParallelLayout(1, 3), transport=NullTransport(1, 3))
+                               layout=ParallelLayout(strips // 2, strips), transport=NullTransport(strips // 2, strips))
     traces, leaks = [], []
 
     def traced(region):
@@ -172,7 +174,7 @@ def test_steady_denoiser_call_is_capturable(root, family, freeu):
     kwargs = denoiser_kwargs(family, pipe)
     par.strips.begin_image()
     with torch.no_grad():
-        for step in range(4):                         # sync, stale eager, stale captured, stale replayed
+        for step in range(4 if strips > 1 else 3):    # (sync), steady eager, steady captured, steady replayed
             kwargs = {k: v * (1 + 0.1 * step) if k in ("encoder_hidden_states", "timestep") else v
                       for k, v in kwargs.items()}
             model(**kwargs)
@@ -186,7 +188,8 @@ def test_steady_denoiser_call_is_capturable(root, family, freeu):
 
 
 def denoiser_kwargs(family, pipe):
-    """One denoiser call's arguments as the family's pipeline makes them (batch 2 with CFG for SD)."""
+    """One denoiser call's arguments as the family's pipeline makes them (batch 2 with CFG for SD;
+    Qwen-Image's prompt with its padding mask)."""
     kw = call_kwargs(family)
     g = torch.Generator().manual_seed(3)
     h, w = kw["height"] // 4, kw["width"] // 4
@@ -201,6 +204,11 @@ def denoiser_kwargs(family, pipe):
         return {"hidden_states": type(pipe)._pack_latents(latents), "timestep": torch.tensor([0.5]),
                 "encoder_hidden_states": text, "img_ids": type(pipe)._prepare_latent_ids(latents),
                 "txt_ids": type(pipe)._prepare_text_ids(text), "guidance": torch.tensor([3.5]), "return_dict": False}
+    if family == "qwen":
+        return {"hidden_states": torch.randn(1, tokens, t.config.in_channels, generator=g),
+                "timestep": torch.tensor([0.5]), "encoder_hidden_states": text,
+                "encoder_hidden_states_mask": kw["prompt_embeds_mask"], "img_shapes": [[(1, h // 2, w // 2)]],
+                "return_dict": False}
     ids = type(pipe)._prepare_latent_image_ids(1, h // 2, w // 2, "cpu", torch.float32)
     return {"hidden_states": torch.randn(1, tokens, t.config.in_channels, generator=g),
             "timestep": torch.tensor([0.5]), "encoder_hidden_states": text,

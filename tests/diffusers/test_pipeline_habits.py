@@ -834,7 +834,7 @@ def test_controlnet_with_cfg_parallel_equals_diffusers_and_computes_one_branch(r
 def test_controlnet_with_true_cfg_and_cfg_parallel_is_refused_before_compute(root, family):
     """FluxControlNetPipeline's true CFG (a ControlNet call a step, a transformer call per branch)
     with cfg_parallel where the ControlNet is split (N = 4: 2 branches x 2 strips): refused; and
-    without true CFG (no guidance branches to split), refused at the ControlNet's call. Both
+    without true CFG (no guidance branches to split), refused at the pipeline call. Both
     ControlNets: on latent tokens, and XLabs-style (input_hint_block)."""
     from support.diffusers_cases import controlnet_kwargs
 
@@ -843,9 +843,9 @@ def test_controlnet_with_true_cfg_and_cfg_parallel_is_refused_before_compute(roo
                   negative_pooled_prompt_embeds=kwargs["pooled_prompt_embeds"])
     ranks_raise("cfg_parallel with a ControlNet in a pipeline that calls the denoiser once per guidance branch",
                 fresh(root, family), 4, lambda p: p(**kwargs), cfg_parallel=True)
-    # without true CFG, Flux has no guidance branches: the ControlNet, called first, refuses its batch of 1
-    ranks_raise("cfg_parallel splits the two guidance branches of the ControlNet's batch, but the pipeline called "
-                "it with batch 1", fresh(root, family), 4,
+    # without true CFG, Flux has no guidance branches (its guidance_scale is distilled guidance)
+    ranks_raise(r"cfg_parallel splits the two guidance branches across ranks; it needs guidance_scale > 1 \(Flux, "
+                r"Qwen-Image: true_cfg_scale > 1 and a negative prompt\)", fresh(root, family), 4,
                 lambda p: p(**controlnet_kwargs(family)), cfg_parallel=True)
 
 
