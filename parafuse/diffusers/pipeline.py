@@ -141,11 +141,11 @@ class ParallelPipeline:
             raise UnsupportedModelError("cfg_parallel with a ControlNet in a pipeline that calls the denoiser once "
                                         "per guidance branch (true CFG) is not supported yet: parallelize with "
                                         "cfg_parallel=False")
-        if sequential and not self.config.cfg_parallel and self.config.mode not in ("sync", "none"):
-            raise UnsupportedModelError(f"true CFG calls the denoiser once per guidance branch, so in mode "
-                                        f"{self.config.mode.value!r} each call's stale exchange state would come "
-                                        f"from the other branch: parallelize with cfg_parallel=True (each branch on "
-                                        f"its own ranks) or mode='sync'")
+        if self.config.cfg_parallel and kwargs.get("skip_guidance_layers") is not None:
+            raise UnsupportedModelError("skip-layer guidance adds a denoiser call on the conditional inputs alone to "
+                                        "each CFG batch, which cfg_parallel cannot split by guidance branch: "
+                                        "parallelize with cfg_parallel=False (each call then runs on every rank's "
+                                        "strip with its own exchange state), or leave skip_guidance_layers out")
         if self.vae_hooks and getattr(self.pipe.vae, "use_tiling", False):
             raise UnsupportedModelError("the VAE encodes and decodes by strips across the ranks; tiling would cut "
                                         "them again: call pipe.vae.disable_tiling(), or parallelize with "

@@ -174,10 +174,30 @@ def token_grid(ids: torch.Tensor) -> tuple[int, int] | None:
     return None
 
 
+def call_signature(args: tuple, kwargs: dict) -> tuple:
+    """The kind of a model call: the arguments given and their nesting, every tensor's shape and
+    dtype and every other value (SD3's `skip_layers`) but floats - scales, which select no site and
+    may change by step (a ControlNet's conditioning scale outside control_guidance_start/end) - and
+    the timestep (it names the step, not the kind of call; a pipeline may pass it as a number)."""
+    flat, spec = tree_flatten((args, {k: v for k, v in kwargs.items() if k != "timestep"}))
+    return str(spec), tuple((tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else float
+                            if isinstance(a, float) else repr(a) for a in flat)
+
+
 class StripModel:
     """Hooks that make a diffusers model compute this rank's strip: the input's rows in, the output's
     strips gathered out (see the module docstring). Each call of the model is one engine step of
-    the current image; the patch plan is fixed at an image's first call."""
+    the current image.
+
+    Streams: a pipeline may call the model more than once per step with different inputs (SD3's
+    skip-layer guidance: the CFG batch, then the conditional inputs alone with blocks skipped;
+    Flux's true CFG: the conditional call, then the unconditional one). The calls of one step are
+    those at the same timestep on the same latents (`_step_position`), and the k-th call of every
+    step is stream k: its own trace and patch plan (fixed at its first call of the image), its own
+    exchange state on the engine (`ExchangeEngine.configure`), its first evaluation synchronous and
+    its warmup counted in its own evaluations - so in the stale modes a call reads what its own
+    kind's previous evaluation left. The k-th call must be of the same kind at every step
+    (`call_signature`), or the call is refused."""
 
     gather_to: int | None = None          # gather the output on every strip (None) or on one
 
@@ -188,12 +208,17 @@ class StripModel:
         self.sample_name = next(iter(self._signature.parameters))
         # positional arguments can be bound to names (no *args in the forward): `_by_name`
         self._bindable = not any(p.kind is p.VAR_POSITIONAL for p in self._signature.parameters.values())
-        self._traces: dict[tuple, Trace] = {}           # per input size and grids
-        self.trace: Trace | None = None                 # this image's
+        self._traces: dict[tuple, Trace] = {}   # per kind of call (`call_signature`) and grids
+        self.trace: Trace | None = None         # the current stream's
         self._structure = None
         self.geometry: StripGeometry | None = None
         self._tokens = False                                      # the input is a sequence of token grids (Flux)
         self.evaluations = 0
+        self._kinds: list[tuple] = []          # this image's streams: the signature of each one's calls
+        self._stream_evaluations: list[int] = []
+        self.stream = 0                        # the current call's stream
+        self._mark = None                      # (first timestep, first sample) of the last call
+        self._position = 0                     # the last call's place in its step
         self.tracing = False
         self._handles = [model.register_forward_pre_hook(self._by_name, with_kwargs=True),
                          model.register_forward_hook(self._after, with_kwargs=True)]
@@ -214,6 +239,7 @@ class StripModel:
             wrap_qwen_attention(self.layers, self.adapter)
         self.geometry = None
         self.evaluations = 0
+        self._kinds, self._stream_evaluations, self.stream, self._mark, self._position = [], [], 0, None, 0
 
     @property
     def layers(self) -> nn.Module:
@@ -223,7 +249,7 @@ class StripModel:
 
     def end_image(self) -> None:
         if self.engine is not None:
-            self.engine.drain()
+            self.engine.end_image()
 
     def remove(self) -> None:
         """Take parafuse off the model: hooks removed, plain layers and the replaced attention
@@ -283,12 +309,7 @@ class StripModel:
                                         f"(kv_cache_mode={kwargs.get('kv_cache_mode')!r}), tokens of no row of the "
                                         f"latent's grid: call it without kv_cache_mode and kv_cache")
         sample = self._sample(args, kwargs)
-        if self.geometry is None:
-            self._configure(args, kwargs, sample)
-        elif sample.shape != self._input_shape:
-            raise UnsupportedModelError(
-                f"{type(self.model).__name__} was called with a {tuple(sample.shape)} input inside an image planned "
-                f"for {self._input_shape}: parafuse plans one geometry per pipeline call")
+        self._enter_stream(args, kwargs, sample)
         kwargs = self._strip_kwargs(kwargs)
         self._begin_evaluation()
         if self._tokens and kwargs.get("img_ids") is not None:   # the grids' ids, cut as their tokens (RoPE)
@@ -316,9 +337,45 @@ class StripModel:
         denoiser's residuals: `StripDenoiser`)."""
         return kwargs
 
+    def _step_position(self, kwargs: dict, sample: torch.Tensor) -> int:
+        """This call's place among the calls of its step: consecutive calls at the same timestep on the
+        same latents (the first timestep and the first sample of the batch equal: SD3's skip-layer call
+        takes the latents its CFG call doubled) are one step's. One host read per call after the
+        image's first (two at a step's later calls)."""
+        t = kwargs.get("timestep")
+        mark = (None if t is None else torch.as_tensor(t).reshape(-1)[:1].clone(), sample[:1].clone())
+        last, self._mark = self._mark, mark
+        same = last is not None and (t is None) == (last[0] is None) and (
+            t is None or torch.equal(mark[0], last[0])) and torch.equal(mark[1], last[1])
+        self._position = self._position + 1 if same else 0
+        return self._position
+
+    def _enter_stream(self, args: tuple, kwargs: dict, sample: torch.Tensor) -> None:
+        """Make this call's stream current (see the class docstring), planning it at its first call."""
+        position, kind = self._step_position(kwargs, sample), call_signature(args, kwargs)
+        self.stream = position
+        if position == len(self._kinds):
+            self._configure(args, kwargs, sample)
+            self._kinds.append(kind)
+            self._stream_evaluations.append(0)
+            return
+        if kind != self._kinds[position]:
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__}'s call {position + 1} of a step (the calls at one timestep on the same "
+                f"latents) came with other inputs than at an earlier step of this image (input "
+                f"{tuple(sample.shape)}): parafuse gives each call of a step its own plan and exchange state by "
+                f"its place in the step, so the calls must be the same at every step; keep the call's inputs "
+                f"fixed during a pipeline call")
+        self.engine.use_stream(position)
+
     def _begin_evaluation(self) -> None:
-        """Evaluation `self.evaluations` of this image starts: the heartbeat, the engine's step plan."""
-        self.session.begin_step(self.evaluations)
+        """Evaluation `self.evaluations` of this image starts: the heartbeat, the engine's step plan
+        (by the evaluations of the call's stream: each stream's warmup counts its own)."""
+        if self.engine is None:
+            self.session.begin_step(self.evaluations)
+        else:
+            self.session.begin_step(self._stream_evaluations[self.stream])
+            self._stream_evaluations[self.stream] += 1
         self.evaluations += 1
 
     def _grid(self, kwargs: dict, sample: torch.Tensor) -> tuple[tuple[tuple[int, int], ...], bool]:
@@ -360,9 +417,12 @@ class StripModel:
                                     f"img_shapes")
 
     def _configure(self, args: tuple, kwargs: dict, sample: torch.Tensor) -> None:
-        """The patch plan of this image's geometry, from a shape trace (once per input size and grids)."""
-        grids, self._tokens = self._grid(kwargs, sample)
-        key = (tuple(sample.shape[1:]), grids)
+        """The patch plan of the current stream (`self.stream`; 0: the image's first call, which fixes
+        the geometry), from a shape trace of its kind of call and grids (once per kind: a call
+        skipping blocks has only the sites it visits; the grids, because two layouts of the same
+        token count are one signature)."""
+        grids, tokens = self._grid(kwargs, sample)
+        key = (call_signature(args, kwargs), grids)
         if key not in self._traces:
             saved, self.engine.step = self.engine.step, LOCAL      # the patch layers run as plain layers
             self.tracing = True
@@ -373,13 +433,18 @@ class StripModel:
                 self.tracing, self.engine.step = False, saved
         trace = self.trace = self._traces[key]
         geometry = StripGeometry(trace.height, trace.width, self.layout.patch_degree, trace.unit, trace.others)
+        if self.stream and (geometry, tokens) != (self.geometry, self._tokens):
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__} was called with a {tuple(sample.shape)} input inside an image planned "
+                f"for a {self.geometry.height}x{self.geometry.width} grid: parafuse plans one grid per pipeline call; "
+                f"call the pipeline once per image size")
         for s in trace.sites:
             if s.kind == SiteKind.CONV:
                 geometry.check_halo(s.factor, s.top, s.bottom, f"conv {s.key}")
         plan = self.session.plan(trace.sites, geometry, sample.shape[0], compute_dtype(self.layers))
         self.check_fits(plan, sample)
-        self.session.begin_image(plan)
-        self.geometry, self._input_shape = geometry, sample.shape
+        self.session.begin_image(plan, self.stream)
+        self.geometry, self._tokens = geometry, tokens
 
     def check_fits(self, plan: PatchPlan, sample: torch.Tensor) -> None:
         """The memory floor, before the image's first evaluation (overridden by the denoiser)."""
@@ -446,7 +511,8 @@ class StripDenoiser(StripModel):
         self.graphed = bool(self.session.config.cuda_graphs)   # CUDA graphs of the steady denoiser call
         self._graphs_on = self.graphed            # this image's: off for a compiled denoiser
         self._graphs: dict = {}          # per call signature (parafuse.graphs.GraphedEvaluations)
-        self._version = self._buffers = None
+        self._version = None
+        self._buffers: dict = {}         # per stream: the engine buffers its graphs read
         self.active = self._direct = False    # inside the parallel pipeline's call / a direct denoiser call
         self._own_forward = None              # the forward begin_image shadowed (False: none of its own)
         self.partners: list = []              # the pipeline's StripControlNets (their strips must be these)
@@ -491,6 +557,8 @@ class StripDenoiser(StripModel):
 
     def end_image(self) -> None:
         super().end_image()
+        if self.engine is not None:       # the graphs of streams the engine dropped read freed buffers
+            self._graphs = {k: g for k, g in self._graphs.items() if k[0] in self.engine.streams}
         self.cache.release()
         self._restore_forward()
         self._held = self._pair = None
@@ -631,17 +699,19 @@ class StripDenoiser(StripModel):
         ControlNet residuals, IP-Adapter masks, image-prompt embeddings (nested in
         cross_attention_kwargs / joint_attention_kwargs: every container is flattened) - is copied
         into its static buffer before a replay; a call whose other arguments or tensor shapes differ
-        has a graph of its own."""
+        has a graph of its own, and so has each stream (a call of a step's own kind: `StripModel`),
+        whose graph reads its stream's exchange buffers."""
         forward = type(self.model).forward
         engine = self.engine
         if not self._graphs_on or self.tracing or (engine is not None and engine.step is not engine.plan.stale_step):
             return forward(self.model, *args, **kwargs)
-        if engine is not None and engine.buffers is not self._buffers:
-            self._graphs.clear()              # the plan's buffers were reallocated: the graphs read the old ones
-            self._buffers = engine.buffers
+        if engine is not None and engine.buffers is not self._buffers.get(self.stream):
+            # the stream's buffers were reallocated: its graphs read the old ones
+            self._graphs = {k: g for k, g in self._graphs.items() if k[0] != self.stream}
+            self._buffers[self.stream] = engine.buffers
         flat, spec = tree_flatten((args, kwargs))
         where = [i for i, a in enumerate(flat) if isinstance(a, torch.Tensor)]
-        key = (str(spec), tuple(repr(a) for a in flat if not isinstance(a, torch.Tensor)),
+        key = (self.stream, str(spec), tuple(repr(a) for a in flat if not isinstance(a, torch.Tensor)),
                tuple((flat[i].shape, flat[i].dtype, flat[i].device) for i in where))
         graphs = self._graphs.get(key)
         if graphs is None:

@@ -31,9 +31,18 @@ K/V of the whole image (`full`) or of the windows (`partial`). The whole-image K
 synchronous steps of `sync` and `partial` need is one scratch buffer per K/V shape, shared by all
 attention sites of that shape (a synchronous attention is complete before the next one starts),
 and dropped when the stale steps begin.
+
+Streams: a pipeline that calls its denoiser more than once per step with different inputs (SD3's
+skip-layer guidance after its CFG call, Flux's true CFG: the conditional call, then the
+unconditional one) runs one stream of evaluations per kind of call, each with its own plan and
+exchange state (`ExchangeState`: buffers, pending exchanges, its first step synchronous), so that
+a call reads what its own kind's previous evaluation left. `configure(plan, device, stream)` starts
+a stream of the image, `use_stream` makes a started one current; every method reads the current
+stream's state. The whole-image scratch is shared (nothing of it outlives a synchronous step).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -55,6 +64,16 @@ def _spans(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
+@dataclass
+class ExchangeState:
+    """What one stream of evaluations keeps between its evaluations (see the module docstring)."""
+    plan: PatchPlan | None = None
+    buffers: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    pending: dict[str, Pending] = field(default_factory=dict)
+    first_step: bool = True
+    begun: bool = False        # started in the current image (`configure`)
+
+
 class ExchangeEngine:
     nonfinite: torch.Tensor | None = None   # device bool: statistics of this request were NaN or infinite
 
@@ -64,14 +83,28 @@ class ExchangeEngine:
         self.patch_ranks = list(patch_ranks)          # global rank of each strip, top to bottom
         self.strip = self.patch_ranks.index(transport.rank)
         self.n = len(self.patch_ranks)
-        self.plan: PatchPlan | None = None
         self.step: StepPlan | None = None
-        self.buffers: dict[str, dict[str, torch.Tensor]] = {}
-        self.pending: dict[str, Pending] = {}
+        self.streams: dict[int, ExchangeState] = {0: ExchangeState()}
+        self.stream = 0                               # the current stream, whose state the methods use
         self.scratch: dict[tuple, torch.Tensor] = {}
         self.device: torch.device | None = None
         self.kernels = config.kernels or Kernels.TORCH   # the patch layers' kernels
-        self._first_step = True
+
+    @property
+    def state(self) -> ExchangeState:
+        return self.streams[self.stream]
+
+    @property
+    def plan(self) -> PatchPlan | None:
+        return self.state.plan
+
+    @property
+    def buffers(self) -> dict[str, dict[str, torch.Tensor]]:
+        return self.state.buffers
+
+    @property
+    def pending(self) -> dict[str, Pending]:
+        return self.state.pending
 
     @property
     def mode(self) -> Mode:
@@ -87,18 +120,38 @@ class ExchangeEngine:
         return self.plan.geometry
 
     # ---- lifecycle -------------------------------------------------------------------------
-    def configure(self, plan: PatchPlan, device: torch.device) -> None:
-        """Start a new image: buffers for `plan` (kept if the plan is unchanged: everything the
-        first, synchronous step reads is written by it first), no stale state is used."""
+    def configure(self, plan: PatchPlan, device: torch.device, stream: int = 0) -> None:
+        """Start stream `stream` of an image (0: a new image, whose first call it is) and make it
+        current: buffers for `plan` (kept if the stream's plan is unchanged: everything the first,
+        synchronous step reads is written by it first), no stale state is used."""
         if plan.n != self.n or plan.strip != self.strip:
             raise ValueError(f"plan for strip {plan.strip} of {plan.n}, engine is strip {self.strip} of {self.n}")
-        self.drain()
-        if self.plan is None or self.plan.key != plan.key:
-            self.buffers = {key: self._allocate(plan, site, device) for key, site in plan.sites.items()}
+        if stream == 0:
+            self.drain()
+            for state in self.streams.values():
+                state.begun = False
+        self.stream = stream
+        state = self.streams.setdefault(stream, ExchangeState())
+        self._drain(state)
+        if state.plan is None or state.plan.key != plan.key:
+            state.buffers = {key: self._allocate(plan, site, device) for key, site in plan.sites.items()}
             self.scratch.clear()
-        self.plan = plan
+        state.plan, state.first_step, state.begun = plan, True, True
         self.device = device
-        self._first_step = True
+
+    def use_stream(self, stream: int) -> None:
+        """Make `stream`, started in this image (`configure`), the current one."""
+        state = self.streams.get(stream)
+        if state is None or not state.begun:
+            raise ValueError(f"stream {stream} was not started in this image (configure it first)")
+        self.stream = stream
+
+    def end_image(self) -> None:
+        """After an image: every exchange complete; the streams the image did not start dropped
+        with their buffers (the next image starts at stream 0)."""
+        self.drain()
+        self.streams = {k: s for k, s in self.streams.items() if k == 0 or s.begun}
+        self.stream = 0
 
     def _allocate(self, plan: PatchPlan, site: Site, device) -> dict[str, torch.Tensor]:
         dt, stale = plan.dtype, plan.stale_step
@@ -158,17 +211,23 @@ class ExchangeEngine:
         return {}
 
     def begin_step(self, step: int) -> None:
-        """Called by the sampling loop before each denoising step of a stage."""
-        self.step = self.plan.step_plan(step, self._first_step)
-        self._first_step = False
+        """Called by the sampling loop before each denoising step of a stage (`step`: the current
+        stream's evaluations before this one)."""
+        self.step = self.plan.step_plan(step, self.state.first_step)
+        self.state.first_step = False
         if self.step.stale:
             self.scratch.clear()
 
     def drain(self) -> None:
-        """Complete every posted exchange (before reconfiguring or shutting down)."""
-        for p in self.pending.values():
+        """Complete every posted exchange of every stream (before a new image, a capture or shutting down)."""
+        for state in self.streams.values():
+            self._drain(state)
+
+    @staticmethod
+    def _drain(state: ExchangeState) -> None:
+        for p in state.pending.values():
             p.wait()
-        self.pending.clear()
+        state.pending.clear()
 
     def _wait(self, key: str) -> None:
         p = self.pending.pop(key, None)
@@ -179,11 +238,12 @@ class ExchangeEngine:
         return self.patch_ranks[strip]
 
     def state_bytes(self) -> int:
-        """Bytes of the exchange buffers this rank holds between steps, by walking the storages
-        (each counted once)."""
+        """Bytes of the exchange buffers this rank holds between steps, every stream's, by walking
+        the storages (each counted once)."""
         seen, total = set(), 0
-        tensors = [t for bufs in self.buffers.values() for t in bufs.values()] + list(self.scratch.values())
-        tensors += [t for p in self.pending.values() for t in p.tensors]
+        streams = self.streams.values()
+        tensors = [t for s in streams for bufs in s.buffers.values() for t in bufs.values()]
+        tensors += list(self.scratch.values()) + [t for s in streams for p in s.pending.values() for t in p.tensors]
         for t in tensors:
             s = t.untyped_storage()
             if s.data_ptr() not in seen:

@@ -97,11 +97,12 @@ class PatchSession:
         return PatchPlan(sites, geometry, self.layout.patch_index, batch, dtype or self.dtype, self.config)
 
     # ---- an image --------------------------------------------------------------------------------
-    def begin_image(self, plan: PatchPlan | None) -> None:
+    def begin_image(self, plan: PatchPlan | None, stream: int = 0) -> None:
         """A new image (or stage): the plan's buffers, its first step synchronous; counts from zero
-        happen in `reset_counts`, once per request."""
+        happen in `reset_counts`, once per request. `stream` > 0: another kind of call of the same
+        image starts its own stream of evaluations (`ExchangeEngine.configure`)."""
         if self.engine is not None and plan is not None:
-            self.engine.configure(plan, self.device)
+            self.engine.configure(plan, self.device, stream)
 
     def begin_step(self, k: int) -> None:
         """Before evaluation k of the current image: the heartbeat, and the engine's step plan."""
