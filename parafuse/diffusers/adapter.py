@@ -145,6 +145,25 @@ def is_qwen(attn: nn.Module) -> bool:
     return isinstance(inner_processor(getattr(attn, "processor", None)), QwenDoubleStreamAttnProcessor2_0)
 
 
+def qwen_grids(img_shapes) -> tuple[tuple[int, int], ...]:
+    """The token grids (rows, columns), in sequence order, that a Qwen-Image transformer call's
+    `img_shapes` name: per sample the (frames, rows, columns) of each grid (an edit pipeline's: the
+    latent's, then the conditioning image's). diffusers' rotary table is the first sample's, so
+    every sample must name the same grids; parafuse cuts grids of one frame."""
+    samples = {tuple(tuple(g) for g in (s if isinstance(s, list) else [s])) for s in img_shapes}
+    if len(samples) != 1 or any(frames != 1 for frames, _, _ in next(iter(samples))):
+        raise UnsupportedModelError(f"Qwen-Image's img_shapes {img_shapes} name other grids for different samples "
+                                    f"or a grid of several frames: parafuse splits grids of one frame, the same "
+                                    f"for every sample of a call; pass one (1, rows, columns) per grid")
+    return tuple((rows, cols) for _, rows, cols in next(iter(samples)))
+
+
+def strip_tokens_of(t: torch.Tensor, spans: list[tuple[int, int]], dim: int) -> torch.Tensor:
+    """The tokens [a, b) of each of `spans` of the sequence along `dim` of `t`, one after another: a
+    strip's rows of every grid of a token sequence (`StripGeometry.token_spans`)."""
+    return torch.cat([t.narrow(dim, a, b - a) for a, b in spans], dim)
+
+
 def is_joint(attn: nn.Module) -> bool:
     """Joint text+image attention: text gets its own K/V projections beside the image's."""
     return getattr(attn, "add_k_proj", None) is not None
@@ -319,10 +338,10 @@ class DiffusersAdapter:
                                            "AutoencoderKLQwenImage), whose frames parafuse does not split")
             if isinstance(m, QwenImageTransformer2DModel) and (getattr(m, "zero_cond_t", False) or
                                                                not isinstance(m.pos_embed, QwenEmbedRope)):
-                raise unsupported(name, m, "zero_cond_t or the layered 3D rotary positions (Qwen-Image's edit and "
-                                           "layered transformers) index every token of the whole sequence inside "
-                                           "forward, which a strip's tokens do not match: use a text-to-image "
-                                           "Qwen-Image transformer with QwenImagePipeline")
+                raise unsupported(name, m, "zero_cond_t (Qwen-Image-Edit-2511's modulation index) or the layered "
+                                           "3D rotary positions (Qwen-Image-Layered's) index every token of the "
+                                           "whole sequence inside forward, which a strip's tokens do not match: use "
+                                           "a Qwen-Image transformer without them (text to image, Qwen-Image-Edit)")
             if isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or isinstance(m.padding, str)):
                 raise unsupported(name, m, f"padding {m.padding!r} / padding mode {m.padding_mode!r} (only explicit "
                                            f"zero padding is split into strips)")
@@ -376,15 +395,18 @@ class DiffusersAdapter:
             image = grids[0][0] * grids[0][1]
             text = context.shape[1] if context is not None else x.shape[1] - sum(h * w for h, w in grids)
         elif context is None or is_joint(module):        # joint attention: hidden_states are the image
-            image = x.shape[1] if x.ndim == 3 else x.shape[2] * x.shape[3]
+            tokens = x.shape[1] if x.ndim == 3 else x.shape[2] * x.shape[3]
+            # the first grid's share of a sequence of several (Qwen-Image edit's: the latent's, then the image's)
+            image = tokens * grids[0][0] * grids[0][1] // sum(h * w for h, w in grids)
             text = context.shape[1] if context is not None else 0
         else:
             return None
         return {"positions": image, "channels": width, "heads": module.heads if text else 0, "text": text}
 
     def grid_positions(self, module, args, out) -> int:
-        if isinstance(module, QwenEmbedRope):        # (the image's table [tokens, d/2], the text's)
-            return out[0].shape[0]
+        if isinstance(module, QwenEmbedRope):        # its image table holds every grid's: the first one's count
+            rows, cols = qwen_grids(args[0])[0]
+            return rows * cols
         return out.shape[1]                          # PatchEmbed: one token per patch
 
     def counts_flops(self, module: nn.Module) -> bool:
@@ -637,22 +659,24 @@ class StripPatchEmbed(PatchEmbed):
 
 class StripQwenRope(QwenEmbedRope):
     """Qwen-Image's rotary table on a strip: the model computes it inside forward from `img_shapes`,
-    which stay the whole image's (`StripModel._grid`), so the table is the whole grid's (and the
-    text's, which starts after the whole grid's largest side), its image part then sliced to the
-    strip's tokens - rows of the grid, row-major - as PatchEmbed's positions are. (The shape-only
-    runs compute it for real: `DiffusersAdapter.shape_run`.)"""
+    which stay the whole sequence's (`StripModel._grid`), so the table is that of every grid, one
+    after another (an edit pipeline's: the latent's, then the conditioning image's, its frame
+    positions after the latent's) and the text's (which starts after the largest side of any grid);
+    its image part is then cut to the strip's tokens - its rows of every grid (`token_spans`) - as
+    the hidden states are. Never recomputed from the strip's own size, which would restart every
+    strip at row 0. (The shape-only runs compute it for real: `DiffusersAdapter.shape_run`.)"""
 
     def forward(self, video_fhw, device=None, max_txt_seq_len=None):
         image, text = super().forward(video_fhw, device=device, max_txt_seq_len=max_txt_seq_len)
         if self.adapter.tracing:
             return image, text
-        level = self.engine.geometry.level(1)            # Qwen-Image's tokens are its input's grid
-        if image.shape[0] != level.height * level.width:
+        geometry = self.engine.geometry
+        if image.shape[0] != sum(geometry.tokens(1)):
+            grids = " + ".join(f"{g.height}x{g.width}" for g in geometry.grids)
             raise UnsupportedModelError(f"Qwen-Image's rotary table {self.key!r} has {image.shape[0]} image positions, "
-                                        f"not the {level.height}x{level.width} token grid's: pass the img_shapes of "
-                                        f"the latent the pipeline called the transformer with")
-        top, rows = level.offsets[self.engine.strip], level.rows[self.engine.strip]
-        return image[top * level.width: (top + rows) * level.width], text
+                                        f"not the {grids} token grids': pass the img_shapes of the latent the "
+                                        f"pipeline called the transformer with")
+        return strip_tokens_of(image, geometry.token_spans(self.engine.strip), 0), text
 
 
 class StripJointProcessor(StripAttnProcessor):

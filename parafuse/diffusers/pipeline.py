@@ -284,18 +284,20 @@ def fingerprint(value) -> str:
 
 
 def check_pipeline(pipe, model: nn.Module) -> None:
-    """Of Qwen-Image's pipelines parafuse runs the text-to-image one (QwenImagePipeline); the others
-    - edit (the conditioning image's tokens appended as a second grid), img2img, inpainting,
-    ControlNet, layered - are refused before any compute. A Qwen-Image transformer called outside a
-    pipeline (a direct call) is the user's own loop: `StripModel._grid` checks its grid."""
+    """Of Qwen-Image's pipelines parafuse runs text to image (QwenImagePipeline) and edit
+    (QwenImageEditPipeline: the conditioning image's tokens appended to the latent's as a second
+    grid, each strip its rows of both); the others - edit plus (several conditioning images, each
+    also the text encoder's), img2img, inpainting, ControlNet, layered - are refused before any
+    compute. A Qwen-Image transformer called outside a pipeline (a direct call) is the user's own
+    loop: `StripModel._grid` checks its grids."""
     if not isinstance(model, QwenImageTransformer2DModel):
         return
-    from diffusers import DiffusionPipeline, QwenImagePipeline
+    from diffusers import DiffusionPipeline, QwenImageEditPipeline, QwenImagePipeline
 
-    if isinstance(pipe, DiffusionPipeline) and not isinstance(pipe, QwenImagePipeline):
+    if isinstance(pipe, DiffusionPipeline) and not isinstance(pipe, (QwenImagePipeline, QwenImageEditPipeline)):
         raise UnsupportedModelError(f"{type(pipe).__name__} is not supported yet: of Qwen-Image's pipelines parafuse "
-                                    f"splits the text-to-image QwenImagePipeline; use it, or run "
-                                    f"{type(pipe).__name__} without parafuse")
+                                    f"splits QwenImagePipeline (text to image) and QwenImageEditPipeline; use one, "
+                                    f"or run {type(pipe).__name__} without parafuse")
 
 
 def calls_once_per_branch(pipe, kwargs: dict) -> bool:

@@ -32,8 +32,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from parafuse.checks import check_strip_memory
 from parafuse.diffusers.adapter import (DiffusersAdapter, StripAttnProcessor, StripDownsample2D, StripPatchEmbed,
                                         StripQwenRope, UnsupportedModelError, cast_layers, compute_dtype,
-                                        diffusers_hooks, inner_processor, text_mask_to_attention,
-                                        wrap_qwen_attention)
+                                        diffusers_hooks, inner_processor, qwen_grids, strip_tokens_of,
+                                        text_mask_to_attention, wrap_qwen_attention)
 from parafuse.diffusers.cache import StripFirstBlockCache
 from parafuse.diffusers.freeu import StripFreeU, freeu_scales
 from parafuse.parallel.geometry import GeometryError, StripGeometry
@@ -314,7 +314,7 @@ class StripModel:
         self._begin_evaluation()
         if self._tokens and kwargs.get("img_ids") is not None:   # the grids' ids, cut as their tokens (RoPE)
             kwargs = {**kwargs, "img_ids": self._tokens_of(kwargs["img_ids"], -2)}
-        # (Qwen-Image's img_shapes stay the whole image's: StripQwenRope cuts the table made of them)
+        # (Qwen-Image's img_shapes stay the whole sequence's: StripQwenRope cuts the table made of them)
         return self._with_sample(args, kwargs, self._strip_of(sample))
 
     def _strip_of(self, t: torch.Tensor) -> torch.Tensor:
@@ -329,8 +329,7 @@ class StripModel:
     def _tokens_of(self, t: torch.Tensor, dim: int) -> torch.Tensor:
         """This strip's tokens of the sequence along `dim` of `t`: its rows of each grid, in sequence
         order (`StripGeometry.token_spans`)."""
-        spans = self.geometry.token_spans(self.layout.patch_index)
-        return torch.cat([t.narrow(dim, a, b - a) for a, b in spans], dim)
+        return strip_tokens_of(t, self.geometry.token_spans(self.layout.patch_index), dim)
 
     def _strip_kwargs(self, kwargs: dict) -> dict:
         """This rank's part of the call's other arguments, before the evaluation starts (the
@@ -381,40 +380,36 @@ class StripModel:
     def _grid(self, kwargs: dict, sample: torch.Tensor) -> tuple[tuple[tuple[int, int], ...], bool]:
         """The input's grids (rows, columns), in sequence order, and whether the input is a token
         sequence [B, tokens, C]. One image [B, C, H, W] is one grid. A sequence is named by one of two
-        arguments: `img_ids` (Flux's, FLUX.2's), one grid per value of their first coordinate (Flux
-        Kontext appends the conditioning image's tokens, marked 1, to the latent's, marked 0), each
-        row-major over its (_, row, column) ids (`token_grid`), the grids one after another; or
-        `img_shapes` (Qwen-Image's), per sample the (frames, rows, columns) of each grid, of which
-        parafuse takes one grid of one frame."""
+        arguments, which give the same grids for the same sequence: `img_ids` (Flux's, FLUX.2's), one
+        grid per value of their first coordinate (Flux Kontext appends the conditioning image's
+        tokens, marked 1, to the latent's, marked 0), each row-major over its (_, row, column) ids
+        (`token_grid`), the grids one after another; or `img_shapes` (Qwen-Image's), per sample the
+        (frames, rows, columns) of each grid (its edit pipeline appends the conditioning image's
+        tokens as a second grid: `qwen_grids`). Either way the grids must hold every token."""
         if sample.dim() == 4:
             return (tuple(sample.shape[-2:]),), False
-        ids = kwargs.get("img_ids")
-        if sample.dim() == 3 and ids is not None:
-            ids = ids[0] if ids.dim() == 3 else ids
-            marks, counts = torch.unique_consecutive(ids[:, 0], return_counts=True)
-            if len(set(marks.tolist())) < len(marks):
-                raise UnsupportedModelError(
-                    f"{type(self.model).__name__}'s img_ids interleave the grids of its token sequence (their first "
-                    f"coordinates run {marks.tolist()}): parafuse cuts grids whose tokens follow one another; pass "
-                    f"each grid's tokens together")
-            grids = [token_grid(g) for g in ids.split(counts.tolist())]
-            if ids.shape[0] == sample.shape[1] and None not in grids:
-                return tuple(grids), True
-        shapes = kwargs.get("img_shapes")
-        if sample.dim() == 3 and shapes is not None:
-            grids = {tuple(tuple(g) for g in (s if isinstance(s, list) else [s])) for s in shapes}
-            if len(grids) != 1 or len(next(iter(grids))) != 1 or next(iter(grids))[0][0] != 1:
-                # Qwen-Image's edit pipelines append the conditioning image's tokens as a second grid
-                raise UnsupportedModelError(
-                    f"{type(self.model).__name__}'s img_shapes {shapes} name more than one grid of one frame (as "
-                    f"Qwen-Image's edit pipelines append the conditioning image's tokens): parafuse splits one grid "
-                    f"by rows; use QwenImagePipeline (text to image), or run this pipeline without parafuse")
-            _, rows, cols = next(iter(grids))[0]
-            if rows * cols == sample.shape[1]:
-                return ((rows, cols),), True
+        grids = self._named_grids(kwargs) if sample.dim() == 3 else None
+        if grids is not None and sum(h * w for h, w in grids) == sample.shape[1]:
+            return grids, True
         raise UnsupportedModelError(f"{type(self.model).__name__}'s input {tuple(sample.shape)} is neither an image "
                                     f"[B, C, H, W] nor a sequence of row-major token grids named by img_ids or "
                                     f"img_shapes")
+
+    def _named_grids(self, kwargs: dict) -> tuple[tuple[int, int], ...] | None:
+        """The grids a sequence's `img_ids` or `img_shapes` name (see `_grid`); None where neither is
+        given or the ids are not row-major grids."""
+        ids, shapes = kwargs.get("img_ids"), kwargs.get("img_shapes")
+        if ids is None:
+            return None if shapes is None else qwen_grids(shapes)
+        ids = ids[0] if ids.dim() == 3 else ids
+        marks, counts = torch.unique_consecutive(ids[:, 0], return_counts=True)
+        if len(set(marks.tolist())) < len(marks):
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__}'s img_ids interleave the grids of its token sequence (their first "
+                f"coordinates run {marks.tolist()}): parafuse cuts grids whose tokens follow one another; pass "
+                f"each grid's tokens together")
+        grids = tuple(token_grid(g) for g in ids.split(counts.tolist()))
+        return None if None in grids else grids
 
     def _configure(self, args: tuple, kwargs: dict, sample: torch.Tensor) -> None:
         """The patch plan of the current stream (`self.stream`; 0: the image's first call, which fixes

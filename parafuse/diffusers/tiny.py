@@ -459,7 +459,7 @@ def family_kwargs(family: str) -> dict:
     return controlnet_kwargs(family) if family.endswith(("-controlnet", "-adapter")) else call_kwargs(family)
 
 
-# ---- image-conditioned pipelines: img2img, inpainting, Flux Fill and Kontext ------------------------
+# ---- image-conditioned pipelines: img2img, inpainting, Flux Fill, Kontext and Qwen-Image-Edit -------
 def _from_base(cls, base: str, path: str, **components) -> None:
     """`cls` built from the base family's tiny components (those `cls` takes), `components` replacing
     or adding some."""
@@ -546,10 +546,27 @@ def build_flux_kontext_inpaint(path: str) -> None:
     _from_base(FluxKontextInpaintPipeline, "flux", path)
 
 
+def build_qwen_edit(path: str) -> None:
+    """Qwen-Image-Edit: the tiny Qwen-Image's transformer, given the conditioning image's tokens
+    after the latent's. Its pipeline resizes that image to about a megapixel whatever its size,
+    so the VAE here has factor 16 (four downsamples, 2 channels, no residual blocks: a cheap
+    encode of the megapixel): the image's grid about 1000 tokens beside the latent's 20 x 12 at
+    an output `QWEN_EDIT_SCALE` times the tiny size (`image_kwargs`)."""
+    from diffusers import AutoencoderKLQwenImage, QwenImageEditPipeline
+    _seeded(22)
+    g = torch.Generator().manual_seed(23)
+    vae = AutoencoderKLQwenImage(base_dim=2, z_dim=4, dim_mult=[1, 1, 1, 1, 1], num_res_blocks=0,
+                                 temperal_downsample=[False, True, True, True],
+                                 latents_mean=(0.1 * torch.randn(4, generator=g)).tolist(),
+                                 latents_std=(1 + 0.1 * torch.rand(4, generator=g)).tolist())
+    _from_base(QwenImageEditPipeline, "qwen", path, vae=vae, processor=None)
+
+
 IMAGE_FAMILIES = {"sd-img2img": build_sd_img2img, "sd-inpaint": build_sd_inpaint, "sdxl-img2img": build_sdxl_img2img,
                   "sdxl-refiner": build_sdxl_refiner, "sdxl-inpaint": build_sdxl_inpaint,
                   "flux-img2img": build_flux_img2img, "flux-inpaint": build_flux_inpaint, "flux-fill": build_flux_fill,
-                  "flux-kontext": build_flux_kontext, "flux-kontext-inpaint": build_flux_kontext_inpaint}
+                  "flux-kontext": build_flux_kontext, "flux-kontext-inpaint": build_flux_kontext_inpaint,
+                  "qwen-edit": build_qwen_edit}
 BUILDERS.update(IMAGE_FAMILIES)
 
 
@@ -567,6 +584,11 @@ def inpaint_mask(seed: int = 6, height: int = HEIGHT, width: int = WIDTH) -> tor
 KONTEXT_IMAGE = (HEIGHT * 4 // 5, WIDTH * 2 // 3)
 
 
+# the tiny Qwen-Image-Edit's VAE factor (16) over the tiny VAE's (4): its output is this many times
+# the tiny size, for the same 20 x 12 token grid
+QWEN_EDIT_SCALE = 4
+
+
 def kontext_key(family: str) -> str:
     """The argument of a Flux Kontext pipeline that takes the conditioning image."""
     return "image_reference" if family.endswith("inpaint") else "image"
@@ -576,7 +598,8 @@ def image_kwargs(family: str, image_seed: int = 5, mask_seed: int = 6, **kw) -> 
     """The call of an image-conditioned family: its base family's call, an image, a mask for the
     inpainting ones; img2img's image a small one upscaled four times at strength 0.5 (the hi-res
     upscale's second pass, a partial schedule); Kontext's conditioning image of another size than
-    the output (`KONTEXT_IMAGE`)."""
+    the output (`KONTEXT_IMAGE`); Qwen-Image-Edit's a PIL image (which its pipeline resizes to about
+    a megapixel: a 41 x 25 token grid), at an output of `QWEN_EDIT_SCALE` times the tiny size."""
     import torch.nn.functional as F
     base = family.split("-")[0]
     call = {**call_kwargs(base, **kw), "image": control_image(image_seed)}
@@ -587,6 +610,10 @@ def image_kwargs(family: str, image_seed: int = 5, mask_seed: int = 6, **kw) -> 
         call.update(image=F.interpolate(small, size=(HEIGHT, WIDTH), mode="bicubic").clamp(0, 1), strength=0.5)
     if family == "sdxl-refiner":
         call["strength"] = 0.7                     # the refiner's default 0.3 of 3 steps is none
+    if family == "qwen-edit":         # its pipeline reads the image's size as a PIL image's
+        from diffusers.image_processor import VaeImageProcessor
+        call.update(image=VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(call["image"]))[0],
+                    height=HEIGHT * QWEN_EDIT_SCALE, width=WIDTH * QWEN_EDIT_SCALE)
     if family.startswith("flux-kontext"):
         call[kontext_key(family)] = control_image(image_seed, *KONTEXT_IMAGE)
         call.update(max_area=HEIGHT * WIDTH, _auto_resize=False)       # the call's size, not a megapixel
