@@ -31,10 +31,11 @@ def pipe(root, family="qwen"):
     return _pipes[family]
 
 
-def true_cfg_kwargs() -> dict:
-    """True CFG: a negative prompt of another length (4 tokens, the last 2 padding) and its own mask."""
+def true_cfg_kwargs(call=lambda: call_kwargs("qwen")) -> dict:
+    """True CFG on `call()`: a negative prompt of another length (4 tokens, the last 2 padding) and
+    its own mask."""
     g = torch.Generator().manual_seed(12)
-    return {**call_kwargs("qwen"), "true_cfg_scale": 2.5,
+    return {**call(), "true_cfg_scale": 2.5,
             **qwen_prompt(torch.randn(1, 4, TEXT_DIM, generator=g), 2, "negative_prompt")}
 
 
@@ -205,6 +206,16 @@ def test_qwen_edit_sync_equals_diffusers(root):
         assert (out - ref).abs().max() <= SYNC_TOL
         assert all(torch.equal(got, out) for (got, _), _ in outs[1:])
         assert (geometry.height, geometry.width, geometry.others) == (20, 12, ((41, 25),))
+
+
+def test_qwen_edit_true_cfg_equals_diffusers(root):
+    """The edit pipeline's true CFG (N = 2, without cfg_parallel): both calls of a step, each with
+    its own prompt length and mask, on both grids' strips as streams of their own: sync equals
+    diffusers, and the negative prompt matters (by 1.8e-3, 18 times the tolerance)."""
+    ref = reference(root, "edit true-cfg", lambda: true_cfg_kwargs(edit_kwargs), family="qwen-edit")
+    assert (ref - reference(root, "edit", edit_kwargs, family="qwen-edit")).abs().max() > 10 * SYNC_TOL
+    outs = emulated(root, 2, lambda: true_cfg_kwargs(edit_kwargs), family="qwen-edit", mode="sync")
+    assert all((out - ref).abs().max() <= SYNC_TOL and stats["evaluations"] == 2 * STEPS for out, stats in outs)
 
 
 def test_qwen_edit_full_mode_within_3db_of_text_to_image(root):
