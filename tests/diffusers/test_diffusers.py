@@ -227,6 +227,23 @@ def test_torchrun_freeu_and_the_split_encoder_equal_the_emulator(root, torchrun_
         assert got[case][r]["rank_stats"]["bytes_sent"][kind] > 0
 
 
+@pytest.mark.parametrize("case", ["flux-kontext-full", "flux-true-cfg-partial", "flux2-partial", "qwen-partial"])
+def test_torchrun_grids_streams_and_new_families_equal_the_emulator(root, torchrun_run, case):
+    """In a stale mode under torchrun (gloo, N = 2): Flux Kontext's two token grids, each rank its
+    rows of both; Flux's true CFG without cfg_parallel, its two calls a step two streams with their
+    own stale state; FLUX.2's and Qwen-Image's attention: every rank's latent and bytes, sent and
+    received, = the emulator's, and the stale mode is not the serial output."""
+    n, got = torchrun_run
+    plain, call = prepared(root, case)
+    emu = emulate_pipeline(plain, n, lambda p: images(p(**call())), **ALL_TORCHRUN_CASES[case][1])
+    for r in range(n):
+        assert (got[case][r]["images"] - emu[r][0]).abs().max() <= 1e-5
+        for sent in ("bytes_sent", "bytes_received"):
+            assert got[case][r]["rank_stats"][sent] == emu[r][1][sent]
+        assert got[case][r]["rank_stats"]["bytes_sent"]["attn_kv"] > 0
+    assert (emu[0][0] - images(plain(**call()))).abs().max() > 1e-4, "a stale mode that equals sync"
+
+
 def test_torchrun_refiner_takes_every_ranks_own_base_latents(root, torchrun_run):
     """The SDXL base to refiner handoff under torchrun (gloo, N = 2), no broadcast: the base's
     latent output, on every rank, is the same bits in both processes and = diffusers'; each rank's

@@ -119,6 +119,16 @@ def flux_true_cfg_kwargs():
     return kw
 
 
+def kontext_call(pipe):
+    """Flux Kontext's call: a conditioning image of another size than the output, a second token grid."""
+    return lambda: image_kwargs("flux-kontext")
+
+
+def true_cfg_call(pipe):
+    """Flux's true CFG: two transformer calls a step (without cfg_parallel, two streams)."""
+    return flux_true_cfg_kwargs
+
+
 # torchrun cases: name -> (family, parallelize kwargs)
 TORCHRUN_CASES = {
     "sd-sync": ("sd", dict(mode="sync")),
@@ -137,12 +147,18 @@ TORCHRUN_CASES = {
     "sd-layerwise-casting-sync": ("sd", dict(mode="sync")),
     # the SDXL base's latents, every rank's own, are the refiner's image (HANDOFFS)
     "sdxl-refiner-handoff": ("sdxl-refiner", dict(mode="sync")),
+    # the stale modes over several token grids, several streams, FLUX.2's and Qwen-Image's attention
+    "flux-kontext-full": ("flux-kontext", dict(mode="full", warmup_steps=1)),
+    "flux-true-cfg-partial": ("flux", dict(mode="partial", warmup_steps=1, halo_portion=0.3)),
+    "flux2-partial": ("flux2", dict(mode="partial", warmup_steps=1, halo_portion=0.3)),
+    "qwen-partial": ("qwen", dict(mode="partial", warmup_steps=1, halo_portion=0.3, parallel_vae=False)),
 }
 
 # cases whose plain pipeline is changed before parallelize: name -> prepare(pipe), which returns the call
 PREPARED = {"sd-ip-masks-sync": load_masked_ip_adapters, "sd-freeu-sync": enable_freeu, "sd-freeu-full": enable_freeu,
             "flux-first-block-cache-sync": enable_first_block_cache,
-            "sd-layerwise-casting-sync": enable_layerwise_casting}
+            "sd-layerwise-casting-sync": enable_layerwise_casting, "flux-kontext-full": kontext_call,
+            "flux-true-cfg-partial": true_cfg_call}
 # refiner cases: name -> the base's family, called first (base_kwargs), its latents the refiner's image
 HANDOFFS = {"sdxl-refiner-handoff": "sdxl"}
 
