@@ -217,6 +217,12 @@ def test_torchrun_freeu_and_the_split_encoder_equal_the_emulator(root, torchrun_
     """FreeU in a stale mode (its coefficients' reduction over gloo, kind reduce) and img2img's
     encoder by strips (its latent distribution gathered on every rank, kind gather): every rank's
     latent and bytes, sent and received, = the emulator's."""
+    emulator_equals_torchrun(root, torchrun_run, case, kind)
+
+
+def emulator_equals_torchrun(root, torchrun_run, case, kind):
+    """Case `case` on the emulator: every rank's latent and bytes, sent and received, = its torchrun
+    rank's, which sent bytes of `kind`. Returns the case's prepared pipeline, call and emulator run."""
     n, got = torchrun_run
     plain, call = prepared(root, case)
     emu = emulate_pipeline(plain, n, lambda p: images(p(**call())), **ALL_TORCHRUN_CASES[case][1])
@@ -225,6 +231,7 @@ def test_torchrun_freeu_and_the_split_encoder_equal_the_emulator(root, torchrun_
         for sent in ("bytes_sent", "bytes_received"):
             assert got[case][r]["rank_stats"][sent] == emu[r][1][sent]
         assert got[case][r]["rank_stats"]["bytes_sent"][kind] > 0
+    return plain, call, emu
 
 
 @pytest.mark.parametrize("case", ["flux-kontext-full", "flux-true-cfg-partial", "flux2-partial", "qwen-partial"])
@@ -233,14 +240,7 @@ def test_torchrun_grids_streams_and_new_families_equal_the_emulator(root, torchr
     rows of both; Flux's true CFG without cfg_parallel, its two calls a step two streams with their
     own stale state; FLUX.2's and Qwen-Image's attention: every rank's latent and bytes, sent and
     received, = the emulator's, and the stale mode is not the serial output."""
-    n, got = torchrun_run
-    plain, call = prepared(root, case)
-    emu = emulate_pipeline(plain, n, lambda p: images(p(**call())), **ALL_TORCHRUN_CASES[case][1])
-    for r in range(n):
-        assert (got[case][r]["images"] - emu[r][0]).abs().max() <= 1e-5
-        for sent in ("bytes_sent", "bytes_received"):
-            assert got[case][r]["rank_stats"][sent] == emu[r][1][sent]
-        assert got[case][r]["rank_stats"]["bytes_sent"]["attn_kv"] > 0
+    plain, call, emu = emulator_equals_torchrun(root, torchrun_run, case, "attn_kv")
     assert (emu[0][0] - images(plain(**call()))).abs().max() > 1e-4, "a stale mode that equals sync"
 
 
