@@ -20,14 +20,16 @@ import inspect
 import json
 import os
 import time
+from contextlib import contextmanager
+from functools import wraps
 
 import torch
 import torch.nn as nn
 
 from parafuse.diffusers.adapter import (DiffusersAdapter, QwenImageTransformer2DModel, UnsupportedModelError,
                                         compute_dtype, is_flux, is_joint, kv_width)
-from parafuse.diffusers.strips import (StripControlNet, StripDenoiser, StripVAE, image_embedding, latent_embedding,
-                                       plain_processors)
+from parafuse.diffusers.strips import (StepCount, StripControlNet, StripDenoiser, StripVAE, image_embedding,
+                                       latent_embedding, plain_processors)
 from parafuse.parallel import kv_codec as kv_codec_module
 from parafuse.parallel.agreement import tensors_of_rank0
 from parafuse.parallel.config import ConfigError, Mode, PatchConfig, dtype_name
@@ -163,11 +165,16 @@ class ParallelPipeline:
         for c in self.controlnets:
             c.begin_image(halve=halve)
         start = time.perf_counter()
+        models = [self.strips, *self.controlnets]
         try:
-            with self.session.guard(f"{type(self.pipe).__name__} call"):
+            with self.session.guard(f"{type(self.pipe).__name__} call"), counting_steps(self.pipe) as steps:
+                for m in models:
+                    m.steps = steps          # a step's calls are those between two scheduler steps
                 out = self.pipe(*args, **kwargs)
                 self.strips.finish()         # every rank raises the same NonFiniteError before returning
         finally:
+            for m in models:
+                m.steps = None
             for c in self.controlnets:
                 c.end_image()
             self.strips.end_image()
@@ -223,6 +230,28 @@ class ParallelPipeline:
         self.session.close()
         self.pipe.__dict__.pop("_parafuse_parallel", None)
         self.pipe.__dict__.pop("set_ip_adapter_scale", None)
+
+
+@contextmanager
+def counting_steps(pipe):
+    """The steps `pipe.scheduler` takes during a pipeline call, counted (`StepCount`): its `step`
+    wrapped on the scheduler instance for the call, the scheduler's own back after. The scheduler is
+    read at the call, so one the user set since (`pipe.scheduler = ...`) is the one counted."""
+    scheduler, count = pipe.scheduler, StepCount()
+    step, own = scheduler.step, scheduler.__dict__.get("step")
+
+    @wraps(step)     # the pipelines read its signature (`prepare_extra_step_kwargs`: eta, generator)
+    def counted(*args, **kwargs):
+        count.steps += 1
+        return step(*args, **kwargs)
+    scheduler.__dict__["step"] = counted
+    try:
+        yield count
+    finally:
+        if own is None:
+            del scheduler.__dict__["step"]
+        else:
+            scheduler.__dict__["step"] = own
 
 
 def share_global_rng(transport: Transport, device: torch.device) -> None:

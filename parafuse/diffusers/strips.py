@@ -184,6 +184,21 @@ def call_signature(args: tuple, kwargs: dict) -> tuple:
                             if isinstance(a, float) else repr(a) for a in flat)
 
 
+# The most denoiser calls one step may make: diffusers' pipelines make at most two (SD3's skip-layer
+# guidance after its CFG batch; true CFG's conditional and unconditional calls); more means the
+# pipeline's loop does not step `pipe.scheduler` (`StripModel._step_position`)
+MAX_CALLS_PER_STEP = 4
+
+
+class StepCount:
+    """The steps the pipeline's scheduler has taken in the current pipeline call (counted by
+    `parafuse.diffusers.pipeline.counting_steps`): the denoiser calls between two of them are one
+    denoising step's."""
+
+    def __init__(self):
+        self.steps = 0
+
+
 class StripModel:
     """Hooks that make a diffusers model compute this rank's strip: the input's rows in, the output's
     strips gathered out (see the module docstring). Each call of the model is one engine step of
@@ -192,7 +207,7 @@ class StripModel:
     Streams: a pipeline may call the model more than once per step with different inputs (SD3's
     skip-layer guidance: the CFG batch, then the conditional inputs alone with blocks skipped;
     Flux's true CFG: the conditional call, then the unconditional one). The calls of one step are
-    those at the same timestep on the same latents (`_step_position`), and the k-th call of every
+    those between two steps of the pipeline's scheduler (`StepCount`, `_step_position`), and the k-th call of every
     step is stream k: its own trace and patch plan (fixed at its first call of the image), its own
     exchange state on the engine (`ExchangeEngine.configure`), its first evaluation synchronous and
     its warmup counted in its own evaluations - so in the stale modes a call reads what its own
@@ -217,7 +232,8 @@ class StripModel:
         self._kinds: list[tuple] = []          # this image's streams: the signature of each one's calls
         self._stream_evaluations: list[int] = []
         self.stream = 0                        # the current call's stream
-        self._mark = None                      # (first timestep, first sample) of the last call
+        self.steps: StepCount | None = None    # the pipeline call's scheduler steps (None: a direct call)
+        self._last_steps = None                # their count at the last call
         self._position = 0                     # the last call's place in its step
         self.tracing = False
         self._handles = [model.register_forward_pre_hook(self._by_name, with_kwargs=True),
@@ -239,7 +255,7 @@ class StripModel:
             wrap_qwen_attention(self.layers, self.adapter)
         self.geometry = None
         self.evaluations = 0
-        self._kinds, self._stream_evaluations, self.stream, self._mark, self._position = [], [], 0, None, 0
+        self._kinds, self._stream_evaluations, self.stream, self._last_steps, self._position = [], [], 0, None, 0
 
     @property
     def layers(self) -> nn.Module:
@@ -336,22 +352,26 @@ class StripModel:
         denoiser's residuals: `StripDenoiser`)."""
         return kwargs
 
-    def _step_position(self, kwargs: dict, sample: torch.Tensor) -> int:
-        """This call's place among the calls of its step: consecutive calls at the same timestep on the
-        same latents (the first timestep and the first sample of the batch equal: SD3's skip-layer call
-        takes the latents its CFG call doubled) are one step's. One host read per call after the
-        image's first (two at a step's later calls)."""
-        t = kwargs.get("timestep")
-        mark = (None if t is None else torch.as_tensor(t).reshape(-1)[:1].clone(), sample[:1].clone())
-        last, self._mark = self._mark, mark
-        same = last is not None and (t is None) == (last[0] is None) and (
-            t is None or torch.equal(mark[0], last[0])) and torch.equal(mark[1], last[1])
+    def _step_position(self) -> int:
+        """This call's place among the calls of its step: those between two steps of the pipeline's
+        scheduler (`steps`; a direct call is an image of one evaluation: 0). Read on the host: the
+        call's tensors are not compared, which on a GPU would wait for the queued work at every
+        call and end the host's lead over the device."""
+        count = None if self.steps is None else self.steps.steps
+        same = count is not None and count == self._last_steps
+        self._last_steps = count
         self._position = self._position + 1 if same else 0
+        if self._position >= MAX_CALLS_PER_STEP:
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__} was called {self._position + 1} times between two steps of the "
+                f"pipeline's scheduler: parafuse takes the calls between two scheduler steps as one denoising "
+                f"step's (each its own exchange state), so a loop must call pipe.scheduler.step once per step "
+                f"(a loop that steps another scheduler, or none, is not supported)")
         return self._position
 
     def _enter_stream(self, args: tuple, kwargs: dict, sample: torch.Tensor) -> None:
         """Make this call's stream current (see the class docstring), planning it at its first call."""
-        position, kind = self._step_position(kwargs, sample), call_signature(args, kwargs)
+        position, kind = self._step_position(), call_signature(args, kwargs)
         self.stream = position
         if position == len(self._kinds):
             self._configure(args, kwargs, sample)
@@ -736,12 +756,16 @@ class StripDenoiser(StripModel):
             branch = self._calls % 2                  # the pipeline's order: conditional, then unconditional
             self._calls += 1
             sample = self._sample(args, kwargs)
+            # the same latents: the same tensor, unchanged, in the same scheduler step (compared on the host;
+            # diffusers' true-CFG pipelines pass one tensor to both calls)
+            mark = (sample, sample._version, None if self.steps is None else self.steps.steps)
             if branch == 0:
-                self._pair = sample
-            elif not torch.equal(sample, self._pair):
+                self._pair = mark
+            elif mark[0] is not self._pair[0] or mark[1:] != self._pair[1:]:
                 raise UnsupportedModelError("cfg_parallel with a pipeline that calls the denoiser once per guidance "
-                                            "branch needs the two calls of a step on the same latents, conditional "
-                                            "first (as FluxPipeline's true CFG): this pipeline's calls are not")
+                                            "branch needs the two calls of a step on the same latents tensor, "
+                                            "conditional first (as FluxPipeline's true CFG): this pipeline's calls "
+                                            "are not")
             self._skip = branch != self.layout.branch
             if self._skip:                            # (the shape-only run of `_output_shape` takes these)
                 return args, kwargs

@@ -189,3 +189,23 @@ def test_a_call_that_changes_kind_during_an_image_is_refused(root):
                 callback_on_step_end_tensor_inputs=["prompt_embeds", "pooled_prompt_embeds"])
         return par.strips.evaluations
     assert [evaluations for evaluations, _ in emulate_pipeline(pipe(root, "sd3"), 2, call, mode="full")] == [1, 1]
+
+
+def test_more_calls_between_two_scheduler_steps_than_a_step_makes_are_refused(root):
+    """A step's calls are those between two steps of `pipe.scheduler`: a loop whose denoiser calls
+    are not followed by a scheduler step - here a step callback calling the transformer five times
+    with the step's own inputs - is refused at the fifth call, naming the rule (each call would
+    otherwise become a stream of its own)."""
+    def call(par):
+        seen = []
+        par.transformer.register_forward_pre_hook(lambda m, a, kw: None if seen else seen.append(kw),
+                                                  with_kwargs=True, prepend=True)
+
+        def call_again(pipe, i, t, tensors):
+            for _ in range(5):
+                pipe.transformer(**seen[0])
+            return {}
+        with pytest.raises(UnsupportedModelError, match="5 times between two steps of the pipeline's scheduler"):
+            par(**call_kwargs("sd3"), callback_on_step_end=call_again)
+        return par.strips.evaluations
+    assert [evaluations for evaluations, _ in emulate_pipeline(pipe(root, "sd3"), 2, call, mode="full")] == [5, 5]

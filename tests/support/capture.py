@@ -1,6 +1,7 @@
 """A dispatch-mode trace of what a region issues: every ATen op with its scalars and the persistent
 tensors it touches, and the tensors it allocates (tests/unit/test_capture.py,
 tests/diffusers/test_pipeline_graphs.py)."""
+import sys
 import weakref
 
 import torch
@@ -35,3 +36,28 @@ class Trace(TorchDispatchMode):
                 self.produced.add(o.untyped_storage().data_ptr())
                 self.new.append(weakref.ref(o))
         return out
+
+
+class HostReads(TorchDispatchMode):
+    """Every op that reads a tensor's value on the host (`HOST_READS`: on a GPU each waits for the
+    queued work), counted by its caller: the innermost frame outside torch, as "module:function"
+    ("parafuse.diffusers.strips:_before"). The mode is the calling thread's: enter it on each
+    emulated rank's thread. On the CPU a copy to the host (`.cpu()`, `.tolist()`) is no op and is
+    not seen."""
+
+    def __init__(self):
+        super().__init__()
+        self.callers: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in HOST_READS:
+            frame = sys._getframe(1)
+            while frame is not None and _module(frame).split(".")[0] == "torch":
+                frame = frame.f_back
+            caller = "?" if frame is None else f"{_module(frame)}:{frame.f_code.co_name}"
+            self.callers[caller] = self.callers.get(caller, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def _module(frame) -> str:
+    return frame.f_globals.get("__name__", "?")
