@@ -1657,3 +1657,25 @@ def test_flux_kontext_kv_and_gather_bytes_closed_form(root):
         assert sent["partial"][r]["attn_kv"] == (tokens * (n - 1) + (STEPS - 1) * windows) * kv
         for mode in sent:
             assert sent[mode][r]["gather"] == STEPS * tokens * t.proj_out.out_features * 4 * (n - 1)
+
+
+def test_flux_kontext_true_cfg_equals_diffusers_and_splits_by_branch(root):
+    """Kontext with true CFG (a negative prompt, true_cfg_scale 2.5: two transformer calls a step, each
+    of both grids; the guidance moves the output by rel 0.12): sync = diffusers at N = 2 and with
+    cfg_parallel at N = 4; in `full`, the two calls as two streams on 2 ranks give the same bits as
+    cfg_parallel's two branches on 4."""
+    from support.diffusers_cases import image_kwargs
+
+    def true_cfg():
+        kw, g = image_kwargs("flux-kontext"), torch.Generator().manual_seed(11)
+        return {**kw, "true_cfg_scale": 2.5,
+                "negative_prompt_embeds": torch.randn(kw["prompt_embeds"].shape, generator=g),
+                "negative_pooled_prompt_embeds": torch.randn(kw["pooled_prompt_embeds"].shape, generator=g)}
+
+    def run(n, **settings):
+        return emulate_pipeline(fresh(root, "flux-kontext"), n, lambda p: images(p(**true_cfg())), **settings)[0][0]
+    ref = images(fresh(root, "flux-kontext")(**true_cfg()))
+    assert rel(kontext_ref(root, "flux-kontext"), ref) > 0.05
+    assert rel(run(2, mode="sync"), ref) <= 1e-5 and rel(run(4, mode="sync", cfg_parallel=True), ref) <= 1e-5
+    full = run(2, mode="full", warmup_steps=1)
+    assert torch.equal(full, run(4, mode="full", warmup_steps=1, cfg_parallel=True)) and rel(full, ref) > 1e-4
