@@ -207,8 +207,8 @@ class StripModel:
     Streams: a pipeline may call the model more than once per step with different inputs (SD3's
     skip-layer guidance: the CFG batch, then the conditional inputs alone with blocks skipped;
     Flux's true CFG: the conditional call, then the unconditional one). The calls of one step are
-    those between two steps of the pipeline's scheduler (`StepCount`, `_step_position`), and the k-th call of every
-    step is stream k: its own trace and patch plan (fixed at its first call of the image), its own
+    those between two steps of the pipeline's scheduler (`StepCount`, `_step_position`), and the
+    k-th call of every step is stream k: its own trace and patch plan (fixed at its first call of the image), its own
     exchange state on the engine (`ExchangeEngine.configure`), its first evaluation synchronous and
     its warmup counted in its own evaluations - so in the stale modes a call reads what its own
     kind's previous evaluation left. The k-th call must be of the same kind at every step
