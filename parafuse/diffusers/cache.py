@@ -18,7 +18,9 @@ strips of the patch group sum the pair exactly (`StripReduce.sum`, kind `reduce`
 every rank, 8 bytes to each other strip per decision), and every rank takes the whole image's
 decision. With cfg_parallel and a pipeline that calls the denoiser once per guidance branch
 (Flux's true CFG), each branch's ranks decide for their branch, as diffusers keeps one state per
-branch (`cache_context("cond")` / `("uncond")`); a batch holding both branches, whose statistic
+branch (`cache_context("cond")` / `("uncond")`); without cfg_parallel the two calls are the
+denoiser's streams 0 and 1 on every rank, each deciding from its own context's state (diffusers'
+state manager, which parafuse's keeps). A batch holding both branches, whose statistic
 spans ranks of both, is refused. The cached residuals stay row-local: each strip keeps its own rows.
 
 `StripFirstBlockCache` keeps diffusers' hooks and their state, and gives the head block's hook and

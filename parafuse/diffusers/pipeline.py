@@ -139,10 +139,6 @@ class ParallelPipeline:
             raise UnsupportedModelError("cfg_parallel splits the two guidance branches across ranks; it needs "
                                         "guidance_scale > 1 (Flux, Qwen-Image: true_cfg_scale > 1 and a negative "
                                         "prompt)")
-        if sequential and self.config.cfg_parallel and self.controlnets:
-            raise UnsupportedModelError("cfg_parallel with a ControlNet in a pipeline that calls the denoiser once "
-                                        "per guidance branch (true CFG) is not supported yet: parallelize with "
-                                        "cfg_parallel=False")
         if self.config.cfg_parallel and kwargs.get("skip_guidance_layers") is not None:
             raise UnsupportedModelError("skip-layer guidance adds a denoiser call on the conditional inputs alone to "
                                         "each CFG batch, which cfg_parallel cannot split by guidance branch: "
@@ -159,8 +155,9 @@ class ParallelPipeline:
         self.strips.begin_image(sequential_cfg=sequential)
         self.strips.partners = self.controlnets
         # cfg_parallel: each ControlNet computes this rank's guidance branch, as the denoiser does, where
-        # the pipeline gives it both (guess mode gives it the conditional batch alone: every rank runs it)
-        halve = self.layout.cfg_degree == 2 and not kwargs.get("guess_mode") and \
+        # the pipeline gives it both (guess mode gives it the conditional batch alone: every rank runs it;
+        # so does true CFG, whose one ControlNet call a step feeds both of the denoiser's calls)
+        halve = self.layout.cfg_degree == 2 and not sequential and not kwargs.get("guess_mode") and \
             not any(getattr(c.model.config, "global_pool_conditions", False) for c in self.controlnets)
         for c in self.controlnets:
             c.begin_image(halve=halve)

@@ -607,7 +607,7 @@ class StripDenoiser(StripModel):
     def _configure(self, args, kwargs, sample):
         """The trace without the residuals (`RESIDUALS`): sums that change no site. The ControlNets'
         strips must be the denoiser's."""
-        super()._configure(args, {k: None if k in RESIDUALS else v for k, v in kwargs.items()}, sample)
+        super()._configure(args, without_residuals(kwargs), sample)
         # the level of the transformer blocks, whose hidden states ControlNet samples add to as tokens
         factors = {s.factor for s in self.trace.sites if s.kind == SiteKind.ATTN}
         self._token_level = self.geometry.level(factors.pop()) if len(factors) == 1 else None
@@ -790,7 +790,10 @@ class StripDenoiser(StripModel):
         return Transformer2DModelOutput(sample=out)
 
     def _output_shape(self, args, kwargs) -> tuple[tuple[int, ...], torch.dtype]:
-        """The model's output shape for these arguments, from a shape-only run (once per input size)."""
+        """The model's output shape for these arguments, from a shape-only run (once per input size)
+        without the residuals (`RESIDUALS`): sums that change no shape, and strips where a split
+        ControlNet made them (Flux's ControlNet with true CFG and cfg_parallel), which the whole
+        input of this run could not take."""
         size = tuple(self._sample(args, kwargs).shape)
         if size not in self._shapes:
             from torch._subclasses.fake_tensor import FakeTensorMode
@@ -802,7 +805,7 @@ class StripDenoiser(StripModel):
             try:
                 with FakeTensorMode(allow_non_fake_inputs=True), eager(self.model) as model, \
                         self.adapter.shape_run(model):
-                    out = type(model).forward(model, *args, **{**kwargs, "return_dict": False})[0]
+                    out = type(model).forward(model, *args, **{**without_residuals(kwargs), "return_dict": False})[0]
             finally:
                 self.adapter.tracing = False
                 if self.engine is not None:
@@ -912,6 +915,11 @@ RESIDUALS = ("down_block_additional_residuals", "mid_block_additional_residual",
              "controlnet_block_samples", "controlnet_single_block_samples", "block_controlnet_hidden_states")
 
 
+def without_residuals(kwargs: dict) -> dict:
+    """A denoiser call's arguments with its residuals (`RESIDUALS`) None, for the shape-only runs."""
+    return {k: None if k in RESIDUALS else v for k, v in kwargs.items()}
+
+
 # where a ControlNet embeds a conditioning image (its convs, from the pixels down to the latent's
 # rows): SD/SDXL's ControlNetModel, and Flux's XLabs-style ControlNet, whose embedding's output is
 # then packed into the latent's tokens
@@ -966,7 +974,10 @@ class StripControlNet(StripModel):
     `controlnet_block_samples`, SD3's `block_controlnet_hidden_states`: tensor arguments of the
     denoiser call, so they enter the CUDA graphs' static buffers). With cfg_parallel (`halve`), the
     ControlNet computes this rank's guidance branch, as the denoiser does: its residuals are that
-    branch's half, which the denoiser's strip takes as they are.
+    branch's half, which the denoiser's strip takes as they are. A pipeline that calls the denoiser
+    once per branch (FluxControlNetPipeline's true CFG) calls the ControlNet once a step, on the
+    conditional inputs, and gives its samples to both calls: every rank's ControlNet computes that
+    call on its strip (both branches' ranks the same), unhalved.
 
     The conditioning is either an image through an embedding (`image_embedding`: SD/SDXL's, and
     Flux's input_hint_block, whose output diffusers packs patch_size x patch_size into each token):

@@ -831,18 +831,12 @@ def test_controlnet_with_cfg_parallel_equals_diffusers_and_computes_one_branch(r
 
 
 @pytest.mark.parametrize("family", ["flux-controlnet", "flux-f8-controlnet"])
-def test_controlnet_with_true_cfg_and_cfg_parallel_is_refused_before_compute(root, family):
-    """FluxControlNetPipeline's true CFG (a ControlNet call a step, a transformer call per branch)
-    with cfg_parallel where the ControlNet is split (N = 4: 2 branches x 2 strips): refused; and
-    without true CFG (no guidance branches to split), refused at the pipeline call. Both
-    ControlNets: on latent tokens, and XLabs-style (input_hint_block)."""
+def test_flux_controlnet_with_cfg_parallel_without_true_cfg_is_refused_before_compute(root, family):
+    """FluxControlNetPipeline with cfg_parallel but without true CFG (no guidance branches to split):
+    refused at the pipeline call. Both ControlNets: on latent tokens, and XLabs-style
+    (input_hint_block). (With true CFG: tests/diffusers/test_denoiser_streams.py.)"""
     from support.diffusers_cases import controlnet_kwargs
 
-    kwargs = {**controlnet_kwargs(family), "true_cfg_scale": 2.0}
-    kwargs.update(negative_prompt_embeds=kwargs["prompt_embeds"],
-                  negative_pooled_prompt_embeds=kwargs["pooled_prompt_embeds"])
-    ranks_raise("cfg_parallel with a ControlNet in a pipeline that calls the denoiser once per guidance branch",
-                fresh(root, family), 4, lambda p: p(**kwargs), cfg_parallel=True)
     # without true CFG, Flux has no guidance branches (its guidance_scale is distilled guidance)
     ranks_raise(r"cfg_parallel splits the two guidance branches across ranks; it needs guidance_scale > 1 \(Flux, "
                 r"Qwen-Image: true_cfg_scale > 1 and a negative prompt\)", fresh(root, family), 4,
@@ -1679,3 +1673,62 @@ def test_flux_kontext_true_cfg_equals_diffusers_and_splits_by_branch(root):
     assert rel(run(2, mode="sync"), ref) <= 1e-5 and rel(run(4, mode="sync", cfg_parallel=True), ref) <= 1e-5
     full = run(2, mode="full", warmup_steps=1)
     assert torch.equal(full, run(4, mode="full", warmup_steps=1, cfg_parallel=True)) and rel(full, ref) > 1e-4
+
+
+# ---- the first-block cache with Flux's true CFG without cfg_parallel: two streams, two cache contexts ------
+def tail_streams(par) -> list:
+    """A list that grows by the denoiser call's stream at every evaluation whose last block runs
+    (`tail_runs`, by stream: 0 the conditional call, 1 the unconditional one)."""
+    streams = []
+    last = par.transformer.single_transformer_blocks[-1].proj_out
+    last.register_forward_pre_hook(lambda m, a: streams.append(par.strips.stream) if type(a[0]) is torch.Tensor
+                                   else None)
+    return streams
+
+
+def test_first_block_cache_with_true_cfg_streams_sync_equals_diffusers(root):
+    """Flux's true CFG without cfg_parallel, N = 2, sync: the conditional and unconditional calls are
+    streams 0 and 1 of every rank, inside diffusers' `cache_context("cond")` / `("uncond")`, each
+    with its own cache state (diffusers' state manager, per context). At threshold 0.34 diffusers
+    skips the conditional call's tail at step 1 and never the unconditional one's: = diffusers, and
+    every rank runs each stream's tail at those steps. `reduce`: 8 bytes per decision (every call
+    after its context's first)."""
+    threshold, n = 0.34, 2
+    ref, computed, decisions = fbc_reference(root, flux_true_cfg_kwargs(), threshold)
+    skipped = {name: sum(not d[3] for d in decisions if d[0] == name) for name in ("cond", "uncond")}
+    assert skipped == {"cond": 1, "uncond": 0} and computed == 2 * STEPS - 1
+
+    def call(par):
+        streams = tail_streams(par)
+        return images(par(**flux_true_cfg_kwargs())), streams
+    outs = emulate_pipeline(fresh(root, "flux"), n, call, prepare=lambda p: fbc(p, threshold), mode="sync")
+    assert (outs[0][0][0] - ref).abs().max() <= SYNC_TOL
+    for (_, streams), stats in outs:
+        assert [streams.count(s) for s in (0, 1)] == [STEPS - 1, STEPS]
+        assert stats["bytes_sent"]["reduce"] == len(decisions) * 8 * (n - 1)
+
+
+def test_first_block_cache_with_true_cfg_streams_full_mode(root):
+    """Mode full, N = 2, warmup 1, threshold 0.45 (diffusers skips both calls' tails at step 1, their
+    statistics 0.33 and 0.36, and runs them at step 2, 0.60 and 0.61: far enough from the threshold
+    for the stale evaluations to take diffusers' decisions): every rank skips where diffusers does;
+    the same bits as true CFG with cfg_parallel on 4 ranks, each branch deciding on its own ranks
+    from its own state; within 3 dB of true CFG without the cache in the same mode, each against its
+    own diffusers output (measured 67.5 vs 68.7 dB)."""
+    threshold, n, settings = 0.45, 2, dict(mode="full", warmup_steps=1)
+    ref, _, decisions = fbc_reference(root, flux_true_cfg_kwargs(), threshold)
+    assert [d[3] for d in decisions] == [False, False, True, True]      # cond, uncond at step 1, then step 2
+
+    def call(par):
+        streams = tail_streams(par)
+        return images(par(**flux_true_cfg_kwargs())), streams
+    cached = lambda p: fbc(p, threshold)     # noqa: E731
+    outs = emulate_pipeline(fresh(root, "flux"), n, call, prepare=cached, **settings)
+    split = emulate_pipeline(fresh(root, "flux"), 2 * n, lambda p: images(p(**flux_true_cfg_kwargs())),
+                             prepare=cached, cfg_parallel=True, **settings)
+    assert all(streams == [0, 1] * (STEPS - 1) for (_, streams), _ in outs)    # steps 0 and 2
+    assert torch.equal(outs[0][0][0], split[0][0])
+    plain = emulate_pipeline(fresh(root, "flux"), n, lambda p: images(p(**flux_true_cfg_kwargs())), **settings)
+    with_cache = psnr(outs[0][0][0], ref)
+    without = psnr(plain[0][0], images(fresh(root, "flux")(**flux_true_cfg_kwargs())))
+    assert with_cache >= without - 3, (with_cache, without)
