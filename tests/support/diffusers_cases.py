@@ -160,7 +160,7 @@ TORCHRUN_CASES = {
     "sd-layerwise-casting-sync": ("sd", dict(mode="sync")),
     # the SDXL base's latents, every rank's own, are the refiner's image (HANDOFFS)
     "sdxl-refiner-handoff": ("sdxl-refiner", dict(mode="sync")),
-    # the stale modes over several token grids, several streams, FLUX.2's and Qwen-Image's attention
+    # the stale modes over several token grids, several streams, FLUX.2's, Qwen-Image's and SD3.5 Medium's attention
     "flux-kontext-full": ("flux-kontext", dict(mode="full", warmup_steps=1)),
     "flux-true-cfg-partial": ("flux", dict(mode="partial", warmup_steps=1, halo_portion=0.3)),
     "flux2-partial": ("flux2", dict(mode="partial", warmup_steps=1, halo_portion=0.3)),
