@@ -7,7 +7,8 @@ thread emulator, against diffusers' own single-process output."""
 import pytest
 import torch
 
-from support.diffusers_cases import STEPS, call_kwargs, flux_true_cfg_kwargs, images, pipeline_path  # noqa: E402
+from support.diffusers_cases import (STEPS, call_kwargs, flux_true_cfg_kwargs, images, pipeline_path,  # noqa: E402
+                                     slg_kwargs)
 
 from parafuse.diffusers import UnsupportedModelError, load_pipeline  # noqa: E402
 from parafuse.diffusers.emulator import emulate_pipeline  # noqa: E402
@@ -40,13 +41,6 @@ def slg_ref(root):
     if "slg" not in _refs:
         _refs["slg"] = images(pipe(root, "sd3")(**slg_kwargs()))
     return _refs["slg"]
-
-
-def slg_kwargs(scale: float = 2.8) -> dict:
-    """SD3 with skip-layer guidance on block 0 at every step it can fire: diffusers' rule
-    (start < i / steps < stop, strictly) runs the skip-layer call at steps 1 and 2 of the 3."""
-    return {**call_kwargs("sd3"), "skip_guidance_layers": [0], "skip_layer_guidance_start": 0.0,
-            "skip_layer_guidance_stop": 1.0, "skip_layer_guidance_scale": scale}
 
 
 def stale(mode: str) -> dict:

@@ -234,12 +234,16 @@ def emulator_equals_torchrun(root, torchrun_run, case, kind):
     return plain, call, emu
 
 
-@pytest.mark.parametrize("case", ["flux-kontext-full", "flux-true-cfg-partial", "flux2-partial", "qwen-partial"])
+@pytest.mark.parametrize("case", ["flux-kontext-full", "flux-true-cfg-partial", "flux2-partial", "qwen-partial",
+                                  "sd3-slg-full", "sd35-medium-partial", "qwen-edit-full"])
 def test_torchrun_grids_streams_and_new_families_equal_the_emulator(root, torchrun_run, case):
-    """In a stale mode under torchrun (gloo, N = 2): Flux Kontext's two token grids, each rank its
-    rows of both; Flux's true CFG without cfg_parallel, its two calls a step two streams with their
-    own stale state; FLUX.2's and Qwen-Image's attention: every rank's latent and bytes, sent and
-    received, = the emulator's, and the stale mode is not the serial output."""
+    """In a stale mode under torchrun (gloo, N = 2): Flux Kontext's and Qwen-Image-Edit's two token
+    grids, each rank its rows of both (Qwen's rotary table cut per grid); Flux's true CFG without
+    cfg_parallel and SD3's skip-layer guidance (the CFG batch, then the conditional inputs with a
+    block skipped), their two calls a step two streams with their own stale state; FLUX.2's,
+    Qwen-Image's and SD3.5 Medium's attention (its second self-attention per block a third site):
+    every rank's latent and bytes, sent and received, = the emulator's, and the stale mode is not
+    the serial output."""
     plain, call, emu = emulator_equals_torchrun(root, torchrun_run, case, "attn_kv")
     assert (emu[0][0] - images(plain(**call()))).abs().max() > 1e-4, "a stale mode that equals sync"
 

@@ -9,7 +9,7 @@ from parafuse.diffusers.tiny import (BUILDERS, HEIGHT, KONTEXT_IMAGE, POOLED_DIM
 
 __all__ = ["BUILDERS", "HEIGHT", "POOLED_DIM", "STEPS", "TEXT_DIM", "TEXT_LEN", "WIDTH", "TORCHRUN_CASES",
            "KONTEXT_IMAGE", "NAMED_TORCHRUN_CASES", "ALL_TORCHRUN_CASES", "PREPARED", "HANDOFFS", "FREEU", "call_kwargs",
-           "control_image", "control_key", "controlnet_kwargs", "family_kwargs", "flux_true_cfg_kwargs",
+           "control_image", "control_key", "controlnet_kwargs", "family_kwargs", "flux_true_cfg_kwargs", "slg_kwargs",
            "image_kwargs", "images", "kontext_key", "pipeline_path", "ip_adapter", "ip_masks", "two_ip_adapters",
            "load_masked_ip_adapters", "enable_freeu", "FBC_THRESHOLD", "enable_first_block_cache",
            "enable_layerwise_casting",
@@ -119,6 +119,13 @@ def flux_true_cfg_kwargs():
     return kw
 
 
+def slg_kwargs(scale: float = 2.8) -> dict:
+    """SD3 with skip-layer guidance on block 0 at every step it can fire: diffusers' rule
+    (start < i / steps < stop, strictly) runs the skip-layer call at steps 1 and 2 of the 3."""
+    return {**call_kwargs("sd3"), "skip_guidance_layers": [0], "skip_layer_guidance_start": 0.0,
+            "skip_layer_guidance_stop": 1.0, "skip_layer_guidance_scale": scale}
+
+
 def kontext_call(pipe):
     """Flux Kontext's call: a conditioning image of another size than the output, a second token grid."""
     return lambda: image_kwargs("flux-kontext")
@@ -127,6 +134,12 @@ def kontext_call(pipe):
 def true_cfg_call(pipe):
     """Flux's true CFG: two transformer calls a step (without cfg_parallel, two streams)."""
     return flux_true_cfg_kwargs
+
+
+def slg_call(pipe):
+    """SD3's skip-layer guidance: the CFG call and, from step 1, the conditional call with block 0
+    skipped (two streams of another batch and other sites)."""
+    return slg_kwargs
 
 
 # torchrun cases: name -> (family, parallelize kwargs)
@@ -147,18 +160,21 @@ TORCHRUN_CASES = {
     "sd-layerwise-casting-sync": ("sd", dict(mode="sync")),
     # the SDXL base's latents, every rank's own, are the refiner's image (HANDOFFS)
     "sdxl-refiner-handoff": ("sdxl-refiner", dict(mode="sync")),
-    # the stale modes over several token grids, several streams, FLUX.2's and Qwen-Image's attention
+    # the stale modes over several token grids, several streams, FLUX.2's, Qwen-Image's and SD3.5 Medium's attention
     "flux-kontext-full": ("flux-kontext", dict(mode="full", warmup_steps=1)),
     "flux-true-cfg-partial": ("flux", dict(mode="partial", warmup_steps=1, halo_portion=0.3)),
     "flux2-partial": ("flux2", dict(mode="partial", warmup_steps=1, halo_portion=0.3)),
     "qwen-partial": ("qwen", dict(mode="partial", warmup_steps=1, halo_portion=0.3, parallel_vae=False)),
+    "sd3-slg-full": ("sd3", dict(mode="full", warmup_steps=1)),
+    "sd35-medium-partial": ("sd35-medium", dict(mode="partial", warmup_steps=1, halo_portion=0.3)),
+    "qwen-edit-full": ("qwen-edit", dict(mode="full", warmup_steps=1, parallel_vae=False)),
 }
 
 # cases whose plain pipeline is changed before parallelize: name -> prepare(pipe), which returns the call
 PREPARED = {"sd-ip-masks-sync": load_masked_ip_adapters, "sd-freeu-sync": enable_freeu, "sd-freeu-full": enable_freeu,
             "flux-first-block-cache-sync": enable_first_block_cache,
             "sd-layerwise-casting-sync": enable_layerwise_casting, "flux-kontext-full": kontext_call,
-            "flux-true-cfg-partial": true_cfg_call}
+            "flux-true-cfg-partial": true_cfg_call, "sd3-slg-full": slg_call}
 # refiner cases: name -> the base's family, called first (base_kwargs), its latents the refiner's image
 HANDOFFS = {"sdxl-refiner-handoff": "sdxl"}
 
