@@ -159,6 +159,16 @@ def inputs(fam: Family, size: int, device: torch.device, dtype: torch.dtype) -> 
             "img_ids": img_ids.reshape(h * w, 3), "txt_ids": torch.zeros(fam.text, 3, device=device, dtype=dtype)}
 
 
+class Steps:
+    """The scheduler of `Evaluations`: its loop steps it after each denoiser call, as a diffusers
+    pipeline's loop steps `pipe.scheduler`, which is how the door tells one step's calls from the
+    next step's (several calls between two steps would be one step's streams, each synchronous at
+    its first evaluation)."""
+
+    def step(self) -> None:
+        pass
+
+
 class Evaluations:
     """A 'pipeline' whose call is `evaluations` calls of its denoiser on the same inputs: through
     `parafuse.parallelize` each is one step of one image (the first synchronous, then the mode's
@@ -167,12 +177,14 @@ class Evaluations:
 
     def __init__(self, attr: str, model: torch.nn.Module):
         self.attr = attr
+        self.scheduler = Steps()
         setattr(self, attr, model)
 
     @torch.no_grad()
     def __call__(self, kwargs: dict, evaluations: int = 1, output_type: str = "latent"):
         for _ in range(evaluations):
             out = getattr(self, self.attr)(**kwargs, return_dict=False)[0]
+            self.scheduler.step()
         return out
 
 
@@ -220,6 +232,11 @@ def timed(model, fam, kw, repeat, **settings) -> tuple[float, dict, object, obje
     par = door(Evaluations(fam.attr, share_weights(model)), **settings)
     try:
         out = par(kw, 3 + repeat)
+        # the steps of one stream (one strip, par.session.engine None, has no streams), or the steady
+        # rows would time other steps
+        if par.session.engine is not None and par.strips.stream_evaluations != (3 + repeat,):
+            raise RuntimeError(f"the door ran the {3 + repeat} evaluations as streams of "
+                               f"{par.strips.stream_evaluations} evaluations, not as one stream's steps")
         steady = par.timing["step_seconds"][3:]
         stats = {**par.rank_stats, "attention_backend": str(par.config.attention_backend)}
         return timing_stats(steady)["seconds"], stats, par.strips.geometry, out

@@ -234,7 +234,11 @@ def counting_steps(pipe):
     """The steps `pipe.scheduler` takes during a pipeline call, counted (`StepCount`): its `step`
     wrapped on the scheduler instance for the call, the scheduler's own back after. The scheduler is
     read at the call, so one the user set since (`pipe.scheduler = ...`) is the one counted."""
-    scheduler, count = pipe.scheduler, StepCount()
+    scheduler, count = getattr(pipe, "scheduler", None), StepCount()
+    if not callable(getattr(scheduler, "step", None)):
+        raise UnsupportedModelError(f"{type(pipe).__name__} has no scheduler with a step (pipe.scheduler.step): "
+                                    f"parafuse takes the denoiser calls between two scheduler steps as one denoising "
+                                    f"step; give the pipeline a scheduler whose step its loop calls once a step")
     step, own = scheduler.step, scheduler.__dict__.get("step")
 
     @wraps(step)     # the pipelines read its signature (`prepare_extra_step_kwargs`: eta, generator)

@@ -258,6 +258,11 @@ class StripModel:
         self._kinds, self._stream_evaluations, self.stream, self._last_steps, self._position = [], [], 0, None, 0
 
     @property
+    def stream_evaluations(self) -> tuple[int, ...]:
+        """The evaluations of each stream in this image (the last one, after its call)."""
+        return tuple(self._stream_evaluations)
+
+    @property
     def layers(self) -> nn.Module:
         """The module whose layers are swapped and named: the model, or the original module of
         `torch.compile(model)` (the hooks stay on the compiled wrapper, outside its graph)."""

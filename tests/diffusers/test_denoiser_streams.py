@@ -288,3 +288,26 @@ def test_flux_controlnet_true_cfg_full_mode_streams(root):
     with_net = psnr(out, controlnet_true_cfg_ref(root, family))
     without = psnr(plain, images(flux(**flux_true_cfg_kwargs())))
     assert with_net >= without - 3, (with_net, without)
+
+
+def test_a_pipeline_without_a_scheduler_is_refused_before_compute(root):
+    """The door tells a step's calls by the pipeline's scheduler steps: a pipeline-like object whose
+    loop has no `scheduler` is refused at its call, in one line, before the denoiser computes."""
+    plain, seen = pipe(root, "sd3"), []
+    handle = plain.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
+    plain(**{**call_kwargs("sd3"), "num_inference_steps": 1})
+    handle.remove()
+
+    class Loop:
+        def __init__(self, transformer):
+            self.transformer = transformer
+
+        def __call__(self, output_type=None):
+            with torch.no_grad():
+                return self.transformer(**seen[0])
+
+    def call(par):
+        with pytest.raises(UnsupportedModelError, match=r"^Loop has no scheduler with a step \(pipe.scheduler.step\)"):
+            par()
+        return par.strips.evaluations
+    assert [evaluations for evaluations, _ in emulate_pipeline(Loop(plain.transformer), 2, call)] == [0, 0]
