@@ -75,6 +75,11 @@ class ExchangeState:
 
 
 class ExchangeEngine:
+    """Every exchange of one rank's strip (see the module docstring). The methods the patch layers
+    call are outside torch.compile's tracing (`torch.compiler.disable`): posting and waiting are a
+    graph break anyway, and dynamo traced into their bookkeeping and recompiled it per layer key,
+    peer and rank (in the thread emulator); left out, each call is one graph break."""
+
     nonfinite: torch.Tensor | None = None   # device bool: statistics of this request were NaN or infinite
 
     def __init__(self, transport: Transport, patch_ranks: list[int], config: PatchConfig):
@@ -252,6 +257,7 @@ class ExchangeEngine:
         return total
 
     # ---- conv halos ------------------------------------------------------------------------
+    @torch.compiler.disable
     def conv_input(self, key: str, x: torch.Tensor) -> torch.Tensor:
         """`x` [B, C, h, W] with the halo rows of the strips above and below attached (zeros at the
         image edge, as the conv's own zero padding would give)."""
@@ -311,6 +317,7 @@ class ExchangeEngine:
             bufs["bottom"].copy_(bufs["gathered"][down][:, :, :site.bottom])
 
     # ---- attention K/V ---------------------------------------------------------------------
+    @torch.compiler.disable
     def kv_buffer(self, key: str) -> tuple[torch.Tensor, int, int]:
         """The K/V buffer [tokens, B, 2*dim] of `key` for this step, laid out [from above | local |
         from below], and the token range of the local rows in it. Waits for last step's receives
@@ -326,6 +333,7 @@ class ExchangeEngine:
             buf = self.buffers[key]["kv"]
         return (buf,) + self.plan.local_tokens(site, kv)
 
+    @torch.compiler.disable
     def exchange_kv(self, key: str, buf: torch.Tensor, before: bool) -> None:
         """Exchange the K/V buffer returned by `kv_buffer`, whose local rows the caller has written.
 
@@ -410,6 +418,7 @@ class ExchangeEngine:
                 at += b - a
 
     # ---- joint attention: text queries over every strip's image keys ----------------------------
+    @torch.compiler.disable
     def merge_text(self, key: str, out: torch.Tensor, lse: torch.Tensor) -> Callable[[], torch.Tensor]:
         """Joint attention `key`'s text queries over the keys of every strip, from this strip's
         partial result: `out` [B, heads, L, d] (softmax-weighted values over this strip's keys,
@@ -450,12 +459,14 @@ class ExchangeEngine:
         return lambda: merged
 
     # ---- GroupNorm statistics --------------------------------------------------------------
+    @torch.compiler.disable
     def norm_sums(self, key: str) -> torch.Tensor:
         """The float32 [2, B, G] buffer into which the layer writes this strip's Σx and Σx²."""
         self._wait(key)
         bufs = self.buffers[key]
         return bufs.get("local", bufs["sums"])
 
+    @torch.compiler.disable
     def norm_statistics(self, key: str) -> tuple[torch.Tensor, float, torch.Tensor | None, float]:
         """(sums, count, fallback, fallback_count): [Σx, Σx²] per (sample, group) over `count`
         elements - of the whole image, or the mode's estimate of it - from the sums written into
@@ -504,6 +515,7 @@ class ExchangeEngine:
             self.nonfinite = torch.zeros((), dtype=torch.bool, device=parts[0].device)
         torch.logical_or(self.nonfinite, ~torch.isfinite(torch.cat(parts)).all(), out=self.nonfinite)
 
+    @torch.compiler.disable
     def norm_done(self, key: str) -> None:
         """After the layer has used this step's statistics: a stale step posts the reduction of
         this step's local sums, for the next step to use."""
@@ -528,6 +540,7 @@ class ExchangeEngine:
                                       [(parts[j], self.peer(j)) for j in others], "norm_stats")
         return Pending([posted.wait, lambda: sums.copy_(sum_in_rank_order(parts))], posted.tensors)
 
+    @torch.compiler.disable
     def norm_moments(self, key: str) -> torch.Tensor:
         """[mean, biased variance] [2, B, G] of `norm_statistics(key)`, with its fallback applied."""
         sums, count, fallback, fallback_count = self.norm_statistics(key)
@@ -537,6 +550,7 @@ class ExchangeEngine:
         return moments
 
     # ---- whole-tensor collectives ----------------------------------------------------------
+    @torch.compiler.disable
     def gather_output(self, out: torch.Tensor) -> None:
         """The baselines' per-step all-gather of the model output [B, C, rows, W] (what
         DistriFusion's redundant scheduler consumes; see the module docstring). Parafuse's own
@@ -544,6 +558,7 @@ class ExchangeEngine:
         if self.settings.pattern == "all-gather" and self.settings.exchanges:
             self.gather_rows(out, 2, self.plan.geometry.rows)
 
+    @torch.compiler.disable
     def gather_rows(self, x: torch.Tensor, dim: int, rows: tuple[int, ...], dst: int | None = None,
                     kind: str = "gather") -> torch.Tensor | None:
         """Concatenate every strip's `x` along `dim` (strip j has rows[j] there), on every rank
