@@ -136,9 +136,11 @@ class PatchGroupNorm(nn.GroupNorm):
         self.engine.norm_done(self.key)
         return y.as_subclass(SiLUApplied) if silu else y
 
+    @torch.compiler.disable
     def _affine(self, batch: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Weight and bias in float32, repeated for every sample; cached until the parameters change
-        (an in-place load bumps their version)."""
+        (an in-place load bumps their version). Outside torch.compile's tracing: its key of
+        parameter addresses made dynamo recompile it for every GroupNorm."""
         if not self.affine:
             return None, None
         key = (batch, self.weight.data_ptr(), self.weight._version, self.bias.data_ptr(), self.bias._version)
