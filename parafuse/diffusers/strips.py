@@ -258,6 +258,11 @@ class StripModel:
         self._kinds, self._stream_evaluations, self.stream, self._last_steps, self._position = [], [], 0, None, 0
 
     @property
+    def steps_taken(self) -> int | None:
+        """The steps the pipeline's scheduler has taken in this call (None outside a pipeline call)."""
+        return None if self.steps is None else self.steps.steps
+
+    @property
     def stream_evaluations(self) -> tuple[int, ...]:
         """The evaluations of each stream in this image (the last one, after its call)."""
         return tuple(self._stream_evaluations)
@@ -362,7 +367,7 @@ class StripModel:
         scheduler (`steps`; a direct call is an image of one evaluation: 0). Read on the host: the
         call's tensors are not compared, which on a GPU would wait for the queued work at every
         call and end the host's lead over the device."""
-        count = None if self.steps is None else self.steps.steps
+        count = self.steps_taken
         same = count is not None and count == self._last_steps
         self._last_steps = count
         self._position = self._position + 1 if same else 0
@@ -385,8 +390,8 @@ class StripModel:
             return
         if kind != self._kinds[position]:
             raise UnsupportedModelError(
-                f"{type(self.model).__name__}'s call {position + 1} of a step (the calls at one timestep on the same "
-                f"latents) came with other inputs than at an earlier step of this image (input "
+                f"{type(self.model).__name__}'s call {position + 1} of a step (the calls between two steps of the "
+                f"pipeline's scheduler) came with other inputs than at an earlier step of this image (input "
                 f"{tuple(sample.shape)}): parafuse gives each call of a step its own plan and exchange state by "
                 f"its place in the step, so the calls must be the same at every step; keep the call's inputs "
                 f"fixed during a pipeline call")
@@ -763,7 +768,7 @@ class StripDenoiser(StripModel):
             sample = self._sample(args, kwargs)
             # the same latents: the same tensor, unchanged, in the same scheduler step (compared on the host;
             # diffusers' true-CFG pipelines pass one tensor to both calls)
-            mark = (sample, sample._version, None if self.steps is None else self.steps.steps)
+            mark = (sample, sample._version, self.steps_taken)
             if branch == 0:
                 self._pair = mark
             elif mark[0] is not self._pair[0] or mark[1:] != self._pair[1:]:

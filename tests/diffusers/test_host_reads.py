@@ -17,7 +17,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from support.capture import HostReads  # noqa: E402
-from support.diffusers_cases import call_kwargs, flux_true_cfg_kwargs, pipeline_path  # noqa: E402
+from support.diffusers_cases import call_kwargs, flux_true_cfg_kwargs, pipeline_path, slg_kwargs  # noqa: E402
 
 from parafuse.diffusers import load_pipeline  # noqa: E402
 from parafuse.diffusers.emulator import emulate_pipeline  # noqa: E402
@@ -33,15 +33,10 @@ def root(tmp_path_factory):
     return str(tmp_path_factory.mktemp("pipelines"))
 
 
-def slg():
-    """SD3 with skip-layer guidance at every step it can fire: two denoiser calls a step (two streams)."""
-    return {**call_kwargs("sd3"), "skip_guidance_layers": [0], "skip_layer_guidance_start": 0.0,
-            "skip_layer_guidance_stop": 1.0}
-
-
 CASES = {
     # family, the call, settings
-    "sd3-slg-full": ("sd3", slg, dict(mode="full")),
+    # SD3's skip-layer guidance: two denoiser calls a step (two streams)
+    "sd3-slg-full": ("sd3", slg_kwargs, dict(mode="full")),
     "flux-true-cfg-cfg-parallel-partial": ("flux", flux_true_cfg_kwargs,
                                            dict(mode="partial", halo_portion=0.3, cfg_parallel=True, world=4)),
     "sdxl-full-graphed": ("sdxl", lambda: call_kwargs("sdxl"), dict(mode="full", graphed=True)),

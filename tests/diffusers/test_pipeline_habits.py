@@ -1658,13 +1658,10 @@ def test_flux_kontext_true_cfg_equals_diffusers_and_splits_by_branch(root):
     of both grids; the guidance moves the output by rel 0.12): sync = diffusers at N = 2 and with
     cfg_parallel at N = 4; in `full`, the two calls as two streams on 2 ranks give the same bits as
     cfg_parallel's two branches on 4."""
-    from support.diffusers_cases import image_kwargs
+    from support.diffusers_cases import flux_true_cfg_kwargs, image_kwargs
 
-    def true_cfg():
-        kw, g = image_kwargs("flux-kontext"), torch.Generator().manual_seed(11)
-        return {**kw, "true_cfg_scale": 2.5,
-                "negative_prompt_embeds": torch.randn(kw["prompt_embeds"].shape, generator=g),
-                "negative_pooled_prompt_embeds": torch.randn(kw["pooled_prompt_embeds"].shape, generator=g)}
+    def true_cfg():           # Flux's true-CFG call with Kontext's image (the same prompt: one base call)
+        return {**flux_true_cfg_kwargs(), **image_kwargs("flux-kontext")}
 
     def run(n, **settings):
         return emulate_pipeline(fresh(root, "flux-kontext"), n, lambda p: images(p(**true_cfg())), **settings)[0][0]
