@@ -205,9 +205,17 @@ def _resolve(q: torch.Tensor, keys: int) -> str:
     name, why = auto_backend(q, keys)
     said = q.device.type if q.device.type != "cuda" else why
     if said not in _auto_said:
-        _auto_said.add(said)
-        log.info("attention backend auto -> %s on %s (%s)", name, q.device.type, why)
+        _say_backend(said, name, q.device.type, why)
     return name
+
+
+# outside torch.compile's frame hook: logging holds its module lock while it runs Python frames, which
+# under the hook wait for dynamo's compile lock; a thread compiling meanwhile (another emulated rank)
+# that logs waits for the logging lock - the two deadlocked
+@torch.compiler.disable
+def _say_backend(said: str, name: str, device: str, why: str) -> None:
+    _auto_said.add(said)
+    log.info("attention backend auto -> %s on %s (%s)", name, device, why)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,

@@ -93,9 +93,12 @@ class StripFreeU:
         self._handles = []
         for block in strips.layers.modules():
             if isinstance(block, FREEU_BLOCKS):
-                self._handles += [block.register_forward_pre_hook(self._block_in, with_kwargs=True),
-                                  block.register_forward_hook(self._block_out, always_call=True)]
-                self._handles += [resnet.register_forward_pre_hook(self._resnet_in) for resnet in block.resnets]
+                # outside torch.compile's tracing, as the denoiser's hooks (StripModel): they set the
+                # block's settings aside and exchange the skips' coefficients
+                self._handles += [block.register_forward_pre_hook(torch.compiler.disable(self._block_in), with_kwargs=True),
+                                  block.register_forward_hook(torch.compiler.disable(self._block_out), always_call=True)]
+                self._handles += [resnet.register_forward_pre_hook(torch.compiler.disable(self._resnet_in))
+                                  for resnet in block.resnets]
 
     def remove(self) -> None:
         for h in self._handles:

@@ -42,6 +42,7 @@ DENOISERS = ("unet", "transformer")
 # the VAE's parts that run by strips, and where each gathers its output: the encoded latent on
 # every rank (each samples it and runs the scheduler on the whole latent), the image on rank 0
 VAE_PARTS = {"encoder": None, "decoder": 0}
+VAE_CALLERS = {"encoder": "encode", "decoder": "decode"}     # the VAE's method that runs each part
 
 
 def denoiser_of(pipe) -> tuple[str, nn.Module]:
@@ -123,7 +124,8 @@ class ParallelPipeline:
                     hooks.remove()
                 if module is not None:
                     check_vae(module, part)
-                object.__setattr__(self, part, None if module is None else strip_vae(module, part, self.session))
+                object.__setattr__(self, part, None if module is None else
+                                   strip_vae(module, part, self.session, self.pipe.vae))
 
     @property
     def vae_hooks(self) -> list[StripVAE]:
@@ -402,7 +404,8 @@ def parallelize(pipe, config: PatchConfig | None = None, *, parallel_vae: bool =
     session = PatchSession(config, device=next(model.parameters()).device, layout=layout, transport=transport)
     if session.layout.rank != 0 and hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)     # one progress bar per job: rank 0's
-    vae = {} if session.engine is None else {part: strip_vae(module, part, session) for part, module in parts.items()}
+    vae = {} if session.engine is None else {part: strip_vae(module, part, session, pipe.vae)
+                                             for part, module in parts.items()}
     parallel = ParallelPipeline(pipe, session, strip_denoiser(model, session, adapter), vae, parallel_vae)
     if session.engine is not None:
         object.__setattr__(parallel, "controlnets", [strip_controlnet(net, session) for net in controlnets_of(pipe)])
@@ -463,8 +466,8 @@ def check_vae(module: nn.Module, part: str) -> None:
                                     f"(every rank encodes, rank 0 decodes)") from None
 
 
-def strip_vae(module: nn.Module, part: str, session: PatchSession) -> StripVAE:
-    """`module`, the VAE's `part`, computing this rank's strip, always synchronously, its output
+def strip_vae(module: nn.Module, part: str, session: PatchSession, vae: nn.Module) -> StripVAE:
+    """`module`, the `part` of `vae`, computing this rank's strip, always synchronously, its output
     gathered where `VAE_PARTS` says (checked by the caller, `check_vae`, before any session), on its
     own engine on the session's transport (sync, no warmup; the session's kernels and deadlines: the
     process has one watchdog, which a session's deadlines set)."""
@@ -472,7 +475,8 @@ def strip_vae(module: nn.Module, part: str, session: PatchSession) -> StripVAE:
     config = PatchConfig(mode=Mode.SYNC, warmup_steps=0, kernels=parent.kernels,
                          startup_timeout=parent.startup_timeout, exchange_timeout=parent.exchange_timeout)
     part_session = PatchSession(config, device=session.device, layout=session.layout, transport=session.transport)
-    hooks = StripVAE(module, part_session, DiffusersAdapter("pipe.vae"), gather_to=VAE_PARTS[part])
+    hooks = StripVAE(module, part_session, DiffusersAdapter("pipe.vae"), gather_to=VAE_PARTS[part],
+                     caller=(vae, VAE_CALLERS[part]))
     part_session.attach(module, hooks.adapter)
     return hooks
 
@@ -490,7 +494,7 @@ def parallelize_vae(vae, *, layout: ParallelLayout | None = None,
                            layout=layout, transport=transport)
     if session.engine is None:
         return None
-    return [strip_vae(getattr(vae, part), part, session) for part in VAE_PARTS]
+    return [strip_vae(getattr(vae, part), part, session, vae) for part in VAE_PARTS]
 
 
 def _dtype_keyword() -> str:

@@ -236,8 +236,12 @@ class StripModel:
         self._last_steps = None                # their count at the last call
         self._position = 0                     # the last call's place in its step
         self.tracing = False
-        self._handles = [model.register_forward_pre_hook(self._by_name, with_kwargs=True),
-                         model.register_forward_hook(self._after, with_kwargs=True)]
+        # parafuse's hooks plan on the host (streams, plans, cuts): outside torch.compile's tracing,
+        # which under `model.compile()` traced them at every call, guarded on their state and
+        # recompiled them until dynamo's limit (benchmarks/compile_cost.py: on a U-Net of SDXL's depth
+        # the first compiled call went from 710-970 s of tracing to under 20 on this CPU)
+        self._handles = [model.register_forward_pre_hook(torch.compiler.disable(self._by_name), with_kwargs=True),
+                         model.register_forward_hook(torch.compiler.disable(self._after), with_kwargs=True)]
 
     def begin_image(self) -> None:
         """Before each image: swap in layers for modules added since (LoRA), forget the traces if
@@ -290,6 +294,11 @@ class StripModel:
             if isinstance(m, (StripPatchEmbed, StripQwenRope, StripDownsample2D)):
                 m.__class__ = type(m).__mro__[1]          # the diffusers class it stands for
 
+    def compiled(self) -> bool:
+        """The model runs inside code torch.compile traces: the Triton GroupNorm then leaves the SiLU
+        after it to the model (`ExchangeEngine.fused_silu`)."""
+        return is_compiled(self.model)
+
     # ---- hooks ---------------------------------------------------------------------------------
     def _by_name(self, module, args, kwargs):
         """The pre-hook: every argument after the sample passed by its name, so that the rules
@@ -334,6 +343,7 @@ class StripModel:
             raise UnsupportedModelError(f"{type(self.model).__name__} was called with a K/V cache of reference images "
                                         f"(kv_cache_mode={kwargs.get('kv_cache_mode')!r}), tokens of no row of the "
                                         f"latent's grid: call it without kv_cache_mode and kv_cache")
+        self.engine.fused_silu = not self.compiled()    # dynamo cannot wrap a SiLUApplied
         sample = self._sample(args, kwargs)
         self._enter_stream(args, kwargs, sample)
         kwargs = self._strip_kwargs(kwargs)
@@ -891,10 +901,20 @@ class StripVAE(StripModel):
     and runs the scheduler on the whole of it), the decoder's image on strip 0 (the other strips get
     zeros of its shape, which their pipeline discards)."""
 
-    def __init__(self, model: nn.Module, session: PatchSession, adapter: DiffusersAdapter, gather_to: int | None):
+    def __init__(self, model: nn.Module, session: PatchSession, adapter: DiffusersAdapter, gather_to: int | None,
+                 caller: tuple[nn.Module, str] | None = None):
         super().__init__(model, session, adapter)
         self.gather_to = gather_to
         self.factor = downsampling(model)          # the encoder's; 1 for the decoder, which upsamples
+        self.caller = caller                       # (the VAE, its method that runs this part)
+
+    def compiled(self) -> bool:
+        """Also where the VAE's method that runs this part is compiled on its own, as users compile
+        the decoder: `pipe.vae.decode = torch.compile(pipe.vae.decode)`."""
+        if super().compiled() or self.caller is None:
+            return super().compiled()
+        vae, method = self.caller
+        return hasattr(getattr(vae, method, None), "_torchdynamo_orig_callable")
 
     def _before(self, module, args, kwargs):
         if not self.tracing:
@@ -1015,8 +1035,8 @@ class StripControlNet(StripModel):
         self.halo = -(-reach // self.factor) + 1                  # in the embedding's output rows
         self.packing = 1               # the embedding's output rows a row of the strips' grid packs
         self._crop = None
-        self._handles += [embedding.register_forward_pre_hook(self._cond_in),
-                          embedding.register_forward_hook(self._cond_out)]
+        self._handles += [embedding.register_forward_pre_hook(torch.compiler.disable(self._cond_in)),
+                          embedding.register_forward_hook(torch.compiler.disable(self._cond_out))]
 
     def begin_image(self, halve: bool = False) -> None:
         """`halve`: the pipeline calls the ControlNet with the whole CFG batch (both guidance

@@ -93,6 +93,31 @@ def build_sdxl(path: str) -> None:
                               unet=unet, scheduler=EulerAncestralDiscreteScheduler(prediction_type=V)).save_pretrained(path)
 
 
+def _sdxl_unet(layers_per_block: int, block_out_channels: tuple, transformer_layers_per_block: tuple):
+    """A U-Net of SDXL's layout at tiny widths: three levels, a first down block without attention
+    and two with (SDXL's text-time embedding)."""
+    from diffusers import UNet2DConditionModel
+    return UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=layers_per_block,
+                                block_out_channels=block_out_channels,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                                cross_attention_dim=TEXT_DIM, attention_head_dim=8, norm_num_groups=8,
+                                **{**SDXL_TIME, "transformer_layers_per_block": transformer_layers_per_block},
+                                projection_class_embeddings_input_dim=6 * 8 + POOLED_DIM)
+
+
+def build_sdxl_depth(path: str) -> None:
+    """SDXL's U-Net at tiny widths with its count of layers: two resnets a level, attention blocks of
+    1, 2 and 10 transformer layers (widths 16 and 32, not 320 to 1280), for what costs per layer:
+    torch.compile's tracing and recompiles."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    _seeded(0)
+    unet = _sdxl_unet(2, (16, 32, 32), (1, 2, 10))
+    _wake(unet, 2)
+    StableDiffusionXLPipeline(vae=_vae(), text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
+                              unet=unet, scheduler=EulerDiscreteScheduler(prediction_type=V)).save_pretrained(path)
+
+
 def build_pixart(path: str) -> None:
     from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
     _seeded(0)
@@ -200,7 +225,8 @@ def build_qwen(path: str) -> None:
                       transformer=transformer).save_pretrained(path)
 
 
-BUILDERS = {"sd": build_sd, "sd-lite": build_sd_lite, "sdxl": build_sdxl, "pixart": build_pixart, "sd3": build_sd3,
+BUILDERS = {"sd": build_sd, "sd-lite": build_sd_lite, "sdxl": build_sdxl, "sdxl-depth": build_sdxl_depth,
+            "pixart": build_pixart, "sd3": build_sd3,
             "sd35-medium": build_sd35_medium, "flux": build_flux, "flux-f8": build_flux_f8, "flux2": build_flux2,
             "flux2-klein": build_flux2_klein, "qwen": build_qwen}
 
@@ -228,7 +254,7 @@ def call_kwargs(family: str, guidance: float = 3.0, seed: int = 0, output_type: 
     if family == "qwen":                 # no CFG batch; true CFG is its own call (a negative prompt)
         del kw["guidance_scale"], kw["negative_prompt_embeds"]
         kw.update(true_cfg_scale=1.0, **qwen_prompt(emb, QWEN_VALID))
-    if family in ("sdxl", "sd3", "sd35", "sd35-medium"):      # sd35: SD3's pipeline with an SD3.5-style ControlNet
+    if family in ("sdxl", "sdxl-depth", "sd3", "sd35", "sd35-medium"):      # sd35: SD3's pipeline with an SD3.5-style ControlNet
         kw.update(pooled_prompt_embeds=torch.randn(1, POOLED_DIM, generator=g),
                   negative_pooled_prompt_embeds=torch.randn(1, POOLED_DIM, generator=g))
     if family == "pixart":
@@ -414,15 +440,9 @@ def build_sdxl_adapter(path: str) -> None:
     and SDXL's T2I-Adapter: four features, at half the latent's rows (added after the first block's
     downsampler, then inside the second block) and a quarter (inside the third block, and to the
     mid block's output)."""
-    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLAdapterPipeline, UNet2DConditionModel
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLAdapterPipeline
     _seeded(10)
-    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(16, 16, 32),
-                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                                cross_attention_dim=TEXT_DIM, attention_head_dim=8, norm_num_groups=8,
-                                transformer_layers_per_block=(1, 1, 1), addition_embed_type="text_time",
-                                addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + POOLED_DIM)
+    unet = _sdxl_unet(1, (16, 16, 32), (1, 1, 1))
     _wake(unet, 10)
     StableDiffusionXLAdapterPipeline(vae=_vae(), text_encoder=None, text_encoder_2=None, tokenizer=None,
                                      tokenizer_2=None, unet=unet,

@@ -15,6 +15,7 @@ multi-rank exchange, its data and its overlap, where NCCL refuses two ranks on o
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 
 import torch
@@ -55,6 +56,7 @@ def run_ranks(hub: ThreadHub, body) -> None:
             hub.fail(f"rank {rank} failed: {type(e).__name__}: {e}")
             errors.append((rank, e))
 
+    warm_logger_caches()
     threads = [threading.Thread(target=run, args=(r,), name=f"emulated-rank-{r}") for r in range(hub.world_size)]
     for t in threads:
         t.start()
@@ -63,3 +65,15 @@ def run_ranks(hub: ThreadHub, body) -> None:
     if errors:
         rank, err = min(errors, key=lambda e: isinstance(e[1], RuntimeError) and "stopped" in str(e[1]))
         raise RuntimeError(f"emulated rank {rank} failed: {type(err).__name__}: {err}") from err
+
+
+def warm_logger_caches() -> None:
+    """Fill every logger's level cache, which any level change empties. Under torch.compile the
+    ranks' threads share dynamo's compile lock: a logger whose cache misses takes logging's module
+    lock and runs Python frames under it, which wait for the compile lock, while a rank compiling
+    meanwhile logs and waits for the logging lock - the two deadlock (seen, a process idle for
+    minutes). Warm caches take no lock. Not needed where each rank is a process of its own."""
+    for logger in [logging.getLogger()] + list(logging.Logger.manager.loggerDict.values()):
+        if isinstance(logger, logging.Logger):
+            for level in (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL):
+                logger.isEnabledFor(level)

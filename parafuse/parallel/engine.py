@@ -94,6 +94,10 @@ class ExchangeEngine:
         self.scratch: dict[tuple, torch.Tensor] = {}
         self.device: torch.device | None = None
         self.kernels = config.kernels or Kernels.TORCH   # the patch layers' kernels
+        # the Triton GroupNorm may apply the SiLU its trace saw as its only reader, marking its output
+        # (layers.SiLUApplied); off while a compiled model runs, whose traced SiLU dynamo cannot hand
+        # a marked tensor (the door sets it per model call)
+        self.fused_silu = True
 
     @property
     def state(self) -> ExchangeState:

@@ -52,6 +52,9 @@ class PatchConv2d(nn.Conv2d):
     stand for the padded rows - the plan's halo of a conv without padding is its top 0 and bottom
     d(k-1)-s+1, the next strip's first row or zeros at the image's edge - so only columns are padded."""
 
+    # outside torch.compile's tracing whole: the halo exchange breaks the graph anyway, and the one
+    # conv after it, compiled on its own, fused nothing and was recompiled for every conv's shapes
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor, pads: tuple[int, int, int, int] | None = None) -> torch.Tensor:
         if self.engine.step.halos == "zeros":     # no exchange: the strip is padded like an image
             return super().forward(x if pads is None else F.pad(x, pads))
@@ -111,6 +114,9 @@ class PatchGroupNorm(nn.GroupNorm):
     the (sample, channel) rows with the global statistics as its running statistics: one pass
     that computes in float32 and rounds once, as the native GroupNorm does in bf16 and fp16."""
 
+    # outside torch.compile's tracing whole, as PatchConv2d: its exchanges broke it into four pieces
+    # of one or two ops each, compiled apart from every neighbour (nothing to fuse)
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.engine.step.norm == "local":      # this strip's own statistics: the plain layer
             return super().forward(x)
@@ -131,7 +137,8 @@ class PatchGroupNorm(nn.GroupNorm):
         x = x.contiguous()
         group_sums(x, self.num_groups, self.engine.norm_sums(self.key))
         sums, count, fallback, fallback_count = self.engine.norm_statistics(self.key)
-        silu = self.engine.plan.sites[self.key].silu      # the trace saw a SiLU as the only reader
+        # the trace saw a SiLU as the only reader (and the model's code is not compiled: fused_silu)
+        silu = self.engine.fused_silu and self.engine.plan.sites[self.key].silu
         y = group_norm_apply(x, sums, count, self.weight, self.bias, self.eps, fallback, fallback_count, silu)
         self.engine.norm_done(self.key)
         return y.as_subclass(SiLUApplied) if silu else y

@@ -219,6 +219,22 @@ def test_quality_benchmark_compares_modes_and_baselines(tmp_path):
     assert os.path.exists(name + ".png")
 
 
+def test_compile_cost_benchmark_counts_what_dynamo_compiled(tmp_path):
+    """One row per way of compiling; the uncompiled pipeline compiles nothing, the compiled ones
+    compile pieces between graph breaks (parafuse's exchanges), and both calls are timed."""
+    name = str(tmp_path / "c")
+    run_script(["benchmarks/compile_cost.py", "--families", "sd-lite", "--steps", "2", "--name", name], tmp_path)
+    res = json.load(open(name + ".json"))
+    rows = {r["way"]: r for r in res["rows"]}
+    assert set(rows) == {"uncompiled", "before", "in-place"}
+    assert rows["uncompiled"]["frames_compiled"] == rows["uncompiled"]["graph_breaks"] == 0
+    for way in ("before", "in-place"):
+        assert rows[way]["backend"] == "eager" and rows[way]["frames_compiled"] > 1 and rows[way]["graph_breaks"] > 0
+        assert rows[way]["recompile_limit_hits"] == len(rows[way]["limit_hit_functions"]) == 0
+    assert all(r["first_call_s"] > 0 and r["steady_call_s"] > 0 for r in rows.values())
+    assert os.path.exists(name + ".png")
+
+
 def test_throughput_benchmark_times_cold_and_warm(tmp_path):
     name = str(tmp_path / "t")
     run_script(["benchmarks/throughput.py", "--model", "unet-small", "--size", "64", "--steps", "2", "--warmup", "1",

@@ -6,11 +6,13 @@ token grids), and ranks given different calls. Tiny
 random-weight pipelines of tests/support/diffusers_cases.py on the thread emulator, against diffusers'
 own single-process output."""
 import copy
+import os
 import re
 
 import pytest
 import torch
 
+from support.capture import CompiledFrames  # noqa: E402
 from support.diffusers_cases import (FBC_THRESHOLD, FREEU, STEPS, call_kwargs, control_key,  # noqa: E402
                                      enable_first_block_cache, flux_true_cfg_kwargs, images, pipeline_path)
 
@@ -152,28 +154,31 @@ def compile_call(family: str) -> dict:
 _uncompiled = {}
 
 
-def uncompiled(root, family="sd-lite"):
-    if family not in _uncompiled:
-        _uncompiled[family] = emulate_pipeline(fresh(root, family), 2, lambda p: images(p(**compile_call(family))),
-                                               **COMPILE_SETTINGS)[0][0]
-    return _uncompiled[family]
+def uncompiled(root, family="sd-lite", kernels="torch"):
+    if (family, kernels) not in _uncompiled:
+        _uncompiled[family, kernels] = emulate_pipeline(fresh(root, family), 2,
+                                                        lambda p: images(p(**compile_call(family))),
+                                                        **COMPILE_SETTINGS, kernels=kernels)[0][0]
+    return _uncompiled[family, kernels]
 
 
-def compiled_run(root, when: str, backend: str = "aot_eager", family="sd-lite", **options):
-    """The parallel pipeline with its denoiser compiled `when`: "before" parallelize
-    (pipe.unet = torch.compile(pipe.unet)), "after" by assignment, "in-place" (pipe.unet.compile())."""
+def compiled_run(root, when: str, backend: str = "aot_eager", family="sd-lite", kernels="torch", **options):
+    """The parallel pipeline with its denoiser (unet or transformer) compiled `when`: "before"
+    parallelize (pipe.unet = torch.compile(pipe.unet)), "after" by assignment, "in-place"
+    (pipe.unet.compile())."""
     plain = fresh(root, family)
+    name = "unet" if getattr(plain, "unet", None) is not None else "transformer"
     if when == "before":
-        plain.unet = torch.compile(plain.unet, backend=backend, **options)
+        setattr(plain, name, torch.compile(getattr(plain, name), backend=backend, **options))
 
     def call(par):
         if when == "after":
-            par.unet = torch.compile(par.unet, backend=backend, **options)
+            setattr(par, name, torch.compile(getattr(par, name), backend=backend, **options))
         elif when == "in-place":
-            par.unet.compile(backend=backend, **options)
+            getattr(par, name).compile(backend=backend, **options)
         out = images(par(**compile_call(family)))
         return out, par.strips._graphs_on
-    return emulate_pipeline(plain, 2, call, **COMPILE_SETTINGS, cuda_graphs=False)
+    return emulate_pipeline(plain, 2, call, **COMPILE_SETTINGS, cuda_graphs=False, kernels=kernels)
 
 
 @pytest.mark.parametrize("when", ["before", "in-place"])      # "after": the next test
@@ -184,6 +189,68 @@ def test_compiled_denoiser_equals_the_uncompiled_parallel_output(root, when):
     (out, graphs_on), _ = compiled_run(root, when)[0]
     assert rel(out, uncompiled(root)) <= 1e-5
     assert not graphs_on                     # parafuse's CUDA graphs are off for a compiled denoiser
+
+
+# parafuse's code that torch.compile traces: the attention processors' compute (projections,
+# attention); the rest of parafuse is host-side planning, or an exchange, run outside its tracing
+TRACED_PARAFUSE = ("parafuse/diffusers/adapter.py", "parafuse/attention.py")
+PACKAGE = os.path.dirname(os.path.abspath(parafuse.__file__))
+
+
+def in_parafuse(path: str) -> str | None:
+    """`path` as "parafuse/..." where it is a file of the package, else None."""
+    path = os.path.abspath(path)
+    return os.path.relpath(path, os.path.dirname(PACKAGE)) if path.startswith(PACKAGE + os.sep) else None
+
+
+def test_compiled_in_place_traces_no_parafuse_planning_at_sdxl_depth(root):
+    """`unet.compile()` on a U-Net of SDXL's depth (its 70 transformer layers, tiny widths): dynamo
+    compiles none of parafuse's hooks, layers or engine, no parafuse function reaches its recompile
+    limit, and the output is the uncompiled parallel output. On the old code dynamo traced the
+    door's hooks at every call (benchmarks/compile_cost.py: a first call of 710-970 s on this CPU,
+    under 20 now) and ran the engine's
+    buffer allocation and the piece after each conv's halo exchange eagerly past the limit."""
+    torch._dynamo.reset()
+    with CompiledFrames() as compiled:
+        (out, _), _ = compiled_run(root, "in-place", backend="eager", family="sdxl-depth")[0]
+    ours = sorted({(f, ours_at) for f, path in compiled.frames if (ours_at := in_parafuse(path))})
+    assert [(f, path) for f, path in ours if path not in TRACED_PARAFUSE] == [], ours
+    assert len(compiled.frames) > 20                   # the U-Net was compiled (in pieces)
+    assert [path for path in compiled.limit_hits if in_parafuse(path)] == []
+    assert rel(out, uncompiled(root, "sdxl-depth")) <= 1e-5
+
+
+def test_compiled_denoiser_with_triton_kernels_equals_the_uncompiled_parallel_output(root):
+    """kernels='triton' (the default on CUDA; the interpreter here): under a compiled U-Net the
+    Triton GroupNorm leaves the SiLU after it to the model. Its output marked as carrying the SiLU
+    (SiLUApplied) failed dynamo at the first call, on the old code too ("read by _is_view")."""
+    (out, _), _ = compiled_run(root, "in-place", kernels="triton")[0]
+    assert rel(out, uncompiled(root, kernels="triton")) <= 1e-5
+
+
+def test_compiled_vae_decode_with_triton_kernels_equals_the_uncompiled_decode(root):
+    """`pipe.vae.decode = torch.compile(pipe.vae.decode)` (how users compile a VAE: pipelines call
+    `decode`) with the VAE by strips and kernels='triton': the decoder's Triton GroupNorms leave
+    their SiLU to the compiled decode (it failed at the first decode, as above)."""
+    def decoded(compile_decode: bool):
+        def call(par):
+            if compile_decode:
+                par.vae.decode = torch.compile(par.vae.decode, backend="aot_eager")
+            out = par(**{**compile_call("sd-lite"), "num_inference_steps": 1, "output_type": "pt"})
+            return None if out is None else out.images      # rank 0's image
+        return emulate_pipeline(fresh(root, "sd-lite"), 2, call, mode="sync", kernels="triton",
+                                cuda_graphs=False)[0][0]
+    ref = decoded(False)
+    assert rel(decoded(True), ref) <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_compiled_transformer_equals_the_uncompiled_parallel_output(root, family):
+    """The joint-attention transformers compiled in place: their processors' projections and
+    attention traced, the stale text merge's and K/V's exchanges outside."""
+    (out, graphs_on), _ = compiled_run(root, "in-place", family=family)[0]
+    assert rel(out, uncompiled(root, family)) <= 1e-5
+    assert not graphs_on
 
 
 def test_compiled_denoiser_turns_parafuse_graphs_off(root):

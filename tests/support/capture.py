@@ -1,6 +1,9 @@
 """A dispatch-mode trace of what a region issues: every ATen op with its scalars and the persistent
 tensors it touches, and the tensors it allocates (tests/unit/test_capture.py,
-tests/diffusers/test_pipeline_graphs.py)."""
+tests/diffusers/test_pipeline_graphs.py); the host reads a region makes; the frames torch.compile
+compiles."""
+import logging
+import re
 import sys
 import weakref
 
@@ -61,3 +64,39 @@ class HostReads(TorchDispatchMode):
 
 def _module(frame) -> str:
     return frame.f_globals.get("__name__", "?")
+
+
+class CompiledFrames(logging.Handler):
+    """Within `with CompiledFrames() as frames:`, every frame dynamo compiles, as (function, file)
+    (a resumed piece after a graph break is its own frame, "torch_dynamo_resume_in_..."), and the
+    files of the functions that reached dynamo's recompile limit (run eagerly past it). Read from
+    dynamo's own log (torch._dynamo.convert_frame), whose level it sets to DEBUG meanwhile."""
+
+    LOGGER = "torch._dynamo.convert_frame"
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.frames: list[tuple[str, str]] = []
+        self.limit_hits: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("torchdynamo start compiling"):
+            function, place = message.split()[3:5]
+            self.frames.append((function, place.rsplit(":", 1)[0]))
+        elif "recompile_limit" in message:
+            hit = re.search(r"function: '[^']*' \(([^:]+):", message)
+            self.limit_hits.append(hit.group(1) if hit else message)
+
+    def __enter__(self) -> "CompiledFrames":
+        logger = logging.getLogger(self.LOGGER)
+        self._level = logger.level
+        logger.setLevel(logging.DEBUG)
+        logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logger = logging.getLogger(self.LOGGER)
+        logger.removeHandler(self)
+        logger.setLevel(self._level)
+
