@@ -5,8 +5,8 @@ pipelines (parafuse/diffusers/tiny.py: `sdxl-depth` has SDXL's count of layers a
 the thread emulator.
 
 Per family and way of compiling: the first pipeline call (dynamo's tracing and the backend's
-compile, then the steps) and the next call (steady: guards and the compiled pieces), both wall
-time of the whole emulated job on this machine; the frames dynamo compiled (each piece between two
+compile, then the steps) and the steady calls after it (`--repeat` of them: guards and the compiled
+pieces; median, min and max), wall time of the whole emulated job on this machine; the frames dynamo compiled (each piece between two
 graph breaks is one), its graph breaks, and the functions that reached its recompile limit (dynamo
 runs those eagerly past it). The default backend "eager" runs dynamo alone: the steady time then
 shows what the graph breaks and guards cost, not what a compiler's kernels gain (`--backend
@@ -26,7 +26,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import add_run, config_of, hardware, parser, patch_config, provenance, save_plot, table, write_result  # noqa: E402,I001
+from common import (add_run, add_timing, config_of, hardware, parser, patch_config, provenance, save_plot,  # noqa: E402
+                    table, timing_stats, write_result)
 
 import torch  # noqa: E402
 
@@ -51,8 +52,8 @@ class LimitHits(logging.Handler):
             self.files.append(f"{hit.group(1)} {os.path.relpath(hit.group(2))}" if hit else message.split("\n")[0])
 
 
-def run(pipe, family: str, way: str, n: int, steps: int, config, backend: str) -> dict:
-    """Two pipeline calls of the parallel pipeline compiled `way`, from an empty dynamo cache."""
+def run(pipe, family: str, way: str, n: int, steps: int, config, backend: str, repeat: int) -> dict:
+    """1 + `repeat` pipeline calls of the parallel pipeline compiled `way`, from an empty dynamo cache."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
@@ -63,7 +64,7 @@ def run(pipe, family: str, way: str, n: int, steps: int, config, backend: str) -
     def call(par):
         if way == "in-place":
             par.unet.compile(backend=backend)
-        for _ in range(2):
+        for _ in range(1 + repeat):
             start = time.perf_counter()
             images(par(**{**call_kwargs(family), "num_inference_steps": steps}))
             if par.layout.rank == 0:
@@ -76,9 +77,11 @@ def run(pipe, family: str, way: str, n: int, steps: int, config, backend: str) -
         logging.getLogger("torch._dynamo").removeHandler(hits)
         if way == "before":
             pipe.unet = pipe.unet._orig_mod
+    steady = timing_stats(seconds[1:])
     return {"family": family, "ranks": n, "way": way, "backend": None if way == "uncompiled" else backend,
-            "first_call_s": seconds[0], "steady_call_s": seconds[1],
-            "frames_compiled": counters["frames"]["ok"], "graph_breaks": sum(counters["graph_break"].values()),
+            "first_call_s": seconds[0], "steady_call_s": steady["seconds"], "steady_spread": steady["spread"],
+            "steady": steady, "frames_compiled": counters["frames"]["ok"],
+            "graph_breaks": sum(counters["graph_break"].values()),
             "recompile_limit_hits": len(hits.files), "limit_hit_functions": sorted(set(hits.files))}
 
 
@@ -87,6 +90,7 @@ def main(argv=None) -> None:
     p.add_argument("--families", nargs="+", default=["sdxl-depth", "sd-lite"])
     p.add_argument("--backend", default="eager", help="torch.compile's backend (default: %(default)s, dynamo alone)")
     add_run(p, ranks=[2], mode="partial", steps=3, warmup=1)
+    add_timing(p, repeat=5, warmup=None)
     args = p.parse_args(argv)
     prov = provenance(argv)
     config = patch_config(args.mode, args.warmup)
@@ -96,7 +100,7 @@ def main(argv=None) -> None:
             pipe = load_pipeline(pipeline_path(tmp, family))
             for n in args.ranks:
                 for way in WAYS:
-                    rows.append(run(pipe, family, way, n, args.steps, config, args.backend))
+                    rows.append(run(pipe, family, way, n, args.steps, config, args.backend, args.repeat))
                     print(table(rows[-1:], COLUMNS), flush=True)
     print(table(rows, COLUMNS))
     for r in rows:
@@ -109,7 +113,8 @@ def main(argv=None) -> None:
 
 
 COLUMNS = [("family", "family"), ("ranks", "N"), ("way", "compiled"), ("backend", "backend"),
-           ("first_call_s", "first call s"), ("steady_call_s", "steady call s"),
+           ("first_call_s", "first call s"), ("steady_call_s", "steady call s (median)"),
+           ("steady_spread", "spread"),
            ("frames_compiled", "frames"), ("graph_breaks", "graph breaks"),
            ("recompile_limit_hits", "limit hits")]
 

@@ -223,7 +223,8 @@ def test_compile_cost_benchmark_counts_what_dynamo_compiled(tmp_path):
     """One row per way of compiling; the uncompiled pipeline compiles nothing, the compiled ones
     compile pieces between graph breaks (parafuse's exchanges), and both calls are timed."""
     name = str(tmp_path / "c")
-    run_script(["benchmarks/compile_cost.py", "--families", "sd-lite", "--steps", "2", "--name", name], tmp_path)
+    run_script(["benchmarks/compile_cost.py", "--families", "sd-lite", "--steps", "2", "--repeat", "2",
+                "--name", name], tmp_path)
     res = json.load(open(name + ".json"))
     rows = {r["way"]: r for r in res["rows"]}
     assert set(rows) == {"uncompiled", "before", "in-place"}
