@@ -57,13 +57,14 @@ def run(pipe, family: str, way: str, n: int, steps: int, config, backend: str, r
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
+    name = "unet" if getattr(pipe, "unet", None) is not None else "transformer"     # the denoiser
     if way == "before":
-        pipe.unet = torch.compile(pipe.unet, backend=backend)
+        setattr(pipe, name, torch.compile(getattr(pipe, name), backend=backend))
     seconds: list[float] = []
 
     def call(par):
         if way == "in-place":
-            par.unet.compile(backend=backend)
+            getattr(par, name).compile(backend=backend)
         for _ in range(1 + repeat):
             start = time.perf_counter()
             images(par(**{**call_kwargs(family), "num_inference_steps": steps}))
@@ -76,7 +77,7 @@ def run(pipe, family: str, way: str, n: int, steps: int, config, backend: str, r
     finally:
         logging.getLogger("torch._dynamo").removeHandler(hits)
         if way == "before":
-            pipe.unet = pipe.unet._orig_mod
+            setattr(pipe, name, getattr(pipe, name)._orig_mod)
     steady = timing_stats(seconds[1:])
     return {"family": family, "ranks": n, "way": way, "backend": None if way == "uncompiled" else backend,
             "first_call_s": seconds[0], "steady_call_s": steady["seconds"], "steady_spread": steady["spread"],

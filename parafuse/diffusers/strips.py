@@ -911,10 +911,11 @@ class StripVAE(StripModel):
     def compiled(self) -> bool:
         """Also where the VAE's method that runs this part is compiled on its own, as users compile
         the decoder: `pipe.vae.decode = torch.compile(pipe.vae.decode)`."""
-        if super().compiled() or self.caller is None:
+        if self.caller is None:
             return super().compiled()
         vae, method = self.caller
-        return hasattr(getattr(vae, method, None), "_torchdynamo_orig_callable")
+        # torch.compile(fn) returns a wrapper that carries the function it compiles
+        return super().compiled() or hasattr(getattr(vae, method, None), "_torchdynamo_orig_callable")
 
     def _before(self, module, args, kwargs):
         if not self.tracing:
