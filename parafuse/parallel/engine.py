@@ -75,10 +75,12 @@ class ExchangeState:
 
 
 class ExchangeEngine:
-    """Every exchange of one rank's strip (see the module docstring). The methods the patch layers
-    call are outside torch.compile's tracing (`torch.compiler.disable`): posting and waiting are a
-    graph break anyway, and dynamo traced into their bookkeeping and recompiled it per layer key,
-    peer and rank (in the thread emulator); left out, each call is one graph break."""
+    """Every exchange of one rank's strip (see the module docstring). The methods that traced code
+    calls - the attention processors' K/V and text merge, and the gathers - are outside
+    torch.compile's tracing (`torch.compiler.disable`): posting and waiting are a graph break
+    anyway, and dynamo traced into their bookkeeping and recompiled it per layer key, peer and rank
+    (in the thread emulator); left out, each call is one graph break. The conv halos and GroupNorm
+    statistics are called only by PatchConv2d and PatchGroupNorm, whose forwards are outside it whole."""
 
     nonfinite: torch.Tensor | None = None   # device bool: statistics of this request were NaN or infinite
 
@@ -261,7 +263,6 @@ class ExchangeEngine:
         return total
 
     # ---- conv halos ------------------------------------------------------------------------
-    @torch.compiler.disable
     def conv_input(self, key: str, x: torch.Tensor) -> torch.Tensor:
         """`x` [B, C, h, W] with the halo rows of the strips above and below attached (zeros at the
         image edge, as the conv's own zero padding would give)."""
@@ -463,14 +464,12 @@ class ExchangeEngine:
         return lambda: merged
 
     # ---- GroupNorm statistics --------------------------------------------------------------
-    @torch.compiler.disable
     def norm_sums(self, key: str) -> torch.Tensor:
         """The float32 [2, B, G] buffer into which the layer writes this strip's Σx and Σx²."""
         self._wait(key)
         bufs = self.buffers[key]
         return bufs.get("local", bufs["sums"])
 
-    @torch.compiler.disable
     def norm_statistics(self, key: str) -> tuple[torch.Tensor, float, torch.Tensor | None, float]:
         """(sums, count, fallback, fallback_count): [Σx, Σx²] per (sample, group) over `count`
         elements - of the whole image, or the mode's estimate of it - from the sums written into
@@ -519,7 +518,6 @@ class ExchangeEngine:
             self.nonfinite = torch.zeros((), dtype=torch.bool, device=parts[0].device)
         torch.logical_or(self.nonfinite, ~torch.isfinite(torch.cat(parts)).all(), out=self.nonfinite)
 
-    @torch.compiler.disable
     def norm_done(self, key: str) -> None:
         """After the layer has used this step's statistics: a stale step posts the reduction of
         this step's local sums, for the next step to use."""
@@ -544,7 +542,6 @@ class ExchangeEngine:
                                       [(parts[j], self.peer(j)) for j in others], "norm_stats")
         return Pending([posted.wait, lambda: sums.copy_(sum_in_rank_order(parts))], posted.tensors)
 
-    @torch.compiler.disable
     def norm_moments(self, key: str) -> torch.Tensor:
         """[mean, biased variance] [2, B, G] of `norm_statistics(key)`, with its fallback applied."""
         sums, count, fallback, fallback_count = self.norm_statistics(key)

@@ -115,7 +115,8 @@ class PatchGroupNorm(nn.GroupNorm):
     that computes in float32 and rounds once, as the native GroupNorm does in bf16 and fp16."""
 
     # outside torch.compile's tracing whole, as PatchConv2d: its exchanges broke it into four pieces
-    # of one or two ops each, compiled apart from every neighbour (nothing to fuse)
+    # of one or two ops each, compiled apart from every neighbour (nothing to fuse), and its affine
+    # cache's key of parameter addresses was recompiled for every GroupNorm
     @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.engine.step.norm == "local":      # this strip's own statistics: the plain layer
@@ -143,11 +144,9 @@ class PatchGroupNorm(nn.GroupNorm):
         self.engine.norm_done(self.key)
         return y.as_subclass(SiLUApplied) if silu else y
 
-    @torch.compiler.disable
     def _affine(self, batch: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Weight and bias in float32, repeated for every sample; cached until the parameters change
-        (an in-place load bumps their version). Outside torch.compile's tracing: its key of
-        parameter addresses made dynamo recompile it for every GroupNorm."""
+        (an in-place load bumps their version)."""
         if not self.affine:
             return None, None
         key = (batch, self.weight.data_ptr(), self.weight._version, self.bias.data_ptr(), self.bias._version)
